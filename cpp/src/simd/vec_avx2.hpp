@@ -1,0 +1,109 @@
+// AVX2 + FMA traits: 8 floats / 4 doubles per register, masked loads and stores for tails.
+// Lives in namespace fastxent::FASTXENT_ISA_NS; compiled only with -mavx2 -mfma.
+#pragma once
+
+#include <immintrin.h>
+
+#include <cstdint>
+
+#ifndef FASTXENT_ISA_NS
+#error "define FASTXENT_ISA_NS (the ISA namespace) before including this header"
+#endif
+
+namespace fastxent {
+namespace FASTXENT_ISA_NS {
+
+namespace detail {
+// Lanes [0, n) set: a window into {-1 x 8, 0 x 8}.
+alignas(32) static const int32_t kTailMask32[16] = {-1, -1, -1, -1, -1, -1, -1, -1,
+                                                    0,  0,  0,  0,  0,  0,  0,  0};
+alignas(32) static const int64_t kTailMask64[8] = {-1, -1, -1, -1, 0, 0, 0, 0};
+inline __m256i mask32(int64_t n) {
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kTailMask32 + 8 - n));
+}
+inline __m256i mask64(int64_t n) {
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kTailMask64 + 4 - n));
+}
+}  // namespace detail
+
+struct VF {
+  using T = float;
+  using R = __m256;
+  static constexpr int64_t W = 8;
+  static R load(const T* p) { return _mm256_loadu_ps(p); }
+  static R load_partial(const T* p, int64_t n, T fill) {
+    __m256i m = detail::mask32(n);
+    return _mm256_blendv_ps(_mm256_set1_ps(fill), _mm256_maskload_ps(p, m),
+                            _mm256_castsi256_ps(m));
+  }
+  static void store(T* p, R v) { _mm256_storeu_ps(p, v); }
+  static void store_partial(T* p, R v, int64_t n) { _mm256_maskstore_ps(p, detail::mask32(n), v); }
+  static R keep_first(R v, int64_t n) { return _mm256_and_ps(v, _mm256_castsi256_ps(detail::mask32(n))); }
+  static R set1(T v) { return _mm256_set1_ps(v); }
+  static R add(R a, R b) { return _mm256_add_ps(a, b); }
+  static R sub(R a, R b) { return _mm256_sub_ps(a, b); }
+  static R mul(R a, R b) { return _mm256_mul_ps(a, b); }
+  static R fmadd(R a, R b, R c) { return _mm256_fmadd_ps(a, b, c); }
+  static R max(R a, R b) { return _mm256_max_ps(a, b); }
+  static R min(R a, R b) { return _mm256_min_ps(a, b); }
+  static R zero_if_less(R x, R lo, R v) {
+    return _mm256_andnot_ps(_mm256_cmp_ps(x, lo, _CMP_LT_OQ), v);
+  }
+  static R pow2_from_magic(R t, uint32_t bias, int shift) {
+    __m256i b = _mm256_add_epi32(_mm256_castps_si256(t), _mm256_set1_epi32(int32_t(bias)));
+    return _mm256_castsi256_ps(_mm256_sll_epi32(b, _mm_cvtsi32_si128(shift)));
+  }
+  static double hsum(R v) {
+    __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(v));
+    __m256d hi = _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1));
+    __m256d s = _mm256_add_pd(lo, hi);
+    __m128d h = _mm_add_pd(_mm256_castpd256_pd128(s), _mm256_extractf128_pd(s, 1));
+    return _mm_cvtsd_f64(_mm_add_sd(h, _mm_unpackhi_pd(h, h)));
+  }
+  static T hmax(R v) {
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_max_ss(h, _mm_movehdup_ps(h));
+    return _mm_cvtss_f32(h);
+  }
+};
+
+struct VD {
+  using T = double;
+  using R = __m256d;
+  static constexpr int64_t W = 4;
+  static R load(const T* p) { return _mm256_loadu_pd(p); }
+  static R load_partial(const T* p, int64_t n, T fill) {
+    __m256i m = detail::mask64(n);
+    return _mm256_blendv_pd(_mm256_set1_pd(fill), _mm256_maskload_pd(p, m),
+                            _mm256_castsi256_pd(m));
+  }
+  static void store(T* p, R v) { _mm256_storeu_pd(p, v); }
+  static void store_partial(T* p, R v, int64_t n) { _mm256_maskstore_pd(p, detail::mask64(n), v); }
+  static R keep_first(R v, int64_t n) { return _mm256_and_pd(v, _mm256_castsi256_pd(detail::mask64(n))); }
+  static R set1(T v) { return _mm256_set1_pd(v); }
+  static R add(R a, R b) { return _mm256_add_pd(a, b); }
+  static R sub(R a, R b) { return _mm256_sub_pd(a, b); }
+  static R mul(R a, R b) { return _mm256_mul_pd(a, b); }
+  static R fmadd(R a, R b, R c) { return _mm256_fmadd_pd(a, b, c); }
+  static R max(R a, R b) { return _mm256_max_pd(a, b); }
+  static R min(R a, R b) { return _mm256_min_pd(a, b); }
+  static R zero_if_less(R x, R lo, R v) {
+    return _mm256_andnot_pd(_mm256_cmp_pd(x, lo, _CMP_LT_OQ), v);
+  }
+  static R pow2_from_magic(R t, uint64_t bias, int shift) {
+    __m256i b = _mm256_add_epi64(_mm256_castpd_si256(t), _mm256_set1_epi64x(int64_t(bias)));
+    return _mm256_castsi256_pd(_mm256_sll_epi64(b, _mm_cvtsi32_si128(shift)));
+  }
+  static double hsum(R v) {
+    __m128d h = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
+    return _mm_cvtsd_f64(_mm_add_sd(h, _mm_unpackhi_pd(h, h)));
+  }
+  static T hmax(R v) {
+    __m128d h = _mm_max_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
+    return _mm_cvtsd_f64(_mm_max_sd(h, _mm_unpackhi_pd(h, h)));
+  }
+};
+
+}  // namespace FASTXENT_ISA_NS
+}  // namespace fastxent

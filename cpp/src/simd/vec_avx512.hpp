@@ -1,0 +1,81 @@
+// AVX-512 (F/BW/DQ/VL) traits: 16 floats / 8 doubles per register, k-mask tails.
+// Lives in namespace fastxent::FASTXENT_ISA_NS; compiled only with the AVX-512 flags.
+#pragma once
+
+#include <immintrin.h>
+
+#include <cstdint>
+
+#ifndef FASTXENT_ISA_NS
+#error "define FASTXENT_ISA_NS (the ISA namespace) before including this header"
+#endif
+
+namespace fastxent {
+namespace FASTXENT_ISA_NS {
+
+struct VF {
+  using T = float;
+  using R = __m512;
+  static constexpr int64_t W = 16;
+  static __mmask16 mask(int64_t n) { return static_cast<__mmask16>((1u << n) - 1u); }
+  static R load(const T* p) { return _mm512_loadu_ps(p); }
+  static R load_partial(const T* p, int64_t n, T fill) {
+    return _mm512_mask_loadu_ps(_mm512_set1_ps(fill), mask(n), p);
+  }
+  static void store(T* p, R v) { _mm512_storeu_ps(p, v); }
+  static void store_partial(T* p, R v, int64_t n) { _mm512_mask_storeu_ps(p, mask(n), v); }
+  static R keep_first(R v, int64_t n) { return _mm512_maskz_mov_ps(mask(n), v); }
+  static R set1(T v) { return _mm512_set1_ps(v); }
+  static R add(R a, R b) { return _mm512_add_ps(a, b); }
+  static R sub(R a, R b) { return _mm512_sub_ps(a, b); }
+  static R mul(R a, R b) { return _mm512_mul_ps(a, b); }
+  static R fmadd(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
+  static R max(R a, R b) { return _mm512_max_ps(a, b); }
+  static R min(R a, R b) { return _mm512_min_ps(a, b); }
+  static R zero_if_less(R x, R lo, R v) {
+    return _mm512_mask_mov_ps(v, _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ), _mm512_setzero_ps());
+  }
+  static R pow2_from_magic(R t, uint32_t bias, int shift) {
+    __m512i b = _mm512_add_epi32(_mm512_castps_si512(t), _mm512_set1_epi32(int32_t(bias)));
+    return _mm512_castsi512_ps(_mm512_sll_epi32(b, _mm_cvtsi32_si128(shift)));
+  }
+  static double hsum(R v) {
+    __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
+    __m512d hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+    return _mm512_reduce_add_pd(_mm512_add_pd(lo, hi));
+  }
+  static T hmax(R v) { return _mm512_reduce_max_ps(v); }
+};
+
+struct VD {
+  using T = double;
+  using R = __m512d;
+  static constexpr int64_t W = 8;
+  static __mmask8 mask(int64_t n) { return static_cast<__mmask8>((1u << n) - 1u); }
+  static R load(const T* p) { return _mm512_loadu_pd(p); }
+  static R load_partial(const T* p, int64_t n, T fill) {
+    return _mm512_mask_loadu_pd(_mm512_set1_pd(fill), mask(n), p);
+  }
+  static void store(T* p, R v) { _mm512_storeu_pd(p, v); }
+  static void store_partial(T* p, R v, int64_t n) { _mm512_mask_storeu_pd(p, mask(n), v); }
+  static R keep_first(R v, int64_t n) { return _mm512_maskz_mov_pd(mask(n), v); }
+  static R set1(T v) { return _mm512_set1_pd(v); }
+  static R add(R a, R b) { return _mm512_add_pd(a, b); }
+  static R sub(R a, R b) { return _mm512_sub_pd(a, b); }
+  static R mul(R a, R b) { return _mm512_mul_pd(a, b); }
+  static R fmadd(R a, R b, R c) { return _mm512_fmadd_pd(a, b, c); }
+  static R max(R a, R b) { return _mm512_max_pd(a, b); }
+  static R min(R a, R b) { return _mm512_min_pd(a, b); }
+  static R zero_if_less(R x, R lo, R v) {
+    return _mm512_mask_mov_pd(v, _mm512_cmp_pd_mask(x, lo, _CMP_LT_OQ), _mm512_setzero_pd());
+  }
+  static R pow2_from_magic(R t, uint64_t bias, int shift) {
+    __m512i b = _mm512_add_epi64(_mm512_castpd_si512(t), _mm512_set1_epi64(int64_t(bias)));
+    return _mm512_castsi512_pd(_mm512_sll_epi64(b, _mm_cvtsi32_si128(shift)));
+  }
+  static double hsum(R v) { return _mm512_reduce_add_pd(v); }
+  static T hmax(R v) { return _mm512_reduce_max_pd(v); }
+};
+
+}  // namespace FASTXENT_ISA_NS
+}  // namespace fastxent

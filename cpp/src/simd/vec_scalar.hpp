@@ -1,0 +1,56 @@
+// Portable "vector" of one lane: the scalar fallback runs the same kernel and the same exp
+// polynomial as the SIMD paths, so every ISA has the same precision policy.
+// Lives in namespace fastxent::FASTXENT_ISA_NS (see isa_scalar.cpp).
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#ifndef FASTXENT_ISA_NS
+#error "define FASTXENT_ISA_NS (the ISA namespace) before including this header"
+#endif
+
+namespace fastxent {
+namespace FASTXENT_ISA_NS {
+
+template <class T_, class Bits_>
+struct VecScalar {
+  using T = T_;
+  using R = T_;
+  static constexpr int64_t W = 1;
+  static R load(const T* p) { return *p; }
+  // Never called with W == 1 (no tail shorter than a vector), but keeps the interface whole.
+  static R load_partial(const T* p, int64_t n, T fill) { return n > 0 ? *p : fill; }
+  static void store(T* p, R v) { *p = v; }
+  static void store_partial(T* p, R v, int64_t n) {
+    if (n > 0) *p = v;
+  }
+  static R keep_first(R v, int64_t n) { return n > 0 ? v : R(0); }
+  static R set1(T v) { return v; }
+  static R add(R a, R b) { return a + b; }
+  static R sub(R a, R b) { return a - b; }
+  static R mul(R a, R b) { return a * b; }
+  static R fmadd(R a, R b, R c) { return a * b + c; }
+  // x86 semantics: the second operand is returned when either is NaN.
+  static R max(R a, R b) { return a > b ? a : b; }
+  static R min(R a, R b) { return a < b ? a : b; }
+  // 0 where x < lo (ordered), else v.
+  static R zero_if_less(R x, R lo, R v) { return x < lo ? T(0) : v; }
+  // t holds round(n) + magic in its low mantissa bits: shift (bits(t) + bias) into the exponent.
+  static R pow2_from_magic(R t, Bits_ bias, int shift) {
+    Bits_ b;
+    std::memcpy(&b, &t, sizeof b);
+    b = static_cast<Bits_>((b + bias) << shift);
+    R r;
+    std::memcpy(&r, &b, sizeof r);
+    return r;
+  }
+  static double hsum(R v) { return static_cast<double>(v); }
+  static T hmax(R v) { return v; }
+};
+
+using VF = VecScalar<float, uint32_t>;
+using VD = VecScalar<double, uint64_t>;
+
+}  // namespace FASTXENT_ISA_NS
+}  // namespace fastxent

@@ -1,0 +1,47 @@
+"""fastxent: the fused softmax cross-entropy (loss and gradient in one pass) on the CPU.
+
+>>> import numpy as np, fastxent as fx
+>>> logits = np.random.default_rng(0).standard_normal((4, 10)).astype(np.float32)
+>>> loss, grad = fx.cross_entropy_with_grad(logits, np.array([1, 0, 9, 3]))
+
+See :func:`cross_entropy` and :func:`cross_entropy_with_grad` for the exact contract.
+"""
+
+from __future__ import annotations
+
+import os as _os
+from typing import List
+
+from . import _core
+from ._api import cross_entropy, cross_entropy_with_grad
+
+__version__: str = _core.__version__
+
+__all__ = [
+    "cross_entropy",
+    "cross_entropy_with_grad",
+    "available_isas",
+    "active_isa",
+    "__version__",
+]
+
+
+def available_isas() -> List[str]:
+    """The instruction sets this CPU and OS can run, best last (e.g. ['scalar', 'avx2'])."""
+    return list(_core.available_isas())
+
+
+def active_isa() -> str:
+    """The instruction set the kernel runs with (the best available, or FASTXENT_ISA)."""
+    return str(_core.active_isa())
+
+
+def _select_isa_from_env() -> None:
+    name = _os.environ.get("FASTXENT_ISA", "").strip().lower()
+    try:
+        _core.set_isa(name)
+    except ValueError as e:
+        raise ImportError(f"FASTXENT_ISA={name!r}: {e}") from e
+
+
+_select_isa_from_env()

@@ -1,0 +1,281 @@
+"""User-facing argument handling around the compiled kernel (fastxent._core).
+
+Everything is checked here, or in the C++ core, before the kernel writes a byte, so a bad
+call leaves ``out=`` and the logits exactly as they were.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any, Optional, Tuple, Union
+
+import numpy as np
+
+from . import _core
+
+__all__ = ["cross_entropy", "cross_entropy_with_grad"]
+
+_REDUCTIONS = {"none": 0, "sum": 1, "mean": 2}
+_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _as_logits(logits: Any) -> np.ndarray:
+    x = np.asarray(logits)
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"logits must be float32 or float64, got {x.dtype}")
+    if x.ndim == 0:
+        raise ValueError("logits must have at least one dimension (the class axis)")
+    return x
+
+
+def _check_axis(axis: Any, ndim: int) -> None:
+    try:
+        ax = operator.index(axis)
+    except TypeError:
+        raise TypeError(f"axis must be an integer, got {type(axis).__name__}") from None
+    if not -ndim <= ax < ndim:
+        raise ValueError(f"axis {ax} is out of bounds for logits with {ndim} dimensions")
+    if ax % ndim != ndim - 1:
+        raise NotImplementedError(
+            "only the last axis can be the class axis in this version (axis=-1)")
+
+
+def _rows_view(x: np.ndarray) -> np.ndarray:
+    """A 2-D (rows, C) view of x sharing its memory when the class axis is contiguous and
+    the leading axes collapse to one row stride; otherwise a C-contiguous copy (which gives
+    bit-identical results, the kernel never sees the difference)."""
+    C = x.shape[-1]
+    rows = int(np.prod(x.shape[:-1], dtype=np.int64))
+    isz = x.itemsize
+    if C == 1 or x.strides[-1] == isz:
+        # Leading axes collapse when each stride equals the next one's stride times its size
+        # (axes of length 1 do not matter).
+        lead = [(n, s) for n, s in zip(x.shape[:-1], x.strides[:-1]) if n != 1]
+        ok = True
+        for (n0, s0), (n1, s1) in zip(lead, lead[1:]):
+            if s0 != s1 * n1:
+                ok = False
+                break
+        row_stride = lead[-1][1] if lead else C * isz
+        if ok and row_stride >= C * isz and row_stride % isz == 0:
+            return np.lib.stride_tricks.as_strided(x, (rows, C), (row_stride, isz),
+                                                   writeable=False)
+    return np.ascontiguousarray(x).reshape(rows, C)
+
+
+def _as_target(target: Any, shape: Tuple[int, ...], C: int, ignore_index: int) -> np.ndarray:
+    t = np.asarray(target)
+    if t.dtype.kind not in "iu":
+        raise TypeError(f"target must hold integer class indices, got dtype {t.dtype} "
+                        "(probability targets are not supported in this version)")
+    if t.shape != shape:
+        raise ValueError(f"target has shape {t.shape}, expected {shape} (logits.shape[:-1])")
+    if t.dtype == np.uint64 and t.size and int(t.max()) > np.iinfo(np.int64).max:
+        _raise_bad_target(t, C, ignore_index)
+    return np.ascontiguousarray(t, dtype=np.int64).reshape(-1)
+
+
+def _raise_bad_target(t: np.ndarray, C: int, ignore_index: int) -> None:
+    tt = t.astype(object) if t.dtype == np.uint64 else t
+    bad = (tt != ignore_index) & ((tt < 0) | (tt >= C))
+    flat = int(np.flatnonzero(np.asarray(bad).reshape(-1))[0])
+    idx = np.unravel_index(flat, t.shape)
+    where = f"target[{', '.join(str(int(i)) for i in idx)}]" if t.ndim != 1 else f"target[{flat}]"
+    raise IndexError(f"{where} = {t.reshape(-1)[flat]} is out of range: class indices must be "
+                     f"in [0, {C}) or equal ignore_index ({ignore_index})")
+
+
+def _as_weight(weight: Any, dtype: np.dtype, C: int) -> Optional[np.ndarray]:
+    if weight is None:
+        return None
+    w = np.asarray(weight)
+    if w.dtype.kind not in "fiu":
+        raise TypeError(f"weight must be numeric, got dtype {w.dtype}")
+    if w.shape != (C,):
+        raise ValueError(f"weight has shape {w.shape}, expected ({C},) (one per class)")
+    return np.ascontiguousarray(w, dtype=dtype)
+
+
+def _check_out(out: Any, x: np.ndarray) -> np.ndarray:
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"out must be a NumPy array, got {type(out).__name__}")
+    if out.dtype != x.dtype:
+        raise ValueError(f"out has dtype {out.dtype}, expected {x.dtype} (the logits' dtype)")
+    if out.shape != x.shape:
+        raise ValueError(f"out has shape {out.shape}, expected {x.shape} (the logits' shape)")
+    if not out.flags.c_contiguous:
+        raise ValueError("out must be C-contiguous")
+    if not out.flags.writeable:
+        raise ValueError("out is read-only")
+    if out is not x and np.may_share_memory(out, x):
+        same = (out.__array_interface__["data"][0] == x.__array_interface__["data"][0]
+                and out.strides == x.strides)
+        if not same:
+            raise ValueError("out overlaps the logits without being the same array: "
+                             "pass out=logits itself for the in-place mode")
+    return out
+
+
+def _options(reduction: Any, ignore_index: Any, label_smoothing: Any,
+             num_threads: Any) -> Tuple[int, int, float, int]:
+    if not isinstance(reduction, str) or reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    try:
+        ii = operator.index(ignore_index)
+    except TypeError:
+        raise TypeError("ignore_index must be an integer") from None
+    if not -(2**63) <= ii < 2**63:
+        raise ValueError("ignore_index must fit in int64")
+    eps = float(label_smoothing)
+    if not 0.0 <= eps <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    if num_threads is None:
+        nt = 0
+    else:
+        try:
+            nt = operator.index(num_threads)
+        except TypeError:
+            raise TypeError("num_threads must be None or a positive integer") from None
+        if nt < 1:
+            raise ValueError(f"num_threads must be None or >= 1, got {num_threads}")
+    return _REDUCTIONS[reduction], ii, eps, nt
+
+
+def _run(logits: Any, target: Any, axis: Any, reduction: Any, weight: Any, ignore_index: Any,
+         label_smoothing: Any, num_threads: Any, want_grad: bool, out: Any):
+    x = _as_logits(logits)
+    _check_axis(axis, x.ndim)
+    red, ii, eps, nt = _options(reduction, ignore_index, label_smoothing, num_threads)
+    C = x.shape[-1]
+    if C == 0:
+        raise ValueError("the class axis has no classes (C = 0)")
+    t_shape = x.shape[:-1]
+    t = _as_target(target, t_shape, C, ii)
+    w = _as_weight(weight, x.dtype, C)
+    grad = None
+    if want_grad:
+        grad = _check_out(out, x) if out is not None else np.empty(x.shape, x.dtype)
+        for name, arr in (("target", target), ("weight", weight)):
+            if isinstance(arr, np.ndarray) and np.may_share_memory(grad, arr):
+                raise ValueError(f"out overlaps {name}")
+    view = _rows_view(x)
+    row_losses = np.empty(view.shape[0], x.dtype) if red == 0 else None
+    g2 = grad.reshape(view.shape) if grad is not None else None
+    try:
+        total = _core.cross_entropy(view, t, w, red, ii, eps, nt, g2, row_losses)
+    except IndexError:
+        _raise_bad_target(np.asarray(target), C, ii)
+        raise
+    if red == 0:
+        loss: Union[np.ndarray, np.floating] = row_losses.reshape(t_shape)
+    else:
+        loss = x.dtype.type(total)
+    return (loss, grad) if want_grad else loss
+
+
+def cross_entropy(logits: Any, target: Any, *, axis: int = -1, reduction: str = "mean",
+                  weight: Any = None, ignore_index: int = -100, label_smoothing: float = 0.0,
+                  num_threads: Optional[int] = None):
+    """Softmax cross-entropy loss of a batch of logits (the loss alone, nothing N x C written).
+
+    For each counted row n (``target[n] != ignore_index``), with ``lse = logsumexp(z)``,
+    class weights ``w`` (ones when ``weight`` is None), smoothing ``eps`` and ``C`` classes::
+
+        row_n = (1 - eps) * w[y_n] * (lse_n - z[n, y_n]) + (eps / C) * sum_c w_c * (lse_n - z[n, c])
+
+    ``"sum"`` adds the rows, ``"mean"`` divides that sum by ``sum_n w[y_n]`` over counted rows
+    (PyTorch's ``F.cross_entropy``), ``"none"`` returns ``row_n`` per row (0 for ignored rows).
+
+    Parameters
+    ----------
+    logits : array_like, float32 or float64, shape (..., C)
+        Leading axes are rows. Strided, sliced or Fortran-ordered input is accepted and gives
+        bit-identical results to its contiguous copy.
+    target : array_like of any integer dtype, shape logits.shape[:-1]
+        Class indices in [0, C), or ``ignore_index``.
+    axis : int
+        The class axis; only the last axis (-1) in this version.
+    reduction : {"mean", "sum", "none"}
+    weight : array_like, shape (C,), optional
+        Class weights.
+    ignore_index : int
+        Rows whose target equals it count for nothing (default -100).
+    label_smoothing : float in [0, 1]
+    num_threads : int, optional
+        Caps the OpenMP threads of this call (default: OpenMP's, i.e. OMP_NUM_THREADS or a
+        threadpoolctl limit). Results are bitwise identical for every thread count.
+
+    Returns
+    -------
+    A NumPy scalar of the logits' dtype for "mean"/"sum" (rows accumulated in float64), or
+    an array of shape logits.shape[:-1] for "none".
+
+    Differences from PyTorch (deliberate): when no row counts (all ignored, zero rows, or a
+    zero weight sum) "mean" is 0.0 instead of NaN; an ignored row's loss and gradient are 0
+    whatever its logits hold (NaN and inf included).
+
+    Raises
+    ------
+    TypeError
+        non-float logits, non-integer target.
+    ValueError
+        shape mismatch, unknown reduction, C = 0, label_smoothing outside [0, 1], bad
+        num_threads.
+    IndexError
+        a target outside [0, C) that is not ignore_index (the message names row and value).
+    NotImplementedError
+        a class axis other than the last.
+
+    Example
+    -------
+    >>> import numpy as np, fastxent as fx
+    >>> z = np.array([[2.0, 1.0, 0.1], [0.5, 2.5, 0.3]], dtype=np.float32)
+    >>> float(fx.cross_entropy(z, np.array([0, 1])))  # doctest: +ELLIPSIS
+    0.3133...
+    """
+    return _run(logits, target, axis, reduction, weight, ignore_index, label_smoothing,
+                num_threads, False, None)
+
+
+def cross_entropy_with_grad(logits: Any, target: Any, *, axis: int = -1,
+                            reduction: str = "mean", weight: Any = None,
+                            ignore_index: int = -100, label_smoothing: float = 0.0,
+                            num_threads: Optional[int] = None, out: Optional[np.ndarray] = None):
+    """Loss and its gradient d(loss)/d(logits) in one fused pass over memory.
+
+    Same loss and keywords as :func:`cross_entropy`. The gradient of row n is::
+
+        grad[n, c] = s * (Q_n * softmax(z_n)_c - q_nc)
+        q_nc = (1 - eps) * w[y_n] * [c == y_n] + (eps / C) * w_c,   Q_n = sum_c q_nc
+
+    with ``s = 1 / sum_n w[y_n]`` for "mean" and 1 for "sum" and "none" ("none" gives the
+    gradient of the sum of the row losses). Ignored rows get a gradient of exactly 0.
+
+    Parameters
+    ----------
+    out : ndarray, optional
+        Where to write the gradient: the logits' shape and dtype, C-contiguous and writable.
+        ``out=logits`` is the in-place mode: the logits are overwritten by the gradient and no
+        second N x C buffer is needed.
+
+    Returns
+    -------
+    (loss, grad): the loss as in :func:`cross_entropy`; grad has the logits' shape and dtype
+    and is C-contiguous (it is ``out`` when given).
+
+    Raises
+    ------
+    The errors of :func:`cross_entropy`, plus ValueError for an ``out`` of the wrong shape,
+    dtype or layout, read-only, or partly overlapping the logits. On any error nothing is
+    written: an in-place call with one bad label leaves the logits intact.
+
+    Example
+    -------
+    >>> import numpy as np, fastxent as fx
+    >>> z = np.array([[2.0, 1.0, 0.1]], dtype=np.float32)
+    >>> loss, g = fx.cross_entropy_with_grad(z, np.array([0]))
+    >>> np.round(g, 4)
+    array([[-0.3410,  0.2424,  0.0986]], dtype=float32)
+    """
+    return _run(logits, target, axis, reduction, weight, ignore_index, label_smoothing,
+                num_threads, True, out)
