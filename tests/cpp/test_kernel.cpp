@@ -1,1 +1,241 @@
-int main() { return 0; }
+// C++ tests of the kernel, no framework: each CHECK prints what failed; the exit code is the
+// number of failures. Run by ctest (cpp_kernel) under every ISA this CPU can run.
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <limits>
+#include <random>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "fastxent/fastxent.hpp"
+#include "kernel_table.hpp"
+
+namespace {
+
+int g_failures = 0;
+int g_checks = 0;
+
+#define CHECK(cond, ...)                                          \
+  do {                                                            \
+    ++g_checks;                                                   \
+    if (!(cond)) {                                                \
+      ++g_failures;                                               \
+      std::printf("FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond); \
+      std::printf(__VA_ARGS__);                                   \
+      std::printf("\n");                                          \
+    }                                                             \
+  } while (0)
+
+template <class T>
+double ulp_of(double ref) {
+  const T r = T(ref);
+  return double(std::nextafter(r, std::numeric_limits<T>::infinity())) - double(r);
+}
+
+// exp through the kernel's exp pass (m = 0, one element at a time in a vector-length batch).
+template <class T>
+void test_exp(const fastxent::KernelTable& table, double lo, double max_ulp_allowed) {
+  const auto& f = fastxent::row_fns<T>(table);
+  const int64_t n = 4099;  // odd: exercises the masked tail
+  std::vector<T> x(n), e(n);
+  double worst = 0.0, worst_x = 0.0;
+  for (int rep = 0; rep < 64; ++rep) {
+    for (int64_t i = 0; i < n; ++i) x[i] = T(lo + (0.0 - lo) * double(rep * n + i) / (64.0 * n));
+    f.exp_sum(x.data(), e.data(), n, T(0), nullptr, false);
+    for (int64_t i = 0; i < n; ++i) {
+      const double ref = std::exp(double(x[i]));
+      const double err = std::fabs(double(e[i]) - ref) / ulp_of<T>(ref);
+      if (err > worst) {
+        worst = err;
+        worst_x = double(x[i]);
+      }
+    }
+  }
+  std::printf("  exp<%s> [%s]: max error %.2f ULP (at x = %.9g)\n", sizeof(T) == 4 ? "f32" : "f64",
+              table.name, worst, worst_x);
+  CHECK(worst <= max_ulp_allowed, "%s exp error %.3f ULP > %.1f", table.name, worst,
+        max_ulp_allowed);
+
+  // Below the normal range the result flushes to +0; NaN propagates; the sum skips nothing.
+  T special[5] = {T(lo) * T(1.01), -std::numeric_limits<T>::infinity(),
+                  std::numeric_limits<T>::quiet_NaN(), T(0), T(-1)};
+  T out[5];
+  const fastxent::ExpSum s = f.exp_sum(special, out, 5, T(0), nullptr, false);
+  CHECK(out[0] == T(0) && !std::signbit(out[0]), "%s: exp below range = %g", table.name,
+        double(out[0]));
+  CHECK(out[1] == T(0), "%s: exp(-inf) = %g", table.name, double(out[1]));
+  CHECK(std::isnan(out[2]), "%s: exp(NaN) = %g", table.name, double(out[2]));
+  CHECK(out[3] == T(1), "%s: exp(0) = %.17g", table.name, double(out[3]));
+  CHECK(std::isnan(s.sum), "%s: a NaN must reach the sum", table.name);
+}
+
+// Straightforward double-precision reference of the whole contract.
+template <class T>
+double reference(const std::vector<T>& z, int64_t N, int64_t C, const std::vector<int64_t>& y,
+                 const std::vector<T>* w, const fastxent::Options& o, std::vector<double>& g,
+                 std::vector<double>& rows) {
+  g.assign(size_t(N * C), 0.0);
+  rows.assign(size_t(N), 0.0);
+  double D = 0.0, total = 0.0, W = 0.0;
+  for (int64_t c = 0; c < C; ++c) W += w ? double((*w)[c]) : 1.0;
+  for (int64_t n = 0; n < N; ++n)
+    if (y[n] != o.ignore_index) D += w ? double((*w)[y[n]]) : 1.0;
+  const bool mean = o.reduction == fastxent::Reduction::Mean;
+  const double s = mean ? (D > 0 ? 1.0 / D : 0.0) : 1.0;
+  const double eps = o.label_smoothing;
+  for (int64_t n = 0; n < N; ++n) {
+    if (y[n] == o.ignore_index) continue;
+    const T* r = z.data() + n * C;
+    double m = -INFINITY, sum = 0.0;
+    for (int64_t c = 0; c < C; ++c) m = std::max(m, double(r[c]));
+    for (int64_t c = 0; c < C; ++c) sum += std::exp(double(r[c]) - m);
+    const double lse = m + std::log(sum);
+    const double wy = w ? double((*w)[y[n]]) : 1.0;
+    double l = (1 - eps) * wy * (lse - double(r[y[n]]));
+    for (int64_t c = 0; c < C; ++c) l += eps / double(C) * (w ? double((*w)[c]) : 1.0) * (lse - double(r[c]));
+    rows[n] = l;
+    total += l;
+    const double Q = (1 - eps) * wy + eps / double(C) * W;
+    for (int64_t c = 0; c < C; ++c) {
+      const double q = (c == y[n] ? (1 - eps) * wy : 0.0) + eps / double(C) * (w ? double((*w)[c]) : 1.0);
+      g[size_t(n * C + c)] = s * (Q * std::exp(double(r[c]) - lse) - q);
+    }
+  }
+  return mean ? (D > 0 ? total / D : 0.0) : total;
+}
+
+template <class T>
+void test_against_reference(const char* isa, std::mt19937_64& rng) {
+  const double tol = sizeof(T) == 4 ? 2e-6 : 1e-13;  // relative, see the precision policy
+  std::normal_distribution<double> nd(0.0, 3.0);
+  const int64_t Cs[] = {1, 2, 7, 15, 16, 17, 33, 1000, 5003};
+  for (int64_t C : Cs) {
+    for (int red = 0; red < 3; ++red) {
+      const int64_t N = 37;
+      std::vector<T> z(static_cast<size_t>(N * C)), w(static_cast<size_t>(C));
+      for (auto& v : z) v = T(nd(rng));
+      for (auto& v : w) v = T(0.25 + std::fabs(nd(rng)));
+      std::vector<int64_t> y(static_cast<size_t>(N));
+      for (int64_t n = 0; n < N; ++n) y[n] = int64_t(rng() % uint64_t(C));
+      y[3] = -100;  // ignored
+      fastxent::Options o;
+      o.reduction = fastxent::Reduction(red);
+      o.label_smoothing = (C % 2) ? 0.1 : 0.0;
+      const std::vector<T>* wp = (C % 3 == 0) ? &w : nullptr;
+      std::vector<double> gref, rref;
+      const double lref = reference(z, N, C, y, wp, o, gref, rref);
+      std::vector<T> g(size_t(N * C), T(-7)), rows(static_cast<size_t>(N));
+      const double l = fastxent::cross_entropy<T>(z.data(), N, C, C, y.data(),
+                                                  wp ? wp->data() : nullptr, o, g.data(),
+                                                  rows.data());
+      double gmax = 0.0, gerr = 0.0;
+      for (size_t i = 0; i < g.size(); ++i) {
+        gmax = std::max(gmax, std::fabs(gref[i]));
+        gerr = std::max(gerr, std::fabs(double(g[i]) - gref[i]));
+      }
+      CHECK(gerr <= tol * std::max(gmax, 1e-30) * 4, "[%s] C=%lld red=%d grad err %.3g (max %.3g)",
+            isa, (long long)C, red, gerr, gmax);
+      if (red == 0) {
+        for (int64_t n = 0; n < N; ++n)
+          CHECK(std::fabs(double(rows[n]) - rref[n]) <= tol * (1.0 + std::fabs(rref[n])),
+                "[%s] C=%lld row %lld: %.10g vs %.10g", isa, (long long)C, (long long)n,
+                double(rows[n]), rref[n]);
+        CHECK(rows[3] == T(0), "ignored row loss");
+      } else {
+        CHECK(std::fabs(l - lref) <= tol * (1.0 + std::fabs(lref)), "[%s] C=%lld red=%d: %.12g vs %.12g",
+              isa, (long long)C, red, l, lref);
+      }
+      for (int64_t c = 0; c < C; ++c) CHECK(g[size_t(3 * C + c)] == T(0), "ignored row gradient");
+
+      // In place gives the same bits as out of place.
+      std::vector<T> zi = z, rows2(static_cast<size_t>(N));
+      const double l2 = fastxent::cross_entropy<T>(zi.data(), N, C, C, y.data(),
+                                                   wp ? wp->data() : nullptr, o, zi.data(),
+                                                   rows2.data());
+      CHECK(std::memcmp(zi.data(), g.data(), sizeof(T) * g.size()) == 0 && l2 == l,
+            "[%s] in place differs from out of place (C=%lld)", isa, (long long)C);
+    }
+  }
+}
+
+void test_errors() {
+  std::vector<float> z(12, 1.0f), g(12, 5.0f);
+  std::vector<int64_t> y = {0, 1, 7};  // 7 is out of range for C = 4
+  fastxent::Options o;
+  bool threw = false;
+  try {
+    fastxent::cross_entropy<float>(z.data(), 3, 4, 4, y.data(), nullptr, o, g.data(), nullptr);
+  } catch (const std::out_of_range& e) {
+    threw = std::string(e.what()).find("target[2] = 7") != std::string::npos;
+  }
+  CHECK(threw, "out-of-range target must throw std::out_of_range naming row and value");
+  for (float v : g) CHECK(v == 5.0f, "nothing may be written on error");
+  threw = false;
+  try {
+    fastxent::cross_entropy<float>(z.data(), 3, 0, 0, y.data(), nullptr, o, g.data(), nullptr);
+  } catch (const std::invalid_argument&) {
+    threw = true;
+  }
+  CHECK(threw, "C = 0 must throw std::invalid_argument");
+  threw = false;
+  o.label_smoothing = 1.5;
+  try {
+    y[2] = 1;
+    fastxent::cross_entropy<float>(z.data(), 3, 4, 4, y.data(), nullptr, o, g.data(), nullptr);
+  } catch (const std::invalid_argument&) {
+    threw = true;
+  }
+  CHECK(threw, "label_smoothing outside [0, 1] must throw");
+  bool bad_isa = false;
+  try {
+    fastxent::set_isa("no-such-isa");
+  } catch (const std::invalid_argument&) {
+    bad_isa = true;
+  }
+  CHECK(bad_isa, "unknown ISA must throw");
+}
+
+void test_threads_deterministic() {
+  const int64_t N = 301, C = 1000;
+  std::mt19937_64 rng(7);
+  std::normal_distribution<float> nd(0.0f, 4.0f);
+  std::vector<float> z(static_cast<size_t>(N * C));
+  for (auto& v : z) v = nd(rng);
+  std::vector<int64_t> y(static_cast<size_t>(N));
+  for (auto& v : y) v = int64_t(rng() % C);
+  std::vector<float> g1(z.size()), g2(z.size());
+  fastxent::Options o;
+  o.num_threads = 1;
+  const double l1 = fastxent::cross_entropy<float>(z.data(), N, C, C, y.data(), nullptr, o,
+                                                   g1.data(), nullptr);
+  for (int t : {2, 3, 4, 8}) {
+    o.num_threads = t;
+    const double l2 = fastxent::cross_entropy<float>(z.data(), N, C, C, y.data(), nullptr, o,
+                                                     g2.data(), nullptr);
+    CHECK(l1 == l2 && std::memcmp(g1.data(), g2.data(), sizeof(float) * g1.size()) == 0,
+          "results differ between 1 and %d threads", t);
+  }
+}
+
+}  // namespace
+
+int main() {
+  std::mt19937_64 rng(12345);
+  for (const std::string& isa : fastxent::available_isas()) {
+    fastxent::set_isa(isa);
+    std::printf("ISA %s\n", isa.c_str());
+    const fastxent::KernelTable& t = fastxent::active_table();
+    test_exp<float>(t, -87.33, 2.0);
+    test_exp<double>(t, -708.3, 2.0);
+    test_against_reference<float>(isa.c_str(), rng);
+    test_against_reference<double>(isa.c_str(), rng);
+    test_threads_deterministic();
+  }
+  fastxent::set_isa("auto");
+  test_errors();
+  std::printf("%d checks, %d failures\n", g_checks, g_failures);
+  return g_failures == 0 ? 0 : 1;
+}

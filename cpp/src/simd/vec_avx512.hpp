@@ -13,6 +13,44 @@
 namespace fastxent {
 namespace FASTXENT_ISA_NS {
 
+struct VD {
+  using T = double;
+  using R = __m512d;
+  static constexpr int64_t W = 8;
+  static __mmask8 mask(int64_t n) { return static_cast<__mmask8>((1u << n) - 1u); }
+  static R load(const T* p) { return _mm512_loadu_pd(p); }
+  static R load_partial(const T* p, int64_t n, T fill) {
+    return _mm512_mask_loadu_pd(_mm512_set1_pd(fill), mask(n), p);
+  }
+  static void store(T* p, R v) { _mm512_storeu_pd(p, v); }
+  static void store_partial(T* p, R v, int64_t n) { _mm512_mask_storeu_pd(p, mask(n), v); }
+  static R keep_first(R v, int64_t n) { return _mm512_maskz_mov_pd(mask(n), v); }
+  static R set1(T v) { return _mm512_set1_pd(v); }
+  static R add(R a, R b) { return _mm512_add_pd(a, b); }
+  static R sub(R a, R b) { return _mm512_sub_pd(a, b); }
+  static R mul(R a, R b) { return _mm512_mul_pd(a, b); }
+  static R fmadd(R a, R b, R c) { return _mm512_fmadd_pd(a, b, c); }
+  static R max(R a, R b) { return _mm512_max_pd(a, b); }
+  static R min(R a, R b) { return _mm512_min_pd(a, b); }
+  static R zero_if_less(R x, R lo, R v) {
+    return _mm512_mask_mov_pd(v, _mm512_cmp_pd_mask(x, lo, _CMP_LT_OQ), _mm512_setzero_pd());
+  }
+  static R pow2_from_magic(R t, uint64_t bias, int shift) {
+    __m512i b = _mm512_add_epi64(_mm512_castpd_si512(t), _mm512_set1_epi64(int64_t(bias)));
+    return _mm512_castsi512_pd(_mm512_sll_epi64(b, _mm_cvtsi32_si128(shift)));
+  }
+  static double hsum(R v) {
+    __m256d h4 = _mm256_add_pd(_mm512_castpd512_pd256(v), _mm512_extractf64x4_pd(v, 1));
+    __m128d h = _mm_add_pd(_mm256_castpd256_pd128(h4), _mm256_extractf128_pd(h4, 1));
+    return _mm_cvtsd_f64(_mm_add_sd(h, _mm_unpackhi_pd(h, h)));
+  }
+  static T hmax(R v) {
+    __m256d h4 = _mm256_max_pd(_mm512_castpd512_pd256(v), _mm512_extractf64x4_pd(v, 1));
+    __m128d h = _mm_max_pd(_mm256_castpd256_pd128(h4), _mm256_extractf128_pd(h4, 1));
+    return _mm_cvtsd_f64(_mm_max_sd(h, _mm_unpackhi_pd(h, h)));
+  }
+};
+
 struct VF {
   using T = float;
   using R = __m512;
@@ -42,40 +80,19 @@ struct VF {
   static double hsum(R v) {
     __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
     __m512d hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
-    return _mm512_reduce_add_pd(_mm512_add_pd(lo, hi));
+    return VD::hsum(_mm512_add_pd(lo, hi));
   }
-  static T hmax(R v) { return _mm512_reduce_max_ps(v); }
+  static T hmax(R v) {
+    // Explicit halving (GCC 12's _mm512_reduce_max_ps trips -Wuninitialized in its header).
+    __m256 h8 = _mm256_max_ps(_mm512_castps512_ps256(v),
+                              _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(h8), _mm256_extractf128_ps(h8, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_max_ss(h, _mm_movehdup_ps(h));
+    return _mm_cvtss_f32(h);
+  }
 };
 
-struct VD {
-  using T = double;
-  using R = __m512d;
-  static constexpr int64_t W = 8;
-  static __mmask8 mask(int64_t n) { return static_cast<__mmask8>((1u << n) - 1u); }
-  static R load(const T* p) { return _mm512_loadu_pd(p); }
-  static R load_partial(const T* p, int64_t n, T fill) {
-    return _mm512_mask_loadu_pd(_mm512_set1_pd(fill), mask(n), p);
-  }
-  static void store(T* p, R v) { _mm512_storeu_pd(p, v); }
-  static void store_partial(T* p, R v, int64_t n) { _mm512_mask_storeu_pd(p, mask(n), v); }
-  static R keep_first(R v, int64_t n) { return _mm512_maskz_mov_pd(mask(n), v); }
-  static R set1(T v) { return _mm512_set1_pd(v); }
-  static R add(R a, R b) { return _mm512_add_pd(a, b); }
-  static R sub(R a, R b) { return _mm512_sub_pd(a, b); }
-  static R mul(R a, R b) { return _mm512_mul_pd(a, b); }
-  static R fmadd(R a, R b, R c) { return _mm512_fmadd_pd(a, b, c); }
-  static R max(R a, R b) { return _mm512_max_pd(a, b); }
-  static R min(R a, R b) { return _mm512_min_pd(a, b); }
-  static R zero_if_less(R x, R lo, R v) {
-    return _mm512_mask_mov_pd(v, _mm512_cmp_pd_mask(x, lo, _CMP_LT_OQ), _mm512_setzero_pd());
-  }
-  static R pow2_from_magic(R t, uint64_t bias, int shift) {
-    __m512i b = _mm512_add_epi64(_mm512_castpd_si512(t), _mm512_set1_epi64(int64_t(bias)));
-    return _mm512_castsi512_pd(_mm512_sll_epi64(b, _mm_cvtsi32_si128(shift)));
-  }
-  static double hsum(R v) { return _mm512_reduce_add_pd(v); }
-  static T hmax(R v) { return _mm512_reduce_max_pd(v); }
-};
 
 }  // namespace FASTXENT_ISA_NS
 }  // namespace fastxent
