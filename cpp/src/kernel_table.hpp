@@ -8,27 +8,36 @@
 
 namespace fastxent {
 
-// Result of the exp pass over one row (or one block range of a row).
-struct ExpSum {
-  double sum;  // sum_c exp(z_c - m)
-  double wd;   // sum_c w_c * (z_c - m) (w_c = 1 without weights); only when asked for
+// Rows are processed in blocks of kBlock classes at fixed positions (0, kBlock, 2 kBlock, ...).
+// Each block yields its own (max, sum) statistics, merged in block order in double: the result
+// is the same whichever thread computed which block, so the class axis can be split across
+// threads without changing a bit. 2048 floats (8 KiB) keep a block in L1 between its max and
+// exp loops, and bound the float accumulation to 2048 / (2 W) additions per lane.
+constexpr int64_t kBlock = 2048;
+
+// Statistics of one block z[0, n): m = max, s = sum exp(z - m), wd = sum w (z - m).
+// A block with m = -inf (all -inf) has s = 0 (NaN if it holds a NaN) and wd = sum w z.
+struct BlockStat {
+  double m;
+  double s;
+  double wd;
 };
 
 template <class T>
 struct RowFns {
-  // max_c z_c over [0, n). NaN entries may or may not win; the exp pass turns them into NaN.
-  T (*max)(const T* z, int64_t n);
-  // e_c = exp(z_c - m) written to e (when e != nullptr; e may equal z), returning the sums.
-  // want_wd: also accumulate sum_c w_c (z_c - m) (w == nullptr: unit weights).
-  ExpSum (*exp_sum)(const T* z, T* e, int64_t n, T m, const T* w, bool want_wd);
-  // g_c = a * e_c - b * w_c (w == nullptr: unit weights). g may equal e.
-  void (*affine)(const T* e, T* g, int64_t n, T a, T b, const T* w);
+  // Statistics of z[0, n), n <= kBlock; stores e = exp(z - m) when e != nullptr (e may be z).
+  // want_wd: also sum w_c (z_c - m) (w == nullptr: unit weights).
+  BlockStat (*block)(const T* z, T* e, int64_t n, const T* w, bool want_wd);
+  // g = a * e - b * w (w == nullptr: unit weights); g may equal e. stream: non-temporal
+  // stores (no read-for-ownership of g); the caller then calls fence() before reusing g.
+  void (*affine)(const T* e, T* g, int64_t n, T a, T b, const T* w, bool stream);
 };
 
 struct KernelTable {
   const char* name;
   RowFns<float> f32;
   RowFns<double> f64;
+  void (*fence)();  // orders non-temporal stores before later stores
 };
 
 template <class T>

@@ -20,7 +20,7 @@ _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 def _as_logits(logits: Any) -> np.ndarray:
-    x = np.asarray(logits)
+    x = logits if type(logits) is np.ndarray else np.asarray(logits)
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"logits must be float32 or float64, got {x.dtype}")
     if x.ndim == 0:
@@ -45,26 +45,26 @@ def _rows_view(x: np.ndarray) -> np.ndarray:
     the leading axes collapse to one row stride; otherwise a C-contiguous copy (which gives
     bit-identical results, the kernel never sees the difference)."""
     C = x.shape[-1]
-    rows = int(np.prod(x.shape[:-1], dtype=np.int64))
+    if x.flags.c_contiguous:
+        return x if x.ndim == 2 else x.reshape(-1, C)
     isz = x.itemsize
     if C == 1 or x.strides[-1] == isz:
         # Leading axes collapse when each stride equals the next one's stride times its size
         # (axes of length 1 do not matter).
         lead = [(n, s) for n, s in zip(x.shape[:-1], x.strides[:-1]) if n != 1]
-        ok = True
-        for (n0, s0), (n1, s1) in zip(lead, lead[1:]):
-            if s0 != s1 * n1:
-                ok = False
-                break
+        ok = all(s0 == s1 * n1 for (_, s0), (n1, s1) in zip(lead, lead[1:]))
         row_stride = lead[-1][1] if lead else C * isz
         if ok and row_stride >= C * isz and row_stride % isz == 0:
+            rows = int(np.prod(x.shape[:-1], dtype=np.int64))
             return np.lib.stride_tricks.as_strided(x, (rows, C), (row_stride, isz),
                                                    writeable=False)
-    return np.ascontiguousarray(x).reshape(rows, C)
+    return np.ascontiguousarray(x).reshape(-1, C)
 
 
 def _as_target(target: Any, shape: Tuple[int, ...], C: int, ignore_index: int) -> np.ndarray:
-    t = np.asarray(target)
+    t = target if type(target) is np.ndarray else np.asarray(target)
+    if t.dtype == np.int64 and t.shape == shape and t.flags.c_contiguous:
+        return t.reshape(-1)  # the common case, without a copy
     if t.dtype.kind not in "iu":
         raise TypeError(f"target must hold integer class indices, got dtype {t.dtype} "
                         "(probability targets are not supported in this version)")
@@ -154,10 +154,13 @@ def _run(logits: Any, target: Any, axis: Any, reduction: Any, weight: Any, ignor
     w = _as_weight(weight, x.dtype, C)
     grad = None
     if want_grad:
-        grad = _check_out(out, x) if out is not None else np.empty(x.shape, x.dtype)
-        for name, arr in (("target", target), ("weight", weight)):
-            if isinstance(arr, np.ndarray) and np.may_share_memory(grad, arr):
-                raise ValueError(f"out overlaps {name}")
+        if out is None:
+            grad = np.empty(x.shape, x.dtype)
+        else:
+            grad = _check_out(out, x)
+            for name, arr in (("target", target), ("weight", weight)):
+                if isinstance(arr, np.ndarray) and np.may_share_memory(grad, arr):
+                    raise ValueError(f"out overlaps {name}")
     view = _rows_view(x)
     row_losses = np.empty(view.shape[0], x.dtype) if red == 0 else None
     g2 = grad.reshape(view.shape) if grad is not None else None

@@ -35,41 +35,60 @@ double ulp_of(double ref) {
   return double(std::nextafter(r, std::numeric_limits<T>::infinity())) - double(r);
 }
 
-// exp through the kernel's exp pass (m = 0, one element at a time in a vector-length batch).
+// exp through the kernel's block pass: with a 0 in the block its max is 0, so e = exp(x).
 template <class T>
 void test_exp(const fastxent::KernelTable& table, double lo, double max_ulp_allowed) {
   const auto& f = fastxent::row_fns<T>(table);
-  const int64_t n = 4099;  // odd: exercises the masked tail
-  std::vector<T> x(n), e(n);
+  const int64_t n = fastxent::kBlock - 1;  // not a multiple of any W: exercises the masked tail
+  std::vector<T> x(static_cast<size_t>(n)), e(static_cast<size_t>(n));
   double worst = 0.0, worst_x = 0.0;
-  for (int rep = 0; rep < 64; ++rep) {
-    for (int64_t i = 0; i < n; ++i) x[i] = T(lo + (0.0 - lo) * double(rep * n + i) / (64.0 * n));
-    f.exp_sum(x.data(), e.data(), n, T(0), nullptr, false);
+  for (int rep = 0; rep < 128; ++rep) {
+    x[0] = T(0);
+    for (int64_t i = 1; i < n; ++i) x[i] = T(lo + (0.0 - lo) * double(rep * n + i) / (128.0 * n));
+    const fastxent::BlockStat st = f.block(x.data(), e.data(), n, nullptr, false);
+    CHECK(st.m == 0.0, "%s: block max %g", table.name, st.m);
+    long double sum = 0.0L;  // reference sum in extended precision
     for (int64_t i = 0; i < n; ++i) {
       const double ref = std::exp(double(x[i]));
+      sum += std::exp(static_cast<long double>(x[i]));
       const double err = std::fabs(double(e[i]) - ref) / ulp_of<T>(ref);
       if (err > worst) {
         worst = err;
         worst_x = double(x[i]);
       }
     }
+    // Bound: 16 float additions per lane per chunk (16 u) plus the exp error (2 ULP = 2 u
+    // relative, u = 2^-24 or 2^-53) on a sum of positive terms.
+    const double u = std::numeric_limits<T>::epsilon() / 2;
+    CHECK(std::fabs(st.s - double(sum)) <= 18 * u * double(sum), "%s: block sum %.17g vs %.17g",
+          table.name, st.s, double(sum));
   }
   std::printf("  exp<%s> [%s]: max error %.2f ULP (at x = %.9g)\n", sizeof(T) == 4 ? "f32" : "f64",
               table.name, worst, worst_x);
   CHECK(worst <= max_ulp_allowed, "%s exp error %.3f ULP > %.1f", table.name, worst,
         max_ulp_allowed);
 
-  // Below the normal range the result flushes to +0; NaN propagates; the sum skips nothing.
-  T special[5] = {T(lo) * T(1.01), -std::numeric_limits<T>::infinity(),
-                  std::numeric_limits<T>::quiet_NaN(), T(0), T(-1)};
-  T out[5];
-  const fastxent::ExpSum s = f.exp_sum(special, out, 5, T(0), nullptr, false);
-  CHECK(out[0] == T(0) && !std::signbit(out[0]), "%s: exp below range = %g", table.name,
-        double(out[0]));
-  CHECK(out[1] == T(0), "%s: exp(-inf) = %g", table.name, double(out[1]));
-  CHECK(std::isnan(out[2]), "%s: exp(NaN) = %g", table.name, double(out[2]));
-  CHECK(out[3] == T(1), "%s: exp(0) = %.17g", table.name, double(out[3]));
-  CHECK(std::isnan(s.sum), "%s: a NaN must reach the sum", table.name);
+  // Below the normal range the result flushes to +0; -inf gives 0; exp(0) is exactly 1.
+  T special[4] = {T(0), T(lo) * T(1.01), -std::numeric_limits<T>::infinity(), T(-1)};
+  T out[4];
+  f.block(special, out, 4, nullptr, false);
+  CHECK(out[0] == T(1), "%s: exp(0) = %.17g", table.name, double(out[0]));
+  CHECK(out[1] == T(0) && !std::signbit(out[1]), "%s: exp below range = %g", table.name,
+        double(out[1]));
+  CHECK(out[2] == T(0), "%s: exp(-inf) = %g", table.name, double(out[2]));
+  // NaN propagates into the sum wherever it sits.
+  for (int pos = 0; pos < 3; ++pos) {
+    T v[3] = {T(0.5), T(-2), T(1)};
+    v[pos] = std::numeric_limits<T>::quiet_NaN();
+    const fastxent::BlockStat st = f.block(v, nullptr, 3, nullptr, false);
+    CHECK(std::isnan(st.s) || std::isnan(st.m), "%s: NaN at %d lost", table.name, pos);
+  }
+  // A block of -inf: m = -inf, s = 0; with a NaN among them, s = NaN.
+  T ninf[3] = {-std::numeric_limits<T>::infinity(), -std::numeric_limits<T>::infinity(),
+               -std::numeric_limits<T>::infinity()};
+  CHECK(f.block(ninf, nullptr, 3, nullptr, false).s == 0.0, "%s: -inf block sum", table.name);
+  ninf[1] = std::numeric_limits<T>::quiet_NaN();
+  CHECK(std::isnan(f.block(ninf, nullptr, 3, nullptr, false).s), "%s: NaN in -inf block", table.name);
 }
 
 // Straightforward double-precision reference of the whole contract.

@@ -26,6 +26,8 @@ inline __m256i mask64(int64_t n) {
 }
 }  // namespace detail
 
+inline void V_fence() { _mm_sfence(); }
+
 struct VF {
   using T = float;
   using R = __m256;
@@ -38,6 +40,7 @@ struct VF {
   }
   static void store(T* p, R v) { _mm256_storeu_ps(p, v); }
   static void store_partial(T* p, R v, int64_t n) { _mm256_maskstore_ps(p, detail::mask32(n), v); }
+  static void stream(T* p, R v) { _mm256_stream_ps(p, v); }
   static R keep_first(R v, int64_t n) { return _mm256_and_ps(v, _mm256_castsi256_ps(detail::mask32(n))); }
   static R set1(T v) { return _mm256_set1_ps(v); }
   static R add(R a, R b) { return _mm256_add_ps(a, b); }
@@ -80,6 +83,7 @@ struct VD {
   }
   static void store(T* p, R v) { _mm256_storeu_pd(p, v); }
   static void store_partial(T* p, R v, int64_t n) { _mm256_maskstore_pd(p, detail::mask64(n), v); }
+  static void stream(T* p, R v) { _mm256_stream_pd(p, v); }
   static R keep_first(R v, int64_t n) { return _mm256_and_pd(v, _mm256_castsi256_pd(detail::mask64(n))); }
   static R set1(T v) { return _mm256_set1_pd(v); }
   static R add(R a, R b) { return _mm256_add_pd(a, b); }

@@ -13,6 +13,8 @@
 namespace fastxent {
 namespace FASTXENT_ISA_NS {
 
+inline void V_fence() { _mm_sfence(); }
+
 struct VD {
   using T = double;
   using R = __m512d;
@@ -24,6 +26,7 @@ struct VD {
   }
   static void store(T* p, R v) { _mm512_storeu_pd(p, v); }
   static void store_partial(T* p, R v, int64_t n) { _mm512_mask_storeu_pd(p, mask(n), v); }
+  static void stream(T* p, R v) { _mm512_stream_pd(p, v); }
   static R keep_first(R v, int64_t n) { return _mm512_maskz_mov_pd(mask(n), v); }
   static R set1(T v) { return _mm512_set1_pd(v); }
   static R add(R a, R b) { return _mm512_add_pd(a, b); }
@@ -62,6 +65,7 @@ struct VF {
   }
   static void store(T* p, R v) { _mm512_storeu_ps(p, v); }
   static void store_partial(T* p, R v, int64_t n) { _mm512_mask_storeu_ps(p, mask(n), v); }
+  static void stream(T* p, R v) { _mm512_stream_ps(p, v); }
   static R keep_first(R v, int64_t n) { return _mm512_maskz_mov_ps(mask(n), v); }
   static R set1(T v) { return _mm512_set1_ps(v); }
   static R add(R a, R b) { return _mm512_add_ps(a, b); }

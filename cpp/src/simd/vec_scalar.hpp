@@ -13,6 +13,8 @@
 namespace fastxent {
 namespace FASTXENT_ISA_NS {
 
+inline void V_fence() {}
+
 template <class T_, class Bits_>
 struct VecScalar {
   using T = T_;
@@ -26,6 +28,7 @@ struct VecScalar {
     if (n > 0) *p = v;
   }
   static R keep_first(R v, int64_t n) { return n > 0 ? v : R(0); }
+  static void stream(T* p, R v) { *p = v; }  // plain store: no portable streaming store
   static R set1(T v) { return v; }
   static R add(R a, R b) { return a + b; }
   static R sub(R a, R b) { return a - b; }
