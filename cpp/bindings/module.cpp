@@ -47,37 +47,49 @@ T* checked_output(const py::object& o, py::ssize_t rows, py::ssize_t cols, int n
   return static_cast<T*>(a.mutable_data());
 }
 
+// A (rows, C) view with a contiguous class axis: its data pointer and row stride (elements).
 template <class T>
-double run(const py::array& logits, const py::array& target, const py::object& weight,
-           int reduction, int64_t ignore_index, double label_smoothing, int num_threads,
-           const py::object& grad, const py::object& row_losses) {
+const T* rows_view(const py::array& a, py::ssize_t N, py::ssize_t C, int64_t* ld,
+                   const char* what) {
+  const py::ssize_t isz = py::ssize_t(sizeof(T));
+  if (!is_dtype<T>(a) || a.ndim() != 2 || a.shape(0) != N || a.shape(1) != C)
+    throw std::invalid_argument(std::string(what) + ": expected a (rows, C) array of the logits' dtype");
+  if (C > 1 && a.strides(1) != isz)
+    throw std::invalid_argument(std::string(what) + ": the class axis must be contiguous");
+  if (N > 1 && (a.strides(0) % isz != 0 || a.strides(0) < C * isz))
+    throw std::invalid_argument(std::string(what) + ": rows must not overlap");
+  *ld = N > 1 ? a.strides(0) / isz : C;
+  return static_cast<const T*>(a.data());
+}
+
+template <class T>
+double run(const py::array& logits, const py::object& target, const py::object& probs,
+           const py::object& weight, const py::object& sample_weight,
+           fastxent::Options opt, const py::object& grad, const py::object& row_losses) {
   if (logits.ndim() != 2) throw std::invalid_argument("logits: expected a 2-D array");
   const py::ssize_t N = logits.shape(0), C = logits.shape(1);
-  const py::ssize_t isz = py::ssize_t(sizeof(T));
-  if (C > 1 && logits.strides(1) != isz)
-    throw std::invalid_argument("logits: the class axis must be contiguous");
-  if (N > 1 && (logits.strides(0) % isz != 0 || logits.strides(0) < C * isz))
-    throw std::invalid_argument("logits: rows must not overlap");
-  const int64_t ld = N > 1 ? logits.strides(0) / isz : C;
-  if (!target.dtype().is(py::dtype::of<int64_t>()) || target.ndim() != 1 ||
-      target.shape(0) != N || !c_contiguous(target))
-    throw std::invalid_argument("target: expected a C-contiguous int64 array of N elements");
-
-  const T* w = checked_vector<T>(weight, C, "weight");
+  fastxent::Inputs<T> in;
+  in.rows = N;
+  in.classes = C;
+  in.logits = rows_view<T>(logits, N, C, &in.row_stride, "logits");
+  if (!target.is_none()) {
+    py::array t = py::reinterpret_borrow<py::array>(target);
+    if (!t.dtype().is(py::dtype::of<int64_t>()) || t.ndim() != 1 || t.shape(0) != N ||
+        !c_contiguous(t))
+      throw std::invalid_argument("target: expected a C-contiguous int64 array of N elements");
+    in.target = static_cast<const int64_t*>(t.data());
+  }
+  if (!probs.is_none())
+    in.probs = rows_view<T>(py::reinterpret_borrow<py::array>(probs), N, C,
+                            &in.probs_row_stride, "probability target");
+  in.weight = checked_vector<T>(weight, C, "weight");
+  in.sample_weight = checked_vector<T>(sample_weight, N, "sample_weight");
   T* g = checked_output<T>(grad, N, C, 2, "out");
   T* rl = checked_output<T>(row_losses, N, 1, 1, "row_losses");
-
-  fastxent::Options opt;
-  opt.reduction = static_cast<fastxent::Reduction>(reduction);
-  opt.ignore_index = ignore_index;
-  opt.label_smoothing = label_smoothing;
-  opt.num_threads = num_threads;
-  const T* z = static_cast<const T*>(logits.data());
-  const int64_t* y = static_cast<const int64_t*>(target.data());
   // Safe without the GIL: the arrays are kept alive by the caller's references for the whole
   // call, and the kernel touches no Python object.
   py::gil_scoped_release release;
-  return fastxent::cross_entropy<T>(z, N, C, ld, y, w, opt, g, rl);
+  return fastxent::cross_entropy<T>(in, opt, g, rl);
 }
 
 }  // namespace
@@ -87,22 +99,34 @@ PYBIND11_MODULE(_core, m) {
 
   m.def(
       "cross_entropy",
-      [](const py::array& logits, const py::array& target, const py::object& weight,
-         int reduction, int64_t ignore_index, double label_smoothing, int num_threads,
+      [](const py::array& logits, const py::object& target, const py::object& probs,
+         const py::object& weight, const py::object& sample_weight, int reduction,
+         int64_t ignore_index, double label_smoothing, double z_loss, double softcap,
+         double logit_scale, const py::object& normalizer, int num_threads,
          const py::object& grad, const py::object& row_losses) -> double {
+        fastxent::Options opt;
+        opt.reduction = static_cast<fastxent::Reduction>(reduction);
+        opt.ignore_index = ignore_index;
+        opt.label_smoothing = label_smoothing;
+        opt.z_loss = z_loss;
+        opt.softcap = softcap;
+        opt.logit_scale = logit_scale;
+        opt.has_normalizer = !normalizer.is_none();
+        if (opt.has_normalizer) opt.normalizer = normalizer.cast<double>();
+        opt.num_threads = num_threads;
         if (is_dtype<float>(logits))
-          return run<float>(logits, target, weight, reduction, ignore_index, label_smoothing,
-                            num_threads, grad, row_losses);
+          return run<float>(logits, target, probs, weight, sample_weight, opt, grad, row_losses);
         if (is_dtype<double>(logits))
-          return run<double>(logits, target, weight, reduction, ignore_index, label_smoothing,
-                             num_threads, grad, row_losses);
+          return run<double>(logits, target, probs, weight, sample_weight, opt, grad, row_losses);
         throw py::type_error("logits: expected float32 or float64");
       },
-      py::arg("logits"), py::arg("target"), py::arg("weight"), py::arg("reduction"),
-      py::arg("ignore_index"), py::arg("label_smoothing"), py::arg("num_threads"),
-      py::arg("grad"), py::arg("row_losses"),
-      "Low-level kernel call on a 2-D logits view (rows, C) with a contiguous class axis, "
-      "int64 targets, reduction 0=none 1=sum 2=mean. Returns the reduced loss (0 for none).");
+      py::arg("logits"), py::arg("target"), py::arg("probs"), py::arg("weight"),
+      py::arg("sample_weight"), py::arg("reduction"), py::arg("ignore_index"),
+      py::arg("label_smoothing"), py::arg("z_loss"), py::arg("softcap"), py::arg("logit_scale"),
+      py::arg("normalizer"), py::arg("num_threads"), py::arg("grad"), py::arg("row_losses"),
+      "Low-level kernel call on a 2-D logits view (rows, C) with a contiguous class axis: "
+      "int64 class targets or a (rows, C) probability target, reduction 0=none 1=sum 2=mean, "
+      "softcap 0 = off. Returns the reduced loss (0 for none).");
 
   m.def("available_isas", &fastxent::available_isas,
         "Instruction sets this CPU and OS can run, best last.");

@@ -99,6 +99,16 @@ inline typename V::R vexp(typename V::R x) {
   return V::zero_if_less(x, V::set1(K::lo), y);
 }
 
+// tanh(v) = sign(v) (1 - e) / (1 + e), e = exp(-2|v|) <= 1: stays in vexp's domain.
+// Absolute error below 2 ULP of 1 (relative error grows as |v| -> 0, where tanh(v) ~ v).
+template <class V>
+inline typename V::R vtanh(typename V::R v) {
+  using T = typename V::T;
+  typename V::R e = vexp<V>(V::mul(V::abs(v), V::set1(T(-2))));
+  typename V::R t = V::div(V::sub(V::set1(T(1)), e), V::add(V::set1(T(1)), e));
+  return V::copysign(t, v);
+}
+
 template <class V>
 struct Row {
   using T = typename V::T;
@@ -120,90 +130,147 @@ struct Row {
     return V::hmax(V::max(V::max(a0, a1), V::max(a2, a3)));
   }
 
-  // One vector step of the exp pass over lanes [0, len) (len < W only at the block's tail):
-  // e = exp(z - m) (stored when STORE); s += e; d += w * (z - m) when WD (1: w = 1, 2: w given).
-  template <bool STORE, int WD>
-  static inline void step(const T* z, T* e, const T* w, R vm, R& s, R& d, int64_t len) {
-    const bool full = len >= W;
-    // Masked-off lanes are set to x = 0 and their exp to 0, so they add nothing to the sums.
-    R x = V::sub(full ? V::load(z) : V::load_partial(z, len, T(0)), vm);
-    if (!full) x = V::keep_first(x, len);
-    R y = vexp<V>(x);
-    if (!full) y = V::keep_first(y, len);
-    if constexpr (STORE) {
-      if (full) V::store(e, y); else V::store_partial(e, y, len);
-    }
-    s = V::add(s, y);
-    if constexpr (WD == 1) d = V::add(d, x);
-    if constexpr (WD == 2) d = V::fmadd(full ? V::load(w) : V::load_partial(w, len, T(0)), x, d);
+  static R loadn(const T* p, int64_t len) {
+    return len >= W ? V::load(p) : V::load_partial(p, len, T(0));
+  }
+  static void storen(T* p, R v, int64_t len) {
+    if (len >= W) V::store(p, v); else V::store_partial(p, v, len);
   }
 
-  template <bool STORE, int WD>
-  static BlockStat block_impl(const T* z, T* e, int64_t n, const T* w) {
-    const T m = max(z, n);
-    if (m == -std::numeric_limits<T>::infinity()) return degenerate<STORE>(z, e, n, w);
-    const R vm = V::set1(m);
-    double sum = 0.0, wd = 0.0;
+  // z' = cap * tanh(z * alpha / cap) with a softcap, z * alpha without (alpha = 1: z).
+  template <bool CAP>
+  static R transform(R zz, R valpha, R vinv, R vcap, R* t) {
+    if constexpr (CAP) {
+      *t = vtanh<V>(V::mul(zz, vinv));
+      return V::mul(*t, vcap);
+    } else {
+      (void)vinv;
+      (void)vcap;
+      (void)t;
+      return V::mul(zz, valpha);
+    }
+  }
+
+  // The statistics of one block, given its transformed max mt. Template flags:
+  //   STORE: write e = exp(z' - mt); CAP: softcap (also writes t = tanh(.) when STORE);
+  //   WD 0: nothing more; 1: wd = sum w (z' - mt) (class targets with smoothing);
+  //   2: wd = sum u (z' - mt), usum = sum u, u = w (q1 p + q0) (probability targets).
+  template <bool STORE, bool CAP, int WD, bool HAS_W>
+  static BlockStat block_impl(const BlockIn<T>& in, T mt) {
+    const int64_t n = in.n;
+    const R vm = V::set1(mt), valpha = V::set1(in.alpha);
+    const R vcap = V::set1(in.cap), vinv = V::set1(CAP ? in.alpha / in.cap : T(0));
+    const R vq1 = V::set1(in.q1), vq0 = V::set1(in.q0);
+    double sum = 0.0, wd = 0.0, usum = 0.0;
     // Chunks of kChunk elements: two float accumulators of W lanes each take 16 additions
     // per lane at most before the chunk's total moves into a double, so the float
     // accumulation error stays below 16 u of the chunk's sum whatever the block length.
     constexpr int64_t kChunk = 32 * W;
     for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
       const int64_t c1 = c0 + kChunk < n ? c0 + kChunk : n;
-      R s0 = V::set1(T(0)), s1 = s0, d0 = s0, d1 = s0;
+      R acc[2][3];
+      for (auto& a : acc) a[0] = a[1] = a[2] = V::set1(T(0));
       int64_t i = c0;
+      auto step = [&](int64_t j, int64_t len, R* a) {
+        R t;
+        R x = V::sub(transform<CAP>(loadn(in.z + j, len), valpha, vinv, vcap, &t), vm);
+        if (len < W) x = V::keep_first(x, len);  // masked lanes add nothing to any sum
+        R y = vexp<V>(x);
+        if (len < W) y = V::keep_first(y, len);
+        if constexpr (STORE) {
+          storen(in.e + j, y, len);
+          if constexpr (CAP) storen(in.t + j, t, len);
+        }
+        a[0] = V::add(a[0], y);
+        if constexpr (WD == 1) {
+          a[1] = HAS_W ? V::fmadd(loadn(in.w + j, len), x, a[1]) : V::add(a[1], x);
+        }
+        if constexpr (WD == 2) {
+          R u = V::fmadd(loadn(in.p + j, len), vq1, vq0);
+          if constexpr (HAS_W) u = V::mul(u, loadn(in.w + j, len));
+          if (len < W) u = V::keep_first(u, len);
+          a[1] = V::fmadd(u, x, a[1]);
+          a[2] = V::add(a[2], u);
+        }
+      };
       for (; i + 2 * W <= c1; i += 2 * W) {
         // The next block streams in from memory while this one is computed from L1.
-        __builtin_prefetch(z + i + kBlock, 0, 2);
-        step<STORE, WD>(z + i, STORE ? e + i : e, WD == 2 ? w + i : w, vm, s0, d0, W);
-        step<STORE, WD>(z + i + W, STORE ? e + i + W : e, WD == 2 ? w + i + W : w, vm, s1, d1, W);
+        __builtin_prefetch(in.z + i + kBlock, 0, 2);
+        step(i, W, acc[0]);
+        step(i + W, W, acc[1]);
       }
-      for (; i < c1; i += W)
-        step<STORE, WD>(z + i, STORE ? e + i : e, WD == 2 ? w + i : w, vm, s0, d0, c1 - i);
-      sum += V::hsum(V::add(s0, s1));
-      if constexpr (WD != 0) wd += V::hsum(V::add(d0, d1));
+      for (; i < c1; i += W) step(i, c1 - i, acc[0]);
+      sum += V::hsum(V::add(acc[0][0], acc[1][0]));
+      if constexpr (WD != 0) wd += V::hsum(V::add(acc[0][1], acc[1][1]));
+      if constexpr (WD == 2) usum += V::hsum(V::add(acc[0][2], acc[1][2]));
     }
-    return BlockStat{double(m), sum, wd};
+    return BlockStat{double(mt), sum, wd, usum};
   }
 
   // A block whose max is -inf: every entry is -inf, or NaN hides among -inf entries. Rare;
-  // scalar. wd is the raw sum_c w_c z_c here (the caller cannot shift by a -inf max).
-  template <bool STORE>
-  static BlockStat degenerate(const T* z, T* e, int64_t n, const T* w) {
+  // scalar. wd is the raw sum u z' here (the caller cannot shift by a -inf max).
+  static BlockStat degenerate(const BlockIn<T>& in) {
     bool nan = false;
-    double wz = 0.0;
-    for (int64_t i = 0; i < n; ++i) {
-      nan |= z[i] != z[i];
-      wz += (w ? double(w[i]) : 1.0) * double(z[i]);
-      if constexpr (STORE) e[i] = z[i] != z[i] ? z[i] : T(0);
+    double wz = 0.0, usum = 0.0;
+    for (int64_t i = 0; i < in.n; ++i) {
+      const T z = in.z[i];
+      nan |= z != z;
+      double u = in.w ? double(in.w[i]) : 1.0;
+      if (in.p) u *= double(in.q1) * double(in.p[i]) + double(in.q0);
+      // z' of -inf is -inf (also through the softcap: cap * tanh(-inf) = -cap, but a -inf
+      // logit means "masked", so it stays masked).
+      wz += u * double(z);
+      usum += u;
+      if (in.e) in.e[i] = z != z ? z : T(0);
+      if (in.t) in.t[i] = T(0);
     }
     return {-std::numeric_limits<double>::infinity(),
-            nan ? std::numeric_limits<double>::quiet_NaN() : 0.0, wz};
+            nan ? std::numeric_limits<double>::quiet_NaN() : 0.0, wz, usum};
   }
 
-  template <bool STORE>
-  static BlockStat block_wd(const T* z, T* e, int64_t n, const T* w, bool want_wd) {
-    if (!want_wd) return block_impl<STORE, 0>(z, e, n, w);
-    if (w == nullptr) return block_impl<STORE, 1>(z, e, n, w);
-    return block_impl<STORE, 2>(z, e, n, w);
+  template <bool STORE, bool CAP>
+  static BlockStat block_mode(const BlockIn<T>& in, T mt) {
+    switch (in.wd_mode) {
+      case 0: return block_impl<STORE, CAP, 0, false>(in, mt);
+      case 1: return in.w ? block_impl<STORE, CAP, 1, true>(in, mt)
+                          : block_impl<STORE, CAP, 1, false>(in, mt);
+      default: return in.w ? block_impl<STORE, CAP, 2, true>(in, mt)
+                           : block_impl<STORE, CAP, 2, false>(in, mt);
+    }
   }
 
-  static BlockStat block(const T* z, T* e, int64_t n, const T* w, bool want_wd) {
-    return e ? block_wd<true>(z, e, n, w, want_wd) : block_wd<false>(z, e, n, w, want_wd);
+  static BlockStat block(const BlockIn<T>& in) {
+    const T m = max(in.z, in.n);
+    if (m == -std::numeric_limits<T>::infinity()) return degenerate(in);
+    // The transformed max through the same vector code as the elements, so that the block's
+    // largest element gives exactly x = 0. (alpha > 0 and tanh are increasing.)
+    if (in.cap > T(0)) {
+      R t;
+      const T mt = V::hmax(transform<true>(V::set1(m), V::set1(in.alpha),
+                                           V::set1(in.alpha / in.cap), V::set1(in.cap), &t));
+      return in.e ? block_mode<true, true>(in, mt) : block_mode<false, true>(in, mt);
+    }
+    const T ma = V::hmax(V::mul(V::set1(m), V::set1(in.alpha)));
+    return in.e ? block_mode<true, false>(in, ma) : block_mode<false, false>(in, ma);
   }
 
-  template <bool WEIGHTED, bool STREAM>
-  static void affine_impl(const T* e, T* g, int64_t n, T a, T b, const T* w) {
-    const R va = V::set1(a), vb = V::set1(b);
+  // g = d * (a * e - b * u): u = w (or 1) without probability targets, w (q1 p + q0) with
+  // them; d = 1 - t^2 with a softcap, else 1.
+  template <bool HAS_W, bool HAS_P, bool CAP, bool STREAM>
+  static void affine_impl(const AffineIn<T>& in) {
+    const R va = V::set1(in.a), vb = V::set1(in.b);
+    const R vq1 = V::set1(in.q1), vq0 = V::set1(in.q0), one = V::set1(T(1));
+    T* g = in.g;
+    const int64_t n = in.n;
     auto f = [&](int64_t i, int64_t len) {
-      const bool full = len >= W;
-      R ev = full ? V::load(e + i) : V::load_partial(e + i, len, T(0));
-      if constexpr (WEIGHTED) {
-        R wv = full ? V::load(w + i) : V::load_partial(w + i, len, T(0));
-        return V::sub(V::mul(ev, va), V::mul(vb, wv));
-      } else {
-        return V::sub(V::mul(ev, va), vb);
+      R u = HAS_P ? V::fmadd(loadn(in.p + i, len), vq1, vq0) : one;
+      if constexpr (HAS_W) u = HAS_P ? V::mul(u, loadn(in.w + i, len)) : loadn(in.w + i, len);
+      R r = V::sub(V::mul(loadn(in.e + i, len), va), V::mul(vb, u));
+      if constexpr (CAP) {
+        R t = loadn(in.t + i, len);
+        r = V::mul(r, V::sub(one, V::mul(t, t)));
       }
+      return r;
     };
     int64_t i = 0;
     if constexpr (STREAM) {
@@ -228,11 +295,20 @@ struct Row {
     if (i < n) V::store_partial(g + i, f(i, n - i), n - i);
   }
 
-  static void affine(const T* e, T* g, int64_t n, T a, T b, const T* w, bool stream) {
-    if (stream) {
-      if (w) affine_impl<true, true>(e, g, n, a, b, w); else affine_impl<false, true>(e, g, n, a, b, w);
+  template <bool HAS_W, bool HAS_P, bool CAP>
+  static void affine_s(const AffineIn<T>& in) {
+    if (in.stream) affine_impl<HAS_W, HAS_P, CAP, true>(in);
+    else affine_impl<HAS_W, HAS_P, CAP, false>(in);
+  }
+  template <bool HAS_W, bool HAS_P>
+  static void affine_c(const AffineIn<T>& in) {
+    if (in.t) affine_s<HAS_W, HAS_P, true>(in); else affine_s<HAS_W, HAS_P, false>(in);
+  }
+  static void affine(const AffineIn<T>& in) {
+    if (in.w) {
+      if (in.p) affine_c<true, true>(in); else affine_c<true, false>(in);
     } else {
-      if (w) affine_impl<true, false>(e, g, n, a, b, w); else affine_impl<false, false>(e, g, n, a, b, w);
+      if (in.p) affine_c<false, true>(in); else affine_c<false, false>(in);
     }
   }
 

@@ -15,22 +15,50 @@ namespace fastxent {
 // exp loops, and bound the float accumulation to 2048 / (2 W) additions per lane.
 constexpr int64_t kBlock = 2048;
 
-// Statistics of one block z[0, n): m = max, s = sum exp(z - m), wd = sum w (z - m).
-// A block with m = -inf (all -inf) has s = 0 (NaN if it holds a NaN) and wd = sum w z.
+// What one block pass reads and writes. z' is the transformed logit: cap * tanh(alpha z / cap)
+// with a softcap (cap > 0), alpha z without.
+template <class T>
+struct BlockIn {
+  const T* z;
+  T* e;         // e = exp(z' - m') is stored here when not null (may equal z)
+  T* t;         // softcap only: tanh(alpha z / cap) is stored here when e is stored
+  int64_t n;    // <= kBlock
+  T alpha;      // logit scale (> 0; 1 for none)
+  T cap;        // softcap (0 for none)
+  const T* w;   // class weights of the block, or null
+  const T* p;   // probability targets of the block, or null
+  T q1, q0;     // u = w (q1 p + q0): smoothing of probability targets
+  int wd_mode;  // 0: none; 1: wd = sum w (z' - m'); 2: wd = sum u (z' - m') and usum = sum u
+};
+
+// Statistics of one block: m = max z' (m'), s = sum exp(z' - m), wd and usum as asked.
+// A block with m = -inf (all -inf) has s = 0 (NaN if it holds a NaN) and wd = sum u z.
 struct BlockStat {
   double m;
   double s;
   double wd;
+  double usum;
+};
+
+// g = d * (a e - b u), u = w (or 1), or w (q1 p + q0) with probability targets;
+// d = 1 - t^2 with a softcap (t not null), else 1. g may equal e.
+template <class T>
+struct AffineIn {
+  const T* e;
+  T* g;
+  int64_t n;
+  T a, b;
+  const T* w;
+  const T* p;
+  T q1, q0;
+  const T* t;
+  bool stream;  // non-temporal stores; the caller then calls fence() before reusing g
 };
 
 template <class T>
 struct RowFns {
-  // Statistics of z[0, n), n <= kBlock; stores e = exp(z - m) when e != nullptr (e may be z).
-  // want_wd: also sum w_c (z_c - m) (w == nullptr: unit weights).
-  BlockStat (*block)(const T* z, T* e, int64_t n, const T* w, bool want_wd);
-  // g = a * e - b * w (w == nullptr: unit weights); g may equal e. stream: non-temporal
-  // stores (no read-for-ownership of g); the caller then calls fence() before reusing g.
-  void (*affine)(const T* e, T* g, int64_t n, T a, T b, const T* w, bool stream);
+  BlockStat (*block)(const BlockIn<T>& in);
+  void (*affine)(const AffineIn<T>& in);
 };
 
 struct KernelTable {

@@ -6,6 +6,7 @@ call leaves ``out=`` and the logits exactly as they were.
 
 from __future__ import annotations
 
+import math
 import operator
 from typing import Any, Optional, Tuple, Union
 
@@ -66,13 +67,25 @@ def _as_target(target: Any, shape: Tuple[int, ...], C: int, ignore_index: int) -
     if t.dtype == np.int64 and t.shape == shape and t.flags.c_contiguous:
         return t.reshape(-1)  # the common case, without a copy
     if t.dtype.kind not in "iu":
-        raise TypeError(f"target must hold integer class indices, got dtype {t.dtype} "
-                        "(probability targets are not supported in this version)")
+        raise TypeError(f"target must hold integer class indices (shape {shape}) or float "
+                        f"class probabilities (shape {shape + (C,)}), got dtype {t.dtype}")
     if t.shape != shape:
         raise ValueError(f"target has shape {t.shape}, expected {shape} (logits.shape[:-1])")
     if t.dtype == np.uint64 and t.size and int(t.max()) > np.iinfo(np.int64).max:
         _raise_bad_target(t, C, ignore_index)
     return np.ascontiguousarray(t, dtype=np.int64).reshape(-1)
+
+
+def _as_probs(target: np.ndarray, x: np.ndarray, ignore_index: int) -> np.ndarray:
+    if target.shape != x.shape:
+        raise ValueError(f"probability target has shape {target.shape}, expected the logits' "
+                         f"shape {x.shape}")
+    if ignore_index != -100:
+        raise ValueError("ignore_index applies to class-index targets only; probability "
+                         "targets weight rows with sample_weight instead")
+    # A dtype other than the logits' is converted (a copy); the logits' dtype is read in place.
+    p = target if target.dtype == x.dtype else target.astype(x.dtype)
+    return _rows_view(p)
 
 
 def _raise_bad_target(t: np.ndarray, C: int, ignore_index: int) -> None:
@@ -85,15 +98,16 @@ def _raise_bad_target(t: np.ndarray, C: int, ignore_index: int) -> None:
                      f"in [0, {C}) or equal ignore_index ({ignore_index})")
 
 
-def _as_weight(weight: Any, dtype: np.dtype, C: int) -> Optional[np.ndarray]:
-    if weight is None:
+def _as_vector(v: Any, dtype: np.dtype, shape: Tuple[int, ...], name: str,
+               what: str) -> Optional[np.ndarray]:
+    if v is None:
         return None
-    w = np.asarray(weight)
+    w = np.asarray(v)
     if w.dtype.kind not in "fiu":
-        raise TypeError(f"weight must be numeric, got dtype {w.dtype}")
-    if w.shape != (C,):
-        raise ValueError(f"weight has shape {w.shape}, expected ({C},) (one per class)")
-    return np.ascontiguousarray(w, dtype=dtype)
+        raise TypeError(f"{name} must be numeric, got dtype {w.dtype}")
+    if w.shape != shape:
+        raise ValueError(f"{name} has shape {w.shape}, expected {shape} ({what})")
+    return np.ascontiguousarray(w, dtype=dtype).reshape(-1)
 
 
 def _check_out(out: Any, x: np.ndarray) -> np.ndarray:
@@ -114,6 +128,16 @@ def _check_out(out: Any, x: np.ndarray) -> np.ndarray:
             raise ValueError("out overlaps the logits without being the same array: "
                              "pass out=logits itself for the in-place mode")
     return out
+
+
+def _real(v: Any, name: str, lo: float, lo_open: bool) -> float:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a real number, got {type(v).__name__}") from None
+    if not math.isfinite(f) or f < lo or (lo_open and f == lo):
+        raise ValueError(f"{name} must be finite and {'>' if lo_open else '>='} {lo:g}, got {v!r}")
+    return f
 
 
 def _options(reduction: Any, ignore_index: Any, label_smoothing: Any,
@@ -141,31 +165,45 @@ def _options(reduction: Any, ignore_index: Any, label_smoothing: Any,
     return _REDUCTIONS[reduction], ii, eps, nt
 
 
-def _run(logits: Any, target: Any, axis: Any, reduction: Any, weight: Any, ignore_index: Any,
-         label_smoothing: Any, num_threads: Any, want_grad: bool, out: Any):
+def _run(logits: Any, target: Any, kw: dict, want_grad: bool, out: Any):
     x = _as_logits(logits)
-    _check_axis(axis, x.ndim)
-    red, ii, eps, nt = _options(reduction, ignore_index, label_smoothing, num_threads)
+    _check_axis(kw["axis"], x.ndim)
+    red, ii, eps, nt = _options(kw["reduction"], kw["ignore_index"], kw["label_smoothing"],
+                                kw["num_threads"])
+    z_loss = _real(kw["z_loss"], "z_loss", 0.0, False)
+    softcap = 0.0 if kw["softcap"] is None else _real(kw["softcap"], "softcap", 0.0, True)
+    alpha = _real(kw["logit_scale"], "logit_scale", 0.0, True)
+    norm = kw["normalizer"]
+    norm = None if norm is None else _real(norm, "normalizer", 0.0, False)
     C = x.shape[-1]
     if C == 0:
         raise ValueError("the class axis has no classes (C = 0)")
     t_shape = x.shape[:-1]
-    t = _as_target(target, t_shape, C, ii)
-    w = _as_weight(weight, x.dtype, C)
+    tgt = target if type(target) is np.ndarray else np.asarray(target)
+    probs = None
+    if tgt.dtype.kind == "f" and tgt.ndim == x.ndim:
+        probs = _as_probs(tgt, x, ii)
+        t = None
+    else:
+        t = _as_target(tgt, t_shape, C, ii)
+    w = _as_vector(kw["weight"], x.dtype, (C,), "weight", "one per class")
+    sw = _as_vector(kw["sample_weight"], x.dtype, t_shape, "sample_weight", "one per row")
     grad = None
     if want_grad:
         if out is None:
             grad = np.empty(x.shape, x.dtype)
         else:
             grad = _check_out(out, x)
-            for name, arr in (("target", target), ("weight", weight)):
+            for name, arr in (("target", target), ("weight", kw["weight"]),
+                              ("sample_weight", kw["sample_weight"])):
                 if isinstance(arr, np.ndarray) and np.may_share_memory(grad, arr):
                     raise ValueError(f"out overlaps {name}")
     view = _rows_view(x)
     row_losses = np.empty(view.shape[0], x.dtype) if red == 0 else None
     g2 = grad.reshape(view.shape) if grad is not None else None
     try:
-        total = _core.cross_entropy(view, t, w, red, ii, eps, nt, g2, row_losses)
+        total = _core.cross_entropy(view, t, probs, w, sw, red, ii, eps, z_loss, softcap, alpha,
+                                    norm, nt, g2, row_losses)
     except IndexError:
         _raise_bad_target(np.asarray(target), C, ii)
         raise
@@ -176,87 +214,140 @@ def _run(logits: Any, target: Any, axis: Any, reduction: Any, weight: Any, ignor
     return (loss, grad) if want_grad else loss
 
 
-def cross_entropy(logits: Any, target: Any, *, axis: int = -1, reduction: str = "mean",
-                  weight: Any = None, ignore_index: int = -100, label_smoothing: float = 0.0,
-                  num_threads: Optional[int] = None):
-    """Softmax cross-entropy loss of a batch of logits (the loss alone, nothing N x C written).
+_DOC_FORMULA = """
+    With ``z'`` the transformed logits (``softcap * tanh(logit_scale * z / softcap)``, or
+    ``logit_scale * z`` without a softcap), ``lse_n = logsumexp(z'_n)``, class weights ``w``
+    (ones when ``weight`` is None), sample weights ``s`` (ones when ``sample_weight`` is None),
+    smoothing ``eps`` and ``C`` classes, a counted row (``target[n] != ignore_index``) costs::
 
-    For each counted row n (``target[n] != ignore_index``), with ``lse = logsumexp(z)``,
-    class weights ``w`` (ones when ``weight`` is None), smoothing ``eps`` and ``C`` classes::
+        row_n = s_n * [(1 - eps) * w[y_n] * (lse_n - z'[n, y_n])
+                       + (eps / C) * sum_c w_c * (lse_n - z'[n, c]) + z_loss * lse_n**2]
 
-        row_n = (1 - eps) * w[y_n] * (lse_n - z[n, y_n]) + (eps / C) * sum_c w_c * (lse_n - z[n, c])
+    and an ignored row 0. With probability targets ``p`` (a float ``target`` of the logits'
+    shape; they need not sum to 1), ``q = p * (1 - eps) + eps / C`` and::
 
-    ``"sum"`` adds the rows, ``"mean"`` divides that sum by ``sum_n w[y_n]`` over counted rows
-    (PyTorch's ``F.cross_entropy``), ``"none"`` returns ``row_n`` per row (0 for ignored rows).
+        row_n = s_n * [sum_c w_c * q[n, c] * (lse_n - z'[n, c]) + z_loss * lse_n**2]
 
+    ``"sum"`` adds the rows; ``"mean"`` divides the sum by ``D``: ``normalizer`` when given,
+    else ``sum_n s_n * w[y_n]`` over counted rows (PyTorch's denominator), or ``sum_n s_n``
+    for probability targets. ``"none"`` returns ``row_n`` per row. If ``D = 0`` the loss and
+    the gradient are 0. With no options this is PyTorch's ``F.cross_entropy``.
+"""
+
+_DOC_PARAMS = """
     Parameters
     ----------
     logits : array_like, float32 or float64, shape (..., C)
         Leading axes are rows. Strided, sliced or Fortran-ordered input is accepted and gives
         bit-identical results to its contiguous copy.
-    target : array_like of any integer dtype, shape logits.shape[:-1]
-        Class indices in [0, C), or ``ignore_index``.
+    target : array_like
+        Class indices of any integer dtype, shape ``logits.shape[:-1]``, in ``[0, C)`` or
+        equal to ``ignore_index``; or class probabilities, a float array of the logits' shape.
     axis : int
         The class axis; only the last axis (-1) in this version.
     reduction : {"mean", "sum", "none"}
     weight : array_like, shape (C,), optional
         Class weights.
     ignore_index : int
-        Rows whose target equals it count for nothing (default -100).
+        Rows whose class target equals it count for nothing (default -100; class targets only).
     label_smoothing : float in [0, 1]
+    sample_weight : array_like, shape ``logits.shape[:-1]``, optional
+        Per-row weights, combined with class weights and smoothing.
+    z_loss : float >= 0
+        Adds ``z_loss * lse**2`` per counted row (PaLM's auxiliary loss).
+    softcap : float > 0, optional
+        Logits pass through ``softcap * tanh(z / softcap)`` before the softmax (Gemma 2).
+    logit_scale : float > 0
+        Logits are multiplied by it first (inverse temperature).
+    normalizer : float >= 0, optional
+        The denominator of "mean" (e.g. the global token count across accumulation steps).
     num_threads : int, optional
         Caps the OpenMP threads of this call (default: OpenMP's, i.e. OMP_NUM_THREADS or a
         threadpoolctl limit). Results are bitwise identical for every thread count.
+"""
 
-    Returns
-    -------
-    A NumPy scalar of the logits' dtype for "mean"/"sum" (rows accumulated in float64), or
-    an array of shape logits.shape[:-1] for "none".
+_DOC_DIFF = """
+    Differences from PyTorch (deliberate): when no row counts (all ignored, zero rows, or
+    ``D = 0``) "mean" is 0.0 instead of NaN; an ignored row's loss and gradient are 0 whatever
+    its logits hold (NaN and inf included); a row of all ``-inf`` logits has loss ``+inf``
+    and the gradient of equal logits, not NaN.
+"""
 
-    Differences from PyTorch (deliberate): when no row counts (all ignored, zero rows, or a
-    zero weight sum) "mean" is 0.0 instead of NaN; an ignored row's loss and gradient are 0
-    whatever its logits hold (NaN and inf included).
-
+_DOC_RAISES = """
     Raises
     ------
     TypeError
-        non-float logits, non-integer target.
+        non-float logits; a target that is neither integer nor float.
     ValueError
-        shape mismatch, unknown reduction, C = 0, label_smoothing outside [0, 1], bad
-        num_threads.
+        shape mismatch (target, weight, sample_weight), unknown reduction, C = 0,
+        label_smoothing outside [0, 1], negative z_loss or normalizer, softcap or logit_scale
+        not > 0, bad num_threads, ignore_index with probability targets.
     IndexError
-        a target outside [0, C) that is not ignore_index (the message names row and value).
+        a class target outside [0, C) that is not ignore_index (the message names row and
+        value).
     NotImplementedError
         a class axis other than the last.
+"""
 
+
+def cross_entropy(logits: Any, target: Any, *, axis: int = -1, reduction: str = "mean",
+                  weight: Any = None, ignore_index: int = -100, label_smoothing: float = 0.0,
+                  sample_weight: Any = None, z_loss: float = 0.0, softcap: Optional[float] = None,
+                  logit_scale: float = 1.0, normalizer: Optional[float] = None,
+                  num_threads: Optional[int] = None):
+    return _run(logits, target, dict(
+        axis=axis, reduction=reduction, weight=weight, ignore_index=ignore_index,
+        label_smoothing=label_smoothing, sample_weight=sample_weight, z_loss=z_loss,
+        softcap=softcap, logit_scale=logit_scale, normalizer=normalizer,
+        num_threads=num_threads), False, None)
+
+
+cross_entropy.__doc__ = (
+    """Softmax cross-entropy loss of a batch of logits (the loss alone: nothing N x C is
+    written, the logits are read once).
+""" + _DOC_FORMULA + _DOC_PARAMS + """
+    Returns
+    -------
+    A NumPy scalar of the logits' dtype for "mean"/"sum" (rows accumulated in float64), or an
+    array of shape ``logits.shape[:-1]`` for "none".
+""" + _DOC_DIFF + _DOC_RAISES + """
     Example
     -------
     >>> import numpy as np, fastxent as fx
     >>> z = np.array([[2.0, 1.0, 0.1], [0.5, 2.5, 0.3]], dtype=np.float32)
     >>> float(fx.cross_entropy(z, np.array([0, 1])))  # doctest: +ELLIPSIS
-    0.3133...
-    """
-    return _run(logits, target, axis, reduction, weight, ignore_index, label_smoothing,
-                num_threads, False, None)
+    0.3185...
+""")
 
 
 def cross_entropy_with_grad(logits: Any, target: Any, *, axis: int = -1,
                             reduction: str = "mean", weight: Any = None,
                             ignore_index: int = -100, label_smoothing: float = 0.0,
+                            sample_weight: Any = None, z_loss: float = 0.0,
+                            softcap: Optional[float] = None, logit_scale: float = 1.0,
+                            normalizer: Optional[float] = None,
                             num_threads: Optional[int] = None, out: Optional[np.ndarray] = None):
+    return _run(logits, target, dict(
+        axis=axis, reduction=reduction, weight=weight, ignore_index=ignore_index,
+        label_smoothing=label_smoothing, sample_weight=sample_weight, z_loss=z_loss,
+        softcap=softcap, logit_scale=logit_scale, normalizer=normalizer,
+        num_threads=num_threads), True, out)
+
+
+cross_entropy_with_grad.__doc__ = (
     """Loss and its gradient d(loss)/d(logits) in one fused pass over memory.
 
-    Same loss and keywords as :func:`cross_entropy`. The gradient of row n is::
+    The loss is that of :func:`cross_entropy`.""" + _DOC_FORMULA + """
+    The gradient of row n (before the chain rule through the softcap and scale) is::
 
-        grad[n, c] = s * (Q_n * softmax(z_n)_c - q_nc)
-        q_nc = (1 - eps) * w[y_n] * [c == y_n] + (eps / C) * w_c,   Q_n = sum_c q_nc
+        grad[n, c] = (s_n / D) * ((Q_n + 2 * z_loss * lse_n) * softmax(z'_n)_c - u[n, c])
 
-    with ``s = 1 / sum_n w[y_n]`` for "mean" and 1 for "sum" and "none" ("none" gives the
-    gradient of the sum of the row losses). Ignored rows get a gradient of exactly 0.
-
-    Parameters
-    ----------
-    out : ndarray, optional
+    with ``u[n, c] = (1 - eps) * w[y_n] * [c == y_n] + (eps / C) * w_c`` (class targets) or
+    ``w_c * q[n, c]`` (probability targets), ``Q_n = sum_c u[n, c]``, and ``D = 1`` for "sum"
+    and "none" ("none" gives the gradient of the sum of the row losses). The softcap
+    multiplies it by ``logit_scale * (1 - (z'/softcap)**2)``, the scale alone by
+    ``logit_scale``. Ignored rows get a gradient of exactly 0.
+""" + _DOC_PARAMS + """    out : ndarray, optional
         Where to write the gradient: the logits' shape and dtype, C-contiguous and writable.
         ``out=logits`` is the in-place mode: the logits are overwritten by the gradient and no
         second N x C buffer is needed.
@@ -265,12 +356,10 @@ def cross_entropy_with_grad(logits: Any, target: Any, *, axis: int = -1,
     -------
     (loss, grad): the loss as in :func:`cross_entropy`; grad has the logits' shape and dtype
     and is C-contiguous (it is ``out`` when given).
-
-    Raises
-    ------
-    The errors of :func:`cross_entropy`, plus ValueError for an ``out`` of the wrong shape,
-    dtype or layout, read-only, or partly overlapping the logits. On any error nothing is
-    written: an in-place call with one bad label leaves the logits intact.
+""" + _DOC_DIFF + _DOC_RAISES + """    ValueError
+        also for an ``out`` of the wrong shape, dtype or layout, read-only, or partly
+        overlapping the logits. On any error nothing is written: an in-place call with one
+        bad label leaves the logits intact.
 
     Example
     -------
@@ -278,7 +367,5 @@ def cross_entropy_with_grad(logits: Any, target: Any, *, axis: int = -1,
     >>> z = np.array([[2.0, 1.0, 0.1]], dtype=np.float32)
     >>> loss, g = fx.cross_entropy_with_grad(z, np.array([0]))
     >>> np.round(g, 4)
-    array([[-0.3410,  0.2424,  0.0986]], dtype=float32)
-    """
-    return _run(logits, target, axis, reduction, weight, ignore_index, label_smoothing,
-                num_threads, True, out)
+    array([[-0.341 ,  0.2424,  0.0986]], dtype=float32)
+""")

@@ -25,32 +25,65 @@ enum class Reduction : int { None = 0, Sum = 1, Mean = 2 };
 
 struct Options {
   Reduction reduction = Reduction::Mean;
-  int64_t ignore_index = -100;
-  double label_smoothing = 0.0;  // in [0, 1]
-  int num_threads = 0;           // 0: the OpenMP default (omp_get_max_threads); > 0 caps this call
+  int64_t ignore_index = -100;    // class targets only
+  double label_smoothing = 0.0;   // eps in [0, 1]
+  double z_loss = 0.0;            // lambda >= 0: adds lambda * lse^2 per counted row
+  double softcap = 0.0;           // s > 0: z' = s * tanh(alpha * z / s); 0: off
+  double logit_scale = 1.0;       // alpha > 0: z' = alpha * z (inside the softcap)
+  bool has_normalizer = false;    // "mean" divides by `normalizer` instead of D
+  double normalizer = 0.0;        // >= 0
+  int num_threads = 0;            // 0: the OpenMP default (omp_get_max_threads); > 0 caps
 };
 
-// Computes the loss of `rows` rows of `classes` logits each. Row n starts at
-// logits + n * row_stride (row_stride >= classes, in elements; the class axis is contiguous).
-//   target:      rows class indices (ignore_index marks a row that does not count)
-//   weight:      classes class weights, or nullptr
-//   grad:        nullptr for the loss alone (nothing N x C is written), or a C-contiguous
-//                rows x classes output; grad == logits (with row_stride == classes) is the
-//                in-place mode
-//   row_losses:  for Reduction::None, rows outputs (required); ignored otherwise
-// Returns the reduced loss for "sum" and "mean" (accumulated in double, rows summed in
-// order, so the result is bitwise identical for any thread count), and 0 for "none".
+// The arrays of one call. Row n of the logits starts at logits + n * row_stride (in elements,
+// >= classes; the class axis is contiguous). Exactly one of `target` (class indices) and
+// `probs` (probability targets, rows x classes with its own row stride) is given.
+template <class T>
+struct Inputs {
+  const T* logits = nullptr;
+  int64_t rows = 0;
+  int64_t classes = 0;
+  int64_t row_stride = 0;
+  const int64_t* target = nullptr;
+  const T* probs = nullptr;
+  int64_t probs_row_stride = 0;
+  const T* weight = nullptr;         // classes class weights, or null
+  const T* sample_weight = nullptr;  // rows per-row weights, or null
+};
+
+// Computes the loss and, when grad is not null, its gradient. With z' the transformed logits
+// (softcap * tanh(alpha z / softcap), or alpha z) and lse = logsumexp(z'), for class targets
+//   row_n = s_n [(1 - eps) w[y_n] (lse - z'[y_n]) + (eps / C) sum_c w_c (lse - z'_c) + lambda lse^2]
+// for counted rows (target != ignore_index), 0 for the others, and for probability targets
+//   row_n = s_n [sum_c w_c q_nc (lse - z'_c) + lambda lse^2],  q = p (1 - eps) + eps / C.
+// "sum" adds the rows; "mean" divides by D = normalizer if given, else sum over counted rows of
+// s_n w[y_n] (class targets) or sum_n s_n (probability targets). D == 0 gives a 0 loss and
+// gradient. grad (C-contiguous rows x classes; grad == logits is the in-place mode) receives
+// d(loss)/d(logits); for "none", the gradient of the sum of the rows. row_losses (rows values)
+// is required for "none". Returns the reduced loss (double, rows summed in order), 0 for
+// "none". Every check happens before anything is written.
+template <class T>
+double cross_entropy(const Inputs<T>& in, const Options& options, T* grad, T* row_losses);
+
+// Shorthand for class targets.
 template <class T>
 double cross_entropy(const T* logits, int64_t rows, int64_t classes, int64_t row_stride,
                      const int64_t* target, const T* weight, const Options& options, T* grad,
-                     T* row_losses);
+                     T* row_losses) {
+  Inputs<T> in;
+  in.logits = logits;
+  in.rows = rows;
+  in.classes = classes;
+  in.row_stride = row_stride;
+  in.target = target;
+  in.weight = weight;
+  return cross_entropy<T>(in, options, grad, row_losses);
+}
 
-extern template double cross_entropy<float>(const float*, int64_t, int64_t, int64_t,
-                                            const int64_t*, const float*, const Options&,
-                                            float*, float*);
-extern template double cross_entropy<double>(const double*, int64_t, int64_t, int64_t,
-                                             const int64_t*, const double*, const Options&,
-                                             double*, double*);
+extern template double cross_entropy<float>(const Inputs<float>&, const Options&, float*,
+                                            float*);
+extern template double cross_entropy<double>(const Inputs<double>&, const Options&, double*,
+                                             double*);
 
 // Instruction sets. The kernel is compiled once per ISA and picked at run time.
 std::vector<std::string> available_isas();  // what this CPU and OS can run, e.g. scalar, avx2

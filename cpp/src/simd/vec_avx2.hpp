@@ -48,6 +48,12 @@ struct VF {
   static R mul(R a, R b) { return _mm256_mul_ps(a, b); }
   static R fmadd(R a, R b, R c) { return _mm256_fmadd_ps(a, b, c); }
   static R max(R a, R b) { return _mm256_max_ps(a, b); }
+  static R abs(R a) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), a); }
+  static R div(R a, R b) { return _mm256_div_ps(a, b); }
+  static R copysign(R mag, R sgn) {
+    const R sign = _mm256_set1_ps(-0.0f);
+    return _mm256_or_ps(_mm256_andnot_ps(sign, mag), _mm256_and_ps(sign, sgn));
+  }
   static R min(R a, R b) { return _mm256_min_ps(a, b); }
   static R zero_if_less(R x, R lo, R v) {
     return _mm256_andnot_ps(_mm256_cmp_ps(x, lo, _CMP_LT_OQ), v);
@@ -91,6 +97,12 @@ struct VD {
   static R mul(R a, R b) { return _mm256_mul_pd(a, b); }
   static R fmadd(R a, R b, R c) { return _mm256_fmadd_pd(a, b, c); }
   static R max(R a, R b) { return _mm256_max_pd(a, b); }
+  static R abs(R a) { return _mm256_andnot_pd(_mm256_set1_pd(-0.0), a); }
+  static R div(R a, R b) { return _mm256_div_pd(a, b); }
+  static R copysign(R mag, R sgn) {
+    const R sign = _mm256_set1_pd(-0.0);
+    return _mm256_or_pd(_mm256_andnot_pd(sign, mag), _mm256_and_pd(sign, sgn));
+  }
   static R min(R a, R b) { return _mm256_min_pd(a, b); }
   static R zero_if_less(R x, R lo, R v) {
     return _mm256_andnot_pd(_mm256_cmp_pd(x, lo, _CMP_LT_OQ), v);

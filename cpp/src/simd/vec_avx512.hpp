@@ -34,6 +34,12 @@ struct VD {
   static R mul(R a, R b) { return _mm512_mul_pd(a, b); }
   static R fmadd(R a, R b, R c) { return _mm512_fmadd_pd(a, b, c); }
   static R max(R a, R b) { return _mm512_max_pd(a, b); }
+  static R abs(R a) { return _mm512_andnot_pd(_mm512_set1_pd(-0.0), a); }
+  static R div(R a, R b) { return _mm512_div_pd(a, b); }
+  static R copysign(R mag, R sgn) {
+    const R sign = _mm512_set1_pd(-0.0);
+    return _mm512_or_pd(_mm512_andnot_pd(sign, mag), _mm512_and_pd(sign, sgn));
+  }
   static R min(R a, R b) { return _mm512_min_pd(a, b); }
   static R zero_if_less(R x, R lo, R v) {
     return _mm512_mask_mov_pd(v, _mm512_cmp_pd_mask(x, lo, _CMP_LT_OQ), _mm512_setzero_pd());
@@ -73,6 +79,12 @@ struct VF {
   static R mul(R a, R b) { return _mm512_mul_ps(a, b); }
   static R fmadd(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
   static R max(R a, R b) { return _mm512_max_ps(a, b); }
+  static R abs(R a) { return _mm512_andnot_ps(_mm512_set1_ps(-0.0f), a); }
+  static R div(R a, R b) { return _mm512_div_ps(a, b); }
+  static R copysign(R mag, R sgn) {
+    const R sign = _mm512_set1_ps(-0.0f);
+    return _mm512_or_ps(_mm512_andnot_ps(sign, mag), _mm512_and_ps(sign, sgn));
+  }
   static R min(R a, R b) { return _mm512_min_ps(a, b); }
   static R zero_if_less(R x, R lo, R v) {
     return _mm512_mask_mov_ps(v, _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ), _mm512_setzero_ps());

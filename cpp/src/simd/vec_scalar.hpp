@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cmath>
 #include <cstring>
 
 #ifndef FASTXENT_ISA_NS
@@ -36,6 +37,9 @@ struct VecScalar {
   static R fmadd(R a, R b, R c) { return a * b + c; }
   // x86 semantics: the second operand is returned when either is NaN.
   static R max(R a, R b) { return a > b ? a : b; }
+  static R abs(R a) { return std::fabs(a); }
+  static R div(R a, R b) { return a / b; }
+  static R copysign(R mag, R sgn) { return std::copysign(mag, sgn); }
   static R min(R a, R b) { return a < b ? a : b; }
   // 0 where x < lo (ordered), else v.
   static R zero_if_less(R x, R lo, R v) { return x < lo ? T(0) : v; }
