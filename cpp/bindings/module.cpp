@@ -10,6 +10,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "bindings.hpp"
 #include "fastxent/fastxent.hpp"
 
 namespace py = pybind11;
@@ -127,6 +128,8 @@ PYBIND11_MODULE(_core, m) {
       "Low-level kernel call on a 2-D logits view (rows, C) with a contiguous class axis: "
       "int64 class targets or a (rows, C) probability target, reduction 0=none 1=sum 2=mean, "
       "softcap 0 = off. Returns the reduced loss (0 for none).");
+
+  fastxent_py::bind_sigmoid(m);
 
   m.def("available_isas", &fastxent::available_isas,
         "Instruction sets this CPU and OS can run, best last.");

@@ -19,6 +19,8 @@
 //
 // Expects the traits VF, VD of the same namespace to be declared first.
 
+#pragma once
+
 #include <cstdint>
 #include <limits>
 
@@ -314,10 +316,6 @@ struct Row {
 
   static RowFns<T> fns() { return {&Row::block, &Row::affine}; }
 };
-
-inline KernelTable make_table(const char* name) {
-  return {name, Row<VF>::fns(), Row<VD>::fns(), &V_fence};
-}
 
 }  // namespace FASTXENT_ISA_NS
 }  // namespace fastxent

@@ -6,6 +6,8 @@
 
 #include <cstdint>
 
+#include "sigmoid_table.hpp"
+
 namespace fastxent {
 
 // Rows are processed in blocks of kBlock classes at fixed positions (0, kBlock, 2 kBlock, ...).
@@ -66,7 +68,16 @@ struct KernelTable {
   RowFns<float> f32;
   RowFns<double> f64;
   void (*fence)();  // orders non-temporal stores before later stores
+  SigmoidFns<float> sig_f32;
+  SigmoidFns<double> sig_f64;
 };
+
+template <class T>
+inline const SigmoidFns<T>& sigmoid_fns(const KernelTable& t);
+template <>
+inline const SigmoidFns<float>& sigmoid_fns<float>(const KernelTable& t) { return t.sig_f32; }
+template <>
+inline const SigmoidFns<double>& sigmoid_fns<double>(const KernelTable& t) { return t.sig_f64; }
 
 template <class T>
 inline const RowFns<T>& row_fns(const KernelTable& t);
