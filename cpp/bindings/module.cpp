@@ -63,16 +63,44 @@ const T* rows_view(const py::array& a, py::ssize_t N, py::ssize_t C, int64_t* ld
   return static_cast<const T*>(a.data());
 }
 
+// The column layout (class axis not last): a C-contiguous (outer, C, inner) array.
+template <class T>
+const T* cols_view(const py::array& a, py::ssize_t outer, py::ssize_t C, py::ssize_t inner,
+                   const char* what) {
+  if (!is_dtype<T>(a) || a.ndim() != 3 || a.shape(0) != outer || a.shape(1) != C ||
+      a.shape(2) != inner || !c_contiguous(a))
+    throw std::invalid_argument(std::string(what) +
+                                ": expected a C-contiguous (outer, C, inner) array of the logits' dtype");
+  return static_cast<const T*>(a.data());
+}
+
 template <class T>
 double run(const py::array& logits, const py::object& target, const py::object& probs,
            const py::object& weight, const py::object& sample_weight,
            fastxent::Options opt, const py::object& grad, const py::object& row_losses) {
-  if (logits.ndim() != 2) throw std::invalid_argument("logits: expected a 2-D array");
-  const py::ssize_t N = logits.shape(0), C = logits.shape(1);
   fastxent::Inputs<T> in;
+  py::ssize_t N, C;
+  if (logits.ndim() == 3) {
+    const py::ssize_t outer = logits.shape(0), inner = logits.shape(2);
+    C = logits.shape(1);
+    N = outer * inner;
+    in.inner = inner;
+    in.logits = cols_view<T>(logits, outer, C, inner, "logits");
+    if (!probs.is_none())
+      in.probs = cols_view<T>(py::reinterpret_borrow<py::array>(probs), outer, C, inner,
+                              "probability target");
+  } else if (logits.ndim() == 2) {
+    N = logits.shape(0);
+    C = logits.shape(1);
+    in.logits = rows_view<T>(logits, N, C, &in.row_stride, "logits");
+    if (!probs.is_none())
+      in.probs = rows_view<T>(py::reinterpret_borrow<py::array>(probs), N, C,
+                              &in.probs_row_stride, "probability target");
+  } else {
+    throw std::invalid_argument("logits: expected a 2-D (rows, C) or 3-D (outer, C, inner) array");
+  }
   in.rows = N;
   in.classes = C;
-  in.logits = rows_view<T>(logits, N, C, &in.row_stride, "logits");
   if (!target.is_none()) {
     py::array t = py::reinterpret_borrow<py::array>(target);
     if (!t.dtype().is(py::dtype::of<int64_t>()) || t.ndim() != 1 || t.shape(0) != N ||
@@ -80,12 +108,18 @@ double run(const py::array& logits, const py::object& target, const py::object& 
       throw std::invalid_argument("target: expected a C-contiguous int64 array of N elements");
     in.target = static_cast<const int64_t*>(t.data());
   }
-  if (!probs.is_none())
-    in.probs = rows_view<T>(py::reinterpret_borrow<py::array>(probs), N, C,
-                            &in.probs_row_stride, "probability target");
   in.weight = checked_vector<T>(weight, C, "weight");
   in.sample_weight = checked_vector<T>(sample_weight, N, "sample_weight");
-  T* g = checked_output<T>(grad, N, C, 2, "out");
+  T* g = nullptr;
+  if (!grad.is_none()) {
+    py::array ga = py::reinterpret_borrow<py::array>(grad);
+    if (!is_dtype<T>(ga) || ga.ndim() != logits.ndim() || !c_contiguous(ga))
+      throw std::invalid_argument("out: wrong dtype, shape or layout");
+    for (py::ssize_t d = 0; d < ga.ndim(); ++d)
+      if (ga.shape(d) != logits.shape(d)) throw std::invalid_argument("out: wrong shape");
+    if (!ga.writeable()) throw std::invalid_argument("out: array is read-only");
+    g = static_cast<T*>(ga.mutable_data());
+  }
   T* rl = checked_output<T>(row_losses, N, 1, 1, "row_losses");
   // Safe without the GIL: the arrays are kept alive by the caller's references for the whole
   // call, and the kernel touches no Python object.
@@ -125,7 +159,8 @@ PYBIND11_MODULE(_core, m) {
       py::arg("sample_weight"), py::arg("reduction"), py::arg("ignore_index"),
       py::arg("label_smoothing"), py::arg("z_loss"), py::arg("softcap"), py::arg("logit_scale"),
       py::arg("normalizer"), py::arg("num_threads"), py::arg("grad"), py::arg("row_losses"),
-      "Low-level kernel call on a 2-D logits view (rows, C) with a contiguous class axis: "
+      "Low-level kernel call on a 2-D logits view (rows, C) with a contiguous class axis, or a "
+      "C-contiguous (outer, C, inner) array (class axis not last): "
       "int64 class targets or a (rows, C) probability target, reduction 0=none 1=sum 2=mean, "
       "softcap 0 = off. Returns the reduced loss (0 for none).");
 

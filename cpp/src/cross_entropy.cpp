@@ -21,196 +21,17 @@
 #include <omp.h>
 #endif
 
-#include "fastxent/fastxent.hpp"
-#include "kernel_table.hpp"
+#include "ce_detail.hpp"
 
 namespace fastxent {
 
 namespace {
 
-constexpr double kInf = std::numeric_limits<double>::infinity();
-constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
+using namespace detail;
 
 // Below this many logits a call runs on the calling thread: a parallel region costs a few
 // microseconds, more than such a call's whole compute.
 constexpr int64_t kSerialGrain = 1 << 15;
-// Gradients larger than this (bytes) are written with non-temporal stores from a per-thread
-// scratch row: no read-for-ownership of the output, 8 bytes of traffic per float logit.
-// Smaller ones stay in cache for whoever reads them next.
-constexpr int64_t kStreamBytes = int64_t(8) << 20;
-
-template <class T>
-struct Problem {
-  Inputs<T> in;
-  int64_t ignore_index;
-  int64_t C, nb;
-  T* grad;
-  double eps, lambda, alpha, cap;
-  double W;                 // sum of class weights (C without weights)
-  const double* block_w;    // class weights per block (class targets with smoothing)
-  double s;                 // 1/D for "mean", 1 otherwise
-  bool zero_all;            // D == 0 for "mean": loss and gradient are 0
-  bool stream;              // non-temporal gradient stores through a scratch row
-  bool probs;               // probability targets
-  const RowFns<T>* fns;
-  void (*fence)();
-
-  int64_t block_len(int64_t k) const { return k + 1 < nb ? kBlock : C - k * kBlock; }
-  bool counted(int64_t n) const {
-    return !zero_all && (probs || in.target[n] != ignore_index);
-  }
-};
-
-// z' of one logit in double (the target's, for the loss and the target gradient entry).
-template <class T>
-double transform(const Problem<T>& p, double z, double* dz) {
-  if (p.cap > 0.0) {
-    const double t = std::tanh(p.alpha * z / p.cap);
-    *dz = p.alpha * (1.0 - t * t);
-    return p.cap * t;
-  }
-  *dz = p.alpha;
-  return p.alpha * z;
-}
-
-template <class T>
-BlockIn<T> block_in(const Problem<T>& p, int64_t n, int64_t k, T* e, T* t) {
-  BlockIn<T> b;
-  const int64_t off = k * kBlock;
-  b.z = p.in.logits + n * p.in.row_stride + off;
-  b.e = e ? e + off : nullptr;
-  b.t = (e && t) ? t + off : nullptr;
-  b.n = p.block_len(k);
-  b.alpha = T(p.alpha);
-  b.cap = T(p.cap);
-  b.w = p.in.weight ? p.in.weight + off : nullptr;
-  b.p = p.probs ? p.in.probs + n * p.in.probs_row_stride + off : nullptr;
-  b.q1 = T(1.0 - p.eps);
-  b.q0 = T(p.eps / double(p.C));
-  b.wd_mode = p.probs ? 2 : (p.eps > 0.0 ? 1 : 0);
-  return b;
-}
-
-// What a counted row needs after its block statistics are merged.
-struct RowResult {
-  double loss;
-  double M;   // row max of z' (-inf: degenerate row)
-  double a;   // gradient factor of exp(z' - M), chain factor alpha included
-  double b;   // gradient offset per unit of u, alpha included
-  double s;   // this row's scale (1/D times its sample weight)
-};
-
-// Merges a row's block statistics in block order (independent of who computed them).
-template <class T>
-RowResult finish_row(const Problem<T>& p, const BlockStat* st, int64_t n, double zy_t) {
-  const double sn = p.in.sample_weight ? double(p.in.sample_weight[n]) : 1.0;
-  RowResult r{0.0, -kInf, 0.0, 0.0, p.s * sn};
-  double wy = 1.0;
-  if (!p.probs) wy = p.in.weight ? double(p.in.weight[p.in.target[n]]) : 1.0;
-  bool nan = false;
-  double U = 0.0;  // sum of u (probability targets)
-  for (int64_t k = 0; k < p.nb; ++k) {
-    if (st[k].m > r.M) r.M = st[k].m;
-    nan |= std::isnan(st[k].m) || std::isnan(st[k].s);
-    U += st[k].usum;
-  }
-  const double C = double(p.C);
-  const double Q = p.probs ? U : (1.0 - p.eps) * wy + p.eps / C * p.W;  // sum of the soft target
-  r.b = r.s * (p.probs ? 1.0 : p.eps / C) * p.alpha;
-  if (nan) {
-    r.loss = r.a = kNaN;
-    return r;
-  }
-  if (r.M == -kInf) {
-    // Every class is -inf: the loss is +inf and the gradient is the limit of equal logits,
-    // uniform softmax minus q (write_grad_block knows this case by M = -inf).
-    r.loss = kInf;
-    r.a = r.s * Q / C * p.alpha;
-    return r;
-  }
-  double S = 0.0, WD = 0.0;
-  const bool want_wd = p.probs || p.eps > 0.0;
-  for (int64_t k = 0; k < p.nb; ++k) {
-    const double bw = p.probs ? st[k].usum : (p.block_w ? p.block_w[k] : double(p.block_len(k)));
-    if (st[k].m == -kInf) {
-      if (want_wd) WD += st[k].wd - r.M * bw;
-      continue;
-    }
-    S += st[k].s * std::exp(st[k].m - r.M);
-    if (want_wd) WD += st[k].wd + (st[k].m - r.M) * bw;
-  }
-  const double log_sum = std::log(S);
-  double loss = 0.0;
-  if (p.probs) {
-    loss = U * log_sum - WD;
-  } else {
-    // Terms with a zero factor are skipped, not multiplied: 0 * inf would be NaN.
-    if (p.eps < 1.0) loss += (1.0 - p.eps) * wy * (log_sum + (r.M - zy_t));
-    if (p.eps > 0.0) loss += p.eps / C * (p.W * log_sum - WD);
-  }
-  double za = 0.0;  // z-loss: lambda lse^2, gradient 2 lambda lse softmax
-  if (p.lambda > 0.0) {
-    const double lse = r.M + log_sum;
-    loss += p.lambda * lse * lse;
-    za = 2.0 * p.lambda * lse;
-  }
-  r.loss = sn * loss;
-  r.a = r.s * (Q + za) / S * p.alpha;
-  return r;
-}
-
-// Writes block k of a counted row's gradient from its stored exponentials e.
-template <class T>
-void write_grad_block(const Problem<T>& p, const BlockStat& st, const RowResult& r, int64_t n,
-                      const T* e, const T* t, T* g, int64_t k, bool stream) {
-  const int64_t off = k * kBlock, len = p.block_len(k);
-  AffineIn<T> a;
-  a.e = e + off;
-  a.g = g + off;
-  a.n = len;
-  a.b = T(r.b);
-  a.w = p.in.weight ? p.in.weight + off : nullptr;
-  a.p = p.probs ? p.in.probs + n * p.in.probs_row_stride + off : nullptr;
-  a.q1 = T(1.0 - p.eps);
-  a.q0 = T(p.eps / double(p.C));
-  a.t = t ? t + off : nullptr;
-  a.stream = stream;
-  if (std::isnan(r.a)) {
-    a.a = T(r.a);  // a NaN row stays NaN everywhere
-  } else if (r.M == -kInf) {
-    // Degenerate row: e holds zeros but the uniform limit needs e = 1: g = a - b u.
-    for (int64_t c = 0; c < len; ++c) {
-      double u = p.in.weight ? double(p.in.weight[off + c]) : 1.0;
-      if (p.probs) u *= (1.0 - p.eps) * double(a.p[c]) + p.eps / double(p.C);
-      g[off + c] = T(r.a - r.b * u);
-    }
-    return;
-  } else {
-    a.a = T(st.m == -kInf ? 0.0 : r.a * std::exp(st.m - r.M));
-  }
-  p.fns->affine(a);
-}
-
-// The target entry a e_y - q_y cancels when softmax_y is near 1: redo it in double from the
-// saved logit, rounding once (class targets only).
-template <class T>
-void fix_target(const Problem<T>& p, const RowResult& r, double zy_t, double dzy, T* g,
-                int64_t y) {
-  if (std::isnan(r.a)) return;
-  const double wy = p.in.weight ? double(p.in.weight[y]) : 1.0;
-  const double ey = r.M == -kInf ? 1.0 : std::exp(zy_t - r.M);
-  // r.a and r.b carry alpha; the softcap's chain factor at y replaces it.
-  const double scale = dzy / p.alpha;
-  g[y] = T(scale * (r.a * ey - r.b * wy - r.s * (1.0 - p.eps) * wy * p.alpha));
-}
-
-// The target logit through the transform (class targets; 0 for probability targets).
-template <class T>
-double target_logit(const Problem<T>& p, int64_t n, double* dz) {
-  *dz = p.alpha;
-  if (p.probs) return 0.0;
-  return transform(p, double(p.in.logits[n * p.in.row_stride + p.in.target[n]]), dz);
-}
 
 // One row, start to finish, on the calling thread. st: nb entries; scratch: C entries when
 // streaming; tbuf: C entries with a softcap and a gradient.
@@ -323,7 +144,10 @@ double cross_entropy(const Inputs<T>& in, const Options& opt, T* grad, T* row_lo
   // ---- checks: everything is validated before anything is written ----
   if (classes <= 0) throw std::invalid_argument("the class axis has no classes (C = 0)");
   if (rows < 0) throw std::invalid_argument("negative number of rows");
-  if (in.row_stride < classes)
+  if (in.inner < 1) throw std::invalid_argument("inner must be at least 1");
+  if (in.inner > 1 && rows % in.inner != 0)
+    throw std::invalid_argument("rows must be a multiple of inner");
+  if (in.inner == 1 && in.row_stride < classes)
     throw std::invalid_argument("row_stride must be at least the number of classes");
   if (opt.reduction != Reduction::None && opt.reduction != Reduction::Sum &&
       opt.reduction != Reduction::Mean)
@@ -339,11 +163,11 @@ double cross_entropy(const Inputs<T>& in, const Options& opt, T* grad, T* row_lo
   if (rows > 0 && in.logits == nullptr) throw std::invalid_argument("logits must not be null");
   if (rows > 0 && (in.target == nullptr) == (in.probs == nullptr))
     throw std::invalid_argument("give exactly one of class targets and probability targets");
-  if (in.probs && in.probs_row_stride < classes)
+  if (in.probs && in.inner == 1 && in.probs_row_stride < classes)
     throw std::invalid_argument("probs_row_stride must be at least the number of classes");
   if (rows > 0 && opt.reduction == Reduction::None && row_losses == nullptr)
     throw std::invalid_argument("reduction 'none' needs a row_losses output");
-  if (grad != nullptr && grad == in.logits && in.row_stride != classes)
+  if (grad != nullptr && grad == in.logits && in.inner == 1 && in.row_stride != classes)
     throw std::invalid_argument("in-place gradient needs contiguous rows (row_stride == C)");
 
   // ---- target pre-pass: range check and the "mean" denominator ----
@@ -372,7 +196,8 @@ double cross_entropy(const Inputs<T>& in, const Options& opt, T* grad, T* row_lo
   p.in = in;
   p.ignore_index = opt.ignore_index;
   p.C = classes;
-  p.nb = (classes + kBlock - 1) / kBlock;
+  p.inner = in.inner;
+  p.nb = in.inner > 1 ? 1 : (classes + kBlock - 1) / kBlock;
   p.grad = grad;
   p.eps = opt.label_smoothing;
   p.lambda = opt.z_loss;
@@ -386,15 +211,17 @@ double cross_entropy(const Inputs<T>& in, const Options& opt, T* grad, T* row_lo
   }
   p.zero_all = mean && D == 0.0;
   p.s = mean ? (p.zero_all ? 0.0 : 1.0 / D) : 1.0;
-  p.stream = grad != nullptr && grad != in.logits &&
+  p.stream = grad != nullptr && grad != in.logits && in.inner == 1 &&
              rows * classes * int64_t(sizeof(T)) >= kStreamBytes;
   const KernelTable& table = active_table();
   p.fns = &row_fns<T>(table);
   p.fence = table.fence;
   std::vector<double> block_w;
   if (in.weight && p.eps > 0.0 && !probs) {
+    // Class-weight sums per block; in the column layout the single "block" is the whole axis.
     block_w.assign(size_t(p.nb), 0.0);
-    for (int64_t c = 0; c < classes; ++c) block_w[size_t(c / kBlock)] += double(in.weight[c]);
+    for (int64_t c = 0; c < classes; ++c)
+      block_w[p.nb == 1 ? 0 : size_t(c / kBlock)] += double(in.weight[c]);
     p.block_w = block_w.data();
   } else {
     p.block_w = nullptr;
@@ -405,7 +232,9 @@ double cross_entropy(const Inputs<T>& in, const Options& opt, T* grad, T* row_lo
   int nt = opt.num_threads > 0 ? opt.num_threads : default_num_threads();
   if (rows * classes < kSerialGrain || nt < 1) nt = 1;
 
-  if (nt > 1 && rows < nt && p.nb > 1) {
+  if (p.inner > 1) {
+    cross_entropy_cols(p, nt, losses.data());
+  } else if (nt > 1 && rows < nt && p.nb > 1) {
     split_classes(p, rows, nt, losses.data());
   } else {
     const int team = int(std::min<int64_t>(nt, rows > 0 ? rows : 1));

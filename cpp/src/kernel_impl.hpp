@@ -314,8 +314,137 @@ struct Row {
     }
   }
 
-  static RowFns<T> fns() { return {&Row::block, &Row::affine}; }
+  static RowFns<T> fns();
 };
+
+// The column kernel: W rows at a time, one per lane, walking down the class axis.
+template <class V>
+struct Col {
+  using T = typename V::T;
+  using R = typename V::R;
+  static constexpr int64_t W = V::W;
+  using Rw = Row<V>;
+
+  // Float partial sums move into the per-lane doubles every kChunk classes (16 additions).
+  static constexpr int64_t kChunk = 16;
+
+  static void flush(R v, double* out, int64_t len) {
+    T tmp[W];
+    V::store(tmp, v);
+    for (int64_t j = 0; j < len; ++j) out[j] += double(tmp[j]);
+  }
+
+  template <bool STORE, bool CAP, int WD, bool HAS_W>
+  static void group(const ColIn<T>& in, int64_t i0, int64_t len) {
+    const int64_t C = in.C, ld = in.ld;
+    const T ninf = -std::numeric_limits<T>::infinity();
+    R m = V::set1(ninf);
+    for (int64_t c = 0; c < C; ++c) m = V::max(m, Rw::loadn(in.z + c * ld + i0, len));
+    const R valpha = V::set1(in.alpha), vcap = V::set1(in.cap);
+    const R vinv = V::set1(CAP ? in.alpha / in.cap : T(0));
+    R tm;
+    R mt = Rw::template transform<CAP>(m, valpha, vinv, vcap, &tm);
+    // Lanes whose max is -inf (all -inf) use 0 as their shift: their e come out 0, not NaN.
+    const R lowest = V::set1(std::numeric_limits<T>::lowest());
+    const R shift = V::zero_if_less(m, lowest, mt);
+    {
+      T tmpm[W], tmpt[W];
+      V::store(tmpm, m);
+      V::store(tmpt, mt);
+      for (int64_t j = 0; j < len; ++j) {
+        in.m[i0 + j] = tmpm[j] == ninf ? -std::numeric_limits<double>::infinity() : double(tmpt[j]);
+        in.s[i0 + j] = 0.0;
+        in.wd[i0 + j] = 0.0;
+        in.usum[i0 + j] = 0.0;
+      }
+    }
+    const R vq1 = V::set1(in.q1), vq0 = V::set1(in.q0);
+    for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
+      const int64_t c1 = c0 + kChunk < C ? c0 + kChunk : C;
+      R s = V::set1(T(0)), d = s, us = s;
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t off = c * ld + i0;
+        R t;
+        R x = V::sub(Rw::template transform<CAP>(Rw::loadn(in.z + off, len), valpha, vinv, vcap, &t),
+                     shift);
+        R y = vexp<V>(x);
+        if constexpr (STORE) {
+          Rw::storen(in.e + off, y, len);
+          if constexpr (CAP) Rw::storen(in.t + c * in.tld + i0, t, len);
+        }
+        s = V::add(s, y);
+        const R wc = V::set1(HAS_W ? in.w[c] : T(1));
+        if constexpr (WD == 1) d = V::fmadd(wc, x, d);
+        if constexpr (WD == 2) {
+          R u = V::mul(V::fmadd(Rw::loadn(in.p + off, len), vq1, vq0), wc);
+          d = V::fmadd(u, x, d);
+          us = V::add(us, u);
+        }
+      }
+      flush(s, in.s + i0, len);
+      if constexpr (WD != 0) flush(d, in.wd + i0, len);
+      if constexpr (WD == 2) flush(us, in.usum + i0, len);
+    }
+  }
+
+  template <bool STORE, bool CAP, int WD, bool HAS_W>
+  static void stats_impl(const ColIn<T>& in) {
+    for (int64_t i0 = 0; i0 < in.L; i0 += W)
+      group<STORE, CAP, WD, HAS_W>(in, i0, in.L - i0 < W ? in.L - i0 : W);
+  }
+  template <bool STORE, bool CAP>
+  static void stats_mode(const ColIn<T>& in) {
+    switch (in.wd_mode) {
+      case 0: return stats_impl<STORE, CAP, 0, false>(in);
+      case 1: return in.w ? stats_impl<STORE, CAP, 1, true>(in) : stats_impl<STORE, CAP, 1, false>(in);
+      default: return in.w ? stats_impl<STORE, CAP, 2, true>(in) : stats_impl<STORE, CAP, 2, false>(in);
+    }
+  }
+  static void stats(const ColIn<T>& in) {
+    if (in.cap > T(0)) {
+      if (in.e) stats_mode<true, true>(in); else stats_mode<false, true>(in);
+    } else {
+      if (in.e) stats_mode<true, false>(in); else stats_mode<false, false>(in);
+    }
+  }
+
+  template <bool HAS_W, bool HAS_P, bool CAP>
+  static void affine_impl(const ColAffineIn<T>& in) {
+    const R vq1 = V::set1(in.q1), vq0 = V::set1(in.q0), one = V::set1(T(1)), half = V::set1(T(0.5));
+    for (int64_t i0 = 0; i0 < in.L; i0 += W) {
+      const int64_t len = in.L - i0 < W ? in.L - i0 : W;
+      const R va = Rw::loadn(in.a + i0, len), vb = Rw::loadn(in.b + i0, len);
+      const R keep = Rw::loadn(in.keep + i0, len);
+      for (int64_t c = 0; c < in.C; ++c) {
+        const int64_t off = c * in.ld + i0;
+        R u = HAS_P ? V::fmadd(Rw::loadn(in.p + off, len), vq1, vq0) : one;
+        if constexpr (HAS_W) u = V::mul(u, V::set1(in.w[c]));
+        R r = V::sub(V::mul(Rw::loadn(in.e + off, len), va), V::mul(vb, u));
+        if constexpr (CAP) {
+          R t = Rw::loadn(in.t + c * in.tld + i0, len);
+          r = V::mul(r, V::sub(one, V::mul(t, t)));
+        }
+        Rw::storen(in.g + off, V::zero_if_less(keep, half, r), len);
+      }
+    }
+  }
+  template <bool HAS_W, bool HAS_P>
+  static void affine_c(const ColAffineIn<T>& in) {
+    if (in.t) affine_impl<HAS_W, HAS_P, true>(in); else affine_impl<HAS_W, HAS_P, false>(in);
+  }
+  static void affine(const ColAffineIn<T>& in) {
+    if (in.w) {
+      if (in.p) affine_c<true, true>(in); else affine_c<true, false>(in);
+    } else {
+      if (in.p) affine_c<false, true>(in); else affine_c<false, false>(in);
+    }
+  }
+};
+
+template <class V>
+RowFns<typename V::T> Row<V>::fns() {
+  return {&Row::block, &Row::affine, &Col<V>::stats, &Col<V>::affine};
+}
 
 }  // namespace FASTXENT_ISA_NS
 }  // namespace fastxent

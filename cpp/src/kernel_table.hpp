@@ -57,10 +57,44 @@ struct AffineIn {
   bool stream;  // non-temporal stores; the caller then calls fence() before reusing g
 };
 
+// Column tiles, for a class axis that is not the last: the (outer, C, inner) layout. Lane i
+// of a tile is one row: its element c sits at z[c * ld + i], i < L. Vectorised across lanes.
+template <class T>
+struct ColIn {
+  const T* z;
+  int64_t C, L, ld;
+  T* e;  // e = exp(z' - m') stored in z's layout when e is not null
+  T* t;  // with a softcap and e: tanh(.) stored at t[c * tld + i]
+  int64_t tld;
+  T alpha, cap;
+  const T* w;  // class weights (C) or null
+  const T* p;  // probability targets in z's layout, or null
+  T q1, q0;
+  int wd_mode;  // as BlockIn
+  // Per-lane outputs (L each): m' (-inf for a lane of -inf), sum exp, wd, usum.
+  double *m, *s, *wd, *usum;
+};
+
+// g = keep ? d (a e - b u) : 0 per lane, u and d as AffineIn; a, b, keep: L values each.
+template <class T>
+struct ColAffineIn {
+  const T* e;
+  T* g;
+  int64_t C, L, ld;
+  const T *a, *b, *keep;
+  const T* w;
+  const T* p;
+  T q1, q0;
+  const T* t;
+  int64_t tld;
+};
+
 template <class T>
 struct RowFns {
   BlockStat (*block)(const BlockIn<T>& in);
   void (*affine)(const AffineIn<T>& in);
+  void (*col_stats)(const ColIn<T>& in);
+  void (*col_affine)(const ColAffineIn<T>& in);
 };
 
 struct KernelTable {

@@ -29,16 +29,14 @@ def _as_logits(logits: Any) -> np.ndarray:
     return x
 
 
-def _check_axis(axis: Any, ndim: int) -> None:
+def _check_axis(axis: Any, ndim: int) -> int:
     try:
         ax = operator.index(axis)
     except TypeError:
         raise TypeError(f"axis must be an integer, got {type(axis).__name__}") from None
     if not -ndim <= ax < ndim:
         raise ValueError(f"axis {ax} is out of bounds for logits with {ndim} dimensions")
-    if ax % ndim != ndim - 1:
-        raise NotImplementedError(
-            "only the last axis can be the class axis in this version (axis=-1)")
+    return ax % ndim
 
 
 def _rows_view(x: np.ndarray) -> np.ndarray:
@@ -74,18 +72,6 @@ def _as_target(target: Any, shape: Tuple[int, ...], C: int, ignore_index: int) -
     if t.dtype == np.uint64 and t.size and int(t.max()) > np.iinfo(np.int64).max:
         _raise_bad_target(t, C, ignore_index)
     return np.ascontiguousarray(t, dtype=np.int64).reshape(-1)
-
-
-def _as_probs(target: np.ndarray, x: np.ndarray, ignore_index: int) -> np.ndarray:
-    if target.shape != x.shape:
-        raise ValueError(f"probability target has shape {target.shape}, expected the logits' "
-                         f"shape {x.shape}")
-    if ignore_index != -100:
-        raise ValueError("ignore_index applies to class-index targets only; probability "
-                         "targets weight rows with sample_weight instead")
-    # A dtype other than the logits' is converted (a copy); the logits' dtype is read in place.
-    p = target if target.dtype == x.dtype else target.astype(x.dtype)
-    return _rows_view(p)
 
 
 def _raise_bad_target(t: np.ndarray, C: int, ignore_index: int) -> None:
@@ -167,7 +153,7 @@ def _options(reduction: Any, ignore_index: Any, label_smoothing: Any,
 
 def _run(logits: Any, target: Any, kw: dict, want_grad: bool, out: Any):
     x = _as_logits(logits)
-    _check_axis(kw["axis"], x.ndim)
+    ax = _check_axis(kw["axis"], x.ndim)
     red, ii, eps, nt = _options(kw["reduction"], kw["ignore_index"], kw["label_smoothing"],
                                 kw["num_threads"])
     z_loss = _real(kw["z_loss"], "z_loss", 0.0, False)
@@ -175,15 +161,24 @@ def _run(logits: Any, target: Any, kw: dict, want_grad: bool, out: Any):
     alpha = _real(kw["logit_scale"], "logit_scale", 0.0, True)
     norm = kw["normalizer"]
     norm = None if norm is None else _real(norm, "normalizer", 0.0, False)
-    C = x.shape[-1]
+    C = x.shape[ax]
     if C == 0:
         raise ValueError("the class axis has no classes (C = 0)")
-    t_shape = x.shape[:-1]
+    last = ax == x.ndim - 1
+    t_shape = x.shape[:ax] + x.shape[ax + 1:]
     tgt = target if type(target) is np.ndarray else np.asarray(target)
     probs = None
+    t = None
     if tgt.dtype.kind == "f" and tgt.ndim == x.ndim:
-        probs = _as_probs(tgt, x, ii)
-        t = None
+        if tgt.shape != x.shape:
+            raise ValueError(f"probability target has shape {tgt.shape}, expected the logits' "
+                             f"shape {x.shape}")
+        if ii != -100:
+            raise ValueError("ignore_index applies to class-index targets only; probability "
+                             "targets weight rows with sample_weight instead")
+        # Another dtype than the logits' is converted (a copy); the logits' dtype is read in place.
+        pr = tgt if tgt.dtype == x.dtype else tgt.astype(x.dtype)
+        probs = _rows_view(pr) if last else _cols_view(pr, ax)
     else:
         t = _as_target(tgt, t_shape, C, ii)
     w = _as_vector(kw["weight"], x.dtype, (C,), "weight", "one per class")
@@ -198,8 +193,9 @@ def _run(logits: Any, target: Any, kw: dict, want_grad: bool, out: Any):
                               ("sample_weight", kw["sample_weight"])):
                 if isinstance(arr, np.ndarray) and np.may_share_memory(grad, arr):
                     raise ValueError(f"out overlaps {name}")
-    view = _rows_view(x)
-    row_losses = np.empty(view.shape[0], x.dtype) if red == 0 else None
+    view = _rows_view(x) if last else _cols_view(x, ax)
+    rows = view.shape[0] if last else view.shape[0] * view.shape[2]
+    row_losses = np.empty(rows, x.dtype) if red == 0 else None
     g2 = grad.reshape(view.shape) if grad is not None else None
     try:
         total = _core.cross_entropy(view, t, probs, w, sw, red, ii, eps, z_loss, softcap, alpha,
@@ -212,6 +208,14 @@ def _run(logits: Any, target: Any, kw: dict, want_grad: bool, out: Any):
     else:
         loss = x.dtype.type(total)
     return (loss, grad) if want_grad else loss
+
+
+def _cols_view(x: np.ndarray, ax: int) -> np.ndarray:
+    """The (outer, C, inner) view of a class axis that is not the last one: no transposed
+    copy (a C-contiguous copy only when x is not C-contiguous itself)."""
+    outer = int(np.prod(x.shape[:ax], dtype=np.int64))
+    inner = int(np.prod(x.shape[ax + 1:], dtype=np.int64))
+    return np.ascontiguousarray(x).reshape(outer, x.shape[ax], inner)
 
 
 _DOC_FORMULA = """
@@ -244,7 +248,9 @@ _DOC_PARAMS = """
         Class indices of any integer dtype, shape ``logits.shape[:-1]``, in ``[0, C)`` or
         equal to ``ignore_index``; or class probabilities, a float array of the logits' shape.
     axis : int
-        The class axis; only the last axis (-1) in this version.
+        The class axis (default -1). Any axis works: PyTorch's (N, C, d1, ..., dk) layout with
+        ``axis=1`` is read in place (vectorised across the inner positions, no transposed
+        copy); the target then has the logits' shape without that axis.
     reduction : {"mean", "sum", "none"}
     weight : array_like, shape (C,), optional
         Class weights.
@@ -285,8 +291,6 @@ _DOC_RAISES = """
     IndexError
         a class target outside [0, C) that is not ignore_index (the message names row and
         value).
-    NotImplementedError
-        a class axis other than the last.
 """
 
 

@@ -35,15 +35,20 @@ struct Options {
   int num_threads = 0;            // 0: the OpenMP default (omp_get_max_threads); > 0 caps
 };
 
-// The arrays of one call. Row n of the logits starts at logits + n * row_stride (in elements,
-// >= classes; the class axis is contiguous). Exactly one of `target` (class indices) and
-// `probs` (probability targets, rows x classes with its own row stride) is given.
+// The arrays of one call. With inner == 1, row n of the logits starts at logits + n * row_stride
+// (in elements, >= classes; the class axis is contiguous). With inner > 1 the class axis is not
+// the last one: the logits are a C-contiguous (rows / inner, classes, inner) array, row
+// n = o * inner + i being the column (o, :, i) (PyTorch's (N, C, d1, ..., dk) with
+// inner = d1 * ... * dk); probs and grad then have the same layout and row_stride is unused.
+// Exactly one of `target` (class indices, one per row, in row order) and `probs` (probability
+// targets, rows x classes with its own row stride, or the logits' layout) is given.
 template <class T>
 struct Inputs {
   const T* logits = nullptr;
   int64_t rows = 0;
   int64_t classes = 0;
   int64_t row_stride = 0;
+  int64_t inner = 1;
   const int64_t* target = nullptr;
   const T* probs = nullptr;
   int64_t probs_row_stride = 0;
