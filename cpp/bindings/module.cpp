@@ -17,9 +17,11 @@ namespace py = pybind11;
 
 namespace {
 
+// NumPy's notion of "the same type": int64 spelt 'l' or 'q' both match int64_t.
 template <class T>
 bool is_dtype(const py::array& a) {
-  return a.dtype().is(py::dtype::of<T>());
+  return py::detail::npy_api::get().PyArray_EquivTypes_(a.dtype().ptr(),
+                                                         py::dtype::of<T>().ptr());
 }
 
 bool c_contiguous(const py::array& a) {
@@ -55,7 +57,7 @@ const T* rows_view(const py::array& a, py::ssize_t N, py::ssize_t C, int64_t* ld
   const py::ssize_t isz = py::ssize_t(sizeof(T));
   if (!is_dtype<T>(a) || a.ndim() != 2 || a.shape(0) != N || a.shape(1) != C)
     throw std::invalid_argument(std::string(what) + ": expected a (rows, C) array of the logits' dtype");
-  if (C > 1 && a.strides(1) != isz)
+  if (N > 0 && C > 1 && a.strides(1) != isz)  // (an empty array's strides mean nothing)
     throw std::invalid_argument(std::string(what) + ": the class axis must be contiguous");
   if (N > 1 && (a.strides(0) % isz != 0 || a.strides(0) < C * isz))
     throw std::invalid_argument(std::string(what) + ": rows must not overlap");
@@ -103,7 +105,7 @@ double run(const py::array& logits, const py::object& target, const py::object& 
   in.classes = C;
   if (!target.is_none()) {
     py::array t = py::reinterpret_borrow<py::array>(target);
-    if (!t.dtype().is(py::dtype::of<int64_t>()) || t.ndim() != 1 || t.shape(0) != N ||
+    if (!is_dtype<int64_t>(t) || t.ndim() != 1 || t.shape(0) != N ||
         !c_contiguous(t))
       throw std::invalid_argument("target: expected a C-contiguous int64 array of N elements");
     in.target = static_cast<const int64_t*>(t.data());
@@ -124,7 +126,8 @@ double run(const py::array& logits, const py::object& target, const py::object& 
   // Safe without the GIL: the arrays are kept alive by the caller's references for the whole
   // call, and the kernel touches no Python object.
   py::gil_scoped_release release;
-  return fastxent::cross_entropy<T>(in, opt, g, rl);
+  // Rounded to T here: a float32 loss beyond the float range is inf, quietly, as "none" rows.
+  return double(T(fastxent::cross_entropy<T>(in, opt, g, rl)));
 }
 
 }  // namespace

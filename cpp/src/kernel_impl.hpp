@@ -132,6 +132,12 @@ struct Row {
     return V::hmax(V::max(V::max(a0, a1), V::max(a2, a3)));
   }
 
+  // u * x, but exactly 0 where u == 0: a class with no weight (or no probability) contributes
+  // nothing even when its logit is -inf (0 * -inf would be NaN).
+  static R weighted(R u, R x) {
+    return V::zero_if_less(V::abs(u), V::set1(std::numeric_limits<T>::denorm_min()), V::mul(u, x));
+  }
+
   static R loadn(const T* p, int64_t len) {
     return len >= W ? V::load(p) : V::load_partial(p, len, T(0));
   }
@@ -185,13 +191,17 @@ struct Row {
         }
         a[0] = V::add(a[0], y);
         if constexpr (WD == 1) {
-          a[1] = HAS_W ? V::fmadd(loadn(in.w + j, len), x, a[1]) : V::add(a[1], x);
+          if constexpr (HAS_W) {
+            a[1] = V::add(a[1], weighted(loadn(in.w + j, len), x));
+          } else {
+            a[1] = V::add(a[1], x);
+          }
         }
         if constexpr (WD == 2) {
           R u = V::fmadd(loadn(in.p + j, len), vq1, vq0);
           if constexpr (HAS_W) u = V::mul(u, loadn(in.w + j, len));
           if (len < W) u = V::keep_first(u, len);
-          a[1] = V::fmadd(u, x, a[1]);
+          a[1] = V::add(a[1], weighted(u, x));
           a[2] = V::add(a[2], u);
         }
       };
@@ -221,7 +231,7 @@ struct Row {
       if (in.p) u *= double(in.q1) * double(in.p[i]) + double(in.q0);
       // z' of -inf is -inf (also through the softcap: cap * tanh(-inf) = -cap, but a -inf
       // logit means "masked", so it stays masked).
-      wz += u * double(z);
+      if (u != 0.0) wz += u * double(z);  // no weight: no contribution, even at -inf
       usum += u;
       if (in.e) in.e[i] = z != z ? z : T(0);
       if (in.t) in.t[i] = T(0);
@@ -267,7 +277,8 @@ struct Row {
     auto f = [&](int64_t i, int64_t len) {
       R u = HAS_P ? V::fmadd(loadn(in.p + i, len), vq1, vq0) : one;
       if constexpr (HAS_W) u = HAS_P ? V::mul(u, loadn(in.w + i, len)) : loadn(in.w + i, len);
-      R r = V::sub(V::mul(loadn(in.e + i, len), va), V::mul(vb, u));
+      // One rounding for a * e - b u when u = 1 (the cancellation near softmax = target).
+      R r = V::fmadd(loadn(in.e + i, len), va, V::sub(V::set1(T(0)), V::mul(vb, u)));
       if constexpr (CAP) {
         R t = loadn(in.t + i, len);
         r = V::mul(r, V::sub(one, V::mul(t, t)));
@@ -374,10 +385,10 @@ struct Col {
         }
         s = V::add(s, y);
         const R wc = V::set1(HAS_W ? in.w[c] : T(1));
-        if constexpr (WD == 1) d = V::fmadd(wc, x, d);
+        if constexpr (WD == 1) d = V::add(d, Rw::weighted(wc, x));
         if constexpr (WD == 2) {
           R u = V::mul(V::fmadd(Rw::loadn(in.p + off, len), vq1, vq0), wc);
-          d = V::fmadd(u, x, d);
+          d = V::add(d, Rw::weighted(u, x));
           us = V::add(us, u);
         }
       }
@@ -419,7 +430,7 @@ struct Col {
         const int64_t off = c * in.ld + i0;
         R u = HAS_P ? V::fmadd(Rw::loadn(in.p + off, len), vq1, vq0) : one;
         if constexpr (HAS_W) u = V::mul(u, V::set1(in.w[c]));
-        R r = V::sub(V::mul(Rw::loadn(in.e + off, len), va), V::mul(vb, u));
+        R r = V::fmadd(Rw::loadn(in.e + off, len), va, V::sub(V::set1(T(0)), V::mul(vb, u)));
         if constexpr (CAP) {
           R t = Rw::loadn(in.t + c * in.tld + i0, len);
           r = V::mul(r, V::sub(one, V::mul(t, t)));
