@@ -130,6 +130,76 @@ double run(const py::array& logits, const py::object& target, const py::object& 
   return double(T(fastxent::cross_entropy<T>(in, opt, g, rl)));
 }
 
+// float16 / bfloat16 logits arrive as uint16 views; weights as float32.
+double run_half(const py::array& logits, int kind, const py::object& target,
+                const py::object& probs, const py::object& weight,
+                const py::object& sample_weight, fastxent::Options opt, const py::object& grad,
+                const py::object& row_losses) {
+  using U = uint16_t;
+  fastxent::HalfInputs in;
+  if (kind != 0 && kind != 1) throw std::invalid_argument("kind: 0 (float16) or 1 (bfloat16)");
+  in.kind = static_cast<fastxent::HalfKind>(kind);
+  py::ssize_t N, C;
+  if (logits.ndim() == 3) {
+    const py::ssize_t outer = logits.shape(0), inner = logits.shape(2);
+    C = logits.shape(1);
+    N = outer * inner;
+    in.inner = inner;
+    in.logits = cols_view<U>(logits, outer, C, inner, "logits");
+    if (!probs.is_none())
+      in.probs = cols_view<U>(py::reinterpret_borrow<py::array>(probs), outer, C, inner,
+                              "probability target");
+  } else if (logits.ndim() == 2) {
+    N = logits.shape(0);
+    C = logits.shape(1);
+    in.logits = rows_view<U>(logits, N, C, &in.row_stride, "logits");
+    if (!probs.is_none())
+      in.probs = rows_view<U>(py::reinterpret_borrow<py::array>(probs), N, C,
+                              &in.probs_row_stride, "probability target");
+  } else {
+    throw std::invalid_argument("logits: expected a 2-D (rows, C) or 3-D (outer, C, inner) array");
+  }
+  in.rows = N;
+  in.classes = C;
+  if (!target.is_none()) {
+    py::array t = py::reinterpret_borrow<py::array>(target);
+    if (!is_dtype<int64_t>(t) || t.ndim() != 1 || t.shape(0) != N || !c_contiguous(t))
+      throw std::invalid_argument("target: expected a C-contiguous int64 array of N elements");
+    in.target = static_cast<const int64_t*>(t.data());
+  }
+  in.weight = checked_vector<float>(weight, C, "weight");
+  in.sample_weight = checked_vector<float>(sample_weight, N, "sample_weight");
+  U* g = nullptr;
+  if (!grad.is_none()) {
+    py::array ga = py::reinterpret_borrow<py::array>(grad);
+    if (!is_dtype<U>(ga) || ga.ndim() != logits.ndim() || !c_contiguous(ga))
+      throw std::invalid_argument("out: wrong dtype, shape or layout");
+    for (py::ssize_t d = 0; d < ga.ndim(); ++d)
+      if (ga.shape(d) != logits.shape(d)) throw std::invalid_argument("out: wrong shape");
+    if (!ga.writeable()) throw std::invalid_argument("out: array is read-only");
+    g = static_cast<U*>(ga.mutable_data());
+  }
+  float* rl = checked_output<float>(row_losses, N, 1, 1, "row_losses");
+  py::gil_scoped_release release;  // as in run(): no Python object is touched
+  return double(float(fastxent::cross_entropy_half(in, opt, g, rl)));
+}
+
+fastxent::Options make_options(int reduction, int64_t ignore_index, double label_smoothing,
+                               double z_loss, double softcap, double logit_scale,
+                               const py::object& normalizer, int num_threads) {
+  fastxent::Options opt;
+  opt.reduction = static_cast<fastxent::Reduction>(reduction);
+  opt.ignore_index = ignore_index;
+  opt.label_smoothing = label_smoothing;
+  opt.z_loss = z_loss;
+  opt.softcap = softcap;
+  opt.logit_scale = logit_scale;
+  opt.has_normalizer = !normalizer.is_none();
+  if (opt.has_normalizer) opt.normalizer = normalizer.cast<double>();
+  opt.num_threads = num_threads;
+  return opt;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
@@ -142,16 +212,9 @@ PYBIND11_MODULE(_core, m) {
          int64_t ignore_index, double label_smoothing, double z_loss, double softcap,
          double logit_scale, const py::object& normalizer, int num_threads,
          const py::object& grad, const py::object& row_losses) -> double {
-        fastxent::Options opt;
-        opt.reduction = static_cast<fastxent::Reduction>(reduction);
-        opt.ignore_index = ignore_index;
-        opt.label_smoothing = label_smoothing;
-        opt.z_loss = z_loss;
-        opt.softcap = softcap;
-        opt.logit_scale = logit_scale;
-        opt.has_normalizer = !normalizer.is_none();
-        if (opt.has_normalizer) opt.normalizer = normalizer.cast<double>();
-        opt.num_threads = num_threads;
+        const fastxent::Options opt = make_options(reduction, ignore_index, label_smoothing,
+                                                   z_loss, softcap, logit_scale, normalizer,
+                                                   num_threads);
         if (is_dtype<float>(logits))
           return run<float>(logits, target, probs, weight, sample_weight, opt, grad, row_losses);
         if (is_dtype<double>(logits))
@@ -166,6 +229,25 @@ PYBIND11_MODULE(_core, m) {
       "C-contiguous (outer, C, inner) array (class axis not last): "
       "int64 class targets or a (rows, C) probability target, reduction 0=none 1=sum 2=mean, "
       "softcap 0 = off. Returns the reduced loss (0 for none).");
+
+  m.def(
+      "cross_entropy_half",
+      [](const py::array& logits, int kind, const py::object& target, const py::object& probs,
+         const py::object& weight, const py::object& sample_weight, int reduction,
+         int64_t ignore_index, double label_smoothing, double z_loss, double softcap,
+         double logit_scale, const py::object& normalizer, int num_threads,
+         const py::object& grad, const py::object& row_losses) -> double {
+        return run_half(logits, kind, target, probs, weight, sample_weight,
+                        make_options(reduction, ignore_index, label_smoothing, z_loss, softcap,
+                                     logit_scale, normalizer, num_threads),
+                        grad, row_losses);
+      },
+      py::arg("logits"), py::arg("kind"), py::arg("target"), py::arg("probs"), py::arg("weight"),
+      py::arg("sample_weight"), py::arg("reduction"), py::arg("ignore_index"),
+      py::arg("label_smoothing"), py::arg("z_loss"), py::arg("softcap"), py::arg("logit_scale"),
+      py::arg("normalizer"), py::arg("num_threads"), py::arg("grad"), py::arg("row_losses"),
+      "As cross_entropy, for float16 (kind 0) / bfloat16 (kind 1) logits passed as uint16 "
+      "views; float32 weights, float32 row losses, float32 loss.");
 
   fastxent_py::bind_sigmoid(m);
 

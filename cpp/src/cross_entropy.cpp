@@ -32,6 +32,15 @@ using namespace detail;
 // Below this many logits a call runs on the calling thread: a parallel region costs a few
 // microseconds, more than such a call's whole compute.
 constexpr int64_t kSerialGrain = 1 << 15;
+// Elements per float32 chunk of 16-bit logits (1 MiB as float32).
+constexpr int64_t kHalfChunk = 1 << 18;
+
+struct Prepared {
+  double D = 0.0;               // the "mean" denominator
+  double W = 0.0;               // sum of class weights (C without)
+  int64_t nb = 1;               // blocks per row
+  std::vector<double> block_w;  // class-weight sums per block (weights with smoothing)
+};
 
 // One row, start to finish, on the calling thread. st: nb entries; scratch: C entries when
 // streaming; tbuf: C entries with a softcap and a gradient.
@@ -120,6 +129,163 @@ void check_finite(double v, const char* what, bool positive) {
                                 std::to_string(v));
 }
 
+// Every check of a call, before anything is written. Pointer types vary (half storage), so
+// this takes what it needs as plain facts.
+void check_call(const Options& opt, int64_t rows, int64_t classes, int64_t inner,
+                int64_t row_stride, bool have_logits, bool have_target, bool have_probs,
+                int64_t probs_row_stride, bool have_row_losses, bool in_place) {
+  if (classes <= 0) throw std::invalid_argument("the class axis has no classes (C = 0)");
+  if (rows < 0) throw std::invalid_argument("negative number of rows");
+  if (inner < 1) throw std::invalid_argument("inner must be at least 1");
+  if (inner > 1 && rows % inner != 0)
+    throw std::invalid_argument("rows must be a multiple of inner");
+  if (inner == 1 && row_stride < classes)
+    throw std::invalid_argument("row_stride must be at least the number of classes");
+  if (opt.reduction != Reduction::None && opt.reduction != Reduction::Sum &&
+      opt.reduction != Reduction::Mean)
+    throw std::invalid_argument("unknown reduction");
+  if (!(opt.label_smoothing >= 0.0 && opt.label_smoothing <= 1.0))
+    throw std::invalid_argument("label_smoothing must be in [0, 1], got " +
+                                std::to_string(opt.label_smoothing));
+  check_finite(opt.z_loss, "z_loss", false);
+  check_finite(opt.softcap, "softcap", false);
+  check_finite(opt.logit_scale, "logit_scale", true);
+  if (opt.has_normalizer) check_finite(opt.normalizer, "normalizer", false);
+  if (opt.num_threads < 0) throw std::invalid_argument("num_threads must be positive");
+  if (rows > 0 && !have_logits) throw std::invalid_argument("logits must not be null");
+  if (rows > 0 && have_target == have_probs)
+    throw std::invalid_argument("give exactly one of class targets and probability targets");
+  if (have_probs && inner == 1 && probs_row_stride < classes)
+    throw std::invalid_argument("probs_row_stride must be at least the number of classes");
+  if (rows > 0 && opt.reduction == Reduction::None && !have_row_losses)
+    throw std::invalid_argument("reduction 'none' needs a row_losses output");
+  if (in_place && inner == 1 && row_stride != classes)
+    throw std::invalid_argument("in-place gradient needs contiguous rows (row_stride == C)");
+}
+
+// The target pre-pass: range check and the "mean" denominator; class-weight sums.
+template <class T>
+Prepared prepare(const Options& opt, int64_t rows, int64_t classes, int64_t inner,
+                 const int64_t* target, bool probs, const T* weight, const T* sample_weight) {
+  Prepared pr;
+  double D = 0.0;
+  for (int64_t n = 0; n < rows; ++n) {
+    const double sn = sample_weight ? double(sample_weight[n]) : 1.0;
+    if (probs) {
+      D += sn;
+      continue;
+    }
+    const int64_t y = target[n];
+    if (y == opt.ignore_index) continue;
+    if (y < 0 || y >= classes)
+      throw std::out_of_range("target[" + std::to_string(n) + "] = " + std::to_string(y) +
+                              " is outside [0, " + std::to_string(classes) +
+                              ") and is not ignore_index (" + std::to_string(opt.ignore_index) +
+                              ")");
+    D += sn * (weight ? double(weight[y]) : 1.0);
+  }
+  pr.D = opt.has_normalizer ? opt.normalizer : D;
+  pr.nb = inner > 1 ? 1 : (classes + kBlock - 1) / kBlock;
+  pr.W = double(classes);
+  if (weight) {
+    pr.W = 0.0;
+    for (int64_t c = 0; c < classes; ++c) pr.W += double(weight[c]);
+    if (opt.label_smoothing > 0.0 && !probs) {
+      // Class-weight sums per block; in the column layout the single "block" is the axis.
+      pr.block_w.assign(size_t(pr.nb), 0.0);
+      for (int64_t c = 0; c < classes; ++c)
+        pr.block_w[pr.nb == 1 ? 0 : size_t(c / kBlock)] += double(weight[c]);
+    }
+  }
+  return pr;
+}
+
+template <class T>
+Problem<T> make_problem(const Inputs<T>& in, const Options& opt, T* grad, const Prepared& pr) {
+  Problem<T> p;
+  p.in = in;
+  p.ignore_index = opt.ignore_index;
+  p.C = in.classes;
+  p.inner = in.inner;
+  p.nb = pr.nb;
+  p.grad = grad;
+  p.eps = opt.label_smoothing;
+  p.lambda = opt.z_loss;
+  p.alpha = opt.logit_scale;
+  p.cap = opt.softcap;
+  p.probs = in.probs != nullptr;
+  p.W = pr.W;
+  p.block_w = pr.block_w.empty() ? nullptr : pr.block_w.data();
+  const bool mean = opt.reduction == Reduction::Mean;
+  p.zero_all = mean && pr.D == 0.0;
+  p.s = mean ? (p.zero_all ? 0.0 : 1.0 / pr.D) : 1.0;
+  p.stream = grad != nullptr && grad != in.logits && in.inner == 1 &&
+             in.rows * in.classes * int64_t(sizeof(T)) >= kStreamBytes;
+  const KernelTable& table = active_table();
+  p.fns = &row_fns<T>(table);
+  p.fence = table.fence;
+  return p;
+}
+
+int thread_count(const Options& opt, int64_t work) {
+  int nt = opt.num_threads > 0 ? opt.num_threads : default_num_threads();
+  return (work < kSerialGrain || nt < 1) ? 1 : nt;
+}
+
+// Every row's loss (double) into losses, and the gradient when p.grad is set.
+template <class T>
+void run_problem(const Problem<T>& p, int nt, double* losses) {
+  const int64_t rows = p.in.rows;
+  if (p.inner > 1) {
+    cross_entropy_cols(p, nt, losses);
+    return;
+  }
+  if (nt > 1 && rows < nt && p.nb > 1) {
+    split_classes(p, rows, nt, losses);
+    return;
+  }
+  const int team = int(std::min<int64_t>(nt, rows > 0 ? rows : 1));
+  auto run_rows = [&](int64_t begin, int64_t end) {
+    BlockStat local[4];
+    std::vector<BlockStat> heap(p.nb > 4 ? static_cast<size_t>(p.nb) : 0);
+    BlockStat* st = p.nb > 4 ? heap.data() : local;
+    std::vector<T> scratch(p.stream ? static_cast<size_t>(p.C) : 0);
+    std::vector<T> tbuf(p.cap > 0.0 && p.grad ? static_cast<size_t>(p.C) : 0);
+    for (int64_t n = begin; n < end; ++n)
+      losses[n] = compute_row(p, n, st, scratch.data(), tbuf.empty() ? nullptr : tbuf.data());
+  };
+  if (team <= 1) {
+    run_rows(0, rows);
+    return;
+  }
+#if defined(_OPENMP)
+#pragma omp parallel num_threads(team)
+  {
+    // Static contiguous chunks: each row is computed by exactly one thread.
+    const int64_t t = omp_get_thread_num(), nth = omp_get_num_threads();
+    const int64_t chunk = (rows + nth - 1) / nth;
+    const int64_t b0 = std::min(rows, t * chunk), b1 = std::min(rows, b0 + chunk);
+    run_rows(b0, b1);
+  }
+#else
+  run_rows(0, rows);
+#endif
+}
+
+// The reduction over rows, in row order: independent of the thread count.
+template <class T>
+double reduce(const Options& opt, const Prepared& pr, const std::vector<double>& losses,
+              int64_t rows, T* row_losses) {
+  if (opt.reduction == Reduction::None) {
+    for (int64_t n = 0; n < rows; ++n) row_losses[n] = T(losses[size_t(n)]);
+    return 0.0;
+  }
+  double total = 0.0;
+  for (double l : losses) total += l;
+  if (opt.reduction == Reduction::Mean) return pr.D == 0.0 ? 0.0 : total / pr.D;
+  return total;
+}
+
 }  // namespace
 
 int default_num_threads() {
@@ -140,139 +306,76 @@ bool has_openmp() {
 
 template <class T>
 double cross_entropy(const Inputs<T>& in, const Options& opt, T* grad, T* row_losses) {
-  const int64_t rows = in.rows, classes = in.classes;
-  // ---- checks: everything is validated before anything is written ----
-  if (classes <= 0) throw std::invalid_argument("the class axis has no classes (C = 0)");
-  if (rows < 0) throw std::invalid_argument("negative number of rows");
-  if (in.inner < 1) throw std::invalid_argument("inner must be at least 1");
-  if (in.inner > 1 && rows % in.inner != 0)
-    throw std::invalid_argument("rows must be a multiple of inner");
-  if (in.inner == 1 && in.row_stride < classes)
-    throw std::invalid_argument("row_stride must be at least the number of classes");
-  if (opt.reduction != Reduction::None && opt.reduction != Reduction::Sum &&
-      opt.reduction != Reduction::Mean)
-    throw std::invalid_argument("unknown reduction");
-  if (!(opt.label_smoothing >= 0.0 && opt.label_smoothing <= 1.0))
-    throw std::invalid_argument("label_smoothing must be in [0, 1], got " +
-                                std::to_string(opt.label_smoothing));
-  check_finite(opt.z_loss, "z_loss", false);
-  check_finite(opt.softcap, "softcap", false);
-  check_finite(opt.logit_scale, "logit_scale", true);
-  if (opt.has_normalizer) check_finite(opt.normalizer, "normalizer", false);
-  if (opt.num_threads < 0) throw std::invalid_argument("num_threads must be positive");
-  if (rows > 0 && in.logits == nullptr) throw std::invalid_argument("logits must not be null");
-  if (rows > 0 && (in.target == nullptr) == (in.probs == nullptr))
-    throw std::invalid_argument("give exactly one of class targets and probability targets");
-  if (in.probs && in.inner == 1 && in.probs_row_stride < classes)
-    throw std::invalid_argument("probs_row_stride must be at least the number of classes");
-  if (rows > 0 && opt.reduction == Reduction::None && row_losses == nullptr)
-    throw std::invalid_argument("reduction 'none' needs a row_losses output");
-  if (grad != nullptr && grad == in.logits && in.inner == 1 && in.row_stride != classes)
-    throw std::invalid_argument("in-place gradient needs contiguous rows (row_stride == C)");
+  check_call(opt, in.rows, in.classes, in.inner, in.row_stride, in.logits != nullptr,
+             in.target != nullptr, in.probs != nullptr, in.probs_row_stride,
+             row_losses != nullptr, grad != nullptr && grad == in.logits);
+  const Prepared pr = prepare(opt, in.rows, in.classes, in.inner, in.target,
+                              in.probs != nullptr, in.weight, in.sample_weight);
+  const Problem<T> p = make_problem(in, opt, grad, pr);
+  std::vector<double> losses(static_cast<size_t>(in.rows));  // O(N), never N x C
+  run_problem(p, thread_count(opt, in.rows * in.classes), losses.data());
+  return reduce(opt, pr, losses, in.rows, row_losses);
+}
 
-  // ---- target pre-pass: range check and the "mean" denominator ----
-  const bool probs = in.probs != nullptr;
-  double D = 0.0;
-  for (int64_t n = 0; n < rows; ++n) {
-    const double sn = in.sample_weight ? double(in.sample_weight[n]) : 1.0;
-    if (probs) {
-      D += sn;
-      continue;
-    }
-    const int64_t y = in.target[n];
-    if (y == opt.ignore_index) continue;
-    if (y < 0 || y >= classes)
-      throw std::out_of_range("target[" + std::to_string(n) + "] = " + std::to_string(y) +
-                              " is outside [0, " + std::to_string(classes) +
-                              ") and is not ignore_index (" + std::to_string(opt.ignore_index) +
-                              ")");
-    D += sn * (in.weight ? double(in.weight[y]) : 1.0);
-  }
-  if (opt.has_normalizer) D = opt.normalizer;
-  const bool mean = opt.reduction == Reduction::Mean;
-  const bool none = opt.reduction == Reduction::None;
-
-  Problem<T> p;
-  p.in = in;
-  p.ignore_index = opt.ignore_index;
-  p.C = classes;
-  p.inner = in.inner;
-  p.nb = in.inner > 1 ? 1 : (classes + kBlock - 1) / kBlock;
-  p.grad = grad;
-  p.eps = opt.label_smoothing;
-  p.lambda = opt.z_loss;
-  p.alpha = opt.logit_scale;
-  p.cap = opt.softcap;
-  p.probs = probs;
-  p.W = double(classes);
-  if (in.weight) {
-    p.W = 0.0;
-    for (int64_t c = 0; c < classes; ++c) p.W += double(in.weight[c]);
-  }
-  p.zero_all = mean && D == 0.0;
-  p.s = mean ? (p.zero_all ? 0.0 : 1.0 / D) : 1.0;
-  p.stream = grad != nullptr && grad != in.logits && in.inner == 1 &&
-             rows * classes * int64_t(sizeof(T)) >= kStreamBytes;
+double cross_entropy_half(const HalfInputs& in, const Options& opt, uint16_t* grad,
+                          float* row_losses) {
+  check_call(opt, in.rows, in.classes, in.inner, in.row_stride, in.logits != nullptr,
+             in.target != nullptr, in.probs != nullptr, in.probs_row_stride,
+             row_losses != nullptr, grad != nullptr && grad == in.logits);
+  const Prepared pr = prepare(opt, in.rows, in.classes, in.inner, in.target,
+                              in.probs != nullptr, in.weight, in.sample_weight);
   const KernelTable& table = active_table();
-  p.fns = &row_fns<T>(table);
-  p.fence = table.fence;
-  std::vector<double> block_w;
-  if (in.weight && p.eps > 0.0 && !probs) {
-    // Class-weight sums per block; in the column layout the single "block" is the whole axis.
-    block_w.assign(size_t(p.nb), 0.0);
-    for (int64_t c = 0; c < classes; ++c)
-      block_w[p.nb == 1 ? 0 : size_t(c / kBlock)] += double(in.weight[c]);
-    p.block_w = block_w.data();
-  } else {
-    p.block_w = nullptr;
-  }
-
-  // Row losses in double: O(N), never N x C.
+  const int kind = int(in.kind);
+  const int64_t C = in.classes, rows = in.rows;
+  // Chunks of whole rows (whole (C, inner) slices in the column layout) of about kHalfChunk
+  // elements: fixed, so the work split never depends on the thread count.
+  const int64_t slice = in.inner > 1 ? C * in.inner : C;
+  const int64_t per = std::max<int64_t>(1, kHalfChunk / slice);  // slices per chunk
+  const int64_t nslices = in.inner > 1 ? rows / in.inner : rows;
+  std::vector<float> zf(static_cast<size_t>(std::min(per, std::max<int64_t>(nslices, 1)) * slice));
+  std::vector<float> pf(in.probs ? zf.size() : 0);
   std::vector<double> losses(static_cast<size_t>(rows));
-  int nt = opt.num_threads > 0 ? opt.num_threads : default_num_threads();
-  if (rows * classes < kSerialGrain || nt < 1) nt = 1;
+  const int nt = thread_count(opt, rows * C);
 
-  if (p.inner > 1) {
-    cross_entropy_cols(p, nt, losses.data());
-  } else if (nt > 1 && rows < nt && p.nb > 1) {
-    split_classes(p, rows, nt, losses.data());
-  } else {
-    const int team = int(std::min<int64_t>(nt, rows > 0 ? rows : 1));
-    auto run_rows = [&](int64_t begin, int64_t end) {
-      BlockStat local[4];
-      std::vector<BlockStat> heap(p.nb > 4 ? static_cast<size_t>(p.nb) : 0);
-      BlockStat* st = p.nb > 4 ? heap.data() : local;
-      std::vector<T> scratch(p.stream ? static_cast<size_t>(classes) : 0);
-      std::vector<T> tbuf(p.cap > 0.0 && grad ? static_cast<size_t>(classes) : 0);
-      for (int64_t n = begin; n < end; ++n)
-        losses[size_t(n)] = compute_row(p, n, st, scratch.data(), tbuf.empty() ? nullptr : tbuf.data());
-    };
-    if (team <= 1) {
-      run_rows(0, rows);
-    } else {
+  // Converts `count` slices starting at slice s0 between the strided 16-bit array and a
+  // contiguous float buffer, in parallel over slices.
+  auto convert = [&](auto fn, int64_t s0, int64_t count, int64_t ld, auto* half, auto* flt) {
+    const int team = (count * slice >= kSerialGrain) ? nt : 1;
 #if defined(_OPENMP)
-#pragma omp parallel num_threads(team)
-      {
-        // Static contiguous chunks: each row is computed by exactly one thread.
-        const int64_t t = omp_get_thread_num(), nth = omp_get_num_threads();
-        const int64_t chunk = (rows + nth - 1) / nth;
-        const int64_t b0 = std::min(rows, t * chunk), b1 = std::min(rows, b0 + chunk);
-        run_rows(b0, b1);
-      }
-#else
-      run_rows(0, rows);
+#pragma omp parallel for num_threads(team) schedule(static) if (team > 1)
 #endif
-    }
-  }
+    for (int64_t k = 0; k < count; ++k) fn(half + (s0 + k) * ld, flt + k * slice, k);
+  };
+  const int64_t zld = in.inner > 1 ? slice : in.row_stride;
+  const int64_t pld = in.inner > 1 ? slice : in.probs_row_stride;
 
-  if (none) {
-    for (int64_t n = 0; n < rows; ++n) row_losses[n] = T(losses[size_t(n)]);
-    return 0.0;
+  for (int64_t s0 = 0; s0 < nslices; s0 += per) {
+    const int64_t count = std::min(per, nslices - s0);
+    convert([&](const uint16_t* h, float* f, int64_t) { table.half_to_f32(h, f, slice, kind); },
+            s0, count, zld, in.logits, zf.data());
+    if (in.probs)
+      convert([&](const uint16_t* h, float* f, int64_t) { table.half_to_f32(h, f, slice, kind); },
+              s0, count, pld, in.probs, pf.data());
+    const int64_t r0 = in.inner > 1 ? s0 * in.inner : s0;
+    Inputs<float> ci;
+    ci.logits = zf.data();
+    ci.rows = in.inner > 1 ? count * in.inner : count;
+    ci.classes = C;
+    ci.row_stride = C;
+    ci.inner = in.inner;
+    ci.target = in.target ? in.target + r0 : nullptr;
+    ci.probs = in.probs ? pf.data() : nullptr;
+    ci.probs_row_stride = C;
+    ci.weight = in.weight;
+    ci.sample_weight = in.sample_weight ? in.sample_weight + r0 : nullptr;
+    // The gradient overwrites the float chunk in place, then is rounded once to 16 bits.
+    const Problem<float> p = make_problem(ci, opt, grad ? zf.data() : nullptr, pr);
+    run_problem(p, nt, losses.data() + r0);
+    if (grad)
+      convert([&](uint16_t* h, float* f, int64_t) { table.f32_to_half(f, h, slice, kind); }, s0,
+              count, slice, grad, zf.data());
   }
-  double total = 0.0;
-  for (double l : losses) total += l;  // fixed order: independent of the thread count
-  if (mean) return p.zero_all ? 0.0 : total / D;
-  return total;
+  return reduce(opt, pr, losses, rows, row_losses);
 }
 
 template double cross_entropy<float>(const Inputs<float>&, const Options&, float*, float*);

@@ -67,6 +67,7 @@ Features detect() {
   const bool osxsave = (l1.c >> 27) & 1;
   const bool avx = (l1.c >> 28) & 1;
   const bool fma = (l1.c >> 12) & 1;
+  const bool f16c = (l1.c >> 29) & 1;
   if (!osxsave || !avx) return f;
   const uint64_t x = xcr0();
   const bool ymm_state = (x & 0x6) == 0x6;            // SSE and AVX state
@@ -76,7 +77,7 @@ Features detect() {
   const bool bmi2 = (l7.b >> 8) & 1;
   const bool avx512f = (l7.b >> 16) & 1, avx512dq = (l7.b >> 17) & 1;
   const bool avx512bw = (l7.b >> 30) & 1, avx512vl = (l7.b >> 31) & 1;
-  f.avx2 = ymm_state && avx2 && fma && bmi2;
+  f.avx2 = ymm_state && avx2 && fma && bmi2 && f16c;
   f.avx512 = f.avx2 && zmm_state && avx512f && avx512dq && avx512bw && avx512vl;
   return f;
 }

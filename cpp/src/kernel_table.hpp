@@ -104,6 +104,9 @@ struct KernelTable {
   void (*fence)();  // orders non-temporal stores before later stores
   SigmoidFns<float> sig_f32;
   SigmoidFns<double> sig_f64;
+  // float16 (kind 0) / bfloat16 (kind 1) <-> float32, n elements.
+  void (*half_to_f32)(const uint16_t* src, float* dst, int64_t n, int kind);
+  void (*f32_to_half)(const float* src, uint16_t* dst, int64_t n, int kind);
 };
 
 template <class T>

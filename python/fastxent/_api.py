@@ -20,10 +20,19 @@ _REDUCTIONS = {"none": 0, "sum": 1, "mean": 2}
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
+def _half_kind(dt: np.dtype) -> Optional[int]:
+    """0 for float16, 1 for bfloat16 (ml_dtypes), None otherwise."""
+    if dt == np.float16:
+        return 0
+    if dt.itemsize == 2 and dt.name == "bfloat16":
+        return 1
+    return None
+
+
 def _as_logits(logits: Any) -> np.ndarray:
     x = logits if type(logits) is np.ndarray else np.asarray(logits)
-    if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"logits must be float32 or float64, got {x.dtype}")
+    if x.dtype not in _FLOAT_DTYPES and _half_kind(x.dtype) is None:
+        raise TypeError(f"logits must be float32, float64, float16 or bfloat16, got {x.dtype}")
     if x.ndim == 0:
         raise ValueError("logits must have at least one dimension (the class axis)")
     return x
@@ -166,10 +175,12 @@ def _run(logits: Any, target: Any, kw: dict, want_grad: bool, out: Any):
         raise ValueError("the class axis has no classes (C = 0)")
     last = ax == x.ndim - 1
     t_shape = x.shape[:ax] + x.shape[ax + 1:]
+    half = _half_kind(x.dtype)
+    cdt = np.dtype(np.float32) if half is not None else x.dtype  # compute / weight dtype
     tgt = target if type(target) is np.ndarray else np.asarray(target)
     probs = None
     t = None
-    if tgt.dtype.kind == "f" and tgt.ndim == x.ndim:
+    if (tgt.dtype.kind == "f" or _half_kind(tgt.dtype) is not None) and tgt.ndim == x.ndim:
         if tgt.shape != x.shape:
             raise ValueError(f"probability target has shape {tgt.shape}, expected the logits' "
                              f"shape {x.shape}")
@@ -178,11 +189,13 @@ def _run(logits: Any, target: Any, kw: dict, want_grad: bool, out: Any):
                              "targets weight rows with sample_weight instead")
         # Another dtype than the logits' is converted (a copy); the logits' dtype is read in place.
         pr = tgt if tgt.dtype == x.dtype else tgt.astype(x.dtype)
+        if half is not None:
+            pr = pr.view(np.uint16)
         probs = _rows_view(pr) if last else _cols_view(pr, ax)
     else:
         t = _as_target(tgt, t_shape, C, ii)
-    w = _as_vector(kw["weight"], x.dtype, (C,), "weight", "one per class")
-    sw = _as_vector(kw["sample_weight"], x.dtype, t_shape, "sample_weight", "one per row")
+    w = _as_vector(kw["weight"], cdt, (C,), "weight", "one per class")
+    sw = _as_vector(kw["sample_weight"], cdt, t_shape, "sample_weight", "one per row")
     grad = None
     if want_grad:
         if out is None:
@@ -193,20 +206,27 @@ def _run(logits: Any, target: Any, kw: dict, want_grad: bool, out: Any):
                               ("sample_weight", kw["sample_weight"])):
                 if isinstance(arr, np.ndarray) and np.may_share_memory(grad, arr):
                     raise ValueError(f"out overlaps {name}")
-    view = _rows_view(x) if last else _cols_view(x, ax)
+    xv = x if half is None else x.view(np.uint16)
+    view = _rows_view(xv) if last else _cols_view(xv, ax)
     rows = view.shape[0] if last else view.shape[0] * view.shape[2]
-    row_losses = np.empty(rows, x.dtype) if red == 0 else None
-    g2 = grad.reshape(view.shape) if grad is not None else None
+    row_losses = np.empty(rows, cdt) if red == 0 else None
+    g2 = None
+    if grad is not None:
+        g2 = (grad if half is None else grad.view(np.uint16)).reshape(view.shape)
     try:
-        total = _core.cross_entropy(view, t, probs, w, sw, red, ii, eps, z_loss, softcap, alpha,
-                                    norm, nt, g2, row_losses)
+        if half is None:
+            total = _core.cross_entropy(view, t, probs, w, sw, red, ii, eps, z_loss, softcap,
+                                        alpha, norm, nt, g2, row_losses)
+        else:
+            total = _core.cross_entropy_half(view, half, t, probs, w, sw, red, ii, eps, z_loss,
+                                             softcap, alpha, norm, nt, g2, row_losses)
     except IndexError:
         _raise_bad_target(np.asarray(target), C, ii)
         raise
     if red == 0:
         loss: Union[np.ndarray, np.floating] = row_losses.reshape(t_shape)
     else:
-        loss = x.dtype.type(total)
+        loss = cdt.type(total)
     return (loss, grad) if want_grad else loss
 
 
@@ -241,9 +261,11 @@ _DOC_FORMULA = """
 _DOC_PARAMS = """
     Parameters
     ----------
-    logits : array_like, float32 or float64, shape (..., C)
+    logits : array_like, float32, float64, float16 or bfloat16 (ml_dtypes), shape (..., C)
         Leading axes are rows. Strided, sliced or Fortran-ordered input is accepted and gives
-        bit-identical results to its contiguous copy.
+        bit-identical results to its contiguous copy. 16-bit logits are computed in float32
+        (converted in fixed chunks of rows, never as a whole N x C copy); their loss is float32
+        and their gradient is rounded once to the 16-bit type.
     target : array_like
         Class indices of any integer dtype, shape ``logits.shape[:-1]``, in ``[0, C)`` or
         equal to ``ignore_index``; or class probabilities, a float array of the logits' shape.

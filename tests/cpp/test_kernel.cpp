@@ -250,6 +250,58 @@ void test_threads_deterministic() {
   }
 }
 
+// float16 / bfloat16 conversions: every 16-bit pattern round-trips (NaN stays NaN), and every
+// ISA rounds random float bit patterns exactly as the scalar build does.
+void test_half_conversions() {
+  const fastxent::KernelTable& ref = fastxent::scalar_table();
+  std::vector<uint16_t> h(65536), back(65536);
+  std::vector<float> f(65536);
+  std::mt19937 rng(99);
+  std::vector<float> rnd(1 << 16);
+  for (auto& v : rnd) {
+    uint32_t b = rng();
+    std::memcpy(&v, &b, 4);
+  }
+  rnd[0] = 65519.99f;
+  rnd[1] = 65520.0f;
+  rnd[2] = 2.9802322e-08f;  // 2^-25: the tie below the smallest float16 subnormal
+  rnd[3] = -0.0f;
+  std::vector<uint16_t> a(rnd.size()), b(rnd.size());
+  for (const std::string& isa : fastxent::available_isas()) {
+    fastxent::set_isa(isa);
+    const fastxent::KernelTable& t = fastxent::active_table();
+    for (int kind = 0; kind < 2; ++kind) {
+      for (uint32_t i = 0; i < 65536; ++i) h[i] = uint16_t(i);
+      t.half_to_f32(h.data(), f.data(), 65536, kind);
+      t.f32_to_half(f.data(), back.data(), 65536, kind);
+      auto is_nan16 = [kind](uint16_t x) {
+        return kind == 0 ? ((x & 0x7c00) == 0x7c00 && (x & 0x3ff) != 0)
+                         : ((x & 0x7f80) == 0x7f80 && (x & 0x7f) != 0);
+      };
+      int bad = 0;
+      for (uint32_t i = 0; i < 65536; ++i)
+        bad += std::isnan(f[i]) ? !(is_nan16(h[i]) && is_nan16(back[i])) : back[i] != h[i];
+      CHECK(bad == 0, "[%s] kind %d: %d patterns do not round-trip", isa.c_str(), kind, bad);
+      t.f32_to_half(rnd.data(), a.data(), int64_t(rnd.size()), kind);
+      ref.f32_to_half(rnd.data(), b.data(), int64_t(rnd.size()), kind);
+      int diff = 0;
+      for (size_t i = 0; i < rnd.size(); ++i) {
+        const bool nan_a = is_nan16(a[i]), nan_b = is_nan16(b[i]);
+        diff += (nan_a || nan_b) ? nan_a != nan_b : a[i] != b[i];
+      }
+      CHECK(diff == 0, "[%s] kind %d: %d roundings differ from the scalar build", isa.c_str(),
+            kind, diff);
+    }
+  }
+  // Spot values of the scalar rounding.
+  uint16_t o[4];
+  const float v[4] = {65519.99f, 65520.0f, 2.9802322e-08f, 1.0f + 1.0f / 2048};  // last: a tie
+  ref.f32_to_half(v, o, 4, 0);
+  CHECK(o[0] == 0x7bff && o[1] == 0x7c00 && o[2] == 0x0000 && o[3] == 0x3c00,
+        "float16 rounding: %x %x %x %x", o[0], o[1], o[2], o[3]);
+  fastxent::set_isa("auto");
+}
+
 }  // namespace
 
 int main() {
@@ -265,6 +317,7 @@ int main() {
     test_threads_deterministic();
   }
   fastxent::set_isa("auto");
+  test_half_conversions();
   test_errors();
   std::printf("%d checks, %d failures\n", g_checks, g_failures);
   return g_failures == 0 ? 0 : 1;

@@ -90,6 +90,29 @@ extern template double cross_entropy<float>(const Inputs<float>&, const Options&
 extern template double cross_entropy<double>(const Inputs<double>&, const Options&, double*,
                                              double*);
 
+// 16-bit floating-point logits (float32 math inside; loss and row losses in float32).
+enum class HalfKind : int { Float16 = 0, BFloat16 = 1 };
+
+struct HalfInputs {
+  const uint16_t* logits = nullptr;  // IEEE float16 or bfloat16 bit patterns
+  HalfKind kind = HalfKind::Float16;
+  int64_t rows = 0;
+  int64_t classes = 0;
+  int64_t row_stride = 0;
+  int64_t inner = 1;
+  const int64_t* target = nullptr;
+  const uint16_t* probs = nullptr;  // same kind as the logits
+  int64_t probs_row_stride = 0;
+  const float* weight = nullptr;
+  const float* sample_weight = nullptr;
+};
+
+// As cross_entropy, for float16/bfloat16 logits. Rows are converted to float32 in chunks of a
+// fixed size (a few hundred KiB, not N x C), run through the float32 kernel, and the gradient
+// rounded once to the 16-bit type. grad == logits is the in-place mode.
+double cross_entropy_half(const HalfInputs& in, const Options& options, uint16_t* grad,
+                          float* row_losses);
+
 // Instruction sets. The kernel is compiled once per ISA and picked at run time.
 std::vector<std::string> available_isas();  // what this CPU and OS can run, e.g. scalar, avx2
 std::string active_isa();

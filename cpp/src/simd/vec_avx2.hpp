@@ -32,6 +32,29 @@ struct VF {
   using T = float;
   using R = __m256;
   static constexpr int64_t W = 8;
+  static constexpr bool kHasHalf = true;
+  // float16 through F16C; bfloat16 is the top half of a float: shift in, round to nearest
+  // even out (NaN forced quiet so rounding cannot carry it into inf).
+  static R load_f16(const uint16_t* p) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+  static void store_f16(uint16_t* p, R v) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+  }
+  static R load_bf16(const uint16_t* p) {
+    __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+  }
+  static void store_bf16(uint16_t* p, R v) {
+    const __m256i x = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(x, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(x, _mm256_set1_epi32(0x7fff)), lsb), 16);
+    const __m256i qnan = _mm256_or_si256(_mm256_srli_epi32(x, 16), _mm256_set1_epi32(0x40));
+    r = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(r), _mm256_castsi256_ps(qnan),
+                                             _mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+  }
   static R load(const T* p) { return _mm256_loadu_ps(p); }
   static R load_partial(const T* p, int64_t n, T fill) {
     __m256i m = detail::mask32(n);
@@ -81,6 +104,7 @@ struct VD {
   using T = double;
   using R = __m256d;
   static constexpr int64_t W = 4;
+  static constexpr bool kHasHalf = false;
   static R load(const T* p) { return _mm256_loadu_pd(p); }
   static R load_partial(const T* p, int64_t n, T fill) {
     __m256i m = detail::mask64(n);

@@ -19,6 +19,7 @@ struct VD {
   using T = double;
   using R = __m512d;
   static constexpr int64_t W = 8;
+  static constexpr bool kHasHalf = false;
   static __mmask8 mask(int64_t n) { return static_cast<__mmask8>((1u << n) - 1u); }
   static R load(const T* p) { return _mm512_loadu_pd(p); }
   static R load_partial(const T* p, int64_t n, T fill) {
@@ -64,6 +65,25 @@ struct VF {
   using T = float;
   using R = __m512;
   static constexpr int64_t W = 16;
+  static constexpr bool kHasHalf = true;
+  static R load_f16(const uint16_t* p) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+  static void store_f16(uint16_t* p, R v) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+  }
+  static R load_bf16(const uint16_t* p) {
+    __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+  }
+  static void store_bf16(uint16_t* p, R v) {
+    const __m512i x = _mm512_castps_si512(v);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(x, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(x, _mm512_set1_epi32(0x7fff)), lsb), 16);
+    const __m512i qnan = _mm512_or_si512(_mm512_srli_epi32(x, 16), _mm512_set1_epi32(0x40));
+    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), qnan);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
+  }
   static __mmask16 mask(int64_t n) { return static_cast<__mmask16>((1u << n) - 1u); }
   static R load(const T* p) { return _mm512_loadu_ps(p); }
   static R load_partial(const T* p, int64_t n, T fill) {

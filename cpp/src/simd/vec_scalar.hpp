@@ -21,6 +21,7 @@ struct VecScalar {
   using T = T_;
   using R = T_;
   static constexpr int64_t W = 1;
+  static constexpr bool kHasHalf = false;  // conversions are the scalar helpers of half_impl.hpp
   static R load(const T* p) { return *p; }
   // Never called with W == 1 (no tail shorter than a vector), but keeps the interface whole.
   static R load_partial(const T* p, int64_t n, T fill) { return n > 0 ? *p : fill; }
