@@ -200,6 +200,33 @@ fastxent::Options make_options(int reduction, int64_t ignore_index, double label
   return opt;
 }
 
+template <class T>
+void companion(const py::array& x, const py::array& out, int which, int num_threads,
+               const py::object& g) {
+  const py::ssize_t N = x.shape(0), C = x.shape(1);
+  int64_t ld = C;
+  const T* xp = rows_view<T>(x, N, C, &ld, "x");
+  py::array o = out;
+  const bool vec = which == 2;  // logsumexp: one value per row
+  if (!is_dtype<T>(o) || !c_contiguous(o) || !o.writeable() || o.shape(0) != N ||
+      (vec ? o.ndim() != 1 : (o.ndim() != 2 || o.shape(1) != C)))
+    throw std::invalid_argument("out: wrong dtype, shape or layout, or read-only");
+  T* op = static_cast<T*>(o.mutable_data());
+  const T* gp = nullptr;
+  if (which == 3) {
+    int64_t gld = C;
+    gp = rows_view<T>(py::reinterpret_borrow<py::array>(g), N, C, &gld, "grad");
+    if (gld != C || ld != C) throw std::invalid_argument("softmax_backward: contiguous rows");
+  }
+  py::gil_scoped_release release;
+  switch (which) {
+    case 0: fastxent::softmax<T>(xp, N, C, ld, op, false, num_threads); break;
+    case 1: fastxent::softmax<T>(xp, N, C, ld, op, true, num_threads); break;
+    case 2: fastxent::logsumexp<T>(xp, N, C, ld, op, num_threads); break;
+    default: fastxent::softmax_backward<T>(xp, gp, N, C, op, num_threads); break;
+  }
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
@@ -248,6 +275,20 @@ PYBIND11_MODULE(_core, m) {
       py::arg("normalizer"), py::arg("num_threads"), py::arg("grad"), py::arg("row_losses"),
       "As cross_entropy, for float16 (kind 0) / bfloat16 (kind 1) logits passed as uint16 "
       "views; float32 weights, float32 row losses, float32 loss.");
+
+  m.def(
+      "companion",
+      [](const py::array& x, const py::array& out, int which, int num_threads,
+         const py::object& g) {
+        if (x.ndim() != 2) throw std::invalid_argument("x: expected a 2-D array");
+        if (is_dtype<float>(x)) return companion<float>(x, out, which, num_threads, g);
+        if (is_dtype<double>(x)) return companion<double>(x, out, which, num_threads, g);
+        throw py::type_error("x: expected float32 or float64");
+      },
+      py::arg("x"), py::arg("out"), py::arg("which"), py::arg("num_threads"),
+      py::arg("g") = py::none(),
+      "Row-wise companions on a (rows, C) view: which 0 softmax, 1 log_softmax, 2 logsumexp "
+      "(out has one value per row), 3 softmax_backward (x = probs, g = upstream grad).");
 
   fastxent_py::bind_sigmoid(m);
 

@@ -95,6 +95,10 @@ struct RowFns {
   void (*affine)(const AffineIn<T>& in);
   void (*col_stats)(const ColIn<T>& in);
   void (*col_affine)(const ColAffineIn<T>& in);
+  // Softmax backward pieces: sum_c a_c b_c (float partial sums moved into double every 32 W
+  // elements), and out = p * (g - d).
+  double (*dot)(const T* a, const T* b, int64_t n);
+  void (*mul_sub)(const T* p, const T* g, T d, T* out, int64_t n);
 };
 
 struct KernelTable {

@@ -14,12 +14,18 @@ from typing import List
 
 from . import _core
 from ._api import cross_entropy, cross_entropy_with_grad
+from ._companions import log_softmax, logsumexp, softmax, softmax_backward, softmax_jacobian
 
 __version__: str = _core.__version__
 
 __all__ = [
     "cross_entropy",
     "cross_entropy_with_grad",
+    "softmax",
+    "log_softmax",
+    "logsumexp",
+    "softmax_backward",
+    "softmax_jacobian",
     "available_isas",
     "active_isa",
     "__version__",

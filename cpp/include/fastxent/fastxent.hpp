@@ -113,6 +113,23 @@ struct HalfInputs {
 double cross_entropy_half(const HalfInputs& in, const Options& options, uint16_t* grad,
                           float* row_losses);
 
+// Companions from the same derivation, on `rows` rows of `classes` contiguous values
+// (row n at x + n * row_stride; outputs C-contiguous, may alias x for softmax/log_softmax):
+//   softmax:      out = exp(x - lse)              (a row of all -inf gives NaN, as PyTorch)
+//   log_softmax:  out = x - lse
+//   logsumexp:    out[n] = lse_n = max + log sum exp(x - max)   (-inf for a row of all -inf)
+//   softmax_backward: out = p * (g - <p, g>), the vector-Jacobian product of softmax
+// num_threads as in Options. All bitwise identical for any thread count.
+template <class T>
+void softmax(const T* x, int64_t rows, int64_t classes, int64_t row_stride, T* out, bool log,
+             int num_threads);
+template <class T>
+void logsumexp(const T* x, int64_t rows, int64_t classes, int64_t row_stride, T* out,
+               int num_threads);
+template <class T>
+void softmax_backward(const T* p, const T* g, int64_t rows, int64_t classes, T* out,
+                      int num_threads);
+
 // Instruction sets. The kernel is compiled once per ISA and picked at run time.
 std::vector<std::string> available_isas();  // what this CPU and OS can run, e.g. scalar, avx2
 std::string active_isa();
