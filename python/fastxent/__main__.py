@@ -1,0 +1,108 @@
+"""Command line: ``python -m fastxent {info,bench} ...`` (no arguments: help).
+
+A subcommand is a function ``_add_NAME(subparsers)`` that adds its parser and sets
+``func`` (args -> exit code); list it in ``_SUBCOMMANDS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, List, Optional
+
+
+def _add_info(sub: "argparse._SubParsersAction") -> None:
+    p = sub.add_parser("info", help="version, ISA, OpenMP, compiler and CPU",
+                       description="Print the build and machine fastxent runs on.")
+    p.set_defaults(func=_cmd_info)
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from .bench import format_info, system_info
+    print(format_info(system_info()))
+    return 0
+
+
+def _add_bench(sub: "argparse._SubParsersAction") -> None:
+    p = sub.add_parser(
+        "bench", help="time fastxent against the memory floors, NumPy, PyTorch and JAX",
+        description="Time fastxent (fused, fused out=, in place, forward only) against the "
+                    "copy/read memory floors and NumPy, PyTorch and JAX, in one process, "
+                    "contestants interleaved within each repetition; medians are quoted. "
+                    "Environment variables (OPENBLAS_*, OMP_*) are left as you set them.")
+    p.add_argument("--shapes", metavar="NxC,...",
+                   help="comma-separated shapes (default: 4096x32000,1024x128256,65536x1000,"
+                        "256x1000,32x10)")
+    p.add_argument("--threads", default="1,all", metavar="T,...",
+                   help="comma-separated thread counts, 'all' = logical CPUs (default: 1,all)")
+    p.add_argument("--repeats", type=int, metavar="K",
+                   help="interleaved rounds per setting (default: as many as fit in the "
+                        "budget, 3 to 100)")
+    p.add_argument("--budget", type=float, default=20.0, metavar="S",
+                   help="seconds of timing per shape when --repeats is not given (default 20)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "float64"))
+    p.add_argument("--peers", default="numpy,torch,jax", metavar="P,...",
+                   help="peers to time among numpy,torch,jax (default: all; '' for none)")
+    p.add_argument("--plot", metavar="FILE.png", help="save a bar chart of time / copy floor")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke test: small shapes, few repeats (a few seconds)")
+    p.set_defaults(func=_cmd_bench)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from . import bench
+    try:
+        shapes = bench.parse_shapes(args.shapes) if args.shapes else (
+            bench.QUICK_SHAPES if args.quick else bench.DEFAULT_SHAPES)
+        threads = bench.parse_threads(args.threads)
+    except ValueError as e:
+        print(f"fastxent bench: error: {e}", file=sys.stderr)
+        return 2
+    peers = [p.strip() for p in args.peers.split(",") if p.strip()]
+    unknown = sorted(set(peers) - set(bench.PEERS))
+    if unknown or (args.repeats is not None and args.repeats < 1):
+        print(f"fastxent bench: error: unknown peers {unknown}" if unknown
+              else "fastxent bench: error: --repeats must be >= 1", file=sys.stderr)
+        return 2
+    repeats = args.repeats if args.repeats is not None else (5 if args.quick else None)
+    try:
+        results = bench.run_bench(shapes, threads, repeats=repeats, dtype=args.dtype,
+                                  peers=peers, budget_s=args.budget,
+                                  log=lambda s: print(s, flush=True))
+    except bench.CheckError as e:
+        print(f"fastxent bench: CHECK FAILED: {e}", file=sys.stderr)
+        return 1
+    if args.plot:
+        try:
+            bench.plot(results, args.plot)
+        except RuntimeError as e:
+            print(f"fastxent bench: error: {e}", file=sys.stderr)
+            return 1
+        print(f"\nplot saved to {args.plot}")
+    return 0
+
+
+_SUBCOMMANDS: List[Callable[["argparse._SubParsersAction"], None]] = [_add_info, _add_bench]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m fastxent",
+        description="fastxent: fused softmax cross-entropy (loss and gradient in one pass).")
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND")
+    for add in _SUBCOMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "func"):
+        parser.print_help()
+        return 0
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
