@@ -29,8 +29,37 @@ def _half_kind(dt: np.dtype) -> Optional[int]:
     return None
 
 
+_DLPACK_CPU = 1  # kDLCPU
+
+
+def _to_numpy(obj: Any, name: str) -> np.ndarray:
+    """A NumPy array over obj's memory without a copy: NumPy arrays as they are, DLPack
+    exporters (PyTorch CPU tensors, JAX CPU arrays, ...) through np.from_dlpack, anything
+    else (buffer protocol, sequences) through np.asarray. Arrays on another device are a
+    TypeError: fastxent is a CPU kernel."""
+    if type(obj) is np.ndarray:
+        return obj
+    if hasattr(obj, "__dlpack__") and not isinstance(obj, np.ndarray):
+        dev = obj.__dlpack_device__() if hasattr(obj, "__dlpack_device__") else (_DLPACK_CPU, 0)
+        if int(dev[0]) != _DLPACK_CPU:
+            raise TypeError(f"{name}: fastxent is a CPU kernel, but this array lives on device "
+                            f"{dev} (move it to the CPU first, e.g. tensor.cpu())")
+        if getattr(obj, "requires_grad", False) and hasattr(obj, "detach"):
+            obj = obj.detach()  # PyTorch refuses to export a tensor that requires grad
+        try:
+            return np.from_dlpack(obj)
+        except (BufferError, TypeError, RuntimeError):
+            # bfloat16 has no DLPack type NumPy knows: read PyTorch's bits as ml_dtypes'.
+            if type(obj).__module__.startswith("torch") and str(obj.dtype) == "torch.bfloat16":
+                import ml_dtypes
+                import torch
+                return np.from_dlpack(obj.view(torch.int16)).view(ml_dtypes.bfloat16)
+            raise
+    return np.asarray(obj)
+
+
 def _as_logits(logits: Any) -> np.ndarray:
-    x = logits if type(logits) is np.ndarray else np.asarray(logits)
+    x = _to_numpy(logits, "logits")
     if x.dtype not in _FLOAT_DTYPES and _half_kind(x.dtype) is None:
         raise TypeError(f"logits must be float32, float64, float16 or bfloat16, got {x.dtype}")
     if x.ndim == 0:
@@ -97,7 +126,7 @@ def _as_vector(v: Any, dtype: np.dtype, shape: Tuple[int, ...], name: str,
                what: str) -> Optional[np.ndarray]:
     if v is None:
         return None
-    w = np.asarray(v)
+    w = _to_numpy(v, name)
     if w.dtype.kind not in "fiu":
         raise TypeError(f"{name} must be numeric, got dtype {w.dtype}")
     if w.shape != shape:
@@ -107,7 +136,10 @@ def _as_vector(v: Any, dtype: np.dtype, shape: Tuple[int, ...], name: str,
 
 def _check_out(out: Any, x: np.ndarray) -> np.ndarray:
     if not isinstance(out, np.ndarray):
-        raise TypeError(f"out must be a NumPy array, got {type(out).__name__}")
+        if not hasattr(out, "__dlpack__"):
+            raise TypeError(f"out must be a NumPy array or a CPU DLPack array, got "
+                            f"{type(out).__name__}")
+        out = _to_numpy(out, "out")
     if out.dtype != x.dtype:
         raise ValueError(f"out has dtype {out.dtype}, expected {x.dtype} (the logits' dtype)")
     if out.shape != x.shape:
@@ -117,8 +149,7 @@ def _check_out(out: Any, x: np.ndarray) -> np.ndarray:
     if not out.flags.writeable:
         raise ValueError("out is read-only")
     if out is not x and np.may_share_memory(out, x):
-        same = (out.__array_interface__["data"][0] == x.__array_interface__["data"][0]
-                and out.strides == x.strides)
+        same = (out.ctypes.data == x.ctypes.data and out.strides == x.strides)
         if not same:
             raise ValueError("out overlaps the logits without being the same array: "
                              "pass out=logits itself for the in-place mode")
@@ -177,7 +208,7 @@ def _run(logits: Any, target: Any, kw: dict, want_grad: bool, out: Any):
     t_shape = x.shape[:ax] + x.shape[ax + 1:]
     half = _half_kind(x.dtype)
     cdt = np.dtype(np.float32) if half is not None else x.dtype  # compute / weight dtype
-    tgt = target if type(target) is np.ndarray else np.asarray(target)
+    tgt = _to_numpy(target, "target")
     probs = None
     t = None
     if (tgt.dtype.kind == "f" or _half_kind(tgt.dtype) is not None) and tgt.ndim == x.ndim:
@@ -202,8 +233,7 @@ def _run(logits: Any, target: Any, kw: dict, want_grad: bool, out: Any):
             grad = np.empty(x.shape, x.dtype)
         else:
             grad = _check_out(out, x)
-            for name, arr in (("target", target), ("weight", kw["weight"]),
-                              ("sample_weight", kw["sample_weight"])):
+            for name, arr in (("target", tgt), ("weight", w), ("sample_weight", sw)):
                 if isinstance(arr, np.ndarray) and np.may_share_memory(grad, arr):
                     raise ValueError(f"out overlaps {name}")
     xv = x if half is None else x.view(np.uint16)

@@ -8,13 +8,13 @@ from typing import Any, Optional
 import numpy as np
 
 from . import _core
-from ._api import _check_axis, _half_kind, _rows_view
+from ._api import _check_axis, _half_kind, _rows_view, _to_numpy
 
 __all__ = ["softmax", "log_softmax", "logsumexp", "softmax_backward", "softmax_jacobian"]
 
 
 def _prepare(x: Any, axis: Any, name: str):
-    a = x if type(x) is np.ndarray else np.asarray(x)
+    a = _to_numpy(x, name)
     half = _half_kind(a.dtype) is not None
     if a.dtype not in (np.float32, np.float64) and not half:
         raise TypeError(f"{name}: x must be float32, float64, float16 or bfloat16, got {a.dtype}")
@@ -103,8 +103,8 @@ def softmax_backward(probs: Any, grad: Any, axis: int = -1, *,
     >>> np.round(fx.softmax_backward(a, np.array([1.0, 0.0, 0.0])), 4)
     array([ 0.0819, -0.022 , -0.0599])
     """
-    p = probs if type(probs) is np.ndarray else np.asarray(probs)
-    g = grad if type(grad) is np.ndarray else np.asarray(grad)
+    p = _to_numpy(probs, "probs")
+    g = _to_numpy(grad, "grad")
     if p.shape != g.shape:
         raise ValueError(f"probs has shape {p.shape} but grad has {g.shape}")
     a, ax, half, work = _prepare(p, axis, "softmax_backward")
