@@ -1,0 +1,47 @@
+"""Shared fixtures.
+
+``isa``: parametrizes a test over every instruction set this CPU can run
+(``fastxent.available_isas()``), forcing it with ``fastxent._core.set_isa`` for the duration
+of the test and restoring the default afterwards. Every numerical test takes it, so the
+scalar fallback is held to the same contract as the SIMD kernels.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+import pytest
+
+import fastxent
+from fastxent import _core
+
+sys.path.insert(0, os.path.dirname(__file__))  # `import reference` from any rootdir
+from reference import default_isa  # noqa: E402
+
+ISAS = fastxent.available_isas()
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    name = request.param
+    _core.set_isa(name)
+    assert fastxent.active_isa() == name
+    try:
+        yield name
+    finally:
+        _core.set_isa(default_isa())
+
+
+@pytest.fixture
+def rng(request):
+    """A generator seeded from the test's id: deterministic, different per test case."""
+    seed = sum(ord(ch) * (i + 1) for i, ch in enumerate(request.node.nodeid)) % (2**32)
+    return np.random.default_rng(seed)
+
+
+def pytest_report_header(config):
+    return (f"fastxent {fastxent.__version__}: ISAs {ISAS} (default {fastxent.active_isa()}), "
+            f"OpenMP {_core.has_openmp()} with {_core.default_num_threads()} threads, "
+            f"build {dict(_core.build_info)}")

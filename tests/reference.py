@@ -1,0 +1,222 @@
+"""Float64 NumPy reference for fastxent, plus the helpers the tests share.
+
+The reference follows the contract literally (PyTorch ``F.cross_entropy`` semantics). For
+every counted row n (``target[n] != ignore_index``), with logp = log_softmax(z_n):
+
+    row_n = (1 - eps) * (-w[y_n] * logp[y_n]) + (eps / C) * sum_c (-w_c * logp[c])
+    "sum"  = sum_n row_n
+    "mean" = sum_n row_n / sum_n w[y_n]      (0 when that denominator is 0: fastxent's choice)
+    "none" = row_n, 0 for ignored rows
+
+    grad[n, c] = s * (Q_n * softmax(z_n)_c - q_nc)
+    q_nc = (1 - eps) * w[y_n] * [c == y_n] + (eps / C) * w_c,   Q_n = sum_c q_nc
+    s = 1 / sum_n w[y_n] for "mean", 1 for "sum" and "none"; ignored rows: 0.
+
+Limits the library defines (and the reference therefore spells out):
+- a term with a zero factor is 0, even when its other factor is inf (0 * inf := 0): that is
+  the limit of the formula as a masked logit goes to -inf with a zero weight on it;
+- a row whose logits are all -inf has loss +inf and the gradient of equal logits
+  (uniform softmax), the limit of a row of equal finite logits;
+- NaN anywhere in a counted row makes that row's loss and gradient NaN.
+
+Accuracy of the reference itself: log-sum-exp by max shift with log1p of the sum of the
+non-maximal terms, so a loss close to 0 (target = argmax with large logits) keeps its relative
+accuracy; the target entry of the gradient uses 1 - p_y = sum_{c != y} p_c (no cancellation).
+Everything is float64, so the reference is good to a few 1e-16 relative: far below every
+tolerance used against it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple, Union
+
+import numpy as np
+
+# Unit roundoffs (half an ULP of 1): the natural scale of every tolerance in the tests.
+U32 = float(np.finfo(np.float32).eps) / 2  # 5.96e-8
+U64 = float(np.finfo(np.float64).eps) / 2  # 1.11e-16
+
+
+def _mul0(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a * b with 0 * anything = 0 (the limit convention above), NaN * x stays NaN."""
+    with np.errstate(invalid="ignore"):
+        prod = a * b
+    return np.where((a == 0) & ~np.isnan(b), 0.0, prod)
+
+
+def cross_entropy_ref(logits, target, *, weight=None, ignore_index: int = -100,
+                      label_smoothing: float = 0.0, reduction: str = "mean"
+                      ) -> Tuple[Union[float, np.ndarray], np.ndarray]:
+    """(loss, grad) in float64. loss is a float for "mean"/"sum", an array of
+    logits.shape[:-1] for "none"; grad has logits' shape."""
+    z_in = np.asarray(logits)
+    shape = z_in.shape
+    C = shape[-1]
+    z = z_in.astype(np.float64).reshape(-1, C)
+    N = z.shape[0]
+    # Targets as Python ints first: uint64 values above 2**63 must not wrap.
+    y_obj = np.asarray(target).reshape(-1)
+    counted = np.array([int(v) != ignore_index for v in y_obj], dtype=bool)
+    y = np.array([int(v) if c else 0 for v, c in zip(y_obj, counted)], dtype=np.int64)
+    if np.any(counted & ((y < 0) | (y >= C))):
+        raise IndexError("reference: target out of range")
+    w = np.ones(C) if weight is None else np.asarray(weight).astype(np.float64)
+    eps = float(label_smoothing)
+    rows = np.arange(N)
+
+    wy = np.where(counted, w[y], 0.0)
+    D = float(np.sum(wy))
+    if reduction == "mean":
+        s = 1.0 / D if D != 0 else 0.0
+    else:
+        s = 1.0
+
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        m = np.max(z, axis=1) if C else np.zeros(N)  # NaN propagates through np.max
+        dead = np.isneginf(m)  # all -inf: the limit of equal logits
+        zs = np.where(dead[:, None], 0.0, z - np.where(dead, 0.0, m)[:, None])  # <= 0
+        e = np.exp(zs)
+        am = np.argmax(np.where(np.isnan(zs), -np.inf, zs), axis=1)
+        e_rest = e.copy()
+        e_rest[rows, am] = 0.0
+        rest = e_rest.sum(axis=1)               # S - 1, S = sum_c exp(z_c - m)
+        log_s = np.log1p(rest)                  # log S
+        S = 1.0 + rest
+        nlogp = log_s[:, None] - zs             # -log softmax >= 0; +inf on -inf classes
+        p = e / S[:, None]                      # softmax
+        nll = nlogp[rows, y]
+        smooth = np.sum(_mul0(np.broadcast_to(w, (N, C)), nlogp), axis=1)
+        row = np.zeros(N)
+        if eps < 1.0:
+            row = row + _mul0((1.0 - eps) * wy, nll)
+        if eps > 0.0:
+            row = row + (eps / C) * smooth
+        row = np.where(dead & ~np.isnan(row), np.inf, row)
+        row = np.where(counted, row, 0.0)
+
+        # Gradient. Target entry without cancellation:
+        # Q p_y - q_y = (Q - q_y) - Q (1 - p_y), 1 - p_y = (S - e_y) / S.
+        W = float(np.sum(w))
+        Q = (1.0 - eps) * wy + (eps / C) * W
+        q = np.broadcast_to((eps / C) * w, (N, C)).copy()
+        q[rows, y] += (1.0 - eps) * wy
+        g = Q[:, None] * p - q
+        e_not_y = e.copy()
+        e_not_y[rows, y] = 0.0
+        one_minus_py = e_not_y.sum(axis=1) / S
+        gy = (Q - q[rows, y]) - Q * one_minus_py
+        g[rows, y] = gy
+        g = s * g
+        g = np.where(counted[:, None], g, 0.0)
+        if reduction == "mean" and D == 0:
+            g = np.zeros_like(g)
+
+    g = g.reshape(shape)
+    if reduction == "none":
+        return row.reshape(shape[:-1]), g
+    with np.errstate(invalid="ignore"):
+        total = float(np.sum(row))
+    if reduction == "sum":
+        return total, g
+    if reduction == "mean":
+        return (total / D if D != 0 else 0.0), g
+    raise ValueError(reduction)
+
+
+def torch_cross_entropy(logits, target, *, weight=None, ignore_index: int = -100,
+                        label_smoothing: float = 0.0, reduction: str = "mean",
+                        dtype=np.float64):
+    """(loss, grad) from PyTorch's F.cross_entropy + autograd, computed in `dtype`, returned
+    as float64 arrays ("none": gradient of the sum of the row losses). Import torch only
+    through pytest.importorskip in the calling test."""
+    import torch
+    import torch.nn.functional as F
+
+    z = np.array(logits, dtype=dtype, copy=True)
+    C = z.shape[-1]
+    zt = torch.from_numpy(z.reshape(-1, C)).requires_grad_(True)
+    yt = torch.from_numpy(np.array(target, dtype=np.int64, copy=True).reshape(-1))
+    wt = None if weight is None else torch.from_numpy(np.array(weight, dtype=dtype, copy=True))
+    loss = F.cross_entropy(zt, yt, weight=wt, ignore_index=ignore_index,
+                           label_smoothing=label_smoothing, reduction=reduction)
+    loss.sum().backward()
+    l_np = loss.detach().numpy().astype(np.float64)
+    g_np = zt.grad.numpy().astype(np.float64).reshape(z.shape)
+    if reduction == "none":
+        return l_np.reshape(z.shape[:-1]), g_np
+    return float(l_np), g_np
+
+
+# ----------------------------------------------------------------------------------------
+# error measures and comparisons
+
+
+def loss_error(got, ref) -> float:
+    """max_n |got_n - ref_n| / max(|ref_n|, 1).
+
+    The loss is m - z_y + log S (S = sum_c exp(z_c - m) >= 1): the float rounding of S is a
+    *relative* error on S, i.e. an *absolute* error on the loss, so a loss below 1 can only be
+    expected to be right to an absolute error of a few ULPs of 1; above 1, relative."""
+    g = np.asarray(got, dtype=np.float64)
+    r = np.asarray(ref, dtype=np.float64)
+    if g.size == 0:
+        return 0.0
+    return float(np.max(np.abs(g - r) / np.maximum(np.abs(r), 1.0)))
+
+
+def grad_error(got, ref) -> float:
+    """max |got - ref| / max |ref|: every entry of a row's gradient is a * e_c - b * w_c with
+    the same a, so its error is relative to the size of the row's largest entries, not to the
+    (possibly tiny) entry itself."""
+    g = np.asarray(got, dtype=np.float64)
+    r = np.asarray(ref, dtype=np.float64)
+    if r.size == 0:
+        return 0.0
+    scale = float(np.max(np.abs(r)))
+    err = float(np.max(np.abs(g - r)))
+    return err / scale if scale > 0 else err
+
+
+def bits(a) -> bytes:
+    """The exact bytes of an array or NumPy scalar, with its dtype and shape."""
+    arr = np.asarray(a)
+    return repr((arr.dtype.str, arr.shape)).encode() + np.ascontiguousarray(arr).tobytes()
+
+
+def assert_bitwise_equal(a, b, what: str = "") -> None:
+    aa, bb = np.asarray(a), np.asarray(b)
+    assert aa.dtype == bb.dtype, f"{what}: dtype {aa.dtype} != {bb.dtype}"
+    assert aa.shape == bb.shape, f"{what}: shape {aa.shape} != {bb.shape}"
+    if bits(aa) != bits(bb):
+        ua = np.ascontiguousarray(aa).view(np.uint8).reshape(-1)
+        ub = np.ascontiguousarray(bb).view(np.uint8).reshape(-1)
+        k = int(np.flatnonzero(ua != ub)[0]) // aa.itemsize
+        raise AssertionError(f"{what}: not bitwise identical; first difference at flat index "
+                             f"{k}: {aa.reshape(-1)[k]!r} != {bb.reshape(-1)[k]!r}")
+
+
+def make_logits(rng: np.random.Generator, shape, scale: float, dtype) -> np.ndarray:
+    """scale * randn, rounded to dtype (the reference then sees exactly the same values)."""
+    return (scale * rng.standard_normal(shape)).astype(dtype)
+
+
+def make_target(rng: np.random.Generator, shape, C: int,
+                ignore_frac: float = 0.0, ignore_index: int = -100) -> np.ndarray:
+    y = rng.integers(0, C, size=shape, dtype=np.int64)
+    if ignore_frac:
+        y = np.where(rng.random(shape) < ignore_frac, ignore_index, y)
+    return y
+
+
+def make_weight(rng: np.random.Generator, C: int, dtype) -> np.ndarray:
+    return rng.uniform(0.25, 2.0, size=C).astype(dtype)
+
+
+Weight = Optional[np.ndarray]
+
+
+def default_isa() -> str:
+    """The ISA `import fastxent` selected: FASTXENT_ISA when the suite runs under it (the
+    same normalisation as fastxent/__init__.py), else "auto" (the best)."""
+    return os.environ.get("FASTXENT_ISA", "").strip().lower() or "auto"
