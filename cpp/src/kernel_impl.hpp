@@ -145,29 +145,32 @@ struct Row {
     if (len >= W) V::store(p, v); else V::store_partial(p, v, len);
   }
 
-  // z' = cap * tanh(z * alpha / cap) with a softcap, z * alpha without (alpha = 1: z).
-  template <bool CAP>
+  // z' by transform kind TR: 0 identity, 1 alpha z, 2 cap * tanh(alpha z / cap) (t = tanh(.)).
+  template <int TR>
   static R transform(R zz, R valpha, R vinv, R vcap, R* t) {
-    if constexpr (CAP) {
+    if constexpr (TR == 2) {
       *t = vtanh<V>(V::mul(zz, vinv));
       return V::mul(*t, vcap);
-    } else {
-      (void)vinv;
-      (void)vcap;
-      (void)t;
+    } else if constexpr (TR == 1) {
       return V::mul(zz, valpha);
+    } else {
+      (void)valpha;
+      return zz;
     }
   }
 
+  static int transform_kind(T alpha, T cap) { return cap > T(0) ? 2 : (alpha != T(1) ? 1 : 0); }
+
   // The statistics of one block, given its transformed max mt. Template flags:
-  //   STORE: write e = exp(z' - mt); CAP: softcap (also writes t = tanh(.) when STORE);
+  //   STORE: write e = exp(z' - mt); TR: the transform (2: softcap, also writes t = tanh(.)
+  //   when STORE);
   //   WD 0: nothing more; 1: wd = sum w (z' - mt) (class targets with smoothing);
   //   2: wd = sum u (z' - mt), usum = sum u, u = w (q1 p + q0) (probability targets).
-  template <bool STORE, bool CAP, int WD, bool HAS_W>
+  template <bool STORE, int TR, int WD, bool HAS_W>
   static BlockStat block_impl(const BlockIn<T>& in, T mt) {
     const int64_t n = in.n;
     const R vm = V::set1(mt), valpha = V::set1(in.alpha);
-    const R vcap = V::set1(in.cap), vinv = V::set1(CAP ? in.alpha / in.cap : T(0));
+    const R vcap = V::set1(in.cap), vinv = V::set1(TR == 2 ? in.alpha / in.cap : T(0));
     const R vq1 = V::set1(in.q1), vq0 = V::set1(in.q0);
     double sum = 0.0, wd = 0.0, usum = 0.0;
     // Chunks of kChunk elements: two float accumulators of W lanes each take 16 additions
@@ -181,13 +184,13 @@ struct Row {
       int64_t i = c0;
       auto step = [&](int64_t j, int64_t len, R* a) {
         R t;
-        R x = V::sub(transform<CAP>(loadn(in.z + j, len), valpha, vinv, vcap, &t), vm);
+        R x = V::sub(transform<TR>(loadn(in.z + j, len), valpha, vinv, vcap, &t), vm);
         if (len < W) x = V::keep_first(x, len);  // masked lanes add nothing to any sum
         R y = vexp<V>(x);
         if (len < W) y = V::keep_first(y, len);
         if constexpr (STORE) {
           storen(in.e + j, y, len);
-          if constexpr (CAP) storen(in.t + j, t, len);
+          if constexpr (TR == 2) storen(in.t + j, t, len);
         }
         a[0] = V::add(a[0], y);
         if constexpr (WD == 1) {
@@ -240,14 +243,14 @@ struct Row {
             nan ? std::numeric_limits<double>::quiet_NaN() : 0.0, wz, usum};
   }
 
-  template <bool STORE, bool CAP>
+  template <bool STORE, int TR>
   static BlockStat block_mode(const BlockIn<T>& in, T mt) {
     switch (in.wd_mode) {
-      case 0: return block_impl<STORE, CAP, 0, false>(in, mt);
-      case 1: return in.w ? block_impl<STORE, CAP, 1, true>(in, mt)
-                          : block_impl<STORE, CAP, 1, false>(in, mt);
-      default: return in.w ? block_impl<STORE, CAP, 2, true>(in, mt)
-                           : block_impl<STORE, CAP, 2, false>(in, mt);
+      case 0: return block_impl<STORE, TR, 0, false>(in, mt);
+      case 1: return in.w ? block_impl<STORE, TR, 1, true>(in, mt)
+                          : block_impl<STORE, TR, 1, false>(in, mt);
+      default: return in.w ? block_impl<STORE, TR, 2, true>(in, mt)
+                           : block_impl<STORE, TR, 2, false>(in, mt);
     }
   }
 
@@ -256,14 +259,20 @@ struct Row {
     if (m == -std::numeric_limits<T>::infinity()) return degenerate(in);
     // The transformed max through the same vector code as the elements, so that the block's
     // largest element gives exactly x = 0. (alpha > 0 and tanh are increasing.)
-    if (in.cap > T(0)) {
-      R t;
-      const T mt = V::hmax(transform<true>(V::set1(m), V::set1(in.alpha),
-                                           V::set1(in.alpha / in.cap), V::set1(in.cap), &t));
-      return in.e ? block_mode<true, true>(in, mt) : block_mode<false, true>(in, mt);
+    R t;
+    const R vm = V::set1(m), valpha = V::set1(in.alpha), vcap = V::set1(in.cap);
+    switch (transform_kind(in.alpha, in.cap)) {
+      case 2: {
+        const T mt = V::hmax(transform<2>(vm, valpha, V::set1(in.alpha / in.cap), vcap, &t));
+        return in.e ? block_mode<true, 2>(in, mt) : block_mode<false, 2>(in, mt);
+      }
+      case 1: {
+        const T mt = V::hmax(transform<1>(vm, valpha, vcap, vcap, &t));
+        return in.e ? block_mode<true, 1>(in, mt) : block_mode<false, 1>(in, mt);
+      }
+      default:
+        return in.e ? block_mode<true, 0>(in, m) : block_mode<false, 0>(in, m);
     }
-    const T ma = V::hmax(V::mul(V::set1(m), V::set1(in.alpha)));
-    return in.e ? block_mode<true, false>(in, ma) : block_mode<false, false>(in, ma);
   }
 
   // g = d * (a * e - b * u): u = w (or 1) without probability targets, w (q1 p + q0) with
@@ -370,16 +379,16 @@ struct Col {
     for (int64_t j = 0; j < len; ++j) out[j] += double(tmp[j]);
   }
 
-  template <bool STORE, bool CAP, int WD, bool HAS_W>
+  template <bool STORE, int TR, int WD, bool HAS_W>
   static void group(const ColIn<T>& in, int64_t i0, int64_t len) {
     const int64_t C = in.C, ld = in.ld;
     const T ninf = -std::numeric_limits<T>::infinity();
     R m = V::set1(ninf);
     for (int64_t c = 0; c < C; ++c) m = V::max(m, Rw::loadn(in.z + c * ld + i0, len));
     const R valpha = V::set1(in.alpha), vcap = V::set1(in.cap);
-    const R vinv = V::set1(CAP ? in.alpha / in.cap : T(0));
+    const R vinv = V::set1(TR == 2 ? in.alpha / in.cap : T(0));
     R tm;
-    R mt = Rw::template transform<CAP>(m, valpha, vinv, vcap, &tm);
+    R mt = Rw::template transform<TR>(m, valpha, vinv, vcap, &tm);
     // Lanes whose max is -inf (all -inf) use 0 as their shift: their e come out 0, not NaN.
     const R lowest = V::set1(std::numeric_limits<T>::lowest());
     const R shift = V::zero_if_less(m, lowest, mt);
@@ -401,12 +410,12 @@ struct Col {
       for (int64_t c = c0; c < c1; ++c) {
         const int64_t off = c * ld + i0;
         R t;
-        R x = V::sub(Rw::template transform<CAP>(Rw::loadn(in.z + off, len), valpha, vinv, vcap, &t),
+        R x = V::sub(Rw::template transform<TR>(Rw::loadn(in.z + off, len), valpha, vinv, vcap, &t),
                      shift);
         R y = vexp<V>(x);
         if constexpr (STORE) {
           Rw::storen(in.e + off, y, len);
-          if constexpr (CAP) Rw::storen(in.t + c * in.tld + i0, t, len);
+          if constexpr (TR == 2) Rw::storen(in.t + c * in.tld + i0, t, len);
         }
         s = V::add(s, y);
         const R wc = V::set1(HAS_W ? in.w[c] : T(1));
@@ -423,24 +432,24 @@ struct Col {
     }
   }
 
-  template <bool STORE, bool CAP, int WD, bool HAS_W>
+  template <bool STORE, int TR, int WD, bool HAS_W>
   static void stats_impl(const ColIn<T>& in) {
     for (int64_t i0 = 0; i0 < in.L; i0 += W)
-      group<STORE, CAP, WD, HAS_W>(in, i0, in.L - i0 < W ? in.L - i0 : W);
+      group<STORE, TR, WD, HAS_W>(in, i0, in.L - i0 < W ? in.L - i0 : W);
   }
-  template <bool STORE, bool CAP>
+  template <bool STORE, int TR>
   static void stats_mode(const ColIn<T>& in) {
     switch (in.wd_mode) {
-      case 0: return stats_impl<STORE, CAP, 0, false>(in);
-      case 1: return in.w ? stats_impl<STORE, CAP, 1, true>(in) : stats_impl<STORE, CAP, 1, false>(in);
-      default: return in.w ? stats_impl<STORE, CAP, 2, true>(in) : stats_impl<STORE, CAP, 2, false>(in);
+      case 0: return stats_impl<STORE, TR, 0, false>(in);
+      case 1: return in.w ? stats_impl<STORE, TR, 1, true>(in) : stats_impl<STORE, TR, 1, false>(in);
+      default: return in.w ? stats_impl<STORE, TR, 2, true>(in) : stats_impl<STORE, TR, 2, false>(in);
     }
   }
   static void stats(const ColIn<T>& in) {
-    if (in.cap > T(0)) {
-      if (in.e) stats_mode<true, true>(in); else stats_mode<false, true>(in);
-    } else {
-      if (in.e) stats_mode<true, false>(in); else stats_mode<false, false>(in);
+    switch (Rw::transform_kind(in.alpha, in.cap)) {
+      case 2: return in.e ? stats_mode<true, 2>(in) : stats_mode<false, 2>(in);
+      case 1: return in.e ? stats_mode<true, 1>(in) : stats_mode<false, 1>(in);
+      default: return in.e ? stats_mode<true, 0>(in) : stats_mode<false, 0>(in);
     }
   }
 
