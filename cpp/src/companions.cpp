@@ -12,11 +12,11 @@
 
 #include "fastxent/fastxent.hpp"
 #include "kernel_table.hpp"
+#include "threads.hpp"
 
 namespace fastxent {
 namespace {
 
-constexpr int64_t kSerialGrain = 1 << 15;
 constexpr double kInf = std::numeric_limits<double>::infinity();
 
 void check(int64_t rows, int64_t classes, int64_t row_stride, int num_threads) {
@@ -30,8 +30,7 @@ void check(int64_t rows, int64_t classes, int64_t row_stride, int num_threads) {
 // Runs body(n) for every row, each row on one thread (static contiguous chunks).
 template <class F>
 void for_rows(int64_t rows, int64_t classes, int num_threads, F body) {
-  int nt = num_threads > 0 ? num_threads : default_num_threads();
-  if (rows * classes < kSerialGrain) nt = 1;
+  int nt = detail::resolve_threads(num_threads, rows * classes);
   nt = int(std::min<int64_t>(nt, std::max<int64_t>(rows, 1)));
   if (nt <= 1) {
     for (int64_t n = 0; n < rows; ++n) body(n);

@@ -22,6 +22,7 @@
 #endif
 
 #include "ce_detail.hpp"
+#include "threads.hpp"
 
 namespace fastxent {
 
@@ -29,9 +30,6 @@ namespace {
 
 using namespace detail;
 
-// Below this many logits a call runs on the calling thread: a parallel region costs a few
-// microseconds, more than such a call's whole compute.
-constexpr int64_t kSerialGrain = 1 << 15;
 // Elements per float32 chunk of 16-bit logits (1 MiB as float32).
 constexpr int64_t kHalfChunk = 1 << 18;
 
@@ -228,8 +226,7 @@ Problem<T> make_problem(const Inputs<T>& in, const Options& opt, T* grad, const 
 }
 
 int thread_count(const Options& opt, int64_t work) {
-  int nt = opt.num_threads > 0 ? opt.num_threads : default_num_threads();
-  return (work < kSerialGrain || nt < 1) ? 1 : nt;
+  return resolve_threads(opt.num_threads, work);
 }
 
 // Every row's loss (double) into losses, and the gradient when p.grad is set.
@@ -287,22 +284,6 @@ double reduce(const Options& opt, const Prepared& pr, const std::vector<double>&
 }
 
 }  // namespace
-
-int default_num_threads() {
-#if defined(_OPENMP)
-  return omp_get_max_threads();
-#else
-  return 1;
-#endif
-}
-
-bool has_openmp() {
-#if defined(_OPENMP)
-  return true;
-#else
-  return false;
-#endif
-}
 
 template <class T>
 double cross_entropy(const Inputs<T>& in, const Options& opt, T* grad, T* row_losses) {
