@@ -13,13 +13,13 @@
 #include "fastxent/fastxent.hpp"
 #include "fastxent/sigmoid.hpp"
 #include "kernel_table.hpp"
+#include "threads.hpp"
 
 namespace fastxent {
 
 namespace {
 
 constexpr int64_t kChunk = 8192;            // elements per chunk (the unit of parallel work)
-constexpr int64_t kSerialGrain = 1 << 15;   // below: the calling thread alone
 constexpr int64_t kMinPeriod = 1024;        // a short last axis is tiled to at least this
 
 // A broadcast operand as the kernel sees it: element i reads data[i % period] (period n: one
@@ -90,7 +90,8 @@ double sigmoid_cross_entropy(const SigmoidInputs<T>& in, const SigmoidOptions& o
   }
   const int64_t bytes = n * int64_t(sizeof(T));
   auto span = [&](const Arr& a) {
-    return int64_t(sizeof(T)) * (a.mode == Broadcast::Full ? n : a.mode == Broadcast::Last ? in.last : 0);
+    const int64_t count = a.mode == Broadcast::Full ? n : a.mode == Broadcast::Last ? in.last : 0;
+    return int64_t(sizeof(T)) * count;
   };
   const struct {
     const char* name;
@@ -129,8 +130,7 @@ double sigmoid_cross_entropy(const SigmoidInputs<T>& in, const SigmoidOptions& o
     part[size_t(k)] = s;
   };
 
-  int nt = opt.num_threads > 0 ? opt.num_threads : default_num_threads();
-  if (n < kSerialGrain || nt < 1) nt = 1;
+  int nt = detail::resolve_threads(opt.num_threads, n);  // serial when small or forked
   if (nt == 1) {
     for (int64_t k = 0; k < chunks; ++k) run_chunk(k);
   } else {

@@ -10,10 +10,14 @@
 // +inf, or 0 when P = 0 (0 * inf := 0, the limit). A weight of 0 likewise zeroes an infinite
 // loss. NaN in x, y, p or w propagates to the loss and the gradient.
 //
-// Precision (measured by tests/cpp/test_sigmoid.cpp against long double over dense grids,
-// every ISA): log1p01 max 1.06 ULP (float), 0.83 ULP (double); see the test for the
-// element-wise loss / gradient bounds. Sums: per-vector accumulators in the storage type,
-// moved into a double every 16 vectors.
+// Precision, measured by tests/cpp/test_sigmoid.cpp against long double (scalar and AVX2;
+// AVX-512 runs the same operation sequence): log1p01 on a 2^20-point grid of [0, 1] plus a
+// geometric one down to the smallest normal: max 1.19 ULP (float), 1.11 ULP (double).
+// Element-wise over x in +-[1e-4, 100], y in [0, 1], p in [0, 4]: loss max 3.4 ULP (relative:
+// both terms are >= 0), gradient max 3.6 u relative to (1 - y) sigmoid(x) + p y sigmoid(-x)
+// (the two terms it subtracts), float and double alike. Below: exp(-|x|) flushes to 0 under
+// the smallest normal, so results under ~(1 + p) FLT_MIN may come out 0. Sums: vectors of
+// the storage type over 16 vectors, then double.
 #pragma once
 
 #include <cmath>

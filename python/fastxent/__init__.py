@@ -15,6 +15,7 @@ from typing import List
 from . import _core
 from ._api import cross_entropy, cross_entropy_with_grad
 from ._companions import log_softmax, logsumexp, softmax, softmax_backward, softmax_jacobian
+from ._sigmoid import sigmoid_cross_entropy, sigmoid_cross_entropy_with_grad
 
 __version__: str = _core.__version__
 
@@ -26,6 +27,8 @@ __all__ = [
     "logsumexp",
     "softmax_backward",
     "softmax_jacobian",
+    "sigmoid_cross_entropy",
+    "sigmoid_cross_entropy_with_grad",
     "available_isas",
     "active_isa",
     "__version__",
