@@ -1,0 +1,266 @@
+"""JAX integration: fastxent's fused cross-entropy as a differentiable, jit-compatible function.
+
+>>> import jax, jax.numpy as jnp, fastxent.jax as fxj
+>>> logits = jax.random.normal(jax.random.PRNGKey(0), (8, 5))
+>>> target = jnp.arange(8) % 5
+>>> loss, grad = jax.jit(jax.value_and_grad(fxj.cross_entropy))(logits, target)
+
+How it works: :func:`cross_entropy` is a ``jax.custom_vjp`` function whose primal and forward
+rule call the C++ kernel on the host through ``jax.pure_callback``. The forward rule (used
+under ``jax.grad`` / ``jax.value_and_grad`` / ``jax.vjp``) runs the fused kernel, which
+returns the loss and its gradient with respect to the logits from one pass over memory, and
+keeps the gradient as the residual; the backward rule only multiplies it by the cotangent
+(per row for ``reduction="none"``). Evaluated without differentiation, only the loss is
+computed (the forward-only kernel, nothing of the logits' size written).
+
+Requires the optional extra: ``pip install fastxent[jax]``.
+"""
+
+from __future__ import annotations
+
+import functools
+import operator
+from typing import Any, Optional, Tuple
+
+import numpy as np
+
+try:
+    import jax
+except ImportError as _e:  # pragma: no cover - exercised without jax installed
+    raise ImportError("fastxent.jax needs JAX: pip install 'fastxent[jax]'") from _e
+import jax.numpy as jnp
+
+from . import _api
+
+__all__ = ["cross_entropy"]
+
+_Options = Tuple[Tuple[str, Any], ...]  # sorted (name, value) pairs: hashable, a cache key
+
+_RESERVED = ("out",)
+
+
+def _compute_dtype(dtype: Any) -> np.dtype:
+    """float64 stays float64; float32, float16 and bfloat16 compute in float32."""
+    dt = np.dtype(dtype)
+    if not jnp.issubdtype(dt, jnp.floating):
+        raise TypeError(f"logits must be a floating-point array (float32, float64, float16 or "
+                        f"bfloat16), got {dt}")
+    return np.dtype(np.float64) if dt == np.float64 else np.dtype(np.float32)
+
+
+def _static(v: Any, name: str) -> Any:
+    """Options are static: Python / NumPy scalars, hashable, known at trace time."""
+    if isinstance(v, (jax.Array, np.ndarray, np.generic)):
+        try:
+            a = np.asarray(v)
+        except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+            a = None
+        if a is None or a.ndim != 0:
+            raise TypeError(f"{name} must be a static Python scalar (options are compiled "
+                            f"into the call), got {type(v).__name__}")
+        return a.item()
+    try:
+        hash(v)
+    except TypeError:
+        raise TypeError(f"{name} must be a static (hashable) value, got "
+                        f"{type(v).__name__}") from None
+    return v
+
+
+def _validate(shape: Tuple[int, ...], cdt: np.dtype, probs: bool, axis: int,
+              opts: _Options, weight: Any, sample_weight: Any) -> None:
+    """Runs fastxent once on a single-row stand-in at trace time, so that a bad option or
+    shape raises its ordinary fastxent exception here, not later inside the callback."""
+    kw = dict(opts)
+    kw.pop("axis", None)  # the stand-in has its class axis last
+    C = shape[axis]
+    t_shape = shape[:axis] + shape[axis + 1:]
+    if weight is not None and tuple(np.shape(weight)) != (C,):
+        raise ValueError(f"weight has shape {tuple(np.shape(weight))}, expected {(C,)} "
+                         f"(one per class)")
+    if sample_weight is not None and tuple(np.shape(sample_weight)) != t_shape:
+        raise ValueError(f"sample_weight has shape {tuple(np.shape(sample_weight))}, expected "
+                         f"{t_shape} (one per row)")
+    z = np.zeros((1, C), cdt)
+    t = np.full((1, C), 1.0 / max(C, 1), cdt) if probs else np.zeros(1, np.int64)
+    _api.cross_entropy(z, t, weight=None if weight is None else np.ones(C, cdt),
+                       sample_weight=None if sample_weight is None else np.ones(1, cdt), **kw)
+
+
+def _host(opts: _Options, want_grad: bool):
+    kw = dict(opts)
+
+    def call(x, t, w, sw):
+        # The callback receives host (CPU) buffers; np.asarray views them without a copy.
+        x = np.asarray(x)
+        t = np.asarray(t)
+        w = None if w is None else np.asarray(w)
+        sw = None if sw is None else np.asarray(sw)
+        if want_grad:
+            loss, grad = _api.cross_entropy_with_grad(x, t, weight=w, sample_weight=sw, **kw)
+            return np.asarray(loss, x.dtype), grad
+        return np.asarray(_api.cross_entropy(x, t, weight=w, sample_weight=sw, **kw), x.dtype)
+
+    return call
+
+
+@functools.lru_cache(maxsize=256)
+def _make(opts: _Options, axis: int):
+    """The custom_vjp function for one set of static options (cached: the same function
+    object for the same options, so jit sees a stable callee)."""
+    reduction = dict(opts)["reduction"]
+
+    def shapes(x):
+        rows = x.shape[:axis] + x.shape[axis + 1:]
+        return jax.ShapeDtypeStruct(rows if reduction == "none" else (), x.dtype)
+
+    @jax.custom_vjp
+    def ce(x, t, w, sw):
+        # "sequential": under vmap each batch element is its own call (a batched call would
+        # mix the batch into the rows, and the mean's denominator with it).
+        return jax.pure_callback(_host(opts, False), shapes(x), x, t, w, sw,
+                                 vmap_method="sequential")
+
+    def fwd(x, t, w, sw):
+        for name, a in (("target", t), ("weight", w), ("sample_weight", sw)):
+            if a is not None and a.perturbed:
+                raise TypeError(
+                    f"fastxent.jax.cross_entropy differentiates with respect to the logits "
+                    f"only; {name} is being differentiated (wrap it in jax.lax.stop_gradient "
+                    f"if it is a constant)")
+        xv = x.value
+        out = (shapes(xv), jax.ShapeDtypeStruct(xv.shape, xv.dtype))
+        loss, grad = jax.pure_callback(
+            _host(opts, True), out, xv, t.value, None if w is None else w.value,
+            None if sw is None else sw.value, vmap_method="sequential")
+        return loss, grad
+
+    def bwd(grad, ct):
+        if isinstance(ct, jax.custom_derivatives.SymbolicZero):
+            return None, None, None, None
+        if reduction == "none":
+            # ct has the rows' shape; row n's loss depends on row n's logits only, so
+            # scaling each row of the fused gradient (that of the sum of rows) is exact.
+            ct = jnp.expand_dims(ct, axis)
+        return grad * ct.astype(grad.dtype), None, None, None
+
+    ce.defvjp(fwd, bwd, symbolic_zeros=True)
+    return ce
+
+
+def cross_entropy(logits: Any, target: Any, *, weight: Any = None, sample_weight: Any = None,
+                  **options: Any) -> jax.Array:
+    x = jnp.asarray(logits)
+    cdt = _compute_dtype(x.dtype)
+    if x.ndim == 0:
+        raise ValueError("logits must have at least one dimension (the class axis)")
+    for k in _RESERVED:
+        if k in options:
+            raise TypeError(f"fastxent.jax.cross_entropy does not take {k!r}")
+    try:
+        axis = operator.index(options.pop("axis", -1))
+    except TypeError:
+        raise TypeError("axis must be an integer") from None
+    if not -x.ndim <= axis < x.ndim:
+        raise ValueError(f"axis {axis} is out of bounds for logits with {x.ndim} dimensions")
+    axis %= x.ndim
+    options.setdefault("reduction", "mean")
+    opts: _Options = tuple(sorted((k, _static(v, k)) for k, v in options.items()))
+    # The kernel is called with the class axis given as `axis`: fastxent reads any axis in
+    # place, so the callback passes it on unchanged.
+    opts_k = opts + (("axis", axis),)
+
+    t = jnp.asarray(target)
+    probs = jnp.issubdtype(t.dtype, jnp.floating) and t.ndim == x.ndim
+    if probs:
+        t = t.astype(cdt)
+    elif not jnp.issubdtype(t.dtype, jnp.integer):
+        raise TypeError(f"target must hold integer class indices or float class probabilities "
+                        f"(the logits' shape), got dtype {t.dtype}")
+    w = None if weight is None else jnp.asarray(weight).astype(cdt)
+    sw = None if sample_weight is None else jnp.asarray(sample_weight).astype(cdt)
+    _validate(x.shape, cdt, bool(probs), axis, opts_k, w, sw)
+    if not probs:
+        t_shape = x.shape[:axis] + x.shape[axis + 1:]
+        if t.shape != t_shape:
+            raise ValueError(f"target has shape {t.shape}, expected {t_shape} (the logits' "
+                             f"shape without the class axis)")
+    loss = _make(opts_k, axis)(x.astype(cdt), t, w, sw)
+    return loss.astype(x.dtype)
+
+
+cross_entropy.__doc__ = """Softmax cross-entropy of a batch of logits, differentiable with
+    respect to the logits, usable under ``jax.jit``, ``jax.grad``, ``jax.value_and_grad``,
+    ``jax.vjp`` and ``jax.vmap``.
+
+    The loss is that of :func:`fastxent.cross_entropy` (PyTorch's ``F.cross_entropy`` with no
+    options). For logits ``z``, ``lse_n = logsumexp(z_n)``, class weights ``w``, smoothing
+    ``eps`` and ``C`` classes, a counted row n (``target[n] != ignore_index``) costs::
+
+        row_n = (1 - eps) * w[y_n] * (lse_n - z[n, y_n]) + (eps / C) * sum_c w_c * (lse_n - z[n, c])
+
+    ``"sum"`` adds the rows, ``"mean"`` divides by ``sum_n w[y_n]`` over counted rows (0 when
+    nothing counts), ``"none"`` returns the rows. With probability targets ``p`` (a float
+    target of the logits' shape) a row is ``sum_c w_c q[n, c] (lse_n - z[n, c])`` with
+    ``q = (1 - eps) p + eps / C``, and ``"mean"`` divides by the number of rows.
+    ``sample_weight``, ``z_loss``, ``softcap``, ``logit_scale`` and ``normalizer`` extend it
+    as documented in :func:`fastxent.cross_entropy`.
+
+    The gradient is that of :func:`fastxent.cross_entropy_with_grad`, computed in the same
+    kernel call as the loss (the forward rule of the ``custom_vjp``) and kept as the
+    residual; the backward rule multiplies it by the cotangent (per row for ``"none"``).
+
+    Parameters
+    ----------
+    logits : array, float32 / float64 / float16 / bfloat16, shape (..., C)
+        float16 and bfloat16 logits are computed via a float32 copy (the loss and gradient
+        come back in the logits' dtype). float64 needs JAX's x64 mode.
+    target : array
+        Class indices (any integer dtype) of the logits' shape without the class axis, in
+        ``[0, C)`` or equal to ``ignore_index``; or class probabilities, a float array of
+        the logits' shape. Not differentiable.
+    weight : array of shape (C,), optional
+        Class weights (a traced operand; not differentiable).
+    sample_weight : array of the rows' shape, optional
+        Per-row weights (a traced operand; not differentiable).
+    **options
+        Static keyword options of :func:`fastxent.cross_entropy`, compiled into the call
+        (Python scalars, not traced values): ``axis`` (default -1; any axis, read in place),
+        ``reduction`` ("mean", "sum", "none"), ``ignore_index``, ``label_smoothing``,
+        ``z_loss``, ``softcap``, ``logit_scale``, ``normalizer``, ``num_threads``.
+
+    Returns
+    -------
+    A scalar of the logits' dtype for "mean" / "sum", or the rows' shape for "none".
+
+    Raises
+    ------
+    TypeError, ValueError
+        at trace time: the errors of :func:`fastxent.cross_entropy` for bad options and
+        shapes; a traced (non-static) option; differentiating with respect to ``target``,
+        ``weight`` or ``sample_weight`` (TypeError).
+    JaxRuntimeError
+        at run time, carrying fastxent's IndexError message for a class index outside
+        ``[0, C)`` that is not ``ignore_index``: values are only known when the callback
+        runs, and an exception raised there reaches the caller as JAX's runtime error (JAX
+        gives no stronger guarantee for exceptions in a ``pure_callback``; validate labels
+        beforehand where that matters).
+
+    Notes
+    -----
+    The kernel runs on the host through ``jax.pure_callback``: on the CPU backend its
+    buffers are read in place; on an accelerator they would be copied to the host and back.
+    Under ``jax.vmap`` the callback runs once per batch element (``vmap_method=
+    "sequential"``). Forward-mode differentiation (``jax.jvp``, ``jax.jacfwd``) is not
+    available for a ``custom_vjp`` function; reverse mode is.
+
+    Example
+    -------
+    >>> import jax, jax.numpy as jnp, fastxent.jax as fxj
+    >>> z = jnp.array([[2.0, 1.0, 0.1], [0.5, 2.5, 0.3]])
+    >>> y = jnp.array([0, 1])
+    >>> loss, g = jax.jit(jax.value_and_grad(
+    ...     lambda z: fxj.cross_entropy(z, y, label_smoothing=0.1)))(z)
+    >>> bool(jnp.allclose(g.sum(axis=-1), 0.0, atol=1e-6))
+    True
+"""

@@ -1,0 +1,386 @@
+"""PyTorch integration: fastxent's fused cross-entropy as a drop-in for ``F.cross_entropy``.
+
+>>> import torch, fastxent.torch as fxt
+>>> logits = torch.randn(8, 5, requires_grad=True)
+>>> loss = fxt.cross_entropy(logits, torch.randint(0, 5, (8,)))
+>>> loss.backward()          # the gradient was computed by the forward pass; this scales it
+
+How it works: a ``torch.autograd.Function`` whose forward calls
+:func:`fastxent.cross_entropy_with_grad` on zero-copy NumPy views of the (CPU) tensors, so the
+loss and its gradient with respect to the logits come out of one pass over memory. The
+gradient is kept for the backward pass, which only multiplies it by the incoming gradient
+(``grad_output``; per row for ``reduction="none"``). When no gradient is needed (no input
+requires grad, or grad mode is off) the forward-only kernel :func:`fastxent.cross_entropy` runs
+instead and nothing of the logits' size is written.
+
+Requires the optional extra: ``pip install fastxent[torch]``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Tuple
+
+import numpy as np
+
+try:
+    import torch
+except ImportError as _e:  # pragma: no cover - exercised without torch installed
+    raise ImportError("fastxent.torch needs PyTorch: pip install 'fastxent[torch]'") from _e
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+from . import _api
+
+__all__ = ["cross_entropy", "CrossEntropyLoss"]
+
+# The dtypes the kernel computes in, per input dtype. Half types are computed via a float32
+# copy (and their results cast back); float32 and float64 are read in place.
+_COMPUTE_DTYPE = {
+    torch.float32: torch.float32,
+    torch.float64: torch.float64,
+    torch.float16: torch.float32,
+    torch.bfloat16: torch.float32,
+}
+
+# fastxent keywords the PyTorch API sets itself (the class axis is PyTorch's dimension 1;
+# the gradient buffer is managed here).
+_RESERVED = ("axis", "out")
+
+
+def _check_cpu(t: Optional[Tensor], name: str) -> None:
+    if t is not None and t.device.type != "cpu":
+        raise ValueError(
+            f"fastxent is a CPU kernel: {name} is on device '{t.device}'; move it to the CPU "
+            f"(.cpu()) or use torch.nn.functional.cross_entropy for {t.device.type} tensors")
+
+
+def _numpy(t: Tensor, dtype: Optional[torch.dtype] = None) -> np.ndarray:
+    """A NumPy view of a CPU tensor (zero-copy when it already has `dtype`)."""
+    t = t.detach()
+    if dtype is not None and t.dtype != dtype:
+        t = t.to(dtype)
+    if t.is_neg():
+        t = t.resolve_neg()
+    return t.numpy()
+
+
+def _as_array(v: Any, name: str, dtype: torch.dtype) -> Any:
+    """weight / sample_weight: a tensor becomes a NumPy view in the compute dtype; anything
+    else goes to fastxent as it is (it validates and converts)."""
+    if isinstance(v, Tensor):
+        _check_cpu(v, name)
+        if v.requires_grad and torch.is_grad_enabled():
+            raise RuntimeError(
+                f"fastxent.torch does not differentiate with respect to {name}; this input "
+                f"cannot have requires_grad=True (detach it)")
+        return _numpy(v, dtype if v.is_floating_point() else None)
+    return v
+
+
+def _prepare(input: Tensor, target: Tensor, weight: Any, ignore_index: int, reduction: str,
+             label_smoothing: float, options: Dict[str, Any]
+             ) -> Tuple[torch.dtype, np.ndarray, Dict[str, Any]]:
+    """Checks the PyTorch-side contract and returns (compute dtype, NumPy target, fastxent
+    keywords); the logits are converted by the caller (in place or not)."""
+    if not isinstance(input, Tensor):
+        raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
+    if not isinstance(target, Tensor):
+        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    _check_cpu(input, "input")
+    _check_cpu(target, "target")
+    cdt = _COMPUTE_DTYPE.get(input.dtype)
+    if cdt is None:
+        raise TypeError(f"input must be float32, float64, float16 or bfloat16, got {input.dtype}")
+    if input.ndim == 0:
+        raise ValueError("input must have shape (C,), (N, C) or (N, C, d1, ..., dk); got a "
+                         "0-dimensional tensor")
+    for k in _RESERVED:
+        if k in options:
+            raise TypeError(f"fastxent.torch sets {k!r} itself (the class dimension is "
+                            f"PyTorch's: 1, or 0 for an input of shape (C,))")
+    if target.is_floating_point():
+        if target.requires_grad and torch.is_grad_enabled():
+            raise RuntimeError("fastxent.torch does not differentiate with respect to a "
+                               "probability target; this input cannot have requires_grad=True "
+                               "(detach it)")
+        tgt = _numpy(target, cdt)
+    elif target.is_complex():
+        raise TypeError(f"target must hold integer class indices or float class "
+                        f"probabilities, got {target.dtype}")
+    else:
+        tgt = _numpy(target)
+    kw = dict(options)
+    kw["sample_weight"] = _as_array(kw.get("sample_weight"), "sample_weight", cdt)
+    kw.update(axis=0 if input.ndim == 1 else 1, reduction=reduction,
+              weight=_as_array(weight, "weight", cdt), ignore_index=ignore_index,
+              label_smoothing=label_smoothing)
+    return cdt, tgt, kw
+
+
+def _loss_tensor(loss: Any, dtype: torch.dtype) -> Tensor:
+    return torch.from_numpy(np.asarray(loss)).to(dtype)
+
+
+class _FusedCrossEntropy(torch.autograd.Function):
+    """Forward: loss and gradient from one fused kernel call; backward: gradient times
+    grad_output. Only the logits are differentiable (the wrapper refuses the rest)."""
+
+    @staticmethod
+    def forward(ctx, input: Tensor, tgt: np.ndarray, cdt: torch.dtype, kw: Dict[str, Any],
+                inplace: bool) -> Tensor:
+        if inplace:
+            if cdt == input.dtype:
+                x = _numpy(input)
+                loss, _ = _api.cross_entropy_with_grad(x, tgt, out=x, **kw)
+            else:  # half: compute in a float32 copy, then write the gradient back
+                x32 = _numpy(input, cdt)
+                loss, _ = _api.cross_entropy_with_grad(x32, tgt, out=x32, **kw)
+                input.detach().copy_(torch.from_numpy(x32))
+            grad = input.detach()
+            # The logits' memory now holds the gradient, written behind autograd's back:
+            # bump the version counter so any other autograd node that saved these values
+            # (e.g. a tanh or a softmax producing them) fails loudly in backward instead of
+            # silently using the gradient as its saved tensor.
+            torch.autograd.graph.increment_version(input)
+        else:
+            loss, g = _api.cross_entropy_with_grad(_numpy(input, cdt), tgt, **kw)
+            grad = torch.from_numpy(g)
+            if grad.dtype != input.dtype:
+                grad = grad.to(input.dtype)
+        ctx.save_for_backward(grad)
+        ctx.inplace = inplace
+        ctx.scaled_in_place = False
+        # "none": grad_output has the rows' shape; it broadcasts over the class dimension.
+        ctx.class_dim = 1 if (kw["reduction"] == "none" and input.ndim > 1) else None
+        return _loss_tensor(loss, input.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output: Tensor):
+        if ctx.scaled_in_place:
+            raise RuntimeError(
+                "fastxent.torch.cross_entropy(inplace=True): backward ran a second time, but "
+                "the first one already scaled the gradient in place in the logits' memory; "
+                "use inplace=False to backpropagate several times (retain_graph=True)")
+        (grad,) = ctx.saved_tensors
+        go = grad_output
+        if ctx.class_dim is not None:
+            go = go.unsqueeze(ctx.class_dim)
+        # The fused gradient is that of the loss itself (of the sum of rows for "none"); the
+        # chain rule scales it by grad_output, exactly and per row, since row n's loss
+        # depends on row n's logits only. grad_output of ones (loss.backward() or
+        # loss.sum().backward()) needs no pass at all.
+        if bool(torch.all(go == 1)):
+            return grad, None, None, None, None
+        if ctx.inplace:
+            ctx.scaled_in_place = True
+            return grad.mul_(go), None, None, None, None
+        return grad * go, None, None, None, None
+
+
+_DOC_OPTIONS = """
+    ``**fastxent_options`` (keyword-only) are those of :func:`fastxent.cross_entropy`:
+
+    * ``sample_weight``: tensor (or array) of the target's shape for class-index targets,
+      the rows' shape ``(N, d1, ..., dk)`` in all cases: per-row weights;
+    * ``z_loss`` (float >= 0): adds ``z_loss * logsumexp(z)**2`` per counted row;
+    * ``softcap`` (float > 0): logits pass through ``softcap * tanh(z / softcap)`` first;
+    * ``logit_scale`` (float > 0): logits are multiplied by it first;
+    * ``normalizer`` (float >= 0): the denominator of ``"mean"`` instead of the weight sum;
+    * ``num_threads`` (int): caps the kernel's OpenMP threads for this call.
+
+    ``inplace`` (bool, default False): write the gradient into the input's own memory (the
+    ``out=logits`` mode of :func:`fastxent.cross_entropy_with_grad`), so no second buffer of
+    the logits' size is allocated: the Liger-kernel trick for huge vocabularies.
+    **Hazard**: after the call ``input`` holds the gradient, not the logits. That is only
+    right when nothing else needs the logit values afterwards; e.g. the output of an
+    ``nn.Linear`` head (whose backward needs its input and weight, not its output) that you
+    do not read again. The version counter of ``input`` is bumped, so an autograd node that
+    saved these values (a ``tanh``, ``softmax``, ``exp`` ... that produced them) makes
+    ``backward()`` fail with PyTorch's "modified by an inplace operation" error rather than
+    compute a wrong gradient; code outside autograd that reads ``input`` again (accuracy from
+    the logits, logging) sees the gradient and cannot be protected. The backward pass scales
+    the gradient in place as well, so it can run only once (a second ``backward`` with
+    ``retain_graph=True`` raises, unless grad_output was exactly 1). ``inplace`` acts only
+    when a gradient is computed: without one the input is left untouched. Refused (ValueError)
+    for a non-contiguous input, and for a leaf tensor that requires grad or a view of one (a
+    parameter: its values would be destroyed).
+"""
+
+_DOC_DIFF = """
+    Differences from ``F.cross_entropy`` (deliberate, those of fastxent): when no row counts
+    (all ignored, zero rows, or a zero weight sum) ``"mean"`` is 0.0 instead of NaN; an
+    ignored row's loss and gradient are 0 whatever its logits hold. Class-index targets may
+    have any integer dtype (PyTorch wants int64 or uint8). Only ``input`` is differentiable:
+    a ``weight``, ``sample_weight`` or probability ``target`` that requires grad is refused
+    (PyTorch refuses ``weight`` too, but differentiates probability targets). Not supported
+    by ``torch.func`` transforms (``vmap``, ``grad``) or ``torch.compile`` tracing (the kernel
+    is a NumPy call: ``torch.compile`` falls back to eager around it).
+"""
+
+
+def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None, *,
+                  ignore_index: int = -100, reduction: str = "mean",
+                  label_smoothing: float = 0.0, inplace: bool = False,
+                  **fastxent_options: Any) -> Tensor:
+    return _cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing,
+                          inplace, fastxent_options)
+
+
+def _cross_entropy(input: Tensor, target: Tensor, weight: Any, ignore_index: int,
+                   reduction: str, label_smoothing: float, inplace: bool,
+                   options: Dict[str, Any]) -> Tensor:
+    cdt, tgt, kw = _prepare(input, target, weight, ignore_index, reduction, label_smoothing,
+                            options)
+    if not isinstance(inplace, bool):
+        raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
+    if not (input.requires_grad and torch.is_grad_enabled()):
+        # No gradient wanted: the forward-only kernel, nothing of the logits' size written.
+        return _loss_tensor(_api.cross_entropy(_numpy(input, cdt), tgt, **kw), input.dtype)
+    if inplace:
+        base = input if input._base is None else input._base
+        if base.is_leaf and base.requires_grad:
+            raise ValueError(
+                "inplace=True would overwrite a leaf tensor that requires grad (or a view of "
+                "one): its values are the parameters being learned; use inplace=False")
+        if not input.is_contiguous():
+            raise ValueError("inplace=True needs a contiguous input (the gradient is written "
+                             "over it in the same layout); call .contiguous() or use "
+                             "inplace=False")
+    return _FusedCrossEntropy.apply(input, tgt, cdt, kw, inplace)
+
+
+cross_entropy.__doc__ = """Cross-entropy loss with the signature and semantics of
+    ``torch.nn.functional.cross_entropy``, computed by fastxent's fused CPU kernel.
+
+    For logits ``z`` (class dimension 1 of ``input``, or 0 for an unbatched ``(C,)`` input),
+    class weights ``w`` and smoothing ``eps``, a counted row n (``target[n] !=
+    ignore_index``) costs::
+
+        row_n = (1 - eps) * w[y_n] * (lse_n - z[n, y_n]) + (eps / C) * sum_c w_c * (lse_n - z[n, c])
+
+    with ``lse_n = logsumexp(z_n)``; ``"sum"`` adds the rows, ``"mean"`` divides the sum by
+    ``sum_n w[y_n]`` over counted rows, ``"none"`` returns them (ignored rows: 0). With
+    probability targets ``p`` (a float target of the input's shape) the row is
+    ``sum_c w_c q[n, c] (lse_n - z[n, c])`` with ``q = (1 - eps) p + eps / C`` and ``"mean"``
+    divides by the number of rows. The full formula with the fastxent options (sample
+    weights, z-loss, softcap, logit scale, normalizer) is in :func:`fastxent.cross_entropy`.
+
+    The gradient with respect to ``input`` is computed by the forward pass, in the same
+    kernel call, whenever ``input`` requires grad (and grad mode is on); the backward pass
+    only multiplies it by ``grad_output``. Otherwise only the loss is computed.
+
+    Parameters
+    ----------
+    input : Tensor, shape (C,), (N, C) or (N, C, d1, ..., dk), on the CPU
+        float32 and float64 are read in place (zero-copy); float16 and bfloat16 are computed
+        via a float32 copy, and the loss and gradient cast back to the input's dtype. The
+        class dimension 1 of a (N, C, d1, ..., dk) input is read in place by fastxent's
+        ``axis=1`` support (no transposed copy); a non-contiguous input is copied first.
+    target : Tensor
+        Class indices (any integer dtype) of shape (), (N,) or (N, d1, ..., dk), in
+        ``[0, C)`` or equal to ``ignore_index``; or class probabilities, a float tensor of
+        the input's shape.
+    weight : Tensor of shape (C,), optional
+        Class weights.
+    ignore_index : int, keyword-only
+        Class-index rows equal to it count for nothing (default -100).
+    reduction : {"mean", "sum", "none"}, keyword-only
+    label_smoothing : float in [0, 1], keyword-only
+""" + _DOC_OPTIONS + """
+    Unlike ``F.cross_entropy``, everything after ``weight`` is keyword-only: F's positional
+    order has the deprecated ``size_average`` and ``reduce`` in it, which would otherwise be
+    silently taken for ``ignore_index`` and ``reduction``.
+
+    Returns
+    -------
+    Tensor of the input's dtype: a scalar for ``"mean"`` / ``"sum"``, the target's (rows')
+    shape for ``"none"``.
+""" + _DOC_DIFF + """
+    Raises
+    ------
+    ValueError
+        a tensor not on the CPU (fastxent is a CPU kernel); the shape, range and option
+        errors of :func:`fastxent.cross_entropy`; ``inplace=True`` on a leaf that requires
+        grad or on a non-contiguous input.
+    TypeError
+        an input dtype other than float32/float64/float16/bfloat16; a target that is neither
+        integer nor float; ``axis=`` or ``out=`` given (they are set here).
+    IndexError
+        a class index outside ``[0, C)`` that is not ``ignore_index``.
+    RuntimeError
+        ``weight``, ``sample_weight`` or a probability target that requires grad; a second
+        backward through an ``inplace=True`` call that scaled the gradient in place.
+
+    Example
+    -------
+    >>> import torch, fastxent.torch as fxt
+    >>> z = torch.tensor([[2.0, 1.0, 0.1], [0.5, 2.5, 0.3]], requires_grad=True)
+    >>> loss = fxt.cross_entropy(z, torch.tensor([0, 1]), label_smoothing=0.1)
+    >>> loss.backward()
+    >>> torch.allclose(loss, torch.nn.functional.cross_entropy(
+    ...     z, torch.tensor([0, 1]), label_smoothing=0.1))
+    True
+"""
+
+
+class CrossEntropyLoss(nn.Module):
+    def __init__(self, weight: Optional[Tensor] = None, *, ignore_index: int = -100,
+                 reduction: str = "mean", label_smoothing: float = 0.0, inplace: bool = False,
+                 **fastxent_options: Any) -> None:
+        super().__init__()
+        if not isinstance(reduction, str) or reduction not in ("mean", "sum", "none"):
+            raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+        if weight is not None and not isinstance(weight, Tensor):
+            weight = torch.as_tensor(weight)
+        self.register_buffer("weight", weight)
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.label_smoothing = label_smoothing
+        self.inplace = inplace
+        self.fastxent_options = dict(fastxent_options)
+
+    def forward(self, input: Tensor, target: Tensor, **fastxent_options: Any) -> Tensor:
+        opts = self.fastxent_options
+        if fastxent_options:
+            opts = {**opts, **fastxent_options}
+        return _cross_entropy(input, target, self.weight, self.ignore_index, self.reduction,
+                              self.label_smoothing, self.inplace, opts)
+
+    def extra_repr(self) -> str:
+        s = (f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
+             f"label_smoothing={self.label_smoothing}")
+        if self.inplace:
+            s += ", inplace=True"
+        for k, v in self.fastxent_options.items():
+            s += f", {k}={v!r}"
+        return s
+
+
+CrossEntropyLoss.__doc__ = """``torch.nn.CrossEntropyLoss`` computed by fastxent's fused CPU
+    kernel: ``CrossEntropyLoss(...)(input, target)`` is :func:`cross_entropy` with the
+    constructor's options.
+
+    Constructor: ``weight`` (class weights, a registered buffer as in PyTorch, so ``.to()``,
+    ``.double()`` and ``state_dict()`` carry it), then keyword-only ``ignore_index``,
+    ``reduction``, ``label_smoothing`` (PyTorch's meanings; the deprecated ``size_average``
+    and ``reduce`` are not accepted), ``inplace`` and the ``**fastxent_options`` of
+    :func:`cross_entropy` (``z_loss``, ``softcap``, ``logit_scale``, ``normalizer``,
+    ``num_threads``). ``forward(input, target, **fastxent_options)`` takes per-batch options
+    (``sample_weight``, a per-call ``normalizer``), which override the constructor's.
+
+    The formula, the gradient (computed in the forward pass, scaled in backward), the
+    ``inplace`` hazard, the half-precision handling (via a float32 copy) and the errors are
+    those of :func:`cross_entropy`; the constructor itself raises ValueError for an unknown
+    ``reduction``.
+
+    Example
+    -------
+    >>> import torch, fastxent.torch as fxt
+    >>> head = torch.nn.Linear(16, 10)
+    >>> crit = fxt.CrossEntropyLoss(label_smoothing=0.1, z_loss=1e-4)
+    >>> loss = crit(head(torch.randn(32, 16)), torch.randint(0, 10, (32,)))
+    >>> loss.backward()
+    >>> head.weight.grad.shape
+    torch.Size([10, 16])
+"""
