@@ -253,7 +253,7 @@ def _run(logits: Any, target: Any, kw: dict, want_grad: bool, out: Any):
     except IndexError:
         _raise_bad_target(np.asarray(target), C, ii)
         raise
-    if red == 0:
+    if row_losses is not None:
         loss: Union[np.ndarray, np.floating] = row_losses.reshape(t_shape)
     else:
         loss = cdt.type(total)
