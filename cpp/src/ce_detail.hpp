@@ -57,18 +57,34 @@ inline double transform(const Problem<T>& p, double z, double* dz) {
   return p.alpha * z;
 }
 
+// Where one row's data lives: normally inside the call's arrays, but the 16-bit path points
+// these at per-thread float32 copies of the row.
 template <class T>
-inline BlockIn<T> block_in(const Problem<T>& p, int64_t n, int64_t k, T* e, T* t) {
+struct RowPtrs {
+  const T* z;     // logits row
+  const T* prob;  // probability-target row, or null
+  T* g;           // gradient row, or null
+};
+
+template <class T>
+inline RowPtrs<T> row_ptrs(const Problem<T>& p, int64_t n) {
+  return {p.in.logits + n * p.in.row_stride,
+          p.probs ? p.in.probs + n * p.in.probs_row_stride : nullptr,
+          p.grad ? p.grad + n * p.C : nullptr};
+}
+
+template <class T>
+inline BlockIn<T> block_in(const Problem<T>& p, const RowPtrs<T>& rp, int64_t k, T* e, T* t) {
   BlockIn<T> b;
   const int64_t off = k * kBlock;
-  b.z = p.in.logits + n * p.in.row_stride + off;
+  b.z = rp.z + off;
   b.e = e ? e + off : nullptr;
   b.t = (e && t) ? t + off : nullptr;
   b.n = p.block_len(k);
   b.alpha = T(p.alpha);
   b.cap = T(p.cap);
   b.w = p.in.weight ? p.in.weight + off : nullptr;
-  b.p = p.probs ? p.in.probs + n * p.in.probs_row_stride + off : nullptr;
+  b.p = rp.prob ? rp.prob + off : nullptr;
   b.q1 = T(1.0 - p.eps);
   b.q0 = T(p.eps / double(p.C));
   b.wd_mode = p.probs ? 2 : (p.eps > 0.0 ? 1 : 0);
@@ -145,8 +161,9 @@ inline RowResult finish_row(const Problem<T>& p, const BlockStat* st, int64_t n,
 
 // Writes block k of a counted row's gradient from its stored exponentials e.
 template <class T>
-inline void write_grad_block(const Problem<T>& p, const BlockStat& st, const RowResult& r, int64_t n,
-                      const T* e, const T* t, T* g, int64_t k, bool stream) {
+inline void write_grad_block(const Problem<T>& p, const BlockStat& st, const RowResult& r,
+                             const T* prob, const T* e, const T* t, T* g, int64_t k,
+                             bool stream) {
   const int64_t off = k * kBlock, len = p.block_len(k);
   AffineIn<T> a;
   a.e = e + off;
@@ -154,7 +171,7 @@ inline void write_grad_block(const Problem<T>& p, const BlockStat& st, const Row
   a.n = len;
   a.b = T(r.b);
   a.w = p.in.weight ? p.in.weight + off : nullptr;
-  a.p = p.probs ? p.in.probs + n * p.in.probs_row_stride + off : nullptr;
+  a.p = prob ? prob + off : nullptr;
   a.q1 = T(1.0 - p.eps);
   a.q0 = T(p.eps / double(p.C));
   a.t = t ? t + off : nullptr;
@@ -190,10 +207,12 @@ inline void fix_target(const Problem<T>& p, const RowResult& r, double zy_t, dou
 
 // The target logit through the transform (class targets; 0 for probability targets).
 template <class T>
-inline double target_logit(const Problem<T>& p, int64_t n, double* dz) {
+inline double target_logit(const Problem<T>& p, int64_t n, double* dz,
+                           const T* zrow = nullptr) {
   *dz = p.alpha;
   if (p.probs) return 0.0;
   const int64_t y = p.in.target[n];
+  if (zrow) return transform(p, double(zrow[y]), dz);
   if (p.inner == 1) return transform(p, double(p.in.logits[n * p.in.row_stride + y]), dz);
   const int64_t o = n / p.inner, i = n % p.inner;
   return transform(p, double(p.in.logits[(o * p.C + y) * p.inner + i]), dz);

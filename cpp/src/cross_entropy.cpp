@@ -43,19 +43,21 @@ struct Prepared {
 // One row, start to finish, on the calling thread. st: nb entries; scratch: C entries when
 // streaming; tbuf: C entries with a softcap and a gradient.
 template <class T>
-double compute_row(const Problem<T>& p, int64_t n, BlockStat* st, T* scratch, T* tbuf) {
-  T* g = p.grad ? p.grad + n * p.C : nullptr;
+double compute_row(const Problem<T>& p, int64_t n, const RowPtrs<T>& rp, BlockStat* st,
+                   T* scratch, T* tbuf) {
+  T* g = rp.g;
   if (!p.counted(n)) {
     if (g) std::memset(static_cast<void*>(g), 0, sizeof(T) * size_t(p.C));
     return 0.0;
   }
   double dzy;
-  const double zy_t = target_logit(p, n, &dzy);  // before the in-place passes overwrite z
+  const double zy_t = target_logit(p, n, &dzy, rp.z);  // before in place overwrites z
   T* e = g ? (p.stream ? scratch : g) : nullptr;
-  for (int64_t k = 0; k < p.nb; ++k) st[k] = p.fns->block(block_in(p, n, k, e, tbuf));
+  for (int64_t k = 0; k < p.nb; ++k) st[k] = p.fns->block(block_in(p, rp, k, e, tbuf));
   const RowResult r = finish_row(p, st, n, zy_t);
   if (g) {
-    for (int64_t k = 0; k < p.nb; ++k) write_grad_block(p, st[k], r, n, e, tbuf, g, k, p.stream);
+    for (int64_t k = 0; k < p.nb; ++k)
+      write_grad_block(p, st[k], r, rp.prob, e, tbuf, g, k, p.stream);
     if (p.stream) p.fence();
     if (!p.probs) fix_target(p, r, zy_t, dzy, g, p.in.target[n]);
   }
@@ -91,7 +93,7 @@ void split_classes(const Problem<T>& p, int64_t rows, int nt, double* losses) {
         continue;
       }
       T* t = tbuf.empty() ? nullptr : tbuf.data() + n * p.C;
-      st[size_t(it)] = p.fns->block(block_in(p, n, k, g, t));
+      st[size_t(it)] = p.fns->block(block_in(p, row_ptrs(p, n), k, g, t));
     }
 #if defined(_OPENMP)
 #pragma omp single
@@ -109,7 +111,7 @@ void split_classes(const Problem<T>& p, int64_t rows, int nt, double* losses) {
         if (!p.counted(n)) continue;
         T* g = p.grad + n * p.C;
         const T* t = tbuf.empty() ? nullptr : tbuf.data() + n * p.C;
-        write_grad_block(p, st[size_t(it)], rr[size_t(n)], n, g, t, g, k, false);
+        write_grad_block(p, st[size_t(it)], rr[size_t(n)], row_ptrs(p, n).prob, g, t, g, k, false);
       }
     }
   }
@@ -249,7 +251,8 @@ void run_problem(const Problem<T>& p, int nt, double* losses) {
     std::vector<T> scratch(p.stream ? static_cast<size_t>(p.C) : 0);
     std::vector<T> tbuf(p.cap > 0.0 && p.grad ? static_cast<size_t>(p.C) : 0);
     for (int64_t n = begin; n < end; ++n)
-      losses[n] = compute_row(p, n, st, scratch.data(), tbuf.empty() ? nullptr : tbuf.data());
+      losses[n] = compute_row(p, n, row_ptrs(p, n), st, scratch.data(),
+                              tbuf.empty() ? nullptr : tbuf.data());
   };
   if (team <= 1) {
     run_rows(0, rows);
@@ -308,6 +311,55 @@ double cross_entropy_half(const HalfInputs& in, const Options& opt, uint16_t* gr
   const KernelTable& table = active_table();
   const int kind = int(in.kind);
   const int64_t C = in.classes, rows = in.rows;
+  if (in.inner == 1 && !(thread_count(opt, rows * C) > 1 && rows < thread_count(opt, rows * C) &&
+                         pr.nb > 1)) {
+    // Rows: one parallel region; each thread converts a row into its own float32 buffer, runs
+    // the float32 row through the kernel in place there, and rounds the gradient out once.
+    Inputs<float> ci;
+    ci.rows = rows;
+    ci.classes = C;
+    ci.row_stride = C;
+    ci.target = in.target;
+    ci.probs = nullptr;
+    ci.weight = in.weight;
+    ci.sample_weight = in.sample_weight;
+    Problem<float> p = make_problem(ci, opt, static_cast<float*>(nullptr), pr);
+    p.probs = in.probs != nullptr;
+    std::vector<double> losses(static_cast<size_t>(rows));
+    const int nt = thread_count(opt, rows * C);
+    const int team = int(std::min<int64_t>(nt, std::max<int64_t>(rows, 1)));
+    auto run_rows = [&](int64_t begin, int64_t end) {
+      std::vector<float> zf(static_cast<size_t>(C)), pf(in.probs ? size_t(C) : 0);
+      std::vector<BlockStat> st(static_cast<size_t>(pr.nb));
+      std::vector<float> tbuf(opt.softcap > 0.0 && grad ? size_t(C) : 0);
+      for (int64_t n = begin; n < end; ++n) {
+        table.half_to_f32(in.logits + n * in.row_stride, zf.data(), C, kind);
+        if (in.probs) table.half_to_f32(in.probs + n * in.probs_row_stride, pf.data(), C, kind);
+        const RowPtrs<float> rp{zf.data(), in.probs ? pf.data() : nullptr,
+                                grad ? zf.data() : nullptr};
+        losses[size_t(n)] = compute_row(p, n, rp, st.data(), static_cast<float*>(nullptr),
+                                        tbuf.empty() ? nullptr : tbuf.data());
+        if (grad) table.f32_to_half(zf.data(), grad + n * C, C, kind);
+      }
+    };
+    if (team <= 1) {
+      run_rows(0, rows);
+    } else {
+#if defined(_OPENMP)
+#pragma omp parallel num_threads(team)
+      {
+        const int64_t t = omp_get_thread_num(), nth = omp_get_num_threads();
+        const int64_t chunk = (rows + nth - 1) / nth;
+        const int64_t b0 = std::min(rows, t * chunk), b1 = std::min(rows, b0 + chunk);
+        run_rows(b0, b1);
+      }
+#else
+      run_rows(0, rows);
+#endif
+    }
+    return reduce(opt, pr, losses, rows, row_losses);
+  }
+  // The column layout, or few rows over many classes: fixed chunks through the float32 path.
   // Chunks of whole rows (whole (C, inner) slices in the column layout) of about kHalfChunk
   // elements: fixed, so the work split never depends on the thread count.
   const int64_t slice = in.inner > 1 ? C * in.inner : C;

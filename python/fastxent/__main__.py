@@ -46,6 +46,12 @@ def _add_bench(sub: "argparse._SubParsersAction") -> None:
     p.add_argument("--plot", metavar="FILE.png", help="save a bar chart of time / copy floor")
     p.add_argument("--quick", action="store_true",
                    help="smoke test: small shapes, few repeats (a few seconds)")
+    p.add_argument("--variants", dest="variants", action="store_true", default=None,
+                   help="also time the loss's options against PyTorch doing the same (all "
+                        "options on, probability targets, bfloat16 in place, axis=1 "
+                        "segmentation); on by default in a full run")
+    p.add_argument("--no-variants", dest="variants", action="store_false",
+                   help="skip the options section")
     p.set_defaults(func=_cmd_bench)
 
 
@@ -72,6 +78,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     except bench.CheckError as e:
         print(f"fastxent bench: CHECK FAILED: {e}", file=sys.stderr)
         return 1
+    variants = args.variants if args.variants is not None else not (args.quick or args.shapes)
+    if variants and args.dtype == "float32":
+        print("\n== options of the loss, each against PyTorch doing the same thing", flush=True)
+        bench.run_variants(threads, repeats=repeats, budget_s=args.budget, peers=peers,
+                           log=lambda s: print(s, flush=True))
     if args.plot:
         try:
             bench.plot(results, args.plot)

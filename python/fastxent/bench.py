@@ -418,3 +418,122 @@ def plot(results: List[Dict[str, Any]], path: str) -> None:
     except ValueError:   # matplotlib < 3.7 has no "outside"
         fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8)
     fig.savefig(path, dpi=120, bbox_inches="tight")
+
+
+# ----------------------------------------------------------------------------- variants
+def _variant_cases(rng: np.random.Generator, mods: Dict[str, Any], nt: int
+                   ) -> List[Tuple[str, List[Contestant]]]:
+    """The options of the loss, each against PyTorch doing the same computation: all options
+    on, probability targets, bfloat16 in place, and the (N, C, H, W) layout with axis=1."""
+    torch_ok = isinstance(mods.get("torch"), tuple)
+    cases: List[Tuple[str, List[Contestant]]] = []
+    n, c = 4096, 32000
+    x = rng.standard_normal((n, c), dtype=np.float32) * 3
+    t = rng.integers(0, c, n)
+    w = rng.random(c, dtype=np.float32) + 0.5
+    sw = rng.random(n, dtype=np.float32)
+    out, work = np.empty_like(x), np.empty_like(x)
+    opts = dict(weight=w, label_smoothing=0.1, z_loss=1e-4, softcap=30.0, logit_scale=0.9,
+                sample_weight=sw)
+    cs = [Contestant(FUSED_OUT, lambda: cross_entropy_with_grad(x, t, out=out, num_threads=nt)),
+          Contestant("fastxent all options out=",
+                     lambda: cross_entropy_with_grad(x, t, out=out, num_threads=nt, **opts))]
+    if torch_ok:
+        torch, F = mods["torch"]
+        tt, wt, st = torch.from_numpy(t), torch.from_numpy(w), torch.from_numpy(sw)
+
+        def torch_all():
+            xt = torch.from_numpy(x).requires_grad_()
+            zp = 30.0 * torch.tanh(0.9 * xt / 30.0)
+            rows = F.cross_entropy(zp, tt, weight=wt, label_smoothing=0.1, reduction="none")
+            lse = torch.logsumexp(zp, 1)
+            ((rows + 1e-4 * lse * lse) * st).sum().div((st * wt[tt]).sum()).backward()
+            return xt.grad
+        cs.append(Contestant("torch all options", torch_all, kind="peer"))
+    cases.append((f"{n}x{c} float32, all options (weight, smoothing, z_loss, softcap, "
+                  "logit_scale, sample_weight)", cs))
+
+    p = rng.random((n, c), dtype=np.float32)
+    p /= p.sum(1, keepdims=True)
+    cs = [Contestant(FUSED_OUT, lambda: cross_entropy_with_grad(x, t, out=out, num_threads=nt)),
+          Contestant("fastxent probs out=",
+                     lambda: cross_entropy_with_grad(x, p, out=out, num_threads=nt))]
+    if torch_ok:
+        pt = torch.from_numpy(p)
+
+        def torch_probs():
+            xt = torch.from_numpy(x).requires_grad_()
+            F.cross_entropy(xt, pt).backward()
+            return xt.grad
+        cs.append(Contestant("torch probs", torch_probs, kind="peer"))
+    cases.append((f"{n}x{c} float32, probability targets", cs))
+
+    try:
+        import ml_dtypes
+        xb = x.astype(ml_dtypes.bfloat16)
+        workb = np.empty_like(xb)
+        cs = [Contestant("fastxent in-place f32",
+                         lambda: cross_entropy_with_grad(work, t, out=work, num_threads=nt),
+                         prepare=lambda: np.copyto(work, x)),
+              Contestant("fastxent in-place bf16",
+                         lambda: cross_entropy_with_grad(workb, t, out=workb, num_threads=nt),
+                         prepare=lambda: np.copyto(workb, xb))]
+        if torch_ok:
+            xtb = torch.from_numpy(x).to(torch.bfloat16)
+
+            def torch_bf16():
+                xt = xtb.detach().requires_grad_()
+                F.cross_entropy(xt, tt).backward()
+                return xt.grad
+            cs.append(Contestant("torch bf16", torch_bf16, kind="peer"))
+        cases.append((f"{n}x{c} bfloat16 vs float32, in place", cs))
+    except ImportError:
+        pass
+
+    seg = rng.standard_normal((8, 21, 512, 512), dtype=np.float32)
+    tseg = rng.integers(0, 21, (8, 512, 512))
+    outs = np.empty_like(seg)
+    cs = [Contestant("fastxent axis=1 out=",
+                     lambda: cross_entropy_with_grad(seg, tseg, axis=1, out=outs,
+                                                     num_threads=nt))]
+    if torch_ok:
+        ts = torch.from_numpy(tseg)
+
+        def torch_seg():
+            xt = torch.from_numpy(seg).requires_grad_()
+            F.cross_entropy(xt, ts).backward()
+            return xt.grad
+        cs.append(Contestant("torch (N,C,H,W)", torch_seg, kind="peer"))
+    cases.append(("8x21x512x512 float32, class axis 1 (segmentation)", cs))
+    return cases
+
+
+def run_variants(threads: Sequence[int], repeats: Optional[int] = None, budget_s: float = 20.0,
+                 peers: Sequence[str] = PEERS, seed: int = 1,
+                 log: Optional[Callable[[str], None]] = None) -> List[Dict[str, Any]]:
+    """Times the loss's options against PyTorch doing the same thing (see _variant_cases);
+    the first contestant of each case is its baseline."""
+    emit = log or (lambda s: None)
+    mods = _peer_modules([p for p in peers if p == "torch"])
+    rng = np.random.default_rng(seed)
+    results: List[Dict[str, Any]] = []
+    for nt in threads:
+        torch_ctx = ExitStack()
+        if isinstance(mods.get("torch"), tuple):
+            torch = mods["torch"][0]
+            old = torch.get_num_threads()
+            torch.set_num_threads(nt)
+            torch_ctx.callback(torch.set_num_threads, old)
+        with torch_ctx:
+            for title, cs in _variant_cases(rng, mods, nt):
+                active, _, reps, secs = _measure(cs, repeats, budget_s / 4, 30.0)
+                base = float(np.median(active[0].times))
+                emit(f"\n-- {title}, threads={nt}, {reps} interleaved rounds ({secs:.1f} s)")
+                for c in active:
+                    m = float(np.median(c.times))
+                    emit(f"  {c.name:<28}{fmt_time(m):>11}  x{m / base:.2f} of {active[0].name}")
+                    results.append({"case": title, "threads": nt, "contestant": c.name,
+                                    "median_s": m, "ratio_base": m / base})
+                del cs, active
+                gc.collect()
+    return results
