@@ -220,3 +220,213 @@ def default_isa() -> str:
     """The ISA `import fastxent` selected: FASTXENT_ISA when the suite runs under it (the
     same normalisation as fastxent/__init__.py), else "auto" (the best)."""
     return os.environ.get("FASTXENT_ISA", "").strip().lower() or "auto"
+
+
+# ----------------------------------------------------------------------------------------
+# The full option set: sample weights, z-loss, softcap, logit scale, normalizer, probability
+# targets, any class axis. Float64 NumPy (analytic gradient) and PyTorch float64 (autograd).
+
+def transform_ref(z: np.ndarray, softcap=None, logit_scale: float = 1.0):
+    """(z', dz'/dz) in float64: softcap * tanh(logit_scale * z / softcap), or logit_scale * z."""
+    z = np.asarray(z, dtype=np.float64)
+    if softcap is None:
+        return logit_scale * z, np.full(z.shape, float(logit_scale))
+    with np.errstate(invalid="ignore"):
+        t = np.tanh(logit_scale * z / softcap)
+    return softcap * t, logit_scale * (1.0 - t * t)
+
+
+def is_probability_target(logits, target) -> bool:
+    t = np.asarray(target)
+    return t.dtype.kind == "f" or (t.dtype.itemsize == 2 and t.dtype.name == "bfloat16")
+
+
+def cross_entropy_full_ref(logits, target, *, axis: int = -1, reduction: str = "mean",
+                           weight=None, ignore_index: int = -100, label_smoothing: float = 0.0,
+                           sample_weight=None, z_loss: float = 0.0, softcap=None,
+                           logit_scale: float = 1.0, normalizer=None, scales: bool = False):
+    """(loss, grad) in float64 for the whole contract, literally:
+
+        z' = softcap * tanh(logit_scale * z / softcap)   (or logit_scale * z),
+        lse_n = logsumexp(z'_n),
+        class targets:  row_n = s_n [(1-eps) w[y_n] (lse_n - z'_{n,y_n})
+                                     + (eps/C) sum_c w_c (lse_n - z'_{n,c}) + z_loss lse_n^2]
+                        (0 for ignored rows), D = sum over counted rows of s_n w[y_n];
+        prob. targets:  q = p (1-eps) + eps/C,
+                        row_n = s_n [sum_c w_c q_{n,c} (lse_n - z'_{n,c}) + z_loss lse_n^2],
+                        D = sum_n s_n;
+        normalizer overrides D; "mean" = sum row_n / D (0 with a zero gradient if D = 0).
+
+    The gradient is analytic: d row_n / d z'_{n,c} = s_n [(Q_n + 2 z_loss lse_n) softmax_c
+    - u_{n,c}] with u the soft target (u = (1-eps) w[y] [c = y] + (eps/C) w_c, or w_c q_{n,c})
+    and Q_n = sum_c u_{n,c}; then times dz'/dz. For finite inputs only (the -inf / NaN limits
+    are cross_entropy_ref's business). loss is a float for "mean"/"sum", an array of the rows'
+    shape for "none"; grad has the logits' shape ("none": gradient of the sum of rows).
+
+    With scales=True also returns (loss_scale, grad_scale), the sizes errors are measured
+    against (see scaled_error): loss_scale = the reduction of |s_n| max(|row_n / s_n|, 1)
+    (per row for "none": an absolute error on lse and z' is what float rounding makes);
+    grad_scale = max over entries of |s_n / D| ((Q_n + 2 z_loss |lse_n|) softmax_c + u_c) *
+    logit_scale, the size of the two terms whose difference is the gradient, times the largest
+    chain factor (the gradient cancels where softmax matches the target, and the softcap's
+    1 - tanh^2 is only known to an absolute error)."""
+    z_in = np.asarray(logits).astype(np.float64)
+    ax = axis % z_in.ndim
+    zm = np.moveaxis(z_in, ax, -1)
+    rshape = zm.shape[:-1]
+    C = zm.shape[-1]
+    z = zm.reshape(-1, C)
+    N = z.shape[0]
+    zp, dz = transform_ref(z, softcap, logit_scale)
+    w = np.ones(C) if weight is None else np.asarray(weight, dtype=np.float64).reshape(C)
+    s = (np.ones(N) if sample_weight is None
+         else np.asarray(sample_weight, dtype=np.float64).reshape(N))
+    eps = float(label_smoothing)
+    probs = is_probability_target(logits, target)
+    m = zp.max(axis=1, keepdims=True) if C else np.zeros((N, 1))
+    ex = np.exp(zp - m)
+    S = ex.sum(axis=1, keepdims=True)
+    lse = (m + np.log(S))[:, 0]
+    p = ex / S
+    nlogp = lse[:, None] - zp                                   # lse - z' >= 0
+    if probs:
+        q = np.moveaxis(np.asarray(target).astype(np.float64), ax, -1).reshape(N, C)
+        u = w * (q * (1.0 - eps) + eps / C)
+        counted = np.ones(N, dtype=bool)
+        den_w = s
+    else:
+        y_all = np.asarray(target).astype(np.int64).reshape(N)
+        counted = y_all != ignore_index
+        y = np.where(counted, y_all, 0)
+        u = np.broadcast_to((eps / C) * w, (N, C)).copy()
+        u[np.arange(N), y] += (1.0 - eps) * w[y]
+        den_w = np.where(counted, s * w[y], 0.0)
+    Q = u.sum(axis=1)
+    row = s * ((u * nlogp).sum(axis=1) + z_loss * lse * lse)
+    row = np.where(counted, row, 0.0)
+    gz = s[:, None] * ((Q + 2.0 * z_loss * lse)[:, None] * p - u)
+    gz = np.where(counted[:, None], gz, 0.0)
+    D = float(np.sum(den_w)) if normalizer is None else float(normalizer)
+    if reduction == "mean":
+        scale = 1.0 / D if D != 0 else 0.0
+    else:
+        scale = 1.0
+    g = (scale * gz * dz).reshape(zm.shape)
+    g = np.moveaxis(g, -1, ax)
+    inner = (u * nlogp).sum(axis=1) + z_loss * lse * lse
+    lsc = np.where(counted, np.abs(s) * np.maximum(np.abs(inner), 1.0), 0.0)
+    terms = np.abs(s)[:, None] * ((Q + 2.0 * z_loss * np.abs(lse))[:, None] * p + np.abs(u))
+    gsc = float(np.max(np.where(counted[:, None], terms, 0.0), initial=0.0)) * abs(scale)
+    gsc *= float(logit_scale)
+    if reduction == "none":
+        out = (row.reshape(rshape), g)
+        lsc = np.where(counted, lsc, 1.0).reshape(rshape)
+    else:
+        total = float(np.sum(row))
+        out = ((total * scale if reduction == "mean" else total), g)
+        lsc = float(np.sum(lsc)) * (abs(scale) if reduction == "mean" else 1.0)
+    if scales:
+        return out + (lsc, gsc)
+    return out
+
+
+def scaled_error(got, ref, scale) -> float:
+    """max |got - ref| / scale (elementwise scale allowed; a zero scale counts as 1)."""
+    g = np.asarray(got, dtype=np.float64)
+    r = np.asarray(ref, dtype=np.float64)
+    if r.size == 0:
+        return 0.0
+    sc = np.asarray(scale, dtype=np.float64)
+    sc = np.where(sc > 0, sc, 1.0)
+    with np.errstate(invalid="ignore"):
+        d = np.where(g == r, 0.0, np.abs(g - r))
+    return float(np.max(d / sc))
+
+
+def torch_cross_entropy_full(logits, target, *, axis: int = -1, reduction: str = "mean",
+                             weight=None, ignore_index: int = -100,
+                             label_smoothing: float = 0.0, sample_weight=None,
+                             z_loss: float = 0.0, softcap=None, logit_scale: float = 1.0,
+                             normalizer=None, torch_layout: bool = False):
+    """(loss, grad) from PyTorch in float64: F.cross_entropy(z', ..., reduction="none") with
+    weight / label_smoothing / ignore_index, plus z_loss * logsumexp(z')^2 on counted rows,
+    times sample_weight, reduced by hand (D as in the contract); the gradient w.r.t. z by
+    autograd. Without torch_layout the class axis is moved last and the rows flattened to
+    (rows, C); with torch_layout (axis must be 1) the logits go to PyTorch as
+    (N, C, d1, ..., dk) directly, PyTorch's class dimension 1. Import torch only through
+    pytest.importorskip in the calling test."""
+    import torch
+    import torch.nn.functional as F
+
+    z_np = np.array(logits, dtype=np.float64, copy=True)
+    ax = axis % z_np.ndim
+    C = z_np.shape[ax]
+    rshape = z_np.shape[:ax] + z_np.shape[ax + 1:]
+    zt = torch.from_numpy(z_np).requires_grad_(True)
+    if torch_layout:
+        assert ax == 1 and z_np.ndim >= 2
+        zz = zt
+    else:
+        zz = torch.movedim(zt, ax, -1).reshape(-1, C)
+    zp = (softcap * torch.tanh(logit_scale * zz / softcap) if softcap is not None
+          else logit_scale * zz)
+    wt = None if weight is None else torch.tensor(np.asarray(weight, dtype=np.float64))
+    probs = is_probability_target(logits, target)
+    if probs:
+        tt = torch.from_numpy(np.array(target, dtype=np.float64, copy=True))
+        if not torch_layout:
+            tt = torch.movedim(tt, ax, -1).reshape(-1, C)
+        ce = F.cross_entropy(zp, tt, weight=wt, label_smoothing=label_smoothing,
+                             reduction="none")
+        counted = torch.ones(ce.shape, dtype=torch.bool)
+    else:
+        ty = torch.from_numpy(np.array(target, dtype=np.int64, copy=True))
+        ty = ty if torch_layout else ty.reshape(-1)
+        ce = F.cross_entropy(zp, ty, weight=wt, ignore_index=ignore_index,
+                             label_smoothing=label_smoothing, reduction="none")
+        counted = ty != ignore_index
+    lse = torch.logsumexp(zp, dim=1)
+    zero = torch.zeros((), dtype=torch.float64)
+    if sample_weight is None:
+        sw = torch.ones(ce.shape, dtype=torch.float64)
+    else:
+        sw = torch.from_numpy(np.array(sample_weight, dtype=np.float64, copy=True))
+        sw = sw.reshape(ce.shape)
+    row = torch.where(counted, sw * (ce + z_loss * lse * lse), zero)
+    if reduction == "none":
+        out = row
+    elif reduction == "sum":
+        out = row.sum()
+    else:
+        if normalizer is not None:
+            D = torch.tensor(float(normalizer), dtype=torch.float64)
+        elif probs:
+            D = sw.sum()
+        else:
+            wy = (torch.ones(ce.shape, dtype=torch.float64) if wt is None
+                  else wt[torch.where(counted, ty, 0)])
+            D = torch.where(counted, sw * wy, zero).sum()
+        out = row.sum() / D if float(D) != 0 else row.sum() * 0.0
+    out.sum().backward()
+    g = zt.grad.numpy().copy()
+    if reduction == "none":
+        return out.detach().numpy().reshape(rshape), g
+    return float(out.detach()), g
+
+
+def central_difference_grad(f, z: np.ndarray, h: float = 1e-5) -> np.ndarray:
+    """Central differences (f(z + h e_i) - f(z - h e_i)) / 2h of a scalar float64 function,
+    entry by entry. Truncation error h^2 |f'''| / 6 plus rounding ~ u |f| / h: with h = 1e-5
+    on O(1) functions both are ~1e-10 absolute."""
+    z = np.array(z, dtype=np.float64, copy=True)
+    g = np.empty_like(z)
+    flat, gf = z.reshape(-1), g.reshape(-1)
+    for i in range(flat.size):
+        v = flat[i]
+        flat[i] = v + h
+        fp = float(f(z))
+        flat[i] = v - h
+        fm = float(f(z))
+        flat[i] = v
+        gf[i] = (fp - fm) / (2.0 * h)
+    return g

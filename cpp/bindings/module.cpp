@@ -87,6 +87,7 @@ double run(const py::array& logits, const py::object& target, const py::object& 
     C = logits.shape(1);
     N = outer * inner;
     in.inner = inner;
+    in.row_stride = C * inner;  // unused when inner > 1; a valid row layout when inner == 1
     in.logits = cols_view<T>(logits, outer, C, inner, "logits");
     if (!probs.is_none())
       in.probs = cols_view<T>(py::reinterpret_borrow<py::array>(probs), outer, C, inner,
@@ -145,6 +146,7 @@ double run_half(const py::array& logits, int kind, const py::object& target,
     C = logits.shape(1);
     N = outer * inner;
     in.inner = inner;
+    in.row_stride = C * inner;  // unused when inner > 1; a valid row layout when inner == 1
     in.logits = cols_view<U>(logits, outer, C, inner, "logits");
     if (!probs.is_none())
       in.probs = cols_view<U>(py::reinterpret_borrow<py::array>(probs), outer, C, inner,

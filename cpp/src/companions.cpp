@@ -44,7 +44,8 @@ void for_rows(int64_t rows, int64_t classes, int num_threads, F body) {
 
 // lse of one row; st receives the block statistics, e (optional) exp(x - m_block).
 template <class T>
-double row_lse(const RowFns<T>& f, const T* z, T* e, int64_t C, std::vector<BlockStat>& st) {
+double row_lse(const RowFns<T>& f, const T* z, T* e, int64_t C, std::vector<BlockStat>& st,
+               double* M_out = nullptr, double* S_out = nullptr) {
   const int64_t nb = (C + kBlock - 1) / kBlock;
   st.resize(size_t(nb));
   for (int64_t k = 0; k < nb; ++k) {
@@ -66,6 +67,8 @@ double row_lse(const RowFns<T>& f, const T* z, T* e, int64_t C, std::vector<Bloc
   double S = 0.0;
   for (const BlockStat& b : st)
     if (b.m != -kInf) S += b.s * std::exp(b.m - M);
+  if (M_out) *M_out = M;
+  if (S_out) *S_out = S;
   return M + std::log(S);
 }
 
@@ -79,21 +82,30 @@ void softmax(const T* x, int64_t rows, int64_t C, int64_t ld, T* out, bool log, 
     thread_local std::vector<BlockStat> st;
     const T* z = x + n * ld;
     T* o = out + n * C;
-    const double lse = row_lse(f, z, log ? nullptr : o, C, st);
+    double M = 0.0, S = 1.0;
+    const double lse = row_lse(f, z, log ? nullptr : o, C, st, &M, &S);
+    const bool bad = std::isnan(lse) || lse == -kInf;  // NaN, or a row of all -inf: NaN out
     const int64_t nb = int64_t(st.size());
     for (int64_t k = 0; k < nb; ++k) {
       AffineIn<T> a{};
       a.n = k + 1 < nb ? kBlock : C - k * kBlock;
       a.g = o + k * kBlock;
       if (log) {
-        a.e = z + k * kBlock;  // x - lse (NaN for a row of all -inf, as -inf - -inf)
+        // (x - M) - log S, in two roundings as PyTorch: x - lse would lose log S next to a
+        // huge M.
+        a.e = z + k * kBlock;
         a.a = T(1);
-        a.b = T(lse);
+        a.b = bad ? std::numeric_limits<T>::quiet_NaN() : T(M);
+        f.affine(a);
+        a.e = a.g;
+        a.b = bad ? T(0) : T(std::log(S));
       } else {
-        a.e = o + k * kBlock;  // exp(x - m_k) * exp(m_k - lse)
-        a.a = std::isnan(lse) || lse == -kInf ? std::numeric_limits<T>::quiet_NaN()
-              : st[size_t(k)].m == -kInf       ? T(0)
-                                                : T(std::exp(st[size_t(k)].m - lse));
+        // exp(x - m_k) * exp(m_k - M) / S (not exp(m_k - lse): lse rounds away log S when M is
+        // huge).
+        a.e = o + k * kBlock;
+        a.a = bad                          ? std::numeric_limits<T>::quiet_NaN()
+              : st[size_t(k)].m == -kInf   ? T(0)
+                                           : T(std::exp(st[size_t(k)].m - M) / S);
         a.b = T(0);
       }
       f.affine(a);

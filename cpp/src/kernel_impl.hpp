@@ -256,7 +256,9 @@ struct Row {
 
   static BlockStat block(const BlockIn<T>& in) {
     const T m = max(in.z, in.n);
-    if (m == -std::numeric_limits<T>::infinity()) return degenerate(in);
+    // All -inf: masked, unless a softcap maps -inf to the finite -cap (then the block is
+    // ordinary: every z' = -cap).
+    if (m == -std::numeric_limits<T>::infinity() && !(in.cap > T(0))) return degenerate(in);
     // The transformed max through the same vector code as the elements, so that the block's
     // largest element gives exactly x = 0. (alpha > 0 and tanh are increasing.)
     R t;
@@ -391,13 +393,14 @@ struct Col {
     R mt = Rw::template transform<TR>(m, valpha, vinv, vcap, &tm);
     // Lanes whose max is -inf (all -inf) use 0 as their shift: their e come out 0, not NaN.
     const R lowest = V::set1(std::numeric_limits<T>::lowest());
-    const R shift = V::zero_if_less(m, lowest, mt);
+    const R shift = TR == 2 ? mt : V::zero_if_less(m, lowest, mt);
     {
       T tmpm[W], tmpt[W];
       V::store(tmpm, m);
       V::store(tmpt, mt);
       for (int64_t j = 0; j < len; ++j) {
-        in.m[i0 + j] = tmpm[j] == ninf ? -std::numeric_limits<double>::infinity() : double(tmpt[j]);
+        in.m[i0 + j] = tmpm[j] == ninf && TR != 2 ? -std::numeric_limits<double>::infinity()
+                                                  : double(tmpt[j]);
         in.s[i0 + j] = 0.0;
         in.wd[i0 + j] = 0.0;
         in.usum[i0 + j] = 0.0;

@@ -46,15 +46,18 @@ def _to_numpy(obj: Any, name: str) -> np.ndarray:
                             f"{dev} (move it to the CPU first, e.g. tensor.cpu())")
         if getattr(obj, "requires_grad", False) and hasattr(obj, "detach"):
             obj = obj.detach()  # PyTorch refuses to export a tensor that requires grad
+        if callable(getattr(obj, "is_neg", None)) and obj.is_neg():
+            obj = obj.resolve_neg()  # a lazily negated PyTorch view: DLPack drops the sign bit
         try:
             return np.from_dlpack(obj)
         except (BufferError, TypeError, RuntimeError):
-            # bfloat16 has no DLPack type NumPy knows: read PyTorch's bits as ml_dtypes'.
+            # bfloat16 has no DLPack type NumPy knows: read PyTorch's bits as ml_dtypes',
+            # and let other exporters (JAX) hand over a NumPy array of their own.
             if type(obj).__module__.startswith("torch") and str(obj.dtype) == "torch.bfloat16":
                 import ml_dtypes
                 import torch
                 return np.from_dlpack(obj.view(torch.int16)).view(ml_dtypes.bfloat16)
-            raise
+            return np.asarray(obj)
     return np.asarray(obj)
 
 
@@ -127,7 +130,7 @@ def _as_vector(v: Any, dtype: np.dtype, shape: Tuple[int, ...], name: str,
     if v is None:
         return None
     w = _to_numpy(v, name)
-    if w.dtype.kind not in "fiu":
+    if w.dtype.kind not in "fiu" and _half_kind(w.dtype) is None:
         raise TypeError(f"{name} must be numeric, got dtype {w.dtype}")
     if w.shape != shape:
         raise ValueError(f"{name} has shape {w.shape}, expected {shape} ({what})")
@@ -204,8 +207,16 @@ def _run(logits: Any, target: Any, kw: dict, want_grad: bool, out: Any):
     C = x.shape[ax]
     if C == 0:
         raise ValueError("the class axis has no classes (C = 0)")
-    last = ax == x.ndim - 1
     t_shape = x.shape[:ax] + x.shape[ax + 1:]
+    last = ax == x.ndim - 1
+    squeeze = not last and all(d == 1 for d in x.shape[ax + 1:])
+    if squeeze:
+        last = True  # only length-1 axes follow the class axis: read it as the last one
+
+    def rows_or_cols(a: np.ndarray) -> np.ndarray:
+        if squeeze:
+            a = a.reshape(a.shape[:ax + 1])
+        return _rows_view(a) if last else _cols_view(a, ax)
     half = _half_kind(x.dtype)
     cdt = np.dtype(np.float32) if half is not None else x.dtype  # compute / weight dtype
     tgt = _to_numpy(target, "target")
@@ -222,7 +233,7 @@ def _run(logits: Any, target: Any, kw: dict, want_grad: bool, out: Any):
         pr = tgt if tgt.dtype == x.dtype else tgt.astype(x.dtype)
         if half is not None:
             pr = pr.view(np.uint16)
-        probs = _rows_view(pr) if last else _cols_view(pr, ax)
+        probs = rows_or_cols(pr)
     else:
         t = _as_target(tgt, t_shape, C, ii)
     w = _as_vector(kw["weight"], cdt, (C,), "weight", "one per class")
@@ -237,7 +248,7 @@ def _run(logits: Any, target: Any, kw: dict, want_grad: bool, out: Any):
                 if isinstance(arr, np.ndarray) and np.may_share_memory(grad, arr):
                     raise ValueError(f"out overlaps {name}")
     xv = x if half is None else x.view(np.uint16)
-    view = _rows_view(xv) if last else _cols_view(xv, ax)
+    view = rows_or_cols(xv)
     rows = view.shape[0] if last else view.shape[0] * view.shape[2]
     row_losses = np.empty(rows, cdt) if red == 0 else None
     g2 = None
