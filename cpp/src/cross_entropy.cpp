@@ -11,6 +11,7 @@
 // in row order, so no result depends on the thread count or on how the work was split.
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <stdexcept>
@@ -42,9 +43,16 @@ struct Prepared {
 
 // One row, start to finish, on the calling thread. st: nb entries; scratch: C entries when
 // streaming; tbuf: C entries with a softcap and a gradient.
+// A gradient entry to write after the non-temporal stores of its row are fenced.
+template <class T>
+struct Pending {
+  T* at;
+  T value;
+};
+
 template <class T>
 double compute_row(const Problem<T>& p, int64_t n, const RowPtrs<T>& rp, BlockStat* st,
-                   T* scratch, T* tbuf) {
+                   T* scratch, T* tbuf, std::vector<Pending<T>>* pending = nullptr) {
   T* g = rp.g;
   if (!p.counted(n)) {
     if (g) std::memset(static_cast<void*>(g), 0, sizeof(T) * size_t(p.C));
@@ -58,8 +66,17 @@ double compute_row(const Problem<T>& p, int64_t n, const RowPtrs<T>& rp, BlockSt
   if (g) {
     for (int64_t k = 0; k < p.nb; ++k)
       write_grad_block(p, st[k], r, rp.prob, e, tbuf, g, k, p.stream);
-    if (p.stream) p.fence();
-    if (!p.probs) fix_target(p, r, zy_t, dzy, g, p.in.target[n]);
+    if (!p.probs) {
+      const int64_t y = p.in.target[n];
+      if (p.stream && pending) {
+        // A plain store into a line still in flight from non-temporal stores needs a fence
+        // first; one fence per thread (not per row) at the end of its rows.
+        if (!std::isnan(r.a)) pending->push_back({g + y, target_value(p, r, zy_t, dzy, y)});
+      } else {
+        if (p.stream) p.fence();
+        fix_target(p, r, zy_t, dzy, g, y);
+      }
+    }
   }
   return r.loss;
 }
@@ -219,8 +236,9 @@ Problem<T> make_problem(const Inputs<T>& in, const Options& opt, T* grad, const 
   const bool mean = opt.reduction == Reduction::Mean;
   p.zero_all = mean && pr.D == 0.0;
   p.s = mean ? (p.zero_all ? 0.0 : 1.0 / pr.D) : 1.0;
-  p.stream = grad != nullptr && grad != in.logits && in.inner == 1 &&
-             in.rows * in.classes * int64_t(sizeof(T)) >= kStreamBytes;
+  const int64_t stream_bytes = stream_threshold();
+  p.stream = stream_bytes > 0 && grad != nullptr && grad != in.logits && in.inner == 1 &&
+             in.rows * in.classes * int64_t(sizeof(T)) >= stream_bytes;
   const KernelTable& table = active_table();
   p.fns = &row_fns<T>(table);
   p.fence = table.fence;
@@ -250,9 +268,12 @@ void run_problem(const Problem<T>& p, int nt, double* losses) {
     BlockStat* st = p.nb > 4 ? heap.data() : local;
     std::vector<T> scratch(p.stream ? static_cast<size_t>(p.C) : 0);
     std::vector<T> tbuf(p.cap > 0.0 && p.grad ? static_cast<size_t>(p.C) : 0);
+    std::vector<Pending<T>> pending;
     for (int64_t n = begin; n < end; ++n)
       losses[n] = compute_row(p, n, row_ptrs(p, n), st, scratch.data(),
-                              tbuf.empty() ? nullptr : tbuf.data());
+                              tbuf.empty() ? nullptr : tbuf.data(), &pending);
+    if (p.stream) p.fence();
+    for (const Pending<T>& q : pending) *q.at = q.value;
   };
   if (team <= 1) {
     run_rows(0, rows);
@@ -287,6 +308,14 @@ double reduce(const Options& opt, const Prepared& pr, const std::vector<double>&
 }
 
 }  // namespace
+
+int64_t detail::stream_threshold() {
+  static const int64_t bytes = [] {
+    const char* v = std::getenv("FASTXENT_STREAM_BYTES");
+    return v ? std::max<int64_t>(0, std::atoll(v)) : int64_t(0);
+  }();
+  return bytes;
+}
 
 template <class T>
 double cross_entropy(const Inputs<T>& in, const Options& opt, T* grad, T* row_losses) {
