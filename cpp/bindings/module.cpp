@@ -259,6 +259,23 @@ PYBIND11_MODULE(_core, m) {
       "int64 class targets or a (rows, C) probability target, reduction 0=none 1=sum 2=mean, "
       "softcap 0 = off. Returns the reduced loss (0 for none).");
 
+  // The small-call fast path of fastxent._api: no options, so few arguments to convert.
+  m.def(
+      "cross_entropy_simple",
+      [](const py::array& logits, const py::object& target, int reduction,
+         const py::object& grad, const py::object& row_losses) -> double {
+        fastxent::Options opt;
+        opt.reduction = static_cast<fastxent::Reduction>(reduction);
+        const py::object none = py::none();
+        if (is_dtype<float>(logits))
+          return run<float>(logits, target, none, none, none, opt, grad, row_losses);
+        if (is_dtype<double>(logits))
+          return run<double>(logits, target, none, none, none, opt, grad, row_losses);
+        throw py::type_error("logits: expected float32 or float64");
+      },
+      py::arg("logits"), py::arg("target"), py::arg("reduction"), py::arg("grad"),
+      py::arg("row_losses"), "cross_entropy with every option at its default.");
+
   m.def(
       "cross_entropy_half",
       [](const py::array& logits, int kind, const py::object& target, const py::object& probs,
