@@ -76,11 +76,13 @@ const T* cols_view(const py::array& a, py::ssize_t outer, py::ssize_t C, py::ssi
   return static_cast<const T*>(a.data());
 }
 
-template <class T>
-double run(const py::array& logits, const py::object& target, const py::object& probs,
-           const py::object& weight, const py::object& sample_weight,
-           fastxent::Options opt, const py::object& grad, const py::object& row_losses) {
-  fastxent::Inputs<T> in;
+// Fills the layout, targets and weights shared by fastxent::Inputs<T> and HalfInputs from
+// the Python arguments: S is the storage type of logits and probabilities, W that of the
+// weights. Returns the gradient pointer (null without out=).
+template <class S, class W, class In>
+S* fill_inputs(In& in, const py::array& logits, const py::object& target,
+               const py::object& probs, const py::object& weight,
+               const py::object& sample_weight, const py::object& grad) {
   py::ssize_t N, C;
   if (logits.ndim() == 3) {
     const py::ssize_t outer = logits.shape(0), inner = logits.shape(2);
@@ -88,75 +90,16 @@ double run(const py::array& logits, const py::object& target, const py::object& 
     N = outer * inner;
     in.inner = inner;
     in.row_stride = C * inner;  // unused when inner > 1; a valid row layout when inner == 1
-    in.logits = cols_view<T>(logits, outer, C, inner, "logits");
+    in.logits = cols_view<S>(logits, outer, C, inner, "logits");
     if (!probs.is_none())
-      in.probs = cols_view<T>(py::reinterpret_borrow<py::array>(probs), outer, C, inner,
+      in.probs = cols_view<S>(py::reinterpret_borrow<py::array>(probs), outer, C, inner,
                               "probability target");
   } else if (logits.ndim() == 2) {
     N = logits.shape(0);
     C = logits.shape(1);
-    in.logits = rows_view<T>(logits, N, C, &in.row_stride, "logits");
+    in.logits = rows_view<S>(logits, N, C, &in.row_stride, "logits");
     if (!probs.is_none())
-      in.probs = rows_view<T>(py::reinterpret_borrow<py::array>(probs), N, C,
-                              &in.probs_row_stride, "probability target");
-  } else {
-    throw std::invalid_argument("logits: expected a 2-D (rows, C) or 3-D (outer, C, inner) array");
-  }
-  in.rows = N;
-  in.classes = C;
-  if (!target.is_none()) {
-    py::array t = py::reinterpret_borrow<py::array>(target);
-    if (!is_dtype<int64_t>(t) || t.ndim() != 1 || t.shape(0) != N ||
-        !c_contiguous(t))
-      throw std::invalid_argument("target: expected a C-contiguous int64 array of N elements");
-    in.target = static_cast<const int64_t*>(t.data());
-  }
-  in.weight = checked_vector<T>(weight, C, "weight");
-  in.sample_weight = checked_vector<T>(sample_weight, N, "sample_weight");
-  T* g = nullptr;
-  if (!grad.is_none()) {
-    py::array ga = py::reinterpret_borrow<py::array>(grad);
-    if (!is_dtype<T>(ga) || ga.ndim() != logits.ndim() || !c_contiguous(ga))
-      throw std::invalid_argument("out: wrong dtype, shape or layout");
-    for (py::ssize_t d = 0; d < ga.ndim(); ++d)
-      if (ga.shape(d) != logits.shape(d)) throw std::invalid_argument("out: wrong shape");
-    if (!ga.writeable()) throw std::invalid_argument("out: array is read-only");
-    g = static_cast<T*>(ga.mutable_data());
-  }
-  T* rl = checked_output<T>(row_losses, N, 1, 1, "row_losses");
-  // Safe without the GIL: the arrays are kept alive by the caller's references for the whole
-  // call, and the kernel touches no Python object.
-  py::gil_scoped_release release;
-  // Rounded to T here: a float32 loss beyond the float range is inf, quietly, as "none" rows.
-  return double(T(fastxent::cross_entropy<T>(in, opt, g, rl)));
-}
-
-// float16 / bfloat16 logits arrive as uint16 views; weights as float32.
-double run_half(const py::array& logits, int kind, const py::object& target,
-                const py::object& probs, const py::object& weight,
-                const py::object& sample_weight, fastxent::Options opt, const py::object& grad,
-                const py::object& row_losses) {
-  using U = uint16_t;
-  fastxent::HalfInputs in;
-  if (kind != 0 && kind != 1) throw std::invalid_argument("kind: 0 (float16) or 1 (bfloat16)");
-  in.kind = static_cast<fastxent::HalfKind>(kind);
-  py::ssize_t N, C;
-  if (logits.ndim() == 3) {
-    const py::ssize_t outer = logits.shape(0), inner = logits.shape(2);
-    C = logits.shape(1);
-    N = outer * inner;
-    in.inner = inner;
-    in.row_stride = C * inner;  // unused when inner > 1; a valid row layout when inner == 1
-    in.logits = cols_view<U>(logits, outer, C, inner, "logits");
-    if (!probs.is_none())
-      in.probs = cols_view<U>(py::reinterpret_borrow<py::array>(probs), outer, C, inner,
-                              "probability target");
-  } else if (logits.ndim() == 2) {
-    N = logits.shape(0);
-    C = logits.shape(1);
-    in.logits = rows_view<U>(logits, N, C, &in.row_stride, "logits");
-    if (!probs.is_none())
-      in.probs = rows_view<U>(py::reinterpret_borrow<py::array>(probs), N, C,
+      in.probs = rows_view<S>(py::reinterpret_borrow<py::array>(probs), N, C,
                               &in.probs_row_stride, "probability target");
   } else {
     throw std::invalid_argument("logits: expected a 2-D (rows, C) or 3-D (outer, C, inner) array");
@@ -169,19 +112,43 @@ double run_half(const py::array& logits, int kind, const py::object& target,
       throw std::invalid_argument("target: expected a C-contiguous int64 array of N elements");
     in.target = static_cast<const int64_t*>(t.data());
   }
-  in.weight = checked_vector<float>(weight, C, "weight");
-  in.sample_weight = checked_vector<float>(sample_weight, N, "sample_weight");
-  U* g = nullptr;
-  if (!grad.is_none()) {
-    py::array ga = py::reinterpret_borrow<py::array>(grad);
-    if (!is_dtype<U>(ga) || ga.ndim() != logits.ndim() || !c_contiguous(ga))
-      throw std::invalid_argument("out: wrong dtype, shape or layout");
-    for (py::ssize_t d = 0; d < ga.ndim(); ++d)
-      if (ga.shape(d) != logits.shape(d)) throw std::invalid_argument("out: wrong shape");
-    if (!ga.writeable()) throw std::invalid_argument("out: array is read-only");
-    g = static_cast<U*>(ga.mutable_data());
-  }
-  float* rl = checked_output<float>(row_losses, N, 1, 1, "row_losses");
+  in.weight = checked_vector<W>(weight, C, "weight");
+  in.sample_weight = checked_vector<W>(sample_weight, N, "sample_weight");
+  if (grad.is_none()) return nullptr;
+  py::array ga = py::reinterpret_borrow<py::array>(grad);
+  if (!is_dtype<S>(ga) || ga.ndim() != logits.ndim() || !c_contiguous(ga))
+    throw std::invalid_argument("out: wrong dtype, shape or layout");
+  for (py::ssize_t d = 0; d < ga.ndim(); ++d)
+    if (ga.shape(d) != logits.shape(d)) throw std::invalid_argument("out: wrong shape");
+  if (!ga.writeable()) throw std::invalid_argument("out: array is read-only");
+  return static_cast<S*>(ga.mutable_data());
+}
+
+template <class T>
+double run(const py::array& logits, const py::object& target, const py::object& probs,
+           const py::object& weight, const py::object& sample_weight,
+           fastxent::Options opt, const py::object& grad, const py::object& row_losses) {
+  fastxent::Inputs<T> in;
+  T* g = fill_inputs<T, T>(in, logits, target, probs, weight, sample_weight, grad);
+  T* rl = checked_output<T>(row_losses, in.rows, 1, 1, "row_losses");
+  // Safe without the GIL: the arrays are kept alive by the caller's references for the whole
+  // call, and the kernel touches no Python object.
+  py::gil_scoped_release release;
+  // Rounded to T here: a float32 loss beyond the float range is inf, quietly, as "none" rows.
+  return double(T(fastxent::cross_entropy<T>(in, opt, g, rl)));
+}
+
+// float16 / bfloat16 logits arrive as uint16 views; weights as float32.
+double run_half(const py::array& logits, int kind, const py::object& target,
+                const py::object& probs, const py::object& weight,
+                const py::object& sample_weight, fastxent::Options opt, const py::object& grad,
+                const py::object& row_losses) {
+  fastxent::HalfInputs in;
+  if (kind != 0 && kind != 1) throw std::invalid_argument("kind: 0 (float16) or 1 (bfloat16)");
+  in.kind = static_cast<fastxent::HalfKind>(kind);
+  uint16_t* g =
+      fill_inputs<uint16_t, float>(in, logits, target, probs, weight, sample_weight, grad);
+  float* rl = checked_output<float>(row_losses, in.rows, 1, 1, "row_losses");
   py::gil_scoped_release release;  // as in run(): no Python object is touched
   return double(float(fastxent::cross_entropy_half(in, opt, g, rl)));
 }

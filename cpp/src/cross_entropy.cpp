@@ -275,22 +275,7 @@ void run_problem(const Problem<T>& p, int nt, double* losses) {
     if (p.stream) p.fence();
     for (const Pending<T>& q : pending) *q.at = q.value;
   };
-  if (team <= 1) {
-    run_rows(0, rows);
-    return;
-  }
-#if defined(_OPENMP)
-#pragma omp parallel num_threads(team)
-  {
-    // Static contiguous chunks: each row is computed by exactly one thread.
-    const int64_t t = omp_get_thread_num(), nth = omp_get_num_threads();
-    const int64_t chunk = (rows + nth - 1) / nth;
-    const int64_t b0 = std::min(rows, t * chunk), b1 = std::min(rows, b0 + chunk);
-    run_rows(b0, b1);
-  }
-#else
-  run_rows(0, rows);
-#endif
+  parallel_chunks(team, rows, run_rows);
 }
 
 // The reduction over rows, in row order: independent of the thread count.
@@ -371,21 +356,7 @@ double cross_entropy_half(const HalfInputs& in, const Options& opt, uint16_t* gr
         if (grad) table.f32_to_half(zf.data(), grad + n * C, C, kind);
       }
     };
-    if (team <= 1) {
-      run_rows(0, rows);
-    } else {
-#if defined(_OPENMP)
-#pragma omp parallel num_threads(team)
-      {
-        const int64_t t = omp_get_thread_num(), nth = omp_get_num_threads();
-        const int64_t chunk = (rows + nth - 1) / nth;
-        const int64_t b0 = std::min(rows, t * chunk), b1 = std::min(rows, b0 + chunk);
-        run_rows(b0, b1);
-      }
-#else
-      run_rows(0, rows);
-#endif
-    }
+    parallel_chunks(team, rows, run_rows);
     return reduce(opt, pr, losses, rows, row_losses);
   }
   // The column layout, or few rows over many classes: fixed chunks through the float32 path.

@@ -12,6 +12,7 @@
 #endif
 
 #include "ce_detail.hpp"
+#include "threads.hpp"
 
 namespace fastxent {
 namespace detail {
@@ -116,22 +117,7 @@ void cross_entropy_cols(const Problem<T>& p, int nt, double* losses) {
     }
   };
 
-  const int team = int(std::min<int64_t>(nt, std::max<int64_t>(items, 1)));
-  if (team <= 1) {
-    run(0, items);
-    return;
-  }
-#if defined(_OPENMP)
-#pragma omp parallel num_threads(team)
-  {
-    const int64_t t = omp_get_thread_num(), nth = omp_get_num_threads();
-    const int64_t chunk = (items + nth - 1) / nth;
-    const int64_t b0 = std::min(items, t * chunk), b1 = std::min(items, b0 + chunk);
-    run(b0, b1);
-  }
-#else
-  run(0, items);
-#endif
+  parallel_chunks(int(std::min<int64_t>(nt, std::max<int64_t>(items, 1))), items, run);
 }
 
 template void cross_entropy_cols<float>(const Problem<float>&, int, double*);

@@ -357,6 +357,15 @@ _DOC_RAISES = """
 """
 
 
+def _no_options(axis: Any, weight: Any, ignore_index: Any, label_smoothing: Any,
+                sample_weight: Any, z_loss: Any, softcap: Any, logit_scale: Any,
+                normalizer: Any, num_threads: Any) -> bool:
+    """Every keyword at its default (the condition of the fast path)."""
+    return (axis == -1 and weight is None and ignore_index == -100 and label_smoothing == 0.0
+            and sample_weight is None and z_loss == 0.0 and softcap is None
+            and logit_scale == 1.0 and normalizer is None and num_threads is None)
+
+
 def _fast(logits: Any, target: Any, reduction: Any, out: Any, want_grad: bool):
     """The common small call without options, in a few hundred nanoseconds of Python: a
     C-contiguous 2-D float32/float64 ndarray, int64 targets, no out= or out=logits. Returns
@@ -397,9 +406,8 @@ def cross_entropy(logits: Any, target: Any, *, axis: int = -1, reduction: str = 
                   sample_weight: Any = None, z_loss: float = 0.0, softcap: Optional[float] = None,
                   logit_scale: float = 1.0, normalizer: Optional[float] = None,
                   num_threads: Optional[int] = None):
-    if (axis == -1 and weight is None and ignore_index == -100 and label_smoothing == 0.0
-            and sample_weight is None and z_loss == 0.0 and softcap is None
-            and logit_scale == 1.0 and normalizer is None and num_threads is None):
+    if _no_options(axis, weight, ignore_index, label_smoothing, sample_weight, z_loss, softcap,
+                   logit_scale, normalizer, num_threads):
         res = _fast(logits, target, reduction, None, False)
         if res is not None:
             return res
@@ -435,9 +443,8 @@ def cross_entropy_with_grad(logits: Any, target: Any, *, axis: int = -1,
                             softcap: Optional[float] = None, logit_scale: float = 1.0,
                             normalizer: Optional[float] = None,
                             num_threads: Optional[int] = None, out: Optional[np.ndarray] = None):
-    if (axis == -1 and weight is None and ignore_index == -100 and label_smoothing == 0.0
-            and sample_weight is None and z_loss == 0.0 and softcap is None
-            and logit_scale == 1.0 and normalizer is None and num_threads is None):
+    if _no_options(axis, weight, ignore_index, label_smoothing, sample_weight, z_loss, softcap,
+                   logit_scale, normalizer, num_threads):
         res = _fast(logits, target, reduction, out, True)
         if res is not None:
             return res
