@@ -321,3 +321,16 @@ def test_buffer_protocol_objects():
         fx.cross_entropy_with_grad(x, y, out=memoryview(np.zeros_like(x)))
     # Nested lists are array-likes too.
     assert_bitwise_equal(fx.logsumexp(x.tolist()), fx.logsumexp(x), "nested list")
+
+
+def test_sigmoid_out_may_be_a_torch_tensor():
+    """sigmoid_cross_entropy_with_grad shares out= handling with the softmax loss: a writable
+    PyTorch tensor receives the gradient in its own memory."""
+    torch = pytest.importorskip("torch")
+    x = np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32)
+    y = (x > 0).astype(np.float32)
+    out = torch.zeros(4, 3)
+    _, g = fx.sigmoid_cross_entropy_with_grad(x, y, out=out)
+    want = fx.sigmoid_cross_entropy_with_grad(x, y)[1]
+    np.testing.assert_array_equal(out.numpy(), want)
+    assert np.shares_memory(g, out.numpy())

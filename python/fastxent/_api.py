@@ -137,7 +137,10 @@ def _as_vector(v: Any, dtype: np.dtype, shape: Tuple[int, ...], name: str,
     return np.ascontiguousarray(w, dtype=dtype).reshape(-1)
 
 
-def _check_out(out: Any, x: np.ndarray) -> np.ndarray:
+def _check_out(out: Any, x: np.ndarray, inputs: Any = ()) -> np.ndarray:
+    """out= as a NumPy array over its memory, checked against the logits x: dtype, shape,
+    C-contiguous, writable, not partly overlapping x (x itself is the in-place mode), and
+    not overlapping any of the (name, array) pairs in inputs."""
     if not isinstance(out, np.ndarray):
         if not hasattr(out, "__dlpack__"):
             raise TypeError(f"out must be a NumPy array or a CPU DLPack array, got "
@@ -156,6 +159,9 @@ def _check_out(out: Any, x: np.ndarray) -> np.ndarray:
         if not same:
             raise ValueError("out overlaps the logits without being the same array: "
                              "pass out=logits itself for the in-place mode")
+    for name, arr in inputs:
+        if isinstance(arr, np.ndarray) and np.may_share_memory(out, arr):
+            raise ValueError(f"out overlaps {name}")
     return out
 
 
@@ -243,10 +249,7 @@ def _run(logits: Any, target: Any, kw: dict, want_grad: bool, out: Any):
         if out is None:
             grad = np.empty(x.shape, x.dtype)
         else:
-            grad = _check_out(out, x)
-            for name, arr in (("target", tgt), ("weight", w), ("sample_weight", sw)):
-                if isinstance(arr, np.ndarray) and np.may_share_memory(grad, arr):
-                    raise ValueError(f"out overlaps {name}")
+            grad = _check_out(out, x, (("target", tgt), ("weight", w), ("sample_weight", sw)))
     xv = x if half is None else x.view(np.uint16)
     view = rows_or_cols(xv)
     rows = view.shape[0] if last else view.shape[0] * view.shape[2]

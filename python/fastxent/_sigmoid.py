@@ -12,6 +12,7 @@ from typing import Any, Optional, Tuple
 import numpy as np
 
 from . import _core
+from ._api import _check_out
 
 __all__ = ["sigmoid_cross_entropy", "sigmoid_cross_entropy_with_grad"]
 
@@ -64,26 +65,6 @@ def _as_operand(v: Any, x: np.ndarray, name: str) -> Tuple[Optional[np.ndarray],
         col = a.reshape(a.shape[-1:] if a.ndim else (1,))
         return np.ascontiguousarray(np.broadcast_to(col, (C,)), dtype=x.dtype), 1
     return np.ascontiguousarray(np.broadcast_to(a, x.shape), dtype=x.dtype), 2
-
-
-def _check_out(out: Any, x: np.ndarray, inputs) -> np.ndarray:
-    if not isinstance(out, np.ndarray):
-        raise TypeError(f"out must be a NumPy array, got {type(out).__name__}")
-    if out.dtype != x.dtype:
-        raise ValueError(f"out has dtype {out.dtype}, expected {x.dtype} (the logits' dtype)")
-    if out.shape != x.shape:
-        raise ValueError(f"out has shape {out.shape}, expected {x.shape} (the logits' shape)")
-    if not out.flags.c_contiguous:
-        raise ValueError("out must be C-contiguous")
-    if not out.flags.writeable:
-        raise ValueError("out is read-only")
-    if out is not x and np.may_share_memory(out, x):
-        raise ValueError("out overlaps the logits without being the same array: "
-                         "pass out=logits itself for the in-place mode")
-    for name, arr in inputs:
-        if isinstance(arr, np.ndarray) and np.may_share_memory(out, arr):
-            raise ValueError(f"out overlaps {name}")
-    return out
 
 
 def _run(logits: Any, target: Any, reduction: Any, weight: Any, pos_weight: Any,
