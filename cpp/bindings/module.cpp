@@ -230,9 +230,10 @@ PYBIND11_MODULE(_core, m) {
   m.def(
       "cross_entropy_simple",
       [](const py::array& logits, const py::object& target, int reduction,
-         const py::object& grad, const py::object& row_losses) -> double {
+         const py::object& grad, const py::object& row_losses, int num_threads) -> double {
         fastxent::Options opt;
         opt.reduction = static_cast<fastxent::Reduction>(reduction);
+        opt.num_threads = num_threads;
         const py::object none = py::none();
         if (is_dtype<float>(logits))
           return run<float>(logits, target, none, none, none, opt, grad, row_losses);
@@ -241,7 +242,8 @@ PYBIND11_MODULE(_core, m) {
         throw py::type_error("logits: expected float32 or float64");
       },
       py::arg("logits"), py::arg("target"), py::arg("reduction"), py::arg("grad"),
-      py::arg("row_losses"), "cross_entropy with every option at its default.");
+      py::arg("row_losses"), py::arg("num_threads") = 0,
+      "cross_entropy with every option at its default but num_threads (0: the default).");
 
   m.def(
       "cross_entropy_half",
