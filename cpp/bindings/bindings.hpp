@@ -1,8 +1,86 @@
-// Registration functions of the pybind11 module, one per source file of cpp/bindings/.
+// Registration functions of the pybind11 module, one per source file of cpp/bindings/, and the
+// array checks they share.
 #pragma once
 
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "fastxent/fastxent.hpp"
+
 namespace fastxent_py {
-void bind_sigmoid(pybind11::module_& m);
+
+namespace py = pybind11;
+
+void bind_sigmoid(py::module_& m);
+void bind_shard(py::module_& m);
+
+// NumPy's notion of "the same type": int64 spelt 'l' or 'q' both match int64_t.
+template <class T>
+inline bool is_dtype(const py::array& a) {
+  return py::detail::npy_api::get().PyArray_EquivTypes_(a.dtype().ptr(),
+                                                         py::dtype::of<T>().ptr());
+}
+
+inline bool c_contiguous(const py::array& a) {
+  return (a.flags() & py::array::c_style) != 0;
+}
+
+template <class T>
+inline const T* checked_vector(const py::object& o, py::ssize_t n, const char* what) {
+  if (o.is_none()) return nullptr;
+  py::array a = py::reinterpret_borrow<py::array>(o);
+  if (!is_dtype<T>(a) || a.ndim() != 1 || a.shape(0) != n || !c_contiguous(a))
+    throw std::invalid_argument(std::string(what) + ": expected a C-contiguous 1-D array of " +
+                                std::to_string(n) + " elements of the logits' dtype");
+  return static_cast<const T*>(a.data());
+}
+
+template <class T>
+inline T* checked_output(const py::object& o, py::ssize_t rows, py::ssize_t cols, int ndim,
+                  const char* what) {
+  if (o.is_none()) return nullptr;
+  py::array a = py::reinterpret_borrow<py::array>(o);
+  const bool shape_ok = a.ndim() == ndim && a.shape(0) == rows && (ndim == 1 || a.shape(1) == cols);
+  if (!is_dtype<T>(a) || !shape_ok || !c_contiguous(a))
+    throw std::invalid_argument(std::string(what) + ": wrong dtype, shape or layout");
+  if (!a.writeable()) throw std::invalid_argument(std::string(what) + ": array is read-only");
+  return static_cast<T*>(a.mutable_data());
+}
+
+// A (rows, C) view with a contiguous class axis: its data pointer and row stride (elements).
+template <class T>
+inline const T* rows_view(const py::array& a, py::ssize_t N, py::ssize_t C, int64_t* ld,
+                   const char* what) {
+  const py::ssize_t isz = py::ssize_t(sizeof(T));
+  if (!is_dtype<T>(a) || a.ndim() != 2 || a.shape(0) != N || a.shape(1) != C)
+    throw std::invalid_argument(std::string(what) + ": expected a (rows, C) array of the logits' dtype");
+  if (N > 0 && C > 1 && a.strides(1) != isz)  // (an empty array's strides mean nothing)
+    throw std::invalid_argument(std::string(what) + ": the class axis must be contiguous");
+  if (N > 1 && (a.strides(0) % isz != 0 || a.strides(0) < C * isz))
+    throw std::invalid_argument(std::string(what) + ": rows must not overlap");
+  *ld = N > 1 ? a.strides(0) / isz : C;
+  return static_cast<const T*>(a.data());
+}
+
+// Options from the binding's arguments (normalizer: None or a number).
+inline fastxent::Options make_options(int reduction, int64_t ignore_index, double label_smoothing,
+                               double z_loss, double softcap, double logit_scale,
+                               const py::object& normalizer, int num_threads) {
+  fastxent::Options opt;
+  opt.reduction = static_cast<fastxent::Reduction>(reduction);
+  opt.ignore_index = ignore_index;
+  opt.label_smoothing = label_smoothing;
+  opt.z_loss = z_loss;
+  opt.softcap = softcap;
+  opt.logit_scale = logit_scale;
+  opt.has_normalizer = !normalizer.is_none();
+  if (opt.has_normalizer) opt.normalizer = normalizer.cast<double>();
+  opt.num_threads = num_threads;
+  return opt;
+}
+
 }  // namespace fastxent_py

@@ -17,53 +17,7 @@ namespace py = pybind11;
 
 namespace {
 
-// NumPy's notion of "the same type": int64 spelt 'l' or 'q' both match int64_t.
-template <class T>
-bool is_dtype(const py::array& a) {
-  return py::detail::npy_api::get().PyArray_EquivTypes_(a.dtype().ptr(),
-                                                         py::dtype::of<T>().ptr());
-}
-
-bool c_contiguous(const py::array& a) {
-  return (a.flags() & py::array::c_style) != 0;
-}
-
-template <class T>
-const T* checked_vector(const py::object& o, py::ssize_t n, const char* what) {
-  if (o.is_none()) return nullptr;
-  py::array a = py::reinterpret_borrow<py::array>(o);
-  if (!is_dtype<T>(a) || a.ndim() != 1 || a.shape(0) != n || !c_contiguous(a))
-    throw std::invalid_argument(std::string(what) + ": expected a C-contiguous 1-D array of " +
-                                std::to_string(n) + " elements of the logits' dtype");
-  return static_cast<const T*>(a.data());
-}
-
-template <class T>
-T* checked_output(const py::object& o, py::ssize_t rows, py::ssize_t cols, int ndim,
-                  const char* what) {
-  if (o.is_none()) return nullptr;
-  py::array a = py::reinterpret_borrow<py::array>(o);
-  const bool shape_ok = a.ndim() == ndim && a.shape(0) == rows && (ndim == 1 || a.shape(1) == cols);
-  if (!is_dtype<T>(a) || !shape_ok || !c_contiguous(a))
-    throw std::invalid_argument(std::string(what) + ": wrong dtype, shape or layout");
-  if (!a.writeable()) throw std::invalid_argument(std::string(what) + ": array is read-only");
-  return static_cast<T*>(a.mutable_data());
-}
-
-// A (rows, C) view with a contiguous class axis: its data pointer and row stride (elements).
-template <class T>
-const T* rows_view(const py::array& a, py::ssize_t N, py::ssize_t C, int64_t* ld,
-                   const char* what) {
-  const py::ssize_t isz = py::ssize_t(sizeof(T));
-  if (!is_dtype<T>(a) || a.ndim() != 2 || a.shape(0) != N || a.shape(1) != C)
-    throw std::invalid_argument(std::string(what) + ": expected a (rows, C) array of the logits' dtype");
-  if (N > 0 && C > 1 && a.strides(1) != isz)  // (an empty array's strides mean nothing)
-    throw std::invalid_argument(std::string(what) + ": the class axis must be contiguous");
-  if (N > 1 && (a.strides(0) % isz != 0 || a.strides(0) < C * isz))
-    throw std::invalid_argument(std::string(what) + ": rows must not overlap");
-  *ld = N > 1 ? a.strides(0) / isz : C;
-  return static_cast<const T*>(a.data());
-}
+using namespace fastxent_py;
 
 // The column layout (class axis not last): a C-contiguous (outer, C, inner) array.
 template <class T>
@@ -151,22 +105,6 @@ double run_half(const py::array& logits, int kind, const py::object& target,
   float* rl = checked_output<float>(row_losses, in.rows, 1, 1, "row_losses");
   py::gil_scoped_release release;  // as in run(): no Python object is touched
   return double(float(fastxent::cross_entropy_half(in, opt, g, rl)));
-}
-
-fastxent::Options make_options(int reduction, int64_t ignore_index, double label_smoothing,
-                               double z_loss, double softcap, double logit_scale,
-                               const py::object& normalizer, int num_threads) {
-  fastxent::Options opt;
-  opt.reduction = static_cast<fastxent::Reduction>(reduction);
-  opt.ignore_index = ignore_index;
-  opt.label_smoothing = label_smoothing;
-  opt.z_loss = z_loss;
-  opt.softcap = softcap;
-  opt.logit_scale = logit_scale;
-  opt.has_normalizer = !normalizer.is_none();
-  if (opt.has_normalizer) opt.normalizer = normalizer.cast<double>();
-  opt.num_threads = num_threads;
-  return opt;
 }
 
 template <class T>
@@ -279,6 +217,7 @@ PYBIND11_MODULE(_core, m) {
       "(out has one value per row), 3 softmax_backward (x = probs, g = upstream grad).");
 
   fastxent_py::bind_sigmoid(m);
+  fastxent_py::bind_shard(m);
 
   m.def("available_isas", &fastxent::available_isas,
         "Instruction sets this CPU and OS can run, best last.");

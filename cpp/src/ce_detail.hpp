@@ -24,6 +24,15 @@ inline constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
 // thread; 26.1 vs 39.1 ms, 2 threads). FASTXENT_STREAM_BYTES=N turns it on for other machines.
 int64_t stream_threshold();
 
+// Throws std::invalid_argument unless v is finite and >= 0 (> 0 when `positive`).
+void check_finite(double v, const char* what, bool positive);
+
+// Every check of a call, before anything is written. Pointer types vary (half storage), so
+// this takes what it needs as plain facts.
+void check_call(const Options& opt, int64_t rows, int64_t classes, int64_t inner,
+                int64_t row_stride, bool have_logits, bool have_target, bool have_probs,
+                int64_t probs_row_stride, bool have_row_losses, bool in_place);
+
 // exp(m - M) for a block max m against the row max M: exactly 1 for the block holding the max
 // (the only block of a short row), without a libm call.
 inline double rescale(double m, double M) { return m == M ? 1.0 : std::exp(m - M); }
@@ -33,6 +42,7 @@ struct Problem {
   Inputs<T> in;
   int64_t ignore_index;
   int64_t C, nb;
+  int64_t C_total;          // the C of eps / C: C, or the whole vocabulary for a shard
   int64_t inner;            // 1: rows; > 1: the (rows / inner, C, inner) column layout
   T* grad;
   double eps, lambda, alpha, cap;
@@ -92,7 +102,7 @@ inline BlockIn<T> block_in(const Problem<T>& p, const RowPtrs<T>& rp, int64_t k,
   b.w = p.in.weight ? p.in.weight + off : nullptr;
   b.p = rp.prob ? rp.prob + off : nullptr;
   b.q1 = T(1.0 - p.eps);
-  b.q0 = T(p.eps / double(p.C));
+  b.q0 = T(p.eps / double(p.C_total));
   b.wd_mode = p.probs ? 2 : (p.eps > 0.0 ? 1 : 0);
   return b;
 }
@@ -120,7 +130,7 @@ inline RowResult finish_row(const Problem<T>& p, const BlockStat* st, int64_t n,
     nan |= std::isnan(st[k].m) || std::isnan(st[k].s);
     U += st[k].usum;
   }
-  const double C = double(p.C);
+  const double C = double(p.C_total);
   const double Q = p.probs ? U : (1.0 - p.eps) * wy + p.eps / C * p.W;  // sum of the soft target
   r.b = r.s * (p.probs ? 1.0 : p.eps / C) * p.alpha;
   if (nan) {
@@ -179,7 +189,7 @@ inline void write_grad_block(const Problem<T>& p, const BlockStat& st, const Row
   a.w = p.in.weight ? p.in.weight + off : nullptr;
   a.p = prob ? prob + off : nullptr;
   a.q1 = T(1.0 - p.eps);
-  a.q0 = T(p.eps / double(p.C));
+  a.q0 = T(p.eps / double(p.C_total));
   a.t = t ? t + off : nullptr;
   a.stream = stream;
   if (std::isnan(r.a)) {
@@ -188,7 +198,7 @@ inline void write_grad_block(const Problem<T>& p, const BlockStat& st, const Row
     // Degenerate row: e holds zeros but the uniform limit needs e = 1: g = a - b u.
     for (int64_t c = 0; c < len; ++c) {
       double u = p.in.weight ? double(p.in.weight[off + c]) : 1.0;
-      if (p.probs) u *= (1.0 - p.eps) * double(a.p[c]) + p.eps / double(p.C);
+      if (p.probs) u *= (1.0 - p.eps) * double(a.p[c]) + p.eps / double(p.C_total);
       g[off + c] = T(r.a - r.b * u);
     }
     return;

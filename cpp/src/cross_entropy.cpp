@@ -139,47 +139,6 @@ void split_classes(const Problem<T>& p, int64_t rows, int nt, double* losses) {
                    p.in.target[n]);
 }
 
-void check_finite(double v, const char* what, bool positive) {
-  if (!std::isfinite(v) || v < 0.0 || (positive && v == 0.0))
-    throw std::invalid_argument(std::string(what) + (positive ? " must be finite and > 0, got "
-                                                              : " must be finite and >= 0, got ") +
-                                std::to_string(v));
-}
-
-// Every check of a call, before anything is written. Pointer types vary (half storage), so
-// this takes what it needs as plain facts.
-void check_call(const Options& opt, int64_t rows, int64_t classes, int64_t inner,
-                int64_t row_stride, bool have_logits, bool have_target, bool have_probs,
-                int64_t probs_row_stride, bool have_row_losses, bool in_place) {
-  if (classes <= 0) throw std::invalid_argument("the class axis has no classes (C = 0)");
-  if (rows < 0) throw std::invalid_argument("negative number of rows");
-  if (inner < 1) throw std::invalid_argument("inner must be at least 1");
-  if (inner > 1 && rows % inner != 0)
-    throw std::invalid_argument("rows must be a multiple of inner");
-  if (inner == 1 && row_stride < classes)
-    throw std::invalid_argument("row_stride must be at least the number of classes");
-  if (opt.reduction != Reduction::None && opt.reduction != Reduction::Sum &&
-      opt.reduction != Reduction::Mean)
-    throw std::invalid_argument("unknown reduction");
-  if (!(opt.label_smoothing >= 0.0 && opt.label_smoothing <= 1.0))
-    throw std::invalid_argument("label_smoothing must be in [0, 1], got " +
-                                std::to_string(opt.label_smoothing));
-  check_finite(opt.z_loss, "z_loss", false);
-  check_finite(opt.softcap, "softcap", false);
-  check_finite(opt.logit_scale, "logit_scale", true);
-  if (opt.has_normalizer) check_finite(opt.normalizer, "normalizer", false);
-  if (opt.num_threads < 0) throw std::invalid_argument("num_threads must be positive");
-  if (rows > 0 && !have_logits) throw std::invalid_argument("logits must not be null");
-  if (rows > 0 && have_target == have_probs)
-    throw std::invalid_argument("give exactly one of class targets and probability targets");
-  if (have_probs && inner == 1 && probs_row_stride < classes)
-    throw std::invalid_argument("probs_row_stride must be at least the number of classes");
-  if (rows > 0 && opt.reduction == Reduction::None && !have_row_losses)
-    throw std::invalid_argument("reduction 'none' needs a row_losses output");
-  if (in_place && inner == 1 && row_stride != classes)
-    throw std::invalid_argument("in-place gradient needs contiguous rows (row_stride == C)");
-}
-
 // The target pre-pass: range check and the "mean" denominator; class-weight sums.
 template <class T>
 Prepared prepare(const Options& opt, int64_t rows, int64_t classes, int64_t inner,
@@ -223,6 +182,7 @@ Problem<T> make_problem(const Inputs<T>& in, const Options& opt, T* grad, const 
   p.in = in;
   p.ignore_index = opt.ignore_index;
   p.C = in.classes;
+  p.C_total = in.classes;
   p.inner = in.inner;
   p.nb = pr.nb;
   p.grad = grad;
@@ -293,6 +253,45 @@ double reduce(const Options& opt, const Prepared& pr, const std::vector<double>&
 }
 
 }  // namespace
+
+void detail::check_finite(double v, const char* what, bool positive) {
+  if (!std::isfinite(v) || v < 0.0 || (positive && v == 0.0))
+    throw std::invalid_argument(std::string(what) + (positive ? " must be finite and > 0, got "
+                                                              : " must be finite and >= 0, got ") +
+                                std::to_string(v));
+}
+
+void detail::check_call(const Options& opt, int64_t rows, int64_t classes, int64_t inner,
+                int64_t row_stride, bool have_logits, bool have_target, bool have_probs,
+                int64_t probs_row_stride, bool have_row_losses, bool in_place) {
+  if (classes <= 0) throw std::invalid_argument("the class axis has no classes (C = 0)");
+  if (rows < 0) throw std::invalid_argument("negative number of rows");
+  if (inner < 1) throw std::invalid_argument("inner must be at least 1");
+  if (inner > 1 && rows % inner != 0)
+    throw std::invalid_argument("rows must be a multiple of inner");
+  if (inner == 1 && row_stride < classes)
+    throw std::invalid_argument("row_stride must be at least the number of classes");
+  if (opt.reduction != Reduction::None && opt.reduction != Reduction::Sum &&
+      opt.reduction != Reduction::Mean)
+    throw std::invalid_argument("unknown reduction");
+  if (!(opt.label_smoothing >= 0.0 && opt.label_smoothing <= 1.0))
+    throw std::invalid_argument("label_smoothing must be in [0, 1], got " +
+                                std::to_string(opt.label_smoothing));
+  check_finite(opt.z_loss, "z_loss", false);
+  check_finite(opt.softcap, "softcap", false);
+  check_finite(opt.logit_scale, "logit_scale", true);
+  if (opt.has_normalizer) check_finite(opt.normalizer, "normalizer", false);
+  if (opt.num_threads < 0) throw std::invalid_argument("num_threads must be positive");
+  if (rows > 0 && !have_logits) throw std::invalid_argument("logits must not be null");
+  if (rows > 0 && have_target == have_probs)
+    throw std::invalid_argument("give exactly one of class targets and probability targets");
+  if (have_probs && inner == 1 && probs_row_stride < classes)
+    throw std::invalid_argument("probs_row_stride must be at least the number of classes");
+  if (rows > 0 && opt.reduction == Reduction::None && !have_row_losses)
+    throw std::invalid_argument("reduction 'none' needs a row_losses output");
+  if (in_place && inner == 1 && row_stride != classes)
+    throw std::invalid_argument("in-place gradient needs contiguous rows (row_stride == C)");
+}
 
 int64_t detail::stream_threshold() {
   static const int64_t bytes = [] {

@@ -15,6 +15,8 @@ from typing import List
 from . import _core
 from ._api import cross_entropy, cross_entropy_with_grad
 from ._companions import log_softmax, logsumexp, softmax, softmax_backward, softmax_jacobian
+from ._shard import (STAT_FIELDS, loss_from_stats, merge_stats, shard_grad, shard_stats,
+                     stats_denominator)
 from ._sigmoid import sigmoid_cross_entropy, sigmoid_cross_entropy_with_grad
 
 __version__: str = _core.__version__
@@ -29,6 +31,12 @@ __all__ = [
     "softmax_jacobian",
     "sigmoid_cross_entropy",
     "sigmoid_cross_entropy_with_grad",
+    "STAT_FIELDS",
+    "shard_stats",
+    "merge_stats",
+    "loss_from_stats",
+    "shard_grad",
+    "stats_denominator",
     "available_isas",
     "active_isa",
     "__version__",

@@ -1,0 +1,331 @@
+// Vocabulary-sharded statistics, their merge, the loss from them, and a shard's gradient
+// (fastxent/shard.hpp). The SIMD work is the one-machine kernel's block pass and affine pass
+// (kernel_table.hpp), run over the shard's columns; blocks sit at fixed positions of the
+// shard, rows are independent, so every result is the same for any thread count.
+#include "fastxent/shard.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "ce_detail.hpp"
+#include "threads.hpp"
+
+namespace fastxent {
+
+namespace {
+
+using namespace detail;
+
+template <class T>
+void check_shard(const ShardInputs<T>& in, const Options& opt, bool in_place) {
+  check_call(opt, in.rows, in.classes, 1, in.row_stride, in.logits != nullptr,
+             in.target != nullptr, in.probs != nullptr, in.probs_row_stride, true, in_place);
+  if (in.offset < 0) throw std::invalid_argument("offset must be >= 0");
+  if (in.num_classes < in.classes || in.offset > in.num_classes - in.classes)
+    throw std::invalid_argument("the shard [offset, offset + classes) = [" +
+                                std::to_string(in.offset) + ", " +
+                                std::to_string(in.offset + in.classes) +
+                                ") does not fit in num_classes = " +
+                                std::to_string(in.num_classes));
+  if (in.target)
+    for (int64_t n = 0; n < in.rows; ++n) {
+      const int64_t y = in.target[n];
+      if (y != opt.ignore_index && (y < 0 || y >= in.num_classes))
+        throw std::out_of_range("target[" + std::to_string(n) + "] = " + std::to_string(y) +
+                                " is outside [0, " + std::to_string(in.num_classes) +
+                                ") and is not ignore_index (" +
+                                std::to_string(opt.ignore_index) + ")");
+    }
+}
+
+// The one-machine problem description over the shard's columns; eps / C uses the whole
+// vocabulary.
+template <class T>
+Problem<T> shard_problem(const ShardInputs<T>& in, const Options& opt, T* grad) {
+  Problem<T> p;
+  p.in.logits = in.logits;
+  p.in.rows = in.rows;
+  p.in.classes = in.classes;
+  p.in.row_stride = in.row_stride;
+  p.in.target = in.target;
+  p.in.probs = in.probs;
+  p.in.probs_row_stride = in.probs_row_stride;
+  p.in.weight = in.weight;
+  p.ignore_index = opt.ignore_index;
+  p.C = in.classes;
+  p.C_total = in.num_classes;
+  p.nb = (in.classes + kBlock - 1) / kBlock;
+  p.inner = 1;
+  p.grad = grad;
+  p.eps = opt.label_smoothing;
+  p.lambda = opt.z_loss;
+  p.alpha = opt.logit_scale;
+  p.cap = opt.softcap;
+  p.W = 0.0;  // unused: the shard's own weight sums are taken per block
+  p.block_w = nullptr;
+  p.s = 1.0;
+  p.zero_all = false;
+  p.stream = false;
+  p.probs = in.probs != nullptr;
+  const KernelTable& table = active_table();
+  p.fns = &row_fns<T>(table);
+  p.fence = table.fence;
+  return p;
+}
+
+// Whether the shard's row n owns its class target (local index in *y).
+template <class T>
+bool owns_target(const Problem<T>& p, int64_t offset, int64_t n, int64_t* y) {
+  const int64_t t = p.in.target[n];
+  if (t == p.ignore_index || t < offset || t >= offset + p.C) return false;
+  *y = t - offset;
+  return true;
+}
+
+double row_lse(const double* st) { return st[kStatMax] + std::log(st[kStatSumExp]); }
+
+bool row_nan(const double* st) {
+  return std::isnan(st[kStatMax]) || std::isnan(st[kStatSumExp]);
+}
+
+// Count and coverage of merged statistics; throws naming the first bad row.
+void check_merged(const double* stats, int64_t rows, int64_t num_classes) {
+  for (int64_t n = 0; n < rows; ++n) {
+    const double* st = stats + n * kStatFields;
+    if (st[kStatColumns] != double(num_classes))
+      throw std::invalid_argument(
+          "statistics of row " + std::to_string(n) + " cover " +
+          std::to_string(st[kStatColumns]) + " columns, not num_classes = " +
+          std::to_string(num_classes) + ": merge the statistics of every shard, once each");
+    if (st[kStatCount] != 0.0 && st[kStatCount] != 1.0)
+      throw std::invalid_argument("statistics of row " + std::to_string(n) + " have count " +
+                                  std::to_string(st[kStatCount]) +
+                                  " (0 or 1 expected): shards overlap or were merged twice");
+  }
+}
+
+}  // namespace
+
+template <class T>
+void shard_stats(const ShardInputs<T>& in, const Options& opt, double* stats) {
+  check_shard(in, opt, false);
+  if (in.rows > 0 && stats == nullptr) throw std::invalid_argument("stats must not be null");
+  const Problem<T> p = shard_problem(in, opt, static_cast<T*>(nullptr));
+  const bool smooth = !p.probs && p.eps > 0.0;
+  // Class-weight sums per block (for sum u z' = wd + m' * sum u), and of the shard.
+  std::vector<double> bw(static_cast<size_t>(p.nb), 0.0);
+  double W = 0.0;
+  for (int64_t k = 0; k < p.nb; ++k) {
+    const int64_t off = k * kBlock, len = p.block_len(k);
+    double b = double(len);
+    if (in.weight) {
+      b = 0.0;
+      for (int64_t c = 0; c < len; ++c) b += double(in.weight[off + c]);
+    }
+    bw[size_t(k)] = b;
+    W += b;
+  }
+  const double C = double(in.num_classes);
+  const int nt = resolve_threads(opt.num_threads, in.rows * in.classes);
+  const int team = int(std::min<int64_t>(nt, std::max<int64_t>(in.rows, 1)));
+  parallel_chunks(team, in.rows, [&](int64_t begin, int64_t end) {
+    std::vector<BlockStat> st(static_cast<size_t>(p.nb));
+    for (int64_t n = begin; n < end; ++n) {
+      double* out = stats + n * kStatFields;
+      std::fill(out, out + kStatFields, 0.0);
+      out[kStatColumns] = double(in.classes);
+      if (!p.probs && p.in.target[n] == p.ignore_index) {
+        out[kStatMax] = -kInf;
+        continue;
+      }
+      const RowPtrs<T> rp = row_ptrs(p, n);
+      double M = -kInf;
+      bool nan = false;
+      for (int64_t k = 0; k < p.nb; ++k) {
+        st[size_t(k)] = p.fns->block(block_in(p, rp, k, static_cast<T*>(nullptr),
+                                              static_cast<T*>(nullptr)));
+        M = std::max(M, st[size_t(k)].m);
+        nan |= std::isnan(st[size_t(k)].m) || std::isnan(st[size_t(k)].s);
+      }
+      double S = 0.0, U = 0.0, UZ = 0.0;  // sum exp(z' - M), sum u, sum u z'
+      for (int64_t k = 0; k < p.nb; ++k) {
+        const BlockStat& b = st[size_t(k)];
+        if (b.m != -kInf && !nan) S += b.s * rescale(b.m, M);
+        if (p.probs || smooth) {
+          const double uk = p.probs ? b.usum : bw[size_t(k)];
+          U += uk;
+          // wd is relative to the block max, or absolute for a block of -inf.
+          UZ += b.m == -kInf ? b.wd : b.wd + b.m * uk;
+        }
+      }
+      out[kStatMax] = nan ? kNaN : M;
+      out[kStatSumExp] = nan ? kNaN : S;
+      if (p.probs) {
+        out[kStatQ] = U;
+        out[kStatQZ] = UZ;
+        if (in.offset == 0) out[kStatWy] = out[kStatCount] = 1.0;
+        continue;
+      }
+      if (smooth) {
+        out[kStatQ] = p.eps / C * W;
+        out[kStatQZ] = p.eps / C * UZ;
+      }
+      int64_t y;
+      if (owns_target(p, in.offset, n, &y)) {
+        const double wy = in.weight ? double(in.weight[y]) : 1.0;
+        const double f = (1.0 - p.eps) * wy;
+        if (f != 0.0) {  // 0 * (-inf) would be NaN: a zero term is skipped
+          double dz;
+          out[kStatQ] += f;
+          out[kStatQZ] += f * transform(p, double(rp.z[y]), &dz);
+        }
+        out[kStatWy] = wy;
+        out[kStatCount] = 1.0;
+      }
+    }
+  });
+}
+
+void merge_stats(const double* a, const double* b, int64_t rows, double* out) {
+  for (int64_t n = 0; n < rows; ++n) {
+    const double* x = a + n * kStatFields;
+    const double* y = b + n * kStatFields;
+    double r[kStatFields];
+    if (row_nan(x) || row_nan(y)) {
+      r[kStatMax] = r[kStatSumExp] = kNaN;
+    } else {
+      const double M = std::max(x[kStatMax], y[kStatMax]);
+      r[kStatMax] = M;
+      // A side of -inf (no finite column) adds nothing; rescale() is exactly 1 at the max.
+      r[kStatSumExp] = (x[kStatMax] == -kInf ? 0.0 : x[kStatSumExp] * rescale(x[kStatMax], M)) +
+                       (y[kStatMax] == -kInf ? 0.0 : y[kStatSumExp] * rescale(y[kStatMax], M));
+    }
+    for (int f = kStatQ; f < kStatFields; ++f) r[f] = x[f] + y[f];
+    std::memcpy(out + n * kStatFields, r, sizeof r);
+  }
+}
+
+double stats_denominator(const double* stats, int64_t rows, const double* sample_weight) {
+  double D = 0.0;
+  for (int64_t n = 0; n < rows; ++n) {
+    const double* st = stats + n * kStatFields;
+    if (st[kStatCount] == 0.0) continue;
+    D += (sample_weight ? sample_weight[n] : 1.0) * st[kStatWy];
+  }
+  return D;
+}
+
+double stats_loss(const double* stats, int64_t rows, const double* sample_weight,
+                  const Options& opt, int64_t num_classes, double* row_losses) {
+  if (rows < 0) throw std::invalid_argument("negative number of rows");
+  if (opt.reduction != Reduction::None && opt.reduction != Reduction::Sum &&
+      opt.reduction != Reduction::Mean)
+    throw std::invalid_argument("unknown reduction");
+  check_finite(opt.z_loss, "z_loss", false);
+  if (opt.has_normalizer) check_finite(opt.normalizer, "normalizer", false);
+  if (opt.reduction == Reduction::None && rows > 0 && !row_losses)
+    throw std::invalid_argument("reduction 'none' needs a row_losses output");
+  if (num_classes > 0) check_merged(stats, rows, num_classes);
+  const bool mean = opt.reduction == Reduction::Mean;
+  const double D = opt.has_normalizer ? opt.normalizer : stats_denominator(stats, rows,
+                                                                           sample_weight);
+  double total = 0.0;
+  for (int64_t n = 0; n < rows; ++n) {
+    const double* st = stats + n * kStatFields;
+    double loss = 0.0;
+    if (st[kStatCount] != 0.0 && !(mean && D == 0.0)) {
+      if (row_nan(st)) {
+        loss = kNaN;
+      } else if (st[kStatMax] == -kInf) {
+        loss = kInf;  // every class -inf, as the one-machine kernel
+      } else {
+        const double lse = row_lse(st);
+        if (st[kStatQ] != 0.0) loss = st[kStatQ] * lse - st[kStatQZ];
+        loss += opt.z_loss * lse * lse;
+      }
+      loss *= sample_weight ? sample_weight[n] : 1.0;
+    }
+    if (row_losses) row_losses[n] = loss;
+    total += loss;
+  }
+  if (opt.reduction == Reduction::None) return 0.0;
+  if (mean) return D == 0.0 ? 0.0 : total / D;
+  return total;
+}
+
+template <class T>
+void shard_grad(const ShardInputs<T>& in, const double* stats, const T* sample_weight,
+                const Options& opt, double scale, T* grad) {
+  check_shard(in, opt, grad != nullptr && grad == in.logits);
+  if (!std::isfinite(scale)) throw std::invalid_argument("scale must be finite");
+  if (in.rows > 0 && (stats == nullptr || grad == nullptr))
+    throw std::invalid_argument("stats and grad must not be null");
+  check_merged(stats, in.rows, in.num_classes);
+  for (int64_t n = 0; n < in.rows; ++n) {
+    const bool counted = in.probs || in.target[n] != opt.ignore_index;
+    if (counted != (stats[n * kStatFields + kStatCount] == 1.0))
+      throw std::invalid_argument(
+          "statistics of row " + std::to_string(n) + (counted ? " do not count it" : " count it") +
+          " but its target says otherwise: were they computed with the same target and "
+          "ignore_index?");
+  }
+  Problem<T> p = shard_problem(in, opt, grad);
+  double s = scale;
+  if (opt.reduction == Reduction::Mean) {
+    std::vector<double> sw;
+    if (sample_weight) sw.assign(sample_weight, sample_weight + in.rows);
+    const double D = opt.has_normalizer
+                         ? opt.normalizer
+                         : stats_denominator(stats, in.rows, sample_weight ? sw.data() : nullptr);
+    s = D == 0.0 ? 0.0 : scale / D;
+  }
+  const double C = double(in.num_classes);
+  const int nt = resolve_threads(opt.num_threads, in.rows * in.classes);
+  const int team = int(std::min<int64_t>(nt, std::max<int64_t>(in.rows, 1)));
+  parallel_chunks(team, in.rows, [&](int64_t begin, int64_t end) {
+    std::vector<T> tbuf(p.cap > 0.0 ? static_cast<size_t>(p.C) : 0);
+    T* t = tbuf.empty() ? nullptr : tbuf.data();
+    for (int64_t n = begin; n < end; ++n) {
+      const double* st = stats + n * kStatFields;
+      T* g = grad + n * p.C;
+      const RowPtrs<T> rp = row_ptrs(p, n);
+      if (st[kStatCount] == 0.0 || s == 0.0) {
+        std::memset(static_cast<void*>(g), 0, sizeof(T) * size_t(p.C));
+        continue;
+      }
+      int64_t y = -1;
+      double zy = 0.0, dzy = p.alpha;
+      const bool own = !p.probs && owns_target(p, in.offset, n, &y);
+      if (own) zy = transform(p, double(rp.z[y]), &dzy);  // before in place overwrites it
+      RowResult r{0.0, st[kStatMax], 0.0, 0.0,
+                  s * (sample_weight ? double(sample_weight[n]) : 1.0)};
+      r.b = r.s * (p.probs ? 1.0 : p.eps / C) * p.alpha;
+      if (row_nan(st)) {
+        r.a = kNaN;
+      } else if (r.M == -kInf) {
+        r.a = r.s * st[kStatQ] / C * p.alpha;  // the uniform limit, as the one-machine kernel
+      } else {
+        const double za = 2.0 * p.lambda * row_lse(st);
+        r.a = r.s * (st[kStatQ] + za) / st[kStatSumExp] * p.alpha;
+      }
+      for (int64_t k = 0; k < p.nb; ++k) {
+        const BlockStat b = p.fns->block(block_in(p, rp, k, g, t));
+        write_grad_block(p, b, r, rp.prob, g, t, g, k, false);
+      }
+      if (own) fix_target(p, r, zy, dzy, g, y);
+    }
+  });
+}
+
+template void shard_stats<float>(const ShardInputs<float>&, const Options&, double*);
+template void shard_stats<double>(const ShardInputs<double>&, const Options&, double*);
+template void shard_grad<float>(const ShardInputs<float>&, const double*, const float*,
+                                const Options&, double, float*);
+template void shard_grad<double>(const ShardInputs<double>&, const double*, const double*,
+                                 const Options&, double, double*);
+
+}  // namespace fastxent

@@ -1,0 +1,235 @@
+"""Vocabulary-sharded cross-entropy: per-shard statistics, their merge, the loss from merged
+statistics, and each shard's gradient (the C++ core, fastxent/shard.hpp).
+
+A shard is columns ``[offset, offset + C_shard)`` of a vocabulary of ``num_classes`` classes,
+for every row. The three steps reproduce the one-machine kernel::
+
+    st = [shard_stats(x_r, target, offset=o_r, num_classes=C) for each shard r]
+    merged = merge_stats(*st)                      # or an all-reduce (see below)
+    loss = loss_from_stats(merged)                 # no logits needed
+    g_r = shard_grad(x_r, target, merged, offset=o_r, num_classes=C)   # local, one pass
+
+Statistics are float64 arrays of shape ``rows_shape + (7,)``, fields :data:`STAT_FIELDS`:
+``max`` (of the shard's transformed logits z'), ``sumexp`` (sum of exp(z' - max)), ``q`` (sum
+of the soft target u over the shard's columns), ``qz`` (sum of u z'), ``wy`` (the row's share
+of the "mean" denominator, from the shard owning its target), ``count`` (1 in the shard that
+counts the row), ``columns`` (how many columns the statistics cover). An all-reduce merges
+them as: M = max over shards of ``max``; then the sum over shards of
+``sumexp * exp(max - M)`` and of the five other fields (Megatron's scheme).
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any, Optional, Tuple, Union
+
+import numpy as np
+
+from . import _core
+from ._api import (_REDUCTIONS, _as_target, _as_vector, _check_out, _options, _raise_bad_target,
+                   _real, _rows_view, _to_numpy)
+
+__all__ = ["STAT_FIELDS", "shard_stats", "merge_stats", "loss_from_stats", "shard_grad",
+           "stats_denominator"]
+
+#: The fields of the last axis of shard statistics, in order.
+STAT_FIELDS: Tuple[str, ...] = ("max", "sumexp", "q", "qz", "wy", "count", "columns")
+assert len(STAT_FIELDS) == _core.STAT_FIELDS
+
+
+def _index(v: Any, name: str) -> int:
+    try:
+        return operator.index(v)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, got {type(v).__name__}") from None
+
+
+def _shard_args(logits: Any, target: Any, offset: Any, num_classes: Any, weight: Any,
+                ignore_index: Any, label_smoothing: Any, softcap: Any, logit_scale: Any,
+                num_threads: Any, reduction: Any = "mean"):
+    x = _to_numpy(logits, "logits")
+    if x.dtype not in (np.float32, np.float64):
+        raise TypeError(f"shard logits must be float32 or float64, got {x.dtype} (convert "
+                        f"16-bit shards to float32 first)")
+    if x.ndim == 0:
+        raise ValueError("logits must have at least one dimension (the class axis, last)")
+    Cs = x.shape[-1]
+    if Cs == 0:
+        raise ValueError("the shard has no classes (C_shard = 0)")
+    off = _index(offset, "offset")
+    C = _index(num_classes, "num_classes")
+    if off < 0 or C < 1 or off + Cs > C:
+        raise ValueError(f"the shard [offset, offset + C_shard) = [{off}, {off + Cs}) does not "
+                         f"fit in num_classes = {C}")
+    red, ii, eps, nt = _options(reduction, ignore_index, label_smoothing, num_threads)
+    cap = 0.0 if softcap is None else _real(softcap, "softcap", 0.0, True)
+    alpha = _real(logit_scale, "logit_scale", 0.0, True)
+    rows_shape = x.shape[:-1]
+    tgt = _to_numpy(target, "target")
+    t = probs = None
+    if tgt.dtype.kind == "f" and tgt.ndim == x.ndim:
+        if tgt.shape != x.shape:
+            raise ValueError(f"probability target has shape {tgt.shape}, expected the shard "
+                             f"logits' shape {x.shape}")
+        if ii != -100:
+            raise ValueError("ignore_index applies to class-index targets only")
+        probs = _rows_view(tgt if tgt.dtype == x.dtype else tgt.astype(x.dtype))
+    else:
+        t = _as_target(tgt, rows_shape, C, ii)
+    w = _as_vector(weight, x.dtype, (Cs,), "weight", "the shard's classes")
+    return dict(x=x, view=_rows_view(x), t=t, probs=probs, w=w, off=off, C=C, red=red, ii=ii,
+                eps=eps, nt=nt, cap=cap, alpha=alpha, rows_shape=rows_shape, tgt=tgt)
+
+
+def _call(fn, a, *args):
+    try:
+        return fn(*args)
+    except IndexError:
+        if a["t"] is not None:
+            _raise_bad_target(a["tgt"], a["C"], a["ii"])
+        raise
+
+
+def shard_stats(logits: Any, target: Any, *, offset: int, num_classes: int,
+                weight: Any = None, ignore_index: int = -100, label_smoothing: float = 0.0,
+                softcap: Optional[float] = None, logit_scale: float = 1.0,
+                num_threads: Optional[int] = None) -> np.ndarray:
+    """Per-row statistics of one vocabulary shard, in one SIMD pass over its logits.
+
+    Parameters
+    ----------
+    logits : array (..., C_shard), float32 or float64
+        Columns ``[offset, offset + C_shard)`` of the full logits (class axis last).
+    target : int array (...) of global class indices, or float array (..., C_shard)
+        The class targets (the same full array on every shard), or this shard's columns of
+        probability targets.
+    offset, num_classes : int
+        Where the shard starts in the vocabulary, and the vocabulary's size C (label
+        smoothing uses eps / C of the whole vocabulary).
+    weight : array (C_shard,), optional
+        This shard's slice of the class weights.
+    ignore_index, label_smoothing, softcap, logit_scale, num_threads
+        As :func:`fastxent.cross_entropy` (the other options, z_loss, sample_weight,
+        reduction and normalizer, act on merged statistics).
+
+    Returns
+    -------
+    float64 array of shape ``logits.shape[:-1] + (7,)``; fields :data:`STAT_FIELDS`.
+    """
+    a = _shard_args(logits, target, offset, num_classes, weight, ignore_index, label_smoothing,
+                    softcap, logit_scale, num_threads)
+    out = np.empty((a["view"].shape[0], len(STAT_FIELDS)), np.float64)
+    _call(_core.shard_stats, a, a["view"], a["t"], a["probs"], a["w"], a["off"], a["C"],
+          a["ii"], a["eps"], a["cap"], a["alpha"], a["nt"], out)
+    return out.reshape(a["rows_shape"] + (len(STAT_FIELDS),))
+
+
+def _as_stats(s: Any, name: str) -> np.ndarray:
+    a = _to_numpy(s, name)
+    if a.ndim == 0 or a.shape[-1] != len(STAT_FIELDS):
+        raise ValueError(f"{name} must have shape (..., {len(STAT_FIELDS)}) (shard statistics), "
+                         f"got {a.shape}")
+    if a.dtype.kind != "f":
+        raise TypeError(f"{name} must be a float64 array of shard statistics, got {a.dtype}")
+    return a
+
+
+def merge_stats(*stats: Any) -> np.ndarray:
+    """Merges the statistics of shards of the same rows (any number, any order): the row max
+    is the max, the exponential sums are rescaled to it and added, the other fields added.
+    Commutative bit for bit; associative up to rounding. Returns a new float64 array."""
+    if not stats:
+        raise TypeError("merge_stats needs at least one array of statistics")
+    arrs = [_as_stats(s, f"stats[{i}]") for i, s in enumerate(stats)]
+    shape = arrs[0].shape
+    for i, s in enumerate(arrs[1:], 1):
+        if s.shape != shape:
+            raise ValueError(f"stats[{i}] has shape {s.shape}, expected {shape} (the same rows)")
+    flat = [np.ascontiguousarray(s, dtype=np.float64).reshape(-1, len(STAT_FIELDS))
+            for s in arrs]
+    out = flat[0].copy()
+    for s in flat[1:]:
+        _core.merge_stats(out, s, out)
+    return out.reshape(shape)
+
+
+def _merged(stats: Any) -> Tuple[np.ndarray, Tuple[int, ...]]:
+    st = _as_stats(stats, "stats")
+    return (np.ascontiguousarray(st, dtype=np.float64).reshape(-1, len(STAT_FIELDS)),
+            st.shape[:-1])
+
+
+def stats_denominator(stats: Any, sample_weight: Any = None) -> float:
+    """The "mean" denominator of merged statistics: the sum over counted rows of
+    ``sample_weight * w[y]`` (``sample_weight`` for probability targets). Across row blocks
+    (e.g. Dask chunks of rows) these add up."""
+    st, rows_shape = _merged(stats)
+    sw = _as_vector(sample_weight, np.dtype(np.float64), rows_shape, "sample_weight",
+                    "one per row")
+    return float(_core.stats_denominator(st, sw))
+
+
+def loss_from_stats(stats: Any, *, reduction: str = "mean", sample_weight: Any = None,
+                    z_loss: float = 0.0, normalizer: Optional[float] = None,
+                    num_classes: Optional[int] = None) -> Union[np.ndarray, np.float64]:
+    """The loss from merged statistics (no logits needed): per counted row
+    ``s_n * (q * lse - qz + z_loss * lse**2)``, ``lse = max + log(sumexp)``, reduced as
+    :func:`fastxent.cross_entropy` ("mean" divides by ``normalizer`` or by
+    :func:`stats_denominator`). Given ``num_classes``, checks that every row's statistics cover
+    exactly that many columns (every shard merged once). Returns a float64 scalar, or an array
+    of the rows' shape for "none"."""
+    if not isinstance(reduction, str) or reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    st, rows_shape = _merged(stats)
+    sw = _as_vector(sample_weight, np.dtype(np.float64), rows_shape, "sample_weight",
+                    "one per row")
+    lam = _real(z_loss, "z_loss", 0.0, False)
+    norm = None if normalizer is None else _real(normalizer, "normalizer", 0.0, False)
+    C = 0 if num_classes is None else _index(num_classes, "num_classes")
+    if num_classes is not None and C < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    red = _REDUCTIONS[reduction]
+    rl = np.empty(st.shape[0], np.float64) if red == 0 else None
+    total = _core.stats_loss(st, sw, red, lam, norm, C, rl)
+    return rl.reshape(rows_shape) if rl is not None else np.float64(total)
+
+
+def shard_grad(logits: Any, target: Any, stats: Any, *, offset: int, num_classes: int,
+               weight: Any = None, ignore_index: int = -100, label_smoothing: float = 0.0,
+               softcap: Optional[float] = None, logit_scale: float = 1.0, z_loss: float = 0.0,
+               reduction: str = "mean", sample_weight: Any = None,
+               normalizer: Optional[float] = None, scale: float = 1.0,
+               num_threads: Optional[int] = None, out: Any = None) -> np.ndarray:
+    """The gradient of one shard's logits, from the merged statistics of the same rows: one
+    local pass, no communication. The options must be those given to :func:`shard_stats`,
+    plus the loss's ``z_loss``, ``reduction``, ``sample_weight`` and ``normalizer``. "mean"
+    divides by ``normalizer``, or by :func:`stats_denominator` of ``stats`` (pass the global
+    denominator as ``normalizer`` when ``stats`` holds only some of the rows). ``scale``
+    multiplies the whole gradient (an upstream gradient). ``out=logits`` overwrites the shard
+    in place. Returns the gradient (the logits' shape and dtype)."""
+    a = _shard_args(logits, target, offset, num_classes, weight, ignore_index, label_smoothing,
+                    softcap, logit_scale, num_threads, reduction)
+    x = a["x"]
+    lam = _real(z_loss, "z_loss", 0.0, False)
+    norm = None if normalizer is None else _real(normalizer, "normalizer", 0.0, False)
+    try:
+        sc = float(scale)
+    except (TypeError, ValueError):
+        raise TypeError(f"scale must be a real number, got {type(scale).__name__}") from None
+    if not np.isfinite(sc):
+        raise ValueError(f"scale must be finite, got {scale!r}")
+    st = _as_stats(stats, "stats")
+    if st.shape[:-1] != a["rows_shape"]:
+        raise ValueError(f"stats has shape {st.shape}, expected {a['rows_shape'] + (7,)} "
+                         f"(one row of statistics per row of logits)")
+    st2 = np.ascontiguousarray(st, dtype=np.float64).reshape(-1, len(STAT_FIELDS))
+    sw = _as_vector(sample_weight, x.dtype, a["rows_shape"], "sample_weight", "one per row")
+    if out is None:
+        grad = np.empty(x.shape, x.dtype)
+    else:
+        grad = _check_out(out, x, (("target", a["tgt"]), ("stats", st), ("weight", a["w"]),
+                                   ("sample_weight", sw)))
+    g2 = grad.reshape(a["view"].shape)
+    _call(_core.shard_grad, a, a["view"], a["t"], a["probs"], a["w"], st2, sw, a["off"],
+          a["C"], a["red"], a["ii"], a["eps"], lam, a["cap"], a["alpha"], norm, a["nt"], sc, g2)
+    return grad
