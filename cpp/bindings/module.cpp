@@ -134,6 +134,72 @@ void companion(const py::array& x, const py::array& out, int which, int num_thre
   }
 }
 
+// The small-call fast path: every check of the common call (2-D C-contiguous native
+// float32/float64 logits, C > 0, int64 targets of N elements, no options, out= absent or
+// logits itself or a separate C-contiguous writable array) done here in C++, with None
+// returned whenever the general Python path is needed (which also produces every error
+// message, including that of a bad class index).
+bool native_c2(const py::array& a) {
+  return c_contiguous(a) && a.dtype().byteorder() != '>' && a.dtype().byteorder() != '!';
+}
+
+bool overlaps(const py::array& a, const py::array& b) {
+  const char* a0 = static_cast<const char*>(a.data());
+  const char* b0 = static_cast<const char*>(b.data());
+  return a0 < b0 + b.nbytes() && b0 < a0 + a.nbytes();
+}
+
+template <class T>
+py::object fast_call(const py::array& x, const py::array& t, int reduction, bool want_grad,
+                     const py::object& out, int num_threads) {
+  const py::ssize_t N = x.shape(0), C = x.shape(1);
+  py::array grad;
+  if (want_grad) {
+    if (out.is_none()) {
+      grad = py::array_t<T>({N, C});
+    } else {
+      if (!py::isinstance<py::array>(out)) return py::none();
+      py::array o = py::reinterpret_borrow<py::array>(out);
+      if (!is_dtype<T>(o) || o.ndim() != 2 || o.shape(0) != N || o.shape(1) != C ||
+          !native_c2(o) || !o.writeable() || overlaps(o, t) ||
+          (o.ptr() != x.ptr() && overlaps(o, x)))
+        return py::none();
+      grad = o;
+    }
+  }
+  py::array_t<T> rows;
+  if (reduction == 0) rows = py::array_t<T>(N);
+  fastxent::Options opt;
+  opt.reduction = static_cast<fastxent::Reduction>(reduction);
+  opt.num_threads = num_threads;
+  fastxent::Inputs<T> in;
+  in.logits = static_cast<const T*>(x.data());
+  in.rows = N;
+  in.classes = C;
+  in.row_stride = C;
+  in.target = static_cast<const int64_t*>(t.data());
+  T* g = want_grad ? static_cast<T*>(grad.mutable_data()) : nullptr;
+  T* rl = reduction == 0 ? rows.mutable_data() : nullptr;
+  double total;
+  try {
+    py::gil_scoped_release release;
+    total = fastxent::cross_entropy<T>(in, opt, g, rl);
+  } catch (const std::out_of_range&) {
+    return py::none();  // a bad class index: the general path raises the detailed error
+  }
+  py::object loss;
+  if (reduction == 0) {
+    loss = rows;
+  } else {
+    // Never destroyed: a static py::object would be released after the interpreter.
+    static py::object* scalar = new py::object(
+        py::module_::import("numpy").attr(sizeof(T) == 4 ? "float32" : "float64"));
+    loss = (*scalar)(double(T(total)));
+  }
+  if (!want_grad) return loss;
+  return py::make_tuple(loss, grad);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
@@ -164,24 +230,27 @@ PYBIND11_MODULE(_core, m) {
       "int64 class targets or a (rows, C) probability target, reduction 0=none 1=sum 2=mean, "
       "softcap 0 = off. Returns the reduced loss (0 for none).");
 
-  // The small-call fast path of fastxent._api: no options, so few arguments to convert.
   m.def(
-      "cross_entropy_simple",
-      [](const py::array& logits, const py::object& target, int reduction,
-         const py::object& grad, const py::object& row_losses, int num_threads) -> double {
-        fastxent::Options opt;
-        opt.reduction = static_cast<fastxent::Reduction>(reduction);
-        opt.num_threads = num_threads;
-        const py::object none = py::none();
-        if (is_dtype<float>(logits))
-          return run<float>(logits, target, none, none, none, opt, grad, row_losses);
-        if (is_dtype<double>(logits))
-          return run<double>(logits, target, none, none, none, opt, grad, row_losses);
-        throw py::type_error("logits: expected float32 or float64");
+      "fast_call",
+      [](const py::object& logits, const py::object& target, int reduction, bool want_grad,
+         const py::object& out, int num_threads) -> py::object {
+        if (!py::isinstance<py::array>(logits) || !py::isinstance<py::array>(target))
+          return py::none();
+        py::array x = py::reinterpret_borrow<py::array>(logits);
+        py::array t = py::reinterpret_borrow<py::array>(target);
+        if (x.ndim() != 2 || x.shape(1) == 0 || !native_c2(x) || t.ndim() != 1 ||
+            t.shape(0) != x.shape(0) || !is_dtype<int64_t>(t) || !native_c2(t) ||
+            reduction < 0 || reduction > 2 || num_threads < 0)
+          return py::none();
+        if (is_dtype<float>(x))
+          return fast_call<float>(x, t, reduction, want_grad, out, num_threads);
+        if (is_dtype<double>(x))
+          return fast_call<double>(x, t, reduction, want_grad, out, num_threads);
+        return py::none();
       },
-      py::arg("logits"), py::arg("target"), py::arg("reduction"), py::arg("grad"),
-      py::arg("row_losses"), py::arg("num_threads") = 0,
-      "cross_entropy with every option at its default but num_threads (0: the default).");
+      py::arg("logits"), py::arg("target"), py::arg("reduction"), py::arg("want_grad"),
+      py::arg("out"), py::arg("num_threads"),
+      "The common call without options, checked here; None when the general path is needed.");
 
   m.def(
       "cross_entropy_half",

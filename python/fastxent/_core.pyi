@@ -23,8 +23,8 @@ def cross_entropy(logits: numpy.ndarray, target: object, probs: object, weight: 
                   label_smoothing: _Float, z_loss: _Float, softcap: _Float,
                   logit_scale: _Float, normalizer: object, num_threads: _Int, grad: object,
                   row_losses: object) -> float: ...
-def cross_entropy_simple(logits: numpy.ndarray, target: object, reduction: _Int, grad: object,
-                         row_losses: object, num_threads: _Int = ...) -> float: ...
+def fast_call(logits: object, target: object, reduction: _Int, want_grad: bool, out: object,
+              num_threads: _Int) -> Any: ...
 def cross_entropy_half(logits: numpy.ndarray, kind: _Int, target: object, probs: object,
                        weight: object, sample_weight: object, reduction: _Int,
                        ignore_index: _Int, label_smoothing: _Float, z_loss: _Float,

@@ -1,0 +1,105 @@
+"""The small-call fast path (_core.fast_call): it takes exactly the calls it can check, gives
+the general path's bits, and hands everything else (with its error messages) to the general
+path."""
+
+import numpy as np
+import pytest
+
+import fastxent as fx
+from fastxent import _core
+
+RED = {"none": 0, "sum": 1, "mean": 2}
+
+
+def _data(dtype=np.float32, N=32, C=10, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((N, C)).astype(dtype), rng.integers(0, C, N)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_fast_equals_general(dtype, reduction):
+    x, t = _data(dtype)
+    fast = _core.fast_call(x, t, RED[reduction], True, None, 0)
+    assert fast is not None
+    # A strided view of the same values goes through the general path.
+    wide = np.zeros((x.shape[0], x.shape[1] + 3), dtype)
+    wide[:, :x.shape[1]] = x
+    loss, g = fx.cross_entropy_with_grad(wide[:, :x.shape[1]], t, reduction=reduction)
+    np.testing.assert_array_equal(fast[1], g)
+    np.testing.assert_array_equal(np.asarray(fast[0]), np.asarray(loss))
+    assert np.asarray(fast[0]).dtype == dtype
+    assert type(fx.cross_entropy(x, t, reduction=reduction)) is type(loss)
+
+
+def test_fast_declines_what_it_cannot_check():
+    x, t = _data()
+    g = np.empty_like(x)
+    declined = [
+        (x.astype(">f4"), t, None),            # big-endian logits
+        (x, t.astype(">i8"), None),            # big-endian targets
+        (x, t.astype(np.int32), None),         # another integer type
+        (np.asfortranarray(x), t, None),       # not C-contiguous
+        (x.astype(np.float16), t, None),       # 16-bit logits
+        (x[None], t, None),                    # 3-D
+        (x, t, np.empty((32, 10), np.float64)),  # out of another dtype
+        (x, t, np.asfortranarray(g)),          # out not C-contiguous
+        (x, t, x[:, :5]),                      # out of another shape
+        (np.zeros((4, 0), np.float32), t[:4], None),  # no classes
+    ]
+    ro = np.empty_like(x)
+    ro.flags.writeable = False
+    declined.append((x, t, ro))
+    overlap = np.empty(x.size + 1, np.float32)
+    declined.append((overlap[1:].reshape(x.shape), t, overlap[:-1].reshape(x.shape)))
+    for xx, tt, out in declined:
+        assert _core.fast_call(xx, tt, 2, True, out, 0) is None
+
+
+def test_fast_in_place_and_out():
+    x, t = _data()
+    ref_loss, ref_g = fx.cross_entropy_with_grad(x, t)
+    out = np.full_like(x, 7.0)
+    loss, g = fx.cross_entropy_with_grad(x, t, out=out)
+    assert g is out
+    np.testing.assert_array_equal(out, ref_g)
+    w = x.copy()
+    loss2, g2 = fx.cross_entropy_with_grad(w, t, out=w)
+    assert g2 is w
+    np.testing.assert_array_equal(w, ref_g)
+    assert loss == loss2 == ref_loss
+
+
+def test_fast_bad_target_gives_the_detailed_error_and_writes_nothing():
+    x, t = _data()
+    t[5] = 10
+    out = np.full_like(x, 7.0)
+    with pytest.raises(IndexError, match=r"target\[5\] = 10"):
+        fx.cross_entropy_with_grad(x, t, out=out)
+    assert (out == 7.0).all()
+    w = x.copy()
+    with pytest.raises(IndexError, match=r"target\[5\] = 10"):
+        fx.cross_entropy_with_grad(w, t, out=w)
+    np.testing.assert_array_equal(w, x)
+
+
+def test_fast_out_overlapping_target_is_refused():
+    x, t = _data(np.float64)
+    out = t.view(np.float64)[:0]  # empty: cannot overlap, wrong shape -> general path error
+    with pytest.raises(ValueError):
+        fx.cross_entropy_with_grad(x, t, out=out)
+    buf = np.zeros(x.size, np.float64)
+    tt = buf[:32].view(np.int64)
+    tt[:] = t
+    assert _core.fast_call(x, tt, 2, True, buf.reshape(x.shape), 0) is None
+    with pytest.raises(ValueError, match="overlaps target"):
+        fx.cross_entropy_with_grad(x, tt, out=buf.reshape(x.shape))
+
+
+@pytest.mark.parametrize("nt", [1, 2, 3])
+def test_fast_num_threads(nt):
+    x, t = _data(N=300, C=700)
+    a = fx.cross_entropy_with_grad(x, t, num_threads=nt)
+    b = fx.cross_entropy_with_grad(x, t)
+    np.testing.assert_array_equal(a[1], b[1])
+    assert a[0] == b[0]
