@@ -1,0 +1,28 @@
+"""The benchmark runs end to end (a smoke test: it measures nothing, timings are never
+asserted), with the floors on several threads and the looped timing of tiny calls."""
+
+import subprocess
+import sys
+
+from fastxent import bench
+
+
+def test_run_bench_rows():
+    rows = bench.run_bench(shapes=[(300, 300), (4, 5)], threads=(1, 2), repeats=3,
+                           peers=("numpy",), log=lambda s: None)
+    names = {r["contestant"] for r in rows}
+    assert {"copy (floor)", "read (floor)", "fastxent fused", "fastxent fused out=",
+            "fastxent in-place", "fastxent forward", "numpy"} <= names
+    assert len(rows) == 2 * 2 * len(names)
+    for r in rows:
+        assert r["median_s"] > 0 and r["repeats"] == 3
+    # Calls of microseconds are timed in loops (the note says how many per timing).
+    tiny = [r for r in rows if (r["N"], r["C"]) == (4, 5)]
+    assert tiny and any("loops of" in r["note"] for r in tiny)
+
+
+def test_cli_quick():
+    r = subprocess.run([sys.executable, "-m", "fastxent", "bench", "--quick", "--peers", "",
+                        "--threads", "1,2"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "copy (floor)" in r.stdout and "fastxent fused out=" in r.stdout
