@@ -54,6 +54,9 @@ struct Problem {
   bool probs;               // probability targets
   const RowFns<T>* fns;
   void (*fence)();
+  // float <-> 16-bit conversions of the active ISA (kind 0 float16, 1 bfloat16).
+  void (*half_to_f32)(const uint16_t* src, float* dst, int64_t n, int kind);
+  void (*f32_to_half)(const float* src, uint16_t* dst, int64_t n, int kind);
 
   int64_t block_len(int64_t k) const { return k + 1 < nb ? kBlock : C - k * kBlock; }
   bool counted(int64_t n) const {
@@ -77,10 +80,22 @@ inline double transform(const Problem<T>& p, double z, double* dz) {
 // these at per-thread float32 copies of the row.
 template <class T>
 struct RowPtrs {
-  const T* z;     // logits row
+  const T* z;     // logits row (null when zh is set)
   const T* prob;  // probability-target row, or null
   T* g;           // gradient row, or null
+  // 16-bit rows (T = float): logits read from zh and the gradient rounded into gh, as
+  // float16 (hk 1) or bfloat16 (hk 2), converted inside the SIMD passes.
+  const uint16_t* zh = nullptr;
+  uint16_t* gh = nullptr;
+  int hk = 0;
 };
+
+// A float as 16 bits of kind hk (1 float16, 2 bfloat16), rounded once.
+template <class T>
+inline void store_half(const Problem<T>& p, double v, uint16_t* at, int hk) {
+  const float f = float(v);
+  p.f32_to_half(&f, at, 1, hk - 1);
+}
 
 template <class T>
 inline RowPtrs<T> row_ptrs(const Problem<T>& p, int64_t n) {
@@ -93,7 +108,9 @@ template <class T>
 inline BlockIn<T> block_in(const Problem<T>& p, const RowPtrs<T>& rp, int64_t k, T* e, T* t) {
   BlockIn<T> b;
   const int64_t off = k * kBlock;
-  b.z = rp.z + off;
+  b.z = rp.z ? rp.z + off : nullptr;
+  b.zh = rp.zh ? rp.zh + off : nullptr;
+  b.hk = rp.hk;
   b.e = e ? e + off : nullptr;
   b.t = (e && t) ? t + off : nullptr;
   b.n = p.block_len(k);
@@ -179,11 +196,13 @@ inline RowResult finish_row(const Problem<T>& p, const BlockStat* st, int64_t n,
 template <class T>
 inline void write_grad_block(const Problem<T>& p, const BlockStat& st, const RowResult& r,
                              const T* prob, const T* e, const T* t, T* g, int64_t k,
-                             bool stream) {
+                             bool stream, uint16_t* gh = nullptr, int hk = 0) {
   const int64_t off = k * kBlock, len = p.block_len(k);
   AffineIn<T> a;
   a.e = e + off;
-  a.g = g + off;
+  a.g = g ? g + off : nullptr;
+  a.gh = gh ? gh + off : nullptr;
+  a.hk = hk;
   a.n = len;
   a.b = T(r.b);
   a.w = p.in.weight ? p.in.weight + off : nullptr;
@@ -199,7 +218,8 @@ inline void write_grad_block(const Problem<T>& p, const BlockStat& st, const Row
     for (int64_t c = 0; c < len; ++c) {
       double u = p.in.weight ? double(p.in.weight[off + c]) : 1.0;
       if (p.probs) u *= (1.0 - p.eps) * double(a.p[c]) + p.eps / double(p.C_total);
-      g[off + c] = T(r.a - r.b * u);
+      if (gh) store_half(p, double(T(r.a - r.b * u)), gh + off + c, hk);
+      else g[off + c] = T(r.a - r.b * u);
     }
     return;
   } else {
@@ -222,19 +242,27 @@ inline T target_value(const Problem<T>& p, const RowResult& r, double zy_t, doub
 
 template <class T>
 inline void fix_target(const Problem<T>& p, const RowResult& r, double zy_t, double dzy, T* g,
-                       int64_t y) {
+                       int64_t y, uint16_t* gh = nullptr, int hk = 0) {
   if (std::isnan(r.a)) return;  // a NaN row stays NaN
-  g[y] = target_value(p, r, zy_t, dzy, y);
+  // In T first, then (16-bit rows) rounded once more to the storage type.
+  const T v = target_value(p, r, zy_t, dzy, y);
+  if (gh) store_half(p, double(v), gh + y, hk);
+  else g[y] = v;
 }
 
 // The target logit through the transform (class targets; 0 for probability targets).
 template <class T>
 inline double target_logit(const Problem<T>& p, int64_t n, double* dz,
-                           const T* zrow = nullptr) {
+                           const T* zrow = nullptr, const uint16_t* zh = nullptr, int hk = 0) {
   *dz = p.alpha;
   if (p.probs) return 0.0;
   const int64_t y = p.in.target[n];
   if (zrow) return transform(p, double(zrow[y]), dz);
+  if (zh) {
+    float f;
+    p.half_to_f32(zh + y, &f, 1, hk - 1);
+    return transform(p, double(f), dz);
+  }
   if (p.inner == 1) return transform(p, double(p.in.logits[n * p.in.row_stride + y]), dz);
   const int64_t o = n / p.inner, i = n % p.inner;
   return transform(p, double(p.in.logits[(o * p.C + y) * p.inner + i]), dz);

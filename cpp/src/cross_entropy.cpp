@@ -54,16 +54,28 @@ template <class T>
 double compute_row(const Problem<T>& p, int64_t n, const RowPtrs<T>& rp, BlockStat* st,
                    T* scratch, T* tbuf, std::vector<Pending<T>>* pending = nullptr) {
   T* g = rp.g;
+  const bool want_grad = g || rp.gh;
   if (!p.counted(n)) {
     if (g) std::memset(static_cast<void*>(g), 0, sizeof(T) * size_t(p.C));
+    if (rp.gh) std::memset(static_cast<void*>(rp.gh), 0, sizeof(uint16_t) * size_t(p.C));
     return 0.0;
   }
   double dzy;
-  const double zy_t = target_logit(p, n, &dzy, rp.z);  // before in place overwrites z
-  T* e = g ? (p.stream ? scratch : g) : nullptr;
+  // Before in place overwrites z.
+  const double zy_t = rp.zh ? target_logit(p, n, &dzy, static_cast<const T*>(nullptr), rp.zh,
+                                           rp.hk)
+                            : target_logit(p, n, &dzy, rp.z);
+  // 16-bit rows keep e in the float scratch row; the gradient is rounded out of it.
+  T* e = want_grad ? ((p.stream || rp.gh) ? scratch : g) : nullptr;
   for (int64_t k = 0; k < p.nb; ++k) st[k] = p.fns->block(block_in(p, rp, k, e, tbuf));
   const RowResult r = finish_row(p, st, n, zy_t);
-  if (g) {
+  if (rp.gh) {
+    for (int64_t k = 0; k < p.nb; ++k)
+      write_grad_block(p, st[k], r, rp.prob, e, tbuf, static_cast<T*>(nullptr), k, false,
+                       rp.gh, rp.hk);
+    if (!p.probs) fix_target(p, r, zy_t, dzy, static_cast<T*>(nullptr), p.in.target[n], rp.gh,
+                             rp.hk);
+  } else if (g) {
     for (int64_t k = 0; k < p.nb; ++k)
       write_grad_block(p, st[k], r, rp.prob, e, tbuf, g, k, p.stream);
     if (!p.probs) {
@@ -202,6 +214,8 @@ Problem<T> make_problem(const Inputs<T>& in, const Options& opt, T* grad, const 
   const KernelTable& table = active_table();
   p.fns = &row_fns<T>(table);
   p.fence = table.fence;
+  p.half_to_f32 = table.half_to_f32;
+  p.f32_to_half = table.f32_to_half;
   return p;
 }
 
@@ -342,17 +356,19 @@ double cross_entropy_half(const HalfInputs& in, const Options& opt, uint16_t* gr
     const int nt = thread_count(opt, rows * C);
     const int team = int(std::min<int64_t>(nt, std::max<int64_t>(rows, 1)));
     auto run_rows = [&](int64_t begin, int64_t end) {
-      std::vector<float> zf(static_cast<size_t>(C)), pf(in.probs ? size_t(C) : 0);
+      // e = exp(z' - m) of a row in float32 (the 16-bit logits are read, and the gradient
+      // written, by the SIMD passes themselves), and the row's probability targets.
+      std::vector<float> ef(grad ? size_t(C) : 0), pf(in.probs ? size_t(C) : 0);
       std::vector<BlockStat> st(static_cast<size_t>(pr.nb));
       std::vector<float> tbuf(opt.softcap > 0.0 && grad ? size_t(C) : 0);
       for (int64_t n = begin; n < end; ++n) {
-        table.half_to_f32(in.logits + n * in.row_stride, zf.data(), C, kind);
         if (in.probs) table.half_to_f32(in.probs + n * in.probs_row_stride, pf.data(), C, kind);
-        const RowPtrs<float> rp{zf.data(), in.probs ? pf.data() : nullptr,
-                                grad ? zf.data() : nullptr};
-        losses[size_t(n)] = compute_row(p, n, rp, st.data(), static_cast<float*>(nullptr),
+        RowPtrs<float> rp{nullptr, in.probs ? pf.data() : nullptr, nullptr};
+        rp.zh = in.logits + n * in.row_stride;
+        rp.gh = grad ? grad + n * C : nullptr;
+        rp.hk = kind + 1;
+        losses[size_t(n)] = compute_row(p, n, rp, st.data(), grad ? ef.data() : nullptr,
                                         tbuf.empty() ? nullptr : tbuf.data());
-        if (grad) table.f32_to_half(zf.data(), grad + n * C, C, kind);
       }
     };
     parallel_chunks(team, rows, run_rows);

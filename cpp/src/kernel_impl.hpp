@@ -24,6 +24,7 @@
 #include <cstdint>
 #include <limits>
 
+#include "half_impl.hpp"
 #include "kernel_table.hpp"
 
 #ifndef FASTXENT_ISA_NS
@@ -117,18 +118,58 @@ struct Row {
   using R = typename V::R;
   static constexpr int64_t W = V::W;
 
-  static T max(const T* z, int64_t n) {
+  // 16-bit storage (T = float): HK 1 float16, 2 bfloat16. len < W lanes are filled with
+  // `fill`; the conversions are exact, and the roundings to 16 bits those of half_impl.hpp.
+  template <int HK>
+  static R loadh(const uint16_t* p, int64_t len, T fill) {
+    if constexpr (V::kHasHalf) {
+      if (len >= W) return HK == 1 ? V::load_f16(p) : V::load_bf16(p);
+    }
+    T tmp[W];
+    for (int64_t j = 0; j < len && j < W; ++j)
+      tmp[j] = T(HK == 1 ? f16_to_f32_scalar(p[j]) : bf16_to_f32_scalar(p[j]));
+    return V::load_partial(tmp, len, fill);
+  }
+  template <int HK>
+  static void storeh(uint16_t* p, R v, int64_t len) {
+    if constexpr (V::kHasHalf) {
+      if (len >= W) {
+        if constexpr (HK == 1) V::store_f16(p, v); else V::store_bf16(p, v);
+        return;
+      }
+    }
+    T tmp[W];
+    V::store(tmp, v);
+    for (int64_t j = 0; j < len && j < W; ++j)
+      p[j] = HK == 1 ? f32_to_f16_scalar(float(tmp[j])) : f32_to_bf16_scalar(float(tmp[j]));
+  }
+
+  // Logits i .. i + len of a block, from T storage (HK 0) or 16-bit storage.
+  template <int HK>
+  static R loadz(const BlockIn<T>& in, int64_t i, int64_t len, T fill) {
+    if constexpr (HK == 0) return len >= W ? V::load(in.z + i) : V::load_partial(in.z + i, len, fill);
+    else return loadh<HK>(in.zh + i, len, fill);
+  }
+  template <int HK>
+  static T zat(const BlockIn<T>& in, int64_t i) {
+    if constexpr (HK == 0) return in.z[i];
+    else return T(HK == 1 ? f16_to_f32_scalar(in.zh[i]) : bf16_to_f32_scalar(in.zh[i]));
+  }
+
+  template <int HK>
+  static T maxz(const BlockIn<T>& in) {
     const T ninf = -std::numeric_limits<T>::infinity();
+    const int64_t n = in.n;
     R a0 = V::set1(ninf), a1 = a0, a2 = a0, a3 = a0;
     int64_t i = 0;
     for (; i + 4 * W <= n; i += 4 * W) {
-      a0 = V::max(a0, V::load(z + i));
-      a1 = V::max(a1, V::load(z + i + W));
-      a2 = V::max(a2, V::load(z + i + 2 * W));
-      a3 = V::max(a3, V::load(z + i + 3 * W));
+      a0 = V::max(a0, loadz<HK>(in, i, W, ninf));
+      a1 = V::max(a1, loadz<HK>(in, i + W, W, ninf));
+      a2 = V::max(a2, loadz<HK>(in, i + 2 * W, W, ninf));
+      a3 = V::max(a3, loadz<HK>(in, i + 3 * W, W, ninf));
     }
-    for (; i + W <= n; i += W) a0 = V::max(a0, V::load(z + i));
-    if (i < n) a1 = V::max(a1, V::load_partial(z + i, n - i, ninf));
+    for (; i + W <= n; i += W) a0 = V::max(a0, loadz<HK>(in, i, W, ninf));
+    if (i < n) a1 = V::max(a1, loadz<HK>(in, i, n - i, ninf));
     return V::hmax(V::max(V::max(a0, a1), V::max(a2, a3)));
   }
 
@@ -166,7 +207,7 @@ struct Row {
   //   when STORE);
   //   WD 0: nothing more; 1: wd = sum w (z' - mt) (class targets with smoothing);
   //   2: wd = sum u (z' - mt), usum = sum u, u = w (q1 p + q0) (probability targets).
-  template <bool STORE, int TR, int WD, bool HAS_W>
+  template <bool STORE, int TR, int WD, bool HAS_W, int HK>
   static BlockStat block_impl(const BlockIn<T>& in, T mt) {
     const int64_t n = in.n;
     const R vm = V::set1(mt), valpha = V::set1(in.alpha);
@@ -184,7 +225,7 @@ struct Row {
       int64_t i = c0;
       auto step = [&](int64_t j, int64_t len, R* a) {
         R t;
-        R x = V::sub(transform<TR>(loadn(in.z + j, len), valpha, vinv, vcap, &t), vm);
+        R x = V::sub(transform<TR>(loadz<HK>(in, j, len, T(0)), valpha, vinv, vcap, &t), vm);
         if (len < W) x = V::keep_first(x, len);  // masked lanes add nothing to any sum
         R y = vexp<V>(x);
         if (len < W) y = V::keep_first(y, len);
@@ -210,7 +251,8 @@ struct Row {
       };
       for (; i + 2 * W <= c1; i += 2 * W) {
         // The next block streams in from memory while this one is computed from L1.
-        __builtin_prefetch(in.z + i + kBlock, 0, 2);
+        if constexpr (HK == 0) __builtin_prefetch(in.z + i + kBlock, 0, 2);
+        else __builtin_prefetch(in.zh + i + kBlock, 0, 2);
         step(i, W, acc[0]);
         step(i + W, W, acc[1]);
       }
@@ -224,11 +266,12 @@ struct Row {
 
   // A block whose max is -inf: every entry is -inf, or NaN hides among -inf entries. Rare;
   // scalar. wd is the raw sum u z' here (the caller cannot shift by a -inf max).
+  template <int HK>
   static BlockStat degenerate(const BlockIn<T>& in) {
     bool nan = false;
     double wz = 0.0, usum = 0.0;
     for (int64_t i = 0; i < in.n; ++i) {
-      const T z = in.z[i];
+      const T z = zat<HK>(in, i);
       nan |= z != z;
       double u = in.w ? double(in.w[i]) : 1.0;
       if (in.p) u *= double(in.q1) * double(in.p[i]) + double(in.q0);
@@ -243,22 +286,30 @@ struct Row {
             nan ? std::numeric_limits<double>::quiet_NaN() : 0.0, wz, usum};
   }
 
-  template <bool STORE, int TR>
+  template <bool STORE, int TR, int HK>
   static BlockStat block_mode(const BlockIn<T>& in, T mt) {
     switch (in.wd_mode) {
-      case 0: return block_impl<STORE, TR, 0, false>(in, mt);
-      case 1: return in.w ? block_impl<STORE, TR, 1, true>(in, mt)
-                          : block_impl<STORE, TR, 1, false>(in, mt);
-      default: return in.w ? block_impl<STORE, TR, 2, true>(in, mt)
-                           : block_impl<STORE, TR, 2, false>(in, mt);
+      case 0: return block_impl<STORE, TR, 0, false, HK>(in, mt);
+      case 1: return in.w ? block_impl<STORE, TR, 1, true, HK>(in, mt)
+                          : block_impl<STORE, TR, 1, false, HK>(in, mt);
+      default: return in.w ? block_impl<STORE, TR, 2, true, HK>(in, mt)
+                           : block_impl<STORE, TR, 2, false, HK>(in, mt);
     }
   }
 
   static BlockStat block(const BlockIn<T>& in) {
-    const T m = max(in.z, in.n);
+    if constexpr (sizeof(T) == 4) {
+      if (in.zh) return in.hk == 1 ? block_k<1>(in) : block_k<2>(in);
+    }
+    return block_k<0>(in);
+  }
+
+  template <int HK>
+  static BlockStat block_k(const BlockIn<T>& in) {
+    const T m = maxz<HK>(in);
     // All -inf: masked, unless a softcap maps -inf to the finite -cap (then the block is
     // ordinary: every z' = -cap).
-    if (m == -std::numeric_limits<T>::infinity() && !(in.cap > T(0))) return degenerate(in);
+    if (m == -std::numeric_limits<T>::infinity() && !(in.cap > T(0))) return degenerate<HK>(in);
     // The transformed max through the same vector code as the elements, so that the block's
     // largest element gives exactly x = 0. (alpha > 0 and tanh are increasing.)
     R t;
@@ -266,20 +317,20 @@ struct Row {
     switch (transform_kind(in.alpha, in.cap)) {
       case 2: {
         const T mt = V::hmax(transform<2>(vm, valpha, V::set1(in.alpha / in.cap), vcap, &t));
-        return in.e ? block_mode<true, 2>(in, mt) : block_mode<false, 2>(in, mt);
+        return in.e ? block_mode<true, 2, HK>(in, mt) : block_mode<false, 2, HK>(in, mt);
       }
       case 1: {
         const T mt = V::hmax(transform<1>(vm, valpha, vcap, vcap, &t));
-        return in.e ? block_mode<true, 1>(in, mt) : block_mode<false, 1>(in, mt);
+        return in.e ? block_mode<true, 1, HK>(in, mt) : block_mode<false, 1, HK>(in, mt);
       }
       default:
-        return in.e ? block_mode<true, 0>(in, m) : block_mode<false, 0>(in, m);
+        return in.e ? block_mode<true, 0, HK>(in, m) : block_mode<false, 0, HK>(in, m);
     }
   }
 
   // g = d * (a * e - b * u): u = w (or 1) without probability targets, w (q1 p + q0) with
   // them; d = 1 - t^2 with a softcap, else 1.
-  template <bool HAS_W, bool HAS_P, bool CAP, bool STREAM>
+  template <bool HAS_W, bool HAS_P, bool CAP, bool STREAM, int HK>
   static void affine_impl(const AffineIn<T>& in) {
     const R va = V::set1(in.a), vb = V::set1(in.b);
     const R vq1 = V::set1(in.q1), vq0 = V::set1(in.q0), one = V::set1(T(1));
@@ -297,6 +348,17 @@ struct Row {
       return r;
     };
     int64_t i = 0;
+    if constexpr (HK != 0) {
+      static_assert(!STREAM, "16-bit gradients are not streamed");
+      uint16_t* gh = in.gh;
+      for (; i + 2 * W <= n; i += 2 * W) {
+        R g0 = f(i, W), g1 = f(i + W, W);
+        storeh<HK>(gh + i, g0, W);
+        storeh<HK>(gh + i + W, g1, W);
+      }
+      for (; i < n; i += W) storeh<HK>(gh + i, f(i, n - i < W ? n - i : W), n - i < W ? n - i : W);
+      return;
+    }
     if constexpr (STREAM) {
       // Non-temporal stores need aligned addresses: a masked head up to the alignment.
       const int64_t mis = int64_t(reinterpret_cast<uintptr_t>(g) % (W * sizeof(T)));
@@ -321,8 +383,15 @@ struct Row {
 
   template <bool HAS_W, bool HAS_P, bool CAP>
   static void affine_s(const AffineIn<T>& in) {
-    if (in.stream) affine_impl<HAS_W, HAS_P, CAP, true>(in);
-    else affine_impl<HAS_W, HAS_P, CAP, false>(in);
+    if constexpr (sizeof(T) == 4) {
+      if (in.gh) {
+        if (in.hk == 1) affine_impl<HAS_W, HAS_P, CAP, false, 1>(in);
+        else affine_impl<HAS_W, HAS_P, CAP, false, 2>(in);
+        return;
+      }
+    }
+    if (in.stream) affine_impl<HAS_W, HAS_P, CAP, true, 0>(in);
+    else affine_impl<HAS_W, HAS_P, CAP, false, 0>(in);
   }
   template <bool HAS_W, bool HAS_P>
   static void affine_c(const AffineIn<T>& in) {

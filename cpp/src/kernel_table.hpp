@@ -31,6 +31,10 @@ struct BlockIn {
   const T* p;   // probability targets of the block, or null
   T q1, q0;     // u = w (q1 p + q0): smoothing of probability targets
   int wd_mode;  // 0: none; 1: wd = sum w (z' - m'); 2: wd = sum u (z' - m') and usum = sum u
+  // 16-bit logits (T = float only): when zh is set the n logits are read from zh instead of
+  // z, as float16 (hk 1) or bfloat16 (hk 2), and converted in registers.
+  const uint16_t* zh = nullptr;
+  int hk = 0;
 };
 
 // Statistics of one block: m = max z' (m'), s = sum exp(z' - m), wd and usum as asked.
@@ -55,6 +59,10 @@ struct AffineIn {
   T q1, q0;
   const T* t;
   bool stream;  // non-temporal stores; the caller then calls fence() before reusing g
+  // 16-bit gradient (T = float only, no streaming): when gh is set, g is rounded once to
+  // float16 (hk 1) or bfloat16 (hk 2) and stored at gh instead of g.
+  uint16_t* gh = nullptr;
+  int hk = 0;
 };
 
 // Column tiles, for a class axis that is not the last: the (outer, C, inner) layout. Lane i

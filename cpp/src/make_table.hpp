@@ -1,8 +1,8 @@
 // The last include of each isa_*.cpp: gathers that ISA's kernels into its KernelTable.
 #pragma once
 
-#include "kernel_impl.hpp"
 #include "half_impl.hpp"
+#include "kernel_impl.hpp"
 #include "sigmoid_impl.hpp"
 
 namespace fastxent {
