@@ -1,13 +1,18 @@
-"""The non-temporal store path (off by default, FASTXENT_STREAM_BYTES=N turns it on) gives the
-same bits as plain stores, for every ISA, aligned and misaligned outputs, with options."""
+"""The alternative gradient paths, off by default, give the same bits as the default one, for
+every ISA, aligned and misaligned outputs, in place, with options and probability targets:
+non-temporal stores (FASTXENT_STREAM_BYTES=N) and the two-pass gradient that recomputes the
+exponentials per block (FASTXENT_RECOMPUTE_BYTES=N)."""
 
 import os
 import subprocess
 import sys
 import textwrap
 
+import pytest
 
-def test_streaming_stores_are_bit_identical():
+
+@pytest.mark.parametrize("var", ["FASTXENT_STREAM_BYTES", "FASTXENT_RECOMPUTE_BYTES"])
+def test_alternative_paths_are_bit_identical(var):
     code = textwrap.dedent("""
         import numpy as np, fastxent as fx
         from fastxent import _core
@@ -28,6 +33,12 @@ def test_streaming_stores_are_bit_identical():
                             loss, g = fx.cross_entropy_with_grad(x, y, out=out, num_threads=nt, **kw)
                             key = (isa, C, len(kw), off, nt)
                             results[key] = (float(loss), g.tobytes())
+                    work = x.copy()
+                    loss, g = fx.cross_entropy_with_grad(work, y, out=work, **kw)
+                    results[(isa, C, len(kw), "in place")] = (float(loss), g.tobytes())
+                p = rng.random((97, C)).astype(np.float32)
+                loss, g = fx.cross_entropy_with_grad(x, p, label_smoothing=0.2, softcap=9.0)
+                results[(isa, C, "probs")] = (float(loss), g.tobytes())
         import pickle, sys
         sys.stdout.buffer.write(pickle.dumps(results))
     """)
@@ -35,8 +46,9 @@ def test_streaming_stores_are_bit_identical():
     for env_value in (None, "1"):
         env = dict(os.environ)
         env.pop("FASTXENT_STREAM_BYTES", None)
+        env.pop("FASTXENT_RECOMPUTE_BYTES", None)
         if env_value:
-            env["FASTXENT_STREAM_BYTES"] = env_value
+            env[var] = env_value
         res = subprocess.run([sys.executable, "-c", code], capture_output=True, env=env,
                              timeout=300)
         assert res.returncode == 0, res.stderr.decode()

@@ -24,6 +24,16 @@ inline constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
 // thread; 26.1 vs 39.1 ms, 2 threads). FASTXENT_STREAM_BYTES=N turns it on for other machines.
 int64_t stream_threshold();
 
+// Rows of at least this many bytes take the two-pass gradient: block statistics first (the
+// row is read, nothing written), then per block exp again with the same block max (the same
+// bits) and the gradient written at once from L1 (XNNPACK's two-pass softmax, Dukhan and
+// Ablavatski 2020): 12 bytes of memory traffic per float instead of 16 for rows too long for
+// L2, at the price of a second exp. 0 = never (FASTXENT_RECOMPUTE_BYTES=N turns it on). Off by
+// default because measured slower on both development machines, where the exp, not memory,
+// bounds the kernel: on the 2-core Xeon with AVX-512 (2 MiB L2 per core), out= at 16 x 2^20
+// float32 took 46-47 ms against 36-37 ms, and at 64 x 262144 41 ms against 32-34 ms (1 thread).
+int64_t recompute_threshold();
+
 // Throws std::invalid_argument unless v is finite and >= 0 (> 0 when `positive`).
 void check_finite(double v, const char* what, bool positive);
 
@@ -51,6 +61,7 @@ struct Problem {
   double s;                 // 1/D for "mean", 1 otherwise
   bool zero_all;            // D == 0 for "mean": loss and gradient are 0
   bool stream;              // non-temporal gradient stores through a scratch row
+  bool recompute = false;   // two-pass gradient: statistics first, then exp again per block
   bool probs;               // probability targets
   const RowFns<T>* fns;
   void (*fence)();

@@ -66,7 +66,7 @@ double compute_row(const Problem<T>& p, int64_t n, const RowPtrs<T>& rp, BlockSt
                                            rp.hk)
                             : target_logit(p, n, &dzy, rp.z);
   // 16-bit rows keep e in the float scratch row; the gradient is rounded out of it.
-  T* e = want_grad ? ((p.stream || rp.gh) ? scratch : g) : nullptr;
+  T* e = want_grad && !p.recompute ? ((p.stream || rp.gh) ? scratch : g) : nullptr;
   for (int64_t k = 0; k < p.nb; ++k) st[k] = p.fns->block(block_in(p, rp, k, e, tbuf));
   const RowResult r = finish_row(p, st, n, zy_t);
   if (rp.gh) {
@@ -75,6 +75,14 @@ double compute_row(const Problem<T>& p, int64_t n, const RowPtrs<T>& rp, BlockSt
                        rp.gh, rp.hk);
     if (!p.probs) fix_target(p, r, zy_t, dzy, static_cast<T*>(nullptr), p.in.target[n], rp.gh,
                              rp.hk);
+  } else if (g && p.recompute) {
+    // Each block's exponentials again, with the same block max (the same bits), straight into
+    // the gradient block while it is in L1: the row is read twice and written once.
+    for (int64_t k = 0; k < p.nb; ++k) {
+      p.fns->block(block_in(p, rp, k, g, tbuf));
+      write_grad_block(p, st[k], r, rp.prob, g, tbuf, g, k, false);
+    }
+    if (!p.probs) fix_target(p, r, zy_t, dzy, g, p.in.target[n]);
   } else if (g) {
     for (int64_t k = 0; k < p.nb; ++k)
       write_grad_block(p, st[k], r, rp.prob, e, tbuf, g, k, p.stream);
@@ -208,8 +216,12 @@ Problem<T> make_problem(const Inputs<T>& in, const Options& opt, T* grad, const 
   const bool mean = opt.reduction == Reduction::Mean;
   p.zero_all = mean && pr.D == 0.0;
   p.s = mean ? (p.zero_all ? 0.0 : 1.0 / pr.D) : 1.0;
+  const int64_t recompute_bytes = recompute_threshold();
+  p.recompute = recompute_bytes > 0 && grad != nullptr && in.inner == 1 &&
+                in.classes * int64_t(sizeof(T)) >= recompute_bytes;
   const int64_t stream_bytes = stream_threshold();
-  p.stream = stream_bytes > 0 && grad != nullptr && grad != in.logits && in.inner == 1 &&
+  p.stream = stream_bytes > 0 && !p.recompute && grad != nullptr && grad != in.logits &&
+             in.inner == 1 &&
              in.rows * in.classes * int64_t(sizeof(T)) >= stream_bytes;
   const KernelTable& table = active_table();
   p.fns = &row_fns<T>(table);
@@ -305,6 +317,14 @@ void detail::check_call(const Options& opt, int64_t rows, int64_t classes, int64
     throw std::invalid_argument("reduction 'none' needs a row_losses output");
   if (in_place && inner == 1 && row_stride != classes)
     throw std::invalid_argument("in-place gradient needs contiguous rows (row_stride == C)");
+}
+
+int64_t detail::recompute_threshold() {
+  static const int64_t bytes = [] {
+    const char* v = std::getenv("FASTXENT_RECOMPUTE_BYTES");
+    return v ? std::max<int64_t>(0, std::atoll(v)) : int64_t(0);
+  }();
+  return bytes;
 }
 
 int64_t detail::stream_threshold() {
