@@ -310,3 +310,24 @@ def test_logits_larger_than_a_worker(client):
     assert np.max(np.abs(norms - ref_norms) / ref_norms) <= 64 * U32
     bound = 64 * U32 * np.sqrt(rows * cols) * ref_norms
     assert np.all(np.abs(got_gstats[..., 0] - ref_gstats[..., 0]) <= bound)
+
+
+# ----------------------------------------------------------------------------- the benchmark
+def test_dask_bench_report_and_plot(tmp_path):
+    """python -m fastxent.dask_bench: the one-machine child on a small problem, then the
+    report and the figure from it and from made-up Dask numbers (the cluster part is what
+    the tests above exercise)."""
+    pytest.importorskip("matplotlib")
+    from fastxent import dask_bench
+    cfg = dict(rows=256, cols=512, workers=2, repeats=1, chunks=[128, 256], seed=0,
+               worker_limit=300 * dask_bench.MiB, load_start="0 0 0")
+    one = dask_bench.run_one_machine(cfg)
+    assert one["loss"]["value"] == one["grad"]["value"] == one["grad_new"]["value"]
+    peak = [100 * dask_bench.MiB, 110 * dask_bench.MiB]
+    dk = {k: dict(time=1.0, times=[1.0], peak=peak, spilled=0, value=one["loss"]["value"])
+          for k in ("generate", "loss", "grad")}
+    dk.update(base=peak, grad_norm=one["grad_norm"], restarted=False)
+    text = dask_bench.report(cfg, one, dk, "info")
+    assert "rel. diff 0.0e+00" in text and "workers restarted: False" in text
+    dask_bench.plot(cfg, one, dk, str(tmp_path / "dask.png"))
+    assert (tmp_path / "dask.png").stat().st_size > 10_000
