@@ -16,7 +16,6 @@ and catch any formula error (>= 1e-3).
 
 from __future__ import annotations
 
-import os
 import sys
 
 import numpy as np
@@ -254,10 +253,9 @@ def test_import_error_names_the_extra(monkeypatch, rng):
 
 # ----------------------------------------------------------------------------- bigger than a worker
 def _worker_memory(dask_worker):
-    with open("/proc/self/status") as f:
-        st = dict(line.split(":", 1) for line in f)
-    kib = {k: int(st[k].split()[0]) for k in ("VmRSS", "VmHWM")}
-    return os.getpid(), kib["VmHWM"] * 1024, dask_worker.data.spilled_total.disk
+    from fastxent.dask_bench import peak_bytes
+    m = peak_bytes(dask_worker)
+    return m["pid"], m["peak"], m["spilled"]
 
 
 def _block_sum_and_norm(g):

@@ -17,7 +17,7 @@ array: the same seeded blocks everywhere, so both sides see the same values.
 
 Time: wall time of each step, the median of ``--repeats``. Memory: the peak resident set
 (VmHWM, reset before each step through /proc/self/clear_refs) of the one-machine process and
-of each worker process. Linux only (/proc).
+of each worker process (elsewhere than Linux, the peak since the process started).
 """
 
 from __future__ import annotations
@@ -38,18 +38,34 @@ MiB = 2**20
 
 # ----------------------------------------------------------------------------- process memory
 def reset_peak(dask_worker: Any = None) -> None:
-    """Resets this process's peak resident set (VmHWM) to its current size."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+    """Resets this process's peak resident set (VmHWM) to its current size (Linux; elsewhere
+    the peak stays the one since the process started)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
 
 
 def peak_bytes(dask_worker: Any = None) -> Dict[str, Any]:
     """This process's peak and current resident set, and what Dask spilled to disk."""
-    with open("/proc/self/status") as f:
-        st = dict(line.split(":", 1) for line in f if ":" in line)
     spilled = getattr(getattr(dask_worker, "data", None), "spilled_total", None)
-    return dict(peak=int(st["VmHWM"].split()[0]) * 1024, rss=int(st["VmRSS"].split()[0]) * 1024,
-                spilled=int(getattr(spilled, "disk", 0) or 0))
+    res = dict(pid=os.getpid(), spilled=int(getattr(spilled, "disk", 0) or 0))
+    try:
+        with open("/proc/self/status") as f:
+            st = dict(line.split(":", 1) for line in f if ":" in line)
+        res.update(peak=int(st["VmHWM"].split()[0]) * 1024,
+                   rss=int(st["VmRSS"].split()[0]) * 1024)
+    except (OSError, KeyError):
+        import psutil  # type: ignore[import-untyped]  # a dependency of distributed
+        mi = psutil.Process().memory_info()
+        peak = getattr(mi, "peak_wset", None)  # Windows
+        if peak is None:
+            import resource
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # bytes on macOS
+            peak *= 1024 if sys.platform.startswith("linux") else 1
+        res.update(peak=int(peak), rss=int(mi.rss))
+    return res
 
 
 # ----------------------------------------------------------------------------- the problem
