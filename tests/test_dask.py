@@ -16,6 +16,7 @@ and catch any formula error (>= 1e-3).
 
 from __future__ import annotations
 
+import os
 import sys
 
 import numpy as np
@@ -36,17 +37,30 @@ TOL = {np.dtype(np.float64): 1e-12, np.dtype(np.float32): 64 * U32,
 WORKER_LIMIT = 400 * 2**20  # bytes per worker; the big case's logits are 1 GiB
 
 
+def _restore_environ(saved):
+    for k in set(os.environ) - set(saved):
+        del os.environ[k]
+    os.environ.update(saved)
+
+
 @pytest.fixture(scope="module")
 def client():
-    cluster = distributed.LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-        dashboard_address=None, memory_limit=WORKER_LIMIT)
-    c = distributed.Client(cluster)
+    # The nanny sets distributed.nanny.pre-spawn-environ (OMP_NUM_THREADS=1, ...) in this
+    # process's os.environ to pass it to the workers, and leaves it there: restored after, so
+    # the thread-count tests that run later see the environment they were started with.
+    saved = dict(os.environ)
     try:
-        yield c
+        cluster = distributed.LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+            dashboard_address=None, memory_limit=WORKER_LIMIT)
+        c = distributed.Client(cluster)
+        try:
+            yield c
+        finally:
+            c.close()
+            cluster.close()
     finally:
-        c.close()
-        cluster.close()
+        _restore_environ(saved)
 
 
 def _compute(client, *arrays):
@@ -182,6 +196,9 @@ def test_no_task_result_holds_a_full_row(rng, probs):
     for name, shape in rec.shapes:
         assert len(shape) <= 3 and (len(shape) < 2 or shape[1] <= cc), (name, shape)
     assert sum(name.startswith("fastxent_shard_grad") for name, _ in rec.shapes) == 4 * 6
+    # 6 column blocks: a tree of merges (partial merges, then the aggregate), not one task
+    names = {name.rsplit("-", 1)[0] for name, _ in rec.shapes}
+    assert {"fastxent-merge-stats-partial", "fastxent-merge-stats-aggregate"} <= names
     ref_loss, ref_grad = fx.cross_entropy_with_grad(x, t, label_smoothing=0.1,
                                                     weight=np.linspace(0.5, 1.5, c),
                                                     sample_weight=np.linspace(0, 1, n))
