@@ -198,13 +198,20 @@ void merge_stats(const double* a, const double* b, int64_t rows, double* out) {
     if (row_nan(x) || row_nan(y)) {
       r[kStatMax] = r[kStatSumExp] = kNaN;
     } else {
-      const double M = std::max(x[kStatMax], y[kStatMax]);
+      // std::max(-0.0, +0.0) returns its first argument: equal maxima take +0.0 over -0.0,
+      // whichever side it is on, so that the merge stays commutative bit for bit.
+      const double mx = x[kStatMax], my = y[kStatMax];
+      const double M = mx == my ? (std::signbit(mx) ? my : mx) : std::max(mx, my);
       r[kStatMax] = M;
       // A side of -inf (no finite column) adds nothing; rescale() is exactly 1 at the max.
       r[kStatSumExp] = (x[kStatMax] == -kInf ? 0.0 : x[kStatSumExp] * rescale(x[kStatMax], M)) +
                        (y[kStatMax] == -kInf ? 0.0 : y[kStatSumExp] * rescale(y[kStatMax], M));
     }
-    for (int f = kStatQ; f < kStatFields; ++f) r[f] = x[f] + y[f];
+    // The sum of two NaNs is the first one's payload: one NaN for both orders.
+    for (int f = kStatQ; f < kStatFields; ++f) {
+      r[f] = x[f] + y[f];
+      if (std::isnan(r[f])) r[f] = kNaN;
+    }
     std::memcpy(out + n * kStatFields, r, sizeof r);
   }
 }
@@ -244,7 +251,11 @@ double stats_loss(const double* stats, int64_t rows, const double* sample_weight
         loss = kInf;  // every class -inf, as the one-machine kernel
       } else {
         const double lse = row_lse(st);
-        if (st[kStatQ] != 0.0) loss = st[kStatQ] * lse - st[kStatQZ];
+        // Q lse - QZ as (Q max - QZ) + Q log(sumexp): max - z'_y first, as the one-machine
+        // kernel, so a small loss is not lost against a large max (exact for a class target
+        // without weights or smoothing; otherwise an absolute error of a few ULPs of Q max).
+        const double Q = st[kStatQ];
+        if (Q != 0.0) loss = (Q * st[kStatMax] - st[kStatQZ]) + Q * std::log(st[kStatSumExp]);
         loss += opt.z_loss * lse * lse;
       }
       loss *= sample_weight ? sample_weight[n] : 1.0;

@@ -129,7 +129,7 @@ def _as_stats(s: Any, name: str) -> np.ndarray:
     if a.ndim == 0 or a.shape[-1] != len(STAT_FIELDS):
         raise ValueError(f"{name} must have shape (..., {len(STAT_FIELDS)}) (shard statistics), "
                          f"got {a.shape}")
-    if a.dtype.kind != "f":
+    if a.dtype != np.float64:  # float32 would round max and qz, float16 overflow them
         raise TypeError(f"{name} must be a float64 array of shard statistics, got {a.dtype}")
     return a
 
