@@ -28,6 +28,7 @@ tolerance used against it.
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Optional, Tuple, Union
 
@@ -430,3 +431,24 @@ def central_difference_grad(f, z: np.ndarray, h: float = 1e-5) -> np.ndarray:
         flat[i] = v
         gf[i] = (fp - fm) / (2.0 * h)
     return g
+
+
+def option_tolerance(dtype, z, kw) -> float:
+    """The error bound of the kernel against the float64 reference with options kw (derived in
+    tests/test_options.py's docstring): 1e-12 in float64; in float32 30 u, plus 14 u cap + 13 u
+    with a softcap or 4 u max|z'| with a logit scale, times 1 + 2 z_loss max(lse)."""
+    cap = kw.get("softcap")
+    alpha = kw.get("logit_scale", 1.0)
+    lam = kw.get("z_loss", 0.0)
+    zp, _ = transform_ref(z, cap, alpha)
+    zmax = float(np.max(np.abs(zp), initial=0.0))
+    lse_max = zmax + math.log(z.shape[kw.get("axis", -1)])
+    if np.dtype(dtype) == np.float64:
+        base = 1e-12
+    else:
+        base = 30 * U32
+        if cap is not None:
+            base += 14 * U32 * cap + 13 * U32
+        elif alpha != 1.0:
+            base += 4 * U32 * zmax
+    return base * (1.0 + 2.0 * lam * lse_max)

@@ -52,31 +52,14 @@ import pytest
 import fastxent as fx
 from reference import (U32, assert_bitwise_equal, central_difference_grad,
                        cross_entropy_full_ref, cross_entropy_ref, make_logits, make_target,
-                       make_weight, scaled_error, torch_cross_entropy_full, transform_ref)
+                       make_weight, option_tolerance as tolerance, scaled_error,
+                       torch_cross_entropy_full, transform_ref)
 
 REDUCTIONS = ("none", "sum", "mean")
 DTYPES = (np.float32, np.float64)
 ENTRY_POINTS = ("cross_entropy", "cross_entropy_with_grad")
 
 
-def tolerance(dtype, z, kw) -> float:
-    """The error bound derived in the module docstring, for logits z and options kw."""
-    cap = kw.get("softcap")
-    alpha = kw.get("logit_scale", 1.0)
-    lam = kw.get("z_loss", 0.0)
-    zp, _ = transform_ref(z, cap, alpha)
-    zmax = float(np.max(np.abs(zp), initial=0.0))
-    C = z.shape[kw.get("axis", -1)]
-    lse_max = zmax + math.log(C)
-    if np.dtype(dtype) == np.float64:
-        base = 1e-12
-    else:
-        base = 30 * U32
-        if cap is not None:
-            base += 14 * U32 * cap + 13 * U32
-        elif alpha != 1.0:
-            base += 4 * U32 * zmax
-    return base * (1.0 + 2.0 * lam * lse_max)
 
 
 def _row_shape(shape, axis):

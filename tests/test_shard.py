@@ -49,7 +49,8 @@ import pytest
 
 import fastxent as fx
 from reference import (U32, U64, assert_bitwise_equal, cross_entropy_full_ref, cross_entropy_ref,
-                       make_logits, make_target, make_weight, scaled_error, transform_ref)
+                       make_logits, make_target, make_weight, option_tolerance as tolerance,
+                       scaled_error, transform_ref)
 
 REDUCTIONS = ("none", "sum", "mean")
 DTYPES = (np.float32, np.float64)
@@ -59,23 +60,6 @@ STAT_KEYS = ("ignore_index", "label_smoothing", "softcap", "logit_scale", "num_t
 LOSS_KEYS = ("reduction", "sample_weight", "z_loss", "normalizer")
 
 
-def tolerance(dtype, z, kw) -> float:
-    """The float32 / float64 bound against the reference (module docstring)."""
-    cap = kw.get("softcap")
-    alpha = kw.get("logit_scale", 1.0)
-    lam = kw.get("z_loss", 0.0)
-    zp, _ = transform_ref(z, cap, alpha)
-    zmax = float(np.max(np.abs(zp), initial=0.0))
-    lse_max = zmax + math.log(z.shape[-1])
-    if np.dtype(dtype) == np.float64:
-        base = 1e-12
-    else:
-        base = 30 * U32
-        if cap is not None:
-            base += 14 * U32 * cap + 13 * U32
-        elif alpha != 1.0:
-            base += 4 * U32 * zmax
-    return base * (1.0 + 2.0 * lam * lse_max)
 
 
 # ------------------------------------------------------------------------------------------

@@ -75,6 +75,16 @@ struct Problem {
   }
 };
 
+// Points p at the kernels of the active ISA.
+template <class T>
+inline void use_active_kernels(Problem<T>& p) {
+  const KernelTable& table = active_table();
+  p.fns = &row_fns<T>(table);
+  p.fence = table.fence;
+  p.half_to_f32 = table.half_to_f32;
+  p.f32_to_half = table.f32_to_half;
+}
+
 // z' of one logit in double (the target's, for the loss and the target gradient entry).
 template <class T>
 inline double transform(const Problem<T>& p, double z, double* dz) {

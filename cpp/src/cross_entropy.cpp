@@ -223,11 +223,7 @@ Problem<T> make_problem(const Inputs<T>& in, const Options& opt, T* grad, const 
   p.stream = stream_bytes > 0 && !p.recompute && grad != nullptr && grad != in.logits &&
              in.inner == 1 &&
              in.rows * in.classes * int64_t(sizeof(T)) >= stream_bytes;
-  const KernelTable& table = active_table();
-  p.fns = &row_fns<T>(table);
-  p.fence = table.fence;
-  p.half_to_f32 = table.half_to_f32;
-  p.f32_to_half = table.f32_to_half;
+  use_active_kernels(p);
   return p;
 }
 

@@ -71,9 +71,7 @@ Problem<T> shard_problem(const ShardInputs<T>& in, const Options& opt, T* grad) 
   p.zero_all = false;
   p.stream = false;
   p.probs = in.probs != nullptr;
-  const KernelTable& table = active_table();
-  p.fns = &row_fns<T>(table);
-  p.fence = table.fence;
+  use_active_kernels(p);
   return p;
 }
 

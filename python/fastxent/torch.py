@@ -82,6 +82,21 @@ def _as_array(v: Any, name: str, dtype: torch.dtype) -> Any:
     return v
 
 
+def _target_array(target: Tensor, cdt: torch.dtype) -> np.ndarray:
+    """Class indices as they are, or probability targets in the compute dtype (which cannot
+    require a gradient: fastxent does not differentiate with respect to them)."""
+    if target.is_floating_point():
+        if target.requires_grad and torch.is_grad_enabled():
+            raise RuntimeError("fastxent.torch does not differentiate with respect to a "
+                               "probability target; this input cannot have requires_grad=True "
+                               "(detach it)")
+        return _numpy(target, cdt)
+    if target.is_complex():
+        raise TypeError(f"target must hold integer class indices or float class "
+                        f"probabilities, got {target.dtype}")
+    return _numpy(target)
+
+
 def _prepare(input: Tensor, target: Tensor, weight: Any, ignore_index: int, reduction: str,
              label_smoothing: float, options: Dict[str, Any]
              ) -> Tuple[torch.dtype, np.ndarray, Dict[str, Any]]:
@@ -103,17 +118,7 @@ def _prepare(input: Tensor, target: Tensor, weight: Any, ignore_index: int, redu
         if k in options:
             raise TypeError(f"fastxent.torch sets {k!r} itself (the class dimension is "
                             f"PyTorch's: 1, or 0 for an input of shape (C,))")
-    if target.is_floating_point():
-        if target.requires_grad and torch.is_grad_enabled():
-            raise RuntimeError("fastxent.torch does not differentiate with respect to a "
-                               "probability target; this input cannot have requires_grad=True "
-                               "(detach it)")
-        tgt = _numpy(target, cdt)
-    elif target.is_complex():
-        raise TypeError(f"target must hold integer class indices or float class "
-                        f"probabilities, got {target.dtype}")
-    else:
-        tgt = _numpy(target)
+    tgt = _target_array(target, cdt)
     kw = dict(options)
     kw["sample_weight"] = _as_array(kw.get("sample_weight"), "sample_weight", cdt)
     kw.update(axis=0 if input.ndim == 1 else 1, reduction=reduction,
@@ -577,17 +582,7 @@ def vocab_parallel_cross_entropy(local_logits: Tensor, target: Tensor, group: An
     c_local = int(local_logits.shape[-1])
     if c_local == 0:
         raise ValueError("local_logits has an empty vocabulary slice (last dimension 0)")
-    if target.is_floating_point():
-        if target.requires_grad and torch.is_grad_enabled():
-            raise RuntimeError("fastxent.torch does not differentiate with respect to a "
-                               "probability target; this input cannot have requires_grad=True "
-                               "(detach it)")
-        tgt = _numpy(target, cdt)
-    elif target.is_complex():
-        raise TypeError(f"target must hold integer class indices or float class "
-                        f"probabilities, got {target.dtype}")
-    else:
-        tgt = _numpy(target)
+    tgt = _target_array(target, cdt)
     w = _as_array(weight, "weight", cdt)
     sw = _as_array(sample_weight, "sample_weight", cdt)
     _dist()
