@@ -18,11 +18,17 @@ inline constexpr double kInf = std::numeric_limits<double>::infinity();
 inline constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
 
 // Non-temporal gradient stores (through a per-thread scratch row, no read-for-ownership of
-// the output) for gradients of at least this many bytes; 0 = never. Off by default: measured
-// on the 2-core AMD EPYC (Zen 3, AVX2) development machine, plain stores were faster both at
-// 4096 x 32000 (out= 112.6 ms vs 140.0 ms, 1 thread) and 65536 x 1000 (56.7 vs 80.8 ms, 1
-// thread; 26.1 vs 39.1 ms, 2 threads). FASTXENT_STREAM_BYTES=N turns it on for other machines.
+// the output) for gradients of at least this many bytes; 0 = never. FASTXENT_STREAM_BYTES=N
+// sets it. The default depends on the CPU's vendor, from what was measured on the two
+// development machines (out=, float32):
+// - AMD EPYC (Zen 3, AVX2): plain stores faster, at 4096 x 32000 (112.6 ms vs 140.0 ms, 1
+//   thread) and 65536 x 1000 (56.7 vs 80.8 ms, 1 thread; 26.1 vs 39.1 ms, 2 threads): off.
+// - Intel Xeon (AVX-512): streaming faster, at 4096 x 32000 (1 thread 93 -> 82 ms, 2 threads
+//   49 -> 42 ms) and 65536 x 1000 (45.5 -> 43.6 ms; 23.4 -> 21.7 ms): on from 64 MiB.
 int64_t stream_threshold();
+
+// Whether CPUID names the vendor GenuineIntel (dispatch.cpp).
+bool cpu_is_intel();
 
 // Rows of at least this many bytes take the two-pass gradient: block statistics first (the
 // row is read, nothing written), then per block exp again with the same block max (the same

@@ -107,6 +107,7 @@ double compute_row(const Problem<T>& p, int64_t n, const RowPtrs<T>& rp, BlockSt
 // the bits match the row-at-a-time path exactly.
 template <class T>
 void split_classes(const Problem<T>& p, int64_t rows, int nt, double* losses) {
+  (void)nt;  // only read by the OpenMP pragma
   const int64_t items = rows * p.nb;
   std::vector<BlockStat> st(static_cast<size_t>(items));
   std::vector<RowResult> rr(static_cast<size_t>(rows));
@@ -326,7 +327,8 @@ int64_t detail::recompute_threshold() {
 int64_t detail::stream_threshold() {
   static const int64_t bytes = [] {
     const char* v = std::getenv("FASTXENT_STREAM_BYTES");
-    return v ? std::max<int64_t>(0, std::atoll(v)) : int64_t(0);
+    if (v) return std::max<int64_t>(0, std::atoll(v));
+    return cpu_is_intel() ? int64_t(64) << 20 : int64_t(0);
   }();
   return bytes;
 }
@@ -405,6 +407,7 @@ double cross_entropy_half(const HalfInputs& in, const Options& opt, uint16_t* gr
   // contiguous float buffer, in parallel over slices.
   auto convert = [&](auto fn, int64_t s0, int64_t count, int64_t ld, auto* half, auto* flt) {
     const int team = (count * slice >= kSerialGrain) ? nt : 1;
+    (void)team;  // only read by the OpenMP pragma
 #if defined(_OPENMP)
 #pragma omp parallel for num_threads(team) schedule(static) if (team > 1)
 #endif

@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "ce_detail.hpp"
 #include "fastxent/fastxent.hpp"
 #include "kernel_table.hpp"
 
@@ -150,5 +151,14 @@ const KernelTable& active_table() {
 }
 
 std::string active_isa() { return active_table().name; }
+
+bool detail::cpu_is_intel() {
+#if defined(FASTXENT_X86)
+  const Regs r = cpuid(0, 0);  // vendor "GenuineIntel" in EBX, EDX, ECX
+  return r.b == 0x756e6547u && r.d == 0x49656e69u && r.c == 0x6c65746eu;
+#else
+  return false;
+#endif
+}
 
 }  // namespace fastxent

@@ -31,6 +31,16 @@
 #error "define FASTXENT_ISA_NS (the ISA namespace) before including this header"
 #endif
 
+// A read prefetch into L2 (MSVC has no __builtin_prefetch).
+#ifndef FASTXENT_PREFETCH
+#if defined(_MSC_VER) && !defined(__clang__)
+#include <xmmintrin.h>
+#define FASTXENT_PREFETCH(p) _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T1)
+#else
+#define FASTXENT_PREFETCH(p) __builtin_prefetch((p), 0, 2)
+#endif
+#endif
+
 namespace fastxent {
 namespace FASTXENT_ISA_NS {
 
@@ -250,9 +260,15 @@ struct Row {
         }
       };
       for (; i + 2 * W <= c1; i += 2 * W) {
-        // The next block streams in from memory while this one is computed from L1.
-        if constexpr (HK == 0) __builtin_prefetch(in.z + i + kBlock, 0, 2);
-        else __builtin_prefetch(in.zh + i + kBlock, 0, 2);
+        // The next block streams in from memory while this one is computed from L1: every
+        // 64-byte line of it (2 W elements span two lines with AVX-512 floats).
+        if constexpr (HK == 0) {
+          for (int64_t b = 0; b < 2 * W * int64_t(sizeof(T)); b += 64)
+            FASTXENT_PREFETCH(reinterpret_cast<const char*>(in.z + i + kBlock) + b);
+        } else {
+          for (int64_t b = 0; b < 2 * W * 2; b += 64)
+            FASTXENT_PREFETCH(reinterpret_cast<const char*>(in.zh + i + kBlock) + b);
+        }
         step(i, W, acc[0]);
         step(i + W, W, acc[1]);
       }
