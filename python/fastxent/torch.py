@@ -82,6 +82,22 @@ def _as_array(v: Any, name: str, dtype: torch.dtype) -> Any:
     return v
 
 
+def _compute_dtype(logits: Tensor, target: Tensor, name: str) -> torch.dtype:
+    """Checks that the logits (called `name`) and target are CPU tensors and returns the
+    dtype fastxent computes in for these logits."""
+    if not isinstance(logits, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(logits).__name__}")
+    if not isinstance(target, Tensor):
+        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    _check_cpu(logits, name)
+    _check_cpu(target, "target")
+    cdt = _COMPUTE_DTYPE.get(logits.dtype)
+    if cdt is None:
+        raise TypeError(f"{name} must be float32, float64, float16 or bfloat16, got "
+                        f"{logits.dtype}")
+    return cdt
+
+
 def _target_array(target: Tensor, cdt: torch.dtype) -> np.ndarray:
     """Class indices as they are, or probability targets in the compute dtype (which cannot
     require a gradient: fastxent does not differentiate with respect to them)."""
@@ -102,15 +118,7 @@ def _prepare(input: Tensor, target: Tensor, weight: Any, ignore_index: int, redu
              ) -> Tuple[torch.dtype, np.ndarray, Dict[str, Any]]:
     """Checks the PyTorch-side contract and returns (compute dtype, NumPy target, fastxent
     keywords); the logits are converted by the caller (in place or not)."""
-    if not isinstance(input, Tensor):
-        raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
-    if not isinstance(target, Tensor):
-        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
-    _check_cpu(input, "input")
-    _check_cpu(target, "target")
-    cdt = _COMPUTE_DTYPE.get(input.dtype)
-    if cdt is None:
-        raise TypeError(f"input must be float32, float64, float16 or bfloat16, got {input.dtype}")
+    cdt = _compute_dtype(input, target, "input")
     if input.ndim == 0:
         raise ValueError("input must have shape (C,), (N, C) or (N, C, d1, ..., dk); got a "
                          "0-dimensional tensor")
@@ -563,17 +571,7 @@ def vocab_parallel_cross_entropy(local_logits: Tensor, target: Tensor, group: An
                                  softcap: Optional[float] = None, logit_scale: float = 1.0,
                                  normalizer: Optional[float] = None,
                                  num_threads: Optional[int] = None) -> Tensor:
-    if not isinstance(local_logits, Tensor):
-        raise TypeError(f"local_logits must be a torch.Tensor, got "
-                        f"{type(local_logits).__name__}")
-    if not isinstance(target, Tensor):
-        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
-    _check_cpu(local_logits, "local_logits")
-    _check_cpu(target, "target")
-    cdt = _COMPUTE_DTYPE.get(local_logits.dtype)
-    if cdt is None:
-        raise TypeError(f"local_logits must be float32, float64, float16 or bfloat16, got "
-                        f"{local_logits.dtype}")
+    cdt = _compute_dtype(local_logits, target, "local_logits")
     if local_logits.ndim == 0:
         raise ValueError("local_logits must have shape (..., C_local): the vocabulary slice "
                          "is the last dimension")
