@@ -34,3 +34,15 @@ def test_cli_quick():
                         "--threads", "1,2"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "copy (floor)" in r.stdout and "fastxent fused out=" in r.stdout
+
+
+def test_runs_without_threadpoolctl():
+    """`pip install . && python -m fastxent bench` (the README's command) brings numpy only:
+    the bench must run without threadpoolctl, saying so."""
+    code = ("import sys; sys.modules['threadpoolctl'] = None\n"
+            "from fastxent.__main__ import main\n"
+            "sys.exit(main(['bench', '--quick', '--peers', '', '--threads', '1']))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "threadpoolctl is not installed" in r.stdout and "fastxent fused out=" in r.stdout

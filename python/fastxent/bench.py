@@ -305,11 +305,17 @@ def run_bench(shapes: Sequence[Shape] = DEFAULT_SHAPES, threads: Sequence[int] =
     in budget_s / len(threads) seconds. A peer whose warm-up takes over max_call_s is
     skipped. log (e.g. print) receives the header, the check and the table of each setting.
     """
-    from threadpoolctl import threadpool_limits
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:   # optional: `pip install .` alone does not bring it
+        threadpool_limits = None
 
     dtype = np.dtype(dtype)
     emit = log or (lambda s: None)
     mods = _peer_modules(peers)
+    if threadpool_limits is None:
+        emit("note      threadpoolctl is not installed: NumPy's BLAS threads are left as they "
+             "are (pip install threadpoolctl to limit them per setting)")
     if dtype == np.float64 and isinstance(mods.get("jax"), tuple):  # process-wide switch
         mods["jax"][0].config.update("jax_enable_x64", True)
     emit(_header(mods))
@@ -326,7 +332,8 @@ def run_bench(shapes: Sequence[Shape] = DEFAULT_SHAPES, threads: Sequence[int] =
         for nt in threads:
             cs = _contestants(x, t, nt, bufs, mods)
             with ExitStack() as stack:
-                stack.enter_context(threadpool_limits(limits=nt))
+                if threadpool_limits is not None:
+                    stack.enter_context(threadpool_limits(limits=nt))
                 if isinstance(mods.get("torch"), tuple):
                     torch = mods["torch"][0]
                     old = torch.get_num_threads()
