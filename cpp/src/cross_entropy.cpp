@@ -174,11 +174,7 @@ Prepared prepare(const Options& opt, int64_t rows, int64_t classes, int64_t inne
     }
     const int64_t y = target[n];
     if (y == opt.ignore_index) continue;
-    if (y < 0 || y >= classes)
-      throw std::out_of_range("target[" + std::to_string(n) + "] = " + std::to_string(y) +
-                              " is outside [0, " + std::to_string(classes) +
-                              ") and is not ignore_index (" + std::to_string(opt.ignore_index) +
-                              ")");
+    check_class(n, y, classes, opt.ignore_index);
     D += sn * (weight ? double(weight[y]) : 1.0);
   }
   pr.D = opt.has_normalizer ? opt.normalizer : D;
@@ -276,6 +272,13 @@ double reduce(const Options& opt, const Prepared& pr, const std::vector<double>&
 }
 
 }  // namespace
+
+void detail::check_class(int64_t n, int64_t y, int64_t classes, int64_t ignore_index) {
+  if (y != ignore_index && (y < 0 || y >= classes))
+    throw std::out_of_range("target[" + std::to_string(n) + "] = " + std::to_string(y) +
+                            " is outside [0, " + std::to_string(classes) +
+                            ") and is not ignore_index (" + std::to_string(ignore_index) + ")");
+}
 
 void detail::check_finite(double v, const char* what, bool positive) {
   if (!std::isfinite(v) || v < 0.0 || (positive && v == 0.0))

@@ -32,14 +32,8 @@ void check_shard(const ShardInputs<T>& in, const Options& opt, bool in_place) {
                                 ") does not fit in num_classes = " +
                                 std::to_string(in.num_classes));
   if (in.target)
-    for (int64_t n = 0; n < in.rows; ++n) {
-      const int64_t y = in.target[n];
-      if (y != opt.ignore_index && (y < 0 || y >= in.num_classes))
-        throw std::out_of_range("target[" + std::to_string(n) + "] = " + std::to_string(y) +
-                                " is outside [0, " + std::to_string(in.num_classes) +
-                                ") and is not ignore_index (" +
-                                std::to_string(opt.ignore_index) + ")");
-    }
+    for (int64_t n = 0; n < in.rows; ++n)
+      check_class(n, in.target[n], in.num_classes, opt.ignore_index);
 }
 
 // The one-machine problem description over the shard's columns; eps / C uses the whole
