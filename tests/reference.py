@@ -36,6 +36,17 @@ import numpy as np
 
 # Unit roundoffs (half an ULP of 1): the natural scale of every tolerance in the tests.
 U32 = float(np.finfo(np.float32).eps) / 2  # 5.96e-8
+
+
+def block_classes(dtype) -> int:
+    """The kernel's block length (classes) for logits of `dtype`: float64 has its own, every
+    other dtype is computed in float32. Tests put class counts and shard cuts around it."""
+    from fastxent import _core
+    return int(_core.block_classes(8 if np.dtype(dtype).itemsize == 8 else 4))
+
+
+BLOCK32 = block_classes(np.float32)  # 8192
+BLOCK64 = block_classes(np.float64)  # 4096
 U64 = float(np.finfo(np.float64).eps) / 2  # 1.11e-16
 
 

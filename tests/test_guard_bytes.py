@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import fastxent as fx
+from reference import block_classes
 
 GUARD = 67  # elements of guard on each side (not a multiple of any vector width)
 
@@ -28,7 +29,8 @@ def _guards_intact(buf):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
 def test_guard_bytes_rows(isa, dtype):
     rng = np.random.default_rng(0)
-    for C in list(range(1, 34)) + [2047, 2048, 2049, 4099]:
+    B = block_classes(dtype)  # the kernel's block length: its tails too
+    for C in list(range(1, 34)) + [2047, 2048, 2049, B - 1, B, B + 1, 2 * B + 3]:
         N = 3
         z = (rng.standard_normal((N, C)) * 3).astype(dtype)
         y = rng.integers(0, C, N)

@@ -6,7 +6,7 @@
 - out= and the in-place mode (out=logits) give exactly the bits of the out-of-place call;
 - every num_threads (1, 2, 3, 4, 7, None) gives exactly the same bits, on shapes big enough
   for the kernel to go parallel (it runs serially below 32768 logits), including few-row
-  shapes (rows < threads) with C above the kernel's block length (2048).
+  shapes (rows < threads) with C above the kernel's block length (8192 float32, 4096 float64).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import fastxent as fx
-from reference import assert_bitwise_equal, make_logits, make_target, make_weight
+from reference import assert_bitwise_equal, block_classes, make_logits, make_target, make_weight
 
 REDUCTIONS = ("none", "sum", "mean")
 DTYPES = (np.float32, np.float64)
@@ -63,8 +63,9 @@ def _layouts(rng, dtype):
     out.append(("rows-reversed", wide[::-1]))
     out.append(("fortran", np.asfortranarray(wide[:, :700])))
     out.append(("single-col", wide[:, 5:6]))                  # C = 1, strided
-    many = make_logits(rng, (9, 5000), 1.0, dtype)           # C > 2048: several blocks
-    out.append(("multiblock-slice", many[:, 7:4107]))
+    B = block_classes(dtype)
+    many = make_logits(rng, (9, B + 900), 1.0, dtype)        # C > B: several blocks
+    out.append(("multiblock-slice", many[:, 7:B + 11]))
     out.append(("multiblock-rows-step", many[::2]))
     cube = make_logits(rng, (4, 10, 40), 1.0, dtype)
     out.append(("3d-contiguous", cube))
@@ -193,7 +194,7 @@ INPLACE_SHAPES = [(33, 7), (4, 10, 17), (513, 1000), (64, 50257), (3, 50257), (2
 def test_in_place_bit_identical(isa, dtype, shape, rng):
     """out=logits overwrites the logits with the gradient: same bits as the out-of-place call
     (which, above 8 MB, writes through a different store path), for every reduction and
-    thread count (few rows + C > 2048 takes the class-split parallel path)."""
+    thread count (few rows + C above the kernel's block takes the class-split parallel path)."""
     C = shape[-1]
     base = make_logits(rng, shape, 3.0, dtype)
     y = make_target(rng, shape[:-1], C, ignore_frac=0.1)
@@ -377,3 +378,13 @@ def test_middle_axis_threads_in_place_and_layouts(isa, dtype, shape, axis, rng):
     assert_same_results(run_all(sliced, y, num_threads=1, **kw), want, "sliced input")
     f_order = np.asfortranarray(z)
     assert_same_results(run_all(f_order, y, num_threads=1, **kw), want, "Fortran input")
+
+
+def test_block_classes():
+    """The block length the tests cut around: 32 KiB of float32 or float64; other sizes are an
+    error."""
+    from fastxent import _core
+    assert _core.block_classes(4) == 8192 and _core.block_classes(8) == 4096
+    for bad in (0, 2, 3, 16, -4):
+        with pytest.raises(ValueError, match="itemsize must be 4 or 8"):
+            _core.block_classes(bad)

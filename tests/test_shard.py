@@ -48,7 +48,7 @@ import numpy as np
 import pytest
 
 import fastxent as fx
-from reference import (U32, U64, assert_bitwise_equal, cross_entropy_full_ref, cross_entropy_ref,
+from reference import (BLOCK32, BLOCK64, U32, U64, block_classes, assert_bitwise_equal, cross_entropy_full_ref, cross_entropy_ref,
                        make_logits, make_target, make_weight, option_tolerance as tolerance,
                        scaled_error, transform_ref)
 
@@ -72,12 +72,12 @@ def bounds_from_cuts(C, cuts):
 
 
 def random_bounds(rng, C, nshards):
-    """Up to nshards uneven shards: cuts drawn at random, near the 2048-column block size
+    """Up to nshards uneven shards: cuts drawn at random, near the kernel's block sizes
     (relative to the vocabulary and to other cuts) and next to each other (1-column shards)."""
     if C == 1 or nshards == 1:
         return [(0, C)]
     cand = list(rng.integers(1, C, size=4))
-    for b in (2047, 2048, 2049, 4095, 4096, 4097):
+    for b in sorted({B * k + d for B in (BLOCK32, BLOCK64) for k in (1, 2) for d in (-1, 0, 1)}):
         if b < C:
             cand.append(b)
     cuts = set()
@@ -184,22 +184,24 @@ def test_random_shardings(isa, dtype, rng):
                 check_all(x, t, bounds, dict(reduction=red), rng, what=f"[{isa}] C={C} {bounds}")
 
 
-# Shards straddling the 2048-column blocks (of the vocabulary and of a shard), shards of one
-# column at both ends and in the middle, one shard of everything.
-BLOCK_SHARDINGS = [
-    [(0, 6200)],
-    [(0, 2047), (2047, 2049), (2049, 4096), (4096, 4097), (4097, 6200)],
-    [(0, 1), (1, 4100), (4100, 6200)],  # a 4099-column shard whose blocks sit at 1, 2049, ...
-    [(0, 1), (1, 6199), (6199, 6200)],
-    [(0, 3000), (3000, 3001), (3001, 6200)],
-]
+# Shards straddling the kernel's B-column blocks (of the vocabulary and of a shard), shards of
+# one column at both ends and in the middle, one shard of everything. C = 3 B + 104.
+def block_shardings(B):
+    C = 3 * B + 104
+    return C, [
+        [(0, C)],
+        [(0, B - 1), (B - 1, B + 1), (B + 1, 2 * B), (2 * B, 2 * B + 1), (2 * B + 1, C)],
+        [(0, 1), (1, 2 * B + 4), (2 * B + 4, C)],  # a shard whose blocks sit at 1, B + 1, ...
+        [(0, 1), (1, C - 1), (C - 1, C)],
+        [(0, 3 * B // 2), (3 * B // 2, 3 * B // 2 + 1), (3 * B // 2 + 1, C)],
+    ]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_block_boundaries_and_targets_in_every_shard(isa, dtype, rng):
     """Targets at the first and last column of every shard (and inside), ignored rows."""
-    C = 6200
-    for bounds in BLOCK_SHARDINGS:
+    C, shardings = block_shardings(block_classes(dtype))
+    for bounds in shardings:
         t = []
         for a, b in bounds:
             t += [a, b - 1, (a + b) // 2]
@@ -621,11 +623,12 @@ def test_strided_views_match_contiguous_copies_bitwise(isa, rng):
 def test_out_and_in_place(isa, rng):
     """out= buffers and out=logits on a contiguous shard: the same bits as a fresh gradient,
     with softcap (tanh kept aside) and the target inside the shard."""
-    C = 2500
-    bounds = [(0, 2049), (2049, 2500)]
     for dtype in DTYPES:
+        B = block_classes(dtype)  # a first shard one column longer than a block
+        C = B + 452
+        bounds = [(0, B + 1), (B + 1, C)]
         x = make_logits(rng, (4, C), 3.0, dtype)
-        t = np.array([0, 2048, 2049, 2499])
+        t = np.array([0, B, B + 1, C - 1])
         for kw in (dict(), dict(softcap=4.0, label_smoothing=0.1, z_loss=1e-3),
                    dict(logit_scale=0.7, reduction="sum")):
             _, _, merged, _ = sharded(x, t, bounds, kw, stats_only=True)

@@ -295,6 +295,8 @@ PYBIND11_MODULE(_core, m) {
         "Force an instruction set ('auto' or '' for the best).");
   m.def("default_num_threads", &fastxent::default_num_threads,
         "OpenMP's default thread count (omp_get_max_threads).");
+  m.def("block_classes", &fastxent::block_classes, py::arg("itemsize"),
+        "Classes per kernel block for 4-byte (float32, 16-bit) or 8-byte (float64) elements.");
   m.def("has_openmp", &fastxent::has_openmp, "Whether the core was built with OpenMP.");
 
   py::dict info;

@@ -79,7 +79,7 @@ struct Problem {
   void (*half_to_f32)(const uint16_t* src, float* dst, int64_t n, int kind);
   void (*f32_to_half)(const float* src, uint16_t* dst, int64_t n, int kind);
 
-  int64_t block_len(int64_t k) const { return k + 1 < nb ? kBlock : C - k * kBlock; }
+  int64_t block_len(int64_t k) const { return k + 1 < nb ? kBlock<T> : C - k * kBlock<T>; }
   bool counted(int64_t n) const {
     return !zero_all && (probs || in.target[n] != ignore_index);
   }
@@ -138,7 +138,7 @@ inline RowPtrs<T> row_ptrs(const Problem<T>& p, int64_t n) {
 template <class T>
 inline BlockIn<T> block_in(const Problem<T>& p, const RowPtrs<T>& rp, int64_t k, T* e, T* t) {
   BlockIn<T> b;
-  const int64_t off = k * kBlock;
+  const int64_t off = k * kBlock<T>;
   b.z = rp.z ? rp.z + off : nullptr;
   b.zh = rp.zh ? rp.zh + off : nullptr;
   b.hk = rp.hk;
@@ -228,7 +228,7 @@ template <class T>
 inline void write_grad_block(const Problem<T>& p, const BlockStat& st, const RowResult& r,
                              const T* prob, const T* e, const T* t, T* g, int64_t k,
                              bool stream, uint16_t* gh = nullptr, int hk = 0) {
-  const int64_t off = k * kBlock, len = p.block_len(k);
+  const int64_t off = k * kBlock<T>, len = p.block_len(k);
   AffineIn<T> a;
   a.e = e + off;
   a.g = g ? g + off : nullptr;

@@ -46,13 +46,13 @@ void for_rows(int64_t rows, int64_t classes, int num_threads, F body) {
 template <class T>
 double row_lse(const RowFns<T>& f, const T* z, T* e, int64_t C, std::vector<BlockStat>& st,
                double* M_out = nullptr, double* S_out = nullptr) {
-  const int64_t nb = (C + kBlock - 1) / kBlock;
+  const int64_t nb = (C + kBlock<T> - 1) / kBlock<T>;
   st.resize(size_t(nb));
   for (int64_t k = 0; k < nb; ++k) {
     BlockIn<T> in{};
-    in.z = z + k * kBlock;
-    in.e = e ? e + k * kBlock : nullptr;
-    in.n = k + 1 < nb ? kBlock : C - k * kBlock;
+    in.z = z + k * kBlock<T>;
+    in.e = e ? e + k * kBlock<T> : nullptr;
+    in.n = k + 1 < nb ? kBlock<T> : C - k * kBlock<T>;
     in.alpha = T(1);
     st[size_t(k)] = f.block(in);
   }
@@ -88,12 +88,12 @@ void softmax(const T* x, int64_t rows, int64_t C, int64_t ld, T* out, bool log, 
     const int64_t nb = int64_t(st.size());
     for (int64_t k = 0; k < nb; ++k) {
       AffineIn<T> a{};
-      a.n = k + 1 < nb ? kBlock : C - k * kBlock;
-      a.g = o + k * kBlock;
+      a.n = k + 1 < nb ? kBlock<T> : C - k * kBlock<T>;
+      a.g = o + k * kBlock<T>;
       if (log) {
         // (x - M) - log S, in two roundings as PyTorch: x - lse would lose log S next to a
         // huge M.
-        a.e = z + k * kBlock;
+        a.e = z + k * kBlock<T>;
         a.a = T(1);
         a.b = bad ? std::numeric_limits<T>::quiet_NaN() : T(M);
         f.affine(a);
@@ -102,7 +102,7 @@ void softmax(const T* x, int64_t rows, int64_t C, int64_t ld, T* out, bool log, 
       } else {
         // exp(x - m_k) * exp(m_k - M) / S (not exp(m_k - lse): lse rounds away log S when M is
         // huge).
-        a.e = o + k * kBlock;
+        a.e = o + k * kBlock<T>;
         a.a = bad                          ? std::numeric_limits<T>::quiet_NaN()
               : st[size_t(k)].m == -kInf   ? T(0)
                                            : T(std::exp(st[size_t(k)].m - M) / S);

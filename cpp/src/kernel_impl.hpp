@@ -13,7 +13,7 @@
 //   kernel only feeds z - max). NaN propagates.
 // - sums of exp and of w*(z - m): vector accumulators in the storage type over chunks of
 //   32 W elements (16 additions per lane), each chunk's total added into a double; blocks
-//   (kBlock) and rows are merged in double.
+//   (kBlock<T>) and rows are merged in double.
 // - gradient: a * e - b * w in the storage type with a, b computed in double and rounded once.
 //   The driver recomputes the target-class entry in double (see cross_entropy.cpp).
 //
@@ -98,6 +98,21 @@ inline typename V::R exp_poly(typename V::R r) {
   }
 }
 
+// Whether the traits V offer the fused AVX-512 operations (scale_unless_below,
+// mul_unless_zero, recip12, neg_abs).
+template <class V, class = void>
+struct HasFused {
+  static constexpr bool value = false;
+};
+template <class V>
+struct HasFused<V, decltype(void(V::kFused))> {
+  static constexpr bool value = V::kFused;
+};
+template <class V>
+constexpr bool fused() {
+  return HasFused<V>::value;
+}
+
 // exp(x) for x <= 0 (the kernel feeds x = z - max). No clamping: inputs below lo produce
 // garbage in the range reduction, which the final select replaces by +0.
 template <class V>
@@ -108,8 +123,13 @@ inline typename V::R vexp(typename V::R x) {
   typename V::R n = V::sub(t, V::set1(K::magic));
   typename V::R r = V::fmadd(n, V::set1(-K::ln2_hi), x);
   r = V::fmadd(n, V::set1(-K::ln2_lo), r);
-  typename V::R y = V::mul(exp_poly<V>(r), V::pow2_from_magic(t, K::bias, K::shift));
-  return V::zero_if_less(x, V::set1(K::lo), y);
+  if constexpr (fused<V>()) {
+    // One vscalefps (p * 2^n, exact) under a zero mask: the same bits as below.
+    return V::scale_unless_below(exp_poly<V>(r), n, x, V::set1(K::lo));
+  } else {
+    typename V::R y = V::mul(exp_poly<V>(r), V::pow2_from_magic(t, K::bias, K::shift));
+    return V::zero_if_less(x, V::set1(K::lo), y);
+  }
 }
 
 // tanh(v) = sign(v) (1 - e) / (1 + e), e = exp(-2|v|) <= 1: stays in vexp's domain.
@@ -117,9 +137,16 @@ inline typename V::R vexp(typename V::R x) {
 template <class V>
 inline typename V::R vtanh(typename V::R v) {
   using T = typename V::T;
-  typename V::R e = vexp<V>(V::mul(V::abs(v), V::set1(T(-2))));
-  typename V::R t = V::div(V::sub(V::set1(T(1)), e), V::add(V::set1(T(1)), e));
-  return V::copysign(t, v);
+  if constexpr (fused<V>()) {
+    // 1 + e is in [1, 2]: a reciprocal estimate refined once instead of the division.
+    const typename V::R e = vexp<V>(V::neg_abs(V::add(v, v)));
+    const typename V::R t = V::mul(V::sub(V::set1(T(1)), e), V::recip12(V::add(V::set1(T(1)), e)));
+    return V::copysign(t, v);
+  } else {
+    typename V::R e = vexp<V>(V::mul(V::abs(v), V::set1(T(-2))));
+    typename V::R t = V::div(V::sub(V::set1(T(1)), e), V::add(V::set1(T(1)), e));
+    return V::copysign(t, v);
+  }
 }
 
 template <class V>
@@ -186,7 +213,12 @@ struct Row {
   // u * x, but exactly 0 where u == 0: a class with no weight (or no probability) contributes
   // nothing even when its logit is -inf (0 * -inf would be NaN).
   static R weighted(R u, R x) {
-    return V::zero_if_less(V::abs(u), V::set1(std::numeric_limits<T>::denorm_min()), V::mul(u, x));
+    if constexpr (fused<V>()) {
+      return V::mul_unless_zero(u, x);
+    } else {
+      return V::zero_if_less(V::abs(u), V::set1(std::numeric_limits<T>::denorm_min()),
+                             V::mul(u, x));
+    }
   }
 
   static R loadn(const T* p, int64_t len) {
@@ -264,10 +296,10 @@ struct Row {
         // 64-byte line of it (2 W elements span two lines with AVX-512 floats).
         if constexpr (HK == 0) {
           for (int64_t b = 0; b < 2 * W * int64_t(sizeof(T)); b += 64)
-            FASTXENT_PREFETCH(reinterpret_cast<const char*>(in.z + i + kBlock) + b);
+            FASTXENT_PREFETCH(reinterpret_cast<const char*>(in.z + i + kBlock<T>) + b);
         } else {
           for (int64_t b = 0; b < 2 * W * 2; b += 64)
-            FASTXENT_PREFETCH(reinterpret_cast<const char*>(in.zh + i + kBlock) + b);
+            FASTXENT_PREFETCH(reinterpret_cast<const char*>(in.zh + i + kBlock<T>) + b);
         }
         step(i, W, acc[0]);
         step(i + W, W, acc[1]);

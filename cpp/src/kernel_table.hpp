@@ -10,12 +10,17 @@
 
 namespace fastxent {
 
-// Rows are processed in blocks of kBlock classes at fixed positions (0, kBlock, 2 kBlock, ...).
+// Rows are processed in blocks of kBlock<T> classes at fixed positions (0, kBlock<T>, ...).
 // Each block yields its own (max, sum) statistics, merged in block order in double: the result
 // is the same whichever thread computed which block, so the class axis can be split across
-// threads without changing a bit. 2048 floats (8 KiB) keep a block in L1 between its max and
-// exp loops, and bound the float accumulation to 2048 / (2 W) additions per lane.
-constexpr int64_t kBlock = 2048;
+// threads without changing a bit. A block is 32 KiB (8192 floats, 4096 doubles): it stays in
+// L1 (48 KiB on the Xeon, 32 KiB on Zen) between its max and exp loops, and the next block is
+// prefetched one block ahead. Measured on the 2-core Xeon (4096 x 32000 float32, 2 threads):
+// forward 25 -> 21.5 ms and in place 30 -> 29 ms going from 8 KiB to 32 KiB blocks; 64 KiB
+// blocks (past L1) were slower again, and so were 64 KiB blocks of doubles. Block length
+// does not bound the accuracy: float partial sums move into double every 16 additions per lane.
+template <class T>
+constexpr int64_t kBlock = int64_t(32768 / sizeof(T));
 
 // What one block pass reads and writes. z' is the transformed logit: cap * tanh(alpha z / cap)
 // with a softcap (cap > 0), alpha z without.
@@ -24,7 +29,7 @@ struct BlockIn {
   const T* z;
   T* e;         // e = exp(z' - m') is stored here when not null (may equal z)
   T* t;         // softcap only: tanh(alpha z / cap) is stored here when e is stored
-  int64_t n;    // <= kBlock
+  int64_t n;    // <= kBlock<T>
   T alpha;      // logit scale (> 0; 1 for none)
   T cap;        // softcap (0 for none)
   const T* w;   // class weights of the block, or null

@@ -52,7 +52,7 @@ Problem<T> shard_problem(const ShardInputs<T>& in, const Options& opt, T* grad) 
   p.ignore_index = opt.ignore_index;
   p.C = in.classes;
   p.C_total = in.num_classes;
-  p.nb = (in.classes + kBlock - 1) / kBlock;
+  p.nb = (in.classes + kBlock<T> - 1) / kBlock<T>;
   p.inner = 1;
   p.grad = grad;
   p.eps = opt.label_smoothing;
@@ -112,7 +112,7 @@ void shard_stats(const ShardInputs<T>& in, const Options& opt, double* stats) {
   std::vector<double> bw(static_cast<size_t>(p.nb), 0.0);
   double W = 0.0;
   for (int64_t k = 0; k < p.nb; ++k) {
-    const int64_t off = k * kBlock, len = p.block_len(k);
+    const int64_t off = k * kBlock<T>, len = p.block_len(k);
     double b = double(len);
     if (in.weight) {
       b = 0.0;

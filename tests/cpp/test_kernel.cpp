@@ -38,7 +38,7 @@ fastxent::BlockStat plain_block(const fastxent::RowFns<T>& f, const T* z, T* e, 
 template <class T>
 void test_exp(const fastxent::KernelTable& table, double lo, double max_ulp_allowed) {
   const auto& f = fastxent::row_fns<T>(table);
-  const int64_t n = fastxent::kBlock - 1;  // not a multiple of any W: exercises the masked tail
+  const int64_t n = fastxent::kBlock<T> - 1;  // not a multiple of any W: exercises the masked tail
   std::vector<T> x(static_cast<size_t>(n)), e(static_cast<size_t>(n));
   double worst = 0.0, worst_x = 0.0;
   for (int rep = 0; rep < 128; ++rep) {

@@ -137,6 +137,11 @@ std::string active_isa();
 // available ones when `name` is unknown or not supported here.
 void set_isa(const std::string& name);
 
+// Classes per block of the row kernel for elements of `itemsize` bytes (4: float32 and the
+// 16-bit types, computed in float32; 8: float64). Rows are cut into blocks at the fixed
+// positions 0, B, 2B, ...; results do not depend on which thread computes which block.
+int64_t block_classes(int itemsize);
+
 // OpenMP facts for diagnostics: the default thread count, and whether OpenMP is compiled in.
 int default_num_threads();
 bool has_openmp();

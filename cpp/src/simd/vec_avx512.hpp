@@ -49,6 +49,15 @@ struct VD {
     __m512i b = _mm512_add_epi64(_mm512_castpd_si512(t), _mm512_set1_epi64(int64_t(bias)));
     return _mm512_castsi512_pd(_mm512_sll_epi64(b, _mm_cvtsi32_si128(shift)));
   }
+  static constexpr bool kFused = true;
+  static R scale_unless_below(R p, R n, R x, R lo) {
+    return _mm512_maskz_scalef_pd(_mm512_cmp_pd_mask(x, lo, _CMP_NLT_UQ), p, n);
+  }
+  static R mul_unless_zero(R u, R x) {
+    return _mm512_maskz_mul_pd(_mm512_cmp_pd_mask(u, _mm512_setzero_pd(), _CMP_NEQ_UQ), u, x);
+  }
+  static R recip12(R d) { return _mm512_div_pd(_mm512_set1_pd(1.0), d); }
+  static R neg_abs(R a) { return _mm512_or_pd(a, _mm512_set1_pd(-0.0)); }
   static double hsum(R v) {
     __m256d h4 = _mm256_add_pd(_mm512_castpd512_pd256(v), _mm512_extractf64x4_pd(v, 1));
     __m128d h = _mm_add_pd(_mm256_castpd256_pd128(h4), _mm256_extractf128_pd(h4, 1));
@@ -113,6 +122,23 @@ struct VF {
     __m512i b = _mm512_add_epi32(_mm512_castps_si512(t), _mm512_set1_epi32(int32_t(bias)));
     return _mm512_castsi512_ps(_mm512_sll_epi32(b, _mm_cvtsi32_si128(shift)));
   }
+  // AVX-512 shortcuts the kernel takes when kFused is set (one instruction for several):
+  // p * 2^n (n integral), and 0 instead where x < lo (a NaN x keeps the NaN).
+  static constexpr bool kFused = true;
+  static R scale_unless_below(R p, R n, R x, R lo) {
+    return _mm512_maskz_scalef_ps(_mm512_cmp_ps_mask(x, lo, _CMP_NLT_UQ), p, n);
+  }
+  // u * x, but +0 where u == 0 (so 0 * inf gives 0, not NaN).
+  static R mul_unless_zero(R u, R x) {
+    return _mm512_maskz_mul_ps(_mm512_cmp_ps_mask(u, _mm512_setzero_ps(), _CMP_NEQ_UQ), u, x);
+  }
+  // 1 / d for d in [1, 2]: the 14-bit estimate and one Newton step (relative error < 2^-23).
+  static R recip12(R d) {
+    const R r = _mm512_rcp14_ps(d);
+    return _mm512_fmadd_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(1.0f)), r);
+  }
+  // -|a|
+  static R neg_abs(R a) { return _mm512_or_ps(a, _mm512_set1_ps(-0.0f)); }
   static double hsum(R v) {
     __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
     __m512d hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
