@@ -5,8 +5,9 @@
 //
 // Memory traffic per row: the block pass reads z from memory (prefetching the next block)
 // and writes e = exp(z' - m_block) either into the gradient row (in place, or small outputs:
-// the row is then rewritten in cache) or into a per-thread scratch row, from which the
-// gradient pass streams the result out with non-temporal stores. Forward only writes nothing
+// the row is then rewritten in cache) or into one of two per-thread scratch rows, from which
+// the gradient pass streams the result out with non-temporal stores, interleaved with the
+// next row's block passes (stream_rows). Forward only writes nothing
 // N x C. Determinism: blocks sit at fixed positions and merge in block order, rows are summed
 // in row order, so no result depends on the thread count or on how the work was split.
 #include <algorithm>
@@ -41,8 +42,6 @@ struct Prepared {
   std::vector<double> block_w;  // class-weight sums per block (weights with smoothing)
 };
 
-// One row, start to finish, on the calling thread. st: nb entries; scratch: C entries when
-// streaming; tbuf: C entries with a softcap and a gradient.
 // A gradient entry to write after the non-temporal stores of its row are fenced.
 template <class T>
 struct Pending {
@@ -50,9 +49,12 @@ struct Pending {
   T value;
 };
 
+// One row, start to finish, on the calling thread, with plain stores (streamed gradients go
+// through stream_rows). st: nb entries; scratch: C floats for 16-bit rows; tbuf: C entries
+// with a softcap and a gradient.
 template <class T>
 double compute_row(const Problem<T>& p, int64_t n, const RowPtrs<T>& rp, BlockStat* st,
-                   T* scratch, T* tbuf, std::vector<Pending<T>>* pending = nullptr) {
+                   T* scratch, T* tbuf) {
   T* g = rp.g;
   const bool want_grad = g || rp.gh;
   if (!p.counted(n)) {
@@ -66,7 +68,7 @@ double compute_row(const Problem<T>& p, int64_t n, const RowPtrs<T>& rp, BlockSt
                                            rp.hk)
                             : target_logit(p, n, &dzy, rp.z);
   // 16-bit rows keep e in the float scratch row; the gradient is rounded out of it.
-  T* e = want_grad && !p.recompute ? ((p.stream || rp.gh) ? scratch : g) : nullptr;
+  T* e = want_grad && !p.recompute ? (rp.gh ? scratch : g) : nullptr;
   for (int64_t k = 0; k < p.nb; ++k) st[k] = p.fns->block(block_in(p, rp, k, e, tbuf));
   const RowResult r = finish_row(p, st, n, zy_t);
   if (rp.gh) {
@@ -84,19 +86,8 @@ double compute_row(const Problem<T>& p, int64_t n, const RowPtrs<T>& rp, BlockSt
     }
     if (!p.probs) fix_target(p, r, zy_t, dzy, g, p.in.target[n]);
   } else if (g) {
-    for (int64_t k = 0; k < p.nb; ++k)
-      write_grad_block(p, st[k], r, rp.prob, e, tbuf, g, k, p.stream);
-    if (!p.probs) {
-      const int64_t y = p.in.target[n];
-      if (p.stream && pending) {
-        // A plain store into a line still in flight from non-temporal stores needs a fence
-        // first; one fence per thread (not per row) at the end of its rows.
-        if (!std::isnan(r.a)) pending->push_back({g + y, target_value(p, r, zy_t, dzy, y)});
-      } else {
-        if (p.stream) p.fence();
-        fix_target(p, r, zy_t, dzy, g, y);
-      }
-    }
+    for (int64_t k = 0; k < p.nb; ++k) write_grad_block(p, st[k], r, rp.prob, e, tbuf, g, k, false);
+    if (!p.probs) fix_target(p, r, zy_t, dzy, g, p.in.target[n]);
   }
   return r.loss;
 }
@@ -308,20 +299,20 @@ void run_problem(const Problem<T>& p, int nt, double* losses) {
   }
   const int team = int(std::min<int64_t>(nt, rows > 0 ? rows : 1));
   auto run_rows = [&](int64_t begin, int64_t end) {
-    BlockStat local[4];
-    std::vector<Pending<T>> pending;
     if (p.stream) {
+      std::vector<Pending<T>> pending;
       stream_rows(p, begin, end, losses, &pending);
+      p.fence();
+      for (const Pending<T>& q : pending) *q.at = q.value;
     } else {
+      BlockStat local[4];
       std::vector<BlockStat> heap(p.nb > 4 ? static_cast<size_t>(p.nb) : 0);
       BlockStat* st = p.nb > 4 ? heap.data() : local;
       std::vector<T> tbuf(p.cap > 0.0 && p.grad ? static_cast<size_t>(p.C) : 0);
       for (int64_t n = begin; n < end; ++n)
         losses[n] = compute_row(p, n, row_ptrs(p, n), st, static_cast<T*>(nullptr),
-                                tbuf.empty() ? nullptr : tbuf.data(), &pending);
+                                tbuf.empty() ? nullptr : tbuf.data());
     }
-    if (p.stream) p.fence();
-    for (const Pending<T>& q : pending) *q.at = q.value;
   };
   parallel_chunks(team, rows, run_rows);
 }
