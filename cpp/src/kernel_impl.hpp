@@ -132,20 +132,20 @@ inline typename V::R vexp(typename V::R x) {
   }
 }
 
-// tanh(v) = sign(v) (1 - e) / (1 + e), e = exp(-2|v|) <= 1: stays in vexp's domain.
-// Absolute error below 2 ULP of 1 (relative error grows as |v| -> 0, where tanh(v) ~ v).
+// tanh(u / 2) = sign(u) (1 - e) / (1 + e), e = exp(-|u|) <= 1: stays in vexp's domain. The
+// caller passes u = 2 v (the 2 folded into its scale). Absolute error below 2 ULP of 1
+// (relative error grows as |u| -> 0, where tanh(u / 2) ~ u / 2).
 template <class V>
-inline typename V::R vtanh(typename V::R v) {
+inline typename V::R vtanh_half(typename V::R u) {
   using T = typename V::T;
+  const typename V::R one = V::set1(T(1));
   if constexpr (fused<V>()) {
     // 1 + e is in [1, 2]: a reciprocal estimate refined once instead of the division.
-    const typename V::R e = vexp<V>(V::neg_abs(V::add(v, v)));
-    const typename V::R t = V::mul(V::sub(V::set1(T(1)), e), V::recip12(V::add(V::set1(T(1)), e)));
-    return V::copysign(t, v);
+    const typename V::R e = vexp<V>(V::neg_abs(u));
+    return V::copysign(V::mul(V::sub(one, e), V::recip12(V::add(one, e))), u);
   } else {
-    typename V::R e = vexp<V>(V::mul(V::abs(v), V::set1(T(-2))));
-    typename V::R t = V::div(V::sub(V::set1(T(1)), e), V::add(V::set1(T(1)), e));
-    return V::copysign(t, v);
+    const typename V::R e = vexp<V>(V::sub(V::set1(T(0)), V::abs(u)));
+    return V::copysign(V::div(V::sub(one, e), V::add(one, e)), u);
   }
 }
 
@@ -228,11 +228,12 @@ struct Row {
     if (len >= W) V::store(p, v); else V::store_partial(p, v, len);
   }
 
-  // z' by transform kind TR: 0 identity, 1 alpha z, 2 cap * tanh(alpha z / cap) (t = tanh(.)).
+  // z' by transform kind TR: 0 identity, 1 alpha z, 2 cap * tanh(alpha z / cap) (t = tanh(.));
+  // vinv is 2 alpha / cap (the tanh is taken of half its argument).
   template <int TR>
   static R transform(R zz, R valpha, R vinv, R vcap, R* t) {
     if constexpr (TR == 2) {
-      *t = vtanh<V>(V::mul(zz, vinv));
+      *t = vtanh_half<V>(V::mul(zz, vinv));  // vinv = 2 alpha / cap
       return V::mul(*t, vcap);
     } else if constexpr (TR == 1) {
       return V::mul(zz, valpha);
@@ -253,7 +254,7 @@ struct Row {
   static BlockStat block_impl(const BlockIn<T>& in, T mt) {
     const int64_t n = in.n;
     const R vm = V::set1(mt), valpha = V::set1(in.alpha);
-    const R vcap = V::set1(in.cap), vinv = V::set1(TR == 2 ? in.alpha / in.cap : T(0));
+    const R vcap = V::set1(in.cap), vinv = V::set1(TR == 2 ? T(2) * in.alpha / in.cap : T(0));
     const R vq1 = V::set1(in.q1), vq0 = V::set1(in.q0);
     double sum = 0.0, wd = 0.0, usum = 0.0;
     // Chunks of kChunk elements: two float accumulators of W lanes each take 16 additions
@@ -364,7 +365,7 @@ struct Row {
     const R vm = V::set1(m), valpha = V::set1(in.alpha), vcap = V::set1(in.cap);
     switch (transform_kind(in.alpha, in.cap)) {
       case 2: {
-        const T mt = V::hmax(transform<2>(vm, valpha, V::set1(in.alpha / in.cap), vcap, &t));
+        const T mt = V::hmax(transform<2>(vm, valpha, V::set1(T(2) * in.alpha / in.cap), vcap, &t));
         return in.e ? block_mode<true, 2, HK>(in, mt) : block_mode<false, 2, HK>(in, mt);
       }
       case 1: {
@@ -505,7 +506,7 @@ struct Col {
     R m = V::set1(ninf);
     for (int64_t c = 0; c < C; ++c) m = V::max(m, Rw::loadn(in.z + c * ld + i0, len));
     const R valpha = V::set1(in.alpha), vcap = V::set1(in.cap);
-    const R vinv = V::set1(TR == 2 ? in.alpha / in.cap : T(0));
+    const R vinv = V::set1(TR == 2 ? T(2) * in.alpha / in.cap : T(0));
     R tm;
     R mt = Rw::template transform<TR>(m, valpha, vinv, vcap, &tm);
     // Lanes whose max is -inf (all -inf) use 0 as their shift: their e come out 0, not NaN.
