@@ -20,20 +20,22 @@ def test_alternative_paths_are_bit_identical(var):
         results = {}
         for isa in fx.available_isas():
             _core.set_isa(isa)
-            # One block per row, and several (blocks of 8192 float32 / 4096 float64 classes)
-            for C, dt in ((1000, np.float32), (2053, np.float32), (8253, np.float32),
-                          (4099, np.float64)):
-                x = (rng.standard_normal((97, C)) * 3).astype(dt)
-                y = rng.integers(0, C, 97)
+            # One block per row, and several (blocks of 8192 float32 / 4096 float64 classes);
+            # rows over 1 MiB, streamed one at a time instead of pipelined over two.
+            for C, dt, N in ((1000, np.float32, 97), (2053, np.float32, 97),
+                             (8253, np.float32, 97), (4099, np.float64, 97),
+                             (262200, np.float32, 12)):
+                x = (rng.standard_normal((N, C)) * 3).astype(dt)
+                y = rng.integers(0, C, N)
                 y[5] = -100             # ignored rows: between two streamed rows, and the last
-                y[96] = -100
+                y[N - 1] = -100
                 x[7] = -np.inf          # a row of all -inf (uniform limit)
                 x[9, 3] = np.nan        # a NaN row
                 w = rng.random(C).astype(dt)
                 for kw in ({}, dict(weight=w, label_smoothing=0.1, softcap=20.0, z_loss=1e-3)):
                     for off in (0, 1, 3):   # misaligned out= starts
-                        buf = np.empty(97 * C + off, dt)
-                        out = buf[off:].reshape(97, C)
+                        buf = np.empty(N * C + off, dt)
+                        out = buf[off:].reshape(N, C)
                         for nt in (1, 2):
                             loss, g = fx.cross_entropy_with_grad(x, y, out=out, num_threads=nt, **kw)
                             key = (isa, C, len(kw), off, nt)
@@ -42,7 +44,7 @@ def test_alternative_paths_are_bit_identical(var):
                     work = x.copy()
                     loss, g = fx.cross_entropy_with_grad(work, y, out=work, **kw)
                     results[(isa, C, len(kw), "in place")] = (np.float64(loss).tobytes(), g.tobytes())
-                p = rng.random((97, C)).astype(dt)
+                p = rng.random((N, C)).astype(dt)
                 loss, g = fx.cross_entropy_with_grad(x, p, label_smoothing=0.2, softcap=9.0)
                 results[(isa, C, "probs")] = (np.float64(loss).tobytes(), g.tobytes())
         import pickle, sys
