@@ -307,5 +307,15 @@ void cross_entropy_cols(const Problem<T>& p, int nt, double* losses);
 extern template void cross_entropy_cols<float>(const Problem<float>&, int, double*);
 extern template void cross_entropy_cols<double>(const Problem<double>&, int, double*);
 
+// Rows of at most this many classes (the row layout) take short_rows: transposed tiles
+// through the column kernel.
+inline constexpr int64_t kShortRowClasses = 32;
+
+template <class T>
+void short_rows(const Problem<T>& p, int nt, double* losses);
+
+extern template void short_rows<float>(const Problem<float>&, int, double*);
+extern template void short_rows<double>(const Problem<double>&, int, double*);
+
 }  // namespace detail
 }  // namespace fastxent

@@ -325,12 +325,25 @@ int thread_count(const Options& opt, int64_t work) {
   return resolve_threads(opt.num_threads, work);
 }
 
+// The short-row threshold: kShortRowClasses, or FASTXENT_SHORT_ROWS=N (0: never), read once.
+int64_t short_row_classes() {
+  static const int64_t c = [] {
+    const char* v = std::getenv("FASTXENT_SHORT_ROWS");
+    return v ? std::max<int64_t>(0, std::atoll(v)) : kShortRowClasses;
+  }();
+  return c;
+}
+
 // Every row's loss (double) into losses, and the gradient when p.grad is set.
 template <class T>
 void run_problem(const Problem<T>& p, int nt, double* losses) {
   const int64_t rows = p.in.rows;
   if (p.inner > 1) {
     cross_entropy_cols(p, nt, losses);
+    return;
+  }
+  if (p.C <= short_row_classes() && rows > 1) {
+    short_rows(p, nt, losses);
     return;
   }
   if (nt > 1 && rows < nt && p.nb > 1) {
@@ -460,8 +473,10 @@ double cross_entropy_half(const HalfInputs& in, const Options& opt, uint16_t* gr
   const KernelTable& table = active_table();
   const int kind = int(in.kind);
   const int64_t C = in.classes, rows = in.rows;
-  if (in.inner == 1 && !(thread_count(opt, rows * C) > 1 && rows < thread_count(opt, rows * C) &&
-                         pr.nb > 1)) {
+  // (Short rows take the chunked float32 path below, so that they run through the same
+  // short-row kernel as float32 logits: the same bits, rounded once.)
+  if (in.inner == 1 && !(C <= short_row_classes() && rows > 1) &&
+      !(thread_count(opt, rows * C) > 1 && rows < thread_count(opt, rows * C) && pr.nb > 1)) {
     // Rows: one parallel region; each thread converts a row into its own float32 buffer, runs
     // the float32 row through the kernel in place there, and rounds the gradient out once.
     Inputs<float> ci;
@@ -496,7 +511,8 @@ double cross_entropy_half(const HalfInputs& in, const Options& opt, uint16_t* gr
     parallel_chunks(team, rows, run_rows);
     return reduce(opt, pr, losses, rows, row_losses);
   }
-  // The column layout, or few rows over many classes: fixed chunks through the float32 path.
+  // The column layout, short rows, or few rows over many classes: fixed chunks through the
+  // float32 path.
   // Chunks of whole rows (whole (C, inner) slices in the column layout) of about kHalfChunk
   // elements: fixed, so the work split never depends on the thread count.
   const int64_t slice = in.inner > 1 ? C * in.inner : C;
