@@ -211,9 +211,14 @@ struct Row {
   }
 
   // u * x, but exactly 0 where u == 0: a class with no weight (or no probability) contributes
-  // nothing even when its logit is -inf (0 * -inf would be NaN).
+  // nothing even when its logit is -inf (0 * -inf would be NaN). TR = 2 (softcap): x is
+  // finite (z' lies in [-cap, cap]) or NaN (and a NaN logit makes the row NaN anyway), so the
+  // plain product gives the same result.
+  template <int TR = 0>
   static R weighted(R u, R x) {
-    if constexpr (fused<V>()) {
+    if constexpr (TR == 2) {
+      return V::mul(u, x);
+    } else if constexpr (fused<V>()) {
       return V::mul_unless_zero(u, x);
     } else {
       return V::zero_if_less(V::abs(u), V::set1(std::numeric_limits<T>::denorm_min()),
@@ -251,7 +256,10 @@ struct Row {
   //   WD 0: nothing more; 1: wd = sum w (z' - mt) (class targets with smoothing);
   //   2: wd = sum u (z' - mt), usum = sum u, u = w (q1 p + q0) (probability targets).
   template <bool STORE, int TR, int WD, bool HAS_W, int HK>
-  static BlockStat block_impl(const BlockIn<T>& in, T mt) {
+  static BlockStat block_impl(const BlockIn<T>& in_ref, T mt) {
+    // A local copy: the stores through e and t cannot alias it, so its pointers stay in
+    // registers instead of being reloaded after every store.
+    const BlockIn<T> in = in_ref;
     const int64_t n = in.n;
     const R vm = V::set1(mt), valpha = V::set1(in.alpha);
     const R vcap = V::set1(in.cap), vinv = V::set1(TR == 2 ? T(2) * in.alpha / in.cap : T(0));
@@ -279,7 +287,7 @@ struct Row {
         a[0] = V::add(a[0], y);
         if constexpr (WD == 1) {
           if constexpr (HAS_W) {
-            a[1] = V::add(a[1], weighted(loadn(in.w + j, len), x));
+            a[1] = V::add(a[1], weighted<TR>(loadn(in.w + j, len), x));
           } else {
             a[1] = V::add(a[1], x);
           }
@@ -288,7 +296,7 @@ struct Row {
           R u = V::fmadd(loadn(in.p + j, len), vq1, vq0);
           if constexpr (HAS_W) u = V::mul(u, loadn(in.w + j, len));
           if (len < W) u = V::keep_first(u, len);
-          a[1] = V::add(a[1], weighted(u, x));
+          a[1] = V::add(a[1], weighted<TR>(u, x));
           a[2] = V::add(a[2], u);
         }
       };
