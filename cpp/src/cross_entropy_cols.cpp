@@ -30,13 +30,15 @@ void cross_entropy_cols(const Problem<T>& p, int nt, double* losses) {
   const bool smooth = p.eps > 0.0;
 
   auto run = [&](int64_t begin, int64_t end) {
-    // Per-lane scratch in two allocations (short rows call this once per tile of rows).
-    std::vector<double> dbuf(6 * size_t(kTile));
-    double *m = dbuf.data(), *s = m + kTile, *wd = s + kTile, *us = wd + kTile,
-           *zy = us + kTile, *dz = zy + kTile;
-    std::vector<T> tvals(3 * size_t(kTile));
-    T *a = tvals.data(), *b = a + kTile, *keep = b + kTile;
-    std::vector<RowResult> rr(kTile);
+    // Per-lane scratch in few allocations, sized by the widest tile (short rows call this
+    // once per tile of rows, often of a few rows only).
+    const int64_t lanes = std::min(kTile, inner);
+    std::vector<double> dbuf(6 * size_t(lanes));
+    double *m = dbuf.data(), *s = m + lanes, *wd = s + lanes, *us = wd + lanes,
+           *zy = us + lanes, *dz = zy + lanes;
+    std::vector<T> tvals(3 * size_t(lanes));
+    T *a = tvals.data(), *b = a + lanes, *keep = b + lanes;
+    std::vector<RowResult> rr(static_cast<size_t>(lanes));
     std::vector<T> tbuf(p.cap > 0.0 && p.grad ? size_t(C * kTile) : 0);
     for (int64_t it = begin; it < end; ++it) {
       const int64_t o = it / tiles, i0 = (it % tiles) * kTile;
@@ -140,7 +142,7 @@ void short_rows(const Problem<T>& p, int nt, double* losses) {
   const int64_t rows = p.in.rows, C = p.C;
   const int64_t tiles = (rows + kRows - 1) / kRows;
   auto run = [&](int64_t begin, int64_t end) {
-    const size_t tile = size_t(C * kRows);
+    const size_t tile = size_t(C * std::min(kRows, rows));
     std::vector<T> buf(tile * (1 + (p.grad ? 1 : 0) + (p.probs ? 1 : 0)));
     T* zt = buf.data();
     T* gt = p.grad ? zt + tile : nullptr;
