@@ -114,10 +114,11 @@ double compute_row(const Problem<T>& p, int64_t n, const RowPtrs<T>& rp, BlockSt
 // stream then overlap, instead of a whole row's read-and-exp phase alternating with a whole
 // row's write phase (measured on the 2-core Xeon, 4096 x 32000 float32 out= on 2 threads:
 // 40-42 ms before, 36-38 after; the same pipelining of plain-store rows, in place, measured
-// no different, so those stay one row at a time). The
-// results are those of compute_row bit for bit: the same block passes and the same
-// gradient formula, only in another order. Target entries are collected in `pending` and
-// written after the caller's fence.
+// no different, so those stay one row at a time). The results are those of compute_row bit
+// for bit: the same block passes and the same gradient formula, only in another order.
+// Target entries are collected in `pending` and written after the caller's fence. An ignored
+// row (zeroed at once) leaves the pipeline as it is: the previous row's gradient goes out
+// with the next counted row's blocks.
 template <class T>
 void stream_rows(const Problem<T>& p, int64_t begin, int64_t end, double* losses,
                  std::vector<Pending<T>>* pending) {
@@ -138,16 +139,10 @@ void stream_rows(const Problem<T>& p, int64_t begin, int64_t end, double* losses
     write_grad_block(p, st[size_t(prev.slot) * nb + size_t(k)], prev.r, prev.prob,
                      e_of(prev.slot), t_of(prev.slot), prev.g, k, true);
   };
-  auto flush_prev = [&] {
-    if (prev.live)
-      for (int64_t k = 0; k < p.nb; ++k) write_prev(k);
-    prev.live = false;
-  };
   int cur = 0;
   for (int64_t n = begin; n < end; ++n) {
     const RowPtrs<T> rp = row_ptrs(p, n);
     if (!p.counted(n)) {
-      flush_prev();
       std::memset(static_cast<void*>(rp.g), 0, sizeof(T) * C);
       losses[n] = 0.0;
       continue;
@@ -172,7 +167,8 @@ void stream_rows(const Problem<T>& p, int64_t begin, int64_t end, double* losses
     prev.g = rp.g;
     cur ^= 1;
   }
-  flush_prev();
+  if (prev.live)
+    for (int64_t k = 0; k < p.nb; ++k) write_prev(k);
 }
 
 // Fewer rows than threads (e.g. 8 x 256k): the (row, block) pairs are shared out instead of
@@ -232,23 +228,6 @@ void split_classes(const Problem<T>& p, int64_t rows, int nt, double* losses) {
       if (p.counted(n))
         fix_target(p, rr[size_t(n)], zy[size_t(n)], dz[size_t(n)], p.grad + n * p.C,
                    p.in.target[n]);
-}
-
-// sum of x[0 .. n) in double over four interleaved partial sums: the O(C) class-weight sums of
-// every call, several times faster than one dependent chain of additions (which cost as much
-// as the kernel itself on a few rows of 32k classes).
-template <class T>
-double sum_f64(const T* x, int64_t n) {
-  double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0;
-  int64_t i = 0;
-  for (; i + 4 <= n; i += 4) {
-    s0 += double(x[i]);
-    s1 += double(x[i + 1]);
-    s2 += double(x[i + 2]);
-    s3 += double(x[i + 3]);
-  }
-  for (; i < n; ++i) s0 += double(x[i]);
-  return (s0 + s1) + (s2 + s3);
 }
 
 // The target pre-pass: range check and the "mean" denominator; class-weight sums.

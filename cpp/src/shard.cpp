@@ -113,11 +113,7 @@ void shard_stats(const ShardInputs<T>& in, const Options& opt, double* stats) {
   double W = 0.0;
   for (int64_t k = 0; k < p.nb; ++k) {
     const int64_t off = k * kBlock<T>, len = p.block_len(k);
-    double b = double(len);
-    if (in.weight) {
-      b = 0.0;
-      for (int64_t c = 0; c < len; ++c) b += double(in.weight[off + c]);
-    }
+    const double b = in.weight ? sum_f64(in.weight + off, len) : double(len);
     bw[size_t(k)] = b;
     W += b;
   }
