@@ -260,7 +260,13 @@ inline void write_grad_block(const Problem<T>& p, const BlockStat& st, const Row
   a.t = t ? t + off : nullptr;
   a.stream = stream;
   if (std::isnan(r.a)) {
-    a.a = T(r.a);  // a NaN row stays NaN everywhere
+    // A NaN row stays NaN everywhere, as one quiet NaN: through the SIMD pass its sign would
+    // depend on which NaN operand each instruction propagates, and so on the code path.
+    for (int64_t c = 0; c < len; ++c) {
+      if (gh) store_half(p, kNaN, gh + off + c, hk);
+      else g[off + c] = T(kNaN);
+    }
+    return;
   } else if (r.M == -kInf) {
     // Degenerate row: e holds zeros but the uniform limit needs e = 1: g = a - b u.
     for (int64_t c = 0; c < len; ++c) {

@@ -132,20 +132,20 @@ inline typename V::R vexp(typename V::R x) {
   }
 }
 
-// tanh(u / 2) = sign(u) (1 - e) / (1 + e), e = exp(-|u|) <= 1: stays in vexp's domain. The
-// caller passes u = 2 v (the 2 folded into its scale). Absolute error below 2 ULP of 1
-// (relative error grows as |u| -> 0, where tanh(u / 2) ~ u / 2).
+// rho = 1 / (1 + exp(-|u|)), in [1/2, 1]: the softcap's tanh is |tanh(u / 2)| = 2 rho - 1 and
+// its derivative 1 - tanh^2(u / 2) = 4 rho (1 - rho). exp(-|u|) <= 1 stays in vexp's domain.
+// The caller passes u = 2 v (the 2 folded into its scale). rho carries about 1 ULP of 1/2, so
+// 2 rho - 1 about 2 ULP of 1/2 = 1 ULP of 1 in absolute terms (below the ULP of cap tanh
+// once multiplied by cap; relative error grows as |u| -> 0, where tanh(u / 2) ~ u / 2).
 template <class V>
-inline typename V::R vtanh_half(typename V::R u) {
+inline typename V::R vsoftcap_rho(typename V::R u) {
   using T = typename V::T;
   const typename V::R one = V::set1(T(1));
   if constexpr (fused<V>()) {
     // 1 + e is in [1, 2]: a reciprocal estimate refined once instead of the division.
-    const typename V::R e = vexp<V>(V::neg_abs(u));
-    return V::copysign(V::mul(V::sub(one, e), V::recip12(V::add(one, e))), u);
+    return V::recip12(V::add(one, vexp<V>(V::neg_abs(u))));
   } else {
-    const typename V::R e = vexp<V>(V::sub(V::set1(T(0)), V::abs(u)));
-    return V::copysign(V::div(V::sub(one, e), V::add(one, e)), u);
+    return V::div(one, V::add(one, vexp<V>(V::sub(V::set1(T(0)), V::abs(u)))));
   }
 }
 
@@ -213,16 +213,17 @@ struct Row {
   // u * x, but exactly 0 where u == 0: a class with no weight (or no probability) contributes
   // nothing even when its logit is -inf (0 * -inf would be NaN). TR = 2 (softcap): x is
   // finite (z' lies in [-cap, cap]) or NaN (and a NaN logit makes the row NaN anyway), so the
-  // plain product gives the same result.
+  // plain fused multiply-add gives the same result.
+  // acc + u * x (one rounding where the ISA fuses it).
   template <int TR = 0>
-  static R weighted(R u, R x) {
+  static R add_weighted(R acc, R u, R x) {
     if constexpr (TR == 2) {
-      return V::mul(u, x);
+      return V::fmadd(u, x, acc);
     } else if constexpr (fused<V>()) {
-      return V::mul_unless_zero(u, x);
+      return V::fmadd_unless_zero(u, x, acc);
     } else {
-      return V::zero_if_less(V::abs(u), V::set1(std::numeric_limits<T>::denorm_min()),
-                             V::mul(u, x));
+      return V::add(acc, V::zero_if_less(V::abs(u), V::set1(std::numeric_limits<T>::denorm_min()),
+                                         V::mul(u, x)));
     }
   }
 
@@ -233,17 +234,27 @@ struct Row {
     if (len >= W) V::store(p, v); else V::store_partial(p, v, len);
   }
 
-  // z' by transform kind TR: 0 identity, 1 alpha z, 2 cap * tanh(alpha z / cap) (t = tanh(.));
-  // vinv is 2 alpha / cap (the tanh is taken of half its argument).
+  // The constants of the transform: alpha, 2 alpha / cap (the tanh is taken of half its
+  // argument), cap and 2 cap.
+  struct Xf {
+    R alpha, inv, cap, cap2;
+    Xf(T a, T c)
+        : alpha(V::set1(a)), inv(V::set1(c > T(0) ? T(2) * a / c : T(0))), cap(V::set1(c)),
+          cap2(V::set1(T(2) * c)) {}
+  };
+
+  // z' by transform kind TR: 0 identity, 1 alpha z, 2 cap * tanh(alpha z / cap), computed as
+  // sign(z) (2 cap rho - cap) with rho = vsoftcap_rho(2 alpha z / cap), which goes to *rho
+  // (the gradient pass takes 1 - tanh^2 = 4 rho (1 - rho) from it).
   template <int TR>
-  static R transform(R zz, R valpha, R vinv, R vcap, R* t) {
+  static R transform(R zz, const Xf& k, R* rho) {
     if constexpr (TR == 2) {
-      *t = vtanh_half<V>(V::mul(zz, vinv));  // vinv = 2 alpha / cap
-      return V::mul(*t, vcap);
+      const R u = V::mul(zz, k.inv);
+      *rho = vsoftcap_rho<V>(u);
+      return V::copysign(V::fmsub(*rho, k.cap2, k.cap), u);
     } else if constexpr (TR == 1) {
-      return V::mul(zz, valpha);
+      return V::mul(zz, k.alpha);
     } else {
-      (void)valpha;
       return zz;
     }
   }
@@ -251,8 +262,8 @@ struct Row {
   static int transform_kind(T alpha, T cap) { return cap > T(0) ? 2 : (alpha != T(1) ? 1 : 0); }
 
   // The statistics of one block, given its transformed max mt. Template flags:
-  //   STORE: write e = exp(z' - mt); TR: the transform (2: softcap, also writes t = tanh(.)
-  //   when STORE);
+  //   STORE: write e = exp(z' - mt); TR: the transform (2: softcap, also writes rho (see
+  //   transform) to t when STORE);
   //   WD 0: nothing more; 1: wd = sum w (z' - mt) (class targets with smoothing);
   //   2: wd = sum u (z' - mt), usum = sum u, u = w (q1 p + q0) (probability targets).
   template <bool STORE, int TR, int WD, bool HAS_W, int HK>
@@ -261,8 +272,8 @@ struct Row {
     // registers instead of being reloaded after every store.
     const BlockIn<T> in = in_ref;
     const int64_t n = in.n;
-    const R vm = V::set1(mt), valpha = V::set1(in.alpha);
-    const R vcap = V::set1(in.cap), vinv = V::set1(TR == 2 ? T(2) * in.alpha / in.cap : T(0));
+    const R vm = V::set1(mt);
+    const Xf xf(in.alpha, in.cap);
     const R vq1 = V::set1(in.q1), vq0 = V::set1(in.q0);
     double sum = 0.0, wd = 0.0, usum = 0.0;
     // Chunks of kChunk elements: two float accumulators of W lanes each take 16 additions
@@ -276,7 +287,7 @@ struct Row {
       int64_t i = c0;
       auto step = [&](int64_t j, int64_t len, R* a) {
         R t;
-        R x = V::sub(transform<TR>(loadz<HK>(in, j, len, T(0)), valpha, vinv, vcap, &t), vm);
+        R x = V::sub(transform<TR>(loadz<HK>(in, j, len, T(0)), xf, &t), vm);
         if (len < W) x = V::keep_first(x, len);  // masked lanes add nothing to any sum
         R y = vexp<V>(x);
         if (len < W) y = V::keep_first(y, len);
@@ -287,7 +298,7 @@ struct Row {
         a[0] = V::add(a[0], y);
         if constexpr (WD == 1) {
           if constexpr (HAS_W) {
-            a[1] = V::add(a[1], weighted<TR>(loadn(in.w + j, len), x));
+            a[1] = add_weighted<TR>(a[1], loadn(in.w + j, len), x);
           } else {
             a[1] = V::add(a[1], x);
           }
@@ -296,7 +307,7 @@ struct Row {
           R u = V::fmadd(loadn(in.p + j, len), vq1, vq0);
           if constexpr (HAS_W) u = V::mul(u, loadn(in.w + j, len));
           if (len < W) u = V::keep_first(u, len);
-          a[1] = V::add(a[1], weighted<TR>(u, x));
+          a[1] = add_weighted<TR>(a[1], u, x);
           a[2] = V::add(a[2], u);
         }
       };
@@ -370,14 +381,15 @@ struct Row {
     // The transformed max through the same vector code as the elements, so that the block's
     // largest element gives exactly x = 0. (alpha > 0 and tanh are increasing.)
     R t;
-    const R vm = V::set1(m), valpha = V::set1(in.alpha), vcap = V::set1(in.cap);
+    const R vm = V::set1(m);
+    const Xf xf(in.alpha, in.cap);
     switch (transform_kind(in.alpha, in.cap)) {
       case 2: {
-        const T mt = V::hmax(transform<2>(vm, valpha, V::set1(T(2) * in.alpha / in.cap), vcap, &t));
+        const T mt = V::hmax(transform<2>(vm, xf, &t));
         return in.e ? block_mode<true, 2, HK>(in, mt) : block_mode<false, 2, HK>(in, mt);
       }
       case 1: {
-        const T mt = V::hmax(transform<1>(vm, valpha, vcap, vcap, &t));
+        const T mt = V::hmax(transform<1>(vm, xf, &t));
         return in.e ? block_mode<true, 1, HK>(in, mt) : block_mode<false, 1, HK>(in, mt);
       }
       default:
@@ -386,21 +398,26 @@ struct Row {
   }
 
   // g = d * (a * e - b * u): u = w (or 1) without probability targets, w (q1 p + q0) with
-  // them; d = 1 - t^2 with a softcap, else 1.
+  // them; d = 1 - tanh^2 = 4 rho (1 - rho) with a softcap (rho stored at t; the 4 goes into
+  // a and b, exactly), else 1.
   template <bool HAS_W, bool HAS_P, bool CAP, bool STREAM, int HK>
   static void affine_impl(const AffineIn<T>& in) {
-    const R va = V::set1(in.a), vb = V::set1(in.b);
-    const R vq1 = V::set1(in.q1), vq0 = V::set1(in.q0), one = V::set1(T(1));
+    const R va = V::set1(CAP ? T(4) * in.a : in.a), vb = V::set1(CAP ? T(4) * in.b : in.b);
+    const R vq1 = V::set1(in.q1), vq0 = V::set1(in.q0);
     T* g = in.g;
     const int64_t n = in.n;
     auto f = [&](int64_t i, int64_t len) {
-      R u = HAS_P ? V::fmadd(loadn(in.p + i, len), vq1, vq0) : one;
-      if constexpr (HAS_W) u = HAS_P ? V::mul(u, loadn(in.w + i, len)) : loadn(in.w + i, len);
+      R bu = vb;
+      if constexpr (HAS_P || HAS_W) {
+        R u = HAS_P ? V::fmadd(loadn(in.p + i, len), vq1, vq0) : loadn(in.w + i, len);
+        if constexpr (HAS_P && HAS_W) u = V::mul(u, loadn(in.w + i, len));
+        bu = V::mul(vb, u);
+      }
       // One rounding for a * e - b u when u = 1 (the cancellation near softmax = target).
-      R r = V::fmadd(loadn(in.e + i, len), va, V::sub(V::set1(T(0)), V::mul(vb, u)));
+      R r = V::fmsub(loadn(in.e + i, len), va, bu);
       if constexpr (CAP) {
-        R t = loadn(in.t + i, len);
-        r = V::mul(r, V::sub(one, V::mul(t, t)));
+        const R rho = loadn(in.t + i, len);
+        r = V::mul(r, V::fnmadd(rho, rho, rho));
       }
       return r;
     };
@@ -513,10 +530,9 @@ struct Col {
     const T ninf = -std::numeric_limits<T>::infinity();
     R m = V::set1(ninf);
     for (int64_t c = 0; c < C; ++c) m = V::max(m, Rw::loadn(in.z + c * ld + i0, len));
-    const R valpha = V::set1(in.alpha), vcap = V::set1(in.cap);
-    const R vinv = V::set1(TR == 2 ? T(2) * in.alpha / in.cap : T(0));
+    const typename Rw::Xf xf(in.alpha, in.cap);
     R tm;
-    R mt = Rw::template transform<TR>(m, valpha, vinv, vcap, &tm);
+    R mt = Rw::template transform<TR>(m, xf, &tm);
     // Lanes whose max is -inf (all -inf) use 0 as their shift: their e come out 0, not NaN.
     const R lowest = V::set1(std::numeric_limits<T>::lowest());
     const R shift = TR == 2 ? mt : V::zero_if_less(m, lowest, mt);
@@ -539,8 +555,7 @@ struct Col {
       for (int64_t c = c0; c < c1; ++c) {
         const int64_t off = c * ld + i0;
         R t;
-        R x = V::sub(Rw::template transform<TR>(Rw::loadn(in.z + off, len), valpha, vinv, vcap, &t),
-                     shift);
+        R x = V::sub(Rw::template transform<TR>(Rw::loadn(in.z + off, len), xf, &t), shift);
         R y = vexp<V>(x);
         if constexpr (STORE) {
           Rw::storen(in.e + off, y, len);
@@ -548,10 +563,10 @@ struct Col {
         }
         s = V::add(s, y);
         const R wc = V::set1(HAS_W ? in.w[c] : T(1));
-        if constexpr (WD == 1) d = V::add(d, Rw::weighted(wc, x));
+        if constexpr (WD == 1) d = Rw::template add_weighted<TR>(d, wc, x);
         if constexpr (WD == 2) {
           R u = V::mul(V::fmadd(Rw::loadn(in.p + off, len), vq1, vq0), wc);
-          d = V::add(d, Rw::weighted(u, x));
+          d = Rw::template add_weighted<TR>(d, u, x);
           us = V::add(us, u);
         }
       }
@@ -585,18 +600,20 @@ struct Col {
   template <bool HAS_W, bool HAS_P, bool CAP>
   static void affine_impl(const ColAffineIn<T>& in) {
     const R vq1 = V::set1(in.q1), vq0 = V::set1(in.q0), one = V::set1(T(1)), half = V::set1(T(0.5));
+    // The softcap's 4 of 4 rho (1 - rho) goes into a and b (exactly), as in Row::affine_impl.
+    const R four = V::set1(CAP ? T(4) : T(1));
     for (int64_t i0 = 0; i0 < in.L; i0 += W) {
       const int64_t len = in.L - i0 < W ? in.L - i0 : W;
-      const R va = Rw::loadn(in.a + i0, len), vb = Rw::loadn(in.b + i0, len);
+      const R va = V::mul(four, Rw::loadn(in.a + i0, len)), vb = V::mul(four, Rw::loadn(in.b + i0, len));
       const R keep = Rw::loadn(in.keep + i0, len);
       for (int64_t c = 0; c < in.C; ++c) {
         const int64_t off = c * in.ld + i0;
         R u = HAS_P ? V::fmadd(Rw::loadn(in.p + off, len), vq1, vq0) : one;
         if constexpr (HAS_W) u = V::mul(u, V::set1(in.w[c]));
-        R r = V::fmadd(Rw::loadn(in.e + off, len), va, V::sub(V::set1(T(0)), V::mul(vb, u)));
+        R r = V::fmsub(Rw::loadn(in.e + off, len), va, V::mul(vb, u));
         if constexpr (CAP) {
-          R t = Rw::loadn(in.t + c * in.tld + i0, len);
-          r = V::mul(r, V::sub(one, V::mul(t, t)));
+          const R rho = Rw::loadn(in.t + c * in.tld + i0, len);
+          r = V::mul(r, V::fnmadd(rho, rho, rho));
         }
         Rw::storen(in.g + off, V::zero_if_less(keep, half, r), len);
       }

@@ -28,7 +28,8 @@ template <class T>
 struct BlockIn {
   const T* z;
   T* e;         // e = exp(z' - m') is stored here when not null (may equal z)
-  T* t;         // softcap only: tanh(alpha z / cap) is stored here when e is stored
+  T* t;         // softcap only: rho = 1 / (1 + exp(-|2 alpha z / cap|)) is stored here when
+                // e is stored (1 - tanh^2(alpha z / cap) = 4 rho (1 - rho))
   int64_t n;    // <= kBlock<T>
   T alpha;      // logit scale (> 0; 1 for none)
   T cap;        // softcap (0 for none)
@@ -52,7 +53,7 @@ struct BlockStat {
 };
 
 // g = d * (a e - b u), u = w (or 1), or w (q1 p + q0) with probability targets;
-// d = 1 - t^2 with a softcap (t not null), else 1. g may equal e.
+// d = 1 - tanh^2 = 4 rho (1 - rho) with a softcap (rho at t, not null), else 1. g may equal e.
 template <class T>
 struct AffineIn {
   const T* e;
@@ -77,7 +78,7 @@ struct ColIn {
   const T* z;
   int64_t C, L, ld;
   T* e;  // e = exp(z' - m') stored in z's layout when e is not null
-  T* t;  // with a softcap and e: tanh(.) stored at t[c * tld + i]
+  T* t;  // with a softcap and e: rho (see BlockIn) stored at t[c * tld + i]
   int64_t tld;
   T alpha, cap;
   const T* w;  // class weights (C) or null

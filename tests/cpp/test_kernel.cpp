@@ -1,5 +1,6 @@
 // C++ tests of the kernel, no framework: each CHECK prints what failed; the exit code is the
 // number of failures. Run by ctest (cpp_kernel) under every ISA this CPU can run.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -88,6 +89,55 @@ void test_exp(const fastxent::KernelTable& table, double lo, double max_ulp_allo
   CHECK(plain_block<T>(f, ninf, nullptr, 3).s == 0.0, "%s: -inf block sum", table.name);
   ninf[1] = std::numeric_limits<T>::quiet_NaN();
   CHECK(std::isnan(plain_block<T>(f, ninf, nullptr, 3).s), "%s: NaN in -inf block", table.name);
+}
+
+// The softcap through the block pass (alpha, cap): rho = 1 / (1 + exp(-|u|)), u = 2 alpha z /
+// cap, stored at t, and e = exp(z' - m'), z' = cap tanh(u / 2). Errors against double from
+// the kernel's own u = z * fl(2 alpha / cap) (exact in double): rho relative, tanh = 2 rho - 1
+// and the chain factor 4 rho (1 - rho) = 1 - tanh^2 absolute, z' absolute over cap (through
+// log e, so it includes the exp's error of up to 2.6 u relative on e, 2.6 u / cap here). In
+// units of u = 2^-24 or 2^-53.
+template <class T>
+void test_softcap(const fastxent::KernelTable& table, T alpha, T cap, double bound_rho,
+                  double bound_t, double bound_d, double bound_z) {
+  const auto& f = fastxent::row_fns<T>(table);
+  const int64_t n = fastxent::kBlock<T> - 3;
+  std::vector<T> z(static_cast<size_t>(n)), e(z.size()), t(z.size());
+  const double u = std::numeric_limits<T>::epsilon() / 2;
+  const double inv = double(T(T(2) * alpha / cap));
+  double w_rho = 0, w_t = 0, w_d = 0, w_z = 0;
+  for (int rep = 0; rep < 16; ++rep) {
+    // Logits from -40 cap / alpha to 40 cap / alpha, dense near 0 (where tanh ~ its argument).
+    for (int64_t i = 0; i < n; ++i) {
+      const double v = -1.0 + 2.0 * double(rep * n + i) / (16.0 * n);
+      z[size_t(i)] = T(40.0 * v * v * v * double(cap) / double(alpha));
+    }
+    fastxent::BlockIn<T> in{};
+    in.z = z.data();
+    in.e = e.data();
+    in.t = t.data();
+    in.n = n;
+    in.alpha = alpha;
+    in.cap = cap;
+    const fastxent::BlockStat st = f.block(in);
+    for (int64_t i = 0; i < n; ++i) {
+      // long double: the float64 kernel is measured against more than float64.
+      using L = long double;
+      const L uu = L(z[size_t(i)]) * L(inv);
+      const L rho = 1 / (1 + std::exp(-std::fabs(uu))), th = std::tanh(std::fabs(uu) / 2);
+      const L r = L(t[size_t(i)]);
+      w_rho = std::max(w_rho, double(std::fabs(r - rho) / rho) / u);
+      w_t = std::max(w_t, double(std::fabs((2 * r - 1) - th)) / u);
+      w_d = std::max(w_d, double(std::fabs(4 * r * (1 - r) - (1 - th * th))) / u);
+      const L zp = std::copysign(L(cap) * th, uu);
+      w_z = std::max(w_z, double(std::fabs(std::log(L(e[size_t(i)])) + L(st.m) - zp) / L(cap)) / u);
+    }
+  }
+  std::printf("  softcap<%s> [%s] alpha %g cap %g: rho %.2f u rel, tanh %.2f u, 1 - tanh^2 "
+              "%.2f u, z' %.2f u cap\n", sizeof(T) == 4 ? "f32" : "f64", table.name,
+              double(alpha), double(cap), w_rho, w_t, w_d, w_z);
+  CHECK(w_rho <= bound_rho && w_t <= bound_t && w_d <= bound_d && w_z <= bound_z,
+        "%s softcap errors over their bounds", table.name);
 }
 
 // Straightforward double-precision reference of the whole contract.
@@ -300,6 +350,11 @@ int main() {
     const fastxent::KernelTable& t = fastxent::active_table();
     test_exp<float>(t, -87.33, 2.0);
     test_exp<double>(t, -708.3, 2.0);
+    // Bounds derived in tests/test_options.py (rho 3.4 u, tanh 6.8 u, 1 - tanh^2 14.6 u, z'
+    // 9.2 u cap plus the exp's 2.6 u / cap through log e).
+    test_softcap<float>(t, 1.0f, 30.0f, 3.4, 6.8, 14.6, 9.3);
+    test_softcap<float>(t, 0.7f, 5.0f, 3.4, 6.8, 14.6, 9.8);
+    test_softcap<double>(t, 1.0, 30.0, 3.4, 6.8, 14.6, 9.3);
     test_against_reference<float>(isa.c_str(), rng);
     test_against_reference<double>(isa.c_str(), rng);
     test_threads_deterministic();

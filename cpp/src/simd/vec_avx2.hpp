@@ -70,6 +70,8 @@ struct VF {
   static R sub(R a, R b) { return _mm256_sub_ps(a, b); }
   static R mul(R a, R b) { return _mm256_mul_ps(a, b); }
   static R fmadd(R a, R b, R c) { return _mm256_fmadd_ps(a, b, c); }
+  static R fmsub(R a, R b, R c) { return _mm256_fmsub_ps(a, b, c); }
+  static R fnmadd(R a, R b, R c) { return _mm256_fnmadd_ps(a, b, c); }
   static R max(R a, R b) { return _mm256_max_ps(a, b); }
   static R abs(R a) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), a); }
   static R div(R a, R b) { return _mm256_div_ps(a, b); }
@@ -120,6 +122,8 @@ struct VD {
   static R sub(R a, R b) { return _mm256_sub_pd(a, b); }
   static R mul(R a, R b) { return _mm256_mul_pd(a, b); }
   static R fmadd(R a, R b, R c) { return _mm256_fmadd_pd(a, b, c); }
+  static R fmsub(R a, R b, R c) { return _mm256_fmsub_pd(a, b, c); }
+  static R fnmadd(R a, R b, R c) { return _mm256_fnmadd_pd(a, b, c); }
   static R max(R a, R b) { return _mm256_max_pd(a, b); }
   static R abs(R a) { return _mm256_andnot_pd(_mm256_set1_pd(-0.0), a); }
   static R div(R a, R b) { return _mm256_div_pd(a, b); }

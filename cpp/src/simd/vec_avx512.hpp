@@ -34,6 +34,8 @@ struct VD {
   static R sub(R a, R b) { return _mm512_sub_pd(a, b); }
   static R mul(R a, R b) { return _mm512_mul_pd(a, b); }
   static R fmadd(R a, R b, R c) { return _mm512_fmadd_pd(a, b, c); }
+  static R fmsub(R a, R b, R c) { return _mm512_fmsub_pd(a, b, c); }
+  static R fnmadd(R a, R b, R c) { return _mm512_fnmadd_pd(a, b, c); }
   static R max(R a, R b) { return _mm512_max_pd(a, b); }
   static R abs(R a) { return _mm512_andnot_pd(_mm512_set1_pd(-0.0), a); }
   static R div(R a, R b) { return _mm512_div_pd(a, b); }
@@ -55,6 +57,9 @@ struct VD {
   }
   static R mul_unless_zero(R u, R x) {
     return _mm512_maskz_mul_pd(_mm512_cmp_pd_mask(u, _mm512_setzero_pd(), _CMP_NEQ_UQ), u, x);
+  }
+  static R fmadd_unless_zero(R u, R x, R acc) {
+    return _mm512_mask3_fmadd_pd(u, x, acc, _mm512_cmp_pd_mask(u, _mm512_setzero_pd(), _CMP_NEQ_UQ));
   }
   static R recip12(R d) { return _mm512_div_pd(_mm512_set1_pd(1.0), d); }
   static R neg_abs(R a) { return _mm512_or_pd(a, _mm512_set1_pd(-0.0)); }
@@ -107,6 +112,8 @@ struct VF {
   static R sub(R a, R b) { return _mm512_sub_ps(a, b); }
   static R mul(R a, R b) { return _mm512_mul_ps(a, b); }
   static R fmadd(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
+  static R fmsub(R a, R b, R c) { return _mm512_fmsub_ps(a, b, c); }
+  static R fnmadd(R a, R b, R c) { return _mm512_fnmadd_ps(a, b, c); }
   static R max(R a, R b) { return _mm512_max_ps(a, b); }
   static R abs(R a) { return _mm512_andnot_ps(_mm512_set1_ps(-0.0f), a); }
   static R div(R a, R b) { return _mm512_div_ps(a, b); }
@@ -131,6 +138,10 @@ struct VF {
   // u * x, but +0 where u == 0 (so 0 * inf gives 0, not NaN).
   static R mul_unless_zero(R u, R x) {
     return _mm512_maskz_mul_ps(_mm512_cmp_ps_mask(u, _mm512_setzero_ps(), _CMP_NEQ_UQ), u, x);
+  }
+  // acc + u * x in one rounding, but acc itself where u == 0 (0 * inf adds nothing).
+  static R fmadd_unless_zero(R u, R x, R acc) {
+    return _mm512_mask3_fmadd_ps(u, x, acc, _mm512_cmp_ps_mask(u, _mm512_setzero_ps(), _CMP_NEQ_UQ));
   }
   // 1 / d for d in [1, 2]: the 14-bit estimate and one Newton step (relative error < 2^-23).
   static R recip12(R d) {

@@ -36,6 +36,8 @@ struct VecScalar {
   static R sub(R a, R b) { return a - b; }
   static R mul(R a, R b) { return a * b; }
   static R fmadd(R a, R b, R c) { return a * b + c; }
+  static R fmsub(R a, R b, R c) { return a * b - c; }   // a b - c
+  static R fnmadd(R a, R b, R c) { return c - a * b; }  // c - a b
   // x86 semantics: the second operand is returned when either is NaN.
   static R max(R a, R b) { return a > b ? a : b; }
   static R abs(R a) { return std::fabs(a); }
