@@ -80,6 +80,10 @@ OPTION_CASES = {
     "z_loss": dict(z_loss=1e-2),
     "softcap": dict(softcap=5.0),
     "softcap_saturating": dict(softcap=0.5),
+    # Above the fixed-shift range of float32 (32; the kernel then shifts by the block max),
+    # and above float64's (256) too.
+    "softcap_wide": dict(softcap=50.0),
+    "softcap_beyond_fixed_shift": dict(softcap=300.0, logit_scale=40.0),
     "logit_scale_up": dict(logit_scale=1.7),
     "logit_scale_down": dict(logit_scale=0.3),
     "normalizer": dict(normalizer=7.5),
@@ -580,10 +584,95 @@ def test_softcap_with_minus_inf_entries_matches_torch(isa):
             kw = dict(softcap=4.0, z_loss=0.01, logit_scale=1.5)
             loss, g = fx.cross_entropy_with_grad(zz, y, reduction=red, **kw)
             tl, tg = torch_cross_entropy_full(z, y, reduction=red, **kw)
-            tol = 1e-12 if dtype == np.float64 else 30 * U32 + 14 * U32 * 4.0 + 13 * U32
+            tol = 1e-12 if dtype == np.float64 else 30 * U32 + 19 * U32 * 4.0 + 15 * U32
             np.testing.assert_allclose(np.asarray(loss, np.float64), tl, rtol=tol)
             np.testing.assert_allclose(g, tg, rtol=0, atol=tol)
             assert np.all(g[np.isneginf(z)] == 0.0)
+
+
+# Where the softcap's fixed shift (the kernel shifts exp by 0, not the row max, for cap <= 32
+# in float32 and <= 256 in float64) meets extreme row scales: the gradient factor
+# a = s (Q + z-loss term) / sum exp(z') then falls outside the range of the storage type
+# (too large when every z' is near -cap, subnormal when every z' is near +cap) and the kernel
+# must take its double path instead of T(a) e. (cap, z' centre, the a to aim at) per dtype;
+# each row's sample weight is chosen to give it that a.
+_EXTREME = {
+    (np.float32, "large"): (30.0, -28.0, 1e39),
+    (np.float32, "small"): (30.0, 28.0, 1e-44),
+    (np.float64, "large"): (200.0, -180.0, 5e307),
+    (np.float64, "small"): (200.0, 180.0, 1e-320),
+}
+
+
+@pytest.mark.parametrize("side", ["large", "small"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("layout", ["short", "row", "blocks", "axis1", "in_place", "probs",
+                                    "shard"])
+def test_softcap_extreme_row_scales(isa, dtype, layout, side, rng):
+    cap, centre, a_aim = _EXTREME[(dtype, side)]
+    C = {"short": 7, "axis1": 40, "blocks": block_classes(dtype) + 4}.get(layout, 300)
+    shape = (3, C, 5) if layout == "axis1" else (4, C)
+    axis = 1 if layout == "axis1" else -1
+    # z' = centre + U(-1.5, 1.5): every class far from 0 (and inside (-cap, cap)), the row's
+    # softmax still spread.
+    zp = centre + rng.uniform(-1.5, 1.5, shape)
+    z = (cap * np.arctanh(zp / cap)).astype(dtype)
+    rshape = _row_shape(shape, axis)
+    if layout == "probs":
+        t = rng.random(shape).astype(dtype)
+    else:
+        t = make_target(rng, rshape, C)
+    eps, w = 0.1, make_weight(rng, C, dtype)
+    # Q, the row's soft-target mass, and S = sum exp(z'): s = a Q / S gives the row factor a.
+    w64 = np.moveaxis(np.broadcast_to(w.astype(np.float64), (*rshape, C)), -1, axis % len(shape))
+    if layout == "probs":
+        Q = np.sum(w64 * ((1 - eps) * t.astype(np.float64) + eps / C), axis=axis)
+    else:
+        Q = (1 - eps) * w.astype(np.float64)[t] + eps / C * np.sum(w.astype(np.float64))
+    zt, _ = transform_ref(z.astype(np.float64), cap)
+    S = np.sum(np.exp(zt), axis=axis)
+    # (times a random factor: a itself off the subnormal grid, where T(a) has to round)
+    sw = (a_aim * S / Q * rng.uniform(1.0, 1.3, S.shape)).astype(dtype)
+    kw = dict(softcap=cap, sample_weight=sw, axis=axis, label_smoothing=eps, weight=w)
+    # The premise: a = s Q / S leaves [min normal, max / 8] of the dtype for every row.
+    a = sw.astype(np.float64) * Q / S
+    fi = np.finfo(dtype)
+    assert np.all(((a > float(fi.max) / 8) | (a < float(fi.tiny))) & np.isfinite(a)), a
+    ref_l, ref_g, lsc, gsc = cross_entropy_full_ref(z, t, reduction="sum", scales=True, **kw)
+    if layout == "in_place":
+        work = z.copy()
+        loss, g = fx.cross_entropy_with_grad(work, t, reduction="sum", out=work, **kw)
+        assert g is work or np.shares_memory(g, work)
+    elif layout == "shard":
+        # Two vocabulary shards: statistics merged, each shard's gradient from them.
+        bounds = ((0, C // 3), (C // 3, C))
+        st = fx.merge_stats(*[fx.shard_stats(z[:, a:b], t, offset=a, num_classes=C, softcap=cap,
+                                             label_smoothing=eps, weight=w[a:b])
+                              for a, b in bounds])
+        loss = fx.loss_from_stats(st, num_classes=C, reduction="sum", sample_weight=sw)
+        g = np.concatenate([fx.shard_grad(z[:, a:b], t, st, offset=a, num_classes=C,
+                                          reduction="sum", sample_weight=sw, softcap=cap,
+                                          label_smoothing=eps, weight=w[a:b])
+                            for a, b in bounds], axis=1)
+    else:
+        loss, g = fx.cross_entropy_with_grad(z, t, reduction="sum", **kw)
+    assert np.all(np.isfinite(g)) and np.isfinite(loss)
+    tol = tolerance(dtype, z, kw)
+    assert scaled_error(loss, ref_l, lsc) <= tol
+    assert scaled_error(g, ref_g, gsc) <= tol
+    # Entry by entry too (gsc is the row's largest term, here the target's, which the kernel
+    # computes in double anyway): each entry against its own terms s (Q softmax_c + u_c), the
+    # derivation's scale per entry. A subnormal T(a) would be off by percents here.
+    ax = axis % len(shape)
+    sm = np.exp(zt - np.log(S)[(slice(None),) * ax + (None,)])
+    if layout == "probs":
+        u = w64 * ((1 - eps) * t.astype(np.float64) + eps / C)
+    else:
+        u = eps / C * w64 + (1 - eps) * np.moveaxis(
+            np.eye(C)[t] * w.astype(np.float64)[t][..., None], -1, ax)
+    expand = (slice(None),) * ax + (None,)
+    entry_scale = sw.astype(np.float64)[expand] * (Q[expand] * sm + u)
+    assert scaled_error(g, ref_g, entry_scale) <= tol
 
 
 def test_softcap_row_of_all_minus_inf(isa):

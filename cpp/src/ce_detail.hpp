@@ -175,11 +175,21 @@ inline BlockIn<T> block_in(const Problem<T>& p, const RowPtrs<T>& rp, int64_t k,
 // What a counted row needs after its block statistics are merged.
 struct RowResult {
   double loss;
-  double M;   // row max of z' (-inf: degenerate row)
-  double a;   // gradient factor of exp(z' - M), chain factor alpha included
+  double M;   // row max of z' (-inf: degenerate row; 0 with the softcap's fixed shift)
+  double a;   // gradient factor of exp(z' - M), chain factor alpha included: an / S
   double b;   // gradient offset per unit of u, alpha included
   double s;   // this row's scale (1/D times its sample weight)
+  // a's numerator s (Q + z-loss term) alpha and denominator S = sum exp(z' - M), for the
+  // double path (write_grad_block), which takes an (e / S) where a itself would be subnormal.
+  double an = 0.0, S = 1.0;
 };
+
+// r.a e in double; as r.an (e / r.S) where r.a is subnormal (extreme row scales with the
+// softcap's fixed shift), which would round away most of its digits.
+inline double a_times(const RowResult& r, double e) {
+  return std::fabs(r.a) < std::numeric_limits<double>::min() && r.a != 0.0 ? r.an * (e / r.S)
+                                                                          : r.a * e;
+}
 
 // Merges a row's block statistics in block order (independent of who computed them).
 template <class T>
@@ -206,7 +216,7 @@ inline RowResult finish_row(const Problem<T>& p, const BlockStat* st, int64_t n,
     // Every class is -inf: the loss is +inf and the gradient is the limit of equal logits,
     // uniform softmax minus q (write_grad_block knows this case by M = -inf).
     r.loss = kInf;
-    r.a = r.s * Q / C * p.alpha;
+    r.a = r.an = r.s * Q / C * p.alpha;
     return r;
   }
   double S = 0.0, WD = 0.0;
@@ -236,8 +246,37 @@ inline RowResult finish_row(const Problem<T>& p, const BlockStat* st, int64_t n,
     za = 2.0 * p.lambda * lse;
   }
   r.loss = sn * loss;
+  r.an = r.s * (Q + za) * p.alpha;
+  r.S = S;
   r.a = r.s * (Q + za) / S * p.alpha;
   return r;
+}
+
+// Whether the gradient factors a (and b) of a block are safe for the SIMD affine pass in T:
+// normal (a subnormal a would cost relative precision) and at most T's max / 8 (the softcap's
+// 4 is multiplied in). 0 and non-finite values pass (they mean what they say). The softcap's
+// fixed shift (kFixedShift) spans e^+-cap more range in a than the max shift, so extreme
+// weights or normalizers can leave this range where T(a) e in one product would overflow.
+template <class T>
+inline bool factor_fits(double v) {
+  const double av = std::fabs(v);
+  return v == 0.0 || !std::isfinite(v) ||
+         (av >= double(std::numeric_limits<T>::min()) &&
+          av <= double(std::numeric_limits<T>::max()) / 8);
+}
+
+// The gradient entry from e, in double: (an (c e) - b u) d with c = exp(m - M) / S (so that an
+// c e = a e without forming a, which may be subnormal even in double), u the class's
+// soft-target weight and d the softcap's 4 rho (1 - rho) (rho at t, or null): the slow path
+// for factors that do not fit T.
+template <class T>
+inline double grad_entry(const Problem<T>& p, const RowResult& r, double c, double e,
+                         const T* t, double w, const T* prob) {
+  double u = w;
+  if (prob) u *= (1.0 - p.eps) * double(*prob) + p.eps / double(p.C_total);
+  double v = r.an * (c * e) - r.b * u;
+  if (t) v *= 4.0 * double(*t) * (1.0 - double(*t));
+  return v;
 }
 
 // Writes block k of a counted row's gradient from its stored exponentials e.
@@ -277,7 +316,19 @@ inline void write_grad_block(const Problem<T>& p, const BlockStat& st, const Row
     }
     return;
   } else {
-    a.a = T(st.m == -kInf ? 0.0 : r.a * rescale(st.m, r.M));
+    const double fa = st.m == -kInf ? 0.0 : r.a * rescale(st.m, r.M);
+    if (!factor_fits<T>(fa) || !factor_fits<T>(r.b)) {
+      for (int64_t c = 0; c < len; ++c) {
+        const double v = grad_entry(p, r, rescale(st.m, r.M) / r.S, double(a.e[c]),
+                                    a.t ? a.t + c : nullptr,
+                                    p.in.weight ? double(p.in.weight[off + c]) : 1.0,
+                                    prob ? a.p + c : nullptr);
+        if (gh) store_half(p, double(T(v)), gh + off + c, hk);
+        else g[off + c] = T(v);
+      }
+      return;
+    }
+    a.a = T(fa);
   }
   p.fns->affine(a);
 }
@@ -291,7 +342,7 @@ inline T target_value(const Problem<T>& p, const RowResult& r, double zy_t, doub
   const double ey = r.M == -kInf ? 1.0 : std::exp(zy_t - r.M);
   // r.a and r.b carry alpha; the softcap's chain factor at y replaces it.
   const double scale = dzy / p.alpha;
-  return T(scale * (r.a * ey - r.b * wy - r.s * (1.0 - p.eps) * wy * p.alpha));
+  return T(scale * (a_times(r, ey) - r.b * wy - r.s * (1.0 - p.eps) * wy * p.alpha));
 }
 
 template <class T>

@@ -40,6 +40,8 @@ void cross_entropy_cols(const Problem<T>& p, int nt, double* losses) {
     T *a = tvals.data(), *b = a + lanes, *keep = b + lanes;
     std::vector<RowResult> rr(static_cast<size_t>(lanes));
     std::vector<T> tbuf(p.cap > 0.0 && p.grad ? size_t(C * kTile) : 0);
+    std::vector<int64_t> slow;  // lanes whose factors do not fit T (see factor_fits)
+    std::vector<T> slow_g;      // their gradient, C per lane, while the SIMD pass runs
     for (int64_t it = begin; it < end; ++it) {
       const int64_t o = it / tiles, i0 = (it % tiles) * kTile;
       const int64_t L = std::min(kTile, inner - i0);
@@ -84,6 +86,20 @@ void cross_entropy_cols(const Problem<T>& p, int nt, double* losses) {
         keep[j] = T(1);
       }
       if (!g) continue;
+      slow.clear();
+      for (int64_t j = 0; j < L; ++j)
+        if (p.counted(n0 + j) && !std::isnan(rr[j].a) && rr[j].M != -kInf &&
+            (!factor_fits<T>(rr[j].a) || !factor_fits<T>(rr[j].b)))
+          slow.push_back(j);
+      slow_g.resize(slow.size() * size_t(C));
+      for (size_t k = 0; k < slow.size(); ++k) {
+        const int64_t j = slow[k];
+        for (int64_t c = 0; c < C; ++c)
+          slow_g[k * size_t(C) + size_t(c)] = T(grad_entry(
+              p, rr[j], 1.0 / rr[j].S, double(g[c * inner + j]),
+              ci.t ? ci.t + c * kTile + j : nullptr,
+              p.in.weight ? double(p.in.weight[c]) : 1.0, ci.p ? ci.p + c * inner + j : nullptr));
+      }
       ColAffineIn<T> ca;
       ca.e = g;
       ca.g = g;
@@ -100,6 +116,8 @@ void cross_entropy_cols(const Problem<T>& p, int nt, double* losses) {
       ca.t = ci.t;
       ca.tld = kTile;
       p.fns->col_affine(ca);
+      for (size_t k = 0; k < slow.size(); ++k)
+        for (int64_t c = 0; c < C; ++c) g[c * inner + slow[k]] = slow_g[k * size_t(C) + size_t(c)];
       for (int64_t j = 0; j < L; ++j) {
         const int64_t n = n0 + j;
         if (!p.counted(n) || std::isnan(rr[j].a)) continue;
@@ -117,7 +135,7 @@ void cross_entropy_cols(const Problem<T>& p, int nt, double* losses) {
           const double wy = p.in.weight ? double(p.in.weight[y]) : 1.0;
           const double ey = r.M == -kInf ? 1.0 : std::exp(zy[j] - r.M);
           g[y * inner + j] =
-              T(dz[j] / p.alpha * (r.a * ey - r.b * wy - r.s * (1.0 - p.eps) * wy * p.alpha));
+              T(dz[j] / p.alpha * (a_times(r, ey) - r.b * wy - r.s * (1.0 - p.eps) * wy * p.alpha));
         }
       }
     }

@@ -114,8 +114,9 @@ constexpr bool fused() {
 }
 
 // exp(x) for x <= 0 (the kernel feeds x = z - max). No clamping: inputs below lo produce
-// garbage in the range reduction, which the final select replaces by +0.
-template <class V>
+// garbage in the range reduction, which the final select replaces by +0. RANGED: the caller
+// guarantees x in [lo, 88] (or NaN): no select (the softcap with a fixed shift).
+template <class V, bool RANGED = false>
 inline typename V::R vexp(typename V::R x) {
   using T = typename V::T;
   using K = ExpConst<T>;
@@ -125,10 +126,12 @@ inline typename V::R vexp(typename V::R x) {
   r = V::fmadd(n, V::set1(-K::ln2_lo), r);
   if constexpr (fused<V>()) {
     // One vscalefps (p * 2^n, exact) under a zero mask: the same bits as below.
-    return V::scale_unless_below(exp_poly<V>(r), n, x, V::set1(K::lo));
+    if constexpr (RANGED) return V::scale(exp_poly<V>(r), n);
+    else return V::scale_unless_below(exp_poly<V>(r), n, x, V::set1(K::lo));
   } else {
     typename V::R y = V::mul(exp_poly<V>(r), V::pow2_from_magic(t, K::bias, K::shift));
-    return V::zero_if_less(x, V::set1(K::lo), y);
+    if constexpr (RANGED) return y;
+    else return V::zero_if_less(x, V::set1(K::lo), y);
   }
 }
 
@@ -217,7 +220,7 @@ struct Row {
   // acc + u * x (one rounding where the ISA fuses it).
   template <int TR = 0>
   static R add_weighted(R acc, R u, R x) {
-    if constexpr (TR == 2) {
+    if constexpr (TR >= 2) {
       return V::fmadd(u, x, acc);
     } else if constexpr (fused<V>()) {
       return V::fmadd_unless_zero(u, x, acc);
@@ -248,7 +251,7 @@ struct Row {
   // (the gradient pass takes 1 - tanh^2 = 4 rho (1 - rho) from it).
   template <int TR>
   static R transform(R zz, const Xf& k, R* rho) {
-    if constexpr (TR == 2) {
+    if constexpr (TR >= 2) {
       const R u = V::mul(zz, k.inv);
       *rho = vsoftcap_rho<V>(u);
       return V::copysign(V::fmsub(*rho, k.cap2, k.cap), u);
@@ -259,11 +262,15 @@ struct Row {
     }
   }
 
-  static int transform_kind(T alpha, T cap) { return cap > T(0) ? 2 : (alpha != T(1) ? 1 : 0); }
+  // 3: the softcap with the fixed shift 0 (cap <= kFixedShift<T>), 2: with the block max.
+  static int transform_kind(T alpha, T cap) {
+    if (cap > T(0)) return cap <= kFixedShift<T> ? 3 : 2;
+    return alpha != T(1) ? 1 : 0;
+  }
 
   // The statistics of one block, given its transformed max mt. Template flags:
   //   STORE: write e = exp(z' - mt); TR: the transform (2: softcap, also writes rho (see
-  //   transform) to t when STORE);
+  //   transform) to t when STORE; 3: the same with mt = 0: x = z', and no underflow test);
   //   WD 0: nothing more; 1: wd = sum w (z' - mt) (class targets with smoothing);
   //   2: wd = sum u (z' - mt), usum = sum u, u = w (q1 p + q0) (probability targets).
   template <bool STORE, int TR, int WD, bool HAS_W, int HK>
@@ -287,13 +294,14 @@ struct Row {
       int64_t i = c0;
       auto step = [&](int64_t j, int64_t len, R* a) {
         R t;
-        R x = V::sub(transform<TR>(loadz<HK>(in, j, len, T(0)), xf, &t), vm);
+        R x = transform<TR>(loadz<HK>(in, j, len, T(0)), xf, &t);
+        if constexpr (TR != 3) x = V::sub(x, vm);
         if (len < W) x = V::keep_first(x, len);  // masked lanes add nothing to any sum
-        R y = vexp<V>(x);
+        R y = vexp<V, TR == 3>(x);
         if (len < W) y = V::keep_first(y, len);
         if constexpr (STORE) {
           storen(in.e + j, y, len);
-          if constexpr (TR == 2) storen(in.t + j, t, len);
+          if constexpr (TR >= 2) storen(in.t + j, t, len);
         }
         a[0] = V::add(a[0], y);
         if constexpr (WD == 1) {
@@ -374,6 +382,8 @@ struct Row {
 
   template <int HK>
   static BlockStat block_k(const BlockIn<T>& in) {
+    const int kind = transform_kind(in.alpha, in.cap);
+    if (kind == 3) return in.e ? block_mode<true, 3, HK>(in, T(0)) : block_mode<false, 3, HK>(in, T(0));
     const T m = maxz<HK>(in);
     // All -inf: masked, unless a softcap maps -inf to the finite -cap (then the block is
     // ordinary: every z' = -cap).
@@ -383,7 +393,7 @@ struct Row {
     R t;
     const R vm = V::set1(m);
     const Xf xf(in.alpha, in.cap);
-    switch (transform_kind(in.alpha, in.cap)) {
+    switch (kind) {
       case 2: {
         const T mt = V::hmax(transform<2>(vm, xf, &t));
         return in.e ? block_mode<true, 2, HK>(in, mt) : block_mode<false, 2, HK>(in, mt);
@@ -528,20 +538,22 @@ struct Col {
   static void group(const ColIn<T>& in, int64_t i0, int64_t len) {
     const int64_t C = in.C, ld = in.ld;
     const T ninf = -std::numeric_limits<T>::infinity();
-    R m = V::set1(ninf);
-    for (int64_t c = 0; c < C; ++c) m = V::max(m, Rw::loadn(in.z + c * ld + i0, len));
+    R m = V::set1(TR == 3 ? T(0) : ninf);
+    if constexpr (TR != 3)
+      for (int64_t c = 0; c < C; ++c) m = V::max(m, Rw::loadn(in.z + c * ld + i0, len));
     const typename Rw::Xf xf(in.alpha, in.cap);
     R tm;
-    R mt = Rw::template transform<TR>(m, xf, &tm);
+    // TR 3: the fixed shift 0 (see kFixedShift).
+    R mt = TR == 3 ? m : Rw::template transform<TR>(m, xf, &tm);
     // Lanes whose max is -inf (all -inf) use 0 as their shift: their e come out 0, not NaN.
     const R lowest = V::set1(std::numeric_limits<T>::lowest());
-    const R shift = TR == 2 ? mt : V::zero_if_less(m, lowest, mt);
+    const R shift = TR >= 2 ? mt : V::zero_if_less(m, lowest, mt);
     {
       T tmpm[W], tmpt[W];
       V::store(tmpm, m);
       V::store(tmpt, mt);
       for (int64_t j = 0; j < len; ++j) {
-        in.m[i0 + j] = tmpm[j] == ninf && TR != 2 ? -std::numeric_limits<double>::infinity()
+        in.m[i0 + j] = tmpm[j] == ninf && TR < 2 ? -std::numeric_limits<double>::infinity()
                                                   : double(tmpt[j]);
         in.s[i0 + j] = 0.0;
         in.wd[i0 + j] = 0.0;
@@ -555,11 +567,12 @@ struct Col {
       for (int64_t c = c0; c < c1; ++c) {
         const int64_t off = c * ld + i0;
         R t;
-        R x = V::sub(Rw::template transform<TR>(Rw::loadn(in.z + off, len), xf, &t), shift);
-        R y = vexp<V>(x);
+        R x = Rw::template transform<TR>(Rw::loadn(in.z + off, len), xf, &t);
+        if constexpr (TR != 3) x = V::sub(x, shift);
+        R y = vexp<V, TR == 3>(x);
         if constexpr (STORE) {
           Rw::storen(in.e + off, y, len);
-          if constexpr (TR == 2) Rw::storen(in.t + c * in.tld + i0, t, len);
+          if constexpr (TR >= 2) Rw::storen(in.t + c * in.tld + i0, t, len);
         }
         s = V::add(s, y);
         const R wc = V::set1(HAS_W ? in.w[c] : T(1));
@@ -591,6 +604,7 @@ struct Col {
   }
   static void stats(const ColIn<T>& in) {
     switch (Rw::transform_kind(in.alpha, in.cap)) {
+      case 3: return in.e ? stats_mode<true, 3>(in) : stats_mode<false, 3>(in);
       case 2: return in.e ? stats_mode<true, 2>(in) : stats_mode<false, 2>(in);
       case 1: return in.e ? stats_mode<true, 1>(in) : stats_mode<false, 1>(in);
       default: return in.e ? stats_mode<true, 0>(in) : stats_mode<false, 0>(in);

@@ -306,9 +306,11 @@ void shard_grad(const ShardInputs<T>& in, const double* stats, const T* sample_w
       if (row_nan(st)) {
         r.a = kNaN;
       } else if (r.M == -kInf) {
-        r.a = r.s * st[kStatQ] / C * p.alpha;  // the uniform limit, as the one-machine kernel
+        r.a = r.an = r.s * st[kStatQ] / C * p.alpha;  // the uniform limit, as one machine
       } else {
         const double za = 2.0 * p.lambda * row_lse(st);
+        r.an = r.s * (st[kStatQ] + za) * p.alpha;
+        r.S = st[kStatSumExp];
         r.a = r.s * (st[kStatQ] + za) / st[kStatSumExp] * p.alpha;
       }
       for (int64_t k = 0; k < p.nb; ++k) {

@@ -355,6 +355,9 @@ int main() {
     test_softcap<float>(t, 1.0f, 30.0f, 3.4, 6.8, 14.6, 9.3);
     test_softcap<float>(t, 0.7f, 5.0f, 3.4, 6.8, 14.6, 9.8);
     test_softcap<double>(t, 1.0, 30.0, 3.4, 6.8, 14.6, 9.3);
+    // Above the fixed shift's range (kFixedShift): the block max shift.
+    test_softcap<float>(t, 1.0f, 50.0f, 3.4, 6.8, 14.6, 9.3);
+    test_softcap<double>(t, 1.0, 300.0, 3.4, 6.8, 14.6, 9.3);
     test_against_reference<float>(isa.c_str(), rng);
     test_against_reference<double>(isa.c_str(), rng);
     test_threads_deterministic();

@@ -12,9 +12,11 @@
 // Fields of one row (z' = the transformed logit, softcap * tanh(alpha z / softcap) or alpha z;
 // u_c the soft target weight of class c: (1 - eps) w_y [c == y] + (eps / C) w_c for a class
 // target y, w_c ((1 - eps) p_c + eps / C) for probability targets p; C = num_classes):
-//   kStatMax      max_c z'_c over the shard (-inf: no finite column or an ignored row; NaN if
-//                 any z' is NaN)
-//   kStatSumExp   sum_c exp(z'_c - max)
+//   kStatMax      the row's reference point m: max_c z'_c over the shard (-inf: no finite
+//                 column or an ignored row; NaN if any z' is NaN), except with a softcap of at
+//                 most 32 (float32) or 256 (float64), where m = 0 (z' is bounded by the cap,
+//                 so exp(z') is safe as it is); any m merges the same way
+//   kStatSumExp   sum_c exp(z'_c - m)
 //   kStatQ        sum_c u_c
 //   kStatQZ       sum_c u_c z'_c (terms with u_c == 0 skipped only where u is known to be 0)
 //   kStatWy       w_y for the shard that owns the class target y (the row's share of the

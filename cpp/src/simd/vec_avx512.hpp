@@ -52,6 +52,7 @@ struct VD {
     return _mm512_castsi512_pd(_mm512_sll_epi64(b, _mm_cvtsi32_si128(shift)));
   }
   static constexpr bool kFused = true;
+  static R scale(R p, R n) { return _mm512_scalef_pd(p, n); }
   static R scale_unless_below(R p, R n, R x, R lo) {
     return _mm512_maskz_scalef_pd(_mm512_cmp_pd_mask(x, lo, _CMP_NLT_UQ), p, n);
   }
@@ -132,6 +133,7 @@ struct VF {
   // AVX-512 shortcuts the kernel takes when kFused is set (one instruction for several):
   // p * 2^n (n integral), and 0 instead where x < lo (a NaN x keeps the NaN).
   static constexpr bool kFused = true;
+  static R scale(R p, R n) { return _mm512_scalef_ps(p, n); }
   static R scale_unless_below(R p, R n, R x, R lo) {
     return _mm512_maskz_scalef_ps(_mm512_cmp_ps_mask(x, lo, _CMP_NLT_UQ), p, n);
   }
