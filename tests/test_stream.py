@@ -47,6 +47,31 @@ def test_alternative_paths_are_bit_identical(var):
                 p = rng.random((N, C)).astype(dt)
                 loss, g = fx.cross_entropy_with_grad(x, p, label_smoothing=0.2, softcap=9.0)
                 results[(isa, C, "probs")] = (np.float64(loss).tobytes(), g.tobytes())
+            # The class axis 1 (column kernel): planes of 640 / 320 positions (64-byte class
+            # rows: streamed, with a first tile up to the first aligned position when out= is
+            # misaligned) and of 300 (not streamable), several tiles of 256 positions each.
+            for shape, dt in (((2, 7, 640), np.float32), ((2, 5, 320), np.float64),
+                              ((3, 6, 300), np.float32)):
+                x = (rng.standard_normal(shape) * 3).astype(dt)
+                y = rng.integers(0, shape[1], (shape[0], shape[2]))
+                y[0, 5] = -100                  # an ignored position
+                x[1, :, 7] = -np.inf            # a position of all -inf (uniform limit)
+                x[0, 2, 9] = np.nan             # a NaN position
+                w = rng.random(shape[1]).astype(dt)
+                for kw in ({}, dict(weight=w, label_smoothing=0.1, softcap=20.0, z_loss=1e-3)):
+                    for off in (0, 1, 3):
+                        buf = np.empty(x.size + off, dt)
+                        out = buf[off:].reshape(shape)
+                        for nt in (1, 2):
+                            loss, g = fx.cross_entropy_with_grad(x, y, axis=1, out=out,
+                                                                 num_threads=nt, **kw)
+                            assert np.isnan(g[0, :, 9]).all() and not np.isnan(g[1, :, 7]).any()
+                            results[(isa, shape, len(kw), off, nt)] = (
+                                np.float64(loss).tobytes(), g.tobytes())
+                    work = x.copy()
+                    loss, g = fx.cross_entropy_with_grad(work, y, axis=1, out=work, **kw)
+                    results[(isa, shape, len(kw), "in place")] = (np.float64(loss).tobytes(),
+                                                                  g.tobytes())
         import pickle, sys
         sys.stdout.buffer.write(pickle.dumps(results))
     """)

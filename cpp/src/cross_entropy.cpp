@@ -235,6 +235,8 @@ template <class T>
 Prepared prepare(const Options& opt, int64_t rows, int64_t classes, int64_t inner,
                  const int64_t* target, bool probs, const T* weight, const T* sample_weight) {
   Prepared pr;
+  // One chain of additions in row order (not partial sums, which would be faster): an
+  // ignored row then drops out of the sum exactly, bit for bit.
   double D = 0.0;
   for (int64_t n = 0; n < rows; ++n) {
     const double sn = sample_weight ? double(sample_weight[n]) : 1.0;
@@ -244,7 +246,8 @@ Prepared prepare(const Options& opt, int64_t rows, int64_t classes, int64_t inne
     }
     const int64_t y = target[n];
     if (y == opt.ignore_index) continue;
-    check_class(n, y, classes, opt.ignore_index);
+    if (static_cast<uint64_t>(y) >= static_cast<uint64_t>(classes))
+      check_class(n, y, classes, opt.ignore_index);  // throws
     D += sn * (weight ? double(weight[y]) : 1.0);
   }
   pr.D = opt.has_normalizer ? opt.normalizer : D;
@@ -294,7 +297,6 @@ Problem<T> make_problem(const Inputs<T>& in, const Options& opt, T* grad, const 
                 in.classes * int64_t(sizeof(T)) >= recompute_bytes;
   const int64_t stream_bytes = stream_threshold();
   p.stream = stream_bytes > 0 && !p.recompute && grad != nullptr && grad != in.logits &&
-             in.inner == 1 &&
              in.rows * in.classes * int64_t(sizeof(T)) >= stream_bytes;
   use_active_kernels(p);
   return p;
@@ -358,6 +360,7 @@ double reduce(const Options& opt, const Prepared& pr, const std::vector<double>&
     for (int64_t n = 0; n < rows; ++n) row_losses[n] = T(losses[size_t(n)]);
     return 0.0;
   }
+  // One chain in row order, as prepare's D (an ignored row's 0 then changes no bit).
   double total = 0.0;
   for (double l : losses) total += l;
   if (opt.reduction == Reduction::Mean) return pr.D == 0.0 ? 0.0 : total / pr.D;

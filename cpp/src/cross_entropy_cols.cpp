@@ -3,7 +3,11 @@
 // positions of the inner axis are vectorised across positions (one row per SIMD lane) and
 // walk down the class axis; a tile (C x kTile) stays in L1/L2 between the statistics pass and
 // the gradient pass. Each row's arithmetic does not depend on the tiling or on the threads,
-// so results are bitwise identical for any thread count.
+// so results are bitwise identical for any thread count. The target logits are picked up in
+// the statistics pass and the target entries written in the gradient pass (no per-row
+// reads or writes across the class axis's plane stride), and a large out= is streamed out
+// with non-temporal stores. Measured on the 2-core Xeon, 8 x 21 x 512 x 512 float32 out=:
+// 1 thread 116 -> 92 ms, 2 threads 64 -> 53 ms.
 #include <algorithm>
 #include <vector>
 
@@ -22,41 +26,70 @@ constexpr int64_t kTile = 256;
 }
 
 template <class T>
-void cross_entropy_cols(const Problem<T>& p, int nt, double* losses) {
-  const int64_t inner = p.inner, C = p.C;
-  const int64_t outer = p.in.rows / inner;
-  const int64_t tiles = (inner + kTile - 1) / kTile;
+void cross_entropy_cols(const Problem<T>& problem, int nt, double* losses) {
+  const int64_t inner = problem.inner, C = problem.C;
+  const int64_t outer = problem.in.rows / inner;
+  // Streamed gradients (p.stream): e goes to a scratch tile and the gradient out with
+  // non-temporal stores, so the output is never read for ownership (as in the row path). That
+  // needs 64-byte aligned class rows: a plane of `inner` positions a multiple of 64 bytes, and
+  // a first tile of `head` positions up to the first aligned one, so that the others start
+  // aligned (the tiling changes no row's arithmetic, only which positions share a tile).
+  const bool stream = problem.stream && problem.grad &&
+                      (inner * int64_t(sizeof(T))) % 64 == 0 &&
+                      reinterpret_cast<uintptr_t>(problem.grad) % sizeof(T) == 0;
+  const int64_t head =
+      stream ? int64_t((64 - reinterpret_cast<uintptr_t>(problem.grad) % 64) % 64 / sizeof(T)) : 0;
+  const int64_t tiles = (head > 0 ? 1 : 0) + (inner - head + kTile - 1) / kTile;
   const int64_t items = outer * tiles;
-  const bool smooth = p.eps > 0.0;
+  const bool smooth = problem.eps > 0.0;
 
   auto run = [&](int64_t begin, int64_t end) {
+    const Problem<T>& p = problem;
     // Per-lane scratch in few allocations, sized by the widest tile (short rows call this
     // once per tile of rows, often of a few rows only).
     const int64_t lanes = std::min(kTile, inner);
     std::vector<double> dbuf(6 * size_t(lanes));
     double *m = dbuf.data(), *s = m + lanes, *wd = s + lanes, *us = wd + lanes,
            *zy = us + lanes, *dz = zy + lanes;
-    std::vector<T> tvals(3 * size_t(lanes));
-    T *a = tvals.data(), *b = a + lanes, *keep = b + lanes;
+    std::vector<T> tvals(6 * size_t(lanes));
+    T *a = tvals.data(), *b = a + lanes, *keep = b + lanes, *ycls = keep + lanes,
+      *zraw = ycls + lanes, *tv = zraw + lanes;
     std::vector<RowResult> rr(static_cast<size_t>(lanes));
+    std::vector<unsigned char> cnt(static_cast<size_t>(lanes));  // p.counted per lane
     std::vector<T> tbuf(p.cap > 0.0 && p.grad ? size_t(C * kTile) : 0);
-    std::vector<int64_t> slow;  // lanes whose factors do not fit T (see factor_fits)
-    std::vector<T> slow_g;      // their gradient, C per lane, while the SIMD pass runs
+    std::vector<T> etile(stream ? size_t(C * kTile) : 0);
+    std::vector<int64_t> late;  // lanes written after the SIMD pass (see below)
+    std::vector<T> slow_g;      // gradients of slow lanes, C per lane
     for (int64_t it = begin; it < end; ++it) {
-      const int64_t o = it / tiles, i0 = (it % tiles) * kTile;
-      const int64_t L = std::min(kTile, inner - i0);
+      const int64_t o = it / tiles, k = it % tiles;
+      const int64_t i0 = head > 0 ? (k == 0 ? 0 : head + (k - 1) * kTile) : k * kTile;
+      const int64_t L = head > 0 && k == 0 ? head : std::min(kTile, inner - i0);
       const int64_t base = o * C * inner + i0;
       const int64_t n0 = o * inner + i0;
-      for (int64_t j = 0; j < L; ++j)
-        if (p.counted(n0 + j)) zy[j] = target_logit(p, n0 + j, &dz[j]);  // before in place
+      // Class targets: the kernel picks each lane's target logit up on its way down the class
+      // axis (reading them here would miss the cache once per row), and writes the target
+      // entry of the gradient in its own pass. Its class counter is a T, exact below
+      // 2^digits classes; past that (never in practice) the logits are read here and the
+      // target entries written after.
+      const bool capture = !p.probs && C < (int64_t(1) << std::numeric_limits<T>::digits);
+      for (int64_t j = 0; j < L; ++j) cnt[size_t(j)] = p.counted(n0 + j);
+      if (capture) {
+        for (int64_t j = 0; j < L; ++j) ycls[j] = cnt[size_t(j)] ? T(p.in.target[n0 + j]) : T(-1);
+      } else {
+        for (int64_t j = 0; j < L; ++j)
+          if (cnt[size_t(j)]) zy[j] = target_logit(p, n0 + j, &dz[j]);  // before in place
+      }
       T* g = p.grad ? p.grad + base : nullptr;
+      T* e = etile.empty() ? g : etile.data();
+      const int64_t eld = etile.empty() ? inner : kTile;
       ColIn<T> ci;
       ci.z = p.in.logits + base;
       ci.C = C;
       ci.L = L;
       ci.ld = inner;
-      ci.e = g;
-      // The softcap's tanh goes to a (C x L, leading dimension kTile) scratch tile.
+      ci.e = e;
+      ci.eld = eld;
+      // The softcap's rho goes to a (C x L, leading dimension kTile) scratch tile.
       ci.t = tbuf.empty() ? nullptr : tbuf.data();
       ci.tld = kTile;
       ci.alpha = T(p.alpha);
@@ -70,10 +103,15 @@ void cross_entropy_cols(const Problem<T>& p, int nt, double* losses) {
       ci.s = s;
       ci.wd = wd;
       ci.usum = us;
+      ci.ycls = capture ? ycls : nullptr;
+      ci.zy = capture ? zraw : nullptr;
       p.fns->col_stats(ci);
+      if (capture)
+        for (int64_t j = 0; j < L; ++j)
+          if (cnt[size_t(j)]) zy[j] = transform(p, double(zraw[j]), &dz[j]);
       for (int64_t j = 0; j < L; ++j) {
         const int64_t n = n0 + j;
-        if (!p.counted(n)) {
+        if (!cnt[size_t(j)]) {
           losses[n] = 0.0;
           a[j] = b[j] = keep[j] = T(0);
           continue;
@@ -86,22 +124,40 @@ void cross_entropy_cols(const Problem<T>& p, int nt, double* losses) {
         keep[j] = T(1);
       }
       if (!g) continue;
-      slow.clear();
-      for (int64_t j = 0; j < L; ++j)
-        if (p.counted(n0 + j) && !std::isnan(rr[j].a) && rr[j].M != -kInf &&
-            (!factor_fits<T>(rr[j].a) || !factor_fits<T>(rr[j].b)))
-          slow.push_back(j);
-      slow_g.resize(slow.size() * size_t(C));
-      for (size_t k = 0; k < slow.size(); ++k) {
-        const int64_t j = slow[k];
+      // Lanes the SIMD pass cannot finish: rows of all -inf (the uniform limit), factors
+      // outside T's range (factor_fits: the double path), and with `capture` off, the target
+      // entries. Their other lanes' target entries go into the SIMD pass (tv).
+      late.clear();
+      for (int64_t j = 0; j < L; ++j) {
+        if (!cnt[size_t(j)] || std::isnan(rr[j].a)) {
+          if (capture) ycls[j] = T(-1);  // the SIMD pass writes 0 or NaN, nothing to fix
+          continue;
+        }
+        const RowResult& r = rr[j];
+        if (r.M == -kInf || !factor_fits<T>(r.a) || !factor_fits<T>(r.b) || !capture) {
+          late.push_back(j);
+          if (capture) ycls[j] = T(-1);
+          continue;
+        }
+        const int64_t y = p.in.target[n0 + j];
+        const double wy = p.in.weight ? double(p.in.weight[y]) : 1.0;
+        tv[j] = T(dz[j] / p.alpha *
+                  (a_times(r, std::exp(zy[j] - r.M)) - r.b * wy - r.s * (1.0 - p.eps) * wy * p.alpha));
+      }
+      // The slow lanes' gradients from e before the SIMD pass overwrites it (in place).
+      slow_g.resize(late.size() * size_t(C));
+      for (size_t k = 0; k < late.size(); ++k) {
+        const int64_t j = late[k];
+        if (rr[j].M == -kInf || (factor_fits<T>(rr[j].a) && factor_fits<T>(rr[j].b))) continue;
         for (int64_t c = 0; c < C; ++c)
           slow_g[k * size_t(C) + size_t(c)] = T(grad_entry(
-              p, rr[j], 1.0 / rr[j].S, double(g[c * inner + j]),
+              p, rr[j], 1.0 / rr[j].S, double(e[c * eld + j]),
               ci.t ? ci.t + c * kTile + j : nullptr,
               p.in.weight ? double(p.in.weight[c]) : 1.0, ci.p ? ci.p + c * inner + j : nullptr));
       }
       ColAffineIn<T> ca;
-      ca.e = g;
+      ca.e = e;
+      ca.eld = eld;
       ca.g = g;
       ca.C = C;
       ca.L = L;
@@ -115,12 +171,15 @@ void cross_entropy_cols(const Problem<T>& p, int nt, double* losses) {
       ca.q0 = ci.q0;
       ca.t = ci.t;
       ca.tld = kTile;
+      ca.ycls = capture ? ycls : nullptr;
+      ca.tv = tv;
+      ca.stream = !etile.empty();
       p.fns->col_affine(ca);
-      for (size_t k = 0; k < slow.size(); ++k)
-        for (int64_t c = 0; c < C; ++c) g[c * inner + slow[k]] = slow_g[k * size_t(C) + size_t(c)];
-      for (int64_t j = 0; j < L; ++j) {
-        const int64_t n = n0 + j;
-        if (!p.counted(n) || std::isnan(rr[j].a)) continue;
+      if (late.empty()) continue;
+      // Plain stores into lines that may still be in flight from non-temporal ones.
+      if (ca.stream) p.fence();
+      for (size_t k = 0; k < late.size(); ++k) {
+        const int64_t j = late[k], n = n0 + j;
         const RowResult& r = rr[j];
         if (r.M == -kInf) {
           // Every class -inf: the uniform limit g = a - b u (e is 0 there).
@@ -129,6 +188,8 @@ void cross_entropy_cols(const Problem<T>& p, int nt, double* losses) {
             if (p.probs) u *= (1.0 - p.eps) * double(ci.p[c * inner + j]) + p.eps / double(C);
             g[c * inner + j] = T(r.a - r.b * u);
           }
+        } else if (!factor_fits<T>(r.a) || !factor_fits<T>(r.b)) {
+          for (int64_t c = 0; c < C; ++c) g[c * inner + j] = slow_g[k * size_t(C) + size_t(c)];
         }
         if (!p.probs) {
           const int64_t y = p.in.target[n];
@@ -139,6 +200,7 @@ void cross_entropy_cols(const Problem<T>& p, int nt, double* losses) {
         }
       }
     }
+    if (!etile.empty()) p.fence();
   };
 
   parallel_chunks(int(std::min<int64_t>(nt, std::max<int64_t>(items, 1))), items, run);

@@ -98,6 +98,12 @@ struct ColIn {
   int wd_mode;  // as BlockIn
   // Per-lane outputs (L each): m' (-inf for a lane of -inf), sum exp, wd, usum.
   double *m, *s, *wd, *usum;
+  // Class targets: each lane's class index as T (-1: none), and where to put the lane's raw
+  // logit of that class, picked up on the way down the class axis (the class axis has a
+  // stride of a whole inner plane, so a separate read of it would miss the cache per row).
+  const T* ycls = nullptr;
+  T* zy = nullptr;
+  int64_t eld = 0;  // e's leading dimension: ld when e is the gradient, kTile for a scratch tile
 };
 
 // g = keep ? d (a e - b u) : 0 per lane, u and d as AffineIn; a, b, keep: L values each.
@@ -112,6 +118,12 @@ struct ColAffineIn {
   T q1, q0;
   const T* t;
   int64_t tld;
+  int64_t eld;  // e's leading dimension (g's is ld)
+  // Where a lane's class index (as T; -1: none) matches c, g is the lane's tv instead: the
+  // target entries, computed in double by the caller, written in the same pass.
+  const T* ycls = nullptr;
+  const T* tv = nullptr;
+  bool stream = false;  // non-temporal stores of g where aligned; the caller fences
 };
 
 template <class T>

@@ -80,6 +80,9 @@ struct VF {
     return _mm256_or_ps(_mm256_andnot_ps(sign, mag), _mm256_and_ps(sign, sgn));
   }
   static R min(R a, R b) { return _mm256_min_ps(a, b); }
+  static R select_eq(R a, R b, R x, R y) {
+    return _mm256_blendv_ps(y, x, _mm256_cmp_ps(a, b, _CMP_EQ_OQ));
+  }
   static R zero_if_less(R x, R lo, R v) {
     return _mm256_andnot_ps(_mm256_cmp_ps(x, lo, _CMP_LT_OQ), v);
   }
@@ -132,6 +135,9 @@ struct VD {
     return _mm256_or_pd(_mm256_andnot_pd(sign, mag), _mm256_and_pd(sign, sgn));
   }
   static R min(R a, R b) { return _mm256_min_pd(a, b); }
+  static R select_eq(R a, R b, R x, R y) {
+    return _mm256_blendv_pd(y, x, _mm256_cmp_pd(a, b, _CMP_EQ_OQ));
+  }
   static R zero_if_less(R x, R lo, R v) {
     return _mm256_andnot_pd(_mm256_cmp_pd(x, lo, _CMP_LT_OQ), v);
   }

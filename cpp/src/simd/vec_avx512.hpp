@@ -44,6 +44,9 @@ struct VD {
     return _mm512_or_pd(_mm512_andnot_pd(sign, mag), _mm512_and_pd(sign, sgn));
   }
   static R min(R a, R b) { return _mm512_min_pd(a, b); }
+  static R select_eq(R a, R b, R x, R y) {
+    return _mm512_mask_blend_pd(_mm512_cmp_pd_mask(a, b, _CMP_EQ_OQ), y, x);
+  }
   static R zero_if_less(R x, R lo, R v) {
     return _mm512_mask_mov_pd(v, _mm512_cmp_pd_mask(x, lo, _CMP_LT_OQ), _mm512_setzero_pd());
   }
@@ -123,6 +126,9 @@ struct VF {
     return _mm512_or_ps(_mm512_andnot_ps(sign, mag), _mm512_and_ps(sign, sgn));
   }
   static R min(R a, R b) { return _mm512_min_ps(a, b); }
+  static R select_eq(R a, R b, R x, R y) {
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a, b, _CMP_EQ_OQ), y, x);
+  }
   static R zero_if_less(R x, R lo, R v) {
     return _mm512_mask_mov_ps(v, _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ), _mm512_setzero_ps());
   }

@@ -44,6 +44,8 @@ struct VecScalar {
   static R div(R a, R b) { return a / b; }
   static R copysign(R mag, R sgn) { return std::copysign(mag, sgn); }
   static R min(R a, R b) { return a < b ? a : b; }
+  // x where a == b, else y.
+  static R select_eq(R a, R b, R x, R y) { return a == b ? x : y; }
   // 0 where x < lo (ordered), else v.
   static R zero_if_less(R x, R lo, R v) { return x < lo ? T(0) : v; }
   // t holds round(n) + magic in its low mantissa bits: shift (bits(t) + bias) into the exponent.
