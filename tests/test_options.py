@@ -594,22 +594,25 @@ def test_softcap_with_minus_inf_entries_matches_torch(isa):
 # in float32 and <= 256 in float64) meets extreme row scales: the gradient factor
 # a = s (Q + z-loss term) / sum exp(z') then falls outside the range of the storage type
 # (too large when every z' is near -cap, subnormal when every z' is near +cap) and the kernel
-# must take its double path instead of T(a) e. (cap, z' centre, the a to aim at) per dtype;
-# each row's sample weight is chosen to give it that a.
+# must take its double path instead of T(a) e. (cap, z' centre, log10 of the a to aim at)
+# per dtype; each row's sample weight is chosen to give it that a. "zero": a rounds to 0 even
+# in double (the path then forms a e as s Q (e / S)).
 _EXTREME = {
-    (np.float32, "large"): (30.0, -28.0, 1e39),
-    (np.float32, "small"): (30.0, 28.0, 1e-44),
-    (np.float64, "large"): (200.0, -180.0, 5e307),
-    (np.float64, "small"): (200.0, 180.0, 1e-320),
+    (np.float32, "large"): (30.0, -28.0, 39.0),
+    (np.float32, "small"): (30.0, 28.0, -44.0),
+    (np.float32, "zero"): (30.0, 28.0, -50.0),
+    (np.float64, "large"): (200.0, -180.0, 307.7),
+    (np.float64, "small"): (200.0, 180.0, -320.0),
+    (np.float64, "zero"): (200.0, 180.0, -330.0),
 }
 
 
-@pytest.mark.parametrize("side", ["large", "small"])
+@pytest.mark.parametrize("side", ["large", "small", "zero"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("layout", ["short", "row", "blocks", "axis1", "in_place", "probs",
                                     "shard"])
 def test_softcap_extreme_row_scales(isa, dtype, layout, side, rng):
-    cap, centre, a_aim = _EXTREME[(dtype, side)]
+    cap, centre, a_log10 = _EXTREME[(dtype, side)]
     C = {"short": 7, "axis1": 40, "blocks": block_classes(dtype) + 4}.get(layout, 300)
     shape = (3, C, 5) if layout == "axis1" else (4, C)
     axis = 1 if layout == "axis1" else -1
@@ -632,7 +635,8 @@ def test_softcap_extreme_row_scales(isa, dtype, layout, side, rng):
     zt, _ = transform_ref(z.astype(np.float64), cap)
     S = np.sum(np.exp(zt), axis=axis)
     # (times a random factor: a itself off the subnormal grid, where T(a) has to round)
-    sw = (a_aim * S / Q * rng.uniform(1.0, 1.3, S.shape)).astype(dtype)
+    sw = (S / Q * rng.uniform(1.0, 1.3, S.shape) * 10.0 ** (a_log10 / 2) * 10.0 ** (a_log10 / 2)
+          ).astype(dtype)
     kw = dict(softcap=cap, sample_weight=sw, axis=axis, label_smoothing=eps, weight=w)
     # The premise: a = s Q / S leaves [min normal, max / 8] of the dtype for every row.
     a = sw.astype(np.float64) * Q / S
@@ -673,6 +677,93 @@ def test_softcap_extreme_row_scales(isa, dtype, layout, side, rng):
     expand = (slice(None),) * ax + (None,)
     entry_scale = sw.astype(np.float64)[expand] * (Q[expand] * sm + u)
     assert scaled_error(g, ref_g, entry_scale) <= tol
+
+
+@pytest.mark.parametrize("layout", ["rows", "short", "axis1", "axis1_streamed"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_nan_row_gradient_is_one_quiet_nan(isa, dtype, layout, monkeypatch):
+    """A row with a NaN logit has a NaN loss and a gradient of one quiet NaN (the bits of
+    dtype(nan)) in every entry, whatever path computed it: the SIMD passes would otherwise
+    propagate whichever NaN each instruction picks (the logit's own, sign and payload
+    included), which differs between paths."""
+    rng = np.random.default_rng(5)
+    shape = {"rows": (5, 1000), "short": (5, 10)}.get(layout, (2, 7, 640))
+    axis = -1 if layout in ("rows", "short") else 1
+    x = rng.standard_normal(shape).astype(dtype)
+    neg_nan = np.frombuffer(np.array([np.nan], dtype).view(np.uint8).copy(), dtype).copy()
+    neg_nan.view({4: np.uint32, 8: np.uint64}[np.dtype(dtype).itemsize])[0] |= (
+        {4: np.uint32(1 << 31), 8: np.uint64(1 << 63)}[np.dtype(dtype).itemsize])
+    if axis == 1:
+        x[1, 3, 17] = neg_nan[0]  # a NaN with its sign bit set, at position (1, 17)
+        y = rng.integers(0, shape[1], (shape[0], shape[2]))
+        sel, lsel = (1, slice(None), 17), (1, 17)
+    else:
+        x[2, 4] = neg_nan[0]
+        y = rng.integers(0, shape[1], shape[0])
+        sel, lsel = (2, slice(None)), (2,)
+    code = "1" if layout == "axis1_streamed" else "0"
+    out = np.empty_like(x)
+    res = subprocess_run_with_env({"FASTXENT_STREAM_BYTES": code}, x, y, axis, isa) \
+        if layout == "axis1_streamed" else fx.cross_entropy_with_grad(
+            x, y, axis=axis, out=out, reduction="none", label_smoothing=0.1)
+    loss, g = res
+    want = np.array([np.nan], dtype).tobytes()
+    assert np.isnan(loss[lsel])
+    assert all(v.tobytes() == want for v in np.ravel(g[sel])), g[sel]
+
+
+def subprocess_run_with_env(env_vars, x, y, axis, isa):
+    """(loss, grad) of cross_entropy_with_grad(x, y, axis=axis, reduction="none",
+    label_smoothing=0.1) computed in a subprocess with extra environment variables (read once
+    at import by the library) under ISA isa."""
+    import os
+    import pickle
+    import subprocess
+    import sys
+    env = dict(os.environ)
+    env.update(env_vars)
+    code = ("import pickle, sys, numpy as np, fastxent as fx\n"
+            "from fastxent import _core\n"
+            "x, y, axis, isa = pickle.loads(sys.stdin.buffer.read())\n"
+            "_core.set_isa(isa)\n"
+            "out = np.empty_like(x)\n"
+            "r = fx.cross_entropy_with_grad(x, y, axis=axis, out=out, reduction='none',"
+            " label_smoothing=0.1)\n"
+            "sys.stdout.buffer.write(pickle.dumps(r))\n")
+    res = subprocess.run([sys.executable, "-c", code], input=pickle.dumps((x, y, axis, isa)),
+                         capture_output=True, env=env, timeout=120)
+    assert res.returncode == 0, res.stderr.decode()
+    return pickle.loads(res.stdout)
+
+
+@pytest.mark.parametrize("entry", ["cross_entropy", "cross_entropy_with_grad", "bfloat16",
+                                   "shard_stats", "shard_grad"])
+def test_softcap_below_float32_range_is_refused(entry):
+    """A softcap that rounds to 0 in float32 (the math of float32 and 16-bit logits) would run
+    the kernel without its transform: ValueError, nothing written. float64 takes it."""
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((4, 10)).astype(np.float32)
+    t = np.array([1, 2, 3, 4])
+    out = np.full_like(x, 7.0)
+    with pytest.raises(ValueError, match="rounds to 0 in float32"):
+        if entry == "cross_entropy":
+            fx.cross_entropy(x, t, softcap=1e-50)
+        elif entry == "cross_entropy_with_grad":
+            fx.cross_entropy_with_grad(x, t, softcap=1e-50, out=out)
+        elif entry == "bfloat16":
+            ml_dtypes = pytest.importorskip("ml_dtypes")
+            xb = x.astype(ml_dtypes.bfloat16)
+            ob = np.full_like(xb, 7.0)
+            fx.cross_entropy_with_grad(xb, t, softcap=1e-50, out=ob)
+            assert np.all(ob.astype(np.float32) == 7.0)
+        elif entry == "shard_stats":
+            fx.shard_stats(x, t, offset=0, num_classes=10, softcap=1e-50)
+        else:
+            st = fx.shard_stats(x, t, offset=0, num_classes=10)
+            fx.shard_grad(x, t, st, offset=0, num_classes=10, softcap=1e-50, out=out)
+    assert np.all(out == 7.0)
+    loss = fx.cross_entropy(x.astype(np.float64), t, softcap=1e-50)
+    assert np.isfinite(loss)
 
 
 def test_softcap_row_of_all_minus_inf(isa):

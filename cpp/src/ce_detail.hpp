@@ -5,8 +5,11 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <limits>
+#include <stdexcept>
+#include <string>
 
 #include "fastxent/fastxent.hpp"
 #include "kernel_table.hpp"
@@ -184,11 +187,10 @@ struct RowResult {
   double an = 0.0, S = 1.0;
 };
 
-// r.a e in double; as r.an (e / r.S) where r.a is subnormal (extreme row scales with the
-// softcap's fixed shift), which would round away most of its digits.
+// r.a e in double; as r.an (e / r.S) where r.a is subnormal or 0 (extreme row scales with
+// the softcap's fixed shift), which would round away its digits (r.an is 0 where a really is).
 inline double a_times(const RowResult& r, double e) {
-  return std::fabs(r.a) < std::numeric_limits<double>::min() && r.a != 0.0 ? r.an * (e / r.S)
-                                                                          : r.a * e;
+  return std::fabs(r.a) < std::numeric_limits<double>::min() ? r.an * (e / r.S) : r.a * e;
 }
 
 // Merges a row's block statistics in block order (independent of who computed them).
@@ -252,17 +254,39 @@ inline RowResult finish_row(const Problem<T>& p, const BlockStat* st, int64_t n,
   return r;
 }
 
-// Whether the gradient factors a (and b) of a block are safe for the SIMD affine pass in T:
-// normal (a subnormal a would cost relative precision) and at most T's max / 8 (the softcap's
-// 4 is multiplied in). 0 and non-finite values pass (they mean what they say). The softcap's
-// fixed shift (kFixedShift) spans e^+-cap more range in a than the max shift, so extreme
-// weights or normalizers can leave this range where T(a) e in one product would overflow.
+// Whether the softcap's fixed shift is on (see kFixedShift): the kernel compares T(cap).
 template <class T>
-inline bool factor_fits(double v) {
-  const double av = std::fabs(v);
-  return v == 0.0 || !std::isfinite(v) ||
-         (av >= double(std::numeric_limits<T>::min()) &&
-          av <= double(std::numeric_limits<T>::max()) / 8);
+inline bool fixed_shift(const Problem<T>& p) {
+  return p.cap > 0.0 && T(p.cap) <= kFixedShift<T>;
+}
+
+// Whether a block whose gradient factor is fa (a times the block's rescale) needs the double
+// path instead of the SIMD affine pass in T. Above T's max / 8 (the softcap's 4 is multiplied
+// in), T(fa) or T(b) would overflow where a e may not. Below T's smallest normal, T(fa) loses
+// digits: that matters only with the fixed shift, where e reaches e^cap (with the block max,
+// e <= 1 and the gradients of such a block are below the normal range themselves); there
+// fa = 0 with a nonzero numerator (a underflowed even in double) counts as below too. The
+// fixed shift spans e^+-cap more range in a than the max shift, so extreme weights or
+// normalizers reach these cases.
+template <class T>
+inline bool needs_double(const Problem<T>& p, const RowResult& r, double fa) {
+  const double big = double(std::numeric_limits<T>::max()) / 8;
+  if ((std::isfinite(fa) && std::fabs(fa) > big) || (std::isfinite(r.b) && std::fabs(r.b) > big))
+    return true;
+  if (!fixed_shift(p)) return false;
+  return fa == 0.0 ? r.an != 0.0 : std::fabs(fa) < double(std::numeric_limits<T>::min());
+}
+
+// A softcap that rounds to 0 in T (float32 below about 7e-46) would run the kernel without
+// its transform: refused, before anything is written.
+template <class T>
+inline void check_cap_in(double cap, const char* dtype) {
+  if (cap > 0.0 && !(T(cap) > T(0))) {
+    char buf[160];
+    std::snprintf(buf, sizeof buf, "softcap = %g rounds to 0 in %s: it must be at least %g",
+                  cap, dtype, double(std::numeric_limits<T>::denorm_min()));
+    throw std::invalid_argument(buf);
+  }
 }
 
 // The gradient entry from e, in double: (an (c e) - b u) d with c = exp(m - M) / S (so that an
@@ -317,7 +341,7 @@ inline void write_grad_block(const Problem<T>& p, const BlockStat& st, const Row
     return;
   } else {
     const double fa = st.m == -kInf ? 0.0 : r.a * rescale(st.m, r.M);
-    if (!factor_fits<T>(fa) || !factor_fits<T>(r.b)) {
+    if (needs_double(p, r, fa)) {
       for (int64_t c = 0; c < len; ++c) {
         const double v = grad_entry(p, r, rescale(st.m, r.M) / r.S, double(a.e[c]),
                                     a.t ? a.t + c : nullptr,

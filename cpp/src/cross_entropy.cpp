@@ -437,6 +437,7 @@ double cross_entropy(const Inputs<T>& in, const Options& opt, T* grad, T* row_lo
   check_call(opt, in.rows, in.classes, in.inner, in.row_stride, in.logits != nullptr,
              in.target != nullptr, in.probs != nullptr, in.probs_row_stride,
              row_losses != nullptr, grad != nullptr && grad == in.logits);
+  check_cap_in<T>(opt.softcap, sizeof(T) == 4 ? "float32" : "float64");
   const Prepared pr = prepare(opt, in.rows, in.classes, in.inner, in.target,
                               in.probs != nullptr, in.weight, in.sample_weight);
   const Problem<T> p = make_problem(in, opt, grad, pr);
@@ -450,6 +451,7 @@ double cross_entropy_half(const HalfInputs& in, const Options& opt, uint16_t* gr
   check_call(opt, in.rows, in.classes, in.inner, in.row_stride, in.logits != nullptr,
              in.target != nullptr, in.probs != nullptr, in.probs_row_stride,
              row_losses != nullptr, grad != nullptr && grad == in.logits);
+  check_cap_in<float>(opt.softcap, "float32 (the math of 16-bit logits)");
   const Prepared pr = prepare(opt, in.rows, in.classes, in.inner, in.target,
                               in.probs != nullptr, in.weight, in.sample_weight);
   const KernelTable& table = active_table();

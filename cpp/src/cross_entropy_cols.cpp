@@ -125,20 +125,24 @@ void cross_entropy_cols(const Problem<T>& problem, int nt, double* losses) {
       }
       if (!g) continue;
       // Lanes the SIMD pass cannot finish: rows of all -inf (the uniform limit), factors
-      // outside T's range (factor_fits: the double path), and with `capture` off, the target
-      // entries. Their other lanes' target entries go into the SIMD pass (tv).
+      // outside T's range (needs_double: the double path), NaN rows, and with `capture` off,
+      // the target entries. The other lanes' target entries go into the SIMD pass (tv).
       late.clear();
       for (int64_t j = 0; j < L; ++j) {
-        if (!cnt[size_t(j)] || std::isnan(rr[j].a)) {
-          if (capture) ycls[j] = T(-1);  // the SIMD pass writes 0 or NaN, nothing to fix
+        if (!cnt[size_t(j)]) {
+          if (capture) ycls[j] = T(-1);  // the SIMD pass writes 0 there
           continue;
         }
         const RowResult& r = rr[j];
-        if (r.M == -kInf || !factor_fits<T>(r.a) || !factor_fits<T>(r.b) || !capture) {
+        // NaN rows (one quiet NaN, as write_grad_block), rows of all -inf, the double path,
+        // and the target entries when they are not picked up in the SIMD pass.
+        if (std::isnan(r.a) || r.M == -kInf || needs_double(p, r, r.a) ||
+            (!capture && !p.probs)) {
           late.push_back(j);
           if (capture) ycls[j] = T(-1);
           continue;
         }
+        if (!capture) continue;  // probability targets: no target entry
         const int64_t y = p.in.target[n0 + j];
         const double wy = p.in.weight ? double(p.in.weight[y]) : 1.0;
         tv[j] = T(dz[j] / p.alpha *
@@ -148,7 +152,7 @@ void cross_entropy_cols(const Problem<T>& problem, int nt, double* losses) {
       slow_g.resize(late.size() * size_t(C));
       for (size_t k = 0; k < late.size(); ++k) {
         const int64_t j = late[k];
-        if (rr[j].M == -kInf || (factor_fits<T>(rr[j].a) && factor_fits<T>(rr[j].b))) continue;
+        if (std::isnan(rr[j].a) || rr[j].M == -kInf || !needs_double(p, rr[j], rr[j].a)) continue;
         for (int64_t c = 0; c < C; ++c)
           slow_g[k * size_t(C) + size_t(c)] = T(grad_entry(
               p, rr[j], 1.0 / rr[j].S, double(e[c * eld + j]),
@@ -181,6 +185,10 @@ void cross_entropy_cols(const Problem<T>& problem, int nt, double* losses) {
       for (size_t k = 0; k < late.size(); ++k) {
         const int64_t j = late[k], n = n0 + j;
         const RowResult& r = rr[j];
+        if (std::isnan(r.a)) {
+          for (int64_t c = 0; c < C; ++c) g[c * inner + j] = T(kNaN);
+          continue;
+        }
         if (r.M == -kInf) {
           // Every class -inf: the uniform limit g = a - b u (e is 0 there).
           for (int64_t c = 0; c < C; ++c) {
@@ -188,7 +196,7 @@ void cross_entropy_cols(const Problem<T>& problem, int nt, double* losses) {
             if (p.probs) u *= (1.0 - p.eps) * double(ci.p[c * inner + j]) + p.eps / double(C);
             g[c * inner + j] = T(r.a - r.b * u);
           }
-        } else if (!factor_fits<T>(r.a) || !factor_fits<T>(r.b)) {
+        } else if (needs_double(p, r, r.a)) {
           for (int64_t c = 0; c < C; ++c) g[c * inner + j] = slow_g[k * size_t(C) + size_t(c)];
         }
         if (!p.probs) {

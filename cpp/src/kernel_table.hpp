@@ -28,7 +28,7 @@ constexpr int64_t kBlock = int64_t(32768 / sizeof(T));
 // exp's underflow test (all options at 4096 x 32000, 2 threads: 58.6 -> 54 ms; softcap alone
 // in cache, 1 thread: 0.695 -> 0.63 ns per element). The row's factor a = s Q / S then spans
 // e^+-cap more range than with the max shift; write_grad_block takes a double path for a
-// block whose a or b would leave the comfortable range of T (factor_fits). 32: Gemma 2's
+// block whose a or b would leave the comfortable range of T (needs_double). 32: Gemma 2's
 // final-logit cap of 30 is in, its attention-logit cap of 50 is not.
 template <class T>
 constexpr T kFixedShift = sizeof(T) == 4 ? T(32) : T(256);

@@ -24,6 +24,7 @@ template <class T>
 void check_shard(const ShardInputs<T>& in, const Options& opt, bool in_place) {
   check_call(opt, in.rows, in.classes, 1, in.row_stride, in.logits != nullptr,
              in.target != nullptr, in.probs != nullptr, in.probs_row_stride, true, in_place);
+  check_cap_in<T>(opt.softcap, sizeof(T) == 4 ? "float32" : "float64");
   if (in.offset < 0) throw std::invalid_argument("offset must be >= 0");
   if (in.num_classes < in.classes || in.offset > in.num_classes - in.classes)
     throw std::invalid_argument("the shard [offset, offset + classes) = [" +

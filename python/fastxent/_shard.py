@@ -10,7 +10,9 @@ for every row. The three steps reproduce the one-machine kernel::
     g_r = shard_grad(x_r, target, merged, offset=o_r, num_classes=C)   # local, one pass
 
 Statistics are float64 arrays of shape ``rows_shape + (7,)``, fields :data:`STAT_FIELDS`:
-``max`` (of the shard's transformed logits z'), ``sumexp`` (sum of exp(z' - max)), ``q`` (sum
+``max`` (of the shard's transformed logits z'; with a softcap of at most 32 in float32 or 256
+in float64 it is 0 instead, a reference point the kernel shifts by since z' is bounded by the
+cap: any reference point merges the same way), ``sumexp`` (sum of exp(z' - max)), ``q`` (sum
 of the soft target u over the shard's columns), ``qz`` (sum of u z'), ``wy`` (the row's share
 of the "mean" denominator, from the shard owning its target), ``count`` (1 in the shard that
 counts the row), ``columns`` (how many columns the statistics cover). An all-reduce merges
@@ -136,7 +138,8 @@ def _as_stats(s: Any, name: str) -> np.ndarray:
 
 def merge_stats(*stats: Any) -> np.ndarray:
     """Merges the statistics of shards of the same rows (any number, any order): the row max
-    is the max, the exponential sums are rescaled to it and added, the other fields added.
+    (reference point) is the max, the exponential sums are rescaled to it and added, the other
+    fields added.
     Commutative bit for bit; associative up to rounding. Returns a new float64 array."""
     if not stats:
         raise TypeError("merge_stats needs at least one array of statistics")
