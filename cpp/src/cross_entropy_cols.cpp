@@ -142,11 +142,7 @@ void cross_entropy_cols(const Problem<T>& problem, int nt, double* losses) {
           if (capture) ycls[j] = T(-1);
           continue;
         }
-        if (!capture) continue;  // probability targets: no target entry
-        const int64_t y = p.in.target[n0 + j];
-        const double wy = p.in.weight ? double(p.in.weight[y]) : 1.0;
-        tv[j] = T(dz[j] / p.alpha *
-                  (a_times(r, std::exp(zy[j] - r.M)) - r.b * wy - r.s * (1.0 - p.eps) * wy * p.alpha));
+        if (capture) tv[j] = target_value(p, r, zy[j], dz[j], p.in.target[n0 + j]);
       }
       // The slow lanes' gradients from e before the SIMD pass overwrites it (in place).
       slow_g.resize(late.size() * size_t(C));
@@ -201,10 +197,7 @@ void cross_entropy_cols(const Problem<T>& problem, int nt, double* losses) {
         }
         if (!p.probs) {
           const int64_t y = p.in.target[n];
-          const double wy = p.in.weight ? double(p.in.weight[y]) : 1.0;
-          const double ey = r.M == -kInf ? 1.0 : std::exp(zy[j] - r.M);
-          g[y * inner + j] =
-              T(dz[j] / p.alpha * (a_times(r, ey) - r.b * wy - r.s * (1.0 - p.eps) * wy * p.alpha));
+          g[y * inner + j] = target_value(p, r, zy[j], dz[j], y);
         }
       }
     }
