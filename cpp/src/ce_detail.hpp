@@ -254,10 +254,10 @@ inline RowResult finish_row(const Problem<T>& p, const BlockStat* st, int64_t n,
   return r;
 }
 
-// Whether the softcap's fixed shift is on (see kFixedShift): the kernel compares T(cap).
+// Whether the softcap's fixed shift is on (see kFixedShift), as the kernel decides it.
 template <class T>
 inline bool fixed_shift(const Problem<T>& p) {
-  return p.cap > 0.0 && T(p.cap) <= kFixedShift<T>;
+  return fixed_shift_cap(T(p.cap));
 }
 
 // Whether a block whose gradient factor is fa (a times the block's rescale) needs the double

@@ -99,7 +99,7 @@ inline typename V::R exp_poly(typename V::R r) {
 }
 
 // Whether the traits V offer the fused AVX-512 operations (scale_unless_below,
-// mul_unless_zero, recip12, neg_abs).
+// fmadd_unless_zero, recip12, neg_abs).
 template <class V, class = void>
 struct HasFused {
   static constexpr bool value = false;
@@ -264,7 +264,7 @@ struct Row {
 
   // 3: the softcap with the fixed shift 0 (cap <= kFixedShift<T>), 2: with the block max.
   static int transform_kind(T alpha, T cap) {
-    if (cap > T(0)) return cap <= kFixedShift<T> ? 3 : 2;
+    if (cap > T(0)) return fixed_shift_cap(cap) ? 3 : 2;
     return alpha != T(1) ? 1 : 0;
   }
 
@@ -356,7 +356,6 @@ struct Row {
       if (u != 0.0) wz += u * double(z);  // no weight: no contribution, even at -inf
       usum += u;
       if (in.e) in.e[i] = z != z ? z : T(0);
-      if (in.t) in.t[i] = T(0);
     }
     return {-std::numeric_limits<double>::infinity(),
             nan ? std::numeric_limits<double>::quiet_NaN() : 0.0, wz, usum};

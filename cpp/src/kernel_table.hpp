@@ -33,6 +33,13 @@ constexpr int64_t kBlock = int64_t(32768 / sizeof(T));
 template <class T>
 constexpr T kFixedShift = sizeof(T) == 4 ? T(32) : T(256);
 
+// Whether a softcap of cap (as T, the value the kernel uses) takes the fixed shift: the one
+// rule for the block pass (transform kind 3) and for the callers' double path.
+template <class T>
+constexpr bool fixed_shift_cap(T cap) {
+  return cap > T(0) && cap <= kFixedShift<T>;
+}
+
 // What one block pass reads and writes. z' is the transformed logit: cap * tanh(alpha z / cap)
 // with a softcap (cap > 0), alpha z without.
 template <class T>

@@ -59,9 +59,6 @@ struct VD {
   static R scale_unless_below(R p, R n, R x, R lo) {
     return _mm512_maskz_scalef_pd(_mm512_cmp_pd_mask(x, lo, _CMP_NLT_UQ), p, n);
   }
-  static R mul_unless_zero(R u, R x) {
-    return _mm512_maskz_mul_pd(_mm512_cmp_pd_mask(u, _mm512_setzero_pd(), _CMP_NEQ_UQ), u, x);
-  }
   static R fmadd_unless_zero(R u, R x, R acc) {
     return _mm512_mask3_fmadd_pd(u, x, acc, _mm512_cmp_pd_mask(u, _mm512_setzero_pd(), _CMP_NEQ_UQ));
   }
@@ -142,10 +139,6 @@ struct VF {
   static R scale(R p, R n) { return _mm512_scalef_ps(p, n); }
   static R scale_unless_below(R p, R n, R x, R lo) {
     return _mm512_maskz_scalef_ps(_mm512_cmp_ps_mask(x, lo, _CMP_NLT_UQ), p, n);
-  }
-  // u * x, but +0 where u == 0 (so 0 * inf gives 0, not NaN).
-  static R mul_unless_zero(R u, R x) {
-    return _mm512_maskz_mul_ps(_mm512_cmp_ps_mask(u, _mm512_setzero_ps(), _CMP_NEQ_UQ), u, x);
   }
   // acc + u * x in one rounding, but acc itself where u == 0 (0 * inf adds nothing).
   static R fmadd_unless_zero(R u, R x, R acc) {
