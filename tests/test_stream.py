@@ -32,7 +32,9 @@ def test_alternative_paths_are_bit_identical(var):
                 x[7] = -np.inf          # a row of all -inf (uniform limit)
                 x[9, 3] = np.nan        # a NaN row
                 w = rng.random(C).astype(dt)
-                for kw in ({}, dict(weight=w, label_smoothing=0.1, softcap=20.0, z_loss=1e-3)):
+                # Options with the softcap's fixed shift (20), and with the block max (50).
+                for kw in ({}, dict(weight=w, label_smoothing=0.1, softcap=20.0, z_loss=1e-3),
+                           dict(weight=w, softcap=50.0, logit_scale=0.7)):
                     for off in (0, 1, 3):   # misaligned out= starts
                         buf = np.empty(N * C + off, dt)
                         out = buf[off:].reshape(N, C)
@@ -47,6 +49,8 @@ def test_alternative_paths_are_bit_identical(var):
                 p = rng.random((N, C)).astype(dt)
                 loss, g = fx.cross_entropy_with_grad(x, p, label_smoothing=0.2, softcap=9.0)
                 results[(isa, C, "probs")] = (np.float64(loss).tobytes(), g.tobytes())
+                loss, g = fx.cross_entropy_with_grad(x, p, weight=w, softcap=60.0)
+                results[(isa, C, "probs, weights")] = (np.float64(loss).tobytes(), g.tobytes())
             # The class axis 1 (column kernel): planes of 640 / 320 positions (64-byte class
             # rows: streamed, with a first tile up to the first aligned position when out= is
             # misaligned) and of 300 (not streamable), several tiles of 256 positions each.

@@ -303,13 +303,17 @@ inline double grad_entry(const Problem<T>& p, const RowResult& r, double c, doub
   return v;
 }
 
-// Writes block k of a counted row's gradient from its stored exponentials e.
+// Block k of a counted row's gradient from its stored exponentials e: either written here
+// (NaN and degenerate rows, the double path; returns false) or described by *out for the
+// SIMD pass (returns true; the caller runs p.fns->affine(*out), or hands it to a block pass
+// as its side).
 template <class T>
-inline void write_grad_block(const Problem<T>& p, const BlockStat& st, const RowResult& r,
-                             const T* prob, const T* e, const T* t, T* g, int64_t k,
-                             bool stream, uint16_t* gh = nullptr, int hk = 0) {
+inline bool grad_block_affine(const Problem<T>& p, const BlockStat& st, const RowResult& r,
+                              const T* prob, const T* e, const T* t, T* g, int64_t k,
+                              bool stream, AffineIn<T>* out, uint16_t* gh = nullptr,
+                              int hk = 0) {
   const int64_t off = k * kBlock<T>, len = p.block_len(k);
-  AffineIn<T> a;
+  AffineIn<T>& a = *out;
   a.e = e + off;
   a.g = g ? g + off : nullptr;
   a.gh = gh ? gh + off : nullptr;
@@ -329,7 +333,7 @@ inline void write_grad_block(const Problem<T>& p, const BlockStat& st, const Row
       if (gh) store_half(p, kNaN, gh + off + c, hk);
       else g[off + c] = T(kNaN);
     }
-    return;
+    return false;
   } else if (r.M == -kInf) {
     // Degenerate row: e holds zeros but the uniform limit needs e = 1: g = a - b u.
     for (int64_t c = 0; c < len; ++c) {
@@ -338,7 +342,7 @@ inline void write_grad_block(const Problem<T>& p, const BlockStat& st, const Row
       if (gh) store_half(p, double(T(r.a - r.b * u)), gh + off + c, hk);
       else g[off + c] = T(r.a - r.b * u);
     }
-    return;
+    return false;
   } else {
     const double fa = st.m == -kInf ? 0.0 : r.a * rescale(st.m, r.M);
     if (needs_double(p, r, fa)) {
@@ -350,11 +354,20 @@ inline void write_grad_block(const Problem<T>& p, const BlockStat& st, const Row
         if (gh) store_half(p, double(T(v)), gh + off + c, hk);
         else g[off + c] = T(v);
       }
-      return;
+      return false;
     }
     a.a = T(fa);
   }
-  p.fns->affine(a);
+  return true;
+}
+
+// Writes block k of a counted row's gradient from its stored exponentials e.
+template <class T>
+inline void write_grad_block(const Problem<T>& p, const BlockStat& st, const RowResult& r,
+                             const T* prob, const T* e, const T* t, T* g, int64_t k,
+                             bool stream, uint16_t* gh = nullptr, int hk = 0) {
+  AffineIn<T> a;
+  if (grad_block_affine(p, st, r, prob, e, t, g, k, stream, &a, gh, hk)) p.fns->affine(a);
 }
 
 // The target entry a e_y - q_y cancels when softmax_y is near 1: redo it in double from the

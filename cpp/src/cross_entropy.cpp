@@ -3,12 +3,12 @@
 // ordered reduction. Compiled with baseline flags only; every ISA-specific instruction sits
 // behind the function pointers of the active KernelTable.
 //
-// Memory traffic per row: the block pass reads z from memory (prefetching the next block)
-// and writes e = exp(z' - m_block) either into the gradient row (in place, or small outputs:
-// the row is then rewritten in cache) or into one of two per-thread scratch rows, from which
-// the gradient pass streams the result out with non-temporal stores, interleaved with the
-// next row's block passes (stream_rows). Forward only writes nothing
-// N x C. Determinism: blocks sit at fixed positions and merge in block order, rows are summed
+// Memory traffic per row: the block pass reads z from memory (prefetching two blocks ahead),
+// takes the max of the block after it on the way (chained_block: no max pass of its own), and
+// writes e = exp(z' - m_block) either into the gradient row (in place, or small outputs: the
+// row is then rewritten in cache) or into one of two per-thread scratch rows, from which the
+// previous row's gradient streams out with non-temporal stores inside the next row's block
+// passes (stream_rows, BlockIn::side). Forward only writes nothing N x C. Determinism: blocks sit at fixed positions and merge in block order, rows are summed
 // in row order, so no result depends on the thread count or on how the work was split.
 #include <algorithm>
 #include <cmath>
@@ -53,13 +53,48 @@ struct Pending {
   T value;
 };
 
+// The raw max of a block taken by the previous block pass (BlockIn::znext), for the block
+// at z.
+template <class T>
+struct MaxCarry {
+  const T* z = nullptr;
+  T m = T(0);
+};
+
+// Block pass k of a row from b, taking the max of the block after it on the way: the next
+// block of the row, or next_row's first (null: none), and using the carried max of this block
+// where the previous pass took it. The results are those of the plain pass bit for bit (the
+// max is exact).
+template <class T>
+BlockStat chained_block(const Problem<T>& p, BlockIn<T> b, int64_t k, const T* next_row,
+                        MaxCarry<T>* carry) {
+  if (b.z && carry->z == b.z) {
+    b.has_zmax = true;
+    b.zmax = carry->m;
+  }
+  if (b.z && !b.zh) {
+    if (k + 1 < p.nb) {
+      b.znext = b.z + kBlock<T>;
+      b.nnext = p.block_len(k + 1);
+    } else if (next_row) {
+      b.znext = next_row;
+      b.nnext = p.block_len(0);
+    }
+  }
+  const BlockStat st = p.fns->block(b);
+  carry->z = b.znext && !std::isnan(st.znext_max) ? b.znext : nullptr;
+  carry->m = T(st.znext_max);
+  return st;
+}
+
 // One row, start to finish, on the calling thread (streamed rows up to kPipelineRowBytes go
 // through stream_rows instead). st: nb entries; scratch: C entries for 16-bit or streamed
 // rows; tbuf: C entries with a softcap and a gradient; pending: the target entries of
 // streamed rows, written after the fence.
 template <class T>
 double compute_row(const Problem<T>& p, int64_t n, const RowPtrs<T>& rp, BlockStat* st,
-                   T* scratch, T* tbuf, std::vector<Pending<T>>* pending = nullptr) {
+                   T* scratch, T* tbuf, std::vector<Pending<T>>* pending = nullptr,
+                   const T* next_row = nullptr, MaxCarry<T>* carry = nullptr) {
   T* g = rp.g;
   const bool want_grad = g || rp.gh;
   if (!p.counted(n)) {
@@ -74,7 +109,10 @@ double compute_row(const Problem<T>& p, int64_t n, const RowPtrs<T>& rp, BlockSt
                             : target_logit(p, n, &dzy, rp.z);
   // 16-bit rows keep e in the float scratch row; the gradient is rounded out of it.
   T* e = want_grad && !p.recompute ? ((p.stream || rp.gh) ? scratch : g) : nullptr;
-  for (int64_t k = 0; k < p.nb; ++k) st[k] = p.fns->block(block_in(p, rp, k, e, tbuf));
+  for (int64_t k = 0; k < p.nb; ++k) {
+    const BlockIn<T> b = block_in(p, rp, k, e, tbuf);
+    st[k] = carry ? chained_block(p, b, k, next_row, carry) : p.fns->block(b);
+  }
   const RowResult r = finish_row(p, st, n, zy_t);
   if (rp.gh) {
     for (int64_t k = 0; k < p.nb; ++k)
@@ -110,12 +148,15 @@ double compute_row(const Problem<T>& p, int64_t n, const RowPtrs<T>& rp, BlockSt
 // Rows whose gradient is streamed out (p.stream), software-pipelined over two scratch rows:
 // while row n's blocks are computed (logits read from memory, e = exp(z' - m) kept in one
 // scratch row), row n - 1's gradient is written from the other scratch row with
-// non-temporal stores, one block after each block of row n. Reading, the exp and the output
-// stream then overlap, instead of a whole row's read-and-exp phase alternating with a whole
-// row's write phase (measured on the 2-core Xeon, 4096 x 32000 float32 out= on 2 threads:
-// 40-42 ms before, 36-38 after; the same pipelining of plain-store rows, in place, measured
-// no different, so those stay one row at a time). The results are those of compute_row bit
-// for bit: the same block passes and the same gradient formula, only in another order.
+// non-temporal stores, two vectors of it after each two vectors of row n's block k (the
+// block pass's side). Reading, the exp and the output stream then overlap, instead of a
+// whole row's read-and-exp phase alternating with a whole row's write phase (measured on
+// the 2-core Xeon, 4096 x 32000 float32 out= on 2 threads: 40-42 ms one row at a time,
+// 36-38 with row n - 1's block k written after row n's block k, about 35 with the side inside
+// the block loop; on 1 thread 74-79 -> 69-71 ms for the last step; the same pipelining of
+// plain-store rows, in place, measured no different, so those stay one row at a time). The
+// results are those of compute_row bit for bit: the same block passes and the same gradient
+// formula, only in another order.
 // Target entries are collected in `pending` and written after the caller's fence. An ignored
 // row (zeroed at once) leaves the pipeline as it is: the previous row's gradient goes out
 // with the next counted row's blocks.
@@ -140,8 +181,10 @@ void stream_rows(const Problem<T>& p, int64_t begin, int64_t end, double* losses
                      e_of(prev.slot), t_of(prev.slot), prev.g, k, true);
   };
   int cur = 0;
+  MaxCarry<T> carry;
   for (int64_t n = begin; n < end; ++n) {
     const RowPtrs<T> rp = row_ptrs(p, n);
+    const T* next_row = n + 1 < end ? row_ptrs(p, n + 1).z : nullptr;
     if (!p.counted(n)) {
       std::memset(static_cast<void*>(rp.g), 0, sizeof(T) * C);
       losses[n] = 0.0;
@@ -151,8 +194,13 @@ void stream_rows(const Problem<T>& p, int64_t begin, int64_t end, double* losses
     const double zy_t = target_logit(p, n, &dzy, rp.z);
     BlockStat* sc = st.data() + size_t(cur) * nb;
     for (int64_t k = 0; k < p.nb; ++k) {
-      sc[k] = p.fns->block(block_in(p, rp, k, e_of(cur), t_of(cur)));
-      if (prev.live) write_prev(k);
+      BlockIn<T> b = block_in(p, rp, k, e_of(cur), t_of(cur));
+      AffineIn<T> side;
+      if (prev.live &&
+          grad_block_affine(p, st[size_t(prev.slot) * nb + size_t(k)], prev.r, prev.prob,
+                            e_of(prev.slot), t_of(prev.slot), prev.g, k, true, &side))
+        b.side = &side;
+      sc[k] = chained_block(p, b, k, next_row, &carry);
     }
     const RowResult r = finish_row(p, sc, n, zy_t);
     losses[n] = r.loss;
@@ -342,9 +390,11 @@ void run_problem(const Problem<T>& p, int nt, double* losses) {
       BlockStat* st = p.nb > 4 ? heap.data() : local;
       std::vector<T> scratch(p.stream ? static_cast<size_t>(p.C) : 0);
       std::vector<T> tbuf(p.cap > 0.0 && p.grad ? static_cast<size_t>(p.C) : 0);
+      MaxCarry<T> carry;
       for (int64_t n = begin; n < end; ++n)
         losses[n] = compute_row(p, n, row_ptrs(p, n), st, scratch.data(),
-                                tbuf.empty() ? nullptr : tbuf.data(), &pending);
+                                tbuf.empty() ? nullptr : tbuf.data(), &pending,
+                                n + 1 < end ? row_ptrs(p, n + 1).z : nullptr, &carry);
     }
     if (p.stream) p.fence();
     for (const Pending<T>& q : pending) *q.at = q.value;

@@ -213,6 +213,30 @@ struct Row {
     return V::hmax(V::max(V::max(a0, a1), V::max(a2, a3)));
   }
 
+  // Gradient entries i .. i + len of an AffineIn (see AffineIn).
+  template <bool HAS_W, bool HAS_P, bool CAP>
+  struct GradK {
+    R va, vb, vq1, vq0;
+    explicit GradK(const AffineIn<T>& in)
+        : va(V::set1(CAP ? T(4) * in.a : in.a)), vb(V::set1(CAP ? T(4) * in.b : in.b)),
+          vq1(V::set1(in.q1)), vq0(V::set1(in.q0)) {}
+    R operator()(const AffineIn<T>& in, int64_t i, int64_t len) const {
+      R bu = vb;
+      if constexpr (HAS_P || HAS_W) {
+        R u = HAS_P ? V::fmadd(loadn(in.p + i, len), vq1, vq0) : loadn(in.w + i, len);
+        if constexpr (HAS_P && HAS_W) u = V::mul(u, loadn(in.w + i, len));
+        bu = V::mul(vb, u);
+      }
+      // One rounding for a * e - b u when u = 1 (the cancellation near softmax = target).
+      R r = V::fmsub(loadn(in.e + i, len), va, bu);
+      if constexpr (CAP) {
+        const R rho = loadn(in.t + i, len);
+        r = V::mul(r, V::fnmadd(rho, rho, rho));
+      }
+      return r;
+    }
+  };
+
   // u * x, but exactly 0 where u == 0: a class with no weight (or no probability) contributes
   // nothing even when its logit is -inf (0 * -inf would be NaN). TR = 2 (softcap): x is
   // finite (z' lies in [-cap, cap]) or NaN (and a NaN logit makes the row NaN anyway), so the
@@ -268,12 +292,32 @@ struct Row {
     return alpha != T(1) ? 1 : 0;
   }
 
+  // Elements lo .. hi of the side gradient block (BlockIn::side), through affine.
+  static void side_piece(const AffineIn<T>& side, int64_t lo, int64_t hi) {
+    if (hi <= lo) return;
+    AffineIn<T> a = side;
+    a.e += lo;
+    if (a.g) a.g += lo;
+    if (a.gh) a.gh += lo;
+    if (a.w) a.w += lo;
+    if (a.p) a.p += lo;
+    if (a.t) a.t += lo;
+    a.n = hi - lo;
+    affine(a);
+  }
+
   // The statistics of one block, given its transformed max mt. Template flags:
   //   STORE: write e = exp(z' - mt); TR: the transform (2: softcap, also writes rho (see
   //   transform) to t when STORE; 3: the same with mt = 0: x = z', and no underflow test);
   //   WD 0: nothing more; 1: wd = sum w (z' - mt) (class targets with smoothing);
   //   2: wd = sum u (z' - mt), usum = sum u, u = w (q1 p + q0) (probability targets).
-  template <bool STORE, int TR, int WD, bool HAS_W, int HK>
+  //   SIDE: also write in.side (another row's gradient block of the same length, streamed),
+  //   two vectors of it after each two vectors of this block, at 64-byte aligned positions of
+  //   its g (the head before the first and the rest after the loop through side_piece).
+  //   NEXT: also the max of in.znext (see BlockIn), two vectors after each two vectors of
+  //   this block; prefetching then runs two blocks ahead (the lines of the next block must
+  //   be in L2 by the time this block's loop loads them).
+  template <bool STORE, int TR, int WD, bool HAS_W, int HK, bool SIDE = false, bool NEXT = false>
   static BlockStat block_impl(const BlockIn<T>& in_ref, T mt) {
     // A local copy: the stores through e and t cannot alias it, so its pointers stay in
     // registers instead of being reloaded after every store.
@@ -287,6 +331,23 @@ struct Row {
     // per lane at most before the chunk's total moves into a double, so the float
     // accumulation error stays below 16 u of the chunk's sum whatever the block length.
     constexpr int64_t kChunk = 32 * W;
+    // The side's constants, the first of its elements at an aligned position of its g (hd),
+    // and the end of what the loop has written of it (sdone).
+    static_assert(!SIDE || (STORE && HK == 0), "the side runs with stored exponentials");
+    const AffineIn<T>* side = SIDE ? in.side : nullptr;
+    const GradK<HAS_W, WD == 2, (TR >= 2)> gk(SIDE ? *side : AffineIn<T>{});
+    int64_t hd = 0, sdone = 0;
+    if constexpr (SIDE) {
+      const int64_t mis = int64_t(reinterpret_cast<uintptr_t>(side->g) % (W * sizeof(T)));
+      hd = mis == 0 ? 0 : (int64_t(W * sizeof(T)) - mis) / int64_t(sizeof(T));
+      if (mis % int64_t(sizeof(T)) != 0 || hd > n) hd = n;  // unaligned T: no streaming
+      sdone = hd;
+    }
+    static_assert(!NEXT || HK == 0, "the next block's max is taken from T storage");
+    const T ninf = -std::numeric_limits<T>::infinity();
+    R mx0 = V::set1(ninf), mx1 = mx0;
+    int64_t nx = 0;
+    constexpr int64_t kAhead = NEXT ? 2 * kBlock<T> : kBlock<T>;
     for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
       const int64_t c1 = c0 + kChunk < n ? c0 + kChunk : n;
       R acc[2][3];
@@ -324,20 +385,44 @@ struct Row {
         // 64-byte line of it (2 W elements span two lines with AVX-512 floats).
         if constexpr (HK == 0) {
           for (int64_t b = 0; b < 2 * W * int64_t(sizeof(T)); b += 64)
-            FASTXENT_PREFETCH(reinterpret_cast<const char*>(in.z + i + kBlock<T>) + b);
+            FASTXENT_PREFETCH(reinterpret_cast<const char*>(in.z + i + kAhead) + b);
         } else {
           for (int64_t b = 0; b < 2 * W * 2; b += 64)
             FASTXENT_PREFETCH(reinterpret_cast<const char*>(in.zh + i + kBlock<T>) + b);
         }
         step(i, W, acc[0]);
         step(i + W, W, acc[1]);
+        if constexpr (NEXT) {
+          if (nx + 2 * W <= in.nnext) {
+            mx0 = V::max(mx0, V::load(in.znext + nx));
+            mx1 = V::max(mx1, V::load(in.znext + nx + W));
+            nx += 2 * W;
+          }
+        }
+        if constexpr (SIDE) {
+          if (sdone + 2 * W <= n) {
+            V::stream(side->g + sdone, gk(*side, sdone, W));
+            V::stream(side->g + sdone + W, gk(*side, sdone + W, W));
+            sdone += 2 * W;
+          }
+        }
       }
       for (; i < c1; i += W) step(i, c1 - i, acc[0]);
       sum += V::hsum(V::add(acc[0][0], acc[1][0]));
       if constexpr (WD != 0) wd += V::hsum(V::add(acc[0][1], acc[1][1]));
       if constexpr (WD == 2) usum += V::hsum(V::add(acc[0][2], acc[1][2]));
     }
-    return BlockStat{double(mt), sum, wd, usum};
+    if constexpr (SIDE) {
+      side_piece(*side, 0, hd);
+      side_piece(*side, sdone, n);
+    }
+    BlockStat st{double(mt), sum, wd, usum};
+    if constexpr (NEXT) {
+      for (; nx + W <= in.nnext; nx += W) mx0 = V::max(mx0, V::load(in.znext + nx));
+      if (nx < in.nnext) mx1 = V::max(mx1, V::load_partial(in.znext + nx, in.nnext - nx, ninf));
+      st.znext_max = double(V::hmax(V::max(mx0, mx1)));
+    }
+    return st;
   }
 
   // A block whose max is -inf: every entry is -inf, or NaN hides among -inf entries. Rare;
@@ -357,19 +442,42 @@ struct Row {
       usum += u;
       if (in.e) in.e[i] = z != z ? z : T(0);
     }
+    if (in.side) affine(*in.side);
     return {-std::numeric_limits<double>::infinity(),
             nan ? std::numeric_limits<double>::quiet_NaN() : 0.0, wz, usum};
   }
 
+  template <bool STORE, int TR, int HK, bool SIDE, bool NEXT>
+  static BlockStat block_mode_n(const BlockIn<T>& in, T mt) {
+    switch (in.wd_mode) {
+      case 0: return block_impl<STORE, TR, 0, false, HK, SIDE, NEXT>(in, mt);
+      case 1: return in.w ? block_impl<STORE, TR, 1, true, HK, SIDE, NEXT>(in, mt)
+                          : block_impl<STORE, TR, 1, false, HK, SIDE, NEXT>(in, mt);
+      default: return in.w ? block_impl<STORE, TR, 2, true, HK, SIDE, NEXT>(in, mt)
+                           : block_impl<STORE, TR, 2, false, HK, SIDE, NEXT>(in, mt);
+    }
+  }
+  // The next block's max only from T storage and where blocks take a max (not TR 3).
+  template <bool STORE, int TR, int HK, bool SIDE>
+  static BlockStat block_mode_s(const BlockIn<T>& in, T mt) {
+    if constexpr (HK == 0 && TR != 3) {
+      if (in.znext) return block_mode_n<STORE, TR, HK, SIDE, true>(in, mt);
+    }
+    return block_mode_n<STORE, TR, HK, SIDE, false>(in, mt);
+  }
+  // With a side only where exponentials are stored from T storage (the streamed rows).
   template <bool STORE, int TR, int HK>
   static BlockStat block_mode(const BlockIn<T>& in, T mt) {
-    switch (in.wd_mode) {
-      case 0: return block_impl<STORE, TR, 0, false, HK>(in, mt);
-      case 1: return in.w ? block_impl<STORE, TR, 1, true, HK>(in, mt)
-                          : block_impl<STORE, TR, 1, false, HK>(in, mt);
-      default: return in.w ? block_impl<STORE, TR, 2, true, HK>(in, mt)
-                           : block_impl<STORE, TR, 2, false, HK>(in, mt);
+    if constexpr (STORE && HK == 0) {
+      if (in.side) return block_mode_s<true, TR, 0, true>(in, mt);
+    } else {
+      if (in.side) {
+        const BlockStat st = block_mode_s<STORE, TR, HK, false>(in, mt);
+        affine(*in.side);
+        return st;
+      }
     }
+    return block_mode_s<STORE, TR, HK, false>(in, mt);
   }
 
   static BlockStat block(const BlockIn<T>& in) {
@@ -383,7 +491,7 @@ struct Row {
   static BlockStat block_k(const BlockIn<T>& in) {
     const int kind = transform_kind(in.alpha, in.cap);
     if (kind == 3) return in.e ? block_mode<true, 3, HK>(in, T(0)) : block_mode<false, 3, HK>(in, T(0));
-    const T m = maxz<HK>(in);
+    const T m = in.has_zmax ? in.zmax : maxz<HK>(in);
     // All -inf: masked, unless a softcap maps -inf to the finite -cap (then the block is
     // ordinary: every z' = -cap).
     if (m == -std::numeric_limits<T>::infinity() && !(in.cap > T(0))) return degenerate<HK>(in);
@@ -411,25 +519,10 @@ struct Row {
   // a and b, exactly), else 1.
   template <bool HAS_W, bool HAS_P, bool CAP, bool STREAM, int HK>
   static void affine_impl(const AffineIn<T>& in) {
-    const R va = V::set1(CAP ? T(4) * in.a : in.a), vb = V::set1(CAP ? T(4) * in.b : in.b);
-    const R vq1 = V::set1(in.q1), vq0 = V::set1(in.q0);
+    const GradK<HAS_W, HAS_P, CAP> gk(in);
     T* g = in.g;
     const int64_t n = in.n;
-    auto f = [&](int64_t i, int64_t len) {
-      R bu = vb;
-      if constexpr (HAS_P || HAS_W) {
-        R u = HAS_P ? V::fmadd(loadn(in.p + i, len), vq1, vq0) : loadn(in.w + i, len);
-        if constexpr (HAS_P && HAS_W) u = V::mul(u, loadn(in.w + i, len));
-        bu = V::mul(vb, u);
-      }
-      // One rounding for a * e - b u when u = 1 (the cancellation near softmax = target).
-      R r = V::fmsub(loadn(in.e + i, len), va, bu);
-      if constexpr (CAP) {
-        const R rho = loadn(in.t + i, len);
-        r = V::mul(r, V::fnmadd(rho, rho, rho));
-      }
-      return r;
-    };
+    auto f = [&](int64_t i, int64_t len) { return gk(in, i, len); };
     int64_t i = 0;
     if constexpr (HK != 0) {
       static_assert(!STREAM, "16-bit gradients are not streamed");

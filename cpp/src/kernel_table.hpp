@@ -13,12 +13,16 @@ namespace fastxent {
 // Rows are processed in blocks of kBlock<T> classes at fixed positions (0, kBlock<T>, ...).
 // Each block yields its own (max, sum) statistics, merged in block order in double: the result
 // is the same whichever thread computed which block, so the class axis can be split across
-// threads without changing a bit. A block is 32 KiB (8192 floats, 4096 doubles): it stays in
-// L1 (48 KiB on the Xeon, 32 KiB on Zen) between its max and exp loops, and the next block is
-// prefetched one block ahead. Measured on the 2-core Xeon (4096 x 32000 float32, 2 threads):
-// forward 25 -> 21.5 ms and in place 30 -> 29 ms going from 8 KiB to 32 KiB blocks; 64 KiB
-// blocks (past L1) were slower again, and so were 64 KiB blocks of doubles. Block length
-// does not bound the accuracy: float partial sums move into double every 16 additions per lane.
+// threads without changing a bit. A block is 32 KiB (8192 floats, 4096 doubles). Its max is
+// taken by the previous block's pass when the driver chains them (BlockIn::znext; otherwise
+// by a max loop of its own, after which the block is still in L1), and logits are prefetched
+// two blocks ahead (one without chaining). Measured on the 2-core Xeon (4096 x 32000 float32,
+// 2 threads) with a max loop per block: forward 25 -> 21.5 ms and in place 30 -> 29 ms going
+// from 8 KiB to 32 KiB blocks; 64 KiB blocks (past L1) were slower again, and so were 64 KiB
+// blocks of doubles. With chaining (1 thread): 8 KiB blocks give forward 35-37 ms against 39
+// and in place 46-50 against 49.5, but out= 73-76 against 69-71 (the bench's slowest ratio),
+// so blocks stay at 32 KiB. Block length does not bound the accuracy: float partial sums
+// move into double every 16 additions per lane.
 template <class T>
 constexpr int64_t kBlock = int64_t(32768 / sizeof(T));
 
@@ -40,6 +44,25 @@ constexpr bool fixed_shift_cap(T cap) {
   return cap > T(0) && cap <= kFixedShift<T>;
 }
 
+// g = d * (a e - b u), u = w (or 1), or w (q1 p + q0) with probability targets;
+// d = 1 - tanh^2 = 4 rho (1 - rho) with a softcap (rho at t, not null), else 1. g may equal e.
+template <class T>
+struct AffineIn {
+  const T* e;
+  T* g;
+  int64_t n;
+  T a, b;
+  const T* w;
+  const T* p;
+  T q1, q0;
+  const T* t;
+  bool stream;  // non-temporal stores; the caller then calls fence() before reusing g
+  // 16-bit gradient (T = float only, no streaming): when gh is set, g is rounded once to
+  // float16 (hk 1) or bfloat16 (hk 2) and stored at gh instead of g.
+  uint16_t* gh = nullptr;
+  int hk = 0;
+};
+
 // What one block pass reads and writes. z' is the transformed logit: cap * tanh(alpha z / cap)
 // with a softcap (cap > 0), alpha z without.
 template <class T>
@@ -59,6 +82,19 @@ struct BlockIn {
   // z, as float16 (hk 1) or bfloat16 (hk 2), and converted in registers.
   const uint16_t* zh = nullptr;
   int hk = 0;
+  // Another row's gradient block of the same length n (streamed rows: the previous row's
+  // block k while this row's block k is computed), written piecewise between this pass's
+  // chunks when not null: the output stream then runs under the exp instead of after it.
+  // The written values are those of affine(*side) alone.
+  const AffineIn<T>* side = nullptr;
+  // The next block's logits (T storage; later in the row, or the next row's first block),
+  // or null: its raw max comes back as BlockStat::znext_max, taken along this block's loop
+  // (its lines then move into L1 under the exp instead of in a max pass of their own).
+  const T* znext = nullptr;
+  int64_t nnext = 0;
+  // has_zmax: zmax is this block's raw max (taken by the previous block's pass).
+  bool has_zmax = false;
+  T zmax = 0;
 };
 
 // Statistics of one block: m = max z' (m'), s = sum exp(z' - m), wd and usum as asked.
@@ -68,25 +104,8 @@ struct BlockStat {
   double s;
   double wd;
   double usum;
-};
-
-// g = d * (a e - b u), u = w (or 1), or w (q1 p + q0) with probability targets;
-// d = 1 - tanh^2 = 4 rho (1 - rho) with a softcap (rho at t, not null), else 1. g may equal e.
-template <class T>
-struct AffineIn {
-  const T* e;
-  T* g;
-  int64_t n;
-  T a, b;
-  const T* w;
-  const T* p;
-  T q1, q0;
-  const T* t;
-  bool stream;  // non-temporal stores; the caller then calls fence() before reusing g
-  // 16-bit gradient (T = float only, no streaming): when gh is set, g is rounded once to
-  // float16 (hk 1) or bfloat16 (hk 2) and stored at gh instead of g.
-  uint16_t* gh = nullptr;
-  int hk = 0;
+  // The raw max of BlockIn::znext; NaN where it was not taken (or is NaN).
+  double znext_max = __builtin_nan("");
 };
 
 // Column tiles, for a class axis that is not the last: the (outer, C, inner) layout. Lane i
