@@ -45,8 +45,8 @@ def block_classes(dtype) -> int:
     return int(_core.block_classes(8 if np.dtype(dtype).itemsize == 8 else 4))
 
 
-BLOCK32 = block_classes(np.float32)  # 8192
-BLOCK64 = block_classes(np.float64)  # 4096
+BLOCK32 = block_classes(np.float32)  # 4096
+BLOCK64 = block_classes(np.float64)  # 2048
 U64 = float(np.finfo(np.float64).eps) / 2  # 1.11e-16
 
 

@@ -6,7 +6,7 @@
 - out= and the in-place mode (out=logits) give exactly the bits of the out-of-place call;
 - every num_threads (1, 2, 3, 4, 7, None) gives exactly the same bits, on shapes big enough
   for the kernel to go parallel (it runs serially below 32768 logits), including few-row
-  shapes (rows < threads) with C above the kernel's block length (8192 float32, 4096 float64).
+  shapes (rows < threads) with C above the kernel's block length (4096 float32, 2048 float64).
 """
 
 from __future__ import annotations
@@ -381,10 +381,10 @@ def test_middle_axis_threads_in_place_and_layouts(isa, dtype, shape, axis, rng):
 
 
 def test_block_classes():
-    """The block length the tests cut around: 32 KiB of float32 or float64; other sizes are an
+    """The block length the tests cut around: 16 KiB of float32 or float64; other sizes are an
     error."""
     from fastxent import _core
-    assert _core.block_classes(4) == 8192 and _core.block_classes(8) == 4096
+    assert _core.block_classes(4) == 4096 and _core.block_classes(8) == 2048
     for bad in (0, 2, 3, 16, -4):
         with pytest.raises(ValueError, match="itemsize must be 4 or 8"):
             _core.block_classes(bad)

@@ -20,7 +20,7 @@ def test_alternative_paths_are_bit_identical(var):
         results = {}
         for isa in fx.available_isas():
             _core.set_isa(isa)
-            # One block per row, and several (blocks of 8192 float32 / 4096 float64 classes);
+            # One block per row, and several (blocks of 4096 float32 / 2048 float64 classes);
             # rows over 1 MiB, streamed one at a time instead of pipelined over two.
             for C, dt, N in ((1000, np.float32, 97), (2053, np.float32, 97),
                              (8253, np.float32, 97), (4099, np.float64, 97),

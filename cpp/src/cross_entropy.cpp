@@ -6,9 +6,9 @@
 // Memory traffic per row: the block pass reads z from memory (prefetching two blocks ahead),
 // takes the max of the block after it on the way (chained_block: no max pass of its own), and
 // writes e = exp(z' - m_block) either into the gradient row (in place, or small outputs: the
-// row is then rewritten in cache) or into one of two per-thread scratch rows, from which the
-// previous row's gradient streams out with non-temporal stores inside the next row's block
-// passes (stream_rows, BlockIn::side). Forward only writes nothing N x C. Determinism: blocks sit at fixed positions and merge in block order, rows are summed
+// row is then rewritten in cache) or into a per-thread scratch row, from which each row's
+// gradient streams out with non-temporal stores inside the next row's block passes
+// (stream_rows, BlockIn::side). Forward only writes nothing N x C. Determinism: blocks sit at fixed positions and merge in block order, rows are summed
 // in row order, so no result depends on the thread count or on how the work was split.
 #include <algorithm>
 #include <cmath>
@@ -32,8 +32,8 @@ namespace {
 
 using namespace detail;
 
-// Streamed rows of up to this many bytes take stream_rows (two scratch rows, and two rows of
-// tanh with a softcap, held in L2 at once); longer ones compute_row, one scratch row.
+// Streamed rows of up to this many bytes take stream_rows (two rows of logits, a scratch row
+// of e and one of rho with a softcap, held in L2 at once); longer ones compute_row.
 constexpr int64_t kPipelineRowBytes = int64_t(1) << 20;
 
 // Elements per float32 chunk of 16-bit logits (1 MiB as float32).
@@ -145,18 +145,22 @@ double compute_row(const Problem<T>& p, int64_t n, const RowPtrs<T>& rp, BlockSt
   return r.loss;
 }
 
-// Rows whose gradient is streamed out (p.stream), software-pipelined over two scratch rows:
-// while row n's blocks are computed (logits read from memory, e = exp(z' - m) kept in one
-// scratch row), row n - 1's gradient is written from the other scratch row with
-// non-temporal stores, two vectors of it after each two vectors of row n's block k (the
-// block pass's side). Reading, the exp and the output stream then overlap, instead of a
-// whole row's read-and-exp phase alternating with a whole row's write phase (measured on
-// the 2-core Xeon, 4096 x 32000 float32 out= on 2 threads: 40-42 ms one row at a time,
-// 36-38 with row n - 1's block k written after row n's block k, about 35 with the side inside
-// the block loop; on 1 thread 74-79 -> 69-71 ms for the last step; the same pipelining of
-// plain-store rows, in place, measured no different, so those stay one row at a time). The
-// results are those of compute_row bit for bit: the same block passes and the same gradient
-// formula, only in another order.
+// Rows whose gradient is streamed out (p.stream), software-pipelined: while row n's blocks
+// are computed (logits read from memory, e = exp(z' - m) kept in a scratch row), row n - 1's
+// gradient is written from the same scratch row with non-temporal stores, two vectors of it
+// before each two vectors of row n's block k (the block pass's side reads each line of row
+// n - 1's e just before the block overwrites it with row n's, so those stores find the line
+// in L1 instead of fetching it from L2 for ownership). Reading, the exp and the output stream
+// then overlap, instead of a whole row's read-and-exp phase alternating with a whole row's
+// write phase. Measured on the 2-core Xeon, 4096 x 32000 float32 out=: on 2 threads 40-42 ms
+// one row at a time, 36-38 with row n - 1's block k written after row n's block k, about 35
+// with the side inside the block loop; on 1 thread 74-79 -> 69-71 ms for that last step,
+// 67-68 -> 64-65 with one scratch row instead of two, and 1-2 ms more from fetching the line
+// a block's gradient shares with the next block for writing ahead of its plain stores
+// (Row::block_impl). The same pipelining of plain-store rows, in place, measured slower
+// (1 thread 45 -> 50 ms with the side inside the loop; no different with whole blocks), so
+// those stay one row at a time. The results are those of compute_row bit for bit: the same
+// block passes and the same gradient formula, only in another order.
 // Target entries are collected in `pending` and written after the caller's fence. An ignored
 // row (zeroed at once) leaves the pipeline as it is: the previous row's gradient goes out
 // with the next counted row's blocks.
@@ -165,10 +169,13 @@ void stream_rows(const Problem<T>& p, int64_t begin, int64_t end, double* losses
                  std::vector<Pending<T>>* pending) {
   const size_t C = size_t(p.C), nb = size_t(p.nb);
   const bool cap = p.cap > 0.0;
-  std::vector<T> buf((cap ? 4 : 2) * C);  // e of rows A and B, then t of rows A and B
+  // e of both rows of the pipeline in one scratch row (the side reads each line of the
+  // previous row's e before the block pass overwrites it with this row's), and rho the same
+  // with a softcap.
+  std::vector<T> buf((cap ? 2 : 1) * C);
+  T* const escr = buf.data();
+  T* const tscr = cap ? buf.data() + C : nullptr;
   std::vector<BlockStat> st(2 * nb);
-  auto e_of = [&](int s) { return buf.data() + size_t(s) * C; };
-  auto t_of = [&](int s) { return cap ? buf.data() + size_t(2 + s) * C : nullptr; };
   struct Prev {
     bool live = false;
     int slot = 0;
@@ -177,8 +184,8 @@ void stream_rows(const Problem<T>& p, int64_t begin, int64_t end, double* losses
     T* g = nullptr;
   } prev;
   auto write_prev = [&](int64_t k) {
-    write_grad_block(p, st[size_t(prev.slot) * nb + size_t(k)], prev.r, prev.prob,
-                     e_of(prev.slot), t_of(prev.slot), prev.g, k, true);
+    write_grad_block(p, st[size_t(prev.slot) * nb + size_t(k)], prev.r, prev.prob, escr,
+                     tscr, prev.g, k, true);
   };
   int cur = 0;
   MaxCarry<T> carry;
@@ -194,11 +201,11 @@ void stream_rows(const Problem<T>& p, int64_t begin, int64_t end, double* losses
     const double zy_t = target_logit(p, n, &dzy, rp.z);
     BlockStat* sc = st.data() + size_t(cur) * nb;
     for (int64_t k = 0; k < p.nb; ++k) {
-      BlockIn<T> b = block_in(p, rp, k, e_of(cur), t_of(cur));
+      BlockIn<T> b = block_in(p, rp, k, escr, tscr);
       AffineIn<T> side;
       if (prev.live &&
           grad_block_affine(p, st[size_t(prev.slot) * nb + size_t(k)], prev.r, prev.prob,
-                            e_of(prev.slot), t_of(prev.slot), prev.g, k, true, &side))
+                            escr, tscr, prev.g, k, true, &side))
         b.side = &side;
       sc[k] = chained_block(p, b, k, next_row, &carry);
     }

@@ -40,6 +40,14 @@
 #define FASTXENT_PREFETCH(p) __builtin_prefetch((p), 0, 2)
 #endif
 #endif
+// A prefetch for writing (PREFETCHW where the ISA flags allow it, else into L1).
+#ifndef FASTXENT_PREFETCH_W
+#if defined(_MSC_VER) && !defined(__clang__)
+#define FASTXENT_PREFETCH_W(p) _m_prefetchw(reinterpret_cast<const void*>(p))
+#else
+#define FASTXENT_PREFETCH_W(p) __builtin_prefetch((p), 1, 3)
+#endif
+#endif
 
 namespace fastxent {
 namespace FASTXENT_ISA_NS {
@@ -312,8 +320,11 @@ struct Row {
   //   WD 0: nothing more; 1: wd = sum w (z' - mt) (class targets with smoothing);
   //   2: wd = sum u (z' - mt), usum = sum u, u = w (q1 p + q0) (probability targets).
   //   SIDE: also write in.side (another row's gradient block of the same length, streamed),
-  //   two vectors of it after each two vectors of this block, at 64-byte aligned positions of
-  //   its g (the head before the first and the rest after the loop through side_piece).
+  //   two vectors of it before each two vectors of this block, at 64-byte aligned positions
+  //   of its g (the head up to the first and the tail after the last through side_piece,
+  //   first). The side is always ahead of the block: its e and t may be this block's e and t
+  //   (one scratch row for both rows: each line is read for the side just before the block
+  //   overwrites it, so the block's stores find it in L1).
   //   NEXT: also the max of in.znext (see BlockIn), two vectors after each two vectors of
   //   this block; prefetching then runs two blocks ahead (the lines of the next block must
   //   be in L2 by the time this block's loop loads them).
@@ -336,12 +347,23 @@ struct Row {
     static_assert(!SIDE || (STORE && HK == 0), "the side runs with stored exponentials");
     const AffineIn<T>* side = SIDE ? in.side : nullptr;
     const GradK<HAS_W, WD == 2, (TR >= 2)> gk(SIDE ? *side : AffineIn<T>{});
-    int64_t hd = 0, sdone = 0;
+    int64_t sdone = 0, send = 0;
     if constexpr (SIDE) {
       const int64_t mis = int64_t(reinterpret_cast<uintptr_t>(side->g) % (W * sizeof(T)));
-      hd = mis == 0 ? 0 : (int64_t(W * sizeof(T)) - mis) / int64_t(sizeof(T));
+      int64_t hd = mis == 0 ? 0 : (int64_t(W * sizeof(T)) - mis) / int64_t(sizeof(T));
       if (mis % int64_t(sizeof(T)) != 0 || hd > n) hd = n;  // unaligned T: no streaming
+      // The loop below makes n / (2 W) steps of two vectors; the side takes 2 W elements in
+      // each while they last, from hd to send.
+      const int64_t steps = (n - hd) / (2 * W);
       sdone = hd;
+      send = hd + steps * 2 * W;
+      // The tail's last line, partly this block's and partly the next one's (unless g is
+      // aligned), takes plain stores: it is fetched for writing now and written mid-loop, so
+      // that its read for ownership does not hold up the stream (the head's line was fetched
+      // and half written by the block before).
+      if (hd != 0) FASTXENT_PREFETCH_W(side->g + n);
+      side_piece(*side, 0, hd);
+      if (n < 4 * kChunk) side_piece(*side, send, n);
     }
     static_assert(!NEXT || HK == 0, "the next block's max is taken from T storage");
     const T ninf = -std::numeric_limits<T>::infinity();
@@ -390,6 +412,13 @@ struct Row {
           for (int64_t b = 0; b < 2 * W * 2; b += 64)
             FASTXENT_PREFETCH(reinterpret_cast<const char*>(in.zh + i + kBlock<T>) + b);
         }
+        if constexpr (SIDE) {
+          if (sdone < send) {
+            V::stream(side->g + sdone, gk(*side, sdone, W));
+            V::stream(side->g + sdone + W, gk(*side, sdone + W, W));
+            sdone += 2 * W;
+          }
+        }
         step(i, W, acc[0]);
         step(i + W, W, acc[1]);
         if constexpr (NEXT) {
@@ -399,22 +428,16 @@ struct Row {
             nx += 2 * W;
           }
         }
-        if constexpr (SIDE) {
-          if (sdone + 2 * W <= n) {
-            V::stream(side->g + sdone, gk(*side, sdone, W));
-            V::stream(side->g + sdone + W, gk(*side, sdone + W, W));
-            sdone += 2 * W;
-          }
-        }
       }
       for (; i < c1; i += W) step(i, c1 - i, acc[0]);
+      // The side's tail, half-way through the block (long blocks; before the block's
+      // stores reach it).
+      if constexpr (SIDE) {
+        if (n >= 4 * kChunk && c0 < n / 2 && c1 >= n / 2) side_piece(*side, send, n);
+      }
       sum += V::hsum(V::add(acc[0][0], acc[1][0]));
       if constexpr (WD != 0) wd += V::hsum(V::add(acc[0][1], acc[1][1]));
       if constexpr (WD == 2) usum += V::hsum(V::add(acc[0][2], acc[1][2]));
-    }
-    if constexpr (SIDE) {
-      side_piece(*side, 0, hd);
-      side_piece(*side, sdone, n);
     }
     BlockStat st{double(mt), sum, wd, usum};
     if constexpr (NEXT) {
@@ -429,6 +452,8 @@ struct Row {
   // scalar. wd is the raw sum u z' here (the caller cannot shift by a -inf max).
   template <int HK>
   static BlockStat degenerate(const BlockIn<T>& in) {
+    // The side first: its e may be the scratch row this block's e goes to (see block_impl).
+    if (in.side) affine(*in.side);
     bool nan = false;
     double wz = 0.0, usum = 0.0;
     for (int64_t i = 0; i < in.n; ++i) {
@@ -442,7 +467,6 @@ struct Row {
       usum += u;
       if (in.e) in.e[i] = z != z ? z : T(0);
     }
-    if (in.side) affine(*in.side);
     return {-std::numeric_limits<double>::infinity(),
             nan ? std::numeric_limits<double>::quiet_NaN() : 0.0, wz, usum};
   }
@@ -472,9 +496,8 @@ struct Row {
       if (in.side) return block_mode_s<true, TR, 0, true>(in, mt);
     } else {
       if (in.side) {
-        const BlockStat st = block_mode_s<STORE, TR, HK, false>(in, mt);
-        affine(*in.side);
-        return st;
+        affine(*in.side);  // first, as in degenerate
+        return block_mode_s<STORE, TR, HK, false>(in, mt);
       }
     }
     return block_mode_s<STORE, TR, HK, false>(in, mt);

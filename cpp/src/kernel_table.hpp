@@ -13,18 +13,20 @@ namespace fastxent {
 // Rows are processed in blocks of kBlock<T> classes at fixed positions (0, kBlock<T>, ...).
 // Each block yields its own (max, sum) statistics, merged in block order in double: the result
 // is the same whichever thread computed which block, so the class axis can be split across
-// threads without changing a bit. A block is 32 KiB (8192 floats, 4096 doubles). Its max is
+// threads without changing a bit. A block is 16 KiB (4096 floats, 2048 doubles). Its max is
 // taken by the previous block's pass when the driver chains them (BlockIn::znext; otherwise
 // by a max loop of its own, after which the block is still in L1), and logits are prefetched
-// two blocks ahead (one without chaining). Measured on the 2-core Xeon (4096 x 32000 float32,
-// 2 threads) with a max loop per block: forward 25 -> 21.5 ms and in place 30 -> 29 ms going
-// from 8 KiB to 32 KiB blocks; 64 KiB blocks (past L1) were slower again, and so were 64 KiB
-// blocks of doubles. With chaining (1 thread): 8 KiB blocks give forward 35-37 ms against 39
-// and in place 46-50 against 49.5, but out= 73-76 against 69-71 (the bench's slowest ratio),
-// so blocks stay at 32 KiB. Block length does not bound the accuracy: float partial sums
-// move into double every 16 additions per lane.
+// two blocks ahead (one without chaining). Measured on the 2-core Xeon, 4096 x 32000 float32:
+// with a max loop per block (2 threads), forward 25 -> 21.5 ms and in place 30 -> 29 ms going
+// from 8 KiB to 32 KiB blocks, 64 KiB blocks (past L1) slower again, and 64 KiB blocks of
+// doubles slower than 32 KiB. With chaining (1 thread), 16 KiB against 32 KiB blocks: out=
+// 60-61 against 64-66 ms, forward 33.5-34.5 against 37-39, in place 43-45 against 45-49 (at
+// 1024 x 128256 in place is slower, 50 against 45-46 ms, and out= and forward faster),
+// presumably as the next block's logits then stay in L1 until its own pass. 8 KiB blocks:
+// out= 60-61, forward 35, in place 47-48. Block length does not bound the accuracy: float partial sums move into
+// double every 16 additions per lane.
 template <class T>
-constexpr int64_t kBlock = int64_t(32768 / sizeof(T));
+constexpr int64_t kBlock = int64_t(16384 / sizeof(T));
 
 // A softcap of at most kFixedShift<T> bounds z' to [-cap, cap], where exp(z') neither
 // overflows nor leaves the normal range: the block pass then shifts by 0 instead of the block

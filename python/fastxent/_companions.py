@@ -80,7 +80,7 @@ def log_softmax(x: Any, axis: int = -1, *, num_threads: Optional[int] = None) ->
 
 
 def logsumexp(x: Any, axis: int = -1, *, num_threads: Optional[int] = None) -> np.ndarray:
-    """``log(sum(exp(x), axis))`` computed as ``max + log(sum(exp(x - max)))`` (blocks of 32 KiB
+    """``log(sum(exp(x), axis))`` computed as ``max + log(sum(exp(x - max)))`` (blocks of 16 KiB
     merged in double); -inf for a slice of all -inf, NaN if the slice holds a NaN.
 
     >>> import numpy as np, fastxent as fx
