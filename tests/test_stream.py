@@ -51,6 +51,19 @@ def test_alternative_paths_are_bit_identical(var):
                 results[(isa, C, "probs")] = (np.float64(loss).tobytes(), g.tobytes())
                 loss, g = fx.cross_entropy_with_grad(x, p, weight=w, softcap=60.0)
                 results[(isa, C, "probs, weights")] = (np.float64(loss).tobytes(), g.tobytes())
+            # Class weights of both signs without smoothing, a negative sample weight, entries
+            # that underflow to 0: the zero entries' signs (a e - b w with b = -0) must agree
+            # between the streamed rows' two writers of the gradient (inside the block loop
+            # and at its edges) and the plain path.
+            x = np.full((4, 40000), -200.0, np.float32)
+            x[:, 0] = 0.0
+            w = np.where(np.arange(40000) % 2 == 0, 1.0, -1.0).astype(np.float32)
+            for nt in (1, 2):
+                out = np.empty_like(x)
+                loss, g = fx.cross_entropy_with_grad(x, np.zeros(4, np.int64), out=out,
+                                                     weight=w, sample_weight=-np.ones(4, np.float32),
+                                                     reduction="none", num_threads=nt)
+                results[(isa, "signed zeros", nt)] = (loss.tobytes(), g.tobytes())
             # The class axis 1 (column kernel): planes of 640 / 320 positions (64-byte class
             # rows: streamed, with a first tile up to the first aligned position when out= is
             # misaligned) and of 300 (not streamable), several tiles of 256 positions each.

@@ -63,8 +63,11 @@ struct MaxCarry {
 
 // Block pass k of a row from b, taking the max of the block after it on the way: the next
 // block of the row, or next_row's first (null: none), and using the carried max of this block
-// where the previous pass took it. The results are those of the plain pass bit for bit (the
-// max is exact).
+// where the previous pass took it. The results are those of the plain pass bit for bit: the
+// max is exact, though a block whose max is 0 may carry +0 where its own max loop gives -0
+// (x86 max returns its second operand for two zeros, and the loops group lanes differently);
+// z - (+0) and z - (-0) are equal for every z but -0, whose exp is 1 either way, so the sign
+// reaches no output (checked against the unchained split_classes path).
 template <class T>
 BlockStat chained_block(const Problem<T>& p, BlockIn<T> b, int64_t k, const T* next_row,
                         MaxCarry<T>* carry) {
@@ -121,8 +124,9 @@ double compute_row(const Problem<T>& p, int64_t n, const RowPtrs<T>& rp, BlockSt
     if (!p.probs) fix_target(p, r, zy_t, dzy, static_cast<T*>(nullptr), p.in.target[n], rp.gh,
                              rp.hk);
   } else if (g && p.recompute) {
-    // Each block's exponentials again, with the same block max (the same bits), straight into
-    // the gradient block while it is in L1: the row is read twice and written once.
+    // Each block's exponentials again, with the same block max (the same value, see
+    // chained_block, so the same bits), straight into the gradient block while it is in L1:
+    // the row is read twice and written once.
     for (int64_t k = 0; k < p.nb; ++k) {
       p.fns->block(block_in(p, rp, k, g, tbuf));
       write_grad_block(p, st[k], r, rp.prob, g, tbuf, g, k, false);

@@ -43,6 +43,7 @@
 // A prefetch for writing (PREFETCHW where the ISA flags allow it, else into L1).
 #ifndef FASTXENT_PREFETCH_W
 #if defined(_MSC_VER) && !defined(__clang__)
+#include <intrin.h>
 #define FASTXENT_PREFETCH_W(p) _m_prefetchw(reinterpret_cast<const void*>(p))
 #else
 #define FASTXENT_PREFETCH_W(p) __builtin_prefetch((p), 1, 3)
@@ -319,12 +320,14 @@ struct Row {
   //   transform) to t when STORE; 3: the same with mt = 0: x = z', and no underflow test);
   //   WD 0: nothing more; 1: wd = sum w (z' - mt) (class targets with smoothing);
   //   2: wd = sum u (z' - mt), usum = sum u, u = w (q1 p + q0) (probability targets).
-  //   SIDE: also write in.side (another row's gradient block of the same length, streamed),
-  //   two vectors of it before each two vectors of this block, at 64-byte aligned positions
-  //   of its g (the head up to the first and the tail after the last through side_piece,
-  //   first). The side is always ahead of the block: its e and t may be this block's e and t
-  //   (one scratch row for both rows: each line is read for the side just before the block
-  //   overwrites it, so the block's stores find it in L1).
+  //   SIDE: also write in.side (another row's gradient block of the same length, always with
+  //   non-temporal stores: the caller fences), two vectors of it before each two vectors of
+  //   this block, at positions of its g aligned to a vector (W T); the head up to the first
+  //   goes through side_piece first, and the tail after the last too, first in a short block
+  //   and half-way through a long one. The side is always ahead of the block: its e and t
+  //   may be this block's e and t at the same offsets (one scratch row for both rows: each
+  //   line is read for the side just before the block overwrites it, so the block's stores
+  //   find it in L1). HAS_W is then the side's as well.
   //   NEXT: also the max of in.znext (see BlockIn), two vectors after each two vectors of
   //   this block; prefetching then runs two blocks ahead (the lines of the next block must
   //   be in L2 by the time this block's loop loads them).
@@ -358,9 +361,9 @@ struct Row {
       sdone = hd;
       send = hd + steps * 2 * W;
       // The tail's last line, partly this block's and partly the next one's (unless g is
-      // aligned), takes plain stores: it is fetched for writing now and written mid-loop, so
-      // that its read for ownership does not hold up the stream (the head's line was fetched
-      // and half written by the block before).
+      // aligned to a vector), takes plain stores: in a long block it is fetched for writing
+      // now and written half-way through, so that its read for ownership does not hold up the
+      // stream (the next block's head then finds the line in cache).
       if (hd != 0) FASTXENT_PREFETCH_W(side->g + n);
       side_piece(*side, 0, hd);
       if (n < 4 * kChunk) side_piece(*side, send, n);
@@ -474,7 +477,9 @@ struct Row {
   template <bool STORE, int TR, int HK, bool SIDE, bool NEXT>
   static BlockStat block_mode_n(const BlockIn<T>& in, T mt) {
     switch (in.wd_mode) {
-      case 0: return block_impl<STORE, TR, 0, false, HK, SIDE, NEXT>(in, mt);
+      // WD 0 reads no weights itself; with a side, HAS_W is the side's (its g = a e - b w).
+      case 0: return SIDE && in.w ? block_impl<STORE, TR, 0, true, HK, SIDE, NEXT>(in, mt)
+                                  : block_impl<STORE, TR, 0, false, HK, SIDE, NEXT>(in, mt);
       case 1: return in.w ? block_impl<STORE, TR, 1, true, HK, SIDE, NEXT>(in, mt)
                           : block_impl<STORE, TR, 1, false, HK, SIDE, NEXT>(in, mt);
       default: return in.w ? block_impl<STORE, TR, 2, true, HK, SIDE, NEXT>(in, mt)

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <limits>
 
 #include "sigmoid_table.hpp"
 
@@ -16,7 +17,7 @@ namespace fastxent {
 // threads without changing a bit. A block is 16 KiB (4096 floats, 2048 doubles). Its max is
 // taken by the previous block's pass when the driver chains them (BlockIn::znext; otherwise
 // by a max loop of its own, after which the block is still in L1), and logits are prefetched
-// two blocks ahead (one without chaining). Measured on the 2-core Xeon, 4096 x 32000 float32:
+// two blocks ahead (one without chaining, with the fixed-shift softcap and for 16-bit logits). Measured on the 2-core Xeon, 4096 x 32000 float32:
 // with a max loop per block (2 threads), forward 25 -> 21.5 ms and in place 30 -> 29 ms going
 // from 8 KiB to 32 KiB blocks, 64 KiB blocks (past L1) slower again, and 64 KiB blocks of
 // doubles slower than 32 KiB. With chaining (1 thread), 16 KiB against 32 KiB blocks: out=
@@ -85,9 +86,11 @@ struct BlockIn {
   const uint16_t* zh = nullptr;
   int hk = 0;
   // Another row's gradient block of the same length n (streamed rows: the previous row's
-  // block k while this row's block k is computed), written piecewise between this pass's
-  // chunks when not null: the output stream then runs under the exp instead of after it.
-  // The written values are those of affine(*side) alone.
+  // block k while this row's block k is computed), written two vectors at a time inside this
+  // pass's loop when not null: the output stream then runs under the exp instead of after
+  // it. The written values are those of affine(*side) alone; the side is always streamed
+  // (its stream flag is not read; the caller fences), has no 16-bit gradient (gh null), and
+  // its e and t may alias this block's only at the same offsets (see Row::block_impl).
   const AffineIn<T>* side = nullptr;
   // The next block's logits (T storage; later in the row, or the next row's first block),
   // or null: its raw max comes back as BlockStat::znext_max, taken along this block's loop
@@ -107,7 +110,7 @@ struct BlockStat {
   double wd;
   double usum;
   // The raw max of BlockIn::znext; NaN where it was not taken (or is NaN).
-  double znext_max = __builtin_nan("");
+  double znext_max = std::numeric_limits<double>::quiet_NaN();
 };
 
 // Column tiles, for a class axis that is not the last: the (outer, C, inner) layout. Lane i
