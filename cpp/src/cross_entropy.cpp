@@ -8,8 +8,9 @@
 // writes e = exp(z' - m_block) either into the gradient row (in place, or small outputs: the
 // row is then rewritten in cache) or into a per-thread scratch row, from which each row's
 // gradient streams out with non-temporal stores inside the next row's block passes
-// (stream_rows, BlockIn::side). Forward only writes nothing N x C. Determinism: blocks sit at fixed positions and merge in block order, rows are summed
-// in row order, so no result depends on the thread count or on how the work was split.
+// (stream_rows, BlockIn::side). Forward only writes nothing N x C. Determinism: blocks sit at
+// fixed positions and merge in block order, rows are summed in row order, so no result
+// depends on the thread count or on how the work was split.
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
@@ -187,9 +188,11 @@ void stream_rows(const Problem<T>& p, int64_t begin, int64_t end, double* losses
     const T* prob = nullptr;
     T* g = nullptr;
   } prev;
-  auto write_prev = [&](int64_t k) {
-    write_grad_block(p, st[size_t(prev.slot) * nb + size_t(k)], prev.r, prev.prob, escr,
-                     tscr, prev.g, k, true);
+  // Block k of the previous row's gradient: written here (see grad_block_affine), or *a set
+  // for the SIMD pass (true).
+  auto prev_block = [&](int64_t k, AffineIn<T>* a) {
+    return grad_block_affine(p, st[size_t(prev.slot) * nb + size_t(k)], prev.r, prev.prob,
+                             escr, tscr, prev.g, k, true, a);
   };
   int cur = 0;
   MaxCarry<T> carry;
@@ -207,10 +210,7 @@ void stream_rows(const Problem<T>& p, int64_t begin, int64_t end, double* losses
     for (int64_t k = 0; k < p.nb; ++k) {
       BlockIn<T> b = block_in(p, rp, k, escr, tscr);
       AffineIn<T> side;
-      if (prev.live &&
-          grad_block_affine(p, st[size_t(prev.slot) * nb + size_t(k)], prev.r, prev.prob,
-                            escr, tscr, prev.g, k, true, &side))
-        b.side = &side;
+      if (prev.live && prev_block(k, &side)) b.side = &side;
       sc[k] = chained_block(p, b, k, next_row, &carry);
     }
     const RowResult r = finish_row(p, sc, n, zy_t);
@@ -226,8 +226,12 @@ void stream_rows(const Problem<T>& p, int64_t begin, int64_t end, double* losses
     prev.g = rp.g;
     cur ^= 1;
   }
-  if (prev.live)
-    for (int64_t k = 0; k < p.nb; ++k) write_prev(k);
+  if (prev.live) {
+    for (int64_t k = 0; k < p.nb; ++k) {
+      AffineIn<T> a;
+      if (prev_block(k, &a)) p.fns->affine(a);
+    }
+  }
 }
 
 // Fewer rows than threads (e.g. 8 x 256k): the (row, block) pairs are shared out instead of

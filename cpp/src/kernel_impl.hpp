@@ -351,6 +351,7 @@ struct Row {
     const AffineIn<T>* side = SIDE ? in.side : nullptr;
     const GradK<HAS_W, WD == 2, (TR >= 2)> gk(SIDE ? *side : AffineIn<T>{});
     int64_t sdone = 0, send = 0;
+    const bool tail_first = n < 4 * kChunk;  // else half-way (see below)
     if constexpr (SIDE) {
       const int64_t mis = int64_t(reinterpret_cast<uintptr_t>(side->g) % (W * sizeof(T)));
       int64_t hd = mis == 0 ? 0 : (int64_t(W * sizeof(T)) - mis) / int64_t(sizeof(T));
@@ -366,7 +367,7 @@ struct Row {
       // stream (the next block's head then finds the line in cache).
       if (hd != 0) FASTXENT_PREFETCH_W(side->g + n);
       side_piece(*side, 0, hd);
-      if (n < 4 * kChunk) side_piece(*side, send, n);
+      if (tail_first) side_piece(*side, send, n);
     }
     static_assert(!NEXT || HK == 0, "the next block's max is taken from T storage");
     const T ninf = -std::numeric_limits<T>::infinity();
@@ -436,7 +437,7 @@ struct Row {
       // The side's tail, half-way through the block (long blocks; before the block's
       // stores reach it).
       if constexpr (SIDE) {
-        if (n >= 4 * kChunk && c0 < n / 2 && c1 >= n / 2) side_piece(*side, send, n);
+        if (!tail_first && c0 < n / 2 && c1 >= n / 2) side_piece(*side, send, n);
       }
       sum += V::hsum(V::add(acc[0][0], acc[1][0]));
       if constexpr (WD != 0) wd += V::hsum(V::add(acc[0][1], acc[1][1]));
