@@ -46,3 +46,19 @@ def test_runs_without_threadpoolctl():
                        timeout=300)
     assert r.returncode == 0, r.stderr
     assert "threadpoolctl is not installed" in r.stdout and "fastxent fused out=" in r.stdout
+
+
+def test_info_names_the_stream_threshold():
+    """`python -m fastxent info` says whether (and from what size) gradients are streamed."""
+    import os
+    env = dict(os.environ, FASTXENT_STREAM_BYTES=str(3 << 20))
+    r = subprocess.run([sys.executable, "-m", "fastxent", "info"], capture_output=True,
+                       text=True, timeout=120, env=env)
+    assert r.returncode == 0, r.stderr
+    assert "non-temporal gradient stores from 3 MiB" in r.stdout, r.stdout
+    env["FASTXENT_STREAM_BYTES"] = "0"
+    r = subprocess.run([sys.executable, "-m", "fastxent", "info"], capture_output=True,
+                       text=True, timeout=120, env=env)
+    assert r.returncode == 0 and "no non-temporal stores" in r.stdout, r.stdout
+    assert bench._stream_text(1000) == ("non-temporal gradient stores from 1000 bytes "
+                                        "(out=, not in place)")

@@ -149,3 +149,46 @@ def test_isa_results_agree(rng):
             np.testing.assert_allclose(l, base_l, rtol=tol, err_msg=isa)
             np.testing.assert_allclose(g, base_g, rtol=0, atol=tol * np.max(np.abs(base_g)),
                                        err_msg=isa)
+
+
+def _cpu_vendor() -> str:
+    """CPUID's vendor string as Linux reports it ('' where /proc/cpuinfo is not there)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+STREAM_CODE = ("import json, fastxent as fx; from fastxent import _core; out = {}\n"
+               "for isa in fx.available_isas():\n"
+               "    _core.set_isa(isa); out[isa] = _core.stream_bytes()\n"
+               "print(json.dumps(out))")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not _cpu_vendor(),
+                    reason="the vendor comes from /proc/cpuinfo (Linux only)")
+def test_stream_default_follows_cpu_vendor_and_isa(tmp_path):
+    """Non-temporal stores by default (64 MiB and more) on Intel CPUs and under the AVX-512
+    kernel, else never; the active kernel decides per call (measurements: ce_detail.hpp)."""
+    env = dict(os.environ)
+    env.pop("FASTXENT_STREAM_BYTES", None)
+    proc = subprocess.run([sys.executable, "-c", STREAM_CODE], env=env, capture_output=True,
+                          text=True, timeout=120, cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout)
+    intel = _cpu_vendor() == "GenuineIntel"
+    assert got == {isa: (64 << 20 if intel or isa == "avx512" else 0) for isa in got}, got
+
+
+@pytest.mark.parametrize("value, expected", [("0", 0), ("1", 1), ("123456789", 123456789),
+                                             ("-5", 0)])
+def test_stream_env_overrides_for_every_isa(value, expected, tmp_path):
+    env = dict(os.environ, FASTXENT_STREAM_BYTES=value)
+    proc = subprocess.run([sys.executable, "-c", STREAM_CODE], env=env, capture_output=True,
+                          text=True, timeout=120, cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == {isa: expected for isa in fx.available_isas()}

@@ -297,6 +297,9 @@ PYBIND11_MODULE(_core, m) {
         "OpenMP's default thread count (omp_get_max_threads).");
   m.def("block_classes", &fastxent::block_classes, py::arg("itemsize"),
         "Classes per kernel block for 4-byte (float32, 16-bit) or 8-byte (float64) elements.");
+  m.def("stream_bytes", &fastxent::stream_bytes,
+        "Gradients of at least this many bytes (not in place) go out with non-temporal "
+        "stores under the active ISA; 0 = never (FASTXENT_STREAM_BYTES=N sets it).");
   m.def("has_openmp", &fastxent::has_openmp, "Whether the core was built with OpenMP.");
 
   py::dict info;

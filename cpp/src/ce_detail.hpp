@@ -22,12 +22,18 @@ inline constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
 
 // Non-temporal gradient stores (through a per-thread scratch row, no read-for-ownership of
 // the output) for gradients of at least this many bytes; 0 = never. FASTXENT_STREAM_BYTES=N
-// sets it. The default depends on the CPU's vendor, from what was measured on the two
-// development machines (out=, float32):
-// - AMD EPYC (Zen 3, AVX2): plain stores faster, at 4096 x 32000 (112.6 ms vs 140.0 ms, 1
-//   thread) and 65536 x 1000 (56.7 vs 80.8 ms, 1 thread; 26.1 vs 39.1 ms, 2 threads): off.
-// - Intel Xeon (AVX-512): streaming faster, at 4096 x 32000 (1 thread 93 -> 82 ms, 2 threads
-//   49 -> 42 ms) and 65536 x 1000 (45.5 -> 43.6 ms; 23.4 -> 21.7 ms): on from 64 MiB.
+// sets it. The default (64 MiB, or never) follows what was measured (out=, float32, the
+// stream interleaved into the next row's block loop unless noted):
+// - Intel Xeon, AVX-512 kernel: streaming faster, at 4096 x 32000 (2 threads 50 -> 36 ms)
+//   and 65536 x 1000 (45.5 -> 43.6 ms, 1 thread; 23.4 -> 21.7 ms, 2 threads): on.
+// - AMD EPYC Zen 4, AVX-512 kernel: streaming faster, at 4096 x 32000 (1 thread 83.9 ->
+//   61.8 ms, 2 threads 43.0 -> 30.6 ms) and 1024 x 128256 (83.8 -> 63.4; 47.7 -> 36.3 ms),
+//   the same at 65536 x 1000 (48.1 / 48.8; 27.0 / 28.2 ms): on.
+// - AMD EPYC Zen 4, AVX2 kernel (FASTXENT_ISA=avx2): plain stores a little faster, at
+//   4096 x 32000 (1 thread 98.4 vs 107.1 ms, 2 threads 50.1 vs 52.1 ms), as on the AMD Zen 3
+//   (AVX2) machine of the first runs with the row-at-a-time stream (4096 x 32000 112.6 vs
+//   140.0 ms, 1 thread; 65536 x 1000 26.1 vs 39.1 ms, 2 threads): off.
+// So: on for Intel CPUs and for the AVX-512 kernel, off otherwise.
 int64_t stream_threshold();
 
 // Whether CPUID names the vendor GenuineIntel (dispatch.cpp).

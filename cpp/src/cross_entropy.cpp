@@ -358,9 +358,9 @@ Problem<T> make_problem(const Inputs<T>& in, const Options& opt, T* grad, const 
   const int64_t recompute_bytes = recompute_threshold();
   p.recompute = recompute_bytes > 0 && grad != nullptr && in.inner == 1 &&
                 in.classes * int64_t(sizeof(T)) >= recompute_bytes;
-  const int64_t stream_bytes = stream_threshold();
-  p.stream = stream_bytes > 0 && !p.recompute && grad != nullptr && grad != in.logits &&
-             in.rows * in.classes * int64_t(sizeof(T)) >= stream_bytes;
+  const int64_t stream_min = stream_threshold();
+  p.stream = stream_min > 0 && !p.recompute && grad != nullptr && grad != in.logits &&
+             in.rows * in.classes * int64_t(sizeof(T)) >= stream_min;
   use_active_kernels(p);
   return p;
 }
@@ -489,12 +489,15 @@ int64_t detail::recompute_threshold() {
 }
 
 int64_t detail::stream_threshold() {
-  static const int64_t bytes = [] {
+  static const int64_t env_bytes = [] {
     const char* v = std::getenv("FASTXENT_STREAM_BYTES");
-    if (v) return std::max<int64_t>(0, std::atoll(v));
-    return cpu_is_intel() ? int64_t(64) << 20 : int64_t(0);
+    return v ? std::max<int64_t>(0, std::atoll(v)) : int64_t(-1);
   }();
-  return bytes;
+  if (env_bytes >= 0) return env_bytes;
+  // Per call: the active kernel can change (FASTXENT_ISA, set_isa).
+  static const bool intel = cpu_is_intel();
+  const bool avx512 = std::strcmp(active_table().name, "avx512") == 0;
+  return (intel || avx512) ? int64_t(64) << 20 : int64_t(0);
 }
 
 template <class T>
@@ -613,6 +616,8 @@ double cross_entropy_half(const HalfInputs& in, const Options& opt, uint16_t* gr
   }
   return reduce(opt, pr, losses, rows, row_losses);
 }
+
+int64_t stream_bytes() { return stream_threshold(); }
 
 int64_t block_classes(int itemsize) {
   if (itemsize == 4) return kBlock<float>;

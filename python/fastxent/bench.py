@@ -36,7 +36,8 @@ PEERS = ("numpy", "torch", "jax")
 FUSED_OUT = "fastxent fused out="
 _OMP_VERSIONS = {200505: "2.5", 200805: "3.0", 201107: "3.1", 201307: "4.0", 201511: "4.5",
                  201811: "5.0", 202011: "5.1", 202111: "5.2", 202411: "6.0"}
-_ENV_SHOWN = ("OMP_NUM_THREADS", "OMP_PROC_BIND", "OMP_WAIT_POLICY", "FASTXENT_ISA")
+_ENV_SHOWN = ("OMP_NUM_THREADS", "OMP_PROC_BIND", "OMP_WAIT_POLICY", "FASTXENT_ISA",
+              "FASTXENT_STREAM_BYTES", "FASTXENT_RECOMPUTE_BYTES", "FASTXENT_SHORT_ROWS")
 
 
 class CheckError(RuntimeError):
@@ -45,16 +46,24 @@ class CheckError(RuntimeError):
 
 # ----------------------------------------------------------------------------- environment
 def cpu_model() -> str:
+    """The CPU's name, with CPUID's vendor, family and model where Linux reports them (a VM's
+    name, e.g. "AMD EPYC", does not say which generation it is)."""
+    fields: Dict[str, str] = {}
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             for line in f:
                 key, _, value = line.partition(":")
-                if key.strip() in ("model name", "Model", "cpu model", "Processor"):
-                    if value.strip():
-                        return value.strip()
+                key, value = key.strip(), value.strip()
+                if key and value:
+                    fields.setdefault(key, value)  # the first processor's
     except OSError:
         pass
-    return platform.processor() or platform.machine() or "unknown"
+    name = next((fields[k] for k in ("model name", "Model", "cpu model", "Processor")
+                 if k in fields), "") or platform.processor() or platform.machine() or "unknown"
+    if "vendor_id" in fields and "cpu family" in fields and "model" in fields:
+        name += (f" [{fields['vendor_id']} family {fields['cpu family']}"
+                 f" model {fields['model']}]")
+    return name
 
 
 def all_threads() -> int:
@@ -77,14 +86,22 @@ def system_info() -> Dict[str, str]:
     return {
         "fastxent": __version__,
         "ISA": f"{active_isa()} active (available: {', '.join(available_isas())})",
+        "stream": _stream_text(_core.stream_bytes()),
         "OpenMP": omp_s,
         "compiler": str(bi.get("compiler", "?")),
         "flags": str(bi.get("cxx_flags", "?")).strip() or "(none)",
         "numpy": np.__version__,
         "python": platform.python_version(),
         "CPU": f"{cpu_model()} ({os.cpu_count() or '?'} logical CPUs, {platform.machine()})",
-        "env": env or "(no OPENBLAS_*/OMP_* set)",
+        "env": env or "(no OPENBLAS_*/OMP_*/FASTXENT_* set)",
     }
+
+
+def _stream_text(nbytes: int) -> str:
+    if nbytes <= 0:
+        return "plain stores for every gradient (no non-temporal stores)"
+    size = f"{nbytes >> 20} MiB" if nbytes % (1 << 20) == 0 else f"{nbytes} bytes"
+    return f"non-temporal gradient stores from {size} (out=, not in place)"
 
 
 def format_info(info: Dict[str, str]) -> str:
