@@ -169,17 +169,26 @@ STREAM_CODE = ("import json, fastxent as fx; from fastxent import _core; out = {
                "print(json.dumps(out))")
 
 
+def _stream_bytes_by_isa(env_value, tmp_path):
+    """_core.stream_bytes() under each available ISA, in a fresh interpreter whose
+    FASTXENT_STREAM_BYTES is env_value (unset when None)."""
+    env = dict(os.environ)
+    env.pop("FASTXENT_STREAM_BYTES", None)
+    if env_value is not None:
+        env["FASTXENT_STREAM_BYTES"] = env_value
+    proc = subprocess.run([sys.executable, "-c", STREAM_CODE], env=env, capture_output=True,
+                          text=True, timeout=120, cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux") or not _cpu_vendor(),
                     reason="the vendor comes from /proc/cpuinfo (Linux only)")
 def test_stream_default_follows_cpu_vendor_and_isa(tmp_path):
     """Non-temporal stores by default (64 MiB and more) on Intel CPUs and under the AVX-512
     kernel, else never; the active kernel decides per call (measurements: ce_detail.hpp)."""
-    env = dict(os.environ)
-    env.pop("FASTXENT_STREAM_BYTES", None)
-    proc = subprocess.run([sys.executable, "-c", STREAM_CODE], env=env, capture_output=True,
-                          text=True, timeout=120, cwd=str(tmp_path))
-    assert proc.returncode == 0, proc.stderr
-    got = json.loads(proc.stdout)
+    got = _stream_bytes_by_isa(None, tmp_path)
+    assert list(got) == fx.available_isas()
     intel = _cpu_vendor() == "GenuineIntel"
     assert got == {isa: (64 << 20 if intel or isa == "avx512" else 0) for isa in got}, got
 
@@ -187,8 +196,5 @@ def test_stream_default_follows_cpu_vendor_and_isa(tmp_path):
 @pytest.mark.parametrize("value, expected", [("0", 0), ("1", 1), ("123456789", 123456789),
                                              ("-5", 0)])
 def test_stream_env_overrides_for_every_isa(value, expected, tmp_path):
-    env = dict(os.environ, FASTXENT_STREAM_BYTES=value)
-    proc = subprocess.run([sys.executable, "-c", STREAM_CODE], env=env, capture_output=True,
-                          text=True, timeout=120, cwd=str(tmp_path))
-    assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout) == {isa: expected for isa in fx.available_isas()}
+    assert _stream_bytes_by_isa(value, tmp_path) == {isa: expected
+                                                     for isa in fx.available_isas()}
