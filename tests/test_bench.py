@@ -62,24 +62,3 @@ def test_info_names_the_stream_threshold():
     assert r.returncode == 0 and "no non-temporal stores" in r.stdout, r.stdout
     assert bench._stream_text(1000) == ("non-temporal gradient stores from 1000 bytes "
                                         "(out=, not in place)")
-
-
-def test_rounds_pause_after_each_peer(monkeypatch):
-    """A peer's worker threads may still run after its call returns (JAX's did, slowing the
-    next contestant, a floor): each peer call, warm-up included, is followed by an untimed
-    pause of 3x its time within _PEER_SETTLE_S; fastxent and the floors are not."""
-    lo, hi = bench._PEER_SETTLE_S
-    assert (bench._settle_s(0.0), bench._settle_s(0.0625), bench._settle_s(60.0)) == (lo, 0.1875, hi)
-    pauses = []
-    monkeypatch.setattr(bench.time, "sleep", pauses.append)
-    cs = [bench.Contestant("floor", lambda: None, kind="floor"),
-          bench.Contestant("peer", lambda: sum(range(20000)), kind="peer"),
-          bench.Contestant("fastxent", lambda: None)]
-    active, skipped, rounds, _ = bench._measure(cs, repeats=4, budget_s=1.0, max_call_s=10.0)
-    assert rounds == 4 and not skipped and len(active) == 3
-    peer = cs[1]
-    # One pause per peer timing and one after its warm-up (two warm-up calls: it is short).
-    assert len(pauses) == 4 + 1
-    for p in pauses:
-        assert lo <= p <= hi
-    assert pauses[1:] == [bench._settle_s(t) for t in peer.times]

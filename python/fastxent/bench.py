@@ -268,18 +268,6 @@ def _contestants(x: np.ndarray, t: np.ndarray, nt: int, bufs: Dict[str, Any],
 # call of a few microseconds is mostly timer and cold-cache noise.
 _MIN_TIMING_S = 2e-4
 
-# After each peer's call the round pauses (untimed) for 3 times that call's time, clipped to
-# these bounds, so that the peer's worker threads are idle before the next contestant runs.
-# Measured (4096x32000, 2 threads, AMD EPYC Zen 4, JAX 0.10.2 as the only peer): without the
-# pause, the threaded copy floor that follows JAX's call took 45 ms instead of 30-32 ms and
-# the threaded read 23 instead of 17.5 ms, which flattered every ratio to the floors.
-_PEER_SETTLE_S = (0.02, 0.25)
-
-
-def _settle_s(call_s: float) -> float:
-    lo, hi = _PEER_SETTLE_S
-    return min(hi, max(lo, 3.0 * call_s))
-
 
 def _time_one(c: Contestant) -> float:
     """Seconds per call. With c.number > 1 the calls run back to back (an in-place call then
@@ -304,8 +292,6 @@ def _measure(cs: List[Contestant], repeats: Optional[int], budget_s: float,
     active, skipped, t_warm = [], [], time.perf_counter()
     for c in cs:                                   # warm-up (and jit compilation)
         dt = _time_one(c)
-        if c.kind == "peer":
-            time.sleep(_settle_s(dt))
         if dt < _MIN_TIMING_S:
             dt = min(_time_one(c), dt)             # the first call may include compilation
             c.number = int(min(1000, max(1, _MIN_TIMING_S // max(dt, 1e-7))))
@@ -318,8 +304,6 @@ def _measure(cs: List[Contestant], repeats: Optional[int], budget_s: float,
     while True:
         for c in active:                           # interleaved: one call each per round
             c.times.append(_time_one(c))
-            if c.kind == "peer":
-                time.sleep(_settle_s(c.times[-1]))
         rep += 1
         if not repeats and rep == 1:   # the budget counts the warm-up too
             now = time.perf_counter()
