@@ -62,3 +62,17 @@ def test_info_names_the_stream_threshold():
     assert r.returncode == 0 and "no non-temporal stores" in r.stdout, r.stdout
     assert bench._stream_text(1000) == ("non-temporal gradient stores from 1000 bytes "
                                         "(out=, not in place)")
+
+
+def test_rounds_rotate_the_order():
+    """Round r runs the contestants rotated by r: a peer whose threads are still busy after
+    its call slows a different contestant each round, which the median then discards."""
+    order = []   # one entry per timing (prepare runs once before each)
+    cs = [bench.Contestant(name, lambda: None, prepare=(lambda n=name: order.append(n)),
+                           kind=kind)
+          for name, kind in (("floor", "floor"), ("fastxent", "fastxent"), ("peer", "peer"))]
+    active, skipped, rounds, _ = bench._measure(cs, repeats=4, budget_s=1.0, max_call_s=10.0)
+    assert rounds == 4 and not skipped and len(active) == 3
+    assert all(len(c.times) == 4 for c in cs)
+    assert order[-12:] == ["floor", "fastxent", "peer", "fastxent", "peer", "floor",
+                           "peer", "floor", "fastxent", "floor", "fastxent", "peer"]

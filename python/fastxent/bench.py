@@ -287,6 +287,18 @@ def _time_one(c: Contestant) -> float:
     return (time.perf_counter() - t0) / c.number
 
 
+def _rotated(cs: List[Contestant], r: int) -> List[Contestant]:
+    """Round r's order: the list rotated by r, so that no contestant always runs right after
+    the same one. A peer's worker threads can still be busy after its call returns; with a
+    fixed order the same contestant paid for it in every round (JAX's call slowed the threaded
+    copy floor after it from 30-32 to 45 ms, 4096x32000 on 2 threads, AMD EPYC Zen 4), which
+    the median then kept. Rotated, it lands on a different contestant each round and the
+    medians drop it. (Pausing after each peer instead made every call after a pause slower:
+    on a VM, idle vCPUs are slow to wake.)"""
+    k = r % len(cs) if cs else 0
+    return cs[k:] + cs[:k]
+
+
 def _measure(cs: List[Contestant], repeats: Optional[int], budget_s: float,
              max_call_s: float) -> Tuple[List[Contestant], List[Contestant], int, float]:
     active, skipped, t_warm = [], [], time.perf_counter()
@@ -302,7 +314,7 @@ def _measure(cs: List[Contestant], repeats: Optional[int], budget_s: float,
             active.append(c)
     k, rep, t_start = repeats or 0, 0, time.perf_counter()
     while True:
-        for c in active:                           # interleaved: one call each per round
+        for c in _rotated(active, rep):            # interleaved: one call each per round
             c.times.append(_time_one(c))
         rep += 1
         if not repeats and rep == 1:   # the budget counts the warm-up too
