@@ -13,6 +13,7 @@ import pytest
 
 import fastxent as fx
 from fastxent import _core
+from fastxent.bench import cpu_fields
 from reference import U32, default_isa, make_logits, make_target, make_weight
 
 KNOWN = ("scalar", "avx2", "avx512")
@@ -151,18 +152,6 @@ def test_isa_results_agree(rng):
                                        err_msg=isa)
 
 
-def _cpu_vendor() -> str:
-    """CPUID's vendor string as Linux reports it ('' where /proc/cpuinfo is not there)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
-
-
 STREAM_CODE = ("import json, fastxent as fx; from fastxent import _core; out = {}\n"
                "for isa in fx.available_isas():\n"
                "    _core.set_isa(isa); out[isa] = _core.stream_bytes()\n"
@@ -182,14 +171,14 @@ def _stream_bytes_by_isa(env_value, tmp_path):
     return json.loads(proc.stdout)
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux") or not _cpu_vendor(),
+@pytest.mark.skipif(not cpu_fields().get("vendor_id"),
                     reason="the vendor comes from /proc/cpuinfo (Linux only)")
 def test_stream_default_follows_cpu_vendor_and_isa(tmp_path):
     """Non-temporal stores by default (64 MiB and more) on Intel CPUs and under the AVX-512
     kernel, else never; the active kernel decides per call (measurements: ce_detail.hpp)."""
     got = _stream_bytes_by_isa(None, tmp_path)
     assert list(got) == fx.available_isas()
-    intel = _cpu_vendor() == "GenuineIntel"
+    intel = cpu_fields()["vendor_id"] == "GenuineIntel"
     assert got == {isa: (64 << 20 if intel or isa == "avx512" else 0) for isa in got}, got
 
 

@@ -24,8 +24,9 @@ inline constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
 // the output) for gradients of at least this many bytes; 0 = never. FASTXENT_STREAM_BYTES=N
 // sets it. The default (64 MiB, or never) follows what was measured (out=, float32, the
 // stream interleaved into the next row's block loop unless noted):
-// - Intel Xeon, AVX-512 kernel: streaming faster, at 4096 x 32000 (2 threads 50 -> 36 ms)
-//   and 65536 x 1000 (45.5 -> 43.6 ms, 1 thread; 23.4 -> 21.7 ms, 2 threads): on.
+// - Intel Xeon, AVX-512 kernel: streaming faster, at 4096 x 32000 (2 threads 50 -> 36 ms),
+//   and with the row-at-a-time stream of the first runs at 65536 x 1000 (45.5 -> 43.6 ms, 1
+//   thread; 23.4 -> 21.7 ms, 2 threads): on.
 // - AMD EPYC Zen 4, AVX-512 kernel: streaming faster, at 4096 x 32000 (1 thread 83.9 ->
 //   61.8 ms, 2 threads 43.0 -> 30.6 ms) and 1024 x 128256 (83.8 -> 63.4; 47.7 -> 36.3 ms),
 //   the same at 65536 x 1000 (48.1 / 48.8; 27.0 / 28.2 ms): on.

@@ -45,9 +45,8 @@ class CheckError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------- environment
-def cpu_model() -> str:
-    """The CPU's name, with CPUID's vendor, family and model where Linux reports them (a VM's
-    name, e.g. "AMD EPYC", does not say which generation it is)."""
+def cpu_fields() -> Dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo (empty where there is none)."""
     fields: Dict[str, str] = {}
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
@@ -55,9 +54,16 @@ def cpu_model() -> str:
                 key, _, value = line.partition(":")
                 key, value = key.strip(), value.strip()
                 if key and value:
-                    fields.setdefault(key, value)  # the first processor's
+                    fields.setdefault(key, value)
     except OSError:
         pass
+    return fields
+
+
+def cpu_model() -> str:
+    """The CPU's name, with CPUID's vendor, family and model where Linux reports them (a VM's
+    name, e.g. "AMD EPYC", does not say which generation it is)."""
+    fields = cpu_fields()
     name = next((fields[k] for k in ("model name", "Model", "cpu model", "Processor")
                  if k in fields), "") or platform.processor() or platform.machine() or "unknown"
     if "vendor_id" in fields and "cpu family" in fields and "model" in fields:
@@ -289,12 +295,13 @@ def _time_one(c: Contestant) -> float:
 
 def _rotated(cs: List[Contestant], r: int) -> List[Contestant]:
     """Round r's order: the list rotated by r, so that no contestant always runs right after
-    the same one. A peer's worker threads can still be busy after its call returns; with a
-    fixed order the same contestant paid for it in every round (JAX's call slowed the threaded
-    copy floor after it from 30-32 to 45 ms, 4096x32000 on 2 threads, AMD EPYC Zen 4), which
-    the median then kept. Rotated, it lands on a different contestant each round and the
-    medians drop it. (Pausing after each peer instead made every call after a pause slower:
-    on a VM, idle vCPUs are slow to wake.)"""
+    the same one: a peer's worker threads can still be busy after its call returns, and with a
+    fixed order the contestant after it paid for that in every round, which its median kept.
+    This spreads a short after-effect; it does not remove a long one: with JAX in the process
+    the threaded copy floor took 39-47 ms, rotated or not, against 30-31 ms without JAX
+    (4096x32000, 2 threads, AMD EPYC Zen 4), so the README also quotes a run without JAX.
+    (An untimed pause after each peer made every call after it slower instead: idle vCPUs
+    are slow to wake.)"""
     k = r % len(cs) if cs else 0
     return cs[k:] + cs[:k]
 
