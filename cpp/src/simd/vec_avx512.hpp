@@ -140,6 +140,15 @@ struct VF {
   static R scale_unless_below(R p, R n, R x, R lo) {
     return _mm512_maskz_scalef_ps(_mm512_cmp_ps_mask(x, lo, _CMP_NLT_UQ), p, n);
   }
+  // 2^(j/16) rounded to float, j = the low 4 bits of each lane of t (one vpermps).
+  static constexpr bool kExpTable = true;
+  static R exp2_sixteenths(R t) {
+    const R tab = _mm512_setr_ps(1.0f, 1.04427373f, 1.09050775f, 1.13878858f, 1.18920708f,
+                                 1.24185777f, 1.29683959f, 1.35425556f, 1.41421354f, 1.47682619f,
+                                 1.54221082f, 1.61049032f, 1.68179286f, 1.75625217f, 1.8340081f,
+                                 1.91520655f);
+    return _mm512_permutexvar_ps(_mm512_castps_si512(t), tab);
+  }
   // acc + u * x in one rounding, but acc itself where u == 0 (0 * inf adds nothing).
   static R fmadd_unless_zero(R u, R x, R acc) {
     return _mm512_mask3_fmadd_ps(u, x, acc, _mm512_cmp_ps_mask(u, _mm512_setzero_ps(), _CMP_NEQ_UQ));
