@@ -38,7 +38,8 @@ Tolerances (u = unit roundoff; see tolerance() below):
     <= 0.45 turns into 1.4 u cap: 9.2 u cap absolute. The loss then moves by 2 * 9.2 u cap,
     the softmax as above by that relative; the chain factor's 14.6 u is relative to alpha,
     which the gradient scale already carries. Hence + 19 u cap + 15 u. (The C++ test
-    cpp_kernel measures rho 2.1 u (AVX-512; 1.8 u elsewhere), tanh 3.0 u, 1 - tanh^2 5.9 u, z' 4.7 u cap.)
+    cpp_kernel measures rho 2.1 u (AVX-512; 1.8 u elsewhere), tanh 3.0 u, 1 - tanh^2 5.9 u,
+    z' 4.7 u cap.)
   - z_loss: lambda lse^2 turns an absolute error d on lse into 2 lambda |lse| d on the loss,
     and adds 2 lambda lse to Q in the gradient: everything above times 1 + 2 lambda max|lse|.
   Measured on these inputs: at most ~0.25 of the bound.

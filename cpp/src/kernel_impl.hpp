@@ -10,9 +10,8 @@
 //   degree 13, max error 1.0 ULP. AVX-512 float: n in sixteenths, |r| <= ln2/32, a 16-entry
 //   table of 2^(j/16) and degree 3, max error 1.05 ULP (two fewer multiply-adds; see vexp).
 //   All measured over [ln(min normal), 0] by tests/cpp/test_kernel.cpp, which fails above
-//   2 ULP. Results below the smallest normal
-//   (x < ln(FLT_MIN) = -87.34, or ln(DBL_MIN) = -708.4) flush to +0. Domain x <= 0 (the
-//   kernel only feeds z - max). NaN propagates.
+//   2 ULP. Results below the smallest normal (x < ln(FLT_MIN) = -87.34, or ln(DBL_MIN) =
+//   -708.4) flush to +0. Domain x <= 0 (the kernel only feeds z - max). NaN propagates.
 // - sums of exp and of w*(z - m): vector accumulators in the storage type over chunks of
 //   32 W elements (16 additions per lane), each chunk's total added into a double; blocks
 //   (kBlock<T>) and rows are merged in double.
