@@ -17,11 +17,23 @@ def _run(args, **kw):
                           timeout=600, **kw)
 
 
-def test_stubtest_compiled_module_and_public_api():
+def _mypy_config(request) -> str:
+    """The project's pyproject.toml (its [tool.mypy] section lets the optional imports, torch,
+    jax and dask, be absent). stubtest reads no configuration unless it is named, and the
+    wheel round trip runs the suite from a copy of tests/ and pyproject.toml."""
+    path = request.config.inipath
+    if path is None or path.name != "pyproject.toml" or "tool.mypy" not in path.read_text():
+        pytest.fail(f"the project's pyproject.toml with its [tool.mypy] section is not the "
+                    f"pytest configuration file here ({path})")
+    return str(path)
+
+
+def test_stubtest_compiled_module_and_public_api(request):
     modules = ["fastxent._core", "fastxent._api", "fastxent._companions", "fastxent._sigmoid"]
     if importlib.util.find_spec("dask") is not None:  # the [dask] extra (in [test])
         modules.append("fastxent.dask")
-    res = _run(["mypy.stubtest", *modules, "--ignore-missing-stub"])
+    res = _run(["mypy.stubtest", *modules, "--ignore-missing-stub",
+                "--mypy-config-file", _mypy_config(request)])
     assert res.returncode == 0, res.stdout + res.stderr
 
 
@@ -42,5 +54,7 @@ def test_mypy_accepts_typical_use(tmp_path):
         p = fx.softmax(z, axis=-1)
         isas: list[str] = fx.available_isas()
     """))
-    res = _run(["mypy", "--no-incremental", "--cache-dir", str(tmp_path / "cache"), str(user)])
+    # As a user's project would: its own directory, no configuration of fastxent's.
+    res = _run(["mypy", "--no-incremental", "--cache-dir", str(tmp_path / "cache"), str(user)],
+               cwd=tmp_path)
     assert res.returncode == 0, res.stdout + res.stderr
