@@ -777,3 +777,29 @@ if st is not None:
 else:
     def test_random_small_problems_match_reference():
         pytest.skip("hypothesis is not installed")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("probs", [False, True])
+@pytest.mark.parametrize("axis", [1, -1])
+def test_zero_size_row_dimension(dtype, probs, axis):
+    # A zero-size dimension besides the class axis (PyTorch's (N, C, 0, 7) spatial case, or
+    # no rows at all): 0 for "sum" and "mean" (no row counts), an empty "none", an empty
+    # gradient; out= is accepted and left as it is (it has no element).
+    shape = (2, 3, 0, 7) if axis == 1 else (2, 0, 7, 3)
+    x = np.zeros(shape, dtype)
+    ax = axis % x.ndim
+    rows = x.shape[:ax] + x.shape[ax + 1:]
+    t = np.zeros(shape, dtype) if probs else np.zeros(rows, np.int64)
+    for red in ("sum", "mean"):
+        assert fx.cross_entropy(x, t, axis=axis, reduction=red) == 0.0
+        loss, g = fx.cross_entropy_with_grad(x, t, axis=axis, reduction=red, z_loss=1e-3,
+                                             label_smoothing=0.1)
+        assert loss == 0.0 and g.shape == shape and g.dtype == dtype
+    none = fx.cross_entropy(x, t, axis=axis, reduction="none")
+    assert none.shape == rows
+    out = np.empty(shape, dtype)
+    loss, g = fx.cross_entropy_with_grad(x, t, axis=axis, reduction="none", out=out)
+    assert g is out and loss.shape == rows
+    with pytest.raises(ValueError, match="target has shape"):
+        fx.cross_entropy(x, np.zeros((2, 1, 7), np.int64), axis=axis)

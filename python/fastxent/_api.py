@@ -258,7 +258,11 @@ def _run(logits: Any, target: Any, kw: dict, want_grad: bool, out: Any):
     if grad is not None:
         g2 = (grad if half is None else grad.view(np.uint16)).reshape(view.shape)
     try:
-        if half is None:
+        if x.size == 0:
+            # No rows (a zero-size axis besides the class axis): nothing to read or write;
+            # "sum" and "mean" are 0 (no row counts: the D = 0 rule), "none" is empty.
+            total = 0.0
+        elif half is None:
             total = _core.cross_entropy(view, t, probs, w, sw, red, ii, eps, z_loss, softcap,
                                         alpha, norm, nt, g2, row_losses)
         else:

@@ -23,7 +23,7 @@ Requires the optional extra: ``pip install fastxent[torch]``.
 
 from __future__ import annotations
 
-from typing import Any, Dict, NamedTuple, Optional, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 
@@ -31,12 +31,14 @@ try:
     import torch
 except ImportError as _e:  # pragma: no cover - exercised without torch installed
     raise ImportError("fastxent.torch needs PyTorch: pip install 'fastxent[torch]'") from _e
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
 from . import _api, _shard
+from . import _sigmoid as _api_sigmoid
 
-__all__ = ["cross_entropy", "CrossEntropyLoss", "vocab_parallel_cross_entropy"]
+__all__ = ["cross_entropy", "CrossEntropyLoss", "binary_cross_entropy_with_logits",
+           "BCEWithLogitsLoss", "vocab_parallel_cross_entropy"]
 
 # The dtypes the kernel computes in, per input dtype. Half types are computed via a float32
 # copy (and their results cast back); float32 and float64 are read in place.
@@ -98,14 +100,16 @@ def _compute_dtype(logits: Tensor, target: Tensor, name: str) -> torch.dtype:
     return cdt
 
 
-def _target_array(target: Tensor, cdt: torch.dtype) -> np.ndarray:
-    """Class indices as they are, or probability targets in the compute dtype (which cannot
-    require a gradient: fastxent does not differentiate with respect to them)."""
+def _target_array(target: Tensor, cdt: torch.dtype, differentiable: bool = False
+                  ) -> np.ndarray:
+    """Class indices as they are, or probability targets in the compute dtype. Only
+    cross_entropy differentiates with respect to probability targets (`differentiable`);
+    elsewhere one that requires grad is refused."""
     if target.is_floating_point():
-        if target.requires_grad and torch.is_grad_enabled():
-            raise RuntimeError("fastxent.torch does not differentiate with respect to a "
-                               "probability target; this input cannot have requires_grad=True "
-                               "(detach it)")
+        if not differentiable and target.requires_grad and torch.is_grad_enabled():
+            raise RuntimeError("vocab_parallel_cross_entropy does not differentiate with "
+                               "respect to a probability target; this input cannot have "
+                               "requires_grad=True (detach it)")
         return _numpy(target, cdt)
     if target.is_complex():
         raise TypeError(f"target must hold integer class indices or float class "
@@ -126,7 +130,7 @@ def _prepare(input: Tensor, target: Tensor, weight: Any, ignore_index: int, redu
         if k in options:
             raise TypeError(f"fastxent.torch sets {k!r} itself (the class dimension is "
                             f"PyTorch's: 1, or 0 for an input of shape (C,))")
-    tgt = _target_array(target, cdt)
+    tgt = _target_array(target, cdt, differentiable=True)
     kw = dict(options)
     kw["sample_weight"] = _as_array(kw.get("sample_weight"), "sample_weight", cdt)
     kw.update(axis=0 if input.ndim == 1 else 1, reduction=reduction,
@@ -139,13 +143,130 @@ def _loss_tensor(loss: Any, dtype: torch.dtype) -> Tensor:
     return torch.from_numpy(np.asarray(loss)).to(dtype)
 
 
+def _functorch_wrapped(t: Tensor) -> bool:
+    return bool(torch._C._functorch.is_functorch_wrapped_tensor(t))
+
+
+def _refuse_func_transforms(*ts: Any) -> None:
+    """torch.func transforms (grad, vmap, jacrev, jvp, ...) hand the wrapper tensors without
+    storage, which the kernel cannot read: say so, and what works instead."""
+    if any(isinstance(t, Tensor) and _functorch_wrapped(t) for t in ts):
+        raise RuntimeError(
+            "fastxent.torch does not support torch.func transforms (grad, vmap, jacrev, jvp, "
+            "functional_call under them) yet: its kernel reads the tensors' memory. Use "
+            "torch.autograd.grad (create_graph=True for higher orders, is_grads_batched=True "
+            "for batched gradients), torch.autograd.functional.hessian / hvp / jvp, or "
+            "torch.autograd.forward_ad, which are supported")
+
+
+def _has_tangent(t: Optional[Tensor]) -> bool:
+    """Whether t carries a forward-mode tangent (torch.autograd.forward_ad)."""
+    return (t is not None and fwAD._current_level >= 0
+            and fwAD.unpack_dual(t).tangent is not None)
+
+
+def _reference_loss(z: Tensor, target: Tensor, kw: Dict[str, Any]) -> Tensor:
+    """fastxent's loss (the formula of fastxent.cross_entropy, with the keywords `kw` of
+    _prepare) written in differentiable PyTorch ops, without a data-dependent branch, so that
+    autograd and every torch.func transform (grad, vmap, jvp, jacrev, jacfwd) can take it
+    apart. The fused kernel gives the value and the first derivative; this is what derivatives
+    beyond those differentiate: the backward pass under create_graph=True (Hessians, gradient
+    penalties, double backward), a probability target's gradient, and calls under torch.func
+    transforms. It materialises (rows, C) tensors."""
+    ax = kw["axis"]
+    zz = torch.movedim(z, ax, -1)
+    rshape = zz.shape[:-1]
+    C = zz.shape[-1]
+    zz = zz.reshape(-1, C)
+    if zz.dtype in (torch.float16, torch.bfloat16):
+        zz = zz.float()  # the kernel computes 16-bit logits in float32
+    dt = zz.dtype
+    N = zz.shape[0]
+
+    def vec(v: Any, shape: Tuple[int, ...]) -> Tensor:
+        if v is None:
+            return torch.ones(shape, dtype=dt)
+        v = v if isinstance(v, Tensor) else torch.as_tensor(np.asarray(v))
+        return v.to(dt).reshape(shape)
+
+    cap, alpha = kw.get("softcap"), float(kw.get("logit_scale", 1.0))
+    zp = cap * torch.tanh(alpha * zz / cap) if cap is not None else alpha * zz
+    w = vec(kw["weight"], (C,))
+    s = vec(kw.get("sample_weight"), (N,))
+    eps = float(kw["label_smoothing"])
+    if target.is_floating_point():
+        q = torch.movedim(target, ax, -1).reshape(-1, C).to(dt)
+        u = w * (q * (1.0 - eps) + eps / C)
+        counted = torch.ones(N, dtype=torch.bool)
+        den = s
+    else:
+        y = target.reshape(-1).to(torch.int64)
+        counted = y != kw["ignore_index"]
+        yc = torch.where(counted, y, 0)
+        zp = torch.where(counted[:, None], zp, 0.0)  # an ignored row's logits reach nothing
+        onehot = (torch.arange(C)[None, :] == yc[:, None]).to(dt)
+        wy = w[yc]  # (indexing also refuses a class index out of range, under vmap too)
+        u = (eps / C) * w.expand(N, C) + (1.0 - eps) * onehot * wy[:, None]
+        den = torch.where(counted, s * wy, 0.0)
+    lse = torch.logsumexp(zp, dim=1)
+    # 0 * inf := 0 (a class with no target weight at a -inf logit costs nothing).
+    terms = torch.where(u == 0, 0.0, u * (lse[:, None] - zp))
+    row = torch.where(counted, s * (terms.sum(dim=1) + float(kw.get("z_loss", 0.0)) * lse * lse),
+                      0.0)
+    red = kw["reduction"]
+    if red == "none":
+        return row.reshape(rshape)
+    total = row.sum()
+    if red == "sum":
+        return total
+    norm = kw.get("normalizer")
+    D = den.sum() if norm is None else torch.tensor(float(norm), dtype=dt)
+    # "mean" with D = 0 (no row counts) is identically 0, and so is every derivative.
+    return torch.where(D == 0, 0.0, total / torch.where(D == 0, 1.0, D))
+
+
+def _reference_grads(z: Tensor, target: Optional[Tensor], tgt: np.ndarray, kw: Dict[str, Any],
+                     grad_output: Tensor, need: Tuple[bool, bool], create_graph: bool
+                     ) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """Vector-Jacobian products of _reference_loss with respect to the logits and/or the
+    probability target (need = (logits, target)). With create_graph they are themselves
+    differentiable functions of z, the target and grad_output (z and target are then the
+    saved inputs, connected to the caller's graph)."""
+    t_in = target if target is not None else torch.from_numpy(tgt)
+    with torch.enable_grad():
+        zr = z if create_graph else z.detach().requires_grad_(need[0])
+        tr = t_in if (create_graph and target is not None) else t_in.detach()
+        if need[1]:
+            tr = tr if tr.requires_grad else tr.detach().requires_grad_(True)
+        loss = _reference_loss(zr, tr, kw)
+        wrt = [x for x, n in zip((zr, tr), need) if n]
+        if loss.requires_grad:
+            got = torch.autograd.grad(loss, wrt, grad_output.to(loss.dtype),
+                                      create_graph=create_graph, allow_unused=True)
+        else:  # the loss is identically 0 (no row counts): so is every derivative
+            got = (None,) * len(wrt)
+    out: List[Optional[Tensor]] = []
+    it = iter(got)
+    for x, n in zip((zr, tr), need):
+        if not n:
+            out.append(None)
+            continue
+        g = next(it)
+        out.append(torch.zeros_like(x) if g is None else g)  # None: the loss is constant 0
+    return out[0], out[1]
+
+
 class _FusedCrossEntropy(torch.autograd.Function):
-    """Forward: loss and gradient from one fused kernel call; backward: gradient times
-    grad_output. Only the logits are differentiable (the wrapper refuses the rest)."""
+    """Forward: loss and gradient from one fused kernel call. Backward: gradient times
+    grad_output (first order); under create_graph=True, or for a probability target's
+    gradient, the vector-Jacobian product of _reference_loss instead, so that every
+    derivative it returns is one it computed. Forward mode (jvp): the tangent of a row loss is
+    <g_n, v_n> with the fused gradient g. Differentiable inputs: the logits and a
+    probability target; weight and sample_weight are refused by the wrapper."""
 
     @staticmethod
-    def forward(ctx, input: Tensor, tgt: np.ndarray, cdt: torch.dtype, kw: Dict[str, Any],
-                inplace: bool) -> Tensor:
+    def forward(ctx, input: Tensor, target: Optional[Tensor], tgt: np.ndarray,
+                cdt: torch.dtype, kw: Dict[str, Any], inplace: bool) -> Tensor:
         if inplace:
             if cdt == input.dtype:
                 x = _numpy(input)
@@ -165,7 +286,13 @@ class _FusedCrossEntropy(torch.autograd.Function):
             grad = torch.from_numpy(g)
             if grad.dtype != input.dtype:
                 grad = grad.to(input.dtype)
+            # Kept (not saved: no version check on the first-order path, which never reads
+            # it) for the derivatives that need the logits themselves.
+            ctx.input = input
+            ctx.input_version = input._version
         ctx.save_for_backward(grad)
+        ctx.save_for_forward(grad)
+        ctx.target, ctx.tgt, ctx.kw = target, tgt, kw
         ctx.inplace = inplace
         ctx.scaled_in_place = False
         # "none": grad_output has the rows' shape; it broadcasts over the class dimension.
@@ -173,27 +300,93 @@ class _FusedCrossEntropy(torch.autograd.Function):
         return _loss_tensor(loss, input.dtype)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_output: Tensor):
-        if ctx.scaled_in_place:
-            raise RuntimeError(
-                "fastxent.torch.cross_entropy(inplace=True): backward ran a second time, but "
-                "the first one already scaled the gradient in place in the logits' memory; "
-                "use inplace=False to backpropagate several times (retain_graph=True)")
+        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        create_graph = torch.is_grad_enabled()
+        if create_graph or need[1]:
+            if ctx.inplace:
+                raise RuntimeError(
+                    "fastxent.torch.cross_entropy(inplace=True) overwrote the logits with the "
+                    "gradient, so it cannot differentiate the gradient again (create_graph="
+                    "True: Hessians, gradient penalties) or give a probability target's "
+                    "gradient; use inplace=False")
+            if ctx.input._version != ctx.input_version:
+                raise RuntimeError(
+                    "fastxent.torch.cross_entropy: the logits were modified in place after the "
+                    "loss was computed; the second-order / target derivative needs their "
+                    "values at that time")
+            t = ctx.target if ctx.target is not None else None
+            gz, gt = _reference_grads(ctx.input, t, ctx.tgt, ctx.kw, grad_output, need,
+                                      create_graph)
+            if need[0] and not create_graph:
+                gz = _scaled_grad(ctx, grad_output)  # the fused gradient for the logits
+            return gz, gt, None, None, None, None
+        return _scaled_grad(ctx, grad_output), None, None, None, None, None
+
+    @staticmethod
+    def jvp(ctx, input_t: Optional[Tensor], target_t: Optional[Tensor], *_: Any) -> Tensor:
         (grad,) = ctx.saved_tensors
-        go = grad_output
-        if ctx.class_dim is not None:
-            go = go.unsqueeze(ctx.class_dim)
-        # The fused gradient is that of the loss itself (of the sum of rows for "none"); the
-        # chain rule scales it by grad_output, exactly and per row, since row n's loss
-        # depends on row n's logits only. grad_output of ones (loss.backward() or
-        # loss.sum().backward()) needs no pass at all.
-        if bool(torch.all(go == 1)):
-            return grad, None, None, None, None
-        if ctx.inplace:
-            ctx.scaled_in_place = True
-            return grad.mul_(go), None, None, None, None
-        return grad * go, None, None, None, None
+        red = ctx.kw["reduction"]
+        out: Optional[Tensor] = None
+        if input_t is not None:
+            prod = grad * input_t
+            if red == "none":
+                out = prod.sum(dim=ctx.class_dim) if ctx.class_dim is not None else prod.sum()
+            else:
+                out = prod.sum()
+        if target_t is not None:
+            if ctx.inplace:
+                raise RuntimeError("fastxent.torch.cross_entropy(inplace=True): a probability "
+                                   "target's tangent needs the logits, which were overwritten")
+            # d loss / d target . v, from the reference loss (linear in v).
+            with torch.enable_grad():
+                tr = ctx.target.detach().requires_grad_(True)
+                loss = _reference_loss(ctx.input.detach(), tr, ctx.kw)
+                (dt,) = torch.autograd.grad(loss, tr, torch.ones_like(loss), allow_unused=True)
+            if dt is not None:
+                if red == "none":
+                    tt = (dt * target_t).sum(dim=ctx.class_dim if ctx.class_dim is not None
+                                             else 0)
+                    # the reference's "none" gradient is that of the sum; rows are separate
+                else:
+                    tt = (dt * target_t).sum()
+                tt = tt.to(grad.dtype)
+                out = tt if out is None else out + tt
+        if out is None:
+            raise RuntimeError("fastxent.torch.cross_entropy: jvp without a tangent")
+        return out.to(grad.dtype)
+
+
+def _all_ones(go: Tensor) -> bool:
+    """Whether grad_output is exactly 1 everywhere; False for a batched grad_output
+    (autograd.grad(is_grads_batched=True)), whose values cannot be tested in Python."""
+    try:
+        return bool(torch.all(go == 1))
+    except RuntimeError:
+        return False
+
+
+def _scaled_grad(ctx: Any, grad_output: Tensor) -> Tensor:
+    """The fused gradient times grad_output (first order, outside the graph)."""
+    if ctx.scaled_in_place:
+        raise RuntimeError(
+            "fastxent.torch.cross_entropy(inplace=True): backward ran a second time, but "
+            "the first one already scaled the gradient in place in the logits' memory; "
+            "use inplace=False to backpropagate several times (retain_graph=True)")
+    (grad,) = ctx.saved_tensors
+    go = grad_output
+    if ctx.class_dim is not None:
+        go = go.unsqueeze(ctx.class_dim)
+    # The fused gradient is that of the loss itself (of the sum of rows for "none"); the
+    # chain rule scales it by grad_output, exactly and per row, since row n's loss depends on
+    # row n's logits only. grad_output of ones (loss.backward() or loss.sum().backward())
+    # needs no pass at all.
+    if _all_ones(go):
+        return grad
+    if ctx.inplace:
+        ctx.scaled_in_place = True
+        return grad.mul_(go)
+    return grad * go
 
 
 _DOC_OPTIONS = """
@@ -229,11 +422,17 @@ _DOC_DIFF = """
     Differences from ``F.cross_entropy`` (deliberate, those of fastxent): when no row counts
     (all ignored, zero rows, or a zero weight sum) ``"mean"`` is 0.0 instead of NaN; an
     ignored row's loss and gradient are 0 whatever its logits hold. Class-index targets may
-    have any integer dtype (PyTorch wants int64 or uint8). Only ``input`` is differentiable:
-    a ``weight``, ``sample_weight`` or probability ``target`` that requires grad is refused
-    (PyTorch refuses ``weight`` too, but differentiates probability targets). Not supported
-    by ``torch.func`` transforms (``vmap``, ``grad``) or ``torch.compile`` tracing (the kernel
-    is a NumPy call: ``torch.compile`` falls back to eager around it).
+    have any integer dtype (PyTorch wants int64 or uint8). ``input`` and a probability
+    ``target`` are differentiable; a ``weight`` or ``sample_weight`` that requires grad is
+    refused (PyTorch refuses ``weight`` too). ``torch.compile`` does not trace the kernel (a
+    NumPy call: it falls back to eager around it).
+
+    Derivatives: first order with respect to ``input`` from the fused kernel; second order
+    (``create_graph=True``), a probability target's gradient and ``torch.func`` transforms
+    (``grad``, ``vmap``, ``jvp``, ``jacrev``, ``hessian``) through the same formula in PyTorch
+    ops (materialising, at PyTorch's speed); forward mode (``torch.autograd.forward_ad``) as
+    ``<gradient, tangent>`` per row. After ``inplace=True`` a second-order or target
+    derivative raises RuntimeError (the logits are gone).
 """
 
 
@@ -245,16 +444,78 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
                           inplace, fastxent_options)
 
 
+_FUNC_OPTIONS = ("sample_weight", "z_loss", "softcap", "logit_scale", "normalizer",
+                 "num_threads")
+
+
+def _under_func_transform(*ts: Any) -> bool:
+    return any(isinstance(t, Tensor) and _functorch_wrapped(t) for t in ts)
+
+
+def _func_transform_loss(input: Tensor, target: Tensor, weight: Any, ignore_index: int,
+                         reduction: str, label_smoothing: float,
+                         options: Dict[str, Any]) -> Tensor:
+    """cross_entropy under a torch.func transform (grad, vmap, jvp, jacrev, jacfwd, hessian):
+    the transforms hand over tensors without storage, which the kernel cannot read, so the
+    loss is _reference_loss, in PyTorch ops that every transform composes with; the same
+    checks as the kernel's path, except those that need the values (a class index out of
+    range raises PyTorch's indexing error rather than fastxent's IndexError naming the row)."""
+    _compute_dtype(input, target, "input")
+    if input.ndim == 0:
+        raise ValueError("input must have shape (C,), (N, C) or (N, C, d1, ..., dk); got a "
+                         "0-dimensional tensor")
+    for k in options:
+        if k not in _FUNC_OPTIONS:
+            raise TypeError(f"cross_entropy() got an unexpected keyword argument {k!r}")
+    _, ii, eps, _ = _api._options(reduction, ignore_index, label_smoothing,
+                                  options.get("num_threads"))
+    ax = 0 if input.ndim == 1 else 1
+    C = input.shape[ax]
+    rows = tuple(input.shape[:ax]) + tuple(input.shape[ax + 1:])
+    if target.is_floating_point():
+        if tuple(target.shape) != tuple(input.shape):
+            raise ValueError(f"probability target has shape {tuple(target.shape)}, expected "
+                             f"the input's shape {tuple(input.shape)}")
+        if ii != -100:
+            raise ValueError("ignore_index applies to class-index targets only")
+    elif tuple(target.shape) != rows:
+        raise ValueError(f"target has shape {tuple(target.shape)}, expected {rows} (the "
+                         f"input's shape without its class dimension {ax})")
+    for name, v, shape in (("weight", weight, (C,)),
+                           ("sample_weight", options.get("sample_weight"), rows)):
+        if v is not None and tuple(np.shape(v)) != shape:
+            raise ValueError(f"{name} has shape {tuple(np.shape(v))}, expected {shape}")
+    z_loss = _api._real(options.get("z_loss", 0.0), "z_loss", 0.0, False)
+    cap = options.get("softcap")
+    cap = None if cap is None else _api._real(cap, "softcap", 0.0, True)
+    alpha = _api._real(options.get("logit_scale", 1.0), "logit_scale", 0.0, True)
+    norm = options.get("normalizer")
+    norm = None if norm is None else _api._real(norm, "normalizer", 0.0, False)
+    kw = dict(axis=ax, reduction=reduction, weight=weight, ignore_index=ii,
+              label_smoothing=eps, sample_weight=options.get("sample_weight"), z_loss=z_loss,
+              softcap=cap, logit_scale=alpha, normalizer=norm)
+    return _reference_loss(input, target, kw).to(input.dtype)
+
+
 def _cross_entropy(input: Tensor, target: Tensor, weight: Any, ignore_index: int,
                    reduction: str, label_smoothing: float, inplace: bool,
                    options: Dict[str, Any]) -> Tensor:
+    if _under_func_transform(input, target, weight, options.get("sample_weight")):
+        return _func_transform_loss(input, target, weight, ignore_index, reduction,
+                                    label_smoothing, options)
     cdt, tgt, kw = _prepare(input, target, weight, ignore_index, reduction, label_smoothing,
                             options)
     if not isinstance(inplace, bool):
         raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
-    if not (input.requires_grad and torch.is_grad_enabled()):
-        # No gradient wanted: the forward-only kernel, nothing of the logits' size written.
+    grad_mode = torch.is_grad_enabled()
+    reverse = input.requires_grad and grad_mode
+    t_diff = target.is_floating_point() and (
+        (target.requires_grad and grad_mode) or _has_tangent(target))
+    if not (reverse or t_diff or _has_tangent(input)):
+        # No derivative wanted: the forward-only kernel, nothing of the logits' size written.
         return _loss_tensor(_api.cross_entropy(_numpy(input, cdt), tgt, **kw), input.dtype)
+    # The logits are overwritten only for a reverse-mode gradient of theirs alone.
+    inplace = inplace and reverse and not t_diff
     if inplace:
         base = input if input._base is None else input._base
         if base.is_leaf and base.requires_grad:
@@ -265,7 +526,7 @@ def _cross_entropy(input: Tensor, target: Tensor, weight: Any, ignore_index: int
             raise ValueError("inplace=True needs a contiguous input (the gradient is written "
                              "over it in the same layout); call .contiguous() or use "
                              "inplace=False")
-    return _FusedCrossEntropy.apply(input, tgt, cdt, kw, inplace)
+    return _FusedCrossEntropy.apply(input, target if t_diff else None, tgt, cdt, kw, inplace)
 
 
 cross_entropy.__doc__ = """Cross-entropy loss with the signature and semantics of
@@ -327,8 +588,9 @@ cross_entropy.__doc__ = """Cross-entropy loss with the signature and semantics o
     IndexError
         a class index outside ``[0, C)`` that is not ``ignore_index``.
     RuntimeError
-        ``weight``, ``sample_weight`` or a probability target that requires grad; a second
-        backward through an ``inplace=True`` call that scaled the gradient in place.
+        ``weight`` or ``sample_weight`` that requires grad; a second backward through an
+        ``inplace=True`` call that scaled the gradient in place; a second-order or target
+        derivative after ``inplace=True``, or after the logits were changed in place.
 
     Example
     -------
@@ -402,6 +664,254 @@ CrossEntropyLoss.__doc__ = """``torch.nn.CrossEntropyLoss`` computed by fastxent
     >>> head.weight.grad.shape
     torch.Size([10, 16])
 """
+
+
+# --------------------------------------------------------------------------------------------
+# Sigmoid (binary / multi-label) cross-entropy: F.binary_cross_entropy_with_logits
+# --------------------------------------------------------------------------------------------
+
+def _sigmoid_reference(x: Tensor, y: Tensor, w: Optional[Tensor], pw: Optional[Tensor],
+                       reduction: str) -> Tensor:
+    """fastxent.sigmoid_cross_entropy's formula in differentiable PyTorch ops (no
+    data-dependent branch): what second-order derivatives, the derivatives with respect to
+    target / weight / pos_weight, and torch.func transforms differentiate."""
+    if x.dtype in (torch.float16, torch.bfloat16):
+        x = x.float()
+    y = y.to(x.dtype)
+    sp = torch.nn.functional.softplus(-x)
+    coef = 1.0 + (pw.to(x.dtype) - 1.0) * y if pw is not None else torch.ones_like(y)
+    loss = (1.0 - y) * x + coef * sp
+    if w is not None:
+        loss = w.to(x.dtype) * loss
+    if reduction == "none":
+        return loss
+    total = loss.sum()
+    if reduction == "sum":
+        return total
+    n = x.numel()
+    return total / n if n else total * 0.0  # "mean" of no element is 0 (fastxent's rule)
+
+
+class _FusedSigmoidCrossEntropy(torch.autograd.Function):
+    """Forward: loss and gradient from fastxent.sigmoid_cross_entropy_with_grad. Backward:
+    gradient times grad_output; under create_graph=True, or for target / weight / pos_weight
+    gradients, the vector-Jacobian product of _sigmoid_reference. jvp: <g, v> per element."""
+
+    @staticmethod
+    def forward(ctx, input: Tensor, target: Tensor, weight: Optional[Tensor],
+                pos_weight: Optional[Tensor], cdt: torch.dtype, reduction: str) -> Tensor:
+        def arr(t: Optional[Tensor]) -> Optional[np.ndarray]:
+            return None if t is None else _numpy(t, cdt)
+        loss, g = _api_sigmoid.sigmoid_cross_entropy_with_grad(
+            _numpy(input, cdt), _numpy(target, cdt), reduction=reduction,
+            weight=arr(weight), pos_weight=arr(pos_weight))
+        grad = torch.from_numpy(g)
+        if grad.dtype != input.dtype:
+            grad = grad.to(input.dtype)
+        ctx.save_for_backward(grad)
+        ctx.save_for_forward(grad)
+        ctx.inputs = (input, target, weight, pos_weight)
+        ctx.versions = tuple(None if t is None else t._version for t in ctx.inputs)
+        ctx.reduction = reduction
+        return _loss_tensor(loss, input.dtype)
+
+    @staticmethod
+    def _reference_vjp(ctx: Any, grad_output: Tensor, need: Tuple[bool, ...],
+                       create_graph: bool) -> List[Optional[Tensor]]:
+        for t, v in zip(ctx.inputs, ctx.versions):
+            if t is not None and t._version != v:
+                raise RuntimeError("fastxent.torch.binary_cross_entropy_with_logits: an input "
+                                   "was modified in place after the loss was computed")
+        with torch.enable_grad():
+            ins = [t if (t is None or create_graph) else t.detach().requires_grad_(n)
+                   for t, n in zip(ctx.inputs, need)]
+            loss = _sigmoid_reference(ins[0], ins[1], ins[2], ins[3], ctx.reduction)
+            wrt = [t for t, n in zip(ins, need) if n]
+            got = list(torch.autograd.grad(loss, wrt, grad_output.to(loss.dtype),
+                                           create_graph=create_graph, allow_unused=True))
+        out: List[Optional[Tensor]] = []
+        for t, n in zip(ins, need):
+            if not n:
+                out.append(None)
+                continue
+            g = got.pop(0)
+            out.append(torch.zeros_like(t) if g is None else g)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        need = tuple(ctx.needs_input_grad[:4])
+        create_graph = torch.is_grad_enabled()
+        if create_graph or any(need[1:]):
+            grads = _FusedSigmoidCrossEntropy._reference_vjp(ctx, grad_output, need,
+                                                             create_graph)
+        else:
+            grads = [None] * 4
+        if need[0] and not create_graph:
+            (grad,) = ctx.saved_tensors
+            grads[0] = grad if _all_ones(grad_output) else grad * grad_output
+        return (*grads, None, None)
+
+    @staticmethod
+    def jvp(ctx, x_t: Optional[Tensor], y_t: Optional[Tensor], w_t: Optional[Tensor],
+            pw_t: Optional[Tensor], *_: Any) -> Tensor:
+        (grad,) = ctx.saved_tensors
+        none = ctx.reduction == "none"
+        out = torch.zeros_like(grad) if none else torch.zeros((), dtype=grad.dtype)
+        if x_t is not None:
+            out = out + (grad * x_t if none else (grad * x_t).sum())
+        if y_t is not None or w_t is not None or pw_t is not None:
+            # Tangents of target / weight / pos_weight, from the formula's partial derivatives
+            # per element (weight and pos_weight may be broadcast):
+            # d/dy = w (-x + (p - 1) sp), d/dw = (1 - y) x + (1 + (p - 1) y) sp, d/dp = w y sp
+            # with sp = softplus(-x).
+            x, y, w, pw = (None if t is None else t.detach() for t in ctx.inputs)
+            dt = grad.dtype if grad.dtype in (torch.float32, torch.float64) else torch.float32
+            x, y = x.to(dt), y.to(dt)
+            sp = torch.nn.functional.softplus(-x)
+            wv = torch.ones((), dtype=dt) if w is None else w.to(dt)
+            pv = torch.ones((), dtype=dt) if pw is None else pw.to(dt)
+            e = torch.zeros_like(x)
+            if y_t is not None:
+                e = e + wv * (-x + (pv - 1.0) * sp) * y_t.to(dt)
+            if w_t is not None:
+                e = e + ((1.0 - y) * x + (1.0 + (pv - 1.0) * y) * sp) * w_t.to(dt)
+            if pw_t is not None:
+                e = e + wv * y * sp * pw_t.to(dt)
+            if none:
+                out = out + e.to(out.dtype)
+            else:
+                tot = e.sum()
+                if ctx.reduction == "mean":
+                    tot = tot / max(e.numel(), 1)
+                out = out + tot.to(out.dtype)
+        return out.to(grad.dtype)
+
+
+def _bce_operand(v: Any, name: str, input: Tensor) -> Optional[Tensor]:
+    if v is None:
+        return None
+    if not isinstance(v, Tensor):
+        v = torch.as_tensor(np.asarray(v))
+    _check_cpu(v, name)
+    try:
+        ok = torch.broadcast_shapes(v.shape, input.shape) == input.shape
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"{name} has shape {tuple(v.shape)}, which does not broadcast to the "
+                         f"input's shape {tuple(input.shape)}")
+    return v
+
+
+def binary_cross_entropy_with_logits(input: Tensor, target: Tensor,
+                                     weight: Optional[Tensor] = None,
+                                     size_average: Optional[bool] = None,
+                                     reduce: Optional[bool] = None, reduction: str = "mean",
+                                     pos_weight: Optional[Tensor] = None) -> Tensor:
+    if size_average is not None or reduce is not None:
+        # PyTorch's own translation, with its deprecation warning.
+        reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
+    if not isinstance(input, Tensor):
+        raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
+    if not isinstance(target, Tensor):
+        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    if not isinstance(reduction, str) or reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    _check_cpu(input, "input")
+    _check_cpu(target, "target")
+    cdt = _COMPUTE_DTYPE.get(input.dtype)
+    if cdt is None:
+        raise TypeError(f"input must be float32, float64, float16 or bfloat16, got "
+                        f"{input.dtype}")
+    if tuple(target.shape) != tuple(input.shape):
+        raise ValueError(f"target has shape {tuple(target.shape)}, expected the input's shape "
+                         f"{tuple(input.shape)} (as F.binary_cross_entropy_with_logits)")
+    if not (target.is_floating_point() or target.dtype == torch.bool or
+            not (target.is_complex())):
+        raise TypeError(f"target must be real, got {target.dtype}")
+    w = _bce_operand(weight, "weight", input)
+    pw = _bce_operand(pos_weight, "pos_weight", input)
+    if _under_func_transform(input, target, w, pw):
+        return _sigmoid_reference(input, target, w, pw, reduction).to(input.dtype)
+    tensors = (input, target, w, pw)
+    grad_mode = torch.is_grad_enabled()
+    wants = any(t is not None and ((t.requires_grad and grad_mode) or _has_tangent(t))
+                for t in tensors)
+    if not wants:
+        def arr(t: Optional[Tensor]) -> Optional[np.ndarray]:
+            return None if t is None else _numpy(t, cdt)
+        loss = _api_sigmoid.sigmoid_cross_entropy(_numpy(input, cdt), _numpy(target, cdt),
+                                                  reduction=reduction, weight=arr(w),
+                                                  pos_weight=arr(pw))
+        return _loss_tensor(loss, input.dtype)
+    return _FusedSigmoidCrossEntropy.apply(input, target, w, pw, cdt, reduction)
+
+
+binary_cross_entropy_with_logits.__doc__ = """``torch.nn.functional.binary_cross_entropy_with_logits``
+    computed by fastxent's fused sigmoid kernel (:func:`fastxent.sigmoid_cross_entropy_with_grad`):
+    the same signature (``size_average`` and ``reduce`` are translated with PyTorch's own
+    deprecation warning) and the same values::
+
+        loss = weight * ((1 - y) * x + (1 + (pos_weight - 1) * y) * softplus(-x))
+
+    reduced by ``reduction`` ("mean" over all elements). ``weight`` and ``pos_weight``
+    broadcast to the input's shape (``pos_weight`` usually ``(C,)``, the last dimension).
+
+    The gradient with respect to ``input`` comes from the forward pass (one pass over memory);
+    backward multiplies it by ``grad_output``. Every other derivative is computed too, never
+    returned as zeros or None: with respect to ``target``, ``weight`` and ``pos_weight`` when
+    they require grad, second order (``create_graph=True``) and forward mode
+    (``torch.autograd.forward_ad``), through the same formula in PyTorch ops; under
+    ``torch.func`` transforms (grad, vmap, jvp, hessian) the loss itself is computed in PyTorch
+    ops. float16 / bfloat16 inputs are computed via float32 and cast back.
+
+    Differences from PyTorch (deliberate, fastxent's): "mean" of zero elements is 0.0, not NaN;
+    a zero factor times an infinite logit is 0, not NaN.
+
+    Raises: ValueError for a tensor not on the CPU, mismatched or non-broadcasting shapes and
+    an unknown reduction; TypeError for non-tensor input/target or an unsupported dtype.
+
+    Example
+    -------
+    >>> import torch, fastxent.torch as fxt
+    >>> x = torch.tensor([[2.0, -1.0], [0.5, 3.0]], requires_grad=True)
+    >>> y = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    >>> loss = fxt.binary_cross_entropy_with_logits(x, y, pos_weight=torch.tensor([2.0, 1.0]))
+    >>> loss.backward()
+    >>> torch.allclose(loss, torch.nn.functional.binary_cross_entropy_with_logits(
+    ...     x, y, pos_weight=torch.tensor([2.0, 1.0])))
+    True
+"""
+
+
+class BCEWithLogitsLoss(nn.Module):
+    """``torch.nn.BCEWithLogitsLoss`` computed by fastxent's fused sigmoid kernel:
+    ``BCEWithLogitsLoss(weight, size_average, reduce, reduction, pos_weight)(input, target)``
+    is :func:`binary_cross_entropy_with_logits` with the constructor's arguments (PyTorch's
+    signature; ``weight`` and ``pos_weight`` registered as buffers, as in PyTorch). The
+    constructor checks ``reduction`` (ValueError) and translates the deprecated
+    ``size_average`` / ``reduce`` with PyTorch's warning."""
+
+    def __init__(self, weight: Optional[Tensor] = None, size_average: Optional[bool] = None,
+                 reduce: Optional[bool] = None, reduction: str = "mean",
+                 pos_weight: Optional[Tensor] = None) -> None:
+        super().__init__()
+        if size_average is not None or reduce is not None:
+            reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
+        if not isinstance(reduction, str) or reduction not in ("mean", "sum", "none"):
+            raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+        self.reduction = reduction
+        self.register_buffer("weight", weight)
+        self.register_buffer("pos_weight", pos_weight)
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return binary_cross_entropy_with_logits(input, target, self.weight,
+                                                reduction=self.reduction,
+                                                pos_weight=self.pos_weight)
+
+    def extra_repr(self) -> str:
+        return f"reduction={self.reduction!r}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -528,8 +1038,20 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         return _loss_tensor(loss, input.dtype)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_output: Tensor):
+        if torch.is_grad_enabled():
+            # create_graph=True: the gradient would be returned as a constant, and every
+            # derivative of it silently 0. Refuse instead.
+            raise RuntimeError(
+                "vocab_parallel_cross_entropy has no second-order derivative (backward with "
+                "create_graph=True: Hessians, gradient penalties); its gradient is computed "
+                "outside the autograd graph. Use fastxent.torch.cross_entropy on gathered "
+                "logits for those")
+        with torch.no_grad():
+            return _VocabParallelCrossEntropy._backward(ctx, grad_output)
+
+    @staticmethod
+    def _backward(ctx, grad_output: Tensor):
         input = ctx.saved_tensors[0]
         a, merged = ctx.a, ctx.merged
         x = _numpy(input, a.cdt)
@@ -540,7 +1062,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
             # weights of the sum's gradient, which shard_grad applies per row in its one pass
             # (the same factor as scaling afterwards; only the rounding order differs: the
             # product s_n * go_n is rounded to the compute dtype).
-            if not bool(torch.all(grad_output == 1)):
+            if not _all_ones(grad_output):
                 go = _numpy(grad_output, torch.float64)
                 sw = go if sw is None else np.asarray(sw, np.float64) * go
         else:
@@ -572,6 +1094,7 @@ def vocab_parallel_cross_entropy(local_logits: Tensor, target: Tensor, group: An
                                  normalizer: Optional[float] = None,
                                  num_threads: Optional[int] = None) -> Tensor:
     cdt = _compute_dtype(local_logits, target, "local_logits")
+    _refuse_func_transforms(local_logits, target, weight, sample_weight)
     if local_logits.ndim == 0:
         raise ValueError("local_logits must have shape (..., C_local): the vocabulary slice "
                          "is the last dimension")
@@ -667,7 +1190,8 @@ vocab_parallel_cross_entropy.__doc__ = """Cross-entropy over a vocabulary split 
     ------
     RuntimeError
         ``torch.distributed`` unavailable or not initialized; ``weight``, ``sample_weight`` or
-        a probability target that requires grad.
+        a probability target that requires grad; ``create_graph=True`` in backward (no
+        second-order derivative) or a ``torch.func`` transform.
     ValueError
         a tensor not on the CPU; a bad shape, option or layout (slices that overlap or leave
         classes out are detected after the merge, on every rank alike).
