@@ -482,14 +482,17 @@ def test_no_counted_rows_mean_is_zero():
 
 
 def test_non_cpu_tensors_rejected():
-    x = torch.empty(4, 3, device="meta")
-    with pytest.raises(ValueError, match="fastxent is a CPU kernel"):
-        fxt.cross_entropy(x, torch.zeros(4, dtype=torch.long))
-    with pytest.raises(ValueError, match="CPU kernel.*target"):
+    # TypeError, as the README's error table and fastxent's NumPy API say (meta logits are
+    # shape inference instead: tests/test_torch_training.py).
+    with pytest.raises(TypeError, match="CPU kernel.*target"):
         fxt.cross_entropy(torch.randn(4, 3), torch.zeros(4, dtype=torch.long, device="meta"))
-    with pytest.raises(ValueError, match="CPU kernel.*weight"):
+    with pytest.raises(TypeError, match="CPU kernel.*weight"):
         fxt.cross_entropy(torch.randn(4, 3), torch.zeros(4, dtype=torch.long),
                           torch.ones(3, device="meta"))
+    with pytest.raises(TypeError, match="fastxent is a CPU kernel"):
+        fxt.vocab_parallel_cross_entropy(torch.empty(4, 3, device="meta"),
+                                         torch.zeros(4, dtype=torch.long), offset=0,
+                                         num_classes=3)
 
 
 def test_errors():
@@ -505,8 +508,10 @@ def test_errors():
         fxt.cross_entropy(x, y, out=x)
     with pytest.raises(TypeError):
         fxt.cross_entropy(x, y, no_such_option=1)
-    with pytest.raises(TypeError):  # F's positional order (size_average) is not accepted
-        fxt.cross_entropy(x, y, None, None, -100)
+    # F's positional order is accepted (tests/test_torch_training.py checks the legacy
+    # arguments); a non-integer ignore_index in its position is still an error.
+    with pytest.raises(TypeError, match="ignore_index"):
+        fxt.cross_entropy(x, y, None, None, 1.5)
     with pytest.raises(TypeError, match="target"):
         fxt.cross_entropy(x, y.bool())
     with pytest.raises(IndexError, match=r"target\[2\] = 3"):

@@ -441,8 +441,8 @@ def test_needs_an_initialized_process_group():
 
 
 @pytest.mark.parametrize("bad, exc, match", [
-    (dict(local_logits=torch.randn(3, 4, device="meta")), ValueError, "CPU"),
-    (dict(target=torch.zeros(3, dtype=torch.int64, device="meta")), ValueError, "CPU"),
+    (dict(local_logits=torch.randn(3, 4, device="meta")), TypeError, "CPU"),
+    (dict(target=torch.zeros(3, dtype=torch.int64, device="meta")), TypeError, "CPU"),
     (dict(local_logits=torch.zeros(3, 4, dtype=torch.int32)), TypeError, "float32"),
     (dict(local_logits=torch.tensor(1.0)), ValueError, "last dimension"),
     (dict(local_logits=torch.zeros(3, 0)), ValueError, "empty"),

@@ -200,6 +200,35 @@ py::object fast_call(const py::array& x, const py::array& t, int reduction, bool
   return py::make_tuple(loss, grad);
 }
 
+// fastxent.torch's lean path: the call without options on memory given by address (a
+// C-contiguous (N, C) float32/float64 tensor, its N int64 targets, an (N, C) gradient buffer
+// or none, and the loss's memory: one value, or N row losses for reduction 0), all checked
+// by the caller, which holds the tensors for the duration of the call. Returns false for a
+// class index out of range: the caller then takes the general path, which names the row.
+template <class T>
+bool fast_raw(std::uintptr_t x, int64_t N, int64_t C, std::uintptr_t t, int reduction,
+              std::uintptr_t grad, std::uintptr_t loss) {
+  fastxent::Options opt;
+  opt.reduction = static_cast<fastxent::Reduction>(reduction);
+  fastxent::Inputs<T> in;
+  in.logits = reinterpret_cast<const T*>(x);
+  in.rows = N;
+  in.classes = C;
+  in.row_stride = C;
+  in.target = reinterpret_cast<const int64_t*>(t);
+  T* g = grad ? reinterpret_cast<T*>(grad) : nullptr;
+  T* rl = reduction == 0 ? reinterpret_cast<T*>(loss) : nullptr;
+  double total;
+  try {
+    py::gil_scoped_release release;
+    total = fastxent::cross_entropy<T>(in, opt, g, rl);
+  } catch (const std::out_of_range&) {
+    return false;
+  }
+  if (reduction != 0) *reinterpret_cast<T*>(loss) = T(total);
+  return true;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
@@ -251,6 +280,22 @@ PYBIND11_MODULE(_core, m) {
       py::arg("logits"), py::arg("target"), py::arg("reduction"), py::arg("want_grad"),
       py::arg("out"), py::arg("num_threads"),
       "The common call without options, checked here; None when the general path is needed.");
+
+  m.def(
+      "fast_call_raw",
+      [](std::uintptr_t x, int64_t N, int64_t C, int itemsize, std::uintptr_t t, int reduction,
+         std::uintptr_t grad, std::uintptr_t loss) -> bool {
+        if (!x || !t || !loss || N < 1 || C < 1 || reduction < 0 || reduction > 2)
+          throw std::invalid_argument("fast_call_raw: bad addresses or sizes");
+        if (itemsize == 4) return fast_raw<float>(x, N, C, t, reduction, grad, loss);
+        if (itemsize == 8) return fast_raw<double>(x, N, C, t, reduction, grad, loss);
+        throw std::invalid_argument("fast_call_raw: itemsize must be 4 or 8");
+      },
+      py::arg("logits"), py::arg("rows"), py::arg("classes"), py::arg("itemsize"),
+      py::arg("target"), py::arg("reduction"), py::arg("grad"), py::arg("loss"),
+      "Private to fastxent.torch's lean path: the call without options on memory given by "
+      "address (unchecked: the caller checks layout and dtype and holds the memory). False "
+      "for a class index out of range.");
 
   m.def(
       "cross_entropy_half",

@@ -101,7 +101,8 @@ def _rows_view(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x).reshape(-1, C)
 
 
-def _as_target(target: Any, shape: Tuple[int, ...], C: int, ignore_index: int) -> np.ndarray:
+def _as_target(target: Any, shape: Tuple[int, ...], C: int, ignore_index: int,
+               axis: int = -1) -> np.ndarray:
     t = target if type(target) is np.ndarray else np.asarray(target)
     if t.dtype == np.int64 and t.shape == shape and t.flags.c_contiguous:
         return t.reshape(-1)  # the common case, without a copy
@@ -109,7 +110,9 @@ def _as_target(target: Any, shape: Tuple[int, ...], C: int, ignore_index: int) -
         raise TypeError(f"target must hold integer class indices (shape {shape}) or float "
                         f"class probabilities (shape {shape + (C,)}), got dtype {t.dtype}")
     if t.shape != shape:
-        raise ValueError(f"target has shape {t.shape}, expected {shape} (logits.shape[:-1])")
+        where = "the class axis" if axis == -1 else f"the class axis {axis}"
+        raise ValueError(f"target has shape {t.shape}, expected {shape} (the logits' shape "
+                         f"without {where})")
     if t.dtype == np.uint64 and t.size and int(t.max()) > np.iinfo(np.int64).max:
         _raise_bad_target(t, C, ignore_index)
     return np.ascontiguousarray(t, dtype=np.int64).reshape(-1)
@@ -241,7 +244,7 @@ def _run(logits: Any, target: Any, kw: dict, want_grad: bool, out: Any):
             pr = pr.view(np.uint16)
         probs = rows_or_cols(pr)
     else:
-        t = _as_target(tgt, t_shape, C, ii)
+        t = _as_target(tgt, t_shape, C, ii, -1 if ax == x.ndim - 1 else ax)
     w = _as_vector(kw["weight"], cdt, (C,), "weight", "one per class")
     sw = _as_vector(kw["sample_weight"], cdt, t_shape, "sample_weight", "one per row")
     grad = None

@@ -34,14 +34,21 @@ except ImportError as _e:  # pragma: no cover - exercised without torch installe
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 
-from . import _api, _shard
+from . import _api, _core, _shard
 from . import _sigmoid as _api_sigmoid
 
 __all__ = ["cross_entropy", "CrossEntropyLoss", "binary_cross_entropy_with_logits",
-           "BCEWithLogitsLoss", "vocab_parallel_cross_entropy"]
+           "BCEWithLogitsLoss", "vocab_parallel_cross_entropy", "release_buffers",
+           "kept_buffer_bytes"]
 
-# The dtypes the kernel computes in, per input dtype. Half types are computed via a float32
-# copy (and their results cast back); float32 and float64 are read in place.
+try:  # bfloat16 as a NumPy dtype: the kernel reads PyTorch's bfloat16 memory through it
+    from ml_dtypes import bfloat16 as _ML_BF16
+except ImportError:  # pragma: no cover - ml_dtypes comes with the torch extra
+    _ML_BF16 = None
+
+# The dtypes the kernel computes in, per input dtype: float32 and float64 are read in place,
+# float16 and bfloat16 too (the kernel's 16-bit path converts in registers and computes in
+# float32; weights and targets given to it are float32).
 _COMPUTE_DTYPE = {
     torch.float32: torch.float32,
     torch.float64: torch.float64,
@@ -56,7 +63,7 @@ _RESERVED = ("axis", "out")
 
 def _check_cpu(t: Optional[Tensor], name: str) -> None:
     if t is not None and t.device.type != "cpu":
-        raise ValueError(
+        raise TypeError(
             f"fastxent is a CPU kernel: {name} is on device '{t.device}'; move it to the CPU "
             f"(.cpu()) or use torch.nn.functional.cross_entropy for {t.device.type} tensors")
 
@@ -69,6 +76,122 @@ def _numpy(t: Tensor, dtype: Optional[torch.dtype] = None) -> np.ndarray:
     if t.is_neg():
         t = t.resolve_neg()
     return t.numpy()
+
+
+def _kernel_view(t: Tensor) -> Optional[np.ndarray]:
+    """A zero-copy NumPy view of a CPU tensor in a dtype the kernel reads natively (float32,
+    float64, float16, and bfloat16 through ml_dtypes), or None (bfloat16 without ml_dtypes)."""
+    t = t.detach()
+    if t.is_neg():
+        t = t.resolve_neg()
+    if t.dtype == torch.bfloat16:
+        if _ML_BF16 is None:
+            return None
+        return t.view(torch.int16).numpy().view(_ML_BF16)
+    return t.numpy()
+
+
+def _direct_logits(input: Tensor, tgt: np.ndarray) -> Optional[np.ndarray]:
+    """The logits as the kernel reads them in place, or None for the float32 route (bfloat16
+    without ml_dtypes; 16-bit logits with probabilities of another dtype, which the kernel
+    would round to the logits' dtype)."""
+    x = _kernel_view(input)
+    if x is not None and tgt.dtype.kind not in "iu" and tgt.dtype != x.dtype:
+        return None
+    return x
+
+
+def _tensor_of(a: np.ndarray, dtype: torch.dtype) -> Tensor:
+    """The tensor over a NumPy array the kernel wrote (bfloat16 through its int16 bits)."""
+    if dtype == torch.bfloat16:
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(a)
+
+
+_ITEMSIZE = {torch.float32: 4, torch.float64: 8, torch.float16: 2, torch.bfloat16: 2}
+
+
+class _GradPool:
+    """Gradient buffers kept between calls, so that a training loop's default (non-inplace)
+    path does not map and fault in a fresh logits-sized array every step (50-700 ms per step
+    for 400 MB on cloud VMs). A buffer is handed out again only when nothing else references
+    its memory: every tensor over it (the gradient autograd passed on, any view of it, a
+    `.grad` that kept it) holds its storage, and the storage holds the NumPy array, so the
+    array's reference count says whether any of them is alive. Buffers under `min_bytes` are
+    not kept (a small allocation is cheap and reuses the heap); at most `max_buffers` are
+    (the least recently used goes first). Thread-safe: a buffer is handed out and wrapped in
+    its tensor under one lock."""
+
+    def __init__(self, max_buffers: int = 2, min_bytes: int = 1 << 20) -> None:
+        import collections
+        import threading
+        self.max_buffers = max_buffers
+        self.min_bytes = min_bytes
+        self._bufs: "collections.OrderedDict[Tuple[Any, ...], np.ndarray]" = (
+            collections.OrderedDict())
+        self._lock = threading.Lock()
+
+    def take(self, shape: Tuple[int, ...], dtype: torch.dtype
+             ) -> Optional[Tuple[np.ndarray, Tensor]]:
+        """(array, tensor over it) to write a gradient of `shape` and `dtype` into, or None
+        (a small gradient: let the kernel allocate it)."""
+        n = _ITEMSIZE[dtype]
+        for d in shape:
+            n *= d
+        if n < self.min_bytes or self.max_buffers <= 0:
+            return None
+        import sys
+        key = (tuple(int(d) for d in shape), dtype)
+        with self._lock:
+            buf = self._bufs.get(key)
+            # References while free: the dict's, `buf` here, getrefcount's argument.
+            if buf is None or sys.getrefcount(buf) > 3:
+                np_dtype = {torch.float32: np.float32, torch.float64: np.float64,
+                            torch.float16: np.float16, torch.bfloat16: np.int16}[dtype]
+                buf = np.empty(key[0], np_dtype)
+                self._bufs[key] = buf  # a busy buffer stays with whoever holds it
+                while len(self._bufs) > self.max_buffers:
+                    self._bufs.popitem(last=False)
+            self._bufs.move_to_end(key)
+            t = _tensor_of(buf, dtype)  # now referenced: no other caller gets it
+        if dtype == torch.bfloat16:
+            assert _ML_BF16 is not None
+            return buf.view(_ML_BF16), t
+        return buf, t
+
+    def clear(self) -> None:
+        with self._lock:
+            self._bufs.clear()
+
+    def nbytes(self) -> int:
+        with self._lock:
+            return sum(b.nbytes for b in self._bufs.values())
+
+
+_POOL = _GradPool()
+
+
+def release_buffers() -> int:
+    """Drops the gradient buffers fastxent.torch keeps between calls (see
+    :func:`cross_entropy`'s memory note) and returns how many bytes they held; memory still
+    referenced by a live tensor is freed when that tensor goes."""
+    n = _POOL.nbytes()
+    _POOL.clear()
+    return n
+
+
+def kept_buffer_bytes() -> int:
+    """Bytes of the gradient buffers fastxent.torch keeps for reuse (0 after
+    :func:`release_buffers`)."""
+    return _POOL.nbytes()
+
+
+def _autocast_loss_dtype(input: Tensor) -> torch.dtype:
+    """The loss's dtype: float32 for 16-bit logits under CPU autocast (PyTorch runs
+    cross-entropy in float32 there), else the input's."""
+    if input.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled("cpu"):
+        return torch.float32
+    return input.dtype
 
 
 def _as_array(v: Any, name: str, dtype: torch.dtype) -> Any:
@@ -110,6 +233,10 @@ def _target_array(target: Tensor, cdt: torch.dtype, differentiable: bool = False
             raise RuntimeError("vocab_parallel_cross_entropy does not differentiate with "
                                "respect to a probability target; this input cannot have "
                                "requires_grad=True (detach it)")
+        if differentiable and target.dtype in (torch.float16, torch.bfloat16):
+            v = _kernel_view(target)  # 16-bit probabilities for 16-bit logits: read as they are
+            if v is not None:
+                return v
         return _numpy(target, cdt)
     if target.is_complex():
         raise TypeError(f"target must hold integer class indices or float class "
@@ -266,12 +393,14 @@ class _FusedCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input: Tensor, target: Optional[Tensor], tgt: np.ndarray,
-                cdt: torch.dtype, kw: Dict[str, Any], inplace: bool) -> Tensor:
+                cdt: torch.dtype, kw: Dict[str, Any], inplace: bool, fwd: bool) -> Tensor:
+        # fwd: a forward-mode tangent is present (decided by the caller: inside forward the
+        # inputs come without their tangents).
+        x = _direct_logits(input, tgt)
         if inplace:
-            if cdt == input.dtype:
-                x = _numpy(input)
+            if x is not None:
                 loss, _ = _api.cross_entropy_with_grad(x, tgt, out=x, **kw)
-            else:  # half: compute in a float32 copy, then write the gradient back
+            else:  # bfloat16 without ml_dtypes: a float32 copy, the gradient written back
                 x32 = _numpy(input, cdt)
                 loss, _ = _api.cross_entropy_with_grad(x32, tgt, out=x32, **kw)
                 input.detach().copy_(torch.from_numpy(x32))
@@ -281,28 +410,39 @@ class _FusedCrossEntropy(torch.autograd.Function):
             # (e.g. a tanh or a softmax producing them) fails loudly in backward instead of
             # silently using the gradient as its saved tensor.
             torch.autograd.graph.increment_version(input)
-        else:
+        elif x is not None:
+            taken = _POOL.take(tuple(input.shape), input.dtype)
+            if taken is None:
+                loss, g = _api.cross_entropy_with_grad(x, tgt, **kw)
+                grad = _tensor_of(g, input.dtype)
+            else:
+                loss, _ = _api.cross_entropy_with_grad(x, tgt, out=taken[0], **kw)
+                grad = taken[1]
+        else:  # bfloat16 without ml_dtypes: a float32 copy
             loss, g = _api.cross_entropy_with_grad(_numpy(input, cdt), tgt, **kw)
-            grad = torch.from_numpy(g)
-            if grad.dtype != input.dtype:
-                grad = grad.to(input.dtype)
-            # Kept (not saved: no version check on the first-order path, which never reads
-            # it) for the derivatives that need the logits themselves.
-            ctx.input = input
-            ctx.input_version = input._version
+            grad = torch.from_numpy(g).to(input.dtype)
         ctx.save_for_backward(grad)
-        ctx.save_for_forward(grad)
-        ctx.target, ctx.tgt, ctx.kw = target, tgt, kw
+        # The logits and a differentiable target, for the derivatives that need them (none
+        # after inplace=True: the logits' memory holds the gradient); released by the first
+        # first-order backward (_release), as saved tensors would be, but without autograd's
+        # version check on that path, which never reads them (F.cross_entropy's backward does
+        # not read the logits either); the derivatives that read them compare versions.
+        ctx.keep = None if inplace else (input, target)
+        ctx.input_version = input._version
+        if fwd:
+            ctx.save_for_forward(grad)
+            ctx.fwd = (input, target)  # for jvp (forward mode: no backward, no graph to free)
+        ctx.tgt, ctx.kw = tgt, kw
         ctx.inplace = inplace
         ctx.scaled_in_place = False
         # "none": grad_output has the rows' shape; it broadcasts over the class dimension.
         ctx.class_dim = 1 if (kw["reduction"] == "none" and input.ndim > 1) else None
-        return _loss_tensor(loss, input.dtype)
+        return _loss_tensor(loss, _autocast_loss_dtype(input))
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
-        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         create_graph = torch.is_grad_enabled()
+        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         if create_graph or need[1]:
             if ctx.inplace:
                 raise RuntimeError(
@@ -310,18 +450,24 @@ class _FusedCrossEntropy(torch.autograd.Function):
                     "gradient, so it cannot differentiate the gradient again (create_graph="
                     "True: Hessians, gradient penalties) or give a probability target's "
                     "gradient; use inplace=False")
-            if ctx.input._version != ctx.input_version:
+            if ctx.keep is None:
+                raise RuntimeError(
+                    "fastxent.torch.cross_entropy: an earlier first-order backward through "
+                    "this loss (retain_graph=True) released the logits; run the backward with "
+                    "create_graph=True (or the one asking for the target's gradient) first")
+            input, t = ctx.keep
+            if input._version != ctx.input_version:
                 raise RuntimeError(
                     "fastxent.torch.cross_entropy: the logits were modified in place after the "
                     "loss was computed; the second-order / target derivative needs their "
                     "values at that time")
-            t = ctx.target if ctx.target is not None else None
-            gz, gt = _reference_grads(ctx.input, t, ctx.tgt, ctx.kw, grad_output, need,
+            gz, gt = _reference_grads(input, t, ctx.tgt, ctx.kw, grad_output, need,
                                       create_graph)
             if need[0] and not create_graph:
                 gz = _scaled_grad(ctx, grad_output)  # the fused gradient for the logits
-            return gz, gt, None, None, None, None
-        return _scaled_grad(ctx, grad_output), None, None, None, None, None
+            return gz, gt, None, None, None, None, None
+        ctx.keep = None  # first order: the logits are not needed any more
+        return _scaled_grad(ctx, grad_output), None, None, None, None, None, None
 
     @staticmethod
     def jvp(ctx, input_t: Optional[Tensor], target_t: Optional[Tensor], *_: Any) -> Tensor:
@@ -340,8 +486,8 @@ class _FusedCrossEntropy(torch.autograd.Function):
                                    "target's tangent needs the logits, which were overwritten")
             # d loss / d target . v, from the reference loss (linear in v).
             with torch.enable_grad():
-                tr = ctx.target.detach().requires_grad_(True)
-                loss = _reference_loss(ctx.input.detach(), tr, ctx.kw)
+                tr = ctx.fwd[1].detach().requires_grad_(True)
+                loss = _reference_loss(ctx.fwd[0].detach(), tr, ctx.kw)
                 (dt,) = torch.autograd.grad(loss, tr, torch.ones_like(loss), allow_unused=True)
             if dt is not None:
                 if red == "none":
@@ -361,6 +507,8 @@ def _all_ones(go: Tensor) -> bool:
     """Whether grad_output is exactly 1 everywhere; False for a batched grad_output
     (autograd.grad(is_grads_batched=True)), whose values cannot be tested in Python."""
     try:
+        if go.dim() == 0:
+            return go.item() == 1
         return bool(torch.all(go == 1))
     except RuntimeError:
         return False
@@ -373,7 +521,7 @@ def _scaled_grad(ctx: Any, grad_output: Tensor) -> Tensor:
             "fastxent.torch.cross_entropy(inplace=True): backward ran a second time, but "
             "the first one already scaled the gradient in place in the logits' memory; "
             "use inplace=False to backpropagate several times (retain_graph=True)")
-    (grad,) = ctx.saved_tensors
+    grad = ctx.saved_tensors[0]
     go = grad_output
     if ctx.class_dim is not None:
         go = go.unsqueeze(ctx.class_dim)
@@ -385,8 +533,8 @@ def _scaled_grad(ctx: Any, grad_output: Tensor) -> Tensor:
         return grad
     if ctx.inplace:
         ctx.scaled_in_place = True
-        return grad.mul_(go)
-    return grad * go
+        return grad.mul_(go.to(grad.dtype))
+    return grad * go.to(grad.dtype)
 
 
 _DOC_OPTIONS = """
@@ -436,10 +584,108 @@ _DOC_DIFF = """
 """
 
 
-def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None, *,
-                  ignore_index: int = -100, reduction: str = "mean",
-                  label_smoothing: float = 0.0, inplace: bool = False,
+_LEAN_RED = {"none": 0, "sum": 1, "mean": 2}
+_LEAN_DTYPES = (torch.float32, torch.float64)
+_is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+_is_compiling = torch.compiler.is_compiling
+_functorch_active = torch._C._are_functorch_transforms_active
+_LEAN_KW = {r: dict(axis=1, reduction=r, weight=None, ignore_index=-100, label_smoothing=0.0,
+                    sample_weight=None) for r in _LEAN_RED}
+
+
+def _lean_call(input: Tensor, target: Tensor, reduction: Any) -> Optional[Tensor]:
+    """The common call without options (2-D float32/float64 logits, int64 class indices),
+    through _core.fast_call: about as much Python as F.cross_entropy's call. None when it
+    does not apply (anything else, or a bad call: the general path then gives the error)."""
+    red = _LEAN_RED.get(reduction) if type(reduction) is str else None
+    if (red is None or type(input) is not Tensor or type(target) is not Tensor
+            or input.dtype not in _LEAN_DTYPES or target.dtype != torch.int64
+            or input.ndim != 2 or input.is_neg()
+            or not (input.is_cpu and target.is_cpu) or fwAD._current_level >= 0
+            or _functorch_active() or _is_wrapped(input) or _is_wrapped(target)):
+        return None
+    N, C = input.shape
+    if (C == 0 or N == 0 or target.shape != (N,) or not input.is_contiguous()
+            or not target.is_contiguous()):
+        return None
+    if not (input.requires_grad and torch.is_grad_enabled()):
+        loss = torch.empty((N,) if red == 0 else (), dtype=input.dtype)
+        ok = _core.fast_call_raw(input.data_ptr(), N, C, input.element_size(),
+                                 target.data_ptr(), red, 0, loss.data_ptr())
+        return loss if ok else None
+    try:
+        # autograd.Function.apply's C part directly: its Python part only binds default
+        # arguments (there are none) and unwraps functorch tensors (ruled out above).
+        return _lean_apply(input, target, reduction, red)
+    except _BadTarget:
+        return None
+
+
+class _BadTarget(Exception):
+    """A class index out of range met by the lean path (nothing written that anyone sees)."""
+
+
+class _LeanCrossEntropy(torch.autograd.Function):
+    """_FusedCrossEntropy for the lean path (no options, 2-D logits, class indices, no
+    forward-mode tangent): the loss and gradient come computed, and the per-call Python is
+    kept to a minimum. Second order (create_graph=True) goes through _reference_grads, as in
+    _FusedCrossEntropy."""
+
+    @staticmethod
+    def forward(ctx, input: Tensor, target: Tensor, reduction: str, red: int) -> Tensor:
+        N, C = input.shape
+        size = input.element_size()
+        taken = _POOL.take(input.shape, input.dtype) if N * C * size >= _POOL.min_bytes else None
+        grad = torch.empty((N, C), dtype=input.dtype) if taken is None else taken[1]
+        loss = torch.empty((N,) if red == 0 else (), dtype=input.dtype)
+        if not _core.fast_call_raw(input.data_ptr(), N, C, size, target.data_ptr(), red,
+                                   grad.data_ptr(), loss.data_ptr()):
+            raise _BadTarget  # the general path gives the error, naming the row
+        ctx.save_for_backward(grad)
+        ctx.lean = (input, input._version, target, reduction)  # as _FusedCrossEntropy's keep
+        return loss
+
+    @staticmethod
+    def backward(ctx, go: Tensor):
+        (grad,) = ctx.saved_tensors
+        input, version, t, reduction = ctx.lean
+        if torch.is_grad_enabled():  # create_graph=True: differentiable, by the formula
+            if input is None:
+                raise RuntimeError(
+                    "fastxent.torch.cross_entropy: an earlier first-order backward through "
+                    "this loss (retain_graph=True) released the logits; run the backward with "
+                    "create_graph=True first")
+            if input._version != version:
+                raise RuntimeError(
+                    "fastxent.torch.cross_entropy: the logits were modified in place after "
+                    "the loss was computed; the second-order derivative needs their values at "
+                    "that time")
+            gz, _ = _reference_grads(input, None, t.numpy(), _LEAN_KW[reduction], go,
+                                     (True, False),
+                                     True)
+            return gz, None, None, None
+        ctx.lean = (None, version, t, reduction)  # first order: release the logits
+        if reduction == "none":
+            return grad * go.unsqueeze(1), None, None, None
+        return (grad if _all_ones(go) else grad * go), None, None, None
+
+
+_lean_apply = super(torch.autograd.Function, _LeanCrossEntropy).apply
+
+
+def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None,
+                  size_average: Optional[bool] = None, ignore_index: int = -100,
+                  reduce: Optional[bool] = None, reduction: str = "mean",
+                  label_smoothing: float = 0.0, *, inplace: bool = False,
                   **fastxent_options: Any) -> Tensor:
+    if size_average is not None or reduce is not None:
+        # PyTorch's own translation of the deprecated arguments, with its warning.
+        reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
+    if (weight is None and not fastxent_options and ignore_index == -100
+            and label_smoothing == 0.0 and inplace is False and not _is_compiling()):
+        res = _lean_call(input, target, reduction)
+        if res is not None:
+            return res
     return _cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing,
                           inplace, fastxent_options)
 
@@ -452,21 +698,39 @@ def _under_func_transform(*ts: Any) -> bool:
     return any(isinstance(t, Tensor) and _functorch_wrapped(t) for t in ts)
 
 
-def _func_transform_loss(input: Tensor, target: Tensor, weight: Any, ignore_index: int,
-                         reduction: str, label_smoothing: float,
-                         options: Dict[str, Any]) -> Tensor:
-    """cross_entropy under a torch.func transform (grad, vmap, jvp, jacrev, jacfwd, hessian):
-    the transforms hand over tensors without storage, which the kernel cannot read, so the
-    loss is _reference_loss, in PyTorch ops that every transform composes with; the same
-    checks as the kernel's path, except those that need the values (a class index out of
-    range raises PyTorch's indexing error rather than fastxent's IndexError naming the row)."""
-    _compute_dtype(input, target, "input")
+def _validate_options(options: Dict[str, Any], caller: str) -> Dict[str, Any]:
+    """fastxent's extra keywords: names (TypeError naming `caller`) and scalar values
+    (ValueError), without tensors."""
+    for k in options:
+        if k not in _FUNC_OPTIONS:
+            raise TypeError(f"{caller}() got an unexpected keyword argument {k!r} (fastxent's "
+                            f"options: {', '.join(_FUNC_OPTIONS)})")
+    z_loss = _api._real(options.get("z_loss", 0.0), "z_loss", 0.0, False)
+    cap = options.get("softcap")
+    cap = None if cap is None else _api._real(cap, "softcap", 0.0, True)
+    alpha = _api._real(options.get("logit_scale", 1.0), "logit_scale", 0.0, True)
+    norm = options.get("normalizer")
+    norm = None if norm is None else _api._real(norm, "normalizer", 0.0, False)
+    return dict(z_loss=z_loss, softcap=cap, logit_scale=alpha, normalizer=norm)
+
+
+def _checked_options(input: Tensor, target: Tensor, weight: Any, ignore_index: int,
+                     reduction: str, label_smoothing: float, options: Dict[str, Any],
+                     caller: str = "cross_entropy") -> Dict[str, Any]:
+    """The checks that need no tensor values (shapes, dtypes, option names and ranges), for
+    the paths that cannot read the values up front (torch.func transforms, torch.compile,
+    fake and meta tensors); returns the keywords of _reference_loss."""
+    if not isinstance(input, Tensor):
+        raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
+    if not isinstance(target, Tensor):
+        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    if input.dtype not in _COMPUTE_DTYPE:
+        raise TypeError(f"input must be float32, float64, float16 or bfloat16, got "
+                        f"{input.dtype}")
     if input.ndim == 0:
         raise ValueError("input must have shape (C,), (N, C) or (N, C, d1, ..., dk); got a "
                          "0-dimensional tensor")
-    for k in options:
-        if k not in _FUNC_OPTIONS:
-            raise TypeError(f"cross_entropy() got an unexpected keyword argument {k!r}")
+    scalars = _validate_options(options, caller)
     _, ii, eps, _ = _api._options(reduction, ignore_index, label_smoothing,
                                   options.get("num_threads"))
     ax = 0 if input.ndim == 1 else 1
@@ -478,6 +742,9 @@ def _func_transform_loss(input: Tensor, target: Tensor, weight: Any, ignore_inde
                              f"the input's shape {tuple(input.shape)}")
         if ii != -100:
             raise ValueError("ignore_index applies to class-index targets only")
+    elif target.is_complex() or target.dtype == torch.bool:
+        raise TypeError(f"target must hold integer class indices or float class "
+                        f"probabilities, got {target.dtype}")
     elif tuple(target.shape) != rows:
         raise ValueError(f"target has shape {tuple(target.shape)}, expected {rows} (the "
                          f"input's shape without its class dimension {ax})")
@@ -485,21 +752,115 @@ def _func_transform_loss(input: Tensor, target: Tensor, weight: Any, ignore_inde
                            ("sample_weight", options.get("sample_weight"), rows)):
         if v is not None and tuple(np.shape(v)) != shape:
             raise ValueError(f"{name} has shape {tuple(np.shape(v))}, expected {shape}")
-    z_loss = _api._real(options.get("z_loss", 0.0), "z_loss", 0.0, False)
-    cap = options.get("softcap")
-    cap = None if cap is None else _api._real(cap, "softcap", 0.0, True)
-    alpha = _api._real(options.get("logit_scale", 1.0), "logit_scale", 0.0, True)
-    norm = options.get("normalizer")
-    norm = None if norm is None else _api._real(norm, "normalizer", 0.0, False)
-    kw = dict(axis=ax, reduction=reduction, weight=weight, ignore_index=ii,
-              label_smoothing=eps, sample_weight=options.get("sample_weight"), z_loss=z_loss,
-              softcap=cap, logit_scale=alpha, normalizer=norm)
+    return dict(axis=ax, reduction=reduction, weight=weight, ignore_index=ii,
+                label_smoothing=eps, sample_weight=options.get("sample_weight"), **scalars)
+
+
+def _func_transform_loss(input: Tensor, target: Tensor, weight: Any, ignore_index: int,
+                         reduction: str, label_smoothing: float,
+                         options: Dict[str, Any]) -> Tensor:
+    """cross_entropy under a torch.func transform (grad, vmap, jvp, jacrev, jacfwd, hessian):
+    the transforms hand over tensors without storage, which the kernel cannot read, so the
+    loss is _reference_loss, in PyTorch ops that every transform composes with; the same
+    checks as the kernel's path, except those that need the values (a class index out of
+    range raises PyTorch's indexing error rather than fastxent's IndexError naming the row)."""
+    kw = _checked_options(input, target, weight, ignore_index, reduction, label_smoothing,
+                          options)
     return _reference_loss(input, target, kw).to(input.dtype)
+
+
+# --- torch.library: the kernel as a custom op, for torch.compile, FakeTensor and meta ------
+
+@torch.library.custom_op("fastxent::cross_entropy", mutates_args=())
+def _op_cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor],
+                      sample_weight: Optional[Tensor], reduction: str, ignore_index: int,
+                      label_smoothing: float, z_loss: float, softcap: Optional[float],
+                      logit_scale: float, normalizer: Optional[float],
+                      want_grad: bool) -> Tuple[Tensor, Tensor]:
+    """(loss, gradient) by the fused kernel; the gradient is empty without want_grad. What
+    torch.compile puts in its graph (an opaque node, no graph break), with a fake
+    implementation for shape inference and an autograd formula."""
+    opts: Dict[str, Any] = dict(z_loss=z_loss, softcap=softcap, logit_scale=logit_scale,
+                                normalizer=normalizer, sample_weight=sample_weight)
+    cdt, tgt, kw = _prepare(input, target, weight, ignore_index, reduction, label_smoothing,
+                            opts)
+    x = _direct_logits(input, tgt)
+    if x is None:
+        x = _numpy(input, cdt)
+    if not want_grad:
+        loss = _api.cross_entropy(x, tgt, **kw)
+        return _loss_tensor(loss, input.dtype), input.new_empty((0,))
+    loss, g = _api.cross_entropy_with_grad(x, tgt, **kw)
+    grad = _tensor_of(g, input.dtype) if g.dtype.itemsize == input.element_size() else (
+        torch.from_numpy(g).to(input.dtype))
+    return _loss_tensor(loss, input.dtype), grad
+
+
+@_op_cross_entropy.register_fake
+def _(input, target, weight, sample_weight, reduction, ignore_index, label_smoothing, z_loss,
+      softcap, logit_scale, normalizer, want_grad):
+    ax = 0 if input.ndim == 1 else 1
+    rows = tuple(input.shape[:ax]) + tuple(input.shape[ax + 1:])
+    loss = input.new_empty(rows if reduction == "none" else ())
+    grad = input.new_empty(input.shape) if want_grad else input.new_empty((0,))
+    return loss, grad
+
+
+def _op_setup_context(ctx, inputs, output):
+    ctx.reduction = inputs[4]
+    ctx.ndim = inputs[0].ndim
+    ctx.save_for_backward(output[1])
+    ctx.mark_non_differentiable(output[1])
+
+
+def _op_backward(ctx, grad_loss, grad_grad):
+    if any(ctx.needs_input_grad[1:4]):
+        raise RuntimeError(
+            "fastxent.torch.cross_entropy under torch.compile (or on fake / meta tensors) "
+            "differentiates the logits only: a probability target, weight or sample_weight "
+            "that requires grad needs the eager call")
+    (g,) = ctx.saved_tensors
+    go = grad_loss
+    if ctx.reduction == "none" and ctx.ndim > 1:
+        go = go.unsqueeze(1)
+    return (g * go.to(g.dtype),) + (None,) * 11
+
+
+_op_cross_entropy.register_autograd(_op_backward, setup_context=_op_setup_context)
+
+
+def _is_fake(t: Any) -> bool:
+    return isinstance(t, Tensor) and (t.device.type == "meta" or _fake_check(t))
+
+
+def _fake_check(t: Tensor) -> bool:
+    from torch._subclasses.fake_tensor import is_fake
+    return bool(is_fake(t))
+
+
+def _op_loss(input: Tensor, target: Tensor, weight: Any, ignore_index: int, reduction: str,
+             label_smoothing: float, options: Dict[str, Any]) -> Tensor:
+    """cross_entropy through the custom op: under torch.compile (traced as one node) and for
+    fake or meta tensors (shape inference). Only the logits are differentiable here."""
+    kw = _checked_options(input, target, weight, ignore_index, reduction, label_smoothing,
+                          options)
+    want_grad = input.requires_grad and torch.is_grad_enabled()
+    w = kw["weight"]
+    sw = kw["sample_weight"]
+    loss, _ = _op_cross_entropy(
+        input, target, w if (w is None or isinstance(w, Tensor)) else torch.as_tensor(w),
+        sw if (sw is None or isinstance(sw, Tensor)) else torch.as_tensor(sw),
+        reduction, kw["ignore_index"], kw["label_smoothing"], kw["z_loss"], kw["softcap"],
+        kw["logit_scale"], kw["normalizer"], want_grad)
+    return loss
 
 
 def _cross_entropy(input: Tensor, target: Tensor, weight: Any, ignore_index: int,
                    reduction: str, label_smoothing: float, inplace: bool,
                    options: Dict[str, Any]) -> Tensor:
+    if _is_compiling() or _is_fake(input):
+        return _op_loss(input, target, weight, ignore_index, reduction, label_smoothing,
+                        options)
     if _under_func_transform(input, target, weight, options.get("sample_weight")):
         return _func_transform_loss(input, target, weight, ignore_index, reduction,
                                     label_smoothing, options)
@@ -513,7 +874,10 @@ def _cross_entropy(input: Tensor, target: Tensor, weight: Any, ignore_index: int
         (target.requires_grad and grad_mode) or _has_tangent(target))
     if not (reverse or t_diff or _has_tangent(input)):
         # No derivative wanted: the forward-only kernel, nothing of the logits' size written.
-        return _loss_tensor(_api.cross_entropy(_numpy(input, cdt), tgt, **kw), input.dtype)
+        x = _direct_logits(input, tgt)
+        if x is None:
+            x = _numpy(input, cdt)
+        return _loss_tensor(_api.cross_entropy(x, tgt, **kw), _autocast_loss_dtype(input))
     # The logits are overwritten only for a reverse-mode gradient of theirs alone.
     inplace = inplace and reverse and not t_diff
     if inplace:
@@ -526,7 +890,9 @@ def _cross_entropy(input: Tensor, target: Tensor, weight: Any, ignore_index: int
             raise ValueError("inplace=True needs a contiguous input (the gradient is written "
                              "over it in the same layout); call .contiguous() or use "
                              "inplace=False")
-    return _FusedCrossEntropy.apply(input, target if t_diff else None, tgt, cdt, kw, inplace)
+    fwd = _has_tangent(input) or (t_diff and _has_tangent(target))
+    return _FusedCrossEntropy.apply(input, target if t_diff else None, tgt, cdt, kw, inplace,
+                                    fwd)
 
 
 cross_entropy.__doc__ = """Cross-entropy loss with the signature and semantics of
@@ -562,14 +928,32 @@ cross_entropy.__doc__ = """Cross-entropy loss with the signature and semantics o
         the input's shape.
     weight : Tensor of shape (C,), optional
         Class weights.
-    ignore_index : int, keyword-only
+    size_average, reduce : bool, optional
+        PyTorch's deprecated arguments, in PyTorch's positions: translated to ``reduction``
+        by PyTorch's own helper, with its deprecation warning.
+    ignore_index : int
         Class-index rows equal to it count for nothing (default -100).
-    reduction : {"mean", "sum", "none"}, keyword-only
-    label_smoothing : float in [0, 1], keyword-only
+    reduction : {"mean", "sum", "none"}
+    label_smoothing : float in [0, 1]
 """ + _DOC_OPTIONS + """
-    Unlike ``F.cross_entropy``, everything after ``weight`` is keyword-only: F's positional
-    order has the deprecated ``size_average`` and ``reduce`` in it, which would otherwise be
-    silently taken for ``ignore_index`` and ``reduction``.
+    The positional order is ``F.cross_entropy``'s; ``inplace`` and fastxent's options are
+    keyword-only.
+
+    Memory: the default (``inplace=False``) path writes the gradient into a buffer it keeps
+    between calls (at most two, of 1 MiB or more each), handed out again only once no tensor
+    references it any more (the gradient autograd passed on, a ``.grad`` that kept it, any
+    view): a training loop then pays no page faults for a fresh logits-sized array each step.
+    :func:`kept_buffer_bytes` says how much is kept, :func:`release_buffers` frees it.
+
+    Mixed precision: float16 / bfloat16 logits are read in place by the kernel's 16-bit path
+    (float32 arithmetic, the gradient rounded once to the input's dtype; bfloat16 needs
+    ml_dtypes, part of the ``torch`` extra, else a float32 copy is made). Under
+    ``torch.autocast("cpu")`` the loss of 16-bit logits is float32, as PyTorch's.
+
+    torch.compile, FakeTensor and ``meta``: the kernel is the custom op
+    ``torch.ops.fastxent.cross_entropy`` (with a fake implementation and an autograd formula),
+    so ``torch.compile(fullgraph=True)`` traces it as one node, and fake or meta logits get
+    shape inference. There, only the logits are differentiable and ``inplace`` is ignored.
 
     Returns
     -------
@@ -579,12 +963,13 @@ cross_entropy.__doc__ = """Cross-entropy loss with the signature and semantics o
     Raises
     ------
     ValueError
-        a tensor not on the CPU (fastxent is a CPU kernel); the shape, range and option
-        errors of :func:`fastxent.cross_entropy`; ``inplace=True`` on a leaf that requires
-        grad or on a non-contiguous input.
+        the shape, range and option errors of :func:`fastxent.cross_entropy`;
+        ``inplace=True`` on a leaf that requires grad or on a non-contiguous input.
     TypeError
-        an input dtype other than float32/float64/float16/bfloat16; a target that is neither
-        integer nor float; ``axis=`` or ``out=`` given (they are set here).
+        a tensor on a device other than the CPU (fastxent is a CPU kernel; ``meta`` and fake
+        logits get shape inference instead); an input dtype other than
+        float32/float64/float16/bfloat16; a target that is neither integer nor float;
+        ``axis=`` or ``out=`` given (they are set here).
     IndexError
         a class index outside ``[0, C)`` that is not ``ignore_index``.
     RuntimeError
@@ -605,12 +990,19 @@ cross_entropy.__doc__ = """Cross-entropy loss with the signature and semantics o
 
 
 class CrossEntropyLoss(nn.Module):
-    def __init__(self, weight: Optional[Tensor] = None, *, ignore_index: int = -100,
-                 reduction: str = "mean", label_smoothing: float = 0.0, inplace: bool = False,
-                 **fastxent_options: Any) -> None:
+    def __init__(self, weight: Optional[Tensor] = None, size_average: Optional[bool] = None,
+                 ignore_index: int = -100, reduce: Optional[bool] = None,
+                 reduction: str = "mean", label_smoothing: float = 0.0, *,
+                 inplace: bool = False, **fastxent_options: Any) -> None:
         super().__init__()
-        if not isinstance(reduction, str) or reduction not in ("mean", "sum", "none"):
-            raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+        if size_average is not None or reduce is not None:
+            reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
+        # Every option is checked here, not at the first forward.
+        _validate_options(fastxent_options, "CrossEntropyLoss")
+        _api._options(reduction, ignore_index, label_smoothing,
+                      fastxent_options.get("num_threads"))
+        if not isinstance(inplace, bool):
+            raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
         if weight is not None and not isinstance(weight, Tensor):
             weight = torch.as_tensor(weight)
         self.register_buffer("weight", weight)
@@ -641,18 +1033,19 @@ CrossEntropyLoss.__doc__ = """``torch.nn.CrossEntropyLoss`` computed by fastxent
     kernel: ``CrossEntropyLoss(...)(input, target)`` is :func:`cross_entropy` with the
     constructor's options.
 
-    Constructor: ``weight`` (class weights, a registered buffer as in PyTorch, so ``.to()``,
-    ``.double()`` and ``state_dict()`` carry it), then keyword-only ``ignore_index``,
-    ``reduction``, ``label_smoothing`` (PyTorch's meanings; the deprecated ``size_average``
-    and ``reduce`` are not accepted), ``inplace`` and the ``**fastxent_options`` of
-    :func:`cross_entropy` (``z_loss``, ``softcap``, ``logit_scale``, ``normalizer``,
-    ``num_threads``). ``forward(input, target, **fastxent_options)`` takes per-batch options
-    (``sample_weight``, a per-call ``normalizer``), which override the constructor's.
+    Constructor: PyTorch's signature and positions, ``weight`` (class weights, a registered
+    buffer as in PyTorch, so ``.to()``, ``.double()`` and ``state_dict()`` carry it),
+    ``size_average``, ``ignore_index``, ``reduce``, ``reduction``, ``label_smoothing`` (the
+    deprecated ``size_average`` and ``reduce`` translated with PyTorch's warning), then
+    keyword-only ``inplace`` and the ``**fastxent_options`` of :func:`cross_entropy`
+    (``z_loss``, ``softcap``, ``logit_scale``, ``normalizer``, ``num_threads``).
+    ``forward(input, target, **fastxent_options)`` takes per-batch options (``sample_weight``,
+    a per-call ``normalizer``), which override the constructor's.
 
     The formula, the gradient (computed in the forward pass, scaled in backward), the
-    ``inplace`` hazard, the half-precision handling (via a float32 copy) and the errors are
-    those of :func:`cross_entropy`; the constructor itself raises ValueError for an unknown
-    ``reduction``.
+    ``inplace`` hazard, the half-precision handling and the errors are those of
+    :func:`cross_entropy`; the constructor checks every option itself (TypeError for an
+    unknown keyword, ValueError for a bad value), so a typo fails where it was written.
 
     Example
     -------
@@ -699,7 +1092,8 @@ class _FusedSigmoidCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input: Tensor, target: Tensor, weight: Optional[Tensor],
-                pos_weight: Optional[Tensor], cdt: torch.dtype, reduction: str) -> Tensor:
+                pos_weight: Optional[Tensor], cdt: torch.dtype, reduction: str,
+                fwd: bool) -> Tensor:
         def arr(t: Optional[Tensor]) -> Optional[np.ndarray]:
             return None if t is None else _numpy(t, cdt)
         loss, g = _api_sigmoid.sigmoid_cross_entropy_with_grad(
@@ -708,23 +1102,27 @@ class _FusedSigmoidCrossEntropy(torch.autograd.Function):
         grad = torch.from_numpy(g)
         if grad.dtype != input.dtype:
             grad = grad.to(input.dtype)
+        inputs = (input, target, weight, pos_weight)
         ctx.save_for_backward(grad)
-        ctx.save_for_forward(grad)
-        ctx.inputs = (input, target, weight, pos_weight)
-        ctx.versions = tuple(None if t is None else t._version for t in ctx.inputs)
+        # Kept and released as _FusedCrossEntropy's ctx.keep; versions compared where read.
+        ctx.keep = inputs
+        ctx.versions = tuple(None if t is None else t._version for t in inputs)
+        if fwd:  # a forward-mode tangent (decided by the caller, as in _FusedCrossEntropy)
+            ctx.save_for_forward(grad)
+            ctx.fwd = inputs  # for jvp (forward mode: no backward, no graph to free)
         ctx.reduction = reduction
         return _loss_tensor(loss, input.dtype)
 
     @staticmethod
-    def _reference_vjp(ctx: Any, grad_output: Tensor, need: Tuple[bool, ...],
-                       create_graph: bool) -> List[Optional[Tensor]]:
-        for t, v in zip(ctx.inputs, ctx.versions):
+    def _reference_vjp(ctx: Any, inputs: Tuple[Optional[Tensor], ...], grad_output: Tensor,
+                       need: Tuple[bool, ...], create_graph: bool) -> List[Optional[Tensor]]:
+        for t, v in zip(inputs, ctx.versions):
             if t is not None and t._version != v:
                 raise RuntimeError("fastxent.torch.binary_cross_entropy_with_logits: an input "
                                    "was modified in place after the loss was computed")
         with torch.enable_grad():
             ins = [t if (t is None or create_graph) else t.detach().requires_grad_(n)
-                   for t, n in zip(ctx.inputs, need)]
+                   for t, n in zip(inputs, need)]
             loss = _sigmoid_reference(ins[0], ins[1], ins[2], ins[3], ctx.reduction)
             wrt = [t for t, n in zip(ins, need) if n]
             got = list(torch.autograd.grad(loss, wrt, grad_output.to(loss.dtype),
@@ -742,15 +1140,21 @@ class _FusedSigmoidCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_output: Tensor):
         need = tuple(ctx.needs_input_grad[:4])
         create_graph = torch.is_grad_enabled()
+        (grad,) = ctx.saved_tensors
         if create_graph or any(need[1:]):
-            grads = _FusedSigmoidCrossEntropy._reference_vjp(ctx, grad_output, need,
-                                                             create_graph)
+            if ctx.keep is None:
+                raise RuntimeError(
+                    "fastxent.torch.binary_cross_entropy_with_logits: an earlier first-order "
+                    "backward (retain_graph=True) released the inputs; run the backward with "
+                    "create_graph=True first")
+            grads = _FusedSigmoidCrossEntropy._reference_vjp(ctx, ctx.keep, grad_output,
+                                                             need, create_graph)
         else:
+            ctx.keep = None  # first order: the inputs are not needed any more
             grads = [None] * 4
         if need[0] and not create_graph:
-            (grad,) = ctx.saved_tensors
             grads[0] = grad if _all_ones(grad_output) else grad * grad_output
-        return (*grads, None, None)
+        return (*grads, None, None, None)
 
     @staticmethod
     def jvp(ctx, x_t: Optional[Tensor], y_t: Optional[Tensor], w_t: Optional[Tensor],
@@ -765,7 +1169,7 @@ class _FusedSigmoidCrossEntropy(torch.autograd.Function):
             # per element (weight and pos_weight may be broadcast):
             # d/dy = w (-x + (p - 1) sp), d/dw = (1 - y) x + (1 + (p - 1) y) sp, d/dp = w y sp
             # with sp = softplus(-x).
-            x, y, w, pw = (None if t is None else t.detach() for t in ctx.inputs)
+            x, y, w, pw = (None if t is None else t.detach() for t in ctx.fwd)
             dt = grad.dtype if grad.dtype in (torch.float32, torch.float64) else torch.float32
             x, y = x.to(dt), y.to(dt)
             sp = torch.nn.functional.softplus(-x)
@@ -845,7 +1249,8 @@ def binary_cross_entropy_with_logits(input: Tensor, target: Tensor,
                                                   reduction=reduction, weight=arr(w),
                                                   pos_weight=arr(pw))
         return _loss_tensor(loss, input.dtype)
-    return _FusedSigmoidCrossEntropy.apply(input, target, w, pw, cdt, reduction)
+    fwd = any(t is not None and _has_tangent(t) for t in tensors)
+    return _FusedSigmoidCrossEntropy.apply(input, target, w, pw, cdt, reduction, fwd)
 
 
 binary_cross_entropy_with_logits.__doc__ = """``torch.nn.functional.binary_cross_entropy_with_logits``
