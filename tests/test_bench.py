@@ -76,3 +76,31 @@ def test_rounds_rotate_the_order():
     assert all(len(c.times) == 4 for c in cs)
     assert order[-12:] == ["floor", "fastxent", "peer", "fastxent", "peer", "floor",
                            "peer", "floor", "fastxent", "floor", "fastxent", "peer"]
+
+
+def test_training_loop_section_rows():
+    """The training-loop section (needs PyTorch) times F.cross_entropy and fastxent.torch's
+    default path on every case at each thread count, quick shapes here."""
+    import pytest
+    pytest.importorskip("torch")
+    from fastxent import bench_training
+    lines = []
+    rows = bench_training.run_training((1,), repeats=2, quick=True, log=lines.append)
+    cases = {r["case"] for r in rows}
+    assert len(cases) == len(bench_training.CASES)
+    assert {r["contestant"] for r in rows} == {"torch F.cross_entropy", "fastxent.torch default"}
+    for r in rows:
+        assert r["median_s"] > 0 and r["threads"] == 1
+    assert any("torch / fastxent" in ln for ln in lines)
+
+
+def test_training_loop_section_without_torch():
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "from fastxent import bench_training\n"
+            "out = []\n"
+            "assert bench_training.run_training((1,), repeats=1, log=out.append) == []\n"
+            "print(out[0])")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "skipped: PyTorch is not installed" in r.stdout

@@ -52,6 +52,12 @@ def _add_bench(sub: "argparse._SubParsersAction") -> None:
                         "segmentation); on by default in a full run")
     p.add_argument("--no-variants", dest="variants", action="store_false",
                    help="skip the options section")
+    p.add_argument("--training", dest="training", action="store_true", default=None,
+                   help="also time the loss inside a PyTorch training loop (fresh activations "
+                        "each step, default path, float32, bfloat16 and a small batch) against "
+                        "F.cross_entropy; on by default in a full run (needs PyTorch)")
+    p.add_argument("--no-training", dest="training", action="store_false",
+                   help="skip the training-loop section")
     p.set_defaults(func=_cmd_bench)
 
 
@@ -83,6 +89,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         print("\n== options of the loss, each against PyTorch doing the same thing", flush=True)
         bench.run_variants(threads, repeats=repeats, budget_s=args.budget, peers=peers,
                            log=lambda s: print(s, flush=True))
+    training = args.training if args.training is not None else not args.shapes
+    if training and "torch" in peers:
+        from . import bench_training
+        print("\n== the loss inside a PyTorch training loop (fresh activations each step, "
+              "default path), against F.cross_entropy", flush=True)
+        bench_training.run_training(threads, repeats=repeats, budget_s=args.budget,
+                                    quick=args.quick, log=lambda s: print(s, flush=True))
     if args.plot:
         try:
             bench.plot(results, args.plot)
