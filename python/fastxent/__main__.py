@@ -46,18 +46,17 @@ def _add_bench(sub: "argparse._SubParsersAction") -> None:
     p.add_argument("--plot", metavar="FILE.png", help="save a bar chart of time / copy floor")
     p.add_argument("--quick", action="store_true",
                    help="smoke test: small shapes, few repeats (a few seconds)")
-    p.add_argument("--variants", dest="variants", action="store_true", default=None,
-                   help="also time the loss's options against PyTorch doing the same (all "
-                        "options on, probability targets, bfloat16 in place, axis=1 "
-                        "segmentation); on by default in a full run")
-    p.add_argument("--no-variants", dest="variants", action="store_false",
-                   help="skip the options section")
-    p.add_argument("--training", dest="training", action="store_true", default=None,
-                   help="also time the loss inside a PyTorch training loop (fresh activations "
-                        "each step, default path, float32, bfloat16 and a small batch) against "
-                        "F.cross_entropy; on by default in a full run (needs PyTorch)")
-    p.add_argument("--no-training", dest="training", action="store_false",
-                   help="skip the training-loop section")
+    sections = (
+        ("variants", "also time the loss's options against PyTorch doing the same (all options "
+                     "on, probability targets, bfloat16 in place, axis=1 segmentation); on by "
+                     "default in a full run", "the options section"),
+        ("training", "also time the loss inside a PyTorch training loop (fresh activations "
+                     "each step, default path, float32, bfloat16 and a small batch) against "
+                     "F.cross_entropy; on by default in a full run (needs PyTorch)",
+         "the training-loop section"))
+    for name, on_help, what in sections:  # --NAME / --no-NAME, None when neither is given
+        p.add_argument(f"--{name}", dest=name, action="store_true", default=None, help=on_help)
+        p.add_argument(f"--no-{name}", dest=name, action="store_false", help=f"skip {what}")
     p.set_defaults(func=_cmd_bench)
 
 

@@ -43,6 +43,17 @@ def _as_target(target: Any, x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(t)
 
 
+def check_broadcast(shape: Tuple[int, ...], to: Tuple[int, ...], name: str, whose: str) -> None:
+    """ValueError unless an operand of `shape` broadcasts to `to` (weight, pos_weight)."""
+    try:
+        ok = np.broadcast_shapes(tuple(shape), tuple(to)) == tuple(to)
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError(f"{name} has shape {tuple(shape)}, which does not broadcast to the "
+                         f"{whose} shape {tuple(to)}")
+
+
 def _as_operand(v: Any, x: np.ndarray, name: str) -> Tuple[Optional[np.ndarray], int]:
     """(array, mode) for the kernel: mode 0 absent, 1 one value per position of the last
     axis (shape (C,)), 2 one value per element (the logits' shape)."""
@@ -51,13 +62,7 @@ def _as_operand(v: Any, x: np.ndarray, name: str) -> Tuple[Optional[np.ndarray],
     a = np.asarray(v)
     if a.dtype.kind not in "fiu":
         raise TypeError(f"{name} must be numeric, got dtype {a.dtype}")
-    try:
-        ok = np.broadcast_shapes(a.shape, x.shape) == x.shape
-    except ValueError:
-        ok = False
-    if not ok:
-        raise ValueError(f"{name} has shape {a.shape}, which does not broadcast to the logits' "
-                         f"shape {x.shape}")
+    check_broadcast(a.shape, x.shape, name, "logits'")
     if x.size == 0:
         return None, 0
     if all(d == 1 for d in a.shape[:-1]):

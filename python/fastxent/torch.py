@@ -1198,13 +1198,7 @@ def _bce_operand(v: Any, name: str, input: Tensor) -> Optional[Tensor]:
     if not isinstance(v, Tensor):
         v = torch.as_tensor(np.asarray(v))
     _check_cpu(v, name)
-    try:
-        ok = torch.broadcast_shapes(v.shape, input.shape) == input.shape
-    except RuntimeError:
-        ok = False
-    if not ok:
-        raise ValueError(f"{name} has shape {tuple(v.shape)}, which does not broadcast to the "
-                         f"input's shape {tuple(input.shape)}")
+    _api_sigmoid.check_broadcast(v.shape, input.shape, name, "input's")
     return v
 
 
