@@ -225,7 +225,7 @@ def test_paths_that_cannot_differentiate_again_raise():
     loss = fxt.cross_entropy(y, t)
     with torch.no_grad():
         y.add_(1.0)
-    with pytest.raises(RuntimeError, match="modified in place"):
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         torch.autograd.grad(loss, x, create_graph=True)
     # vocab_parallel_cross_entropy under torch.func: a clear error instead of "Cannot access
     # data pointer" (its statistics are all-reduced by torch.distributed outside the graph).
@@ -473,3 +473,129 @@ def test_bce_errors_and_half():
         ref = F.binary_cross_entropy_with_logits(x.to(dt).float(), y.to(dt).float())
         assert loss.dtype == dt and xh.grad.dtype == dt
         torch.testing.assert_close(loss.float(), ref, rtol=1e-2, atol=1e-2)
+
+
+# --- regressions found in review -------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["lean", "general", "bce"])
+def test_retained_graph_backward_never_reuses_a_handed_out_gradient(kind):
+    # The first backward hands the fused gradient out (as x.grad, through a view of a leaf);
+    # the user zeroes it; a second backward through the retained graph must still give the
+    # gradient, not the zeroed memory.
+    t = torch.tensor([0, 3, 1, 4])
+    x = torch.randn(20, dtype=D64, requires_grad=True)
+    if kind == "bce":
+        y = torch.rand(4, 5, dtype=D64)
+        loss = fxt.binary_cross_entropy_with_logits(x.view(4, 5), y, reduction="sum")
+        ref = F.binary_cross_entropy_with_logits(x.view(4, 5), y, reduction="sum")
+    else:
+        kw = {} if kind == "lean" else {"label_smoothing": 0.1}
+        loss = fxt.cross_entropy(x.view(4, 5), t, reduction="sum", **kw)
+        ref = F.cross_entropy(x.view(4, 5), t, reduction="sum", **kw)
+    (g_ref,) = torch.autograd.grad(ref, x)
+    loss.backward(retain_graph=True)
+    torch.testing.assert_close(x.grad, g_ref)
+    x.grad.data.zero_()
+    loss.backward(retain_graph=True)
+    torch.testing.assert_close(x.grad, g_ref)
+    x.grad.zero_()
+    loss.backward()
+    torch.testing.assert_close(x.grad, g_ref)
+
+
+@pytest.mark.parametrize("lean", [True, False])
+def test_target_changed_after_the_loss_is_refused_by_second_order(lean):
+    z = torch.randn(2, 3, dtype=D64, requires_grad=True)
+    t = torch.tensor([0, 1])
+    w = torch.ones(3, dtype=D64)
+    loss = fxt.cross_entropy(z, t) if lean else fxt.cross_entropy(z, t, w)
+    t[1] = -100
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(loss, z, create_graph=True)
+    if not lean:
+        loss = fxt.cross_entropy(z, torch.tensor([0, 1]), w)
+        w.mul_(2.0)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            torch.autograd.grad(loss, z, create_graph=True)
+
+
+def test_negated_views_are_read_as_their_values():
+    z = torch.randn(3, 16)
+    t = torch._neg_view(torch.tensor([-10, 0, 10]))  # the values [10, 0, -10]
+    torch.testing.assert_close(fxt.cross_entropy(z, t, reduction="none", ignore_index=-10),
+                               F.cross_entropy(z, t, reduction="none", ignore_index=-10))
+    zn = torch._neg_view(torch.randn(3, 16))
+    torch.testing.assert_close(fxt.cross_entropy(zn, torch.tensor([1, 2, 3])),
+                               F.cross_entropy(zn.resolve_neg(), torch.tensor([1, 2, 3])))
+    # inplace=True would write into a copy of a lazily negated tensor: refused.
+    a = torch.randn(3, 16, requires_grad=True) * 1.0
+    with pytest.raises(ValueError, match="lazy negation"):
+        fxt.cross_entropy(torch._neg_view(a), torch.tensor([1, 2, 3]), inplace=True)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script:DeprecationWarning")
+def test_second_order_under_compile_eager_backend_is_not_zero():
+    t = torch.tensor([0, 1, 2])
+    z0 = torch.randn(3, 4, dtype=D64)
+    torch._dynamo.reset()
+    f = torch.compile(lambda z: fxt.cross_entropy(z, t), backend="eager", fullgraph=True)
+    grads = []
+    for fn in (f, lambda z: F.cross_entropy(z, t)):
+        z = z0.clone().requires_grad_(True)
+        loss = fn(z)
+        (g,) = torch.autograd.grad(loss, z, create_graph=True)
+        (loss + 10 * g.pow(2).sum()).backward()
+        grads.append(z.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-10, atol=1e-12)
+
+
+def test_bfloat16_probability_target_second_order():
+    z = torch.randn(3, 4, requires_grad=True)
+    p = torch.rand(3, 4).softmax(1).bfloat16()
+    (g,) = torch.autograd.grad(fxt.cross_entropy(z, p), z, create_graph=True)
+    (gr,) = torch.autograd.grad(F.cross_entropy(z, p.float()), z, create_graph=True)
+    torch.testing.assert_close(g, gr, rtol=1e-5, atol=1e-6)
+
+
+def test_default_device_elsewhere_and_zero_tensors():
+    z = torch.randn(3, 5)
+    t = torch.tensor([0, 1, 2])
+    with torch.device("meta"):
+        got = fxt.cross_entropy(z, t)
+    assert got.device.type == "cpu"
+    torch.testing.assert_close(got, F.cross_entropy(z, t))
+    zt = torch._efficientzerotensor((3, 5))
+    torch.testing.assert_close(fxt.cross_entropy(zt, t), F.cross_entropy(torch.zeros(3, 5), t))
+
+
+@pytest.mark.parametrize("path", ["lean", "general", "bce"])
+def test_logits_are_freed_after_backward(path):
+    import gc
+    import weakref
+    head = torch.nn.Linear(4, 6)
+    x = torch.randn(5, 4)
+    logits = head(x)
+    ref = weakref.ref(logits)
+    if path == "bce":
+        loss = fxt.binary_cross_entropy_with_logits(logits, torch.rand(5, 6))
+    else:
+        kw = {} if path == "lean" else {"label_smoothing": 0.1}
+        loss = fxt.cross_entropy(logits, torch.randint(0, 6, (5,)), **kw)
+    del logits
+    loss.backward()
+    gc.collect()
+    assert ref() is None  # the loss tensor is still alive; the logits are not
+
+
+def test_autocast_dtypes_of_bce_and_the_tangent():
+    x = torch.randn(4, 3).bfloat16()
+    y = torch.rand(4, 3).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = fxt.binary_cross_entropy_with_logits(x, y)
+        ref = F.binary_cross_entropy_with_logits(x, y)
+        assert got.dtype == ref.dtype == torch.float32
+        with fwAD.dual_level():
+            d = fwAD.make_dual(x, torch.ones_like(x))
+            out = fxt.cross_entropy(d, torch.tensor([0, 1, 2, 0]))
+            p, tangent = fwAD.unpack_dual(out)
+            assert p.dtype == tangent.dtype == torch.float32

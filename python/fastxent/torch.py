@@ -71,6 +71,8 @@ def _check_cpu(t: Optional[Tensor], name: str) -> None:
 def _numpy(t: Tensor, dtype: Optional[torch.dtype] = None) -> np.ndarray:
     """A NumPy view of a CPU tensor (zero-copy when it already has `dtype`)."""
     t = t.detach()
+    if t._is_zerotensor():  # an efficient zero tensor has no memory to read
+        t = torch.zeros(t.shape, dtype=t.dtype)
     if dtype is not None and t.dtype != dtype:
         t = t.to(dtype)
     if t.is_neg():
@@ -84,6 +86,8 @@ def _kernel_view(t: Tensor) -> Optional[np.ndarray]:
     t = t.detach()
     if t.is_neg():
         t = t.resolve_neg()
+    if t._is_zerotensor():  # an efficient zero tensor has no memory to read
+        t = torch.zeros(t.shape, dtype=t.dtype)
     if t.dtype == torch.bfloat16:
         if _ML_BF16 is None:
             return None
@@ -130,6 +134,16 @@ class _GradPool:
         self._bufs: "collections.OrderedDict[Tuple[Any, ...], np.ndarray]" = (
             collections.OrderedDict())
         self._lock = threading.Lock()
+        # The reference count of a buffer nobody else holds, as _refs reads it: measured on
+        # a probe rather than assumed, since what getrefcount sees of the interpreter's own
+        # temporaries differs between Python versions.
+        self._bufs[("probe",)] = np.empty(0)
+        self._free = self._refs(("probe",))
+        del self._bufs[("probe",)]
+
+    def _refs(self, key: Tuple[Any, ...]) -> int:
+        import sys
+        return sys.getrefcount(self._bufs[key])
 
     def take(self, shape: Tuple[int, ...], dtype: torch.dtype
              ) -> Optional[Tuple[np.ndarray, Tensor]]:
@@ -140,19 +154,16 @@ class _GradPool:
             n *= d
         if n < self.min_bytes or self.max_buffers <= 0:
             return None
-        import sys
         key = (tuple(int(d) for d in shape), dtype)
         with self._lock:
-            buf = self._bufs.get(key)
-            # References while free: the dict's, `buf` here, getrefcount's argument.
-            if buf is None or sys.getrefcount(buf) > 3:
+            if key not in self._bufs or self._refs(key) > self._free:
                 np_dtype = {torch.float32: np.float32, torch.float64: np.float64,
                             torch.float16: np.float16, torch.bfloat16: np.int16}[dtype]
-                buf = np.empty(key[0], np_dtype)
-                self._bufs[key] = buf  # a busy buffer stays with whoever holds it
+                self._bufs[key] = np.empty(key[0], np_dtype)  # a busy one stays with its holder
                 while len(self._bufs) > self.max_buffers:
                     self._bufs.popitem(last=False)
             self._bufs.move_to_end(key)
+            buf = self._bufs[key]
             t = _tensor_of(buf, dtype)  # now referenced: no other caller gets it
         if dtype == torch.bfloat16:
             assert _ML_BF16 is not None
@@ -352,19 +363,18 @@ def _reference_loss(z: Tensor, target: Tensor, kw: Dict[str, Any]) -> Tensor:
     return torch.where(D == 0, 0.0, total / torch.where(D == 0, 1.0, D))
 
 
-def _reference_grads(z: Tensor, target: Optional[Tensor], tgt: np.ndarray, kw: Dict[str, Any],
-                     grad_output: Tensor, need: Tuple[bool, bool], create_graph: bool
+def _reference_grads(z: Tensor, target: Tensor, kw: Dict[str, Any], grad_output: Tensor,
+                     need: Tuple[bool, bool], create_graph: bool
                      ) -> Tuple[Optional[Tensor], Optional[Tensor]]:
     """Vector-Jacobian products of _reference_loss with respect to the logits and/or the
     probability target (need = (logits, target)). With create_graph they are themselves
     differentiable functions of z, the target and grad_output (z and target are then the
     saved inputs, connected to the caller's graph)."""
-    t_in = target if target is not None else torch.from_numpy(tgt)
     with torch.enable_grad():
         zr = z if create_graph else z.detach().requires_grad_(need[0])
-        tr = t_in if (create_graph and target is not None) else t_in.detach()
-        if need[1]:
-            tr = tr if tr.requires_grad else tr.detach().requires_grad_(True)
+        tr = target if (create_graph and target.requires_grad) else target.detach()
+        if need[1] and not tr.requires_grad:
+            tr = tr.detach().requires_grad_(True)
         loss = _reference_loss(zr, tr, kw)
         wrt = [x for x, n in zip((zr, tr), need) if n]
         if loss.requires_grad:
@@ -383,21 +393,69 @@ def _reference_grads(z: Tensor, target: Optional[Tensor], tgt: np.ndarray, kw: D
     return out[0], out[1]
 
 
+def _fused(input: Tensor, tgt: np.ndarray, cdt: torch.dtype, kw: Dict[str, Any]
+           ) -> Tuple[Any, Tensor]:
+    """(loss, gradient) by the kernel, the gradient in a kept buffer when it is large."""
+    x = _direct_logits(input, tgt)
+    if x is None:  # bfloat16 without ml_dtypes, or probabilities of another dtype: float32
+        loss, g = _api.cross_entropy_with_grad(_numpy(input, cdt), tgt, **kw)
+        return loss, torch.from_numpy(g).to(input.dtype)
+    taken = _POOL.take(tuple(input.shape), input.dtype)
+    if taken is None:
+        loss, g = _api.cross_entropy_with_grad(x, tgt, **kw)
+        return loss, _tensor_of(g, input.dtype)
+    loss, _ = _api.cross_entropy_with_grad(x, tgt, out=taken[0], **kw)
+    return loss, taken[1]
+
+
+def _first_order(ctx: Any, grad_output: Tensor, recompute: Callable[[], Tensor]) -> Tensor:
+    """The fused gradient times grad_output, outside the graph. The gradient computed in the
+    forward pass is handed out itself when grad_output is 1 (no pass over it), and is then no
+    longer fastxent's: autograd may keep it as a `.grad` that the user changes. A later
+    backward through the same graph (retain_graph=True) recomputes it (`recompute`), except
+    after inplace=True, whose gradient lives in the logits' memory."""
+    go = grad_output
+    if ctx.class_dim is not None:
+        go = go.unsqueeze(ctx.class_dim)
+    grad = ctx.grad
+    if ctx.inplace:
+        if ctx.scaled_in_place:
+            raise RuntimeError(
+                "fastxent.torch.cross_entropy(inplace=True): backward ran a second time, but "
+                "the first one already scaled the gradient in place in the logits' memory; "
+                "use inplace=False to backpropagate several times (retain_graph=True)")
+        if _all_ones(go):
+            return grad
+        ctx.scaled_in_place = True
+        return grad.mul_(go.to(grad.dtype))
+    if grad is None:  # handed out by an earlier backward: computed again
+        grad = recompute()
+        ctx.grad = grad
+    # The fused gradient is that of the loss itself (of the sum of rows for "none"); the
+    # chain rule scales it by grad_output, exactly and per row, since row n's loss depends on
+    # row n's logits only.
+    if _all_ones(go):
+        ctx.grad = None
+        return grad
+    return grad * go.to(grad.dtype)
+
+
 class _FusedCrossEntropy(torch.autograd.Function):
     """Forward: loss and gradient from one fused kernel call. Backward: gradient times
-    grad_output (first order); under create_graph=True, or for a probability target's
-    gradient, the vector-Jacobian product of _reference_loss instead, so that every
+    grad_output (first order, _first_order); under create_graph=True, or for a probability
+    target's gradient, the vector-Jacobian product of _reference_loss instead, so that every
     derivative it returns is one it computed. Forward mode (jvp): the tangent of a row loss is
     <g_n, v_n> with the fused gradient g. Differentiable inputs: the logits and a
-    probability target; weight and sample_weight are refused by the wrapper."""
+    probability target; weight and sample_weight (`extras`, saved for their version check)
+    are refused by the wrapper when they require grad."""
 
     @staticmethod
-    def forward(ctx, input: Tensor, target: Optional[Tensor], tgt: np.ndarray,
-                cdt: torch.dtype, kw: Dict[str, Any], inplace: bool, fwd: bool) -> Tensor:
+    def forward(ctx, input: Tensor, target: Tensor, tgt: np.ndarray, cdt: torch.dtype,
+                kw: Dict[str, Any], inplace: bool, fwd: bool, *extras: Tensor) -> Tensor:
         # fwd: a forward-mode tangent is present (decided by the caller: inside forward the
         # inputs come without their tangents).
-        x = _direct_logits(input, tgt)
         if inplace:
+            x = _direct_logits(input, tgt)
             if x is not None:
                 loss, _ = _api.cross_entropy_with_grad(x, tgt, out=x, **kw)
             else:  # bfloat16 without ml_dtypes: a float32 copy, the gradient written back
@@ -410,39 +468,31 @@ class _FusedCrossEntropy(torch.autograd.Function):
             # (e.g. a tanh or a softmax producing them) fails loudly in backward instead of
             # silently using the gradient as its saved tensor.
             torch.autograd.graph.increment_version(input)
-        elif x is not None:
-            taken = _POOL.take(tuple(input.shape), input.dtype)
-            if taken is None:
-                loss, g = _api.cross_entropy_with_grad(x, tgt, **kw)
-                grad = _tensor_of(g, input.dtype)
-            else:
-                loss, _ = _api.cross_entropy_with_grad(x, tgt, out=taken[0], **kw)
-                grad = taken[1]
-        else:  # bfloat16 without ml_dtypes: a float32 copy
-            loss, g = _api.cross_entropy_with_grad(_numpy(input, cdt), tgt, **kw)
-            grad = torch.from_numpy(g).to(input.dtype)
-        ctx.save_for_backward(grad)
-        # The logits and a differentiable target, for the derivatives that need them (none
-        # after inplace=True: the logits' memory holds the gradient); released by the first
-        # first-order backward (_release), as saved tensors would be, but without autograd's
-        # version check on that path, which never reads them (F.cross_entropy's backward does
-        # not read the logits either); the derivatives that read them compare versions.
-        ctx.keep = None if inplace else (input, target)
-        ctx.input_version = input._version
+        else:
+            loss, grad = _fused(input, tgt, cdt, kw)
+            # The logits, target, weights: for the derivatives that read them (second order,
+            # target gradient, a recomputed gradient); autograd checks their versions there
+            # and frees them after a backward that does not retain the graph. (None after
+            # inplace=True: the logits' memory holds the gradient.)
+            ctx.save_for_backward(input, target, *extras)
+        ctx.grad = grad  # first order: _first_order hands it out
         if fwd:
             ctx.save_for_forward(grad)
             ctx.fwd = (input, target)  # for jvp (forward mode: no backward, no graph to free)
-        ctx.tgt, ctx.kw = tgt, kw
+        ctx.tgt, ctx.cdt, ctx.kw = tgt, cdt, kw
         ctx.inplace = inplace
         ctx.scaled_in_place = False
+        ctx.n_extras = len(extras)
         # "none": grad_output has the rows' shape; it broadcasts over the class dimension.
         ctx.class_dim = 1 if (kw["reduction"] == "none" and input.ndim > 1) else None
-        return _loss_tensor(loss, _autocast_loss_dtype(input))
+        ctx.loss_dtype = _autocast_loss_dtype(input)
+        return _loss_tensor(loss, ctx.loss_dtype)
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
         create_graph = torch.is_grad_enabled()
         need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        rest = (None,) * (5 + ctx.n_extras)
         if create_graph or need[1]:
             if ctx.inplace:
                 raise RuntimeError(
@@ -450,24 +500,18 @@ class _FusedCrossEntropy(torch.autograd.Function):
                     "gradient, so it cannot differentiate the gradient again (create_graph="
                     "True: Hessians, gradient penalties) or give a probability target's "
                     "gradient; use inplace=False")
-            if ctx.keep is None:
-                raise RuntimeError(
-                    "fastxent.torch.cross_entropy: an earlier first-order backward through "
-                    "this loss (retain_graph=True) released the logits; run the backward with "
-                    "create_graph=True (or the one asking for the target's gradient) first")
-            input, t = ctx.keep
-            if input._version != ctx.input_version:
-                raise RuntimeError(
-                    "fastxent.torch.cross_entropy: the logits were modified in place after the "
-                    "loss was computed; the second-order / target derivative needs their "
-                    "values at that time")
-            gz, gt = _reference_grads(input, t, ctx.tgt, ctx.kw, grad_output, need,
-                                      create_graph)
+            input, target = ctx.saved_tensors[:2]  # version-checked by autograd
+            gz, gt = _reference_grads(input, target, ctx.kw, grad_output, need, create_graph)
             if need[0] and not create_graph:
-                gz = _scaled_grad(ctx, grad_output)  # the fused gradient for the logits
-            return gz, gt, None, None, None, None, None
-        ctx.keep = None  # first order: the logits are not needed any more
-        return _scaled_grad(ctx, grad_output), None, None, None, None, None, None
+                gz = _FusedCrossEntropy._first(ctx, grad_output)
+            return (gz, gt) + rest
+        return (_FusedCrossEntropy._first(ctx, grad_output), None) + rest
+
+    @staticmethod
+    def _first(ctx: Any, grad_output: Tensor) -> Tensor:
+        def recompute() -> Tensor:
+            return _fused(ctx.saved_tensors[0], ctx.tgt, ctx.cdt, ctx.kw)[1]
+        return _first_order(ctx, grad_output, recompute)
 
     @staticmethod
     def jvp(ctx, input_t: Optional[Tensor], target_t: Optional[Tensor], *_: Any) -> Tensor:
@@ -480,7 +524,7 @@ class _FusedCrossEntropy(torch.autograd.Function):
                 out = prod.sum(dim=ctx.class_dim) if ctx.class_dim is not None else prod.sum()
             else:
                 out = prod.sum()
-        if target_t is not None:
+        if target_t is not None and ctx.fwd[1].is_floating_point():
             if ctx.inplace:
                 raise RuntimeError("fastxent.torch.cross_entropy(inplace=True): a probability "
                                    "target's tangent needs the logits, which were overwritten")
@@ -491,16 +535,16 @@ class _FusedCrossEntropy(torch.autograd.Function):
                 (dt,) = torch.autograd.grad(loss, tr, torch.ones_like(loss), allow_unused=True)
             if dt is not None:
                 if red == "none":
+                    # the reference's "none" gradient is that of the sum; rows are separate
                     tt = (dt * target_t).sum(dim=ctx.class_dim if ctx.class_dim is not None
                                              else 0)
-                    # the reference's "none" gradient is that of the sum; rows are separate
                 else:
                     tt = (dt * target_t).sum()
                 tt = tt.to(grad.dtype)
                 out = tt if out is None else out + tt
         if out is None:
             raise RuntimeError("fastxent.torch.cross_entropy: jvp without a tangent")
-        return out.to(grad.dtype)
+        return out.to(ctx.loss_dtype)
 
 
 def _all_ones(go: Tensor) -> bool:
@@ -512,29 +556,6 @@ def _all_ones(go: Tensor) -> bool:
         return bool(torch.all(go == 1))
     except RuntimeError:
         return False
-
-
-def _scaled_grad(ctx: Any, grad_output: Tensor) -> Tensor:
-    """The fused gradient times grad_output (first order, outside the graph)."""
-    if ctx.scaled_in_place:
-        raise RuntimeError(
-            "fastxent.torch.cross_entropy(inplace=True): backward ran a second time, but "
-            "the first one already scaled the gradient in place in the logits' memory; "
-            "use inplace=False to backpropagate several times (retain_graph=True)")
-    grad = ctx.saved_tensors[0]
-    go = grad_output
-    if ctx.class_dim is not None:
-        go = go.unsqueeze(ctx.class_dim)
-    # The fused gradient is that of the loss itself (of the sum of rows for "none"); the
-    # chain rule scales it by grad_output, exactly and per row, since row n's loss depends on
-    # row n's logits only. grad_output of ones (loss.backward() or loss.sum().backward())
-    # needs no pass at all.
-    if _all_ones(go):
-        return grad
-    if ctx.inplace:
-        ctx.scaled_in_place = True
-        return grad.mul_(go.to(grad.dtype))
-    return grad * go.to(grad.dtype)
 
 
 _DOC_OPTIONS = """
@@ -600,16 +621,17 @@ def _lean_call(input: Tensor, target: Tensor, reduction: Any) -> Optional[Tensor
     red = _LEAN_RED.get(reduction) if type(reduction) is str else None
     if (red is None or type(input) is not Tensor or type(target) is not Tensor
             or input.dtype not in _LEAN_DTYPES or target.dtype != torch.int64
-            or input.ndim != 2 or input.is_neg()
+            or input.ndim != 2 or input.is_neg() or target.is_neg()
             or not (input.is_cpu and target.is_cpu) or fwAD._current_level >= 0
-            or _functorch_active() or _is_wrapped(input) or _is_wrapped(target)):
+            or _functorch_active() or _is_wrapped(input) or _is_wrapped(target)
+            or input._is_zerotensor() or target._is_zerotensor()):
         return None
     N, C = input.shape
     if (C == 0 or N == 0 or target.shape != (N,) or not input.is_contiguous()
             or not target.is_contiguous()):
         return None
     if not (input.requires_grad and torch.is_grad_enabled()):
-        loss = torch.empty((N,) if red == 0 else (), dtype=input.dtype)
+        loss = torch.empty((N,) if red == 0 else (), dtype=input.dtype, device="cpu")
         ok = _core.fast_call_raw(input.data_ptr(), N, C, input.element_size(),
                                  target.data_ptr(), red, 0, loss.data_ptr())
         return loss if ok else None
@@ -626,48 +648,46 @@ class _BadTarget(Exception):
 
 
 class _LeanCrossEntropy(torch.autograd.Function):
-    """_FusedCrossEntropy for the lean path (no options, 2-D logits, class indices, no
-    forward-mode tangent): the loss and gradient come computed, and the per-call Python is
-    kept to a minimum. Second order (create_graph=True) goes through _reference_grads, as in
-    _FusedCrossEntropy."""
+    """_FusedCrossEntropy for the lean path (no options, 2-D logits, int64 class indices, no
+    forward-mode tangent), with the per-call Python kept to a minimum: the kernel is called
+    on the tensors' addresses. The same derivatives: first order by _first_order, second
+    order (create_graph=True) through _reference_grads."""
 
     @staticmethod
     def forward(ctx, input: Tensor, target: Tensor, reduction: str, red: int) -> Tensor:
-        N, C = input.shape
-        size = input.element_size()
-        taken = _POOL.take(input.shape, input.dtype) if N * C * size >= _POOL.min_bytes else None
-        grad = torch.empty((N, C), dtype=input.dtype) if taken is None else taken[1]
-        loss = torch.empty((N,) if red == 0 else (), dtype=input.dtype)
-        if not _core.fast_call_raw(input.data_ptr(), N, C, size, target.data_ptr(), red,
-                                   grad.data_ptr(), loss.data_ptr()):
-            raise _BadTarget  # the general path gives the error, naming the row
-        ctx.save_for_backward(grad)
-        ctx.lean = (input, input._version, target, reduction)  # as _FusedCrossEntropy's keep
+        loss, grad = _lean_kernel(input, target, red)
+        ctx.save_for_backward(input, target)  # read (version-checked) by second order only
+        ctx.grad = grad
+        ctx.red = red
+        ctx.kw = _LEAN_KW[reduction]
+        ctx.inplace = False
+        ctx.class_dim = 1 if red == 0 else None
         return loss
 
     @staticmethod
     def backward(ctx, go: Tensor):
-        (grad,) = ctx.saved_tensors
-        input, version, t, reduction = ctx.lean
         if torch.is_grad_enabled():  # create_graph=True: differentiable, by the formula
-            if input is None:
-                raise RuntimeError(
-                    "fastxent.torch.cross_entropy: an earlier first-order backward through "
-                    "this loss (retain_graph=True) released the logits; run the backward with "
-                    "create_graph=True first")
-            if input._version != version:
-                raise RuntimeError(
-                    "fastxent.torch.cross_entropy: the logits were modified in place after "
-                    "the loss was computed; the second-order derivative needs their values at "
-                    "that time")
-            gz, _ = _reference_grads(input, None, t.numpy(), _LEAN_KW[reduction], go,
-                                     (True, False),
-                                     True)
+            input, target = ctx.saved_tensors
+            gz, _ = _reference_grads(input, target, ctx.kw, go, (True, False), True)
             return gz, None, None, None
-        ctx.lean = (None, version, t, reduction)  # first order: release the logits
-        if reduction == "none":
-            return grad * go.unsqueeze(1), None, None, None
-        return (grad if _all_ones(go) else grad * go), None, None, None
+
+        def recompute() -> Tensor:
+            input, target = ctx.saved_tensors
+            return _lean_kernel(input, target, ctx.red)[1]
+        return _first_order(ctx, go, recompute), None, None, None
+
+
+def _lean_kernel(input: Tensor, target: Tensor, red: int) -> Tuple[Tensor, Tensor]:
+    """(loss, gradient) of the lean path, on the tensors' memory (checked by _lean_call)."""
+    N, C = input.shape
+    size = input.element_size()
+    taken = _POOL.take(input.shape, input.dtype) if N * C * size >= _POOL.min_bytes else None
+    grad = torch.empty((N, C), dtype=input.dtype, device="cpu") if taken is None else taken[1]
+    loss = torch.empty((N,) if red == 0 else (), dtype=input.dtype, device="cpu")
+    if not _core.fast_call_raw(input.data_ptr(), N, C, size, target.data_ptr(), red,
+                               grad.data_ptr(), loss.data_ptr()):
+        raise _BadTarget  # the general path gives the error, naming the row
+    return loss, grad
 
 
 _lean_apply = super(torch.autograd.Function, _LeanCrossEntropy).apply
@@ -807,9 +827,17 @@ def _(input, target, weight, sample_weight, reduction, ignore_index, label_smoot
 
 
 def _op_setup_context(ctx, inputs, output):
-    ctx.reduction = inputs[4]
-    ctx.ndim = inputs[0].ndim
-    ctx.save_for_backward(output[1])
+    (input, target, weight, sample_weight, reduction, ignore_index, label_smoothing, z_loss,
+     softcap, logit_scale, normalizer, _) = inputs
+    ctx.reduction = reduction
+    ctx.ndim = input.ndim
+    # The gradient for first order; the logits and target for a second-order backward
+    # (create_graph=True: differentiated through _reference_loss, as in eager mode).
+    ctx.save_for_backward(output[1], input, target)
+    ctx.kw = dict(axis=0 if input.ndim == 1 else 1, reduction=reduction, weight=weight,
+                  ignore_index=ignore_index, label_smoothing=label_smoothing,
+                  sample_weight=sample_weight, z_loss=z_loss, softcap=softcap,
+                  logit_scale=logit_scale, normalizer=normalizer)
     ctx.mark_non_differentiable(output[1])
 
 
@@ -819,7 +847,10 @@ def _op_backward(ctx, grad_loss, grad_grad):
             "fastxent.torch.cross_entropy under torch.compile (or on fake / meta tensors) "
             "differentiates the logits only: a probability target, weight or sample_weight "
             "that requires grad needs the eager call")
-    (g,) = ctx.saved_tensors
+    g, input, target = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True: a gradient that is differentiable
+        gz, _ = _reference_grads(input, target, ctx.kw, grad_loss, (True, False), True)
+        return (gz,) + (None,) * 11
     go = grad_loss
     if ctx.reduction == "none" and ctx.ndim > 1:
         go = go.unsqueeze(1)
@@ -852,13 +883,15 @@ def _op_loss(input: Tensor, target: Tensor, weight: Any, ignore_index: int, redu
         sw if (sw is None or isinstance(sw, Tensor)) else torch.as_tensor(sw),
         reduction, kw["ignore_index"], kw["label_smoothing"], kw["z_loss"], kw["softcap"],
         kw["logit_scale"], kw["normalizer"], want_grad)
-    return loss
+    return loss.to(_autocast_loss_dtype(input))
 
 
 def _cross_entropy(input: Tensor, target: Tensor, weight: Any, ignore_index: int,
                    reduction: str, label_smoothing: float, inplace: bool,
                    options: Dict[str, Any]) -> Tensor:
     if _is_compiling() or _is_fake(input):
+        # (torch.func transforms inside a compiled function are not told apart here: Dynamo
+        # cannot trace the check; the custom op then refuses them with an error.)
         return _op_loss(input, target, weight, ignore_index, reduction, label_smoothing,
                         options)
     if _under_func_transform(input, target, weight, options.get("sample_weight")):
@@ -886,13 +919,14 @@ def _cross_entropy(input: Tensor, target: Tensor, weight: Any, ignore_index: int
             raise ValueError(
                 "inplace=True would overwrite a leaf tensor that requires grad (or a view of "
                 "one): its values are the parameters being learned; use inplace=False")
-        if not input.is_contiguous():
-            raise ValueError("inplace=True needs a contiguous input (the gradient is written "
-                             "over it in the same layout); call .contiguous() or use "
-                             "inplace=False")
+        if not input.is_contiguous() or input.is_neg():
+            raise ValueError("inplace=True needs a contiguous input without a lazy negation "
+                             "(the gradient is written over its memory in the same layout); "
+                             "call .contiguous() / .resolve_neg() or use inplace=False")
     fwd = _has_tangent(input) or (t_diff and _has_tangent(target))
-    return _FusedCrossEntropy.apply(input, target if t_diff else None, tgt, cdt, kw, inplace,
-                                    fwd)
+    # weight and sample_weight tensors ride along for autograd's version check only.
+    extras = tuple(v for v in (weight, options.get("sample_weight")) if isinstance(v, Tensor))
+    return _FusedCrossEntropy.apply(input, target, tgt, cdt, kw, inplace, fwd, *extras)
 
 
 cross_entropy.__doc__ = """Cross-entropy loss with the signature and semantics of
@@ -1087,39 +1121,43 @@ def _sigmoid_reference(x: Tensor, y: Tensor, w: Optional[Tensor], pw: Optional[T
 
 class _FusedSigmoidCrossEntropy(torch.autograd.Function):
     """Forward: loss and gradient from fastxent.sigmoid_cross_entropy_with_grad. Backward:
-    gradient times grad_output; under create_graph=True, or for target / weight / pos_weight
-    gradients, the vector-Jacobian product of _sigmoid_reference. jvp: <g, v> per element."""
+    gradient times grad_output (_first_order); under create_graph=True, or for target /
+    weight / pos_weight gradients, the vector-Jacobian product of _sigmoid_reference. jvp:
+    <g, v> per element."""
 
     @staticmethod
     def forward(ctx, input: Tensor, target: Tensor, weight: Optional[Tensor],
                 pos_weight: Optional[Tensor], cdt: torch.dtype, reduction: str,
                 fwd: bool) -> Tensor:
+        inputs = (input, target, weight, pos_weight)
+        ctx.grad = _FusedSigmoidCrossEntropy._kernel(inputs, cdt, reduction, ctx)
+        # For the derivatives that read them (version-checked by autograd, freed after a
+        # backward that does not retain the graph).
+        ctx.save_for_backward(*inputs)
+        if fwd:  # a forward-mode tangent (decided by the caller, as in _FusedCrossEntropy)
+            ctx.save_for_forward(ctx.grad)
+            ctx.fwd = inputs  # for jvp (forward mode: no backward, no graph to free)
+        ctx.cdt, ctx.reduction = cdt, reduction
+        ctx.inplace, ctx.class_dim = False, None  # for _first_order
+        ctx.loss_dtype = _autocast_loss_dtype(input)
+        return _loss_tensor(ctx.loss, ctx.loss_dtype)
+
+    @staticmethod
+    def _kernel(inputs: Tuple[Optional[Tensor], ...], cdt: torch.dtype, reduction: str,
+                ctx: Any = None) -> Tensor:
         def arr(t: Optional[Tensor]) -> Optional[np.ndarray]:
             return None if t is None else _numpy(t, cdt)
+        x, y, w, pw = inputs
         loss, g = _api_sigmoid.sigmoid_cross_entropy_with_grad(
-            _numpy(input, cdt), _numpy(target, cdt), reduction=reduction,
-            weight=arr(weight), pos_weight=arr(pos_weight))
+            arr(x), arr(y), reduction=reduction, weight=arr(w), pos_weight=arr(pw))
+        if ctx is not None:
+            ctx.loss = loss
         grad = torch.from_numpy(g)
-        if grad.dtype != input.dtype:
-            grad = grad.to(input.dtype)
-        inputs = (input, target, weight, pos_weight)
-        ctx.save_for_backward(grad)
-        # Kept and released as _FusedCrossEntropy's ctx.keep; versions compared where read.
-        ctx.keep = inputs
-        ctx.versions = tuple(None if t is None else t._version for t in inputs)
-        if fwd:  # a forward-mode tangent (decided by the caller, as in _FusedCrossEntropy)
-            ctx.save_for_forward(grad)
-            ctx.fwd = inputs  # for jvp (forward mode: no backward, no graph to free)
-        ctx.reduction = reduction
-        return _loss_tensor(loss, input.dtype)
+        return grad if grad.dtype == x.dtype else grad.to(x.dtype)
 
     @staticmethod
     def _reference_vjp(ctx: Any, inputs: Tuple[Optional[Tensor], ...], grad_output: Tensor,
                        need: Tuple[bool, ...], create_graph: bool) -> List[Optional[Tensor]]:
-        for t, v in zip(inputs, ctx.versions):
-            if t is not None and t._version != v:
-                raise RuntimeError("fastxent.torch.binary_cross_entropy_with_logits: an input "
-                                   "was modified in place after the loss was computed")
         with torch.enable_grad():
             ins = [t if (t is None or create_graph) else t.detach().requires_grad_(n)
                    for t, n in zip(inputs, need)]
@@ -1140,20 +1178,14 @@ class _FusedSigmoidCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_output: Tensor):
         need = tuple(ctx.needs_input_grad[:4])
         create_graph = torch.is_grad_enabled()
-        (grad,) = ctx.saved_tensors
         if create_graph or any(need[1:]):
-            if ctx.keep is None:
-                raise RuntimeError(
-                    "fastxent.torch.binary_cross_entropy_with_logits: an earlier first-order "
-                    "backward (retain_graph=True) released the inputs; run the backward with "
-                    "create_graph=True first")
-            grads = _FusedSigmoidCrossEntropy._reference_vjp(ctx, ctx.keep, grad_output,
-                                                             need, create_graph)
+            grads = _FusedSigmoidCrossEntropy._reference_vjp(
+                ctx, tuple(ctx.saved_tensors), grad_output, need, create_graph)
         else:
-            ctx.keep = None  # first order: the inputs are not needed any more
             grads = [None] * 4
         if need[0] and not create_graph:
-            grads[0] = grad if _all_ones(grad_output) else grad * grad_output
+            grads[0] = _first_order(ctx, grad_output, lambda: _FusedSigmoidCrossEntropy._kernel(
+                tuple(ctx.saved_tensors), ctx.cdt, ctx.reduction))
         return (*grads, None, None, None)
 
     @staticmethod
@@ -1189,7 +1221,7 @@ class _FusedSigmoidCrossEntropy(torch.autograd.Function):
                 if ctx.reduction == "mean":
                     tot = tot / max(e.numel(), 1)
                 out = out + tot.to(out.dtype)
-        return out.to(grad.dtype)
+        return out.to(ctx.loss_dtype)
 
 
 def _bce_operand(v: Any, name: str, input: Tensor) -> Optional[Tensor]:
@@ -1231,7 +1263,8 @@ def binary_cross_entropy_with_logits(input: Tensor, target: Tensor,
     w = _bce_operand(weight, "weight", input)
     pw = _bce_operand(pos_weight, "pos_weight", input)
     if _under_func_transform(input, target, w, pw):
-        return _sigmoid_reference(input, target, w, pw, reduction).to(input.dtype)
+        return _sigmoid_reference(input, target, w, pw, reduction).to(
+            _autocast_loss_dtype(input))
     tensors = (input, target, w, pw)
     grad_mode = torch.is_grad_enabled()
     wants = any(t is not None and ((t.requires_grad and grad_mode) or _has_tangent(t))
@@ -1242,7 +1275,7 @@ def binary_cross_entropy_with_logits(input: Tensor, target: Tensor,
         loss = _api_sigmoid.sigmoid_cross_entropy(_numpy(input, cdt), _numpy(target, cdt),
                                                   reduction=reduction, weight=arr(w),
                                                   pos_weight=arr(pw))
-        return _loss_tensor(loss, input.dtype)
+        return _loss_tensor(loss, _autocast_loss_dtype(input))
     fwd = any(t is not None and _has_tangent(t) for t in tensors)
     return _FusedSigmoidCrossEntropy.apply(input, target, w, pw, cdt, reduction, fwd)
 
