@@ -593,8 +593,9 @@ _DOC_DIFF = """
     ignored row's loss and gradient are 0 whatever its logits hold. Class-index targets may
     have any integer dtype (PyTorch wants int64 or uint8). ``input`` and a probability
     ``target`` are differentiable; a ``weight`` or ``sample_weight`` that requires grad is
-    refused (PyTorch refuses ``weight`` too). ``torch.compile`` does not trace the kernel (a
-    NumPy call: it falls back to eager around it).
+    refused (PyTorch refuses ``weight`` too). Under ``torch.compile`` the kernel is the
+    custom op ``torch.ops.fastxent.cross_entropy`` (no graph break; only the logits are
+    differentiable there).
 
     Derivatives: first order with respect to ``input`` from the fused kernel; second order
     (``create_graph=True``), a probability target's gradient and ``torch.func`` transforms
