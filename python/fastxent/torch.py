@@ -23,7 +23,7 @@ Requires the optional extra: ``pip install fastxent[torch]``.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 
@@ -68,26 +68,29 @@ def _check_cpu(t: Optional[Tensor], name: str) -> None:
             f"(.cpu()) or use torch.nn.functional.cross_entropy for {t.device.type} tensors")
 
 
-def _numpy(t: Tensor, dtype: Optional[torch.dtype] = None) -> np.ndarray:
-    """A NumPy view of a CPU tensor (zero-copy when it already has `dtype`)."""
+def _readable(t: Tensor) -> Tensor:
+    """t detached, with memory holding its values: a lazy negation resolved, an efficient zero
+    tensor (which has no memory) materialised."""
     t = t.detach()
-    if t._is_zerotensor():  # an efficient zero tensor has no memory to read
-        t = torch.zeros(t.shape, dtype=t.dtype)
-    if dtype is not None and t.dtype != dtype:
-        t = t.to(dtype)
     if t.is_neg():
         t = t.resolve_neg()
+    if t._is_zerotensor():
+        t = torch.zeros(t.shape, dtype=t.dtype)
+    return t
+
+
+def _numpy(t: Tensor, dtype: Optional[torch.dtype] = None) -> np.ndarray:
+    """A NumPy view of a CPU tensor (zero-copy when it already has `dtype`)."""
+    t = _readable(t)
+    if dtype is not None and t.dtype != dtype:
+        t = t.to(dtype)
     return t.numpy()
 
 
 def _kernel_view(t: Tensor) -> Optional[np.ndarray]:
     """A zero-copy NumPy view of a CPU tensor in a dtype the kernel reads natively (float32,
     float64, float16, and bfloat16 through ml_dtypes), or None (bfloat16 without ml_dtypes)."""
-    t = t.detach()
-    if t.is_neg():
-        t = t.resolve_neg()
-    if t._is_zerotensor():  # an efficient zero tensor has no memory to read
-        t = torch.zeros(t.shape, dtype=t.dtype)
+    t = _readable(t)
     if t.dtype == torch.bfloat16:
         if _ML_BF16 is None:
             return None
@@ -105,6 +108,12 @@ def _direct_logits(input: Tensor, tgt: np.ndarray) -> Optional[np.ndarray]:
     return x
 
 
+def _logits_array(input: Tensor, tgt: np.ndarray, cdt: torch.dtype) -> np.ndarray:
+    """The logits as the kernel reads them: in place, or as a float32 copy (_direct_logits)."""
+    x = _direct_logits(input, tgt)
+    return _numpy(input, cdt) if x is None else x
+
+
 def _tensor_of(a: np.ndarray, dtype: torch.dtype) -> Tensor:
     """The tensor over a NumPy array the kernel wrote (bfloat16 through its int16 bits)."""
     if dtype == torch.bfloat16:
@@ -112,7 +121,9 @@ def _tensor_of(a: np.ndarray, dtype: torch.dtype) -> Tensor:
     return torch.from_numpy(a)
 
 
-_ITEMSIZE = {torch.float32: 4, torch.float64: 8, torch.float16: 2, torch.bfloat16: 2}
+# The NumPy storage of a gradient buffer per tensor dtype (bfloat16 as its int16 bits).
+_STORAGE = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64),
+            torch.float16: np.dtype(np.float16), torch.bfloat16: np.dtype(np.int16)}
 
 
 class _GradPool:
@@ -149,7 +160,7 @@ class _GradPool:
              ) -> Optional[Tuple[np.ndarray, Tensor]]:
         """(array, tensor over it) to write a gradient of `shape` and `dtype` into, or None
         (a small gradient: let the kernel allocate it)."""
-        n = _ITEMSIZE[dtype]
+        n = _STORAGE[dtype].itemsize
         for d in shape:
             n *= d
         if n < self.min_bytes or self.max_buffers <= 0:
@@ -157,9 +168,8 @@ class _GradPool:
         key = (tuple(int(d) for d in shape), dtype)
         with self._lock:
             if key not in self._bufs or self._refs(key) > self._free:
-                np_dtype = {torch.float32: np.float32, torch.float64: np.float64,
-                            torch.float16: np.float16, torch.bfloat16: np.int16}[dtype]
-                self._bufs[key] = np.empty(key[0], np_dtype)  # a busy one stays with its holder
+                # (a busy buffer is dropped here: it stays with whoever holds it)
+                self._bufs[key] = np.empty(key[0], _STORAGE[dtype])
                 while len(self._bufs) > self.max_buffers:
                     self._bufs.popitem(last=False)
             self._bufs.move_to_end(key)
@@ -281,14 +291,18 @@ def _loss_tensor(loss: Any, dtype: torch.dtype) -> Tensor:
     return torch.from_numpy(np.asarray(loss)).to(dtype)
 
 
-def _functorch_wrapped(t: Tensor) -> bool:
-    return bool(torch._C._functorch.is_functorch_wrapped_tensor(t))
+_is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+
+
+def _under_func_transform(*ts: Any) -> bool:
+    """Whether any of ts is a tensor wrapped by a torch.func transform (no storage)."""
+    return any(isinstance(t, Tensor) and _is_wrapped(t) for t in ts)
 
 
 def _refuse_func_transforms(*ts: Any) -> None:
     """torch.func transforms (grad, vmap, jacrev, jvp, ...) hand the wrapper tensors without
     storage, which the kernel cannot read: say so, and what works instead."""
-    if any(isinstance(t, Tensor) and _functorch_wrapped(t) for t in ts):
+    if _under_func_transform(*ts):
         raise RuntimeError(
             "fastxent.torch does not support torch.func transforms (grad, vmap, jacrev, jvp, "
             "functional_call under them) yet: its kernel reads the tensors' memory. Use "
@@ -608,7 +622,6 @@ _DOC_DIFF = """
 
 _LEAN_RED = {"none": 0, "sum": 1, "mean": 2}
 _LEAN_DTYPES = (torch.float32, torch.float64)
-_is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 _is_compiling = torch.compiler.is_compiling
 _functorch_active = torch._C._are_functorch_transforms_active
 _LEAN_KW = {r: dict(axis=1, reduction=r, weight=None, ignore_index=-100, label_smoothing=0.0,
@@ -715,10 +728,6 @@ _FUNC_OPTIONS = ("sample_weight", "z_loss", "softcap", "logit_scale", "normalize
                  "num_threads")
 
 
-def _under_func_transform(*ts: Any) -> bool:
-    return any(isinstance(t, Tensor) and _functorch_wrapped(t) for t in ts)
-
-
 def _validate_options(options: Dict[str, Any], caller: str) -> Dict[str, Any]:
     """fastxent's extra keywords: names (TypeError naming `caller`) and scalar values
     (ValueError), without tensors."""
@@ -805,15 +814,10 @@ def _op_cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor],
                                 normalizer=normalizer, sample_weight=sample_weight)
     cdt, tgt, kw = _prepare(input, target, weight, ignore_index, reduction, label_smoothing,
                             opts)
-    x = _direct_logits(input, tgt)
-    if x is None:
-        x = _numpy(input, cdt)
     if not want_grad:
-        loss = _api.cross_entropy(x, tgt, **kw)
+        loss = _api.cross_entropy(_logits_array(input, tgt, cdt), tgt, **kw)
         return _loss_tensor(loss, input.dtype), input.new_empty((0,))
-    loss, g = _api.cross_entropy_with_grad(x, tgt, **kw)
-    grad = _tensor_of(g, input.dtype) if g.dtype.itemsize == input.element_size() else (
-        torch.from_numpy(g).to(input.dtype))
+    loss, grad = _fused(input, tgt, cdt, kw)
     return _loss_tensor(loss, input.dtype), grad
 
 
@@ -908,10 +912,8 @@ def _cross_entropy(input: Tensor, target: Tensor, weight: Any, ignore_index: int
         (target.requires_grad and grad_mode) or _has_tangent(target))
     if not (reverse or t_diff or _has_tangent(input)):
         # No derivative wanted: the forward-only kernel, nothing of the logits' size written.
-        x = _direct_logits(input, tgt)
-        if x is None:
-            x = _numpy(input, cdt)
-        return _loss_tensor(_api.cross_entropy(x, tgt, **kw), _autocast_loss_dtype(input))
+        return _loss_tensor(_api.cross_entropy(_logits_array(input, tgt, cdt), tgt, **kw),
+                            _autocast_loss_dtype(input))
     # The logits are overwritten only for a reverse-mode gradient of theirs alone.
     inplace = inplace and reverse and not t_diff
     if inplace:
