@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from . import _api, _core, _shard
 from . import _sigmoid as _api_sigmoid
+from ._options import common_options, index, real
 
 __all__ = ["cross_entropy", "CrossEntropyLoss", "binary_cross_entropy_with_logits",
            "BCEWithLogitsLoss", "vocab_parallel_cross_entropy", "release_buffers",
@@ -735,12 +736,12 @@ def _validate_options(options: Dict[str, Any], caller: str) -> Dict[str, Any]:
         if k not in _FUNC_OPTIONS:
             raise TypeError(f"{caller}() got an unexpected keyword argument {k!r} (fastxent's "
                             f"options: {', '.join(_FUNC_OPTIONS)})")
-    z_loss = _api._real(options.get("z_loss", 0.0), "z_loss", 0.0, False)
+    z_loss = real(options.get("z_loss", 0.0), "z_loss", 0.0, False)
     cap = options.get("softcap")
-    cap = None if cap is None else _api._real(cap, "softcap", 0.0, True)
-    alpha = _api._real(options.get("logit_scale", 1.0), "logit_scale", 0.0, True)
+    cap = None if cap is None else real(cap, "softcap", 0.0, True)
+    alpha = real(options.get("logit_scale", 1.0), "logit_scale", 0.0, True)
     norm = options.get("normalizer")
-    norm = None if norm is None else _api._real(norm, "normalizer", 0.0, False)
+    norm = None if norm is None else real(norm, "normalizer", 0.0, False)
     return dict(z_loss=z_loss, softcap=cap, logit_scale=alpha, normalizer=norm)
 
 
@@ -761,8 +762,8 @@ def _checked_options(input: Tensor, target: Tensor, weight: Any, ignore_index: i
         raise ValueError("input must have shape (C,), (N, C) or (N, C, d1, ..., dk); got a "
                          "0-dimensional tensor")
     scalars = _validate_options(options, caller)
-    _, ii, eps, _ = _api._options(reduction, ignore_index, label_smoothing,
-                                  options.get("num_threads"))
+    _, ii, eps, _ = common_options(reduction, ignore_index, label_smoothing,
+                                   options.get("num_threads"))
     ax = 0 if input.ndim == 1 else 1
     C = input.shape[ax]
     rows = tuple(input.shape[:ax]) + tuple(input.shape[ax + 1:])
@@ -1036,8 +1037,8 @@ class CrossEntropyLoss(nn.Module):
             reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
         # Every option is checked here, not at the first forward.
         _validate_options(fastxent_options, "CrossEntropyLoss")
-        _api._options(reduction, ignore_index, label_smoothing,
-                      fastxent_options.get("num_threads"))
+        common_options(reduction, ignore_index, label_smoothing,
+                       fastxent_options.get("num_threads"))
         if not isinstance(inplace, bool):
             raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
         if weight is not None and not isinstance(weight, Tensor):
@@ -1374,7 +1375,7 @@ def _vp_layout(c_local: int, group: Any, offset: Optional[int],
     """(offset, num_classes) of this rank's slice: as given, or from the slice sizes of every
     rank gathered once (one all_gather of one integer per rank), in rank order."""
     if offset is not None and num_classes is not None:
-        return _shard._index(offset, "offset"), _shard._index(num_classes, "num_classes")
+        return index(offset, "offset"), index(num_classes, "num_classes")
     dist = _dist()
     world = dist.get_world_size(group)
     rank = dist.get_rank(group)
@@ -1387,12 +1388,12 @@ def _vp_layout(c_local: int, group: Any, offset: Optional[int],
     total = sum(n)
     if num_classes is None:
         num_classes = total
-    elif _shard._index(num_classes, "num_classes") != total:
+    elif index(num_classes, "num_classes") != total:
         raise ValueError(f"num_classes = {num_classes}, but the ranks' slices (sizes {n}, in "
                          f"rank order) add up to {total}")
     if offset is None:
         offset = sum(n[:rank])
-    return _shard._index(offset, "offset"), _shard._index(num_classes, "num_classes")
+    return index(offset, "offset"), index(num_classes, "num_classes")
 
 
 def _all_reduce_stats(st: np.ndarray, group: Any) -> np.ndarray:
