@@ -45,6 +45,15 @@ inline const T* checked_vector(const py::object& o, py::ssize_t n, const char* w
   return static_cast<const T*>(a.data());
 }
 
+// Class targets: None, or a C-contiguous int64 array of the N rows.
+inline const int64_t* checked_target(const py::object& o, py::ssize_t N) {
+  if (o.is_none()) return nullptr;
+  py::array t = py::reinterpret_borrow<py::array>(o);
+  if (!is_dtype<int64_t>(t) || t.ndim() != 1 || t.shape(0) != N || !c_contiguous(t))
+    throw std::invalid_argument("target: expected a C-contiguous int64 array of N elements");
+  return static_cast<const int64_t*>(t.data());
+}
+
 template <class T>
 inline T* checked_output(const py::object& o, py::ssize_t rows, py::ssize_t cols, int ndim,
                   const char* what) {

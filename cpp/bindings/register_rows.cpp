@@ -56,12 +56,7 @@ S* fill_inputs(In& in, const py::array& logits, const py::object& target,
   }
   in.rows = N;
   in.classes = C;
-  if (!target.is_none()) {
-    py::array t = py::reinterpret_borrow<py::array>(target);
-    if (!is_dtype<int64_t>(t) || t.ndim() != 1 || t.shape(0) != N || !c_contiguous(t))
-      throw std::invalid_argument("target: expected a C-contiguous int64 array of N elements");
-    in.target = static_cast<const int64_t*>(t.data());
-  }
+  in.target = checked_target(target, N);
   in.weight = checked_vector<W>(weight, C, "weight");
   in.sample_weight = checked_vector<W>(sample_weight, N, "sample_weight");
   if (grad.is_none()) return nullptr;

@@ -40,12 +40,7 @@ fastxent::ShardInputs<T> shard_inputs(const py::array& logits, const py::object&
   in.classes = C;
   in.offset = offset;
   in.num_classes = num_classes;
-  if (!target.is_none()) {
-    py::array t = py::reinterpret_borrow<py::array>(target);
-    if (!is_dtype<int64_t>(t) || t.ndim() != 1 || t.shape(0) != N || !c_contiguous(t))
-      throw std::invalid_argument("target: expected a C-contiguous int64 array of N elements");
-    in.target = static_cast<const int64_t*>(t.data());
-  }
+  in.target = checked_target(target, N);
   if (!probs.is_none())
     in.probs = rows_view<T>(py::reinterpret_borrow<py::array>(probs), N, C,
                             &in.probs_row_stride, "probability target");
