@@ -6,7 +6,7 @@ call leaves ``out=`` and the logits exactly as they were.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
@@ -68,6 +68,21 @@ def _as_operand(v: Any, x: np.ndarray, name: str) -> Tuple[Optional[np.ndarray],
     return np.ascontiguousarray(np.broadcast_to(a, x.shape), dtype=x.dtype), 2
 
 
+# The sigmoid loss reads only the reduction and the thread count: one shared _core.Options per
+# pair (integer keys, so a cached object is exactly the one that would be built; never
+# modified), which keeps the small call's cost where it was before options were objects.
+_CORE_OPTIONS: Dict[Tuple[int, int], Any] = {}
+
+
+def _core_options(red: int, nt: int) -> Any:
+    opt = _CORE_OPTIONS.get((red, nt))
+    if opt is None:
+        if len(_CORE_OPTIONS) > 64:
+            _CORE_OPTIONS.clear()
+        opt = _CORE_OPTIONS[(red, nt)] = LossOptions(reduction=red, num_threads=nt).core()
+    return opt
+
+
 def _run(logits: Any, target: Any, reduction: Any, weight: Any, pos_weight: Any,
          num_threads: Any, want_grad: bool, out: Any):
     red = reduction_code(reduction)
@@ -87,9 +102,8 @@ def _run(logits: Any, target: Any, reduction: Any, weight: Any, pos_weight: Any,
     xc = x if grad is x else np.ascontiguousarray(x)
     losses = np.empty(x.shape, x.dtype) if red == 0 else None
     last = x.shape[-1] if x.ndim and x.size else 1
-    opts = LossOptions(reduction=red, num_threads=nt)  # the sigmoid loss reads only these
-    total = _core.sigmoid_cross_entropy(xc, t, pw, pw_mode, w, w_mode, last, opts.core(), grad,
-                                        losses)
+    total = _core.sigmoid_cross_entropy(xc, t, pw, pw_mode, w, w_mode, last, _core_options(red, nt),
+                                        grad, losses)
     with np.errstate(over="ignore"):  # a float64 sum beyond float32's range is inf
         loss = losses if red == 0 else x.dtype.type(total)
     return (loss, grad) if want_grad else loss
