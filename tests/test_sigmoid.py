@@ -506,18 +506,23 @@ def test_bad_out(dtype):
 def test_core_rejects_overlap_and_bad_modes():
     """The C++ layer checks again (for C++ callers and direct _core use)."""
     from fastxent import _core
+
+    def opt(reduction):
+        o = _core.Options()
+        o.reduction = reduction
+        return o
     x, y = _xy(np.float64)
     g = np.zeros_like(x)
     with pytest.raises(ValueError, match="overlaps"):
-        _core.sigmoid_cross_entropy(x, y, None, 0, None, 0, 3, 1, 0, y, None)
+        _core.sigmoid_cross_entropy(x, y, None, 0, None, 0, 3, opt(1), y, None)
     with pytest.raises(ValueError):
-        _core.sigmoid_cross_entropy(x, y, np.ones(3), 1, None, 0, 5, 1, 0, g, None)
+        _core.sigmoid_cross_entropy(x, y, np.ones(3), 1, None, 0, 5, opt(1), g, None)
     with pytest.raises(ValueError):
-        _core.sigmoid_cross_entropy(x, y, np.ones(3), 0, None, 0, 3, 1, 0, g, None)
+        _core.sigmoid_cross_entropy(x, y, np.ones(3), 0, None, 0, 3, opt(1), g, None)
     with pytest.raises(ValueError, match="reduction"):
-        _core.sigmoid_cross_entropy(x, y, None, 0, None, 0, 3, 7, 0, g, None)
+        _core.sigmoid_cross_entropy(x, y, None, 0, None, 0, 3, opt(7), g, None)
     with pytest.raises(ValueError, match="losses"):
-        _core.sigmoid_cross_entropy(x, y, None, 0, None, 0, 3, 0, 0, g, None)
+        _core.sigmoid_cross_entropy(x, y, None, 0, None, 0, 3, opt(0), g, None)
     with pytest.raises(TypeError):
-        _core.sigmoid_cross_entropy(x.astype(np.int64), y, None, 0, None, 0, 3, 1, 0, None, None)
+        _core.sigmoid_cross_entropy(x.astype(np.int64), y, None, 0, None, 0, 3, opt(1), None, None)
     assert (g == 0).all()

@@ -1,5 +1,6 @@
-// Registration functions of the pybind11 module, one per source file of cpp/bindings/, and the
-// array checks they share.
+// What every registration file of the pybind11 module fastxent._core shares: the register_*
+// declarations (module.cpp composes them) and the array checks that the C++ API cannot make
+// (dtype, shape, strides, writability). Bad arrays throw std::invalid_argument (ValueError).
 #pragma once
 
 #include <pybind11/numpy.h>
@@ -15,8 +16,13 @@ namespace fastxent_py {
 
 namespace py = pybind11;
 
-void bind_sigmoid(py::module_& m);
-void bind_shard(py::module_& m);
+void register_options(py::module_& m);      // register_options.cpp: _core.Options
+void register_rows(py::module_& m);         // register_rows.cpp: cross_entropy(_half)
+void register_fast(py::module_& m);         // register_fast.cpp: fast_call(_raw)
+void register_companions(py::module_& m);   // register_companions.cpp: softmax & co.
+void register_sigmoid(py::module_& m);      // register_sigmoid.cpp
+void register_shard(py::module_& m);        // register_shard.cpp
+void register_system(py::module_& m);       // register_system.cpp: ISAs, threads, build
 
 // NumPy's notion of "the same type": int64 spelt 'l' or 'q' both match int64_t.
 template <class T>
@@ -37,6 +43,15 @@ inline const T* checked_vector(const py::object& o, py::ssize_t n, const char* w
     throw std::invalid_argument(std::string(what) + ": expected a C-contiguous 1-D array of " +
                                 std::to_string(n) + " elements of the logits' dtype");
   return static_cast<const T*>(a.data());
+}
+
+// Class targets: None, or a C-contiguous int64 array of the N rows.
+inline const int64_t* checked_target(const py::object& o, py::ssize_t N) {
+  if (o.is_none()) return nullptr;
+  py::array t = py::reinterpret_borrow<py::array>(o);
+  if (!is_dtype<int64_t>(t) || t.ndim() != 1 || t.shape(0) != N || !c_contiguous(t))
+    throw std::invalid_argument("target: expected a C-contiguous int64 array of N elements");
+  return static_cast<const int64_t*>(t.data());
 }
 
 template <class T>
@@ -64,23 +79,6 @@ inline const T* rows_view(const py::array& a, py::ssize_t N, py::ssize_t C, int6
     throw std::invalid_argument(std::string(what) + ": rows must not overlap");
   *ld = N > 1 ? a.strides(0) / isz : C;
   return static_cast<const T*>(a.data());
-}
-
-// Options from the binding's arguments (normalizer: None or a number).
-inline fastxent::Options make_options(int reduction, int64_t ignore_index, double label_smoothing,
-                               double z_loss, double softcap, double logit_scale,
-                               const py::object& normalizer, int num_threads) {
-  fastxent::Options opt;
-  opt.reduction = static_cast<fastxent::Reduction>(reduction);
-  opt.ignore_index = ignore_index;
-  opt.label_smoothing = label_smoothing;
-  opt.z_loss = z_loss;
-  opt.softcap = softcap;
-  opt.logit_scale = logit_scale;
-  opt.has_normalizer = !normalizer.is_none();
-  if (opt.has_normalizer) opt.normalizer = normalizer.cast<double>();
-  opt.num_threads = num_threads;
-  return opt;
 }
 
 }  // namespace fastxent_py

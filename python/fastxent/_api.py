@@ -6,213 +6,35 @@ call leaves ``out=`` and the logits exactly as they were.
 
 from __future__ import annotations
 
-import math
-import operator
-from typing import Any, Optional, Tuple, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 
 from . import _core
+from ._options import (FLOAT_DTYPES, REDUCTIONS, LossOptions, as_target, as_vector, check_axis,
+                       check_out, cols_view, half_kind, raise_bad_target, rows_view)
+from ._options import to_numpy as _to_numpy  # (tests read arrays through fastxent._api)
 
 __all__ = ["cross_entropy", "cross_entropy_with_grad"]
 
-_REDUCTIONS = {"none": 0, "sum": 1, "mean": 2}
-_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-
-
-def _half_kind(dt: np.dtype) -> Optional[int]:
-    """0 for float16, 1 for bfloat16 (ml_dtypes), None otherwise."""
-    if dt == np.float16:
-        return 0
-    if dt.itemsize == 2 and dt.name == "bfloat16":
-        return 1
-    return None
-
-
-_DLPACK_CPU = 1  # kDLCPU
-
-
-def _to_numpy(obj: Any, name: str) -> np.ndarray:
-    """A NumPy array over obj's memory without a copy: NumPy arrays as they are, DLPack
-    exporters (PyTorch CPU tensors, JAX CPU arrays, ...) through np.from_dlpack, anything
-    else (buffer protocol, sequences) through np.asarray. Arrays on another device are a
-    TypeError: fastxent is a CPU kernel."""
-    if type(obj) is np.ndarray:
-        return obj
-    if hasattr(obj, "__dlpack__") and not isinstance(obj, np.ndarray):
-        dev = obj.__dlpack_device__() if hasattr(obj, "__dlpack_device__") else (_DLPACK_CPU, 0)
-        if int(dev[0]) != _DLPACK_CPU:
-            raise TypeError(f"{name}: fastxent is a CPU kernel, but this array lives on device "
-                            f"{dev} (move it to the CPU first, e.g. tensor.cpu())")
-        if getattr(obj, "requires_grad", False) and hasattr(obj, "detach"):
-            obj = obj.detach()  # PyTorch refuses to export a tensor that requires grad
-        if callable(getattr(obj, "is_neg", None)) and obj.is_neg():
-            obj = obj.resolve_neg()  # a lazily negated PyTorch view: DLPack drops the sign bit
-        try:
-            return np.from_dlpack(obj)
-        except (BufferError, TypeError, RuntimeError):
-            # bfloat16 has no DLPack type NumPy knows: read PyTorch's bits as ml_dtypes',
-            # and let other exporters (JAX) hand over a NumPy array of their own.
-            if type(obj).__module__.startswith("torch") and str(obj.dtype) == "torch.bfloat16":
-                import ml_dtypes
-                import torch
-                return np.from_dlpack(obj.view(torch.int16)).view(ml_dtypes.bfloat16)
-            return np.asarray(obj)
-    return np.asarray(obj)
 
 
 def _as_logits(logits: Any) -> np.ndarray:
     x = _to_numpy(logits, "logits")
-    if x.dtype not in _FLOAT_DTYPES and _half_kind(x.dtype) is None:
+    if x.dtype not in FLOAT_DTYPES and half_kind(x.dtype) is None:
         raise TypeError(f"logits must be float32, float64, float16 or bfloat16, got {x.dtype}")
     if x.ndim == 0:
         raise ValueError("logits must have at least one dimension (the class axis)")
     return x
 
 
-def _check_axis(axis: Any, ndim: int) -> int:
-    try:
-        ax = operator.index(axis)
-    except TypeError:
-        raise TypeError(f"axis must be an integer, got {type(axis).__name__}") from None
-    if not -ndim <= ax < ndim:
-        raise ValueError(f"axis {ax} is out of bounds for logits with {ndim} dimensions")
-    return ax % ndim
-
-
-def _rows_view(x: np.ndarray) -> np.ndarray:
-    """A 2-D (rows, C) view of x sharing its memory when the class axis is contiguous and
-    the leading axes collapse to one row stride; otherwise a C-contiguous copy (which gives
-    bit-identical results, the kernel never sees the difference)."""
-    C = x.shape[-1]
-    if x.flags.c_contiguous:
-        return x if x.ndim == 2 else x.reshape(-1, C)
-    isz = x.itemsize
-    if C == 1 or x.strides[-1] == isz:
-        # Leading axes collapse when each stride equals the next one's stride times its size
-        # (axes of length 1 do not matter).
-        lead = [(n, s) for n, s in zip(x.shape[:-1], x.strides[:-1]) if n != 1]
-        ok = all(s0 == s1 * n1 for (_, s0), (n1, s1) in zip(lead, lead[1:]))
-        row_stride = lead[-1][1] if lead else C * isz
-        if ok and row_stride >= C * isz and row_stride % isz == 0:
-            rows = int(np.prod(x.shape[:-1], dtype=np.int64))
-            return np.lib.stride_tricks.as_strided(x, (rows, C), (row_stride, isz),
-                                                   writeable=False)
-    return np.ascontiguousarray(x).reshape(-1, C)
-
-
-def _as_target(target: Any, shape: Tuple[int, ...], C: int, ignore_index: int,
-               axis: int = -1) -> np.ndarray:
-    t = target if type(target) is np.ndarray else np.asarray(target)
-    if t.dtype == np.int64 and t.shape == shape and t.flags.c_contiguous:
-        return t.reshape(-1)  # the common case, without a copy
-    if t.dtype.kind not in "iu":
-        raise TypeError(f"target must hold integer class indices (shape {shape}) or float "
-                        f"class probabilities (shape {shape + (C,)}), got dtype {t.dtype}")
-    if t.shape != shape:
-        where = "the class axis" if axis == -1 else f"the class axis {axis}"
-        raise ValueError(f"target has shape {t.shape}, expected {shape} (the logits' shape "
-                         f"without {where})")
-    if t.dtype == np.uint64 and t.size and int(t.max()) > np.iinfo(np.int64).max:
-        _raise_bad_target(t, C, ignore_index)
-    return np.ascontiguousarray(t, dtype=np.int64).reshape(-1)
-
-
-def _raise_bad_target(t: np.ndarray, C: int, ignore_index: int) -> None:
-    tt = t.astype(object) if t.dtype == np.uint64 else t
-    bad = (tt != ignore_index) & ((tt < 0) | (tt >= C))
-    flat = int(np.flatnonzero(np.asarray(bad).reshape(-1))[0])
-    idx = np.unravel_index(flat, t.shape)
-    where = f"target[{', '.join(str(int(i)) for i in idx)}]" if t.ndim != 1 else f"target[{flat}]"
-    raise IndexError(f"{where} = {t.reshape(-1)[flat]} is out of range: class indices must be "
-                     f"in [0, {C}) or equal ignore_index ({ignore_index})")
-
-
-def _as_vector(v: Any, dtype: np.dtype, shape: Tuple[int, ...], name: str,
-               what: str) -> Optional[np.ndarray]:
-    if v is None:
-        return None
-    w = _to_numpy(v, name)
-    if w.dtype.kind not in "fiu" and _half_kind(w.dtype) is None:
-        raise TypeError(f"{name} must be numeric, got dtype {w.dtype}")
-    if w.shape != shape:
-        raise ValueError(f"{name} has shape {w.shape}, expected {shape} ({what})")
-    return np.ascontiguousarray(w, dtype=dtype).reshape(-1)
-
-
-def _check_out(out: Any, x: np.ndarray, inputs: Any = ()) -> np.ndarray:
-    """out= as a NumPy array over its memory, checked against the logits x: dtype, shape,
-    C-contiguous, writable, not partly overlapping x (x itself is the in-place mode), and
-    not overlapping any of the (name, array) pairs in inputs."""
-    if not isinstance(out, np.ndarray):
-        if not hasattr(out, "__dlpack__"):
-            raise TypeError(f"out must be a NumPy array or a CPU DLPack array, got "
-                            f"{type(out).__name__}")
-        out = _to_numpy(out, "out")
-    if out.dtype != x.dtype:
-        raise ValueError(f"out has dtype {out.dtype}, expected {x.dtype} (the logits' dtype)")
-    if out.shape != x.shape:
-        raise ValueError(f"out has shape {out.shape}, expected {x.shape} (the logits' shape)")
-    if not out.flags.c_contiguous:
-        raise ValueError("out must be C-contiguous")
-    if not out.flags.writeable:
-        raise ValueError("out is read-only")
-    if out is not x and np.may_share_memory(out, x):
-        same = (out.ctypes.data == x.ctypes.data and out.strides == x.strides)
-        if not same:
-            raise ValueError("out overlaps the logits without being the same array: "
-                             "pass out=logits itself for the in-place mode")
-    for name, arr in inputs:
-        if isinstance(arr, np.ndarray) and np.may_share_memory(out, arr):
-            raise ValueError(f"out overlaps {name}")
-    return out
-
-
-def _real(v: Any, name: str, lo: float, lo_open: bool) -> float:
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a real number, got {type(v).__name__}") from None
-    if not math.isfinite(f) or f < lo or (lo_open and f == lo):
-        raise ValueError(f"{name} must be finite and {'>' if lo_open else '>='} {lo:g}, got {v!r}")
-    return f
-
-
-def _options(reduction: Any, ignore_index: Any, label_smoothing: Any,
-             num_threads: Any) -> Tuple[int, int, float, int]:
-    if not isinstance(reduction, str) or reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    try:
-        ii = operator.index(ignore_index)
-    except TypeError:
-        raise TypeError("ignore_index must be an integer") from None
-    if not -(2**63) <= ii < 2**63:
-        raise ValueError("ignore_index must fit in int64")
-    eps = float(label_smoothing)
-    if not 0.0 <= eps <= 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
-    if num_threads is None:
-        nt = 0
-    else:
-        try:
-            nt = operator.index(num_threads)
-        except TypeError:
-            raise TypeError("num_threads must be None or a positive integer") from None
-        if nt < 1:
-            raise ValueError(f"num_threads must be None or >= 1, got {num_threads}")
-    return _REDUCTIONS[reduction], ii, eps, nt
-
-
 def _run(logits: Any, target: Any, kw: dict, want_grad: bool, out: Any):
     x = _as_logits(logits)
-    ax = _check_axis(kw["axis"], x.ndim)
-    red, ii, eps, nt = _options(kw["reduction"], kw["ignore_index"], kw["label_smoothing"],
-                                kw["num_threads"])
-    z_loss = _real(kw["z_loss"], "z_loss", 0.0, False)
-    softcap = 0.0 if kw["softcap"] is None else _real(kw["softcap"], "softcap", 0.0, True)
-    alpha = _real(kw["logit_scale"], "logit_scale", 0.0, True)
-    norm = kw["normalizer"]
-    norm = None if norm is None else _real(norm, "normalizer", 0.0, False)
+    ax = check_axis(kw["axis"], x.ndim)
+    opts = LossOptions.from_keywords(kw["reduction"], kw["ignore_index"], kw["label_smoothing"],
+                                     kw["z_loss"], kw["softcap"], kw["logit_scale"],
+                                     kw["normalizer"], kw["num_threads"])
+    ii = opts.ignore_index
     C = x.shape[ax]
     if C == 0:
         raise ValueError("the class axis has no classes (C = 0)")
@@ -225,13 +47,13 @@ def _run(logits: Any, target: Any, kw: dict, want_grad: bool, out: Any):
     def rows_or_cols(a: np.ndarray) -> np.ndarray:
         if squeeze:
             a = a.reshape(a.shape[:ax + 1])
-        return _rows_view(a) if last else _cols_view(a, ax)
-    half = _half_kind(x.dtype)
+        return rows_view(a) if last else cols_view(a, ax)
+    half = half_kind(x.dtype)
     cdt = np.dtype(np.float32) if half is not None else x.dtype  # compute / weight dtype
     tgt = _to_numpy(target, "target")
     probs = None
     t = None
-    if (tgt.dtype.kind == "f" or _half_kind(tgt.dtype) is not None) and tgt.ndim == x.ndim:
+    if (tgt.dtype.kind == "f" or half_kind(tgt.dtype) is not None) and tgt.ndim == x.ndim:
         if tgt.shape != x.shape:
             raise ValueError(f"probability target has shape {tgt.shape}, expected the logits' "
                              f"shape {x.shape}")
@@ -244,19 +66,19 @@ def _run(logits: Any, target: Any, kw: dict, want_grad: bool, out: Any):
             pr = pr.view(np.uint16)
         probs = rows_or_cols(pr)
     else:
-        t = _as_target(tgt, t_shape, C, ii, -1 if ax == x.ndim - 1 else ax)
-    w = _as_vector(kw["weight"], cdt, (C,), "weight", "one per class")
-    sw = _as_vector(kw["sample_weight"], cdt, t_shape, "sample_weight", "one per row")
+        t = as_target(tgt, t_shape, C, ii, -1 if ax == x.ndim - 1 else ax)
+    w = as_vector(kw["weight"], cdt, (C,), "weight", "one per class")
+    sw = as_vector(kw["sample_weight"], cdt, t_shape, "sample_weight", "one per row")
     grad = None
     if want_grad:
         if out is None:
             grad = np.empty(x.shape, x.dtype)
         else:
-            grad = _check_out(out, x, (("target", tgt), ("weight", w), ("sample_weight", sw)))
+            grad = check_out(out, x, (("target", tgt), ("weight", w), ("sample_weight", sw)))
     xv = x if half is None else x.view(np.uint16)
     view = rows_or_cols(xv)
     rows = view.shape[0] if last else view.shape[0] * view.shape[2]
-    row_losses = np.empty(rows, cdt) if red == 0 else None
+    row_losses = np.empty(rows, cdt) if opts.reduction == 0 else None
     g2 = None
     if grad is not None:
         g2 = (grad if half is None else grad.view(np.uint16)).reshape(view.shape)
@@ -266,27 +88,18 @@ def _run(logits: Any, target: Any, kw: dict, want_grad: bool, out: Any):
             # "sum" and "mean" are 0 (no row counts: the D = 0 rule), "none" is empty.
             total = 0.0
         elif half is None:
-            total = _core.cross_entropy(view, t, probs, w, sw, red, ii, eps, z_loss, softcap,
-                                        alpha, norm, nt, g2, row_losses)
+            total = _core.cross_entropy(view, t, probs, w, sw, opts.core(), g2, row_losses)
         else:
-            total = _core.cross_entropy_half(view, half, t, probs, w, sw, red, ii, eps, z_loss,
-                                             softcap, alpha, norm, nt, g2, row_losses)
+            total = _core.cross_entropy_half(view, half, t, probs, w, sw, opts.core(), g2,
+                                             row_losses)
     except IndexError:
-        _raise_bad_target(np.asarray(target), C, ii)
+        raise_bad_target(np.asarray(target), C, ii)
         raise
     if row_losses is not None:
         loss: Union[np.ndarray, np.floating] = row_losses.reshape(t_shape)
     else:
         loss = cdt.type(total)
     return (loss, grad) if want_grad else loss
-
-
-def _cols_view(x: np.ndarray, ax: int) -> np.ndarray:
-    """The (outer, C, inner) view of a class axis that is not the last one: no transposed
-    copy (a C-contiguous copy only when x is not C-contiguous itself)."""
-    outer = int(np.prod(x.shape[:ax], dtype=np.int64))
-    inner = int(np.prod(x.shape[ax + 1:], dtype=np.int64))
-    return np.ascontiguousarray(x).reshape(outer, x.shape[ax], inner)
 
 
 _DOC_FORMULA = """
@@ -387,7 +200,7 @@ def _fast(logits: Any, target: Any, reduction: Any, out: Any, want_grad: bool,
     if (type(logits) is not np.ndarray or type(target) is not np.ndarray
             or type(reduction) is not str or (out is not None and type(out) is not np.ndarray)):
         return None
-    red = _REDUCTIONS.get(reduction)
+    red = REDUCTIONS.get(reduction)
     if red is None:
         return None
     return _core.fast_call(logits, target, red, want_grad, out, num_threads or 0)

@@ -8,19 +8,19 @@ from typing import Any, Optional
 import numpy as np
 
 from . import _core
-from ._api import _check_axis, _half_kind, _rows_view, _to_numpy
+from ._options import check_axis, half_kind, rows_view, to_numpy
 
 __all__ = ["softmax", "log_softmax", "logsumexp", "softmax_backward", "softmax_jacobian"]
 
 
 def _prepare(x: Any, axis: Any, name: str):
-    a = _to_numpy(x, name)
-    half = _half_kind(a.dtype) is not None
+    a = to_numpy(x, name)
+    half = half_kind(a.dtype) is not None
     if a.dtype not in (np.float32, np.float64) and not half:
         raise TypeError(f"{name}: x must be float32, float64, float16 or bfloat16, got {a.dtype}")
     if a.ndim == 0:
         raise ValueError(f"{name}: x must have at least one dimension")
-    ax = _check_axis(axis, a.ndim)
+    ax = check_axis(axis, a.ndim)
     if a.shape[ax] == 0:
         raise ValueError(f"{name}: the axis has length 0")
     work = np.moveaxis(a, ax, -1)  # a view; non-last axes are copied below (documented)
@@ -41,7 +41,7 @@ def _rowwise(x: Any, axis: Any, which: int, name: str, num_threads: Optional[int
     a, ax, half, work = _prepare(x, axis, name)
     nt = _threads(num_threads)
     C = work.shape[-1]
-    view = _rows_view(work)
+    view = rows_view(work)
     if which == 2:
         out = np.empty(view.shape[0], work.dtype)
         _core.companion(view, out, which, nt)
@@ -103,8 +103,8 @@ def softmax_backward(probs: Any, grad: Any, axis: int = -1, *,
     >>> np.round(fx.softmax_backward(a, np.array([1.0, 0.0, 0.0])), 4)
     array([ 0.0819, -0.022 , -0.0599])
     """
-    p = _to_numpy(probs, "probs")
-    g = _to_numpy(grad, "grad")
+    p = to_numpy(probs, "probs")
+    g = to_numpy(grad, "grad")
     if p.shape != g.shape:
         raise ValueError(f"probs has shape {p.shape} but grad has {g.shape}")
     a, ax, half, work = _prepare(p, axis, "softmax_backward")

@@ -22,14 +22,13 @@ them as: M = max over shards of ``max``; then the sum over shards of
 
 from __future__ import annotations
 
-import operator
 from typing import Any, Optional, Tuple, Union
 
 import numpy as np
 
 from . import _core
-from ._api import (_REDUCTIONS, _as_target, _as_vector, _check_out, _options, _raise_bad_target,
-                   _real, _rows_view, _to_numpy)
+from ._options import (LossOptions, as_target, as_vector, check_out, index, raise_bad_target,
+                       real, reduction_code, rows_view, to_numpy)
 
 __all__ = ["STAT_FIELDS", "shard_stats", "merge_stats", "loss_from_stats", "shard_grad",
            "stats_denominator"]
@@ -39,17 +38,10 @@ STAT_FIELDS: Tuple[str, ...] = ("max", "sumexp", "q", "qz", "wy", "count", "colu
 assert len(STAT_FIELDS) == _core.STAT_FIELDS
 
 
-def _index(v: Any, name: str) -> int:
-    try:
-        return operator.index(v)
-    except TypeError:
-        raise TypeError(f"{name} must be an integer, got {type(v).__name__}") from None
-
-
 def _shard_args(logits: Any, target: Any, offset: Any, num_classes: Any, weight: Any,
                 ignore_index: Any, label_smoothing: Any, softcap: Any, logit_scale: Any,
                 num_threads: Any, reduction: Any = "mean"):
-    x = _to_numpy(logits, "logits")
+    x = to_numpy(logits, "logits")
     if x.dtype not in (np.float32, np.float64):
         raise TypeError(f"shard logits must be float32 or float64, got {x.dtype} (convert "
                         f"16-bit shards to float32 first)")
@@ -58,16 +50,19 @@ def _shard_args(logits: Any, target: Any, offset: Any, num_classes: Any, weight:
     Cs = x.shape[-1]
     if Cs == 0:
         raise ValueError("the shard has no classes (C_shard = 0)")
-    off = _index(offset, "offset")
-    C = _index(num_classes, "num_classes")
+    off = index(offset, "offset")
+    C = index(num_classes, "num_classes")
     if off < 0 or C < 1 or off + Cs > C:
         raise ValueError(f"the shard [offset, offset + C_shard) = [{off}, {off + Cs}) does not "
                          f"fit in num_classes = {C}")
-    red, ii, eps, nt = _options(reduction, ignore_index, label_smoothing, num_threads)
-    cap = 0.0 if softcap is None else _real(softcap, "softcap", 0.0, True)
-    alpha = _real(logit_scale, "logit_scale", 0.0, True)
+    # The checks in LossOptions.from_keywords's order; z_loss and normalizer act on merged
+    # statistics (shard_grad adds them).
+    opts = LossOptions.from_keywords(reduction, ignore_index, label_smoothing,
+                                     softcap=softcap, logit_scale=logit_scale,
+                                     num_threads=num_threads)
+    ii = opts.ignore_index
     rows_shape = x.shape[:-1]
-    tgt = _to_numpy(target, "target")
+    tgt = to_numpy(target, "target")
     t = probs = None
     if tgt.dtype.kind == "f" and tgt.ndim == x.ndim:
         if tgt.shape != x.shape:
@@ -75,12 +70,12 @@ def _shard_args(logits: Any, target: Any, offset: Any, num_classes: Any, weight:
                              f"logits' shape {x.shape}")
         if ii != -100:
             raise ValueError("ignore_index applies to class-index targets only")
-        probs = _rows_view(tgt if tgt.dtype == x.dtype else tgt.astype(x.dtype))
+        probs = rows_view(tgt if tgt.dtype == x.dtype else tgt.astype(x.dtype))
     else:
-        t = _as_target(tgt, rows_shape, C, ii)
-    w = _as_vector(weight, x.dtype, (Cs,), "weight", "the shard's classes")
-    return dict(x=x, view=_rows_view(x), t=t, probs=probs, w=w, off=off, C=C, red=red, ii=ii,
-                eps=eps, nt=nt, cap=cap, alpha=alpha, rows_shape=rows_shape, tgt=tgt)
+        t = as_target(tgt, rows_shape, C, ii)
+    w = as_vector(weight, x.dtype, (Cs,), "weight", "the shard's classes")
+    return dict(x=x, view=rows_view(x), t=t, probs=probs, w=w, off=off, C=C, ii=ii, opts=opts,
+                rows_shape=rows_shape, tgt=tgt)
 
 
 def _call(fn, a, *args):
@@ -88,7 +83,7 @@ def _call(fn, a, *args):
         return fn(*args)
     except IndexError:
         if a["t"] is not None:
-            _raise_bad_target(a["tgt"], a["C"], a["ii"])
+            raise_bad_target(a["tgt"], a["C"], a["ii"])
         raise
 
 
@@ -122,12 +117,12 @@ def shard_stats(logits: Any, target: Any, *, offset: int, num_classes: int,
                     softcap, logit_scale, num_threads)
     out = np.empty((a["view"].shape[0], len(STAT_FIELDS)), np.float64)
     _call(_core.shard_stats, a, a["view"], a["t"], a["probs"], a["w"], a["off"], a["C"],
-          a["ii"], a["eps"], a["cap"], a["alpha"], a["nt"], out)
+          a["opts"].core(), out)
     return out.reshape(a["rows_shape"] + (len(STAT_FIELDS),))
 
 
 def _as_stats(s: Any, name: str) -> np.ndarray:
-    a = _to_numpy(s, name)
+    a = to_numpy(s, name)
     if a.ndim == 0 or a.shape[-1] != len(STAT_FIELDS):
         raise ValueError(f"{name} must have shape (..., {len(STAT_FIELDS)}) (shard statistics), "
                          f"got {a.shape}")
@@ -167,7 +162,7 @@ def stats_denominator(stats: Any, sample_weight: Any = None) -> float:
     ``sample_weight * w[y]`` (``sample_weight`` for probability targets). Across row blocks
     (e.g. Dask chunks of rows) these add up."""
     st, rows_shape = _merged(stats)
-    sw = _as_vector(sample_weight, np.dtype(np.float64), rows_shape, "sample_weight",
+    sw = as_vector(sample_weight, np.dtype(np.float64), rows_shape, "sample_weight",
                     "one per row")
     return float(_core.stats_denominator(st, sw))
 
@@ -181,19 +176,18 @@ def loss_from_stats(stats: Any, *, reduction: str = "mean", sample_weight: Any =
     :func:`stats_denominator`). Given ``num_classes``, checks that every row's statistics cover
     exactly that many columns (every shard merged once). Returns a float64 scalar, or an array
     of the rows' shape for "none"."""
-    if not isinstance(reduction, str) or reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    red = reduction_code(reduction)
     st, rows_shape = _merged(stats)
-    sw = _as_vector(sample_weight, np.dtype(np.float64), rows_shape, "sample_weight",
+    sw = as_vector(sample_weight, np.dtype(np.float64), rows_shape, "sample_weight",
                     "one per row")
-    lam = _real(z_loss, "z_loss", 0.0, False)
-    norm = None if normalizer is None else _real(normalizer, "normalizer", 0.0, False)
-    C = 0 if num_classes is None else _index(num_classes, "num_classes")
+    lam = real(z_loss, "z_loss", 0.0, False)
+    norm = None if normalizer is None else real(normalizer, "normalizer", 0.0, False)
+    C = 0 if num_classes is None else index(num_classes, "num_classes")
     if num_classes is not None and C < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    red = _REDUCTIONS[reduction]
     rl = np.empty(st.shape[0], np.float64) if red == 0 else None
-    total = _core.stats_loss(st, sw, red, lam, norm, C, rl)
+    opts = LossOptions(reduction=red, z_loss=lam, normalizer=norm)
+    total = _core.stats_loss(st, sw, opts.core(), C, rl)
     return rl.reshape(rows_shape) if rl is not None else np.float64(total)
 
 
@@ -213,8 +207,8 @@ def shard_grad(logits: Any, target: Any, stats: Any, *, offset: int, num_classes
     a = _shard_args(logits, target, offset, num_classes, weight, ignore_index, label_smoothing,
                     softcap, logit_scale, num_threads, reduction)
     x = a["x"]
-    lam = _real(z_loss, "z_loss", 0.0, False)
-    norm = None if normalizer is None else _real(normalizer, "normalizer", 0.0, False)
+    lam = real(z_loss, "z_loss", 0.0, False)
+    norm = None if normalizer is None else real(normalizer, "normalizer", 0.0, False)
     try:
         sc = float(scale)
     except (TypeError, ValueError):
@@ -226,13 +220,14 @@ def shard_grad(logits: Any, target: Any, stats: Any, *, offset: int, num_classes
         raise ValueError(f"stats has shape {st.shape}, expected {a['rows_shape'] + (7,)} "
                          f"(one row of statistics per row of logits)")
     st2 = np.ascontiguousarray(st, dtype=np.float64).reshape(-1, len(STAT_FIELDS))
-    sw = _as_vector(sample_weight, x.dtype, a["rows_shape"], "sample_weight", "one per row")
+    sw = as_vector(sample_weight, x.dtype, a["rows_shape"], "sample_weight", "one per row")
     if out is None:
         grad = np.empty(x.shape, x.dtype)
     else:
-        grad = _check_out(out, x, (("target", a["tgt"]), ("stats", st), ("weight", a["w"]),
+        grad = check_out(out, x, (("target", a["tgt"]), ("stats", st), ("weight", a["w"]),
                                    ("sample_weight", sw)))
     g2 = grad.reshape(a["view"].shape)
+    opts = a["opts"]._replace(z_loss=lam, normalizer=norm)
     _call(_core.shard_grad, a, a["view"], a["t"], a["probs"], a["w"], st2, sw, a["off"],
-          a["C"], a["red"], a["ii"], a["eps"], lam, a["cap"], a["alpha"], norm, a["nt"], sc, g2)
+          a["C"], opts.core(), sc, g2)
     return grad

@@ -6,23 +6,19 @@ call leaves ``out=`` and the logits exactly as they were.
 
 from __future__ import annotations
 
-import operator
-from typing import Any, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
 from . import _core
-from ._api import _check_out
+from ._options import FLOAT_DTYPES, LossOptions, check_out, reduction_code, threads
 
 __all__ = ["sigmoid_cross_entropy", "sigmoid_cross_entropy_with_grad"]
-
-_REDUCTIONS = {"none": 0, "sum": 1, "mean": 2}
-_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 def _as_logits(logits: Any) -> np.ndarray:
     x = logits if type(logits) is np.ndarray else np.asarray(logits)
-    if x.dtype not in _FLOAT_DTYPES:
+    if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"logits must be float32 or float64, got {x.dtype}")
     return x
 
@@ -72,18 +68,25 @@ def _as_operand(v: Any, x: np.ndarray, name: str) -> Tuple[Optional[np.ndarray],
     return np.ascontiguousarray(np.broadcast_to(a, x.shape), dtype=x.dtype), 2
 
 
+# The sigmoid loss reads only the reduction and the thread count: one shared _core.Options per
+# pair (integer keys, so a cached object is exactly the one that would be built; never
+# modified), which keeps the small call's cost where it was before options were objects.
+_CORE_OPTIONS: Dict[Tuple[int, int], Any] = {}
+
+
+def _core_options(red: int, nt: int) -> Any:
+    opt = _CORE_OPTIONS.get((red, nt))
+    if opt is None:
+        if len(_CORE_OPTIONS) > 64:
+            _CORE_OPTIONS.clear()
+        opt = _CORE_OPTIONS[(red, nt)] = LossOptions(reduction=red, num_threads=nt).core()
+    return opt
+
+
 def _run(logits: Any, target: Any, reduction: Any, weight: Any, pos_weight: Any,
          num_threads: Any, want_grad: bool, out: Any):
-    if not isinstance(reduction, str) or reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    nt = 0
-    if num_threads is not None:
-        try:
-            nt = operator.index(num_threads)
-        except TypeError:
-            raise TypeError("num_threads must be None or a positive integer") from None
-        if nt < 1:
-            raise ValueError(f"num_threads must be None or >= 1, got {num_threads}")
+    red = reduction_code(reduction)
+    nt = threads(num_threads)
     x = _as_logits(logits)
     t = _as_target(target, x)
     pw, pw_mode = _as_operand(pos_weight, x, "pos_weight")
@@ -93,15 +96,14 @@ def _run(logits: Any, target: Any, reduction: Any, weight: Any, pos_weight: Any,
         if out is None:
             grad = np.empty(x.shape, x.dtype)
         else:
-            grad = _check_out(out, x, (("target", target), ("target", t), ("weight", weight),
+            grad = check_out(out, x, (("target", target), ("target", t), ("weight", weight),
                                        ("weight", w), ("pos_weight", pos_weight),
                                        ("pos_weight", pw)))
     xc = x if grad is x else np.ascontiguousarray(x)
-    red = _REDUCTIONS[reduction]
     losses = np.empty(x.shape, x.dtype) if red == 0 else None
     last = x.shape[-1] if x.ndim and x.size else 1
-    total = _core.sigmoid_cross_entropy(xc, t, pw, pw_mode, w, w_mode, last, red, nt, grad,
-                                        losses)
+    total = _core.sigmoid_cross_entropy(xc, t, pw, pw_mode, w, w_mode, last, _core_options(red, nt),
+                                        grad, losses)
     with np.errstate(over="ignore"):  # a float64 sum beyond float32's range is inf
         loss = losses if red == 0 else x.dtype.type(total)
     return (loss, grad) if want_grad else loss

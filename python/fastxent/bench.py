@@ -306,8 +306,8 @@ def _rotated(cs: List[Contestant], r: int) -> List[Contestant]:
     return cs[k:] + cs[:k]
 
 
-def _measure(cs: List[Contestant], repeats: Optional[int], budget_s: float,
-             max_call_s: float) -> Tuple[List[Contestant], List[Contestant], int, float]:
+def measure(cs: List[Contestant], repeats: Optional[int], budget_s: float,
+            max_call_s: float) -> Tuple[List[Contestant], List[Contestant], int, float]:
     active, skipped, t_warm = [], [], time.perf_counter()
     for c in cs:                                   # warm-up (and jit compilation)
         dt = _time_one(c)
@@ -329,6 +329,9 @@ def _measure(cs: List[Contestant], repeats: Optional[int], budget_s: float,
             k = int(min(100, max(3, (budget_s - (t_start - t_warm)) / max(now - t_start, 1e-9))))
         if rep >= k:
             return active, skipped, rep, time.perf_counter() - t_warm
+
+
+_measure = measure  # (the name tests/test_bench.py calls)
 
 
 def run_bench(shapes: Sequence[Shape] = DEFAULT_SHAPES, threads: Sequence[int] = (1,),
@@ -375,7 +378,7 @@ def run_bench(shapes: Sequence[Shape] = DEFAULT_SHAPES, threads: Sequence[int] =
                     old = torch.get_num_threads()
                     torch.set_num_threads(nt)
                     stack.callback(torch.set_num_threads, old)
-                active, skipped, reps, secs = _measure(
+                active, skipped, reps, secs = measure(
                     cs, repeats, budget_s / len(threads), max_call_s)
             rows = _rows(active, skipped, (n, c), dtype, nt, reps, secs, chk)
             emit(format_table(rows))
@@ -611,7 +614,7 @@ def run_variants(threads: Sequence[int], repeats: Optional[int] = None, budget_s
             torch_ctx.callback(torch.set_num_threads, old)
         with torch_ctx:
             for title, cs in _variant_cases(rng, mods, nt):
-                active, _, reps, secs = _measure(cs, repeats, budget_s / 4, 30.0)
+                active, _, reps, secs = measure(cs, repeats, budget_s / 4, 30.0)
                 base = float(np.median(active[0].times))
                 emit(f"\n-- {title}, threads={nt}, {reps} interleaved rounds ({secs:.1f} s)")
                 for c in active:

@@ -7,7 +7,7 @@ call and ``torch.autograd.grad(loss, logits)``); the gradient and the logits are
 (untimed), as the rest of a backward pass would drop them. So every allocation the loss makes is paid every step, as
 in training, including the page faults of fresh memory. The small case times a whole step
 (head, loss, backward through the head), since at 32x10 the loss is mostly call overhead.
-Contestants are interleaved within each round (bench._measure); medians are quoted.
+Contestants are interleaved within each round (bench.measure); medians are quoted.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from .bench import Contestant, _measure, all_threads, fmt_time
+from .bench import Contestant, all_threads, fmt_time, measure
 
 # (title, rows N, vocabulary V, hidden H, dtype name, whole step)
 CASES = [
@@ -108,7 +108,7 @@ def _run_cases(torch: Any, F: Any, fxt: Any, nt: int, repeats: Optional[int], bu
                quick: bool, emit: Callable[[str], None]) -> List[Dict[str, Any]]:
     results: List[Dict[str, Any]] = []
     for title, cs in _cases(torch, F, fxt, quick):
-        active, _, reps, secs = _measure(cs, repeats, budget_s / 3, 60.0)
+        active, _, reps, secs = measure(cs, repeats, budget_s / 3, 60.0)
         med = {c.name: float(np.median(c.times)) for c in active}
         ref = med["torch F.cross_entropy"]
         emit(f"\n-- {title}, threads={nt}, {reps} interleaved rounds ({secs:.1f} s)")

@@ -36,12 +36,13 @@ function is called, not with this module). Works with any Dask scheduler, includ
 
 from __future__ import annotations
 
-import operator
 from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
 
 import numpy as np
 
-from . import _api, _shard
+from . import _shard
+from ._options import (FLOAT_DTYPES, as_target, as_vector, common_options, half_kind,
+                       raise_bad_target, real, to_numpy)
 
 if TYPE_CHECKING:  # pragma: no cover
     import dask.array
@@ -65,7 +66,7 @@ def _import_dask() -> Any:
 
 def _compute_block(xb: np.ndarray) -> np.ndarray:
     """16-bit logits blocks are computed in float32 (as the one-machine kernel does)."""
-    return xb.astype(np.float32) if _api._half_kind(xb.dtype) is not None else xb
+    return xb.astype(np.float32) if half_kind(xb.dtype) is not None else xb
 
 
 def _target_block(tb: np.ndarray, probs: bool, cdt: np.dtype) -> np.ndarray:
@@ -107,7 +108,7 @@ def _fastxent_denominator(tb: Optional[np.ndarray], swb: Optional[np.ndarray],
     counted = t != ignore_index
     tc = t[counted]
     if tc.size and (int(tc.min()) < 0 or int(tc.max()) >= num_classes):
-        _api._raise_bad_target(t, num_classes, ignore_index)
+        raise_bad_target(t, num_classes, ignore_index)
     wy = np.ones(tc.shape) if w is None else np.asarray(w, np.float64)[tc]
     if s is not None:
         wy = wy * s[counted]
@@ -146,7 +147,7 @@ def _fastxent_shard_grad(xb: np.ndarray, tb: np.ndarray, cols: np.ndarray,
 # ----------------------------------------------------------------------------- arguments
 
 def _dask_or_numpy(da: Any, v: Any, name: str) -> Any:
-    return v if isinstance(v, da.Array) else _api._to_numpy(v, name)
+    return v if isinstance(v, da.Array) else to_numpy(v, name)
 
 
 def _prepare(x: Any, target: Any, opts: Dict[str, Any], fn: str) -> Dict[str, Any]:
@@ -162,8 +163,8 @@ def _prepare(x: Any, target: Any, opts: Dict[str, Any], fn: str) -> Dict[str, An
     if any(np.isnan(c) for cs in x.chunks for c in cs):
         raise ValueError("logits have unknown chunk sizes: call x.compute_chunk_sizes() first")
     dt = np.dtype(x.dtype)
-    half = _api._half_kind(dt)
-    if dt not in _api._FLOAT_DTYPES and half is None:
+    half = half_kind(dt)
+    if dt not in FLOAT_DTYPES and half is None:
         raise TypeError(f"logits must be float32, float64, float16 or bfloat16, got {dt}")
     cdt = np.dtype(np.float32) if half is not None else dt
     N, C = (int(n) for n in x.shape)
@@ -171,20 +172,20 @@ def _prepare(x: Any, target: Any, opts: Dict[str, Any], fn: str) -> Dict[str, An
         raise ValueError("the class axis has no classes (C = 0)")
     rchunks, cchunks = x.chunks
 
-    _, ii, eps, nt = _api._options(opts["reduction"], opts["ignore_index"],
-                                   opts["label_smoothing"], opts["num_threads"])
-    z_loss = _api._real(opts["z_loss"], "z_loss", 0.0, False)
+    _, ii, eps, nt = common_options(opts["reduction"], opts["ignore_index"],
+                                    opts["label_smoothing"], opts["num_threads"])
+    z_loss = real(opts["z_loss"], "z_loss", 0.0, False)
     softcap = opts["softcap"]
     if softcap is not None:
-        softcap = _api._real(softcap, "softcap", 0.0, True)
-    alpha = _api._real(opts["logit_scale"], "logit_scale", 0.0, True)
+        softcap = real(softcap, "softcap", 0.0, True)
+    alpha = real(opts["logit_scale"], "logit_scale", 0.0, True)
     norm = opts["normalizer"]
     if norm is not None:
-        norm = _api._real(norm, "normalizer", 0.0, False)
+        norm = real(norm, "normalizer", 0.0, False)
 
     tgt = _dask_or_numpy(da, target, "target")
     tdt = np.dtype(tgt.dtype)
-    probs = (tdt.kind == "f" or _api._half_kind(tdt) is not None) and tgt.ndim == 2
+    probs = (tdt.kind == "f" or half_kind(tdt) is not None) and tgt.ndim == 2
     if probs:
         if tuple(tgt.shape) != (N, C):
             raise ValueError(f"probability target has shape {tuple(tgt.shape)}, expected the "
@@ -204,14 +205,14 @@ def _prepare(x: Any, target: Any, opts: Dict[str, Any], fn: str) -> Dict[str, An
         if isinstance(tgt, da.Array):
             tgt_d = tgt.astype(np.int64).rechunk((rchunks,))
         else:
-            t64 = _api._as_target(tgt, (N,), C, ii)  # uint64 above int64: IndexError here
+            t64 = as_target(tgt, (N,), C, ii)  # uint64 above int64: IndexError here
             if np.any((t64 != ii) & ((t64 < 0) | (t64 >= C))):
-                _api._raise_bad_target(tgt, C, ii)
+                raise_bad_target(tgt, C, ii)
             tgt_d = da.from_array(t64, chunks=(rchunks,))
 
     w = opts["weight"]
     if w is not None:  # (C,): small, held as NumPy and sliced per column chunk
-        w = _api._as_vector(w.compute() if isinstance(w, da.Array) else w, cdt, (C,),
+        w = as_vector(w.compute() if isinstance(w, da.Array) else w, cdt, (C,),
                             "weight", "one per class")
     sw = opts["sample_weight"]
     sw_d = None
@@ -220,7 +221,7 @@ def _prepare(x: Any, target: Any, opts: Dict[str, Any], fn: str) -> Dict[str, An
         if tuple(sw.shape) != (N,):
             raise ValueError(f"sample_weight has shape {tuple(sw.shape)}, expected {(N,)} (one "
                              f"per row)")
-        if np.dtype(sw.dtype).kind not in "fiu" and _api._half_kind(np.dtype(sw.dtype)) is None:
+        if np.dtype(sw.dtype).kind not in "fiu" and half_kind(np.dtype(sw.dtype)) is None:
             raise TypeError(f"sample_weight must be numeric, got dtype {sw.dtype}")
         sw_d = sw.astype(cdt).rechunk((rchunks,)) if isinstance(sw, da.Array) else \
             da.from_array(np.ascontiguousarray(sw, dtype=cdt), chunks=(rchunks,))

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import functools
 import operator
-from typing import Any, Optional, Tuple
+from typing import Any, Tuple
 
 import numpy as np
 

@@ -1,6 +1,7 @@
-// pybind11 bindings of the vocabulary-sharded statistics (fastxent/shard.hpp): dtype, shape
-// and layout checks, then the C++ calls without the GIL. Argument handling for users (array
-// likes, reductions by name, leading axes) is in python/fastxent/_shard.py.
+// Owns the entry points of the vocabulary-sharded statistics (fastxent/shard.hpp): dtype,
+// shape and layout checks, then the C++ calls without the GIL; shard_stats, stats_loss and
+// shard_grad take the shared _core.Options. Argument handling for users (array likes,
+// reductions by name, leading axes) is in python/fastxent/_shard.py.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
@@ -39,12 +40,7 @@ fastxent::ShardInputs<T> shard_inputs(const py::array& logits, const py::object&
   in.classes = C;
   in.offset = offset;
   in.num_classes = num_classes;
-  if (!target.is_none()) {
-    py::array t = py::reinterpret_borrow<py::array>(target);
-    if (!is_dtype<int64_t>(t) || t.ndim() != 1 || t.shape(0) != N || !c_contiguous(t))
-      throw std::invalid_argument("target: expected a C-contiguous int64 array of N elements");
-    in.target = static_cast<const int64_t*>(t.data());
-  }
+  in.target = checked_target(target, N);
   if (!probs.is_none())
     in.probs = rows_view<T>(py::reinterpret_borrow<py::array>(probs), N, C,
                             &in.probs_row_stride, "probability target");
@@ -79,16 +75,14 @@ void grad_impl(const py::array& logits, const py::object& target, const py::obje
 
 }  // namespace
 
-void bind_shard(py::module_& m) {
+void register_shard(py::module_& m) {
   m.attr("STAT_FIELDS") = py::int_(fastxent::kStatFields);
   m.def(
       "shard_stats",
       [](const py::array& logits, const py::object& target, const py::object& probs,
-         const py::object& weight, int64_t offset, int64_t num_classes, int64_t ignore_index,
-         double label_smoothing, double softcap, double logit_scale, int num_threads,
-         const py::object& out) {
-        const fastxent::Options opt = make_options(2, ignore_index, label_smoothing, 0.0,
-                                                   softcap, logit_scale, py::none(), num_threads);
+         const py::object& weight, int64_t offset, int64_t num_classes,
+         const fastxent::Options& options, const py::object& out) {
+        const fastxent::Options opt = options;  // a copy: read without the GIL
         if (is_dtype<float>(logits))
           return stats_impl<float>(logits, target, probs, weight, offset, num_classes, opt, out);
         if (is_dtype<double>(logits))
@@ -96,10 +90,9 @@ void bind_shard(py::module_& m) {
         throw py::type_error("logits: expected float32 or float64");
       },
       py::arg("logits"), py::arg("target"), py::arg("probs"), py::arg("weight"),
-      py::arg("offset"), py::arg("num_classes"), py::arg("ignore_index"),
-      py::arg("label_smoothing"), py::arg("softcap"), py::arg("logit_scale"),
-      py::arg("num_threads"), py::arg("out"),
-      "Per-row statistics of one vocabulary shard into out (rows, STAT_FIELDS) float64.");
+      py::arg("offset"), py::arg("num_classes"), py::arg("options"), py::arg("out"),
+      "Per-row statistics of one vocabulary shard into out (rows, STAT_FIELDS) float64 "
+      "(Options: ignore_index, label_smoothing, softcap, logit_scale, num_threads).");
   m.def(
       "merge_stats",
       [](const py::object& a, const py::object& b, const py::object& out) {
@@ -115,21 +108,21 @@ void bind_shard(py::module_& m) {
       py::arg("a"), py::arg("b"), py::arg("out"), "out = a (+) b, row by row (out may alias).");
   m.def(
       "stats_loss",
-      [](const py::object& stats, const py::object& sample_weight, int reduction, double z_loss,
-         const py::object& normalizer, int64_t num_classes, const py::object& row_losses) {
+      [](const py::object& stats, const py::object& sample_weight,
+         const fastxent::Options& options, int64_t num_classes, const py::object& row_losses) {
         py::array a = py::reinterpret_borrow<py::array>(stats);
         const py::ssize_t rows = a.ndim() == 2 ? a.shape(0) : -1;
         const double* st = stats_array(stats, rows, false, "stats");
         const double* sw = checked_vector<double>(sample_weight, rows, "sample_weight");
         double* rl = checked_output<double>(row_losses, rows, 1, 1, "row_losses");
-        const fastxent::Options opt = make_options(reduction, -100, 0.0, z_loss, 0.0, 1.0,
-                                                   normalizer, 0);
+        const fastxent::Options opt = options;  // a copy: read without the GIL
         py::gil_scoped_release release;
         return fastxent::stats_loss(st, rows, sw, opt, num_classes, rl);
       },
-      py::arg("stats"), py::arg("sample_weight"), py::arg("reduction"), py::arg("z_loss"),
-      py::arg("normalizer"), py::arg("num_classes"), py::arg("row_losses"),
-      "The loss from merged statistics (float64 sample weights and row losses).");
+      py::arg("stats"), py::arg("sample_weight"), py::arg("options"), py::arg("num_classes"),
+      py::arg("row_losses"),
+      "The loss from merged statistics (float64 sample weights and row losses; Options: "
+      "reduction, z_loss, normalizer).");
   m.def(
       "stats_denominator",
       [](const py::object& stats, const py::object& sample_weight) {
@@ -145,12 +138,9 @@ void bind_shard(py::module_& m) {
       "shard_grad",
       [](const py::array& logits, const py::object& target, const py::object& probs,
          const py::object& weight, const py::object& stats, const py::object& sample_weight,
-         int64_t offset, int64_t num_classes, int reduction, int64_t ignore_index,
-         double label_smoothing, double z_loss, double softcap, double logit_scale,
-         const py::object& normalizer, int num_threads, double scale, const py::object& grad) {
-        const fastxent::Options opt = make_options(reduction, ignore_index, label_smoothing,
-                                                   z_loss, softcap, logit_scale, normalizer,
-                                                   num_threads);
+         int64_t offset, int64_t num_classes, const fastxent::Options& options, double scale,
+         const py::object& grad) {
+        const fastxent::Options opt = options;  // a copy: read without the GIL
         if (is_dtype<float>(logits))
           return grad_impl<float>(logits, target, probs, weight, stats, sample_weight, offset,
                                   num_classes, opt, scale, grad);
@@ -161,9 +151,7 @@ void bind_shard(py::module_& m) {
       },
       py::arg("logits"), py::arg("target"), py::arg("probs"), py::arg("weight"),
       py::arg("stats"), py::arg("sample_weight"), py::arg("offset"), py::arg("num_classes"),
-      py::arg("reduction"), py::arg("ignore_index"), py::arg("label_smoothing"),
-      py::arg("z_loss"), py::arg("softcap"), py::arg("logit_scale"), py::arg("normalizer"),
-      py::arg("num_threads"), py::arg("scale"), py::arg("grad"),
+      py::arg("options"), py::arg("scale"), py::arg("grad"),
       "The gradient of one shard from merged statistics, into grad (may be the logits).");
 }
 

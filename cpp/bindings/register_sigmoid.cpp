@@ -1,6 +1,8 @@
-// pybind11 bindings of the sigmoid cross-entropy: checks what the C++ API cannot see (dtypes,
-// sizes, contiguity, writability), then calls it without the GIL. The user-facing argument
-// handling (array-likes, broadcasting, reduction names) is in python/fastxent/_sigmoid.py.
+// Owns the sigmoid cross-entropy entry point: checks what the C++ API cannot see (dtypes,
+// sizes, contiguity, writability), then calls it without the GIL. It takes the shared
+// _core.Options, of which the sigmoid loss reads reduction and num_threads. The user-facing
+// argument handling (array-likes, broadcasting, reduction names) is in
+// python/fastxent/_sigmoid.py.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
@@ -65,15 +67,16 @@ double run(const py::array& logits, const py::object& target, const py::object& 
 
 namespace fastxent_py {
 
-void bind_sigmoid(py::module_& m) {
+void register_sigmoid(py::module_& m) {
   m.def(
       "sigmoid_cross_entropy",
       [](const py::array& logits, const py::object& target, const py::object& pos_weight,
-         int pw_mode, const py::object& weight, int w_mode, int64_t last, int reduction,
-         int num_threads, const py::object& grad, const py::object& losses) -> double {
+         int pw_mode, const py::object& weight, int w_mode, int64_t last,
+         const fastxent::Options& options, const py::object& grad,
+         const py::object& losses) -> double {
         fastxent::SigmoidOptions opt;
-        opt.reduction = static_cast<fastxent::Reduction>(reduction);
-        opt.num_threads = num_threads;
+        opt.reduction = options.reduction;
+        opt.num_threads = options.num_threads;
         if (is_dtype<float>(logits))
           return run<float>(logits, target, pos_weight, pw_mode, weight, w_mode, last, opt, grad,
                             losses);
@@ -83,11 +86,11 @@ void bind_sigmoid(py::module_& m) {
         throw py::type_error("logits: expected float32 or float64");
       },
       py::arg("logits"), py::arg("target"), py::arg("pos_weight"), py::arg("pos_weight_mode"),
-      py::arg("weight"), py::arg("weight_mode"), py::arg("last"), py::arg("reduction"),
-      py::arg("num_threads"), py::arg("grad"), py::arg("losses"),
+      py::arg("weight"), py::arg("weight_mode"), py::arg("last"), py::arg("options"),
+      py::arg("grad"), py::arg("losses"),
       "Low-level sigmoid cross-entropy on C-contiguous arrays of n elements (any shape): "
       "pos_weight / weight broadcast mode 0=absent 1=`last` values along the last axis "
-      "2=n values; reduction 0=none 1=sum 2=mean. Returns the reduced loss (0 for none).");
+      "2=n values; Options.reduction and .num_threads (the other fields are not read). Returns the reduced loss (0 for none).");
 }
 
 }  // namespace fastxent_py
