@@ -299,7 +299,7 @@ def _rotated(cs: List[Contestant], r: int) -> List[Contestant]:
     fixed order the contestant after it paid for that in every round, which its median kept.
     This spreads a short after-effect; it does not remove a long one: with JAX in the process
     the threaded copy floor took 39-47 ms, rotated or not, against 30-31 ms without JAX
-    (4096x32000, 2 threads, AMD EPYC Zen 4), so the README also quotes a run without JAX.
+    (4096x32000, 2 threads, AMD EPYC Zen 4), so docs/benchmarks.md also quotes a run without JAX.
     (An untimed pause after each peer made every call after it slower instead: idle vCPUs
     are slow to wake.)"""
     k = r % len(cs) if cs else 0

@@ -145,7 +145,7 @@ int64_t block_classes(int itemsize);
 // The size in bytes from which a gradient written to a separate output (not in place) goes
 // out with non-temporal stores, for the active ISA; 0 = never. FASTXENT_STREAM_BYTES=N (read
 // once) sets it; by default 64 MiB on Intel CPUs and under the AVX-512 kernel, else never
-// (measurements in src/ce_detail.hpp). Results are bit-identical either way.
+// (measurements in docs/design.md). Results are bit-identical either way.
 int64_t stream_bytes();
 
 // OpenMP facts for diagnostics: the default thread count, and whether OpenMP is compiled in.
