@@ -34,7 +34,6 @@ namespace FASTXENT_ISA_NS {
 // An empty asm that takes v in a vector register and may change it (GCC and Clang on x86):
 // without it GCC 12 kept a sum accumulator of several AVX-512 block passes (the plain forward
 // and fused ones among them) in a stack slot, an add, store and reload per step of the loop.
-// With it (Zen 4, 1 thread, in cache): forward 64x4000 61.0 -> 58.3 us, 256x1000 83.3 -> 81.0.
 template <class R>
 inline void in_register(R& v) {
 #if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))

@@ -17,23 +17,17 @@ namespace fastxent {
 // threads without changing a bit. A block is 16 KiB (4096 floats, 2048 doubles). Its max is
 // taken by the previous block's pass when the driver chains them (BlockIn::znext; otherwise
 // by a max loop of its own, after which the block is still in L1), and logits are prefetched
-// two blocks ahead (one without chaining, with the fixed-shift softcap and for 16-bit logits). Measured on the 2-core Xeon, 4096 x 32000 float32:
-// with a max loop per block (2 threads), forward 25 -> 21.5 ms and in place 30 -> 29 ms going
-// from 8 KiB to 32 KiB blocks, 64 KiB blocks (past L1) slower again, and 64 KiB blocks of
-// doubles slower than 32 KiB. With chaining (1 thread), 16 KiB against 32 KiB blocks: out=
-// 60-61 against 64-66 ms, forward 33.5-34.5 against 37-39, in place 43-45 against 45-49 (at
-// 1024 x 128256 in place is slower, 50 against 45-46 ms, and out= and forward faster),
-// presumably as the next block's logits then stay in L1 until its own pass. 8 KiB blocks:
-// out= 60-61, forward 35, in place 47-48. Block length does not bound the accuracy: float partial sums move into
-// double every 16 additions per lane.
+// two blocks ahead (one without chaining, with the fixed-shift softcap and for 16-bit logits).
+// 16 KiB was measured the fastest with chaining (the next block's logits then stay in L1 until
+// its own pass; blocks past L1 are slower): docs/design.md. Block length does not bound the
+// accuracy: float partial sums move into double every 16 additions per lane.
 template <class T>
 constexpr int64_t kBlock = int64_t(16384 / sizeof(T));
 
 // A softcap of at most kFixedShift<T> bounds z' to [-cap, cap], where exp(z') neither
 // overflows nor leaves the normal range: the block pass then shifts by 0 instead of the block
 // max (BlockStat::m = 0, s = sum exp(z')), which saves the max pass, the subtraction and the
-// exp's underflow test (all options at 4096 x 32000, 2 threads: 58.6 -> 54 ms; softcap alone
-// in cache, 1 thread: 0.695 -> 0.63 ns per element). The row's factor a = s Q / S then spans
+// exp's underflow test. The row's factor a = s Q / S then spans
 // e^+-cap more range than with the max shift; write_grad_block takes a double path for a
 // block whose a or b would leave the comfortable range of T (needs_double). 32: Gemma 2's
 // final-logit cap of 30 is in, its attention-logit cap of 50 is not.
