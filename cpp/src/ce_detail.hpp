@@ -91,9 +91,9 @@ struct Problem {
   bool probs;               // probability targets
   const RowFns<T>* fns;
   void (*fence)();
-  // float <-> 16-bit conversions of the active ISA (kind 0 float16, 1 bfloat16).
-  void (*half_to_f32)(const uint16_t* src, float* dst, int64_t n, int kind);
-  void (*f32_to_half)(const float* src, uint16_t* dst, int64_t n, int kind);
+  // float <-> 16-bit conversions of the active ISA (see KernelTable).
+  void (*half_to_f32)(const uint16_t* src, float* dst, int64_t n, Storage storage);
+  void (*f32_to_half)(const float* src, uint16_t* dst, int64_t n, Storage storage);
 
   int64_t block_len(int64_t k) const { return k + 1 < nb ? kBlock<T> : C - k * kBlock<T>; }
   bool counted(int64_t n) const {
@@ -131,17 +131,17 @@ struct RowPtrs {
   const T* prob;  // probability-target row, or null
   T* g;           // gradient row, or null
   // 16-bit rows (T = float): logits read from zh and the gradient rounded into gh, as
-  // float16 (hk 1) or bfloat16 (hk 2), converted inside the SIMD passes.
+  // `storage` (Float16 or BFloat16), converted inside the SIMD passes.
   const uint16_t* zh = nullptr;
   uint16_t* gh = nullptr;
-  int hk = 0;
+  Storage storage = Storage::Native;
 };
 
-// A float as 16 bits of kind hk (1 float16, 2 bfloat16), rounded once.
+// A float as 16 bits of `storage` (Float16 or BFloat16), rounded once.
 template <class T>
-inline void store_half(const Problem<T>& p, double v, uint16_t* at, int hk) {
+inline void store_half(const Problem<T>& p, double v, uint16_t* at, Storage storage) {
   const float f = float(v);
-  p.f32_to_half(&f, at, 1, hk - 1);
+  p.f32_to_half(&f, at, 1, storage);
 }
 
 template <class T>
@@ -157,7 +157,7 @@ inline BlockIn<T> block_in(const Problem<T>& p, const RowPtrs<T>& rp, int64_t k,
   const int64_t off = k * kBlock<T>;
   b.z = rp.z ? rp.z + off : nullptr;
   b.zh = rp.zh ? rp.zh + off : nullptr;
-  b.hk = rp.hk;
+  b.storage = rp.storage;
   b.e = e ? e + off : nullptr;
   b.t = (e && t) ? t + off : nullptr;
   b.n = p.block_len(k);
@@ -167,7 +167,8 @@ inline BlockIn<T> block_in(const Problem<T>& p, const RowPtrs<T>& rp, int64_t k,
   b.p = rp.prob ? rp.prob + off : nullptr;
   b.q1 = T(1.0 - p.eps);
   b.q0 = T(p.eps / double(p.C_total));
-  b.wd_mode = p.probs ? 2 : (p.eps > 0.0 ? 1 : 0);
+  b.sums = p.probs ? TargetSums::Probabilities
+                   : (p.eps > 0.0 ? TargetSums::Smoothed : TargetSums::None);
   return b;
 }
 

@@ -130,13 +130,13 @@ template <class T>
 inline bool grad_block_affine(const Problem<T>& p, const BlockStat& st, const RowResult& r,
                               const T* prob, const T* e, const T* t, T* g, int64_t k,
                               bool stream, AffineIn<T>* out, uint16_t* gh = nullptr,
-                              int hk = 0) {
+                              Storage storage = Storage::Native) {
   const int64_t off = k * kBlock<T>, len = p.block_len(k);
   AffineIn<T>& a = *out;
   a.e = e + off;
   a.g = g ? g + off : nullptr;
   a.gh = gh ? gh + off : nullptr;
-  a.hk = hk;
+  a.storage = storage;
   a.n = len;
   a.b = T(r.b);
   a.w = p.in.weight ? p.in.weight + off : nullptr;
@@ -149,7 +149,7 @@ inline bool grad_block_affine(const Problem<T>& p, const BlockStat& st, const Ro
     // A NaN row stays NaN everywhere, as one quiet NaN: through the SIMD pass its sign would
     // depend on which NaN operand each instruction propagates, and so on the code path.
     for (int64_t c = 0; c < len; ++c) {
-      if (gh) store_half(p, kNaN, gh + off + c, hk);
+      if (gh) store_half(p, kNaN, gh + off + c, storage);
       else g[off + c] = T(kNaN);
     }
     return false;
@@ -158,7 +158,7 @@ inline bool grad_block_affine(const Problem<T>& p, const BlockStat& st, const Ro
     for (int64_t c = 0; c < len; ++c) {
       double u = p.in.weight ? double(p.in.weight[off + c]) : 1.0;
       if (p.probs) u *= (1.0 - p.eps) * double(a.p[c]) + p.eps / double(p.C_total);
-      if (gh) store_half(p, double(T(r.a - r.b * u)), gh + off + c, hk);
+      if (gh) store_half(p, double(T(r.a - r.b * u)), gh + off + c, storage);
       else g[off + c] = T(r.a - r.b * u);
     }
     return false;
@@ -170,7 +170,7 @@ inline bool grad_block_affine(const Problem<T>& p, const BlockStat& st, const Ro
                                     a.t ? a.t + c : nullptr,
                                     p.in.weight ? double(p.in.weight[off + c]) : 1.0,
                                     prob ? a.p + c : nullptr);
-        if (gh) store_half(p, double(T(v)), gh + off + c, hk);
+        if (gh) store_half(p, double(T(v)), gh + off + c, storage);
         else g[off + c] = T(v);
       }
       return false;
@@ -184,9 +184,10 @@ inline bool grad_block_affine(const Problem<T>& p, const BlockStat& st, const Ro
 template <class T>
 inline void write_grad_block(const Problem<T>& p, const BlockStat& st, const RowResult& r,
                              const T* prob, const T* e, const T* t, T* g, int64_t k,
-                             bool stream, uint16_t* gh = nullptr, int hk = 0) {
+                             bool stream, uint16_t* gh = nullptr,
+                             Storage storage = Storage::Native) {
   AffineIn<T> a;
-  if (grad_block_affine(p, st, r, prob, e, t, g, k, stream, &a, gh, hk)) p.fns->affine(a);
+  if (grad_block_affine(p, st, r, prob, e, t, g, k, stream, &a, gh, storage)) p.fns->affine(a);
 }
 
 // The target entry a e_y - q_y cancels when softmax_y is near 1: redo it in double from the
@@ -203,25 +204,26 @@ inline T target_value(const Problem<T>& p, const RowResult& r, double zy_t, doub
 
 template <class T>
 inline void fix_target(const Problem<T>& p, const RowResult& r, double zy_t, double dzy, T* g,
-                       int64_t y, uint16_t* gh = nullptr, int hk = 0) {
+                       int64_t y, uint16_t* gh = nullptr, Storage storage = Storage::Native) {
   if (std::isnan(r.a)) return;  // a NaN row stays NaN
   // In T first, then (16-bit rows) rounded once more to the storage type.
   const T v = target_value(p, r, zy_t, dzy, y);
-  if (gh) store_half(p, double(v), gh + y, hk);
+  if (gh) store_half(p, double(v), gh + y, storage);
   else g[y] = v;
 }
 
 // The target logit through the transform (class targets; 0 for probability targets).
 template <class T>
 inline double target_logit(const Problem<T>& p, int64_t n, double* dz,
-                           const T* zrow = nullptr, const uint16_t* zh = nullptr, int hk = 0) {
+                           const T* zrow = nullptr, const uint16_t* zh = nullptr,
+                           Storage storage = Storage::Native) {
   *dz = p.alpha;
   if (p.probs) return 0.0;
   const int64_t y = p.in.target[n];
   if (zrow) return transform(p, double(zrow[y]), dz);
   if (zh) {
     float f;
-    p.half_to_f32(zh + y, &f, 1, hk - 1);
+    p.half_to_f32(zh + y, &f, 1, storage);
     return transform(p, double(f), dz);
   }
   if (p.inner == 1) return transform(p, double(p.in.logits[n * p.in.row_stride + y]), dz);

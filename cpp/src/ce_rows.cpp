@@ -73,7 +73,7 @@ double compute_row(const Problem<T>& p, int64_t n, const RowPtrs<T>& rp, BlockSt
   double dzy;
   // Before in place overwrites z.
   const double zy_t = rp.zh ? target_logit(p, n, &dzy, static_cast<const T*>(nullptr), rp.zh,
-                                           rp.hk)
+                                           rp.storage)
                             : target_logit(p, n, &dzy, rp.z);
   // 16-bit rows keep e in the float scratch row; the gradient is rounded out of it.
   T* e = want_grad && !p.recompute ? ((p.stream || rp.gh) ? scratch : g) : nullptr;
@@ -85,9 +85,9 @@ double compute_row(const Problem<T>& p, int64_t n, const RowPtrs<T>& rp, BlockSt
   if (rp.gh) {
     for (int64_t k = 0; k < p.nb; ++k)
       write_grad_block(p, st[k], r, rp.prob, e, tbuf, static_cast<T*>(nullptr), k, false,
-                       rp.gh, rp.hk);
+                       rp.gh, rp.storage);
     if (!p.probs) fix_target(p, r, zy_t, dzy, static_cast<T*>(nullptr), p.in.target[n], rp.gh,
-                             rp.hk);
+                             rp.storage);
   } else if (g && p.recompute) {
     // Each block's exponentials again, with the same block max (the same value, see
     // chained_block, so the same bits), straight into the gradient block while it is in L1:

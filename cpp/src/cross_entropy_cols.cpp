@@ -97,7 +97,8 @@ void cross_entropy_cols(const Problem<T>& problem, int nt, double* losses) {
       ci.p = p.probs ? p.in.probs + base : nullptr;
       ci.q1 = T(1.0 - p.eps);
       ci.q0 = T(p.eps / double(C));
-      ci.wd_mode = p.probs ? 2 : (smooth ? 1 : 0);
+      ci.sums = p.probs ? TargetSums::Probabilities
+                        : (smooth ? TargetSums::Smoothed : TargetSums::None);
       ci.m = m;
       ci.s = s;
       ci.wd = wd;
@@ -210,7 +211,8 @@ void cross_entropy_cols(const Problem<T>& problem, int nt, double* losses) {
 // (its block pass, the merge and the gradient pass) would dwarf a few classes of work, so
 // tiles of 240 rows are transposed into a C x L scratch tile, run through the column kernel
 // above (one row per SIMD lane: its max, exp and sums vectorised across rows), and the
-// gradient tile transposed back. Scratch is O(threads x C x 240), never N x C; tiles are fixed by row index, so the bits do not depend on the threads.
+// gradient tile transposed back. Scratch is O(threads x C x 240), never N x C; tiles are
+// fixed by row index, so the bits do not depend on the threads.
 template <class T>
 void short_rows(const Problem<T>& p, int nt, double* losses) {
   // 240 rows (15 vectors of 16 floats): a tile's leading dimension of 960 bytes, not a

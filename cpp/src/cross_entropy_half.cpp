@@ -31,7 +31,8 @@ double cross_entropy_half(const HalfInputs& in, const Options& opt, uint16_t* gr
   const Prepared pr = prepare(opt, in.rows, in.classes, in.inner, in.target,
                               in.probs != nullptr, in.weight, in.sample_weight);
   const KernelTable& table = active_table();
-  const int kind = int(in.kind);
+  // The one mapping of the public HalfKind onto the kernel's Storage.
+  const Storage storage = in.kind == HalfKind::Float16 ? Storage::Float16 : Storage::BFloat16;
   const int64_t C = in.classes, rows = in.rows;
   // (Short rows take the chunked float32 path below, so that they run through the same
   // short-row kernel as float32 logits: the same bits, rounded once.)
@@ -59,11 +60,11 @@ double cross_entropy_half(const HalfInputs& in, const Options& opt, uint16_t* gr
       std::vector<BlockStat> st(static_cast<size_t>(pr.nb));
       std::vector<float> tbuf(opt.softcap > 0.0 && grad ? size_t(C) : 0);
       for (int64_t n = begin; n < end; ++n) {
-        if (in.probs) table.half_to_f32(in.probs + n * in.probs_row_stride, pf.data(), C, kind);
+        if (in.probs) table.half_to_f32(in.probs + n * in.probs_row_stride, pf.data(), C, storage);
         RowPtrs<float> rp{nullptr, in.probs ? pf.data() : nullptr, nullptr};
         rp.zh = in.logits + n * in.row_stride;
         rp.gh = grad ? grad + n * C : nullptr;
-        rp.hk = kind + 1;
+        rp.storage = storage;
         losses[size_t(n)] = compute_row(p, n, rp, st.data(), grad ? ef.data() : nullptr,
                                         tbuf.empty() ? nullptr : tbuf.data());
       }
@@ -98,10 +99,12 @@ double cross_entropy_half(const HalfInputs& in, const Options& opt, uint16_t* gr
 
   for (int64_t s0 = 0; s0 < nslices; s0 += per) {
     const int64_t count = std::min(per, nslices - s0);
-    convert([&](const uint16_t* h, float* f, int64_t) { table.half_to_f32(h, f, slice, kind); },
+    convert([&](const uint16_t* h, float* f, int64_t) { table.half_to_f32(h, f, slice, storage); },
             s0, count, zld, in.logits, zf.data());
     if (in.probs)
-      convert([&](const uint16_t* h, float* f, int64_t) { table.half_to_f32(h, f, slice, kind); },
+      convert([&](const uint16_t* h, float* f, int64_t) {
+        table.half_to_f32(h, f, slice, storage);
+      },
               s0, count, pld, in.probs, pf.data());
     const int64_t r0 = in.inner > 1 ? s0 * in.inner : s0;
     Inputs<float> ci;
@@ -119,7 +122,7 @@ double cross_entropy_half(const HalfInputs& in, const Options& opt, uint16_t* gr
     const Problem<float> p = make_problem(ci, opt, grad ? zf.data() : nullptr, pr);
     run_problem(p, nt, losses.data() + r0);
     if (grad)
-      convert([&](uint16_t* h, float* f, int64_t) { table.f32_to_half(f, h, slice, kind); }, s0,
+      convert([&](uint16_t* h, float* f, int64_t) { table.f32_to_half(f, h, slice, storage); }, s0,
               count, slice, grad, zf.data());
   }
   return reduce(opt, pr, losses, rows, row_losses);

@@ -32,10 +32,11 @@ inline void Row<V>::side_piece(const AffineIn<T>& side, int64_t lo, int64_t hi) 
 }
 
 // The statistics of one block, given its transformed max mt. Template flags:
-//   STORE: write e = exp(z' - mt); TR: the transform (2: softcap, also writes rho (see
-//   transform) to t when STORE; 3: the same with mt = 0: x = z', and no underflow test);
-//   WD 0: nothing more; 1: wd = sum w (z' - mt) (class targets with smoothing);
-//   2: wd = sum u (z' - mt), usum = sum u, u = w (q1 p + q0) (probability targets).
+//   STORE: write e = exp(z' - mt); TR: the transform (Softcap: also writes rho (see
+//   transform) to t when STORE; SoftcapFixedShift: the same with mt = 0: x = z', and no
+//   underflow test); WD: the sums (TargetSums): None: nothing more; Smoothed: wd = sum w
+//   (z' - mt); Probabilities: wd = sum u (z' - mt), usum = sum u, u = w (q1 p + q0);
+//   HK: the logits' storage.
 //   SIDE: also write in.side (another row's gradient block of the same length, always with
 //   non-temporal stores: the caller fences), two vectors of it before each two vectors of
 //   this block, at positions of its g aligned to a vector (W T); the head up to the first
@@ -48,7 +49,7 @@ inline void Row<V>::side_piece(const AffineIn<T>& side, int64_t lo, int64_t hi) 
 //   this block; prefetching then runs two blocks ahead (the lines of the next block must
 //   be in L2 by the time this block's loop loads them).
 template <class V>
-template <bool STORE, int TR, int WD, bool HAS_W, int HK, bool SIDE, bool NEXT>
+template <bool STORE, Transform TR, TargetSums WD, bool HAS_W, Storage HK, bool SIDE, bool NEXT>
 inline BlockStat Row<V>::block_impl(const BlockIn<T>& in_ref, T mt) {
   // A local copy: the stores through e and t cannot alias it, so its pointers stay in
   // registers instead of being reloaded after every store.
@@ -64,9 +65,10 @@ inline BlockStat Row<V>::block_impl(const BlockIn<T>& in_ref, T mt) {
   constexpr int64_t kChunk = 32 * W;
   // The side's constants, the first of its elements at an aligned position of its g (hd),
   // and the end of what the loop has written of it (sdone).
-  static_assert(!SIDE || (STORE && HK == 0), "the side runs with stored exponentials");
+  static_assert(!SIDE || (STORE && HK == Storage::Native),
+                "the side runs with stored exponentials");
   const AffineIn<T>* side = SIDE ? in.side : nullptr;
-  const GradK<HAS_W, WD == 2, (TR >= 2)> gk(SIDE ? *side : AffineIn<T>{});
+  const GradK<HAS_W, WD == TargetSums::Probabilities, softcap(TR)> gk(SIDE ? *side : AffineIn<T>{});
   int64_t sdone = 0, send = 0;
   const bool tail_first = n < 4 * kChunk;  // else half-way (see below)
   if constexpr (SIDE) {
@@ -86,7 +88,7 @@ inline BlockStat Row<V>::block_impl(const BlockIn<T>& in_ref, T mt) {
     side_piece(*side, 0, hd);
     if (tail_first) side_piece(*side, send, n);
   }
-  static_assert(!NEXT || HK == 0, "the next block's max is taken from T storage");
+  static_assert(!NEXT || HK == Storage::Native, "the next block's max is taken from T storage");
   const T ninf = -std::numeric_limits<T>::infinity();
   R mx0 = V::set1(ninf), mx1 = mx0;
   int64_t nx = 0;
@@ -99,23 +101,23 @@ inline BlockStat Row<V>::block_impl(const BlockIn<T>& in_ref, T mt) {
     auto step = [&](int64_t j, int64_t len, R& as, R& aw, R& au) {
       R t;
       R x = transform<TR>(loadz<HK>(in, j, len, T(0)), xf, &t);
-      if constexpr (TR != 3) x = V::sub(x, vm);
+      if constexpr (TR != Transform::SoftcapFixedShift) x = V::sub(x, vm);
       if (len < W) x = V::keep_first(x, len);  // masked lanes add nothing to any sum
-      R y = vexp<V, TR == 3>(x);
+      R y = vexp<V, TR == Transform::SoftcapFixedShift>(x);
       if (len < W) y = V::keep_first(y, len);
       if constexpr (STORE) {
         storen(in.e + j, y, len);
-        if constexpr (TR >= 2) storen(in.t + j, t, len);
+        if constexpr (softcap(TR)) storen(in.t + j, t, len);
       }
       as = V::add(as, y);
-      if constexpr (WD == 1) {
+      if constexpr (WD == TargetSums::Smoothed) {
         if constexpr (HAS_W) {
           aw = add_weighted<TR>(aw, loadn(in.w + j, len), x);
         } else {
           aw = V::add(aw, x);
         }
       }
-      if constexpr (WD == 2) {
+      if constexpr (WD == TargetSums::Probabilities) {
         R u = V::fmadd(loadn(in.p + j, len), vq1, vq0);
         if constexpr (HAS_W) u = V::mul(u, loadn(in.w + j, len));
         if (len < W) u = V::keep_first(u, len);
@@ -126,7 +128,7 @@ inline BlockStat Row<V>::block_impl(const BlockIn<T>& in_ref, T mt) {
     for (; i + 2 * W <= c1; i += 2 * W) {
       // The next block streams in from memory while this one is computed from L1: every
       // 64-byte line of it (2 W elements span two lines with AVX-512 floats).
-      if constexpr (HK == 0) {
+      if constexpr (HK == Storage::Native) {
         for (int64_t b = 0; b < 2 * W * int64_t(sizeof(T)); b += 64)
           FASTXENT_PREFETCH(reinterpret_cast<const char*>(in.z + i + kAhead) + b);
       } else {
@@ -144,11 +146,11 @@ inline BlockStat Row<V>::block_impl(const BlockIn<T>& in_ref, T mt) {
       step(i + W, W, s1, w1, u1);
       in_register(s0);
       in_register(s1);
-      if constexpr (WD != 0) {
+      if constexpr (WD != TargetSums::None) {
         in_register(w0);
         in_register(w1);
       }
-      if constexpr (WD == 2) {
+      if constexpr (WD == TargetSums::Probabilities) {
         in_register(u0);
         in_register(u1);
       }
@@ -167,8 +169,8 @@ inline BlockStat Row<V>::block_impl(const BlockIn<T>& in_ref, T mt) {
       if (!tail_first && c0 < n / 2 && c1 >= n / 2) side_piece(*side, send, n);
     }
     sum += V::hsum(V::add(s0, s1));
-    if constexpr (WD != 0) wd += V::hsum(V::add(w0, w1));
-    if constexpr (WD == 2) usum += V::hsum(V::add(u0, u1));
+    if constexpr (WD != TargetSums::None) wd += V::hsum(V::add(w0, w1));
+    if constexpr (WD == TargetSums::Probabilities) usum += V::hsum(V::add(u0, u1));
   }
   BlockStat st{double(mt), sum, wd, usum};
   if constexpr (NEXT) {
@@ -182,7 +184,7 @@ inline BlockStat Row<V>::block_impl(const BlockIn<T>& in_ref, T mt) {
 // A block whose max is -inf: every entry is -inf, or NaN hides among -inf entries. Rare;
 // scalar. wd is the raw sum u z' here (the caller cannot shift by a -inf max).
 template <class V>
-template <int HK>
+template <Storage HK>
 inline BlockStat Row<V>::degenerate(const BlockIn<T>& in) {
   // The side first: its e may be the scratch row this block's e goes to (see block_impl).
   if (in.side) affine(*in.side);
@@ -204,55 +206,25 @@ inline BlockStat Row<V>::degenerate(const BlockIn<T>& in) {
 }
 
 template <class V>
-template <bool STORE, int TR, int HK, bool SIDE, bool NEXT>
-inline BlockStat Row<V>::block_mode_n(const BlockIn<T>& in, T mt) {
-  switch (in.wd_mode) {
-    // WD 0 reads no weights itself; with a side, HAS_W is the side's (its g = a e - b w).
-    case 0: return SIDE && in.w ? block_impl<STORE, TR, 0, true, HK, SIDE, NEXT>(in, mt)
-                                : block_impl<STORE, TR, 0, false, HK, SIDE, NEXT>(in, mt);
-    case 1: return in.w ? block_impl<STORE, TR, 1, true, HK, SIDE, NEXT>(in, mt)
-                        : block_impl<STORE, TR, 1, false, HK, SIDE, NEXT>(in, mt);
-    default: return in.w ? block_impl<STORE, TR, 2, true, HK, SIDE, NEXT>(in, mt)
-                         : block_impl<STORE, TR, 2, false, HK, SIDE, NEXT>(in, mt);
-  }
-}
-// The next block's max only from T storage and where blocks take a max (not TR 3).
-template <class V>
-template <bool STORE, int TR, int HK, bool SIDE>
-inline BlockStat Row<V>::block_mode_s(const BlockIn<T>& in, T mt) {
-  if constexpr (HK == 0 && TR != 3) {
-    if (in.znext) return block_mode_n<STORE, TR, HK, SIDE, true>(in, mt);
-  }
-  return block_mode_n<STORE, TR, HK, SIDE, false>(in, mt);
-}
-// With a side only where exponentials are stored from T storage (the streamed rows).
-template <class V>
-template <bool STORE, int TR, int HK>
-inline BlockStat Row<V>::block_mode(const BlockIn<T>& in, T mt) {
-  if constexpr (STORE && HK == 0) {
-    if (in.side) return block_mode_s<true, TR, 0, true>(in, mt);
-  } else {
-    if (in.side) {
-      affine(*in.side);  // first, as in degenerate
-      return block_mode_s<STORE, TR, HK, false>(in, mt);
-    }
-  }
-  return block_mode_s<STORE, TR, HK, false>(in, mt);
-}
-
-template <class V>
 inline BlockStat Row<V>::block(const BlockIn<T>& in) {
   if constexpr (sizeof(T) == 4) {
-    if (in.zh) return in.hk == 1 ? block_k<1>(in) : block_k<2>(in);
+    if (in.zh) {
+      return in.storage == Storage::Float16 ? block_for<Storage::Float16>(in)
+                                            : block_for<Storage::BFloat16>(in);
+    }
   }
-  return block_k<0>(in);
+  return block_for<Storage::Native>(in);
 }
 
+// The block's shift mt (its transformed max, 0 for the fixed shift), or the degenerate block.
 template <class V>
-template <int HK>
-inline BlockStat Row<V>::block_k(const BlockIn<T>& in) {
-  const int kind = transform_kind(in.alpha, in.cap);
-  if (kind == 3) return in.e ? block_mode<true, 3, HK>(in, T(0)) : block_mode<false, 3, HK>(in, T(0));
+template <Storage HK>
+inline BlockStat Row<V>::block_for(const BlockIn<T>& in) {
+  BlockMode mode;
+  mode.store = in.e != nullptr;
+  mode.tr = transform_of(in.alpha, in.cap);
+  mode.storage = HK;
+  if (mode.tr == Transform::SoftcapFixedShift) return run_block(mode, in, T(0));
   const T m = in.has_zmax ? in.zmax : maxz<HK>(in);
   // All -inf: masked, unless a softcap maps -inf to the finite -cap (then the block is
   // ordinary: every z' = -cap).
@@ -262,18 +234,44 @@ inline BlockStat Row<V>::block_k(const BlockIn<T>& in) {
   R t;
   const R vm = V::set1(m);
   const Xf xf(in.alpha, in.cap);
-  switch (kind) {
-    case 2: {
-      const T mt = V::hmax(transform<2>(vm, xf, &t));
-      return in.e ? block_mode<true, 2, HK>(in, mt) : block_mode<false, 2, HK>(in, mt);
-    }
-    case 1: {
-      const T mt = V::hmax(transform<1>(vm, xf, &t));
-      return in.e ? block_mode<true, 1, HK>(in, mt) : block_mode<false, 1, HK>(in, mt);
-    }
+  switch (mode.tr) {
+    case Transform::Softcap:
+      return run_block(mode, in, V::hmax(transform<Transform::Softcap>(vm, xf, &t)));
+    case Transform::Scale:
+      return run_block(mode, in, V::hmax(transform<Transform::Scale>(vm, xf, &t)));
     default:
-      return in.e ? block_mode<true, 0, HK>(in, m) : block_mode<false, 0, HK>(in, m);
+      return run_block(mode, in, m);
   }
+}
+
+template <class V>
+template <int I>
+constexpr typename Row<V>::BlockFn Row<V>::entry() {
+  constexpr BlockMode m = BlockMode::at(I);
+  if constexpr (m.reachable(sizeof(T) == 4)) {
+    return &block_impl<m.store, m.tr, m.sums, m.has_w, m.storage, m.side, m.next>;
+  } else {
+    return nullptr;
+  }
+}
+
+// The one dispatch of the block pass: completes the mode from in and calls its instantiation.
+template <class V>
+inline BlockStat Row<V>::run_block(BlockMode m, const BlockIn<T>& in, T mt) {
+  m.sums = in.sums;
+  // The side inside the loop only where exponentials are stored from T storage (the streamed
+  // rows); anywhere else it is written first, as in degenerate.
+  if (in.side) {
+    if (m.store && m.storage == Storage::Native) m.side = true;
+    else affine(*in.side);
+  }
+  // The next block's max only from T storage and where blocks take a max.
+  m.next = in.znext != nullptr && m.storage == Storage::Native &&
+           m.tr != Transform::SoftcapFixedShift;
+  // TargetSums::None reads no weights itself; with a side, HAS_W is the side's (g = a e - b w).
+  m.has_w = in.w != nullptr && (m.sums != TargetSums::None || m.side);
+  static constexpr auto table = mode_table<BlockFn, Row>(BlockMode::indices());
+  return table[size_t(m.index())](in, mt);
 }
 
 }  // namespace FASTXENT_ISA_NS

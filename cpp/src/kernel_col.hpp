@@ -31,16 +31,16 @@ struct Col {
     for (int64_t j = 0; j < len; ++j) out[j] += double(tmp[j]);
   }
 
-  template <bool STORE, int TR, int WD, bool HAS_W, bool CAPTURE>
+  template <bool STORE, Transform TR, TargetSums WD, bool HAS_W, bool CAPTURE>
   static void group(const ColIn<T>& in, int64_t i0, int64_t len) {
     const int64_t C = in.C, ld = in.ld;
     const T ninf = -std::numeric_limits<T>::infinity();
-    R m = V::set1(TR == 3 ? T(0) : ninf);
+    R m = V::set1(TR == Transform::SoftcapFixedShift ? T(0) : ninf);
     // CAPTURE: zy = z[y] per lane (see ColIn::ycls), in the first pass down the class axis.
     const R one = V::set1(T(1));
     R vy = V::set1(T(-1)), vc = V::set1(T(0)), zy = V::set1(T(0));
     if constexpr (CAPTURE) vy = Rw::loadn(in.ycls + i0, len);
-    if constexpr (TR != 3) {
+    if constexpr (TR != Transform::SoftcapFixedShift) {
       for (int64_t c = 0; c < C; ++c) {
         const R z = Rw::loadn(in.z + c * ld + i0, len);
         m = V::max(m, z);
@@ -52,17 +52,17 @@ struct Col {
     }
     const typename Rw::Xf xf(in.alpha, in.cap);
     R tm;
-    // TR 3: the fixed shift 0 (see kFixedShift).
-    R mt = TR == 3 ? m : Rw::template transform<TR>(m, xf, &tm);
+    // SoftcapFixedShift: the fixed shift 0 (see kFixedShift).
+    R mt = TR == Transform::SoftcapFixedShift ? m : Rw::template transform<TR>(m, xf, &tm);
     // Lanes whose max is -inf (all -inf) use 0 as their shift: their e come out 0, not NaN.
     const R lowest = V::set1(std::numeric_limits<T>::lowest());
-    const R shift = TR >= 2 ? mt : V::zero_if_less(m, lowest, mt);
+    const R shift = softcap(TR) ? mt : V::zero_if_less(m, lowest, mt);
     {
       T tmpm[W], tmpt[W];
       V::store(tmpm, m);
       V::store(tmpt, mt);
       for (int64_t j = 0; j < len; ++j) {
-        in.m[i0 + j] = tmpm[j] == ninf && TR < 2 ? -std::numeric_limits<double>::infinity()
+        in.m[i0 + j] = tmpm[j] == ninf && !softcap(TR) ? -std::numeric_limits<double>::infinity()
                                                   : double(tmpt[j]);
         in.s[i0 + j] = 0.0;
         in.wd[i0 + j] = 0.0;
@@ -77,34 +77,34 @@ struct Col {
         const int64_t off = c * ld + i0;
         R t;
         const R z = Rw::loadn(in.z + off, len);
-        if constexpr (CAPTURE && TR == 3) {
+        if constexpr (CAPTURE && TR == Transform::SoftcapFixedShift) {
           zy = V::select_eq(vy, vc, z, zy);
           vc = V::add(vc, one);
         }
         R x = Rw::template transform<TR>(z, xf, &t);
-        if constexpr (TR != 3) x = V::sub(x, shift);
-        R y = vexp<V, TR == 3>(x);
+        if constexpr (TR != Transform::SoftcapFixedShift) x = V::sub(x, shift);
+        R y = vexp<V, TR == Transform::SoftcapFixedShift>(x);
         if constexpr (STORE) {
           Rw::storen(in.e + c * in.eld + i0, y, len);
-          if constexpr (TR >= 2) Rw::storen(in.t + c * in.tld + i0, t, len);
+          if constexpr (softcap(TR)) Rw::storen(in.t + c * in.tld + i0, t, len);
         }
         s = V::add(s, y);
         const R wc = V::set1(HAS_W ? in.w[c] : T(1));
-        if constexpr (WD == 1) d = Rw::template add_weighted<TR>(d, wc, x);
-        if constexpr (WD == 2) {
+        if constexpr (WD == TargetSums::Smoothed) d = Rw::template add_weighted<TR>(d, wc, x);
+        if constexpr (WD == TargetSums::Probabilities) {
           R u = V::mul(V::fmadd(Rw::loadn(in.p + off, len), vq1, vq0), wc);
           d = Rw::template add_weighted<TR>(d, u, x);
           us = V::add(us, u);
         }
       }
       flush(s, in.s + i0, len);
-      if constexpr (WD != 0) flush(d, in.wd + i0, len);
-      if constexpr (WD == 2) flush(us, in.usum + i0, len);
+      if constexpr (WD != TargetSums::None) flush(d, in.wd + i0, len);
+      if constexpr (WD == TargetSums::Probabilities) flush(us, in.usum + i0, len);
     }
     if constexpr (CAPTURE) Rw::storen(in.zy + i0, zy, len);
   }
 
-  template <bool STORE, int TR, int WD, bool HAS_W>
+  template <bool STORE, Transform TR, TargetSums WD, bool HAS_W>
   static void stats_impl(const ColIn<T>& in) {
     for (int64_t i0 = 0; i0 < in.L; i0 += W) {
       const int64_t len = in.L - i0 < W ? in.L - i0 : W;
@@ -112,21 +112,26 @@ struct Col {
       else group<STORE, TR, WD, HAS_W, false>(in, i0, len);
     }
   }
-  template <bool STORE, int TR>
-  static void stats_mode(const ColIn<T>& in) {
-    switch (in.wd_mode) {
-      case 0: return stats_impl<STORE, TR, 0, false>(in);
-      case 1: return in.w ? stats_impl<STORE, TR, 1, true>(in) : stats_impl<STORE, TR, 1, false>(in);
-      default: return in.w ? stats_impl<STORE, TR, 2, true>(in) : stats_impl<STORE, TR, 2, false>(in);
+  // stats_impl's instantiations, one per reachable ColMode (kernel_modes.hpp).
+  using StatsFn = void (*)(const ColIn<T>&);
+  template <int I>
+  static constexpr StatsFn entry() {
+    constexpr ColMode m = ColMode::at(I);
+    if constexpr (m.reachable()) {
+      return &stats_impl<m.store, m.tr, m.sums, m.has_w>;
+    } else {
+      return nullptr;
     }
   }
+  // The one dispatch of the column statistics pass.
   static void stats(const ColIn<T>& in) {
-    switch (Rw::transform_kind(in.alpha, in.cap)) {
-      case 3: return in.e ? stats_mode<true, 3>(in) : stats_mode<false, 3>(in);
-      case 2: return in.e ? stats_mode<true, 2>(in) : stats_mode<false, 2>(in);
-      case 1: return in.e ? stats_mode<true, 1>(in) : stats_mode<false, 1>(in);
-      default: return in.e ? stats_mode<true, 0>(in) : stats_mode<false, 0>(in);
-    }
+    ColMode m;
+    m.store = in.e != nullptr;
+    m.tr = transform_of(in.alpha, in.cap);
+    m.sums = in.sums;
+    m.has_w = in.w != nullptr && m.sums != TargetSums::None;
+    static constexpr auto table = mode_table<StatsFn, Col>(ColMode::indices());
+    table[size_t(m.index())](in);
   }
 
   template <bool HAS_W, bool HAS_P, bool CAP, bool TGT>

@@ -42,14 +42,14 @@ struct Row<V>::GradK {
 // them; d = 1 - tanh^2 = 4 rho (1 - rho) with a softcap (rho stored at t; the 4 goes into
 // a and b, exactly), else 1.
 template <class V>
-template <bool HAS_W, bool HAS_P, bool CAP, bool STREAM, int HK>
+template <bool HAS_W, bool HAS_P, bool CAP, bool STREAM, Storage HK>
 inline void Row<V>::affine_impl(const AffineIn<T>& in) {
   const GradK<HAS_W, HAS_P, CAP> gk(in);
   T* g = in.g;
   const int64_t n = in.n;
   auto f = [&](int64_t i, int64_t len) { return gk(in, i, len); };
   int64_t i = 0;
-  if constexpr (HK != 0) {
+  if constexpr (HK != Storage::Native) {
     static_assert(!STREAM, "16-bit gradients are not streamed");
     uint16_t* gh = in.gh;
     for (; i + 2 * W <= n; i += 2 * W) {
@@ -87,13 +87,15 @@ template <bool HAS_W, bool HAS_P, bool CAP>
 inline void Row<V>::affine_s(const AffineIn<T>& in) {
   if constexpr (sizeof(T) == 4) {
     if (in.gh) {
-      if (in.hk == 1) affine_impl<HAS_W, HAS_P, CAP, false, 1>(in);
-      else affine_impl<HAS_W, HAS_P, CAP, false, 2>(in);
+      if (in.storage == Storage::Float16)
+        affine_impl<HAS_W, HAS_P, CAP, false, Storage::Float16>(in);
+      else
+        affine_impl<HAS_W, HAS_P, CAP, false, Storage::BFloat16>(in);
       return;
     }
   }
-  if (in.stream) affine_impl<HAS_W, HAS_P, CAP, true, 0>(in);
-  else affine_impl<HAS_W, HAS_P, CAP, false, 0>(in);
+  if (in.stream) affine_impl<HAS_W, HAS_P, CAP, true, Storage::Native>(in);
+  else affine_impl<HAS_W, HAS_P, CAP, false, Storage::Native>(in);
 }
 template <class V>
 template <bool HAS_W, bool HAS_P>

@@ -35,10 +35,42 @@ template <class T>
 constexpr T kFixedShift = sizeof(T) == 4 ? T(32) : T(256);
 
 // Whether a softcap of cap (as T, the value the kernel uses) takes the fixed shift: the one
-// rule for the block pass (transform kind 3) and for the callers' double path.
+// rule for the block pass (Transform::SoftcapFixedShift) and for the callers' double path.
 template <class T>
 constexpr bool fixed_shift_cap(T cap) {
   return cap > T(0) && cap <= kFixedShift<T>;
+}
+
+// The kernel's modes, by name (each a template parameter of the passes; kernel_modes.hpp
+// lists the instantiations).
+//
+// The transform z -> z' of the logits (alpha: logit scale, cap: softcap; see transform_of).
+enum class Transform : uint8_t {
+  Identity,           // z' = z (alpha 1, no softcap)
+  Scale,              // z' = alpha z
+  Softcap,            // z' = cap tanh(alpha z / cap), exp(z' - m') with m' the block max
+  SoftcapFixedShift,  // the same with the fixed shift m' = 0 (cap <= kFixedShift<T>): no max
+                      // pass, no underflow test
+};
+// The sums a statistics pass takes besides sum exp(z' - m').
+enum class TargetSums : uint8_t {
+  None,           // class targets without smoothing
+  Smoothed,       // wd = sum w (z' - m'): class targets with label smoothing
+  Probabilities,  // wd = sum u (z' - m') and usum = sum u, u = w (q1 p + q0): probability targets
+};
+// How logits are read and gradients written: in T itself, or as 16 bits (T = float only),
+// converted in registers. The public HalfKind maps onto Float16 / BFloat16 at the entry point.
+enum class Storage : uint8_t { Native, Float16, BFloat16 };
+
+constexpr bool softcap(Transform tr) {
+  return tr == Transform::Softcap || tr == Transform::SoftcapFixedShift;
+}
+
+// The transform for a logit scale alpha and a softcap cap (0: none), as T.
+template <class T>
+constexpr Transform transform_of(T alpha, T cap) {
+  if (cap > T(0)) return fixed_shift_cap(cap) ? Transform::SoftcapFixedShift : Transform::Softcap;
+  return alpha != T(1) ? Transform::Scale : Transform::Identity;
 }
 
 // g = d * (a e - b u), u = w (or 1), or w (q1 p + q0) with probability targets;
@@ -55,9 +87,9 @@ struct AffineIn {
   const T* t;
   bool stream;  // non-temporal stores; the caller then calls fence() before reusing g
   // 16-bit gradient (T = float only, no streaming): when gh is set, g is rounded once to
-  // float16 (hk 1) or bfloat16 (hk 2) and stored at gh instead of g.
+  // `storage` (Float16 or BFloat16) and stored at gh instead of g.
   uint16_t* gh = nullptr;
-  int hk = 0;
+  Storage storage = Storage::Native;
 };
 
 // What one block pass reads and writes. z' is the transformed logit: cap * tanh(alpha z / cap)
@@ -74,11 +106,11 @@ struct BlockIn {
   const T* w;   // class weights of the block, or null
   const T* p;   // probability targets of the block, or null
   T q1, q0;     // u = w (q1 p + q0): smoothing of probability targets
-  int wd_mode;  // 0: none; 1: wd = sum w (z' - m'); 2: wd = sum u (z' - m') and usum = sum u
+  TargetSums sums;  // the sums besides sum exp (see TargetSums)
   // 16-bit logits (T = float only): when zh is set the n logits are read from zh instead of
-  // z, as float16 (hk 1) or bfloat16 (hk 2), and converted in registers.
+  // z, as `storage` (Float16 or BFloat16), and converted in registers.
   const uint16_t* zh = nullptr;
-  int hk = 0;
+  Storage storage = Storage::Native;
   // Another row's gradient block of the same length n (streamed rows: the previous row's
   // block k while this row's block k is computed), written two vectors at a time inside this
   // pass's loop when not null: the output stream then runs under the exp instead of after
@@ -120,7 +152,7 @@ struct ColIn {
   const T* w;  // class weights (C) or null
   const T* p;  // probability targets in z's layout, or null
   T q1, q0;
-  int wd_mode;  // as BlockIn
+  TargetSums sums;  // as BlockIn
   // Per-lane outputs (L each): m' (-inf for a lane of -inf), sum exp, wd, usum.
   double *m, *s, *wd, *usum;
   // Class targets: each lane's class index as T (-1: none), and where to put the lane's raw
@@ -170,9 +202,9 @@ struct KernelTable {
   void (*fence)();  // orders non-temporal stores before later stores
   SigmoidFns<float> sig_f32;
   SigmoidFns<double> sig_f64;
-  // float16 (kind 0) / bfloat16 (kind 1) <-> float32, n elements.
-  void (*half_to_f32)(const uint16_t* src, float* dst, int64_t n, int kind);
-  void (*f32_to_half)(const float* src, uint16_t* dst, int64_t n, int kind);
+  // Float16 / BFloat16 storage <-> float32, n elements (storage is never Native).
+  void (*half_to_f32)(const uint16_t* src, float* dst, int64_t n, Storage storage);
+  void (*f32_to_half)(const float* src, uint16_t* dst, int64_t n, Storage storage);
 };
 
 template <class T>
