@@ -232,12 +232,8 @@ int64_t detail::stream_threshold() {
   if (env_bytes >= 0) return env_bytes;
   // Per call: the active kernel can change (FASTXENT_ISA, set_isa).
   static const bool intel = cpu_is_intel();
-#if defined(FASTXENT_HAVE_AVX512)
-  const bool avx512 = &active_table() == &avx512_table();
-#else
-  const bool avx512 = false;
-#endif
-  return (intel || avx512) ? int64_t(64) << 20 : int64_t(0);
+  const bool prefers = active_table().prefers_streaming_stores;
+  return (intel || prefers) ? int64_t(64) << 20 : int64_t(0);
 }
 
 template <class T>

@@ -4,6 +4,9 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
+
+#include "isa_ns.hpp"
 
 // A read prefetch into L2 (MSVC has no __builtin_prefetch).
 #ifndef FASTXENT_PREFETCH
@@ -24,14 +27,12 @@
 #endif
 #endif
 
-#ifndef FASTXENT_ISA_NS
-#error "define FASTXENT_ISA_NS (the ISA namespace) before including this header"
-#endif
-
 namespace fastxent {
 namespace FASTXENT_ISA_NS {
 
-// An empty asm that takes v in a vector register and may change it (GCC and Clang on x86):
+// An empty asm that takes v in a vector register and may change it (GCC and Clang on x86; the
+// one place with a target-specific constraint: elsewhere it does nothing, and an ISA for
+// another target adds its register constraint here):
 // without it GCC 12 kept a sum accumulator of several AVX-512 block passes (the plain forward
 // and fused ones among them) in a stack slot, an add, store and reload per step of the loop.
 template <class R>
@@ -43,35 +44,28 @@ inline void in_register(R& v) {
 #endif
 }
 
-// Whether the traits V offer the fused AVX-512 operations (scale_unless_below,
-// fmadd_unless_zero, recip12, neg_abs).
-template <class V, class = void>
-struct HasFused {
-  static constexpr bool value = false;
-};
-template <class V>
-struct HasFused<V, decltype(void(V::kFused))> {
-  static constexpr bool value = V::kFused;
-};
-template <class V>
-constexpr bool fused() {
-  return HasFused<V>::value;
-}
+// Optional capabilities of a traits type V: fn<V>() is V::member where V declares it, else
+// false (the operations each one promises: kernel_contract.hpp).
+#define FASTXENT_TRAITS_FLAG(fn, member)                                          \
+  template <class V, class = void>                                                \
+  struct fn##_flag : std::false_type {};                                          \
+  template <class V>                                                              \
+  struct fn##_flag<V, decltype(void(V::member))> : std::bool_constant<V::member> {}; \
+  template <class V>                                                              \
+  constexpr bool fn() {                                                           \
+    return fn##_flag<V>::value;                                                   \
+  }
 
-// Whether the traits V look up 2^(j/16) (exp2_sixteenths): then vexp uses the table form
-// (AVX-512 float, where it saves two of ten multiply-add-pipe operations; see vexp).
-template <class V, class = void>
-struct HasExpTable {
-  static constexpr bool value = false;
-};
-template <class V>
-struct HasExpTable<V, decltype(void(V::kExpTable))> {
-  static constexpr bool value = V::kExpTable;
-};
-template <class V>
-constexpr bool exp_table() {
-  return HasExpTable<V>::value;
-}
+// The fused AVX-512 operations (scale, scale_unless_below, fmadd_unless_zero, recip12,
+// neg_abs).
+FASTXENT_TRAITS_FLAG(fused, kFused)
+// A lookup of 2^(j/16) (exp2_sixteenths): then vexp uses the table form (AVX-512 float, where
+// it saves two of ten multiply-add-pipe operations; see vexp).
+FASTXENT_TRAITS_FLAG(exp_table, kExpTable)
+// Large gradients go out with non-temporal stores (KernelTable::prefers_streaming_stores; the
+// default threshold of stream_threshold).
+FASTXENT_TRAITS_FLAG(prefers_streaming_stores, kPrefersStreamingStores)
+#undef FASTXENT_TRAITS_FLAG
 
 }  // namespace FASTXENT_ISA_NS
 }  // namespace fastxent

@@ -5,11 +5,8 @@
 #include <cstdint>
 #include <limits>
 
+#include "isa_ns.hpp"
 #include "kernel_row.hpp"
-
-#ifndef FASTXENT_ISA_NS
-#error "define FASTXENT_ISA_NS (the ISA namespace) before including this header"
-#endif
 
 namespace fastxent {
 namespace FASTXENT_ISA_NS {

@@ -21,14 +21,11 @@
 // Expects the traits VF, VD of the same namespace to be declared first.
 #pragma once
 
+#include "isa_ns.hpp"
 #include "kernel_block.hpp"
 #include "kernel_col.hpp"
 #include "kernel_grad.hpp"
 #include "kernel_softmax_bwd.hpp"
-
-#ifndef FASTXENT_ISA_NS
-#error "define FASTXENT_ISA_NS (the ISA namespace) before including this header"
-#endif
 
 namespace fastxent {
 namespace FASTXENT_ISA_NS {

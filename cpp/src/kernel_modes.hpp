@@ -10,11 +10,8 @@
 #include <cstddef>
 #include <utility>
 
+#include "isa_ns.hpp"
 #include "kernel_table.hpp"
-
-#ifndef FASTXENT_ISA_NS
-#error "define FASTXENT_ISA_NS (the ISA namespace) before including this header"
-#endif
 
 namespace fastxent {
 namespace FASTXENT_ISA_NS {
@@ -24,6 +21,16 @@ template <class Fn, class Owner, int... I>
 constexpr std::array<Fn, sizeof...(I)> mode_table(std::integer_sequence<int, I...>) {
   return {{Owner::template entry<I>()...}};
 }
+
+// A mode's index taken apart, last field first (a mixed-radix number).
+struct Digits {
+  int rest;
+  constexpr int take(int radix) {
+    const int d = rest % radix;
+    rest /= radix;
+    return d;
+  }
+};
 
 // The row block pass (Row::block_impl).
 struct BlockMode {
@@ -38,29 +45,15 @@ struct BlockMode {
   static constexpr int kCount = 2 * 4 * 3 * 2 * 3 * 2 * 2;
   static constexpr auto indices() { return std::make_integer_sequence<int, kCount>(); }
   constexpr int index() const {
-    int i = int(store);
-    i = i * 4 + int(tr);
-    i = i * 3 + int(sums);
-    i = i * 2 + int(has_w);
-    i = i * 3 + int(storage);
-    i = i * 2 + int(side);
-    return i * 2 + int(next);
+    const int i = ((int(store) * 4 + int(tr)) * 3 + int(sums)) * 2 + int(has_w);
+    return ((i * 3 + int(storage)) * 2 + int(side)) * 2 + int(next);
   }
   static constexpr BlockMode at(int i) {
     BlockMode m;
-    m.next = i % 2 != 0;
-    i /= 2;
-    m.side = i % 2 != 0;
-    i /= 2;
-    m.storage = Storage(i % 3);
-    i /= 3;
-    m.has_w = i % 2 != 0;
-    i /= 2;
-    m.sums = TargetSums(i % 3);
-    i /= 3;
-    m.tr = Transform(i % 4);
-    i /= 4;
-    m.store = i % 2 != 0;
+    Digits d{i};
+    m.next = d.take(2) != 0, m.side = d.take(2) != 0, m.storage = Storage(d.take(3));
+    m.has_w = d.take(2) != 0, m.sums = TargetSums(d.take(3)), m.tr = Transform(d.take(4));
+    m.store = d.take(2) != 0;
     return m;
   }
   // The instantiation set: the modes Row::run_block can build, no other (is_float: T = float).
@@ -87,13 +80,9 @@ struct ColMode {
   }
   static constexpr ColMode at(int i) {
     ColMode m;
-    m.has_w = i % 2 != 0;
-    i /= 2;
-    m.sums = TargetSums(i % 3);
-    i /= 3;
-    m.tr = Transform(i % 4);
-    i /= 4;
-    m.store = i % 2 != 0;
+    Digits d{i};
+    m.has_w = d.take(2) != 0, m.sums = TargetSums(d.take(3)), m.tr = Transform(d.take(4));
+    m.store = d.take(2) != 0;
     return m;
   }
   // The instantiation set: weights are read only by a sum.

@@ -7,14 +7,11 @@
 #include <cstdint>
 #include <limits>
 
+#include "isa_ns.hpp"
 #include "half_impl.hpp"
 #include "kernel_exp.hpp"
 #include "kernel_modes.hpp"
 #include "kernel_table.hpp"
-
-#ifndef FASTXENT_ISA_NS
-#error "define FASTXENT_ISA_NS (the ISA namespace) before including this header"
-#endif
 
 namespace fastxent {
 namespace FASTXENT_ISA_NS {

@@ -1,12 +1,13 @@
 // The ISA-neutral interface between the driver (cross_entropy.cpp, baseline flags) and the
 // per-row SIMD passes, which are compiled once per ISA (isa_*.cpp) from kernel_impl.hpp.
-// Adding an ISA: a traits header under simd/, a three-line isa_<name>.cpp, a line in
-// dispatch.cpp, and its flags in CMakeLists.txt.
+// Adding an ISA: see isa_list.hpp (a traits header under simd/ that meets kernel_contract.hpp,
+// a three-line isa_<name>.cpp, its entry in isa_list.hpp, its flags in CMakeLists.txt).
 #pragma once
 
 #include <cstdint>
 #include <limits>
 
+#include "isa_list.hpp"
 #include "sigmoid_table.hpp"
 
 namespace fastxent {
@@ -205,6 +206,8 @@ struct KernelTable {
   // Float16 / BFloat16 storage <-> float32, n elements (storage is never Native).
   void (*half_to_f32)(const uint16_t* src, float* dst, int64_t n, Storage storage);
   void (*f32_to_half)(const float* src, uint16_t* dst, int64_t n, Storage storage);
+  // Capabilities the driver asks of the ISA (from its traits, see kernel_caps.hpp).
+  bool prefers_streaming_stores;  // large gradients go out with non-temporal stores
 };
 
 template <class T>
@@ -221,14 +224,10 @@ inline const RowFns<float>& row_fns<float>(const KernelTable& t) { return t.f32;
 template <>
 inline const RowFns<double>& row_fns<double>(const KernelTable& t) { return t.f64; }
 
-// One per compiled ISA (each defined in its isa_*.cpp).
-const KernelTable& scalar_table();
-#if defined(FASTXENT_HAVE_AVX2)
-const KernelTable& avx2_table();
-#endif
-#if defined(FASTXENT_HAVE_AVX512)
-const KernelTable& avx512_table();
-#endif
+// One per compiled ISA (each defined in its isa_<name>.cpp), from the registry.
+#define FASTXENT_DECLARE_TABLE(name, usable) const KernelTable& name##_table();
+FASTXENT_FOR_EACH_ISA(FASTXENT_DECLARE_TABLE)
+#undef FASTXENT_DECLARE_TABLE
 
 // The table in use (dispatch.cpp).
 const KernelTable& active_table();
