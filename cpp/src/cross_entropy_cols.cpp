@@ -6,8 +6,7 @@
 // so results are bitwise identical for any thread count. The target logits are picked up in
 // the statistics pass and the target entries written in the gradient pass (no per-row
 // reads or writes across the class axis's plane stride), and a large out= is streamed out
-// with non-temporal stores. Measured on the 2-core Xeon, 8 x 21 x 512 x 512 float32 out=:
-// 1 thread 116 -> 92 ms, 2 threads 64 -> 53 ms.
+// with non-temporal stores.
 #include <algorithm>
 #include <vector>
 
@@ -15,7 +14,7 @@
 #include <omp.h>
 #endif
 
-#include "ce_detail.hpp"
+#include "ce_row.hpp"
 #include "threads.hpp"
 
 namespace fastxent {
@@ -98,7 +97,8 @@ void cross_entropy_cols(const Problem<T>& problem, int nt, double* losses) {
       ci.p = p.probs ? p.in.probs + base : nullptr;
       ci.q1 = T(1.0 - p.eps);
       ci.q0 = T(p.eps / double(C));
-      ci.wd_mode = p.probs ? 2 : (smooth ? 1 : 0);
+      ci.sums = p.probs ? TargetSums::Probabilities
+                        : (smooth ? TargetSums::Smoothed : TargetSums::None);
       ci.m = m;
       ci.s = s;
       ci.wd = wd;
@@ -208,11 +208,11 @@ void cross_entropy_cols(const Problem<T>& problem, int nt, double* losses) {
 }
 
 // Short rows (the row layout with C <= kShortRowClasses): the row kernel's fixed cost per row
-// (its block pass, the merge and the gradient pass, about 70 ns on the 2-core Xeon) would
-// dwarf a few classes of work, so tiles of 240 rows are transposed into a C x L scratch
-// tile, run through the column kernel above (one row per SIMD lane: its max, exp and sums
-// vectorised across rows), and the gradient tile transposed back. Scratch is O(threads x C x
-// 240), never N x C; tiles are fixed by row index, so the bits do not depend on the threads.
+// (its block pass, the merge and the gradient pass) would dwarf a few classes of work, so
+// tiles of 240 rows are transposed into a C x L scratch tile, run through the column kernel
+// above (one row per SIMD lane: its max, exp and sums vectorised across rows), and the
+// gradient tile transposed back. Scratch is O(threads x C x 240), never N x C; tiles are
+// fixed by row index, so the bits do not depend on the threads.
 template <class T>
 void short_rows(const Problem<T>& p, int nt, double* losses) {
   // 240 rows (15 vectors of 16 floats): a tile's leading dimension of 960 bytes, not a

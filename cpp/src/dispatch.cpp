@@ -90,19 +90,15 @@ struct Entry {
   bool usable;
 };
 
-// Best last.
+// The registry's ISAs (isa_list.hpp), best last.
 std::vector<Entry> entries() {
   std::vector<Entry> e;
-  e.push_back({"scalar", &scalar_table, true});
 #if defined(FASTXENT_X86)
-  static const Features f = detect();
-#if defined(FASTXENT_HAVE_AVX2)
-  e.push_back({"avx2", &avx2_table, f.avx2});
+  static const Features cpu = detect();
 #endif
-#if defined(FASTXENT_HAVE_AVX512)
-  e.push_back({"avx512", &avx512_table, f.avx512});
-#endif
-#endif
+#define FASTXENT_ENTRY(name, usable) e.push_back({#name, &name##_table, usable});
+  FASTXENT_FOR_EACH_ISA(FASTXENT_ENTRY)
+#undef FASTXENT_ENTRY
   return e;
 }
 

@@ -68,28 +68,30 @@ template <class V>
 struct Half {
   static constexpr int64_t W = V::W;
 
-  static void to_f32(const uint16_t* src, float* dst, int64_t n, int kind) {
+  static void to_f32(const uint16_t* src, float* dst, int64_t n, Storage storage) {
     int64_t i = 0;
     if constexpr (V::kHasHalf) {
-      if (kind == 0) {
+      if (storage == Storage::Float16) {
         for (; i + W <= n; i += W) V::store(dst + i, V::load_f16(src + i));
       } else {
         for (; i + W <= n; i += W) V::store(dst + i, V::load_bf16(src + i));
       }
     }
-    for (; i < n; ++i) dst[i] = kind == 0 ? f16_to_f32_scalar(src[i]) : bf16_to_f32_scalar(src[i]);
+    for (; i < n; ++i)
+      dst[i] = storage == Storage::Float16 ? f16_to_f32_scalar(src[i]) : bf16_to_f32_scalar(src[i]);
   }
 
-  static void from_f32(const float* src, uint16_t* dst, int64_t n, int kind) {
+  static void from_f32(const float* src, uint16_t* dst, int64_t n, Storage storage) {
     int64_t i = 0;
     if constexpr (V::kHasHalf) {
-      if (kind == 0) {
+      if (storage == Storage::Float16) {
         for (; i + W <= n; i += W) V::store_f16(dst + i, V::load(src + i));
       } else {
         for (; i + W <= n; i += W) V::store_bf16(dst + i, V::load(src + i));
       }
     }
-    for (; i < n; ++i) dst[i] = kind == 0 ? f32_to_f16_scalar(src[i]) : f32_to_bf16_scalar(src[i]);
+    for (; i < n; ++i)
+      dst[i] = storage == Storage::Float16 ? f32_to_f16_scalar(src[i]) : f32_to_bf16_scalar(src[i]);
   }
 };
 

@@ -1,9 +1,4 @@
 // AVX-512 (F/BW/DQ/VL) build of kernel_impl.hpp. Only this file gets the AVX-512 flags.
 #define FASTXENT_ISA_NS avx512
 #include "simd/vec_avx512.hpp"
-#include "make_table.hpp"
-
-const fastxent::KernelTable& fastxent::avx512_table() {
-  static const KernelTable table = avx512::make_table("avx512");
-  return table;
-}
+#include "make_table.hpp"  // defines fastxent::avx512_table()

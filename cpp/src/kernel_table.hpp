@@ -1,12 +1,13 @@
 // The ISA-neutral interface between the driver (cross_entropy.cpp, baseline flags) and the
 // per-row SIMD passes, which are compiled once per ISA (isa_*.cpp) from kernel_impl.hpp.
-// Adding an ISA: a traits header under simd/, a three-line isa_<name>.cpp, a line in
-// dispatch.cpp, and its flags in CMakeLists.txt.
+// Adding an ISA: see isa_list.hpp (a traits header under simd/ that meets kernel_contract.hpp,
+// a three-line isa_<name>.cpp, its entry in isa_list.hpp, its flags in CMakeLists.txt).
 #pragma once
 
 #include <cstdint>
 #include <limits>
 
+#include "isa_list.hpp"
 #include "sigmoid_table.hpp"
 
 namespace fastxent {
@@ -17,23 +18,17 @@ namespace fastxent {
 // threads without changing a bit. A block is 16 KiB (4096 floats, 2048 doubles). Its max is
 // taken by the previous block's pass when the driver chains them (BlockIn::znext; otherwise
 // by a max loop of its own, after which the block is still in L1), and logits are prefetched
-// two blocks ahead (one without chaining, with the fixed-shift softcap and for 16-bit logits). Measured on the 2-core Xeon, 4096 x 32000 float32:
-// with a max loop per block (2 threads), forward 25 -> 21.5 ms and in place 30 -> 29 ms going
-// from 8 KiB to 32 KiB blocks, 64 KiB blocks (past L1) slower again, and 64 KiB blocks of
-// doubles slower than 32 KiB. With chaining (1 thread), 16 KiB against 32 KiB blocks: out=
-// 60-61 against 64-66 ms, forward 33.5-34.5 against 37-39, in place 43-45 against 45-49 (at
-// 1024 x 128256 in place is slower, 50 against 45-46 ms, and out= and forward faster),
-// presumably as the next block's logits then stay in L1 until its own pass. 8 KiB blocks:
-// out= 60-61, forward 35, in place 47-48. Block length does not bound the accuracy: float partial sums move into
-// double every 16 additions per lane.
+// two blocks ahead (one without chaining, with the fixed-shift softcap and for 16-bit logits).
+// 16 KiB was measured the fastest with chaining (the next block's logits then stay in L1 until
+// its own pass; blocks past L1 are slower): docs/design.md. Block length does not bound the
+// accuracy: float partial sums move into double every 16 additions per lane.
 template <class T>
 constexpr int64_t kBlock = int64_t(16384 / sizeof(T));
 
 // A softcap of at most kFixedShift<T> bounds z' to [-cap, cap], where exp(z') neither
 // overflows nor leaves the normal range: the block pass then shifts by 0 instead of the block
 // max (BlockStat::m = 0, s = sum exp(z')), which saves the max pass, the subtraction and the
-// exp's underflow test (all options at 4096 x 32000, 2 threads: 58.6 -> 54 ms; softcap alone
-// in cache, 1 thread: 0.695 -> 0.63 ns per element). The row's factor a = s Q / S then spans
+// exp's underflow test. The row's factor a = s Q / S then spans
 // e^+-cap more range than with the max shift; write_grad_block takes a double path for a
 // block whose a or b would leave the comfortable range of T (needs_double). 32: Gemma 2's
 // final-logit cap of 30 is in, its attention-logit cap of 50 is not.
@@ -41,10 +36,42 @@ template <class T>
 constexpr T kFixedShift = sizeof(T) == 4 ? T(32) : T(256);
 
 // Whether a softcap of cap (as T, the value the kernel uses) takes the fixed shift: the one
-// rule for the block pass (transform kind 3) and for the callers' double path.
+// rule for the block pass (Transform::SoftcapFixedShift) and for the callers' double path.
 template <class T>
 constexpr bool fixed_shift_cap(T cap) {
   return cap > T(0) && cap <= kFixedShift<T>;
+}
+
+// The kernel's modes, by name (each a template parameter of the passes; kernel_modes.hpp
+// lists the instantiations).
+//
+// The transform z -> z' of the logits (alpha: logit scale, cap: softcap; see transform_of).
+enum class Transform : uint8_t {
+  Identity,           // z' = z (alpha 1, no softcap)
+  Scale,              // z' = alpha z
+  Softcap,            // z' = cap tanh(alpha z / cap), exp(z' - m') with m' the block max
+  SoftcapFixedShift,  // the same with the fixed shift m' = 0 (cap <= kFixedShift<T>): no max
+                      // pass, no underflow test
+};
+// The sums a statistics pass takes besides sum exp(z' - m').
+enum class TargetSums : uint8_t {
+  None,           // class targets without smoothing
+  Smoothed,       // wd = sum w (z' - m'): class targets with label smoothing
+  Probabilities,  // wd = sum u (z' - m') and usum = sum u, u = w (q1 p + q0): probability targets
+};
+// How logits are read and gradients written: in T itself, or as 16 bits (T = float only),
+// converted in registers. The public HalfKind maps onto Float16 / BFloat16 at the entry point.
+enum class Storage : uint8_t { Native, Float16, BFloat16 };
+
+constexpr bool softcap(Transform tr) {
+  return tr == Transform::Softcap || tr == Transform::SoftcapFixedShift;
+}
+
+// The transform for a logit scale alpha and a softcap cap (0: none), as T.
+template <class T>
+constexpr Transform transform_of(T alpha, T cap) {
+  if (cap > T(0)) return fixed_shift_cap(cap) ? Transform::SoftcapFixedShift : Transform::Softcap;
+  return alpha != T(1) ? Transform::Scale : Transform::Identity;
 }
 
 // g = d * (a e - b u), u = w (or 1), or w (q1 p + q0) with probability targets;
@@ -61,9 +88,9 @@ struct AffineIn {
   const T* t;
   bool stream;  // non-temporal stores; the caller then calls fence() before reusing g
   // 16-bit gradient (T = float only, no streaming): when gh is set, g is rounded once to
-  // float16 (hk 1) or bfloat16 (hk 2) and stored at gh instead of g.
+  // `storage` (Float16 or BFloat16) and stored at gh instead of g.
   uint16_t* gh = nullptr;
-  int hk = 0;
+  Storage storage = Storage::Native;
 };
 
 // What one block pass reads and writes. z' is the transformed logit: cap * tanh(alpha z / cap)
@@ -80,11 +107,11 @@ struct BlockIn {
   const T* w;   // class weights of the block, or null
   const T* p;   // probability targets of the block, or null
   T q1, q0;     // u = w (q1 p + q0): smoothing of probability targets
-  int wd_mode;  // 0: none; 1: wd = sum w (z' - m'); 2: wd = sum u (z' - m') and usum = sum u
+  TargetSums sums;  // the sums besides sum exp (see TargetSums)
   // 16-bit logits (T = float only): when zh is set the n logits are read from zh instead of
-  // z, as float16 (hk 1) or bfloat16 (hk 2), and converted in registers.
+  // z, as `storage` (Float16 or BFloat16), and converted in registers.
   const uint16_t* zh = nullptr;
-  int hk = 0;
+  Storage storage = Storage::Native;
   // Another row's gradient block of the same length n (streamed rows: the previous row's
   // block k while this row's block k is computed), written two vectors at a time inside this
   // pass's loop when not null: the output stream then runs under the exp instead of after
@@ -126,7 +153,7 @@ struct ColIn {
   const T* w;  // class weights (C) or null
   const T* p;  // probability targets in z's layout, or null
   T q1, q0;
-  int wd_mode;  // as BlockIn
+  TargetSums sums;  // as BlockIn
   // Per-lane outputs (L each): m' (-inf for a lane of -inf), sum exp, wd, usum.
   double *m, *s, *wd, *usum;
   // Class targets: each lane's class index as T (-1: none), and where to put the lane's raw
@@ -176,9 +203,11 @@ struct KernelTable {
   void (*fence)();  // orders non-temporal stores before later stores
   SigmoidFns<float> sig_f32;
   SigmoidFns<double> sig_f64;
-  // float16 (kind 0) / bfloat16 (kind 1) <-> float32, n elements.
-  void (*half_to_f32)(const uint16_t* src, float* dst, int64_t n, int kind);
-  void (*f32_to_half)(const float* src, uint16_t* dst, int64_t n, int kind);
+  // Float16 / BFloat16 storage <-> float32, n elements (storage is never Native).
+  void (*half_to_f32)(const uint16_t* src, float* dst, int64_t n, Storage storage);
+  void (*f32_to_half)(const float* src, uint16_t* dst, int64_t n, Storage storage);
+  // Capabilities the driver asks of the ISA (from its traits, see kernel_caps.hpp).
+  bool prefers_streaming_stores;  // large gradients go out with non-temporal stores
 };
 
 template <class T>
@@ -195,14 +224,10 @@ inline const RowFns<float>& row_fns<float>(const KernelTable& t) { return t.f32;
 template <>
 inline const RowFns<double>& row_fns<double>(const KernelTable& t) { return t.f64; }
 
-// One per compiled ISA (each defined in its isa_*.cpp).
-const KernelTable& scalar_table();
-#if defined(FASTXENT_HAVE_AVX2)
-const KernelTable& avx2_table();
-#endif
-#if defined(FASTXENT_HAVE_AVX512)
-const KernelTable& avx512_table();
-#endif
+// One per compiled ISA (each defined in its isa_<name>.cpp), from the registry.
+#define FASTXENT_DECLARE_TABLE(name, usable) const KernelTable& name##_table();
+FASTXENT_FOR_EACH_ISA(FASTXENT_DECLARE_TABLE)
+#undef FASTXENT_DECLARE_TABLE
 
 // The table in use (dispatch.cpp).
 const KernelTable& active_table();

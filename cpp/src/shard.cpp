@@ -11,7 +11,7 @@
 #include <string>
 #include <vector>
 
-#include "ce_detail.hpp"
+#include "ce_row.hpp"
 #include "threads.hpp"
 
 namespace fastxent {

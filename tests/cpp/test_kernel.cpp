@@ -309,9 +309,11 @@ void test_half_conversions() {
     fastxent::set_isa(isa);
     const fastxent::KernelTable& t = fastxent::active_table();
     for (int kind = 0; kind < 2; ++kind) {
+      const fastxent::Storage st =
+          kind == 0 ? fastxent::Storage::Float16 : fastxent::Storage::BFloat16;
       for (uint32_t i = 0; i < 65536; ++i) h[i] = uint16_t(i);
-      t.half_to_f32(h.data(), f.data(), 65536, kind);
-      t.f32_to_half(f.data(), back.data(), 65536, kind);
+      t.half_to_f32(h.data(), f.data(), 65536, st);
+      t.f32_to_half(f.data(), back.data(), 65536, st);
       auto is_nan16 = [kind](uint16_t x) {
         return kind == 0 ? ((x & 0x7c00) == 0x7c00 && (x & 0x3ff) != 0)
                          : ((x & 0x7f80) == 0x7f80 && (x & 0x7f) != 0);
@@ -320,8 +322,8 @@ void test_half_conversions() {
       for (uint32_t i = 0; i < 65536; ++i)
         bad += std::isnan(f[i]) ? !(is_nan16(h[i]) && is_nan16(back[i])) : back[i] != h[i];
       CHECK(bad == 0, "[%s] kind %d: %d patterns do not round-trip", isa.c_str(), kind, bad);
-      t.f32_to_half(rnd.data(), a.data(), int64_t(rnd.size()), kind);
-      ref.f32_to_half(rnd.data(), b.data(), int64_t(rnd.size()), kind);
+      t.f32_to_half(rnd.data(), a.data(), int64_t(rnd.size()), st);
+      ref.f32_to_half(rnd.data(), b.data(), int64_t(rnd.size()), st);
       int diff = 0;
       for (size_t i = 0; i < rnd.size(); ++i) {
         const bool nan_a = is_nan16(a[i]), nan_b = is_nan16(b[i]);
@@ -334,7 +336,7 @@ void test_half_conversions() {
   // Spot values of the scalar rounding.
   uint16_t o[4];
   const float v[4] = {65519.99f, 65520.0f, 2.9802322e-08f, 1.0f + 1.0f / 2048};  // last: a tie
-  ref.f32_to_half(v, o, 4, 0);
+  ref.f32_to_half(v, o, 4, fastxent::Storage::Float16);
   CHECK(o[0] == 0x7bff && o[1] == 0x7c00 && o[2] == 0x0000 && o[3] == 0x3c00,
         "float16 rounding: %x %x %x %x", o[0], o[1], o[2], o[3]);
   fastxent::set_isa("auto");

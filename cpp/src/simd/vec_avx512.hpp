@@ -81,6 +81,9 @@ struct VF {
   using R = __m512;
   static constexpr int64_t W = 16;
   static constexpr bool kHasHalf = true;
+  // Streaming stores measured faster with this kernel on every machine tried (see
+  // stream_threshold).
+  static constexpr bool kPrefersStreamingStores = true;
   static R load_f16(const uint16_t* p) {
     return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   }
