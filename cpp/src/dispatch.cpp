@@ -3,6 +3,7 @@
 // An ISA is usable when the CPU reports it (CPUID) AND the OS saves the wider registers on a
 // context switch (XGETBV: XCR0 must enable SSE+AVX state for AVX2, plus opmask and ZMM state
 // for AVX-512). A CPUID-only check crashes on kernels or hypervisors that leave them off.
+// On aarch64, NEON (AdvSIMD) is part of the architecture: always usable when compiled in.
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
@@ -94,6 +95,9 @@ struct Entry {
 std::vector<Entry> entries() {
   std::vector<Entry> e;
   e.push_back({"scalar", &scalar_table, true});
+#if defined(FASTXENT_HAVE_NEON)
+  e.push_back({"neon", &neon_table, true});  // AdvSIMD: baseline on every aarch64 CPU
+#endif
 #if defined(FASTXENT_X86)
   static const Features f = detect();
 #if defined(FASTXENT_HAVE_AVX2)

@@ -203,6 +203,9 @@ const KernelTable& avx2_table();
 #if defined(FASTXENT_HAVE_AVX512)
 const KernelTable& avx512_table();
 #endif
+#if defined(FASTXENT_HAVE_NEON)
+const KernelTable& neon_table();
+#endif
 
 // The table in use (dispatch.cpp).
 const KernelTable& active_table();
