@@ -12,6 +12,12 @@
 // isa_<name>.cpp, its entry below, and its flags and FASTXENT_HAVE_<NAME> in CMakeLists.txt.
 #pragma once
 
+#if defined(FASTXENT_HAVE_NEON)  // AdvSIMD: baseline on every aarch64 CPU
+#define FASTXENT_ISA_NEON(X) X(neon, true)
+#else
+#define FASTXENT_ISA_NEON(X)
+#endif
+
 #if defined(FASTXENT_HAVE_AVX2)
 #define FASTXENT_ISA_AVX2(X) X(avx2, cpu.avx2)
 #else
@@ -24,4 +30,5 @@
 #define FASTXENT_ISA_AVX512(X)
 #endif
 
-#define FASTXENT_FOR_EACH_ISA(X) X(scalar, true) FASTXENT_ISA_AVX2(X) FASTXENT_ISA_AVX512(X)
+#define FASTXENT_FOR_EACH_ISA(X) \
+  X(scalar, true) FASTXENT_ISA_NEON(X) FASTXENT_ISA_AVX2(X) FASTXENT_ISA_AVX512(X)

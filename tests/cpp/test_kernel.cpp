@@ -342,6 +342,17 @@ void test_half_conversions() {
   fastxent::set_isa("auto");
 }
 
+// On aarch64 the NEON kernel is compiled in, usable, ranked above scalar and the default.
+void test_isa_order() {
+  const std::vector<std::string> isas = fastxent::available_isas();
+  CHECK(!isas.empty() && isas.front() == "scalar", "scalar must come first (worst)");
+  fastxent::set_isa("auto");
+  CHECK(fastxent::active_isa() == isas.back(), "auto must pick the last (best) ISA");
+#if defined(__aarch64__)
+  CHECK(isas == std::vector<std::string>({"scalar", "neon"}), "aarch64: scalar, neon expected");
+#endif
+}
+
 }  // namespace
 
 int main() {
@@ -364,7 +375,7 @@ int main() {
     test_against_reference<double>(isa.c_str(), rng);
     test_threads_deterministic();
   }
-  fastxent::set_isa("auto");
+  test_isa_order();
   test_half_conversions();
   test_errors();
   std::printf("%d checks, %d failures\n", g_checks, g_failures);
