@@ -1,0 +1,113 @@
+// The row gradient pass: g = d (a e - b u) over a block (AffineIn), to T storage (plain or
+// non-temporal stores) or 16-bit storage; GradK computes W entries of it.
+#pragma once
+
+#include <cstdint>
+
+#include "kernel_row.hpp"
+
+#ifndef FASTXENT_ISA_NS
+#error "define FASTXENT_ISA_NS (the ISA namespace) before including this header"
+#endif
+
+namespace fastxent {
+namespace FASTXENT_ISA_NS {
+
+// Gradient entries i .. i + len of an AffineIn (see AffineIn).
+template <class V>
+template <bool HAS_W, bool HAS_P, bool CAP>
+struct Row<V>::GradK {
+  R va, vb, vq1, vq0;
+  explicit GradK(const AffineIn<T>& in)
+      : va(V::set1(CAP ? T(4) * in.a : in.a)), vb(V::set1(CAP ? T(4) * in.b : in.b)),
+        vq1(V::set1(in.q1)), vq0(V::set1(in.q0)) {}
+  R operator()(const AffineIn<T>& in, int64_t i, int64_t len) const {
+    R bu = vb;
+    if constexpr (HAS_P || HAS_W) {
+      R u = HAS_P ? V::fmadd(loadn(in.p + i, len), vq1, vq0) : loadn(in.w + i, len);
+      if constexpr (HAS_P && HAS_W) u = V::mul(u, loadn(in.w + i, len));
+      bu = V::mul(vb, u);
+    }
+    // One rounding for a * e - b u when u = 1 (the cancellation near softmax = target).
+    R r = V::fmsub(loadn(in.e + i, len), va, bu);
+    if constexpr (CAP) {
+      const R rho = loadn(in.t + i, len);
+      r = V::mul(r, V::fnmadd(rho, rho, rho));
+    }
+    return r;
+  }
+};
+
+// g = d * (a * e - b * u): u = w (or 1) without probability targets, w (q1 p + q0) with
+// them; d = 1 - tanh^2 = 4 rho (1 - rho) with a softcap (rho stored at t; the 4 goes into
+// a and b, exactly), else 1.
+template <class V>
+template <bool HAS_W, bool HAS_P, bool CAP, bool STREAM, int HK>
+inline void Row<V>::affine_impl(const AffineIn<T>& in) {
+  const GradK<HAS_W, HAS_P, CAP> gk(in);
+  T* g = in.g;
+  const int64_t n = in.n;
+  auto f = [&](int64_t i, int64_t len) { return gk(in, i, len); };
+  int64_t i = 0;
+  if constexpr (HK != 0) {
+    static_assert(!STREAM, "16-bit gradients are not streamed");
+    uint16_t* gh = in.gh;
+    for (; i + 2 * W <= n; i += 2 * W) {
+      R g0 = f(i, W), g1 = f(i + W, W);
+      storeh<HK>(gh + i, g0, W);
+      storeh<HK>(gh + i + W, g1, W);
+    }
+    for (; i < n; i += W) storeh<HK>(gh + i, f(i, n - i < W ? n - i : W), n - i < W ? n - i : W);
+    return;
+  }
+  if constexpr (STREAM) {
+    // Non-temporal stores need aligned addresses: a masked head up to the alignment.
+    const int64_t mis = int64_t(reinterpret_cast<uintptr_t>(g) % (W * sizeof(T)));
+    if (mis % int64_t(sizeof(T)) == 0 && mis != 0) {
+      const int64_t head = W - mis / int64_t(sizeof(T));
+      const int64_t len = head < n ? head : n;
+      V::store_partial(g, f(0, len), len);
+      i = len;
+    }
+    if (reinterpret_cast<uintptr_t>(g + i) % (W * sizeof(T)) == 0) {
+      for (; i + W <= n; i += W) V::stream(g + i, f(i, W));
+    }
+  }
+  for (; i + 2 * W <= n; i += 2 * W) {
+    R g0 = f(i, W), g1 = f(i + W, W);
+    V::store(g + i, g0);
+    V::store(g + i + W, g1);
+  }
+  for (; i + W <= n; i += W) V::store(g + i, f(i, W));
+  if (i < n) V::store_partial(g + i, f(i, n - i), n - i);
+}
+
+template <class V>
+template <bool HAS_W, bool HAS_P, bool CAP>
+inline void Row<V>::affine_s(const AffineIn<T>& in) {
+  if constexpr (sizeof(T) == 4) {
+    if (in.gh) {
+      if (in.hk == 1) affine_impl<HAS_W, HAS_P, CAP, false, 1>(in);
+      else affine_impl<HAS_W, HAS_P, CAP, false, 2>(in);
+      return;
+    }
+  }
+  if (in.stream) affine_impl<HAS_W, HAS_P, CAP, true, 0>(in);
+  else affine_impl<HAS_W, HAS_P, CAP, false, 0>(in);
+}
+template <class V>
+template <bool HAS_W, bool HAS_P>
+inline void Row<V>::affine_c(const AffineIn<T>& in) {
+  if (in.t) affine_s<HAS_W, HAS_P, true>(in); else affine_s<HAS_W, HAS_P, false>(in);
+}
+template <class V>
+inline void Row<V>::affine(const AffineIn<T>& in) {
+  if (in.w) {
+    if (in.p) affine_c<true, true>(in); else affine_c<true, false>(in);
+  } else {
+    if (in.p) affine_c<false, true>(in); else affine_c<false, false>(in);
+  }
+}
+
+}  // namespace FASTXENT_ISA_NS
+}  // namespace fastxent
