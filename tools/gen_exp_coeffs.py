@@ -135,12 +135,22 @@ def render() -> str:
     for name, ctype, values, fmt, comment in constants():
         lines.append("")
         lines += [f"// {c}" for c in comment]
-        # One scalar per value (a set's members suffixed by their index in the comment's order):
-        # scalars fold to literals in the compiler's front end, so the kernels' object code is
-        # the same as with literals written in place (array elements changed GCC's inlining).
-        names = [name] if len(values) == 1 else [f"{name}_{i}" for i in range(len(values))]
-        for n, v in zip(names, values):
-            lines.append(f"inline constexpr {ctype} {n} = {hexf(v, fmt)};")
+        # One scalar per value (a set's members suffixed by their index in the comment's order),
+        # a set in one declaration: scalars fold to literals in the compiler's front end, so the
+        # kernels' object code is that of literals written in place (array elements changed
+        # GCC's inlining).
+        if len(values) == 1:
+            lines.append(f"inline constexpr {ctype} {name} = {hexf(values[0], fmt)};")
+            continue
+        decls = [f"{name}_{i} = {hexf(v, fmt)}" for i, v in enumerate(values)]
+        row = f"inline constexpr {ctype}"
+        for i, d in enumerate(decls):
+            piece = f" {d}{';' if i == len(decls) - 1 else ','}"
+            if len(row) + len(piece) > 99:
+                lines.append(row)
+                row = "   "
+            row += piece
+        lines.append(row)
     lines += ["", "}  // namespace exp_coeffs", "}  // namespace fastxent", ""]
     return "\n".join(lines)
 

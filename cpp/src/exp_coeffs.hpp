@@ -48,54 +48,34 @@ inline constexpr double kF64Magic = 0x1.8p+52;
 // (Horner order). c_0 = 1 exactly, so exp(0) = 1 exactly. The shipped relative-error
 // minimax set (see tools/gen_exp_coeffs.py --fit): relative error 1.7e-8 in exact
 // arithmetic.
-inline constexpr float kRr2P6_0 = 0x1.6ae72ep-10f;
-inline constexpr float kRr2P6_1 = 0x1.126784p-7f;
-inline constexpr float kRr2P6_2 = 0x1.555822p-5f;
-inline constexpr float kRr2P6_3 = 0x1.55541ap-3f;
-inline constexpr float kRr2P6_4 = 0x1.fffffcp-2f;
-inline constexpr float kRr2P6_5 = 0x1p+0f;
+inline constexpr float kRr2P6_0 = 0x1.6ae72ep-10f, kRr2P6_1 = 0x1.126784p-7f,
+    kRr2P6_2 = 0x1.555822p-5f, kRr2P6_3 = 0x1.55541ap-3f, kRr2P6_4 = 0x1.fffffcp-2f,
+    kRr2P6_5 = 0x1p+0f;
 
 // lut16-p3: exp(r) ~ 1 + r q(r), q(r) = 1 + r/2 + r^2/6 (Taylor, RN(1/k!)), here
 // _0 .. _2 hold 1/6, 1/2, 1 (Horner order); truncation <= 0.15 ULP on |r| <= ln2/32.
-inline constexpr float kLut16P3_0 = 0x1.555556p-3f;
-inline constexpr float kLut16P3_1 = 0x1p-1f;
-inline constexpr float kLut16P3_2 = 0x1p+0f;
+inline constexpr float kLut16P3_0 = 0x1.555556p-3f, kLut16P3_1 = 0x1p-1f, kLut16P3_2 = 0x1p+0f;
 
 // taylor13: exp(r) ~ sum_{k<=13} RN(1/k!) r^k; _0 .. _13 hold 1/13! .. 1/0!
 // (Horner order); truncation < 4e-18 relative on |r| <= ln2/2.
-inline constexpr double kTaylor13_0 = 0x1.6124613a86d09p-33;
-inline constexpr double kTaylor13_1 = 0x1.1eed8eff8d898p-29;
-inline constexpr double kTaylor13_2 = 0x1.ae64567f544e4p-26;
-inline constexpr double kTaylor13_3 = 0x1.27e4fb7789f5cp-22;
-inline constexpr double kTaylor13_4 = 0x1.71de3a556c734p-19;
-inline constexpr double kTaylor13_5 = 0x1.a01a01a01a01ap-16;
-inline constexpr double kTaylor13_6 = 0x1.a01a01a01a01ap-13;
-inline constexpr double kTaylor13_7 = 0x1.6c16c16c16c17p-10;
-inline constexpr double kTaylor13_8 = 0x1.1111111111111p-7;
-inline constexpr double kTaylor13_9 = 0x1.5555555555555p-5;
-inline constexpr double kTaylor13_10 = 0x1.5555555555555p-3;
-inline constexpr double kTaylor13_11 = 0x1p-1;
-inline constexpr double kTaylor13_12 = 0x1p+0;
-inline constexpr double kTaylor13_13 = 0x1p+0;
+inline constexpr double kTaylor13_0 = 0x1.6124613a86d09p-33, kTaylor13_1 = 0x1.1eed8eff8d898p-29,
+    kTaylor13_2 = 0x1.ae64567f544e4p-26, kTaylor13_3 = 0x1.27e4fb7789f5cp-22,
+    kTaylor13_4 = 0x1.71de3a556c734p-19, kTaylor13_5 = 0x1.a01a01a01a01ap-16,
+    kTaylor13_6 = 0x1.a01a01a01a01ap-13, kTaylor13_7 = 0x1.6c16c16c16c17p-10,
+    kTaylor13_8 = 0x1.1111111111111p-7, kTaylor13_9 = 0x1.5555555555555p-5,
+    kTaylor13_10 = 0x1.5555555555555p-3, kTaylor13_11 = 0x1p-1, kTaylor13_12 = 0x1p+0,
+    kTaylor13_13 = 0x1p+0;
 
 // lut16-p3's table: _j = RN(2^(j/16)), j = 0 .. 15 (vpermps index = the low 4 bits
 // of t = x log2e + kF32Magic16).
-inline constexpr float kExp2Sixteenths_0 = 0x1p+0f;
-inline constexpr float kExp2Sixteenths_1 = 0x1.0b5586p+0f;
-inline constexpr float kExp2Sixteenths_2 = 0x1.172b84p+0f;
-inline constexpr float kExp2Sixteenths_3 = 0x1.2387a6p+0f;
-inline constexpr float kExp2Sixteenths_4 = 0x1.306fep+0f;
-inline constexpr float kExp2Sixteenths_5 = 0x1.3dea64p+0f;
-inline constexpr float kExp2Sixteenths_6 = 0x1.4bfdaep+0f;
-inline constexpr float kExp2Sixteenths_7 = 0x1.5ab07ep+0f;
-inline constexpr float kExp2Sixteenths_8 = 0x1.6a09e6p+0f;
-inline constexpr float kExp2Sixteenths_9 = 0x1.7a1148p+0f;
-inline constexpr float kExp2Sixteenths_10 = 0x1.8ace54p+0f;
-inline constexpr float kExp2Sixteenths_11 = 0x1.9c4918p+0f;
-inline constexpr float kExp2Sixteenths_12 = 0x1.ae89fap+0f;
-inline constexpr float kExp2Sixteenths_13 = 0x1.c199bep+0f;
-inline constexpr float kExp2Sixteenths_14 = 0x1.d5818ep+0f;
-inline constexpr float kExp2Sixteenths_15 = 0x1.ea4afap+0f;
+inline constexpr float kExp2Sixteenths_0 = 0x1p+0f, kExp2Sixteenths_1 = 0x1.0b5586p+0f,
+    kExp2Sixteenths_2 = 0x1.172b84p+0f, kExp2Sixteenths_3 = 0x1.2387a6p+0f,
+    kExp2Sixteenths_4 = 0x1.306fep+0f, kExp2Sixteenths_5 = 0x1.3dea64p+0f,
+    kExp2Sixteenths_6 = 0x1.4bfdaep+0f, kExp2Sixteenths_7 = 0x1.5ab07ep+0f,
+    kExp2Sixteenths_8 = 0x1.6a09e6p+0f, kExp2Sixteenths_9 = 0x1.7a1148p+0f,
+    kExp2Sixteenths_10 = 0x1.8ace54p+0f, kExp2Sixteenths_11 = 0x1.9c4918p+0f,
+    kExp2Sixteenths_12 = 0x1.ae89fap+0f, kExp2Sixteenths_13 = 0x1.c199bep+0f,
+    kExp2Sixteenths_14 = 0x1.d5818ep+0f, kExp2Sixteenths_15 = 0x1.ea4afap+0f;
 
 }  // namespace exp_coeffs
 }  // namespace fastxent

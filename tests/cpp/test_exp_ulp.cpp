@@ -78,7 +78,7 @@ inline uint64_t mix(uint64_t h, uint64_t where) {
 
 struct Worst {
   double ulp = 0.0, at = 0.0;
-  uint64_t hash = 0, count = 0, flush_bad = 0;
+  uint64_t hash = 0, count = 0, flush_bad = 0, bad_max = 0;  // bad_max: blocks whose max != 0
   void merge(const Worst& o) {
     if (o.ulp > ulp) {
       ulp = o.ulp;
@@ -87,6 +87,7 @@ struct Worst {
     hash += o.hash;
     count += o.count;
     flush_bad += o.flush_bad;
+    bad_max += o.bad_max;
   }
 };
 
@@ -121,13 +122,11 @@ void test_f32(const std::vector<Isa>& isas, int64_t stride) {
   const int64_t blocks = (in_range + per - 1) / per, blocks_below = (below + per - 1) / per;
   const size_t ni = isas.size();
   std::vector<Worst> worst(ni);
-  int bad_max = 0;
 #pragma omp parallel
   {
     std::vector<float> x(n), e(n);
     std::vector<double> ref(n), iu(n);
     std::vector<Worst> mine(ni);
-    int my_bad_max = 0;
 #pragma omp for schedule(dynamic, 16) nowait
     for (int64_t k = 0; k < blocks + blocks_below; k += stride) {
       const bool flush = k >= blocks;
@@ -143,8 +142,8 @@ void test_f32(const std::vector<Isa>& isas, int64_t stride) {
         }
       }
       for (size_t i = 0; i < ni; ++i) {
-        if (!block_exp<float>(*isas[i].table, x.data(), e.data(), m)) ++my_bad_max;
         Worst& w = mine[i];
+        w.bad_max += !block_exp<float>(*isas[i].table, x.data(), e.data(), m);
         if (flush) {
           for (int64_t j = 1; j < m; ++j) w.flush_bad += bits_of<float, uint32_t>(e[j]) != 0;
           continue;
@@ -170,19 +169,16 @@ void test_f32(const std::vector<Isa>& isas, int64_t stride) {
       }
     }
 #pragma omp critical
-    {
-      for (size_t i = 0; i < ni; ++i) worst[i].merge(mine[i]);
-      bad_max += my_bad_max;
-    }
+    for (size_t i = 0; i < ni; ++i) worst[i].merge(mine[i]);
   }
-  CHECK(bad_max == 0, "%d float blocks with a max other than 0", bad_max);
   for (size_t i = 0; i < ni; ++i) {
     const Worst& w = worst[i];
     std::printf("  exp f32 %-8s [%s]: max %.3f ULP at x = %.9g over %llu floats of [%.9g, -0]"
                 " (stride %lld), hash %016llx\n", f32_variant(isas[i].name), isas[i].name.c_str(),
                 w.ulp, w.at, (unsigned long long)w.count, double(xc::kF32Lo), (long long)stride,
                 (unsigned long long)w.hash);
-    CHECK(w.ulp <= 2.0, "[%s] exp f32 error %.3f ULP > 2", isas[i].name.c_str(), w.ulp);
+    CHECK(w.ulp <= 2.0 && w.bad_max == 0, "[%s] exp f32 error %.3f ULP > 2 (or %llu blocks "
+          "with a max other than 0)", isas[i].name.c_str(), w.ulp, (unsigned long long)w.bad_max);
     CHECK(w.flush_bad == 0, "[%s] %llu floats below kF32Lo (or +0) not flushed to +0 (or 1)",
           isas[i].name.c_str(), (unsigned long long)w.flush_bad);
     CHECK(stride > 1 || w.count == uint64_t(in_range), "[%s] %llu of %lld floats checked",
@@ -199,13 +195,11 @@ void test_f64(const std::vector<Isa>& isas, int64_t stride) {
   const uint64_t first = uint64_t(1) << 63, last = bits_of<double, uint64_t>(xc::kF64Lo);
   const size_t ni = isas.size();
   std::vector<Worst> worst(ni);
-  int bad_max = 0;
 #pragma omp parallel
   {
     std::vector<double> x(n), e(n);
     std::vector<long double> ref(n), ulp(n);
     std::vector<Worst> mine(ni);
-    int my_bad_max = 0;
 #pragma omp for schedule(dynamic, 4) nowait
     for (int64_t k = 0; k < blocks; k += stride) {
       x[0] = 0.0;
@@ -220,8 +214,8 @@ void test_f64(const std::vector<Isa>& isas, int64_t stride) {
         ulp[j] = std::nextafter(r, std::numeric_limits<double>::infinity()) - r;
       }
       for (size_t i = 0; i < ni; ++i) {
-        if (!block_exp<double>(*isas[i].table, x.data(), e.data(), n)) ++my_bad_max;
         Worst& w = mine[i];
+        w.bad_max += !block_exp<double>(*isas[i].table, x.data(), e.data(), n);
         uint64_t h = 0;
         for (int64_t j = 1; j < n; ++j) {
           const double err = double(std::fabs(static_cast<long double>(e[j]) - ref[j]) / ulp[j]);
@@ -236,18 +230,15 @@ void test_f64(const std::vector<Isa>& isas, int64_t stride) {
       }
     }
 #pragma omp critical
-    {
-      for (size_t i = 0; i < ni; ++i) worst[i].merge(mine[i]);
-      bad_max += my_bad_max;
-    }
+    for (size_t i = 0; i < ni; ++i) worst[i].merge(mine[i]);
   }
-  CHECK(bad_max == 0, "%d double blocks with a max other than 0", bad_max);
   for (size_t i = 0; i < ni; ++i) {
     const Worst& w = worst[i];
     std::printf("  exp f64 taylor13 [%s]: max %.3f ULP at x = %.17g over %llu sampled doubles"
                 " of [%.17g, -0], hash %016llx\n", isas[i].name.c_str(), w.ulp, w.at,
                 (unsigned long long)w.count, xc::kF64Lo, (unsigned long long)w.hash);
-    CHECK(w.ulp <= 2.0, "[%s] exp f64 error %.3f ULP > 2", isas[i].name.c_str(), w.ulp);
+    CHECK(w.ulp <= 2.0 && w.bad_max == 0, "[%s] exp f64 error %.3f ULP > 2 (or %llu blocks "
+          "with a max other than 0)", isas[i].name.c_str(), w.ulp, (unsigned long long)w.bad_max);
   }
 }
 
