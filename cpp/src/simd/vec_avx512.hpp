@@ -6,6 +6,8 @@
 
 #include <cstdint>
 
+#include "exp_coeffs.hpp"
+
 #ifndef FASTXENT_ISA_NS
 #error "define FASTXENT_ISA_NS (the ISA namespace) before including this header"
 #endif
@@ -143,13 +145,18 @@ struct VF {
   static R scale_unless_below(R p, R n, R x, R lo) {
     return _mm512_maskz_scalef_ps(_mm512_cmp_ps_mask(x, lo, _CMP_NLT_UQ), p, n);
   }
-  // 2^(j/16) rounded to float, j = the low 4 bits of each lane of t (one vpermps).
+  // 2^(j/16) rounded to float (exp_coeffs::kExp2Sixteenths_j), j = the low 4 bits of each lane
+  // of t (one vpermps): the table of the lut16-p3 exp (kernel_exp.hpp).
   static constexpr bool kExpTable = true;
   static R exp2_sixteenths(R t) {
-    const R tab = _mm512_setr_ps(1.0f, 1.04427373f, 1.09050775f, 1.13878858f, 1.18920708f,
-                                 1.24185777f, 1.29683959f, 1.35425556f, 1.41421354f, 1.47682619f,
-                                 1.54221082f, 1.61049032f, 1.68179286f, 1.75625217f, 1.8340081f,
-                                 1.91520655f);
+    namespace xc = exp_coeffs;
+    const R tab = _mm512_setr_ps(
+        xc::kExp2Sixteenths_0, xc::kExp2Sixteenths_1, xc::kExp2Sixteenths_2,
+        xc::kExp2Sixteenths_3, xc::kExp2Sixteenths_4, xc::kExp2Sixteenths_5,
+        xc::kExp2Sixteenths_6, xc::kExp2Sixteenths_7, xc::kExp2Sixteenths_8,
+        xc::kExp2Sixteenths_9, xc::kExp2Sixteenths_10, xc::kExp2Sixteenths_11,
+        xc::kExp2Sixteenths_12, xc::kExp2Sixteenths_13, xc::kExp2Sixteenths_14,
+        xc::kExp2Sixteenths_15);
     return _mm512_permutexvar_ps(_mm512_castps_si512(t), tab);
   }
   // acc + u * x in one rounding, but acc itself where u == 0 (0 * inf adds nothing).
