@@ -30,13 +30,15 @@ except ImportError as _e:  # pragma: no cover - exercised without jax installed
     raise ImportError("fastxent.jax needs JAX: pip install 'fastxent[jax]'") from _e
 import jax.numpy as jnp
 
-from . import _api
+from . import _api, _jax_ffi
 
 __all__ = ["cross_entropy"]
 
 _Options = Tuple[Tuple[str, Any], ...]  # sorted (name, value) pairs: hashable, a cache key
 
 _RESERVED = ("out",)
+_TRACEABLE = ("label_smoothing", "normalizer")  # may be traced values through the FFI
+_STAND_IN = {"label_smoothing": 0.0, "normalizer": 1.0}  # for the trace-time check
 
 
 def _compute_dtype(dtype: Any) -> np.dtype:
@@ -165,6 +167,10 @@ def cross_entropy(logits: Any, target: Any, *, weight: Any = None, sample_weight
         raise ValueError(f"axis {axis} is out of bounds for logits with {x.ndim} dimensions")
     axis %= x.ndim
     options.setdefault("reduction", "mean")
+    ffi = _jax_ffi.enabled()
+    # Through the FFI, label_smoothing and normalizer may be traced values (custom-call operands).
+    traced = {k: options.pop(k) for k in _TRACEABLE
+              if ffi and isinstance(options.get(k), jax.core.Tracer)}
     opts: _Options = tuple(sorted((k, _static(v, k)) for k, v in options.items()))
     # The kernel is called with the class axis given as `axis`: fastxent reads any axis in
     # place, so the callback passes it on unchanged.
@@ -173,18 +179,25 @@ def cross_entropy(logits: Any, target: Any, *, weight: Any = None, sample_weight
     t = jnp.asarray(target)
     probs = jnp.issubdtype(t.dtype, jnp.floating) and t.ndim == x.ndim
     if probs:
-        t = t.astype(cdt)
+        t = t.astype(x.dtype if ffi else cdt)  # the custom call reads the logits' dtype
     elif not jnp.issubdtype(t.dtype, jnp.integer):
         raise TypeError(f"target must hold integer class indices or float class probabilities "
                         f"(the logits' shape), got dtype {t.dtype}")
     w = None if weight is None else jnp.asarray(weight).astype(cdt)
     sw = None if sample_weight is None else jnp.asarray(sample_weight).astype(cdt)
-    _validate(x.shape, cdt, bool(probs), axis, opts_k, w, sw)
+    stand_ins = tuple((k, _STAND_IN[k]) for k in traced)  # checked at run time instead
+    _validate(x.shape, cdt, bool(probs), axis, opts_k + stand_ins, w, sw)
     if not probs:
         t_shape = x.shape[:axis] + x.shape[axis + 1:]
         if t.shape != t_shape:
             raise ValueError(f"target has shape {t.shape}, expected {t_shape} (the logits' "
                              f"shape without the class axis)")
+    if ffi:
+        kw = dict(opts)
+        eps = traced.get("label_smoothing", kw.pop("label_smoothing", 0.0))
+        norm = traced.get("normalizer", kw.pop("normalizer", None))
+        return _jax_ffi.cross_entropy(x, t, w, sw, bool(probs), axis, kw, eps,
+                                      norm).astype(x.dtype)
     loss = _make(opts_k, axis)(x.astype(cdt), t, w, sw)
     return loss.astype(x.dtype)
 

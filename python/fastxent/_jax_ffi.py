@@ -1,0 +1,165 @@
+"""fastxent.jax through XLA's FFI: the kernel as an XLA custom call (CPU).
+
+The handlers (cpp/ffi/xla_handlers.cpp, module ``fastxent._xla_ffi``) read XLA's operand
+buffers and write its result buffers in place: no host callback, no copy, no GIL. This module
+registers them with JAX and builds the ``custom_vjp`` function that :mod:`fastxent.jax` uses
+when :func:`enabled` is true. Otherwise (a fastxent built without jaxlib's FFI headers, a
+jaxlib older than the one it was built against, or ``FASTXENT_JAX_FFI=0`` in the environment)
+fastxent.jax keeps its ``jax.pure_callback`` path.
+
+Operands of the custom call: logits (their own dtype, float16/bfloat16 included), target
+(class indices of any integer dtype, or probabilities in the logits' dtype), weight and
+sample_weight (the compute dtype: float32 for 16-bit logits; empty when absent), and two
+scalars (label smoothing, normalizer) read only when given as traced values; static options
+are attributes. Under ``jax.vmap`` the batch dims lead every operand
+(``vmap_method="broadcast_all"``) and the handler runs each batch element as its own problem:
+one custom call for the whole batch.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import threading
+from typing import Any, Optional, Tuple
+
+import numpy as np
+
+import jax
+import jax.numpy as jnp
+
+_FLAG_PROBS, _FLAG_WEIGHT, _FLAG_SWEIGHT = 1, 2, 4
+_FLAG_EPS_OPERAND, _FLAG_NORMALIZER, _FLAG_NORM_OPERAND = 8, 16, 32
+_REDUCTIONS = {"none": 0, "sum": 1, "mean": 2}
+_HALF = (np.dtype(jnp.bfloat16), np.dtype(jnp.float16))
+
+_lock = threading.Lock()
+_state: Optional[bool] = None
+
+
+def _version(v: str) -> Tuple[int, ...]:
+    out = []
+    for part in v.split(".")[:3]:
+        digits = "".join(ch for ch in part if ch.isdigit())
+        out.append(int(digits or 0))
+    return tuple(out)
+
+
+def enabled() -> bool:
+    """True when fastxent.jax runs through the FFI handlers (registered on first use)."""
+    global _state
+    if _state is None:
+        with _lock:
+            if _state is None:
+                _state = _register()
+    return _state
+
+
+def _register() -> bool:
+    env = os.environ.get("FASTXENT_JAX_FFI", "").strip()
+    if env == "0":
+        return False
+    try:
+        from . import _xla_ffi
+    except ImportError:
+        return False
+    import jaxlib
+    runtime = getattr(getattr(jaxlib, "version", None), "__version__", "0")
+    # Handlers compiled against a newer FFI header than the running XLA may be refused by it;
+    # FASTXENT_JAX_FFI=1 forces them anyway.
+    if env != "1" and _version(runtime) < _version(_xla_ffi.jaxlib_version):
+        return False
+    for name, capsule in _xla_ffi.handlers().items():
+        jax.ffi.register_ffi_target(name, capsule, platform="cpu")
+    return True
+
+
+def compute_dtype(dtype: Any) -> np.dtype:
+    dt = np.dtype(dtype)
+    return np.dtype(np.float32) if dt in _HALF else dt
+
+
+def _call(want_grad: bool, attrs: Tuple[Tuple[str, Any], ...], x, t, w, sw, sc):
+    a = dict(attrs)
+    cdt = compute_dtype(x.dtype)
+    axis = int(a["axis"])
+    rows = x.shape[:axis] + x.shape[axis + 1:]
+    loss_shape = rows if int(a["reduction"]) == 0 else ()
+    outs = [jax.ShapeDtypeStruct(loss_shape, cdt)]
+    if want_grad:
+        outs.append(jax.ShapeDtypeStruct(x.shape, x.dtype))
+    empty = jnp.zeros((0,), cdt)
+    f = jax.ffi.ffi_call("fastxent_ce_grad" if want_grad else "fastxent_ce", tuple(outs),
+                         vmap_method="broadcast_all")
+    return f(x, t, empty if w is None else w, empty if sw is None else sw, sc,
+             core_ndim=np.int64(x.ndim), **a)
+
+
+@functools.lru_cache(maxsize=256)
+def _make(attrs: Tuple[Tuple[str, Any], ...]):
+    """The custom_vjp function for one set of attributes (cached: a stable callee for jit)."""
+    a = dict(attrs)
+    axis = int(a["axis"])
+    none = int(a["reduction"]) == 0
+
+    @jax.custom_vjp
+    def ce(x, t, w, sw, sc):
+        return _call(False, attrs, x, t, w, sw, sc)[0]
+
+    def fwd(x, t, w, sw, sc):
+        for name, v in (("target", t), ("weight", w), ("sample_weight", sw),
+                        ("label_smoothing or normalizer", sc)):
+            if v is not None and v.perturbed:
+                raise TypeError(
+                    f"fastxent.jax.cross_entropy differentiates with respect to the logits "
+                    f"only; {name} is being differentiated (wrap it in jax.lax.stop_gradient "
+                    f"if it is a constant)")
+        val = lambda v: None if v is None else v.value  # noqa: E731
+        loss, grad = _call(True, attrs, x.value, t.value, val(w), val(sw), sc.value)
+        return loss, grad
+
+    def bwd(grad, ct):
+        if isinstance(ct, jax.custom_derivatives.SymbolicZero):
+            return None, None, None, None, None
+        if none:
+            # Row n's loss depends on row n's logits only: scaling each row of the fused
+            # gradient (that of the sum of rows) by its cotangent is exact.
+            ct = jnp.expand_dims(ct, axis)
+        return grad * ct.astype(grad.dtype), None, None, None, None
+
+    ce.defvjp(fwd, bwd, symbolic_zeros=True)
+    return ce
+
+
+def cross_entropy(x, t, w, sw, probs: bool, axis: int, opts: dict,
+                  eps: Any, normalizer: Any) -> jax.Array:
+    """The loss (in the compute dtype) through the custom call. `opts`: static options
+    (reduction, ignore_index, z_loss, softcap, logit_scale, num_threads); `eps` and
+    `normalizer`: Python numbers (attributes) or traced scalars (operands); normalizer None:
+    absent."""
+    cdt = compute_dtype(x.dtype)
+    flags = ((_FLAG_PROBS if probs else 0) | (0 if w is None else _FLAG_WEIGHT)
+             | (0 if sw is None else _FLAG_SWEIGHT)
+             | (0 if normalizer is None else _FLAG_NORMALIZER))
+    traced_eps = isinstance(eps, jax.Array)
+    traced_norm = isinstance(normalizer, jax.Array)
+    flags |= (_FLAG_EPS_OPERAND if traced_eps else 0) | (_FLAG_NORM_OPERAND if traced_norm else 0)
+    sc = jnp.stack([jnp.asarray(eps if traced_eps else 0.0, cdt).reshape(()),
+                    jnp.asarray(normalizer if traced_norm else 0.0, cdt).reshape(())])
+    softcap = opts.get("softcap")
+    nt = opts.get("num_threads")
+    attrs = (("axis", np.int64(axis)),
+             ("reduction", np.int64(_REDUCTIONS[opts.get("reduction", "mean")])),
+             ("ignore_index", np.int64(opts.get("ignore_index", -100))),
+             ("flags", np.int64(flags)),
+             ("num_threads", np.int64(0 if nt is None else nt)),
+             ("eps", np.float64(0.0 if traced_eps else eps)),
+             ("normalizer", np.float64(0.0 if traced_norm or normalizer is None else normalizer)),
+             ("z_loss", np.float64(opts.get("z_loss", 0.0))),
+             ("softcap", np.float64(0.0 if softcap is None else softcap)),
+             ("logit_scale", np.float64(opts.get("logit_scale", 1.0))))
+    if probs:
+        t = t.astype(x.dtype)
+    w = None if w is None else w.astype(cdt)
+    sw = None if sw is None else sw.astype(cdt)
+    return _make(attrs)(x, t, w, sw, sc)
