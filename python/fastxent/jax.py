@@ -32,7 +32,7 @@ import jax.numpy as jnp
 
 from . import _api, _jax_ffi
 
-__all__ = ["cross_entropy"]
+__all__ = ["cross_entropy", "softmax_cross_entropy", "softmax_cross_entropy_with_integer_labels"]
 
 _Options = Tuple[Tuple[str, Any], ...]  # sorted (name, value) pairs: hashable, a cache key
 
@@ -277,3 +277,8 @@ cross_entropy.__doc__ = """Softmax cross-entropy of a batch of logits, different
     >>> bool(jnp.allclose(g.sum(axis=-1), 0.0, atol=1e-6))
     True
 """
+
+
+# optax-shaped drop-ins (after cross_entropy: the module imports it back).
+from ._jax_dropins import (  # noqa: E402
+    softmax_cross_entropy, softmax_cross_entropy_with_integer_labels)
