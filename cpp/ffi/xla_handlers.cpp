@@ -128,6 +128,8 @@ std::string bad_target(const int64_t* t, int64_t b, const Layout& L, int64_t ign
   return "a class target is out of range";
 }
 
+constexpr int64_t kXlaSerialElements = int64_t(1) << 21;
+
 struct Attrs {
   int64_t core_ndim, axis, reduction, ignore_index, flags, num_threads;
   double eps, normalizer, z_loss, softcap, logit_scale;
@@ -149,6 +151,10 @@ ffi::Error run_all(const Attrs& A, const Layout& L, const Operands& op, In proto
   opt.softcap = A.softcap;
   opt.logit_scale = A.logit_scale;
   opt.num_threads = static_cast<int>(A.num_threads);
+  // Without an explicit num_threads, a problem below kXlaSerialElements runs on XLA's calling
+  // thread only: next to XLA's own spinning thread pool, OpenMP workers cost more than they
+  // save at that size (they can lose whole scheduler time slices). Results do not depend on it.
+  if (opt.num_threads == 0 && L.rows * L.classes < kXlaSerialElements) opt.num_threads = 1;
   opt.has_normalizer = (A.flags & FLAG_NORMALIZER) != 0;
   const bool none = opt.reduction == fastxent::Reduction::None;
   const int64_t per = L.rows * L.classes;
