@@ -79,15 +79,30 @@ def compute_dtype(dtype: Any) -> np.dtype:
     return np.dtype(np.float32) if dt in _HALF else dt
 
 
+def _result(shape: Tuple[int, ...], dtype: Any, like: Any) -> Any:
+    """A result type that varies over the manual (shard_map) mesh axes the logits vary over:
+    each shard's call computes on its own rows."""
+    t = jax.typeof(like) if hasattr(jax, "typeof") else None
+    mat = getattr(t, "manual_axis_type", None)
+    if mat is not None and getattr(mat, "varying", None):
+        spec = jax.sharding.PartitionSpec(*([None] * len(shape)))
+        sharding = jax.sharding.NamedSharding(t.sharding.mesh, spec)
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding, manual_axis_type=mat)
+    vma = getattr(t, "vma", None)  # the same information in JAX releases before 0.10
+    if vma:
+        return jax.ShapeDtypeStruct(shape, dtype, vma=vma)
+    return jax.ShapeDtypeStruct(shape, dtype)
+
+
 def _call(want_grad: bool, attrs: Tuple[Tuple[str, Any], ...], x, t, w, sw, sc):
     a = dict(attrs)
     cdt = compute_dtype(x.dtype)
     axis = int(a["axis"])
     rows = x.shape[:axis] + x.shape[axis + 1:]
     loss_shape = rows if int(a["reduction"]) == 0 else ()
-    outs = [jax.ShapeDtypeStruct(loss_shape, cdt)]
+    outs = [_result(loss_shape, cdt, x)]
     if want_grad:
-        outs.append(jax.ShapeDtypeStruct(x.shape, x.dtype))
+        outs.append(_result(x.shape, x.dtype, x))
     empty = jnp.zeros((0,), cdt)
     f = jax.ffi.ffi_call("fastxent_ce_grad" if want_grad else "fastxent_ce", tuple(outs),
                          vmap_method="broadcast_all")
