@@ -231,8 +231,17 @@ bool fast_raw(std::uintptr_t x, int64_t N, int64_t C, std::uintptr_t t, int redu
 
 }  // namespace
 
+#if defined(FASTXENT_XLA_FFI)
+namespace fastxent_py {
+void register_xla_ffi(py::module_& core);  // cpp/ffi/register.cpp: the submodule xla_ffi
+}
+#endif
+
 PYBIND11_MODULE(_core, m) {
   m.doc() = "fastxent compiled core: fused softmax cross-entropy kernels (private; use fastxent)";
+#if defined(FASTXENT_XLA_FFI)
+  fastxent_py::register_xla_ffi(m);
+#endif
 
   m.def(
       "cross_entropy",
