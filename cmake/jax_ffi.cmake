@@ -1,9 +1,9 @@
-# fastxent._xla_ffi: the XLA FFI handlers used by fastxent.jax (cpp/ffi/).
+# fastxent._core.xla_ffi: the XLA FFI handlers used by fastxent.jax (cpp/ffi/), compiled into _core.
 # XLA's FFI headers are not part of this repository: they are taken from the jaxlib installed
 # in the build's Python (jaxlib/include/xla/ffi/api/*.h). FASTXENT_JAX_FFI:
-#   AUTO (default) builds the module when those headers are found, and skips it otherwise
+#   AUTO (default) builds the handlers when those headers are found, and skips them otherwise
 #        (fastxent.jax then runs through jax.pure_callback);
-#   ON requires them; OFF never builds the module.
+#   ON requires them; OFF never builds them.
 # The handlers link against nothing from jaxlib: XLA passes its C API table at call time.
 set(FASTXENT_JAX_FFI AUTO CACHE STRING "Build the XLA FFI handlers for fastxent.jax (AUTO, ON, OFF)")
 set_property(CACHE FASTXENT_JAX_FFI PROPERTY STRINGS AUTO ON OFF)
@@ -21,16 +21,12 @@ if(NOT FASTXENT_JAX_FFI STREQUAL "OFF")
   endif()
   if(_jaxlib_inc AND EXISTS "${_jaxlib_inc}/xla/ffi/api/ffi.h")
     message(STATUS "fastxent: XLA FFI handlers for fastxent.jax, headers of jaxlib ${_jaxlib_ver}")
-    python_add_library(_xla_ffi MODULE cpp/ffi/module.cpp cpp/ffi/xla_handlers.cpp WITH_SOABI)
-    target_include_directories(_xla_ffi SYSTEM PRIVATE "${_jaxlib_inc}")
-    target_link_libraries(_xla_ffi PRIVATE fastxent_core pybind11::headers)
-    target_compile_definitions(_xla_ffi PRIVATE FASTXENT_JAXLIB_VERSION="${_jaxlib_ver}")
-    if(SKBUILD)
-      install(TARGETS _xla_ffi DESTINATION fastxent)
-    else()
-      set_target_properties(_xla_ffi PROPERTIES
-        LIBRARY_OUTPUT_DIRECTORY ${CMAKE_CURRENT_BINARY_DIR}/python/fastxent)
-    endif()
+    # Compiled into _core: one copy of the kernel and of its ISA choice (fastxent.set_isa,
+    # FASTXENT_ISA) for the NumPy, PyTorch and JAX paths alike.
+    target_sources(_core PRIVATE cpp/ffi/register.cpp cpp/ffi/xla_handlers.cpp)
+    target_include_directories(_core SYSTEM PRIVATE "${_jaxlib_inc}")
+    target_compile_definitions(_core PRIVATE FASTXENT_XLA_FFI
+                               FASTXENT_JAXLIB_VERSION="${_jaxlib_ver}")
   elseif(FASTXENT_JAX_FFI STREQUAL "ON")
     message(FATAL_ERROR "fastxent: FASTXENT_JAX_FFI=ON but no jaxlib with XLA FFI headers in "
                         "${Python_EXECUTABLE}")

@@ -1,9 +1,10 @@
-"""fastxent.jax through XLA's FFI (fastxent._xla_ffi): the custom call is the default path, it
-matches the NumPy API bit for bit in every dtype (bfloat16 and float16 without a float32 round
-trip), vmap is one call, label_smoothing and normalizer may be traced, a bad label's error
-names it on its first line, and two Python threads calling a jitted function do not hang.
+"""fastxent.jax through XLA's FFI (fastxent._core.xla_ffi): the custom call is the default
+path, it matches the NumPy API bit for bit in every dtype (bfloat16 and float16 without a
+float32 round trip) and under every ISA, vmap is one call, label_smoothing and normalizer may
+be traced, a bad label's error names it on its first line, two Python threads calling a
+jitted function do not hang, and shard_map computes each shard's rows locally.
 
-The FFI module is built when jaxlib's headers are found at build time; without it these tests
+The handlers are built when jaxlib's headers are found at build time; without them these tests
 skip (tests/test_jax.py covers fastxent.jax either way).
 """
 
@@ -72,7 +73,7 @@ def _dtypes():
 
 @pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: ",".join(o) or "plain")
 @pytest.mark.parametrize("dt", range(4), ids=["f32", "f64", "f16", "bf16"])
-def test_bitwise_equal_to_numpy_api(rng, dt, opts):
+def test_bitwise_equal_to_numpy_api(rng, isa, dt, opts):
     pytest.importorskip("ml_dtypes")
     dtype = _dtypes()[dt]
     with _x64():

@@ -1,6 +1,6 @@
 """fastxent.jax through XLA's FFI: the kernel as an XLA custom call (CPU).
 
-The handlers (cpp/ffi/xla_handlers.cpp, module ``fastxent._xla_ffi``) read XLA's operand
+The handlers (cpp/ffi/xla_handlers.cpp, submodule ``fastxent._core.xla_ffi``) read XLA's operand
 buffers and write its result buffers in place: no host callback, no copy, no GIL. This module
 registers them with JAX and builds the ``custom_vjp`` function that :mod:`fastxent.jax` uses
 when :func:`enabled` is true. Otherwise (a fastxent built without jaxlib's FFI headers, a
@@ -59,9 +59,9 @@ def _register() -> bool:
     env = os.environ.get("FASTXENT_JAX_FFI", "").strip()
     if env == "0":
         return False
-    try:
-        from . import _xla_ffi
-    except ImportError:
+    from . import _core
+    _xla_ffi = getattr(_core, "xla_ffi", None)  # built only with jaxlib's FFI headers
+    if _xla_ffi is None:
         return False
     import jaxlib
     runtime = getattr(getattr(jaxlib, "version", None), "__version__", "0")
