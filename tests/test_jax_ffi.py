@@ -179,8 +179,8 @@ def test_two_threads_do_not_hang():
 
 def test_shard_map_and_named_sharding_on_two_host_devices():
     """Row-sharded logits on 2 forced host devices: under shard_map each shard's call computes
-    its own rows (the user combines the sums with psum) and the gradient keeps the logits'
-    sharding; under jit with NamedSharding inputs the result is correct."""
+    its own rows (the user combines the sums with psum); under plain jit with NamedSharding
+    inputs fastxent does that itself. The gradient keeps the logits' sharding either way."""
     script = textwrap.dedent("""
         import os
         os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
@@ -209,8 +209,23 @@ def test_shard_map_and_named_sharding_on_two_host_devices():
         l, g = jax.jit(jax.shard_map(inner, mesh=mesh, in_specs=(P("d"), P("d")),
                                      out_specs=(P(), P("d"))))(zs, ys)
         assert abs(float(l) - l_ref) <= 1e-6 and np.abs(np.asarray(g) - g_ref).max() <= 1e-7
-        l, g = jax.jit(jax.value_and_grad(lambda z, y: fxj.cross_entropy(z, y)))(zs, ys)
-        assert float(l) == l_ref and np.array_equal(np.asarray(g), g_ref)
+        # Plain jit on row-sharded inputs (explicit mesh axes): computed shard by shard, the
+        # mean's denominator combined across shards, the gradient sharded like the logits.
+        y = np.where(np.arange(8) == 3, -100, y)  # a new array (JAX may cache the old one's)
+        ys = jax.device_put(y, NamedSharding(mesh, P("d")))
+        w = rng.uniform(0.5, 2, 5).astype(np.float32)
+        for red in ("mean", "sum", "none"):
+            l_ref, g_ref = fastxent.cross_entropy_with_grad(z, y, weight=w, reduction=red)
+            f = jax.jit(jax.value_and_grad(lambda z, y: jnp.sum(fxj.cross_entropy(
+                z, y, weight=jnp.asarray(w), reduction=red))))
+            l, g = f(zs, ys)
+            assert abs(float(l) - float(np.sum(l_ref))) <= 1e-6 * abs(float(np.sum(l_ref))), (
+                red, float(l), l_ref)
+            assert np.abs(np.asarray(g) - g_ref).max() <= 1e-7, red
+            assert g.sharding.spec == P("d", None), (red, g.sharding)
+            assert "all-gather" not in f.lower(zs, ys).compile().as_text()
+        rows = jax.jit(lambda z, y: fxj.cross_entropy(z, y, reduction="none"))(zs, ys)
+        assert rows.sharding.spec == P("d"), rows.sharding
         print("ok")
     """)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))

@@ -21,7 +21,7 @@ from __future__ import annotations
 import functools
 import os
 import threading
-from typing import Any, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
@@ -151,7 +151,71 @@ def cross_entropy(x, t, w, sw, probs: bool, axis: int, opts: dict,
     """The loss (in the compute dtype) through the custom call. `opts`: static options
     (reduction, ignore_index, z_loss, softcap, logit_scale, num_threads); `eps` and
     `normalizer`: Python numbers (attributes) or traced scalars (operands); normalizer None:
-    absent."""
+    absent. Logits whose rows are sharded over explicit mesh axes (the class axis whole) are
+    computed shard by shard (_sharded)."""
+    rows = _row_sharding(x, axis)
+    if rows is not None:
+        return _sharded(rows, x, t, w, sw, probs, axis, opts, eps, normalizer)
+    return _single(x, t, w, sw, probs, axis, opts, eps, normalizer)
+
+
+def _row_sharding(x, axis: int):
+    """(mesh, per-dim spec) when the logits' sharding is known at trace time (explicit mesh
+    axes) and shards some row dimension but not the class axis; else None."""
+    t = jax.typeof(x) if hasattr(jax, "typeof") else None
+    sh = getattr(t, "sharding", None)
+    spec, mesh = getattr(sh, "spec", None), getattr(sh, "mesh", None)
+    if spec is None or mesh is None or getattr(mesh, "empty", True):
+        return None
+    spec = tuple(spec) + (None,) * (x.ndim - len(tuple(spec)))
+    if spec[axis] is not None or all(s is None for s in spec):
+        return None
+    return mesh, spec
+
+
+def _denominator(t, w, sw, probs: bool, opts: dict, C: int, cdt: Any):
+    """This shard's share of the "mean" denominator D (fastxent.cross_entropy's definition)."""
+    if probs:
+        return jnp.sum(sw) if sw is not None else jnp.asarray(t.size // max(C, 1), cdt)
+    d = jnp.ones(t.shape, cdt) if w is None else jnp.take(w, jnp.clip(t, 0, C - 1))
+    d = d if sw is None else d * sw
+    return jnp.sum(jnp.where(t != opts.get("ignore_index", -100), d, 0))
+
+
+def _sharded(rows, x, t, w, sw, probs, axis, opts, eps, normalizer):
+    """Row-sharded logits under jit: a shard_map whose shards each run the custom call on
+    their rows; "sum" and "mean" combine with psum, "mean" dividing every shard by the global
+    denominator (a traced normalizer); the gradient keeps the logits' sharding."""
+    P = jax.sharding.PartitionSpec
+    mesh, spec = rows
+    names = tuple(n for s in spec if s is not None for n in (s if isinstance(s, tuple) else (s,)))
+    row_spec = P(*(spec[:axis] + spec[axis + 1:]))
+    reduction = opts.get("reduction", "mean")
+    args: Dict[str, Any] = {"x": x, "t": t}
+    specs: Dict[str, Any] = {"x": P(*spec), "t": P(*spec) if probs else row_spec}
+    for k, v, sp in (("w", w, P()), ("sw", sw, row_spec), ("eps", eps, P()),
+                     ("norm", normalizer, P())):
+        if isinstance(v, jax.Array):
+            args[k], specs[k] = v, sp
+    args = {k: jax.sharding.reshard(v, jax.sharding.NamedSharding(mesh, specs[k]))
+            for k, v in args.items()}
+    cdt = compute_dtype(x.dtype)
+
+    def local(a):
+        norm = a.get("norm", normalizer)
+        if reduction == "mean" and norm is None:
+            d = _denominator(a["t"], a.get("w"), a.get("sw"), probs, opts, x.shape[axis], cdt)
+            norm = jax.lax.psum(d, names)
+        loss = _single(a["x"], a["t"], a.get("w"), a.get("sw"), probs, axis, opts,
+                       a.get("eps", eps), norm)
+        return loss if reduction == "none" else jax.lax.psum(loss, names)
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(specs,),
+                         out_specs=row_spec if reduction == "none" else P())(args)
+
+
+def _single(x, t, w, sw, probs: bool, axis: int, opts: dict, eps: Any,
+            normalizer: Any) -> jax.Array:
     cdt = compute_dtype(x.dtype)
     flags = ((_FLAG_PROBS if probs else 0) | (0 if w is None else _FLAG_WEIGHT)
              | (0 if sw is None else _FLAG_SWEIGHT)
