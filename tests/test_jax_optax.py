@@ -81,3 +81,13 @@ def test_jit_bf16_and_differences(rng):
             z, jnp.array([0, 4, 0, 0, 0, 0])))
     with pytest.raises(TypeError, match="axis must be an int"):
         fxj.softmax_cross_entropy(z, jax.nn.softmax(z), axis=(0, 1))
+
+
+def test_bench_jax_smoke():
+    """python -m fastxent bench-jax: one tiny case of each kind, both contestants timed."""
+    from fastxent import bench_jax
+    lines = []
+    rows = bench_jax.run([(32, 10)], ["float32"], budget=0.0, out=lines.append)
+    assert [r["kind"] for r in rows] == ["value_and_grad", "forward"]
+    assert all(r["fastxent_s"] > 0 and r["optax_s"] > 0 and r["rounds"] >= 5 for r in rows)
+    assert "XLA FFI" in lines[0] or "pure_callback" in lines[0]
