@@ -5,14 +5,17 @@
 #        (fastxent.jax then runs through jax.pure_callback);
 #   ON requires them; OFF never builds them.
 # The handlers link against nothing from jaxlib: XLA passes its C API table at call time.
-set(FASTXENT_JAX_FFI AUTO CACHE STRING "Build the XLA FFI handlers for fastxent.jax (AUTO, ON, OFF)")
+set(FASTXENT_JAX_FFI AUTO CACHE STRING
+    "Build the XLA FFI handlers for fastxent.jax (AUTO, ON, OFF)")
 set_property(CACHE FASTXENT_JAX_FFI PROPERTY STRINGS AUTO ON OFF)
 
 if(NOT FASTXENT_JAX_FFI STREQUAL "OFF")
-  execute_process(
-    COMMAND "${Python_EXECUTABLE}" -c
-            "import os, jaxlib, jaxlib.version as v; print(os.path.join(os.path.dirname(jaxlib.__file__), 'include')); print(v.__version__)"
-    OUTPUT_VARIABLE _jaxlib_out OUTPUT_STRIP_TRAILING_WHITESPACE ERROR_QUIET RESULT_VARIABLE _jaxlib_rc)
+  string(CONCAT _jaxlib_py "import os, jaxlib, jaxlib.version as v\n"
+         "print(os.path.join(os.path.dirname(jaxlib.__file__), 'include'))\n"
+         "print(v.__version__)")
+  execute_process(COMMAND "${Python_EXECUTABLE}" -c "${_jaxlib_py}"
+                  OUTPUT_VARIABLE _jaxlib_out OUTPUT_STRIP_TRAILING_WHITESPACE ERROR_QUIET
+                  RESULT_VARIABLE _jaxlib_rc)
   set(_jaxlib_inc "")
   if(_jaxlib_rc EQUAL 0)
     string(REPLACE "\n" ";" _jaxlib_out "${_jaxlib_out}")

@@ -10,6 +10,7 @@ skip (tests/test_jax.py covers fastxent.jax either way).
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -232,3 +233,26 @@ def test_shard_map_and_named_sharding_on_two_host_devices():
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                        timeout=300, env=env)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
+
+
+def test_forward_mode_scan_and_checkpoint(rng):
+    """custom_jvp: jax.jvp gives <grad, dz>, jacfwd equals jacrev (per-row losses), and the
+    function composes with lax.scan and jax.checkpoint."""
+    z = jnp.asarray(rng.standard_normal((6, 5)).astype(np.float32))
+    y = jnp.asarray(rng.integers(0, 5, 6))
+    dz = jnp.asarray(rng.standard_normal((6, 5)).astype(np.float32))
+    f = functools.partial(fxj.cross_entropy, target=y, label_smoothing=0.1)
+    _, g = fastxent.cross_entropy_with_grad(np.asarray(z), np.asarray(y), label_smoothing=0.1)
+    _, tangent = jax.jit(lambda z, dz: jax.jvp(f, (z,), (dz,)))(z, dz)
+    assert abs(float(tangent) - float(np.sum(g * np.asarray(dz)))) <= 1e-6
+    rows = functools.partial(fxj.cross_entropy, target=y, reduction="none")
+    assert np.array_equal(np.asarray(jax.jacfwd(rows)(z)), np.asarray(jax.jacrev(rows)(z)))
+
+    def step(carry, zi):
+        return carry + fxj.cross_entropy(zi, y), None
+
+    zs = jnp.stack([z, 2 * z])
+    g_scan = jax.grad(lambda zs: jax.lax.scan(step, 0.0, zs)[0])(zs)
+    g_ckpt = jax.grad(jax.checkpoint(lambda z: fxj.cross_entropy(z, y)))(2 * z)
+    _, g2 = fastxent.cross_entropy_with_grad(np.asarray(2 * z), np.asarray(y))
+    assert np.array_equal(np.asarray(g_scan[1]), g2) and np.array_equal(np.asarray(g_ckpt), g2)

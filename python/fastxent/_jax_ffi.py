@@ -112,37 +112,41 @@ def _call(want_grad: bool, attrs: Tuple[Tuple[str, Any], ...], x, t, w, sw, sc):
 
 @functools.lru_cache(maxsize=256)
 def _make(attrs: Tuple[Tuple[str, Any], ...]):
-    """The custom_vjp function for one set of attributes (cached: a stable callee for jit)."""
+    """The custom_jvp function for one set of attributes (cached: a stable callee for jit).
+
+    The tangent rule runs the fused kernel (loss and gradient g in one call) and returns the
+    tangent <g, dx> (per row for "none"): linear in dx, so JAX transposes it for reverse mode
+    into g * cotangent (XLA drops the product when the cotangent is the constant 1 of
+    value_and_grad), and forward mode (jax.jvp, jax.jacfwd) works as well. Second order is
+    not available: g itself comes from the custom call, which has no derivative rule."""
     a = dict(attrs)
     axis = int(a["axis"])
     none = int(a["reduction"]) == 0
 
-    @jax.custom_vjp
+    @jax.custom_jvp
     def ce(x, t, w, sw, sc):
         return _call(False, attrs, x, t, w, sw, sc)[0]
 
-    def fwd(x, t, w, sw, sc):
-        for name, v in (("target", t), ("weight", w), ("sample_weight", sw),
-                        ("label_smoothing or normalizer", sc)):
-            if v is not None and v.perturbed:
+    def jvp(primals, tangents):
+        x, t, w, sw, sc = primals
+        for name, v in zip(("target", "weight", "sample_weight", "label_smoothing or normalizer"),
+                           tangents[1:]):
+            if v is not None and not isinstance(v, jax.custom_derivatives.SymbolicZero):
                 raise TypeError(
                     f"fastxent.jax.cross_entropy differentiates with respect to the logits "
                     f"only; {name} is being differentiated (wrap it in jax.lax.stop_gradient "
                     f"if it is a constant)")
-        val = lambda v: None if v is None else v.value  # noqa: E731
-        loss, grad = _call(True, attrs, x.value, t.value, val(w), val(sw), sc.value)
-        return loss, grad
+        dx = tangents[0]
+        if isinstance(dx, jax.custom_derivatives.SymbolicZero):
+            loss = _call(False, attrs, x, t, w, sw, sc)[0]
+            return loss, jnp.zeros_like(loss)
+        loss, grad = _call(True, attrs, x, t, w, sw, sc)
+        # Row n's loss depends on row n's logits only, and g is the gradient of the sum of
+        # the rows ("none") or of the reduced loss: <g, dx> row by row is the exact tangent.
+        prod = (grad * dx.astype(grad.dtype)).astype(loss.dtype)
+        return loss, jnp.sum(prod, axis=axis) if none else jnp.sum(prod)
 
-    def bwd(grad, ct):
-        if isinstance(ct, jax.custom_derivatives.SymbolicZero):
-            return None, None, None, None, None
-        if none:
-            # Row n's loss depends on row n's logits only: scaling each row of the fused
-            # gradient (that of the sum of rows) by its cotangent is exact.
-            ct = jnp.expand_dims(ct, axis)
-        return grad * ct.astype(grad.dtype), None, None, None, None
-
-    ce.defvjp(fwd, bwd, symbolic_zeros=True)
+    ce.defjvp(jvp, symbolic_zeros=True)
     return ce
 
 

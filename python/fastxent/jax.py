@@ -5,15 +5,16 @@
 >>> target = jnp.arange(8) % 5
 >>> loss, grad = jax.jit(jax.value_and_grad(fxj.cross_entropy))(logits, target)
 
-How it works: :func:`cross_entropy` is a ``jax.custom_vjp`` function whose primal and forward
-rule call the C++ kernel as an XLA custom call through JAX's FFI (:mod:`fastxent._jax_ffi`,
-handlers in ``cpp/ffi/``): the kernel reads XLA's input buffers and writes XLA's output
-buffers in place, in the logits' own dtype (float16 and bfloat16 included), without the GIL.
-The forward rule (used under ``jax.grad`` / ``jax.value_and_grad`` / ``jax.vjp``) runs the
-fused kernel, which returns the loss and its gradient with respect to the logits from one pass
-over memory, and keeps the gradient as the residual; the backward rule only multiplies it by
-the cotangent (per row for ``reduction="none"``; XLA drops the product when the cotangent is
-the constant 1 of ``value_and_grad``). Evaluated without differentiation, only the loss is
+How it works: :func:`cross_entropy` calls the C++ kernel as an XLA custom call through JAX's
+FFI (:mod:`fastxent._jax_ffi`, handlers in ``cpp/ffi/``): the kernel reads XLA's input
+buffers and writes XLA's output buffers in place, in the logits' own dtype (float16 and
+bfloat16 included), without the GIL. It is a ``jax.custom_jvp`` function: the tangent rule
+runs the fused kernel, which returns the loss and its gradient g with respect to the logits
+from one pass over memory, and gives the tangent ``<g, dz>`` (per row for
+``reduction="none"``). JAX transposes that linear map for reverse mode (``jax.grad``,
+``jax.value_and_grad``, ``jax.vjp``: g times the cotangent, a product XLA drops when the
+cotangent is the constant 1 of ``value_and_grad``), and forward mode (``jax.jvp``,
+``jax.jacfwd``) uses it directly. Evaluated without differentiation, only the loss is
 computed (the forward-only kernel, nothing of the logits' size written).
 
 The wheel carries the FFI handlers when it was built with jaxlib's FFI headers (jaxlib is a
@@ -285,10 +286,12 @@ cross_entropy.__doc__ = """Softmax cross-entropy of a batch of logits, different
     traced ``normalizer``). Under plain ``jit``, logits whose rows are sharded over explicit
     mesh axes (``NamedSharding``, the class axis whole) are computed the same way by
     fastxent itself, the "mean" denominator combined across shards; with sharding left to
-    XLA (auto mesh axes) the custom call is not partitioned and XLA gathers the rows. Problems below 2**21 elements run
-    on XLA's calling thread unless ``num_threads`` is given. Forward-mode differentiation
-    (``jax.jvp``, ``jax.jacfwd``) is not available for a ``custom_vjp`` function; reverse
-    mode is.
+    XLA (auto mesh axes) the custom call is not partitioned and XLA gathers the rows.
+    Problems below 2**21 elements run on XLA's calling thread unless ``num_threads`` is
+    given. Forward mode (``jax.jvp``, ``jax.jacfwd``) and reverse mode both work through the
+    FFI; second order (``jax.hessian``) does not: the gradient comes from the custom call,
+    which has no derivative rule. The pure_callback fallback is a ``custom_vjp`` function:
+    reverse mode only.
 
     Example
     -------
