@@ -23,6 +23,9 @@ void register_companions(py::module_& m);   // register_companions.cpp: softmax 
 void register_sigmoid(py::module_& m);      // register_sigmoid.cpp
 void register_shard(py::module_& m);        // register_shard.cpp
 void register_system(py::module_& m);       // register_system.cpp: ISAs, threads, build
+#if defined(FASTXENT_XLA_FFI)
+void register_xla_ffi(py::module_& m);      // cpp/ffi/register.cpp: the submodule xla_ffi
+#endif
 
 // NumPy's notion of "the same type": int64 spelt 'l' or 'q' both match int64_t.
 template <class T>

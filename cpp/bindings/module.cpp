@@ -17,4 +17,7 @@ PYBIND11_MODULE(_core, m) {
   fastxent_py::register_sigmoid(m);
   fastxent_py::register_shard(m);
   fastxent_py::register_system(m);
+#if defined(FASTXENT_XLA_FFI)
+  fastxent_py::register_xla_ffi(m);  // XLA FFI handlers for fastxent.jax, when built
+#endif
 }

@@ -1,4 +1,4 @@
-"""Command line: ``python -m fastxent {info,bench,demo} ...`` (no arguments: help).
+"""Command line: ``python -m fastxent {info,bench,bench-jax,demo} ...`` (no arguments: help).
 
 A subcommand is a function ``_add_NAME(subparsers)`` that adds its parser and sets
 ``func`` (args -> exit code); list it in ``_SUBCOMMANDS``.
@@ -144,8 +144,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0 if res.agree else 1
 
 
+def _add_bench_jax(sub: "argparse._SubParsersAction") -> None:
+    from .bench_jax import add_parser  # imports neither JAX nor optax until it runs
+    add_parser(sub)
+
+
 _SUBCOMMANDS: List[Callable[["argparse._SubParsersAction"], None]] = [_add_info, _add_bench,
-                                                                      _add_demo]
+                                                                      _add_bench_jax, _add_demo]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,13 +5,28 @@
 >>> target = jnp.arange(8) % 5
 >>> loss, grad = jax.jit(jax.value_and_grad(fxj.cross_entropy))(logits, target)
 
-How it works: :func:`cross_entropy` is a ``jax.custom_vjp`` function whose primal and forward
-rule call the C++ kernel on the host through ``jax.pure_callback``. The forward rule (used
-under ``jax.grad`` / ``jax.value_and_grad`` / ``jax.vjp``) runs the fused kernel, which
-returns the loss and its gradient with respect to the logits from one pass over memory, and
-keeps the gradient as the residual; the backward rule only multiplies it by the cotangent
-(per row for ``reduction="none"``). Evaluated without differentiation, only the loss is
+How it works: :func:`cross_entropy` calls the C++ kernel as an XLA custom call through JAX's
+FFI (:mod:`fastxent._jax_ffi`, handlers in ``cpp/ffi/``): the kernel reads XLA's input
+buffers and writes XLA's output buffers in place, in the logits' own dtype (float16 and
+bfloat16 included), without the GIL. It is a ``jax.custom_jvp`` function: the tangent rule
+runs the fused kernel, which returns the loss and its gradient g with respect to the logits
+from one pass over memory, and gives the tangent ``<g, dz>`` (per row for
+``reduction="none"``). JAX transposes that linear map for reverse mode (``jax.grad``,
+``jax.value_and_grad``, ``jax.vjp``: g times the cotangent, a product XLA drops when the
+cotangent is the constant 1 of ``value_and_grad``), and forward mode (``jax.jvp``,
+``jax.jacfwd``) uses it directly. Evaluated without differentiation, only the loss is
 computed (the forward-only kernel, nothing of the logits' size written).
+
+The wheel carries the FFI handlers when it was built with jaxlib's FFI headers (jaxlib is a
+build requirement on the platforms it has wheels for). Where they are absent, where the
+running jaxlib is older than the one they were built against, or with ``FASTXENT_JAX_FFI=0``
+in the environment, the same function runs the kernel through ``jax.pure_callback`` instead
+(host copies in and out, 16-bit logits via float32, options static, vmap one call per
+element).
+
+:func:`softmax_cross_entropy_with_integer_labels` and :func:`softmax_cross_entropy` are
+optax-shaped drop-ins (per-example losses, ``axis``, ``where``); unlike optax, a label of -100
+is ignored and any other label outside ``[0, C)`` raises.
 
 Requires the optional extra: ``pip install fastxent[jax]``.
 """
@@ -30,13 +45,15 @@ except ImportError as _e:  # pragma: no cover - exercised without jax installed
     raise ImportError("fastxent.jax needs JAX: pip install 'fastxent[jax]'") from _e
 import jax.numpy as jnp
 
-from . import _api
+from . import _api, _jax_ffi
 
-__all__ = ["cross_entropy"]
+__all__ = ["cross_entropy", "softmax_cross_entropy", "softmax_cross_entropy_with_integer_labels"]
 
 _Options = Tuple[Tuple[str, Any], ...]  # sorted (name, value) pairs: hashable, a cache key
 
 _RESERVED = ("out",)
+_TRACEABLE = ("label_smoothing", "normalizer")  # may be traced values through the FFI
+_STAND_IN = {"label_smoothing": 0.0, "normalizer": 1.0}  # for the trace-time check
 
 
 def _compute_dtype(dtype: Any) -> np.dtype:
@@ -165,6 +182,10 @@ def cross_entropy(logits: Any, target: Any, *, weight: Any = None, sample_weight
         raise ValueError(f"axis {axis} is out of bounds for logits with {x.ndim} dimensions")
     axis %= x.ndim
     options.setdefault("reduction", "mean")
+    ffi = _jax_ffi.enabled()
+    # Through the FFI, label_smoothing and normalizer may be traced values (custom-call operands).
+    traced = {k: options.pop(k) for k in _TRACEABLE
+              if ffi and isinstance(options.get(k), jax.core.Tracer)}
     opts: _Options = tuple(sorted((k, _static(v, k)) for k, v in options.items()))
     # The kernel is called with the class axis given as `axis`: fastxent reads any axis in
     # place, so the callback passes it on unchanged.
@@ -173,18 +194,25 @@ def cross_entropy(logits: Any, target: Any, *, weight: Any = None, sample_weight
     t = jnp.asarray(target)
     probs = jnp.issubdtype(t.dtype, jnp.floating) and t.ndim == x.ndim
     if probs:
-        t = t.astype(cdt)
+        t = t.astype(x.dtype if ffi else cdt)  # the custom call reads the logits' dtype
     elif not jnp.issubdtype(t.dtype, jnp.integer):
         raise TypeError(f"target must hold integer class indices or float class probabilities "
                         f"(the logits' shape), got dtype {t.dtype}")
     w = None if weight is None else jnp.asarray(weight).astype(cdt)
     sw = None if sample_weight is None else jnp.asarray(sample_weight).astype(cdt)
-    _validate(x.shape, cdt, bool(probs), axis, opts_k, w, sw)
+    stand_ins = tuple((k, _STAND_IN[k]) for k in traced)  # checked at run time instead
+    _validate(x.shape, cdt, bool(probs), axis, opts_k + stand_ins, w, sw)
     if not probs:
         t_shape = x.shape[:axis] + x.shape[axis + 1:]
         if t.shape != t_shape:
             raise ValueError(f"target has shape {t.shape}, expected {t_shape} (the logits' "
                              f"shape without the class axis)")
+    if ffi:
+        kw = dict(opts)
+        eps = traced.get("label_smoothing", kw.pop("label_smoothing", 0.0))
+        norm = traced.get("normalizer", kw.pop("normalizer", None))
+        return _jax_ffi.cross_entropy(x, t, w, sw, bool(probs), axis, kw, eps,
+                                      norm).astype(x.dtype)
     loss = _make(opts_k, axis)(x.astype(cdt), t, w, sw)
     return loss.astype(x.dtype)
 
@@ -213,8 +241,9 @@ cross_entropy.__doc__ = """Softmax cross-entropy of a batch of logits, different
     Parameters
     ----------
     logits : array, float32 / float64 / float16 / bfloat16, shape (..., C)
-        float16 and bfloat16 logits are computed via a float32 copy (the loss and gradient
-        come back in the logits' dtype). float64 needs JAX's x64 mode.
+        float16 and bfloat16 logits are read as they are and computed in float32 inside the
+        kernel, the gradient rounded once to their dtype (the pure_callback fallback makes a
+        float32 copy). float64 needs JAX's x64 mode.
     target : array
         Class indices (any integer dtype) of the logits' shape without the class axis, in
         ``[0, C)`` or equal to ``ignore_index``; or class probabilities, a float array of
@@ -224,10 +253,13 @@ cross_entropy.__doc__ = """Softmax cross-entropy of a batch of logits, different
     sample_weight : array of the rows' shape, optional
         Per-row weights (a traced operand; not differentiable).
     **options
-        Static keyword options of :func:`fastxent.cross_entropy`, compiled into the call
-        (Python scalars, not traced values): ``axis`` (default -1; any axis, read in place),
-        ``reduction`` ("mean", "sum", "none"), ``ignore_index``, ``label_smoothing``,
-        ``z_loss``, ``softcap``, ``logit_scale``, ``normalizer``, ``num_threads``.
+        Keyword options of :func:`fastxent.cross_entropy`, compiled into the call (Python
+        scalars): ``axis`` (default -1; any axis, read in place), ``reduction`` ("mean",
+        "sum", "none"), ``ignore_index``, ``label_smoothing``, ``z_loss``, ``softcap``,
+        ``logit_scale``, ``normalizer``, ``num_threads``. Through the FFI,
+        ``label_smoothing`` and ``normalizer`` may also be traced scalars (a schedule, a
+        ``mask.sum()``, a ``psum`` of token counts): they are then operands of the call,
+        checked when it runs, and not differentiated.
 
     Returns
     -------
@@ -240,19 +272,26 @@ cross_entropy.__doc__ = """Softmax cross-entropy of a batch of logits, different
         shapes; a traced (non-static) option; differentiating with respect to ``target``,
         ``weight`` or ``sample_weight`` (TypeError).
     JaxRuntimeError
-        at run time, carrying fastxent's IndexError message for a class index outside
-        ``[0, C)`` that is not ``ignore_index``: values are only known when the callback
-        runs, and an exception raised there reaches the caller as JAX's runtime error (JAX
-        gives no stronger guarantee for exceptions in a ``pure_callback``; validate labels
-        beforehand where that matters).
+        at run time, for a class index outside ``[0, C)`` that is not ``ignore_index``: the
+        first line of the message names it (``INVALID_ARGUMENT: target[1, 4] = 9 is out of
+        range: class indices must be in [0, 5) ...``); likewise a traced label_smoothing
+        outside [0, 1] or a negative traced normalizer.
 
     Notes
     -----
-    The kernel runs on the host through ``jax.pure_callback``: on the CPU backend its
-    buffers are read in place; on an accelerator they would be copied to the host and back.
-    Under ``jax.vmap`` the callback runs once per batch element (``vmap_method=
-    "sequential"``). Forward-mode differentiation (``jax.jvp``, ``jax.jacfwd``) is not
-    available for a ``custom_vjp`` function; reverse mode is.
+    The custom call is registered for the CPU platform. Under ``jax.vmap`` the whole batch
+    is one call, each batch element its own problem (its own "mean" denominator). Under
+    ``jax.shard_map`` each shard computes its own rows and the gradient keeps the logits'
+    sharding (combine the shards' "sum" losses with ``psum``, or pass the global count as a
+    traced ``normalizer``). Under plain ``jit``, logits whose rows are sharded over explicit
+    mesh axes (``NamedSharding``, the class axis whole) are computed the same way by
+    fastxent itself, the "mean" denominator combined across shards; with sharding left to
+    XLA (auto mesh axes) the custom call is not partitioned and XLA gathers the rows.
+    Problems below 2**21 elements run on XLA's calling thread unless ``num_threads`` is
+    given. Forward mode (``jax.jvp``, ``jax.jacfwd``) and reverse mode both work through the
+    FFI; second order (``jax.hessian``) does not: the gradient comes from the custom call,
+    which has no derivative rule. The pure_callback fallback is a ``custom_vjp`` function:
+    reverse mode only.
 
     Example
     -------
@@ -264,3 +303,8 @@ cross_entropy.__doc__ = """Softmax cross-entropy of a batch of logits, different
     >>> bool(jnp.allclose(g.sum(axis=-1), 0.0, atol=1e-6))
     True
 """
+
+
+# optax-shaped drop-ins (after cross_entropy: the module imports it back).
+from ._jax_dropins import (  # noqa: E402
+    softmax_cross_entropy, softmax_cross_entropy_with_integer_labels)

@@ -1,0 +1,248 @@
+"""fastxent.jax through XLA's FFI: the kernel as an XLA custom call (CPU).
+
+The handlers (cpp/ffi/xla_handlers.cpp, submodule ``fastxent._core.xla_ffi``) read XLA's operand
+buffers and write its result buffers in place: no host callback, no copy, no GIL. This module
+registers them with JAX and builds the ``custom_vjp`` function that :mod:`fastxent.jax` uses
+when :func:`enabled` is true. Otherwise (a fastxent built without jaxlib's FFI headers, a
+jaxlib older than the one it was built against, or ``FASTXENT_JAX_FFI=0`` in the environment)
+fastxent.jax keeps its ``jax.pure_callback`` path.
+
+Operands of the custom call: logits (their own dtype, float16/bfloat16 included), target
+(class indices of any integer dtype, or probabilities in the logits' dtype), weight and
+sample_weight (the compute dtype: float32 for 16-bit logits; empty when absent), and two
+scalars (label smoothing, normalizer) read only when given as traced values; static options
+are attributes. Under ``jax.vmap`` the batch dims lead every operand
+(``vmap_method="broadcast_all"``) and the handler runs each batch element as its own problem:
+one custom call for the whole batch.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import threading
+from typing import Any, Dict, Optional, Tuple
+
+import numpy as np
+
+import jax
+import jax.numpy as jnp
+
+_FLAG_PROBS, _FLAG_WEIGHT, _FLAG_SWEIGHT = 1, 2, 4
+_FLAG_EPS_OPERAND, _FLAG_NORMALIZER, _FLAG_NORM_OPERAND = 8, 16, 32
+_REDUCTIONS = {"none": 0, "sum": 1, "mean": 2}
+_HALF = (np.dtype(jnp.bfloat16), np.dtype(jnp.float16))
+
+_lock = threading.Lock()
+_state: Optional[bool] = None
+
+
+def _version(v: str) -> Tuple[int, ...]:
+    out = []
+    for part in v.split(".")[:3]:
+        digits = "".join(ch for ch in part if ch.isdigit())
+        out.append(int(digits or 0))
+    return tuple(out)
+
+
+def enabled() -> bool:
+    """True when fastxent.jax runs through the FFI handlers (registered on first use)."""
+    global _state
+    if _state is None:
+        with _lock:
+            if _state is None:
+                _state = _register()
+    return _state
+
+
+def _register() -> bool:
+    env = os.environ.get("FASTXENT_JAX_FFI", "").strip()
+    if env == "0":
+        return False
+    from . import _core
+    _xla_ffi = getattr(_core, "xla_ffi", None)  # built only with jaxlib's FFI headers
+    if _xla_ffi is None:
+        return False
+    import jaxlib
+    runtime = getattr(getattr(jaxlib, "version", None), "__version__", "0")
+    # Handlers compiled against a newer FFI header than the running XLA may be refused by it;
+    # FASTXENT_JAX_FFI=1 forces them anyway.
+    if env != "1" and _version(runtime) < _version(_xla_ffi.jaxlib_version):
+        return False
+    for name, capsule in _xla_ffi.handlers().items():
+        jax.ffi.register_ffi_target(name, capsule, platform="cpu")
+    return True
+
+
+def compute_dtype(dtype: Any) -> np.dtype:
+    dt = np.dtype(dtype)
+    return np.dtype(np.float32) if dt in _HALF else dt
+
+
+def _result(shape: Tuple[int, ...], dtype: Any, like: Any) -> Any:
+    """A result type that varies over the manual (shard_map) mesh axes the logits vary over:
+    each shard's call computes on its own rows."""
+    t = jax.typeof(like) if hasattr(jax, "typeof") else None
+    mat = getattr(t, "manual_axis_type", None)
+    if mat is not None and getattr(mat, "varying", None):
+        spec = jax.sharding.PartitionSpec(*([None] * len(shape)))
+        sharding = jax.sharding.NamedSharding(t.sharding.mesh, spec)
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding, manual_axis_type=mat)
+    vma = getattr(t, "vma", None)  # the same information in JAX releases before 0.10
+    if vma:
+        return jax.ShapeDtypeStruct(shape, dtype, vma=vma)
+    return jax.ShapeDtypeStruct(shape, dtype)
+
+
+def _call(want_grad: bool, attrs: Tuple[Tuple[str, Any], ...], x, t, w, sw, sc):
+    a = dict(attrs)
+    cdt = compute_dtype(x.dtype)
+    axis = int(a["axis"])
+    rows = x.shape[:axis] + x.shape[axis + 1:]
+    loss_shape = rows if int(a["reduction"]) == 0 else ()
+    outs = [_result(loss_shape, cdt, x)]
+    if want_grad:
+        outs.append(_result(x.shape, x.dtype, x))
+    empty = jnp.zeros((0,), cdt)
+    f = jax.ffi.ffi_call("fastxent_ce_grad" if want_grad else "fastxent_ce", tuple(outs),
+                         vmap_method="broadcast_all")
+    return f(x, t, empty if w is None else w, empty if sw is None else sw, sc,
+             core_ndim=np.int64(x.ndim), **a)
+
+
+@functools.lru_cache(maxsize=256)
+def _make(attrs: Tuple[Tuple[str, Any], ...]):
+    """The custom_jvp function for one set of attributes (cached: a stable callee for jit).
+
+    The tangent rule runs the fused kernel (loss and gradient g in one call) and returns the
+    tangent <g, dx> (per row for "none"): linear in dx, so JAX transposes it for reverse mode
+    into g * cotangent (XLA drops the product when the cotangent is the constant 1 of
+    value_and_grad), and forward mode (jax.jvp, jax.jacfwd) works as well. Second order is
+    not available: g itself comes from the custom call, which has no derivative rule."""
+    a = dict(attrs)
+    axis = int(a["axis"])
+    none = int(a["reduction"]) == 0
+
+    @jax.custom_jvp
+    def ce(x, t, w, sw, sc):
+        return _call(False, attrs, x, t, w, sw, sc)[0]
+
+    def jvp(primals, tangents):
+        x, t, w, sw, sc = primals
+        for name, v in zip(("target", "weight", "sample_weight", "label_smoothing or normalizer"),
+                           tangents[1:]):
+            if v is not None and not isinstance(v, jax.custom_derivatives.SymbolicZero):
+                raise TypeError(
+                    f"fastxent.jax.cross_entropy differentiates with respect to the logits "
+                    f"only; {name} is being differentiated (wrap it in jax.lax.stop_gradient "
+                    f"if it is a constant)")
+        dx = tangents[0]
+        if isinstance(dx, jax.custom_derivatives.SymbolicZero):
+            loss = _call(False, attrs, x, t, w, sw, sc)[0]
+            return loss, jnp.zeros_like(loss)
+        loss, grad = _call(True, attrs, x, t, w, sw, sc)
+        # Row n's loss depends on row n's logits only, and g is the gradient of the sum of
+        # the rows ("none") or of the reduced loss: <g, dx> row by row is the exact tangent.
+        prod = (grad * dx.astype(grad.dtype)).astype(loss.dtype)
+        return loss, jnp.sum(prod, axis=axis) if none else jnp.sum(prod)
+
+    ce.defjvp(jvp, symbolic_zeros=True)
+    return ce
+
+
+def cross_entropy(x, t, w, sw, probs: bool, axis: int, opts: dict,
+                  eps: Any, normalizer: Any) -> jax.Array:
+    """The loss (in the compute dtype) through the custom call. `opts`: static options
+    (reduction, ignore_index, z_loss, softcap, logit_scale, num_threads); `eps` and
+    `normalizer`: Python numbers (attributes) or traced scalars (operands); normalizer None:
+    absent. Logits whose rows are sharded over explicit mesh axes (the class axis whole) are
+    computed shard by shard (_sharded)."""
+    rows = _row_sharding(x, axis)
+    if rows is not None:
+        return _sharded(rows, x, t, w, sw, probs, axis, opts, eps, normalizer)
+    return _single(x, t, w, sw, probs, axis, opts, eps, normalizer)
+
+
+def _row_sharding(x, axis: int):
+    """(mesh, per-dim spec) when the logits' sharding is known at trace time (explicit mesh
+    axes) and shards some row dimension but not the class axis; else None."""
+    t = jax.typeof(x) if hasattr(jax, "typeof") else None
+    sh = getattr(t, "sharding", None)
+    spec, mesh = getattr(sh, "spec", None), getattr(sh, "mesh", None)
+    if spec is None or mesh is None or getattr(mesh, "empty", True):
+        return None
+    spec = tuple(spec) + (None,) * (x.ndim - len(tuple(spec)))
+    if spec[axis] is not None or all(s is None for s in spec):
+        return None
+    return mesh, spec
+
+
+def _denominator(t, w, sw, probs: bool, opts: dict, C: int, cdt: Any):
+    """This shard's share of the "mean" denominator D (fastxent.cross_entropy's definition)."""
+    if probs:
+        return jnp.sum(sw) if sw is not None else jnp.asarray(t.size // max(C, 1), cdt)
+    d = jnp.ones(t.shape, cdt) if w is None else jnp.take(w, jnp.clip(t, 0, C - 1))
+    d = d if sw is None else d * sw
+    return jnp.sum(jnp.where(t != opts.get("ignore_index", -100), d, 0))
+
+
+def _sharded(rows, x, t, w, sw, probs, axis, opts, eps, normalizer):
+    """Row-sharded logits under jit: a shard_map whose shards each run the custom call on
+    their rows; "sum" and "mean" combine with psum, "mean" dividing every shard by the global
+    denominator (a traced normalizer); the gradient keeps the logits' sharding."""
+    P = jax.sharding.PartitionSpec
+    mesh, spec = rows
+    names = tuple(n for s in spec if s is not None for n in (s if isinstance(s, tuple) else (s,)))
+    row_spec = P(*(spec[:axis] + spec[axis + 1:]))
+    reduction = opts.get("reduction", "mean")
+    args: Dict[str, Any] = {"x": x, "t": t}
+    specs: Dict[str, Any] = {"x": P(*spec), "t": P(*spec) if probs else row_spec}
+    for k, v, sp in (("w", w, P()), ("sw", sw, row_spec), ("eps", eps, P()),
+                     ("norm", normalizer, P())):
+        if isinstance(v, jax.Array):
+            args[k], specs[k] = v, sp
+    args = {k: jax.sharding.reshard(v, jax.sharding.NamedSharding(mesh, specs[k]))
+            for k, v in args.items()}
+    cdt = compute_dtype(x.dtype)
+
+    def local(a):
+        norm = a.get("norm", normalizer)
+        if reduction == "mean" and norm is None:
+            d = _denominator(a["t"], a.get("w"), a.get("sw"), probs, opts, x.shape[axis], cdt)
+            norm = jax.lax.psum(d, names)
+        loss = _single(a["x"], a["t"], a.get("w"), a.get("sw"), probs, axis, opts,
+                       a.get("eps", eps), norm)
+        return loss if reduction == "none" else jax.lax.psum(loss, names)
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(specs,),
+                         out_specs=row_spec if reduction == "none" else P())(args)
+
+
+def _single(x, t, w, sw, probs: bool, axis: int, opts: dict, eps: Any,
+            normalizer: Any) -> jax.Array:
+    cdt = compute_dtype(x.dtype)
+    flags = ((_FLAG_PROBS if probs else 0) | (0 if w is None else _FLAG_WEIGHT)
+             | (0 if sw is None else _FLAG_SWEIGHT)
+             | (0 if normalizer is None else _FLAG_NORMALIZER))
+    traced_eps = isinstance(eps, jax.Array)
+    traced_norm = isinstance(normalizer, jax.Array)
+    flags |= (_FLAG_EPS_OPERAND if traced_eps else 0) | (_FLAG_NORM_OPERAND if traced_norm else 0)
+    sc = jnp.stack([jnp.asarray(eps if traced_eps else 0.0, cdt).reshape(()),
+                    jnp.asarray(normalizer if traced_norm else 0.0, cdt).reshape(())])
+    softcap = opts.get("softcap")
+    nt = opts.get("num_threads")
+    attrs = (("axis", np.int64(axis)),
+             ("reduction", np.int64(_REDUCTIONS[opts.get("reduction", "mean")])),
+             ("ignore_index", np.int64(opts.get("ignore_index", -100))),
+             ("flags", np.int64(flags)),
+             ("num_threads", np.int64(0 if nt is None else nt)),
+             ("eps", np.float64(0.0 if traced_eps else eps)),
+             ("normalizer", np.float64(0.0 if traced_norm or normalizer is None else normalizer)),
+             ("z_loss", np.float64(opts.get("z_loss", 0.0))),
+             ("softcap", np.float64(0.0 if softcap is None else softcap)),
+             ("logit_scale", np.float64(opts.get("logit_scale", 1.0))))
+    if probs:
+        t = t.astype(x.dtype)
+    w = None if w is None else w.astype(cdt)
+    sw = None if sw is None else sw.astype(cdt)
+    return _make(attrs)(x, t, w, sw, sc)
