@@ -39,7 +39,7 @@ from . import _sigmoid as _api_sigmoid
 
 __all__ = ["cross_entropy", "CrossEntropyLoss", "binary_cross_entropy_with_logits",
            "BCEWithLogitsLoss", "vocab_parallel_cross_entropy", "release_buffers",
-           "kept_buffer_bytes"]
+           "kept_buffer_bytes", "linear_cross_entropy", "LinearCrossEntropyLoss"]
 
 try:  # bfloat16 as a NumPy dtype: the kernel reads PyTorch's bfloat16 memory through it
     from ml_dtypes import bfloat16 as _ML_BF16
@@ -1647,3 +1647,6 @@ vocab_parallel_cross_entropy.__doc__ = """Cross-entropy over a vocabulary split 
         loss = fxt.vocab_parallel_cross_entropy(local, target, label_smoothing=0.1)
         loss.backward()      # local.grad: this rank's slice of the full gradient
 """
+
+
+from ._torch_linear import LinearCrossEntropyLoss, linear_cross_entropy  # noqa: E402
