@@ -126,6 +126,16 @@ def _class_targets(t: np.ndarray, lead: Tuple[int, ...], v: int, ii: int) -> np.
     return np.ascontiguousarray(ti, dtype=np.int64)
 
 
+def _check_options(v: int, cdt: np.dtype, target_is_probs: bool, reduction: Any, kw: dict,
+                   has_sample_weight: bool) -> None:
+    """fastxent checks every option (and the class weights' shape) on an empty stand-in;
+    kw holds the keywords of _OPTION_NAMES but sample_weight."""
+    stand_in = np.zeros((0, v), cdt)
+    cross_entropy(stand_in, stand_in if target_is_probs else np.zeros(0, np.int64),
+                  reduction=reduction, sample_weight=np.zeros(0, cdt) if has_sample_weight
+                  else None, **kw)
+
+
 def _plan(hshape: Tuple[int, ...], hdt: np.dtype, wshape: Tuple[int, ...], wdt: np.dtype,
           bshape: Optional[Tuple[int, ...]], bdt: Optional[np.dtype], target: Any,
           target_shape: Tuple[int, ...], target_is_probs: bool, reduction: Any,
@@ -151,10 +161,7 @@ def _plan(hshape: Tuple[int, ...], hdt: np.dtype, wshape: Tuple[int, ...], wdt: 
         if tuple(target_shape) != lead + (v,):
             raise ValueError(f"probability target has shape {tuple(target_shape)}, expected "
                              f"{lead + (v,)}")
-    # fastxent checks every option (and the class weights' shape) on an empty stand-in.
-    stand_in = np.zeros((0, v), cdt)
-    cross_entropy(stand_in, stand_in if target_is_probs else np.zeros(0, np.int64),
-                  reduction=reduction, sample_weight=None if sw is None else sw[:0], **kw)
+    _check_options(v, cdt, target_is_probs, reduction, kw, sw is not None)
     tgt = None if target_is_probs else _class_targets(np.asarray(target), lead, v, ii)
     if kw["weight"] is not None:
         kw["weight"] = np.ascontiguousarray(np.asarray(kw["weight"]), dtype=cdt)
