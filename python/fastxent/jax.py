@@ -32,7 +32,7 @@ import jax.numpy as jnp
 
 from . import _api
 
-__all__ = ["cross_entropy"]
+__all__ = ["cross_entropy", "linear_cross_entropy"]
 
 _Options = Tuple[Tuple[str, Any], ...]  # sorted (name, value) pairs: hashable, a cache key
 
@@ -264,3 +264,6 @@ cross_entropy.__doc__ = """Softmax cross-entropy of a batch of logits, different
     >>> bool(jnp.allclose(g.sum(axis=-1), 0.0, atol=1e-6))
     True
 """
+
+
+from ._jax_linear import linear_cross_entropy  # noqa: E402
