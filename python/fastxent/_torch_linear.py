@@ -14,7 +14,9 @@ Invariants:
   matmuls.
 - 16-bit: logits tiles and matmuls in the input's dtype (PyTorch's 16-bit BLAS path,
   float32 accumulation), cross-entropy in float32 inside fastxent, G rounded once to the
-  16-bit dtype; grad_weight and grad_bias are summed over tiles in float32 and rounded once.
+  16-bit dtype; grad_bias is summed over tiles in float32 and rounded once; grad_weight is
+  accumulated by the BLAS (addmm_, float32 inside) and rounded once per tile (a float32
+  accumulator of V x H would cost half the 16-bit logits' size).
 """
 
 from __future__ import annotations
@@ -55,11 +57,7 @@ class _TorchBackend:
         self.buf = torch.empty(plan.tile, plan.v, dtype=h2.dtype)
         self.buf_np = _np(self.buf)
         self.gh, self.gw, self.gb = outs
-        many = plan.n > plan.tile
-        self.acc_w = torch.zeros(w.shape) if self.half and many and self.gw is not None \
-            else self.gw
         self.acc_b = torch.zeros(plan.v) if self.half and self.gb is not None else self.gb
-        self.chunk = max(1, _linear.CHUNK_BYTES // max(1, plan.h * h2.element_size()))
         self.first_w = self.first_b = True
         self.z: Tensor = self.buf
 
@@ -77,15 +75,10 @@ class _TorchBackend:
 
     def grad_weight(self, _g: Any, r0: int, r1: int) -> None:
         g, x = self.z, self.h2[r0:r1]
-        if self.acc_w is self.gw:  # the BLAS accumulates in place (beta = 1)
-            if self.first_w:
-                torch.mm(g.t(), x, out=self.gw)
-            else:
-                self.gw.addmm_(g.t(), x)
-        else:  # 16-bit over several tiles: each tile's product summed in float32
-            for v0 in range(0, self.plan.v, self.chunk):
-                v1 = min(self.plan.v, v0 + self.chunk)
-                self.acc_w[v0:v1] += torch.mm(g[:, v0:v1].t(), x)
+        if self.first_w:
+            torch.mm(g.t(), x, out=self.gw)
+        else:  # the BLAS adds into it (beta = 1; 16-bit: float32 inside, rounded per tile)
+            self.gw.addmm_(g.t(), x)
         self.first_w = False
 
     def grad_bias(self, _g: Any, r0: int) -> None:
@@ -98,8 +91,6 @@ class _TorchBackend:
         self.first_b = False
 
     def finish(self, want: Tuple[bool, bool, bool]) -> None:
-        if want[1] and self.acc_w is not self.gw:
-            self.gw.copy_(self.acc_w)
         if want[2] and self.acc_b is not self.gb:
             self.gb.copy_(self.acc_b)
 
