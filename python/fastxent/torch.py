@@ -40,7 +40,7 @@ from . import _sigmoid as _api_sigmoid
 __all__ = ["cross_entropy", "CrossEntropyLoss", "binary_cross_entropy_with_logits",
            "BCEWithLogitsLoss", "vocab_parallel_cross_entropy", "release_buffers",
            "kept_buffer_bytes", "linear_cross_entropy", "LinearCrossEntropyLoss",
-           "vocab_parallel_linear_cross_entropy"]
+           "vocab_parallel_linear_cross_entropy", "patch_causal_lm", "unpatch_causal_lm"]
 
 try:  # bfloat16 as a NumPy dtype: the kernel reads PyTorch's bfloat16 memory through it
     from ml_dtypes import bfloat16 as _ML_BF16
@@ -1652,3 +1652,4 @@ vocab_parallel_cross_entropy.__doc__ = """Cross-entropy over a vocabulary split 
 
 from ._torch_linear import LinearCrossEntropyLoss, linear_cross_entropy  # noqa: E402
 from ._torch_linear_vp import vocab_parallel_linear_cross_entropy  # noqa: E402
+from ._torch_linear_hf import patch_causal_lm, unpatch_causal_lm  # noqa: E402
