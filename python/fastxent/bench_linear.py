@@ -147,9 +147,10 @@ def run_linear(threads: Sequence[int], repeats: Optional[int] = None, budget_s: 
                 med = {c.name: float(np.median(c.times)) for c in active}
                 n, h, v = shape
                 logits = n * v * x.element_size()
+                grads = (n + v) * h * x.element_size()
                 emit(f"\n-- linear + cross-entropy N={n} H={h} V={v} {dtype}, threads={nt}, "
                      f"{reps} interleaved rounds ({secs:.1f} s); logits would be "
-                     f"{logits / 2**20:.0f} MiB, gradients {(n + v) * h * x.element_size() / 2**20:.0f} MiB")
+                     f"{logits / 2**20:.0f} MiB, gradients {grads / 2**20:.0f} MiB")
                 for c in active:
                     m = med[c.name]
                     base = med["three matmuls"] if "bwd" in c.name else med["one matmul X.W^T"]
