@@ -153,7 +153,8 @@ def run_linear(threads: Sequence[int], repeats: Optional[int] = None, budget_s: 
                      f"{logits / 2**20:.0f} MiB, gradients {grads / 2**20:.0f} MiB")
                 for c in active:
                     m = med[c.name]
-                    base = med["three matmuls"] if "bwd" in c.name else med["one matmul X.W^T"]
+                    three = "bwd" in c.name or c.name == "three matmuls"
+                    base = med["three matmuls"] if three else med["one matmul X.W^T"]
                     peak = _peak_rss(c.name, shape, dtype, nt) if rss else None
                     emit(f"  {c.name:<25}{fmt_time(m):>11}  x{m / base:5.2f} of the matmuls"
                          + ("" if peak is None else f"  peak RSS +{peak / 2**20:7.0f} MiB"))
