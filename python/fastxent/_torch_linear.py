@@ -147,7 +147,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             else:
                 _, grads = _sweep(plan, h2, lw, lb, want)
         if plan.reduction != "none" and bool(go != 1):
-            grads = tuple(None if g is None else g * go.to(g.dtype) for g in grads)
+            scale = float(go)  # the gradients are this call's own: scaled in place
+            grads = tuple(None if g is None else g.mul_(scale) for g in grads)
         gh, gw, gb = grads
         return (None if gh is None else gh.reshape(ctx.shape), gw, gb, None)
 
