@@ -209,7 +209,7 @@ def _run_tiles(plan: _Plan, be: Any, want: Tuple[bool, bool, bool],
     for r0 in range(0, plan.n, plan.tile):
         r1 = min(plan.n, r0 + plan.tile)
         z = be.logits(r0, r1)
-        tgt = plan.target[r0:r1] if plan.probs is None else plan.probs[r0:r1]
+        tgt = plan.probs[r0:r1] if plan.target is None else plan.target[r0:r1]
         kw = _tile_kw(plan, r0, r1, red, sw)
         if grad:
             loss, _ = cross_entropy_with_grad(z, tgt, out=z, **kw)
@@ -242,10 +242,13 @@ class _NumpyBackend:
         self.w = w.astype(np.float32) if self.half else w
         self.b = None if b is None else (b.astype(np.float32) if self.half else b)
         self.buf = np.empty((plan.tile, plan.v), plan.cdt)
-        self.gh, self.gw, self.gb = outs
-        self.acc_w = np.zeros(w.shape, np.float32) if self.half and self.gw is not None \
+        # Set when the loop calls for them (None otherwise: never read then).
+        self.gh: Any = outs[0]
+        self.gw: Any = outs[1]
+        self.gb: Any = outs[2]
+        self.acc_w: Any = np.zeros(w.shape, np.float32) if self.half and self.gw is not None \
             else self.gw
-        self.acc_b = self.gb if self.gb is None or not self.half else \
+        self.acc_b: Any = self.gb if self.gb is None or not self.half else \
             np.zeros(plan.v, np.float32)
         self.chunk = max(1, CHUNK_BYTES // max(1, plan.h * plan.cdt.itemsize))
         self.tmp = np.empty((min(self.chunk, plan.v), plan.h), plan.cdt)
@@ -305,7 +308,7 @@ def _check_outs(out: Any, h: np.ndarray, w: np.ndarray, b: Optional[np.ndarray],
                         "or None")
     names = ("grad_hidden", "grad_weight", "grad_bias")
     refs = (h, w, b)
-    res = []
+    res: list = []
     for name, o, ref in zip(names, out, refs):
         if o is None:
             res.append(None)
