@@ -79,9 +79,9 @@ def _sweep(opts, red: str, tile: int, want_grad: bool, h2, w_lin, b, t, cw, sw, 
         gb = gb + g.sum(0)
         return (gw, gb), (loss, gh)
 
-    carry = (jnp.zeros((v, hdim), cdt), jnp.zeros((v,), cdt)) if want_grad else None
+    carry: Any = (jnp.zeros((v, hdim), cdt), jnp.zeros((v,), cdt)) if want_grad else None
     full = (n // tile) * tile
-    outs = []
+    outs: Any = []
     if full:
         def tiles(a):
             return None if a is None else a[:full].reshape((full // tile, tile) + a.shape[1:])

@@ -56,8 +56,10 @@ class _TorchBackend:
         self.half = h2.dtype in (torch.float16, torch.bfloat16)
         self.buf = torch.empty(plan.tile, plan.v, dtype=h2.dtype)
         self.buf_np = _np(self.buf)
-        self.gh, self.gw, self.gb = outs
-        self.acc_b = torch.zeros(plan.v) if self.half and self.gb is not None else self.gb
+        self.gh: Any = outs[0]  # None where not wanted (then never read)
+        self.gw: Any = outs[1]
+        self.gb: Any = outs[2]
+        self.acc_b: Any = torch.zeros(plan.v) if self.half and self.gb is not None else self.gb
         self.first_w = self.first_b = True
         self.z: Tensor = self.buf
 
@@ -239,7 +241,8 @@ class LinearCrossEntropyLoss(nn.Module):
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         return linear_cross_entropy(
             input, self.linear.weight, target, linear_bias=self.linear.bias,
-            weight=self.weight, reduction=self.reduction, ignore_index=self.ignore_index,
+            weight=self.weight,  # type: ignore[arg-type]  # a buffer: a Tensor or None
+            reduction=self.reduction, ignore_index=self.ignore_index,
             label_smoothing=self.label_smoothing, **self.fastxent_options)
 
     def extra_repr(self) -> str:

@@ -18,6 +18,7 @@ Invariants:
 
 from __future__ import annotations
 
+import dataclasses
 import types
 from typing import Any
 
@@ -60,10 +61,11 @@ def patch_causal_lm(model: Any, *, keep_logits: bool = False) -> Any:
             linear_bias=getattr(hd, "bias", None), ignore_index=-100, normalizer=norm,
             softcap=getattr(self.config, "final_logit_softcapping", None)).float()
         from transformers.modeling_outputs import CausalLMOutputWithPast
-        return CausalLMOutputWithPast(
-            loss=loss, logits=None, past_key_values=getattr(out, "past_key_values", None),
-            hidden_states=getattr(out, "hidden_states", None),
-            attentions=getattr(out, "attentions", None))
+        fields = {f.name for f in dataclasses.fields(CausalLMOutputWithPast)}
+        extra = {k: getattr(out, k, None) for k in ("cache", "past_key_values",
+                                                     "hidden_states", "attentions")
+                 if k in fields}  # transformers 5 names the cache `cache`, 4 did not
+        return CausalLMOutputWithPast(loss=loss, logits=None, **extra)
 
     model._fastxent_forward = original
     model.forward = types.MethodType(forward, model)

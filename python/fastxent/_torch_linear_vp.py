@@ -78,13 +78,13 @@ class _VPLinear(torch.autograd.Function):
         for r0 in range(0, n, a["tile"]):
             r1 = min(n, r0 + a["tile"])
             x = h2[r0:r1]
-            zf, z = _logits32(x, w, b)
-            shard_grad(z, a["t"][r0:r1], merged[r0:r1], **a["stat_kw"], z_loss=a["z_loss"],
+            zf, zn = _logits32(x, w, b)
+            shard_grad(zn, a["t"][r0:r1], merged[r0:r1], **a["stat_kw"], z_loss=a["z_loss"],
                        reduction="sum" if red == "none" else red, normalizer=norm,
-                       sample_weight=None if sw is None else sw[r0:r1], scale=scale, out=z)
-            g = zf.to(input.dtype)
-            torch.mm(g, w, out=gh[r0:r1])
-            gw.addmm_(g.t(), x)
+                       sample_weight=None if sw is None else sw[r0:r1], scale=scale, out=zn)
+            gt = zf.to(input.dtype)  # G_r, rounded once for 16-bit inputs
+            torch.mm(gt, w, out=gh[r0:r1])
+            gw.addmm_(gt.t(), x)
             if gb is not None:
                 gb += zf.sum(0)
         a["dist"].all_reduce(gh, op=a["dist"].ReduceOp.SUM, group=a["group"])
@@ -135,9 +135,9 @@ def vocab_parallel_linear_cross_entropy(
                          None if lb is None else _np_dt(lb.dtype),
                          np.full(lead, ignore_index, np.int64), lead, False, reduction, opts,
                          tile_rows, 4)
-    t = _linear._class_targets(target.detach().numpy(), plan.lead, V, ignore_index)
+    tgt = _linear._class_targets(target.detach().numpy(), plan.lead, V, ignore_index)
     cdt = np.float64 if input.dtype == torch.float64 else np.float32
-    a = {"n": plan.n, "lead": plan.lead, "tile": plan.tile, "t": t, "group": group,
+    a = {"n": plan.n, "lead": plan.lead, "tile": plan.tile, "t": tgt, "group": group,
          "dist": dist, "all_reduce": fxt._all_reduce_stats, "reduction": reduction,
          "sw": plan.sample_weight, "z_loss": z_loss, "normalizer": normalizer,
          "stat_kw": {"offset": off, "num_classes": V,
