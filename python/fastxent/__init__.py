@@ -14,6 +14,7 @@ from typing import List
 
 from . import _core
 from ._api import cross_entropy, cross_entropy_with_grad
+from ._linear import linear_cross_entropy, linear_cross_entropy_with_grad
 from ._companions import log_softmax, logsumexp, softmax, softmax_backward, softmax_jacobian
 from ._shard import (STAT_FIELDS, loss_from_stats, merge_stats, shard_grad, shard_stats,
                      stats_denominator)
@@ -24,6 +25,8 @@ __version__: str = _core.__version__
 __all__ = [
     "cross_entropy",
     "cross_entropy_with_grad",
+    "linear_cross_entropy",
+    "linear_cross_entropy_with_grad",
     "softmax",
     "log_softmax",
     "logsumexp",

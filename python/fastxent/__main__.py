@@ -53,7 +53,11 @@ def _add_bench(sub: "argparse._SubParsersAction") -> None:
         ("training", "also time the loss inside a PyTorch training loop (fresh activations "
                      "each step, default path, float32, bfloat16 and a small batch) against "
                      "F.cross_entropy; on by default in a full run (needs PyTorch)",
-         "the training-loop section"))
+         "the training-loop section"),
+        ("linear", "also time the fused linear + cross-entropy (fastxent.torch.linear_"
+                   "cross_entropy) against the matmuls alone and PyTorch's "
+                   "F.linear_cross_entropy, with peak RSS; off by default (minutes at the "
+                   "issue's shapes; --quick: a small shape)", "the linear section"))
     for name, on_help, what in sections:  # --NAME / --no-NAME, None when neither is given
         p.add_argument(f"--{name}", dest=name, action="store_true", default=None, help=on_help)
         p.add_argument(f"--no-{name}", dest=name, action="store_false", help=f"skip {what}")
@@ -95,6 +99,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
               "default path), against F.cross_entropy", flush=True)
         bench_training.run_training(threads, repeats=repeats, budget_s=args.budget,
                                     quick=args.quick, log=lambda s: print(s, flush=True))
+    if args.linear and "torch" in peers:
+        from . import bench_linear
+        print("\n== fused linear + cross-entropy, forward + backward to input and weight",
+              flush=True)
+        bench_linear.run_linear(threads, repeats=repeats, budget_s=args.budget,
+                                quick=args.quick, log=lambda s: print(s, flush=True))
     if args.plot:
         try:
             bench.plot(results, args.plot)

@@ -21,7 +21,7 @@ from ._torch_common import (all_ones, as_array, compute_dtype, loss_tensor, nump
 _NSTAT = len(_shard.STAT_FIELDS)
 
 
-def _dist() -> Any:
+def torch_dist() -> Any:
     """torch.distributed, checked to be usable (available in this build, initialized)."""
     import torch.distributed as dist
     if not dist.is_available():
@@ -34,13 +34,13 @@ def _dist() -> Any:
     return dist
 
 
-def _vp_layout(c_local: int, group: Any, offset: Optional[int],
+def vp_layout(c_local: int, group: Any, offset: Optional[int],
                num_classes: Optional[int]) -> Tuple[int, int]:
     """(offset, num_classes) of this rank's slice: as given, or from the slice sizes of every
     rank gathered once (one all_gather of one integer per rank), in rank order."""
     if offset is not None and num_classes is not None:
         return index(offset, "offset"), index(num_classes, "num_classes")
-    dist = _dist()
+    dist = torch_dist()
     world = dist.get_world_size(group)
     rank = dist.get_rank(group)
     if rank < 0:
@@ -60,13 +60,13 @@ def _vp_layout(c_local: int, group: Any, offset: Optional[int],
     return index(offset, "offset"), index(num_classes, "num_classes")
 
 
-def _all_reduce_stats(st: np.ndarray, group: Any) -> np.ndarray:
+def all_reduce_stats(st: np.ndarray, group: Any) -> np.ndarray:
     """Merges every rank's shard statistics (rows, 7) with two all-reduces: MAX of the row
     maxima, then SUM of the other fields packed in one tensor, the exponential sums rescaled
     to the global max first (Megatron's scheme). NaN does not rely on the backend: a rank's NaN
     max (some logit NaN) enters the MAX as -inf and a NaN flag rides in the SUM, so a row with
     a NaN on any rank gets a NaN max and sum on every rank, as on one machine."""
-    dist = _dist()
+    dist = torch_dist()
     s = torch.from_numpy(st)
     mx, se = s[:, 0], s[:, 1]
     nan = torch.isnan(mx) | torch.isnan(se)
@@ -112,7 +112,7 @@ def _vp_stats_loss(x: np.ndarray, a: _VPArgs) -> Tuple[Any, np.ndarray]:
                             label_smoothing=a.label_smoothing, softcap=a.softcap,
                             logit_scale=a.logit_scale, num_threads=a.num_threads)
     rows_shape = st.shape[:-1]
-    merged = _all_reduce_stats(st.reshape(-1, _NSTAT), a.group).reshape(st.shape)
+    merged = all_reduce_stats(st.reshape(-1, _NSTAT), a.group).reshape(st.shape)
     loss = _shard.loss_from_stats(merged, reduction=a.reduction, sample_weight=a.sample_weight,
                                   z_loss=a.z_loss, normalizer=a.normalizer,
                                   num_classes=a.num_classes)
@@ -206,8 +206,8 @@ def vocab_parallel_cross_entropy(local_logits: Tensor, target: Tensor, group: An
     tgt = target_array(target, cdt)
     w = as_array(weight, "weight", cdt)
     sw = as_array(sample_weight, "sample_weight", cdt)
-    _dist()
-    off, C = _vp_layout(c_local, group, offset, num_classes)
+    torch_dist()
+    off, C = vp_layout(c_local, group, offset, num_classes)
     if w is not None:
         w = np.asarray(w)
         if w.shape == (C,) and C != c_local:  # the full class-weight vector: this rank's part

@@ -47,7 +47,8 @@ import jax.numpy as jnp
 
 from . import _api, _jax_ffi
 
-__all__ = ["cross_entropy", "softmax_cross_entropy", "softmax_cross_entropy_with_integer_labels"]
+__all__ = ["cross_entropy", "linear_cross_entropy", "softmax_cross_entropy",
+           "softmax_cross_entropy_with_integer_labels"]
 
 _Options = Tuple[Tuple[str, Any], ...]  # sorted (name, value) pairs: hashable, a cache key
 
@@ -308,3 +309,4 @@ cross_entropy.__doc__ = """Softmax cross-entropy of a batch of logits, different
 # optax-shaped drop-ins (after cross_entropy: the module imports it back).
 from ._jax_dropins import (  # noqa: E402
     softmax_cross_entropy, softmax_cross_entropy_with_integer_labels)
+from ._jax_linear import linear_cross_entropy  # noqa: E402

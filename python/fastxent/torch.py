@@ -47,7 +47,8 @@ from ._torch_vocab import vocab_parallel_cross_entropy
 
 __all__ = ["cross_entropy", "CrossEntropyLoss", "binary_cross_entropy_with_logits",
            "BCEWithLogitsLoss", "vocab_parallel_cross_entropy", "release_buffers",
-           "kept_buffer_bytes"]
+           "kept_buffer_bytes", "linear_cross_entropy", "LinearCrossEntropyLoss",
+           "vocab_parallel_linear_cross_entropy", "patch_causal_lm", "unpatch_causal_lm"]
 
 _DOC_OPTIONS = """
     ``**fastxent_options`` (keyword-only) are those of :func:`fastxent.cross_entropy`:
@@ -276,3 +277,8 @@ CrossEntropyLoss.__doc__ = """``torch.nn.CrossEntropyLoss`` computed by fastxent
     >>> head.weight.grad.shape
     torch.Size([10, 16])
 """
+
+
+from ._torch_linear import LinearCrossEntropyLoss, linear_cross_entropy  # noqa: E402
+from ._torch_linear_vp import vocab_parallel_linear_cross_entropy  # noqa: E402
+from ._torch_linear_hf import patch_causal_lm, unpatch_causal_lm  # noqa: E402

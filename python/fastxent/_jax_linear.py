@@ -1,0 +1,202 @@
+"""JAX front end of the fused linear + cross-entropy: :func:`linear_cross_entropy`, a
+``jax.custom_vjp`` function usable under ``jax.jit``.
+
+Invariants:
+- The rows are taken in tiles (``lax.scan`` over the full tiles, then the remainder); per
+  tile ``Z = hidden[tile] @ W.T (+ bias)`` by ``jnp.dot`` (float32 accumulation and float32
+  logits for 16-bit inputs), fastxent's kernel turns Z into the tile's loss and gradient G
+  on the host (``jax.pure_callback``), then ``grad_hidden[tile] = G @ W`` and
+  ``grad_weight += G.T @ hidden[tile]`` by ``jnp.dot``. No N x V array.
+- "mean" divides every tile by the whole batch's denominator D, computed from the targets
+  and weights in JAX (or the static ``normalizer``).
+- Evaluated without differentiation: the loss alone. Under ``jax.grad``: "mean"/"sum"
+  compute the loss and the three gradients in one sweep (the residuals), the backward
+  scales them; "none" recomputes the tiles in the backward with the rows weighted by the
+  cotangent.
+- 16-bit: G is rounded once to the input dtype for the gradient matmuls, which accumulate
+  in float32; grad_weight and grad_bias are summed over tiles in float32, rounded once.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import _linear
+from ._api import cross_entropy, cross_entropy_with_grad
+
+__all__ = ["linear_cross_entropy"]
+
+_STATIC = ("reduction", "ignore_index", "label_smoothing", "z_loss", "softcap", "logit_scale",
+           "normalizer", "num_threads")
+
+
+def _host(opts: Tuple[Tuple[str, Any], ...], red: str, want_grad: bool, cdt: Any):
+    kw = dict(opts, reduction=red)
+
+    def call(z, t, w, sw, d):
+        z = np.asarray(z)
+        k = dict(kw, weight=None if w is None else np.asarray(w),
+                 sample_weight=None if sw is None else np.asarray(sw))
+        if red == "mean":
+            k["normalizer"] = float(d)
+        if want_grad:
+            loss, g = cross_entropy_with_grad(z, np.asarray(t), **k)
+            return np.asarray(loss, cdt), g.astype(cdt, copy=False)
+        return np.asarray(cross_entropy(z, np.asarray(t), **k), cdt)
+    return call
+
+
+def _sweep(opts, red: str, tile: int, want_grad: bool, h2, w_lin, b, t, cw, sw, d):
+    """The tile loop: (loss, grad_hidden (n, h), grad_weight, grad_bias) (grads None when
+    not wanted); loss summed over tiles, or the (n,) rows for "none"."""
+    n, hdim = h2.shape
+    v = w_lin.shape[0]
+    dt = h2.dtype
+    cdt = jnp.float64 if dt == jnp.float64 else jnp.float32
+    host = _host(opts, red, want_grad, np.dtype(cdt))
+
+    def step(carry, xs):
+        h_t, t_t, sw_t = xs
+        z = jnp.dot(h_t, w_lin.T, preferred_element_type=cdt)
+        if b is not None:
+            z = z + b.astype(cdt)
+        m = h_t.shape[0]
+        lshape = jax.ShapeDtypeStruct((m,) if red == "none" else (), cdt)
+        if not want_grad:
+            return carry, (jax.pure_callback(host, lshape, z, t_t, cw, sw_t, d,
+                                             vmap_method="sequential"), None)
+        loss, g = jax.pure_callback(host, (lshape, jax.ShapeDtypeStruct(z.shape, cdt)),
+                                    z, t_t, cw, sw_t, d, vmap_method="sequential")
+        gw, gb = carry
+        g16 = g.astype(dt)
+        gh = jnp.dot(g16, w_lin, preferred_element_type=cdt).astype(dt)
+        gw = gw + jnp.dot(g16.T, h_t, preferred_element_type=cdt)
+        gb = gb + g.sum(0)
+        return (gw, gb), (loss, gh)
+
+    carry: Any = (jnp.zeros((v, hdim), cdt), jnp.zeros((v,), cdt)) if want_grad else None
+    full = (n // tile) * tile
+    outs: Any = []
+    if full:
+        def tiles(a):
+            return None if a is None else a[:full].reshape((full // tile, tile) + a.shape[1:])
+        carry, (ls, ghs) = jax.lax.scan(step, carry, (tiles(h2), tiles(t), tiles(sw)))
+        outs.append((ls.reshape(-1) if red == "none" else ls.sum(),
+                     None if ghs is None else ghs.reshape(full, hdim)))
+    if n > full or not full:
+        def rest(a):
+            return None if a is None else a[full:]
+        carry, (lr, ghr) = step(carry, (rest(h2), rest(t), rest(sw)))
+        outs.append((lr, ghr))
+    if red == "none":
+        loss = jnp.concatenate([o[0] for o in outs])
+    else:
+        loss = sum(o[0] for o in outs)
+    if not want_grad:
+        return loss, None, None, None
+    gh = jnp.concatenate([o[1] for o in outs]) if len(outs) > 1 else outs[0][1]
+    gw, gb = carry
+    return loss, gh, gw.astype(dt), None if b is None else gb.astype(dt)
+
+
+@functools.lru_cache(maxsize=128)
+def _make(opts: Tuple[Tuple[str, Any], ...], tile: int, has_bias: bool):
+    red = dict(opts)["reduction"]
+
+    def loss_of(h, w, b, t, cw, sw, d):
+        h2 = h.reshape(-1, h.shape[-1])
+        loss = _sweep(opts, red, tile, False, h2, w, b if has_bias else None, t, cw, sw, d)[0]
+        return loss.reshape(h.shape[:-1]) if red == "none" else loss
+
+    @jax.custom_vjp
+    def f(h, w, b, t, cw, sw, d):
+        return loss_of(h, w, b, t, cw, sw, d)
+
+    def fwd(h, w, b, t, cw, sw, d):
+        if red == "none":
+            return loss_of(h, w, b, t, cw, sw, d), (h, w, b, t, cw, sw, d, None)
+        h2 = h.reshape(-1, h.shape[-1])
+        loss, gh, gw, gb = _sweep(opts, red, tile, True, h2, w, b if has_bias else None, t,
+                                  cw, sw, d)
+        return loss, (h, w, b, t, cw, sw, d, (gh, gw, gb))
+
+    def bwd(res, ct):
+        h, w, b, t, cw, sw, d, grads = res
+        if grads is None:  # "none": the rows weighted by the cotangent, recomputed
+            s = ct.reshape(-1).astype(d.dtype)
+            s = s if sw is None else s * sw
+            _, gh, gw, gb = _sweep(opts, "sum", tile, True, h.reshape(-1, h.shape[-1]), w,
+                                   b if has_bias else None, t, cw, s, d)
+        else:
+            c = ct.astype(grads[0].dtype)
+            gh, gw, gb = (None if g is None else (g * c).astype(g.dtype) for g in grads)
+        return (gh.reshape(h.shape), gw, gb if has_bias else None, None, None, None, None)
+
+    f.defvjp(fwd, bwd)
+    return f
+
+
+def linear_cross_entropy(hidden: Any, linear_weight: Any, target: Any, *,
+                         linear_bias: Any = None, weight: Any = None, sample_weight: Any = None,
+                         tile_rows: Optional[int] = None, **options: Any) -> jax.Array:
+    """The loss of ``fastxent.jax.cross_entropy(hidden @ linear_weight.T + linear_bias,
+    target, ...)`` (see :func:`fastxent.linear_cross_entropy`), differentiable with respect
+    to hidden, linear_weight and linear_bias, usable under ``jax.jit`` and ``jax.grad``.
+    Options are static (as in fastxent.jax.cross_entropy); weight and sample_weight are
+    traced, not differentiated. Class indices are checked when the kernel runs (an
+    out-of-range one is a runtime error)."""
+    h = jnp.asarray(hidden)
+    w = jnp.asarray(linear_weight)
+    b = None if linear_bias is None else jnp.asarray(linear_bias)
+    t = jnp.asarray(target)
+    unknown = set(options) - set(_STATIC)
+    if unknown:
+        raise TypeError(f"unknown options {sorted(unknown)}")
+    kw = {"weight": None, "ignore_index": -100, "label_smoothing": 0.0, "sample_weight": None,
+          "z_loss": 0.0, "softcap": None, "logit_scale": 1.0, "normalizer": None,
+          "num_threads": None}
+    kw.update({k: v for k, v in options.items() if k != "reduction"})
+    red = options.get("reduction", "mean")
+    hdt, wdt = np.dtype(h.dtype), np.dtype(w.dtype)
+    _linear.shape_checks(tuple(h.shape), hdt, tuple(w.shape), wdt,
+                          None if b is None else tuple(b.shape),
+                          None if b is None else np.dtype(b.dtype))
+    lead, v = tuple(h.shape[:-1]), w.shape[0]
+    n = int(np.prod(lead, dtype=np.int64))
+    cdt = np.dtype(np.float64) if hdt == np.float64 else np.dtype(np.float32)
+    probs = jnp.issubdtype(t.dtype, jnp.floating)
+    if t.shape != (lead + (v,) if probs else lead):
+        raise ValueError(f"target has shape {t.shape}, expected {lead} (class indices) or "
+                         f"{lead + (v,)} (probabilities)")
+    if not probs and not jnp.issubdtype(t.dtype, jnp.integer):
+        raise TypeError(f"target must hold class indices or probabilities, got {t.dtype}")
+    if sample_weight is not None and tuple(np.shape(sample_weight)) != lead:
+        raise ValueError(f"sample_weight has shape {np.shape(sample_weight)}, expected {lead}")
+    opts_kw = {k: kw[k] for k in kw if k not in ("weight", "sample_weight")}
+    _linear.check_options(v, cdt, bool(probs), red,
+                           dict(opts_kw, weight=None if weight is None else np.ones(
+                               np.shape(weight), cdt)), sample_weight is not None)
+    cw = None if weight is None else jnp.asarray(weight).astype(cdt)
+    sw = None if sample_weight is None else jnp.asarray(sample_weight).astype(cdt).reshape(-1)
+    t = t.reshape((n, v)).astype(cdt) if probs else t.reshape(n)
+    ii = opts_kw["ignore_index"]
+    if red != "mean" or opts_kw["normalizer"] is not None:
+        d = jnp.asarray(1.0 if opts_kw["normalizer"] is None else opts_kw["normalizer"], cdt)
+    elif probs:
+        d = jnp.asarray(n, cdt) if sw is None else sw.sum()
+    else:
+        counted = t != ii
+        per = jnp.ones(n, cdt) if sw is None else sw
+        if cw is not None:
+            per = per * cw[jnp.where(counted, t, 0)]
+        d = jnp.where(counted, per, 0).sum()
+    tile = _linear.tile_rows(max(n, 1), v, cdt.itemsize, tile_rows)
+    opts = tuple(sorted((k, val) for k, val in opts_kw.items() if k != "normalizer"))
+    f = _make(opts + (("reduction", red),), tile, b is not None)
+    loss = f(h, w, b, t, cw, sw, d)
+    return loss.astype(h.dtype)

@@ -1,0 +1,409 @@
+"""Fused linear + softmax cross-entropy: the loss of
+``cross_entropy(hidden @ linear_weight.T + linear_bias, target, ...)`` and its gradients with
+respect to hidden, linear_weight and linear_bias, without ever holding the N x V logits.
+
+This module owns the argument checks shared by the NumPy, PyTorch and JAX front ends
+(:func:`make_plan`), the global "mean" denominator, the row-tile size, and the tile loop
+(:func:`run_tiles`), which a backend (NumPy here, PyTorch in ``_torch_linear``) supplies
+with its matmuls.
+
+Invariants of the tile loop:
+
+- Rows are taken in tiles of at most ``plan.tile`` rows, in increasing order; one reused
+  buffer of tile x V logits is the only array with V columns besides the weight and its
+  gradient (16-bit NumPy also keeps float32 copies of those two, see below).
+- Per tile: ``Z = hidden[tile] @ W.T (+ bias)`` by the backend's BLAS; fastxent's in-place
+  kernel (``cross_entropy_with_grad(Z, ..., out=Z)``) turns Z into the tile's loss and its
+  gradient G, with "mean" divided by the whole batch's denominator D (passed as
+  ``normalizer``), so that the tiles add up to the batch's loss and gradient; then
+  ``grad_hidden[tile] = G @ W``, ``grad_weight += G.T @ hidden[tile]``,
+  ``grad_bias += G.sum(0)``, always in this order.
+- The BLAS and fastxent's OpenMP kernel run one after the other, never at the same time.
+- Everything (shapes, dtypes, options, every class index, out= buffers) is checked before
+  the first byte of an out= buffer is written.
+- Bit stability: the kernel's part is independent of its thread count; the matmuls are the
+  BLAS's (their rounding may depend on its thread count), and the tile size decides how
+  the weight and bias gradients and the loss are summed across tiles (float32 round-off).
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from typing import Any, NamedTuple, Optional, Tuple
+
+import numpy as np
+
+from ._api import cross_entropy, cross_entropy_with_grad
+
+__all__ = ["linear_cross_entropy", "linear_cross_entropy_with_grad"]
+
+# Bytes of the reused logits tile (and at most 1/6 of the whole logits, so that the memory
+# beyond inputs and gradients stays under 1/4 of the logits); the tile has at least
+# _MIN_ROWS rows so that the matmuls keep the BLAS efficient. Larger tiles read the weight
+# fewer times (once per tile per matmul).
+TILE_BYTES = 64 << 20
+_MIN_ROWS = 16
+# Bytes of the vocabulary chunks through which grad_weight is accumulated where the BLAS
+# cannot add into it (NumPy's matmul, 16-bit PyTorch): small enough to stay in cache.
+CHUNK_BYTES = 1 << 20
+
+_OPTION_NAMES = ("weight", "ignore_index", "label_smoothing", "sample_weight", "z_loss",
+                 "softcap", "logit_scale", "normalizer", "num_threads")
+
+
+def _is_half(dt: np.dtype) -> bool:
+    return dt == np.float16 or (dt.itemsize == 2 and dt.name == "bfloat16")
+
+
+class _Plan(NamedTuple):
+    lead: Tuple[int, ...]           # hidden.shape[:-1]: the rows' shape
+    n: int                          # rows
+    h: int                          # hidden size
+    v: int                          # vocabulary (classes)
+    cdt: np.dtype                   # dtype of the losses and kernel weights
+    target: Optional[np.ndarray]    # (n,) int64 class indices, or None
+    probs: Any                      # (n, v) probability targets (any array fastxent reads)
+    sample_weight: Optional[np.ndarray]  # (n,) in cdt, or None
+    kw: dict                        # fastxent keywords shared by every tile
+    reduction: str
+    denominator: float              # D of "mean" (1.0 otherwise)
+    tile: int
+
+
+def tile_rows(n: int, v: int, itemsize: int, tile: Optional[int] = None) -> int:
+    """Rows per logits tile: `tile` when given, else TILE_BYTES (at most 1/6 of the
+    logits, at least _MIN_ROWS rows) divided by a row's bytes."""
+    if tile is not None:
+        try:
+            t = operator.index(tile)
+        except TypeError:
+            raise TypeError("tile_rows must be None or a positive integer") from None
+        if t < 1:
+            raise ValueError(f"tile_rows must be >= 1, got {tile}")
+        return max(1, min(t, n))
+    row = max(1, v * itemsize)
+    budget = min(TILE_BYTES, max(row, n * row // 6))
+    return max(1, min(n, max(_MIN_ROWS, budget // row)))
+
+
+def shape_checks(hshape: Tuple[int, ...], hdt: np.dtype, wshape: Tuple[int, ...],
+                  wdt: np.dtype, bshape: Optional[Tuple[int, ...]],
+                  bdt: Optional[np.dtype]) -> None:
+    if hdt not in (np.float32, np.float64) and not _is_half(hdt):
+        raise TypeError(f"hidden must be float32, float64, float16 or bfloat16, got {hdt}")
+    if len(hshape) == 0:
+        raise ValueError("hidden must have at least one dimension (the hidden axis)")
+    if len(wshape) != 2:
+        raise ValueError(f"linear_weight must have shape (V, H), got {wshape}")
+    if wdt != hdt:
+        raise TypeError(f"linear_weight has dtype {wdt}, expected {hdt} (hidden's dtype)")
+    if wshape[1] != hshape[-1]:
+        raise ValueError(f"linear_weight has shape {wshape}, expected (V, {hshape[-1]}) "
+                         f"(hidden's last axis is H = {hshape[-1]})")
+    if wshape[0] == 0:
+        raise ValueError("linear_weight has no rows (V = 0 classes)")
+    if bshape is not None:
+        if bdt != hdt:
+            raise TypeError(f"linear_bias has dtype {bdt}, expected {hdt} (hidden's dtype)")
+        if bshape != (wshape[0],):
+            raise ValueError(f"linear_bias has shape {bshape}, expected ({wshape[0]},)")
+
+
+def class_targets(t: np.ndarray, lead: Tuple[int, ...], v: int, ii: int) -> np.ndarray:
+    if t.dtype.kind not in "iu":
+        raise TypeError(f"target must hold integer class indices (shape {lead}) or float "
+                        f"class probabilities (shape {lead + (v,)}), got dtype {t.dtype}")
+    if t.shape != lead:
+        raise ValueError(f"target has shape {t.shape}, expected {lead} (hidden's shape "
+                         f"without its last axis)")
+    flat = t.reshape(-1)
+    big = t.dtype == np.uint64 and flat.size and int(flat.max()) > np.iinfo(np.int64).max
+    ti = flat.astype(object) if big else flat.astype(np.int64, copy=False)
+    bad = np.flatnonzero((ti != ii) & ((ti < 0) | (ti >= v)))
+    if bad.size:
+        i = int(bad[0])
+        raise IndexError(f"target[{i}] (flattened) = {flat[i]} is out of range: class "
+                         f"indices must be in [0, {v}) or equal ignore_index ({ii})")
+    return np.ascontiguousarray(ti, dtype=np.int64)
+
+
+def check_options(v: int, cdt: np.dtype, target_is_probs: bool, reduction: Any, kw: dict,
+                   has_sample_weight: bool) -> None:
+    """fastxent checks every option (and the class weights' shape) on an empty stand-in;
+    kw holds the keywords of _OPTION_NAMES but sample_weight."""
+    stand_in = np.zeros((0, v), cdt)
+    cross_entropy(stand_in, stand_in if target_is_probs else np.zeros(0, np.int64),
+                  reduction=reduction, sample_weight=np.zeros(0, cdt) if has_sample_weight
+                  else None, **kw)
+
+
+def make_plan(hshape: Tuple[int, ...], hdt: np.dtype, wshape: Tuple[int, ...], wdt: np.dtype,
+          bshape: Optional[Tuple[int, ...]], bdt: Optional[np.dtype], target: Any,
+          target_shape: Tuple[int, ...], target_is_probs: bool, reduction: Any,
+          options: dict, tile: Optional[int], tile_itemsize: int) -> _Plan:
+    """Checks everything and returns the plan. `target` is a NumPy array of class indices,
+    or (probabilities) any array fastxent accepts as a target, of shape `target_shape`."""
+    shape_checks(hshape, hdt, wshape, wdt, bshape, bdt)
+    lead, h, v = tuple(hshape[:-1]), hshape[-1], wshape[0]
+    n = math.prod(lead)
+    cdt = np.dtype(np.float64) if hdt == np.float64 else np.dtype(np.float32)
+    kw = {k: options[k] for k in _OPTION_NAMES}
+    ii = kw["ignore_index"]
+    sw = kw.pop("sample_weight")
+    if sw is not None:
+        sw = np.asarray(sw)
+        if sw.dtype.kind not in "fiu" and not _is_half(sw.dtype):
+            raise TypeError(f"sample_weight must be numeric, got dtype {sw.dtype}")
+        if sw.shape != lead:
+            raise ValueError(f"sample_weight has shape {sw.shape}, expected {lead} (one per "
+                             f"row)")
+        sw = np.ascontiguousarray(sw, dtype=cdt).reshape(-1)
+    if target_is_probs:
+        if tuple(target_shape) != lead + (v,):
+            raise ValueError(f"probability target has shape {tuple(target_shape)}, expected "
+                             f"{lead + (v,)}")
+    check_options(v, cdt, target_is_probs, reduction, kw, sw is not None)
+    tgt = None if target_is_probs else class_targets(np.asarray(target), lead, v, ii)
+    if kw["weight"] is not None:
+        kw["weight"] = np.ascontiguousarray(np.asarray(kw["weight"]), dtype=cdt)
+    d = 1.0
+    if reduction == "mean":
+        if kw["normalizer"] is not None:
+            d = float(kw["normalizer"])
+        elif tgt is not None:
+            counted = tgt != ii
+            per_row = np.ones(n) if sw is None else sw.astype(np.float64)
+            if kw["weight"] is not None:
+                per_row = per_row * kw["weight"].astype(np.float64)[np.where(counted, tgt, 0)]
+            d = float(np.sum(per_row, where=counted))
+        else:
+            d = float(n) if sw is None else float(np.sum(sw, dtype=np.float64))
+    return _Plan(lead, n, h, v, cdt, tgt, target if target_is_probs else None, sw, kw,
+                 reduction, d, tile_rows(max(n, 1), v, tile_itemsize, tile))
+
+
+def _tile_kw(plan: _Plan, r0: int, r1: int, reduction: str,
+             sample_weight: Optional[np.ndarray]) -> dict:
+    kw = dict(plan.kw, reduction=reduction)
+    if reduction == "mean":
+        kw["normalizer"] = plan.denominator
+    if sample_weight is not None:
+        kw["sample_weight"] = sample_weight[r0:r1]
+    return kw
+
+
+def run_tiles(plan: _Plan, be: Any, want: Tuple[bool, bool, bool],
+               reduction: Optional[str] = None,
+               sample_weight: Optional[np.ndarray] = None) -> Any:
+    """The tile loop. `be` (a backend) owns the arrays and the matmuls; `want` says which of
+    grad_hidden, grad_weight, grad_bias to compute (none: the loss alone, no gradient
+    matmuls). Returns the loss: a float (float64 sum of the tiles' losses) for "sum" and
+    "mean", the (n,) row losses for "none". `reduction` and `sample_weight` override the
+    plan's (PyTorch's backward of "none" scales the rows by the upstream gradient)."""
+    red = plan.reduction if reduction is None else reduction
+    sw = plan.sample_weight if sample_weight is None else sample_weight
+    grad = any(want)
+    total = 0.0
+    rows = np.empty(plan.n, plan.cdt) if red == "none" else None
+    for r0 in range(0, plan.n, plan.tile):
+        r1 = min(plan.n, r0 + plan.tile)
+        z = be.logits(r0, r1)
+        tgt = plan.probs[r0:r1] if plan.target is None else plan.target[r0:r1]
+        kw = _tile_kw(plan, r0, r1, red, sw)
+        if grad:
+            loss, _ = cross_entropy_with_grad(z, tgt, out=z, **kw)
+            if want[0]:
+                be.grad_hidden(z, r0, r1)
+            if want[1]:
+                be.grad_weight(z, r0, r1)
+            if want[2]:
+                be.grad_bias(z, r0)
+        else:
+            loss = cross_entropy(z, tgt, **kw)
+        if rows is not None:
+            rows[r0:r1] = loss
+        else:
+            total += float(loss)
+    if grad:
+        be.finish(want)
+    return rows if rows is not None else total
+
+
+class _NumpyBackend:
+    """NumPy's matmul (its BLAS) for each tile. 16-bit inputs are multiplied in float32
+    (NumPy has no 16-bit BLAS): float32 copies of the weight and of its gradient, each
+    gradient rounded once to the 16-bit dtype at the end."""
+
+    def __init__(self, plan: _Plan, h2: np.ndarray, w: np.ndarray, b: Optional[np.ndarray],
+                 outs: Tuple[Optional[np.ndarray], ...]):
+        self.plan, self.half = plan, _is_half(h2.dtype)
+        self.h2 = h2
+        self.w = w.astype(np.float32) if self.half else w
+        self.b = None if b is None else (b.astype(np.float32) if self.half else b)
+        self.buf = np.empty((plan.tile, plan.v), plan.cdt)
+        # Set when the loop calls for them (None otherwise: never read then).
+        self.gh: Any = outs[0]
+        self.gw: Any = outs[1]
+        self.gb: Any = outs[2]
+        self.acc_w: Any = np.zeros(w.shape, np.float32) if self.half and self.gw is not None \
+            else self.gw
+        self.acc_b: Any = self.gb if self.gb is None or not self.half else \
+            np.zeros(plan.v, np.float32)
+        self.chunk = max(1, CHUNK_BYTES // max(1, plan.h * plan.cdt.itemsize))
+        self.tmp = np.empty((min(self.chunk, plan.v), plan.h), plan.cdt)
+        self.first_w = self.first_b = True
+
+    def _x(self, r0: int, r1: int) -> np.ndarray:
+        x = self.h2[r0:r1]
+        return x.astype(np.float32) if self.half else x
+
+    def logits(self, r0: int, r1: int) -> np.ndarray:
+        z = self.buf[:r1 - r0]
+        np.matmul(self._x(r0, r1), self.w.T, out=z)
+        if self.b is not None:
+            np.add(z, self.b, out=z)
+        return z
+
+    def grad_hidden(self, g: np.ndarray, r0: int, r1: int) -> None:
+        if self.half:
+            self.gh[r0:r1] = np.matmul(g, self.w)
+        else:
+            np.matmul(g, self.w, out=self.gh[r0:r1])
+
+    def grad_weight(self, g: np.ndarray, r0: int, r1: int) -> None:
+        x = self._x(r0, r1)
+        if self.first_w:
+            np.matmul(g.T, x, out=self.acc_w)
+            self.first_w = False
+            return
+        for v0 in range(0, self.plan.v, self.chunk):
+            v1 = min(self.plan.v, v0 + self.chunk)
+            t = self.tmp[:v1 - v0]
+            np.matmul(g[:, v0:v1].T, x, out=t)
+            np.add(self.acc_w[v0:v1], t, out=self.acc_w[v0:v1])
+
+    def grad_bias(self, g: np.ndarray, r0: int) -> None:
+        if self.first_b:
+            np.sum(g, axis=0, out=self.acc_b)
+            self.first_b = False
+        else:
+            self.acc_b += g.sum(axis=0)
+
+    def finish(self, want: Tuple[bool, bool, bool]) -> None:
+        if self.half and want[1]:
+            self.gw[...] = self.acc_w
+        if self.half and want[2]:
+            self.gb[...] = self.acc_b
+
+
+def _check_outs(out: Any, h: np.ndarray, w: np.ndarray, b: Optional[np.ndarray],
+                inputs: Tuple[Tuple[str, Any], ...]) -> Tuple[Optional[np.ndarray], ...]:
+    """out=(grad_hidden, grad_weight, grad_bias), each None or a writable C-contiguous array
+    of its input's shape and dtype, overlapping no input and no other out buffer."""
+    if out is None:
+        return (None, None, None)
+    if not isinstance(out, (tuple, list)) or len(out) != 3:
+        raise TypeError("out must be a tuple (grad_hidden, grad_weight, grad_bias) of arrays "
+                        "or None")
+    names = ("grad_hidden", "grad_weight", "grad_bias")
+    refs = (h, w, b)
+    res: list = []
+    for name, o, ref in zip(names, out, refs):
+        if o is None:
+            res.append(None)
+            continue
+        if ref is None:
+            raise ValueError("out has a grad_bias buffer but there is no linear_bias")
+        if not isinstance(o, np.ndarray):
+            raise TypeError(f"out {name} must be a NumPy array, got {type(o).__name__}")
+        if o.dtype != ref.dtype or o.shape != ref.shape:
+            raise ValueError(f"out {name} has shape {o.shape} and dtype {o.dtype}, expected "
+                             f"the shape and dtype of its input")
+        if not o.flags.c_contiguous or not o.flags.writeable:
+            raise ValueError(f"out {name} must be C-contiguous and writable")
+        for other, arr in inputs + tuple(zip(names, res)):
+            if arr is not None and np.may_share_memory(o, arr):
+                raise ValueError(f"out {name} overlaps {other}")
+        res.append(o)
+    return tuple(res)
+
+
+def _numpy_call(hidden: Any, linear_weight: Any, target: Any, linear_bias: Any,
+                reduction: Any, options: dict, tile: Any, want_grad: bool, out: Any):
+    h = np.asarray(hidden)
+    w = np.asarray(linear_weight)
+    b = None if linear_bias is None else np.asarray(linear_bias)
+    t = np.asarray(target)
+    probs = t.dtype.kind == "f" or _is_half(t.dtype)
+    cdt = np.dtype(np.float64) if h.dtype == np.float64 else np.dtype(np.float32)
+    plan = make_plan(h.shape, h.dtype, w.shape, w.dtype, None if b is None else b.shape,
+                 None if b is None else b.dtype, t, t.shape, probs, reduction, options, tile,
+                 cdt.itemsize)
+    h2 = h.reshape(plan.n, plan.h)
+    if probs:
+        t = t.reshape(plan.n, plan.v)
+        plan = plan._replace(probs=t)
+    want = (want_grad, want_grad, want_grad and b is not None)
+    outs: Tuple[Optional[np.ndarray], ...] = (None, None, None)
+    if want_grad:
+        inputs = (("hidden", h), ("linear_weight", w), ("linear_bias", b), ("target", t),
+                  ("weight", options["weight"]), ("sample_weight", options["sample_weight"]))
+        outs = tuple(o if o is not None else (None if ref is None else np.empty(ref.shape,
+                                                                                  ref.dtype))
+                     for o, ref in zip(_check_outs(out, h, w, b, inputs), (h, w, b)))
+        if plan.n == 0:
+            for o in outs:
+                if o is not None:
+                    o[...] = 0
+    views = (None if outs[0] is None else outs[0].reshape(plan.n, plan.h),) + outs[1:]
+    loss = run_tiles(plan, _NumpyBackend(plan, h2, w, b, views), want)
+    loss = loss.reshape(plan.lead) if reduction == "none" else plan.cdt.type(loss)
+    return (loss,) + outs if want_grad else loss
+
+
+def linear_cross_entropy(hidden: Any, linear_weight: Any, target: Any, *,
+                         linear_bias: Any = None, reduction: str = "mean", weight: Any = None,
+                         ignore_index: int = -100, label_smoothing: float = 0.0,
+                         sample_weight: Any = None, z_loss: float = 0.0,
+                         softcap: Optional[float] = None, logit_scale: float = 1.0,
+                         normalizer: Optional[float] = None,
+                         num_threads: Optional[int] = None, tile_rows: Optional[int] = None):
+    """The loss of ``fx.cross_entropy(hidden @ linear_weight.T + linear_bias, target, ...)``,
+    computed in tiles of rows: the N x V logits never exist.
+
+    hidden has shape (..., H), linear_weight (V, H) as in ``nn.Linear``, linear_bias (V,);
+    target class indices of shape hidden.shape[:-1], or probabilities of shape (..., V).
+    Every keyword of :func:`fastxent.cross_entropy` (but axis) means what it means there;
+    "mean" divides by the whole batch's denominator. tile_rows overrides the rows per tile
+    (default: a 64 MiB tile, at most 1/6 of the logits). float16/bfloat16 inputs are
+    multiplied in float32 (float32 copies of the weight: NumPy has no 16-bit BLAS), the loss
+    is float32. Returns what fx.cross_entropy returns."""
+    opts = dict(weight=weight, ignore_index=ignore_index, label_smoothing=label_smoothing,
+                sample_weight=sample_weight, z_loss=z_loss, softcap=softcap,
+                logit_scale=logit_scale, normalizer=normalizer, num_threads=num_threads)
+    return _numpy_call(hidden, linear_weight, target, linear_bias, reduction, opts,
+                       tile_rows, False, None)
+
+
+def linear_cross_entropy_with_grad(hidden: Any, linear_weight: Any, target: Any, *,
+                                   linear_bias: Any = None, reduction: str = "mean",
+                                   weight: Any = None, ignore_index: int = -100,
+                                   label_smoothing: float = 0.0, sample_weight: Any = None,
+                                   z_loss: float = 0.0, softcap: Optional[float] = None,
+                                   logit_scale: float = 1.0, normalizer: Optional[float] = None,
+                                   num_threads: Optional[int] = None,
+                                   tile_rows: Optional[int] = None, out: Any = None):
+    """``(loss, grad_hidden, grad_weight, grad_bias)`` of :func:`linear_cross_entropy`
+    (grad_bias is None without linear_bias; "none" gives the gradients of the sum of the
+    row losses). Per tile: logits by the BLAS, fastxent's in-place kernel, then
+    ``grad_hidden[tile] = G @ W`` and ``grad_weight += G.T @ hidden[tile]``.
+
+    out: optional ``(grad_hidden, grad_weight, grad_bias)`` buffers (each None or an array of
+    its input's shape and dtype, C-contiguous, writable, overlapping no input). On any error
+    nothing is written. 16-bit gradients are accumulated in float32 and rounded once."""
+    opts = dict(weight=weight, ignore_index=ignore_index, label_smoothing=label_smoothing,
+                sample_weight=sample_weight, z_loss=z_loss, softcap=softcap,
+                logit_scale=logit_scale, normalizer=normalizer, num_threads=num_threads)
+    return _numpy_call(hidden, linear_weight, target, linear_bias, reduction, opts,
+                       tile_rows, True, out)

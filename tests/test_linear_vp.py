@@ -1,0 +1,104 @@
+"""fastxent.torch.vocab_parallel_linear_cross_entropy on two spawned gloo processes (the
+weight's rows split 7 + 12 of V = 19): loss, grad_input, each rank's weight and bias slice
+against the one-process fastxent.torch.linear_cross_entropy on the full weight, for every
+reduction and the options (class weights given in full, ignore_index, label smoothing over
+the whole vocabulary, sample weights, z_loss, softcap), float64 and bfloat16."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import pickle
+import socket
+import traceback
+
+import pytest
+
+torch = pytest.importorskip("torch")
+if not (torch.distributed.is_available() and torch.distributed.is_gloo_available()):
+    pytest.skip("torch.distributed with the gloo backend is not available",
+                allow_module_level=True)
+
+SPLIT = (7, 12)
+CASES = [("mean", {}, "float64"), ("sum", {"label_smoothing": 0.1}, "float64"),
+         ("none", {"ignore_index": 3, "z_loss": 1e-3}, "float64"),
+         ("mean", {"weight": True, "ignore_index": 3, "label_smoothing": 0.2,
+                   "sample_weight": True, "softcap": 5.0}, "float64"),
+         ("mean", {"label_smoothing": 0.1}, "bfloat16")]
+
+
+def _errors(rank):
+    import fastxent.torch as fxt
+    out = []
+    for i, (red, opt, dt_name) in enumerate(CASES):
+        dt = getattr(torch, dt_name)
+        g = torch.Generator().manual_seed(i)
+        n, h, v = 13, 6, sum(SPLIT)
+        x = torch.randn(n, h, generator=g, dtype=torch.float64).to(dt)
+        w = torch.randn(v, h, generator=g, dtype=torch.float64).to(dt)
+        b = (0.1 * torch.randn(v, generator=g, dtype=torch.float64)).to(dt)
+        t = torch.randint(0, v, (n,), generator=g)
+        kw = {k: val for k, val in opt.items() if k not in ("weight", "sample_weight")}
+        if "ignore_index" in opt:
+            t[::3] = opt["ignore_index"]
+        if opt.get("weight"):
+            kw["weight"] = torch.rand(v, generator=g, dtype=torch.float64) + 0.5
+        if opt.get("sample_weight"):
+            kw["sample_weight"] = torch.rand(n, generator=g, dtype=torch.float64)
+        up = torch.randn(n if red == "none" else (), generator=g, dtype=torch.float64).to(dt)
+        lo = 0 if rank == 0 else SPLIT[0]
+        hi = lo + SPLIT[rank]
+        xl, wl, bl = (a.clone().requires_grad_() for a in (x, w[lo:hi], b[lo:hi]))
+        loss = fxt.vocab_parallel_linear_cross_entropy(xl, wl, t, linear_bias=bl,
+                                                       reduction=red, tile_rows=4, **kw)
+        loss.backward(up)
+        xr, wr, br = (a.clone().requires_grad_() for a in (x, w, b))
+        ref = fxt.linear_cross_entropy(xr, wr, t, linear_bias=br, reduction=red, **kw)
+        ref.backward(up)
+        pairs = [(loss, ref), (xl.grad, xr.grad), (wl.grad, wr.grad[lo:hi]),
+                 (bl.grad, br.grad[lo:hi])]
+        out.append((dt_name, [float((p.detach().double() - q.detach().double()).abs().max()
+                                    / max(1.0, float(q.detach().double().abs().max())))
+                              for p, q in pairs]))
+    return out
+
+
+def _worker(rank, port, outdir):
+    import datetime
+
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    try:
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=2, timeout=datetime.timedelta(seconds=60))
+        res = _errors(rank)
+        dist.destroy_process_group()
+    except BaseException:
+        with open(os.path.join(outdir, f"rank{rank}.err"), "w") as f:
+            f.write(traceback.format_exc())
+        raise
+    with open(os.path.join(outdir, f"rank{rank}.pkl"), "wb") as f:
+        pickle.dump(res, f)
+
+
+def test_matches_one_process(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_worker, args=(r, port, str(tmp_path)), daemon=True)
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(240)
+        if p.is_alive():
+            p.kill()
+    for r in range(2):
+        err = tmp_path / f"rank{r}.err"
+        assert not err.exists(), err.read_text()
+        res = pickle.loads((tmp_path / f"rank{r}.pkl").read_bytes())
+        for (dt_name, errs), case in zip(res, CASES):
+            tol = 1e-12 if dt_name == "float64" else 2e-2
+            assert max(errs) <= tol, (r, case, errs)
