@@ -1,10 +1,10 @@
 """Fails when an object file compiled for the baseline contains an instruction beyond it.
 
 Usage: check_baseline_isa.py OBJECT...   (objects named isa_<name> other than isa_scalar are
-skipped: they are the ISA-specific kernels of isa_list.hpp). On x86-64 the baseline is SSE2: any VEX/EVEX-encoded
-instruction (mnemonics starting with 'v', ymm/zmm registers, AVX-512 mask registers) is a
-leak, typically an inline function or a template instantiated with ISA flags and picked by
-the linker for baseline code, or LTO moving ISA code into baseline objects."""
+skipped: they are the ISA-specific kernels of isa_list.hpp). On x86-64 the baseline is SSE2:
+any VEX/EVEX-encoded instruction (mnemonics starting with 'v', ymm/zmm registers, AVX-512
+mask registers) is a leak, typically an inline function or a template instantiated with ISA
+flags and picked by the linker for baseline code, or LTO moving ISA code into baseline objects."""
 
 import re
 import shutil
@@ -24,8 +24,9 @@ def main(paths):
         base = path.replace("\\", "/").rsplit("/", 1)[-1]
         if base.startswith("isa_") and not base.startswith("isa_scalar"):
             continue
-        out = subprocess.run([objdump, "-d", "--no-show-raw-insn", path], capture_output=True,
-                             text=True, check=True).stdout
+        out = subprocess.run(
+            [objdump, "-d", "--no-show-raw-insn", path], capture_output=True, text=True, check=True
+        ).stdout
         checked += 1
         func = "?"
         for line in out.splitlines():

@@ -27,10 +27,10 @@ def pytest_configure(config):
     # .ci/wheel sets FASTXENT_EXPECT_SITE to the test venv's site-packages: a suite that imported
     # fastxent from anywhere else (the source tree, a build directory) must not pass.
     site = os.environ.get("FASTXENT_EXPECT_SITE")
-    if site and not os.path.realpath(fastxent.__file__).startswith(
-            os.path.realpath(site) + os.sep):
-        raise pytest.UsageError(f"fastxent was imported from {fastxent.__file__}, not from "
-                                f"FASTXENT_EXPECT_SITE={site}")
+    if site and not os.path.realpath(fastxent.__file__).startswith(os.path.realpath(site) + os.sep):
+        raise pytest.UsageError(
+            f"fastxent was imported from {fastxent.__file__}, not from FASTXENT_EXPECT_SITE={site}"
+        )
 
 
 @pytest.fixture(params=ISAS)
@@ -52,8 +52,10 @@ def rng(request):
 
 
 def pytest_report_header(config):
-    return (f"fastxent {fastxent.__version__} from {os.path.dirname(fastxent.__file__)}: "
-            f"ISAs {ISAS} (default {fastxent.active_isa()}, "
-            f"FASTXENT_ISA={os.environ.get('FASTXENT_ISA', '') or 'unset'}), "
-            f"OpenMP {_core.has_openmp()} with {_core.default_num_threads()} threads, "
-            f"build {dict(_core.build_info)}")
+    return (
+        f"fastxent {fastxent.__version__} from {os.path.dirname(fastxent.__file__)}: "
+        f"ISAs {ISAS} (default {fastxent.active_isa()}, "
+        f"FASTXENT_ISA={os.environ.get('FASTXENT_ISA', '') or 'unset'}), "
+        f"OpenMP {_core.has_openmp()} with {_core.default_num_threads()} threads, "
+        f"build {dict(_core.build_info)}"
+    )

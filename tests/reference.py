@@ -42,6 +42,7 @@ def block_classes(dtype) -> int:
     """The kernel's block length (classes) for logits of `dtype`: float64 has its own, every
     other dtype is computed in float32. Tests put class counts and shard cuts around it."""
     from fastxent import _core
+
     return int(_core.block_classes(8 if np.dtype(dtype).itemsize == 8 else 4))
 
 
@@ -57,9 +58,15 @@ def _mul0(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.where((a == 0) & ~np.isnan(b), 0.0, prod)
 
 
-def cross_entropy_ref(logits, target, *, weight=None, ignore_index: int = -100,
-                      label_smoothing: float = 0.0, reduction: str = "mean"
-                      ) -> Tuple[Union[float, np.ndarray], np.ndarray]:
+def cross_entropy_ref(
+    logits,
+    target,
+    *,
+    weight=None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+) -> Tuple[Union[float, np.ndarray], np.ndarray]:
     """(loss, grad) in float64. loss is a float for "mean"/"sum", an array of
     logits.shape[:-1] for "none"; grad has logits' shape."""
     z_in = np.asarray(logits)
@@ -92,11 +99,11 @@ def cross_entropy_ref(logits, target, *, weight=None, ignore_index: int = -100,
         am = np.argmax(np.where(np.isnan(zs), -np.inf, zs), axis=1)
         e_rest = e.copy()
         e_rest[rows, am] = 0.0
-        rest = e_rest.sum(axis=1)               # S - 1, S = sum_c exp(z_c - m)
-        log_s = np.log1p(rest)                  # log S
+        rest = e_rest.sum(axis=1)  # S - 1, S = sum_c exp(z_c - m)
+        log_s = np.log1p(rest)  # log S
         S = 1.0 + rest
-        nlogp = log_s[:, None] - zs             # -log softmax >= 0; +inf on -inf classes
-        p = e / S[:, None]                      # softmax
+        nlogp = log_s[:, None] - zs  # -log softmax >= 0; +inf on -inf classes
+        p = e / S[:, None]  # softmax
         nll = nlogp[rows, y]
         smooth = np.sum(_mul0(np.broadcast_to(w, (N, C)), nlogp), axis=1)
         row = np.zeros(N)
@@ -136,9 +143,16 @@ def cross_entropy_ref(logits, target, *, weight=None, ignore_index: int = -100,
     raise ValueError(reduction)
 
 
-def torch_cross_entropy(logits, target, *, weight=None, ignore_index: int = -100,
-                        label_smoothing: float = 0.0, reduction: str = "mean",
-                        dtype=np.float64):
+def torch_cross_entropy(
+    logits,
+    target,
+    *,
+    weight=None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+    dtype=np.float64,
+):
     """(loss, grad) from PyTorch's F.cross_entropy + autograd, computed in `dtype`, returned
     as float64 arrays ("none": gradient of the sum of the row losses). Import torch only
     through pytest.importorskip in the calling test."""
@@ -150,8 +164,14 @@ def torch_cross_entropy(logits, target, *, weight=None, ignore_index: int = -100
     zt = torch.from_numpy(z.reshape(-1, C)).requires_grad_(True)
     yt = torch.from_numpy(np.array(target, dtype=np.int64, copy=True).reshape(-1))
     wt = None if weight is None else torch.from_numpy(np.array(weight, dtype=dtype, copy=True))
-    loss = F.cross_entropy(zt, yt, weight=wt, ignore_index=ignore_index,
-                           label_smoothing=label_smoothing, reduction=reduction)
+    loss = F.cross_entropy(
+        zt,
+        yt,
+        weight=wt,
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        reduction=reduction,
+    )
     loss.sum().backward()
     l_np = loss.detach().numpy().astype(np.float64)
     g_np = zt.grad.numpy().astype(np.float64).reshape(z.shape)
@@ -204,8 +224,10 @@ def assert_bitwise_equal(a, b, what: str = "") -> None:
         ua = np.ascontiguousarray(aa).view(np.uint8).reshape(-1)
         ub = np.ascontiguousarray(bb).view(np.uint8).reshape(-1)
         k = int(np.flatnonzero(ua != ub)[0]) // aa.itemsize
-        raise AssertionError(f"{what}: not bitwise identical; first difference at flat index "
-                             f"{k}: {aa.reshape(-1)[k]!r} != {bb.reshape(-1)[k]!r}")
+        raise AssertionError(
+            f"{what}: not bitwise identical; first difference at flat index "
+            f"{k}: {aa.reshape(-1)[k]!r} != {bb.reshape(-1)[k]!r}"
+        )
 
 
 def make_logits(rng: np.random.Generator, shape, scale: float, dtype) -> np.ndarray:
@@ -213,8 +235,9 @@ def make_logits(rng: np.random.Generator, shape, scale: float, dtype) -> np.ndar
     return (scale * rng.standard_normal(shape)).astype(dtype)
 
 
-def make_target(rng: np.random.Generator, shape, C: int,
-                ignore_frac: float = 0.0, ignore_index: int = -100) -> np.ndarray:
+def make_target(
+    rng: np.random.Generator, shape, C: int, ignore_frac: float = 0.0, ignore_index: int = -100
+) -> np.ndarray:
     y = rng.integers(0, C, size=shape, dtype=np.int64)
     if ignore_frac:
         y = np.where(rng.random(shape) < ignore_frac, ignore_index, y)
@@ -238,6 +261,7 @@ def default_isa() -> str:
 # The full option set: sample weights, z-loss, softcap, logit scale, normalizer, probability
 # targets, any class axis. Float64 NumPy (analytic gradient) and PyTorch float64 (autograd).
 
+
 def transform_ref(z: np.ndarray, softcap=None, logit_scale: float = 1.0):
     """(z', dz'/dz) in float64: softcap * tanh(logit_scale * z / softcap), or logit_scale * z."""
     z = np.asarray(z, dtype=np.float64)
@@ -253,10 +277,22 @@ def is_probability_target(logits, target) -> bool:
     return t.dtype.kind == "f" or (t.dtype.itemsize == 2 and t.dtype.name == "bfloat16")
 
 
-def cross_entropy_full_ref(logits, target, *, axis: int = -1, reduction: str = "mean",
-                           weight=None, ignore_index: int = -100, label_smoothing: float = 0.0,
-                           sample_weight=None, z_loss: float = 0.0, softcap=None,
-                           logit_scale: float = 1.0, normalizer=None, scales: bool = False):
+def cross_entropy_full_ref(
+    logits,
+    target,
+    *,
+    axis: int = -1,
+    reduction: str = "mean",
+    weight=None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    sample_weight=None,
+    z_loss: float = 0.0,
+    softcap=None,
+    logit_scale: float = 1.0,
+    normalizer=None,
+    scales: bool = False,
+):
     """(loss, grad) in float64 for the whole contract, literally:
 
         z' = softcap * tanh(logit_scale * z / softcap)   (or logit_scale * z),
@@ -291,8 +327,11 @@ def cross_entropy_full_ref(logits, target, *, axis: int = -1, reduction: str = "
     N = z.shape[0]
     zp, dz = transform_ref(z, softcap, logit_scale)
     w = np.ones(C) if weight is None else np.asarray(weight, dtype=np.float64).reshape(C)
-    s = (np.ones(N) if sample_weight is None
-         else np.asarray(sample_weight, dtype=np.float64).reshape(N))
+    s = (
+        np.ones(N)
+        if sample_weight is None
+        else np.asarray(sample_weight, dtype=np.float64).reshape(N)
+    )
     eps = float(label_smoothing)
     probs = is_probability_target(logits, target)
     m = zp.max(axis=1, keepdims=True) if C else np.zeros((N, 1))
@@ -300,7 +339,7 @@ def cross_entropy_full_ref(logits, target, *, axis: int = -1, reduction: str = "
     S = ex.sum(axis=1, keepdims=True)
     lse = (m + np.log(S))[:, 0]
     p = ex / S
-    nlogp = lse[:, None] - zp                                   # lse - z' >= 0
+    nlogp = lse[:, None] - zp  # lse - z' >= 0
     if probs:
         q = np.moveaxis(np.asarray(target).astype(np.float64), ax, -1).reshape(N, C)
         u = w * (q * (1.0 - eps) + eps / C)
@@ -355,11 +394,22 @@ def scaled_error(got, ref, scale) -> float:
     return float(np.max(d / sc))
 
 
-def torch_cross_entropy_full(logits, target, *, axis: int = -1, reduction: str = "mean",
-                             weight=None, ignore_index: int = -100,
-                             label_smoothing: float = 0.0, sample_weight=None,
-                             z_loss: float = 0.0, softcap=None, logit_scale: float = 1.0,
-                             normalizer=None, torch_layout: bool = False):
+def torch_cross_entropy_full(
+    logits,
+    target,
+    *,
+    axis: int = -1,
+    reduction: str = "mean",
+    weight=None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    sample_weight=None,
+    z_loss: float = 0.0,
+    softcap=None,
+    logit_scale: float = 1.0,
+    normalizer=None,
+    torch_layout: bool = False,
+):
     """(loss, grad) from PyTorch in float64: F.cross_entropy(z', ..., reduction="none") with
     weight / label_smoothing / ignore_index, plus z_loss * logsumexp(z')^2 on counted rows,
     times sample_weight, reduced by hand (D as in the contract); the gradient w.r.t. z by
@@ -373,29 +423,37 @@ def torch_cross_entropy_full(logits, target, *, axis: int = -1, reduction: str =
     z_np = np.array(logits, dtype=np.float64, copy=True)
     ax = axis % z_np.ndim
     C = z_np.shape[ax]
-    rshape = z_np.shape[:ax] + z_np.shape[ax + 1:]
+    rshape = z_np.shape[:ax] + z_np.shape[ax + 1 :]
     zt = torch.from_numpy(z_np).requires_grad_(True)
     if torch_layout:
         assert ax == 1 and z_np.ndim >= 2
         zz = zt
     else:
         zz = torch.movedim(zt, ax, -1).reshape(-1, C)
-    zp = (softcap * torch.tanh(logit_scale * zz / softcap) if softcap is not None
-          else logit_scale * zz)
+    zp = (
+        softcap * torch.tanh(logit_scale * zz / softcap)
+        if softcap is not None
+        else logit_scale * zz
+    )
     wt = None if weight is None else torch.tensor(np.asarray(weight, dtype=np.float64))
     probs = is_probability_target(logits, target)
     if probs:
         tt = torch.from_numpy(np.array(target, dtype=np.float64, copy=True))
         if not torch_layout:
             tt = torch.movedim(tt, ax, -1).reshape(-1, C)
-        ce = F.cross_entropy(zp, tt, weight=wt, label_smoothing=label_smoothing,
-                             reduction="none")
+        ce = F.cross_entropy(zp, tt, weight=wt, label_smoothing=label_smoothing, reduction="none")
         counted = torch.ones(ce.shape, dtype=torch.bool)
     else:
         ty = torch.from_numpy(np.array(target, dtype=np.int64, copy=True))
         ty = ty if torch_layout else ty.reshape(-1)
-        ce = F.cross_entropy(zp, ty, weight=wt, ignore_index=ignore_index,
-                             label_smoothing=label_smoothing, reduction="none")
+        ce = F.cross_entropy(
+            zp,
+            ty,
+            weight=wt,
+            ignore_index=ignore_index,
+            label_smoothing=label_smoothing,
+            reduction="none",
+        )
         counted = ty != ignore_index
     lse = torch.logsumexp(zp, dim=1)
     zero = torch.zeros((), dtype=torch.float64)
@@ -415,8 +473,11 @@ def torch_cross_entropy_full(logits, target, *, axis: int = -1, reduction: str =
         elif probs:
             D = sw.sum()
         else:
-            wy = (torch.ones(ce.shape, dtype=torch.float64) if wt is None
-                  else wt[torch.where(counted, ty, 0)])
+            wy = (
+                torch.ones(ce.shape, dtype=torch.float64)
+                if wt is None
+                else wt[torch.where(counted, ty, 0)]
+            )
             D = torch.where(counted, sw * wy, zero).sum()
         out = row.sum() / D if float(D) != 0 else row.sum() * 0.0
     out.sum().backward()

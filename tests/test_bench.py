@@ -8,14 +8,23 @@ from fastxent import bench
 
 
 def test_run_bench_rows():
-    rows = bench.run_bench(shapes=[(300, 300), (4, 5)], threads=(1, 2), repeats=3,
-                           peers=("numpy",), log=lambda s: None)
-    base = {"copy (floor)", "read (floor)", "fastxent fused", "fastxent fused out=",
-            "fastxent in-place", "fastxent forward", "numpy"}
+    rows = bench.run_bench(
+        shapes=[(300, 300), (4, 5)], threads=(1, 2), repeats=3, peers=("numpy",), log=lambda s: None
+    )
+    base = {
+        "copy (floor)",
+        "read (floor)",
+        "fastxent fused",
+        "fastxent fused out=",
+        "fastxent in-place",
+        "fastxent forward",
+        "numpy",
+    }
     for shape in ((300, 300), (4, 5)):
         for nt in (1, 2):
-            names = {r["contestant"] for r in rows if (r["N"], r["C"]) == shape
-                     and r["threads"] == nt}
+            names = {
+                r["contestant"] for r in rows if (r["N"], r["C"]) == shape and r["threads"] == nt
+            }
             # The floors also run on 2 threads where the array is large enough to split.
             threaded = {"copy (2 threads)", "read (2 threads)"}
             assert names == (base | threaded if nt == 2 and shape == (300, 300) else base)
@@ -30,8 +39,12 @@ def test_run_bench_rows():
 
 
 def test_cli_quick():
-    r = subprocess.run([sys.executable, "-m", "fastxent", "bench", "--quick", "--peers", "",
-                        "--threads", "1,2"], capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "fastxent", "bench", "--quick", "--peers", "", "--threads", "1,2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     assert "copy (floor)" in r.stdout and "fastxent fused out=" in r.stdout
 
@@ -39,11 +52,12 @@ def test_cli_quick():
 def test_runs_without_threadpoolctl():
     """`pip install . && python -m fastxent bench` (the README's command) brings numpy only:
     the bench must run without threadpoolctl, saying so."""
-    code = ("import sys; sys.modules['threadpoolctl'] = None\n"
-            "from fastxent.__main__ import main\n"
-            "sys.exit(main(['bench', '--quick', '--peers', '', '--threads', '1']))")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       timeout=300)
+    code = (
+        "import sys; sys.modules['threadpoolctl'] = None\n"
+        "from fastxent.__main__ import main\n"
+        "sys.exit(main(['bench', '--quick', '--peers', '', '--threads', '1']))"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "threadpoolctl is not installed" in r.stdout and "fastxent fused out=" in r.stdout
 
@@ -51,39 +65,66 @@ def test_runs_without_threadpoolctl():
 def test_info_names_the_stream_threshold():
     """`python -m fastxent info` says whether (and from what size) gradients are streamed."""
     import os
+
     env = dict(os.environ, FASTXENT_STREAM_BYTES=str(3 << 20))
-    r = subprocess.run([sys.executable, "-m", "fastxent", "info"], capture_output=True,
-                       text=True, timeout=120, env=env)
+    r = subprocess.run(
+        [sys.executable, "-m", "fastxent", "info"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert r.returncode == 0, r.stderr
     assert "non-temporal gradient stores from 3 MiB" in r.stdout, r.stdout
     env["FASTXENT_STREAM_BYTES"] = "0"
-    r = subprocess.run([sys.executable, "-m", "fastxent", "info"], capture_output=True,
-                       text=True, timeout=120, env=env)
+    r = subprocess.run(
+        [sys.executable, "-m", "fastxent", "info"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert r.returncode == 0 and "no non-temporal stores" in r.stdout, r.stdout
-    assert bench._stream_text(1000) == ("non-temporal gradient stores from 1000 bytes "
-                                        "(out=, not in place)")
+    assert bench._stream_text(1000) == (
+        "non-temporal gradient stores from 1000 bytes (out=, not in place)"
+    )
 
 
 def test_rounds_rotate_the_order():
     """Round r runs the contestants rotated by r: a peer whose threads are still busy after
     its call slows a different contestant each round, which the median then discards."""
-    order = []   # one entry per timing (prepare runs once before each)
-    cs = [bench.Contestant(name, lambda: None, prepare=(lambda n=name: order.append(n)),
-                           kind=kind)
-          for name, kind in (("floor", "floor"), ("fastxent", "fastxent"), ("peer", "peer"))]
+    order = []  # one entry per timing (prepare runs once before each)
+    cs = [
+        bench.Contestant(name, lambda: None, prepare=(lambda n=name: order.append(n)), kind=kind)
+        for name, kind in (("floor", "floor"), ("fastxent", "fastxent"), ("peer", "peer"))
+    ]
     active, skipped, rounds, _ = bench._measure(cs, repeats=4, budget_s=1.0, max_call_s=10.0)
     assert rounds == 4 and not skipped and len(active) == 3
     assert all(len(c.times) == 4 for c in cs)
-    assert order[-12:] == ["floor", "fastxent", "peer", "fastxent", "peer", "floor",
-                           "peer", "floor", "fastxent", "floor", "fastxent", "peer"]
+    assert order[-12:] == [
+        "floor",
+        "fastxent",
+        "peer",
+        "fastxent",
+        "peer",
+        "floor",
+        "peer",
+        "floor",
+        "fastxent",
+        "floor",
+        "fastxent",
+        "peer",
+    ]
 
 
 def test_training_loop_section_rows():
     """The training-loop section (needs PyTorch) times F.cross_entropy and fastxent.torch's
     default path on every case at each thread count, quick shapes here."""
     import pytest
+
     pytest.importorskip("torch")
     from fastxent import bench_training
+
     lines = []
     rows = bench_training.run_training((1,), repeats=2, quick=True, log=lines.append)
     cases = {r["case"] for r in rows}
@@ -95,12 +136,13 @@ def test_training_loop_section_rows():
 
 
 def test_training_loop_section_without_torch():
-    code = ("import sys; sys.modules['torch'] = None\n"
-            "from fastxent import bench_training\n"
-            "out = []\n"
-            "assert bench_training.run_training((1,), repeats=1, log=out.append) == []\n"
-            "print(out[0])")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       timeout=300)
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "from fastxent import bench_training\n"
+        "out = []\n"
+        "assert bench_training.run_training((1,), repeats=1, log=out.append) == []\n"
+        "print(out[0])"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "skipped: PyTorch is not installed" in r.stdout

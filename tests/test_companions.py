@@ -112,9 +112,18 @@ def check_backward(got, p, g, ref, axis, dtype):
     assert np.all(err <= bound), f"max err/bound {np.max(err / np.maximum(bound, 1e-300)):.3g}"
 
 
-SHAPES_AXES = [((7,), 0), ((5, 9), -1), ((5, 9), 0), ((3, 4, 6), 1), ((3, 4, 6), -1),
-               ((3, 4, 6), 0), ((2, 3, 4, 5), 2), ((4, 9000), -1), ((3, 2100, 2), 1),
-               ((0, 6), -1)]
+SHAPES_AXES = [
+    ((7,), 0),
+    ((5, 9), -1),
+    ((5, 9), 0),
+    ((3, 4, 6), 1),
+    ((3, 4, 6), -1),
+    ((3, 4, 6), 0),
+    ((2, 3, 4, 5), 2),
+    ((4, 9000), -1),
+    ((3, 2100, 2), 1),
+    ((0, 6), -1),
+]
 
 
 @pytest.mark.parametrize("shape,axis", SHAPES_AXES, ids=str)
@@ -131,8 +140,11 @@ def test_against_torch(isa, dtype, shape, axis, rng):
         ref_sm = torch_ref(x, axis, "softmax")
         ref_ls = torch_ref(x, axis, "log_softmax")
         ref_lse = torch_ref(x, axis, "logsumexp")
-        sm, ls, lse = fx.softmax(x, axis=axis), fx.log_softmax(x, axis=axis), fx.logsumexp(
-            x, axis=axis)
+        sm, ls, lse = (
+            fx.softmax(x, axis=axis),
+            fx.log_softmax(x, axis=axis),
+            fx.logsumexp(x, axis=axis),
+        )
         for res, sh in ((sm, shape), (ls, shape), (lse, ref_lse.shape)):
             assert isinstance(res, np.ndarray) and res.dtype == dtype and res.shape == sh
         assert sm.flags.c_contiguous and ls.flags.c_contiguous
@@ -168,15 +180,20 @@ def test_all_minus_inf_slice_and_nan(isa):
     -inf entries get softmax 0 and log_softmax -inf; a NaN makes its slice NaN only."""
     torch = _torch()
     for dtype in DTYPES:
-        x = np.array([[-np.inf, -np.inf, -np.inf], [0.0, -np.inf, 1.0], [np.nan, 0.0, 1.0],
-                      [1.0, 2.0, 3.0]], dtype)
+        x = np.array(
+            [[-np.inf, -np.inf, -np.inf], [0.0, -np.inf, 1.0], [np.nan, 0.0, 1.0], [1.0, 2.0, 3.0]],
+            dtype,
+        )
         xt = torch.from_numpy(x.astype(np.float64))
         for axis in (-1, 0):
             sm = fx.softmax(x, axis=axis)
             ls = fx.log_softmax(x, axis=axis)
             lse = fx.logsumexp(x, axis=axis)
-            ref = (torch.softmax(xt, axis).numpy(), torch.log_softmax(xt, axis).numpy(),
-                   torch.logsumexp(xt, axis).numpy())
+            ref = (
+                torch.softmax(xt, axis).numpy(),
+                torch.log_softmax(xt, axis).numpy(),
+                torch.logsumexp(xt, axis).numpy(),
+            )
             for got, r in zip((sm, ls, lse), ref):
                 assert np.array_equal(np.isnan(got), np.isnan(r)), (axis, got, r)
                 assert np.array_equal(np.isinf(got), np.isinf(r)), (axis, got, r)
@@ -199,11 +216,12 @@ def test_tiny_and_large_logits_are_stable(isa, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dname)
 def test_softmax_of_huge_logits_sums_to_one(isa, dtype):
-    """"Stable for any input": softmax([M, M, -M]) = [1/2, 1/2, 0] for any finite M, and the
+    """ "Stable for any input": softmax([M, M, -M]) = [1/2, 1/2, 0] for any finite M, and the
     entries of every slice sum to 1 (to rounding). With M = 1e30 the log-sum-exp M + log 2
     rounds to M (its ULP is ~1e14), so exp(x - lse) must not be how the entries are formed."""
-    x = np.array([[1e30, 1e30, -1e30], [1e30, 1e30, 1e30], [3e38, 3e38, 0.0],
-                  [1e20, 1e20 - 1e5, 0.0]], dtype)
+    x = np.array(
+        [[1e30, 1e30, -1e30], [1e30, 1e30, 1e30], [3e38, 3e38, 0.0], [1e20, 1e20 - 1e5, 0.0]], dtype
+    )
     sm = fx.softmax(x)
     ref = torch_ref(x, -1, "softmax")
     np.testing.assert_allclose(np.sum(sm.astype(np.float64), axis=-1), 1.0, rtol=30 * U32)
@@ -238,8 +256,9 @@ def test_softmax_jacobian(isa, dtype, shape, rng):
     Jf = J.reshape(-1, C, C)
     tol = TOL[np.dtype(dtype)] * 4
     for i in range(flat.shape[0]):
-        ref = torch.autograd.functional.jacobian(lambda v: torch.softmax(v, -1),
-                                                 torch.from_numpy(flat[i].copy())).numpy()
+        ref = torch.autograd.functional.jacobian(
+            lambda v: torch.softmax(v, -1), torch.from_numpy(flat[i].copy())
+        ).numpy()
         np.testing.assert_allclose(Jf[i], ref, rtol=0, atol=tol)
     np.testing.assert_array_equal(J, np.swapaxes(J, -1, -2))
     np.testing.assert_allclose(np.sum(J.astype(np.float64), axis=-1), 0.0, atol=tol * C)
@@ -270,18 +289,29 @@ def test_chain_rule(isa, dtype, rng):
     J = fx.softmax_jacobian(z)
     via_j = np.einsum("nc,ncd->nd", g.astype(np.float64), J.astype(np.float64))
     vjp = fx.softmax_backward(a, g)
-    check_backward(vjp, a, g, via_j, -1, dtype) if dtype == np.float64 else \
-        np.testing.assert_allclose(vjp, via_j, rtol=0,
-                                   atol=tol * float(np.max(np.abs(via_j))))
+    check_backward(
+        vjp, a, g, via_j, -1, dtype
+    ) if dtype == np.float64 else np.testing.assert_allclose(
+        vjp, via_j, rtol=0, atol=tol * float(np.max(np.abs(via_j)))
+    )
     # A stack, class axis not last.
     z3 = make_logits(rng, (3, C, 4), 1.0, dtype)
     g3 = make_logits(rng, (3, C, 4), 1.0, dtype)
     a3 = fx.softmax(z3, axis=1)
     J3 = fx.softmax_jacobian(np.moveaxis(z3, 1, -1))
-    via_j3 = np.moveaxis(np.einsum("...c,...cd->...d", np.moveaxis(g3, 1, -1).astype(np.float64),
-                                   J3.astype(np.float64)), -1, 1)
-    np.testing.assert_allclose(fx.softmax_backward(a3, g3, axis=1), via_j3, rtol=0,
-                               atol=tol * float(np.max(np.abs(via_j3))))
+    via_j3 = np.moveaxis(
+        np.einsum(
+            "...c,...cd->...d", np.moveaxis(g3, 1, -1).astype(np.float64), J3.astype(np.float64)
+        ),
+        -1,
+        1,
+    )
+    np.testing.assert_allclose(
+        fx.softmax_backward(a3, g3, axis=1),
+        via_j3,
+        rtol=0,
+        atol=tol * float(np.max(np.abs(via_j3))),
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -292,8 +322,9 @@ ml_dtypes = pytest.importorskip("ml_dtypes")
 HALVES = (np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16))
 
 
-@pytest.mark.parametrize("shape,axis", [((6, 9), -1), ((3, 5, 4), 1), ((2, 3000), -1),
-                                        ((5, 4), 0)], ids=str)
+@pytest.mark.parametrize(
+    "shape,axis", [((6, 9), -1), ((3, 5, 4), 1), ((2, 3000), -1), ((5, 4), 0)], ids=str
+)
 @pytest.mark.parametrize("half", HALVES, ids=dname)
 def test_half_is_float32_rounded_once(isa, half, shape, axis, rng):
     x = make_logits(rng, shape, 3.0, half)
@@ -314,8 +345,9 @@ def test_half_is_float32_rounded_once(isa, half, shape, axis, rng):
     assert J.dtype == half
     J32 = fx.softmax_jacobian(np.moveaxis(x32, axis, -1)[..., :40])
     eps = float(ml_dtypes.finfo(half).eps)
-    np.testing.assert_allclose(J.astype(np.float32), J32, rtol=0,
-                               atol=4 * eps * float(np.max(np.abs(J32))))
+    np.testing.assert_allclose(
+        J.astype(np.float32), J32, rtol=0, atol=4 * eps * float(np.max(np.abs(J32)))
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -340,9 +372,17 @@ def test_bitwise_for_every_thread_count_and_layout(isa, dtype, rng):
             assert_bitwise_equal(f(view), f(np.ascontiguousarray(view)), f.__name__)
 
 
-@pytest.mark.parametrize("bad", [np.zeros(3, np.int32), np.zeros(3, np.int64),
-                                 np.zeros(3, np.complex64), np.zeros(3, bool),
-                                 np.array(["a", "b"])], ids=lambda a: a.dtype.name)
+@pytest.mark.parametrize(
+    "bad",
+    [
+        np.zeros(3, np.int32),
+        np.zeros(3, np.int64),
+        np.zeros(3, np.complex64),
+        np.zeros(3, bool),
+        np.array(["a", "b"]),
+    ],
+    ids=lambda a: a.dtype.name,
+)
 def test_bad_dtype_is_type_error(bad):
     for f in (fx.softmax, fx.log_softmax, fx.logsumexp, fx.softmax_jacobian):
         with pytest.raises(TypeError):
@@ -391,5 +431,6 @@ def test_docstring_examples():
     import doctest
 
     import fastxent._companions as mod
+
     res = doctest.testmod(mod, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert res.failed == 0 and res.attempted > 0

@@ -38,15 +38,35 @@ import numpy as np
 import pytest
 
 import fastxent as fx
-from reference import (U32, cross_entropy_ref, grad_error, loss_error, make_logits,
-                       make_target, make_weight, torch_cross_entropy, assert_bitwise_equal)
+from reference import (
+    U32,
+    cross_entropy_ref,
+    grad_error,
+    loss_error,
+    make_logits,
+    make_target,
+    make_weight,
+    torch_cross_entropy,
+    assert_bitwise_equal,
+)
 
 REDUCTIONS = ("none", "sum", "mean")
 DTYPES = (np.float32, np.float64)
 TOL = {np.dtype(np.float64): 1e-12, np.dtype(np.float32): 24 * U32}  # see the docstring
 # (N, C): every C of the contract; N from 1 to thousands, few rows for the huge C.
-SHAPES = [(1, 1), (6, 1), (64, 2), (33, 7), (3000, 7), (100, 15), (100, 16), (2000, 17),
-          (300, 1000), (4, 50257), (2, 128256)]
+SHAPES = [
+    (1, 1),
+    (6, 1),
+    (64, 2),
+    (33, 7),
+    (3000, 7),
+    (100, 15),
+    (100, 16),
+    (2000, 17),
+    (300, 1000),
+    (4, 50257),
+    (2, 128256),
+]
 SCALES = (1e-6, 1e-2, 1.0, 30.0, 1e4)
 # Option sets run on every (shape, scale): plain, weights, smoothing, and everything together
 # with 10% of rows ignored.
@@ -108,8 +128,9 @@ def test_matches_reference(isa, dtype, N, C, scale):
 def test_matches_reference_multi_leading_dims(isa, dtype, rng):
     z = make_logits(rng, (3, 4, 5, 17), 3.0, dtype)
     y = make_target(rng, (3, 4, 5), 17, ignore_frac=0.2)
-    check_against_reference(z, y, tol=TOL[np.dtype(dtype)],
-                            weight=make_weight(rng, 17, dtype), label_smoothing=0.2)
+    check_against_reference(
+        z, y, tol=TOL[np.dtype(dtype)], weight=make_weight(rng, 17, dtype), label_smoothing=0.2
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -121,9 +142,19 @@ def test_one_dimensional_logits_are_one_row(isa, dtype):
         assert loss.shape == () and loss.dtype == dtype
 
 
-AXIS_CASES = [((6, 9, 5), 1), ((6, 9, 5), 0), ((6, 9, 5), -2), ((4, 17, 3, 10), 1),
-              ((4, 17, 3, 10), 2), ((300, 7, 40), 1), ((2, 1000, 50), 1), ((3, 2100, 9), 1),
-              ((5, 8), 0), ((16,), 0), ((7, 1, 4), 1)]
+AXIS_CASES = [
+    ((6, 9, 5), 1),
+    ((6, 9, 5), 0),
+    ((6, 9, 5), -2),
+    ((4, 17, 3, 10), 1),
+    ((4, 17, 3, 10), 2),
+    ((300, 7, 40), 1),
+    ((2, 1000, 50), 1),
+    ((3, 2100, 9), 1),
+    ((5, 8), 0),
+    ((16,), 0),
+    ((7, 1, 4), 1),
+]
 
 
 @pytest.mark.parametrize("shape,axis", AXIS_CASES, ids=str)
@@ -135,7 +166,7 @@ def test_any_axis_matches_reference(isa, dtype, shape, axis, rng):
     z = make_logits(rng, shape, 2.0, dtype)
     ax = axis % z.ndim
     C = shape[ax]
-    tshape = shape[:ax] + shape[ax + 1:]
+    tshape = shape[:ax] + shape[ax + 1 :]
     y = make_target(rng, tshape, C, ignore_frac=0.1)
     w = make_weight(rng, C, dtype)
     tol = TOL[np.dtype(dtype)]
@@ -151,11 +182,17 @@ def test_any_axis_matches_reference(isa, dtype, shape, axis, rng):
                 assert isinstance(loss, z.dtype.type)
             assert loss_error(loss, ref_l) <= tol, (red, sorted(kw))
             assert grad_error(g, ref_g) <= tol, (red, sorted(kw))
-            assert_bitwise_equal(fx.cross_entropy(z, y, axis=axis, reduction=red, **kw), loss,
-                                 "loss-only vs with-grad")
+            assert_bitwise_equal(
+                fx.cross_entropy(z, y, axis=axis, reduction=red, **kw),
+                loss,
+                "loss-only vs with-grad",
+            )
             other = axis - z.ndim if axis >= 0 else axis + z.ndim
-            assert_bitwise_equal(fx.cross_entropy(z, y, axis=other, reduction=red, **kw), loss,
-                                 f"axis {axis} spelled {other}")
+            assert_bitwise_equal(
+                fx.cross_entropy(z, y, axis=other, reduction=red, **kw),
+                loss,
+                f"axis {axis} spelled {other}",
+            )
 
 
 @pytest.mark.parametrize("shape", [(8, 7, 30), (4, 1000, 20), (3, 5, 4, 6)], ids=str)
@@ -164,6 +201,7 @@ def test_axis_one_matches_torch_layout(isa, shape):
     pytest.importorskip("torch")
     import torch
     import torch.nn.functional as F
+
     rng = np.random.default_rng(len(shape) * 1000 + shape[1])
     z = make_logits(rng, shape, 2.0, np.float64)
     C = shape[1]
@@ -172,9 +210,13 @@ def test_axis_one_matches_torch_layout(isa, shape):
     for kw in (dict(), dict(weight=w, label_smoothing=0.1)):
         for red in REDUCTIONS:
             zt = torch.from_numpy(z.copy()).requires_grad_(True)
-            tl = F.cross_entropy(zt, torch.from_numpy(y.copy()), reduction=red,
-                                 weight=None if "weight" not in kw else torch.from_numpy(w.copy()),
-                                 label_smoothing=kw.get("label_smoothing", 0.0))
+            tl = F.cross_entropy(
+                zt,
+                torch.from_numpy(y.copy()),
+                reduction=red,
+                weight=None if "weight" not in kw else torch.from_numpy(w.copy()),
+                label_smoothing=kw.get("label_smoothing", 0.0),
+            )
             tl.sum().backward()
             loss, g = fx.cross_entropy_with_grad(z, y, axis=1, reduction=red, **kw)
             assert loss_error(loss, tl.detach().numpy()) <= 1e-12
@@ -188,8 +230,7 @@ def test_known_values(isa):
     r1 = math.log(math.exp(0.5) + math.exp(2.5) + math.exp(0.3)) - 2.5
     assert fx.cross_entropy(z, [0, 1]) == pytest.approx((r0 + r1) / 2, rel=1e-14)
     assert fx.cross_entropy(z, [0, 1], reduction="sum") == pytest.approx(r0 + r1, rel=1e-14)
-    np.testing.assert_allclose(fx.cross_entropy(z, [0, 1], reduction="none"), [r0, r1],
-                               rtol=1e-14)
+    np.testing.assert_allclose(fx.cross_entropy(z, [0, 1], reduction="none"), [r0, r1], rtol=1e-14)
     z32 = z.astype(np.float32)
     assert float(fx.cross_entropy(z32, [0, 1])) == pytest.approx(0.3185397696491856, rel=4 * U32)
     _, g = fx.cross_entropy_with_grad(z32[:1], [0])
@@ -200,9 +241,14 @@ def test_known_values(isa):
 def test_docstring_examples():
     """The examples in the public docstrings are what users copy: they must be right."""
     import fastxent._api as api
+
     for mod in (fx, api):
-        res = doctest.testmod(mod, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE,
-                              report=True, verbose=False)
+        res = doctest.testmod(
+            mod,
+            optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE,
+            report=True,
+            verbose=False,
+        )
         assert res.failed == 0, f"{res.failed} docstring example(s) of {mod.__name__} fail"
 
 
@@ -210,9 +256,17 @@ def test_docstring_examples():
 # PyTorch
 
 
-torch_params = pytest.mark.parametrize("N,C,scale", [
-    (50, 7, 1.0), (64, 16, 1e-6), (40, 17, 1e4), (128, 1000, 3.0), (3, 50257, 1.0),
-    (2, 128256, 10.0)])
+torch_params = pytest.mark.parametrize(
+    "N,C,scale",
+    [
+        (50, 7, 1.0),
+        (64, 16, 1e-6),
+        (40, 17, 1e4),
+        (128, 1000, 3.0),
+        (3, 50257, 1.0),
+        (2, 128256, 10.0),
+    ],
+)
 
 
 @torch_params
@@ -222,8 +276,13 @@ def test_float64_matches_torch_float64(isa, N, C, scale):
     z = make_logits(rng, (N, C), scale, np.float64)
     w = make_weight(rng, C, np.float64)
     y = make_target(rng, (N,), C, ignore_frac=0.15)
-    for kw in (dict(), dict(weight=w), dict(label_smoothing=0.15),
-               dict(weight=w, label_smoothing=0.6), dict(weight=w, label_smoothing=1.0)):
+    for kw in (
+        dict(),
+        dict(weight=w),
+        dict(label_smoothing=0.15),
+        dict(weight=w, label_smoothing=0.6),
+        dict(weight=w, label_smoothing=1.0),
+    ):
         for red in REDUCTIONS:
             tl, tg = torch_cross_entropy(z, y, reduction=red, **kw)
             loss, grad = fx.cross_entropy_with_grad(z, y, reduction=red, **kw)
@@ -242,8 +301,11 @@ def test_reference_matches_torch_float64(N, C, scale):
     w = make_weight(rng, C, np.float64)
     y = make_target(rng, (N,), C, ignore_frac=0.15)
     y_cls = np.where(y == -100, 0, y)  # ignore_index naming a real class: no -100 left
-    for yy, kw in ((y, dict()), (y, dict(weight=w, label_smoothing=0.3)),
-                   (y_cls, dict(ignore_index=int(y_cls[-1]), weight=w, label_smoothing=0.1))):
+    for yy, kw in (
+        (y, dict()),
+        (y, dict(weight=w, label_smoothing=0.3)),
+        (y_cls, dict(ignore_index=int(y_cls[-1]), weight=w, label_smoothing=0.1)),
+    ):
         for red in REDUCTIONS:
             tl, tg = torch_cross_entropy(z, yy, reduction=red, **kw)
             rl, rg = cross_entropy_ref(z, yy, reduction=red, **kw)
@@ -262,8 +324,9 @@ def test_ignore_index_equal_to_a_class_matches_torch(isa, ignore_index):
     for kw in (dict(), dict(weight=w, label_smoothing=0.2)):
         for red in REDUCTIONS:
             tl, tg = torch_cross_entropy(z, y, reduction=red, ignore_index=ignore_index, **kw)
-            loss, grad = fx.cross_entropy_with_grad(z, y, reduction=red,
-                                                    ignore_index=ignore_index, **kw)
+            loss, grad = fx.cross_entropy_with_grad(
+                z, y, reduction=red, ignore_index=ignore_index, **kw
+            )
             assert loss_error(loss, tl) <= 1e-12
             assert grad_error(grad, tg) <= 1e-12
 
@@ -316,19 +379,22 @@ def test_float32_accuracy_no_worse_than_twice_torch(isa, case, opts):
     C = z.shape[1]
     kw = {}
     if opts != "plain":
-        kw = dict(weight=make_weight(np.random.default_rng(C), C, np.float32),
-                  label_smoothing=0.1)
+        kw = dict(weight=make_weight(np.random.default_rng(C), C, np.float32), label_smoothing=0.1)
     failures = []
     for red in ("none", "mean"):
         ref_l, ref_g = torch_cross_entropy(z, y, reduction=red, dtype=np.float64, **kw)
         t_l, t_g = torch_cross_entropy(z, y, reduction=red, dtype=np.float32, **kw)
         loss, grad = fx.cross_entropy_with_grad(z, y, reduction=red, **kw)
-        for what, mine, theirs in (("loss", loss_error(loss, ref_l), loss_error(t_l, ref_l)),
-                                   ("grad", grad_error(grad, ref_g), grad_error(t_g, ref_g))):
+        for what, mine, theirs in (
+            ("loss", loss_error(loss, ref_l), loss_error(t_l, ref_l)),
+            ("grad", grad_error(grad, ref_g), grad_error(t_g, ref_g)),
+        ):
             allowed = max(2.0 * theirs, 2.0 * U32)
             if mine > allowed:
-                failures.append(f"{red} {what}: fastxent error {mine:.3g} > 2 x torch "
-                                f"{theirs:.3g} ({mine / max(theirs, 1e-300):.1f}x torch)")
+                failures.append(
+                    f"{red} {what}: fastxent error {mine:.3g} > 2 x torch "
+                    f"{theirs:.3g} ({mine / max(theirs, 1e-300):.1f}x torch)"
+                )
     assert not failures, f"[{isa}] " + "; ".join(failures)
 
 
@@ -399,8 +465,14 @@ def test_weight_array_likes(isa, dtype, rng):
     y = make_target(rng, (20,), 4)
     w_int = np.array([1, 2, 3, 4])
     base = fx.cross_entropy_with_grad(z, y, weight=w_int.astype(dtype))
-    for w in (w_int, [1, 2, 3, 4], [1.0, 2.0, 3.0, 4.0], w_int.astype(np.float32),
-              w_int.astype(np.float64), w_int.astype(np.uint8)):
+    for w in (
+        w_int,
+        [1, 2, 3, 4],
+        [1.0, 2.0, 3.0, 4.0],
+        w_int.astype(np.float32),
+        w_int.astype(np.float64),
+        w_int.astype(np.uint8),
+    ):
         got = fx.cross_entropy_with_grad(z, y, weight=w)
         assert_bitwise_equal(got[0], base[0], f"loss, weight {w!r}")
         assert_bitwise_equal(got[1], base[1], f"grad, weight {w!r}")
@@ -412,8 +484,9 @@ def test_unit_weights_equal_no_weights(isa, rng):
     for red in REDUCTIONS:
         for eps in (0.0, 0.2):
             a = fx.cross_entropy_with_grad(z, y, reduction=red, label_smoothing=eps)
-            b = fx.cross_entropy_with_grad(z, y, reduction=red, label_smoothing=eps,
-                                           weight=np.ones(9))
+            b = fx.cross_entropy_with_grad(
+                z, y, reduction=red, label_smoothing=eps, weight=np.ones(9)
+            )
             np.testing.assert_allclose(a[0], b[0], rtol=1e-14)
             np.testing.assert_allclose(a[1], b[1], rtol=0, atol=1e-15)
 
@@ -422,8 +495,9 @@ def test_unit_weights_equal_no_weights(isa, rng):
 def test_label_smoothing_range(isa, eps, rng):
     z = make_logits(rng, (30, 11), 3.0, np.float64)
     y = make_target(rng, (30,), 11, ignore_frac=0.1)
-    check_against_reference(z, y, tol=1e-12, label_smoothing=eps,
-                            weight=make_weight(rng, 11, np.float64))
+    check_against_reference(
+        z, y, tol=1e-12, label_smoothing=eps, weight=make_weight(rng, 11, np.float64)
+    )
 
 
 def test_label_smoothing_one_ignores_target(isa, rng):
@@ -550,8 +624,11 @@ def test_masked_classes_contribute_nothing(isa, dtype, weighted, rng):
     for red in REDUCTIONS:
         loss, g = fx.cross_entropy_with_grad(z, y, reduction=red, weight=w)
         ref_l, ref_g = fx.cross_entropy_with_grad(
-            np.ascontiguousarray(z[:, keep]), y_small, reduction=red,
-            weight=None if w is None else w[keep])
+            np.ascontiguousarray(z[:, keep]),
+            y_small,
+            reduction=red,
+            weight=None if w is None else w[keep],
+        )
         assert not np.any(np.isnan(loss)) and not np.any(np.isnan(g))
         assert np.all(g[:, masked] == 0)
         tol = TOL[np.dtype(dtype)]
@@ -588,8 +665,7 @@ def test_masked_class_with_zero_weight_and_smoothing_is_not_nan(isa, dtype):
     w = np.array([1.0, 0.0, 1.0, 2.0], dtype)
     y = np.array([0, 3])
     for red in REDUCTIONS:
-        loss, g = fx.cross_entropy_with_grad(z, y, reduction=red, weight=w,
-                                             label_smoothing=0.1)
+        loss, g = fx.cross_entropy_with_grad(z, y, reduction=red, weight=w, label_smoothing=0.1)
         ref_l, ref_g = cross_entropy_ref(z, y, reduction=red, weight=w, label_smoothing=0.1)
         assert np.all(np.isfinite(ref_l))
         assert not np.any(np.isnan(loss)), f"{red}: loss {loss!r} (expected {ref_l!r})"
@@ -635,8 +711,9 @@ def test_row_of_all_minus_inf(isa, dtype, C):
         rows, g = fx.cross_entropy_with_grad(z, y, reduction="none", **kw)
         assert rows[1] == np.inf  # C = 1 included: the contract says +inf for such a row
         assert not np.any(np.isnan(rows)) and not np.any(np.isnan(g))
-        alone_rows, alone_g = fx.cross_entropy_with_grad(z[[0, 2]], y[[0, 2]],
-                                                         reduction="none", **kw)
+        alone_rows, alone_g = fx.cross_entropy_with_grad(
+            z[[0, 2]], y[[0, 2]], reduction="none", **kw
+        )
         assert_bitwise_equal(rows[[0, 2]], alone_rows, "other rows' losses")
         assert_bitwise_equal(g[[0, 2]], alone_g, "other rows' gradients")
         for red in ("sum", "mean"):
@@ -758,23 +835,32 @@ def _problems(draw):
     scale = 10.0 ** draw(st.integers(-6, 4))
     z = make_logits(rng, (N, C), scale, dtype)
     ignore_index = draw(st.sampled_from([-100, -1, 0, C - 1, C + 3]))
-    y = make_target(rng, (N,), C, ignore_frac=draw(st.sampled_from([0.0, 0.3, 1.0])),
-                    ignore_index=ignore_index)
-    kw = dict(ignore_index=ignore_index,
-              label_smoothing=draw(st.sampled_from([0.0, 0.05, 0.5, 1.0])))
+    y = make_target(
+        rng, (N,), C, ignore_frac=draw(st.sampled_from([0.0, 0.3, 1.0])), ignore_index=ignore_index
+    )
+    kw = dict(
+        ignore_index=ignore_index, label_smoothing=draw(st.sampled_from([0.0, 0.05, 0.5, 1.0]))
+    )
     if draw(st.booleans()):
         kw["weight"] = make_weight(rng, C, dtype)
     return z, y, kw
 
 
 if st is not None:
-    @settings(max_examples=150, deadline=None, database=None, derandomize=True,
-              suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+    @settings(
+        max_examples=150,
+        deadline=None,
+        database=None,
+        derandomize=True,
+        suppress_health_check=[HealthCheck.function_scoped_fixture],
+    )
     @given(st.composite(_problems)())
     def test_random_small_problems_match_reference(isa, prob):
         z, y, kw = prob
         check_against_reference(z, y, tol=TOL[z.dtype], **kw)
 else:
+
     def test_random_small_problems_match_reference():
         pytest.skip("hypothesis is not installed")
 
@@ -789,12 +875,13 @@ def test_zero_size_row_dimension(dtype, probs, axis):
     shape = (2, 3, 0, 7) if axis == 1 else (2, 0, 7, 3)
     x = np.zeros(shape, dtype)
     ax = axis % x.ndim
-    rows = x.shape[:ax] + x.shape[ax + 1:]
+    rows = x.shape[:ax] + x.shape[ax + 1 :]
     t = np.zeros(shape, dtype) if probs else np.zeros(rows, np.int64)
     for red in ("sum", "mean"):
         assert fx.cross_entropy(x, t, axis=axis, reduction=red) == 0.0
-        loss, g = fx.cross_entropy_with_grad(x, t, axis=axis, reduction=red, z_loss=1e-3,
-                                             label_smoothing=0.1)
+        loss, g = fx.cross_entropy_with_grad(
+            x, t, axis=axis, reduction=red, z_loss=1e-3, label_smoothing=0.1
+        )
         assert loss == 0.0 and g.shape == shape and g.dtype == dtype
     none = fx.cross_entropy(x, t, axis=axis, reduction="none")
     assert none.shape == rows

@@ -32,8 +32,7 @@ import fastxent.dask as fxd  # noqa: E402
 from reference import U32, grad_error, loss_error  # noqa: E402
 
 REDUCTIONS = ("mean", "sum", "none")
-TOL = {np.dtype(np.float64): 1e-12, np.dtype(np.float32): 64 * U32,
-       np.dtype(np.float16): 64 * U32}
+TOL = {np.dtype(np.float64): 1e-12, np.dtype(np.float32): 64 * U32, np.dtype(np.float16): 64 * U32}
 WORKER_LIMIT = 400 * 2**20  # bytes per worker; the big case's logits are 1 GiB
 
 
@@ -51,8 +50,13 @@ def client():
     saved = dict(os.environ)
     try:
         cluster = distributed.LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-            dashboard_address=None, memory_limit=WORKER_LIMIT)
+            n_workers=2,
+            threads_per_worker=1,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address=None,
+            memory_limit=WORKER_LIMIT,
+        )
         c = distributed.Client(cluster)
         try:
             yield c
@@ -86,8 +90,9 @@ CASES = {
     "softcap-scale": dict(softcap=4.0, logit_scale=0.7, label_smoothing=0.05),
     "normalizer": dict(normalizer=11.5, ignore=True),
     "probs": dict(probs=True),
-    "probs-all": dict(probs=True, label_smoothing=0.1, sample_weight=True, weight=True,
-                      z_loss=1e-3, softcap=5.0),
+    "probs-all": dict(
+        probs=True, label_smoothing=0.1, sample_weight=True, weight=True, z_loss=1e-3, softcap=5.0
+    ),
 }
 
 
@@ -95,8 +100,18 @@ def _make(rng, case, dtype, dask_targets):
     """(logits, target, one-machine options, dask options)."""
     spec = dict(CASES[case])
     x = (3.0 * rng.standard_normal((N, C))).astype(dtype)
-    kw = {k: spec.pop(k) for k in ("label_smoothing", "z_loss", "softcap", "logit_scale",
-                                   "normalizer", "ignore_index") if k in spec}
+    kw = {
+        k: spec.pop(k)
+        for k in (
+            "label_smoothing",
+            "z_loss",
+            "softcap",
+            "logit_scale",
+            "normalizer",
+            "ignore_index",
+        )
+        if k in spec
+    }
     if spec.pop("weight", False):
         kw["weight"] = rng.uniform(0.25, 2.0, C)
     if spec.pop("sample_weight", False):
@@ -107,8 +122,9 @@ def _make(rng, case, dtype, dask_targets):
     else:
         t = rng.integers(0, C, N)
         if ignore:
-            t = np.where(rng.random(N) < (0.3 if ignore is True else ignore),
-                         kw.get("ignore_index", -100), t)
+            t = np.where(
+                rng.random(N) < (0.3 if ignore is True else ignore), kw.get("ignore_index", -100), t
+            )
     assert not spec, spec
     dkw = dict(kw)
     if dask_targets and "sample_weight" in kw:
@@ -117,9 +133,11 @@ def _make(rng, case, dtype, dask_targets):
 
 
 # Every case on uneven chunks along both axes; rows-only and classes-only chunks on a few.
-MATRIX = ([("both-uneven", case) for case in CASES] +
-          [(ch, case) for ch in ("rows", "classes")
-           for case in ("plain", "weight-smoothing-ignore", "probs-all")])
+MATRIX = [("both-uneven", case) for case in CASES] + [
+    (ch, case)
+    for ch in ("rows", "classes")
+    for case in ("plain", "weight-smoothing-ignore", "probs-all")
+]
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
@@ -136,7 +154,7 @@ def test_matches_one_machine(client, rng, chunking, case, dtype):
     got = _compute(client, *lazy)
     tol = TOL[np.dtype(dtype)]
     for k, red in enumerate(REDUCTIONS):
-        loss, grad, loss_only = got[3 * k: 3 * k + 3]
+        loss, grad, loss_only = got[3 * k : 3 * k + 3]
         ref_loss, ref_grad = fx.cross_entropy_with_grad(x, t, reduction=red, **kw)
         assert np.asarray(loss).dtype == np.asarray(ref_loss).dtype == dtype, red
         assert np.shape(loss) == np.shape(ref_loss), red
@@ -153,8 +171,9 @@ def test_float16_logits_compute_in_float32(client, rng):
     t = rng.integers(0, C, N)
     xd = da.from_array(x, chunks=(10, 8))
     for red in REDUCTIONS:
-        loss, grad = _compute(client, *fxd.cross_entropy_with_grad(xd, t, reduction=red,
-                                                                   label_smoothing=0.1))
+        loss, grad = _compute(
+            client, *fxd.cross_entropy_with_grad(xd, t, reduction=red, label_smoothing=0.1)
+        )
         ref_loss, ref_grad = fx.cross_entropy_with_grad(x, t, reduction=red, label_smoothing=0.1)
         assert np.asarray(loss).dtype == np.float32 and grad.dtype == np.float16
         assert loss_error(loss, ref_loss) <= 64 * U32
@@ -187,9 +206,13 @@ def test_no_task_result_holds_a_full_row(rng, probs):
     # inline_array: the source arrays live in the slicing tasks, not in a task of their own
     xd = da.from_array(x, chunks=(16, cc), inline_array=True)
     td = da.from_array(t, chunks=xd.chunks if probs else 16, inline_array=True)
-    loss, grad = fxd.cross_entropy_with_grad(xd, td, label_smoothing=0.1,
-                                             weight=np.linspace(0.5, 1.5, c),
-                                             sample_weight=np.linspace(0, 1, n))
+    loss, grad = fxd.cross_entropy_with_grad(
+        xd,
+        td,
+        label_smoothing=0.1,
+        weight=np.linspace(0.5, 1.5, c),
+        sample_weight=np.linspace(0, 1, n),
+    )
     with _ResultShapes() as rec:
         got_loss, got_grad = dask.compute(loss, grad, scheduler="sync")
     assert rec.shapes
@@ -199,17 +222,23 @@ def test_no_task_result_holds_a_full_row(rng, probs):
     # 6 column blocks: a tree of merges (partial merges, then the aggregate), not one task
     names = {name.rsplit("-", 1)[0] for name, _ in rec.shapes}
     assert {"fastxent-merge-stats-partial", "fastxent-merge-stats-aggregate"} <= names
-    ref_loss, ref_grad = fx.cross_entropy_with_grad(x, t, label_smoothing=0.1,
-                                                    weight=np.linspace(0.5, 1.5, c),
-                                                    sample_weight=np.linspace(0, 1, n))
+    ref_loss, ref_grad = fx.cross_entropy_with_grad(
+        x,
+        t,
+        label_smoothing=0.1,
+        weight=np.linspace(0.5, 1.5, c),
+        sample_weight=np.linspace(0, 1, n),
+    )
     assert loss_error(got_loss, ref_loss) <= 1e-12 and grad_error(got_grad, ref_grad) <= 1e-12
 
 
 def test_lazy_and_shaped_like_the_logits(rng):
     def boom(b):
         raise AssertionError("a block was computed while building the graph")
+
     x = da.from_array(rng.standard_normal((30, 40)), chunks=(7, 11)).map_blocks(
-        boom, dtype=np.float64, meta=np.empty((0, 0)))
+        boom, dtype=np.float64, meta=np.empty((0, 0))
+    )
     t = da.from_array(rng.integers(0, 40, 30), chunks=30)
     loss, grad = fxd.cross_entropy_with_grad(x, t, sample_weight=da.ones(30, chunks=10))
     rows = fxd.cross_entropy(x, t, reduction="none")
@@ -271,13 +300,15 @@ def test_import_error_names_the_extra(monkeypatch, rng):
 # ----------------------------------------------------------------------------- bigger than a worker
 def _worker_memory(dask_worker):
     from fastxent.dask_bench import peak_bytes
+
     m = peak_bytes(dask_worker)
     return m["pid"], m["peak"], m["spilled"]
 
 
 def _block_sum_and_norm(g):
-    return np.array([[[g.sum(dtype=np.float64),
-                       np.sqrt(np.einsum("ij,ij->", g, g, dtype=np.float64))]]])
+    return np.array(
+        [[[g.sum(dtype=np.float64), np.sqrt(np.einsum("ij,ij->", g, g, dtype=np.float64))]]]
+    )
 
 
 def test_logits_larger_than_a_worker(client):
@@ -298,8 +329,7 @@ def test_logits_larger_than_a_worker(client):
 
     before = client.run(_worker_memory)
     loss, grad = fxd.cross_entropy_with_grad(x, t, **opts)
-    gstats = grad.map_blocks(_block_sum_and_norm, chunks=(1, 1, 2), new_axis=2,
-                             dtype=np.float64)
+    gstats = grad.map_blocks(_block_sum_and_norm, chunks=(1, 1, 2), new_axis=2, dtype=np.float64)
     got_loss, got_gstats = _compute(client, loss, gstats)
     after = client.run(_worker_memory)
 
@@ -316,8 +346,10 @@ def test_logits_larger_than_a_worker(client):
         xi = x[sl].compute(scheduler="sync")  # one row chunk (64 MiB) at a time
         li, gi = fx.cross_entropy_with_grad(xi, t[sl], normalizer=D, out=xi, **opts)
         ref_loss += float(li)
-        ref_gstats[i] = np.concatenate([_block_sum_and_norm(gi[:, j * cols:(j + 1) * cols])
-                                        for j in range(c // cols)], axis=1)[0]
+        ref_gstats[i] = np.concatenate(
+            [_block_sum_and_norm(gi[:, j * cols : (j + 1) * cols]) for j in range(c // cols)],
+            axis=1,
+        )[0]
         del xi, gi
     assert loss_error(got_loss, ref_loss) <= 64 * U32
     # norms: relative to themselves; sums (near 0): |sum of errors| <= sqrt(size) * norm * tol
@@ -334,13 +366,24 @@ def test_dask_bench_report_and_plot(tmp_path):
     the tests above exercise)."""
     pytest.importorskip("matplotlib")
     from fastxent import dask_bench
-    cfg = dict(rows=256, cols=512, workers=2, repeats=1, chunks=[128, 256], seed=0,
-               worker_limit=300 * dask_bench.MiB, load_start="0 0 0")
+
+    cfg = dict(
+        rows=256,
+        cols=512,
+        workers=2,
+        repeats=1,
+        chunks=[128, 256],
+        seed=0,
+        worker_limit=300 * dask_bench.MiB,
+        load_start="0 0 0",
+    )
     one = dask_bench.run_one_machine(cfg)
     assert one["loss"]["value"] == one["grad"]["value"] == one["grad_new"]["value"]
     peak = [100 * dask_bench.MiB, 110 * dask_bench.MiB]
-    dk = {k: dict(time=1.0, times=[1.0], peak=peak, spilled=0, value=one["loss"]["value"])
-          for k in ("generate", "loss", "grad")}
+    dk = {
+        k: dict(time=1.0, times=[1.0], peak=peak, spilled=0, value=one["loss"]["value"])
+        for k in ("generate", "loss", "grad")
+    }
     dk.update(base=peak, grad_norm=one["grad_norm"], restarted=False)
     text = dask_bench.report(cfg, one, dk, "info")
     assert "rel. diff 0.0e+00" in text and "workers restarted: False" in text

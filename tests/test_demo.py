@@ -1,4 +1,5 @@
-"""``python -m fastxent demo``: NumPy models on sklearn's digits trained from fastxent's gradient."""
+"""``python -m fastxent demo``: NumPy models on sklearn's digits trained from fastxent's
+gradient."""
 
 from __future__ import annotations
 
@@ -60,7 +61,7 @@ def test_run_demo_learns_and_agrees():
     assert res.steps == 2 * 5 * -(-res.n_train // res.batch_size)
     assert res.fused_s > 0 and res.numpy_s > 0
     again = demo.run_demo(epochs=5, seed=0, progress=False)
-    assert again.history == res.history                       # deterministic given the seed
+    assert again.history == res.history  # deterministic given the seed
 
 
 def test_progress_bar(capsys):
@@ -73,8 +74,13 @@ def test_progress_bar(capsys):
 def test_cli_subprocess():
     _need_demo_deps()
     env = dict(os.environ, PYTHONWARNINGS="error")
-    p = subprocess.run([sys.executable, "-m", "fastxent", "demo", "--epochs", "1", "--quiet"],
-                       capture_output=True, text=True, timeout=120, env=env)
+    p = subprocess.run(
+        [sys.executable, "-m", "fastxent", "demo", "--epochs", "1", "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert p.returncode == 0, p.stderr
     assert p.stderr == ""
     assert "test accuracy" in p.stdout and "fastxent fused" in p.stdout
@@ -92,7 +98,7 @@ def test_plot(tmp_path, capsys):
 
 @pytest.mark.parametrize("missing", ["sklearn.datasets", "tqdm"])
 def test_missing_extra(monkeypatch, capsys, missing):
-    monkeypatch.setitem(sys.modules, missing, None)           # makes the import fail
+    monkeypatch.setitem(sys.modules, missing, None)  # makes the import fail
     assert main(["demo", "--quiet"]) == 2
     assert 'pip install "fastxent[demo]"' in capsys.readouterr().err
 

@@ -56,9 +56,20 @@ def _call_all_ways(z, y, exc, match=None, **kw):
 
 # float16 was on this list in the original contract; commit 71356bf made float16 (and
 # bfloat16) logits valid input, so it is no longer a TypeError case.
-@pytest.mark.parametrize("ldtype", [np.int32, np.int64, np.uint8, np.complex64,
-                                    np.complex128, np.bool_, np.object_, np.longdouble],
-                         ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize(
+    "ldtype",
+    [
+        np.int32,
+        np.int64,
+        np.uint8,
+        np.complex64,
+        np.complex128,
+        np.bool_,
+        np.object_,
+        np.longdouble,
+    ],
+    ids=lambda d: np.dtype(d).name,
+)
 def test_non_float_logits_raise_type_error(ldtype):
     z, y = _base()
     bad = z.astype(ldtype) if ldtype is not np.bool_ else z > 0
@@ -72,11 +83,18 @@ def test_non_float_logits_python_objects():
         fx.cross_entropy([["a", "b"]], [0])
 
 
-@pytest.mark.parametrize("target", [
-    np.array([0.0, 1, 2, 3, 4, 0]), np.array([0, 1, 2, 3, 4, 0], np.float32),
-    np.array([True, False, True, False, True, False]), [0.0, 1.0, 2.0, 3.0, 4.0, 0.0],
-    np.array([0, 1, 2, 3, 4, 0], np.complex64), np.array(["0", "1", "2", "3", "4", "0"])],
-    ids=["float64", "float32", "bool", "float-list", "complex", "str"])
+@pytest.mark.parametrize(
+    "target",
+    [
+        np.array([0.0, 1, 2, 3, 4, 0]),
+        np.array([0, 1, 2, 3, 4, 0], np.float32),
+        np.array([True, False, True, False, True, False]),
+        [0.0, 1.0, 2.0, 3.0, 4.0, 0.0],
+        np.array([0, 1, 2, 3, 4, 0], np.complex64),
+        np.array(["0", "1", "2", "3", "4", "0"]),
+    ],
+    ids=["float64", "float32", "bool", "float-list", "complex", "str"],
+)
 def test_non_integer_target_raises_type_error(target):
     z, _ = _base()
     _call_all_ways(z, target, TypeError, match="target")
@@ -98,15 +116,15 @@ def test_target_shape_mismatch_multi_dim():
         _call_all_ways(z, np.zeros(tshape, np.int64), ValueError, match="shape")
 
 
-@pytest.mark.parametrize("wshape", [(C + 1,), (C - 1,), (C, 1), (1, C), (), (1,), (0,)],
-                         ids=str)
+@pytest.mark.parametrize("wshape", [(C + 1,), (C - 1,), (C, 1), (1, C), (), (1,), (0,)], ids=str)
 def test_weight_shape_mismatch(wshape):
     z, y = _base()
     _call_all_ways(z, y, ValueError, match="weight", weight=np.ones(wshape))
 
 
-@pytest.mark.parametrize("reduction", ["avg", "", "MEAN", "Sum", "elementwise_mean", "mean ",
-                                       None, 0, 2])
+@pytest.mark.parametrize(
+    "reduction", ["avg", "", "MEAN", "Sum", "elementwise_mean", "mean ", None, 0, 2]
+)
 def test_unknown_reduction(reduction):
     z, y = _base()
     _call_all_ways(z, y, ValueError, match="reduction", reduction=reduction)
@@ -118,8 +136,11 @@ def test_zero_classes(shape):
     _call_all_ways(z, np.zeros(shape[:-1], np.int64), ValueError, match="C = 0|class")
 
 
-@pytest.mark.parametrize("eps", [-0.1, -1e-300, 1.0000001, 2.0, float("nan"), float("inf"),
-                                 float("-inf"), np.float32("nan")], ids=repr)
+@pytest.mark.parametrize(
+    "eps",
+    [-0.1, -1e-300, 1.0000001, 2.0, float("nan"), float("inf"), float("-inf"), np.float32("nan")],
+    ids=repr,
+)
 def test_label_smoothing_out_of_range(eps):
     z, y = _base()
     _call_all_ways(z, y, ValueError, match="label_smoothing", label_smoothing=eps)
@@ -174,8 +195,15 @@ def test_bad_label_with_a_middle_class_axis_writes_nothing():
     y = np.zeros((8, 3000), np.int64)
     y[7, 2999] = C
     for red in ("none", "mean"):
-        _call_all_ways(z, y, IndexError, match=rf"target\[7, 2999\] = {C}\b", axis=1,
-                       reduction=red, num_threads=2)
+        _call_all_ways(
+            z,
+            y,
+            IndexError,
+            match=rf"target\[7, 2999\] = {C}\b",
+            axis=1,
+            reduction=red,
+            num_threads=2,
+        )
 
 
 # --------------------------------------------------------------------------------------
@@ -190,9 +218,11 @@ def test_target_out_of_range_names_row_and_value(row, value):
     _call_all_ways(z, y, IndexError, match=rf"target\[{row}\] = {value}\b")
 
 
-@pytest.mark.parametrize("tdtype", [np.int8, np.int16, np.int32, np.uint8, np.uint16,
-                                    np.uint32, np.uint64, np.longlong],
-                         ids=lambda d: np.dtype(d).name + np.dtype(d).char)
+@pytest.mark.parametrize(
+    "tdtype",
+    [np.int8, np.int16, np.int32, np.uint8, np.uint16, np.uint32, np.uint64, np.longlong],
+    ids=lambda d: np.dtype(d).name + np.dtype(d).char,
+)
 def test_target_out_of_range_any_dtype(tdtype):
     z, y = _base()
     bad = y.astype(tdtype)
@@ -234,8 +264,9 @@ def test_ignore_index_is_exactly_what_is_skipped():
     _call_all_ways(z, y, IndexError, match=r"target\[2\] = 17\b")
 
 
-@pytest.mark.parametrize("shape,nt", [((3000, 20), 2), ((3000, 20), 7), ((2, 50000), 4),
-                                      ((64, 50257), 3)], ids=str)
+@pytest.mark.parametrize(
+    "shape,nt", [((3000, 20), 2), ((3000, 20), 7), ((2, 50000), 4), ((64, 50257), 3)], ids=str
+)
 @pytest.mark.parametrize("where", ["first", "last"])
 def test_bad_label_in_big_parallel_call_writes_nothing(shape, nt, where):
     """Large, multi-threaded calls (row-parallel and class-split paths) with one bad label
@@ -246,8 +277,15 @@ def test_bad_label_in_big_parallel_call_writes_nothing(shape, nt, where):
     row = 0 if where == "first" else shape[0] - 1
     y[row] = shape[-1]
     for red in ("none", "sum", "mean"):
-        _call_all_ways(z, y, IndexError, match=rf"target\[{row}\] = {shape[-1]}\b",
-                       reduction=red, num_threads=nt, label_smoothing=0.1)
+        _call_all_ways(
+            z,
+            y,
+            IndexError,
+            match=rf"target\[{row}\] = {shape[-1]}\b",
+            reduction=red,
+            num_threads=nt,
+            label_smoothing=0.1,
+        )
 
 
 def test_scalar_target_out_of_range():
@@ -282,15 +320,17 @@ def test_out_read_only(dtype):
     _check_out_rejected(z, y, np.broadcast_to(np.zeros(C, dtype), z.shape))
 
 
-@pytest.mark.parametrize("oshape", [(N, C + 1), (N * C,), (C, N), (1, N, C), (N, C, 1), (N,)],
-                         ids=str)
+@pytest.mark.parametrize(
+    "oshape", [(N, C + 1), (N * C,), (C, N), (1, N, C), (N, C, 1), (N,)], ids=str
+)
 def test_out_wrong_shape(oshape):
     z, y = _base()
     _check_out_rejected(z, y, np.zeros(oshape, np.float32), match="shape")
 
 
-@pytest.mark.parametrize("odtype", [np.float64, np.float16, np.int32, np.complex64],
-                         ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize(
+    "odtype", [np.float64, np.float16, np.int32, np.complex64], ids=lambda d: np.dtype(d).name
+)
 def test_out_wrong_dtype(odtype):
     z, y = _base(np.float32)
     _check_out_rejected(z, y, np.zeros((N, C), odtype), match="dtype")
@@ -320,16 +360,16 @@ def test_out_not_an_array():
 def test_out_partially_overlapping_logits(shift):
     z0, y = _base()
     buf = np.zeros(N * C + shift, np.float32)
-    buf[:N * C] = z0.reshape(-1)
-    z = buf[:N * C].reshape(N, C)
-    out = buf[shift:shift + N * C].reshape(N, C)
+    buf[: N * C] = z0.reshape(-1)
+    z = buf[: N * C].reshape(N, C)
+    out = buf[shift : shift + N * C].reshape(N, C)
     buf_before = buf.copy()
     with pytest.raises(ValueError, match="overlap"):
         fx.cross_entropy_with_grad(z, y, out=out)
     assert_bitwise_equal(buf, buf_before, "buffer after a rejected overlapping out=")
     # the other way round
-    z2 = buf[shift:shift + N * C].reshape(N, C)
-    out2 = buf[:N * C].reshape(N, C)
+    z2 = buf[shift : shift + N * C].reshape(N, C)
+    out2 = buf[: N * C].reshape(N, C)
     with pytest.raises(ValueError, match="overlap"):
         fx.cross_entropy_with_grad(z2, y, out=out2)
     assert_bitwise_equal(buf, buf_before, "buffer after a rejected overlapping out=")

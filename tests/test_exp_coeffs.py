@@ -18,12 +18,20 @@ SCRIPT = ROOT / "tools" / "gen_exp_coeffs.py"
 HEADER = ROOT / "cpp" / "src" / "exp_coeffs.hpp"
 
 if not (SCRIPT.is_file() and HEADER.is_file()):
-    pytest.skip("needs the source checkout (tools/ and cpp/ beside tests/); this copy of the "
-                "suite has tests/ only", allow_module_level=True)
+    pytest.skip(
+        "needs the source checkout (tools/ and cpp/ beside tests/); this copy of the "
+        "suite has tests/ only",
+        allow_module_level=True,
+    )
 pytest.importorskip("mpmath")
 
 
 def test_generated_header_is_up_to_date() -> None:
-    run = subprocess.run([sys.executable, str(SCRIPT), "--check"], capture_output=True,
-                         text=True, timeout=120, check=False)
+    run = subprocess.run(
+        [sys.executable, str(SCRIPT), "--check"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert run.returncode == 0, run.stdout + run.stderr

@@ -24,8 +24,8 @@ def test_fast_equals_general(dtype, reduction):
     assert fast is not None
     # A strided view of the same values goes through the general path.
     wide = np.zeros((x.shape[0], x.shape[1] + 3), dtype)
-    wide[:, :x.shape[1]] = x
-    loss, g = fx.cross_entropy_with_grad(wide[:, :x.shape[1]], t, reduction=reduction)
+    wide[:, : x.shape[1]] = x
+    loss, g = fx.cross_entropy_with_grad(wide[:, : x.shape[1]], t, reduction=reduction)
     np.testing.assert_array_equal(fast[1], g)
     np.testing.assert_array_equal(np.asarray(fast[0]), np.asarray(loss))
     assert np.asarray(fast[0]).dtype == dtype
@@ -36,15 +36,15 @@ def test_fast_declines_what_it_cannot_check():
     x, t = _data()
     g = np.empty_like(x)
     declined = [
-        (x.astype(">f4"), t, None),            # big-endian logits
-        (x, t.astype(">i8"), None),            # big-endian targets
-        (x, t.astype(np.int32), None),         # another integer type
-        (np.asfortranarray(x), t, None),       # not C-contiguous
-        (x.astype(np.float16), t, None),       # 16-bit logits
-        (x[None], t, None),                    # 3-D
+        (x.astype(">f4"), t, None),  # big-endian logits
+        (x, t.astype(">i8"), None),  # big-endian targets
+        (x, t.astype(np.int32), None),  # another integer type
+        (np.asfortranarray(x), t, None),  # not C-contiguous
+        (x.astype(np.float16), t, None),  # 16-bit logits
+        (x[None], t, None),  # 3-D
         (x, t, np.empty((32, 10), np.float64)),  # out of another dtype
-        (x, t, np.asfortranarray(g)),          # out not C-contiguous
-        (x, t, x[:, :5]),                      # out of another shape
+        (x, t, np.asfortranarray(g)),  # out not C-contiguous
+        (x, t, x[:, :5]),  # out of another shape
         (np.zeros((4, 0), np.float32), t[:4], None),  # no classes
     ]
     ro = np.empty_like(x)

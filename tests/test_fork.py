@@ -25,8 +25,9 @@ _PRELUDE = textwrap.dedent("""
 def _run(body: str, timeout: float = 120.0) -> str:
     code = _PRELUDE + textwrap.dedent(body)
     try:
-        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                             timeout=timeout)
+        res = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout
+        )
     except subprocess.TimeoutExpired:
         pytest.fail("the forked child hung (timeout)")
     assert res.returncode == 0, res.stderr

@@ -15,7 +15,7 @@ def _guarded(shape, dtype, fill):
     n = int(np.prod(shape))
     buf = np.empty(n + 2 * GUARD, dtype)
     buf.view(np.uint8)[:] = 0xA5
-    inner = buf[GUARD:GUARD + n].reshape(shape)
+    inner = buf[GUARD : GUARD + n].reshape(shape)
     inner[...] = fill
     return buf, inner
 
@@ -23,7 +23,7 @@ def _guarded(shape, dtype, fill):
 def _guards_intact(buf):
     b = buf.view(np.uint8)
     isz = buf.itemsize
-    return (b[:GUARD * isz] == 0xA5).all() and (b[-GUARD * isz:] == 0xA5).all()
+    return (b[: GUARD * isz] == 0xA5).all() and (b[-GUARD * isz :] == 0xA5).all()
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
@@ -34,7 +34,10 @@ def test_guard_bytes_rows(isa, dtype):
         N = 3
         z = (rng.standard_normal((N, C)) * 3).astype(dtype)
         y = rng.integers(0, C, N)
-        kw = dict(label_smoothing=0.1, weight=rng.random(C).astype(np.float32 if dtype == np.float16 else dtype))
+        kw = dict(
+            label_smoothing=0.1,
+            weight=rng.random(C).astype(np.float32 if dtype == np.float16 else dtype),
+        )
         buf, out = _guarded((N, C), dtype, 0)
         fx.cross_entropy_with_grad(z, y, out=out, **kw)
         assert _guards_intact(buf), ("out=", C)

@@ -34,8 +34,16 @@ def half_id(d):
 OPTIONS = {
     "off": dict(),
     "classic": dict(weight=True, label_smoothing=0.1, ignore_frac=0.2),
-    "on": dict(weight=True, label_smoothing=0.1, ignore_frac=0.2, sample_weight=True,
-               z_loss=1e-3, softcap=8.0, logit_scale=1.3, normalizer=17.0),
+    "on": dict(
+        weight=True,
+        label_smoothing=0.1,
+        ignore_frac=0.2,
+        sample_weight=True,
+        z_loss=1e-3,
+        softcap=8.0,
+        logit_scale=1.3,
+        normalizer=17.0,
+    ),
     "scale-only": dict(logit_scale=0.6, sample_weight=True),
 }
 
@@ -48,7 +56,7 @@ def make_case(rng, shape, half, opts, probs, axis=-1, masked=False):
         zm = np.moveaxis(z, axis, -1)
         zm[..., 1::7] = -np.inf  # masked classes
     ax = axis % len(shape)
-    rshape = shape[:ax] + shape[ax + 1:]
+    rshape = shape[:ax] + shape[ax + 1 :]
     C = shape[ax]
     kw = {k: v for k, v in opts.items() if k not in ("weight", "sample_weight", "ignore_frac")}
     if opts.get("weight"):
@@ -83,8 +91,9 @@ def assert_half_contract(z, t, kw, what=""):
         assert g.dtype == z.dtype and g.shape == z.shape and g.flags.c_contiguous, what
         assert_bitwise_equal(loss, l32, f"{what} {red}: loss vs float32")
         assert_bitwise_equal(g, g32.astype(z.dtype), f"{what} {red}: grad vs float32 rounded")
-        assert_bitwise_equal(fx.cross_entropy(z, t, reduction=red, **kw), loss,
-                             f"{what} {red}: loss-only")
+        assert_bitwise_equal(
+            fx.cross_entropy(z, t, reduction=red, **kw), loss, f"{what} {red}: loss-only"
+        )
 
 
 @pytest.mark.parametrize("probs", [False, True], ids=["class", "probs"])
@@ -126,8 +135,12 @@ def test_any_axis(isa, half, probs, rng):
 def test_in_place_and_out(isa, half, rng):
     """out=logits overwrites the 16-bit logits with exactly the out-of-place gradient; out=
     a 16-bit buffer is filled and returned; both for the row and the column path."""
-    for shape, axis, probs in (((30, 700), -1, False), ((30, 700), -1, True),
-                               ((6, 20, 300), 1, False), ((2, 300000), -1, True)):
+    for shape, axis, probs in (
+        ((30, 700), -1, False),
+        ((30, 700), -1, True),
+        ((6, 20, 300), 1, False),
+        ((2, 300000), -1, True),
+    ):
         z, t, kw = make_case(rng, shape, half, OPTIONS["on"], probs, axis=axis)
         for red in REDUCTIONS:
             loss, g = fx.cross_entropy_with_grad(z, t, reduction=red, **kw)
@@ -143,14 +156,21 @@ def test_in_place_and_out(isa, half, rng):
             assert_bitwise_equal(l3, loss, f"{shape} {red} in place loss")
 
 
-THREAD_CASES = [((2, 300000), -1, "off", False), ((2, 300000), -1, "on", True),
-                ((64, 3000), -1, "on", False), ((64, 3000), -1, "off", True),
-                ((6, 50, 1000), 1, "on", False), ((6, 50, 1000), 1, "off", True)]
+THREAD_CASES = [
+    ((2, 300000), -1, "off", False),
+    ((2, 300000), -1, "on", True),
+    ((64, 3000), -1, "on", False),
+    ((64, 3000), -1, "off", True),
+    ((6, 50, 1000), 1, "on", False),
+    ((6, 50, 1000), 1, "off", True),
+]
 
 
-@pytest.mark.parametrize("shape,axis,opts,probs", THREAD_CASES,
-                         ids=[f"{s}-axis{a}-{o}-{'probs' if p else 'class'}"
-                              for s, a, o, p in THREAD_CASES])
+@pytest.mark.parametrize(
+    "shape,axis,opts,probs",
+    THREAD_CASES,
+    ids=[f"{s}-axis{a}-{o}-{'probs' if p else 'class'}" for s, a, o, p in THREAD_CASES],
+)
 @pytest.mark.parametrize("half", HALVES, ids=half_id)
 def test_bitwise_for_every_thread_count(isa, half, shape, axis, opts, probs, rng):
     """num_threads 1, 2, 3, None: the same bits (few rows over many classes go through the
@@ -165,8 +185,11 @@ def test_bitwise_for_every_thread_count(isa, half, shape, axis, opts, probs, rng
             loss, g = fx.cross_entropy_with_grad(z, t, reduction=red, num_threads=nt, **kw)
             assert_bitwise_equal(loss, l32, f"{opts} {red} nt={nt} loss")
             assert_bitwise_equal(g, g32, f"{opts} {red} nt={nt} grad")
-        assert_bitwise_equal(fx.cross_entropy(z, t, reduction=red, num_threads=3, **kw),
-                             l32, f"{opts} {red} loss-only")
+        assert_bitwise_equal(
+            fx.cross_entropy(z, t, reduction=red, num_threads=3, **kw),
+            l32,
+            f"{opts} {red} loss-only",
+        )
 
 
 @pytest.mark.parametrize("half", HALVES, ids=half_id)
@@ -174,7 +197,7 @@ def test_weights_given_as_any_float_array(isa, half, rng):
     """weight and sample_weight as float64, float32, float16 arrays or lists: converted to
     float32, the same bits whichever spelling holds the same values."""
     z, y, _ = make_case(rng, (20, 8), half, OPTIONS["off"], False)
-    w = (np.arange(8) % 4 + 1) / 4.0          # exact in every float type
+    w = (np.arange(8) % 4 + 1) / 4.0  # exact in every float type
     sw = (np.arange(20) % 3 + 1) / 2.0
     ref = fx.cross_entropy_with_grad(z, y, weight=w, sample_weight=sw, reduction="none")
     for cast in (np.float32, np.float16, half, list):
@@ -190,11 +213,15 @@ def test_special_values(isa, half):
     """Masked rows and entries: -inf classes get 0, an all -inf row has loss +inf (the
     float32 path's convention) and NaN stays in its row; ignored rows are exactly 0; overflow
     of the gradient into the 16-bit range cannot happen (|g| <= max weight)."""
-    z = np.array([[0.0, -np.inf, 2.0, 1.0],
-                  [-np.inf, -np.inf, -np.inf, -np.inf],
-                  [np.nan, 0.0, 1.0, 2.0],
-                  [np.nan, np.inf, 1.0, 2.0],
-                  [60000.0 if half == np.float16 else 1e30, 0.0, -3.0, 1.0]]).astype(half)
+    z = np.array(
+        [
+            [0.0, -np.inf, 2.0, 1.0],
+            [-np.inf, -np.inf, -np.inf, -np.inf],
+            [np.nan, 0.0, 1.0, 2.0],
+            [np.nan, np.inf, 1.0, 2.0],
+            [60000.0 if half == np.float16 else 1e30, 0.0, -3.0, 1.0],
+        ]
+    ).astype(half)
     y = np.array([0, 1, 2, -100, 1])
     for red in REDUCTIONS:
         assert_half_contract(z, y, {}, f"special {red}")
@@ -212,8 +239,9 @@ def test_probability_targets_of_the_half_dtype_are_read_as_such(isa, half, rng):
     p = rng.dirichlet(np.ones(6), size=10).astype(half)
     for red in REDUCTIONS:
         loss, g = fx.cross_entropy_with_grad(z, p, reduction=red, label_smoothing=0.1)
-        l32, g32 = fx.cross_entropy_with_grad(z.astype(np.float32), p.astype(np.float32),
-                                              reduction=red, label_smoothing=0.1)
+        l32, g32 = fx.cross_entropy_with_grad(
+            z.astype(np.float32), p.astype(np.float32), reduction=red, label_smoothing=0.1
+        )
         assert_bitwise_equal(loss, l32, red)
         assert_bitwise_equal(g, g32.astype(half), red)
 
@@ -232,8 +260,13 @@ def test_errors(half):
     out2 = np.full((4, 3), 7.0, other)
     with pytest.raises(ValueError, match="dtype"):
         fx.cross_entropy_with_grad(z, y, out=out2)
-    for kw in (dict(softcap=0.0), dict(logit_scale=-1.0), dict(z_loss=float("nan")),
-               dict(normalizer=-1.0), dict(sample_weight=np.ones(5))):
+    for kw in (
+        dict(softcap=0.0),
+        dict(logit_scale=-1.0),
+        dict(z_loss=float("nan")),
+        dict(normalizer=-1.0),
+        dict(sample_weight=np.ones(5)),
+    ):
         zi = z.copy()
         with pytest.raises(ValueError):
             fx.cross_entropy_with_grad(zi, y, out=zi, **kw)

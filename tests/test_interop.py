@@ -21,8 +21,15 @@ from reference import assert_bitwise_equal, make_logits, make_target, make_weigh
 ml_dtypes = pytest.importorskip("ml_dtypes")
 
 REDUCTIONS = ("none", "sum", "mean")
-FUNCS = ("cross_entropy", "cross_entropy_with_grad", "softmax", "log_softmax", "logsumexp",
-         "softmax_backward", "softmax_jacobian")
+FUNCS = (
+    "cross_entropy",
+    "cross_entropy_with_grad",
+    "softmax",
+    "log_softmax",
+    "logsumexp",
+    "softmax_backward",
+    "softmax_jacobian",
+)
 
 
 def call(name, x, extra=None, **kw):
@@ -62,14 +69,20 @@ def test_torch_tensors(torch, name, tdtype, requires_grad):
     x_np = make_logits(rng, (6, 5), 2.0, ndt)
     # PyTorch tensors holding exactly the same bits.
     t_dtype = getattr(torch, tdtype)
-    x_t = torch.from_numpy(x_np.view(np.int16)).view(t_dtype) if tdtype == "bfloat16" \
+    x_t = (
+        torch.from_numpy(x_np.view(np.int16)).view(t_dtype)
+        if tdtype == "bfloat16"
         else torch.from_numpy(x_np.copy())
+    )
     if requires_grad:
         x_t.requires_grad_(True)
     y_np = make_target(rng, (6,), 5)
     g_np = make_logits(rng, (6, 5), 1.0, ndt)
-    g_t = torch.from_numpy(g_np.view(np.int16)).view(t_dtype) if tdtype == "bfloat16" \
+    g_t = (
+        torch.from_numpy(g_np.view(np.int16)).view(t_dtype)
+        if tdtype == "bfloat16"
         else torch.from_numpy(g_np.copy())
+    )
     extra_np = dict(target=y_np, grad=g_np)
     extra_t = dict(target=torch.from_numpy(y_np.copy()), grad=g_t)
     want = call(name, x_np, extra_np)
@@ -94,12 +107,17 @@ def test_torch_options_as_tensors(torch):
     kw = dict(z_loss=1e-3, softcap=5.0, logit_scale=1.2, label_smoothing=0.1)
     for red in REDUCTIONS:
         for tgt_np in (y, p):
-            want = fx.cross_entropy_with_grad(z, tgt_np, reduction=red, weight=w,
-                                              sample_weight=sw, **kw)
+            want = fx.cross_entropy_with_grad(
+                z, tgt_np, reduction=red, weight=w, sample_weight=sw, **kw
+            )
             got = fx.cross_entropy_with_grad(
-                torch.from_numpy(z.copy()).requires_grad_(True), torch.from_numpy(tgt_np.copy()),
-                reduction=red, weight=torch.from_numpy(w.copy()).requires_grad_(True),
-                sample_weight=torch.from_numpy(sw.copy()), **kw)
+                torch.from_numpy(z.copy()).requires_grad_(True),
+                torch.from_numpy(tgt_np.copy()),
+                reduction=red,
+                weight=torch.from_numpy(w.copy()).requires_grad_(True),
+                sample_weight=torch.from_numpy(sw.copy()),
+                **kw,
+            )
             assert_numpy_results(got)
             assert_bitwise_equal(got[0], want[0], f"{red} loss")
             assert_bitwise_equal(got[1], want[1], f"{red} grad")
@@ -110,17 +128,21 @@ def test_torch_non_contiguous_and_class_dim_1(torch):
     base = torch.from_numpy(make_logits(rng, (7, 12), 2.0, np.float64))
     view = base[:, 2:9]  # row stride > C
     y = torch.from_numpy(make_target(rng, (7,), 7))
-    for a, b in zip(fx.cross_entropy_with_grad(view, y), fx.cross_entropy_with_grad(
-            np.ascontiguousarray(view.numpy()), y.numpy())):
+    for a, b in zip(
+        fx.cross_entropy_with_grad(view, y),
+        fx.cross_entropy_with_grad(np.ascontiguousarray(view.numpy()), y.numpy()),
+    ):
         assert_bitwise_equal(a, b, "sliced tensor")
     t = base.t()  # transposed
-    assert_bitwise_equal(fx.softmax(t, axis=0), fx.softmax(np.ascontiguousarray(t.numpy()), 0),
-                         "transposed tensor")
+    assert_bitwise_equal(
+        fx.softmax(t, axis=0), fx.softmax(np.ascontiguousarray(t.numpy()), 0), "transposed tensor"
+    )
     z4 = torch.from_numpy(make_logits(rng, (3, 5, 4, 2), 1.0, np.float32))
     y4 = torch.from_numpy(make_target(rng, (3, 4, 2), 5))
-    for a, b in zip(fx.cross_entropy_with_grad(z4, y4, axis=1, reduction="none"),
-                    fx.cross_entropy_with_grad(z4.numpy(), y4.numpy(), axis=1,
-                                               reduction="none")):
+    for a, b in zip(
+        fx.cross_entropy_with_grad(z4, y4, axis=1, reduction="none"),
+        fx.cross_entropy_with_grad(z4.numpy(), y4.numpy(), axis=1, reduction="none"),
+    ):
         assert_bitwise_equal(a, b, "(N, C, d1, d2) tensor")
 
 
@@ -135,15 +157,13 @@ def test_torch_out_writes_through(torch, tdtype):
     for red in REDUCTIONS:
         loss, g = fx.cross_entropy_with_grad(z, y, reduction=red, softcap=4.0, z_loss=1e-3)
         out = torch.full((9, 7), 7.0, dtype=t_dtype)
-        l2, g2 = fx.cross_entropy_with_grad(z, y, reduction=red, out=out, softcap=4.0,
-                                            z_loss=1e-3)
+        l2, g2 = fx.cross_entropy_with_grad(z, y, reduction=red, out=out, softcap=4.0, z_loss=1e-3)
         assert isinstance(g2, np.ndarray) and g2.ctypes.data == out.data_ptr()
         out_np = _api._to_numpy(out, "out")  # the tensor's bits, whatever its dtype
         assert_bitwise_equal(out_np, g, f"{tdtype} {red} out tensor")
         assert_bitwise_equal(l2, loss, f"{tdtype} {red} loss")
         zi = z.clone()
-        l3, _ = fx.cross_entropy_with_grad(zi, y, reduction=red, out=zi, softcap=4.0,
-                                           z_loss=1e-3)
+        l3, _ = fx.cross_entropy_with_grad(zi, y, reduction=red, out=zi, softcap=4.0, z_loss=1e-3)
         assert_bitwise_equal(_api._to_numpy(zi, "out"), g, f"{tdtype} {red} in place tensor")
         assert_bitwise_equal(l3, loss, f"{tdtype} {red} in place loss")
 
@@ -171,8 +191,11 @@ def test_torch_negative_view_is_read_with_its_sign(torch):
     assert x.is_neg()
     want = x.resolve_neg().contiguous().numpy()
     assert_bitwise_equal(fx.logsumexp(x), fx.logsumexp(want), "logsumexp of a neg view")
-    assert_bitwise_equal(fx.cross_entropy(x, np.array([0, 1, 2])),
-                         fx.cross_entropy(want, np.array([0, 1, 2])), "loss of a neg view")
+    assert_bitwise_equal(
+        fx.cross_entropy(x, np.array([0, 1, 2])),
+        fx.cross_entropy(want, np.array([0, 1, 2])),
+        "loss of a neg view",
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -183,6 +206,7 @@ def test_torch_negative_view_is_read_with_its_sign(torch):
 def jnp():
     pytest.importorskip("jax")
     import jax.numpy as jnp
+
     return jnp
 
 
@@ -213,8 +237,9 @@ def test_jax_bfloat16_arrays(jnp):
     for name in FUNCS:
         want = call(name, x_np, dict(target=y_np, grad=g_np))
         try:
-            got = call(name, jnp.asarray(x_np),
-                       dict(target=jnp.asarray(y_np), grad=jnp.asarray(g_np)))
+            got = call(
+                name, jnp.asarray(x_np), dict(target=jnp.asarray(y_np), grad=jnp.asarray(g_np))
+            )
         except Exception as e:  # noqa: BLE001 - collected and reported below
             failures.append(f"{name}: {type(e).__name__}: {e}")
             continue
@@ -232,9 +257,14 @@ def test_jax_options_and_probability_targets(jnp):
     kw = dict(axis=1, z_loss=1e-3, softcap=5.0, label_smoothing=0.1)
     for red in REDUCTIONS:
         want = fx.cross_entropy_with_grad(z, p, reduction=red, weight=w, sample_weight=sw, **kw)
-        got = fx.cross_entropy_with_grad(jnp.asarray(z), jnp.asarray(p), reduction=red,
-                                         weight=jnp.asarray(w), sample_weight=jnp.asarray(sw),
-                                         **kw)
+        got = fx.cross_entropy_with_grad(
+            jnp.asarray(z),
+            jnp.asarray(p),
+            reduction=red,
+            weight=jnp.asarray(w),
+            sample_weight=jnp.asarray(sw),
+            **kw,
+        )
         assert_bitwise_equal(got[0], want[0], red)
         assert_bitwise_equal(got[1], want[1], red)
 
@@ -312,10 +342,15 @@ def test_buffer_protocol_objects():
             assert_bitwise_equal(a, b, f"{name} array.array")
     f32 = array.array("f", [1.0, 2.0, 3.0])
     assert fx.softmax(f32).dtype == np.float32
-    loss = fx.cross_entropy(x, array.array("q", [2, 0]), weight=array.array("d", [1, 2, 3]),
-                            sample_weight=array.array("f", [0.5, 1.0]))
-    assert loss == fx.cross_entropy(x, y, weight=np.array([1.0, 2.0, 3.0]),
-                                    sample_weight=np.array([0.5, 1.0]))
+    loss = fx.cross_entropy(
+        x,
+        array.array("q", [2, 0]),
+        weight=array.array("d", [1, 2, 3]),
+        sample_weight=array.array("f", [0.5, 1.0]),
+    )
+    assert loss == fx.cross_entropy(
+        x, y, weight=np.array([1.0, 2.0, 3.0]), sample_weight=np.array([0.5, 1.0])
+    )
     # A writable memoryview is still not an out= (not an ndarray, no DLPack): TypeError.
     with pytest.raises(TypeError):
         fx.cross_entropy_with_grad(x, y, out=memoryview(np.zeros_like(x)))

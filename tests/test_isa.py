@@ -26,13 +26,21 @@ def _run_python(code: str, isa_env=None, tmp_path=None):
     env.pop("FASTXENT_ISA", None)
     if isa_env is not None:
         env["FASTXENT_ISA"] = isa_env
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                          text=True, timeout=120, cwd=str(tmp_path) if tmp_path else None)
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=str(tmp_path) if tmp_path else None,
+    )
     return proc.returncode, proc.stdout, proc.stderr
 
 
-REPORT = ("import json, fastxent as fx; "
-          "print(json.dumps({'active': fx.active_isa(), 'available': fx.available_isas()}))")
+REPORT = (
+    "import json, fastxent as fx; "
+    "print(json.dumps({'active': fx.active_isa(), 'available': fx.available_isas()}))"
+)
 
 
 def test_available_isas_shape():
@@ -111,16 +119,18 @@ def test_env_var_auto_or_empty_is_the_best(value, tmp_path):
 
 @pytest.mark.parametrize("value", _unusable_names())
 def test_env_var_unknown_fails_import_listing_the_isas(value, tmp_path):
-    code = ("import sys\n"
-            "try:\n"
-            "    import fastxent\n"
-            "except ImportError as e:\n"
-            "    print('IMPORT-ERROR:', e)\n"
-            "    sys.exit(3)\n"
-            "except BaseException as e:\n"
-            "    print('OTHER:', type(e).__name__, e)\n"
-            "    sys.exit(4)\n"
-            "print('IMPORTED', fastxent.active_isa())\n")
+    code = (
+        "import sys\n"
+        "try:\n"
+        "    import fastxent\n"
+        "except ImportError as e:\n"
+        "    print('IMPORT-ERROR:', e)\n"
+        "    sys.exit(3)\n"
+        "except BaseException as e:\n"
+        "    print('OTHER:', type(e).__name__, e)\n"
+        "    sys.exit(4)\n"
+        "print('IMPORTED', fastxent.active_isa())\n"
+    )
     rc, out, err = _run_python(code, value, tmp_path)
     assert rc == 3, f"expected ImportError, got rc={rc}: {out}{err}"
     assert "FASTXENT_ISA" in out
@@ -141,21 +151,25 @@ def test_isa_results_agree(rng):
         try:
             for isa in fx.available_isas():
                 _core.set_isa(isa)
-                results[isa] = fx.cross_entropy_with_grad(z, y, weight=w, label_smoothing=0.1,
-                                                          reduction="none")
+                results[isa] = fx.cross_entropy_with_grad(
+                    z, y, weight=w, label_smoothing=0.1, reduction="none"
+                )
         finally:
             _core.set_isa(default_isa())
         base_l, base_g = results["scalar"]
         for isa, (l, g) in results.items():
             np.testing.assert_allclose(l, base_l, rtol=tol, err_msg=isa)
-            np.testing.assert_allclose(g, base_g, rtol=0, atol=tol * np.max(np.abs(base_g)),
-                                       err_msg=isa)
+            np.testing.assert_allclose(
+                g, base_g, rtol=0, atol=tol * np.max(np.abs(base_g)), err_msg=isa
+            )
 
 
-STREAM_CODE = ("import json, fastxent as fx; from fastxent import _core; out = {}\n"
-               "for isa in fx.available_isas():\n"
-               "    _core.set_isa(isa); out[isa] = _core.stream_bytes()\n"
-               "print(json.dumps(out))")
+STREAM_CODE = (
+    "import json, fastxent as fx; from fastxent import _core; out = {}\n"
+    "for isa in fx.available_isas():\n"
+    "    _core.set_isa(isa); out[isa] = _core.stream_bytes()\n"
+    "print(json.dumps(out))"
+)
 
 
 def _stream_bytes_by_isa(env_value, tmp_path):
@@ -165,14 +179,21 @@ def _stream_bytes_by_isa(env_value, tmp_path):
     env.pop("FASTXENT_STREAM_BYTES", None)
     if env_value is not None:
         env["FASTXENT_STREAM_BYTES"] = env_value
-    proc = subprocess.run([sys.executable, "-c", STREAM_CODE], env=env, capture_output=True,
-                          text=True, timeout=120, cwd=str(tmp_path))
+    proc = subprocess.run(
+        [sys.executable, "-c", STREAM_CODE],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=str(tmp_path),
+    )
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
 
 
-@pytest.mark.skipif(not cpu_fields().get("vendor_id"),
-                    reason="the vendor comes from /proc/cpuinfo (Linux only)")
+@pytest.mark.skipif(
+    not cpu_fields().get("vendor_id"), reason="the vendor comes from /proc/cpuinfo (Linux only)"
+)
 def test_stream_default_follows_cpu_vendor_and_isa(tmp_path):
     """Non-temporal stores by default (64 MiB and more) on Intel CPUs and under the AVX-512
     kernel, else never; the active kernel decides per call (measurements: ce_detail.hpp)."""
@@ -182,8 +203,8 @@ def test_stream_default_follows_cpu_vendor_and_isa(tmp_path):
     assert got == {isa: (64 << 20 if intel or isa == "avx512" else 0) for isa in got}, got
 
 
-@pytest.mark.parametrize("value, expected", [("0", 0), ("1", 1), ("123456789", 123456789),
-                                             ("-5", 0)])
+@pytest.mark.parametrize(
+    "value, expected", [("0", 0), ("1", 1), ("123456789", 123456789), ("-5", 0)]
+)
 def test_stream_env_overrides_for_every_isa(value, expected, tmp_path):
-    assert _stream_bytes_by_isa(value, tmp_path) == {isa: expected
-                                                     for isa in fx.available_isas()}
+    assert _stream_bytes_by_isa(value, tmp_path) == {isa: expected for isa in fx.available_isas()}

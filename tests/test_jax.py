@@ -47,6 +47,7 @@ def _x64():
     if hasattr(jax, "enable_x64"):
         return jax.enable_x64(True)
     from jax.experimental import enable_x64  # older JAX
+
     return enable_x64()
 
 
@@ -92,8 +93,9 @@ def _reference_jit(z, y, w, eps, ignore_index, ct, coef, axis):
     return aux, g
 
 
-def reference(z, y, *, weight=None, ignore_index=-100, label_smoothing=0.0,
-              reduction="mean", axis=-1, ct=None):
+def reference(
+    z, y, *, weight=None, ignore_index=-100, label_smoothing=0.0, reduction="mean", axis=-1, ct=None
+):
     """(loss, d(sum(ct * loss))/dz) of F.cross_entropy's semantics in plain jnp; ct = 1 when
     None."""
     dt = z.dtype
@@ -103,13 +105,30 @@ def reference(z, y, *, weight=None, ignore_index=-100, label_smoothing=0.0,
     ct = jnp.ones(rows_shape, dt) if ct is None else jnp.broadcast_to(ct, rows_shape)
     k = REDUCTIONS.index(reduction)
     coef = jnp.asarray([k == 2, k == 1, k == 0], dt)  # none, sum, mean
-    (rows, s, mean), g = _reference_jit(z, y, w, jnp.asarray(label_smoothing, dt),
-                                        jnp.asarray(ignore_index), ct, coef, axis % z.ndim)
+    (rows, s, mean), g = _reference_jit(
+        z,
+        y,
+        w,
+        jnp.asarray(label_smoothing, dt),
+        jnp.asarray(ignore_index),
+        ct,
+        coef,
+        axis % z.ndim,
+    )
     return (rows, s, mean)[2 - k], g
 
 
-def _inputs(rng, shape, dtype, axis=-1, probs=False, weight=False, ignore=False,
-            ignore_index=-100, label_smoothing=0.0):
+def _inputs(
+    rng,
+    shape,
+    dtype,
+    axis=-1,
+    probs=False,
+    weight=False,
+    ignore=False,
+    ignore_index=-100,
+    label_smoothing=0.0,
+):
     C = shape[axis]
     rows = tuple(n for i, n in enumerate(shape) if i != axis % len(shape))
     z = jnp.asarray((2.0 * rng.standard_normal(shape)).astype(dtype))
@@ -132,6 +151,7 @@ def _inputs(rng, shape, dtype, axis=-1, probs=False, weight=False, ignore=False,
 
 def _fused(z, y, ct=None, **kw):
     """jit(value_and_grad) of fastxent: (loss, d(sum(ct * loss))/dz), ct = 1 when None."""
+
     def f(z):
         loss = fxj.cross_entropy(z, y, **kw)
         return jnp.sum(loss if ct is None else ct * loss), loss
@@ -165,12 +185,13 @@ def test_value_and_grad_match_reference(rng, dtype, shape, axis, reduction, opts
 @functools.partial(jax.jit, static_argnames="axis")
 def _options_reference(z, y, w, sw, normalizer, ct, coef, axis=-1):
     """Row losses with sample_weight, z_loss = 1e-2, softcap = 2.5, logit_scale = 1.2."""
+
     def total(z):
         zz = 2.5 * jnp.tanh(1.2 * z / 2.5)
         lse = jax.nn.logsumexp(zz, axis=-1)
         onehot = jax.nn.one_hot(y, z.shape[-1], dtype=z.dtype)
         wy = jnp.sum(onehot * w, axis=-1)
-        rows = sw * (wy * (lse - jnp.sum(onehot * zz, axis=-1)) + 1e-2 * lse ** 2)
+        rows = sw * (wy * (lse - jnp.sum(onehot * zz, axis=-1)) + 1e-2 * lse**2)
         s = jnp.sum(rows)
         mean = s / jnp.where(jnp.isnan(normalizer), jnp.sum(sw * wy), normalizer)
         return coef[0] * jnp.sum(ct * rows) + coef[1] * s + coef[2] * mean, (rows, s, mean)
@@ -188,8 +209,15 @@ def test_fastxent_options(rng, dtype):
     ct = jnp.asarray(rng.uniform(-2, 2, 6).astype(dtype))
     for k, reduction in enumerate(REDUCTIONS):
         for normalizer in (None, 4.0):
-            kw = dict(reduction=reduction, weight=w, sample_weight=sw, z_loss=1e-2,
-                      softcap=2.5, logit_scale=1.2, normalizer=normalizer)
+            kw = dict(
+                reduction=reduction,
+                weight=w,
+                sample_weight=sw,
+                z_loss=1e-2,
+                softcap=2.5,
+                logit_scale=1.2,
+                normalizer=normalizer,
+            )
             l1, g1 = _fused(z, y, ct if reduction == "none" else None, **kw)
             coef = jnp.asarray([k == 2, k == 1, k == 0], dtype)
             nrm = jnp.asarray(np.nan if normalizer is None else normalizer, dtype)
@@ -222,8 +250,13 @@ def test_vmap(rng):
     zs = jnp.asarray(rng.standard_normal((3, 6, 4)).astype(np.float32))
     ys = jnp.asarray(rng.integers(0, 4, (3, 6)))
     for reduction in REDUCTIONS:
-        f = jax.jit(jax.vmap(jax.value_and_grad(
-            lambda z, y: jnp.sum(fxj.cross_entropy(z, y, reduction=reduction)))))
+        f = jax.jit(
+            jax.vmap(
+                jax.value_and_grad(
+                    lambda z, y, r=reduction: jnp.sum(fxj.cross_entropy(z, y, reduction=r))
+                )
+            )
+        )
         l1, g1 = f(zs, ys)
         for b in range(3):
             l2, g2 = reference(zs[b], ys[b], reduction=reduction)
@@ -242,16 +275,19 @@ def test_half_precision_via_float32(rng, half):
     assert l1.dtype == half and g1.dtype == half
     ulp = float(jnp.finfo(half).eps)
     np.testing.assert_allclose(np.float32(l1), np.float32(l2), rtol=ulp)
-    np.testing.assert_allclose(np.asarray(g1, np.float32), np.asarray(g2.astype(half),
-                               np.float32), rtol=0, atol=ulp * float(jnp.max(jnp.abs(g2))))
+    np.testing.assert_allclose(
+        np.asarray(g1, np.float32),
+        np.asarray(g2.astype(half), np.float32),
+        rtol=0,
+        atol=ulp * float(jnp.max(jnp.abs(g2))),
+    )
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_leading_axes_are_rows(rng, reduction):
     """(B, T, C) logits with the class axis last: B * T rows."""
     z, y, kw = _inputs(rng, (3, 4, 6), np.float32, weight=True, ignore=True)
-    ct = (jnp.asarray(rng.uniform(-2, 2, (3, 4)).astype(np.float32)) if reduction == "none"
-          else None)
+    ct = jnp.asarray(rng.uniform(-2, 2, (3, 4)).astype(np.float32)) if reduction == "none" else None
     l1, g1 = _fused(z, y, ct, reduction=reduction, **kw)
     l2, g2 = reference(z, y, ct=ct, reduction=reduction, **kw)
     assert l1.shape == l2.shape and g1.shape == z.shape
@@ -270,8 +306,9 @@ def test_reduction_none_only_rows_with_cotangent(rng):
 def test_unused_loss_has_zero_gradient(rng):
     """A loss that does not reach the output: symbolic-zero cotangent, zero gradient."""
     z, y, _ = _inputs(rng, (5, 4), np.float32)
-    g = jax.grad(lambda z: jnp.sum(z) + 0.0 * jnp.sum(
-        jax.lax.stop_gradient(fxj.cross_entropy(z, y))))(z)
+    g = jax.grad(
+        lambda z: jnp.sum(z) + 0.0 * jnp.sum(jax.lax.stop_gradient(fxj.cross_entropy(z, y)))
+    )(z)
     assert np.array_equal(np.asarray(g), np.ones((5, 4), np.float32))
     _, vjp = jax.vjp(lambda z: (fxj.cross_entropy(z, y), jnp.sum(z)), z)
     (g2,) = vjp((jnp.float32(0.0), jnp.float32(1.0)))

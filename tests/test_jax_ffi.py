@@ -26,8 +26,9 @@ import fastxent  # noqa: E402
 import fastxent.jax as fxj  # noqa: E402
 from fastxent import _jax_ffi  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not _jax_ffi.enabled(),
-                                reason="the XLA FFI path is off (not built, or FASTXENT_JAX_FFI=0)")
+pytestmark = pytest.mark.skipif(
+    not _jax_ffi.enabled(), reason="the XLA FFI path is off (not built, or FASTXENT_JAX_FFI=0)"
+)
 
 OPTIONS = [
     dict(),
@@ -40,8 +41,11 @@ OPTIONS = [
 
 
 def _x64():
-    return jax.enable_x64(True) if hasattr(jax, "enable_x64") else \
-        __import__("jax.experimental", fromlist=["enable_x64"]).enable_x64()
+    return (
+        jax.enable_x64(True)
+        if hasattr(jax, "enable_x64")
+        else __import__("jax.experimental", fromlist=["enable_x64"]).enable_x64()
+    )
 
 
 def _case(rng, dtype, opts, shape=(6, 5, 7)):
@@ -50,8 +54,7 @@ def _case(rng, dtype, opts, shape=(6, 5, 7)):
     C = shape[axis]
     rows = tuple(n for i, n in enumerate(shape) if i != axis % len(shape))
     z = (2 * rng.standard_normal(shape)).astype(np.float32).astype(dtype)
-    kw = {k: v for k, v in opts.items() if k not in ("probs", "weight", "ignore",
-                                                      "sample_weight")}
+    kw = {k: v for k, v in opts.items() if k not in ("probs", "weight", "ignore", "sample_weight")}
     if opts.get("probs"):
         p = rng.random(shape)
         y = (p / p.sum(axis=axis, keepdims=True)).astype(dtype)
@@ -69,6 +72,7 @@ def _case(rng, dtype, opts, shape=(6, 5, 7)):
 
 def _dtypes():
     import ml_dtypes
+
     return [np.float32, np.float64, np.float16, ml_dtypes.bfloat16]
 
 
@@ -103,22 +107,29 @@ def test_vmap_is_one_call(rng):
     zs = jnp.asarray(rng.standard_normal((3, 6, 4)).astype(np.float32))
     ys = jnp.asarray(rng.integers(0, 4, (3, 6)))
     for reduction in ("mean", "sum", "none"):
-        f = jax.jit(jax.vmap(jax.value_and_grad(
-            lambda z, y: jnp.sum(fxj.cross_entropy(z, y, reduction=reduction)))))
+        f = jax.jit(
+            jax.vmap(
+                jax.value_and_grad(
+                    lambda z, y, r=reduction: jnp.sum(fxj.cross_entropy(z, y, reduction=r))
+                )
+            )
+        )
         hlo = f.lower(zs, ys).compile().as_text()
-        assert hlo.count("custom_call_target=\"fastxent_ce_grad\"") == 1 and " while(" not in hlo
+        assert hlo.count('custom_call_target="fastxent_ce_grad"') == 1 and " while(" not in hlo
         l1, g1 = f(zs, ys)
         for b in range(3):
-            l2, g2 = fastxent.cross_entropy_with_grad(np.asarray(zs[b]), np.asarray(ys[b]),
-                                                      reduction=reduction)
+            l2, g2 = fastxent.cross_entropy_with_grad(
+                np.asarray(zs[b]), np.asarray(ys[b]), reduction=reduction
+            )
             assert np.float32(l1[b]) == np.float32(np.sum(l2))
             assert np.array_equal(np.asarray(g1[b]), g2)
     # A shared (unbatched) target and weights under vmap of the logits only.
     w = jnp.asarray(rng.uniform(0.5, 2, 4).astype(np.float32))
     l1 = jax.vmap(lambda z: fxj.cross_entropy(z, ys[0], weight=w))(zs)
     for b in range(3):
-        assert np.float32(l1[b]) == fastxent.cross_entropy(np.asarray(zs[b]), np.asarray(ys[0]),
-                                                           weight=np.asarray(w))
+        assert np.float32(l1[b]) == fastxent.cross_entropy(
+            np.asarray(zs[b]), np.asarray(ys[0]), weight=np.asarray(w)
+        )
 
 
 def test_traced_label_smoothing_and_normalizer(rng):
@@ -135,8 +146,9 @@ def test_traced_label_smoothing_and_normalizer(rng):
     for eps in (0.0, 0.25, 0.5):
         l1, g1 = f(z, jnp.float32(eps))
         n = float(np.sum(np.asarray(y) != -100))
-        l2, g2 = fastxent.cross_entropy_with_grad(np.asarray(z), np.asarray(y),
-                                                  label_smoothing=eps, normalizer=n)
+        l2, g2 = fastxent.cross_entropy_with_grad(
+            np.asarray(z), np.asarray(y), label_smoothing=eps, normalizer=n
+        )
         assert np.float32(l1) == l2 and np.array_equal(np.asarray(g1), g2)
     assert len(traces) == 1
     with pytest.raises(Exception, match="label_smoothing must be in"):
@@ -173,8 +185,9 @@ def test_two_threads_do_not_hang():
         print("ok")
     """)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                       timeout=300, env=env)
+    r = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env
+    )
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
 
 
@@ -230,8 +243,9 @@ def test_shard_map_and_named_sharding_on_two_host_devices():
         print("ok")
     """)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                       timeout=300, env=env)
+    r = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env
+    )
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
 
 

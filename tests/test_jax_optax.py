@@ -19,8 +19,11 @@ TOL = {np.float64: 1e-12, np.float32: 64 * U32}
 
 
 def _x64():
-    return jax.enable_x64(True) if hasattr(jax, "enable_x64") else \
-        __import__("jax.experimental", fromlist=["enable_x64"]).enable_x64()
+    return (
+        jax.enable_x64(True)
+        if hasattr(jax, "enable_x64")
+        else __import__("jax.experimental", fromlist=["enable_x64"]).enable_x64()
+    )
 
 
 def _compare(ours, theirs, z, ct, dtype):
@@ -47,9 +50,13 @@ def test_integer_labels(rng, dtype, where, shape, axis):
         elif where == "classes":
             w = jnp.asarray(rng.random(shape) < 0.8)
             w = w | jax.nn.one_hot(y, C, axis=axis, dtype=bool)  # optax needs the label kept
-        _compare(lambda z: fxj.softmax_cross_entropy_with_integer_labels(z, y, axis, w),
-                 lambda z: optax.softmax_cross_entropy_with_integer_labels(z, y, axis, w),
-                 z, ct, dtype)
+        _compare(
+            lambda z: fxj.softmax_cross_entropy_with_integer_labels(z, y, axis, w),
+            lambda z: optax.softmax_cross_entropy_with_integer_labels(z, y, axis, w),
+            z,
+            ct,
+            dtype,
+        )
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
@@ -67,8 +74,13 @@ def test_probability_labels(rng, dtype, where, shape, axis):
             w = jnp.asarray(rng.random(rows) < 0.7)
         elif where == "classes":
             w = jnp.asarray(rng.random(shape) < 0.8)
-        _compare(lambda z: fxj.softmax_cross_entropy(z, p, axis, w),
-                 lambda z: optax.softmax_cross_entropy(z, p, axis, w), z, ct, dtype)
+        _compare(
+            lambda z: fxj.softmax_cross_entropy(z, p, axis, w),
+            lambda z: optax.softmax_cross_entropy(z, p, axis, w),
+            z,
+            ct,
+            dtype,
+        )
 
 
 def test_jit_bf16_and_differences(rng):
@@ -77,8 +89,9 @@ def test_jit_bf16_and_differences(rng):
     out = jax.jit(fxj.softmax_cross_entropy_with_integer_labels)(z, y)
     assert out.shape == (6,) and out.dtype == jnp.bfloat16 and float(out[2]) == 0.0
     with pytest.raises(Exception, match=r"target\[1\] = 4 is out of range"):
-        jax.block_until_ready(jax.jit(fxj.softmax_cross_entropy_with_integer_labels)(
-            z, jnp.array([0, 4, 0, 0, 0, 0])))
+        jax.block_until_ready(
+            jax.jit(fxj.softmax_cross_entropy_with_integer_labels)(z, jnp.array([0, 4, 0, 0, 0, 0]))
+        )
     with pytest.raises(TypeError, match="axis must be an int"):
         fxj.softmax_cross_entropy(z, jax.nn.softmax(z), axis=(0, 1))
 
@@ -86,6 +99,7 @@ def test_jit_bf16_and_differences(rng):
 def test_bench_jax_smoke():
     """python -m fastxent bench-jax: one tiny case of each kind, both contestants timed."""
     from fastxent import bench_jax
+
     lines = []
     rows = bench_jax.run([(32, 10)], ["float32"], budget=0.0, out=lines.append)
     assert [r["kind"] for r in rows] == ["value_and_grad", "forward"]

@@ -48,7 +48,7 @@ def _fill(z: np.ndarray, seed: int) -> None:
     rng = np.random.default_rng(seed)
     flat = z.reshape(-1)
     for s in range(0, flat.size, BLOCK):
-        part = flat[s:s + BLOCK]
+        part = flat[s : s + BLOCK]
         rng.random(out=part, dtype=np.float32)
         part *= 16
         part -= 8
@@ -61,15 +61,17 @@ def _row_lse(z: np.ndarray) -> np.ndarray:
     if C <= BLOCK:
         rows = max(1, BLOCK // C)
         for s in range(0, N, rows):
-            b = z[s:s + rows].astype(np.float64)
+            b = z[s : s + rows].astype(np.float64)
             m = b.max(axis=1, keepdims=True)
-            out[s:s + rows] = m[:, 0] + np.log(np.exp(b - m).sum(axis=1))
+            out[s : s + rows] = m[:, 0] + np.log(np.exp(b - m).sum(axis=1))
     else:
         for n in range(N):
             row = z[n]
-            m = max(float(row[s:s + BLOCK].max()) for s in range(0, C, BLOCK))
-            total = sum(float(np.exp(row[s:s + BLOCK].astype(np.float64) - m).sum())
-                        for s in range(0, C, BLOCK))
+            m = max(float(row[s : s + BLOCK].max()) for s in range(0, C, BLOCK))
+            total = sum(
+                float(np.exp(row[s : s + BLOCK].astype(np.float64) - m).sum())
+                for s in range(0, C, BLOCK)
+            )
             out[n] = m + np.log(total)
     return out
 
@@ -90,8 +92,10 @@ def test_more_than_2_pow_31_elements(kind):
     need = N * C * 4 + (3 << 30)  # the logits, float64 blocks, targets, and headroom
     have = _mem_available()
     if have < need:
-        pytest.skip(f"needs {need / 2**30:.1f} GiB of available memory, MemAvailable is "
-                    f"{have / 2**30:.1f} GiB")
+        pytest.skip(
+            f"needs {need / 2**30:.1f} GiB of available memory, MemAvailable is "
+            f"{have / 2**30:.1f} GiB"
+        )
 
     seed = 20240607 + N
     rng = np.random.default_rng(seed + 1)
@@ -120,17 +124,24 @@ def test_more_than_2_pow_31_elements(kind):
                 _fill(z, seed)  # the previous ISA's in-place call overwrote the logits
                 assert np.array_equal(z[rows_at, cols_at], z_at.astype(np.float32))
             rows = fx.cross_entropy(z, y, reduction="none")
-            np.testing.assert_allclose(rows, ref_rows, rtol=2e-6, atol=2e-6,
-                                       err_msg=f"{isa}: row losses")
+            np.testing.assert_allclose(
+                rows, ref_rows, rtol=2e-6, atol=2e-6, err_msg=f"{isa}: row losses"
+            )
             loss, g = fx.cross_entropy_with_grad(z, y, out=z)
             assert g is z
             assert abs(float(loss) - ref_mean) <= 2e-6 * abs(ref_mean), (isa, loss, ref_mean)
-            np.testing.assert_allclose(z[rows_at, cols_at], g_ref, rtol=2e-5,
-                                       atol=1e-6 / (N * C), err_msg=f"{isa}: gradient")
+            np.testing.assert_allclose(
+                z[rows_at, cols_at],
+                g_ref,
+                rtol=2e-5,
+                atol=1e-6 / (N * C),
+                err_msg=f"{isa}: gradient",
+            )
             # Rows that are all gradient: each sums to 0 (softmax sums to 1, minus the one-hot).
             for n in {0, N - 1}:
-                s = sum(float(z[n, c:c + BLOCK].astype(np.float64).sum())
-                        for c in range(0, C, BLOCK))
+                s = sum(
+                    float(z[n, c : c + BLOCK].astype(np.float64).sum()) for c in range(0, C, BLOCK)
+                )
                 assert abs(s) <= 1e-5 / N, (isa, n, s)
     finally:
         _core.set_isa(default_isa())

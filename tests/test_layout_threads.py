@@ -55,17 +55,17 @@ def _layouts(rng, dtype):
     """(name, logits, target-shape-builder) triples of non-contiguous logits."""
     out = []
     wide = make_logits(rng, (64, 1200), 2.0, dtype)
-    out.append(("cols-slice", wide[:, :500]))                 # row stride > C, parallel-size
-    out.append(("cols-offset", wide[:, 3:1003]))              # start not vector-aligned
-    out.append(("cols-step", wide[:, ::2]))                   # class axis strided
-    out.append(("cols-reversed", wide[:, ::-1]))              # negative class stride
+    out.append(("cols-slice", wide[:, :500]))  # row stride > C, parallel-size
+    out.append(("cols-offset", wide[:, 3:1003]))  # start not vector-aligned
+    out.append(("cols-step", wide[:, ::2]))  # class axis strided
+    out.append(("cols-reversed", wide[:, ::-1]))  # negative class stride
     out.append(("rows-step", wide[::2]))
     out.append(("rows-reversed", wide[::-1]))
     out.append(("fortran", np.asfortranarray(wide[:, :700])))
-    out.append(("single-col", wide[:, 5:6]))                  # C = 1, strided
+    out.append(("single-col", wide[:, 5:6]))  # C = 1, strided
     B = block_classes(dtype)
-    many = make_logits(rng, (9, B + 900), 1.0, dtype)        # C > B: several blocks
-    out.append(("multiblock-slice", many[:, 7:B + 11]))
+    many = make_logits(rng, (9, B + 900), 1.0, dtype)  # C > B: several blocks
+    out.append(("multiblock-slice", many[:, 7 : B + 11]))
     out.append(("multiblock-rows-step", many[::2]))
     cube = make_logits(rng, (4, 10, 40), 1.0, dtype)
     out.append(("3d-contiguous", cube))
@@ -76,7 +76,7 @@ def _layouts(rng, dtype):
     out.append(("4d-sliced", make_logits(rng, (3, 4, 5, 30), 1.0, dtype)[1:, ::2, :, ::3]))
     out.append(("size1-axes", wide[:20, None, :33]))
     row = make_logits(rng, (1, 300), 1.0, dtype)
-    out.append(("broadcast-rows", np.broadcast_to(row, (200, 300))))   # row stride 0
+    out.append(("broadcast-rows", np.broadcast_to(row, (200, 300))))  # row stride 0
     out.append(("read-only", _read_only(wide[:30, :50])))
     return out
 
@@ -124,8 +124,8 @@ def test_byte_misaligned_logits(isa, dtype, offset_bytes, rng):
     from a buffer or a packed record): same bits as an aligned copy."""
     src = make_logits(rng, (40, 1001), 1.0, dtype)
     buf = np.zeros(src.nbytes + 16, np.uint8)
-    buf[offset_bytes:offset_bytes + src.nbytes] = src.view(np.uint8).reshape(-1)
-    x = buf[offset_bytes:offset_bytes + src.nbytes].view(dtype).reshape(src.shape)
+    buf[offset_bytes : offset_bytes + src.nbytes] = src.view(np.uint8).reshape(-1)
+    x = buf[offset_bytes : offset_bytes + src.nbytes].view(dtype).reshape(src.shape)
     assert_bitwise_equal(x, src, "setup")
     assert not x.flags.aligned
     y = make_target(rng, (40,), 1001)
@@ -138,8 +138,11 @@ def test_byte_misaligned_logits(isa, dtype, offset_bytes, rng):
 # Every integer type NumPy has, by type character: on Linux np.int64 is 'l' (C long) while
 # np.longlong is 'q' -- the same 64 bits but a distinct dtype object -- and the byte-swapped
 # forms are integer dtypes too.
-INT_DTYPES = [np.dtype(c) for c in "bhilqBHILQ"] + [np.dtype(">i4"), np.dtype(">i8"),
-                                                   np.dtype(">u2")]
+INT_DTYPES = [np.dtype(c) for c in "bhilqBHILQ"] + [
+    np.dtype(">i4"),
+    np.dtype(">i8"),
+    np.dtype(">u2"),
+]
 
 
 @pytest.mark.parametrize("tdtype", INT_DTYPES, ids=lambda d: f"{d.name}-{d.str}{d.char}")
@@ -157,8 +160,11 @@ def test_target_integer_dtypes(isa, tdtype, rng):
     assert_same_results(run_all(z, y, **kw), run_all(z, y64, **kw), np.dtype(tdtype).name)
     # ignore_index naming a real class works with every dtype too.
     kw2 = dict(ignore_index=5)
-    assert_same_results(run_all(z, np.where(y64 == ignore, 5, y64).astype(tdtype), **kw2),
-                        run_all(z, np.where(y64 == ignore, 5, y64), **kw2), "ignore 5")
+    assert_same_results(
+        run_all(z, np.where(y64 == ignore, 5, y64).astype(tdtype), **kw2),
+        run_all(z, np.where(y64 == ignore, 5, y64), **kw2),
+        "ignore 5",
+    )
 
 
 def test_target_layouts(isa, rng):
@@ -202,11 +208,13 @@ def test_in_place_bit_identical(isa, dtype, shape, rng):
     for kw in (dict(), dict(weight=w, label_smoothing=0.1)):
         for red in REDUCTIONS:
             for nt in (1, 4):
-                want_l, want_g = fx.cross_entropy_with_grad(base, y, reduction=red,
-                                                            num_threads=nt, **kw)
+                want_l, want_g = fx.cross_entropy_with_grad(
+                    base, y, reduction=red, num_threads=nt, **kw
+                )
                 x = base.copy()
-                loss, g = fx.cross_entropy_with_grad(x, y, reduction=red, num_threads=nt,
-                                                     out=x, **kw)
+                loss, g = fx.cross_entropy_with_grad(
+                    x, y, reduction=red, num_threads=nt, out=x, **kw
+                )
                 assert g is x
                 what = f"{red}, num_threads={nt}, options={sorted(kw)}"
                 assert_bitwise_equal(loss, want_l, f"in-place loss ({what})")
@@ -258,15 +266,16 @@ def test_out_buffer(isa, dtype, shape, rng):
         want_l, want_g = fx.cross_entropy_with_grad(z, y, reduction=red, **kw)
         for offset in (0, 1, 3, 5):  # elements: misaligned starts for the 32/64-byte vectors
             buf = np.full(size + 8, np.nan, dtype)
-            out = buf[offset:offset + size].reshape(shape)
+            out = buf[offset : offset + size].reshape(shape)
             assert out.flags.c_contiguous
             loss, g = fx.cross_entropy_with_grad(z, y, reduction=red, out=out, **kw)
             assert g is out
             what = f"{red}, weight+smoothing, out= at element offset {offset}"
             assert_bitwise_equal(loss, want_l, f"loss ({what})")
             assert_bitwise_equal(out, want_g, f"grad ({what})")
-            assert np.all(np.isnan(buf[:offset])) and np.all(np.isnan(buf[offset + size:])), \
+            assert np.all(np.isnan(buf[:offset])) and np.all(np.isnan(buf[offset + size :])), (
                 "wrote outside out="
+            )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -287,8 +296,15 @@ def test_out_of_place_leaves_inputs_alone_and_returns_fresh_grad(isa, dtype, rng
 # --------------------------------------------------------------------------------------
 # threads
 
-THREAD_SHAPES = [(513, 1000), (3000, 1000), (64, 50257), (3, 50257), (2, 128256), (5000, 17),
-                 (40000, 1)]
+THREAD_SHAPES = [
+    (513, 1000),
+    (3000, 1000),
+    (64, 50257),
+    (3, 50257),
+    (2, 128256),
+    (5000, 17),
+    (40000, 1),
+]
 THREADS = (None, 1, 2, 3, 4, 7)
 
 
@@ -301,8 +317,9 @@ def test_bitwise_identical_for_every_num_threads(isa, dtype, shape, rng):
     y, kw = _options(rng, C, dtype, N)
     want = run_all(z, y, num_threads=1, **kw)
     for nt in THREADS[2:] + (None,):
-        assert_same_results(run_all(z, y, num_threads=nt, **kw), want,
-                            f"weight+smoothing, num_threads={nt} vs 1")
+        assert_same_results(
+            run_all(z, y, num_threads=nt, **kw), want, f"weight+smoothing, num_threads={nt} vs 1"
+        )
     # And without weights / smoothing (other kernel variants).
     want = run_all(z, y, num_threads=1)
     for nt in (3,):
@@ -348,8 +365,7 @@ def test_repeated_calls_identical(isa, rng):
 # --------------------------------------------------------------------------------------
 # a class axis other than the last (column kernel)
 
-AXIS_LAYOUT_SHAPES = [((8, 1000, 64), 1), ((2, 3000, 33), 1), ((64, 40, 50), 1),
-                      ((300, 20, 30), 0)]
+AXIS_LAYOUT_SHAPES = [((8, 1000, 64), 1), ((2, 3000, 33), 1), ((64, 40, 50), 1), ((300, 20, 30), 0)]
 
 
 @pytest.mark.parametrize("shape,axis", AXIS_LAYOUT_SHAPES, ids=str)
@@ -359,7 +375,7 @@ def test_middle_axis_threads_in_place_and_layouts(isa, dtype, shape, axis, rng):
     out-of-place, and a non-contiguous input equal to its contiguous copy."""
     z = make_logits(rng, shape, 2.0, dtype)
     C = shape[axis]
-    tshape = shape[:axis] + shape[axis + 1:]
+    tshape = shape[:axis] + shape[axis + 1 :]
     y = make_target(rng, tshape, C, ignore_frac=0.1)
     kw = dict(axis=axis, weight=make_weight(rng, C, dtype), label_smoothing=0.1)
     want = run_all(z, y, num_threads=1, **kw)
@@ -372,8 +388,8 @@ def test_middle_axis_threads_in_place_and_layouts(isa, dtype, shape, axis, rng):
         assert_bitwise_equal(loss, want[("loss", red)], f"in-place loss {red}")
         assert_bitwise_equal(x, want[("grad", red)], f"in-place grad {red}")
     wide = np.zeros(shape[:-1] + (shape[-1] + 7,), dtype)
-    wide[..., 3:3 + shape[-1]] = z
-    sliced = wide[..., 3:3 + shape[-1]]
+    wide[..., 3 : 3 + shape[-1]] = z
+    sliced = wide[..., 3 : 3 + shape[-1]]
     assert not sliced.flags.c_contiguous
     assert_same_results(run_all(sliced, y, num_threads=1, **kw), want, "sliced input")
     f_order = np.asfortranarray(z)
@@ -384,6 +400,7 @@ def test_block_classes():
     """The block length the tests cut around: 16 KiB of float32 or float64; other sizes are an
     error."""
     from fastxent import _core
+
     assert _core.block_classes(4) == 4096 and _core.block_classes(8) == 2048
     for bad in (0, 2, 3, 16, -4):
         with pytest.raises(ValueError, match="itemsize must be 4 or 8"):

@@ -25,8 +25,15 @@ OPTIONS = [
     {"normalizer": 17.0},
     {"probs": True},
     {"probs": True, "weight": "w", "label_smoothing": 0.1, "sample_weight": "s"},
-    {"weight": "w", "ignore_index": 3, "label_smoothing": 0.1, "sample_weight": "s",
-     "z_loss": 1e-4, "softcap": 5.0, "logit_scale": 1.3},
+    {
+        "weight": "w",
+        "ignore_index": 3,
+        "label_smoothing": 0.1,
+        "sample_weight": "s",
+        "z_loss": 1e-4,
+        "softcap": 5.0,
+        "logit_scale": 1.3,
+    },
 ]
 
 
@@ -76,13 +83,13 @@ def test_against_reference(dtype, tol, reduction, opt):
     rng = np.random.default_rng(len(opt) + 7)
     x, w, b, t, kw = _problem(rng, 37, 9, 21, dtype, opt)
     ref = reference(x, w, b, t, reduction, **kw)
-    got = fx.linear_cross_entropy_with_grad(x, w, t, linear_bias=b, reduction=reduction,
-                                            tile_rows=5, **kw)
+    got = fx.linear_cross_entropy_with_grad(
+        x, w, t, linear_bias=b, reduction=reduction, tile_rows=5, **kw
+    )
     for g, r in zip(got, ref):
         _close(g, r, tol)
     assert got[1].dtype == dtype and got[2].dtype == dtype and got[3].dtype == dtype
-    loss = fx.linear_cross_entropy(x, w, t, linear_bias=b, reduction=reduction, tile_rows=8,
-                                   **kw)
+    loss = fx.linear_cross_entropy(x, w, t, linear_bias=b, reduction=reduction, tile_rows=8, **kw)
     _close(loss, ref[0], tol)
 
 
@@ -90,8 +97,10 @@ def test_against_reference(dtype, tol, reduction, opt):
 def test_tile_size_changes_only_rounding(dtype):
     rng = np.random.default_rng(1)
     x, w, b, t, kw = _problem(rng, 50, 16, 33, dtype, {"weight": "w"})
-    runs = [fx.linear_cross_entropy_with_grad(x, w, t, linear_bias=b, tile_rows=k, **kw)
-            for k in (1, 7, 50, None)]
+    runs = [
+        fx.linear_cross_entropy_with_grad(x, w, t, linear_bias=b, tile_rows=k, **kw)
+        for k in (1, 7, 50, None)
+    ]
     tol = 1e-12 if dtype == np.float64 else 1e-5
     for r in runs[1:]:
         for a, c in zip(r, runs[0]):
@@ -117,10 +126,10 @@ def test_no_bias_all_ignored_h1_and_empty():
     loss, gh, gw, _ = fx.linear_cross_entropy_with_grad(x, w, ignored, tile_rows=3)
     assert loss == 0 and not gh.any() and not gw.any()
     loss, gh, gw, gb = fx.linear_cross_entropy_with_grad(
-        np.zeros((0, 1)), w, np.zeros(0, np.int64), linear_bias=np.ones(7))
+        np.zeros((0, 1)), w, np.zeros(0, np.int64), linear_bias=np.ones(7)
+    )
     assert loss == 0 and gh.shape == (0, 1) and not gw.any() and not gb.any()
-    rows = fx.linear_cross_entropy(np.zeros((0, 1)), w, np.zeros(0, np.int64),
-                                   reduction="none")
+    rows = fx.linear_cross_entropy(np.zeros((0, 1)), w, np.zeros(0, np.int64), reduction="none")
     assert rows.shape == (0,)
 
 
@@ -128,8 +137,9 @@ def test_leading_axes_and_single_row():
     rng = np.random.default_rng(4)
     x, w, b, t, _ = _problem(rng, 12, 5, 6, np.float64, {})
     flat = fx.linear_cross_entropy_with_grad(x, w, t, linear_bias=b, reduction="none")
-    cube = fx.linear_cross_entropy_with_grad(x.reshape(3, 4, 5), w, t.reshape(3, 4),
-                                             linear_bias=b, reduction="none")
+    cube = fx.linear_cross_entropy_with_grad(
+        x.reshape(3, 4, 5), w, t.reshape(3, 4), linear_bias=b, reduction="none"
+    )
     np.testing.assert_allclose(cube[0], flat[0].reshape(3, 4), rtol=1e-13)
     np.testing.assert_allclose(cube[1], flat[1].reshape(3, 4, 5), rtol=1e-13)
     one = fx.linear_cross_entropy(x[1], w, np.int64(t[1]), linear_bias=b, reduction="none")
@@ -139,11 +149,11 @@ def test_leading_axes_and_single_row():
 @pytest.mark.parametrize("half", ["float16", "bfloat16"])
 def test_16_bit(half):
     import ml_dtypes
+
     dt = np.float16 if half == "float16" else ml_dtypes.bfloat16
     rng = np.random.default_rng(5)
     x, w, b, t, kw = _problem(rng, 30, 8, 40, dt, {"label_smoothing": 0.1})
-    loss, gh, gw, gb = fx.linear_cross_entropy_with_grad(x, w, t, linear_bias=b, tile_rows=7,
-                                                         **kw)
+    loss, gh, gw, gb = fx.linear_cross_entropy_with_grad(x, w, t, linear_bias=b, tile_rows=7, **kw)
     assert loss.dtype == np.float32 and gh.dtype == dt and gw.dtype == dt and gb.dtype == dt
     ref = reference(x, w, b, t, "mean", **kw)
     tol = 1e-2 if half == "bfloat16" else 2e-3
@@ -161,9 +171,22 @@ def test_out_buffers_are_used():
     assert res2[2] is outs[1] and res2[1] is not outs[0]
 
 
-@pytest.mark.parametrize("case", ["bad_target_last_row", "w_dtype", "w_shape", "bias_shape",
-                                  "target_shape", "int_hidden", "bad_option", "out_overlap",
-                                  "out_shape", "sample_weight_shape", "probs_ignore_index"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "bad_target_last_row",
+        "w_dtype",
+        "w_shape",
+        "bias_shape",
+        "target_shape",
+        "int_hidden",
+        "bad_option",
+        "out_overlap",
+        "out_shape",
+        "sample_weight_shape",
+        "probs_ignore_index",
+    ],
+)
 def test_errors_write_nothing(case):
     rng = np.random.default_rng(8)
     x, w, b, t, _ = _problem(rng, 11, 4, 6, np.float32, {})

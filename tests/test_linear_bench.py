@@ -9,8 +9,7 @@ from fastxent import bench_linear
 
 
 def test_parse_shapes():
-    assert bench_linear.parse_shapes("4096x1024x32000, 8x2x3") == [(4096, 1024, 32000),
-                                                                    (8, 2, 3)]
+    assert bench_linear.parse_shapes("4096x1024x32000, 8x2x3") == [(4096, 1024, 32000), (8, 2, 3)]
     with pytest.raises(ValueError):
         bench_linear.parse_shapes("4096x32000")
 
@@ -18,8 +17,9 @@ def test_parse_shapes():
 def test_section_rows_and_flag():
     pytest.importorskip("torch")
     lines: list = []
-    rows = bench_linear.run_linear((1,), repeats=1, shapes=[(64, 8, 300)],
-                                   dtypes=("float32",), rss=False, log=lines.append)
+    rows = bench_linear.run_linear(
+        (1,), repeats=1, shapes=[(64, 8, 300)], dtypes=("float32",), rss=False, log=lines.append
+    )
     names = {r["contestant"] for r in rows}
     assert {"one matmul X.W^T", "three matmuls", "fastxent fwd+bwd", "fastxent fwd"} <= names
     assert names <= set(bench_linear.NAMES)

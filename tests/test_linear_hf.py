@@ -16,9 +16,16 @@ import fastxent.torch as fxt  # noqa: E402
 
 def _models():
     torch.manual_seed(0)
-    cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=97,
-                                  n_positions=16, attn_pdrop=0.0, embd_pdrop=0.0,
-                                  resid_pdrop=0.0)
+    cfg = transformers.GPT2Config(
+        n_layer=2,
+        n_embd=32,
+        n_head=2,
+        vocab_size=97,
+        n_positions=16,
+        attn_pdrop=0.0,
+        embd_pdrop=0.0,
+        resid_pdrop=0.0,
+    )
     ref = transformers.GPT2LMHeadModel(cfg)
     return ref, fxt.patch_causal_lm(copy.deepcopy(ref))
 
@@ -48,7 +55,7 @@ def test_logits_on_request_and_unpatch():
     with torch.no_grad():
         a = fused(ids, labels=ids, return_logits=True)
         b = ref(ids, labels=ids)
-        c = fused(ids)          # no labels: the original forward
+        c = fused(ids)  # no labels: the original forward
         d = fused(ids, labels=ids)
     torch.testing.assert_close(a.logits, b.logits)
     torch.testing.assert_close(c.logits, b.logits)

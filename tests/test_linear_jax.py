@@ -18,6 +18,7 @@ def _x64():
     if hasattr(jax, "enable_x64"):
         return jax.enable_x64(True)
     from jax.experimental import enable_x64  # older JAX
+
     return enable_x64()
 
 
@@ -32,34 +33,60 @@ def _problem(seed=0, n=23, h=5, v=11):
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("opt", [{}, {"label_smoothing": 0.1, "z_loss": 1e-3, "weight": True,
-                                      "sample_weight": True, "softcap": 4.0}],
-                         ids=["plain", "options"])
+@pytest.mark.parametrize(
+    "opt",
+    [
+        {},
+        {
+            "label_smoothing": 0.1,
+            "z_loss": 1e-3,
+            "weight": True,
+            "sample_weight": True,
+            "softcap": 4.0,
+        },
+    ],
+    ids=["plain", "options"],
+)
 def test_vjp_against_numpy_api(reduction, opt):
     rng, x, w, b, t = _problem()
     kw = {k: v for k, v in opt.items() if k not in ("weight", "sample_weight")}
     cw = rng.uniform(0.5, 2, 11) if opt.get("weight") else None
     sw = rng.uniform(0, 2, 23) if opt.get("sample_weight") else None
     with _x64():
+
         def f(x_, w_, b_):
-            return fxj.linear_cross_entropy(x_, w_, t, linear_bias=b_, weight=cw,
-                                            sample_weight=sw, reduction=reduction,
-                                            tile_rows=4, **kw)
+            return fxj.linear_cross_entropy(
+                x_,
+                w_,
+                t,
+                linear_bias=b_,
+                weight=cw,
+                sample_weight=sw,
+                reduction=reduction,
+                tile_rows=4,
+                **kw,
+            )
+
         # (not jitted: a jitted backward that runs a callback loses x64 inside this context
         # manager; test_jit_none covers jit)
         loss, vjp = jax.vjp(f, jnp.asarray(x), jnp.asarray(w), jnp.asarray(b))
         ct = rng.standard_normal(loss.shape)
         grads = vjp(jnp.asarray(ct))
-    ref_loss = fx.linear_cross_entropy(x, w, t, linear_bias=b, weight=cw, sample_weight=sw,
-                                       reduction=reduction, **kw)
+    ref_loss = fx.linear_cross_entropy(
+        x, w, t, linear_bias=b, weight=cw, sample_weight=sw, reduction=reduction, **kw
+    )
     if reduction == "none":
         s = ct if sw is None else ct * sw
-        ref = fx.linear_cross_entropy_with_grad(x, w, t, linear_bias=b, weight=cw,
-                                                sample_weight=s, reduction="sum", **kw)[1:]
+        ref = fx.linear_cross_entropy_with_grad(
+            x, w, t, linear_bias=b, weight=cw, sample_weight=s, reduction="sum", **kw
+        )[1:]
     else:
-        ref = [g * ct for g in fx.linear_cross_entropy_with_grad(
-            x, w, t, linear_bias=b, weight=cw, sample_weight=sw, reduction=reduction,
-            **kw)[1:]]
+        ref = [
+            g * ct
+            for g in fx.linear_cross_entropy_with_grad(
+                x, w, t, linear_bias=b, weight=cw, sample_weight=sw, reduction=reduction, **kw
+            )[1:]
+        ]
     np.testing.assert_allclose(np.asarray(loss), ref_loss, rtol=1e-12, atol=1e-13)
     for g, r in zip(grads, ref):
         np.testing.assert_allclose(np.asarray(g), r, rtol=1e-11, atol=1e-13)
@@ -72,6 +99,7 @@ def test_value_and_grad_low_precision(dtype, tol):
 
     def f(x_, w_):
         return fxj.linear_cross_entropy(x_, w_, t, tile_rows=5)
+
     loss, (gx, gw) = jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(xs, ws)
     assert loss.dtype == xs.dtype and gx.dtype == xs.dtype and gw.dtype == ws.dtype
     x64, w64 = np.asarray(xs, np.float64), np.asarray(ws, np.float64)
@@ -91,8 +119,9 @@ def test_probability_targets_and_errors():
     with pytest.raises(ValueError):
         fxj.linear_cross_entropy(x.astype(np.float32), w[:, :3].astype(np.float32), p)
     with pytest.raises(ValueError):
-        fxj.linear_cross_entropy(x.astype(np.float32), w.astype(np.float32),
-                                 np.zeros(23, np.int32), label_smoothing=2.0)
+        fxj.linear_cross_entropy(
+            x.astype(np.float32), w.astype(np.float32), np.zeros(23, np.int32), label_smoothing=2.0
+        )
 
 
 def test_jit_none():
@@ -101,11 +130,14 @@ def test_jit_none():
     ct = rng.standard_normal(23)
 
     def f(x_, w_):
-        return jnp.vdot(fxj.linear_cross_entropy(x_, w_, t, reduction="none", tile_rows=6),
-                        jnp.asarray(ct, jnp.float32))
+        return jnp.vdot(
+            fxj.linear_cross_entropy(x_, w_, t, reduction="none", tile_rows=6),
+            jnp.asarray(ct, jnp.float32),
+        )
+
     gx, gw = jax.jit(jax.grad(f, argnums=(0, 1)))(xs, ws)
-    ref = fx.linear_cross_entropy_with_grad(np.asarray(xs, np.float64),
-                                            np.asarray(ws, np.float64), t, reduction="sum",
-                                            sample_weight=ct)
+    ref = fx.linear_cross_entropy_with_grad(
+        np.asarray(xs, np.float64), np.asarray(ws, np.float64), t, reduction="sum", sample_weight=ct
+    )
     np.testing.assert_allclose(np.asarray(gx), ref[1], rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(np.asarray(gw), ref[2], rtol=1e-4, atol=1e-5)

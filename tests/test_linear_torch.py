@@ -15,14 +15,20 @@ import fastxent as fx  # noqa: E402
 import fastxent.torch as fxt  # noqa: E402
 from fastxent import _torch_linear  # noqa: E402
 
-TORCH_OPTIONS = [{}, {"weight": True}, {"ignore_index": 2}, {"label_smoothing": 0.15},
-                 {"probs": True}, {"weight": True, "label_smoothing": 0.1, "ignore_index": 2},
-                 {"probs": True, "weight": True, "label_smoothing": 0.1}]
+TORCH_OPTIONS = [
+    {},
+    {"weight": True},
+    {"ignore_index": 2},
+    {"label_smoothing": 0.15},
+    {"probs": True},
+    {"weight": True, "label_smoothing": 0.1, "ignore_index": 2},
+    {"probs": True, "weight": True, "label_smoothing": 0.1},
+]
 
 
 def _problem(n, h, v, dtype, opt, bias=True, seed=0):
     g = torch.Generator().manual_seed(seed)
-    x = (torch.randn(n, h, generator=g, dtype=torch.float64) / h ** 0.5).to(dtype)
+    x = (torch.randn(n, h, generator=g, dtype=torch.float64) / h**0.5).to(dtype)
     w = torch.randn(v, h, generator=g, dtype=torch.float64).to(dtype)
     b = (torch.randn(v, generator=g, dtype=torch.float64) * 0.1).to(dtype) if bias else None
     kw = {}
@@ -41,8 +47,9 @@ def _problem(n, h, v, dtype, opt, bias=True, seed=0):
 
 
 def _ref_grads(x, w, b, t, reduction, go, kw):
-    leaves = [a.detach().double().requires_grad_() for a in (x, w) + ((b,) if b is not None
-                                                                       else ())]
+    leaves = [
+        a.detach().double().requires_grad_() for a in (x, w) + ((b,) if b is not None else ())
+    ]
     kw64 = {k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
     tt = t.double() if t.is_floating_point() else t
     z = F.linear(leaves[0], leaves[1], leaves[2] if b is not None else None)
@@ -55,15 +62,17 @@ def _err(a, r):
     return float((a.double() - r).abs().max()) / scale
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-11), (torch.float32, 2e-5),
-                                       (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize(
+    "dtype,tol", [(torch.float64, 1e-11), (torch.float32, 2e-5), (torch.bfloat16, 3e-2)]
+)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("opt", TORCH_OPTIONS, ids=lambda o: "-".join(o) or "plain")
 def test_against_float64_torch(dtype, tol, reduction, opt):
     x, w, b, t, kw = _problem(29, 7, 19, dtype, opt)
     leaves = [a.clone().requires_grad_() for a in (x, w, b)]
-    loss = fxt.linear_cross_entropy(leaves[0], leaves[1], t, linear_bias=leaves[2],
-                                    reduction=reduction, tile_rows=4, **kw)
+    loss = fxt.linear_cross_entropy(
+        leaves[0], leaves[1], t, linear_bias=leaves[2], reduction=reduction, tile_rows=4, **kw
+    )
     assert loss.dtype == dtype
     go = torch.randn(loss.shape, dtype=torch.float64)
     if reduction == "none":
@@ -79,8 +88,9 @@ def test_against_float64_torch(dtype, tol, reduction, opt):
 def test_matches_pytorch_linear_cross_entropy(reduction):
     if not hasattr(F, "linear_cross_entropy"):
         pytest.skip("PyTorch without F.linear_cross_entropy")
-    x, w, b, t, kw = _problem(33, 6, 11, torch.float64, {"weight": True, "ignore_index": 1,
-                                                          "label_smoothing": 0.05})
+    x, w, b, t, kw = _problem(
+        33, 6, 11, torch.float64, {"weight": True, "ignore_index": 1, "label_smoothing": 0.05}
+    )
     a = fxt.linear_cross_entropy(x, w, t, linear_bias=b, reduction=reduction, **kw)
     r = F.linear_cross_entropy(x, w, t, linear_bias=b, reduction=reduction, **kw)
     torch.testing.assert_close(a, r, rtol=1e-12, atol=1e-12)
@@ -89,16 +99,28 @@ def test_matches_pytorch_linear_cross_entropy(reduction):
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_fastxent_options_match_the_numpy_api(reduction):
     x, w, b, t, _ = _problem(25, 5, 9, torch.float64, {"ignore_index": 4})
-    extra = dict(sample_weight=torch.rand(25, dtype=torch.float64), z_loss=1e-3, softcap=4.0,
-                 logit_scale=0.8, ignore_index=4, weight=torch.rand(9, dtype=torch.float64))
+    extra = dict(
+        sample_weight=torch.rand(25, dtype=torch.float64),
+        z_loss=1e-3,
+        softcap=4.0,
+        logit_scale=0.8,
+        ignore_index=4,
+        weight=torch.rand(9, dtype=torch.float64),
+    )
     leaves = [a.clone().requires_grad_() for a in (x, w, b)]
-    loss = fxt.linear_cross_entropy(*leaves[:2], t, linear_bias=leaves[2], reduction=reduction,
-                                    tile_rows=6, **extra)
+    loss = fxt.linear_cross_entropy(
+        *leaves[:2], t, linear_bias=leaves[2], reduction=reduction, tile_rows=6, **extra
+    )
     go = torch.ones(loss.shape, dtype=torch.float64)
     grads = torch.autograd.grad(loss, leaves, go)
     ref = fx.linear_cross_entropy_with_grad(
-        x.numpy(), w.numpy(), t.numpy(), linear_bias=b.numpy(), reduction=reduction,
-        **{k: (v.numpy() if isinstance(v, torch.Tensor) else v) for k, v in extra.items()})
+        x.numpy(),
+        w.numpy(),
+        t.numpy(),
+        linear_bias=b.numpy(),
+        reduction=reduction,
+        **{k: (v.numpy() if isinstance(v, torch.Tensor) else v) for k, v in extra.items()},
+    )
     np.testing.assert_allclose(loss.detach().numpy(), ref[0], rtol=1e-12, atol=1e-14)
     for g, r in zip(grads, ref[1:]):
         np.testing.assert_allclose(g.numpy(), r, rtol=1e-11, atol=1e-14)
@@ -110,8 +132,17 @@ def test_gradcheck(reduction):
     leaves = [a.clone().requires_grad_() for a in (x, w, b)]
 
     def f(x_, w_, b_):
-        return fxt.linear_cross_entropy(x_, w_, t, linear_bias=b_, reduction=reduction,
-                                        ignore_index=1, label_smoothing=0.1, tile_rows=3)
+        return fxt.linear_cross_entropy(
+            x_,
+            w_,
+            t,
+            linear_bias=b_,
+            reduction=reduction,
+            ignore_index=1,
+            label_smoothing=0.1,
+            tile_rows=3,
+        )
+
     assert torch.autograd.gradcheck(f, leaves)
 
 
@@ -121,6 +152,7 @@ def test_no_gradient_matmuls_without_autograd(monkeypatch):
 
     def refuse(*a, **k):
         raise AssertionError("a gradient matmul ran")
+
     for name in ("grad_hidden", "grad_weight", "grad_bias"):
         monkeypatch.setattr(_torch_linear._TorchBackend, name, refuse)
     xg = x.clone().requires_grad_()

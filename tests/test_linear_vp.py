@@ -16,19 +16,31 @@ import pytest
 
 torch = pytest.importorskip("torch")
 if not (torch.distributed.is_available() and torch.distributed.is_gloo_available()):
-    pytest.skip("torch.distributed with the gloo backend is not available",
-                allow_module_level=True)
+    pytest.skip("torch.distributed with the gloo backend is not available", allow_module_level=True)
 
 SPLIT = (7, 12)
-CASES = [("mean", {}, "float64"), ("sum", {"label_smoothing": 0.1}, "float64"),
-         ("none", {"ignore_index": 3, "z_loss": 1e-3}, "float64"),
-         ("mean", {"weight": True, "ignore_index": 3, "label_smoothing": 0.2,
-                   "sample_weight": True, "softcap": 5.0}, "float64"),
-         ("mean", {"label_smoothing": 0.1}, "bfloat16")]
+CASES = [
+    ("mean", {}, "float64"),
+    ("sum", {"label_smoothing": 0.1}, "float64"),
+    ("none", {"ignore_index": 3, "z_loss": 1e-3}, "float64"),
+    (
+        "mean",
+        {
+            "weight": True,
+            "ignore_index": 3,
+            "label_smoothing": 0.2,
+            "sample_weight": True,
+            "softcap": 5.0,
+        },
+        "float64",
+    ),
+    ("mean", {"label_smoothing": 0.1}, "bfloat16"),
+]
 
 
 def _errors(rank):
     import fastxent.torch as fxt
+
     out = []
     for i, (red, opt, dt_name) in enumerate(CASES):
         dt = getattr(torch, dt_name)
@@ -49,17 +61,31 @@ def _errors(rank):
         lo = 0 if rank == 0 else SPLIT[0]
         hi = lo + SPLIT[rank]
         xl, wl, bl = (a.clone().requires_grad_() for a in (x, w[lo:hi], b[lo:hi]))
-        loss = fxt.vocab_parallel_linear_cross_entropy(xl, wl, t, linear_bias=bl,
-                                                       reduction=red, tile_rows=4, **kw)
+        loss = fxt.vocab_parallel_linear_cross_entropy(
+            xl, wl, t, linear_bias=bl, reduction=red, tile_rows=4, **kw
+        )
         loss.backward(up)
         xr, wr, br = (a.clone().requires_grad_() for a in (x, w, b))
         ref = fxt.linear_cross_entropy(xr, wr, t, linear_bias=br, reduction=red, **kw)
         ref.backward(up)
-        pairs = [(loss, ref), (xl.grad, xr.grad), (wl.grad, wr.grad[lo:hi]),
-                 (bl.grad, br.grad[lo:hi])]
-        out.append((dt_name, [float((p.detach().double() - q.detach().double()).abs().max()
-                                    / max(1.0, float(q.detach().double().abs().max())))
-                              for p, q in pairs]))
+        pairs = [
+            (loss, ref),
+            (xl.grad, xr.grad),
+            (wl.grad, wr.grad[lo:hi]),
+            (bl.grad, br.grad[lo:hi]),
+        ]
+        out.append(
+            (
+                dt_name,
+                [
+                    float(
+                        (p.detach().double() - q.detach().double()).abs().max()
+                        / max(1.0, float(q.detach().double().abs().max()))
+                    )
+                    for p, q in pairs
+                ],
+            )
+        )
     return out
 
 
@@ -67,11 +93,17 @@ def _worker(rank, port, outdir):
     import datetime
 
     import torch.distributed as dist
+
     torch.set_num_threads(1)
     try:
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                world_size=2, timeout=datetime.timedelta(seconds=60))
+        dist.init_process_group(
+            "gloo",
+            init_method=f"tcp://127.0.0.1:{port}",
+            rank=rank,
+            world_size=2,
+            timeout=datetime.timedelta(seconds=60),
+        )
         res = _errors(rank)
         dist.destroy_process_group()
     except BaseException:
@@ -87,8 +119,9 @@ def test_matches_one_process(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=(r, port, str(tmp_path)), daemon=True)
-             for r in range(2)]
+    procs = [
+        ctx.Process(target=_worker, args=(r, port, str(tmp_path)), daemon=True) for r in range(2)
+    ]
     for p in procs:
         p.start()
     for p in procs:

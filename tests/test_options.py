@@ -56,21 +56,30 @@ import numpy as np
 import pytest
 
 import fastxent as fx
-from reference import (U32, block_classes, assert_bitwise_equal, central_difference_grad,
-                       cross_entropy_full_ref, cross_entropy_ref, make_logits, make_target,
-                       make_weight, option_tolerance as tolerance, scaled_error,
-                       torch_cross_entropy_full, transform_ref)
+from reference import (
+    U32,
+    block_classes,
+    assert_bitwise_equal,
+    central_difference_grad,
+    cross_entropy_full_ref,
+    cross_entropy_ref,
+    make_logits,
+    make_target,
+    make_weight,
+    option_tolerance as tolerance,
+    scaled_error,
+    torch_cross_entropy_full,
+    transform_ref,
+)
 
 REDUCTIONS = ("none", "sum", "mean")
 DTYPES = (np.float32, np.float64)
 ENTRY_POINTS = ("cross_entropy", "cross_entropy_with_grad")
 
 
-
-
 def _row_shape(shape, axis):
     ax = axis % len(shape)
-    return shape[:ax] + shape[ax + 1:]
+    return shape[:ax] + shape[ax + 1 :]
 
 
 # Each option alone, some pairs, and all together. Values: a softcap that bends the randn * 3
@@ -90,13 +99,28 @@ OPTION_CASES = {
     "normalizer": dict(normalizer=7.5),
     "softcap+logit_scale": dict(softcap=5.0, logit_scale=1.7),
     "z_loss+softcap": dict(z_loss=0.1, softcap=5.0),
-    "classic+sample_weight": dict(weight=True, label_smoothing=0.2, ignore_frac=0.2,
-                                  sample_weight=True),
-    "all": dict(weight=True, label_smoothing=0.1, ignore_frac=0.2, sample_weight=True,
-                z_loss=1e-2, softcap=5.0, logit_scale=1.7, normalizer=11.0),
-    "all_ignore_index_0": dict(weight=True, label_smoothing=0.3, ignore_index=0,
-                               sample_weight=True, z_loss=1e-3, softcap=30.0,
-                               logit_scale=0.3),
+    "classic+sample_weight": dict(
+        weight=True, label_smoothing=0.2, ignore_frac=0.2, sample_weight=True
+    ),
+    "all": dict(
+        weight=True,
+        label_smoothing=0.1,
+        ignore_frac=0.2,
+        sample_weight=True,
+        z_loss=1e-2,
+        softcap=5.0,
+        logit_scale=1.7,
+        normalizer=11.0,
+    ),
+    "all_ignore_index_0": dict(
+        weight=True,
+        label_smoothing=0.3,
+        ignore_index=0,
+        sample_weight=True,
+        z_loss=1e-3,
+        softcap=30.0,
+        logit_scale=0.3,
+    ),
 }
 
 
@@ -123,8 +147,7 @@ def make_case(rng, shape, dtype, opts, probs, axis=-1, scale=3.0):
             t = np.moveaxis(t, -1, axis)
     else:
         ii = opts.get("ignore_index", -100)
-        t = make_target(rng, rshape, C, ignore_frac=opts.get("ignore_frac", 0.0),
-                        ignore_index=ii)
+        t = make_target(rng, rshape, C, ignore_frac=opts.get("ignore_frac", 0.0), ignore_index=ii)
     return z, np.array(t, order="C"), kw
 
 
@@ -133,8 +156,7 @@ def check_against_reference(z, t, kw, reduction, tol, what=""):
     loss, grad = fx.cross_entropy_with_grad(z, t, reduction=reduction, **kw)
     loss_only = fx.cross_entropy(z, t, reduction=reduction, **kw)
     assert_bitwise_equal(loss_only, loss, f"{what}: loss-only vs with-grad")
-    ref_l, ref_g, lsc, gsc = cross_entropy_full_ref(z, t, reduction=reduction, scales=True,
-                                                    **kw)
+    ref_l, ref_g, lsc, gsc = cross_entropy_full_ref(z, t, reduction=reduction, scales=True, **kw)
     el, eg = scaled_error(loss, ref_l, lsc), scaled_error(grad, ref_g, gsc)
     assert el <= tol, f"{what} {reduction}: loss error {el:.3g} > {tol:.3g} ({loss} vs {ref_l})"
     assert eg <= tol, f"{what} {reduction}: gradient error {eg:.3g} > {tol:.3g}"
@@ -154,16 +176,14 @@ def check_against_reference(z, t, kw, reduction, tol, what=""):
 
 @pytest.mark.parametrize("probs", [False, True], ids=["class", "probs"])
 @pytest.mark.parametrize("case", ["plain", "softcap", "all", "all_ignore_index_0"])
-@pytest.mark.parametrize("shape,axis", [((9, 6), -1), ((4, 5, 3), 1), ((5, 3, 2), 0)],
-                         ids=str)
+@pytest.mark.parametrize("shape,axis", [((9, 6), -1), ((4, 5, 3), 1), ((5, 3, 2), 0)], ids=str)
 def test_numpy_reference_matches_torch_float64(shape, axis, case, probs):
     """The two float64 oracles agree to a few u (measured ~1e-15): 1e-13."""
     pytest.importorskip("torch")
     rng = np.random.default_rng(sum(shape) * 7 + axis + 100 * probs)
     z, t, kw = make_case(rng, shape, np.float64, OPTION_CASES[case], probs, axis=axis)
     for red in REDUCTIONS:
-        rl, rg, lsc, gsc = cross_entropy_full_ref(z, t, axis=axis, reduction=red, scales=True,
-                                                  **kw)
+        rl, rg, lsc, gsc = cross_entropy_full_ref(z, t, axis=axis, reduction=red, scales=True, **kw)
         tl, tg = torch_cross_entropy_full(z, t, axis=axis, reduction=red, **kw)
         assert scaled_error(tl, rl, lsc) <= 1e-13, red
         assert scaled_error(tg, rg, gsc) <= 1e-13, red
@@ -199,8 +219,18 @@ def test_options_match_reference(isa, dtype, case, probs, rng):
 
 
 @pytest.mark.parametrize("probs", [False, True], ids=["class", "probs"])
-@pytest.mark.parametrize("case", ["z_loss", "softcap", "logit_scale_up", "normalizer",
-                                  "classic+sample_weight", "all", "all_ignore_index_0"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "z_loss",
+        "softcap",
+        "logit_scale_up",
+        "normalizer",
+        "classic+sample_weight",
+        "all",
+        "all_ignore_index_0",
+    ],
+)
 def test_options_match_torch_float64(isa, case, probs, rng):
     """fastxent float64 against PyTorch float64 directly (not only through the NumPy
     reference): 1e-12, and float32 fastxent against PyTorch float64 with the float32 bound."""
@@ -220,8 +250,16 @@ def test_options_match_torch_float64(isa, case, probs, rng):
 # any class axis
 
 
-AXIS_SHAPES = [((6, 5), 0), ((4, 7, 3), 0), ((4, 7, 3), 1), ((4, 7, 3), -1),
-               ((3, 2, 6, 5), 1), ((3, 2, 6, 5), 2), ((2, 3000, 3), 1), ((7,), 0)]
+AXIS_SHAPES = [
+    ((6, 5), 0),
+    ((4, 7, 3), 0),
+    ((4, 7, 3), 1),
+    ((4, 7, 3), -1),
+    ((3, 2, 6, 5), 1),
+    ((3, 2, 6, 5), 2),
+    ((2, 3000, 3), 1),
+    ((7,), 0),
+]
 
 
 @pytest.mark.parametrize("probs", [False, True], ids=["class", "probs"])
@@ -301,28 +339,41 @@ def _option_problems(draw):
     shape = tuple(draw(st.integers(1, 6)) for _ in range(ndim))
     axis = draw(st.integers(-ndim, ndim - 1))
     ax = axis % ndim
-    if ax != ndim - 1 and int(np.prod(shape[ax + 1:])) == 1:
+    if ax != ndim - 1 and int(np.prod(shape[ax + 1 :])) == 1:
         axis = -1  # (..., C, 1, ...) with the class axis first: see the dedicated test
     probs = draw(st.booleans())
     opts = dict(ignore_frac=draw(st.sampled_from([0.0, 0.3])))
-    for key, values in (("weight", [False, True]), ("sample_weight", [False, True]),
-                        ("label_smoothing", [0.0, 0.1, 1.0]), ("z_loss", [0.0, 1e-4, 0.1]),
-                        ("softcap", [None, 0.5, 5.0, 30.0]), ("logit_scale", [1.0, 0.3, 1.7]),
-                        ("normalizer", [None, 0.0, 7.0]), ("ignore_index", [-100, 0])):
+    for key, values in (
+        ("weight", [False, True]),
+        ("sample_weight", [False, True]),
+        ("label_smoothing", [0.0, 0.1, 1.0]),
+        ("z_loss", [0.0, 1e-4, 0.1]),
+        ("softcap", [None, 0.5, 5.0, 30.0]),
+        ("logit_scale", [1.0, 0.3, 1.7]),
+        ("normalizer", [None, 0.0, 7.0]),
+        ("ignore_index", [-100, 0]),
+    ):
         v = draw(st.sampled_from(values))
         if v is not None and v is not False:
             opts[key] = v
     seed = draw(st.integers(0, 2**32 - 1))
     scale = draw(st.sampled_from([0.1, 3.0, 20.0]))
-    z, t, kw = make_case(np.random.default_rng(seed), shape, dtype, opts, probs, axis=axis,
-                         scale=scale)
+    z, t, kw = make_case(
+        np.random.default_rng(seed), shape, dtype, opts, probs, axis=axis, scale=scale
+    )
     kw["axis"] = axis
     return z, t, kw
 
 
 if st is not None:
-    @settings(max_examples=120, deadline=None, database=None, derandomize=True,
-              suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+    @settings(
+        max_examples=120,
+        deadline=None,
+        database=None,
+        derandomize=True,
+        suppress_health_check=[HealthCheck.function_scoped_fixture],
+    )
     @given(st.composite(_option_problems)())
     def test_random_option_combinations_match_reference(isa, prob):
         z, t, kw = prob
@@ -330,6 +381,7 @@ if st is not None:
         for red in REDUCTIONS:
             check_against_reference(z, t, kw, red, tol, f"[{isa}] {z.shape} {sorted(kw)}")
 else:
+
     def test_random_option_combinations_match_reference():
         pytest.skip("hypothesis is not installed")
 
@@ -339,13 +391,33 @@ else:
 
 
 FD_CASES = {
-    "all-class": dict(weight=True, label_smoothing=0.2, ignore_frac=0.25, sample_weight=True,
-                      z_loss=0.05, softcap=2.5, logit_scale=1.3, normalizer=3.5),
-    "all-class-no-normalizer": dict(weight=True, label_smoothing=0.2, ignore_frac=0.25,
-                                    sample_weight=True, z_loss=0.05, softcap=2.5,
-                                    logit_scale=0.7),
-    "all-probs": dict(weight=True, label_smoothing=0.2, sample_weight=True, z_loss=0.05,
-                      softcap=2.5, logit_scale=1.3),
+    "all-class": dict(
+        weight=True,
+        label_smoothing=0.2,
+        ignore_frac=0.25,
+        sample_weight=True,
+        z_loss=0.05,
+        softcap=2.5,
+        logit_scale=1.3,
+        normalizer=3.5,
+    ),
+    "all-class-no-normalizer": dict(
+        weight=True,
+        label_smoothing=0.2,
+        ignore_frac=0.25,
+        sample_weight=True,
+        z_loss=0.05,
+        softcap=2.5,
+        logit_scale=0.7,
+    ),
+    "all-probs": dict(
+        weight=True,
+        label_smoothing=0.2,
+        sample_weight=True,
+        z_loss=0.05,
+        softcap=2.5,
+        logit_scale=1.3,
+    ),
 }
 
 
@@ -361,8 +433,7 @@ def test_gradient_matches_central_differences(isa, case, shape, axis, reduction)
     differences of fastxent's loss ("none": of the sum of the rows)."""
     rng = np.random.default_rng(len(case) * 31 + len(shape) + len(reduction))
     probs = case.endswith("probs")
-    z, t, kw = make_case(rng, shape, np.float64, FD_CASES[case], probs, axis=axis,
-                         scale=1.5)
+    z, t, kw = make_case(rng, shape, np.float64, FD_CASES[case], probs, axis=axis, scale=1.5)
     kw = dict(kw, axis=axis, reduction=reduction)
 
     def f(x):
@@ -375,8 +446,7 @@ def test_gradient_matches_central_differences(isa, case, shape, axis, reduction)
     np.testing.assert_allclose(grad, fd, rtol=0, atol=atol)
     np.testing.assert_allclose(ref_g, fd, rtol=0, atol=atol)
     if not probs:
-        ignored = np.moveaxis(np.broadcast_to(
-            np.expand_dims(t == -100, axis), z.shape), axis, -1)
+        ignored = np.moveaxis(np.broadcast_to(np.expand_dims(t == -100, axis), z.shape), axis, -1)
         assert np.all(np.moveaxis(grad, axis, -1)[ignored] == 0.0)
 
 
@@ -391,8 +461,13 @@ def test_denominator_zero_gives_zero_loss_and_gradient(isa, dtype, rng):
     z = make_logits(rng, (9, 6), 2.0, dtype)
     y = make_target(rng, (9,), 6)
     p = rng.random((9, 6)).astype(dtype)
-    opts = dict(z_loss=0.1, softcap=4.0, logit_scale=1.5, label_smoothing=0.1,
-                weight=make_weight(rng, 6, dtype))
+    opts = dict(
+        z_loss=0.1,
+        softcap=4.0,
+        logit_scale=1.5,
+        label_smoothing=0.1,
+        weight=make_weight(rng, 6, dtype),
+    )
     cases = [
         (y, dict(normalizer=0.0)),
         (y, dict(opts, normalizer=0.0, sample_weight=np.ones(9, dtype))),
@@ -438,10 +513,10 @@ def test_normalizer_only_changes_mean(isa, dtype, rng):
     # Gradient entries are a e_c - b u_c with the row's a and b: rounding is relative to the
     # row's largest entries, so the comparison is absolute at rtol * max |g|.
     np.testing.assert_allclose(float(lm), float(ls) / 3.25, rtol=rtol)
-    np.testing.assert_allclose(gm, gs / dtype(3.25), rtol=0,
-                               atol=rtol * float(np.max(np.abs(gm))))
-    D = float(np.sum(np.where(y != -100, sw.astype(np.float64) * w[np.where(y != -100, y, 0)],
-                              0.0)))
+    np.testing.assert_allclose(gm, gs / dtype(3.25), rtol=0, atol=rtol * float(np.max(np.abs(gm))))
+    D = float(
+        np.sum(np.where(y != -100, sw.astype(np.float64) * w[np.where(y != -100, y, 0)], 0.0))
+    )
     l1, g1 = fx.cross_entropy_with_grad(z, y, reduction="mean", **base)
     l2, g2 = fx.cross_entropy_with_grad(z, y, reduction="mean", normalizer=D, **base)
     np.testing.assert_allclose(float(l2), float(l1), rtol=rtol)
@@ -455,10 +530,16 @@ def test_defaults_spelled_out_are_bitwise_the_defaults(isa, probs, rng):
     for dtype in DTYPES:
         z, t, kw = make_case(rng, (30, 9), dtype, OPTION_CASES["classic+sample_weight"], probs)
         kw.pop("sample_weight")
-        spelled = [dict(sample_weight=np.ones(30, dtype)), dict(sample_weight=[1] * 30),
-                   dict(z_loss=0.0), dict(z_loss=0), dict(softcap=None),
-                   dict(logit_scale=1.0), dict(logit_scale=np.float32(1)),
-                   dict(normalizer=None)]
+        spelled = [
+            dict(sample_weight=np.ones(30, dtype)),
+            dict(sample_weight=[1] * 30),
+            dict(z_loss=0.0),
+            dict(z_loss=0),
+            dict(softcap=None),
+            dict(logit_scale=1.0),
+            dict(logit_scale=np.float32(1)),
+            dict(normalizer=None),
+        ]
         for red in REDUCTIONS:
             ref = fx.cross_entropy_with_grad(z, t, reduction=red, **kw)
             for extra in spelled:
@@ -478,15 +559,24 @@ def test_one_hot_probabilities_equal_class_targets(isa, dtype, rng):
     onehot = np.eye(C, dtype=dtype)[y]
     sw = rng.uniform(0.5, 2.0, N).astype(dtype)
     tol = 4e-15 if dtype == np.float64 else 40 * U32
-    for kw in (dict(weight=make_weight(rng, C, dtype), label_smoothing=0.2, sample_weight=sw,
-                    z_loss=0.01, softcap=6.0, logit_scale=1.2),
-               dict(label_smoothing=0.1, sample_weight=sw, z_loss=0.01, logit_scale=0.8)):
+    for kw in (
+        dict(
+            weight=make_weight(rng, C, dtype),
+            label_smoothing=0.2,
+            sample_weight=sw,
+            z_loss=0.01,
+            softcap=6.0,
+            logit_scale=1.2,
+        ),
+        dict(label_smoothing=0.1, sample_weight=sw, z_loss=0.01, logit_scale=0.8),
+    ):
         reds = REDUCTIONS if "weight" not in kw else ("sum", "none")
         for red in reds:
             la, ga = fx.cross_entropy_with_grad(z, y, reduction=red, **kw)
             lb, gb = fx.cross_entropy_with_grad(z, onehot, reduction=red, **kw)
-            np.testing.assert_allclose(np.asarray(lb, np.float64), np.asarray(la, np.float64),
-                                       rtol=tol, atol=tol)
+            np.testing.assert_allclose(
+                np.asarray(lb, np.float64), np.asarray(la, np.float64), rtol=tol, atol=tol
+            )
             np.testing.assert_allclose(gb, ga, rtol=0, atol=tol * float(np.max(np.abs(ga))))
 
 
@@ -513,10 +603,10 @@ def test_sample_weight_multi_dim_rows(isa, rng):
         y = make_target(rng, rshape, z.shape[axis])
         sw = rng.uniform(0.5, 2.0, rshape)
         for red in REDUCTIONS:
-            loss, g = fx.cross_entropy_with_grad(z, y, axis=axis, reduction=red,
-                                                 sample_weight=sw)
-            rl, rg, lsc, gsc = cross_entropy_full_ref(z, y, axis=axis, reduction=red,
-                                                      sample_weight=sw, scales=True)
+            loss, g = fx.cross_entropy_with_grad(z, y, axis=axis, reduction=red, sample_weight=sw)
+            rl, rg, lsc, gsc = cross_entropy_full_ref(
+                z, y, axis=axis, reduction=red, sample_weight=sw, scales=True
+            )
             assert scaled_error(loss, rl, lsc) <= 1e-12
             assert scaled_error(g, rg, gsc) <= 1e-12
 
@@ -558,8 +648,9 @@ def test_z_loss_adds_lse_squared(isa, rng):
     counted = y != -100
     np.testing.assert_allclose(l1 - l0, np.where(counted, lam * lse**2, 0.0), atol=1e-13)
     sm = np.exp(z - lse[:, None])
-    np.testing.assert_allclose(g1 - g0, np.where(counted[:, None], 2 * lam * lse[:, None] * sm,
-                                                 0.0), atol=1e-14)
+    np.testing.assert_allclose(
+        g1 - g0, np.where(counted[:, None], 2 * lam * lse[:, None] * sm, 0.0), atol=1e-14
+    )
     assert np.all(l1[~counted] == 0.0) and np.all(g1[~counted] == 0.0)
 
 
@@ -610,8 +701,9 @@ _EXTREME = {
 
 @pytest.mark.parametrize("side", ["large", "small", "zero"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
-@pytest.mark.parametrize("layout", ["short", "row", "blocks", "axis1", "in_place", "probs",
-                                    "shard"])
+@pytest.mark.parametrize(
+    "layout", ["short", "row", "blocks", "axis1", "in_place", "probs", "shard"]
+)
 def test_softcap_extreme_row_scales(isa, dtype, layout, side, rng):
     cap, centre, a_log10 = _EXTREME[(dtype, side)]
     C = {"short": 7, "axis1": 40, "blocks": block_classes(dtype) + 4}.get(layout, 300)
@@ -636,8 +728,9 @@ def test_softcap_extreme_row_scales(isa, dtype, layout, side, rng):
     zt, _ = transform_ref(z.astype(np.float64), cap)
     S = np.sum(np.exp(zt), axis=axis)
     # (times a random factor: a itself off the subnormal grid, where T(a) has to round)
-    sw = (S / Q * rng.uniform(1.0, 1.3, S.shape) * 10.0 ** (a_log10 / 2) * 10.0 ** (a_log10 / 2)
-          ).astype(dtype)
+    sw = (
+        S / Q * rng.uniform(1.0, 1.3, S.shape) * 10.0 ** (a_log10 / 2) * 10.0 ** (a_log10 / 2)
+    ).astype(dtype)
     kw = dict(softcap=cap, sample_weight=sw, axis=axis, label_smoothing=eps, weight=w)
     # The premise: a = s Q / S leaves [min normal, max / 8] of the dtype for every row.
     a = sw.astype(np.float64) * Q / S
@@ -651,14 +744,39 @@ def test_softcap_extreme_row_scales(isa, dtype, layout, side, rng):
     elif layout == "shard":
         # Two vocabulary shards: statistics merged, each shard's gradient from them.
         bounds = ((0, C // 3), (C // 3, C))
-        st = fx.merge_stats(*[fx.shard_stats(z[:, a:b], t, offset=a, num_classes=C, softcap=cap,
-                                             label_smoothing=eps, weight=w[a:b])
-                              for a, b in bounds])
+        st = fx.merge_stats(
+            *[
+                fx.shard_stats(
+                    z[:, a:b],
+                    t,
+                    offset=a,
+                    num_classes=C,
+                    softcap=cap,
+                    label_smoothing=eps,
+                    weight=w[a:b],
+                )
+                for a, b in bounds
+            ]
+        )
         loss = fx.loss_from_stats(st, num_classes=C, reduction="sum", sample_weight=sw)
-        g = np.concatenate([fx.shard_grad(z[:, a:b], t, st, offset=a, num_classes=C,
-                                          reduction="sum", sample_weight=sw, softcap=cap,
-                                          label_smoothing=eps, weight=w[a:b])
-                            for a, b in bounds], axis=1)
+        g = np.concatenate(
+            [
+                fx.shard_grad(
+                    z[:, a:b],
+                    t,
+                    st,
+                    offset=a,
+                    num_classes=C,
+                    reduction="sum",
+                    sample_weight=sw,
+                    softcap=cap,
+                    label_smoothing=eps,
+                    weight=w[a:b],
+                )
+                for a, b in bounds
+            ],
+            axis=1,
+        )
     else:
         loss, g = fx.cross_entropy_with_grad(z, t, reduction="sum", **kw)
     assert np.all(np.isfinite(g)) and np.isfinite(loss)
@@ -674,7 +792,8 @@ def test_softcap_extreme_row_scales(isa, dtype, layout, side, rng):
         u = w64 * ((1 - eps) * t.astype(np.float64) + eps / C)
     else:
         u = eps / C * w64 + (1 - eps) * np.moveaxis(
-            np.eye(C)[t] * w.astype(np.float64)[t][..., None], -1, ax)
+            np.eye(C)[t] * w.astype(np.float64)[t][..., None], -1, ax
+        )
     expand = (slice(None),) * ax + (None,)
     entry_scale = sw.astype(np.float64)[expand] * (Q[expand] * sm + u)
     assert scaled_error(g, ref_g, entry_scale) <= tol
@@ -692,8 +811,10 @@ def test_nan_row_gradient_is_one_quiet_nan(isa, dtype, layout, monkeypatch):
     axis = -1 if layout in ("rows", "short") else 1
     x = rng.standard_normal(shape).astype(dtype)
     neg_nan = np.frombuffer(np.array([np.nan], dtype).view(np.uint8).copy(), dtype).copy()
-    neg_nan.view({4: np.uint32, 8: np.uint64}[np.dtype(dtype).itemsize])[0] |= (
-        {4: np.uint32(1 << 31), 8: np.uint64(1 << 63)}[np.dtype(dtype).itemsize])
+    neg_nan.view({4: np.uint32, 8: np.uint64}[np.dtype(dtype).itemsize])[0] |= {
+        4: np.uint32(1 << 31),
+        8: np.uint64(1 << 63),
+    }[np.dtype(dtype).itemsize]
     if axis == 1:
         x[1, 3, 17] = neg_nan[0]  # a NaN with its sign bit set, at position (1, 17)
         y = rng.integers(0, shape[1], (shape[0], shape[2]))
@@ -704,9 +825,13 @@ def test_nan_row_gradient_is_one_quiet_nan(isa, dtype, layout, monkeypatch):
         sel, lsel = (2, slice(None)), (2,)
     code = "1" if layout == "axis1_streamed" else "0"
     out = np.empty_like(x)
-    res = subprocess_run_with_env({"FASTXENT_STREAM_BYTES": code}, x, y, axis, isa) \
-        if layout == "axis1_streamed" else fx.cross_entropy_with_grad(
-            x, y, axis=axis, out=out, reduction="none", label_smoothing=0.1)
+    res = (
+        subprocess_run_with_env({"FASTXENT_STREAM_BYTES": code}, x, y, axis, isa)
+        if layout == "axis1_streamed"
+        else fx.cross_entropy_with_grad(
+            x, y, axis=axis, out=out, reduction="none", label_smoothing=0.1
+        )
+    )
     loss, g = res
     want = np.array([np.nan], dtype).tobytes()
     assert np.isnan(loss[lsel])
@@ -721,24 +846,33 @@ def subprocess_run_with_env(env_vars, x, y, axis, isa):
     import pickle
     import subprocess
     import sys
+
     env = dict(os.environ)
     env.update(env_vars)
-    code = ("import pickle, sys, numpy as np, fastxent as fx\n"
-            "from fastxent import _core\n"
-            "x, y, axis, isa = pickle.loads(sys.stdin.buffer.read())\n"
-            "_core.set_isa(isa)\n"
-            "out = np.empty_like(x)\n"
-            "r = fx.cross_entropy_with_grad(x, y, axis=axis, out=out, reduction='none',"
-            " label_smoothing=0.1)\n"
-            "sys.stdout.buffer.write(pickle.dumps(r))\n")
-    res = subprocess.run([sys.executable, "-c", code], input=pickle.dumps((x, y, axis, isa)),
-                         capture_output=True, env=env, timeout=120)
+    code = (
+        "import pickle, sys, numpy as np, fastxent as fx\n"
+        "from fastxent import _core\n"
+        "x, y, axis, isa = pickle.loads(sys.stdin.buffer.read())\n"
+        "_core.set_isa(isa)\n"
+        "out = np.empty_like(x)\n"
+        "r = fx.cross_entropy_with_grad(x, y, axis=axis, out=out, reduction='none',"
+        " label_smoothing=0.1)\n"
+        "sys.stdout.buffer.write(pickle.dumps(r))\n"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code],
+        input=pickle.dumps((x, y, axis, isa)),
+        capture_output=True,
+        env=env,
+        timeout=120,
+    )
     assert res.returncode == 0, res.stderr.decode()
     return pickle.loads(res.stdout)
 
 
-@pytest.mark.parametrize("entry", ["cross_entropy", "cross_entropy_with_grad", "bfloat16",
-                                   "shard_stats", "shard_grad"])
+@pytest.mark.parametrize(
+    "entry", ["cross_entropy", "cross_entropy_with_grad", "bfloat16", "shard_stats", "shard_grad"]
+)
 def test_softcap_below_float32_range_is_refused(entry):
     """A softcap that rounds to 0 in float32 (the math of float32 and 16-bit logits) would run
     the kernel without its transform: ValueError, nothing written. float64 takes it."""
@@ -803,18 +937,34 @@ def _base(dtype=np.float32):
 
 
 BAD_VALUES = [
-    ("softcap", -1.0), ("softcap", 0.0), ("softcap", -0.0), ("softcap", float("nan")),
-    ("softcap", float("inf")), ("softcap", -float("inf")),
-    ("logit_scale", 0.0), ("logit_scale", -1.0), ("logit_scale", float("nan")),
-    ("logit_scale", float("inf")), ("logit_scale", -float("inf")),
-    ("z_loss", -1e-3), ("z_loss", float("nan")), ("z_loss", float("inf")),
+    ("softcap", -1.0),
+    ("softcap", 0.0),
+    ("softcap", -0.0),
+    ("softcap", float("nan")),
+    ("softcap", float("inf")),
+    ("softcap", -float("inf")),
+    ("logit_scale", 0.0),
+    ("logit_scale", -1.0),
+    ("logit_scale", float("nan")),
+    ("logit_scale", float("inf")),
+    ("logit_scale", -float("inf")),
+    ("z_loss", -1e-3),
+    ("z_loss", float("nan")),
+    ("z_loss", float("inf")),
     ("z_loss", -float("inf")),
-    ("normalizer", -1.0), ("normalizer", -1e-300), ("normalizer", float("nan")),
+    ("normalizer", -1.0),
+    ("normalizer", -1e-300),
+    ("normalizer", float("nan")),
     ("normalizer", float("inf")),
-    ("sample_weight", np.ones(N + 1)), ("sample_weight", np.ones((N, 1))),
-    ("sample_weight", np.ones((1, N))), ("sample_weight", np.float64(1.0)),
-    ("sample_weight", np.ones(C)), ("sample_weight", np.ones((N, C))),
-    ("weight", np.ones(C + 1)), ("weight", np.ones((1, C))), ("weight", np.ones(N)),
+    ("sample_weight", np.ones(N + 1)),
+    ("sample_weight", np.ones((N, 1))),
+    ("sample_weight", np.ones((1, N))),
+    ("sample_weight", np.float64(1.0)),
+    ("sample_weight", np.ones(C)),
+    ("sample_weight", np.ones((N, C))),
+    ("weight", np.ones(C + 1)),
+    ("weight", np.ones((1, C))),
+    ("weight", np.ones(N)),
     ("weight", np.float64(1.0)),
 ]
 
@@ -845,14 +995,14 @@ def assert_rejected_without_writes(exc, z, t, match=None, **kw):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
-@pytest.mark.parametrize("name,value", BAD_VALUES, ids=[f"{n}={_bad_id(v)}"
-                                                         for n, v in BAD_VALUES])
+@pytest.mark.parametrize("name,value", BAD_VALUES, ids=[f"{n}={_bad_id(v)}" for n, v in BAD_VALUES])
 def test_bad_option_value_raises_value_error_and_writes_nothing(dtype, name, value):
     z, y = _base(dtype)
     match = name if name not in ("sample_weight", "weight") else f"{name}.*shape"
     for red in REDUCTIONS:
-        assert_rejected_without_writes(ValueError, z, y, match=match, reduction=red,
-                                       **{name: value})
+        assert_rejected_without_writes(
+            ValueError, z, y, match=match, reduction=red, **{name: value}
+        )
     # The same with probability targets where the option applies to them.
     p = np.full((N, C), 0.2, dtype)
     assert_rejected_without_writes(ValueError, z, p, match=match, **{name: value})
@@ -863,9 +1013,11 @@ def test_bad_option_value_raises_value_error_and_writes_nothing(dtype, name, val
     assert_rejected_without_writes(ValueError, zt, y, match=match, axis=0, **{name: value})
 
 
-@pytest.mark.parametrize("value", [np.array(["a"] * N), np.array([None] * N, dtype=object),
-                                   np.ones(N, dtype=complex), ["x"] * N],
-                         ids=["str", "object", "complex", "list-of-str"])
+@pytest.mark.parametrize(
+    "value",
+    [np.array(["a"] * N), np.array([None] * N, dtype=object), np.ones(N, dtype=complex), ["x"] * N],
+    ids=["str", "object", "complex", "list-of-str"],
+)
 def test_non_numeric_sample_weight_raises_type_error(value):
     z, y = _base()
     assert_rejected_without_writes(TypeError, z, y, match="sample_weight", sample_weight=value)
@@ -883,11 +1035,11 @@ def test_probability_targets_refuse_ignore_index(ii):
 @pytest.mark.parametrize("pshape", [(N, C + 1), (N + 1, C), (C, N), (1, C)], ids=str)
 def test_probability_target_of_wrong_shape(pshape):
     z, _ = _base()
-    assert_rejected_without_writes(ValueError, z, np.full(pshape, 0.1, np.float32),
-                                   match="shape")
+    assert_rejected_without_writes(ValueError, z, np.full(pshape, 0.1, np.float32), match="shape")
     z3 = make_logits(np.random.default_rng(1), (2, C, 3), 1.0, np.float32)
-    assert_rejected_without_writes(ValueError, z3, np.full((2, C, 4), 0.1, np.float32),
-                                   axis=1, match="shape")
+    assert_rejected_without_writes(
+        ValueError, z3, np.full((2, C, 4), 0.1, np.float32), axis=1, match="shape"
+    )
 
 
 def test_float_target_of_another_rank_is_refused():
@@ -900,8 +1052,12 @@ def test_float_target_of_another_rank_is_refused():
 
 def test_bad_option_types():
     z, y = _base()
-    for name, value in (("softcap", "abc"), ("logit_scale", None), ("z_loss", [0.1]),
-                        ("normalizer", object())):
+    for name, value in (
+        ("softcap", "abc"),
+        ("logit_scale", None),
+        ("z_loss", [0.1]),
+        ("normalizer", object()),
+    ):
         assert_rejected_without_writes((TypeError, ValueError), z, y, **{name: value})
 
 
@@ -909,9 +1065,16 @@ def test_good_edge_values_are_accepted(rng):
     """The boundaries the contract allows: z_loss = 0, normalizer = 0 (D = 0), tiny and huge
     positive softcap and logit_scale, a sample weight of 0."""
     z, y = _base(np.float64)
-    for kw in (dict(z_loss=0.0), dict(normalizer=0.0), dict(softcap=1e-300),
-               dict(softcap=1e300), dict(logit_scale=1e-300), dict(logit_scale=1e10),
-               dict(sample_weight=np.zeros(N)), dict(normalizer=1e-300)):
+    for kw in (
+        dict(z_loss=0.0),
+        dict(normalizer=0.0),
+        dict(softcap=1e-300),
+        dict(softcap=1e300),
+        dict(logit_scale=1e-300),
+        dict(logit_scale=1e10),
+        dict(sample_weight=np.zeros(N)),
+        dict(normalizer=1e-300),
+    ):
         loss, g = fx.cross_entropy_with_grad(z, y, **kw)
         assert np.isfinite(float(loss)) and np.all(np.isfinite(g)), kw
 
@@ -922,8 +1085,16 @@ def test_good_edge_values_are_accepted(rng):
 
 DET_OPTIONS = {
     "off": dict(),
-    "on": dict(weight=True, label_smoothing=0.1, ignore_frac=0.1, sample_weight=True,
-               z_loss=1e-3, softcap=10.0, logit_scale=1.3, normalizer=50.0),
+    "on": dict(
+        weight=True,
+        label_smoothing=0.1,
+        ignore_frac=0.1,
+        sample_weight=True,
+        z_loss=1e-3,
+        softcap=10.0,
+        logit_scale=1.3,
+        normalizer=50.0,
+    ),
 }
 # (dtype, shape, axis, options, probability targets): each shape with options on and off,
 # class and probability targets, both dtypes, without the full product (runtime).
@@ -940,9 +1111,14 @@ DET_CASES = [
 ]
 
 
-@pytest.mark.parametrize("dtype,shape,axis,opts,probs", DET_CASES,
-                         ids=[f"{np.dtype(d).name}-{s}-axis{a}-{o}-{'probs' if p else 'class'}"
-                              for d, s, a, o, p in DET_CASES])
+@pytest.mark.parametrize(
+    "dtype,shape,axis,opts,probs",
+    DET_CASES,
+    ids=[
+        f"{np.dtype(d).name}-{s}-axis{a}-{o}-{'probs' if p else 'class'}"
+        for d, s, a, o, p in DET_CASES
+    ],
+)
 def test_bitwise_deterministic(isa, dtype, shape, axis, opts, probs, rng):
     """num_threads 1, 2, 3, None; in place (out=logits) vs out of place; loss-only vs the
     with-grad loss: all the same bits. (2, 300000): few rows, the class axis split across
@@ -958,8 +1134,11 @@ def test_bitwise_deterministic(isa, dtype, shape, axis, opts, probs, rng):
             assert_bitwise_equal(l, ref_l, f"{what} loss")
             assert_bitwise_equal(g, ref_g, f"{what} grad")
         for nt in (1, 3):
-            assert_bitwise_equal(fx.cross_entropy(z, t, reduction=red, num_threads=nt, **kw),
-                                 ref_l, f"{red} num_threads={nt} loss-only")
+            assert_bitwise_equal(
+                fx.cross_entropy(z, t, reduction=red, num_threads=nt, **kw),
+                ref_l,
+                f"{red} num_threads={nt} loss-only",
+            )
         zi = z.copy()
         l, g = fx.cross_entropy_with_grad(zi, t, reduction=red, out=zi, **kw)
         assert g is zi

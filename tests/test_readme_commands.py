@@ -22,8 +22,11 @@ EXTRACT = ROOT / ".ci" / "readme-commands"
 CI_RUN = ROOT / ".ci" / "run"
 
 if not (README.is_file() and EXTRACT.is_file() and CI_RUN.is_file()):
-    pytest.skip("needs the source checkout (README.md, .ci/readme-commands and .ci/run beside "
-                "tests/); this copy of the suite has tests/ only", allow_module_level=True)
+    pytest.skip(
+        "needs the source checkout (README.md, .ci/readme-commands and .ci/run beside "
+        "tests/); this copy of the suite has tests/ only",
+        allow_module_level=True,
+    )
 
 
 def _extractor():
@@ -48,19 +51,24 @@ def test_extraction_refuses_a_section_it_cannot_read():
     mod = _extractor()
     good = "# x\n\n## Set up\n\n```\na\n```\n\ntext\n\n```\nb\n```\n\n## Next\n\n```\nc\n```\n"
     assert mod.setup_commands(good) == ["a", "b"]
-    for bad in (good.replace("## Set up", "## Setup"),            # no such section
-                good.replace("```\nb\n```\n", ""),                 # one block only
-                good.replace("\nb\n", "\nb\nb2\n"),                # a block of two lines
-                good.replace("text\n", "```\nthird\n```\n"),       # three blocks
-                good.replace("```\nb\n```", "```\nb\n")):          # unclosed block
+    for bad in (
+        good.replace("## Set up", "## Setup"),  # no such section
+        good.replace("```\nb\n```\n", ""),  # one block only
+        good.replace("\nb\n", "\nb\nb2\n"),  # a block of two lines
+        good.replace("text\n", "```\nthird\n```\n"),  # three blocks
+        good.replace("```\nb\n```", "```\nb\n"),
+    ):  # unclosed block
         with pytest.raises(ValueError):
             mod.setup_commands(bad)
 
 
 def test_ci_runs_the_readme_commands_first_in_fresh_venvs():
     lines = CI_RUN.read_text(encoding="utf-8").splitlines()
-    code = [(i, ln.strip()) for i, ln in enumerate(lines) if ln.strip() and
-            not ln.lstrip().startswith("#")]
+    code = [
+        (i, ln.strip())
+        for i, ln in enumerate(lines)
+        if ln.strip() and not ln.lstrip().startswith("#")
+    ]
 
     def first(pattern):
         hits = [i for i, ln in code if re.search(pattern, ln)]

@@ -48,9 +48,21 @@ import numpy as np
 import pytest
 
 import fastxent as fx
-from reference import (BLOCK32, BLOCK64, U32, U64, block_classes, assert_bitwise_equal, cross_entropy_full_ref, cross_entropy_ref,
-                       make_logits, make_target, make_weight, option_tolerance as tolerance,
-                       scaled_error, transform_ref)
+from reference import (
+    BLOCK32,
+    BLOCK64,
+    U32,
+    U64,
+    block_classes,
+    assert_bitwise_equal,
+    cross_entropy_full_ref,
+    cross_entropy_ref,
+    make_logits,
+    make_target,
+    make_weight,
+    option_tolerance as tolerance,
+    scaled_error,
+)
 
 REDUCTIONS = ("none", "sum", "mean")
 DTYPES = (np.float32, np.float64)
@@ -58,8 +70,6 @@ NF = len(fx.STAT_FIELDS)
 F = {name: i for i, name in enumerate(fx.STAT_FIELDS)}
 STAT_KEYS = ("ignore_index", "label_smoothing", "softcap", "logit_scale", "num_threads")
 LOSS_KEYS = ("reduction", "sample_weight", "z_loss", "normalizer")
-
-
 
 
 # ------------------------------------------------------------------------------------------
@@ -120,15 +130,30 @@ def sharded(x, t, bounds, kw, rng=None, scale=1.0, stats_only=False):
     """(loss, grad, merged stats, per-shard stats) of the sharded computation. rng: merge in a
     random tree; None: fx.merge_stats(*stats) in shard order."""
     C = x.shape[-1]
-    sts = [fx.shard_stats(x[..., a:b], shard_target(t, a, b), offset=a, num_classes=C,
-                          **shard_kw(kw, a, b)) for a, b in bounds]
+    sts = [
+        fx.shard_stats(
+            x[..., a:b], shard_target(t, a, b), offset=a, num_classes=C, **shard_kw(kw, a, b)
+        )
+        for a, b in bounds
+    ]
     merged = fx.merge_stats(*sts) if rng is None else merge_tree(rng, sts)
     if stats_only:
         return None, None, merged, sts
     lkw = {k: kw[k] for k in LOSS_KEYS if k in kw}
     loss = fx.loss_from_stats(merged, num_classes=C, **lkw)
-    grads = [fx.shard_grad(x[..., a:b], shard_target(t, a, b), merged, offset=a, num_classes=C,
-                           scale=scale, **lkw, **shard_kw(kw, a, b)) for a, b in bounds]
+    grads = [
+        fx.shard_grad(
+            x[..., a:b],
+            shard_target(t, a, b),
+            merged,
+            offset=a,
+            num_classes=C,
+            scale=scale,
+            **lkw,
+            **shard_kw(kw, a, b),
+        )
+        for a, b in bounds
+    ]
     return loss, np.concatenate(grads, axis=-1), merged, sts
 
 
@@ -236,8 +261,7 @@ def test_merge_orders_and_trees(isa, rng):
         np.testing.assert_allclose(g1, g0, rtol=0, atol=4 * U64 * np.abs(g0).max())
     # Sequential merges in a reversed order: merge_stats(*s) is a left fold.
     m_rev = fx.merge_stats(*sts[::-1])
-    np.testing.assert_allclose(fx.loss_from_stats(m_rev, reduction="none"), l0,
-                               rtol=1e-14)
+    np.testing.assert_allclose(fx.loss_from_stats(m_rev, reduction="none"), l0, rtol=1e-14)
 
 
 def _stat_rows(rng, dtype):
@@ -246,13 +270,13 @@ def _stat_rows(rng, dtype):
     C = 12
     x = make_logits(rng, (9, C), 2.0, dtype)
     x[0] = 0.0
-    x[0, :6] = -0.0           # shard maxima -0.0 and +0.0
-    x[1, 2] = np.nan          # NaN in shard 0
-    x[1, 8] = np.inf          # inf in shard 1: NaN from inf - inf
-    x[2, 6:] = -np.inf        # shard 1 masked
-    x[3] = -np.inf            # all -inf
+    x[0, :6] = -0.0  # shard maxima -0.0 and +0.0
+    x[1, 2] = np.nan  # NaN in shard 0
+    x[1, 8] = np.inf  # inf in shard 1: NaN from inf - inf
+    x[2, 6:] = -np.inf  # shard 1 masked
+    x[3] = -np.inf  # all -inf
     x[4, 0], x[4, 11] = 3e38, -3e38
-    x[5, 1] = np.nan          # ignored row with NaN
+    x[5, 1] = np.nan  # ignored row with NaN
     x[6, 7] = -np.nan if dtype == np.float64 else np.nan
     t = np.array([0, 3, 1, 5, 0, -100, 7, 11, 6])
     return x, t
@@ -262,14 +286,20 @@ def _stat_rows(rng, dtype):
 def test_merge_is_bitwise_commutative(isa, dtype, rng):
     x, t = _stat_rows(rng, dtype)
     C = x.shape[1]
-    for kw in ({}, dict(label_smoothing=0.2), dict(weight=make_weight(rng, C, dtype),
-                                                   label_smoothing=0.1, softcap=3.0)):
+    for kw in (
+        {},
+        dict(label_smoothing=0.2),
+        dict(weight=make_weight(rng, C, dtype), label_smoothing=0.1, softcap=3.0),
+    ):
         for bounds in ([(0, 6), (6, 12)], [(0, 1), (1, 7), (7, 12)], [(0, 3), (3, 4), (4, 12)]):
             _, _, _, sts = sharded(x, t, bounds, kw, stats_only=True)
             for i in range(len(sts)):
                 for j in range(len(sts)):
-                    assert_bitwise_equal(fx.merge_stats(sts[i], sts[j]),
-                                         fx.merge_stats(sts[j], sts[i]), f"{bounds} {i} {j}")
+                    assert_bitwise_equal(
+                        fx.merge_stats(sts[i], sts[j]),
+                        fx.merge_stats(sts[j], sts[i]),
+                        f"{bounds} {i} {j}",
+                    )
             if len(sts) == 3:
                 a, b, c = sts
                 ab_c = fx.merge_stats(fx.merge_stats(a, b), c)
@@ -292,10 +322,10 @@ def test_merge_is_bitwise_commutative(isa, dtype, rng):
 
 def test_merge_of_one_and_field_rules(rng):
     """merge_stats of one array is a copy; the merge rules field by field."""
-    a = np.array([[1.0, 2.0, 0.5, -1.0, 1.0, 1.0, 3.0],
-                  [-np.inf, 0.0, 0.1, -np.inf, 0.0, 0.0, 4.0]])
-    b = np.array([[3.0, 1.5, 0.25, 2.0, 0.0, 0.0, 5.0],
-                  [2.0, 4.0, 0.2, 1.0, 2.0, 1.0, 1.0]])
+    a = np.array(
+        [[1.0, 2.0, 0.5, -1.0, 1.0, 1.0, 3.0], [-np.inf, 0.0, 0.1, -np.inf, 0.0, 0.0, 4.0]]
+    )
+    b = np.array([[3.0, 1.5, 0.25, 2.0, 0.0, 0.0, 5.0], [2.0, 4.0, 0.2, 1.0, 2.0, 1.0, 1.0]])
     m1 = fx.merge_stats(a)
     assert m1 is not a and m1.dtype == np.float64
     assert_bitwise_equal(m1, a)
@@ -319,18 +349,42 @@ def _special(rng, dtype, C, bounds, extremes=True):
         rows.append(make_logits(rng, (C,), 3.0, np.float64))
         return rows[-1]
 
-    row(); t.append(b1 - 1)                                   # plain
-    r = row(); r[a1:b1] = -np.inf; t.append(a0)               # shard 1 masked
-    r = row(); r[a2:b2] = -np.inf; t.append(b0 - 1)           # last shard masked
-    r = row(); r[:] = -np.inf; t.append(a1)                   # all -inf
-    r = row(); r[a2] = np.nan; t.append(a0)                   # NaN away from the target
-    r = row(); r[a1] = np.nan; t.append(a1)                   # NaN at the target
-    r = row(); r[b0 - 1] = np.inf; t.append(a2)               # +inf: NaN, as the kernel
-    r = row(); r[:] = np.nan; t.append(-100)                  # ignored: 0 whatever it holds
-    r = row(); r[a1] = -np.inf; t.append(a1)                  # target masked: loss +inf
+    row()
+    t.append(b1 - 1)  # plain
+    r = row()
+    r[a1:b1] = -np.inf
+    t.append(a0)  # shard 1 masked
+    r = row()
+    r[a2:b2] = -np.inf
+    t.append(b0 - 1)  # last shard masked
+    r = row()
+    r[:] = -np.inf
+    t.append(a1)  # all -inf
+    r = row()
+    r[a2] = np.nan
+    t.append(a0)  # NaN away from the target
+    r = row()
+    r[a1] = np.nan
+    t.append(a1)  # NaN at the target
+    r = row()
+    r[b0 - 1] = np.inf
+    t.append(a2)  # +inf: NaN, as the kernel
+    r = row()
+    r[:] = np.nan
+    t.append(-100)  # ignored: 0 whatever it holds
+    r = row()
+    r[a1] = -np.inf
+    t.append(a1)  # target masked: loss +inf
     if extremes:
-        r = row(); r[a0] = 3e38; r[b2 - 1] = 3e38; r[a1] = -3e38; t.append(a0)  # loss log 2
-        r = row(); r[a0] = 3e38; r[b2 - 1] = -3e38; t.append(b2 - 1)            # loss 6e38
+        r = row()
+        r[a0] = 3e38
+        r[b2 - 1] = 3e38
+        r[a1] = -3e38
+        t.append(a0)  # loss log 2
+        r = row()
+        r[a0] = 3e38
+        r[b2 - 1] = -3e38
+        t.append(b2 - 1)  # loss 6e38
     return np.array(rows).astype(dtype), np.array(t, dtype=np.int64)
 
 
@@ -361,14 +415,21 @@ def test_special_values(isa, dtype, rng):
     makes the loss +inf, tested separately)."""
     C = 4500
     tol = 1e-13 if dtype == np.float64 else 30 * U32
-    for bounds in ([(0, 3), (3, 2100), (2100, 2101), (2101, 4500)],
-                   [(0, 2049), (2049, 2050), (2050, 4500)]):
+    for bounds in (
+        [(0, 3), (3, 2100), (2100, 2101), (2101, 4500)],
+        [(0, 2049), (2049, 2050), (2050, 4500)],
+    ):
         masked = np.zeros(C, bool)
-        masked[bounds[1][0]:bounds[1][1]] = True
-        masked[bounds[-1][0]:bounds[-1][1]] = True
-        for kw in ({}, dict(weight=make_weight(rng, C, dtype)),
-                   dict(weight=np.where(masked, 0, make_weight(rng, C, dtype)).astype(dtype),
-                        label_smoothing=0.1)):
+        masked[bounds[1][0] : bounds[1][1]] = True
+        masked[bounds[-1][0] : bounds[-1][1]] = True
+        for kw in (
+            {},
+            dict(weight=make_weight(rng, C, dtype)),
+            dict(
+                weight=np.where(masked, 0, make_weight(rng, C, dtype)).astype(dtype),
+                label_smoothing=0.1,
+            ),
+        ):
             smooth = "label_smoothing" in kw
             # ±3e38 with smoothing: z' - max overflows float32 inside one block (the
             # one-machine kernel alike); without smoothing the row only needs max - z'_y.
@@ -415,9 +476,14 @@ def test_large_logits_keep_a_small_loss(isa):
     """±3e38 and 1e8 + O(1) logits: the loss log 2 of a tie at the max is not lost against
     lse ~ 3e38 (the loss is formed as (Q max - QZ) + Q log(sumexp), max - z'_y first)."""
     for dtype in DTYPES:
-        x = np.array([[3e38, 3e38, 1.0, -3e38, 0.0, 2.0],
-                      [1e8, 1e8, 0.0, 0.0, 1e8 - 1, 5.0],
-                      [-3e38, 3e38, 0.0, 0.0, 0.0, 0.0]], dtype)
+        x = np.array(
+            [
+                [3e38, 3e38, 1.0, -3e38, 0.0, 2.0],
+                [1e8, 1e8, 0.0, 0.0, 1e8 - 1, 5.0],
+                [-3e38, 3e38, 0.0, 0.0, 0.0, 0.0],
+            ],
+            dtype,
+        )
         t = np.array([0, 4, 0])
         for bounds in ([(0, 1), (1, 3), (3, 6)], [(0, 4), (4, 6)], [(0, 6)]):
             loss, grad, _, _ = sharded(x, t, bounds, dict(reduction="none"))
@@ -435,8 +501,10 @@ def test_all_rows_ignored(isa):
     t = np.full(4, -100)
     bounds = [(0, 20), (20, 21), (21, 50)]
     for red in REDUCTIONS:
-        for kw in ({}, dict(label_smoothing=0.3, z_loss=0.1,
-                            weight=make_weight(rng, C, np.float32))):
+        for kw in (
+            {},
+            dict(label_smoothing=0.3, z_loss=0.1, weight=make_weight(rng, C, np.float32)),
+        ):
             loss, grad, merged, _ = sharded(x, t, bounds, dict(kw, reduction=red), scale=2.5)
             assert (np.asarray(loss) == 0).all()
             assert (grad == 0).all() and not np.signbit(grad).any()
@@ -458,8 +526,16 @@ OPTION_CASES = {
     "logit_scale": dict(logit_scale=1.7),
     "normalizer": dict(normalizer=7.5),
     "ignore_index_0": dict(ignore_index=0, weight=True, label_smoothing=0.1),
-    "all": dict(weight=True, label_smoothing=0.1, ignore_frac=0.2, sample_weight=True,
-                z_loss=1e-2, softcap=5.0, logit_scale=1.7, normalizer=11.0),
+    "all": dict(
+        weight=True,
+        label_smoothing=0.1,
+        ignore_frac=0.2,
+        sample_weight=True,
+        z_loss=1e-2,
+        softcap=5.0,
+        logit_scale=1.7,
+        normalizer=11.0,
+    ),
 }
 
 
@@ -479,8 +555,13 @@ def make_case(rng, shape, dtype, opts, probs):
         t = rng.random(shape).astype(dtype)  # need not sum to 1
         t[..., :3] = 0.0
     else:
-        t = make_target(rng, shape[:-1], C, ignore_frac=opts.get("ignore_frac", 0.0),
-                        ignore_index=opts.get("ignore_index", -100))
+        t = make_target(
+            rng,
+            shape[:-1],
+            C,
+            ignore_frac=opts.get("ignore_frac", 0.0),
+            ignore_index=opts.get("ignore_index", -100),
+        )
     return x, t, kw
 
 
@@ -495,8 +576,15 @@ def test_options(isa, case, probs, rng):
         x, t, kw = make_case(rng, (5, C), dtype, OPTION_CASES[case], probs)
         for red in REDUCTIONS:
             for scale in (1.0, -0.75):
-                check_all(x, t, bounds, dict(kw, reduction=red), rng, scale=scale,
-                          what=f"[{isa}] {case} {np.dtype(dtype).name}")
+                check_all(
+                    x,
+                    t,
+                    bounds,
+                    dict(kw, reduction=red),
+                    rng,
+                    scale=scale,
+                    what=f"[{isa}] {case} {np.dtype(dtype).name}",
+                )
 
 
 def test_label_smoothing_uses_the_whole_vocabulary(isa):
@@ -553,19 +641,30 @@ def test_stats_denominator_and_normalizer_across_row_blocks(isa):
     Ds = [fx.stats_denominator(merged[b], sample_weight=sw[b]) for b in blocks]
     np.testing.assert_allclose(sum(Ds), D, rtol=1e-15)
     full_l, full_g = fx.cross_entropy_with_grad(x, t, sample_weight=sw, **kw)
-    parts_l = sum(fx.loss_from_stats(merged[b], sample_weight=sw[b], normalizer=D)
-                  for b in blocks)
+    parts_l = sum(fx.loss_from_stats(merged[b], sample_weight=sw[b], normalizer=D) for b in blocks)
     np.testing.assert_allclose(parts_l, full_l, rtol=1e-14)
     for b in blocks:
-        g = np.concatenate([fx.shard_grad(x[b, lo:hi], t[b], merged[b], offset=lo,
-                                          num_classes=C, sample_weight=sw[b], normalizer=D,
-                                          **shard_kw(kw, lo, hi)) for lo, hi in bounds], 1)
+        g = np.concatenate(
+            [
+                fx.shard_grad(
+                    x[b, lo:hi],
+                    t[b],
+                    merged[b],
+                    offset=lo,
+                    num_classes=C,
+                    sample_weight=sw[b],
+                    normalizer=D,
+                    **shard_kw(kw, lo, hi),
+                )
+                for lo, hi in bounds
+            ],
+            1,
+        )
         np.testing.assert_allclose(g, full_g[b], rtol=0, atol=1e-16)
     # Probability targets: D = sum_n s_n, counted once (in the shard at offset 0).
     pt = rng.random((N, C))
     _, _, merged, _ = sharded(x, pt, bounds, {}, stats_only=True)
-    np.testing.assert_allclose(fx.stats_denominator(merged, sample_weight=sw), sw.sum(),
-                               rtol=1e-15)
+    np.testing.assert_allclose(fx.stats_denominator(merged, sample_weight=sw), sw.sum(), rtol=1e-15)
 
 
 # ------------------------------------------------------------------------------------------
@@ -606,9 +705,13 @@ def test_strided_views_match_contiguous_copies_bitwise(isa, rng):
                 assert_bitwise_equal(sv, sc, "stats")
                 # Statistics of the other rows' shards do not matter for the bits here: the
                 # merged stats of all shards, taken from copies.
-                _, _, merged, _ = sharded(x, t if tgt_v is t else pt, [(0, 1), (1, 2049),
-                                                                      (2049, 3000)],
-                                          dict(weight=w, label_smoothing=0.1), stats_only=True)
+                _, _, merged, _ = sharded(
+                    x,
+                    t if tgt_v is t else pt,
+                    [(0, 1), (1, 2049), (2049, 3000)],
+                    dict(weight=w, label_smoothing=0.1),
+                    stats_only=True,
+                )
                 gv = fx.shard_grad(xv, tgt_v, merged, **kw)
                 gc = fx.shard_grad(xc, tgt_c, merged, **kw)
                 assert gv.flags.c_contiguous
@@ -616,8 +719,9 @@ def test_strided_views_match_contiguous_copies_bitwise(isa, rng):
         # Step-2 rows and a Fortran-ordered shard (copied by the wrapper): same bits.
         xs = np.asfortranarray(x[::2, 10:40])
         kw = dict(offset=10, num_classes=C)
-        assert_bitwise_equal(fx.shard_stats(xs, t[::2], **kw),
-                             fx.shard_stats(np.ascontiguousarray(xs), t[::2], **kw))
+        assert_bitwise_equal(
+            fx.shard_stats(xs, t[::2], **kw), fx.shard_stats(np.ascontiguousarray(xs), t[::2], **kw)
+        )
 
 
 def test_out_and_in_place(isa, rng):
@@ -629,12 +733,19 @@ def test_out_and_in_place(isa, rng):
         bounds = [(0, B + 1), (B + 1, C)]
         x = make_logits(rng, (4, C), 3.0, dtype)
         t = np.array([0, B, B + 1, C - 1])
-        for kw in (dict(), dict(softcap=4.0, label_smoothing=0.1, z_loss=1e-3),
-                   dict(logit_scale=0.7, reduction="sum")):
+        for kw in (
+            dict(),
+            dict(softcap=4.0, label_smoothing=0.1, z_loss=1e-3),
+            dict(logit_scale=0.7, reduction="sum"),
+        ):
             _, _, merged, _ = sharded(x, t, bounds, kw, stats_only=True)
             for a, b in bounds:
-                skw = dict(shard_kw(kw, a, b), offset=a, num_classes=C,
-                           **{k: kw[k] for k in LOSS_KEYS if k in kw})
+                skw = dict(
+                    shard_kw(kw, a, b),
+                    offset=a,
+                    num_classes=C,
+                    **{k: kw[k] for k in LOSS_KEYS if k in kw},
+                )
                 fresh = fx.shard_grad(x[:, a:b], t, merged, **skw)
                 out = np.full((4, b - a), 7, dtype)
                 r = fx.shard_grad(x[:, a:b], t, merged, out=out, **skw)
@@ -654,9 +765,15 @@ def test_thread_count_independence(isa):
         x = make_logits(rng, (N, C), 3.0, dtype)
         t = make_target(rng, (N,), C, ignore_frac=0.1)
         pt = rng.random((N, C)).astype(dtype)
-        for tgt, kw in ((t, dict(weight=make_weight(rng, C, dtype), label_smoothing=0.1,
-                                 softcap=6.0, z_loss=1e-3)),
-                        (pt, dict(label_smoothing=0.2, logit_scale=1.3))):
+        for tgt, kw in (
+            (
+                t,
+                dict(
+                    weight=make_weight(rng, C, dtype), label_smoothing=0.1, softcap=6.0, z_loss=1e-3
+                ),
+            ),
+            (pt, dict(label_smoothing=0.2, logit_scale=1.3)),
+        ):
             results = []
             for nt in (1, 2, 3):
                 kwt = dict(kw, num_threads=nt)
@@ -678,8 +795,11 @@ def test_single_shard_is_the_kernel(isa, rng):
     for dtype in DTYPES:
         x = make_logits(rng, (6, C), 3.0, dtype)
         t = make_target(rng, (6,), C, ignore_frac=0.2)
-        for kw in (dict(), dict(label_smoothing=0.1, softcap=5.0, z_loss=1e-3, reduction="sum"),
-                   dict(weight=make_weight(rng, C, dtype), label_smoothing=0.1)):
+        for kw in (
+            dict(),
+            dict(label_smoothing=0.1, softcap=5.0, z_loss=1e-3, reduction="sum"),
+            dict(weight=make_weight(rng, C, dtype), label_smoothing=0.1),
+        ):
             _, grad, _, _ = sharded(x, t, [(0, C)], kw)
             _, k_g = fx.cross_entropy_with_grad(x, t, **kw)
             what = f"{np.dtype(dtype).name} {sorted(kw)}"
@@ -687,8 +807,9 @@ def test_single_shard_is_the_kernel(isa, rng):
                 assert_bitwise_equal(grad, k_g, what)
             else:
                 u = U64 if dtype == np.float64 else U32
-                np.testing.assert_allclose(grad, k_g, rtol=0, atol=4 * u * np.abs(k_g).max(),
-                                           err_msg=what)
+                np.testing.assert_allclose(
+                    grad, k_g, rtol=0, atol=4 * u * np.abs(k_g).max(), err_msg=what
+                )
 
 
 # ------------------------------------------------------------------------------------------
@@ -724,8 +845,9 @@ def test_bad_offset_or_num_classes(offset, num_classes):
     xs = x[:, 0:8]
     with pytest.raises(ValueError, match="does not fit"):
         fx.shard_stats(xs, t, offset=offset, num_classes=num_classes)
-    _grad_raises(ValueError, xs, t, merged, match="does not fit", offset=offset,
-                 num_classes=num_classes)
+    _grad_raises(
+        ValueError, xs, t, merged, match="does not fit", offset=offset, num_classes=num_classes
+    )
     with pytest.raises(TypeError):
         fx.shard_stats(xs, t, offset=1.5, num_classes=20)
     with pytest.raises(TypeError):
@@ -742,8 +864,9 @@ def test_target_out_of_range(bad):
     for a, b in ((0, 8), (8, 20)):
         with pytest.raises(IndexError, match=r"target\[1\]"):
             fx.shard_stats(x[:, a:b], t2, offset=a, num_classes=20)
-        _grad_raises(IndexError, x[:, a:b], t2, merged, match=r"target\[1\]", offset=a,
-                     num_classes=20)
+        _grad_raises(
+            IndexError, x[:, a:b], t2, merged, match=r"target\[1\]", offset=a, num_classes=20
+        )
     # A target >= C_shard but < num_classes is fine (owned by another shard).
     fx.shard_stats(x[:, 0:8], t, offset=0, num_classes=20)
 
@@ -752,13 +875,22 @@ def test_stats_wrong_shape_or_dtype():
     x, t, _, merged, _ = _setup()
     xs = x[:, 0:8]
     kw = dict(offset=0, num_classes=20)
-    for bad, exc in ((merged[:3], ValueError), (merged[:, :6], ValueError),
-                     (merged[None], ValueError), (merged[0], ValueError),
-                     (merged.astype(np.float32), TypeError),
-                     (np.zeros((4, NF), np.int64), TypeError), (np.float64(1.0), ValueError)):
+    for bad, exc in (
+        (merged[:3], ValueError),
+        (merged[:, :6], ValueError),
+        (merged[None], ValueError),
+        (merged[0], ValueError),
+        (merged.astype(np.float32), TypeError),
+        (np.zeros((4, NF), np.int64), TypeError),
+        (np.float64(1.0), ValueError),
+    ):
         _grad_raises(exc, xs, t, bad, **kw)
-        if not (isinstance(bad, np.ndarray) and bad.ndim >= 1 and bad.shape[-1] == NF
-                and bad.dtype == np.float64):
+        if not (
+            isinstance(bad, np.ndarray)
+            and bad.ndim >= 1
+            and bad.shape[-1] == NF
+            and bad.dtype == np.float64
+        ):
             with pytest.raises(exc):
                 fx.loss_from_stats(bad)
             with pytest.raises(exc):
@@ -771,13 +903,19 @@ def test_stats_not_covering_num_classes():
     """A shard missing from the merge, or one merged twice: ValueError from
     loss_from_stats(num_classes=...) and from shard_grad (nothing written)."""
     x, t, bounds, merged, (s0, s1) = _setup()
-    for bad in (s0, s1, fx.merge_stats(s0, s1, s1), fx.merge_stats(s0, s0, s1),
-                fx.merge_stats(merged, merged)):
+    for bad in (
+        s0,
+        s1,
+        fx.merge_stats(s0, s1, s1),
+        fx.merge_stats(s0, s0, s1),
+        fx.merge_stats(merged, merged),
+    ):
         with pytest.raises(ValueError, match="cover|count"):
             fx.loss_from_stats(bad, num_classes=20)
         for a, b in bounds:
-            _grad_raises(ValueError, x[:, a:b], t, bad, match="cover|count", offset=a,
-                         num_classes=20)
+            _grad_raises(
+                ValueError, x[:, a:b], t, bad, match="cover|count", offset=a, num_classes=20
+            )
     # Without num_classes the loss is not checked: that is the caller's choice.
     fx.loss_from_stats(s0)
     with pytest.raises(ValueError):
@@ -798,13 +936,13 @@ def test_stats_with_another_ignore_index():
     _, _, m7, _ = sharded(x, t7, bounds, dict(ignore_index=7), stats_only=True)
     assert m7[1, F["count"]] == 0
     for a, b in bounds:
-        _grad_raises(ValueError, x[:, a:b], t7, m7, match="ignore_index", offset=a,
-                     num_classes=20)
+        _grad_raises(ValueError, x[:, a:b], t7, m7, match="ignore_index", offset=a, num_classes=20)
     t2 = t.copy()
     t2[3] = 0  # stats ignored row 3 (-100); the target now counts it
     for a, b in bounds:
-        _grad_raises(ValueError, x[:, a:b], t2, merged, match="ignore_index", offset=a,
-                     num_classes=20)
+        _grad_raises(
+            ValueError, x[:, a:b], t2, merged, match="ignore_index", offset=a, num_classes=20
+        )
 
 
 def test_float16_shards_raise_type_error():
@@ -883,10 +1021,12 @@ def test_out_wrong_shape_dtype_or_read_only():
     x, t, _, merged, _ = _setup()
     xs = x[:, 0:8]
     kw = dict(offset=0, num_classes=20)
-    for out, exc in ((np.zeros((4, 9), np.float32), ValueError),
-                     (np.zeros((4, 8), np.float64), ValueError),
-                     (np.zeros((8, 4), np.float32).T, ValueError),
-                     ([[0.0] * 8] * 4, TypeError)):
+    for out, exc in (
+        (np.zeros((4, 9), np.float32), ValueError),
+        (np.zeros((4, 8), np.float64), ValueError),
+        (np.zeros((8, 4), np.float32).T, ValueError),
+        ([[0.0] * 8] * 4, TypeError),
+    ):
         before = np.array(out, copy=True)
         with pytest.raises(exc):
             fx.shard_grad(xs, t, merged, out=out, **kw)

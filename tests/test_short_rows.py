@@ -15,8 +15,15 @@ import numpy as np
 import pytest
 
 import fastxent as fx
-from reference import (U32, assert_bitwise_equal, cross_entropy_ref, grad_error, loss_error,
-                       make_logits, make_target)
+from reference import (
+    U32,
+    assert_bitwise_equal,
+    cross_entropy_ref,
+    grad_error,
+    loss_error,
+    make_logits,
+    make_target,
+)
 
 # Rows around the tile of 240 (one tile, a full tile, a tile and one row, two and one), and
 # class counts up to the threshold.
@@ -119,14 +126,14 @@ def test_short_rows_threads_in_place_and_strides(isa, dtype, rng):
     its contiguous copy."""
     N, C = 4000, 10
     wide = make_logits(rng, (N, 3 * C), 3.0, dtype)
-    x = np.ascontiguousarray(wide[:, 5:5 + C])
+    x = np.ascontiguousarray(wide[:, 5 : 5 + C])
     y = make_target(rng, (N,), C, ignore_frac=0.1)
     want_l, want_g = fx.cross_entropy_with_grad(x, y, reduction="none", num_threads=1)
     for nt in (2, 3):
         l, g = fx.cross_entropy_with_grad(x, y, reduction="none", num_threads=nt)
         assert_bitwise_equal(l, want_l, f"losses, {nt} threads")
         assert_bitwise_equal(g, want_g, f"gradient, {nt} threads")
-    l, g = fx.cross_entropy_with_grad(wide[:, 5:5 + C], y, reduction="none")
+    l, g = fx.cross_entropy_with_grad(wide[:, 5 : 5 + C], y, reduction="none")
     assert_bitwise_equal(g, want_g, "strided logits")
     work = x.copy()
     l, g = fx.cross_entropy_with_grad(work, y, reduction="none", out=work)

@@ -46,10 +46,10 @@ def sig_ref(x, y, *, weight=None, pos_weight=None, reduction="mean"):
     as (1 - y) sigmoid(x) - p y sigmoid(-x)."""
     x = np.asarray(x, np.float64)
     y = np.asarray(y, np.float64)
-    p = np.broadcast_to(np.ones(()) if pos_weight is None else
-                        np.asarray(pos_weight, np.float64), x.shape)
-    w = np.broadcast_to(np.ones(()) if weight is None else np.asarray(weight, np.float64),
-                        x.shape)
+    p = np.broadcast_to(
+        np.ones(()) if pos_weight is None else np.asarray(pos_weight, np.float64), x.shape
+    )
+    w = np.broadcast_to(np.ones(()) if weight is None else np.asarray(weight, np.float64), x.shape)
     with np.errstate(all="ignore"):
         A, B = 1.0 - y, p * y
         P = np.where(x >= 0, A, -B)
@@ -75,10 +75,12 @@ def torch_ref(x, y, *, weight=None, pos_weight=None, reduction="mean"):
     xt = torch.from_numpy(np.array(x, np.float64, copy=True)).requires_grad_(True)
     yt = torch.from_numpy(np.array(y, np.float64, copy=True))
     wt = None if weight is None else torch.from_numpy(np.array(weight, np.float64, copy=True))
-    pt = (None if pos_weight is None else
-          torch.from_numpy(np.array(pos_weight, np.float64, copy=True)))
-    loss = F.binary_cross_entropy_with_logits(xt, yt, weight=wt, pos_weight=pt,
-                                              reduction=reduction)
+    pt = (
+        None
+        if pos_weight is None
+        else torch.from_numpy(np.array(pos_weight, np.float64, copy=True))
+    )
+    loss = F.binary_cross_entropy_with_logits(xt, yt, weight=wt, pos_weight=pt, reduction=reduction)
     loss.sum().backward()
     lo = loss.detach().numpy()
     return (lo if reduction == "none" else float(lo)), xt.grad.numpy()
@@ -145,13 +147,15 @@ def test_matches_torch_float64(isa, rng, reduction, wkind, pkind):
     tl, tg = torch_ref(x, y, weight=w, pos_weight=p, reduction=reduction)
     close(loss, tl, 64 * U64, 1e-13)  # PyTorch's softplus form cancels for x << 0
     grad_close(grad, tg, 64 * U64)
-    assert_bitwise_equal(sce(x, y, reduction=reduction, weight=w, pos_weight=p), loss,
-                         "loss-only vs with-grad")
+    assert_bitwise_equal(
+        sce(x, y, reduction=reduction, weight=w, pos_weight=p), loss, "loss-only vs with-grad"
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(), (1,), (5,), (33,), (3, 1), (2, 3, 17), (4, 1000),
-                                   (0,), (3, 0), (0, 4)])
+@pytest.mark.parametrize(
+    "shape", [(), (1,), (5,), (33,), (3, 1), (2, 3, 17), (4, 1000), (0,), (3, 0), (0, 4)]
+)
 def test_matches_reference_any_shape(isa, rng, dtype, shape):
     x, y = make_case(rng, shape, dtype)
     C = shape[-1] if shape else 1
@@ -174,8 +178,9 @@ def test_empty_mean_is_zero(isa):
     for red, want in (("mean", 0.0), ("sum", 0.0)):
         loss, grad = sce_grad(np.zeros((0, 3)), np.zeros((0, 3)), reduction=red)
         assert loss == want and grad.shape == (0, 3)
-    assert sce(np.zeros((2, 0), np.float32), np.zeros((2, 0), np.float32),
-               reduction="none").shape == (2, 0)
+    assert sce(
+        np.zeros((2, 0), np.float32), np.zeros((2, 0), np.float32), reduction="none"
+    ).shape == (2, 0)
 
 
 def test_list_inputs_and_scalar(isa):
@@ -352,15 +357,20 @@ def test_threads_bitwise(isa, rng, dtype, pkind):
     x, y = make_case(rng, shape, dtype)
     p = make_operand(rng, pkind, shape, dtype)
     w = make_operand(rng, "full", shape, dtype)
-    base = {red: sce_grad(x, y, reduction=red, weight=w, pos_weight=p, num_threads=1)
-            for red in REDUCTIONS}
+    base = {
+        red: sce_grad(x, y, reduction=red, weight=w, pos_weight=p, num_threads=1)
+        for red in REDUCTIONS
+    }
     for nt in (2, 3, 4, 7, None):
         for red in REDUCTIONS:
             loss, grad = sce_grad(x, y, reduction=red, weight=w, pos_weight=p, num_threads=nt)
             assert_bitwise_equal(loss, base[red][0], f"loss, {red}, {nt} threads")
             assert_bitwise_equal(grad, base[red][1], f"grad, {red}, {nt} threads")
-            assert_bitwise_equal(sce(x, y, reduction=red, weight=w, pos_weight=p,
-                                     num_threads=nt), base[red][0], f"loss-only, {nt}")
+            assert_bitwise_equal(
+                sce(x, y, reduction=red, weight=w, pos_weight=p, num_threads=nt),
+                base[red][0],
+                f"loss-only, {nt}",
+            )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -421,8 +431,9 @@ def _expect(exc, x, y, match=None, **kw):
 
 
 def _xy(dtype=np.float32, shape=(4, 3)):
-    return np.linspace(-2, 2, int(np.prod(shape))).reshape(shape).astype(dtype), \
-        np.full(shape, 0.5, dtype)
+    return np.linspace(-2, 2, int(np.prod(shape))).reshape(shape).astype(dtype), np.full(
+        shape, 0.5, dtype
+    )
 
 
 @pytest.mark.parametrize("ldtype", [np.int64, np.float16, np.bool_, np.complex64, np.object_])
@@ -511,6 +522,7 @@ def test_core_rejects_overlap_and_bad_modes():
         o = _core.Options()
         o.reduction = reduction
         return o
+
     x, y = _xy(np.float64)
     g = np.zeros_like(x)
     with pytest.raises(ValueError, match="overlaps"):

@@ -39,13 +39,18 @@ def test_alternative_paths_are_bit_identical(var):
                         buf = np.empty(N * C + off, dt)
                         out = buf[off:].reshape(N, C)
                         for nt in (1, 2):
-                            loss, g = fx.cross_entropy_with_grad(x, y, out=out, num_threads=nt, **kw)
+                            loss, g = fx.cross_entropy_with_grad(
+                                x, y, out=out, num_threads=nt, **kw
+                            )
                             key = (isa, C, len(kw), off, nt)
                             assert np.isnan(g[9]).all() and np.isnan(g[7]).sum() == 0
                             results[key] = (np.float64(loss).tobytes(), g.tobytes())
                     work = x.copy()
                     loss, g = fx.cross_entropy_with_grad(work, y, out=work, **kw)
-                    results[(isa, C, len(kw), "in place")] = (np.float64(loss).tobytes(), g.tobytes())
+                    results[(isa, C, len(kw), "in place")] = (
+                        np.float64(loss).tobytes(),
+                        g.tobytes(),
+                    )
                 p = rng.random((N, C)).astype(dt)
                 loss, g = fx.cross_entropy_with_grad(x, p, label_smoothing=0.2, softcap=9.0)
                 results[(isa, C, "probs")] = (np.float64(loss).tobytes(), g.tobytes())
@@ -61,7 +66,8 @@ def test_alternative_paths_are_bit_identical(var):
             for nt in (1, 2):
                 out = np.empty_like(x)
                 loss, g = fx.cross_entropy_with_grad(x, np.zeros(4, np.int64), out=out,
-                                                     weight=w, sample_weight=-np.ones(4, np.float32),
+                                                     weight=w,
+                                                     sample_weight=-np.ones(4, np.float32),
                                                      reduction="none", num_threads=nt)
                 results[(isa, "signed zeros", nt)] = (loss.tobytes(), g.tobytes())
             # The class axis 1 (column kernel): planes of 640 / 320 positions (64-byte class
@@ -99,10 +105,12 @@ def test_alternative_paths_are_bit_identical(var):
         env.pop("FASTXENT_RECOMPUTE_BYTES", None)
         if env_value:
             env[var] = env_value
-        res = subprocess.run([sys.executable, "-c", code], capture_output=True, env=env,
-                             timeout=300)
+        res = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, env=env, timeout=300
+        )
         assert res.returncode == 0, res.stderr.decode()
         import pickle
+
         outs.append(pickle.loads(res.stdout))
     plain, streamed = outs
     assert plain.keys() == streamed.keys()

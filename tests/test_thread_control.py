@@ -16,8 +16,9 @@ from fastxent import _core
 def test_omp_num_threads_sets_the_default():
     code = "from fastxent import _core; print(_core.default_num_threads())"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                         timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "1"
 
@@ -38,12 +39,15 @@ def test_threadpoolctl_limits_apply_and_results_do_not_change():
 # Next to NumPy's BLAS threads. Each check runs in a fresh interpreter (only fastxent, NumPy and
 # threadpoolctl loaded, so the OpenMP runtime in the process is fastxent's), under a timeout.
 
+
 def _run_json(code: str, **kw):
     import json
+
     env = dict(os.environ)
     env.pop("OMP_NUM_THREADS", None)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                         timeout=180, **kw)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=180, **kw
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -150,11 +154,13 @@ def test_default_threads_follow_the_cpu_affinity():
         pytest.skip("no sched_setaffinity on this platform")
     # The child pins itself before fastxent (and its OpenMP runtime, which reads the affinity
     # mask when it loads) is imported: no preexec_fn, so no fork of this multi-threaded process.
-    code = ("import json, os; cpus = {cpus}\n"
-            "if cpus is not None: os.sched_setaffinity(0, cpus)\n"
-            "from fastxent import _core\n"
-            "print(json.dumps({{'n': _core.default_num_threads(), "
-            "'cpus': len(os.sched_getaffinity(0))}}))")
+    code = (
+        "import json, os; cpus = {cpus}\n"
+        "if cpus is not None: os.sched_setaffinity(0, cpus)\n"
+        "from fastxent import _core\n"
+        "print(json.dumps({{'n': _core.default_num_threads(), "
+        "'cpus': len(os.sched_getaffinity(0))}}))"
+    )
     free = _run_json(code.format(cpus=None))
     assert 1 <= free["n"] <= free["cpus"], free
     pinned = _run_json(code.format(cpus={min(os.sched_getaffinity(0))}))

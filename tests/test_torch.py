@@ -47,8 +47,16 @@ def _t(a):
     return torch.from_numpy(np.array(a, order="C"))  # a C-contiguous copy, 0-d kept 0-d
 
 
-def _inputs(rng, shape, dtype, probs=False, weight=False, ignore=False, ignore_index=-100,
-            label_smoothing=0.0):
+def _inputs(
+    rng,
+    shape,
+    dtype,
+    probs=False,
+    weight=False,
+    ignore=False,
+    ignore_index=-100,
+    label_smoothing=0.0,
+):
     """(input, target, F keywords): logits ~ 2 randn, 25% of rows ignored when asked."""
     C = shape[0] if len(shape) == 1 else shape[1]
     rows = () if len(shape) == 1 else (shape[0],) + shape[2:]
@@ -95,8 +103,13 @@ def test_matches_F_cross_entropy(rng, dtype, shape, reduction, opts):
     kw["reduction"] = reduction
     go = None
     if reduction == "none":  # a random upstream gradient per row: tests the per-row scaling
-        go = _t(rng.uniform(-2.0, 2.0, y.shape if not opts.get("probs") else
-                            F.cross_entropy(x, y, reduction="none").shape)).to(dtype)
+        go = _t(
+            rng.uniform(
+                -2.0,
+                2.0,
+                y.shape if not opts.get("probs") else F.cross_entropy(x, y, reduction="none").shape,
+            )
+        ).to(dtype)
     l_fx, g_fx = _loss_and_grad(fxt.cross_entropy, x, y, go, **kw)
     l_pt, g_pt = _loss_and_grad(F.cross_entropy, x, y, go, **kw)
     assert l_fx.shape == l_pt.shape
@@ -106,16 +119,19 @@ def test_matches_F_cross_entropy(rng, dtype, shape, reduction, opts):
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_module_matches_nn_CrossEntropyLoss(rng, reduction):
-    x, y, kw = _inputs(rng, (12, 7), torch.float64, weight=True, ignore=True,
-                       label_smoothing=0.1)
-    ours = fxt.CrossEntropyLoss(kw["weight"], ignore_index=-100, reduction=reduction,
-                                label_smoothing=0.1)
-    theirs = torch.nn.CrossEntropyLoss(kw["weight"], ignore_index=-100, reduction=reduction,
-                                       label_smoothing=0.1)
-    l1, g1 = _loss_and_grad(lambda a, b: ours(a, b), x, y, torch.ones(12) if
-                            reduction == "none" else None)
-    l2, g2 = _loss_and_grad(lambda a, b: theirs(a, b), x, y, torch.ones(12) if
-                            reduction == "none" else None)
+    x, y, kw = _inputs(rng, (12, 7), torch.float64, weight=True, ignore=True, label_smoothing=0.1)
+    ours = fxt.CrossEntropyLoss(
+        kw["weight"], ignore_index=-100, reduction=reduction, label_smoothing=0.1
+    )
+    theirs = torch.nn.CrossEntropyLoss(
+        kw["weight"], ignore_index=-100, reduction=reduction, label_smoothing=0.1
+    )
+    l1, g1 = _loss_and_grad(
+        lambda a, b: ours(a, b), x, y, torch.ones(12) if reduction == "none" else None
+    )
+    l2, g2 = _loss_and_grad(
+        lambda a, b: theirs(a, b), x, y, torch.ones(12) if reduction == "none" else None
+    )
     assert loss_error(l1, l2) <= 1e-12 and grad_error(g1, g2) <= 1e-12
 
 
@@ -160,7 +176,7 @@ def _options_reference(x, y, w, sw, z_loss, softcap, scale, normalizer, reductio
     nll = lse - z.gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     counted = y != -100
     wy = w[y.clamp(min=0)]
-    row = torch.where(counted, sw * (wy * nll + z_loss * lse ** 2), torch.zeros_like(nll))
+    row = torch.where(counted, sw * (wy * nll + z_loss * lse**2), torch.zeros_like(nll))
     if reduction == "none":
         return row
     if reduction == "sum":
@@ -180,11 +196,15 @@ def test_fastxent_options(rng, reduction, softcap, normalizer):
     sw = _t(rng.uniform(0.0, 2.0, (5, 4)))
     opts = dict(z_loss=1e-2, softcap=softcap, logit_scale=1.3, normalizer=normalizer)
     go = _t(rng.uniform(-1, 1, (5, 4))) if reduction == "none" else None
-    l1, g1 = _loss_and_grad(fxt.cross_entropy, x, y, go, weight=w, reduction=reduction,
-                            sample_weight=sw, **opts)
+    l1, g1 = _loss_and_grad(
+        fxt.cross_entropy, x, y, go, weight=w, reduction=reduction, sample_weight=sw, **opts
+    )
     l2, g2 = _loss_and_grad(
         lambda a, b: _options_reference(a, b, w, sw, 1e-2, softcap, 1.3, normalizer, reduction),
-        x, y, go)
+        x,
+        y,
+        go,
+    )
     assert loss_error(l1, l2) <= 1e-12 and grad_error(g1, g2) <= 1e-12
     # The module: constructor options, per-call sample_weight.
     m = fxt.CrossEntropyLoss(w, reduction=reduction, **opts)
@@ -203,8 +223,12 @@ def test_gradcheck(rng, reduction, opts, shape):
     x, y, kw = _inputs(rng, shape, torch.float64, **opts)
     x.requires_grad_(True)
     assert torch.autograd.gradcheck(
-        lambda a: fxt.cross_entropy(a, y, reduction=reduction, **kw), (x,), eps=1e-6,
-        atol=1e-8, rtol=1e-6)
+        lambda a: fxt.cross_entropy(a, y, reduction=reduction, **kw),
+        (x,),
+        eps=1e-6,
+        atol=1e-8,
+        rtol=1e-6,
+    )
 
 
 def test_gradcheck_fastxent_options(rng):
@@ -213,8 +237,17 @@ def test_gradcheck_fastxent_options(rng):
     sw = _t(rng.uniform(0.5, 1.5, 4))
     for reduction in REDUCTIONS:
         assert torch.autograd.gradcheck(
-            lambda a: fxt.cross_entropy(a, y, reduction=reduction, sample_weight=sw,
-                                        z_loss=0.05, softcap=2.0, logit_scale=0.7), (x,))
+            lambda a, r=reduction: fxt.cross_entropy(
+                a,
+                y,
+                reduction=r,
+                sample_weight=sw,
+                z_loss=0.05,
+                softcap=2.0,
+                logit_scale=0.7,
+            ),
+            (x,),
+        )
 
 
 # ----------------------------------------------------------------------------------------
@@ -339,12 +372,14 @@ def test_inplace_same_gradients_and_overwrites_logits(rng, reduction, scale):
         lin.zero_grad()
         logits = lin(h)
         seen = {}
-        logits.register_hook(lambda g: seen.setdefault("g", g.clone()))
-        loss = fxt.cross_entropy(logits, y, reduction=reduction, label_smoothing=0.1,
-                                 inplace=inplace)
+        logits.register_hook(lambda g, seen=seen: seen.setdefault("g", g.clone()))
+        loss = fxt.cross_entropy(
+            logits, y, reduction=reduction, label_smoothing=0.1, inplace=inplace
+        )
         if inplace:  # the logits' memory now holds d(loss)/d(logits)
-            _, g = api.cross_entropy_with_grad(lin(h).detach().numpy(), y.numpy(),
-                                               reduction=reduction, label_smoothing=0.1)
+            _, g = api.cross_entropy_with_grad(
+                lin(h).detach().numpy(), y.numpy(), reduction=reduction, label_smoothing=0.1
+            )
             assert np.array_equal(logits.detach().numpy(), g)
         (scale * loss.sum()).backward()
         grads.append((h.grad.clone(), lin.weight.grad.clone(), seen["g"]))
@@ -364,8 +399,9 @@ def test_inplace_class_dim_1(rng, reduction):
     for inplace in (False, True):
         h.grad = None
         logits = lin(h).transpose(1, 2).contiguous()  # (3, 5, 4)
-        loss = fxt.cross_entropy(logits, y, reduction=reduction, label_smoothing=0.2,
-                                 inplace=inplace)
+        loss = fxt.cross_entropy(
+            logits, y, reduction=reduction, label_smoothing=0.2, inplace=inplace
+        )
         loss.backward(go)
         grads.append(h.grad.clone())
     x = lin(h).transpose(1, 2).detach().requires_grad_(True)
@@ -461,8 +497,12 @@ def test_half_precision_via_float32(rng, dtype, reduction):
     ref.backward(go)
     ulp = float(torch.finfo(dtype).eps)  # one rounding to the half type
     torch.testing.assert_close(loss.float(), ref.detach(), rtol=ulp, atol=0)
-    torch.testing.assert_close(xr.grad.float(), x32.grad.to(dtype).float(), rtol=ulp,
-                               atol=ulp * float(x32.grad.abs().max()))
+    torch.testing.assert_close(
+        xr.grad.float(),
+        x32.grad.to(dtype).float(),
+        rtol=ulp,
+        atol=ulp * float(x32.grad.abs().max()),
+    )
 
 
 # ----------------------------------------------------------------------------------------
@@ -487,12 +527,16 @@ def test_non_cpu_tensors_rejected():
     with pytest.raises(TypeError, match="CPU kernel.*target"):
         fxt.cross_entropy(torch.randn(4, 3), torch.zeros(4, dtype=torch.long, device="meta"))
     with pytest.raises(TypeError, match="CPU kernel.*weight"):
-        fxt.cross_entropy(torch.randn(4, 3), torch.zeros(4, dtype=torch.long),
-                          torch.ones(3, device="meta"))
+        fxt.cross_entropy(
+            torch.randn(4, 3), torch.zeros(4, dtype=torch.long), torch.ones(3, device="meta")
+        )
     with pytest.raises(TypeError, match="fastxent is a CPU kernel"):
-        fxt.vocab_parallel_cross_entropy(torch.empty(4, 3, device="meta"),
-                                         torch.zeros(4, dtype=torch.long), offset=0,
-                                         num_classes=3)
+        fxt.vocab_parallel_cross_entropy(
+            torch.empty(4, 3, device="meta"),
+            torch.zeros(4, dtype=torch.long),
+            offset=0,
+            num_classes=3,
+        )
 
 
 def test_errors():

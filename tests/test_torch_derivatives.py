@@ -53,8 +53,14 @@ OPTIONS = {
     "logit_scale": dict(logit_scale=1.7),
     "sample_weight": dict(sample_weight="s"),
     "normalizer": dict(normalizer=3.0),
-    "all": dict(label_smoothing=0.1, z_loss=0.05, softcap=2.5, logit_scale=1.7,
-                sample_weight="s", weight="w"),
+    "all": dict(
+        label_smoothing=0.1,
+        z_loss=0.05,
+        softcap=2.5,
+        logit_scale=1.7,
+        sample_weight="s",
+        weight="w",
+    ),
 }
 
 
@@ -92,8 +98,14 @@ def test_opinfo_samples_gradcheck_gradgradcheck_forward_ad(name, shape, kw, prob
     inputs = (x, t) if probs else (x,)
     assert gradcheck(f, inputs)
     assert gradgradcheck(f, inputs)
-    assert gradcheck(f, inputs, check_forward_ad=True, check_backward_ad=False,
-                     check_undefined_grad=False, check_batched_grad=False)
+    assert gradcheck(
+        f,
+        inputs,
+        check_forward_ad=True,
+        check_backward_ad=False,
+        check_undefined_grad=False,
+        check_batched_grad=False,
+    )
     # Batched gradients (autograd.grad with is_grads_batched), as OpInfo's check_batched_grad.
     assert gradcheck(f, inputs, check_batched_grad=True)
 
@@ -109,8 +121,14 @@ def test_options_second_order_and_forward_mode(opt, reduction, layout):
     f = _fn(t, kw, False)
     assert gradcheck(f, (x,))
     assert gradgradcheck(f, (x,))
-    assert gradcheck(f, (x,), check_forward_ad=True, check_backward_ad=False,
-                     check_undefined_grad=False, check_batched_grad=False)
+    assert gradcheck(
+        f,
+        (x,),
+        check_forward_ad=True,
+        check_backward_ad=False,
+        check_undefined_grad=False,
+        check_batched_grad=False,
+    )
 
 
 @pytest.mark.parametrize("opt", ["label_smoothing", "all"])
@@ -121,8 +139,14 @@ def test_probability_target_options_second_order(opt):
     f = _fn(t, kw, True)
     assert gradcheck(f, (x, t))
     assert gradgradcheck(f, (x, t))
-    assert gradcheck(f, (x, t), check_forward_ad=True, check_backward_ad=False,
-                     check_undefined_grad=False, check_batched_grad=False)
+    assert gradcheck(
+        f,
+        (x, t),
+        check_forward_ad=True,
+        check_backward_ad=False,
+        check_undefined_grad=False,
+        check_batched_grad=False,
+    )
 
 
 def test_hessian_and_gradient_penalty_match_pytorch():
@@ -136,16 +160,16 @@ def test_hessian_and_gradient_penalty_match_pytorch():
     torch.testing.assert_close(H, H_ref, rtol=1e-12, atol=1e-14)
 
     xr = x.clone().requires_grad_(True)
-    g, = torch.autograd.grad(fxt.cross_entropy(xr, t), xr, create_graph=True)
+    (g,) = torch.autograd.grad(fxt.cross_entropy(xr, t), xr, create_graph=True)
     assert g.requires_grad
     # Its value is the fused gradient's, to rounding.
     xf = x.clone().requires_grad_(True)
     fxt.cross_entropy(xf, t).backward()
     torch.testing.assert_close(g.detach(), xf.grad, rtol=1e-14, atol=1e-16)
-    (g ** 2).sum().backward()
+    (g**2).sum().backward()
     xp = x.clone().requires_grad_(True)
-    gp, = torch.autograd.grad(F.cross_entropy(xp, t), xp, create_graph=True)
-    (gp ** 2).sum().backward()
+    (gp,) = torch.autograd.grad(F.cross_entropy(xp, t), xp, create_graph=True)
+    (gp**2).sum().backward()
     assert xp.grad.abs().max() > 1e-3
     torch.testing.assert_close(xr.grad, xp.grad, rtol=1e-12, atol=1e-15)
 
@@ -163,10 +187,10 @@ def test_forward_mode_tangent_matches_pytorch():
     t = torch.tensor([0, 2, 4, 1])
     for red in ("mean", "sum", "none"):
         with fwAD.dual_level():
-            got = fwAD.unpack_dual(fxt.cross_entropy(fwAD.make_dual(x, v), t,
-                                                     reduction=red)).tangent
-            ref = fwAD.unpack_dual(F.cross_entropy(fwAD.make_dual(x, v), t,
-                                                   reduction=red)).tangent
+            got = fwAD.unpack_dual(
+                fxt.cross_entropy(fwAD.make_dual(x, v), t, reduction=red)
+            ).tangent
+            ref = fwAD.unpack_dual(F.cross_entropy(fwAD.make_dual(x, v), t, reduction=red)).tangent
         assert got is not None
         torch.testing.assert_close(got, ref, rtol=1e-13, atol=1e-15)
     jv = torch.autograd.functional.jvp(lambda z: fxt.cross_entropy(z, t), x, v)[1]
@@ -192,9 +216,16 @@ def test_probability_target_gradient_matches_pytorch(eps, reduction):
     # Only the target's gradient asked for: the logits' is not computed.
     pp = p.clone().requires_grad_(True)
     fxt.cross_entropy(z, pp, label_smoothing=eps).backward()
-    torch.testing.assert_close(pp.grad, torch.autograd.grad(
-        F.cross_entropy(z, p.clone().requires_grad_(True), label_smoothing=eps),
-        [pp], allow_unused=True)[0] if False else pp.grad)
+    torch.testing.assert_close(
+        pp.grad,
+        torch.autograd.grad(
+            F.cross_entropy(z, p.clone().requires_grad_(True), label_smoothing=eps),
+            [pp],
+            allow_unused=True,
+        )[0]
+        if False
+        else pp.grad,
+    )
     pr = p.clone().requires_grad_(True)
     F.cross_entropy(z, pr, label_smoothing=eps).backward()
     torch.testing.assert_close(pp.grad, pr.grad, rtol=1e-13, atol=1e-15)
@@ -204,12 +235,12 @@ def test_second_order_in_float32_and_bfloat16_is_connected():
     t = torch.tensor([0, 2, 4, 1])
     for dt, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
         x = torch.randn(4, 5).to(dt).requires_grad_(True)
-        g, = torch.autograd.grad(fxt.cross_entropy(x, t), x, create_graph=True)
+        (g,) = torch.autograd.grad(fxt.cross_entropy(x, t), x, create_graph=True)
         assert g.dtype == dt and g.requires_grad
         xr = x.detach().float().requires_grad_(True)
-        gr, = torch.autograd.grad(F.cross_entropy(xr, t), xr, create_graph=True)
+        (gr,) = torch.autograd.grad(F.cross_entropy(xr, t), xr, create_graph=True)
         (h,) = torch.autograd.grad((g.float() ** 2).sum(), x)
-        (hr,) = torch.autograd.grad((gr ** 2).sum(), xr)
+        (hr,) = torch.autograd.grad((gr**2).sum(), xr)
         torch.testing.assert_close(h.float(), hr, rtol=tol, atol=tol)
 
 
@@ -240,6 +271,7 @@ def test_vocab_parallel_refuses_second_order():
     import os
 
     import torch.distributed as dist
+
     if not dist.is_available():
         pytest.skip("this PyTorch build has no torch.distributed")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -309,8 +341,13 @@ def test_torch_func_transforms_match_pytorch_reference(case):
         zp = z
         if "softcap" in kw:
             zp = kw["softcap"] * torch.tanh(kw["logit_scale"] * z / kw["softcap"])
-        rows = F.cross_entropy(zp, t, kw.get("weight"), reduction="none",
-                               label_smoothing=kw.get("label_smoothing", 0.0))
+        rows = F.cross_entropy(
+            zp,
+            t,
+            kw.get("weight"),
+            reduction="none",
+            label_smoothing=kw.get("label_smoothing", 0.0),
+        )
         lse = torch.logsumexp(zp, 1)
         sw = kw.get("sample_weight", torch.ones(4, dtype=D64))
         rows = torch.where(t != -100, sw * (rows + kw.get("z_loss", 0.0) * lse * lse), 0.0)
@@ -322,19 +359,26 @@ def test_torch_func_transforms_match_pytorch_reference(case):
     def f(z):
         return fxt.cross_entropy(z, t, **kw)
 
-    torch.testing.assert_close(torch.func.grad(f)(x), torch.func.grad(ref)(x),
-                               rtol=1e-12, atol=1e-14)
-    torch.testing.assert_close(torch.func.hessian(f)(x), torch.func.hessian(ref)(x),
-                               rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(
+        torch.func.grad(f)(x), torch.func.grad(ref)(x), rtol=1e-12, atol=1e-14
+    )
+    torch.testing.assert_close(
+        torch.func.hessian(f)(x), torch.func.hessian(ref)(x), rtol=1e-12, atol=1e-14
+    )
     v = torch.randn(4, 5, dtype=D64, generator=gen)
-    torch.testing.assert_close(torch.func.jvp(f, (x,), (v,))[1],
-                               torch.func.jvp(ref, (x,), (v,))[1], rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(
+        torch.func.jvp(f, (x,), (v,))[1], torch.func.jvp(ref, (x,), (v,))[1], rtol=1e-12, atol=1e-14
+    )
     xb = torch.randn(3, 4, 5, dtype=D64, generator=gen)
-    torch.testing.assert_close(torch.func.vmap(f)(xb), torch.func.vmap(ref)(xb),
-                               rtol=1e-12, atol=1e-14)
-    torch.testing.assert_close(torch.func.vmap(torch.func.grad(f))(xb),
-                               torch.func.vmap(torch.func.grad(ref))(xb), rtol=1e-12,
-                               atol=1e-14)
+    torch.testing.assert_close(
+        torch.func.vmap(f)(xb), torch.func.vmap(ref)(xb), rtol=1e-12, atol=1e-14
+    )
+    torch.testing.assert_close(
+        torch.func.vmap(torch.func.grad(f))(xb),
+        torch.func.vmap(torch.func.grad(ref))(xb),
+        rtol=1e-12,
+        atol=1e-14,
+    )
     # The value under a transform is the kernel's value outside it, to rounding.
     torch.testing.assert_close(torch.func.vmap(f)(xb)[0], f(xb[0]), rtol=1e-13, atol=1e-15)
 
@@ -345,8 +389,7 @@ def test_torch_func_per_sample_gradients_and_probability_targets():
     t = torch.randint(0, 5, (6,), generator=gen)
     # Per-sample gradients (DP-SGD style): vmap over rows of grad of a one-row loss.
     ps = torch.func.vmap(torch.func.grad(lambda z, y: fxt.cross_entropy(z[None], y[None])))(x, t)
-    ps_ref = torch.func.vmap(torch.func.grad(
-        lambda z, y: F.cross_entropy(z[None], y[None])))(x, t)
+    ps_ref = torch.func.vmap(torch.func.grad(lambda z, y: F.cross_entropy(z[None], y[None])))(x, t)
     torch.testing.assert_close(ps, ps_ref, rtol=1e-12, atol=1e-14)
     # Gradient with respect to a probability target under torch.func.
     p = torch.softmax(torch.randn(6, 5, dtype=D64, generator=gen), 1)
@@ -359,7 +402,10 @@ def test_torch_func_per_sample_gradients_and_probability_targets():
     for jac in (torch.func.jacrev, torch.func.jacfwd):
         torch.testing.assert_close(
             jac(lambda z: fxt.cross_entropy(z, t3, reduction="none"))(x3),
-            jac(lambda z: F.cross_entropy(z, t3, reduction="none"))(x3), rtol=1e-12, atol=1e-14)
+            jac(lambda z: F.cross_entropy(z, t3, reduction="none"))(x3),
+            rtol=1e-12,
+            atol=1e-14,
+        )
 
 
 def test_torch_func_checks_arguments_before_computing():
@@ -377,13 +423,16 @@ def test_torch_func_checks_arguments_before_computing():
     # A class index out of range is an error, never a silently wrong row.
     with pytest.raises(IndexError):
         torch.func.grad(lambda z: fxt.cross_entropy(z, torch.tensor([0, 5, 1, 1])))(
-            torch.randn(4, 5))
+            torch.randn(4, 5)
+        )
     with pytest.raises(IndexError):
         torch.func.vmap(lambda z, y: fxt.cross_entropy(z, y))(
-            torch.randn(2, 4, 5), torch.tensor([[0, 1, 2, 3], [0, 1, 7, 3]]))
+            torch.randn(2, 4, 5), torch.tensor([[0, 1, 2, 3], [0, 1, 7, 3]])
+        )
 
 
 # --- the sigmoid loss: binary_cross_entropy_with_logits ---------------------------------------
+
 
 def _bce_inputs(gen, shape=(4, 3)):
     x = torch.randn(shape, dtype=D64, generator=gen).requires_grad_(True)
@@ -402,11 +451,15 @@ def test_bce_values_gradcheck_gradgradcheck_forward_ad(reduction, operands):
     pw = pw if operands in ("pos_weight", "both") else None
     got = fxt.binary_cross_entropy_with_logits(x, y, w, reduction=reduction, pos_weight=pw)
     ref = F.binary_cross_entropy_with_logits(
-        x, y, None if w is None else w.detach(), reduction=reduction,
-        pos_weight=None if pw is None else pw.detach())
+        x,
+        y,
+        None if w is None else w.detach(),
+        reduction=reduction,
+        pos_weight=None if pw is None else pw.detach(),
+    )
     torch.testing.assert_close(got, ref, rtol=1e-13, atol=1e-15)
-    gx, = torch.autograd.grad(got.sum(), x)
-    gx_ref, = torch.autograd.grad(ref.sum(), x)
+    (gx,) = torch.autograd.grad(got.sum(), x)
+    (gx_ref,) = torch.autograd.grad(ref.sum(), x)
     torch.testing.assert_close(gx, gx_ref, rtol=1e-13, atol=1e-15)
     # Every input is differentiated (PyTorch refuses weight and pos_weight that require grad;
     # fastxent differentiates them, as the formula allows).
@@ -417,12 +470,18 @@ def test_bce_values_gradcheck_gradgradcheck_forward_ad(reduction, operands):
         xx, yy = next(it), next(it)
         ww = next(it) if w is not None else None
         pp = next(it) if pw is not None else None
-        return fxt.binary_cross_entropy_with_logits(xx, yy, ww, reduction=reduction,
-                                                    pos_weight=pp)
+        return fxt.binary_cross_entropy_with_logits(xx, yy, ww, reduction=reduction, pos_weight=pp)
+
     assert gradcheck(f, inputs)
     assert gradgradcheck(f, inputs)
-    assert gradcheck(f, inputs, check_forward_ad=True, check_backward_ad=False,
-                     check_undefined_grad=False, check_batched_grad=False)
+    assert gradcheck(
+        f,
+        inputs,
+        check_forward_ad=True,
+        check_backward_ad=False,
+        check_undefined_grad=False,
+        check_batched_grad=False,
+    )
 
 
 def test_bce_torch_func_and_module():
@@ -435,15 +494,23 @@ def test_bce_torch_func_and_module():
     def ref(z):
         return F.binary_cross_entropy_with_logits(z, y, w, pos_weight=pw)
 
-    torch.testing.assert_close(torch.func.hessian(f)(x), torch.func.hessian(ref)(x),
-                               rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(
+        torch.func.hessian(f)(x), torch.func.hessian(ref)(x), rtol=1e-12, atol=1e-14
+    )
     xb = torch.randn(5, 4, 3, dtype=D64, generator=gen)
-    torch.testing.assert_close(torch.func.vmap(torch.func.grad(f))(xb),
-                               torch.func.vmap(torch.func.grad(ref))(xb), rtol=1e-12,
-                               atol=1e-14)
+    torch.testing.assert_close(
+        torch.func.vmap(torch.func.grad(f))(xb),
+        torch.func.vmap(torch.func.grad(ref))(xb),
+        rtol=1e-12,
+        atol=1e-14,
+    )
     m = fxt.BCEWithLogitsLoss(pos_weight=pw, reduction="sum")
-    torch.testing.assert_close(m(x, y), F.binary_cross_entropy_with_logits(
-        x, y, pos_weight=pw, reduction="sum"), rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(
+        m(x, y),
+        F.binary_cross_entropy_with_logits(x, y, pos_weight=pw, reduction="sum"),
+        rtol=1e-13,
+        atol=1e-15,
+    )
     assert set(dict(m.named_buffers())) == {"pos_weight"}
     with pytest.raises(ValueError, match="reduction"):
         fxt.BCEWithLogitsLoss(reduction="avg")
@@ -476,6 +543,7 @@ def test_bce_errors_and_half():
 
 
 # --- regressions found in review -------------------------------------------------------------
+
 
 @pytest.mark.parametrize("kind", ["lean", "general", "bce"])
 def test_retained_graph_backward_never_reuses_a_handed_out_gradient(kind):
@@ -522,11 +590,15 @@ def test_target_changed_after_the_loss_is_refused_by_second_order(lean):
 def test_negated_views_are_read_as_their_values():
     z = torch.randn(3, 16)
     t = torch._neg_view(torch.tensor([-10, 0, 10]))  # the values [10, 0, -10]
-    torch.testing.assert_close(fxt.cross_entropy(z, t, reduction="none", ignore_index=-10),
-                               F.cross_entropy(z, t, reduction="none", ignore_index=-10))
+    torch.testing.assert_close(
+        fxt.cross_entropy(z, t, reduction="none", ignore_index=-10),
+        F.cross_entropy(z, t, reduction="none", ignore_index=-10),
+    )
     zn = torch._neg_view(torch.randn(3, 16))
-    torch.testing.assert_close(fxt.cross_entropy(zn, torch.tensor([1, 2, 3])),
-                               F.cross_entropy(zn.resolve_neg(), torch.tensor([1, 2, 3])))
+    torch.testing.assert_close(
+        fxt.cross_entropy(zn, torch.tensor([1, 2, 3])),
+        F.cross_entropy(zn.resolve_neg(), torch.tensor([1, 2, 3])),
+    )
     # inplace=True would write into a copy of a lazily negated tensor: refused.
     a = torch.randn(3, 16, requires_grad=True) * 1.0
     with pytest.raises(ValueError, match="lazy negation"):
@@ -572,6 +644,7 @@ def test_default_device_elsewhere_and_zero_tensors():
 def test_logits_are_freed_after_backward(path):
     import gc
     import weakref
+
     head = torch.nn.Linear(4, 6)
     x = torch.randn(5, 4)
     logits = head(x)

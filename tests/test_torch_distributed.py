@@ -32,31 +32,51 @@ torch = pytest.importorskip("torch")
 import torch.nn.functional as F  # noqa: E402
 
 if not (torch.distributed.is_available() and torch.distributed.is_gloo_available()):
-    pytest.skip("torch.distributed with the gloo backend is not available",
-                allow_module_level=True)
+    pytest.skip("torch.distributed with the gloo backend is not available", allow_module_level=True)
 
 import fastxent as fx  # noqa: E402
 import fastxent.torch as fxt  # noqa: E402
 from reference import U32, grad_error, loss_error  # noqa: E402
 
 C = 11
-SPLIT = (4, 7)                          # rank 0: classes [0, 4), rank 1: [4, 11)
-ROWS = (3, 5)                           # leading dimensions: (B, T, C_local) logits
-WORKER_TIMEOUT_S = 240                  # the whole spawned run (imports included)
-TOL = {"float64": 1e-12, "float32": 64 * U32, "bfloat16": 4 * 2.0**-8,
-       "float16": 4 * 2.0**-11}
-_TORCH_DTYPES = {"float64": torch.float64, "float32": torch.float32,
-                 "bfloat16": torch.bfloat16, "float16": torch.float16}
+SPLIT = (4, 7)  # rank 0: classes [0, 4), rank 1: [4, 11)
+ROWS = (3, 5)  # leading dimensions: (B, T, C_local) logits
+WORKER_TIMEOUT_S = 240  # the whole spawned run (imports included)
+TOL = {"float64": 1e-12, "float32": 64 * U32, "bfloat16": 4 * 2.0**-8, "float16": 4 * 2.0**-11}
+_TORCH_DTYPES = {
+    "float64": torch.float64,
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
 
 
 # ------------------------------------------------------------------------------------------
 # The cases (built in the parent, deterministic; pickled to the workers)
 # ------------------------------------------------------------------------------------------
 
-def _case(name, rng, *, dtype="float64", rows=ROWS, reduction="mean", opts=None,
-          weight=None, ignore_frac=0.0, ignore_index=-100, targets=None, probs=False,
-          sample_weight=False, upstream=None, layout=None, torch_ref=True, no_grad=False,
-          destroy_before_backward=False, edit=None):
+
+def _case(
+    name,
+    rng,
+    *,
+    dtype="float64",
+    rows=ROWS,
+    reduction="mean",
+    opts=None,
+    weight=None,
+    ignore_frac=0.0,
+    ignore_index=-100,
+    targets=None,
+    probs=False,
+    sample_weight=False,
+    upstream=None,
+    layout=None,
+    torch_ref=True,
+    no_grad=False,
+    destroy_before_backward=False,
+    edit=None,
+):
     x = 2.0 * rng.standard_normal(rows + (C,))
     if probs:
         p = rng.random(rows + (C,))
@@ -68,7 +88,7 @@ def _case(name, rng, *, dtype="float64", rows=ROWS, reduction="mean", opts=None,
             y[rng.random(rows) < ignore_frac] = ignore_index
     if edit is not None:
         edit(x, y)
-    if dtype in ("bfloat16", "float16"):   # the reference sees the 16-bit values exactly
+    if dtype in ("bfloat16", "float16"):  # the reference sees the 16-bit values exactly
         x = torch.from_numpy(x).to(_TORCH_DTYPES[dtype]).to(torch.float64).numpy()
     kw = dict(opts or {})
     kw.update(reduction=reduction, ignore_index=ignore_index)
@@ -79,20 +99,30 @@ def _case(name, rng, *, dtype="float64", rows=ROWS, reduction="mean", opts=None,
     if sample_weight:
         kw["sample_weight"] = 0.1 + rng.random(rows)
     if upstream == "rows":
-        upstream = rng.standard_normal(rows)       # with negatives
+        upstream = rng.standard_normal(rows)  # with negatives
         upstream.flat[0] = 0.0
-    return dict(name=name, dtype=dtype, x=x, y=y, kw=kw, weight_mode=weight,
-                upstream=upstream, layout=layout or "rank_order", torch_ref=torch_ref,
-                no_grad=no_grad, destroy_before_backward=destroy_before_backward)
+    return dict(
+        name=name,
+        dtype=dtype,
+        x=x,
+        y=y,
+        kw=kw,
+        weight_mode=weight,
+        upstream=upstream,
+        layout=layout or "rank_order",
+        torch_ref=torch_ref,
+        no_grad=no_grad,
+        destroy_before_backward=destroy_before_backward,
+    )
 
 
 def _neg_inf_slices(x, y):
     # Rows 0-4: rank 0's whole slice -inf (targets on rank 1); rows 5-9: rank 1's (targets on
     # rank 0).
     xf, yf = x.reshape(-1, C), y.reshape(-1)
-    xf[:5, :SPLIT[0]] = -np.inf
+    xf[:5, : SPLIT[0]] = -np.inf
     yf[:5] = SPLIT[0] + np.arange(5) % SPLIT[1]
-    xf[5:10, SPLIT[0]:] = -np.inf
+    xf[5:10, SPLIT[0] :] = -np.inf
     yf[5:10] = np.arange(5) % SPLIT[0]
 
 
@@ -102,8 +132,8 @@ def _all_neg_inf_row(x, y):
 
 def _nans(x, y):
     xf = x.reshape(-1, C)
-    xf[2, SPLIT[0] + 3] = np.nan       # on rank 1
-    xf[7, 1] = np.nan                  # on rank 0
+    xf[2, SPLIT[0] + 3] = np.nan  # on rank 1
+    xf[7, 1] = np.nan  # on rank 0
 
 
 def _all_ignored(x, y):
@@ -115,52 +145,122 @@ def make_cases():
     return [
         _case("plain", rng),
         _case("smoothing", rng, opts=dict(label_smoothing=0.2)),
-        _case("smoothing_full_weight_ignore_sum", rng, weight="full", ignore_frac=0.25,
-              reduction="sum", opts=dict(label_smoothing=0.1)),
-        _case("smoothing_local_weight_ignore_mean", rng, weight="local", ignore_frac=0.25,
-              opts=dict(label_smoothing=0.3)),
+        _case(
+            "smoothing_full_weight_ignore_sum",
+            rng,
+            weight="full",
+            ignore_frac=0.25,
+            reduction="sum",
+            opts=dict(label_smoothing=0.1),
+        ),
+        _case(
+            "smoothing_local_weight_ignore_mean",
+            rng,
+            weight="local",
+            ignore_frac=0.25,
+            opts=dict(label_smoothing=0.3),
+        ),
         _case("ignore_index_3", rng, ignore_index=3, ignore_frac=0.3, reduction="sum"),
-        _case("none_upstream", rng, reduction="none", weight="full", ignore_frac=0.2,
-              upstream="rows", opts=dict(label_smoothing=0.1)),
-        _case("none_sample_weight_upstream", rng, reduction="none", sample_weight=True,
-              upstream="rows", torch_ref=False, opts=dict(label_smoothing=0.15)),
-        _case("mean_sample_weight_normalizer_upstream", rng, sample_weight=True, upstream=2.5,
-              torch_ref=False, opts=dict(normalizer=7.5)),
+        _case(
+            "none_upstream",
+            rng,
+            reduction="none",
+            weight="full",
+            ignore_frac=0.2,
+            upstream="rows",
+            opts=dict(label_smoothing=0.1),
+        ),
+        _case(
+            "none_sample_weight_upstream",
+            rng,
+            reduction="none",
+            sample_weight=True,
+            upstream="rows",
+            torch_ref=False,
+            opts=dict(label_smoothing=0.15),
+        ),
+        _case(
+            "mean_sample_weight_normalizer_upstream",
+            rng,
+            sample_weight=True,
+            upstream=2.5,
+            torch_ref=False,
+            opts=dict(normalizer=7.5),
+        ),
         _case("z_loss", rng, torch_ref=False, opts=dict(z_loss=1e-3, label_smoothing=0.1)),
-        _case("softcap_logit_scale", rng, reduction="sum", torch_ref=False,
-              opts=dict(softcap=3.0, logit_scale=1.7, label_smoothing=0.05)),
-        _case("targets_on_rank0", rng, targets=(0, SPLIT[0]), weight="full",
-              opts=dict(label_smoothing=0.1)),
-        _case("targets_on_rank1", rng, targets=(SPLIT[0], C), weight="full",
-              opts=dict(label_smoothing=0.1)),
+        _case(
+            "softcap_logit_scale",
+            rng,
+            reduction="sum",
+            torch_ref=False,
+            opts=dict(softcap=3.0, logit_scale=1.7, label_smoothing=0.05),
+        ),
+        _case(
+            "targets_on_rank0",
+            rng,
+            targets=(0, SPLIT[0]),
+            weight="full",
+            opts=dict(label_smoothing=0.1),
+        ),
+        _case(
+            "targets_on_rank1",
+            rng,
+            targets=(SPLIT[0], C),
+            weight="full",
+            opts=dict(label_smoothing=0.1),
+        ),
         _case("neg_inf_slices", rng, weight="full", edit=_neg_inf_slices),
-        _case("all_neg_inf_row", rng, reduction="none", torch_ref=False,
-              edit=_all_neg_inf_row),
+        _case("all_neg_inf_row", rng, reduction="none", torch_ref=False, edit=_all_neg_inf_row),
         _case("nan", rng, reduction="none", torch_ref=False, edit=_nans),
-        _case("float32", rng, dtype="float32", weight="full", ignore_frac=0.2,
-              opts=dict(label_smoothing=0.1)),
-        _case("float32_none_sample_weight_upstream", rng, dtype="float32", reduction="none",
-              sample_weight=True, upstream="rows", torch_ref=False,
-              opts=dict(label_smoothing=0.1)),
+        _case(
+            "float32",
+            rng,
+            dtype="float32",
+            weight="full",
+            ignore_frac=0.2,
+            opts=dict(label_smoothing=0.1),
+        ),
+        _case(
+            "float32_none_sample_weight_upstream",
+            rng,
+            dtype="float32",
+            reduction="none",
+            sample_weight=True,
+            upstream="rows",
+            torch_ref=False,
+            opts=dict(label_smoothing=0.1),
+        ),
         _case("bfloat16", rng, dtype="bfloat16", opts=dict(label_smoothing=0.1)),
         _case("float16", rng, dtype="float16", reduction="sum"),
-        _case("probability_targets", rng, probs=True, weight="full",
-              opts=dict(label_smoothing=0.1)),
-        _case("explicit_reversed_layout", rng, layout="reversed", weight="full",
-              ignore_frac=0.2, opts=dict(label_smoothing=0.2)),
+        _case(
+            "probability_targets", rng, probs=True, weight="full", opts=dict(label_smoothing=0.1)
+        ),
+        _case(
+            "explicit_reversed_layout",
+            rng,
+            layout="reversed",
+            weight="full",
+            ignore_frac=0.2,
+            opts=dict(label_smoothing=0.2),
+        ),
         _case("unbatched", rng, rows=(), reduction="sum", opts=dict(label_smoothing=0.1)),
         _case("all_ignored_mean", rng, torch_ref=False, edit=_all_ignored),
         _case("no_rows", rng, rows=(0,), reduction="sum"),
         _case("no_grad_forward", rng, no_grad=True, opts=dict(label_smoothing=0.1)),
         # Last: backward after the process group is gone proves it communicates nothing.
-        _case("backward_without_process_group", rng, weight="full",
-              opts=dict(label_smoothing=0.1), destroy_before_backward=True),
+        _case(
+            "backward_without_process_group",
+            rng,
+            weight="full",
+            opts=dict(label_smoothing=0.1),
+            destroy_before_backward=True,
+        ),
     ]
 
 
 def _slice(case, rank):
     """(offset, size, explicit) of rank's columns."""
-    if case["layout"] == "reversed":     # rank 0 holds the top 4 columns, rank 1 the rest
+    if case["layout"] == "reversed":  # rank 0 holds the top 4 columns, rank 1 the rest
         return ((C - SPLIT[0], SPLIT[0]) if rank == 0 else (0, C - SPLIT[0])) + (True,)
     return (sum(SPLIT[:rank]), SPLIT[rank], False)
 
@@ -169,19 +269,20 @@ def _slice(case, rank):
 # The worker (runs in each spawned process)
 # ------------------------------------------------------------------------------------------
 
+
 def _run_case(case, rank, dist):
     off, cs, explicit = _slice(case, rank)
     dt = _TORCH_DTYPES[case["dtype"]]
-    local = torch.from_numpy(np.ascontiguousarray(case["x"][..., off:off + cs])).to(dt)
+    local = torch.from_numpy(np.ascontiguousarray(case["x"][..., off : off + cs])).to(dt)
     local.requires_grad_(True)
     y = case["y"]
     if y.dtype.kind == "f":
-        target = torch.from_numpy(np.ascontiguousarray(y[..., off:off + cs])).to(dt)
+        target = torch.from_numpy(np.ascontiguousarray(y[..., off : off + cs])).to(dt)
     else:
         target = torch.from_numpy(y)
     kw = dict(case["kw"])
     if "weight" in kw:
-        w = kw["weight"] if case["weight_mode"] == "full" else kw["weight"][off:off + cs]
+        w = kw["weight"] if case["weight_mode"] == "full" else kw["weight"][off : off + cs]
         kw["weight"] = torch.from_numpy(np.ascontiguousarray(w)).to(dt)
     if "sample_weight" in kw:
         kw["sample_weight"] = torch.from_numpy(kw["sample_weight"]).to(dt)
@@ -192,8 +293,9 @@ def _run_case(case, rank, dist):
         with torch.no_grad():
             loss = fxt.vocab_parallel_cross_entropy(local, target, **kw)
         assert loss.grad_fn is None
-        return dict(loss=loss.double().numpy(), grad=None, dtype=str(loss.dtype),
-                    forward_calls=dict(calls))
+        return dict(
+            loss=loss.double().numpy(), grad=None, dtype=str(loss.dtype), forward_calls=dict(calls)
+        )
     loss = fxt.vocab_parallel_cross_entropy(local, target, **kw)
     forward_calls = dict(calls)
     calls.clear()
@@ -201,14 +303,19 @@ def _run_case(case, rank, dist):
         dist.destroy_process_group()
     up = case["upstream"]
     if up is None:
-        loss.sum().backward()       # "none": upstream ones (the all-ones fast path)
+        loss.sum().backward()  # "none": upstream ones (the all-ones fast path)
     elif isinstance(up, float):
         (loss * up).backward()
     else:
         (loss * torch.from_numpy(up).to(dt)).sum().backward()
-    return dict(loss=loss.detach().double().numpy(), grad=local.grad.double().numpy(),
-                dtype=str(loss.dtype), grad_dtype=str(local.grad.dtype),
-                forward_calls=forward_calls, backward_calls=dict(calls))
+    return dict(
+        loss=loss.detach().double().numpy(),
+        grad=local.grad.double().numpy(),
+        dtype=str(loss.dtype),
+        grad_dtype=str(local.grad.dtype),
+        forward_calls=forward_calls,
+        backward_calls=dict(calls),
+    )
 
 
 _ORIGINAL = {}
@@ -217,13 +324,23 @@ _ORIGINAL = {}
 def _count_collectives(dist):
     """Counts the calls to torch.distributed's collectives from now on (the dict returned)."""
     calls = {}
-    for name in ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast",
-                 "reduce_scatter", "all_to_all", "barrier", "send", "recv"):
+    for name in (
+        "all_reduce",
+        "all_gather",
+        "all_gather_into_tensor",
+        "broadcast",
+        "reduce_scatter",
+        "all_to_all",
+        "barrier",
+        "send",
+        "recv",
+    ):
         fn = _ORIGINAL.setdefault(name, getattr(dist, name))
 
         def counted(*args, _fn=fn, _name=name, **kwargs):
             calls[_name] = calls.get(_name, 0) + 1
             return _fn(*args, **kwargs)
+
         setattr(dist, name, counted)
     return calls
 
@@ -240,14 +357,20 @@ def _worker(rank, world, port, cases, outdir):
     import datetime
 
     import torch.distributed as dist
+
     torch.set_num_threads(1)
     results = {}
     try:
         ifname = _loopback_ifname()
         if ifname and "GLOO_SOCKET_IFNAME" not in os.environ:
-            os.environ["GLOO_SOCKET_IFNAME"] = ifname   # stay on the loopback device
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                world_size=world, timeout=datetime.timedelta(seconds=60))
+            os.environ["GLOO_SOCKET_IFNAME"] = ifname  # stay on the loopback device
+        dist.init_process_group(
+            "gloo",
+            init_method=f"tcp://127.0.0.1:{port}",
+            rank=rank,
+            world_size=world,
+            timeout=datetime.timedelta(seconds=60),
+        )
         for case in cases:
             results[case["name"]] = _run_case(case, rank, dist)
         if dist.is_initialized():
@@ -273,8 +396,9 @@ def results(tmp_path_factory):
     cases = make_cases()
     ctx = multiprocessing.get_context("spawn")
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, 2, port, cases, outdir), daemon=True)
-             for r in range(2)]
+    procs = [
+        ctx.Process(target=_worker, args=(r, 2, port, cases, outdir), daemon=True) for r in range(2)
+    ]
     for p in procs:
         p.start()
     for p in procs:
@@ -291,8 +415,9 @@ def results(tmp_path_factory):
             with open(path) as f:
                 errors += f"--- rank {r} ---\n{f.read()}"
     if hung:
-        pytest.fail(f"ranks {hung} still running after {WORKER_TIMEOUT_S} s (a hung "
-                    f"collective?)\n{errors}")
+        pytest.fail(
+            f"ranks {hung} still running after {WORKER_TIMEOUT_S} s (a hung collective?)\n{errors}"
+        )
     codes = [p.exitcode for p in procs]
     assert codes == [0, 0] and not errors, f"worker exit codes {codes}\n{errors}"
     out = []
@@ -306,13 +431,13 @@ def results(tmp_path_factory):
 # References and checks (in the parent)
 # ------------------------------------------------------------------------------------------
 
+
 def _fx_reference(case):
     """(loss, full gradient of the backpropagated quantity) from the one-machine kernel."""
     kw = dict(case["kw"])
     x = case["x"] if case["dtype"] == "float64" else case["x"].astype(np.float32)
     if case["dtype"] != "float64":
-        kw = {k: (v.astype(np.float32) if isinstance(v, np.ndarray) else v)
-              for k, v in kw.items()}
+        kw = {k: (v.astype(np.float32) if isinstance(v, np.ndarray) else v) for k, v in kw.items()}
     y = case["y"].astype(x.dtype) if case["y"].dtype.kind == "f" else case["y"]
     loss, g = fx.cross_entropy_with_grad(x, y, **kw)
     loss, g = np.asarray(loss, np.float64), g.astype(np.float64)
@@ -350,8 +475,9 @@ def _assert_close(got, ref, err_fn, tol, what):
     # Non-finite entries must match exactly (NaN where NaN, the same infinities).
     np.testing.assert_array_equal(np.isnan(got), np.isnan(ref), err_msg=f"{what}: NaN")
     fin = np.isfinite(ref)
-    np.testing.assert_array_equal(got[~fin & ~np.isnan(ref)], ref[~fin & ~np.isnan(ref)],
-                                  err_msg=f"{what}: infinities")
+    np.testing.assert_array_equal(
+        got[~fin & ~np.isnan(ref)], ref[~fin & ~np.isnan(ref)], err_msg=f"{what}: infinities"
+    )
     assert np.isfinite(got[fin]).all(), what
     err = err_fn(got[fin], ref[fin])
     assert err <= tol, f"{what}: error {err:.3g} > {tol:.3g}"
@@ -362,7 +488,7 @@ def _local_grads(case, res):
     g = np.full(case["x"].shape, np.nan)
     for r in range(2):
         off, cs, _ = _slice(case, r)
-        g[..., off:off + cs] = res[r]["grad"]
+        g[..., off : off + cs] = res[r]["grad"]
     return g
 
 
@@ -376,7 +502,8 @@ def test_matches_single_process(results, name):
     tol = TOL[case["dtype"]]
     # The loss is the same on both ranks, bit for bit (both read the same all-reduced sums).
     assert res[0]["loss"].tobytes() == res[1]["loss"].tobytes() or (
-        np.array_equal(res[0]["loss"], res[1]["loss"], equal_nan=True))
+        np.array_equal(res[0]["loss"], res[1]["loss"], equal_nan=True)
+    )
     assert res[0]["dtype"] == str(_TORCH_DTYPES[case["dtype"]])
     rows = case["y"].shape if case["y"].dtype.kind != "f" else case["y"].shape[:-1]
     assert res[0]["loss"].shape == (rows if case["kw"]["reduction"] == "none" else ())
@@ -415,8 +542,10 @@ def test_label_smoothing_uses_the_whole_vocabulary(results):
     lse = np.log(np.exp(x).sum(axis=1))
     nll = lse - x[np.arange(len(y)), y]
     right = (1 - eps) * nll + eps / C * (lse[:, None] - x).sum(axis=1)
-    wrong = (1 - eps) * nll + sum(eps / cs * (lse[:, None] - x[:, o:o + cs]).sum(axis=1)
-                                  for o, cs in ((0, SPLIT[0]), (SPLIT[0], SPLIT[1])))
+    wrong = (1 - eps) * nll + sum(
+        eps / cs * (lse[:, None] - x[:, o : o + cs]).sum(axis=1)
+        for o, cs in ((0, SPLIT[0]), (SPLIT[0], SPLIT[1]))
+    )
     assert abs(wrong.mean() - right.mean()) > 1e6 * TOL["float64"]
     assert loss_error(res[0]["loss"], right.mean()) <= TOL["float64"]
 
@@ -433,6 +562,7 @@ def test_nan_row_propagates_on_every_rank(results):
 # Errors raised before any collective (no process group needed)
 # ------------------------------------------------------------------------------------------
 
+
 def test_needs_an_initialized_process_group():
     if torch.distributed.is_initialized():
         pytest.skip("a process group is initialized in this process")
@@ -440,16 +570,19 @@ def test_needs_an_initialized_process_group():
         fxt.vocab_parallel_cross_entropy(torch.randn(3, 4), torch.tensor([0, 1, 2]))
 
 
-@pytest.mark.parametrize("bad, exc, match", [
-    (dict(local_logits=torch.randn(3, 4, device="meta")), TypeError, "CPU"),
-    (dict(target=torch.zeros(3, dtype=torch.int64, device="meta")), TypeError, "CPU"),
-    (dict(local_logits=torch.zeros(3, 4, dtype=torch.int32)), TypeError, "float32"),
-    (dict(local_logits=torch.tensor(1.0)), ValueError, "last dimension"),
-    (dict(local_logits=torch.zeros(3, 0)), ValueError, "empty"),
-    (dict(reduction="avg"), ValueError, "reduction"),
-    (dict(target=[0, 1, 2]), TypeError, "torch.Tensor"),
-    (dict(weight=torch.ones(4, requires_grad=True)), RuntimeError, "requires_grad"),
-])
+@pytest.mark.parametrize(
+    "bad, exc, match",
+    [
+        (dict(local_logits=torch.randn(3, 4, device="meta")), TypeError, "CPU"),
+        (dict(target=torch.zeros(3, dtype=torch.int64, device="meta")), TypeError, "CPU"),
+        (dict(local_logits=torch.zeros(3, 4, dtype=torch.int32)), TypeError, "float32"),
+        (dict(local_logits=torch.tensor(1.0)), ValueError, "last dimension"),
+        (dict(local_logits=torch.zeros(3, 0)), ValueError, "empty"),
+        (dict(reduction="avg"), ValueError, "reduction"),
+        (dict(target=[0, 1, 2]), TypeError, "torch.Tensor"),
+        (dict(weight=torch.ones(4, requires_grad=True)), RuntimeError, "requires_grad"),
+    ],
+)
 def test_argument_errors(bad, exc, match):
     args = dict(local_logits=torch.randn(3, 4), target=torch.tensor([0, 1, 2]))
     args.update(bad)

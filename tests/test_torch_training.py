@@ -88,8 +88,12 @@ def test_release_buffers():
     assert fxt.kept_buffer_bytes() > 0
     assert fxt.release_buffers() == BIG[0] * BIG[1] * 4
     assert fxt.kept_buffer_bytes() == 0
-    torch.testing.assert_close(x.grad, torch.autograd.grad(
-        F.cross_entropy(x, y, label_smoothing=0.1), x)[0], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(
+        x.grad,
+        torch.autograd.grad(F.cross_entropy(x, y, label_smoothing=0.1), x)[0],
+        rtol=1e-5,
+        atol=1e-7,
+    )
 
 
 def test_small_gradients_are_not_kept():
@@ -137,10 +141,16 @@ def test_half_logits_take_the_16_bit_kernel(dtype, shape):
     # Bit for bit the kernel's 16-bit path on the same memory (fastxent's NumPy API on the
     # ml_dtypes / float16 view), not a float32 round trip.
     import ml_dtypes
-    xn = x.detach().view(torch.int16).numpy().view(
-        ml_dtypes.bfloat16 if dtype == torch.bfloat16 else np.float16)
-    ref_loss, ref_g = fx.cross_entropy_with_grad(xn, y.numpy(), axis=1 if len(shape) > 2 else -1,
-                                                 label_smoothing=0.1)
+
+    xn = (
+        x.detach()
+        .view(torch.int16)
+        .numpy()
+        .view(ml_dtypes.bfloat16 if dtype == torch.bfloat16 else np.float16)
+    )
+    ref_loss, ref_g = fx.cross_entropy_with_grad(
+        xn, y.numpy(), axis=1 if len(shape) > 2 else -1, label_smoothing=0.1
+    )
     g_bits = x.grad.view(torch.int16).numpy()
     assert np.array_equal(g_bits, ref_g.view(np.int16))
     assert float(loss.detach()) == float(torch.tensor(float(ref_loss)).to(dtype))
@@ -204,6 +214,7 @@ def test_compile_fullgraph_without_graph_breaks_and_matching():
         return fxt.cross_entropy(lin(h), y, label_smoothing=0.1, z_loss=1e-3)
 
     import torch._dynamo as dynamo
+
     dynamo.reset()
     explain = dynamo.explain(f)(h, y)
     assert explain.graph_break_count == 0 and explain.graph_count == 1
@@ -233,6 +244,7 @@ def test_fake_and_meta_tensors_get_shape_inference():
     assert out.shape == (4, 3) and out.device.type == "meta"
     assert fxt.cross_entropy(m, t).shape == ()
     from torch._subclasses.fake_tensor import FakeTensorMode
+
     with FakeTensorMode():
         a = torch.randn(3, 5)
         b = torch.zeros(3, dtype=torch.long)
@@ -242,8 +254,11 @@ def test_fake_and_meta_tensors_get_shape_inference():
 
 
 def test_errors_name_the_users_shapes_and_axes():
-    with pytest.raises(ValueError, match=r"expected \(2, 11\) \(the logits' shape without "
-                                         r"the class axis 1\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"expected \(2, 11\) \(the logits' shape without "
+        r"the class axis 1\)",
+    ):
         fxt.cross_entropy(torch.randn(2, 7, 11), torch.zeros(2, 11, dtype=torch.long)[:, :3])
     with pytest.raises(ValueError, match=r"expected \(2, 11\).*class axis 1"):
         fxt.cross_entropy(torch.randn(2, 7, 11), torch.zeros(2, 7, dtype=torch.long))
@@ -280,13 +295,15 @@ def test_pytorch_positional_signature_and_legacy_arguments():
             warnings.simplefilter("always")
             got = fxt.cross_entropy(x, y, None, sa, -100, rd)
             ref = F.cross_entropy(x, y, None, sa, -100, rd)
-        assert any("size_average and reduce args will be deprecated" in str(r.message)
-                   for r in rec)
+        assert any("size_average and reduce args will be deprecated" in str(r.message) for r in rec)
         torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
     with pytest.warns(UserWarning, match="size_average and reduce args will be deprecated"):
         m = fxt.CrossEntropyLoss(None, None, -100, False)
     assert m.reduction == "none"
     m = fxt.CrossEntropyLoss(w, None, 2, None, "sum", 0.2, z_loss=1e-3)
-    torch.testing.assert_close(m(x, y), fxt.cross_entropy(x, y, w, ignore_index=2,
-                                                          reduction="sum", label_smoothing=0.2,
-                                                          z_loss=1e-3))
+    torch.testing.assert_close(
+        m(x, y),
+        fxt.cross_entropy(
+            x, y, w, ignore_index=2, reduction="sum", label_smoothing=0.2, z_loss=1e-3
+        ),
+    )

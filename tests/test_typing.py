@@ -13,8 +13,9 @@ pytest.importorskip("mypy")
 
 
 def _run(args, **kw):
-    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True,
-                          timeout=600, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", *args], capture_output=True, text=True, timeout=600, **kw
+    )
 
 
 def _mypy_config(request) -> str:
@@ -23,8 +24,10 @@ def _mypy_config(request) -> str:
     wheel round trip runs the suite from a copy of tests/ and pyproject.toml."""
     path = request.config.inipath
     if path is None or path.name != "pyproject.toml" or "tool.mypy" not in path.read_text():
-        pytest.fail(f"the project's pyproject.toml with its [tool.mypy] section is not the "
-                    f"pytest configuration file here ({path})")
+        pytest.fail(
+            f"the project's pyproject.toml with its [tool.mypy] section is not the "
+            f"pytest configuration file here ({path})"
+        )
     return str(path)
 
 
@@ -32,19 +35,28 @@ def test_stubtest_compiled_module_and_public_api(request):
     modules = ["fastxent._core", "fastxent._api", "fastxent._companions", "fastxent._sigmoid"]
     if importlib.util.find_spec("dask") is not None:  # the [dask] extra (in [test])
         modules.append("fastxent.dask")
-    res = _run(["mypy.stubtest", *modules, "--ignore-missing-stub",
-                "--mypy-config-file", _mypy_config(request)])
+    res = _run(
+        [
+            "mypy.stubtest",
+            *modules,
+            "--ignore-missing-stub",
+            "--mypy-config-file",
+            _mypy_config(request),
+        ]
+    )
     assert res.returncode == 0, res.stdout + res.stderr
 
 
 def test_py_typed_is_shipped():
     import importlib.resources
+
     assert importlib.resources.files("fastxent").joinpath("py.typed").is_file()
 
 
 def test_mypy_accepts_typical_use(tmp_path):
     user = tmp_path / "user.py"
-    user.write_text(textwrap.dedent("""
+    user.write_text(
+        textwrap.dedent("""
         import numpy as np
         import fastxent as fx
         z = np.zeros((4, 10), np.float32)
@@ -53,8 +65,11 @@ def test_mypy_accepts_typical_use(tmp_path):
         loss2, grad = fx.cross_entropy_with_grad(z, y, out=z, z_loss=1e-4)
         p = fx.softmax(z, axis=-1)
         isas: list[str] = fx.available_isas()
-    """))
+    """)
+    )
     # As a user's project would: its own directory, no configuration of fastxent's.
-    res = _run(["mypy", "--no-incremental", "--cache-dir", str(tmp_path / "cache"), str(user)],
-               cwd=tmp_path)
+    res = _run(
+        ["mypy", "--no-incremental", "--cache-dir", str(tmp_path / "cache"), str(user)],
+        cwd=tmp_path,
+    )
     assert res.returncode == 0, res.stdout + res.stderr

@@ -20,6 +20,7 @@ kept bit for bit (the kernel's results must not change) and checked exhaustively
 tests/cpp/test_exp_ulp.cpp; --fit recomputes the fit they describe (Remez on the relative error
 of 1 + r P(r) against exp(r), P(0) = 1, |r| <= ln2/2) and prints how far the shipped set is.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -72,8 +73,14 @@ def hexf(v, fmt) -> str:
 LN2 = mp.log(2)
 
 # rr2-p6's P, highest degree first (Horner order), as shipped: see the module docstring.
-SHIPPED_P6 = ["0x1.6ae72ep-10", "0x1.126784p-7", "0x1.555822p-5", "0x1.55541ap-3",
-              "0x1.fffffcp-2", "0x1p+0"]
+SHIPPED_P6 = [
+    "0x1.6ae72ep-10",
+    "0x1.126784p-7",
+    "0x1.555822p-5",
+    "0x1.55541ap-3",
+    "0x1.fffffcp-2",
+    "0x1p+0",
+]
 
 
 def constants():
@@ -81,40 +88,107 @@ def constants():
     ln2_hi32 = mp.nint(LN2 * 2**9) / 2**9
     ln2_hi64 = mp.floor(LN2 * 2**32) / 2**32
     out = [
-        ("kF32Lo", "float", [rn(mp.log(mp.mpf(2) ** -126), F32)], F32,
-         ["float: RN(ln 2^-126) = RN(ln FLT_MIN); below it exp flushes to +0."]),
+        (
+            "kF32Lo",
+            "float",
+            [rn(mp.log(mp.mpf(2) ** -126), F32)],
+            F32,
+            ["float: RN(ln 2^-126) = RN(ln FLT_MIN); below it exp flushes to +0."],
+        ),
         ("kF32Log2e", "float", [rn(1 / LN2, F32)], F32, ["RN(1 / ln 2)."]),
-        ("kF32Ln2Hi", "float", [ln2_hi32], F32,
-         ["ln 2 rounded to a multiple of 2^-9 (9 significant bits): n ln2_hi is exact for",
-          "|n| < 2^15, and for n in sixteenths (lut16-p3), 16 n < 2^11."]),
+        (
+            "kF32Ln2Hi",
+            "float",
+            [ln2_hi32],
+            F32,
+            [
+                "ln 2 rounded to a multiple of 2^-9 (9 significant bits): n ln2_hi is exact for",
+                "|n| < 2^15, and for n in sixteenths (lut16-p3), 16 n < 2^11.",
+            ],
+        ),
         ("kF32Ln2Lo", "float", [rn(LN2 - ln2_hi32, F32)], F32, ["RN(ln 2 - kF32Ln2Hi)."]),
-        ("kF32Magic", "float", [mp.mpf(3) * 2**22], F32,
-         ["1.5 * 2^23: adding it rounds to an integer, held in the low significand bits."]),
-        ("kF32Magic16", "float", [mp.mpf(3) * 2**18], F32,
-         ["1.5 * 2^19: adding it rounds to a multiple of 1/16 (lut16-p3)."]),
-        ("kF64Lo", "double", [rn(mp.log(mp.mpf(2) ** -1022), F64)], F64,
-         ["double: RN(ln 2^-1022) = RN(ln DBL_MIN); below it exp flushes to +0."]),
+        (
+            "kF32Magic",
+            "float",
+            [mp.mpf(3) * 2**22],
+            F32,
+            ["1.5 * 2^23: adding it rounds to an integer, held in the low significand bits."],
+        ),
+        (
+            "kF32Magic16",
+            "float",
+            [mp.mpf(3) * 2**18],
+            F32,
+            ["1.5 * 2^19: adding it rounds to a multiple of 1/16 (lut16-p3)."],
+        ),
+        (
+            "kF64Lo",
+            "double",
+            [rn(mp.log(mp.mpf(2) ** -1022), F64)],
+            F64,
+            ["double: RN(ln 2^-1022) = RN(ln DBL_MIN); below it exp flushes to +0."],
+        ),
         ("kF64Log2e", "double", [rn(1 / LN2, F64)], F64, ["RN(1 / ln 2)."]),
-        ("kF64Ln2Hi", "double", [ln2_hi64], F64,
-         ["ln 2 truncated to 32 fractional bits (fdlibm's split): n ln2_hi is exact for",
-          "|n| < 2^21."]),
+        (
+            "kF64Ln2Hi",
+            "double",
+            [ln2_hi64],
+            F64,
+            [
+                "ln 2 truncated to 32 fractional bits (fdlibm's split): n ln2_hi is exact for",
+                "|n| < 2^21.",
+            ],
+        ),
         ("kF64Ln2Lo", "double", [rn(LN2 - ln2_hi64, F64)], F64, ["RN(ln 2 - kF64Ln2Hi)."]),
-        ("kF64Magic", "double", [mp.mpf(3) * 2**51], F64,
-         ["1.5 * 2^52: adding it rounds to an integer, held in the low significand bits."]),
-        ("kRr2P6", "float", [mp.mpf(float.fromhex(h)) for h in SHIPPED_P6], F32,
-         ["rr2-p6: exp(r) ~ 1 + r P(r), P(r) = sum c_k r^k; _0 .. _5 hold c_5 .. c_0",
-          "(Horner order). c_0 = 1 exactly, so exp(0) = 1 exactly. The shipped relative-error",
-          "minimax set (see tools/gen_exp_coeffs.py --fit): relative error 1.7e-8 in exact",
-          "arithmetic."]),
-        ("kLut16P3", "float", [rn(mp.mpf(1) / 6, F32), mp.mpf(1) / 2, mp.mpf(1)], F32,
-         ["lut16-p3: exp(r) ~ 1 + r q(r), q(r) = 1 + r/2 + r^2/6 (Taylor, RN(1/k!)), here",
-          "_0 .. _2 hold 1/6, 1/2, 1 (Horner order); truncation <= 0.15 ULP on |r| <= ln2/32."]),
-        ("kTaylor13", "double", [rn(mp.mpf(1) / factorial(k), F64) for k in range(13, -1, -1)],
-         F64, ["taylor13: exp(r) ~ sum_{k<=13} RN(1/k!) r^k; _0 .. _13 hold 1/13! .. 1/0!",
-               "(Horner order); truncation < 4e-18 relative on |r| <= ln2/2."]),
-        ("kExp2Sixteenths", "float", [rn(mp.mpf(2) ** (mp.mpf(j) / 16), F32) for j in range(16)],
-         F32, ["lut16-p3's table: _j = RN(2^(j/16)), j = 0 .. 15 (vpermps index = the low 4 bits",
-               "of t = x log2e + kF32Magic16)."]),
+        (
+            "kF64Magic",
+            "double",
+            [mp.mpf(3) * 2**51],
+            F64,
+            ["1.5 * 2^52: adding it rounds to an integer, held in the low significand bits."],
+        ),
+        (
+            "kRr2P6",
+            "float",
+            [mp.mpf(float.fromhex(h)) for h in SHIPPED_P6],
+            F32,
+            [
+                "rr2-p6: exp(r) ~ 1 + r P(r), P(r) = sum c_k r^k; _0 .. _5 hold c_5 .. c_0",
+                "(Horner order). c_0 = 1 exactly, so exp(0) = 1 exactly. The shipped relative-error",  # noqa: E501 (the header's text)
+                "minimax set (see tools/gen_exp_coeffs.py --fit): relative error 1.7e-8 in exact",
+                "arithmetic.",
+            ],
+        ),
+        (
+            "kLut16P3",
+            "float",
+            [rn(mp.mpf(1) / 6, F32), mp.mpf(1) / 2, mp.mpf(1)],
+            F32,
+            [
+                "lut16-p3: exp(r) ~ 1 + r q(r), q(r) = 1 + r/2 + r^2/6 (Taylor, RN(1/k!)), here",
+                "_0 .. _2 hold 1/6, 1/2, 1 (Horner order); truncation <= 0.15 ULP on |r| <= ln2/32.",  # noqa: E501 (the header's text)
+            ],
+        ),
+        (
+            "kTaylor13",
+            "double",
+            [rn(mp.mpf(1) / factorial(k), F64) for k in range(13, -1, -1)],
+            F64,
+            [
+                "taylor13: exp(r) ~ sum_{k<=13} RN(1/k!) r^k; _0 .. _13 hold 1/13! .. 1/0!",
+                "(Horner order); truncation < 4e-18 relative on |r| <= ln2/2.",
+            ],
+        ),
+        (
+            "kExp2Sixteenths",
+            "float",
+            [rn(mp.mpf(2) ** (mp.mpf(j) / 16), F32) for j in range(16)],
+            F32,
+            [
+                "lut16-p3's table: _j = RN(2^(j/16)), j = 0 .. 15 (vpermps index = the low 4 bits",
+                "of t = x log2e + kF32Magic16).",
+            ],
+        ),
     ]
     return out
 
@@ -190,6 +264,7 @@ def remez(f, w, fixed, free, lo, hi, grid=600):
                         runs[-1] = (x, v)
                 else:
                     runs.append((x, v))
+
             def slope(t, c=c):
                 return mp.diff(lambda u: err(c, u), t)
 
@@ -236,25 +311,31 @@ def fit_report() -> None:
     shipped = [mp.mpf(float.fromhex(x)) for x in SHIPPED_P6]
     c, lev = remez(mp.exp, lambda r: 1 / mp.exp(r), {0: 1, 1: 1}, [2, 3, 4, 5, 6], -h, h)
     fit = [rn(x, F32) for x in reversed(c)] + [mp.mpf(1)]  # c_5 .. c_1, then c_0 = 1
-    print(f"rr2-p6: Remez (1 + r P(r) vs exp, P(0) = 1, |r| <= ln2/2): levelled relative "
-          f"error {mp.nstr(lev, 4)}")
+    print(
+        f"rr2-p6: Remez (1 + r P(r) vs exp, P(0) = 1, |r| <= ln2/2): levelled relative "
+        f"error {mp.nstr(lev, 4)}"
+    )
     print("  k  shipped          fit rounded      exact fit - shipped (ULP of c_k)")
     for k, (s, exact, f) in enumerate(zip(shipped, list(reversed(c)) + [mp.mpf(1)], fit)):
         print(f"  {5 - k}  {hexf(s, F32):16} {hexf(f, F32):16} {ulp_diff(exact, s, F32):+.2f}")
+
     def one_plus_rp(p, r):
         return 1 + r * p
 
     err_shipped = mp.nstr(max_rel(shipped, -h, h, one_plus_rp), 4)
     err_fit = mp.nstr(max_rel(fit, -h, h, one_plus_rp), 4)
-    print(f"  relative error, exact arithmetic: shipped {err_shipped}, fit rounded to float "
-          f"{err_fit}")
+    print(
+        f"  relative error, exact arithmetic: shipped {err_shipped}, fit rounded to float {err_fit}"
+    )
     s = LN2 / 32
     q, lev = remez(mp.exp, lambda r: 1 / mp.exp(r), {0: 1, 1: 1}, [2, 3], -s, s)
     taylor = [rn(mp.mpf(1) / 6, F32), mp.mpf(1) / 2, mp.mpf(1), mp.mpf(1)]
     err_taylor = mp.nstr(max_rel(taylor, -s, s, lambda p, r: p), 4)
-    print(f"lut16-p3: shipped = Taylor (RN(1/6), 1/2, 1): relative error {err_taylor} on "
-          f"|r| <= ln2/32; a Remez fit (1/2 -> {mp.nstr(q[0], 10)}, 1/6 -> {mp.nstr(q[1], 10)}) "
-          f"levels it at {mp.nstr(lev, 4)}")
+    print(
+        f"lut16-p3: shipped = Taylor (RN(1/6), 1/2, 1): relative error {err_taylor} on "
+        f"|r| <= ln2/32; a Remez fit (1/2 -> {mp.nstr(q[0], 10)}, 1/6 -> {mp.nstr(q[1], 10)}) "
+        f"levels it at {mp.nstr(lev, 4)}"
+    )
 
 
 def main() -> int:
@@ -269,8 +350,11 @@ def main() -> int:
     if args.check:
         old = args.output.read_text() if args.output.exists() else ""
         if old != text:
-            sys.stdout.writelines(difflib.unified_diff(
-                old.splitlines(True), text.splitlines(True), str(args.output), "generated"))
+            sys.stdout.writelines(
+                difflib.unified_diff(
+                    old.splitlines(True), text.splitlines(True), str(args.output), "generated"
+                )
+            )
             print(f"{args.output} is stale: run python tools/gen_exp_coeffs.py", file=sys.stderr)
             return 1
         print(f"{args.output}: up to date")

@@ -40,9 +40,8 @@ py::object fast_call(const py::array& x, const py::array& t, int reduction, bool
     } else {
       if (!py::isinstance<py::array>(out)) return py::none();
       py::array o = py::reinterpret_borrow<py::array>(out);
-      if (!is_dtype<T>(o) || o.ndim() != 2 || o.shape(0) != N || o.shape(1) != C ||
-          !native_c2(o) || !o.writeable() || overlaps(o, t) ||
-          (o.ptr() != x.ptr() && overlaps(o, x)))
+      if (!is_dtype<T>(o) || o.ndim() != 2 || o.shape(0) != N || o.shape(1) != C || !native_c2(o) ||
+          !o.writeable() || overlaps(o, t) || (o.ptr() != x.ptr() && overlaps(o, x)))
         return py::none();
       grad = o;
     }
@@ -72,8 +71,8 @@ py::object fast_call(const py::array& x, const py::array& t, int reduction, bool
     loss = rows;
   } else {
     // Never destroyed: a static py::object would be released after the interpreter.
-    static py::object* scalar = new py::object(
-        py::module_::import("numpy").attr(sizeof(T) == 4 ? "float32" : "float64"));
+    static py::object* scalar =
+        new py::object(py::module_::import("numpy").attr(sizeof(T) == 4 ? "float32" : "float64"));
     loss = (*scalar)(double(T(total)));
   }
   if (!want_grad) return loss;
@@ -121,8 +120,8 @@ void register_fast(py::module_& m) {
         py::array x = py::reinterpret_borrow<py::array>(logits);
         py::array t = py::reinterpret_borrow<py::array>(target);
         if (x.ndim() != 2 || x.shape(1) == 0 || !native_c2(x) || t.ndim() != 1 ||
-            t.shape(0) != x.shape(0) || !is_dtype<int64_t>(t) || !native_c2(t) ||
-            reduction < 0 || reduction > 2 || num_threads < 0)
+            t.shape(0) != x.shape(0) || !is_dtype<int64_t>(t) || !native_c2(t) || reduction < 0 ||
+            reduction > 2 || num_threads < 0)
           return py::none();
         if (is_dtype<float>(x))
           return fast_call<float>(x, t, reduction, want_grad, out, num_threads);

@@ -18,9 +18,9 @@ void register_options(py::module_& m) {
                       "1=sum 2=mean, softcap 0 = off, normalizer None = the default "
                       "denominator, num_threads 0 = OpenMP's default.")
       .def(py::init<>())
-      .def(py::init([](int reduction, int64_t ignore_index, double label_smoothing,
-                       double z_loss, double softcap, double logit_scale,
-                       const py::object& normalizer, int num_threads) {
+      .def(py::init([](int reduction, int64_t ignore_index, double label_smoothing, double z_loss,
+                       double softcap, double logit_scale, const py::object& normalizer,
+                       int num_threads) {
              Options o;
              o.reduction = static_cast<fastxent::Reduction>(reduction);
              o.ignore_index = ignore_index;

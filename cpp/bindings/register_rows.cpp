@@ -21,8 +21,9 @@ const T* cols_view(const py::array& a, py::ssize_t outer, py::ssize_t C, py::ssi
                    const char* what) {
   if (!is_dtype<T>(a) || a.ndim() != 3 || a.shape(0) != outer || a.shape(1) != C ||
       a.shape(2) != inner || !c_contiguous(a))
-    throw std::invalid_argument(std::string(what) +
-                                ": expected a C-contiguous (outer, C, inner) array of the logits' dtype");
+    throw std::invalid_argument(
+        std::string(what) +
+        ": expected a C-contiguous (outer, C, inner) array of the logits' dtype");
   return static_cast<const T*>(a.data());
 }
 
@@ -30,9 +31,8 @@ const T* cols_view(const py::array& a, py::ssize_t outer, py::ssize_t C, py::ssi
 // the Python arguments: S is the storage type of logits and probabilities, W that of the
 // weights. Returns the gradient pointer (null without out=).
 template <class S, class W, class In>
-S* fill_inputs(In& in, const py::array& logits, const py::object& target,
-               const py::object& probs, const py::object& weight,
-               const py::object& sample_weight, const py::object& grad) {
+S* fill_inputs(In& in, const py::array& logits, const py::object& target, const py::object& probs,
+               const py::object& weight, const py::object& sample_weight, const py::object& grad) {
   py::ssize_t N, C;
   if (logits.ndim() == 3) {
     const py::ssize_t outer = logits.shape(0), inner = logits.shape(2);
@@ -49,8 +49,8 @@ S* fill_inputs(In& in, const py::array& logits, const py::object& target,
     C = logits.shape(1);
     in.logits = rows_view<S>(logits, N, C, &in.row_stride, "logits");
     if (!probs.is_none())
-      in.probs = rows_view<S>(py::reinterpret_borrow<py::array>(probs), N, C,
-                              &in.probs_row_stride, "probability target");
+      in.probs = rows_view<S>(py::reinterpret_borrow<py::array>(probs), N, C, &in.probs_row_stride,
+                              "probability target");
   } else {
     throw std::invalid_argument("logits: expected a 2-D (rows, C) or 3-D (outer, C, inner) array");
   }
@@ -71,8 +71,8 @@ S* fill_inputs(In& in, const py::array& logits, const py::object& target,
 
 template <class T>
 double run(const py::array& logits, const py::object& target, const py::object& probs,
-           const py::object& weight, const py::object& sample_weight,
-           fastxent::Options opt, const py::object& grad, const py::object& row_losses) {
+           const py::object& weight, const py::object& sample_weight, fastxent::Options opt,
+           const py::object& grad, const py::object& row_losses) {
   fastxent::Inputs<T> in;
   T* g = fill_inputs<T, T>(in, logits, target, probs, weight, sample_weight, grad);
   T* rl = checked_output<T>(row_losses, in.rows, 1, 1, "row_losses");
@@ -85,9 +85,8 @@ double run(const py::array& logits, const py::object& target, const py::object& 
 
 // float16 / bfloat16 logits arrive as uint16 views; weights as float32.
 double run_half(const py::array& logits, int kind, const py::object& target,
-                const py::object& probs, const py::object& weight,
-                const py::object& sample_weight, fastxent::Options opt,
-                const py::object& grad, const py::object& row_losses) {
+                const py::object& probs, const py::object& weight, const py::object& sample_weight,
+                fastxent::Options opt, const py::object& grad, const py::object& row_losses) {
   fastxent::HalfInputs in;
   if (kind != 0 && kind != 1) throw std::invalid_argument("kind: 0 (float16) or 1 (bfloat16)");
   in.kind = static_cast<fastxent::HalfKind>(kind);

@@ -21,8 +21,10 @@ double* stats_array(const py::object& o, py::ssize_t rows, bool writable, const 
   py::array a = py::reinterpret_borrow<py::array>(o);
   if (!is_dtype<double>(a) || a.ndim() != 2 || a.shape(0) != rows ||
       a.shape(1) != fastxent::kStatFields || !c_contiguous(a))
-    throw std::invalid_argument(std::string(what) + ": expected a C-contiguous float64 array "
-                                "of shape (" + std::to_string(rows) + ", " +
+    throw std::invalid_argument(std::string(what) +
+                                ": expected a C-contiguous float64 array "
+                                "of shape (" +
+                                std::to_string(rows) + ", " +
                                 std::to_string(fastxent::kStatFields) + ")");
   if (writable && !a.writeable()) throw std::invalid_argument(std::string(what) + ": read-only");
   return static_cast<double*>(const_cast<void*>(a.data()));
@@ -42,8 +44,8 @@ fastxent::ShardInputs<T> shard_inputs(const py::array& logits, const py::object&
   in.num_classes = num_classes;
   in.target = checked_target(target, N);
   if (!probs.is_none())
-    in.probs = rows_view<T>(py::reinterpret_borrow<py::array>(probs), N, C,
-                            &in.probs_row_stride, "probability target");
+    in.probs = rows_view<T>(py::reinterpret_borrow<py::array>(probs), N, C, &in.probs_row_stride,
+                            "probability target");
   in.weight = checked_vector<T>(weight, C, "weight");
   return in;
 }
@@ -52,8 +54,8 @@ template <class T>
 void stats_impl(const py::array& logits, const py::object& target, const py::object& probs,
                 const py::object& weight, int64_t offset, int64_t num_classes,
                 const fastxent::Options& opt, const py::object& out) {
-  const fastxent::ShardInputs<T> in = shard_inputs<T>(logits, target, probs, weight, offset,
-                                                      num_classes);
+  const fastxent::ShardInputs<T> in =
+      shard_inputs<T>(logits, target, probs, weight, offset, num_classes);
   double* st = stats_array(out, in.rows, true, "out");
   py::gil_scoped_release release;
   fastxent::shard_stats<T>(in, opt, st);
@@ -61,11 +63,11 @@ void stats_impl(const py::array& logits, const py::object& target, const py::obj
 
 template <class T>
 void grad_impl(const py::array& logits, const py::object& target, const py::object& probs,
-               const py::object& weight, const py::object& stats,
-               const py::object& sample_weight, int64_t offset, int64_t num_classes,
-               const fastxent::Options& opt, double scale, const py::object& grad) {
-  const fastxent::ShardInputs<T> in = shard_inputs<T>(logits, target, probs, weight, offset,
-                                                      num_classes);
+               const py::object& weight, const py::object& stats, const py::object& sample_weight,
+               int64_t offset, int64_t num_classes, const fastxent::Options& opt, double scale,
+               const py::object& grad) {
+  const fastxent::ShardInputs<T> in =
+      shard_inputs<T>(logits, target, probs, weight, offset, num_classes);
   const double* st = stats_array(stats, in.rows, false, "stats");
   const T* sw = checked_vector<T>(sample_weight, in.rows, "sample_weight");
   T* g = checked_output<T>(grad, in.rows, in.classes, 2, "out");
@@ -89,8 +91,8 @@ void register_shard(py::module_& m) {
           return stats_impl<double>(logits, target, probs, weight, offset, num_classes, opt, out);
         throw py::type_error("logits: expected float32 or float64");
       },
-      py::arg("logits"), py::arg("target"), py::arg("probs"), py::arg("weight"),
-      py::arg("offset"), py::arg("num_classes"), py::arg("options"), py::arg("out"),
+      py::arg("logits"), py::arg("target"), py::arg("probs"), py::arg("weight"), py::arg("offset"),
+      py::arg("num_classes"), py::arg("options"), py::arg("out"),
       "Per-row statistics of one vocabulary shard into out (rows, STAT_FIELDS) float64 "
       "(Options: ignore_index, label_smoothing, softcap, logit_scale, num_threads).");
   m.def(
@@ -108,8 +110,8 @@ void register_shard(py::module_& m) {
       py::arg("a"), py::arg("b"), py::arg("out"), "out = a (+) b, row by row (out may alias).");
   m.def(
       "stats_loss",
-      [](const py::object& stats, const py::object& sample_weight,
-         const fastxent::Options& options, int64_t num_classes, const py::object& row_losses) {
+      [](const py::object& stats, const py::object& sample_weight, const fastxent::Options& options,
+         int64_t num_classes, const py::object& row_losses) {
         py::array a = py::reinterpret_borrow<py::array>(stats);
         const py::ssize_t rows = a.ndim() == 2 ? a.shape(0) : -1;
         const double* st = stats_array(stats, rows, false, "stats");
@@ -149,9 +151,9 @@ void register_shard(py::module_& m) {
                                    num_classes, opt, scale, grad);
         throw py::type_error("logits: expected float32 or float64");
       },
-      py::arg("logits"), py::arg("target"), py::arg("probs"), py::arg("weight"),
-      py::arg("stats"), py::arg("sample_weight"), py::arg("offset"), py::arg("num_classes"),
-      py::arg("options"), py::arg("scale"), py::arg("grad"),
+      py::arg("logits"), py::arg("target"), py::arg("probs"), py::arg("weight"), py::arg("stats"),
+      py::arg("sample_weight"), py::arg("offset"), py::arg("num_classes"), py::arg("options"),
+      py::arg("scale"), py::arg("grad"),
       "The gradient of one shard from merged statistics, into grad (may be the logits).");
 }
 

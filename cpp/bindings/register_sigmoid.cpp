@@ -90,7 +90,8 @@ void register_sigmoid(py::module_& m) {
       py::arg("grad"), py::arg("losses"),
       "Low-level sigmoid cross-entropy on C-contiguous arrays of n elements (any shape): "
       "pos_weight / weight broadcast mode 0=absent 1=`last` values along the last axis "
-      "2=n values; Options.reduction and .num_threads (the other fields are not read). Returns the reduced loss (0 for none).");
+      "2=n values; Options.reduction and .num_threads (the other fields are not read). Returns the "
+      "reduced loss (0 for none).");
 }
 
 }  // namespace fastxent_py

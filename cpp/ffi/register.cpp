@@ -16,12 +16,15 @@ namespace fastxent_py {
 void register_xla_ffi(py::module_& core) {
   py::module_ m = core.def_submodule(
       "xla_ffi", "fastxent's XLA FFI custom-call handlers (private; used by fastxent.jax)");
-  m.def("handlers", [] {
-    py::dict d;
-    d["fastxent_ce"] = py::capsule(reinterpret_cast<void*>(&FastxentCe));
-    d["fastxent_ce_grad"] = py::capsule(reinterpret_cast<void*>(&FastxentCeGrad));
-    return d;
-  }, "Target name -> PyCapsule of the handler.");
+  m.def(
+      "handlers",
+      [] {
+        py::dict d;
+        d["fastxent_ce"] = py::capsule(reinterpret_cast<void*>(&FastxentCe));
+        d["fastxent_ce_grad"] = py::capsule(reinterpret_cast<void*>(&FastxentCeGrad));
+        return d;
+      },
+      "Target name -> PyCapsule of the handler.");
   // The jaxlib whose headers the handlers were compiled against: an older jaxlib at run time
   // may not accept this FFI API version, and fastxent.jax then keeps its pure_callback path.
   m.attr("jaxlib_version") = FASTXENT_JAXLIB_VERSION;

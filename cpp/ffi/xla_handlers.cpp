@@ -34,9 +34,9 @@ enum Flags : int64_t {
   FLAG_PROBS = 1,
   FLAG_WEIGHT = 2,
   FLAG_SWEIGHT = 4,
-  FLAG_EPS_OPERAND = 8,      // label smoothing read from scalars[0]
-  FLAG_NORMALIZER = 16,      // "mean" divides by a normalizer ...
-  FLAG_NORM_OPERAND = 32,    // ... read from scalars[1] (else the `normalizer` attribute)
+  FLAG_EPS_OPERAND = 8,    // label smoothing read from scalars[0]
+  FLAG_NORMALIZER = 16,    // "mean" divides by a normalizer ...
+  FLAG_NORM_OPERAND = 32,  // ... read from scalars[1] (else the `normalizer` attribute)
 };
 
 namespace {
@@ -142,8 +142,8 @@ struct Operands {
 // Runs every batch element through `call` (the float kernel or the 16-bit one). In: the
 // fastxent input struct, S: logits storage, W: weight type, Lo: loss type.
 template <class In, class S, class W, class Lo, class Call>
-ffi::Error run_all(const Attrs& A, const Layout& L, const Operands& op, In proto, Lo* loss,
-                   S* grad, Call call) {
+ffi::Error run_all(const Attrs& A, const Layout& L, const Operands& op, In proto, Lo* loss, S* grad,
+                   Call call) {
   fastxent::Options opt;
   opt.reduction = static_cast<fastxent::Reduction>(A.reduction);
   opt.ignore_index = A.ignore_index;
@@ -177,8 +177,7 @@ ffi::Error run_all(const Attrs& A, const Layout& L, const Operands& op, In proto
     if (A.flags & FLAG_WEIGHT) in.weight = at<const W>(op.w, b, L.batch, L.classes);
     if (A.flags & FLAG_SWEIGHT) in.sample_weight = at<const W>(op.sw, b, L.batch, L.rows);
     opt.label_smoothing = (A.flags & FLAG_EPS_OPERAND) ? scalar_at(op.sc, b, L.batch, 0) : A.eps;
-    opt.normalizer =
-        (A.flags & FLAG_NORM_OPERAND) ? scalar_at(op.sc, b, L.batch, 1) : A.normalizer;
+    opt.normalizer = (A.flags & FLAG_NORM_OPERAND) ? scalar_at(op.sc, b, L.batch, 1) : A.normalizer;
     Lo* rl = none ? loss + b * L.rows : nullptr;
     S* g = grad ? grad + b * per : nullptr;
     if (L.rows == 0) {  // nothing to read or write; "sum" and "mean" are 0 (the D = 0 rule)
@@ -189,8 +188,8 @@ ffi::Error run_all(const Attrs& A, const Layout& L, const Operands& op, In proto
       const double total = call(in, opt, g, rl);
       if (!none) loss[b] = Lo(total);  // rounded once, as fastxent.cross_entropy does
     } catch (const std::out_of_range& e) {
-      return ffi::Error::InvalidArgument(
-          in.target ? bad_target(in.target, b, L, opt.ignore_index) : e.what());
+      return ffi::Error::InvalidArgument(in.target ? bad_target(in.target, b, L, opt.ignore_index)
+                                                   : e.what());
     } catch (const std::invalid_argument& e) {
       return ffi::Error::InvalidArgument(e.what());
     } catch (const std::exception& e) {
@@ -213,8 +212,8 @@ ffi::Error dispatch(const Attrs& A, const Operands& op, ffi::AnyBuffer* loss,
   const int64_t n_loss = none ? L.batch * L.rows : L.batch;
   const bool bad_w = (A.flags & FLAG_WEIGHT) && op.w.element_type() != ct;
   const bool bad_sw = (A.flags & FLAG_SWEIGHT) && op.sw.element_type() != ct;
-  const bool bad_p = (A.flags & FLAG_PROBS) && (op.t.element_type() != xt ||
-                                                op.t.element_count() != op.x.element_count());
+  const bool bad_p = (A.flags & FLAG_PROBS) &&
+                     (op.t.element_type() != xt || op.t.element_count() != op.x.element_count());
   if (loss->element_type() != ct || static_cast<int64_t>(loss->element_count()) != n_loss ||
       bad_w || bad_sw || bad_p ||
       (grad && (grad->element_type() != xt || grad->element_count() != op.x.element_count())))
@@ -235,8 +234,8 @@ ffi::Error dispatch(const Attrs& A, const Operands& op, ffi::AnyBuffer* loss,
     case ffi::DataType::F16:
     case ffi::DataType::BF16: {
       fastxent::HalfInputs proto;
-      proto.kind = xt == ffi::DataType::F16 ? fastxent::HalfKind::Float16
-                                            : fastxent::HalfKind::BFloat16;
+      proto.kind =
+          xt == ffi::DataType::F16 ? fastxent::HalfKind::Float16 : fastxent::HalfKind::BFloat16;
       uint16_t* g = grad ? static_cast<uint16_t*>(grad->untyped_data()) : nullptr;
       return run_all<fastxent::HalfInputs, uint16_t, float, float>(
           A, L, op, proto, loss->typed_data<float>(), g,
@@ -249,11 +248,11 @@ ffi::Error dispatch(const Attrs& A, const Operands& op, ffi::AnyBuffer* loss,
   }
 }
 
-Attrs attrs(int64_t core_ndim, int64_t axis, int64_t reduction, int64_t ignore_index,
-            int64_t flags, int64_t num_threads, double eps, double normalizer, double z_loss,
-            double softcap, double logit_scale) {
-  return Attrs{core_ndim, axis, reduction, ignore_index, flags, num_threads,
-               eps,       normalizer, z_loss, softcap,      logit_scale};
+Attrs attrs(int64_t core_ndim, int64_t axis, int64_t reduction, int64_t ignore_index, int64_t flags,
+            int64_t num_threads, double eps, double normalizer, double z_loss, double softcap,
+            double logit_scale) {
+  return Attrs{core_ndim, axis,       reduction, ignore_index, flags,      num_threads,
+               eps,       normalizer, z_loss,    softcap,      logit_scale};
 }
 
 ffi::Error ce_impl(ffi::AnyBuffer x, ffi::AnyBuffer t, ffi::AnyBuffer w, ffi::AnyBuffer sw,
@@ -269,9 +268,9 @@ ffi::Error ce_impl(ffi::AnyBuffer x, ffi::AnyBuffer t, ffi::AnyBuffer w, ffi::An
 ffi::Error ce_grad_impl(ffi::AnyBuffer x, ffi::AnyBuffer t, ffi::AnyBuffer w, ffi::AnyBuffer sw,
                         ffi::AnyBuffer sc, ffi::Result<ffi::AnyBuffer> loss,
                         ffi::Result<ffi::AnyBuffer> grad, int64_t core_ndim, int64_t axis,
-                        int64_t reduction, int64_t ignore_index, int64_t flags,
-                        int64_t num_threads, double eps, double normalizer, double z_loss,
-                        double softcap, double logit_scale) {
+                        int64_t reduction, int64_t ignore_index, int64_t flags, int64_t num_threads,
+                        double eps, double normalizer, double z_loss, double softcap,
+                        double logit_scale) {
   return dispatch(attrs(core_ndim, axis, reduction, ignore_index, flags, num_threads, eps,
                         normalizer, z_loss, softcap, logit_scale),
                   Operands{x, t, w, sw, sc}, &*loss, &*grad);
@@ -279,7 +278,8 @@ ffi::Error ce_grad_impl(ffi::AnyBuffer x, ffi::AnyBuffer t, ffi::AnyBuffer w, ff
 
 template <class B>
 auto with_attrs(B&& b) {
-  return std::move(b).template Attr<int64_t>("core_ndim")
+  return std::move(b)
+      .template Attr<int64_t>("core_ndim")
       .template Attr<int64_t>("axis")
       .template Attr<int64_t>("reduction")
       .template Attr<int64_t>("ignore_index")
@@ -304,10 +304,9 @@ auto operands() {
 }  // namespace
 }  // namespace fastxent_ffi
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FastxentCe, fastxent_ffi::ce_impl,
-                              fastxent_ffi::with_attrs(fastxent_ffi::operands()
-                                                           .Ret<ffi::AnyBuffer>()));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FastxentCeGrad, fastxent_ffi::ce_grad_impl,
-                              fastxent_ffi::with_attrs(fastxent_ffi::operands()
-                                                           .Ret<ffi::AnyBuffer>()
-                                                           .Ret<ffi::AnyBuffer>()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    FastxentCe, fastxent_ffi::ce_impl,
+    fastxent_ffi::with_attrs(fastxent_ffi::operands().Ret<ffi::AnyBuffer>()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    FastxentCeGrad, fastxent_ffi::ce_grad_impl,
+    fastxent_ffi::with_attrs(fastxent_ffi::operands().Ret<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>()));

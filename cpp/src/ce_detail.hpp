@@ -78,17 +78,17 @@ struct Problem {
   Inputs<T> in;
   int64_t ignore_index;
   int64_t C, nb;
-  int64_t C_total;          // the C of eps / C: C, or the whole vocabulary for a shard
-  int64_t inner;            // 1: rows; > 1: the (rows / inner, C, inner) column layout
+  int64_t C_total;  // the C of eps / C: C, or the whole vocabulary for a shard
+  int64_t inner;    // 1: rows; > 1: the (rows / inner, C, inner) column layout
   T* grad;
   double eps, lambda, alpha, cap;
-  double W;                 // sum of class weights (C without weights)
-  const double* block_w;    // class weights per block (class targets with smoothing)
-  double s;                 // 1/D for "mean", 1 otherwise
-  bool zero_all;            // D == 0 for "mean": loss and gradient are 0
-  bool stream;              // non-temporal gradient stores through a scratch row
-  bool recompute = false;   // two-pass gradient: statistics first, then exp again per block
-  bool probs;               // probability targets
+  double W;                // sum of class weights (C without weights)
+  const double* block_w;   // class weights per block (class targets with smoothing)
+  double s;                // 1/D for "mean", 1 otherwise
+  bool zero_all;           // D == 0 for "mean": loss and gradient are 0
+  bool stream;             // non-temporal gradient stores through a scratch row
+  bool recompute = false;  // two-pass gradient: statistics first, then exp again per block
+  bool probs;              // probability targets
   const RowFns<T>* fns;
   void (*fence)();
   // float <-> 16-bit conversions of the active ISA (see KernelTable).
@@ -96,9 +96,7 @@ struct Problem {
   void (*f32_to_half)(const float* src, uint16_t* dst, int64_t n, Storage storage);
 
   int64_t block_len(int64_t k) const { return k + 1 < nb ? kBlock<T> : C - k * kBlock<T>; }
-  bool counted(int64_t n) const {
-    return !zero_all && (probs || in.target[n] != ignore_index);
-  }
+  bool counted(int64_t n) const { return !zero_all && (probs || in.target[n] != ignore_index); }
 };
 
 // Points p at the kernels of the active ISA.
@@ -167,8 +165,8 @@ inline BlockIn<T> block_in(const Problem<T>& p, const RowPtrs<T>& rp, int64_t k,
   b.p = rp.prob ? rp.prob + off : nullptr;
   b.q1 = T(1.0 - p.eps);
   b.q0 = T(p.eps / double(p.C_total));
-  b.sums = p.probs ? TargetSums::Probabilities
-                   : (p.eps > 0.0 ? TargetSums::Smoothed : TargetSums::None);
+  b.sums =
+      p.probs ? TargetSums::Probabilities : (p.eps > 0.0 ? TargetSums::Smoothed : TargetSums::None);
   return b;
 }
 
@@ -184,8 +182,8 @@ template <class T>
 inline void check_cap_in(double cap, const char* dtype) {
   if (cap > 0.0 && !(T(cap) > T(0))) {
     char buf[160];
-    std::snprintf(buf, sizeof buf, "softcap = %g rounds to 0 in %s: it must be at least %g",
-                  cap, dtype, double(std::numeric_limits<T>::denorm_min()));
+    std::snprintf(buf, sizeof buf, "softcap = %g rounds to 0 in %s: it must be at least %g", cap,
+                  dtype, double(std::numeric_limits<T>::denorm_min()));
     throw std::invalid_argument(buf);
   }
 }

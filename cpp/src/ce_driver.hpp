@@ -65,9 +65,9 @@ double reduce(const Options& opt, const Prepared& pr, const std::vector<double>&
 // rows; tbuf: C entries with a softcap and a gradient; pending: the target entries of
 // streamed rows, written after the fence.
 template <class T>
-double compute_row(const Problem<T>& p, int64_t n, const RowPtrs<T>& rp, BlockStat* st,
-                   T* scratch, T* tbuf, std::vector<Pending<T>>* pending = nullptr,
-                   const T* next_row = nullptr, MaxCarry<T>* carry = nullptr);
+double compute_row(const Problem<T>& p, int64_t n, const RowPtrs<T>& rp, BlockStat* st, T* scratch,
+                   T* tbuf, std::vector<Pending<T>>* pending = nullptr, const T* next_row = nullptr,
+                   MaxCarry<T>* carry = nullptr);
 
 // Streamed rows (p.stream) begin .. end, software-pipelined (see ce_rows.cpp).
 template <class T>

@@ -15,10 +15,10 @@ namespace detail {
 // What a counted row needs after its block statistics are merged.
 struct RowResult {
   double loss;
-  double M;   // row max of z' (-inf: degenerate row; 0 with the softcap's fixed shift)
-  double a;   // gradient factor of exp(z' - M), chain factor alpha included: an / S
-  double b;   // gradient offset per unit of u, alpha included
-  double s;   // this row's scale (1/D times its sample weight)
+  double M;  // row max of z' (-inf: degenerate row; 0 with the softcap's fixed shift)
+  double a;  // gradient factor of exp(z' - M), chain factor alpha included: an / S
+  double b;  // gradient offset per unit of u, alpha included
+  double s;  // this row's scale (1/D times its sample weight)
   // a's numerator s (Q + z-loss term) alpha and denominator S = sum exp(z' - M), for the
   // double path (write_grad_block), which takes an (e / S) where a itself would be subnormal.
   double an = 0.0, S = 1.0;
@@ -113,8 +113,8 @@ inline bool needs_double(const Problem<T>& p, const RowResult& r, double fa) {
 // soft-target weight and d the softcap's 4 rho (1 - rho) (rho at t, or null): the slow path
 // for factors that do not fit T.
 template <class T>
-inline double grad_entry(const Problem<T>& p, const RowResult& r, double c, double e,
-                         const T* t, double w, const T* prob) {
+inline double grad_entry(const Problem<T>& p, const RowResult& r, double c, double e, const T* t,
+                         double w, const T* prob) {
   double u = w;
   if (prob) u *= (1.0 - p.eps) * double(*prob) + p.eps / double(p.C_total);
   double v = r.an * (c * e) - r.b * u;
@@ -128,8 +128,8 @@ inline double grad_entry(const Problem<T>& p, const RowResult& r, double c, doub
 // as its side).
 template <class T>
 inline bool grad_block_affine(const Problem<T>& p, const BlockStat& st, const RowResult& r,
-                              const T* prob, const T* e, const T* t, T* g, int64_t k,
-                              bool stream, AffineIn<T>* out, uint16_t* gh = nullptr,
+                              const T* prob, const T* e, const T* t, T* g, int64_t k, bool stream,
+                              AffineIn<T>* out, uint16_t* gh = nullptr,
                               Storage storage = Storage::Native) {
   const int64_t off = k * kBlock<T>, len = p.block_len(k);
   AffineIn<T>& a = *out;
@@ -166,10 +166,9 @@ inline bool grad_block_affine(const Problem<T>& p, const BlockStat& st, const Ro
     const double fa = st.m == -kInf ? 0.0 : r.a * rescale(st.m, r.M);
     if (needs_double(p, r, fa)) {
       for (int64_t c = 0; c < len; ++c) {
-        const double v = grad_entry(p, r, rescale(st.m, r.M) / r.S, double(a.e[c]),
-                                    a.t ? a.t + c : nullptr,
-                                    p.in.weight ? double(p.in.weight[off + c]) : 1.0,
-                                    prob ? a.p + c : nullptr);
+        const double v =
+            grad_entry(p, r, rescale(st.m, r.M) / r.S, double(a.e[c]), a.t ? a.t + c : nullptr,
+                       p.in.weight ? double(p.in.weight[off + c]) : 1.0, prob ? a.p + c : nullptr);
         if (gh) store_half(p, double(T(v)), gh + off + c, storage);
         else g[off + c] = T(v);
       }
@@ -183,9 +182,8 @@ inline bool grad_block_affine(const Problem<T>& p, const BlockStat& st, const Ro
 // Writes block k of a counted row's gradient from its stored exponentials e.
 template <class T>
 inline void write_grad_block(const Problem<T>& p, const BlockStat& st, const RowResult& r,
-                             const T* prob, const T* e, const T* t, T* g, int64_t k,
-                             bool stream, uint16_t* gh = nullptr,
-                             Storage storage = Storage::Native) {
+                             const T* prob, const T* e, const T* t, T* g, int64_t k, bool stream,
+                             uint16_t* gh = nullptr, Storage storage = Storage::Native) {
   AffineIn<T> a;
   if (grad_block_affine(p, st, r, prob, e, t, g, k, stream, &a, gh, storage)) p.fns->affine(a);
 }
@@ -193,8 +191,7 @@ inline void write_grad_block(const Problem<T>& p, const BlockStat& st, const Row
 // The target entry a e_y - q_y cancels when softmax_y is near 1: redo it in double from the
 // saved logit, rounding once (class targets only).
 template <class T>
-inline T target_value(const Problem<T>& p, const RowResult& r, double zy_t, double dzy,
-                      int64_t y) {
+inline T target_value(const Problem<T>& p, const RowResult& r, double zy_t, double dzy, int64_t y) {
   const double wy = p.in.weight ? double(p.in.weight[y]) : 1.0;
   const double ey = r.M == -kInf ? 1.0 : std::exp(zy_t - r.M);
   // r.a and r.b carry alpha; the softcap's chain factor at y replaces it.
@@ -214,9 +211,8 @@ inline void fix_target(const Problem<T>& p, const RowResult& r, double zy_t, dou
 
 // The target logit through the transform (class targets; 0 for probability targets).
 template <class T>
-inline double target_logit(const Problem<T>& p, int64_t n, double* dz,
-                           const T* zrow = nullptr, const uint16_t* zh = nullptr,
-                           Storage storage = Storage::Native) {
+inline double target_logit(const Problem<T>& p, int64_t n, double* dz, const T* zrow = nullptr,
+                           const uint16_t* zh = nullptr, Storage storage = Storage::Native) {
   *dz = p.alpha;
   if (p.probs) return 0.0;
   const int64_t y = p.in.target[n];

@@ -60,9 +60,9 @@ BlockStat chained_block(const Problem<T>& p, BlockIn<T> b, int64_t k, const T* n
 // rows; tbuf: C entries with a softcap and a gradient; pending: the target entries of
 // streamed rows, written after the fence.
 template <class T>
-double compute_row(const Problem<T>& p, int64_t n, const RowPtrs<T>& rp, BlockStat* st,
-                   T* scratch, T* tbuf, std::vector<Pending<T>>* pending,
-                   const T* next_row, MaxCarry<T>* carry) {
+double compute_row(const Problem<T>& p, int64_t n, const RowPtrs<T>& rp, BlockStat* st, T* scratch,
+                   T* tbuf, std::vector<Pending<T>>* pending, const T* next_row,
+                   MaxCarry<T>* carry) {
   T* g = rp.g;
   const bool want_grad = g || rp.gh;
   if (!p.counted(n)) {
@@ -72,9 +72,9 @@ double compute_row(const Problem<T>& p, int64_t n, const RowPtrs<T>& rp, BlockSt
   }
   double dzy;
   // Before in place overwrites z.
-  const double zy_t = rp.zh ? target_logit(p, n, &dzy, static_cast<const T*>(nullptr), rp.zh,
-                                           rp.storage)
-                            : target_logit(p, n, &dzy, rp.z);
+  const double zy_t =
+      rp.zh ? target_logit(p, n, &dzy, static_cast<const T*>(nullptr), rp.zh, rp.storage)
+            : target_logit(p, n, &dzy, rp.z);
   // 16-bit rows keep e in the float scratch row; the gradient is rounded out of it.
   T* e = want_grad && !p.recompute ? ((p.stream || rp.gh) ? scratch : g) : nullptr;
   for (int64_t k = 0; k < p.nb; ++k) {
@@ -84,10 +84,10 @@ double compute_row(const Problem<T>& p, int64_t n, const RowPtrs<T>& rp, BlockSt
   const RowResult r = finish_row(p, st, n, zy_t);
   if (rp.gh) {
     for (int64_t k = 0; k < p.nb; ++k)
-      write_grad_block(p, st[k], r, rp.prob, e, tbuf, static_cast<T*>(nullptr), k, false,
-                       rp.gh, rp.storage);
-    if (!p.probs) fix_target(p, r, zy_t, dzy, static_cast<T*>(nullptr), p.in.target[n], rp.gh,
-                             rp.storage);
+      write_grad_block(p, st[k], r, rp.prob, e, tbuf, static_cast<T*>(nullptr), k, false, rp.gh,
+                       rp.storage);
+    if (!p.probs)
+      fix_target(p, r, zy_t, dzy, static_cast<T*>(nullptr), p.in.target[n], rp.gh, rp.storage);
   } else if (g && p.recompute) {
     // Each block's exponentials again, with the same block max (the same value, see
     // chained_block, so the same bits), straight into the gradient block while it is in L1:
@@ -151,8 +151,8 @@ void stream_rows(const Problem<T>& p, int64_t begin, int64_t end, double* losses
   // Block k of the previous row's gradient: written here (see grad_block_affine), or *a set
   // for the SIMD pass (true).
   auto prev_block = [&](int64_t k, AffineIn<T>* a) {
-    return grad_block_affine(p, st[size_t(prev.slot) * nb + size_t(k)], prev.r, prev.prob,
-                             escr, tscr, prev.g, k, true, a);
+    return grad_block_affine(p, st[size_t(prev.slot) * nb + size_t(k)], prev.r, prev.prob, escr,
+                             tscr, prev.g, k, true, a);
   };
   int cur = 0;
   MaxCarry<T> carry;

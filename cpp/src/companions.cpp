@@ -103,9 +103,9 @@ void softmax(const T* x, int64_t rows, int64_t C, int64_t ld, T* out, bool log, 
         // exp(x - m_k) * exp(m_k - M) / S (not exp(m_k - lse): lse rounds away log S when M is
         // huge).
         a.e = o + k * kBlock<T>;
-        a.a = bad                          ? std::numeric_limits<T>::quiet_NaN()
-              : st[size_t(k)].m == -kInf   ? T(0)
-                                           : T(std::exp(st[size_t(k)].m - M) / S);
+        a.a = bad                        ? std::numeric_limits<T>::quiet_NaN()
+              : st[size_t(k)].m == -kInf ? T(0)
+                                         : T(std::exp(st[size_t(k)].m - M) / S);
         a.b = T(0);
       }
       f.affine(a);
@@ -134,9 +134,9 @@ void softmax_backward(const T* p, const T* g, int64_t rows, int64_t C, T* out, i
   });
 }
 
-#define FASTXENT_INSTANTIATE(T)                                                        \
-  template void softmax<T>(const T*, int64_t, int64_t, int64_t, T*, bool, int);        \
-  template void logsumexp<T>(const T*, int64_t, int64_t, int64_t, T*, int);            \
+#define FASTXENT_INSTANTIATE(T)                                                 \
+  template void softmax<T>(const T*, int64_t, int64_t, int64_t, T*, bool, int); \
+  template void logsumexp<T>(const T*, int64_t, int64_t, int64_t, T*, int);     \
   template void softmax_backward<T>(const T*, const T*, int64_t, int64_t, T*, int);
 FASTXENT_INSTANTIATE(float)
 FASTXENT_INSTANTIATE(double)

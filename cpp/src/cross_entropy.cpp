@@ -156,15 +156,15 @@ template Prepared prepare<float>(const Options&, int64_t, int64_t, int64_t, cons
 template Prepared prepare<double>(const Options&, int64_t, int64_t, int64_t, const int64_t*, bool,
                                   const double*, const double*);
 template Problem<float> make_problem<float>(const Inputs<float>&, const Options&, float*,
-                                           const Prepared&);
+                                            const Prepared&);
 template Problem<double> make_problem<double>(const Inputs<double>&, const Options&, double*,
-                                             const Prepared&);
+                                              const Prepared&);
 template void run_problem<float>(const Problem<float>&, int, double*);
 template void run_problem<double>(const Problem<double>&, int, double*);
-template double reduce<float>(const Options&, const Prepared&, const std::vector<double>&,
-                              int64_t, float*);
-template double reduce<double>(const Options&, const Prepared&, const std::vector<double>&,
-                               int64_t, double*);
+template double reduce<float>(const Options&, const Prepared&, const std::vector<double>&, int64_t,
+                              float*);
+template double reduce<double>(const Options&, const Prepared&, const std::vector<double>&, int64_t,
+                               double*);
 
 }  // namespace detail
 
@@ -179,14 +179,15 @@ void detail::check_class(int64_t n, int64_t y, int64_t classes, int64_t ignore_i
 
 void detail::check_finite(double v, const char* what, bool positive) {
   if (!std::isfinite(v) || v < 0.0 || (positive && v == 0.0))
-    throw std::invalid_argument(std::string(what) + (positive ? " must be finite and > 0, got "
-                                                              : " must be finite and >= 0, got ") +
-                                std::to_string(v));
+    throw std::invalid_argument(
+        std::string(what) +
+        (positive ? " must be finite and > 0, got " : " must be finite and >= 0, got ") +
+        std::to_string(v));
 }
 
 void detail::check_call(const Options& opt, int64_t rows, int64_t classes, int64_t inner,
-                int64_t row_stride, bool have_logits, bool have_target, bool have_probs,
-                int64_t probs_row_stride, bool have_row_losses, bool in_place) {
+                        int64_t row_stride, bool have_logits, bool have_target, bool have_probs,
+                        int64_t probs_row_stride, bool have_row_losses, bool in_place) {
   if (classes <= 0) throw std::invalid_argument("the class axis has no classes (C = 0)");
   if (rows < 0) throw std::invalid_argument("negative number of rows");
   if (inner < 1) throw std::invalid_argument("inner must be at least 1");
@@ -239,11 +240,11 @@ int64_t detail::stream_threshold() {
 template <class T>
 double cross_entropy(const Inputs<T>& in, const Options& opt, T* grad, T* row_losses) {
   check_call(opt, in.rows, in.classes, in.inner, in.row_stride, in.logits != nullptr,
-             in.target != nullptr, in.probs != nullptr, in.probs_row_stride,
-             row_losses != nullptr, grad != nullptr && grad == in.logits);
+             in.target != nullptr, in.probs != nullptr, in.probs_row_stride, row_losses != nullptr,
+             grad != nullptr && grad == in.logits);
   check_cap_in<T>(opt.softcap, sizeof(T) == 4 ? "float32" : "float64");
-  const Prepared pr = prepare(opt, in.rows, in.classes, in.inner, in.target,
-                              in.probs != nullptr, in.weight, in.sample_weight);
+  const Prepared pr = prepare(opt, in.rows, in.classes, in.inner, in.target, in.probs != nullptr,
+                              in.weight, in.sample_weight);
   const Problem<T> p = make_problem(in, opt, grad, pr);
   std::vector<double> losses(static_cast<size_t>(in.rows));  // O(N), never N x C
   run_problem(p, thread_count(opt, in.rows * in.classes), losses.data());

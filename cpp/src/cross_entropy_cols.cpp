@@ -33,8 +33,7 @@ void cross_entropy_cols(const Problem<T>& problem, int nt, double* losses) {
   // needs 64-byte aligned class rows: a plane of `inner` positions a multiple of 64 bytes, and
   // a first tile of `head` positions up to the first aligned one, so that the others start
   // aligned (the tiling changes no row's arithmetic, only which positions share a tile).
-  const bool stream = problem.stream && problem.grad &&
-                      (inner * int64_t(sizeof(T))) % 64 == 0 &&
+  const bool stream = problem.stream && problem.grad && (inner * int64_t(sizeof(T))) % 64 == 0 &&
                       reinterpret_cast<uintptr_t>(problem.grad) % sizeof(T) == 0;
   const int64_t head =
       stream ? int64_t((64 - reinterpret_cast<uintptr_t>(problem.grad) % 64) % 64 / sizeof(T)) : 0;
@@ -48,8 +47,8 @@ void cross_entropy_cols(const Problem<T>& problem, int nt, double* losses) {
     // once per tile of rows, often of a few rows only).
     const int64_t lanes = std::min(kTile, inner);
     std::vector<double> dbuf(6 * size_t(lanes));
-    double *m = dbuf.data(), *s = m + lanes, *wd = s + lanes, *us = wd + lanes,
-           *zy = us + lanes, *dz = zy + lanes;
+    double *m = dbuf.data(), *s = m + lanes, *wd = s + lanes, *us = wd + lanes, *zy = us + lanes,
+           *dz = zy + lanes;
     std::vector<T> tvals(6 * size_t(lanes));
     T *a = tvals.data(), *b = a + lanes, *keep = b + lanes, *ycls = keep + lanes,
       *zraw = ycls + lanes, *tv = zraw + lanes;
@@ -97,8 +96,8 @@ void cross_entropy_cols(const Problem<T>& problem, int nt, double* losses) {
       ci.p = p.probs ? p.in.probs + base : nullptr;
       ci.q1 = T(1.0 - p.eps);
       ci.q0 = T(p.eps / double(C));
-      ci.sums = p.probs ? TargetSums::Probabilities
-                        : (smooth ? TargetSums::Smoothed : TargetSums::None);
+      ci.sums =
+          p.probs ? TargetSums::Probabilities : (smooth ? TargetSums::Smoothed : TargetSums::None);
       ci.m = m;
       ci.s = s;
       ci.wd = wd;
@@ -136,8 +135,7 @@ void cross_entropy_cols(const Problem<T>& problem, int nt, double* losses) {
         const RowResult& r = rr[j];
         // NaN rows (one quiet NaN, as write_grad_block), rows of all -inf, the double path,
         // and the target entries when they are not picked up in the SIMD pass.
-        if (std::isnan(r.a) || r.M == -kInf || needs_double(p, r, r.a) ||
-            (!capture && !p.probs)) {
+        if (std::isnan(r.a) || r.M == -kInf || needs_double(p, r, r.a) || (!capture && !p.probs)) {
           late.push_back(j);
           if (capture) ycls[j] = T(-1);
           continue;
@@ -152,8 +150,8 @@ void cross_entropy_cols(const Problem<T>& problem, int nt, double* losses) {
         for (int64_t c = 0; c < C; ++c)
           slow_g[k * size_t(C) + size_t(c)] = T(grad_entry(
               p, rr[j], 1.0 / rr[j].S, double(e[c * eld + j]),
-              ci.t ? ci.t + c * kTile + j : nullptr,
-              p.in.weight ? double(p.in.weight[c]) : 1.0, ci.p ? ci.p + c * inner + j : nullptr));
+              ci.t ? ci.t + c * kTile + j : nullptr, p.in.weight ? double(p.in.weight[c]) : 1.0,
+              ci.p ? ci.p + c * inner + j : nullptr));
       }
       ColAffineIn<T> ca;
       ca.e = e;

@@ -25,11 +25,11 @@ using namespace detail;
 double cross_entropy_half(const HalfInputs& in, const Options& opt, uint16_t* grad,
                           float* row_losses) {
   check_call(opt, in.rows, in.classes, in.inner, in.row_stride, in.logits != nullptr,
-             in.target != nullptr, in.probs != nullptr, in.probs_row_stride,
-             row_losses != nullptr, grad != nullptr && grad == in.logits);
+             in.target != nullptr, in.probs != nullptr, in.probs_row_stride, row_losses != nullptr,
+             grad != nullptr && grad == in.logits);
   check_cap_in<float>(opt.softcap, "float32 (the math of 16-bit logits)");
-  const Prepared pr = prepare(opt, in.rows, in.classes, in.inner, in.target,
-                              in.probs != nullptr, in.weight, in.sample_weight);
+  const Prepared pr = prepare(opt, in.rows, in.classes, in.inner, in.target, in.probs != nullptr,
+                              in.weight, in.sample_weight);
   const KernelTable& table = active_table();
   // The one mapping of the public HalfKind onto the kernel's Storage.
   const Storage storage = in.kind == HalfKind::Float16 ? Storage::Float16 : Storage::BFloat16;
@@ -102,10 +102,9 @@ double cross_entropy_half(const HalfInputs& in, const Options& opt, uint16_t* gr
     convert([&](const uint16_t* h, float* f, int64_t) { table.half_to_f32(h, f, slice, storage); },
             s0, count, zld, in.logits, zf.data());
     if (in.probs)
-      convert([&](const uint16_t* h, float* f, int64_t) {
-        table.half_to_f32(h, f, slice, storage);
-      },
-              s0, count, pld, in.probs, pf.data());
+      convert(
+          [&](const uint16_t* h, float* f, int64_t) { table.half_to_f32(h, f, slice, storage); },
+          s0, count, pld, in.probs, pf.data());
     const int64_t r0 = in.inner > 1 ? s0 * in.inner : s0;
     Inputs<float> ci;
     ci.logits = zf.data();

@@ -71,8 +71,8 @@ Features detect() {
   const bool f16c = (l1.c >> 29) & 1;
   if (!osxsave || !avx) return f;
   const uint64_t x = xcr0();
-  const bool ymm_state = (x & 0x6) == 0x6;            // SSE and AVX state
-  const bool zmm_state = (x & 0xe6) == 0xe6;          // + opmask, ZMM_Hi256, Hi16_ZMM
+  const bool ymm_state = (x & 0x6) == 0x6;    // SSE and AVX state
+  const bool zmm_state = (x & 0xe6) == 0xe6;  // + opmask, ZMM_Hi256, Hi16_ZMM
   const Regs l7 = cpuid(7, 0);
   const bool avx2 = (l7.b >> 5) & 1;
   const bool bmi2 = (l7.b >> 8) & 1;
@@ -133,8 +133,8 @@ void set_isa(const std::string& name) {
   }
   std::string avail;
   for (const std::string& n : available_isas()) avail += (avail.empty() ? "" : ", ") + n;
-  throw std::invalid_argument("unknown or unsupported ISA '" + name +
-                              "': this CPU can run " + avail + " (or 'auto')");
+  throw std::invalid_argument("unknown or unsupported ISA '" + name + "': this CPU can run " +
+                              avail + " (or 'auto')");
 }
 
 const KernelTable& active_table() {

@@ -236,8 +236,7 @@ inline BlockStat Row<V>::block_for(const BlockIn<T>& in) {
       return run_block(mode, in, V::hmax(transform<Transform::Softcap>(vm, xf, &t)));
     case Transform::Scale:
       return run_block(mode, in, V::hmax(transform<Transform::Scale>(vm, xf, &t)));
-    default:
-      return run_block(mode, in, m);
+    default: return run_block(mode, in, m);
   }
 }
 
@@ -263,8 +262,8 @@ inline BlockStat Row<V>::run_block(BlockMode m, const BlockIn<T>& in, T mt) {
     else affine(*in.side);
   }
   // The next block's max only from T storage and where blocks take a max.
-  m.next = in.znext != nullptr && m.storage == Storage::Native &&
-           m.tr != Transform::SoftcapFixedShift;
+  m.next =
+      in.znext != nullptr && m.storage == Storage::Native && m.tr != Transform::SoftcapFixedShift;
   // TargetSums::None reads no weights itself; with a side, HAS_W is the side's (g = a e - b w).
   m.has_w = in.w != nullptr && (m.sums != TargetSums::None || m.side);
   static constexpr auto table = mode_table<BlockFn, Row>(BlockMode::indices());

@@ -46,14 +46,14 @@ inline void in_register(R& v) {
 
 // Optional capabilities of a traits type V: fn<V>() is V::member where V declares it, else
 // false (the operations each one promises: kernel_contract.hpp).
-#define FASTXENT_TRAITS_FLAG(fn, member)                                          \
-  template <class V, class = void>                                                \
-  struct fn##_flag : std::false_type {};                                          \
-  template <class V>                                                              \
+#define FASTXENT_TRAITS_FLAG(fn, member)                                             \
+  template <class V, class = void>                                                   \
+  struct fn##_flag : std::false_type {};                                             \
+  template <class V>                                                                 \
   struct fn##_flag<V, decltype(void(V::member))> : std::bool_constant<V::member> {}; \
-  template <class V>                                                              \
-  constexpr bool fn() {                                                           \
-    return fn##_flag<V>::value;                                                   \
+  template <class V>                                                                 \
+  constexpr bool fn() {                                                              \
+    return fn##_flag<V>::value;                                                      \
   }
 
 // The fused AVX-512 operations (scale, scale_unless_below, fmadd_unless_zero, recip12,

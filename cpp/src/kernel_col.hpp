@@ -60,7 +60,7 @@ struct Col {
       V::store(tmpt, mt);
       for (int64_t j = 0; j < len; ++j) {
         in.m[i0 + j] = tmpm[j] == ninf && !softcap(TR) ? -std::numeric_limits<double>::infinity()
-                                                  : double(tmpt[j]);
+                                                       : double(tmpt[j]);
         in.s[i0 + j] = 0.0;
         in.wd[i0 + j] = 0.0;
         in.usum[i0 + j] = 0.0;
@@ -141,7 +141,8 @@ struct Col {
                     (in.ld * int64_t(sizeof(T))) % int64_t(W * sizeof(T)) == 0;
     for (int64_t i0 = 0; i0 < in.L; i0 += W) {
       const int64_t len = in.L - i0 < W ? in.L - i0 : W;
-      const R va = V::mul(four, Rw::loadn(in.a + i0, len)), vb = V::mul(four, Rw::loadn(in.b + i0, len));
+      const R va = V::mul(four, Rw::loadn(in.a + i0, len)),
+              vb = V::mul(four, Rw::loadn(in.b + i0, len));
       const R keep = Rw::loadn(in.keep + i0, len);
       R vy = one, vtv = one, vc = V::set1(T(0));
       if constexpr (TGT) {
@@ -174,13 +175,16 @@ struct Col {
   }
   template <bool HAS_W, bool HAS_P>
   static void affine_c(const ColAffineIn<T>& in) {
-    if (in.t) affine_t<HAS_W, HAS_P, true>(in); else affine_t<HAS_W, HAS_P, false>(in);
+    if (in.t) affine_t<HAS_W, HAS_P, true>(in);
+    else affine_t<HAS_W, HAS_P, false>(in);
   }
   static void affine(const ColAffineIn<T>& in) {
     if (in.w) {
-      if (in.p) affine_c<true, true>(in); else affine_c<true, false>(in);
+      if (in.p) affine_c<true, true>(in);
+      else affine_c<true, false>(in);
     } else {
-      if (in.p) affine_c<false, true>(in); else affine_c<false, false>(in);
+      if (in.p) affine_c<false, true>(in);
+      else affine_c<false, false>(in);
     }
   }
 };

@@ -65,12 +65,11 @@ using Bits = std::conditional_t<sizeof(typename V::T) == 4, uint32_t, uint64_t>;
 
 // op_<name><V>::value: V::<name>, called with the contract's arguments, has the contract's
 // result type.
-#define FASTXENT_TRAITS_OP(name, result, ...)                                             \
-  template <class V, class = void>                                                       \
-  struct op_##name : std::false_type {};                                                 \
-  template <class V>                                                                     \
-  struct op_##name<                                                                      \
-      V, std::enable_if_t<std::is_same_v<result, decltype(V::name(__VA_ARGS__))>>>       \
+#define FASTXENT_TRAITS_OP(name, result, ...)                                                   \
+  template <class V, class = void>                                                              \
+  struct op_##name : std::false_type {};                                                        \
+  template <class V>                                                                            \
+  struct op_##name<V, std::enable_if_t<std::is_same_v<result, decltype(V::name(__VA_ARGS__))>>> \
       : std::true_type {};
 
 #define FASTXENT_R std::declval<typename V::R>()

@@ -16,8 +16,10 @@ template <bool HAS_W, bool HAS_P, bool CAP>
 struct Row<V>::GradK {
   R va, vb, vq1, vq0;
   explicit GradK(const AffineIn<T>& in)
-      : va(V::set1(CAP ? T(4) * in.a : in.a)), vb(V::set1(CAP ? T(4) * in.b : in.b)),
-        vq1(V::set1(in.q1)), vq0(V::set1(in.q0)) {}
+      : va(V::set1(CAP ? T(4) * in.a : in.a)),
+        vb(V::set1(CAP ? T(4) * in.b : in.b)),
+        vq1(V::set1(in.q1)),
+        vq0(V::set1(in.q0)) {}
   R operator()(const AffineIn<T>& in, int64_t i, int64_t len) const {
     R bu = vb;
     if constexpr (HAS_P || HAS_W) {
@@ -86,8 +88,7 @@ inline void Row<V>::affine_s(const AffineIn<T>& in) {
     if (in.gh) {
       if (in.storage == Storage::Float16)
         affine_impl<HAS_W, HAS_P, CAP, false, Storage::Float16>(in);
-      else
-        affine_impl<HAS_W, HAS_P, CAP, false, Storage::BFloat16>(in);
+      else affine_impl<HAS_W, HAS_P, CAP, false, Storage::BFloat16>(in);
       return;
     }
   }
@@ -97,14 +98,17 @@ inline void Row<V>::affine_s(const AffineIn<T>& in) {
 template <class V>
 template <bool HAS_W, bool HAS_P>
 inline void Row<V>::affine_c(const AffineIn<T>& in) {
-  if (in.t) affine_s<HAS_W, HAS_P, true>(in); else affine_s<HAS_W, HAS_P, false>(in);
+  if (in.t) affine_s<HAS_W, HAS_P, true>(in);
+  else affine_s<HAS_W, HAS_P, false>(in);
 }
 template <class V>
 inline void Row<V>::affine(const AffineIn<T>& in) {
   if (in.w) {
-    if (in.p) affine_c<true, true>(in); else affine_c<true, false>(in);
+    if (in.p) affine_c<true, true>(in);
+    else affine_c<true, false>(in);
   } else {
-    if (in.p) affine_c<false, true>(in); else affine_c<false, false>(in);
+    if (in.p) affine_c<false, true>(in);
+    else affine_c<false, false>(in);
   }
 }
 

@@ -58,7 +58,7 @@ struct BlockMode {
   }
   // The instantiation set: the modes Row::run_block can build, no other (is_float: T = float).
   constexpr bool reachable(bool is_float) const {
-    if (storage != Storage::Native && !is_float) return false;  // 16-bit storage: float only
+    if (storage != Storage::Native && !is_float) return false;         // 16-bit storage: float only
     if (side && !(store && storage == Storage::Native)) return false;  // the streamed rows
     if (next && (storage != Storage::Native || tr == Transform::SoftcapFixedShift)) return false;
     if (sums == TargetSums::None && has_w && !side) return false;  // no sum reads weights
@@ -68,10 +68,10 @@ struct BlockMode {
 
 // The column statistics pass (Col::stats_impl).
 struct ColMode {
-  bool store = false;                  // e (and rho with a softcap) are stored (ColIn::e)
+  bool store = false;  // e (and rho with a softcap) are stored (ColIn::e)
   Transform tr = Transform::Identity;
   TargetSums sums = TargetSums::None;
-  bool has_w = false;                  // class weights are read
+  bool has_w = false;  // class weights are read
 
   static constexpr int kCount = 2 * 4 * 3 * 2;
   static constexpr auto indices() { return std::make_integer_sequence<int, kCount>(); }

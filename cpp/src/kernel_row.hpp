@@ -38,7 +38,8 @@ struct Row {
   static void storeh(uint16_t* p, R v, int64_t len) {
     if constexpr (V::kHasHalf) {
       if (len >= W) {
-        if constexpr (HK == Storage::Float16) V::store_f16(p, v); else V::store_bf16(p, v);
+        if constexpr (HK == Storage::Float16) V::store_f16(p, v);
+        else V::store_bf16(p, v);
         return;
       }
     }
@@ -105,7 +106,8 @@ struct Row {
     return len >= W ? V::load(p) : V::load_partial(p, len, T(0));
   }
   static void storen(T* p, R v, int64_t len) {
-    if (len >= W) V::store(p, v); else V::store_partial(p, v, len);
+    if (len >= W) V::store(p, v);
+    else V::store_partial(p, v, len);
   }
 
   // The constants of the transform: alpha, 2 alpha / cap (the tanh is taken of half its
@@ -113,7 +115,9 @@ struct Row {
   struct Xf {
     R alpha, inv, cap, cap2;
     Xf(T a, T c)
-        : alpha(V::set1(a)), inv(V::set1(c > T(0) ? T(2) * a / c : T(0))), cap(V::set1(c)),
+        : alpha(V::set1(a)),
+          inv(V::set1(c > T(0) ? T(2) * a / c : T(0))),
+          cap(V::set1(c)),
           cap2(V::set1(T(2) * c)) {}
   };
 
@@ -132,8 +136,6 @@ struct Row {
       return zz;
     }
   }
-
-
 
   // The block pass (kernel_block.hpp).
   static void side_piece(const AffineIn<T>& side, int64_t lo, int64_t hi);

@@ -98,15 +98,15 @@ struct AffineIn {
 template <class T>
 struct BlockIn {
   const T* z;
-  T* e;         // e = exp(z' - m') is stored here when not null (may equal z)
-  T* t;         // softcap only: rho = 1 / (1 + exp(-|2 alpha z / cap|)) is stored here when
-                // e is stored (1 - tanh^2(alpha z / cap) = 4 rho (1 - rho))
-  int64_t n;    // <= kBlock<T>
-  T alpha;      // logit scale (> 0; 1 for none)
-  T cap;        // softcap (0 for none)
-  const T* w;   // class weights of the block, or null
-  const T* p;   // probability targets of the block, or null
-  T q1, q0;     // u = w (q1 p + q0): smoothing of probability targets
+  T* e;             // e = exp(z' - m') is stored here when not null (may equal z)
+  T* t;             // softcap only: rho = 1 / (1 + exp(-|2 alpha z / cap|)) is stored here when
+                    // e is stored (1 - tanh^2(alpha z / cap) = 4 rho (1 - rho))
+  int64_t n;        // <= kBlock<T>
+  T alpha;          // logit scale (> 0; 1 for none)
+  T cap;            // softcap (0 for none)
+  const T* w;       // class weights of the block, or null
+  const T* p;       // probability targets of the block, or null
+  T q1, q0;         // u = w (q1 p + q0): smoothing of probability targets
   TargetSums sums;  // the sums besides sum exp (see TargetSums)
   // 16-bit logits (T = float only): when zh is set the n logits are read from zh instead of
   // z, as `storage` (Float16 or BFloat16), and converted in registers.
@@ -213,16 +213,24 @@ struct KernelTable {
 template <class T>
 inline const SigmoidFns<T>& sigmoid_fns(const KernelTable& t);
 template <>
-inline const SigmoidFns<float>& sigmoid_fns<float>(const KernelTable& t) { return t.sig_f32; }
+inline const SigmoidFns<float>& sigmoid_fns<float>(const KernelTable& t) {
+  return t.sig_f32;
+}
 template <>
-inline const SigmoidFns<double>& sigmoid_fns<double>(const KernelTable& t) { return t.sig_f64; }
+inline const SigmoidFns<double>& sigmoid_fns<double>(const KernelTable& t) {
+  return t.sig_f64;
+}
 
 template <class T>
 inline const RowFns<T>& row_fns(const KernelTable& t);
 template <>
-inline const RowFns<float>& row_fns<float>(const KernelTable& t) { return t.f32; }
+inline const RowFns<float>& row_fns<float>(const KernelTable& t) {
+  return t.f32;
+}
 template <>
-inline const RowFns<double>& row_fns<double>(const KernelTable& t) { return t.f64; }
+inline const RowFns<double>& row_fns<double>(const KernelTable& t) {
+  return t.f64;
+}
 
 // One per compiled ISA (each defined in its isa_<name>.cpp), from the registry.
 #define FASTXENT_DECLARE_TABLE(name, usable) const KernelTable& name##_table();

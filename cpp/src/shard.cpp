@@ -22,16 +22,15 @@ using namespace detail;
 
 template <class T>
 void check_shard(const ShardInputs<T>& in, const Options& opt, bool in_place) {
-  check_call(opt, in.rows, in.classes, 1, in.row_stride, in.logits != nullptr,
-             in.target != nullptr, in.probs != nullptr, in.probs_row_stride, true, in_place);
+  check_call(opt, in.rows, in.classes, 1, in.row_stride, in.logits != nullptr, in.target != nullptr,
+             in.probs != nullptr, in.probs_row_stride, true, in_place);
   check_cap_in<T>(opt.softcap, sizeof(T) == 4 ? "float32" : "float64");
   if (in.offset < 0) throw std::invalid_argument("offset must be >= 0");
   if (in.num_classes < in.classes || in.offset > in.num_classes - in.classes)
-    throw std::invalid_argument("the shard [offset, offset + classes) = [" +
-                                std::to_string(in.offset) + ", " +
-                                std::to_string(in.offset + in.classes) +
-                                ") does not fit in num_classes = " +
-                                std::to_string(in.num_classes));
+    throw std::invalid_argument(
+        "the shard [offset, offset + classes) = [" + std::to_string(in.offset) + ", " +
+        std::to_string(in.offset + in.classes) +
+        ") does not fit in num_classes = " + std::to_string(in.num_classes));
   if (in.target)
     for (int64_t n = 0; n < in.rows; ++n)
       check_class(n, in.target[n], in.num_classes, opt.ignore_index);
@@ -81,19 +80,17 @@ bool owns_target(const Problem<T>& p, int64_t offset, int64_t n, int64_t* y) {
 
 double row_lse(const double* st) { return st[kStatMax] + std::log(st[kStatSumExp]); }
 
-bool row_nan(const double* st) {
-  return std::isnan(st[kStatMax]) || std::isnan(st[kStatSumExp]);
-}
+bool row_nan(const double* st) { return std::isnan(st[kStatMax]) || std::isnan(st[kStatSumExp]); }
 
 // Count and coverage of merged statistics; throws naming the first bad row.
 void check_merged(const double* stats, int64_t rows, int64_t num_classes) {
   for (int64_t n = 0; n < rows; ++n) {
     const double* st = stats + n * kStatFields;
     if (st[kStatColumns] != double(num_classes))
-      throw std::invalid_argument(
-          "statistics of row " + std::to_string(n) + " cover " +
-          std::to_string(st[kStatColumns]) + " columns, not num_classes = " +
-          std::to_string(num_classes) + ": merge the statistics of every shard, once each");
+      throw std::invalid_argument("statistics of row " + std::to_string(n) + " cover " +
+                                  std::to_string(st[kStatColumns]) +
+                                  " columns, not num_classes = " + std::to_string(num_classes) +
+                                  ": merge the statistics of every shard, once each");
     if (st[kStatCount] != 0.0 && st[kStatCount] != 1.0)
       throw std::invalid_argument("statistics of row " + std::to_string(n) + " have count " +
                                   std::to_string(st[kStatCount]) +
@@ -135,8 +132,8 @@ void shard_stats(const ShardInputs<T>& in, const Options& opt, double* stats) {
       double M = -kInf;
       bool nan = false;
       for (int64_t k = 0; k < p.nb; ++k) {
-        st[size_t(k)] = p.fns->block(block_in(p, rp, k, static_cast<T*>(nullptr),
-                                              static_cast<T*>(nullptr)));
+        st[size_t(k)] =
+            p.fns->block(block_in(p, rp, k, static_cast<T*>(nullptr), static_cast<T*>(nullptr)));
         M = std::max(M, st[size_t(k)].m);
         nan |= std::isnan(st[size_t(k)].m) || std::isnan(st[size_t(k)].s);
       }
@@ -227,8 +224,8 @@ double stats_loss(const double* stats, int64_t rows, const double* sample_weight
     throw std::invalid_argument("reduction 'none' needs a row_losses output");
   if (num_classes > 0) check_merged(stats, rows, num_classes);
   const bool mean = opt.reduction == Reduction::Mean;
-  const double D = opt.has_normalizer ? opt.normalizer : stats_denominator(stats, rows,
-                                                                           sample_weight);
+  const double D =
+      opt.has_normalizer ? opt.normalizer : stats_denominator(stats, rows, sample_weight);
   double total = 0.0;
   for (int64_t n = 0; n < rows; ++n) {
     const double* st = stats + n * kStatFields;

@@ -19,8 +19,8 @@ namespace fastxent {
 
 namespace {
 
-constexpr int64_t kChunk = 8192;            // elements per chunk (the unit of parallel work)
-constexpr int64_t kMinPeriod = 1024;        // a short last axis is tiled to at least this
+constexpr int64_t kChunk = 8192;      // elements per chunk (the unit of parallel work)
+constexpr int64_t kMinPeriod = 1024;  // a short last axis is tiled to at least this
 
 // A broadcast operand as the kernel sees it: element i reads data[i % period] (period n: one
 // value per element). A Last operand shorter than kMinPeriod is tiled so that runs between
@@ -105,8 +105,7 @@ double sigmoid_cross_entropy(const SigmoidInputs<T>& in, const SigmoidOptions& o
       throw std::invalid_argument(std::string(o.name) +
                                   " overlaps an input (only grad == logits is allowed)");
   }
-  if (overlap(grad, bytes, losses, bytes))
-    throw std::invalid_argument("grad and losses overlap");
+  if (overlap(grad, bytes, losses, bytes)) throw std::invalid_argument("grad and losses overlap");
 
   // ---- compute ----
   const bool mean = opt.reduction == Reduction::Mean;
@@ -122,8 +121,14 @@ double sigmoid_cross_entropy(const SigmoidInputs<T>& in, const SigmoidOptions& o
     double s = 0.0;
     for (int64_t i = k * kChunk; i < end;) {
       const int64_t j = wt.next(i, pw.next(i, end));
-      SigmoidSeg<T> seg{in.logits + i, in.target + i, pw.at(i), wt.at(i), j - i,
-                        losses ? losses + i : nullptr, grad ? grad + i : nullptr, gscale};
+      SigmoidSeg<T> seg{in.logits + i,
+                        in.target + i,
+                        pw.at(i),
+                        wt.at(i),
+                        j - i,
+                        losses ? losses + i : nullptr,
+                        grad ? grad + i : nullptr,
+                        gscale};
       s += fns.seg(seg);
       i = j;
     }
@@ -148,7 +153,7 @@ double sigmoid_cross_entropy(const SigmoidInputs<T>& in, const SigmoidOptions& o
 
 template double sigmoid_cross_entropy<float>(const SigmoidInputs<float>&, const SigmoidOptions&,
                                              float*, float*);
-template double sigmoid_cross_entropy<double>(const SigmoidInputs<double>&,
-                                              const SigmoidOptions&, double*, double*);
+template double sigmoid_cross_entropy<double>(const SigmoidInputs<double>&, const SigmoidOptions&,
+                                              double*, double*);
 
 }  // namespace fastxent

@@ -74,7 +74,8 @@ struct Sigmoid {
     return len >= W ? V::load(p) : V::load_partial(p, len, fill);
   }
   static void storen(T* p, R v, int64_t len) {
-    if (len >= W) V::store(p, v); else V::store_partial(p, v, len);
+    if (len >= W) V::store(p, v);
+    else V::store_partial(p, v, len);
   }
   // x < 0 ? a : b, exactly for finite a, b (-0 and NaN count as >= 0).
   static R sel_neg(R x, R a, R b) {

@@ -10,14 +10,14 @@ namespace fastxent {
 // hands out runs that never cross a period of a broadcast pos_weight / weight).
 template <class T>
 struct SigmoidSeg {
-  const T* x;     // logits
-  const T* y;     // targets
-  const T* p;     // pos_weight per element, or null (1)
-  const T* w;     // weight per element, or null (1)
+  const T* x;  // logits
+  const T* y;  // targets
+  const T* p;  // pos_weight per element, or null (1)
+  const T* w;  // weight per element, or null (1)
   int64_t n;
-  T* loss;        // per-element losses, or null
-  T* grad;        // gradient, or null; may equal x (in place)
-  T gscale;       // gradient factor (1/n for "mean", else 1)
+  T* loss;   // per-element losses, or null
+  T* grad;   // gradient, or null; may equal x (in place)
+  T gscale;  // gradient factor (1/n for "mean", else 1)
 };
 
 template <class T>

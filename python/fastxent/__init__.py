@@ -16,8 +16,14 @@ from . import _core
 from ._api import cross_entropy, cross_entropy_with_grad
 from ._linear import linear_cross_entropy, linear_cross_entropy_with_grad
 from ._companions import log_softmax, logsumexp, softmax, softmax_backward, softmax_jacobian
-from ._shard import (STAT_FIELDS, loss_from_stats, merge_stats, shard_grad, shard_stats,
-                     stats_denominator)
+from ._shard import (
+    STAT_FIELDS,
+    loss_from_stats,
+    merge_stats,
+    shard_grad,
+    shard_stats,
+    stats_denominator,
+)
 from ._sigmoid import sigmoid_cross_entropy, sigmoid_cross_entropy_with_grad
 
 __version__: str = _core.__version__

@@ -11,12 +11,22 @@ from typing import Any, Optional, Union
 import numpy as np
 
 from . import _core
-from ._options import (FLOAT_DTYPES, REDUCTIONS, LossOptions, as_target, as_vector, check_axis,
-                       check_out, cols_view, half_kind, raise_bad_target, rows_view)
+from ._options import (
+    FLOAT_DTYPES,
+    REDUCTIONS,
+    LossOptions,
+    as_target,
+    as_vector,
+    check_axis,
+    check_out,
+    cols_view,
+    half_kind,
+    raise_bad_target,
+    rows_view,
+)
 from ._options import to_numpy as _to_numpy  # (tests read arrays through fastxent._api)
 
 __all__ = ["cross_entropy", "cross_entropy_with_grad"]
-
 
 
 def _as_logits(logits: Any) -> np.ndarray:
@@ -31,23 +41,31 @@ def _as_logits(logits: Any) -> np.ndarray:
 def _run(logits: Any, target: Any, kw: dict, want_grad: bool, out: Any):
     x = _as_logits(logits)
     ax = check_axis(kw["axis"], x.ndim)
-    opts = LossOptions.from_keywords(kw["reduction"], kw["ignore_index"], kw["label_smoothing"],
-                                     kw["z_loss"], kw["softcap"], kw["logit_scale"],
-                                     kw["normalizer"], kw["num_threads"])
+    opts = LossOptions.from_keywords(
+        kw["reduction"],
+        kw["ignore_index"],
+        kw["label_smoothing"],
+        kw["z_loss"],
+        kw["softcap"],
+        kw["logit_scale"],
+        kw["normalizer"],
+        kw["num_threads"],
+    )
     ii = opts.ignore_index
     C = x.shape[ax]
     if C == 0:
         raise ValueError("the class axis has no classes (C = 0)")
-    t_shape = x.shape[:ax] + x.shape[ax + 1:]
+    t_shape = x.shape[:ax] + x.shape[ax + 1 :]
     last = ax == x.ndim - 1
-    squeeze = not last and all(d == 1 for d in x.shape[ax + 1:])
+    squeeze = not last and all(d == 1 for d in x.shape[ax + 1 :])
     if squeeze:
         last = True  # only length-1 axes follow the class axis: read it as the last one
 
     def rows_or_cols(a: np.ndarray) -> np.ndarray:
         if squeeze:
-            a = a.reshape(a.shape[:ax + 1])
+            a = a.reshape(a.shape[: ax + 1])
         return rows_view(a) if last else cols_view(a, ax)
+
     half = half_kind(x.dtype)
     cdt = np.dtype(np.float32) if half is not None else x.dtype  # compute / weight dtype
     tgt = _to_numpy(target, "target")
@@ -55,11 +73,14 @@ def _run(logits: Any, target: Any, kw: dict, want_grad: bool, out: Any):
     t = None
     if (tgt.dtype.kind == "f" or half_kind(tgt.dtype) is not None) and tgt.ndim == x.ndim:
         if tgt.shape != x.shape:
-            raise ValueError(f"probability target has shape {tgt.shape}, expected the logits' "
-                             f"shape {x.shape}")
+            raise ValueError(
+                f"probability target has shape {tgt.shape}, expected the logits' shape {x.shape}"
+            )
         if ii != -100:
-            raise ValueError("ignore_index applies to class-index targets only; probability "
-                             "targets weight rows with sample_weight instead")
+            raise ValueError(
+                "ignore_index applies to class-index targets only; probability "
+                "targets weight rows with sample_weight instead"
+            )
         # Another dtype than the logits' is converted (a copy); the logits' dtype is read in place.
         pr = tgt if tgt.dtype == x.dtype else tgt.astype(x.dtype)
         if half is not None:
@@ -90,8 +111,9 @@ def _run(logits: Any, target: Any, kw: dict, want_grad: bool, out: Any):
         elif half is None:
             total = _core.cross_entropy(view, t, probs, w, sw, opts.core(), g2, row_losses)
         else:
-            total = _core.cross_entropy_half(view, half, t, probs, w, sw, opts.core(), g2,
-                                             row_losses)
+            total = _core.cross_entropy_half(
+                view, half, t, probs, w, sw, opts.core(), g2, row_losses
+            )
     except IndexError:
         raise_bad_target(np.asarray(target), C, ii)
         raise
@@ -180,25 +202,47 @@ _DOC_RAISES = """
 """
 
 
-def _no_options(axis: Any, weight: Any, ignore_index: Any, label_smoothing: Any,
-                sample_weight: Any, z_loss: Any, softcap: Any, logit_scale: Any,
-                normalizer: Any, num_threads: Any) -> bool:
+def _no_options(
+    axis: Any,
+    weight: Any,
+    ignore_index: Any,
+    label_smoothing: Any,
+    sample_weight: Any,
+    z_loss: Any,
+    softcap: Any,
+    logit_scale: Any,
+    normalizer: Any,
+    num_threads: Any,
+) -> bool:
     """Every keyword at its default but a plain positive num_threads (the condition of the
     fast path)."""
-    return (axis == -1 and weight is None and ignore_index == -100 and label_smoothing == 0.0
-            and sample_weight is None and z_loss == 0.0 and softcap is None
-            and logit_scale == 1.0 and normalizer is None
-            and (num_threads is None or (type(num_threads) is int and 0 < num_threads < 2**31)))
+    return (
+        axis == -1
+        and weight is None
+        and ignore_index == -100
+        and label_smoothing == 0.0
+        and sample_weight is None
+        and z_loss == 0.0
+        and softcap is None
+        and logit_scale == 1.0
+        and normalizer is None
+        and (num_threads is None or (type(num_threads) is int and 0 < num_threads < 2**31))
+    )
 
 
-def _fast(logits: Any, target: Any, reduction: Any, out: Any, want_grad: bool,
-          num_threads: Optional[int]):
+def _fast(
+    logits: Any, target: Any, reduction: Any, out: Any, want_grad: bool, num_threads: Optional[int]
+):
     """The common small call without options, in about a microsecond of overhead: plain
     ndarrays (C-contiguous 2-D float32/float64 logits, int64 targets), out= absent, the
     logits, or a separate array. The checks are in _core.fast_call, which returns None when
     the call needs the general path (which also produces every error message)."""
-    if (type(logits) is not np.ndarray or type(target) is not np.ndarray
-            or type(reduction) is not str or (out is not None and type(out) is not np.ndarray)):
+    if (
+        type(logits) is not np.ndarray
+        or type(target) is not np.ndarray
+        or type(reduction) is not str
+        or (out is not None and type(out) is not np.ndarray)
+    ):
         return None
     red = REDUCTIONS.get(reduction)
     if red is None:
@@ -206,64 +250,142 @@ def _fast(logits: Any, target: Any, reduction: Any, out: Any, want_grad: bool,
     return _core.fast_call(logits, target, red, want_grad, out, num_threads or 0)
 
 
-def cross_entropy(logits: Any, target: Any, *, axis: int = -1, reduction: str = "mean",
-                  weight: Any = None, ignore_index: int = -100, label_smoothing: float = 0.0,
-                  sample_weight: Any = None, z_loss: float = 0.0, softcap: Optional[float] = None,
-                  logit_scale: float = 1.0, normalizer: Optional[float] = None,
-                  num_threads: Optional[int] = None):
-    if _no_options(axis, weight, ignore_index, label_smoothing, sample_weight, z_loss, softcap,
-                   logit_scale, normalizer, num_threads):
+def cross_entropy(
+    logits: Any,
+    target: Any,
+    *,
+    axis: int = -1,
+    reduction: str = "mean",
+    weight: Any = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    sample_weight: Any = None,
+    z_loss: float = 0.0,
+    softcap: Optional[float] = None,
+    logit_scale: float = 1.0,
+    normalizer: Optional[float] = None,
+    num_threads: Optional[int] = None,
+):
+    if _no_options(
+        axis,
+        weight,
+        ignore_index,
+        label_smoothing,
+        sample_weight,
+        z_loss,
+        softcap,
+        logit_scale,
+        normalizer,
+        num_threads,
+    ):
         res = _fast(logits, target, reduction, None, False, num_threads)
         if res is not None:
             return res
-    return _run(logits, target, dict(
-        axis=axis, reduction=reduction, weight=weight, ignore_index=ignore_index,
-        label_smoothing=label_smoothing, sample_weight=sample_weight, z_loss=z_loss,
-        softcap=softcap, logit_scale=logit_scale, normalizer=normalizer,
-        num_threads=num_threads), False, None)
+    return _run(
+        logits,
+        target,
+        dict(
+            axis=axis,
+            reduction=reduction,
+            weight=weight,
+            ignore_index=ignore_index,
+            label_smoothing=label_smoothing,
+            sample_weight=sample_weight,
+            z_loss=z_loss,
+            softcap=softcap,
+            logit_scale=logit_scale,
+            normalizer=normalizer,
+            num_threads=num_threads,
+        ),
+        False,
+        None,
+    )
 
 
 cross_entropy.__doc__ = (
     """Softmax cross-entropy loss of a batch of logits (the loss alone: nothing N x C is
     written, the logits are read once).
-""" + _DOC_FORMULA + _DOC_PARAMS + """
+"""
+    + _DOC_FORMULA
+    + _DOC_PARAMS
+    + """
     Returns
     -------
     A NumPy scalar of the logits' dtype for "mean"/"sum" (rows accumulated in float64), or an
     array of shape ``logits.shape[:-1]`` for "none".
-""" + _DOC_DIFF + _DOC_RAISES + """
+"""
+    + _DOC_DIFF
+    + _DOC_RAISES
+    + """
     Example
     -------
     >>> import numpy as np, fastxent as fx
     >>> z = np.array([[2.0, 1.0, 0.1], [0.5, 2.5, 0.3]], dtype=np.float32)
     >>> float(fx.cross_entropy(z, np.array([0, 1])))  # doctest: +ELLIPSIS
     0.3185...
-""")
+"""
+)
 
 
-def cross_entropy_with_grad(logits: Any, target: Any, *, axis: int = -1,
-                            reduction: str = "mean", weight: Any = None,
-                            ignore_index: int = -100, label_smoothing: float = 0.0,
-                            sample_weight: Any = None, z_loss: float = 0.0,
-                            softcap: Optional[float] = None, logit_scale: float = 1.0,
-                            normalizer: Optional[float] = None,
-                            num_threads: Optional[int] = None, out: Optional[np.ndarray] = None):
-    if _no_options(axis, weight, ignore_index, label_smoothing, sample_weight, z_loss, softcap,
-                   logit_scale, normalizer, num_threads):
+def cross_entropy_with_grad(
+    logits: Any,
+    target: Any,
+    *,
+    axis: int = -1,
+    reduction: str = "mean",
+    weight: Any = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    sample_weight: Any = None,
+    z_loss: float = 0.0,
+    softcap: Optional[float] = None,
+    logit_scale: float = 1.0,
+    normalizer: Optional[float] = None,
+    num_threads: Optional[int] = None,
+    out: Optional[np.ndarray] = None,
+):
+    if _no_options(
+        axis,
+        weight,
+        ignore_index,
+        label_smoothing,
+        sample_weight,
+        z_loss,
+        softcap,
+        logit_scale,
+        normalizer,
+        num_threads,
+    ):
         res = _fast(logits, target, reduction, out, True, num_threads)
         if res is not None:
             return res
-    return _run(logits, target, dict(
-        axis=axis, reduction=reduction, weight=weight, ignore_index=ignore_index,
-        label_smoothing=label_smoothing, sample_weight=sample_weight, z_loss=z_loss,
-        softcap=softcap, logit_scale=logit_scale, normalizer=normalizer,
-        num_threads=num_threads), True, out)
+    return _run(
+        logits,
+        target,
+        dict(
+            axis=axis,
+            reduction=reduction,
+            weight=weight,
+            ignore_index=ignore_index,
+            label_smoothing=label_smoothing,
+            sample_weight=sample_weight,
+            z_loss=z_loss,
+            softcap=softcap,
+            logit_scale=logit_scale,
+            normalizer=normalizer,
+            num_threads=num_threads,
+        ),
+        True,
+        out,
+    )
 
 
 cross_entropy_with_grad.__doc__ = (
     """Loss and its gradient d(loss)/d(logits) in one fused pass over memory.
 
-    The loss is that of :func:`cross_entropy`.""" + _DOC_FORMULA + """
+    The loss is that of :func:`cross_entropy`."""
+    + _DOC_FORMULA
+    + """
     The gradient of row n (before the chain rule through the softcap and scale) is::
 
         grad[n, c] = (s_n / D) * ((Q_n + 2 * z_loss * lse_n) * softmax(z'_n)_c - u[n, c])
@@ -273,7 +395,9 @@ cross_entropy_with_grad.__doc__ = (
     and "none" ("none" gives the gradient of the sum of the row losses). The softcap
     multiplies it by ``logit_scale * (1 - (z'/softcap)**2)``, the scale alone by
     ``logit_scale``. Ignored rows get a gradient of exactly 0.
-""" + _DOC_PARAMS + """    out : ndarray, optional
+"""
+    + _DOC_PARAMS
+    + """    out : ndarray, optional
         Where to write the gradient: the logits' shape and dtype, C-contiguous and writable.
         ``out=logits`` is the in-place mode: the logits are overwritten by the gradient and no
         second N x C buffer is needed.
@@ -282,7 +406,10 @@ cross_entropy_with_grad.__doc__ = (
     -------
     (loss, grad): the loss as in :func:`cross_entropy`; grad has the logits' shape and dtype
     and is C-contiguous (it is ``out`` when given).
-""" + _DOC_DIFF + _DOC_RAISES + """    ValueError
+"""
+    + _DOC_DIFF
+    + _DOC_RAISES
+    + """    ValueError
         also for an ``out`` of the wrong shape, dtype or layout, read-only, or partly
         overlapping the logits. On any error nothing is written: an in-place call with one
         bad label leaves the logits intact.
@@ -294,4 +421,5 @@ cross_entropy_with_grad.__doc__ = (
     >>> loss, g = fx.cross_entropy_with_grad(z, np.array([0]))
     >>> np.round(g, 4)
     array([[-0.341 ,  0.2424,  0.0986]], dtype=float32)
-""")
+"""
+)

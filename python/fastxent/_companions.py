@@ -90,8 +90,9 @@ def logsumexp(x: Any, axis: int = -1, *, num_threads: Optional[int] = None) -> n
     return _rowwise(x, axis, 2, "logsumexp", num_threads)
 
 
-def softmax_backward(probs: Any, grad: Any, axis: int = -1, *,
-                     num_threads: Optional[int] = None) -> np.ndarray:
+def softmax_backward(
+    probs: Any, grad: Any, axis: int = -1, *, num_threads: Optional[int] = None
+) -> np.ndarray:
     """Vector-Jacobian product of softmax: ``probs * (grad - sum(probs * grad, axis))``.
 
     ``probs`` is a softmax output, ``grad`` the upstream gradient d(L)/d(probs) of the same

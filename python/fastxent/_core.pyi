@@ -23,9 +23,17 @@ class Options:
     @overload
     def __init__(self) -> None: ...
     @overload
-    def __init__(self, reduction: _Int, ignore_index: _Int, label_smoothing: _Float,
-                 z_loss: _Float, softcap: _Float, logit_scale: _Float, normalizer: object,
-                 num_threads: _Int) -> None: ...
+    def __init__(
+        self,
+        reduction: _Int,
+        ignore_index: _Int,
+        label_smoothing: _Float,
+        z_loss: _Float,
+        softcap: _Float,
+        logit_scale: _Float,
+        normalizer: object,
+        num_threads: _Int,
+    ) -> None: ...
 
 def active_isa() -> str: ...
 def available_isas() -> list[str]: ...
@@ -34,27 +42,80 @@ def default_num_threads() -> int: ...
 def block_classes(itemsize: int) -> int: ...
 def stream_bytes() -> int: ...
 def has_openmp() -> bool: ...
-def companion(x: numpy.ndarray, out: numpy.ndarray, which: _Int, num_threads: _Int,
-              g: object = ...) -> None: ...
-def cross_entropy(logits: numpy.ndarray, target: object, probs: object, weight: object,
-                  sample_weight: object, options: Options, grad: object,
-                  row_losses: object) -> float: ...
-def fast_call(logits: object, target: object, reduction: _Int, want_grad: bool, out: object,
-              num_threads: _Int) -> Any: ...
-def fast_call_raw(logits: _Int, rows: _Int, classes: _Int, itemsize: _Int, target: _Int,
-                  reduction: _Int, grad: _Int, loss: _Int) -> bool: ...
-def cross_entropy_half(logits: numpy.ndarray, kind: _Int, target: object, probs: object,
-                       weight: object, sample_weight: object, options: Options, grad: object,
-                       row_losses: object) -> float: ...
-def sigmoid_cross_entropy(logits: numpy.ndarray, target: object, pos_weight: object,
-                          pos_weight_mode: _Int, weight: object, weight_mode: _Int, last: _Int,
-                          options: Options, grad: object, losses: object) -> float: ...
-def shard_stats(logits: numpy.ndarray, target: object, probs: object, weight: object,
-                offset: _Int, num_classes: _Int, options: Options, out: object) -> None: ...
+def companion(
+    x: numpy.ndarray, out: numpy.ndarray, which: _Int, num_threads: _Int, g: object = ...
+) -> None: ...
+def cross_entropy(
+    logits: numpy.ndarray,
+    target: object,
+    probs: object,
+    weight: object,
+    sample_weight: object,
+    options: Options,
+    grad: object,
+    row_losses: object,
+) -> float: ...
+def fast_call(
+    logits: object, target: object, reduction: _Int, want_grad: bool, out: object, num_threads: _Int
+) -> Any: ...
+def fast_call_raw(
+    logits: _Int,
+    rows: _Int,
+    classes: _Int,
+    itemsize: _Int,
+    target: _Int,
+    reduction: _Int,
+    grad: _Int,
+    loss: _Int,
+) -> bool: ...
+def cross_entropy_half(
+    logits: numpy.ndarray,
+    kind: _Int,
+    target: object,
+    probs: object,
+    weight: object,
+    sample_weight: object,
+    options: Options,
+    grad: object,
+    row_losses: object,
+) -> float: ...
+def sigmoid_cross_entropy(
+    logits: numpy.ndarray,
+    target: object,
+    pos_weight: object,
+    pos_weight_mode: _Int,
+    weight: object,
+    weight_mode: _Int,
+    last: _Int,
+    options: Options,
+    grad: object,
+    losses: object,
+) -> float: ...
+def shard_stats(
+    logits: numpy.ndarray,
+    target: object,
+    probs: object,
+    weight: object,
+    offset: _Int,
+    num_classes: _Int,
+    options: Options,
+    out: object,
+) -> None: ...
 def merge_stats(a: object, b: object, out: object) -> None: ...
-def stats_loss(stats: object, sample_weight: object, options: Options, num_classes: _Int,
-               row_losses: object) -> float: ...
+def stats_loss(
+    stats: object, sample_weight: object, options: Options, num_classes: _Int, row_losses: object
+) -> float: ...
 def stats_denominator(stats: object, sample_weight: object) -> float: ...
-def shard_grad(logits: numpy.ndarray, target: object, probs: object, weight: object,
-               stats: object, sample_weight: object, offset: _Int, num_classes: _Int,
-               options: Options, scale: _Float, grad: object) -> None: ...
+def shard_grad(
+    logits: numpy.ndarray,
+    target: object,
+    probs: object,
+    weight: object,
+    stats: object,
+    sample_weight: object,
+    offset: _Int,
+    num_classes: _Int,
+    options: Options,
+    scale: _Float,
+    grad: object,
+) -> None: ...

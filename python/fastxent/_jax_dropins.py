@@ -25,8 +25,9 @@ def _axis(axis: Any, ndim: int) -> int:
     try:
         a = operator.index(axis)
     except TypeError:
-        raise TypeError(f"axis must be an int (fastxent reads one class axis), got "
-                        f"{type(axis).__name__}") from None
+        raise TypeError(
+            f"axis must be an int (fastxent reads one class axis), got {type(axis).__name__}"
+        ) from None
     if not -ndim <= a < ndim:
         raise ValueError(f"axis {axis} is out of bounds for logits with {ndim} dimensions")
     return a % ndim
@@ -37,7 +38,7 @@ def _row_mask(where: Any, logits: jax.Array, axis: int):
     if where is None:
         return None, None
     w = jnp.asarray(where, bool)
-    rows = logits.shape[:axis] + logits.shape[axis + 1:]
+    rows = logits.shape[:axis] + logits.shape[axis + 1 :]
     if w.ndim == logits.ndim:
         return None, jnp.broadcast_to(w, logits.shape)
     return jnp.broadcast_to(w, rows), None
@@ -48,8 +49,9 @@ def _masked_log_softmax_parts(z: jax.Array, cls: jax.Array, axis: int):
     return z - lse
 
 
-def softmax_cross_entropy_with_integer_labels(logits: Any, labels: Any, axis: Any = -1,
-                                              where: Any = None) -> jax.Array:
+def softmax_cross_entropy_with_integer_labels(
+    logits: Any, labels: Any, axis: Any = -1, where: Any = None
+) -> jax.Array:
     """Per-example softmax cross-entropy with integer labels, as
     ``optax.softmax_cross_entropy_with_integer_labels(logits, labels, axis, where)``: the
     shape of ``labels``, the logits' dtype, differentiable with respect to the logits.
@@ -71,8 +73,7 @@ def softmax_cross_entropy_with_integer_labels(logits: Any, labels: Any, axis: An
     return _fxj.cross_entropy(z, y, axis=a, reduction="none")
 
 
-def softmax_cross_entropy(logits: Any, labels: Any, axis: Any = -1,
-                          where: Any = None) -> jax.Array:
+def softmax_cross_entropy(logits: Any, labels: Any, axis: Any = -1, where: Any = None) -> jax.Array:
     """Per-example softmax cross-entropy with probability (e.g. one-hot) labels of the
     logits' shape, as ``optax.softmax_cross_entropy(logits, labels, axis, where)``: the
     examples' shape, the logits' dtype, differentiable with respect to the logits (not the
@@ -87,6 +88,9 @@ def softmax_cross_entropy(logits: Any, labels: Any, axis: Any = -1,
         logp = _masked_log_softmax_parts(z, cls, a)
         return (-jnp.sum(p * logp, axis=a, where=cls)).astype(z.dtype)
     p = jax.lax.stop_gradient(p.astype(z.dtype))
-    sw = None if rows is None else rows.astype(jnp.float32 if z.dtype != jnp.float64
-                                               else jnp.float64)
+    sw = (
+        None
+        if rows is None
+        else rows.astype(jnp.float32 if z.dtype != jnp.float64 else jnp.float64)
+    )
     return _fxj.cross_entropy(z, p, axis=a, reduction="none", sample_weight=sw)

@@ -60,10 +60,12 @@ def _register() -> bool:
     if env == "0":
         return False
     from . import _core
+
     _xla_ffi = getattr(_core, "xla_ffi", None)  # built only with jaxlib's FFI headers
     if _xla_ffi is None:
         return False
     import jaxlib
+
     runtime = getattr(getattr(jaxlib, "version", None), "__version__", "0")
     # Handlers compiled against a newer FFI header than the running XLA may be refused by it;
     # FASTXENT_JAX_FFI=1 forces them anyway.
@@ -98,16 +100,24 @@ def _call(want_grad: bool, attrs: Tuple[Tuple[str, Any], ...], x, t, w, sw, sc):
     a = dict(attrs)
     cdt = compute_dtype(x.dtype)
     axis = int(a["axis"])
-    rows = x.shape[:axis] + x.shape[axis + 1:]
+    rows = x.shape[:axis] + x.shape[axis + 1 :]
     loss_shape = rows if int(a["reduction"]) == 0 else ()
     outs = [_result(loss_shape, cdt, x)]
     if want_grad:
         outs.append(_result(x.shape, x.dtype, x))
     empty = jnp.zeros((0,), cdt)
-    f = jax.ffi.ffi_call("fastxent_ce_grad" if want_grad else "fastxent_ce", tuple(outs),
-                         vmap_method="broadcast_all")
-    return f(x, t, empty if w is None else w, empty if sw is None else sw, sc,
-             core_ndim=np.int64(x.ndim), **a)
+    f = jax.ffi.ffi_call(
+        "fastxent_ce_grad" if want_grad else "fastxent_ce", tuple(outs), vmap_method="broadcast_all"
+    )
+    return f(
+        x,
+        t,
+        empty if w is None else w,
+        empty if sw is None else sw,
+        sc,
+        core_ndim=np.int64(x.ndim),
+        **a,
+    )
 
 
 @functools.lru_cache(maxsize=256)
@@ -129,13 +139,15 @@ def _make(attrs: Tuple[Tuple[str, Any], ...]):
 
     def jvp(primals, tangents):
         x, t, w, sw, sc = primals
-        for name, v in zip(("target", "weight", "sample_weight", "label_smoothing or normalizer"),
-                           tangents[1:]):
+        for name, v in zip(
+            ("target", "weight", "sample_weight", "label_smoothing or normalizer"), tangents[1:]
+        ):
             if v is not None and not isinstance(v, jax.custom_derivatives.SymbolicZero):
                 raise TypeError(
                     f"fastxent.jax.cross_entropy differentiates with respect to the logits "
                     f"only; {name} is being differentiated (wrap it in jax.lax.stop_gradient "
-                    f"if it is a constant)")
+                    f"if it is a constant)"
+                )
         dx = tangents[0]
         if isinstance(dx, jax.custom_derivatives.SymbolicZero):
             loss = _call(False, attrs, x, t, w, sw, sc)[0]
@@ -150,8 +162,9 @@ def _make(attrs: Tuple[Tuple[str, Any], ...]):
     return ce
 
 
-def cross_entropy(x, t, w, sw, probs: bool, axis: int, opts: dict,
-                  eps: Any, normalizer: Any) -> jax.Array:
+def cross_entropy(
+    x, t, w, sw, probs: bool, axis: int, opts: dict, eps: Any, normalizer: Any
+) -> jax.Array:
     """The loss (in the compute dtype) through the custom call. `opts`: static options
     (reduction, ignore_index, z_loss, softcap, logit_scale, num_threads); `eps` and
     `normalizer`: Python numbers (attributes) or traced scalars (operands); normalizer None:
@@ -193,16 +206,22 @@ def _sharded(rows, x, t, w, sw, probs, axis, opts, eps, normalizer):
     P = jax.sharding.PartitionSpec
     mesh, spec = rows
     names = tuple(n for s in spec if s is not None for n in (s if isinstance(s, tuple) else (s,)))
-    row_spec = P(*(spec[:axis] + spec[axis + 1:]))
+    row_spec = P(*(spec[:axis] + spec[axis + 1 :]))
     reduction = opts.get("reduction", "mean")
     args: Dict[str, Any] = {"x": x, "t": t}
     specs: Dict[str, Any] = {"x": P(*spec), "t": P(*spec) if probs else row_spec}
-    for k, v, sp in (("w", w, P()), ("sw", sw, row_spec), ("eps", eps, P()),
-                     ("norm", normalizer, P())):
+    for k, v, sp in (
+        ("w", w, P()),
+        ("sw", sw, row_spec),
+        ("eps", eps, P()),
+        ("norm", normalizer, P()),
+    ):
         if isinstance(v, jax.Array):
             args[k], specs[k] = v, sp
-    args = {k: jax.sharding.reshard(v, jax.sharding.NamedSharding(mesh, specs[k]))
-            for k, v in args.items()}
+    args = {
+        k: jax.sharding.reshard(v, jax.sharding.NamedSharding(mesh, specs[k]))
+        for k, v in args.items()
+    }
     cdt = compute_dtype(x.dtype)
 
     def local(a):
@@ -210,37 +229,49 @@ def _sharded(rows, x, t, w, sw, probs, axis, opts, eps, normalizer):
         if reduction == "mean" and norm is None:
             d = _denominator(a["t"], a.get("w"), a.get("sw"), probs, opts, x.shape[axis], cdt)
             norm = jax.lax.psum(d, names)
-        loss = _single(a["x"], a["t"], a.get("w"), a.get("sw"), probs, axis, opts,
-                       a.get("eps", eps), norm)
+        loss = _single(
+            a["x"], a["t"], a.get("w"), a.get("sw"), probs, axis, opts, a.get("eps", eps), norm
+        )
         return loss if reduction == "none" else jax.lax.psum(loss, names)
 
-    return jax.shard_map(local, mesh=mesh, in_specs=(specs,),
-                         out_specs=row_spec if reduction == "none" else P())(args)
+    return jax.shard_map(
+        local, mesh=mesh, in_specs=(specs,), out_specs=row_spec if reduction == "none" else P()
+    )(args)
 
 
-def _single(x, t, w, sw, probs: bool, axis: int, opts: dict, eps: Any,
-            normalizer: Any) -> jax.Array:
+def _single(
+    x, t, w, sw, probs: bool, axis: int, opts: dict, eps: Any, normalizer: Any
+) -> jax.Array:
     cdt = compute_dtype(x.dtype)
-    flags = ((_FLAG_PROBS if probs else 0) | (0 if w is None else _FLAG_WEIGHT)
-             | (0 if sw is None else _FLAG_SWEIGHT)
-             | (0 if normalizer is None else _FLAG_NORMALIZER))
+    flags = (
+        (_FLAG_PROBS if probs else 0)
+        | (0 if w is None else _FLAG_WEIGHT)
+        | (0 if sw is None else _FLAG_SWEIGHT)
+        | (0 if normalizer is None else _FLAG_NORMALIZER)
+    )
     traced_eps = isinstance(eps, jax.Array)
     traced_norm = isinstance(normalizer, jax.Array)
     flags |= (_FLAG_EPS_OPERAND if traced_eps else 0) | (_FLAG_NORM_OPERAND if traced_norm else 0)
-    sc = jnp.stack([jnp.asarray(eps if traced_eps else 0.0, cdt).reshape(()),
-                    jnp.asarray(normalizer if traced_norm else 0.0, cdt).reshape(())])
+    sc = jnp.stack(
+        [
+            jnp.asarray(eps if traced_eps else 0.0, cdt).reshape(()),
+            jnp.asarray(normalizer if traced_norm else 0.0, cdt).reshape(()),
+        ]
+    )
     softcap = opts.get("softcap")
     nt = opts.get("num_threads")
-    attrs = (("axis", np.int64(axis)),
-             ("reduction", np.int64(_REDUCTIONS[opts.get("reduction", "mean")])),
-             ("ignore_index", np.int64(opts.get("ignore_index", -100))),
-             ("flags", np.int64(flags)),
-             ("num_threads", np.int64(0 if nt is None else nt)),
-             ("eps", np.float64(0.0 if traced_eps else eps)),
-             ("normalizer", np.float64(0.0 if traced_norm or normalizer is None else normalizer)),
-             ("z_loss", np.float64(opts.get("z_loss", 0.0))),
-             ("softcap", np.float64(0.0 if softcap is None else softcap)),
-             ("logit_scale", np.float64(opts.get("logit_scale", 1.0))))
+    attrs = (
+        ("axis", np.int64(axis)),
+        ("reduction", np.int64(_REDUCTIONS[opts.get("reduction", "mean")])),
+        ("ignore_index", np.int64(opts.get("ignore_index", -100))),
+        ("flags", np.int64(flags)),
+        ("num_threads", np.int64(0 if nt is None else nt)),
+        ("eps", np.float64(0.0 if traced_eps else eps)),
+        ("normalizer", np.float64(0.0 if traced_norm or normalizer is None else normalizer)),
+        ("z_loss", np.float64(opts.get("z_loss", 0.0))),
+        ("softcap", np.float64(0.0 if softcap is None else softcap)),
+        ("logit_scale", np.float64(opts.get("logit_scale", 1.0))),
+    )
     if probs:
         t = t.astype(x.dtype)
     w = None if w is None else w.astype(cdt)

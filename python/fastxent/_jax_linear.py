@@ -31,8 +31,16 @@ from ._api import cross_entropy, cross_entropy_with_grad
 
 __all__ = ["linear_cross_entropy"]
 
-_STATIC = ("reduction", "ignore_index", "label_smoothing", "z_loss", "softcap", "logit_scale",
-           "normalizer", "num_threads")
+_STATIC = (
+    "reduction",
+    "ignore_index",
+    "label_smoothing",
+    "z_loss",
+    "softcap",
+    "logit_scale",
+    "normalizer",
+    "num_threads",
+)
 
 
 def _host(opts: Tuple[Tuple[str, Any], ...], red: str, want_grad: bool, cdt: Any):
@@ -40,14 +48,18 @@ def _host(opts: Tuple[Tuple[str, Any], ...], red: str, want_grad: bool, cdt: Any
 
     def call(z, t, w, sw, d):
         z = np.asarray(z)
-        k = dict(kw, weight=None if w is None else np.asarray(w),
-                 sample_weight=None if sw is None else np.asarray(sw))
+        k = dict(
+            kw,
+            weight=None if w is None else np.asarray(w),
+            sample_weight=None if sw is None else np.asarray(sw),
+        )
         if red == "mean":
             k["normalizer"] = float(d)
         if want_grad:
             loss, g = cross_entropy_with_grad(z, np.asarray(t), **k)
             return np.asarray(loss, cdt), g.astype(cdt, copy=False)
         return np.asarray(cross_entropy(z, np.asarray(t), **k), cdt)
+
     return call
 
 
@@ -68,10 +80,20 @@ def _sweep(opts, red: str, tile: int, want_grad: bool, h2, w_lin, b, t, cw, sw, 
         m = h_t.shape[0]
         lshape = jax.ShapeDtypeStruct((m,) if red == "none" else (), cdt)
         if not want_grad:
-            return carry, (jax.pure_callback(host, lshape, z, t_t, cw, sw_t, d,
-                                             vmap_method="sequential"), None)
-        loss, g = jax.pure_callback(host, (lshape, jax.ShapeDtypeStruct(z.shape, cdt)),
-                                    z, t_t, cw, sw_t, d, vmap_method="sequential")
+            return carry, (
+                jax.pure_callback(host, lshape, z, t_t, cw, sw_t, d, vmap_method="sequential"),
+                None,
+            )
+        loss, g = jax.pure_callback(
+            host,
+            (lshape, jax.ShapeDtypeStruct(z.shape, cdt)),
+            z,
+            t_t,
+            cw,
+            sw_t,
+            d,
+            vmap_method="sequential",
+        )
         gw, gb = carry
         g16 = g.astype(dt)
         gh = jnp.dot(g16, w_lin, preferred_element_type=cdt).astype(dt)
@@ -83,14 +105,22 @@ def _sweep(opts, red: str, tile: int, want_grad: bool, h2, w_lin, b, t, cw, sw, 
     full = (n // tile) * tile
     outs: Any = []
     if full:
+
         def tiles(a):
             return None if a is None else a[:full].reshape((full // tile, tile) + a.shape[1:])
+
         carry, (ls, ghs) = jax.lax.scan(step, carry, (tiles(h2), tiles(t), tiles(sw)))
-        outs.append((ls.reshape(-1) if red == "none" else ls.sum(),
-                     None if ghs is None else ghs.reshape(full, hdim)))
+        outs.append(
+            (
+                ls.reshape(-1) if red == "none" else ls.sum(),
+                None if ghs is None else ghs.reshape(full, hdim),
+            )
+        )
     if n > full or not full:
+
         def rest(a):
             return None if a is None else a[full:]
+
         carry, (lr, ghr) = step(carry, (rest(h2), rest(t), rest(sw)))
         outs.append((lr, ghr))
     if red == "none":
@@ -121,8 +151,9 @@ def _make(opts: Tuple[Tuple[str, Any], ...], tile: int, has_bias: bool):
         if red == "none":
             return loss_of(h, w, b, t, cw, sw, d), (h, w, b, t, cw, sw, d, None)
         h2 = h.reshape(-1, h.shape[-1])
-        loss, gh, gw, gb = _sweep(opts, red, tile, True, h2, w, b if has_bias else None, t,
-                                  cw, sw, d)
+        loss, gh, gw, gb = _sweep(
+            opts, red, tile, True, h2, w, b if has_bias else None, t, cw, sw, d
+        )
         return loss, (h, w, b, t, cw, sw, d, (gh, gw, gb))
 
     def bwd(res, ct):
@@ -130,8 +161,19 @@ def _make(opts: Tuple[Tuple[str, Any], ...], tile: int, has_bias: bool):
         if grads is None:  # "none": the rows weighted by the cotangent, recomputed
             s = ct.reshape(-1).astype(d.dtype)
             s = s if sw is None else s * sw
-            _, gh, gw, gb = _sweep(opts, "sum", tile, True, h.reshape(-1, h.shape[-1]), w,
-                                   b if has_bias else None, t, cw, s, d)
+            _, gh, gw, gb = _sweep(
+                opts,
+                "sum",
+                tile,
+                True,
+                h.reshape(-1, h.shape[-1]),
+                w,
+                b if has_bias else None,
+                t,
+                cw,
+                s,
+                d,
+            )
         else:
             c = ct.astype(grads[0].dtype)
             gh, gw, gb = (None if g is None else (g * c).astype(g.dtype) for g in grads)
@@ -141,9 +183,17 @@ def _make(opts: Tuple[Tuple[str, Any], ...], tile: int, has_bias: bool):
     return f
 
 
-def linear_cross_entropy(hidden: Any, linear_weight: Any, target: Any, *,
-                         linear_bias: Any = None, weight: Any = None, sample_weight: Any = None,
-                         tile_rows: Optional[int] = None, **options: Any) -> jax.Array:
+def linear_cross_entropy(
+    hidden: Any,
+    linear_weight: Any,
+    target: Any,
+    *,
+    linear_bias: Any = None,
+    weight: Any = None,
+    sample_weight: Any = None,
+    tile_rows: Optional[int] = None,
+    **options: Any,
+) -> jax.Array:
     """The loss of ``fastxent.jax.cross_entropy(hidden @ linear_weight.T + linear_bias,
     target, ...)`` (see :func:`fastxent.linear_cross_entropy`), differentiable with respect
     to hidden, linear_weight and linear_bias, usable under ``jax.jit`` and ``jax.grad``.
@@ -157,30 +207,50 @@ def linear_cross_entropy(hidden: Any, linear_weight: Any, target: Any, *,
     unknown = set(options) - set(_STATIC)
     if unknown:
         raise TypeError(f"unknown options {sorted(unknown)}")
-    kw = {"weight": None, "ignore_index": -100, "label_smoothing": 0.0, "sample_weight": None,
-          "z_loss": 0.0, "softcap": None, "logit_scale": 1.0, "normalizer": None,
-          "num_threads": None}
+    kw = {
+        "weight": None,
+        "ignore_index": -100,
+        "label_smoothing": 0.0,
+        "sample_weight": None,
+        "z_loss": 0.0,
+        "softcap": None,
+        "logit_scale": 1.0,
+        "normalizer": None,
+        "num_threads": None,
+    }
     kw.update({k: v for k, v in options.items() if k != "reduction"})
     red = options.get("reduction", "mean")
     hdt, wdt = np.dtype(h.dtype), np.dtype(w.dtype)
-    _linear.shape_checks(tuple(h.shape), hdt, tuple(w.shape), wdt,
-                          None if b is None else tuple(b.shape),
-                          None if b is None else np.dtype(b.dtype))
+    _linear.shape_checks(
+        tuple(h.shape),
+        hdt,
+        tuple(w.shape),
+        wdt,
+        None if b is None else tuple(b.shape),
+        None if b is None else np.dtype(b.dtype),
+    )
     lead, v = tuple(h.shape[:-1]), w.shape[0]
     n = int(np.prod(lead, dtype=np.int64))
     cdt = np.dtype(np.float64) if hdt == np.float64 else np.dtype(np.float32)
     probs = jnp.issubdtype(t.dtype, jnp.floating)
     if t.shape != (lead + (v,) if probs else lead):
-        raise ValueError(f"target has shape {t.shape}, expected {lead} (class indices) or "
-                         f"{lead + (v,)} (probabilities)")
+        raise ValueError(
+            f"target has shape {t.shape}, expected {lead} (class indices) or "
+            f"{lead + (v,)} (probabilities)"
+        )
     if not probs and not jnp.issubdtype(t.dtype, jnp.integer):
         raise TypeError(f"target must hold class indices or probabilities, got {t.dtype}")
     if sample_weight is not None and tuple(np.shape(sample_weight)) != lead:
         raise ValueError(f"sample_weight has shape {np.shape(sample_weight)}, expected {lead}")
     opts_kw = {k: kw[k] for k in kw if k not in ("weight", "sample_weight")}
-    _linear.check_options(v, cdt, bool(probs), red,
-                           dict(opts_kw, weight=None if weight is None else np.ones(
-                               np.shape(weight), cdt)), sample_weight is not None)
+    _linear.check_options(
+        v,
+        cdt,
+        bool(probs),
+        red,
+        dict(opts_kw, weight=None if weight is None else np.ones(np.shape(weight), cdt)),
+        sample_weight is not None,
+    )
     cw = None if weight is None else jnp.asarray(weight).astype(cdt)
     sw = None if sample_weight is None else jnp.asarray(sample_weight).astype(cdt).reshape(-1)
     t = t.reshape((n, v)).astype(cdt) if probs else t.reshape(n)

@@ -48,8 +48,17 @@ _MIN_ROWS = 16
 # cannot add into it (NumPy's matmul, 16-bit PyTorch): small enough to stay in cache.
 CHUNK_BYTES = 1 << 20
 
-_OPTION_NAMES = ("weight", "ignore_index", "label_smoothing", "sample_weight", "z_loss",
-                 "softcap", "logit_scale", "normalizer", "num_threads")
+_OPTION_NAMES = (
+    "weight",
+    "ignore_index",
+    "label_smoothing",
+    "sample_weight",
+    "z_loss",
+    "softcap",
+    "logit_scale",
+    "normalizer",
+    "num_threads",
+)
 
 
 def _is_half(dt: np.dtype) -> bool:
@@ -57,17 +66,17 @@ def _is_half(dt: np.dtype) -> bool:
 
 
 class _Plan(NamedTuple):
-    lead: Tuple[int, ...]           # hidden.shape[:-1]: the rows' shape
-    n: int                          # rows
-    h: int                          # hidden size
-    v: int                          # vocabulary (classes)
-    cdt: np.dtype                   # dtype of the losses and kernel weights
-    target: Optional[np.ndarray]    # (n,) int64 class indices, or None
-    probs: Any                      # (n, v) probability targets (any array fastxent reads)
+    lead: Tuple[int, ...]  # hidden.shape[:-1]: the rows' shape
+    n: int  # rows
+    h: int  # hidden size
+    v: int  # vocabulary (classes)
+    cdt: np.dtype  # dtype of the losses and kernel weights
+    target: Optional[np.ndarray]  # (n,) int64 class indices, or None
+    probs: Any  # (n, v) probability targets (any array fastxent reads)
     sample_weight: Optional[np.ndarray]  # (n,) in cdt, or None
-    kw: dict                        # fastxent keywords shared by every tile
+    kw: dict  # fastxent keywords shared by every tile
     reduction: str
-    denominator: float              # D of "mean" (1.0 otherwise)
+    denominator: float  # D of "mean" (1.0 otherwise)
     tile: int
 
 
@@ -87,9 +96,14 @@ def tile_rows(n: int, v: int, itemsize: int, tile: Optional[int] = None) -> int:
     return max(1, min(n, max(_MIN_ROWS, budget // row)))
 
 
-def shape_checks(hshape: Tuple[int, ...], hdt: np.dtype, wshape: Tuple[int, ...],
-                  wdt: np.dtype, bshape: Optional[Tuple[int, ...]],
-                  bdt: Optional[np.dtype]) -> None:
+def shape_checks(
+    hshape: Tuple[int, ...],
+    hdt: np.dtype,
+    wshape: Tuple[int, ...],
+    wdt: np.dtype,
+    bshape: Optional[Tuple[int, ...]],
+    bdt: Optional[np.dtype],
+) -> None:
     if hdt not in (np.float32, np.float64) and not _is_half(hdt):
         raise TypeError(f"hidden must be float32, float64, float16 or bfloat16, got {hdt}")
     if len(hshape) == 0:
@@ -99,8 +113,10 @@ def shape_checks(hshape: Tuple[int, ...], hdt: np.dtype, wshape: Tuple[int, ...]
     if wdt != hdt:
         raise TypeError(f"linear_weight has dtype {wdt}, expected {hdt} (hidden's dtype)")
     if wshape[1] != hshape[-1]:
-        raise ValueError(f"linear_weight has shape {wshape}, expected (V, {hshape[-1]}) "
-                         f"(hidden's last axis is H = {hshape[-1]})")
+        raise ValueError(
+            f"linear_weight has shape {wshape}, expected (V, {hshape[-1]}) "
+            f"(hidden's last axis is H = {hshape[-1]})"
+        )
     if wshape[0] == 0:
         raise ValueError("linear_weight has no rows (V = 0 classes)")
     if bshape is not None:
@@ -112,36 +128,57 @@ def shape_checks(hshape: Tuple[int, ...], hdt: np.dtype, wshape: Tuple[int, ...]
 
 def class_targets(t: np.ndarray, lead: Tuple[int, ...], v: int, ii: int) -> np.ndarray:
     if t.dtype.kind not in "iu":
-        raise TypeError(f"target must hold integer class indices (shape {lead}) or float "
-                        f"class probabilities (shape {lead + (v,)}), got dtype {t.dtype}")
+        raise TypeError(
+            f"target must hold integer class indices (shape {lead}) or float "
+            f"class probabilities (shape {lead + (v,)}), got dtype {t.dtype}"
+        )
     if t.shape != lead:
-        raise ValueError(f"target has shape {t.shape}, expected {lead} (hidden's shape "
-                         f"without its last axis)")
+        raise ValueError(
+            f"target has shape {t.shape}, expected {lead} (hidden's shape without its last axis)"
+        )
     flat = t.reshape(-1)
     big = t.dtype == np.uint64 and flat.size and int(flat.max()) > np.iinfo(np.int64).max
     ti = flat.astype(object) if big else flat.astype(np.int64, copy=False)
     bad = np.flatnonzero((ti != ii) & ((ti < 0) | (ti >= v)))
     if bad.size:
         i = int(bad[0])
-        raise IndexError(f"target[{i}] (flattened) = {flat[i]} is out of range: class "
-                         f"indices must be in [0, {v}) or equal ignore_index ({ii})")
+        raise IndexError(
+            f"target[{i}] (flattened) = {flat[i]} is out of range: class "
+            f"indices must be in [0, {v}) or equal ignore_index ({ii})"
+        )
     return np.ascontiguousarray(ti, dtype=np.int64)
 
 
-def check_options(v: int, cdt: np.dtype, target_is_probs: bool, reduction: Any, kw: dict,
-                   has_sample_weight: bool) -> None:
+def check_options(
+    v: int, cdt: np.dtype, target_is_probs: bool, reduction: Any, kw: dict, has_sample_weight: bool
+) -> None:
     """fastxent checks every option (and the class weights' shape) on an empty stand-in;
     kw holds the keywords of _OPTION_NAMES but sample_weight."""
     stand_in = np.zeros((0, v), cdt)
-    cross_entropy(stand_in, stand_in if target_is_probs else np.zeros(0, np.int64),
-                  reduction=reduction, sample_weight=np.zeros(0, cdt) if has_sample_weight
-                  else None, **kw)
+    cross_entropy(
+        stand_in,
+        stand_in if target_is_probs else np.zeros(0, np.int64),
+        reduction=reduction,
+        sample_weight=np.zeros(0, cdt) if has_sample_weight else None,
+        **kw,
+    )
 
 
-def make_plan(hshape: Tuple[int, ...], hdt: np.dtype, wshape: Tuple[int, ...], wdt: np.dtype,
-          bshape: Optional[Tuple[int, ...]], bdt: Optional[np.dtype], target: Any,
-          target_shape: Tuple[int, ...], target_is_probs: bool, reduction: Any,
-          options: dict, tile: Optional[int], tile_itemsize: int) -> _Plan:
+def make_plan(
+    hshape: Tuple[int, ...],
+    hdt: np.dtype,
+    wshape: Tuple[int, ...],
+    wdt: np.dtype,
+    bshape: Optional[Tuple[int, ...]],
+    bdt: Optional[np.dtype],
+    target: Any,
+    target_shape: Tuple[int, ...],
+    target_is_probs: bool,
+    reduction: Any,
+    options: dict,
+    tile: Optional[int],
+    tile_itemsize: int,
+) -> _Plan:
     """Checks everything and returns the plan. `target` is a NumPy array of class indices,
     or (probabilities) any array fastxent accepts as a target, of shape `target_shape`."""
     shape_checks(hshape, hdt, wshape, wdt, bshape, bdt)
@@ -156,13 +193,13 @@ def make_plan(hshape: Tuple[int, ...], hdt: np.dtype, wshape: Tuple[int, ...], w
         if sw.dtype.kind not in "fiu" and not _is_half(sw.dtype):
             raise TypeError(f"sample_weight must be numeric, got dtype {sw.dtype}")
         if sw.shape != lead:
-            raise ValueError(f"sample_weight has shape {sw.shape}, expected {lead} (one per "
-                             f"row)")
+            raise ValueError(f"sample_weight has shape {sw.shape}, expected {lead} (one per row)")
         sw = np.ascontiguousarray(sw, dtype=cdt).reshape(-1)
     if target_is_probs:
         if tuple(target_shape) != lead + (v,):
-            raise ValueError(f"probability target has shape {tuple(target_shape)}, expected "
-                             f"{lead + (v,)}")
+            raise ValueError(
+                f"probability target has shape {tuple(target_shape)}, expected {lead + (v,)}"
+            )
     check_options(v, cdt, target_is_probs, reduction, kw, sw is not None)
     tgt = None if target_is_probs else class_targets(np.asarray(target), lead, v, ii)
     if kw["weight"] is not None:
@@ -179,12 +216,25 @@ def make_plan(hshape: Tuple[int, ...], hdt: np.dtype, wshape: Tuple[int, ...], w
             d = float(np.sum(per_row, where=counted))
         else:
             d = float(n) if sw is None else float(np.sum(sw, dtype=np.float64))
-    return _Plan(lead, n, h, v, cdt, tgt, target if target_is_probs else None, sw, kw,
-                 reduction, d, tile_rows(max(n, 1), v, tile_itemsize, tile))
+    return _Plan(
+        lead,
+        n,
+        h,
+        v,
+        cdt,
+        tgt,
+        target if target_is_probs else None,
+        sw,
+        kw,
+        reduction,
+        d,
+        tile_rows(max(n, 1), v, tile_itemsize, tile),
+    )
 
 
-def _tile_kw(plan: _Plan, r0: int, r1: int, reduction: str,
-             sample_weight: Optional[np.ndarray]) -> dict:
+def _tile_kw(
+    plan: _Plan, r0: int, r1: int, reduction: str, sample_weight: Optional[np.ndarray]
+) -> dict:
     kw = dict(plan.kw, reduction=reduction)
     if reduction == "mean":
         kw["normalizer"] = plan.denominator
@@ -193,9 +243,13 @@ def _tile_kw(plan: _Plan, r0: int, r1: int, reduction: str,
     return kw
 
 
-def run_tiles(plan: _Plan, be: Any, want: Tuple[bool, bool, bool],
-               reduction: Optional[str] = None,
-               sample_weight: Optional[np.ndarray] = None) -> Any:
+def run_tiles(
+    plan: _Plan,
+    be: Any,
+    want: Tuple[bool, bool, bool],
+    reduction: Optional[str] = None,
+    sample_weight: Optional[np.ndarray] = None,
+) -> Any:
     """The tile loop. `be` (a backend) owns the arrays and the matmuls; `want` says which of
     grad_hidden, grad_weight, grad_bias to compute (none: the loss alone, no gradient
     matmuls). Returns the loss: a float (float64 sum of the tiles' losses) for "sum" and
@@ -235,8 +289,14 @@ class _NumpyBackend:
     (NumPy has no 16-bit BLAS): float32 copies of the weight and of its gradient, each
     gradient rounded once to the 16-bit dtype at the end."""
 
-    def __init__(self, plan: _Plan, h2: np.ndarray, w: np.ndarray, b: Optional[np.ndarray],
-                 outs: Tuple[Optional[np.ndarray], ...]):
+    def __init__(
+        self,
+        plan: _Plan,
+        h2: np.ndarray,
+        w: np.ndarray,
+        b: Optional[np.ndarray],
+        outs: Tuple[Optional[np.ndarray], ...],
+    ):
         self.plan, self.half = plan, _is_half(h2.dtype)
         self.h2 = h2
         self.w = w.astype(np.float32) if self.half else w
@@ -246,10 +306,12 @@ class _NumpyBackend:
         self.gh: Any = outs[0]
         self.gw: Any = outs[1]
         self.gb: Any = outs[2]
-        self.acc_w: Any = np.zeros(w.shape, np.float32) if self.half and self.gw is not None \
-            else self.gw
-        self.acc_b: Any = self.gb if self.gb is None or not self.half else \
-            np.zeros(plan.v, np.float32)
+        self.acc_w: Any = (
+            np.zeros(w.shape, np.float32) if self.half and self.gw is not None else self.gw
+        )
+        self.acc_b: Any = (
+            self.gb if self.gb is None or not self.half else np.zeros(plan.v, np.float32)
+        )
         self.chunk = max(1, CHUNK_BYTES // max(1, plan.h * plan.cdt.itemsize))
         self.tmp = np.empty((min(self.chunk, plan.v), plan.h), plan.cdt)
         self.first_w = self.first_b = True
@@ -259,7 +321,7 @@ class _NumpyBackend:
         return x.astype(np.float32) if self.half else x
 
     def logits(self, r0: int, r1: int) -> np.ndarray:
-        z = self.buf[:r1 - r0]
+        z = self.buf[: r1 - r0]
         np.matmul(self._x(r0, r1), self.w.T, out=z)
         if self.b is not None:
             np.add(z, self.b, out=z)
@@ -279,7 +341,7 @@ class _NumpyBackend:
             return
         for v0 in range(0, self.plan.v, self.chunk):
             v1 = min(self.plan.v, v0 + self.chunk)
-            t = self.tmp[:v1 - v0]
+            t = self.tmp[: v1 - v0]
             np.matmul(g[:, v0:v1].T, x, out=t)
             np.add(self.acc_w[v0:v1], t, out=self.acc_w[v0:v1])
 
@@ -297,15 +359,21 @@ class _NumpyBackend:
             self.gb[...] = self.acc_b
 
 
-def _check_outs(out: Any, h: np.ndarray, w: np.ndarray, b: Optional[np.ndarray],
-                inputs: Tuple[Tuple[str, Any], ...]) -> Tuple[Optional[np.ndarray], ...]:
+def _check_outs(
+    out: Any,
+    h: np.ndarray,
+    w: np.ndarray,
+    b: Optional[np.ndarray],
+    inputs: Tuple[Tuple[str, Any], ...],
+) -> Tuple[Optional[np.ndarray], ...]:
     """out=(grad_hidden, grad_weight, grad_bias), each None or a writable C-contiguous array
     of its input's shape and dtype, overlapping no input and no other out buffer."""
     if out is None:
         return (None, None, None)
     if not isinstance(out, (tuple, list)) or len(out) != 3:
-        raise TypeError("out must be a tuple (grad_hidden, grad_weight, grad_bias) of arrays "
-                        "or None")
+        raise TypeError(
+            "out must be a tuple (grad_hidden, grad_weight, grad_bias) of arrays or None"
+        )
     names = ("grad_hidden", "grad_weight", "grad_bias")
     refs = (h, w, b)
     res: list = []
@@ -318,8 +386,10 @@ def _check_outs(out: Any, h: np.ndarray, w: np.ndarray, b: Optional[np.ndarray],
         if not isinstance(o, np.ndarray):
             raise TypeError(f"out {name} must be a NumPy array, got {type(o).__name__}")
         if o.dtype != ref.dtype or o.shape != ref.shape:
-            raise ValueError(f"out {name} has shape {o.shape} and dtype {o.dtype}, expected "
-                             f"the shape and dtype of its input")
+            raise ValueError(
+                f"out {name} has shape {o.shape} and dtype {o.dtype}, expected "
+                f"the shape and dtype of its input"
+            )
         if not o.flags.c_contiguous or not o.flags.writeable:
             raise ValueError(f"out {name} must be C-contiguous and writable")
         for other, arr in inputs + tuple(zip(names, res)):
@@ -329,17 +399,38 @@ def _check_outs(out: Any, h: np.ndarray, w: np.ndarray, b: Optional[np.ndarray],
     return tuple(res)
 
 
-def _numpy_call(hidden: Any, linear_weight: Any, target: Any, linear_bias: Any,
-                reduction: Any, options: dict, tile: Any, want_grad: bool, out: Any):
+def _numpy_call(
+    hidden: Any,
+    linear_weight: Any,
+    target: Any,
+    linear_bias: Any,
+    reduction: Any,
+    options: dict,
+    tile: Any,
+    want_grad: bool,
+    out: Any,
+):
     h = np.asarray(hidden)
     w = np.asarray(linear_weight)
     b = None if linear_bias is None else np.asarray(linear_bias)
     t = np.asarray(target)
     probs = t.dtype.kind == "f" or _is_half(t.dtype)
     cdt = np.dtype(np.float64) if h.dtype == np.float64 else np.dtype(np.float32)
-    plan = make_plan(h.shape, h.dtype, w.shape, w.dtype, None if b is None else b.shape,
-                 None if b is None else b.dtype, t, t.shape, probs, reduction, options, tile,
-                 cdt.itemsize)
+    plan = make_plan(
+        h.shape,
+        h.dtype,
+        w.shape,
+        w.dtype,
+        None if b is None else b.shape,
+        None if b is None else b.dtype,
+        t,
+        t.shape,
+        probs,
+        reduction,
+        options,
+        tile,
+        cdt.itemsize,
+    )
     h2 = h.reshape(plan.n, plan.h)
     if probs:
         t = t.reshape(plan.n, plan.v)
@@ -347,11 +438,18 @@ def _numpy_call(hidden: Any, linear_weight: Any, target: Any, linear_bias: Any,
     want = (want_grad, want_grad, want_grad and b is not None)
     outs: Tuple[Optional[np.ndarray], ...] = (None, None, None)
     if want_grad:
-        inputs = (("hidden", h), ("linear_weight", w), ("linear_bias", b), ("target", t),
-                  ("weight", options["weight"]), ("sample_weight", options["sample_weight"]))
-        outs = tuple(o if o is not None else (None if ref is None else np.empty(ref.shape,
-                                                                                  ref.dtype))
-                     for o, ref in zip(_check_outs(out, h, w, b, inputs), (h, w, b)))
+        inputs = (
+            ("hidden", h),
+            ("linear_weight", w),
+            ("linear_bias", b),
+            ("target", t),
+            ("weight", options["weight"]),
+            ("sample_weight", options["sample_weight"]),
+        )
+        outs = tuple(
+            o if o is not None else (None if ref is None else np.empty(ref.shape, ref.dtype))
+            for o, ref in zip(_check_outs(out, h, w, b, inputs), (h, w, b))
+        )
         if plan.n == 0:
             for o in outs:
                 if o is not None:
@@ -362,13 +460,24 @@ def _numpy_call(hidden: Any, linear_weight: Any, target: Any, linear_bias: Any,
     return (loss,) + outs if want_grad else loss
 
 
-def linear_cross_entropy(hidden: Any, linear_weight: Any, target: Any, *,
-                         linear_bias: Any = None, reduction: str = "mean", weight: Any = None,
-                         ignore_index: int = -100, label_smoothing: float = 0.0,
-                         sample_weight: Any = None, z_loss: float = 0.0,
-                         softcap: Optional[float] = None, logit_scale: float = 1.0,
-                         normalizer: Optional[float] = None,
-                         num_threads: Optional[int] = None, tile_rows: Optional[int] = None):
+def linear_cross_entropy(
+    hidden: Any,
+    linear_weight: Any,
+    target: Any,
+    *,
+    linear_bias: Any = None,
+    reduction: str = "mean",
+    weight: Any = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    sample_weight: Any = None,
+    z_loss: float = 0.0,
+    softcap: Optional[float] = None,
+    logit_scale: float = 1.0,
+    normalizer: Optional[float] = None,
+    num_threads: Optional[int] = None,
+    tile_rows: Optional[int] = None,
+):
     """The loss of ``fx.cross_entropy(hidden @ linear_weight.T + linear_bias, target, ...)``,
     computed in tiles of rows: the N x V logits never exist.
 
@@ -379,21 +488,41 @@ def linear_cross_entropy(hidden: Any, linear_weight: Any, target: Any, *,
     (default: a 64 MiB tile, at most 1/6 of the logits). float16/bfloat16 inputs are
     multiplied in float32 (float32 copies of the weight: NumPy has no 16-bit BLAS), the loss
     is float32. Returns what fx.cross_entropy returns."""
-    opts = dict(weight=weight, ignore_index=ignore_index, label_smoothing=label_smoothing,
-                sample_weight=sample_weight, z_loss=z_loss, softcap=softcap,
-                logit_scale=logit_scale, normalizer=normalizer, num_threads=num_threads)
-    return _numpy_call(hidden, linear_weight, target, linear_bias, reduction, opts,
-                       tile_rows, False, None)
+    opts = dict(
+        weight=weight,
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        sample_weight=sample_weight,
+        z_loss=z_loss,
+        softcap=softcap,
+        logit_scale=logit_scale,
+        normalizer=normalizer,
+        num_threads=num_threads,
+    )
+    return _numpy_call(
+        hidden, linear_weight, target, linear_bias, reduction, opts, tile_rows, False, None
+    )
 
 
-def linear_cross_entropy_with_grad(hidden: Any, linear_weight: Any, target: Any, *,
-                                   linear_bias: Any = None, reduction: str = "mean",
-                                   weight: Any = None, ignore_index: int = -100,
-                                   label_smoothing: float = 0.0, sample_weight: Any = None,
-                                   z_loss: float = 0.0, softcap: Optional[float] = None,
-                                   logit_scale: float = 1.0, normalizer: Optional[float] = None,
-                                   num_threads: Optional[int] = None,
-                                   tile_rows: Optional[int] = None, out: Any = None):
+def linear_cross_entropy_with_grad(
+    hidden: Any,
+    linear_weight: Any,
+    target: Any,
+    *,
+    linear_bias: Any = None,
+    reduction: str = "mean",
+    weight: Any = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    sample_weight: Any = None,
+    z_loss: float = 0.0,
+    softcap: Optional[float] = None,
+    logit_scale: float = 1.0,
+    normalizer: Optional[float] = None,
+    num_threads: Optional[int] = None,
+    tile_rows: Optional[int] = None,
+    out: Any = None,
+):
     """``(loss, grad_hidden, grad_weight, grad_bias)`` of :func:`linear_cross_entropy`
     (grad_bias is None without linear_bias; "none" gives the gradients of the sum of the
     row losses). Per tile: logits by the BLAS, fastxent's in-place kernel, then
@@ -402,8 +531,17 @@ def linear_cross_entropy_with_grad(hidden: Any, linear_weight: Any, target: Any,
     out: optional ``(grad_hidden, grad_weight, grad_bias)`` buffers (each None or an array of
     its input's shape and dtype, C-contiguous, writable, overlapping no input). On any error
     nothing is written. 16-bit gradients are accumulated in float32 and rounded once."""
-    opts = dict(weight=weight, ignore_index=ignore_index, label_smoothing=label_smoothing,
-                sample_weight=sample_weight, z_loss=z_loss, softcap=softcap,
-                logit_scale=logit_scale, normalizer=normalizer, num_threads=num_threads)
-    return _numpy_call(hidden, linear_weight, target, linear_bias, reduction, opts,
-                       tile_rows, True, out)
+    opts = dict(
+        weight=weight,
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        sample_weight=sample_weight,
+        z_loss=z_loss,
+        softcap=softcap,
+        logit_scale=logit_scale,
+        normalizer=normalizer,
+        num_threads=num_threads,
+    )
+    return _numpy_call(
+        hidden, linear_weight, target, linear_bias, reduction, opts, tile_rows, True, out
+    )

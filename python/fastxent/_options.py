@@ -32,6 +32,7 @@ FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 # ---------------------------------------------------------------------------- scalar options
 
+
 def real(v: Any, name: str, lo: float, lo_open: bool) -> float:
     """v as a finite float >= lo (> lo when lo_open); TypeError / ValueError naming it."""
     try:
@@ -71,8 +72,9 @@ def threads(num_threads: Any) -> int:
     return nt
 
 
-def common_options(reduction: Any, ignore_index: Any, label_smoothing: Any,
-                   num_threads: Any) -> Tuple[int, int, float, int]:
+def common_options(
+    reduction: Any, ignore_index: Any, label_smoothing: Any, num_threads: Any
+) -> Tuple[int, int, float, int]:
     """(reduction code, ignore_index, label_smoothing, thread count), checked in that order."""
     red = reduction_code(reduction)
     try:
@@ -92,6 +94,7 @@ class LossOptions(NamedTuple):
     (the C++ ``fastxent::Options``): reduction 0 none / 1 sum / 2 mean, softcap 0 = off,
     normalizer None = the default denominator, num_threads 0 = OpenMP's default. Immutable
     (a NamedTuple: cheap to build per call, and a cache key)."""
+
     reduction: int = 2
     ignore_index: int = -100
     label_smoothing: float = 0.0
@@ -102,17 +105,29 @@ class LossOptions(NamedTuple):
     num_threads: int = 0
 
     @classmethod
-    def from_keywords(cls, reduction: Any = "mean", ignore_index: Any = -100,
-                      label_smoothing: Any = 0.0, z_loss: Any = 0.0, softcap: Any = None,
-                      logit_scale: Any = 1.0, normalizer: Any = None,
-                      num_threads: Any = None) -> "LossOptions":
+    def from_keywords(
+        cls,
+        reduction: Any = "mean",
+        ignore_index: Any = -100,
+        label_smoothing: Any = 0.0,
+        z_loss: Any = 0.0,
+        softcap: Any = None,
+        logit_scale: Any = 1.0,
+        normalizer: Any = None,
+        num_threads: Any = None,
+    ) -> "LossOptions":
         """The public keywords, checked in this order (the first bad one raises)."""
         red, ii, eps, nt = common_options(reduction, ignore_index, label_smoothing, num_threads)
-        return cls(red, ii, eps, real(z_loss, "z_loss", 0.0, False),
-                   0.0 if softcap is None else real(softcap, "softcap", 0.0, True),
-                   real(logit_scale, "logit_scale", 0.0, True),
-                   None if normalizer is None else real(normalizer, "normalizer", 0.0, False),
-                   nt)
+        return cls(
+            red,
+            ii,
+            eps,
+            real(z_loss, "z_loss", 0.0, False),
+            0.0 if softcap is None else real(softcap, "softcap", 0.0, True),
+            real(logit_scale, "logit_scale", 0.0, True),
+            None if normalizer is None else real(normalizer, "normalizer", 0.0, False),
+            nt,
+        )
 
     def core(self) -> Any:
         """These values as a ``_core.Options`` (one positional constructor call, about a
@@ -122,6 +137,7 @@ class LossOptions(NamedTuple):
 
 
 # ---------------------------------------------------------------------------- arrays
+
 
 def half_kind(dt: np.dtype) -> Optional[int]:
     """0 for float16, 1 for bfloat16 (ml_dtypes), None otherwise."""
@@ -145,8 +161,10 @@ def to_numpy(obj: Any, name: str) -> np.ndarray:
     if hasattr(obj, "__dlpack__") and not isinstance(obj, np.ndarray):
         dev = obj.__dlpack_device__() if hasattr(obj, "__dlpack_device__") else (_DLPACK_CPU, 0)
         if int(dev[0]) != _DLPACK_CPU:
-            raise TypeError(f"{name}: fastxent is a CPU kernel, but this array lives on device "
-                            f"{dev} (move it to the CPU first, e.g. tensor.cpu())")
+            raise TypeError(
+                f"{name}: fastxent is a CPU kernel, but this array lives on device "
+                f"{dev} (move it to the CPU first, e.g. tensor.cpu())"
+            )
         if getattr(obj, "requires_grad", False) and hasattr(obj, "detach"):
             obj = obj.detach()  # PyTorch refuses to export a tensor that requires grad
         if callable(getattr(obj, "is_neg", None)) and obj.is_neg():
@@ -159,6 +177,7 @@ def to_numpy(obj: Any, name: str) -> np.ndarray:
             if type(obj).__module__.startswith("torch") and str(obj.dtype) == "torch.bfloat16":
                 import ml_dtypes
                 import torch
+
                 return np.from_dlpack(obj.view(torch.int16)).view(ml_dtypes.bfloat16)
             return np.asarray(obj)
     return np.asarray(obj)
@@ -190,8 +209,7 @@ def rows_view(x: np.ndarray) -> np.ndarray:
         row_stride = lead[-1][1] if lead else C * isz
         if ok and row_stride >= C * isz and row_stride % isz == 0:
             rows = int(np.prod(x.shape[:-1], dtype=np.int64))
-            return np.lib.stride_tricks.as_strided(x, (rows, C), (row_stride, isz),
-                                                   writeable=False)
+            return np.lib.stride_tricks.as_strided(x, (rows, C), (row_stride, isz), writeable=False)
     return np.ascontiguousarray(x).reshape(-1, C)
 
 
@@ -199,23 +217,27 @@ def cols_view(x: np.ndarray, ax: int) -> np.ndarray:
     """The (outer, C, inner) view of a class axis that is not the last one: no transposed
     copy (a C-contiguous copy only when x is not C-contiguous itself)."""
     outer = int(np.prod(x.shape[:ax], dtype=np.int64))
-    inner = int(np.prod(x.shape[ax + 1:], dtype=np.int64))
+    inner = int(np.prod(x.shape[ax + 1 :], dtype=np.int64))
     return np.ascontiguousarray(x).reshape(outer, x.shape[ax], inner)
 
 
-def as_target(target: Any, shape: Tuple[int, ...], C: int, ignore_index: int,
-              axis: int = -1) -> np.ndarray:
+def as_target(
+    target: Any, shape: Tuple[int, ...], C: int, ignore_index: int, axis: int = -1
+) -> np.ndarray:
     """Class indices of the given rows shape as a flat C-contiguous int64 array."""
     t = target if type(target) is np.ndarray else np.asarray(target)
     if t.dtype == np.int64 and t.shape == shape and t.flags.c_contiguous:
         return t.reshape(-1)  # the common case, without a copy
     if t.dtype.kind not in "iu":
-        raise TypeError(f"target must hold integer class indices (shape {shape}) or float "
-                        f"class probabilities (shape {shape + (C,)}), got dtype {t.dtype}")
+        raise TypeError(
+            f"target must hold integer class indices (shape {shape}) or float "
+            f"class probabilities (shape {shape + (C,)}), got dtype {t.dtype}"
+        )
     if t.shape != shape:
         where = "the class axis" if axis == -1 else f"the class axis {axis}"
-        raise ValueError(f"target has shape {t.shape}, expected {shape} (the logits' shape "
-                         f"without {where})")
+        raise ValueError(
+            f"target has shape {t.shape}, expected {shape} (the logits' shape without {where})"
+        )
     if t.dtype == np.uint64 and t.size and int(t.max()) > np.iinfo(np.int64).max:
         raise_bad_target(t, C, ignore_index)
     return np.ascontiguousarray(t, dtype=np.int64).reshape(-1)
@@ -228,12 +250,15 @@ def raise_bad_target(t: np.ndarray, C: int, ignore_index: int) -> None:
     flat = int(np.flatnonzero(np.asarray(bad).reshape(-1))[0])
     idx = np.unravel_index(flat, t.shape)
     where = f"target[{', '.join(str(int(i)) for i in idx)}]" if t.ndim != 1 else f"target[{flat}]"
-    raise IndexError(f"{where} = {t.reshape(-1)[flat]} is out of range: class indices must be "
-                     f"in [0, {C}) or equal ignore_index ({ignore_index})")
+    raise IndexError(
+        f"{where} = {t.reshape(-1)[flat]} is out of range: class indices must be "
+        f"in [0, {C}) or equal ignore_index ({ignore_index})"
+    )
 
 
-def as_vector(v: Any, dtype: np.dtype, shape: Tuple[int, ...], name: str,
-              what: str) -> Optional[np.ndarray]:
+def as_vector(
+    v: Any, dtype: np.dtype, shape: Tuple[int, ...], name: str, what: str
+) -> Optional[np.ndarray]:
     """None, or v (numeric, of the given shape) as a flat C-contiguous array of dtype."""
     if v is None:
         return None
@@ -251,8 +276,9 @@ def check_out(out: Any, x: np.ndarray, inputs: Any = ()) -> np.ndarray:
     not overlapping any of the (name, array) pairs in inputs."""
     if not isinstance(out, np.ndarray):
         if not hasattr(out, "__dlpack__"):
-            raise TypeError(f"out must be a NumPy array or a CPU DLPack array, got "
-                            f"{type(out).__name__}")
+            raise TypeError(
+                f"out must be a NumPy array or a CPU DLPack array, got {type(out).__name__}"
+            )
         out = to_numpy(out, "out")
     if out.dtype != x.dtype:
         raise ValueError(f"out has dtype {out.dtype}, expected {x.dtype} (the logits' dtype)")
@@ -263,10 +289,12 @@ def check_out(out: Any, x: np.ndarray, inputs: Any = ()) -> np.ndarray:
     if not out.flags.writeable:
         raise ValueError("out is read-only")
     if out is not x and np.may_share_memory(out, x):
-        same = (out.ctypes.data == x.ctypes.data and out.strides == x.strides)
+        same = out.ctypes.data == x.ctypes.data and out.strides == x.strides
         if not same:
-            raise ValueError("out overlaps the logits without being the same array: "
-                             "pass out=logits itself for the in-place mode")
+            raise ValueError(
+                "out overlaps the logits without being the same array: "
+                "pass out=logits itself for the in-place mode"
+            )
     for name, arr in inputs:
         if isinstance(arr, np.ndarray) and np.may_share_memory(out, arr):
             raise ValueError(f"out overlaps {name}")

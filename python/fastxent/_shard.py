@@ -27,24 +27,52 @@ from typing import Any, Optional, Tuple, Union
 import numpy as np
 
 from . import _core
-from ._options import (LossOptions, as_target, as_vector, check_out, index, raise_bad_target,
-                       real, reduction_code, rows_view, to_numpy)
+from ._options import (
+    LossOptions,
+    as_target,
+    as_vector,
+    check_out,
+    index,
+    raise_bad_target,
+    real,
+    reduction_code,
+    rows_view,
+    to_numpy,
+)
 
-__all__ = ["STAT_FIELDS", "shard_stats", "merge_stats", "loss_from_stats", "shard_grad",
-           "stats_denominator"]
+__all__ = [
+    "STAT_FIELDS",
+    "shard_stats",
+    "merge_stats",
+    "loss_from_stats",
+    "shard_grad",
+    "stats_denominator",
+]
 
 #: The fields of the last axis of shard statistics, in order.
 STAT_FIELDS: Tuple[str, ...] = ("max", "sumexp", "q", "qz", "wy", "count", "columns")
 assert len(STAT_FIELDS) == _core.STAT_FIELDS
 
 
-def _shard_args(logits: Any, target: Any, offset: Any, num_classes: Any, weight: Any,
-                ignore_index: Any, label_smoothing: Any, softcap: Any, logit_scale: Any,
-                num_threads: Any, reduction: Any = "mean"):
+def _shard_args(
+    logits: Any,
+    target: Any,
+    offset: Any,
+    num_classes: Any,
+    weight: Any,
+    ignore_index: Any,
+    label_smoothing: Any,
+    softcap: Any,
+    logit_scale: Any,
+    num_threads: Any,
+    reduction: Any = "mean",
+):
     x = to_numpy(logits, "logits")
     if x.dtype not in (np.float32, np.float64):
-        raise TypeError(f"shard logits must be float32 or float64, got {x.dtype} (convert "
-                        f"16-bit shards to float32 first)")
+        raise TypeError(
+            f"shard logits must be float32 or float64, got {x.dtype} (convert "
+            f"16-bit shards to float32 first)"
+        )
     if x.ndim == 0:
         raise ValueError("logits must have at least one dimension (the class axis, last)")
     Cs = x.shape[-1]
@@ -53,29 +81,49 @@ def _shard_args(logits: Any, target: Any, offset: Any, num_classes: Any, weight:
     off = index(offset, "offset")
     C = index(num_classes, "num_classes")
     if off < 0 or C < 1 or off + Cs > C:
-        raise ValueError(f"the shard [offset, offset + C_shard) = [{off}, {off + Cs}) does not "
-                         f"fit in num_classes = {C}")
+        raise ValueError(
+            f"the shard [offset, offset + C_shard) = [{off}, {off + Cs}) does not "
+            f"fit in num_classes = {C}"
+        )
     # The checks in LossOptions.from_keywords's order; z_loss and normalizer act on merged
     # statistics (shard_grad adds them).
-    opts = LossOptions.from_keywords(reduction, ignore_index, label_smoothing,
-                                     softcap=softcap, logit_scale=logit_scale,
-                                     num_threads=num_threads)
+    opts = LossOptions.from_keywords(
+        reduction,
+        ignore_index,
+        label_smoothing,
+        softcap=softcap,
+        logit_scale=logit_scale,
+        num_threads=num_threads,
+    )
     ii = opts.ignore_index
     rows_shape = x.shape[:-1]
     tgt = to_numpy(target, "target")
     t = probs = None
     if tgt.dtype.kind == "f" and tgt.ndim == x.ndim:
         if tgt.shape != x.shape:
-            raise ValueError(f"probability target has shape {tgt.shape}, expected the shard "
-                             f"logits' shape {x.shape}")
+            raise ValueError(
+                f"probability target has shape {tgt.shape}, expected the shard "
+                f"logits' shape {x.shape}"
+            )
         if ii != -100:
             raise ValueError("ignore_index applies to class-index targets only")
         probs = rows_view(tgt if tgt.dtype == x.dtype else tgt.astype(x.dtype))
     else:
         t = as_target(tgt, rows_shape, C, ii)
     w = as_vector(weight, x.dtype, (Cs,), "weight", "the shard's classes")
-    return dict(x=x, view=rows_view(x), t=t, probs=probs, w=w, off=off, C=C, ii=ii, opts=opts,
-                rows_shape=rows_shape, tgt=tgt)
+    return dict(
+        x=x,
+        view=rows_view(x),
+        t=t,
+        probs=probs,
+        w=w,
+        off=off,
+        C=C,
+        ii=ii,
+        opts=opts,
+        rows_shape=rows_shape,
+        tgt=tgt,
+    )
 
 
 def _call(fn, a, *args):
@@ -87,10 +135,19 @@ def _call(fn, a, *args):
         raise
 
 
-def shard_stats(logits: Any, target: Any, *, offset: int, num_classes: int,
-                weight: Any = None, ignore_index: int = -100, label_smoothing: float = 0.0,
-                softcap: Optional[float] = None, logit_scale: float = 1.0,
-                num_threads: Optional[int] = None) -> np.ndarray:
+def shard_stats(
+    logits: Any,
+    target: Any,
+    *,
+    offset: int,
+    num_classes: int,
+    weight: Any = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    softcap: Optional[float] = None,
+    logit_scale: float = 1.0,
+    num_threads: Optional[int] = None,
+) -> np.ndarray:
     """Per-row statistics of one vocabulary shard, in one SIMD pass over its logits.
 
     Parameters
@@ -113,19 +170,40 @@ def shard_stats(logits: Any, target: Any, *, offset: int, num_classes: int,
     -------
     float64 array of shape ``logits.shape[:-1] + (7,)``; fields :data:`STAT_FIELDS`.
     """
-    a = _shard_args(logits, target, offset, num_classes, weight, ignore_index, label_smoothing,
-                    softcap, logit_scale, num_threads)
+    a = _shard_args(
+        logits,
+        target,
+        offset,
+        num_classes,
+        weight,
+        ignore_index,
+        label_smoothing,
+        softcap,
+        logit_scale,
+        num_threads,
+    )
     out = np.empty((a["view"].shape[0], len(STAT_FIELDS)), np.float64)
-    _call(_core.shard_stats, a, a["view"], a["t"], a["probs"], a["w"], a["off"], a["C"],
-          a["opts"].core(), out)
+    _call(
+        _core.shard_stats,
+        a,
+        a["view"],
+        a["t"],
+        a["probs"],
+        a["w"],
+        a["off"],
+        a["C"],
+        a["opts"].core(),
+        out,
+    )
     return out.reshape(a["rows_shape"] + (len(STAT_FIELDS),))
 
 
 def _as_stats(s: Any, name: str) -> np.ndarray:
     a = to_numpy(s, name)
     if a.ndim == 0 or a.shape[-1] != len(STAT_FIELDS):
-        raise ValueError(f"{name} must have shape (..., {len(STAT_FIELDS)}) (shard statistics), "
-                         f"got {a.shape}")
+        raise ValueError(
+            f"{name} must have shape (..., {len(STAT_FIELDS)}) (shard statistics), got {a.shape}"
+        )
     if a.dtype != np.float64:  # float32 would round max and qz, float16 overflow them
         raise TypeError(f"{name} must be a float64 array of shard statistics, got {a.dtype}")
     return a
@@ -143,8 +221,7 @@ def merge_stats(*stats: Any) -> np.ndarray:
     for i, s in enumerate(arrs[1:], 1):
         if s.shape != shape:
             raise ValueError(f"stats[{i}] has shape {s.shape}, expected {shape} (the same rows)")
-    flat = [np.ascontiguousarray(s, dtype=np.float64).reshape(-1, len(STAT_FIELDS))
-            for s in arrs]
+    flat = [np.ascontiguousarray(s, dtype=np.float64).reshape(-1, len(STAT_FIELDS)) for s in arrs]
     out = flat[0].copy()
     for s in flat[1:]:
         _core.merge_stats(out, s, out)
@@ -153,8 +230,7 @@ def merge_stats(*stats: Any) -> np.ndarray:
 
 def _merged(stats: Any) -> Tuple[np.ndarray, Tuple[int, ...]]:
     st = _as_stats(stats, "stats")
-    return (np.ascontiguousarray(st, dtype=np.float64).reshape(-1, len(STAT_FIELDS)),
-            st.shape[:-1])
+    return (np.ascontiguousarray(st, dtype=np.float64).reshape(-1, len(STAT_FIELDS)), st.shape[:-1])
 
 
 def stats_denominator(stats: Any, sample_weight: Any = None) -> float:
@@ -162,14 +238,19 @@ def stats_denominator(stats: Any, sample_weight: Any = None) -> float:
     ``sample_weight * w[y]`` (``sample_weight`` for probability targets). Across row blocks
     (e.g. Dask chunks of rows) these add up."""
     st, rows_shape = _merged(stats)
-    sw = as_vector(sample_weight, np.dtype(np.float64), rows_shape, "sample_weight",
-                    "one per row")
+    sw = as_vector(sample_weight, np.dtype(np.float64), rows_shape, "sample_weight", "one per row")
     return float(_core.stats_denominator(st, sw))
 
 
-def loss_from_stats(stats: Any, *, reduction: str = "mean", sample_weight: Any = None,
-                    z_loss: float = 0.0, normalizer: Optional[float] = None,
-                    num_classes: Optional[int] = None) -> Union[np.ndarray, np.float64]:
+def loss_from_stats(
+    stats: Any,
+    *,
+    reduction: str = "mean",
+    sample_weight: Any = None,
+    z_loss: float = 0.0,
+    normalizer: Optional[float] = None,
+    num_classes: Optional[int] = None,
+) -> Union[np.ndarray, np.float64]:
     """The loss from merged statistics (no logits needed): per counted row
     ``s_n * (q * lse - qz + z_loss * lse**2)``, ``lse = max + log(sumexp)``, reduced as
     :func:`fastxent.cross_entropy` ("mean" divides by ``normalizer`` or by
@@ -178,8 +259,7 @@ def loss_from_stats(stats: Any, *, reduction: str = "mean", sample_weight: Any =
     of the rows' shape for "none"."""
     red = reduction_code(reduction)
     st, rows_shape = _merged(stats)
-    sw = as_vector(sample_weight, np.dtype(np.float64), rows_shape, "sample_weight",
-                    "one per row")
+    sw = as_vector(sample_weight, np.dtype(np.float64), rows_shape, "sample_weight", "one per row")
     lam = real(z_loss, "z_loss", 0.0, False)
     norm = None if normalizer is None else real(normalizer, "normalizer", 0.0, False)
     C = 0 if num_classes is None else index(num_classes, "num_classes")
@@ -191,12 +271,26 @@ def loss_from_stats(stats: Any, *, reduction: str = "mean", sample_weight: Any =
     return rl.reshape(rows_shape) if rl is not None else np.float64(total)
 
 
-def shard_grad(logits: Any, target: Any, stats: Any, *, offset: int, num_classes: int,
-               weight: Any = None, ignore_index: int = -100, label_smoothing: float = 0.0,
-               softcap: Optional[float] = None, logit_scale: float = 1.0, z_loss: float = 0.0,
-               reduction: str = "mean", sample_weight: Any = None,
-               normalizer: Optional[float] = None, scale: float = 1.0,
-               num_threads: Optional[int] = None, out: Any = None) -> np.ndarray:
+def shard_grad(
+    logits: Any,
+    target: Any,
+    stats: Any,
+    *,
+    offset: int,
+    num_classes: int,
+    weight: Any = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    softcap: Optional[float] = None,
+    logit_scale: float = 1.0,
+    z_loss: float = 0.0,
+    reduction: str = "mean",
+    sample_weight: Any = None,
+    normalizer: Optional[float] = None,
+    scale: float = 1.0,
+    num_threads: Optional[int] = None,
+    out: Any = None,
+) -> np.ndarray:
     """The gradient of one shard's logits, from the merged statistics of the same rows: one
     local pass, no communication. The options must be those given to :func:`shard_stats`,
     plus the loss's ``z_loss``, ``reduction``, ``sample_weight`` and ``normalizer``. "mean"
@@ -204,8 +298,19 @@ def shard_grad(logits: Any, target: Any, stats: Any, *, offset: int, num_classes
     denominator as ``normalizer`` when ``stats`` holds only some of the rows). ``scale``
     multiplies the whole gradient (an upstream gradient). ``out=logits`` overwrites the shard
     in place. Returns the gradient (the logits' shape and dtype)."""
-    a = _shard_args(logits, target, offset, num_classes, weight, ignore_index, label_smoothing,
-                    softcap, logit_scale, num_threads, reduction)
+    a = _shard_args(
+        logits,
+        target,
+        offset,
+        num_classes,
+        weight,
+        ignore_index,
+        label_smoothing,
+        softcap,
+        logit_scale,
+        num_threads,
+        reduction,
+    )
     x = a["x"]
     lam = real(z_loss, "z_loss", 0.0, False)
     norm = None if normalizer is None else real(normalizer, "normalizer", 0.0, False)
@@ -217,17 +322,33 @@ def shard_grad(logits: Any, target: Any, stats: Any, *, offset: int, num_classes
         raise ValueError(f"scale must be finite, got {scale!r}")
     st = _as_stats(stats, "stats")
     if st.shape[:-1] != a["rows_shape"]:
-        raise ValueError(f"stats has shape {st.shape}, expected {a['rows_shape'] + (7,)} "
-                         f"(one row of statistics per row of logits)")
+        raise ValueError(
+            f"stats has shape {st.shape}, expected {a['rows_shape'] + (7,)} "
+            f"(one row of statistics per row of logits)"
+        )
     st2 = np.ascontiguousarray(st, dtype=np.float64).reshape(-1, len(STAT_FIELDS))
     sw = as_vector(sample_weight, x.dtype, a["rows_shape"], "sample_weight", "one per row")
     if out is None:
         grad = np.empty(x.shape, x.dtype)
     else:
-        grad = check_out(out, x, (("target", a["tgt"]), ("stats", st), ("weight", a["w"]),
-                                   ("sample_weight", sw)))
+        grad = check_out(
+            out, x, (("target", a["tgt"]), ("stats", st), ("weight", a["w"]), ("sample_weight", sw))
+        )
     g2 = grad.reshape(a["view"].shape)
     opts = a["opts"]._replace(z_loss=lam, normalizer=norm)
-    _call(_core.shard_grad, a, a["view"], a["t"], a["probs"], a["w"], st2, sw, a["off"],
-          a["C"], opts.core(), sc, g2)
+    _call(
+        _core.shard_grad,
+        a,
+        a["view"],
+        a["t"],
+        a["probs"],
+        a["w"],
+        st2,
+        sw,
+        a["off"],
+        a["C"],
+        opts.core(),
+        sc,
+        g2,
+    )
     return grad

@@ -32,8 +32,9 @@ def _as_target(target: Any, x: np.ndarray) -> np.ndarray:
         try:
             t = np.asarray(target, dtype=x.dtype)
         except (TypeError, ValueError):
-            raise TypeError(f"target must be an array of {x.dtype}, got "
-                            f"{type(target).__name__}") from None
+            raise TypeError(
+                f"target must be an array of {x.dtype}, got {type(target).__name__}"
+            ) from None
     if t.shape != x.shape:
         raise ValueError(f"target has shape {t.shape}, expected the logits' shape {x.shape}")
     return np.ascontiguousarray(t)
@@ -46,8 +47,10 @@ def check_broadcast(shape: Tuple[int, ...], to: Tuple[int, ...], name: str, whos
     except ValueError:
         ok = False
     if not ok:
-        raise ValueError(f"{name} has shape {tuple(shape)}, which does not broadcast to the "
-                         f"{whose} shape {tuple(to)}")
+        raise ValueError(
+            f"{name} has shape {tuple(shape)}, which does not broadcast to the "
+            f"{whose} shape {tuple(to)}"
+        )
 
 
 def _as_operand(v: Any, x: np.ndarray, name: str) -> Tuple[Optional[np.ndarray], int]:
@@ -83,8 +86,16 @@ def _core_options(red: int, nt: int) -> Any:
     return opt
 
 
-def _run(logits: Any, target: Any, reduction: Any, weight: Any, pos_weight: Any,
-         num_threads: Any, want_grad: bool, out: Any):
+def _run(
+    logits: Any,
+    target: Any,
+    reduction: Any,
+    weight: Any,
+    pos_weight: Any,
+    num_threads: Any,
+    want_grad: bool,
+    out: Any,
+):
     red = reduction_code(reduction)
     nt = threads(num_threads)
     x = _as_logits(logits)
@@ -96,14 +107,24 @@ def _run(logits: Any, target: Any, reduction: Any, weight: Any, pos_weight: Any,
         if out is None:
             grad = np.empty(x.shape, x.dtype)
         else:
-            grad = check_out(out, x, (("target", target), ("target", t), ("weight", weight),
-                                       ("weight", w), ("pos_weight", pos_weight),
-                                       ("pos_weight", pw)))
+            grad = check_out(
+                out,
+                x,
+                (
+                    ("target", target),
+                    ("target", t),
+                    ("weight", weight),
+                    ("weight", w),
+                    ("pos_weight", pos_weight),
+                    ("pos_weight", pw),
+                ),
+            )
     xc = x if grad is x else np.ascontiguousarray(x)
     losses = np.empty(x.shape, x.dtype) if red == 0 else None
     last = x.shape[-1] if x.ndim and x.size else 1
-    total = _core.sigmoid_cross_entropy(xc, t, pw, pw_mode, w, w_mode, last, _core_options(red, nt),
-                                        grad, losses)
+    total = _core.sigmoid_cross_entropy(
+        xc, t, pw, pw_mode, w, w_mode, last, _core_options(red, nt), grad, losses
+    )
     with np.errstate(over="ignore"):  # a float64 sum beyond float32's range is inf
         loss = losses if red == 0 else x.dtype.type(total)
     return (loss, grad) if want_grad else loss
@@ -160,15 +181,25 @@ _DOC_TAIL = """
 """
 
 
-def sigmoid_cross_entropy(logits: Any, target: Any, *, reduction: str = "mean",
-                          weight: Any = None, pos_weight: Any = None,
-                          num_threads: Optional[int] = None):
+def sigmoid_cross_entropy(
+    logits: Any,
+    target: Any,
+    *,
+    reduction: str = "mean",
+    weight: Any = None,
+    pos_weight: Any = None,
+    num_threads: Optional[int] = None,
+):
     return _run(logits, target, reduction, weight, pos_weight, num_threads, False, None)
 
 
-sigmoid_cross_entropy.__doc__ = """Sigmoid cross-entropy loss (nothing of the input's size
+sigmoid_cross_entropy.__doc__ = (
+    """Sigmoid cross-entropy loss (nothing of the input's size
     is written: the inputs are read once).
-""" + _DOC + _DOC_TAIL + """
+"""
+    + _DOC
+    + _DOC_TAIL
+    + """
     Returns
     -------
     A NumPy scalar of the logits' dtype for "mean"/"sum", or an array of the logits' shape
@@ -182,21 +213,33 @@ sigmoid_cross_entropy.__doc__ = """Sigmoid cross-entropy loss (nothing of the in
     >>> round(float(fx.sigmoid_cross_entropy(x, y)), 4)
     0.3657
 """
+)
 
 
-def sigmoid_cross_entropy_with_grad(logits: Any, target: Any, *, reduction: str = "mean",
-                                    weight: Any = None, pos_weight: Any = None,
-                                    num_threads: Optional[int] = None,
-                                    out: Optional[np.ndarray] = None):
+def sigmoid_cross_entropy_with_grad(
+    logits: Any,
+    target: Any,
+    *,
+    reduction: str = "mean",
+    weight: Any = None,
+    pos_weight: Any = None,
+    num_threads: Optional[int] = None,
+    out: Optional[np.ndarray] = None,
+):
     return _run(logits, target, reduction, weight, pos_weight, num_threads, True, out)
 
 
-sigmoid_cross_entropy_with_grad.__doc__ = """Sigmoid cross-entropy loss and its gradient
+sigmoid_cross_entropy_with_grad.__doc__ = (
+    """Sigmoid cross-entropy loss and its gradient
     d(loss)/d(logits) in one pass.
-""" + _DOC + """    out : ndarray, optional
+"""
+    + _DOC
+    + """    out : ndarray, optional
         Where to write the gradient: the logits' shape and dtype, C-contiguous and writable.
         ``out=logits`` is the in-place mode (the logits are overwritten by the gradient).
-""" + _DOC_TAIL + """    ValueError
+"""
+    + _DOC_TAIL
+    + """    ValueError
         also for an ``out`` of the wrong shape, dtype or layout, read-only, or overlapping an
         input other than being the logits themselves. Nothing is written on any error.
 
@@ -205,3 +248,4 @@ sigmoid_cross_entropy_with_grad.__doc__ = """Sigmoid cross-entropy loss and its 
     (loss, grad): the loss as in :func:`sigmoid_cross_entropy`; grad has the logits' shape
     and dtype (it is ``out`` when given).
 """
+)

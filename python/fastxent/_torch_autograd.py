@@ -12,11 +12,22 @@ import torch
 from torch import Tensor
 
 from . import _api
-from ._torch_common import (autocast_loss_dtype, direct_logits, first_order, has_tangent,
-                            logits_array, loss_tensor, numpy_of, prepare, reference_grads,
-                            reference_loss, under_func_transform)
+from ._torch_common import (
+    autocast_loss_dtype,
+    direct_logits,
+    first_order,
+    has_tangent,
+    logits_array,
+    loss_tensor,
+    numpy_of,
+    prepare,
+    reference_grads,
+    reference_loss,
+    under_func_transform,
+)
 from ._torch_fast import fused, is_compiling
 from ._torch_nodata import func_transform_loss, is_fake, op_loss
+
 
 class _FusedCrossEntropy(torch.autograd.Function):
     """Forward: loss and gradient from one fused kernel call. Backward: gradient times
@@ -28,8 +39,17 @@ class _FusedCrossEntropy(torch.autograd.Function):
     are refused by the wrapper when they require grad."""
 
     @staticmethod
-    def forward(ctx, input: Tensor, target: Tensor, tgt: np.ndarray, cdt: torch.dtype,
-                kw: Dict[str, Any], inplace: bool, fwd: bool, *extras: Tensor) -> Tensor:
+    def forward(
+        ctx,
+        input: Tensor,
+        target: Tensor,
+        tgt: np.ndarray,
+        cdt: torch.dtype,
+        kw: Dict[str, Any],
+        inplace: bool,
+        fwd: bool,
+        *extras: Tensor,
+    ) -> Tensor:
         # fwd: a forward-mode tangent is present (decided by the caller: inside forward the
         # inputs come without their tangents).
         if inplace:
@@ -77,7 +97,8 @@ class _FusedCrossEntropy(torch.autograd.Function):
                     "fastxent.torch.cross_entropy(inplace=True) overwrote the logits with the "
                     "gradient, so it cannot differentiate the gradient again (create_graph="
                     "True: Hessians, gradient penalties) or give a probability target's "
-                    "gradient; use inplace=False")
+                    "gradient; use inplace=False"
+                )
             input, target = ctx.saved_tensors[:2]  # version-checked by autograd
             gz, gt = reference_grads(input, target, ctx.kw, grad_output, need, create_graph)
             if need[0] and not create_graph:
@@ -89,6 +110,7 @@ class _FusedCrossEntropy(torch.autograd.Function):
     def _first(ctx: Any, grad_output: Tensor) -> Tensor:
         def recompute() -> Tensor:
             return fused(ctx.saved_tensors[0], ctx.tgt, ctx.cdt, ctx.kw)[1]
+
         return first_order(ctx, grad_output, recompute)
 
     @staticmethod
@@ -104,8 +126,10 @@ class _FusedCrossEntropy(torch.autograd.Function):
                 out = prod.sum()
         if target_t is not None and ctx.fwd[1].is_floating_point():
             if ctx.inplace:
-                raise RuntimeError("fastxent.torch.cross_entropy(inplace=True): a probability "
-                                   "target's tangent needs the logits, which were overwritten")
+                raise RuntimeError(
+                    "fastxent.torch.cross_entropy(inplace=True): a probability "
+                    "target's tangent needs the logits, which were overwritten"
+                )
             # d loss / d target . v, from the reference loss (linear in v).
             with torch.enable_grad():
                 tr = ctx.fwd[1].detach().requires_grad_(True)
@@ -114,8 +138,7 @@ class _FusedCrossEntropy(torch.autograd.Function):
             if dt is not None:
                 if red == "none":
                     # the reference's "none" gradient is that of the sum; rows are separate
-                    tt = (dt * target_t).sum(dim=ctx.class_dim if ctx.class_dim is not None
-                                             else 0)
+                    tt = (dt * target_t).sum(dim=ctx.class_dim if ctx.class_dim is not None else 0)
                 else:
                     tt = (dt * target_t).sum()
                 tt = tt.to(grad.dtype)
@@ -125,29 +148,37 @@ class _FusedCrossEntropy(torch.autograd.Function):
         return out.to(ctx.loss_dtype)
 
 
-def general_cross_entropy(input: Tensor, target: Tensor, weight: Any, ignore_index: int,
-                   reduction: str, label_smoothing: float, inplace: bool,
-                   options: Dict[str, Any]) -> Tensor:
+def general_cross_entropy(
+    input: Tensor,
+    target: Tensor,
+    weight: Any,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    inplace: bool,
+    options: Dict[str, Any],
+) -> Tensor:
     if is_compiling() or is_fake(input):
         # (torch.func transforms inside a compiled function are not told apart here: Dynamo
         # cannot trace the check; the custom op then refuses them with an error.)
-        return op_loss(input, target, weight, ignore_index, reduction, label_smoothing,
-                        options)
+        return op_loss(input, target, weight, ignore_index, reduction, label_smoothing, options)
     if under_func_transform(input, target, weight, options.get("sample_weight")):
-        return func_transform_loss(input, target, weight, ignore_index, reduction,
-                                    label_smoothing, options)
-    cdt, tgt, kw = prepare(input, target, weight, ignore_index, reduction, label_smoothing,
-                            options)
+        return func_transform_loss(
+            input, target, weight, ignore_index, reduction, label_smoothing, options
+        )
+    cdt, tgt, kw = prepare(input, target, weight, ignore_index, reduction, label_smoothing, options)
     if not isinstance(inplace, bool):
         raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
     grad_mode = torch.is_grad_enabled()
     reverse = input.requires_grad and grad_mode
     t_diff = target.is_floating_point() and (
-        (target.requires_grad and grad_mode) or has_tangent(target))
+        (target.requires_grad and grad_mode) or has_tangent(target)
+    )
     if not (reverse or t_diff or has_tangent(input)):
         # No derivative wanted: the forward-only kernel, nothing of the logits' size written.
-        return loss_tensor(_api.cross_entropy(logits_array(input, tgt, cdt), tgt, **kw),
-                            autocast_loss_dtype(input))
+        return loss_tensor(
+            _api.cross_entropy(logits_array(input, tgt, cdt), tgt, **kw), autocast_loss_dtype(input)
+        )
     # The logits are overwritten only for a reverse-mode gradient of theirs alone.
     inplace = inplace and reverse and not t_diff
     if inplace:
@@ -155,11 +186,14 @@ def general_cross_entropy(input: Tensor, target: Tensor, weight: Any, ignore_ind
         if base.is_leaf and base.requires_grad:
             raise ValueError(
                 "inplace=True would overwrite a leaf tensor that requires grad (or a view of "
-                "one): its values are the parameters being learned; use inplace=False")
+                "one): its values are the parameters being learned; use inplace=False"
+            )
         if not input.is_contiguous() or input.is_neg():
-            raise ValueError("inplace=True needs a contiguous input without a lazy negation "
-                             "(the gradient is written over its memory in the same layout); "
-                             "call .contiguous() / .resolve_neg() or use inplace=False")
+            raise ValueError(
+                "inplace=True needs a contiguous input without a lazy negation "
+                "(the gradient is written over its memory in the same layout); "
+                "call .contiguous() / .resolve_neg() or use inplace=False"
+            )
     fwd = has_tangent(input) or (t_diff and has_tangent(target))
     # weight and sample_weight tensors ride along for autograd's version check only.
     extras = tuple(v for v in (weight, options.get("sample_weight")) if isinstance(v, Tensor))

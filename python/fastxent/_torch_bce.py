@@ -10,15 +10,25 @@ import torch
 from torch import Tensor, nn
 
 from . import _sigmoid as _api_sigmoid
-from ._torch_common import (COMPUTE_DTYPE, autocast_loss_dtype, check_cpu, first_order,
-                            has_tangent, loss_tensor, numpy_of, under_func_transform)
+from ._torch_common import (
+    COMPUTE_DTYPE,
+    autocast_loss_dtype,
+    check_cpu,
+    first_order,
+    has_tangent,
+    loss_tensor,
+    numpy_of,
+    under_func_transform,
+)
 
 # --------------------------------------------------------------------------------------------
 # Sigmoid (binary / multi-label) cross-entropy: F.binary_cross_entropy_with_logits
 # --------------------------------------------------------------------------------------------
 
-def _sigmoid_reference(x: Tensor, y: Tensor, w: Optional[Tensor], pw: Optional[Tensor],
-                       reduction: str) -> Tensor:
+
+def _sigmoid_reference(
+    x: Tensor, y: Tensor, w: Optional[Tensor], pw: Optional[Tensor], reduction: str
+) -> Tensor:
     """fastxent.sigmoid_cross_entropy's formula in differentiable PyTorch ops (no
     data-dependent branch): what second-order derivatives, the derivatives with respect to
     target / weight / pos_weight, and torch.func transforms differentiate."""
@@ -46,9 +56,16 @@ class _FusedSigmoidCrossEntropy(torch.autograd.Function):
     <g, v> per element."""
 
     @staticmethod
-    def forward(ctx, input: Tensor, target: Tensor, weight: Optional[Tensor],
-                pos_weight: Optional[Tensor], cdt: torch.dtype, reduction: str,
-                fwd: bool) -> Tensor:
+    def forward(
+        ctx,
+        input: Tensor,
+        target: Tensor,
+        weight: Optional[Tensor],
+        pos_weight: Optional[Tensor],
+        cdt: torch.dtype,
+        reduction: str,
+        fwd: bool,
+    ) -> Tensor:
         inputs = (input, target, weight, pos_weight)
         ctx.grad = _FusedSigmoidCrossEntropy._kernel(inputs, cdt, reduction, ctx)
         # For the derivatives that read them (version-checked by autograd, freed after a
@@ -63,28 +80,45 @@ class _FusedSigmoidCrossEntropy(torch.autograd.Function):
         return loss_tensor(ctx.loss, ctx.loss_dtype)
 
     @staticmethod
-    def _kernel(inputs: Tuple[Optional[Tensor], ...], cdt: torch.dtype, reduction: str,
-                ctx: Any = None) -> Tensor:
+    def _kernel(
+        inputs: Tuple[Optional[Tensor], ...], cdt: torch.dtype, reduction: str, ctx: Any = None
+    ) -> Tensor:
         def arr(t: Optional[Tensor]) -> Optional[np.ndarray]:
             return None if t is None else numpy_of(t, cdt)
+
         x, y, w, pw = inputs
         loss, g = _api_sigmoid.sigmoid_cross_entropy_with_grad(
-            arr(x), arr(y), reduction=reduction, weight=arr(w), pos_weight=arr(pw))
+            arr(x), arr(y), reduction=reduction, weight=arr(w), pos_weight=arr(pw)
+        )
         if ctx is not None:
             ctx.loss = loss
         grad = torch.from_numpy(g)
         return grad if grad.dtype == x.dtype else grad.to(x.dtype)
 
     @staticmethod
-    def _reference_vjp(ctx: Any, inputs: Tuple[Optional[Tensor], ...], grad_output: Tensor,
-                       need: Tuple[bool, ...], create_graph: bool) -> List[Optional[Tensor]]:
+    def _reference_vjp(
+        ctx: Any,
+        inputs: Tuple[Optional[Tensor], ...],
+        grad_output: Tensor,
+        need: Tuple[bool, ...],
+        create_graph: bool,
+    ) -> List[Optional[Tensor]]:
         with torch.enable_grad():
-            ins = [t if (t is None or create_graph) else t.detach().requires_grad_(n)
-                   for t, n in zip(inputs, need)]
+            ins = [
+                t if (t is None or create_graph) else t.detach().requires_grad_(n)
+                for t, n in zip(inputs, need)
+            ]
             loss = _sigmoid_reference(ins[0], ins[1], ins[2], ins[3], ctx.reduction)
             wrt = [t for t, n in zip(ins, need) if n]
-            got = list(torch.autograd.grad(loss, wrt, grad_output.to(loss.dtype),
-                                           create_graph=create_graph, allow_unused=True))
+            got = list(
+                torch.autograd.grad(
+                    loss,
+                    wrt,
+                    grad_output.to(loss.dtype),
+                    create_graph=create_graph,
+                    allow_unused=True,
+                )
+            )
         out: List[Optional[Tensor]] = []
         for t, n in zip(ins, need):
             if not n:
@@ -100,17 +134,29 @@ class _FusedSigmoidCrossEntropy(torch.autograd.Function):
         create_graph = torch.is_grad_enabled()
         if create_graph or any(need[1:]):
             grads = _FusedSigmoidCrossEntropy._reference_vjp(
-                ctx, tuple(ctx.saved_tensors), grad_output, need, create_graph)
+                ctx, tuple(ctx.saved_tensors), grad_output, need, create_graph
+            )
         else:
             grads = [None] * 4
         if need[0] and not create_graph:
-            grads[0] = first_order(ctx, grad_output, lambda: _FusedSigmoidCrossEntropy._kernel(
-                tuple(ctx.saved_tensors), ctx.cdt, ctx.reduction))
+            grads[0] = first_order(
+                ctx,
+                grad_output,
+                lambda: _FusedSigmoidCrossEntropy._kernel(
+                    tuple(ctx.saved_tensors), ctx.cdt, ctx.reduction
+                ),
+            )
         return (*grads, None, None, None)
 
     @staticmethod
-    def jvp(ctx, x_t: Optional[Tensor], y_t: Optional[Tensor], w_t: Optional[Tensor],
-            pw_t: Optional[Tensor], *_: Any) -> Tensor:
+    def jvp(
+        ctx,
+        x_t: Optional[Tensor],
+        y_t: Optional[Tensor],
+        w_t: Optional[Tensor],
+        pw_t: Optional[Tensor],
+        *_: Any,
+    ) -> Tensor:
         (grad,) = ctx.saved_tensors
         none = ctx.reduction == "none"
         out = torch.zeros_like(grad) if none else torch.zeros((), dtype=grad.dtype)
@@ -154,11 +200,15 @@ def _bce_operand(v: Any, name: str, input: Tensor) -> Optional[Tensor]:
     return v
 
 
-def binary_cross_entropy_with_logits(input: Tensor, target: Tensor,
-                                     weight: Optional[Tensor] = None,
-                                     size_average: Optional[bool] = None,
-                                     reduce: Optional[bool] = None, reduction: str = "mean",
-                                     pos_weight: Optional[Tensor] = None) -> Tensor:
+def binary_cross_entropy_with_logits(
+    input: Tensor,
+    target: Tensor,
+    weight: Optional[Tensor] = None,
+    size_average: Optional[bool] = None,
+    reduce: Optional[bool] = None,
+    reduction: str = "mean",
+    pos_weight: Optional[Tensor] = None,
+) -> Tensor:
     if size_average is not None or reduce is not None:
         # PyTorch's own translation, with its deprecation warning.
         reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
@@ -172,38 +222,45 @@ def binary_cross_entropy_with_logits(input: Tensor, target: Tensor,
     check_cpu(target, "target")
     cdt = COMPUTE_DTYPE.get(input.dtype)
     if cdt is None:
-        raise TypeError(f"input must be float32, float64, float16 or bfloat16, got "
-                        f"{input.dtype}")
+        raise TypeError(f"input must be float32, float64, float16 or bfloat16, got {input.dtype}")
     if tuple(target.shape) != tuple(input.shape):
-        raise ValueError(f"target has shape {tuple(target.shape)}, expected the input's shape "
-                         f"{tuple(input.shape)} (as F.binary_cross_entropy_with_logits)")
-    if not (target.is_floating_point() or target.dtype == torch.bool or
-            not (target.is_complex())):
+        raise ValueError(
+            f"target has shape {tuple(target.shape)}, expected the input's shape "
+            f"{tuple(input.shape)} (as F.binary_cross_entropy_with_logits)"
+        )
+    if not (target.is_floating_point() or target.dtype == torch.bool or not (target.is_complex())):
         raise TypeError(f"target must be real, got {target.dtype}")
     w = _bce_operand(weight, "weight", input)
     pw = _bce_operand(pos_weight, "pos_weight", input)
     if under_func_transform(input, target, w, pw):
-        return _sigmoid_reference(input, target, w, pw, reduction).to(
-            autocast_loss_dtype(input))
+        return _sigmoid_reference(input, target, w, pw, reduction).to(autocast_loss_dtype(input))
     tensors = (input, target, w, pw)
     grad_mode = torch.is_grad_enabled()
-    wants = any(t is not None and ((t.requires_grad and grad_mode) or has_tangent(t))
-                for t in tensors)
+    wants = any(
+        t is not None and ((t.requires_grad and grad_mode) or has_tangent(t)) for t in tensors
+    )
     if not wants:
+
         def arr(t: Optional[Tensor]) -> Optional[np.ndarray]:
             return None if t is None else numpy_of(t, cdt)
-        loss = _api_sigmoid.sigmoid_cross_entropy(numpy_of(input, cdt), numpy_of(target, cdt),
-                                                  reduction=reduction, weight=arr(w),
-                                                  pos_weight=arr(pw))
+
+        loss = _api_sigmoid.sigmoid_cross_entropy(
+            numpy_of(input, cdt),
+            numpy_of(target, cdt),
+            reduction=reduction,
+            weight=arr(w),
+            pos_weight=arr(pw),
+        )
         return loss_tensor(loss, autocast_loss_dtype(input))
     fwd = any(t is not None and has_tangent(t) for t in tensors)
     return _FusedSigmoidCrossEntropy.apply(input, target, w, pw, cdt, reduction, fwd)
 
 
-binary_cross_entropy_with_logits.__doc__ = """``torch.nn.functional.binary_cross_entropy_with_logits``
-    computed by fastxent's fused sigmoid kernel (:func:`fastxent.sigmoid_cross_entropy_with_grad`):
-    the same signature (``size_average`` and ``reduce`` are translated with PyTorch's own
-    deprecation warning) and the same values::
+binary_cross_entropy_with_logits.__doc__ = """
+    ``torch.nn.functional.binary_cross_entropy_with_logits`` computed by fastxent's fused
+    sigmoid kernel (:func:`fastxent.sigmoid_cross_entropy_with_grad`): the same signature
+    (``size_average`` and ``reduce`` are translated with PyTorch's own deprecation warning)
+    and the same values::
 
         loss = weight * ((1 - y) * x + (1 + (pos_weight - 1) * y) * softplus(-x))
 
@@ -245,9 +302,14 @@ class BCEWithLogitsLoss(nn.Module):
     constructor checks ``reduction`` (ValueError) and translates the deprecated
     ``size_average`` / ``reduce`` with PyTorch's warning."""
 
-    def __init__(self, weight: Optional[Tensor] = None, size_average: Optional[bool] = None,
-                 reduce: Optional[bool] = None, reduction: str = "mean",
-                 pos_weight: Optional[Tensor] = None) -> None:
+    def __init__(
+        self,
+        weight: Optional[Tensor] = None,
+        size_average: Optional[bool] = None,
+        reduce: Optional[bool] = None,
+        reduction: str = "mean",
+        pos_weight: Optional[Tensor] = None,
+    ) -> None:
         super().__init__()
         if size_average is not None or reduce is not None:
             reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
@@ -258,9 +320,9 @@ class BCEWithLogitsLoss(nn.Module):
         self.register_buffer("pos_weight", pos_weight)
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
-        return binary_cross_entropy_with_logits(input, target, self.weight,
-                                                reduction=self.reduction,
-                                                pos_weight=self.pos_weight)
+        return binary_cross_entropy_with_logits(
+            input, target, self.weight, reduction=self.reduction, pos_weight=self.pos_weight
+        )
 
     def extra_repr(self) -> str:
         return f"reduction={self.reduction!r}"

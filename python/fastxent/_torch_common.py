@@ -37,7 +37,8 @@ def check_cpu(t: Optional[Tensor], name: str) -> None:
     if t is not None and t.device.type != "cpu":
         raise TypeError(
             f"fastxent is a CPU kernel: {name} is on device '{t.device}'; move it to the CPU "
-            f"(.cpu()) or use torch.nn.functional.cross_entropy for {t.device.type} tensors")
+            f"(.cpu()) or use torch.nn.functional.cross_entropy for {t.device.type} tensors"
+        )
 
 
 def _readable(t: Tensor) -> Tensor:
@@ -109,7 +110,8 @@ def as_array(v: Any, name: str, dtype: torch.dtype) -> Any:
         if v.requires_grad and torch.is_grad_enabled():
             raise RuntimeError(
                 f"fastxent.torch does not differentiate with respect to {name}; this input "
-                f"cannot have requires_grad=True (detach it)")
+                f"cannot have requires_grad=True (detach it)"
+            )
         return numpy_of(v, dtype if v.is_floating_point() else None)
     return v
 
@@ -125,51 +127,66 @@ def compute_dtype(logits: Tensor, target: Tensor, name: str) -> torch.dtype:
     check_cpu(target, "target")
     cdt = COMPUTE_DTYPE.get(logits.dtype)
     if cdt is None:
-        raise TypeError(f"{name} must be float32, float64, float16 or bfloat16, got "
-                        f"{logits.dtype}")
+        raise TypeError(f"{name} must be float32, float64, float16 or bfloat16, got {logits.dtype}")
     return cdt
 
 
-def target_array(target: Tensor, cdt: torch.dtype, differentiable: bool = False
-                  ) -> np.ndarray:
+def target_array(target: Tensor, cdt: torch.dtype, differentiable: bool = False) -> np.ndarray:
     """Class indices as they are, or probability targets in the compute dtype. Only
     cross_entropy differentiates with respect to probability targets (`differentiable`);
     elsewhere one that requires grad is refused."""
     if target.is_floating_point():
         if not differentiable and target.requires_grad and torch.is_grad_enabled():
-            raise RuntimeError("vocab_parallel_cross_entropy does not differentiate with "
-                               "respect to a probability target; this input cannot have "
-                               "requires_grad=True (detach it)")
+            raise RuntimeError(
+                "vocab_parallel_cross_entropy does not differentiate with "
+                "respect to a probability target; this input cannot have "
+                "requires_grad=True (detach it)"
+            )
         if differentiable and target.dtype in (torch.float16, torch.bfloat16):
             v = kernel_view(target)  # 16-bit probabilities for 16-bit logits: read as they are
             if v is not None:
                 return v
         return numpy_of(target, cdt)
     if target.is_complex():
-        raise TypeError(f"target must hold integer class indices or float class "
-                        f"probabilities, got {target.dtype}")
+        raise TypeError(
+            f"target must hold integer class indices or float class "
+            f"probabilities, got {target.dtype}"
+        )
     return numpy_of(target)
 
 
-def prepare(input: Tensor, target: Tensor, weight: Any, ignore_index: int, reduction: str,
-             label_smoothing: float, options: Dict[str, Any]
-             ) -> Tuple[torch.dtype, np.ndarray, Dict[str, Any]]:
+def prepare(
+    input: Tensor,
+    target: Tensor,
+    weight: Any,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    options: Dict[str, Any],
+) -> Tuple[torch.dtype, np.ndarray, Dict[str, Any]]:
     """Checks the PyTorch-side contract and returns (compute dtype, NumPy target, fastxent
     keywords); the logits are converted by the caller (in place or not)."""
     cdt = compute_dtype(input, target, "input")
     if input.ndim == 0:
-        raise ValueError("input must have shape (C,), (N, C) or (N, C, d1, ..., dk); got a "
-                         "0-dimensional tensor")
+        raise ValueError(
+            "input must have shape (C,), (N, C) or (N, C, d1, ..., dk); got a 0-dimensional tensor"
+        )
     for k in RESERVED:
         if k in options:
-            raise TypeError(f"fastxent.torch sets {k!r} itself (the class dimension is "
-                            f"PyTorch's: 1, or 0 for an input of shape (C,))")
+            raise TypeError(
+                f"fastxent.torch sets {k!r} itself (the class dimension is "
+                f"PyTorch's: 1, or 0 for an input of shape (C,))"
+            )
     tgt = target_array(target, cdt, differentiable=True)
     kw = dict(options)
     kw["sample_weight"] = as_array(kw.get("sample_weight"), "sample_weight", cdt)
-    kw.update(axis=0 if input.ndim == 1 else 1, reduction=reduction,
-              weight=as_array(weight, "weight", cdt), ignore_index=ignore_index,
-              label_smoothing=label_smoothing)
+    kw.update(
+        axis=0 if input.ndim == 1 else 1,
+        reduction=reduction,
+        weight=as_array(weight, "weight", cdt),
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+    )
     return cdt, tgt, kw
 
 
@@ -194,13 +211,13 @@ def refuse_func_transforms(*ts: Any) -> None:
             "functional_call under them) yet: its kernel reads the tensors' memory. Use "
             "torch.autograd.grad (create_graph=True for higher orders, is_grads_batched=True "
             "for batched gradients), torch.autograd.functional.hessian / hvp / jvp, or "
-            "torch.autograd.forward_ad, which are supported")
+            "torch.autograd.forward_ad, which are supported"
+        )
 
 
 def has_tangent(t: Optional[Tensor]) -> bool:
     """Whether t carries a forward-mode tangent (torch.autograd.forward_ad)."""
-    return (t is not None and fwAD._current_level >= 0
-            and fwAD.unpack_dual(t).tangent is not None)
+    return t is not None and fwAD._current_level >= 0 and fwAD.unpack_dual(t).tangent is not None
 
 
 def reference_loss(z: Tensor, target: Tensor, kw: Dict[str, Any]) -> Tensor:
@@ -249,8 +266,9 @@ def reference_loss(z: Tensor, target: Tensor, kw: Dict[str, Any]) -> Tensor:
     lse = torch.logsumexp(zp, dim=1)
     # 0 * inf := 0 (a class with no target weight at a -inf logit costs nothing).
     terms = torch.where(u == 0, 0.0, u * (lse[:, None] - zp))
-    row = torch.where(counted, s * (terms.sum(dim=1) + float(kw.get("z_loss", 0.0)) * lse * lse),
-                      0.0)
+    row = torch.where(
+        counted, s * (terms.sum(dim=1) + float(kw.get("z_loss", 0.0)) * lse * lse), 0.0
+    )
     red = kw["reduction"]
     if red == "none":
         return row.reshape(rshape)
@@ -263,9 +281,14 @@ def reference_loss(z: Tensor, target: Tensor, kw: Dict[str, Any]) -> Tensor:
     return torch.where(D == 0, 0.0, total / torch.where(D == 0, 1.0, D))
 
 
-def reference_grads(z: Tensor, target: Tensor, kw: Dict[str, Any], grad_output: Tensor,
-                     need: Tuple[bool, bool], create_graph: bool
-                     ) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+def reference_grads(
+    z: Tensor,
+    target: Tensor,
+    kw: Dict[str, Any],
+    grad_output: Tensor,
+    need: Tuple[bool, bool],
+    create_graph: bool,
+) -> Tuple[Optional[Tensor], Optional[Tensor]]:
     """Vector-Jacobian products of reference_loss with respect to the logits and/or the
     probability target (need = (logits, target)). With create_graph they are themselves
     differentiable functions of z, the target and grad_output (z and target are then the
@@ -278,8 +301,9 @@ def reference_grads(z: Tensor, target: Tensor, kw: Dict[str, Any], grad_output: 
         loss = reference_loss(zr, tr, kw)
         wrt = [x for x, n in zip((zr, tr), need) if n]
         if loss.requires_grad:
-            got = torch.autograd.grad(loss, wrt, grad_output.to(loss.dtype),
-                                      create_graph=create_graph, allow_unused=True)
+            got = torch.autograd.grad(
+                loss, wrt, grad_output.to(loss.dtype), create_graph=create_graph, allow_unused=True
+            )
         else:  # the loss is identically 0 (no row counts): so is every derivative
             got = (None,) * len(wrt)
     out: List[Optional[Tensor]] = []
@@ -308,7 +332,8 @@ def first_order(ctx: Any, grad_output: Tensor, recompute: Callable[[], Tensor]) 
             raise RuntimeError(
                 "fastxent.torch.cross_entropy(inplace=True): backward ran a second time, but "
                 "the first one already scaled the gradient in place in the logits' memory; "
-                "use inplace=False to backpropagate several times (retain_graph=True)")
+                "use inplace=False to backpropagate several times (retain_graph=True)"
+            )
         if all_ones(go):
             return grad
         ctx.scaled_in_place = True

@@ -12,12 +12,23 @@ import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
 from . import _api, _core
-from ._torch_common import (ML_BF16, direct_logits, first_order, is_wrapped, numpy_of,
-                            reference_grads, tensor_of)
+from ._torch_common import (
+    ML_BF16,
+    direct_logits,
+    first_order,
+    is_wrapped,
+    numpy_of,
+    reference_grads,
+    tensor_of,
+)
 
 # The NumPy storage of a gradient buffer per tensor dtype (bfloat16 as its int16 bits).
-_STORAGE = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64),
-            torch.float16: np.dtype(np.float16), torch.bfloat16: np.dtype(np.int16)}
+_STORAGE = {
+    torch.float32: np.dtype(np.float32),
+    torch.float64: np.dtype(np.float64),
+    torch.float16: np.dtype(np.float16),
+    torch.bfloat16: np.dtype(np.int16),
+}
 
 
 class _GradPool:
@@ -34,10 +45,12 @@ class _GradPool:
     def __init__(self, max_buffers: int = 2, min_bytes: int = 1 << 20) -> None:
         import collections
         import threading
+
         self.max_buffers = max_buffers
         self.min_bytes = min_bytes
         self._bufs: "collections.OrderedDict[Tuple[Any, ...], np.ndarray]" = (
-            collections.OrderedDict())
+            collections.OrderedDict()
+        )
         self._lock = threading.Lock()
         # The reference count of a buffer nobody else holds, as _refs reads it: measured on
         # a probe rather than assumed, since what getrefcount sees of the interpreter's own
@@ -48,10 +61,12 @@ class _GradPool:
 
     def _refs(self, key: Tuple[Any, ...]) -> int:
         import sys
+
         return sys.getrefcount(self._bufs[key])
 
-    def take(self, shape: Tuple[int, ...], dtype: torch.dtype
-             ) -> Optional[Tuple[np.ndarray, Tensor]]:
+    def take(
+        self, shape: Tuple[int, ...], dtype: torch.dtype
+    ) -> Optional[Tuple[np.ndarray, Tensor]]:
         """(array, tensor over it) to write a gradient of `shape` and `dtype` into, or None
         (a small gradient: let the kernel allocate it)."""
         n = _STORAGE[dtype].itemsize
@@ -101,8 +116,9 @@ def kept_buffer_bytes() -> int:
     return POOL.nbytes()
 
 
-def fused(input: Tensor, tgt: np.ndarray, cdt: torch.dtype, kw: Dict[str, Any]
-           ) -> Tuple[Any, Tensor]:
+def fused(
+    input: Tensor, tgt: np.ndarray, cdt: torch.dtype, kw: Dict[str, Any]
+) -> Tuple[Any, Tensor]:
     """(loss, gradient) by the kernel, the gradient in a kept buffer when it is large."""
     x = direct_logits(input, tgt)
     if x is None:  # bfloat16 without ml_dtypes, or probabilities of another dtype: float32
@@ -120,8 +136,12 @@ _LEAN_RED = {"none": 0, "sum": 1, "mean": 2}
 _LEAN_DTYPES = (torch.float32, torch.float64)
 is_compiling = torch.compiler.is_compiling
 _functorch_active = torch._C._are_functorch_transforms_active
-_LEAN_KW = {r: dict(axis=1, reduction=r, weight=None, ignore_index=-100, label_smoothing=0.0,
-                    sample_weight=None) for r in _LEAN_RED}
+_LEAN_KW = {
+    r: dict(
+        axis=1, reduction=r, weight=None, ignore_index=-100, label_smoothing=0.0, sample_weight=None
+    )
+    for r in _LEAN_RED
+}
 
 
 def lean_call(input: Tensor, target: Tensor, reduction: Any) -> Optional[Tensor]:
@@ -129,21 +149,38 @@ def lean_call(input: Tensor, target: Tensor, reduction: Any) -> Optional[Tensor]
     through _core.fast_call: about as much Python as F.cross_entropy's call. None when it
     does not apply (anything else, or a bad call: the general path then gives the error)."""
     red = _LEAN_RED.get(reduction) if type(reduction) is str else None
-    if (red is None or type(input) is not Tensor or type(target) is not Tensor
-            or input.dtype not in _LEAN_DTYPES or target.dtype != torch.int64
-            or input.ndim != 2 or input.is_neg() or target.is_neg()
-            or not (input.is_cpu and target.is_cpu) or fwAD._current_level >= 0
-            or _functorch_active() or is_wrapped(input) or is_wrapped(target)
-            or input._is_zerotensor() or target._is_zerotensor()):
+    if (
+        red is None
+        or type(input) is not Tensor
+        or type(target) is not Tensor
+        or input.dtype not in _LEAN_DTYPES
+        or target.dtype != torch.int64
+        or input.ndim != 2
+        or input.is_neg()
+        or target.is_neg()
+        or not (input.is_cpu and target.is_cpu)
+        or fwAD._current_level >= 0
+        or _functorch_active()
+        or is_wrapped(input)
+        or is_wrapped(target)
+        or input._is_zerotensor()
+        or target._is_zerotensor()
+    ):
         return None
     N, C = input.shape
-    if (C == 0 or N == 0 or target.shape != (N,) or not input.is_contiguous()
-            or not target.is_contiguous()):
+    if (
+        C == 0
+        or N == 0
+        or target.shape != (N,)
+        or not input.is_contiguous()
+        or not target.is_contiguous()
+    ):
         return None
     if not (input.requires_grad and torch.is_grad_enabled()):
         loss = torch.empty((N,) if red == 0 else (), dtype=input.dtype, device="cpu")
-        ok = _core.fast_call_raw(input.data_ptr(), N, C, input.element_size(),
-                                 target.data_ptr(), red, 0, loss.data_ptr())
+        ok = _core.fast_call_raw(
+            input.data_ptr(), N, C, input.element_size(), target.data_ptr(), red, 0, loss.data_ptr()
+        )
         return loss if ok else None
     try:
         # autograd.Function.apply's C part directly: its Python part only binds default
@@ -184,6 +221,7 @@ class _LeanCrossEntropy(torch.autograd.Function):
         def recompute() -> Tensor:
             input, target = ctx.saved_tensors
             return _lean_kernel(input, target, ctx.red)[1]
+
         return first_order(ctx, go, recompute), None, None, None
 
 
@@ -194,8 +232,9 @@ def _lean_kernel(input: Tensor, target: Tensor, red: int) -> Tuple[Tensor, Tenso
     taken = POOL.take(input.shape, input.dtype) if N * C * size >= POOL.min_bytes else None
     grad = torch.empty((N, C), dtype=input.dtype, device="cpu") if taken is None else taken[1]
     loss = torch.empty((N,) if red == 0 else (), dtype=input.dtype, device="cpu")
-    if not _core.fast_call_raw(input.data_ptr(), N, C, size, target.data_ptr(), red,
-                               grad.data_ptr(), loss.data_ptr()):
+    if not _core.fast_call_raw(
+        input.data_ptr(), N, C, size, target.data_ptr(), red, grad.data_ptr(), loss.data_ptr()
+    ):
         raise _BadTarget  # the general path gives the error, naming the row
     return loss, grad
 

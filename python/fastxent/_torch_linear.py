@@ -39,6 +39,7 @@ def _np(t: Tensor) -> np.ndarray:
     t = t.detach()
     if t.dtype == torch.bfloat16:
         import ml_dtypes
+
         return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
     return t.resolve_neg().resolve_conj().numpy()
 
@@ -50,8 +51,14 @@ def _np_dtype(dt: torch.dtype) -> np.dtype:
 class _TorchBackend:
     """torch.mm / addmm for each tile (see fastxent._linear for the loop)."""
 
-    def __init__(self, plan: Any, h2: Tensor, w: Tensor, b: Optional[Tensor],
-                 outs: Tuple[Optional[Tensor], ...]):
+    def __init__(
+        self,
+        plan: Any,
+        h2: Tensor,
+        w: Tensor,
+        b: Optional[Tensor],
+        outs: Tuple[Optional[Tensor], ...],
+    ):
         self.plan, self.h2, self.w, self.b = plan, h2, w, b
         self.half = h2.dtype in (torch.float16, torch.bfloat16)
         self.buf = torch.empty(plan.tile, plan.v, dtype=h2.dtype)
@@ -64,13 +71,13 @@ class _TorchBackend:
         self.z: Tensor = self.buf
 
     def logits(self, r0: int, r1: int) -> np.ndarray:
-        self.z = z = self.buf[:r1 - r0]
+        self.z = z = self.buf[: r1 - r0]
         x = self.h2[r0:r1]
         if self.b is None:
             torch.mm(x, self.w.t(), out=z)
         else:
             torch.addmm(self.b, x, self.w.t(), out=z)
-        return self.buf_np[:r1 - r0]
+        return self.buf_np[: r1 - r0]
 
     def grad_hidden(self, _g: Any, r0: int, r1: int) -> None:
         torch.mm(self.z, self.w, out=self.gh[r0:r1])
@@ -97,14 +104,22 @@ class _TorchBackend:
             self.gb.copy_(self.acc_b)
 
 
-def _sweep(plan: Any, h2: Tensor, w: Tensor, b: Optional[Tensor],
-           want: Tuple[bool, bool, bool], reduction: Optional[str] = None,
-           sample_weight: Optional[np.ndarray] = None) -> Tuple[Any, Tuple[Any, ...]]:
+def _sweep(
+    plan: Any,
+    h2: Tensor,
+    w: Tensor,
+    b: Optional[Tensor],
+    want: Tuple[bool, bool, bool],
+    reduction: Optional[str] = None,
+    sample_weight: Optional[np.ndarray] = None,
+) -> Tuple[Any, Tuple[Any, ...]]:
     """Runs the tile loop; returns (loss, (grad_hidden (n, h), grad_weight, grad_bias))."""
     new = torch.empty if plan.n else torch.zeros  # every tile writes what it covers
-    outs = (new(plan.n, plan.h, dtype=h2.dtype) if want[0] else None,
-            new(w.shape, dtype=w.dtype) if want[1] else None,
-            new(plan.v, dtype=w.dtype) if want[2] else None)
+    outs = (
+        new(plan.n, plan.h, dtype=h2.dtype) if want[0] else None,
+        new(w.shape, dtype=w.dtype) if want[1] else None,
+        new(plan.v, dtype=w.dtype) if want[2] else None,
+    )
     be = _TorchBackend(plan, h2, w, b, outs)
     loss = _linear.run_tiles(plan, be, want, reduction, sample_weight)
     return loss, outs
@@ -118,16 +133,22 @@ def _loss_tensor(loss: Any, plan: Any, dtype: torch.dtype) -> Tensor:
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, input: Tensor, lw: Tensor, lb: Optional[Tensor], plan: Any
-                ) -> Tensor:
+    def forward(ctx: Any, input: Tensor, lw: Tensor, lb: Optional[Tensor], plan: Any) -> Tensor:
         h2 = input.reshape(plan.n, plan.h)
-        want = (ctx.needs_input_grad[0], ctx.needs_input_grad[1],
-                lb is not None and ctx.needs_input_grad[2])
+        want = (
+            ctx.needs_input_grad[0],
+            ctx.needs_input_grad[1],
+            lb is not None and ctx.needs_input_grad[2],
+        )
         ctx.plan, ctx.want, ctx.shape = plan, want, input.shape
         ctx.save_for_backward(input, lw, lb)
         if plan.reduction == "none":
-            loss, ctx.grads = _linear.run_tiles(plan, _TorchBackend(plan, h2, lw, lb, (
-                None, None, None)), (False, False, False)), None
+            loss, ctx.grads = (
+                _linear.run_tiles(
+                    plan, _TorchBackend(plan, h2, lw, lb, (None, None, None)), (False, False, False)
+                ),
+                None,
+            )
         else:
             loss, ctx.grads = _sweep(plan, h2, lw, lb, want)
         return _loss_tensor(loss, plan, input.dtype)
@@ -144,8 +165,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 s = go.detach().reshape(-1).to(torch.float64).numpy()
                 if plan.sample_weight is not None:
                     s = s * plan.sample_weight
-                _, grads = _sweep(plan, h2, lw, lb, want, "sum",
-                                  np.ascontiguousarray(s, dtype=plan.cdt))
+                _, grads = _sweep(
+                    plan, h2, lw, lb, want, "sum", np.ascontiguousarray(s, dtype=plan.cdt)
+                )
             else:
                 _, grads = _sweep(plan, h2, lw, lb, want)
         if plan.reduction != "none" and bool(go != 1):
@@ -155,44 +177,81 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return (None if gh is None else gh.reshape(ctx.shape), gw, gb, None)
 
 
-def _plan_for(input: Tensor, lw: Tensor, target: Tensor, lb: Optional[Tensor],
-              reduction: Any, opts: dict, tile_rows: Any) -> Any:
-    for name, t in (("input", input), ("linear_weight", lw), ("target", target),
-                    ("linear_bias", lb)):
+def _plan_for(
+    input: Tensor,
+    lw: Tensor,
+    target: Tensor,
+    lb: Optional[Tensor],
+    reduction: Any,
+    opts: dict,
+    tile_rows: Any,
+) -> Any:
+    for name, t in (
+        ("input", input),
+        ("linear_weight", lw),
+        ("target", target),
+        ("linear_bias", lb),
+    ):
         if t is None:
             continue
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.device.type != "cpu":
-            raise TypeError(f"{name}: fastxent is a CPU kernel, but this tensor is on "
-                            f"{t.device} (move it to the CPU first)")
+            raise TypeError(
+                f"{name}: fastxent is a CPU kernel, but this tensor is on "
+                f"{t.device} (move it to the CPU first)"
+            )
     if input.dtype not in _DTYPES:
-        raise TypeError(f"input must be float32, float64, float16 or bfloat16, got "
-                        f"{input.dtype}")
+        raise TypeError(f"input must be float32, float64, float16 or bfloat16, got {input.dtype}")
     cdt = torch.float64 if input.dtype == torch.float64 else torch.float32
     for k in ("weight", "sample_weight"):
         if isinstance(opts[k], Tensor):
             opts[k] = opts[k].detach().to(cdt).numpy()
     probs = target.is_floating_point()
-    tgt: Any = _np(target.to(input.dtype) if probs and target.dtype != input.dtype
-                   else target) if probs else target.detach().numpy()
-    plan = _linear.make_plan(tuple(input.shape), _np_dtype(input.dtype), tuple(lw.shape),
-                         _np_dtype(lw.dtype), None if lb is None else tuple(lb.shape),
-                         None if lb is None else _np_dtype(lb.dtype), tgt, tuple(target.shape),
-                         probs, reduction, opts, tile_rows, input.element_size())
+    tgt: Any = (
+        _np(target.to(input.dtype) if probs and target.dtype != input.dtype else target)
+        if probs
+        else target.detach().numpy()
+    )
+    plan = _linear.make_plan(
+        tuple(input.shape),
+        _np_dtype(input.dtype),
+        tuple(lw.shape),
+        _np_dtype(lw.dtype),
+        None if lb is None else tuple(lb.shape),
+        None if lb is None else _np_dtype(lb.dtype),
+        tgt,
+        tuple(target.shape),
+        probs,
+        reduction,
+        opts,
+        tile_rows,
+        input.element_size(),
+    )
     if probs:
         plan = plan._replace(probs=tgt.reshape(plan.n, plan.v))
     return plan
 
 
-def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *,
-                         linear_bias: Optional[Tensor] = None, weight: Optional[Tensor] = None,
-                         reduction: str = "mean", ignore_index: Optional[int] = -100,
-                         label_smoothing: float = 0.0, options: Any = None,
-                         sample_weight: Any = None, z_loss: float = 0.0,
-                         softcap: Optional[float] = None, logit_scale: float = 1.0,
-                         normalizer: Optional[float] = None, num_threads: Optional[int] = None,
-                         tile_rows: Optional[int] = None) -> Tensor:
+def linear_cross_entropy(
+    input: Tensor,
+    linear_weight: Tensor,
+    target: Tensor,
+    *,
+    linear_bias: Optional[Tensor] = None,
+    weight: Optional[Tensor] = None,
+    reduction: str = "mean",
+    ignore_index: Optional[int] = -100,
+    label_smoothing: float = 0.0,
+    options: Any = None,
+    sample_weight: Any = None,
+    z_loss: float = 0.0,
+    softcap: Optional[float] = None,
+    logit_scale: float = 1.0,
+    normalizer: Optional[float] = None,
+    num_threads: Optional[int] = None,
+    tile_rows: Optional[int] = None,
+) -> Tensor:
     """PyTorch 2.13's ``F.linear_cross_entropy(input, linear_weight, target, ...)`` (the
     loss of ``F.cross_entropy(F.linear(input, linear_weight, linear_bias), target, ...)``),
     differentiable with respect to input, linear_weight and linear_bias, computed in tiles
@@ -204,20 +263,27 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     fastxent's extra keywords (sample_weight, z_loss, softcap, logit_scale, normalizer,
     num_threads) mean what they mean in :func:`fastxent.cross_entropy`; tile_rows overrides
     the rows per tile. When every row is ignored, "mean" is 0 (PyTorch: NaN)."""
-    opts = dict(weight=weight, ignore_index=-100 if ignore_index is None else ignore_index,
-                label_smoothing=label_smoothing, sample_weight=sample_weight, z_loss=z_loss,
-                softcap=softcap, logit_scale=logit_scale, normalizer=normalizer,
-                num_threads=num_threads)
+    opts = dict(
+        weight=weight,
+        ignore_index=-100 if ignore_index is None else ignore_index,
+        label_smoothing=label_smoothing,
+        sample_weight=sample_weight,
+        z_loss=z_loss,
+        softcap=softcap,
+        logit_scale=logit_scale,
+        normalizer=normalizer,
+        num_threads=num_threads,
+    )
     plan = _plan_for(input, linear_weight, target, linear_bias, reduction, opts, tile_rows)
     grads = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (input, linear_weight, linear_bias))
+        t is not None and t.requires_grad for t in (input, linear_weight, linear_bias)
+    )
     if grads:
         return _LinearCrossEntropy.apply(input, linear_weight, linear_bias, plan)
     with torch.no_grad():
         h2 = input.reshape(plan.n, plan.h)
         be = _TorchBackend(plan, h2, linear_weight, linear_bias, (None, None, None))
-        return _loss_tensor(_linear.run_tiles(plan, be, (False, False, False)), plan,
-                            input.dtype)
+        return _loss_tensor(_linear.run_tiles(plan, be, (False, False, False)), plan, input.dtype)
 
 
 class LinearCrossEntropyLoss(nn.Module):
@@ -225,14 +291,24 @@ class LinearCrossEntropyLoss(nn.Module):
     the ``nn.Linear(in_features, num_classes, bias=bias)`` head as ``self.linear``.
     fastxent's extra keywords are given to the constructor."""
 
-    def __init__(self, in_features: int, num_classes: int, *, bias: bool = False,
-                 device: Any = None, dtype: Any = None, reduction: str = "mean",
-                 weight: Optional[Tensor] = None, ignore_index: Optional[int] = None,
-                 label_smoothing: float = 0.0, options: Any = None, **fastxent_options: Any):
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        *,
+        bias: bool = False,
+        device: Any = None,
+        dtype: Any = None,
+        reduction: str = "mean",
+        weight: Optional[Tensor] = None,
+        ignore_index: Optional[int] = None,
+        label_smoothing: float = 0.0,
+        options: Any = None,
+        **fastxent_options: Any,
+    ):
         super().__init__()
         self.num_classes = num_classes
-        self.linear = nn.Linear(in_features, num_classes, bias=bias, device=device,
-                                dtype=dtype)
+        self.linear = nn.Linear(in_features, num_classes, bias=bias, device=device, dtype=dtype)
         self.register_buffer("weight", weight)
         self.reduction, self.ignore_index = reduction, ignore_index
         self.label_smoothing, self.options = label_smoothing, options
@@ -240,11 +316,19 @@ class LinearCrossEntropyLoss(nn.Module):
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         return linear_cross_entropy(
-            input, self.linear.weight, target, linear_bias=self.linear.bias,
+            input,
+            self.linear.weight,
+            target,
+            linear_bias=self.linear.bias,
             weight=self.weight,  # type: ignore[arg-type]  # a buffer: a Tensor or None
-            reduction=self.reduction, ignore_index=self.ignore_index,
-            label_smoothing=self.label_smoothing, **self.fastxent_options)
+            reduction=self.reduction,
+            ignore_index=self.ignore_index,
+            label_smoothing=self.label_smoothing,
+            **self.fastxent_options,
+        )
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.linear.in_features}, num_classes={self.num_classes}, "
-                f"bias={self.linear.bias is not None}, reduction={self.reduction}")
+        return (
+            f"in_features={self.linear.in_features}, num_classes={self.num_classes}, "
+            f"bias={self.linear.bias is not None}, reduction={self.reduction}"
+        )

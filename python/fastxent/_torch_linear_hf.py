@@ -42,9 +42,15 @@ def patch_causal_lm(model: Any, *, keep_logits: bool = False) -> Any:
         raise TypeError("patch_causal_lm needs a model with an output embedding (lm_head)")
     original = model.forward
 
-    def forward(self: Any, input_ids: Any = None, *args: Any, labels: Any = None,
-                return_logits: bool = False, num_items_in_batch: Any = None,
-                **kwargs: Any) -> Any:
+    def forward(
+        self: Any,
+        input_ids: Any = None,
+        *args: Any,
+        labels: Any = None,
+        return_logits: bool = False,
+        num_items_in_batch: Any = None,
+        **kwargs: Any,
+    ) -> Any:
         if labels is None or args or return_logits or keep_logits:
             if num_items_in_batch is not None:
                 kwargs["num_items_in_batch"] = num_items_in_batch
@@ -57,14 +63,22 @@ def patch_causal_lm(model: Any, *, keep_logits: bool = False) -> Any:
         norm = None if num_items_in_batch is None else float(num_items_in_batch)
         hd = self.get_output_embeddings()
         loss = linear_cross_entropy(
-            hidden.reshape(-1, hidden.shape[-1]), hd.weight, shift.reshape(-1).to(hidden.device),
-            linear_bias=getattr(hd, "bias", None), ignore_index=-100, normalizer=norm,
-            softcap=getattr(self.config, "final_logit_softcapping", None)).float()
+            hidden.reshape(-1, hidden.shape[-1]),
+            hd.weight,
+            shift.reshape(-1).to(hidden.device),
+            linear_bias=getattr(hd, "bias", None),
+            ignore_index=-100,
+            normalizer=norm,
+            softcap=getattr(self.config, "final_logit_softcapping", None),
+        ).float()
         from transformers.modeling_outputs import CausalLMOutputWithPast
+
         fields = {f.name for f in dataclasses.fields(CausalLMOutputWithPast)}
-        extra = {k: getattr(out, k, None) for k in ("cache", "past_key_values",
-                                                     "hidden_states", "attentions")
-                 if k in fields}  # transformers 5 names the cache `cache`, 4 did not
+        extra = {
+            k: getattr(out, k, None)
+            for k in ("cache", "past_key_values", "hidden_states", "attentions")
+            if k in fields
+        }  # transformers 5 names the cache `cache`, 4 did not
         return CausalLMOutputWithPast(loss=loss, logits=None, **extra)
 
     model._fastxent_forward = original

@@ -49,9 +49,14 @@ class _VPLinear(torch.autograd.Function):
             _, z = _logits32(h2[r0:r1], w, b)
             stats[r0:r1] = shard_stats(z, a["t"][r0:r1], **a["stat_kw"])
         merged = a["all_reduce"](stats, a["group"]) if n else stats
-        loss = loss_from_stats(merged, reduction=a["reduction"], sample_weight=a["sw"],
-                               z_loss=a["z_loss"], normalizer=a["normalizer"],
-                               num_classes=a["stat_kw"]["num_classes"])
+        loss = loss_from_stats(
+            merged,
+            reduction=a["reduction"],
+            sample_weight=a["sw"],
+            z_loss=a["z_loss"],
+            normalizer=a["normalizer"],
+            num_classes=a["stat_kw"]["num_classes"],
+        )
         ctx.save_for_backward(input, w, b)
         ctx.a, ctx.merged = a, merged
         out = torch.from_numpy(np.asarray(loss, np.float64))
@@ -79,9 +84,18 @@ class _VPLinear(torch.autograd.Function):
             r1 = min(n, r0 + a["tile"])
             x = h2[r0:r1]
             zf, zn = _logits32(x, w, b)
-            shard_grad(zn, a["t"][r0:r1], merged[r0:r1], **a["stat_kw"], z_loss=a["z_loss"],
-                       reduction="sum" if red == "none" else red, normalizer=norm,
-                       sample_weight=None if sw is None else sw[r0:r1], scale=scale, out=zn)
+            shard_grad(
+                zn,
+                a["t"][r0:r1],
+                merged[r0:r1],
+                **a["stat_kw"],
+                z_loss=a["z_loss"],
+                reduction="sum" if red == "none" else red,
+                normalizer=norm,
+                sample_weight=None if sw is None else sw[r0:r1],
+                scale=scale,
+                out=zn,
+            )
             gt = zf.to(input.dtype)  # G_r, rounded once for 16-bit inputs
             torch.mm(gt, w, out=gh[r0:r1])
             gw.addmm_(gt.t(), x)
@@ -92,13 +106,26 @@ class _VPLinear(torch.autograd.Function):
 
 
 def vocab_parallel_linear_cross_entropy(
-        input: Tensor, linear_weight: Tensor, target: Tensor, group: Any = None, *,
-        linear_bias: Optional[Tensor] = None, offset: Optional[int] = None,
-        num_classes: Optional[int] = None, weight: Any = None, ignore_index: int = -100,
-        label_smoothing: float = 0.0, reduction: str = "mean", sample_weight: Any = None,
-        z_loss: float = 0.0, softcap: Optional[float] = None, logit_scale: float = 1.0,
-        normalizer: Optional[float] = None, num_threads: Optional[int] = None,
-        tile_rows: Optional[int] = None) -> Tensor:
+    input: Tensor,
+    linear_weight: Tensor,
+    target: Tensor,
+    group: Any = None,
+    *,
+    linear_bias: Optional[Tensor] = None,
+    offset: Optional[int] = None,
+    num_classes: Optional[int] = None,
+    weight: Any = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+    sample_weight: Any = None,
+    z_loss: float = 0.0,
+    softcap: Optional[float] = None,
+    logit_scale: float = 1.0,
+    normalizer: Optional[float] = None,
+    num_threads: Optional[int] = None,
+    tile_rows: Optional[int] = None,
+) -> Tensor:
     """:func:`fastxent.torch.linear_cross_entropy` with the weight's rows (the vocabulary)
     split across the ranks of ``group``: ``linear_weight`` is this rank's (V_r, H) slice,
     rows ``[offset, offset + V_r)`` of the full (V, H) weight (by default the slices are in
@@ -109,6 +136,7 @@ def vocab_parallel_linear_cross_entropy(
     gradient of ``input`` (summed over the ranks by one all-reduce). Other keywords as
     :func:`fastxent.torch.linear_cross_entropy`; probability targets are not supported."""
     from . import _torch_vocab as vocab  # the layout and the statistics' all-reduce
+
     dist = vocab.torch_dist()
     for name, t in (("input", input), ("linear_weight", linear_weight), ("target", target)):
         if not isinstance(t, Tensor):
@@ -117,36 +145,75 @@ def vocab_parallel_linear_cross_entropy(
         raise TypeError("vocab_parallel_linear_cross_entropy takes class indices only")
     v_local = int(linear_weight.shape[0]) if linear_weight.ndim == 2 else 0
     off, V = vocab.vp_layout(v_local, group, offset, num_classes)
-    cw = None if weight is None else np.asarray(weight.detach().double() if isinstance(
-        weight, Tensor) else weight, np.float64)
+    cw = (
+        None
+        if weight is None
+        else np.asarray(
+            weight.detach().double() if isinstance(weight, Tensor) else weight, np.float64
+        )
+    )
     if cw is not None and cw.shape == (V,) and V != v_local:
-        cw = cw[off:off + v_local]
+        cw = cw[off : off + v_local]
     if isinstance(sample_weight, Tensor):
         sample_weight = sample_weight.detach().double().numpy()
-    opts = {"weight": cw, "ignore_index": ignore_index, "label_smoothing": label_smoothing,
-            "sample_weight": sample_weight, "z_loss": z_loss, "softcap": softcap,
-            "logit_scale": logit_scale, "normalizer": normalizer, "num_threads": num_threads}
+    opts = {
+        "weight": cw,
+        "ignore_index": ignore_index,
+        "label_smoothing": label_smoothing,
+        "sample_weight": sample_weight,
+        "z_loss": z_loss,
+        "softcap": softcap,
+        "logit_scale": logit_scale,
+        "normalizer": normalizer,
+        "num_threads": num_threads,
+    }
     # The shapes, dtypes and options are checked as for the one-process function, on this
     # rank's slice; class indices are checked against the whole vocabulary.
     lb = linear_bias
     lead = tuple(input.shape[:-1])
-    plan = _linear.make_plan(tuple(input.shape), _np_dt(input.dtype), tuple(linear_weight.shape),
-                         _np_dt(linear_weight.dtype), None if lb is None else tuple(lb.shape),
-                         None if lb is None else _np_dt(lb.dtype),
-                         np.full(lead, ignore_index, np.int64), lead, False, reduction, opts,
-                         tile_rows, 4)
+    plan = _linear.make_plan(
+        tuple(input.shape),
+        _np_dt(input.dtype),
+        tuple(linear_weight.shape),
+        _np_dt(linear_weight.dtype),
+        None if lb is None else tuple(lb.shape),
+        None if lb is None else _np_dt(lb.dtype),
+        np.full(lead, ignore_index, np.int64),
+        lead,
+        False,
+        reduction,
+        opts,
+        tile_rows,
+        4,
+    )
     tgt = _linear.class_targets(target.detach().numpy(), plan.lead, V, ignore_index)
     cdt = np.float64 if input.dtype == torch.float64 else np.float32
-    a = {"n": plan.n, "lead": plan.lead, "tile": plan.tile, "t": tgt, "group": group,
-         "dist": dist, "all_reduce": vocab.all_reduce_stats, "reduction": reduction,
-         "sw": plan.sample_weight, "z_loss": z_loss, "normalizer": normalizer,
-         "stat_kw": {"offset": off, "num_classes": V,
-                     "weight": None if cw is None else cw.astype(cdt),
-                     "ignore_index": ignore_index, "label_smoothing": label_smoothing,
-                     "softcap": softcap, "logit_scale": logit_scale,
-                     "num_threads": num_threads}}
-    if torch.is_grad_enabled() and any(x is not None and x.requires_grad
-                                       for x in (input, linear_weight, lb)):
+    a = {
+        "n": plan.n,
+        "lead": plan.lead,
+        "tile": plan.tile,
+        "t": tgt,
+        "group": group,
+        "dist": dist,
+        "all_reduce": vocab.all_reduce_stats,
+        "reduction": reduction,
+        "sw": plan.sample_weight,
+        "z_loss": z_loss,
+        "normalizer": normalizer,
+        "stat_kw": {
+            "offset": off,
+            "num_classes": V,
+            "weight": None if cw is None else cw.astype(cdt),
+            "ignore_index": ignore_index,
+            "label_smoothing": label_smoothing,
+            "softcap": softcap,
+            "logit_scale": logit_scale,
+            "num_threads": num_threads,
+        },
+    }
+    if torch.is_grad_enabled() and any(
+        x is not None and x.requires_grad for x in (input, linear_weight, lb)
+    ):
         return _VPLinear.apply(input, linear_weight, lb, a)
     with torch.no_grad():
         return _VPLinear.forward(_NoCtx(), input, linear_weight, lb, a)
@@ -168,4 +235,5 @@ def _np_dt(dt: torch.dtype) -> np.dtype:
 
 def _bf16() -> np.dtype:
     import ml_dtypes
+
     return np.dtype(ml_dtypes.bfloat16)

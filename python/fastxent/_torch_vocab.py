@@ -11,8 +11,15 @@ from torch import Tensor
 
 from . import _shard
 from ._options import index
-from ._torch_common import (all_ones, as_array, compute_dtype, loss_tensor, numpy_of,
-                            refuse_func_transforms, target_array)
+from ._torch_common import (
+    all_ones,
+    as_array,
+    compute_dtype,
+    loss_tensor,
+    numpy_of,
+    refuse_func_transforms,
+    target_array,
+)
 
 # --------------------------------------------------------------------------------------------
 # Vocabulary-parallel cross-entropy (torch.distributed)
@@ -24,18 +31,24 @@ _NSTAT = len(_shard.STAT_FIELDS)
 def torch_dist() -> Any:
     """torch.distributed, checked to be usable (available in this build, initialized)."""
     import torch.distributed as dist
+
     if not dist.is_available():
-        raise RuntimeError("vocab_parallel_cross_entropy needs torch.distributed, which this "
-                           "PyTorch build does not provide")
+        raise RuntimeError(
+            "vocab_parallel_cross_entropy needs torch.distributed, which this "
+            "PyTorch build does not provide"
+        )
     if not dist.is_initialized():
-        raise RuntimeError("vocab_parallel_cross_entropy needs an initialized process group: "
-                           "call torch.distributed.init_process_group (e.g. backend='gloo') "
-                           "on every rank first")
+        raise RuntimeError(
+            "vocab_parallel_cross_entropy needs an initialized process group: "
+            "call torch.distributed.init_process_group (e.g. backend='gloo') "
+            "on every rank first"
+        )
     return dist
 
 
-def vp_layout(c_local: int, group: Any, offset: Optional[int],
-               num_classes: Optional[int]) -> Tuple[int, int]:
+def vp_layout(
+    c_local: int, group: Any, offset: Optional[int], num_classes: Optional[int]
+) -> Tuple[int, int]:
     """(offset, num_classes) of this rank's slice: as given, or from the slice sizes of every
     rank gathered once (one all_gather of one integer per rank), in rank order."""
     if offset is not None and num_classes is not None:
@@ -44,8 +57,7 @@ def vp_layout(c_local: int, group: Any, offset: Optional[int],
     world = dist.get_world_size(group)
     rank = dist.get_rank(group)
     if rank < 0:
-        raise RuntimeError("vocab_parallel_cross_entropy: this process is not a member of "
-                           "`group`")
+        raise RuntimeError("vocab_parallel_cross_entropy: this process is not a member of `group`")
     sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
     dist.all_gather(sizes, torch.tensor([c_local], dtype=torch.int64), group=group)
     n = [int(s.item()) for s in sizes]
@@ -53,8 +65,10 @@ def vp_layout(c_local: int, group: Any, offset: Optional[int],
     if num_classes is None:
         num_classes = total
     elif index(num_classes, "num_classes") != total:
-        raise ValueError(f"num_classes = {num_classes}, but the ranks' slices (sizes {n}, in "
-                         f"rank order) add up to {total}")
+        raise ValueError(
+            f"num_classes = {num_classes}, but the ranks' slices (sizes {n}, in "
+            f"rank order) add up to {total}"
+        )
     if offset is None:
         offset = sum(n[:rank])
     return index(offset, "offset"), index(num_classes, "num_classes")
@@ -77,18 +91,19 @@ def all_reduce_stats(st: np.ndarray, group: Any) -> np.ndarray:
     factor = torch.where(mx == m, torch.ones_like(mx), torch.exp(mx - m))
     packed = torch.empty(s.shape, dtype=torch.float64)
     packed[:, 0] = torch.where(nan | (mx == -np.inf), torch.zeros_like(se), se * factor)
-    packed[:, 1:_NSTAT - 1] = s[:, 2:]
+    packed[:, 1 : _NSTAT - 1] = s[:, 2:]
     packed[:, _NSTAT - 1] = nan.to(torch.float64)
     dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
     out = torch.empty(s.shape, dtype=torch.float64)
     out[:, 0] = m
-    out[:, 1:] = packed[:, :_NSTAT - 1]
+    out[:, 1:] = packed[:, : _NSTAT - 1]
     out[packed[:, _NSTAT - 1] > 0, :2] = np.nan
     return out.numpy()
 
 
 class _VPArgs(NamedTuple):
     """The checked arguments of one vocab_parallel_cross_entropy call (NumPy views)."""
+
     cdt: torch.dtype
     tgt: np.ndarray
     group: Any
@@ -107,15 +122,28 @@ class _VPArgs(NamedTuple):
 
 
 def _vp_stats_loss(x: np.ndarray, a: _VPArgs) -> Tuple[Any, np.ndarray]:
-    st = _shard.shard_stats(x, a.tgt, offset=a.offset, num_classes=a.num_classes,
-                            weight=a.weight, ignore_index=a.ignore_index,
-                            label_smoothing=a.label_smoothing, softcap=a.softcap,
-                            logit_scale=a.logit_scale, num_threads=a.num_threads)
+    st = _shard.shard_stats(
+        x,
+        a.tgt,
+        offset=a.offset,
+        num_classes=a.num_classes,
+        weight=a.weight,
+        ignore_index=a.ignore_index,
+        label_smoothing=a.label_smoothing,
+        softcap=a.softcap,
+        logit_scale=a.logit_scale,
+        num_threads=a.num_threads,
+    )
     rows_shape = st.shape[:-1]
     merged = all_reduce_stats(st.reshape(-1, _NSTAT), a.group).reshape(st.shape)
-    loss = _shard.loss_from_stats(merged, reduction=a.reduction, sample_weight=a.sample_weight,
-                                  z_loss=a.z_loss, normalizer=a.normalizer,
-                                  num_classes=a.num_classes)
+    loss = _shard.loss_from_stats(
+        merged,
+        reduction=a.reduction,
+        sample_weight=a.sample_weight,
+        z_loss=a.z_loss,
+        normalizer=a.normalizer,
+        num_classes=a.num_classes,
+    )
     if a.reduction == "none":
         loss = np.asarray(loss).reshape(rows_shape)
     return loss, merged
@@ -146,7 +174,8 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
                 "vocab_parallel_cross_entropy has no second-order derivative (backward with "
                 "create_graph=True: Hessians, gradient penalties); its gradient is computed "
                 "outside the autograd graph. Use fastxent.torch.cross_entropy on gathered "
-                "logits for those")
+                "logits for those"
+            )
         with torch.no_grad():
             return _VocabParallelCrossEntropy._backward(ctx, grad_output)
 
@@ -169,13 +198,24 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
             scale = float(grad_output)
             if not np.isfinite(scale):  # shard_grad takes finite scales; inf/NaN propagate
                 scale, post = 1.0, grad_output
-        g = _shard.shard_grad(x, a.tgt, merged, offset=a.offset, num_classes=a.num_classes,
-                              weight=a.weight, ignore_index=a.ignore_index,
-                              label_smoothing=a.label_smoothing, softcap=a.softcap,
-                              logit_scale=a.logit_scale, z_loss=a.z_loss,
-                              reduction="sum" if a.reduction == "none" else a.reduction,
-                              sample_weight=sw, normalizer=a.normalizer, scale=scale,
-                              num_threads=a.num_threads)
+        g = _shard.shard_grad(
+            x,
+            a.tgt,
+            merged,
+            offset=a.offset,
+            num_classes=a.num_classes,
+            weight=a.weight,
+            ignore_index=a.ignore_index,
+            label_smoothing=a.label_smoothing,
+            softcap=a.softcap,
+            logit_scale=a.logit_scale,
+            z_loss=a.z_loss,
+            reduction="sum" if a.reduction == "none" else a.reduction,
+            sample_weight=sw,
+            normalizer=a.normalizer,
+            scale=scale,
+            num_threads=a.num_threads,
+        )
         grad = torch.from_numpy(g)
         if grad.dtype != input.dtype:
             grad = grad.to(input.dtype)
@@ -184,20 +224,31 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         return (grad, None) + (None,) * (len(ctx.saved_tensors) - 1)
 
 
-def vocab_parallel_cross_entropy(local_logits: Tensor, target: Tensor, group: Any = None, *,
-                                 offset: Optional[int] = None,
-                                 num_classes: Optional[int] = None,
-                                 weight: Optional[Tensor] = None, ignore_index: int = -100,
-                                 label_smoothing: float = 0.0, reduction: str = "mean",
-                                 sample_weight: Optional[Tensor] = None, z_loss: float = 0.0,
-                                 softcap: Optional[float] = None, logit_scale: float = 1.0,
-                                 normalizer: Optional[float] = None,
-                                 num_threads: Optional[int] = None) -> Tensor:
+def vocab_parallel_cross_entropy(
+    local_logits: Tensor,
+    target: Tensor,
+    group: Any = None,
+    *,
+    offset: Optional[int] = None,
+    num_classes: Optional[int] = None,
+    weight: Optional[Tensor] = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+    sample_weight: Optional[Tensor] = None,
+    z_loss: float = 0.0,
+    softcap: Optional[float] = None,
+    logit_scale: float = 1.0,
+    normalizer: Optional[float] = None,
+    num_threads: Optional[int] = None,
+) -> Tensor:
     cdt = compute_dtype(local_logits, target, "local_logits")
     refuse_func_transforms(local_logits, target, weight, sample_weight)
     if local_logits.ndim == 0:
-        raise ValueError("local_logits must have shape (..., C_local): the vocabulary slice "
-                         "is the last dimension")
+        raise ValueError(
+            "local_logits must have shape (..., C_local): the vocabulary slice "
+            "is the last dimension"
+        )
     if not isinstance(reduction, str) or reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     c_local = int(local_logits.shape[-1])
@@ -212,16 +263,33 @@ def vocab_parallel_cross_entropy(local_logits: Tensor, target: Tensor, group: An
         w = np.asarray(w)
         if w.shape == (C,) and C != c_local:  # the full class-weight vector: this rank's part
             if not 0 <= off <= C - c_local:
-                raise ValueError(f"the slice [offset, offset + C_local) = [{off}, "
-                                 f"{off + c_local}) does not fit in num_classes = {C}")
-            w = w[off:off + c_local]
+                raise ValueError(
+                    f"the slice [offset, offset + C_local) = [{off}, "
+                    f"{off + c_local}) does not fit in num_classes = {C}"
+                )
+            w = w[off : off + c_local]
         elif w.shape != (c_local,):
-            raise ValueError(f"weight has shape {w.shape}; expected ({c_local},) (this rank's "
-                             f"slice) or ({C},) (the full vocabulary)")
-    a = _VPArgs(cdt=cdt, tgt=tgt, group=group, offset=off, num_classes=C, weight=w,
-                ignore_index=ignore_index, label_smoothing=label_smoothing,
-                reduction=reduction, sample_weight=sw, z_loss=z_loss, softcap=softcap,
-                logit_scale=logit_scale, normalizer=normalizer, num_threads=num_threads)
+            raise ValueError(
+                f"weight has shape {w.shape}; expected ({c_local},) (this rank's "
+                f"slice) or ({C},) (the full vocabulary)"
+            )
+    a = _VPArgs(
+        cdt=cdt,
+        tgt=tgt,
+        group=group,
+        offset=off,
+        num_classes=C,
+        weight=w,
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        reduction=reduction,
+        sample_weight=sw,
+        z_loss=z_loss,
+        softcap=softcap,
+        logit_scale=logit_scale,
+        normalizer=normalizer,
+        num_threads=num_threads,
+    )
     if not (local_logits.requires_grad and torch.is_grad_enabled()):
         loss, _ = _vp_stats_loss(numpy_of(local_logits, cdt), a)
         return loss_tensor(loss, local_logits.dtype)

@@ -46,9 +46,13 @@ def _time(fn: Callable, args: Sequence[Any], jax: Any) -> float:
     return time.perf_counter() - t0
 
 
-def run(shapes: Sequence[Tuple[int, int]], dtypes: Sequence[str], budget: float,
-        forward_shapes: Optional[Sequence[Tuple[int, int]]] = None,
-        out: Callable[[str], None] = print) -> List[Dict[str, Any]]:
+def run(
+    shapes: Sequence[Tuple[int, int]],
+    dtypes: Sequence[str],
+    budget: float,
+    forward_shapes: Optional[Sequence[Tuple[int, int]]] = None,
+    out: Callable[[str], None] = print,
+) -> List[Dict[str, Any]]:
     import jax
     import jax.numpy as jnp
     import optax
@@ -56,19 +60,23 @@ def run(shapes: Sequence[Tuple[int, int]], dtypes: Sequence[str], budget: float,
     import fastxent.jax as fxj
     from . import _jax_ffi
 
-    out(f"fastxent.jax via {'the XLA FFI custom call' if _jax_ffi.enabled() else 'pure_callback'}"
-        f"; jax {jax.__version__}, optax {optax.__version__}; medians of interleaved rounds")
+    out(
+        f"fastxent.jax via {'the XLA FFI custom call' if _jax_ffi.enabled() else 'pure_callback'}"
+        f"; jax {jax.__version__}, optax {optax.__version__}; medians of interleaved rounds"
+    )
     fns = _cases(jax, jnp, optax, fxj)
     rows: List[Dict[str, Any]] = []
     rng = np.random.default_rng(0)
-    for (N, C) in shapes:
+    for N, C in shapes:
         for dt in dtypes:
             kinds = ["value_and_grad"]
             if forward_shapes is None or (N, C) in forward_shapes:
                 kinds.append("forward")
             jdt = getattr(jnp, dt)
-            zs = [jax.block_until_ready(jnp.asarray(rng.standard_normal((N, C), np.float32),
-                                                    jdt)) for _ in range(2)]
+            zs = [
+                jax.block_until_ready(jnp.asarray(rng.standard_normal((N, C), np.float32), jdt))
+                for _ in range(2)
+            ]
             y = jax.block_until_ready(jnp.asarray(rng.integers(0, C, N), jnp.int32))
             for kind in kinds:
                 f_ours, f_theirs = fns[kind]
@@ -84,13 +92,21 @@ def run(shapes: Sequence[Tuple[int, int]], dtypes: Sequence[str], budget: float,
                     times["optax"].append(_time(f_theirs, (z, y), jax))
                     k += 1
                 med = {name: statistics.median(v) for name, v in times.items()}
-                row = dict(shape=f"{N}x{C}", dtype=dt, kind=kind, rounds=k,
-                           fastxent_s=med["fastxent"], optax_s=med["optax"],
-                           ratio=med["fastxent"] / med["optax"])
+                row = dict(
+                    shape=f"{N}x{C}",
+                    dtype=dt,
+                    kind=kind,
+                    rounds=k,
+                    fastxent_s=med["fastxent"],
+                    optax_s=med["optax"],
+                    ratio=med["fastxent"] / med["optax"],
+                )
                 rows.append(row)
-                out(f"{row['shape']:>12} {dt:>8} {kind:>15}: fastxent {_fmt(row['fastxent_s'])}"
+                out(
+                    f"{row['shape']:>12} {dt:>8} {kind:>15}: fastxent {_fmt(row['fastxent_s'])}"
                     f"  optax {_fmt(row['optax_s'])}  fastxent/optax {row['ratio']:.2f}x"
-                    f"  ({k} rounds)")
+                    f"  ({k} rounds)"
+                )
             del zs
     return rows
 
@@ -101,16 +117,33 @@ def _fmt(s: float) -> str:
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser(
-        "bench-jax", help="time fastxent.jax against optax inside jax.jit (needs JAX, optax)",
-        description=__doc__.split("\n\n")[1].replace("\n", " "))
-    p.add_argument("--shapes", metavar="NxC,...",
-                   help="comma-separated shapes (default: 32x10,256x1000,4096x32000)")
-    p.add_argument("--dtypes", default="float32,bfloat16", metavar="D,...",
-                   help="comma-separated JAX dtypes (default: float32,bfloat16)")
-    p.add_argument("--forward-shapes", metavar="NxC,...",
-                   help="shapes that also get a forward-only row (default: every shape)")
-    p.add_argument("--budget", type=float, default=5.0, metavar="S",
-                   help="seconds of timing per case (default 5; at least 5 rounds)")
+        "bench-jax",
+        help="time fastxent.jax against optax inside jax.jit (needs JAX, optax)",
+        description=__doc__.split("\n\n")[1].replace("\n", " "),
+    )
+    p.add_argument(
+        "--shapes",
+        metavar="NxC,...",
+        help="comma-separated shapes (default: 32x10,256x1000,4096x32000)",
+    )
+    p.add_argument(
+        "--dtypes",
+        default="float32,bfloat16",
+        metavar="D,...",
+        help="comma-separated JAX dtypes (default: float32,bfloat16)",
+    )
+    p.add_argument(
+        "--forward-shapes",
+        metavar="NxC,...",
+        help="shapes that also get a forward-only row (default: every shape)",
+    )
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=5.0,
+        metavar="S",
+        help="seconds of timing per case (default 5; at least 5 rounds)",
+    )
     p.set_defaults(func=_cmd)
 
 

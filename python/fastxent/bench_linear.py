@@ -25,12 +25,22 @@ import numpy as np
 from .bench import Contestant, fmt_time, measure
 
 # (N tokens, H hidden, V vocabulary): the issue's shapes; --quick uses QUICK.
-SHAPES: List[Tuple[int, int, int]] = [(4096, 1024, 32000), (2048, 2048, 128256),
-                                      (16384, 512, 32000)]
+SHAPES: List[Tuple[int, int, int]] = [
+    (4096, 1024, 32000),
+    (2048, 2048, 128256),
+    (16384, 512, 32000),
+]
 QUICK: List[Tuple[int, int, int]] = [(512, 128, 4000)]
-NAMES = ("one matmul X.W^T", "three matmuls", "fastxent fwd+bwd", "fastxent fwd",
-         "torch reference fwd+bwd", "torch reference fwd", "torch chunked fwd+bwd",
-         "torch chunked fwd")
+NAMES = (
+    "one matmul X.W^T",
+    "three matmuls",
+    "fastxent fwd+bwd",
+    "fastxent fwd",
+    "torch reference fwd+bwd",
+    "torch reference fwd",
+    "torch chunked fwd+bwd",
+    "torch chunked fwd",
+)
 
 
 def parse_shapes(text: str) -> List[Tuple[int, int, int]]:
@@ -47,7 +57,7 @@ def _inputs(torch: Any, shape: Tuple[int, int, int], dt: Any) -> Tuple[Any, Any,
     n, h, v = shape
     gen = torch.Generator().manual_seed(0)
     x = torch.empty(n, h, dtype=dt).normal_(0.0, 1.0, generator=gen)
-    w = torch.empty(v, h, dtype=dt).normal_(0.0, h ** -0.5, generator=gen)
+    w = torch.empty(v, h, dtype=dt).normal_(0.0, h**-0.5, generator=gen)
     return x, w, torch.randint(0, v, (n,), generator=gen)
 
 
@@ -55,6 +65,7 @@ def _calls(torch: Any, x: Any, w: Any, t: Any, nt: int) -> Dict[str, Callable[[]
     import torch.nn.functional as F
 
     from . import torch as fxt
+
     opts = getattr(torch.nn, "LinearCrossEntropyOptions", None)
     lce = getattr(F, "linear_cross_entropy", None)
 
@@ -62,20 +73,26 @@ def _calls(torch: Any, x: Any, w: Any, t: Any, nt: int) -> Dict[str, Callable[[]
         def run() -> Any:
             xg, wg = x.detach().requires_grad_(), w.detach().requires_grad_()
             return torch.autograd.grad(fn(xg, wg, t, **kw), (xg, wg))
+
         return run
 
     def fwd(fn: Callable[..., Any], **kw: Any) -> Callable[[], Any]:
         def run() -> Any:
             with torch.no_grad():
                 return fn(x, w, t, **kw)
+
         return run
 
     def three() -> Any:
         z = torch.mm(x, w.t())
         return torch.mm(z, w), torch.mm(z.t(), x)
-    calls = {"one matmul X.W^T": lambda: torch.mm(x, w.t()), "three matmuls": three,
-             "fastxent fwd+bwd": fwd_bwd(fxt.linear_cross_entropy, num_threads=nt),
-             "fastxent fwd": fwd(fxt.linear_cross_entropy, num_threads=nt)}
+
+    calls = {
+        "one matmul X.W^T": lambda: torch.mm(x, w.t()),
+        "three matmuls": three,
+        "fastxent fwd+bwd": fwd_bwd(fxt.linear_cross_entropy, num_threads=nt),
+        "fastxent fwd": fwd(fxt.linear_cross_entropy, num_threads=nt),
+    }
     if lce is not None:
         calls["torch reference fwd+bwd"] = fwd_bwd(lce)
         calls["torch reference fwd"] = fwd(lce)
@@ -90,6 +107,7 @@ def _rss_child(name: str, shape: Tuple[int, int, int], dtype: str, nt: int) -> N
     import warnings
 
     import torch
+
     torch.set_num_threads(nt)
     x, w, t = _inputs(torch, shape, getattr(torch, dtype))
     call = _calls(torch, x, w, t, nt)[name]
@@ -100,6 +118,7 @@ def _rss_child(name: str, shape: Tuple[int, int, int], dtype: str, nt: int) -> N
                 if line.startswith(key + ":"):
                     return int(line.split()[1]) * 1024
         raise RuntimeError(key)
+
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     base = status("VmRSS")
@@ -112,20 +131,35 @@ def _rss_child(name: str, shape: Tuple[int, int, int], dtype: str, nt: int) -> N
 def _peak_rss(name: str, shape: Tuple[int, int, int], dtype: str, nt: int) -> Optional[int]:
     if not sys.platform.startswith("linux"):
         return None
-    cmd = [sys.executable, "-m", "fastxent.bench_linear", "rss", name,
-           "x".join(map(str, shape)), dtype, str(nt)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "fastxent.bench_linear",
+        "rss",
+        name,
+        "x".join(map(str, shape)),
+        dtype,
+        str(nt),
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     if res.returncode != 0:
         return None
     return int(json.loads(res.stdout.strip().splitlines()[-1])["peak_bytes"])
 
 
-def run_linear(threads: Sequence[int], repeats: Optional[int] = None, budget_s: float = 20.0,
-               quick: bool = False, shapes: Optional[Sequence[Tuple[int, int, int]]] = None,
-               dtypes: Sequence[str] = ("float32", "bfloat16"), rss: bool = True,
-               log: Optional[Callable[[str], None]] = None) -> List[Dict[str, Any]]:
+def run_linear(
+    threads: Sequence[int],
+    repeats: Optional[int] = None,
+    budget_s: float = 20.0,
+    quick: bool = False,
+    shapes: Optional[Sequence[Tuple[int, int, int]]] = None,
+    dtypes: Sequence[str] = ("float32", "bfloat16"),
+    rss: bool = True,
+    log: Optional[Callable[[str], None]] = None,
+) -> List[Dict[str, Any]]:
     """Times the contestants per shape and dtype at max(threads); returns one row each."""
     import warnings
+
     emit = log or (lambda s: None)
     try:
         import torch
@@ -137,7 +171,7 @@ def run_linear(threads: Sequence[int], repeats: Optional[int] = None, budget_s: 
     torch.set_num_threads(nt)
     results: List[Dict[str, Any]] = []
     try:
-        for shape in (shapes or (QUICK if quick else SHAPES)):
+        for shape in shapes or (QUICK if quick else SHAPES):
             for dtype in dtypes:
                 x, w, t = _inputs(torch, shape, getattr(torch, dtype))
                 cs = [Contestant(k, c) for k, c in _calls(torch, x, w, t, nt).items()]
@@ -148,19 +182,31 @@ def run_linear(threads: Sequence[int], repeats: Optional[int] = None, budget_s: 
                 n, h, v = shape
                 logits = n * v * x.element_size()
                 grads = (n + v) * h * x.element_size()
-                emit(f"\n-- linear + cross-entropy N={n} H={h} V={v} {dtype}, threads={nt}, "
-                     f"{reps} interleaved rounds ({secs:.1f} s); logits would be "
-                     f"{logits / 2**20:.0f} MiB, gradients {grads / 2**20:.0f} MiB")
+                emit(
+                    f"\n-- linear + cross-entropy N={n} H={h} V={v} {dtype}, threads={nt}, "
+                    f"{reps} interleaved rounds ({secs:.1f} s); logits would be "
+                    f"{logits / 2**20:.0f} MiB, gradients {grads / 2**20:.0f} MiB"
+                )
                 for c in active:
                     m = med[c.name]
                     three = "bwd" in c.name or c.name == "three matmuls"
                     base = med["three matmuls"] if three else med["one matmul X.W^T"]
                     peak = _peak_rss(c.name, shape, dtype, nt) if rss else None
-                    emit(f"  {c.name:<25}{fmt_time(m):>11}  x{m / base:5.2f} of the matmuls"
-                         + ("" if peak is None else f"  peak RSS +{peak / 2**20:7.0f} MiB"))
-                    results.append({"shape": shape, "dtype": dtype, "threads": nt,
-                                    "contestant": c.name, "median_s": m,
-                                    "vs_matmuls": m / base, "peak_rss_bytes": peak})
+                    emit(
+                        f"  {c.name:<25}{fmt_time(m):>11}  x{m / base:5.2f} of the matmuls"
+                        + ("" if peak is None else f"  peak RSS +{peak / 2**20:7.0f} MiB")
+                    )
+                    results.append(
+                        {
+                            "shape": shape,
+                            "dtype": dtype,
+                            "threads": nt,
+                            "contestant": c.name,
+                            "median_s": m,
+                            "vs_matmuls": m / base,
+                            "peak_rss_bytes": peak,
+                        }
+                    )
                 del cs, active, x, w, t
                 gc.collect()
     finally:

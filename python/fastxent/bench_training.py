@@ -4,9 +4,10 @@ loss as a PyTorch user meets it, on the default path, against ``F.cross_entropy`
 Each step gets fresh activations: a new hidden batch goes through an ``nn.Linear`` head
 (untimed), then the timed part is the loss's forward and backward to the logits (the loss
 call and ``torch.autograd.grad(loss, logits)``); the gradient and the logits are then dropped
-(untimed), as the rest of a backward pass would drop them. So every allocation the loss makes is paid every step, as
-in training, including the page faults of fresh memory. The small case times a whole step
-(head, loss, backward through the head), since at 32x10 the loss is mostly call overhead.
+(untimed), as the rest of a backward pass would drop them. So every allocation the loss
+makes is paid every step, as in training, including the page faults of fresh memory. The
+small case times a whole step (head, loss, backward through the head), since at 32x10 the
+loss is mostly call overhead.
 Contestants are interleaved within each round (bench.measure); medians are quoted.
 """
 
@@ -24,8 +25,14 @@ from .bench import Contestant, all_threads, fmt_time, measure
 CASES = [
     ("Linear -> loss, 2048x50257 float32", 2048, 50257, 64, "float32", False),
     ("Linear -> loss, 2048x50257 bfloat16", 2048, 50257, 64, "bfloat16", False),
-    ("small batch step, 32x10 float32 (Linear 16->10, loss, backward)", 32, 10, 16,
-     "float32", True),
+    (
+        "small batch step, 32x10 float32 (Linear 16->10, loss, backward)",
+        32,
+        10,
+        16,
+        "float32",
+        True,
+    ),
 ]
 
 
@@ -58,8 +65,10 @@ def _cases(torch: Any, F: Any, fxt: Any, quick: bool) -> List[Any]:
             lin.zero_grad(set_to_none=True)
 
         cs = []
-        for name, fn in (("torch F.cross_entropy", F.cross_entropy),
-                         ("fastxent.torch default", fxt.cross_entropy)):
+        for name, fn in (
+            ("torch F.cross_entropy", F.cross_entropy),
+            ("fastxent.torch default", fxt.cross_entropy),
+        ):
             if whole:
                 cs.append(Contestant(name, lambda fn=fn, w=whole_step: w(fn)))
             else:
@@ -68,9 +77,13 @@ def _cases(torch: Any, F: Any, fxt: Any, quick: bool) -> List[Any]:
     return out
 
 
-def run_training(threads: Sequence[int], repeats: Optional[int] = None, budget_s: float = 20.0,
-                 quick: bool = False, log: Optional[Callable[[str], None]] = None
-                 ) -> List[Dict[str, Any]]:
+def run_training(
+    threads: Sequence[int],
+    repeats: Optional[int] = None,
+    budget_s: float = 20.0,
+    quick: bool = False,
+    log: Optional[Callable[[str], None]] = None,
+) -> List[Dict[str, Any]]:
     """Times the cases above at each thread count; returns one row per contestant."""
     emit = log or (lambda s: None)
     try:
@@ -92,8 +105,10 @@ def run_training(threads: Sequence[int], repeats: Optional[int] = None, budget_s
             cap = contextlib.nullcontext()
             if nt != all_threads():
                 if threadpool_limits is None:
-                    emit(f"\n-- threads={nt}: skipped (capping fastxent's default path to "
-                         f"{nt} threads needs threadpoolctl)")
+                    emit(
+                        f"\n-- threads={nt}: skipped (capping fastxent's default path to "
+                        f"{nt} threads needs threadpoolctl)"
+                    )
                     continue
                 cap = threadpool_limits(nt, user_api="openmp")
             torch.set_num_threads(nt)
@@ -104,8 +119,16 @@ def run_training(threads: Sequence[int], repeats: Optional[int] = None, budget_s
     return results
 
 
-def _run_cases(torch: Any, F: Any, fxt: Any, nt: int, repeats: Optional[int], budget_s: float,
-               quick: bool, emit: Callable[[str], None]) -> List[Dict[str, Any]]:
+def _run_cases(
+    torch: Any,
+    F: Any,
+    fxt: Any,
+    nt: int,
+    repeats: Optional[int],
+    budget_s: float,
+    quick: bool,
+    emit: Callable[[str], None],
+) -> List[Dict[str, Any]]:
     results: List[Dict[str, Any]] = []
     for title, cs in _cases(torch, F, fxt, quick):
         active, _, reps, secs = measure(cs, repeats, budget_s / 3, 60.0)
@@ -114,11 +137,23 @@ def _run_cases(torch: Any, F: Any, fxt: Any, nt: int, repeats: Optional[int], bu
         emit(f"\n-- {title}, threads={nt}, {reps} interleaved rounds ({secs:.1f} s)")
         for c in active:
             m = med[c.name]
-            emit(f"  {c.name:<26}{fmt_time(m):>11}" + (
-                "" if c.name == "torch F.cross_entropy" else
-                f"  torch / fastxent = {ref / m:.2f}"))
-            results.append({"case": title, "threads": nt, "contestant": c.name,
-                            "median_s": m, "speedup_vs_torch": ref / m})
+            emit(
+                f"  {c.name:<26}{fmt_time(m):>11}"
+                + (
+                    ""
+                    if c.name == "torch F.cross_entropy"
+                    else f"  torch / fastxent = {ref / m:.2f}"
+                )
+            )
+            results.append(
+                {
+                    "case": title,
+                    "threads": nt,
+                    "contestant": c.name,
+                    "median_s": m,
+                    "speedup_vs_torch": ref / m,
+                }
+            )
         del cs, active
         fxt.release_buffers()
         gc.collect()

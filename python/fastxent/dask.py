@@ -41,8 +41,16 @@ from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
 import numpy as np
 
 from . import _shard
-from ._options import (FLOAT_DTYPES, as_target, as_vector, common_options, half_kind,
-                       raise_bad_target, real, to_numpy)
+from ._options import (
+    FLOAT_DTYPES,
+    as_target,
+    as_vector,
+    common_options,
+    half_kind,
+    raise_bad_target,
+    real,
+    to_numpy,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     import dask.array
@@ -56,13 +64,16 @@ def _import_dask() -> Any:
     try:
         import dask.array as da
     except ImportError as e:  # pragma: no cover - exercised without dask installed
-        raise ImportError("fastxent.dask needs Dask: pip install 'fastxent[dask]' (Dask arrays; "
-                          "add dask.distributed for a cluster)") from e
+        raise ImportError(
+            "fastxent.dask needs Dask: pip install 'fastxent[dask]' (Dask arrays; "
+            "add dask.distributed for a cluster)"
+        ) from e
     return da
 
 
 # ----------------------------------------------------------------------------- block tasks
 # Module-level functions: tasks are pickled by reference, so worker processes import them.
+
 
 def _compute_block(xb: np.ndarray) -> np.ndarray:
     """16-bit logits blocks are computed in float32 (as the one-machine kernel does)."""
@@ -73,13 +84,20 @@ def _target_block(tb: np.ndarray, probs: bool, cdt: np.dtype) -> np.ndarray:
     return tb.astype(cdt) if probs and tb.dtype != cdt else tb
 
 
-def _fastxent_shard_stats(xb: np.ndarray, tb: np.ndarray, cols: np.ndarray,
-                          wb: Optional[np.ndarray], *, probs: bool, opts: Dict[str, Any]
-                          ) -> np.ndarray:
+def _fastxent_shard_stats(
+    xb: np.ndarray,
+    tb: np.ndarray,
+    cols: np.ndarray,
+    wb: Optional[np.ndarray],
+    *,
+    probs: bool,
+    opts: Dict[str, Any],
+) -> np.ndarray:
     """(rows, 1, 7) statistics of one logits block (axis 1: its column block)."""
     x = _compute_block(xb)
-    st = _shard.shard_stats(x, _target_block(tb, probs, x.dtype), offset=int(cols[0]),
-                            weight=wb, **opts)
+    st = _shard.shard_stats(
+        x, _target_block(tb, probs, x.dtype), offset=int(cols[0]), weight=wb, **opts
+    )
     return st[:, None, :]
 
 
@@ -87,16 +105,20 @@ def _merge_keep(a: np.ndarray, axis: Any = None, keepdims: bool = True) -> np.nd
     return a
 
 
-def _fastxent_merge_stats(a: np.ndarray, axis: Any = None, keepdims: bool = True
-                          ) -> np.ndarray:
+def _fastxent_merge_stats(a: np.ndarray, axis: Any = None, keepdims: bool = True) -> np.ndarray:
     """Merges statistics (rows, k, 7) of k column blocks of the same rows."""
     m = _shard.merge_stats(*[a[:, j] for j in range(a.shape[1])])
     return m[:, None, :] if keepdims else m
 
 
-def _fastxent_denominator(tb: Optional[np.ndarray], swb: Optional[np.ndarray],
-                          w: Optional[np.ndarray], *, ignore_index: int,
-                          num_classes: int) -> np.ndarray:
+def _fastxent_denominator(
+    tb: Optional[np.ndarray],
+    swb: Optional[np.ndarray],
+    w: Optional[np.ndarray],
+    *,
+    ignore_index: int,
+    num_classes: int,
+) -> np.ndarray:
     """The "mean" denominator of one row chunk, from its targets and weights alone (what
     fastxent.stats_denominator gives from the merged statistics): the sum over counted rows
     of s_n * w[y_n]; every row counts, with w = 1, for probability targets (tb None)."""
@@ -115,36 +137,67 @@ def _fastxent_denominator(tb: Optional[np.ndarray], swb: Optional[np.ndarray],
     return np.array([float(np.sum(wy))])
 
 
-def _fastxent_loss(mb: np.ndarray, swb: Optional[np.ndarray], norm: Any, *, reduction: str,
-                   z_loss: float, num_classes: int, out_dtype: np.dtype) -> np.ndarray:
+def _fastxent_loss(
+    mb: np.ndarray,
+    swb: Optional[np.ndarray],
+    norm: Any,
+    *,
+    reduction: str,
+    z_loss: float,
+    num_classes: int,
+    out_dtype: np.dtype,
+) -> np.ndarray:
     """The loss of one row chunk from its merged statistics: row losses ("none"), or a
     length-1 array holding the chunk's share of the total."""
     if reduction == "none":
-        rl = _shard.loss_from_stats(mb, reduction="none", sample_weight=swb, z_loss=z_loss,
-                                    num_classes=num_classes)
+        rl = _shard.loss_from_stats(
+            mb, reduction="none", sample_weight=swb, z_loss=z_loss, num_classes=num_classes
+        )
         return np.asarray(rl).astype(out_dtype)
-    part = _shard.loss_from_stats(mb, reduction=reduction, sample_weight=swb, z_loss=z_loss,
-                                  normalizer=None if norm is None else float(norm),
-                                  num_classes=num_classes)
+    part = _shard.loss_from_stats(
+        mb,
+        reduction=reduction,
+        sample_weight=swb,
+        z_loss=z_loss,
+        normalizer=None if norm is None else float(norm),
+        num_classes=num_classes,
+    )
     return np.array([float(part)])
 
 
-def _fastxent_shard_grad(xb: np.ndarray, tb: np.ndarray, cols: np.ndarray,
-                         wb: Optional[np.ndarray], mb: np.ndarray, swb: Optional[np.ndarray],
-                         norm: Any, *, probs: bool, opts: Dict[str, Any],
-                         grad_opts: Dict[str, Any]) -> np.ndarray:
+def _fastxent_shard_grad(
+    xb: np.ndarray,
+    tb: np.ndarray,
+    cols: np.ndarray,
+    wb: Optional[np.ndarray],
+    mb: np.ndarray,
+    swb: Optional[np.ndarray],
+    norm: Any,
+    *,
+    probs: bool,
+    opts: Dict[str, Any],
+    grad_opts: Dict[str, Any],
+) -> np.ndarray:
     """The gradient of one logits block from the merged statistics of its row chunk."""
     x = _compute_block(xb)
     half = x is not xb
-    g = _shard.shard_grad(x, _target_block(tb, probs, x.dtype), mb, offset=int(cols[0]),
-                          weight=wb, sample_weight=swb,
-                          normalizer=None if norm is None else float(norm),
-                          out=x if half else None,  # x is then this task's own float32 copy
-                          **opts, **grad_opts)
+    g = _shard.shard_grad(
+        x,
+        _target_block(tb, probs, x.dtype),
+        mb,
+        offset=int(cols[0]),
+        weight=wb,
+        sample_weight=swb,
+        normalizer=None if norm is None else float(norm),
+        out=x if half else None,  # x is then this task's own float32 copy
+        **opts,
+        **grad_opts,
+    )
     return g.astype(xb.dtype) if half else g
 
 
 # ----------------------------------------------------------------------------- arguments
+
 
 def _dask_or_numpy(da: Any, v: Any, name: str) -> Any:
     return v if isinstance(v, da.Array) else to_numpy(v, name)
@@ -154,12 +207,16 @@ def _prepare(x: Any, target: Any, opts: Dict[str, Any], fn: str) -> Dict[str, An
     """Checks every argument before building a graph; returns the aligned pieces."""
     da = _import_dask()
     if not isinstance(x, da.Array):
-        raise TypeError(f"fastxent.dask.{fn} takes a Dask array of logits (rows, C), got "
-                        f"{type(x).__module__}.{type(x).__name__}; for an in-memory array use "
-                        f"fastxent.{fn}, or wrap it with dask.array.from_array")
+        raise TypeError(
+            f"fastxent.dask.{fn} takes a Dask array of logits (rows, C), got "
+            f"{type(x).__module__}.{type(x).__name__}; for an in-memory array use "
+            f"fastxent.{fn}, or wrap it with dask.array.from_array"
+        )
     if x.ndim != 2:
-        raise ValueError(f"logits must be a 2-D Dask array (rows, C), classes last; got "
-                         f"{x.ndim} dimensions (reshape to 2-D first)")
+        raise ValueError(
+            f"logits must be a 2-D Dask array (rows, C), classes last; got "
+            f"{x.ndim} dimensions (reshape to 2-D first)"
+        )
     if any(np.isnan(c) for cs in x.chunks for c in cs):
         raise ValueError("logits have unknown chunk sizes: call x.compute_chunk_sizes() first")
     dt = np.dtype(x.dtype)
@@ -172,8 +229,9 @@ def _prepare(x: Any, target: Any, opts: Dict[str, Any], fn: str) -> Dict[str, An
         raise ValueError("the class axis has no classes (C = 0)")
     rchunks, cchunks = x.chunks
 
-    _, ii, eps, nt = common_options(opts["reduction"], opts["ignore_index"],
-                                    opts["label_smoothing"], opts["num_threads"])
+    _, ii, eps, nt = common_options(
+        opts["reduction"], opts["ignore_index"], opts["label_smoothing"], opts["num_threads"]
+    )
     z_loss = real(opts["z_loss"], "z_loss", 0.0, False)
     softcap = opts["softcap"]
     if softcap is not None:
@@ -188,20 +246,31 @@ def _prepare(x: Any, target: Any, opts: Dict[str, Any], fn: str) -> Dict[str, An
     probs = (tdt.kind == "f" or half_kind(tdt) is not None) and tgt.ndim == 2
     if probs:
         if tuple(tgt.shape) != (N, C):
-            raise ValueError(f"probability target has shape {tuple(tgt.shape)}, expected the "
-                             f"logits' shape {(N, C)}")
+            raise ValueError(
+                f"probability target has shape {tuple(tgt.shape)}, expected the "
+                f"logits' shape {(N, C)}"
+            )
         if ii != -100:
-            raise ValueError("ignore_index applies to class-index targets only; probability "
-                             "targets weight rows with sample_weight instead")
-        tgt_d = tgt.rechunk(x.chunks) if isinstance(tgt, da.Array) else \
-            da.from_array(tgt, chunks=x.chunks)
+            raise ValueError(
+                "ignore_index applies to class-index targets only; probability "
+                "targets weight rows with sample_weight instead"
+            )
+        tgt_d = (
+            tgt.rechunk(x.chunks)
+            if isinstance(tgt, da.Array)
+            else da.from_array(tgt, chunks=x.chunks)
+        )
     else:
         if tdt.kind not in "iu":
-            raise TypeError(f"target must hold integer class indices (shape {(N,)}) or float "
-                            f"class probabilities (shape {(N, C)}), got dtype {tdt}")
+            raise TypeError(
+                f"target must hold integer class indices (shape {(N,)}) or float "
+                f"class probabilities (shape {(N, C)}), got dtype {tdt}"
+            )
         if tuple(tgt.shape) != (N,):
-            raise ValueError(f"target has shape {tuple(tgt.shape)}, expected {(N,)} (one class "
-                             f"index per row of the logits)")
+            raise ValueError(
+                f"target has shape {tuple(tgt.shape)}, expected {(N,)} (one class "
+                f"index per row of the logits)"
+            )
         if isinstance(tgt, da.Array):
             tgt_d = tgt.astype(np.int64).rechunk((rchunks,))
         else:
@@ -212,25 +281,49 @@ def _prepare(x: Any, target: Any, opts: Dict[str, Any], fn: str) -> Dict[str, An
 
     w = opts["weight"]
     if w is not None:  # (C,): small, held as NumPy and sliced per column chunk
-        w = as_vector(w.compute() if isinstance(w, da.Array) else w, cdt, (C,),
-                            "weight", "one per class")
+        w = as_vector(
+            w.compute() if isinstance(w, da.Array) else w, cdt, (C,), "weight", "one per class"
+        )
     sw = opts["sample_weight"]
     sw_d = None
     if sw is not None:
         sw = _dask_or_numpy(da, sw, "sample_weight")
         if tuple(sw.shape) != (N,):
-            raise ValueError(f"sample_weight has shape {tuple(sw.shape)}, expected {(N,)} (one "
-                             f"per row)")
+            raise ValueError(
+                f"sample_weight has shape {tuple(sw.shape)}, expected {(N,)} (one per row)"
+            )
         if np.dtype(sw.dtype).kind not in "fiu" and half_kind(np.dtype(sw.dtype)) is None:
             raise TypeError(f"sample_weight must be numeric, got dtype {sw.dtype}")
-        sw_d = sw.astype(cdt).rechunk((rchunks,)) if isinstance(sw, da.Array) else \
-            da.from_array(np.ascontiguousarray(sw, dtype=cdt), chunks=(rchunks,))
+        sw_d = (
+            sw.astype(cdt).rechunk((rchunks,))
+            if isinstance(sw, da.Array)
+            else da.from_array(np.ascontiguousarray(sw, dtype=cdt), chunks=(rchunks,))
+        )
 
-    shard_opts = dict(num_classes=C, ignore_index=ii, label_smoothing=eps, softcap=softcap,
-                      logit_scale=alpha, num_threads=nt or None)
-    return dict(da=da, x=x, N=N, C=C, cdt=cdt, probs=probs, tgt=tgt_d, w=w, sw=sw_d,
-                reduction=opts["reduction"], ii=ii, z_loss=z_loss, norm=norm,
-                shard_opts=shard_opts)
+    shard_opts = dict(
+        num_classes=C,
+        ignore_index=ii,
+        label_smoothing=eps,
+        softcap=softcap,
+        logit_scale=alpha,
+        num_threads=nt or None,
+    )
+    return dict(
+        da=da,
+        x=x,
+        N=N,
+        C=C,
+        cdt=cdt,
+        probs=probs,
+        tgt=tgt_d,
+        w=w,
+        sw=sw_d,
+        reduction=opts["reduction"],
+        ii=ii,
+        z_loss=z_loss,
+        norm=norm,
+        shard_opts=shard_opts,
+    )
 
 
 def _graph(p: Dict[str, Any]) -> Tuple[Any, Any, Any, Any]:
@@ -244,14 +337,34 @@ def _graph(p: Dict[str, Any]) -> Tuple[Any, Any, Any, Any]:
     cols = da.arange(p["C"], chunks=(cchunks,))
     w_d = None if p["w"] is None else da.from_array(p["w"], chunks=(cchunks,))
     stats = da.blockwise(
-        _fastxent_shard_stats, "ijk", x, "ij", p["tgt"], t_ind, cols, "j",
+        _fastxent_shard_stats,
+        "ijk",
+        x,
+        "ij",
+        p["tgt"],
+        t_ind,
+        cols,
+        "j",
         *((w_d, "j") if w_d is not None else (None, None)),
-        new_axes={"k": _STATS}, adjust_chunks={"j": 1}, dtype=np.float64,
-        meta=np.empty((0, 0, 0), np.float64), probs=p["probs"], opts=p["shard_opts"])
+        new_axes={"k": _STATS},
+        adjust_chunks={"j": 1},
+        dtype=np.float64,
+        meta=np.empty((0, 0, 0), np.float64),
+        probs=p["probs"],
+        opts=p["shard_opts"],
+    )
     merged = da.reduction(
-        stats, _merge_keep, _fastxent_merge_stats, combine=_fastxent_merge_stats, axis=1,
-        keepdims=False, dtype=np.float64, concatenate=True, meta=np.empty((0, 0), np.float64),
-        name="fastxent-merge-stats")
+        stats,
+        _merge_keep,
+        _fastxent_merge_stats,
+        combine=_fastxent_merge_stats,
+        axis=1,
+        keepdims=False,
+        dtype=np.float64,
+        concatenate=True,
+        meta=np.empty((0, 0), np.float64),
+        name="fastxent-merge-stats",
+    )
     D: Any = p["norm"]
     if p["reduction"] == "mean" and D is None:
         D = _denominator(p)
@@ -266,12 +379,18 @@ def _denominator(p: Dict[str, Any]) -> Any:
         return float(p["N"])
     w_all = None if p["w"] is None else da.from_array(p["w"], chunks=-1)
     parts = da.blockwise(
-        _fastxent_denominator, "i",
+        _fastxent_denominator,
+        "i",
         *((None, None) if p["probs"] else (p["tgt"], "i")),
         *((p["sw"], "i") if p["sw"] is not None else (None, None)),
         *((w_all, "c") if w_all is not None else (None, None)),
-        adjust_chunks={"i": 1}, dtype=np.float64, meta=np.empty((0,), np.float64),
-        concatenate=True, ignore_index=p["ii"], num_classes=p["C"])
+        adjust_chunks={"i": 1},
+        dtype=np.float64,
+        meta=np.empty((0,), np.float64),
+        concatenate=True,
+        ignore_index=p["ii"],
+        num_classes=p["C"],
+    )
     return parts.sum()
 
 
@@ -282,12 +401,31 @@ def _loss(p: Dict[str, Any], merged: Any, D: Any) -> Any:
     swargs = (p["sw"], "i") if p["sw"] is not None else (None, None)
     kw = dict(reduction=red, z_loss=p["z_loss"], num_classes=p["C"], out_dtype=p["cdt"])
     if red == "none":
-        return da.blockwise(_fastxent_loss, "i", merged, "ik", *swargs, *dargs,
-                            dtype=p["cdt"], meta=np.empty((0,), p["cdt"]), concatenate=True,
-                            **kw)
-    parts = da.blockwise(_fastxent_loss, "i", merged, "ik", *swargs, *dargs,
-                         adjust_chunks={"i": 1}, dtype=np.float64,
-                         meta=np.empty((0,), np.float64), concatenate=True, **kw)
+        return da.blockwise(
+            _fastxent_loss,
+            "i",
+            merged,
+            "ik",
+            *swargs,
+            *dargs,
+            dtype=p["cdt"],
+            meta=np.empty((0,), p["cdt"]),
+            concatenate=True,
+            **kw,
+        )
+    parts = da.blockwise(
+        _fastxent_loss,
+        "i",
+        merged,
+        "ik",
+        *swargs,
+        *dargs,
+        adjust_chunks={"i": 1},
+        dtype=np.float64,
+        meta=np.empty((0,), np.float64),
+        concatenate=True,
+        **kw,
+    )
     return parts.sum().astype(p["cdt"])
 
 
@@ -296,11 +434,26 @@ def _grad(p: Dict[str, Any], merged: Any, cols: Any, w_d: Any, D: Any) -> Any:
     x = p["x"]
     dargs = (D, ()) if isinstance(D, da.Array) else (D, None)
     return da.blockwise(
-        _fastxent_shard_grad, "ij", x, "ij", p["tgt"], "ij" if p["probs"] else "i", cols, "j",
-        *((w_d, "j") if w_d is not None else (None, None)), merged, "ik",
-        *((p["sw"], "i") if p["sw"] is not None else (None, None)), *dargs,
-        dtype=x.dtype, meta=np.empty((0, 0), x.dtype), concatenate=True, probs=p["probs"],
-        opts=p["shard_opts"], grad_opts=dict(z_loss=p["z_loss"], reduction=p["reduction"]))
+        _fastxent_shard_grad,
+        "ij",
+        x,
+        "ij",
+        p["tgt"],
+        "ij" if p["probs"] else "i",
+        cols,
+        "j",
+        *((w_d, "j") if w_d is not None else (None, None)),
+        merged,
+        "ik",
+        *((p["sw"], "i") if p["sw"] is not None else (None, None)),
+        *dargs,
+        dtype=x.dtype,
+        meta=np.empty((0, 0), x.dtype),
+        concatenate=True,
+        probs=p["probs"],
+        opts=p["shard_opts"],
+        grad_opts=dict(z_loss=p["z_loss"], reduction=p["reduction"]),
+    )
 
 
 _DOC_PARAMS = """
@@ -335,55 +488,106 @@ _DOC_RAISES = """
 """
 
 
-def cross_entropy(x: Any, target: Any, *, reduction: str = "mean", weight: Any = None,
-                  ignore_index: int = -100, label_smoothing: float = 0.0,
-                  sample_weight: Any = None, z_loss: float = 0.0,
-                  softcap: Optional[float] = None, logit_scale: float = 1.0,
-                  normalizer: Optional[float] = None,
-                  num_threads: Optional[int] = None) -> "dask.array.Array":
-    p = _prepare(x, target, dict(
-        reduction=reduction, weight=weight, ignore_index=ignore_index,
-        label_smoothing=label_smoothing, sample_weight=sample_weight, z_loss=z_loss,
-        softcap=softcap, logit_scale=logit_scale, normalizer=normalizer,
-        num_threads=num_threads), "cross_entropy")
+def cross_entropy(
+    x: Any,
+    target: Any,
+    *,
+    reduction: str = "mean",
+    weight: Any = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    sample_weight: Any = None,
+    z_loss: float = 0.0,
+    softcap: Optional[float] = None,
+    logit_scale: float = 1.0,
+    normalizer: Optional[float] = None,
+    num_threads: Optional[int] = None,
+) -> "dask.array.Array":
+    p = _prepare(
+        x,
+        target,
+        dict(
+            reduction=reduction,
+            weight=weight,
+            ignore_index=ignore_index,
+            label_smoothing=label_smoothing,
+            sample_weight=sample_weight,
+            z_loss=z_loss,
+            softcap=softcap,
+            logit_scale=logit_scale,
+            normalizer=normalizer,
+            num_threads=num_threads,
+        ),
+        "cross_entropy",
+    )
     merged, _, _, D = _graph(p)
     return _loss(p, merged, D)
 
 
-cross_entropy.__doc__ = """Softmax cross-entropy of a Dask array of logits, lazily: the
+cross_entropy.__doc__ = (
+    """Softmax cross-entropy of a Dask array of logits, lazily: the
     statistics of each block, a tree reduction over the column blocks of each row chunk, and
     the loss from the merged statistics (no task holds more than one block of logits).
-""" + _DOC_PARAMS + """
+"""
+    + _DOC_PARAMS
+    + """
     Returns
     -------
     A 0-d Dask array (the loss, in x's compute dtype) for "mean"/"sum", or a Dask array (N,)
     of row losses chunked like x's rows for "none".
-""" + _DOC_RAISES
+"""
+    + _DOC_RAISES
+)
 
 
-def cross_entropy_with_grad(x: Any, target: Any, *, reduction: str = "mean",
-                            weight: Any = None, ignore_index: int = -100,
-                            label_smoothing: float = 0.0, sample_weight: Any = None,
-                            z_loss: float = 0.0, softcap: Optional[float] = None,
-                            logit_scale: float = 1.0, normalizer: Optional[float] = None,
-                            num_threads: Optional[int] = None
-                            ) -> Tuple["dask.array.Array", "dask.array.Array"]:
-    p = _prepare(x, target, dict(
-        reduction=reduction, weight=weight, ignore_index=ignore_index,
-        label_smoothing=label_smoothing, sample_weight=sample_weight, z_loss=z_loss,
-        softcap=softcap, logit_scale=logit_scale, normalizer=normalizer,
-        num_threads=num_threads), "cross_entropy_with_grad")
+def cross_entropy_with_grad(
+    x: Any,
+    target: Any,
+    *,
+    reduction: str = "mean",
+    weight: Any = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    sample_weight: Any = None,
+    z_loss: float = 0.0,
+    softcap: Optional[float] = None,
+    logit_scale: float = 1.0,
+    normalizer: Optional[float] = None,
+    num_threads: Optional[int] = None,
+) -> Tuple["dask.array.Array", "dask.array.Array"]:
+    p = _prepare(
+        x,
+        target,
+        dict(
+            reduction=reduction,
+            weight=weight,
+            ignore_index=ignore_index,
+            label_smoothing=label_smoothing,
+            sample_weight=sample_weight,
+            z_loss=z_loss,
+            softcap=softcap,
+            logit_scale=logit_scale,
+            normalizer=normalizer,
+            num_threads=num_threads,
+        ),
+        "cross_entropy_with_grad",
+    )
     merged, cols, w_d, D = _graph(p)
     return _loss(p, merged, D), _grad(p, merged, cols, w_d, D)
 
 
-cross_entropy_with_grad.__doc__ = """Loss and gradient d(loss)/d(x) of a Dask array of
+cross_entropy_with_grad.__doc__ = (
+    """Loss and gradient d(loss)/d(x) of a Dask array of
     logits, both lazy. The loss is that of :func:`cross_entropy`; the gradient is a Dask
     array with x's shape, chunks and dtype, each block computed from its logits block and
     the merged statistics of its row chunk ("none": the gradient of the sum of the row
     losses). Computing both together (``dask.compute(loss, grad)``) shares the statistics.
-""" + _DOC_PARAMS + """
+"""
+    + _DOC_PARAMS
+    + """
     Returns
     -------
     (loss, grad): lazy Dask arrays.
-""" + _DOC_RAISES
+"""
+    + _DOC_RAISES
+)

@@ -54,14 +54,15 @@ def peak_bytes(dask_worker: Any = None) -> Dict[str, Any]:
     try:
         with open("/proc/self/status") as f:
             st = dict(line.split(":", 1) for line in f if ":" in line)
-        res.update(peak=int(st["VmHWM"].split()[0]) * 1024,
-                   rss=int(st["VmRSS"].split()[0]) * 1024)
+        res.update(peak=int(st["VmHWM"].split()[0]) * 1024, rss=int(st["VmRSS"].split()[0]) * 1024)
     except (OSError, KeyError):
         import psutil  # type: ignore[import-untyped]  # a dependency of distributed
+
         mi = psutil.Process().memory_info()
         peak = getattr(mi, "peak_wset", None)  # Windows
         if peak is None:
             import resource
+
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # bytes on macOS
             peak *= 1024 if sys.platform.startswith("linux") else 1
         res.update(peak=int(peak), rss=int(mi.rss))
@@ -71,8 +72,8 @@ def peak_bytes(dask_worker: Any = None) -> Dict[str, Any]:
 # ----------------------------------------------------------------------------- the problem
 def make_problem(rows: int, cols: int, chunks: Sequence[int], seed: int) -> Dict[str, Any]:
     import dask.array as da
-    x = da.random.default_rng(seed).random((rows, cols), dtype=np.float32,
-                                           chunks=tuple(chunks))
+
+    x = da.random.default_rng(seed).random((rows, cols), dtype=np.float32, chunks=tuple(chunks))
     rng = np.random.default_rng(seed + 1)
     target = np.where(rng.random(rows) < 0.02, -100, rng.integers(0, cols, rows))
     weight = rng.uniform(0.5, 1.5, cols)
@@ -94,6 +95,7 @@ def _one_machine_child(cfg: Dict[str, Any]) -> Dict[str, Any]:
     import dask
 
     from . import cross_entropy, cross_entropy_with_grad
+
     p = make_problem(cfg["rows"], cfg["cols"], cfg["chunks"], cfg["seed"])
     x, t, opts = p["x"], p["target"], p["opts"]
     res: Dict[str, Any] = dict(base=peak_bytes()["rss"])
@@ -114,26 +116,29 @@ def _one_machine_child(cfg: Dict[str, Any]) -> Dict[str, Any]:
     reset_peak()
     t0 = time.perf_counter()
     loss = cross_entropy(logits, t, **opts)
-    res["loss"] = dict(time=time.perf_counter() - t0, peak=peak_bytes()["peak"],
-                       value=float(loss))
+    res["loss"] = dict(time=time.perf_counter() - t0, peak=peak_bytes()["peak"], value=float(loss))
     reset_peak()
     t0 = time.perf_counter()
     loss2, grad = cross_entropy_with_grad(logits, t, **opts)  # a new array for the gradient
-    res["grad_new"] = dict(time=time.perf_counter() - t0, peak=peak_bytes()["peak"],
-                           value=float(loss2))
+    res["grad_new"] = dict(
+        time=time.perf_counter() - t0, peak=peak_bytes()["peak"], value=float(loss2)
+    )
     del grad
     reset_peak()
     t0 = time.perf_counter()
     loss2, grad = cross_entropy_with_grad(logits, t, out=logits, **opts)
-    res["grad"] = dict(time=time.perf_counter() - t0, peak=peak_bytes()["peak"],
-                       value=float(loss2))
+    res["grad"] = dict(time=time.perf_counter() - t0, peak=peak_bytes()["peak"], value=float(loss2))
     res["grad_norm"] = float(np.sqrt(np.einsum("ij,ij->", grad, grad, dtype=np.float64)))
     return res
 
 
 def run_one_machine(cfg: Dict[str, Any]) -> Dict[str, Any]:
-    out = subprocess.run([sys.executable, "-m", "fastxent.dask_bench", "--one-machine-child",
-                          json.dumps(cfg)], capture_output=True, text=True, check=False)
+    out = subprocess.run(
+        [sys.executable, "-m", "fastxent.dask_bench", "--one-machine-child", json.dumps(cfg)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if out.returncode != 0:
         raise RuntimeError(f"one-machine child failed:\n{out.stdout}\n{out.stderr}")
     return dict(json.loads(out.stdout.strip().splitlines()[-1]))
@@ -144,18 +149,27 @@ def run_dask(cfg: Dict[str, Any], log: Any) -> Dict[str, Any]:
     import distributed
 
     from . import dask as fxd
+
     p = make_problem(cfg["rows"], cfg["cols"], cfg["chunks"], cfg["seed"])
     x, t, opts = p["x"], p["target"], p["opts"]
     res: Dict[str, Any] = {}
-    with distributed.LocalCluster(n_workers=cfg["workers"], threads_per_worker=1,
-                                  processes=True, host="127.0.0.1", dashboard_address=None,
-                                  memory_limit=cfg["worker_limit"]) as cluster, \
-            distributed.Client(cluster) as client:
+    with (
+        distributed.LocalCluster(
+            n_workers=cfg["workers"],
+            threads_per_worker=1,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address=None,
+            memory_limit=cfg["worker_limit"],
+        ) as cluster,
+        distributed.Client(cluster) as client,
+    ):
         # warm-up: the workers import Dask and fastxent before the first timing
         warm = make_problem(64, 64, (32, 32), cfg["seed"])
         client.compute(fxd.cross_entropy(warm["x"], warm["target"], **warm["opts"])).result()
         res["base"] = sorted(v["rss"] for v in client.run(peak_bytes).values())
         pids = sorted(client.run(os.getpid).values())
+
         def step(name: str) -> List[Any]:
             """The lazy results of one step (built afresh for every repeat)."""
             if name == "generate":
@@ -165,6 +179,7 @@ def run_dask(cfg: Dict[str, Any], log: Any) -> Dict[str, Any]:
             loss, grad = fxd.cross_entropy_with_grad(x, t, **opts)
             g: Any = grad
             return [loss, g.map_blocks(_block_norm, chunks=(1, 1), dtype=np.float64)]
+
         for name in ("generate", "loss", "grad"):
             times: List[float] = []
             peaks: List[List[int]] = []
@@ -178,11 +193,16 @@ def run_dask(cfg: Dict[str, Any], log: Any) -> Dict[str, Any]:
                 mem = client.run(peak_bytes)
                 peaks.append(sorted(v["peak"] for v in mem.values()))
                 spilled = max(spilled, max(v["spilled"] for v in mem.values()))
-                log(f"  dask {name} #{rep + 1}: {times[-1]:.2f} s, worker peaks "
-                    f"{', '.join(f'{b / MiB:.0f}' for b in peaks[-1])} MiB")
-            res[name] = dict(time=statistics.median(times), times=times,
-                             peak=[max(pk[i] for pk in peaks) for i in range(cfg["workers"])],
-                             spilled=spilled)
+                log(
+                    f"  dask {name} #{rep + 1}: {times[-1]:.2f} s, worker peaks "
+                    f"{', '.join(f'{b / MiB:.0f}' for b in peaks[-1])} MiB"
+                )
+            res[name] = dict(
+                time=statistics.median(times),
+                times=times,
+                peak=[max(pk[i] for pk in peaks) for i in range(cfg["workers"])],
+                spilled=spilled,
+            )
             if name == "loss":
                 res[name]["value"] = float(values[0])
             if name == "grad":
@@ -203,6 +223,7 @@ def report(cfg: Dict[str, Any], one: Dict[str, Any], dk: Dict[str, Any], info: s
     try:
         import dask
         import distributed
+
         lines.append(f"dask {dask.__version__}, distributed {distributed.__version__}")
     except ImportError:  # pragma: no cover
         pass
@@ -231,42 +252,57 @@ def report(cfg: Dict[str, Any], one: Dict[str, Any], dk: Dict[str, Any], info: s
     names["grad_new"] = "loss + gradient"
     for k in ("generate", "loss", "grad_new", "grad"):
         extra = {"grad": " (in place)", "grad_new": " (new)"}.get(k, "")
-        lines.append(f"one machine  {names[k] + extra:<26}{one[k]['time']:6.2f}  "
-                     f"{one[k]['peak'] / MiB:8.0f}")
-    lines.append(f"Dask         workers at start                    "
-                 f"{' / '.join(f'{b / MiB:.0f}' for b in dk['base'])}")
+        lines.append(
+            f"one machine  {names[k] + extra:<26}{one[k]['time']:6.2f}  {one[k]['peak'] / MiB:8.0f}"
+        )
+    lines.append(
+        f"Dask         workers at start                    "
+        f"{' / '.join(f'{b / MiB:.0f}' for b in dk['base'])}"
+    )
     for k in ("generate", "loss", "grad"):
-        what = {"generate": "generate (block sums)", "loss": "generate + loss",
-                "grad": "gen + loss + grad norms"}[k]
-        lines.append(f"Dask         {what:<26}{dk[k]['time']:6.2f}  "
-                     f"{' / '.join(f'{b / MiB:.0f}' for b in dk[k]['peak'])}  "
-                     f"(times {', '.join(f'{v:.2f}' for v in dk[k]['times'])}; spilled "
-                     f"{dk[k]['spilled'] / MiB:.0f} MiB)")
+        what = {
+            "generate": "generate (block sums)",
+            "loss": "generate + loss",
+            "grad": "gen + loss + grad norms",
+        }[k]
+        lines.append(
+            f"Dask         {what:<26}{dk[k]['time']:6.2f}  "
+            f"{' / '.join(f'{b / MiB:.0f}' for b in dk[k]['peak'])}  "
+            f"(times {', '.join(f'{v:.2f}' for v in dk[k]['times'])}; spilled "
+            f"{dk[k]['spilled'] / MiB:.0f} MiB)"
+        )
     rel = abs(dk["loss"]["value"] - one["loss"]["value"]) / abs(one["loss"]["value"])
     relg = abs(dk["grad_norm"] - one["grad_norm"]) / one["grad_norm"]
-    lines += ["", f"check: loss {dk['loss']['value']:.9g} (Dask) vs {one['loss']['value']:.9g} "
-              f"(one machine), rel. diff {rel:.1e}; gradient norm {dk['grad_norm']:.9g} vs "
-              f"{one['grad_norm']:.9g}, rel. diff {relg:.1e}; workers restarted: "
-              f"{dk['restarted']}"]
+    lines += [
+        "",
+        f"check: loss {dk['loss']['value']:.9g} (Dask) vs {one['loss']['value']:.9g} "
+        f"(one machine), rel. diff {rel:.1e}; gradient norm {dk['grad_norm']:.9g} vs "
+        f"{one['grad_norm']:.9g}, rel. diff {relg:.1e}; workers restarted: "
+        f"{dk['restarted']}",
+    ]
     return "\n".join(lines) + "\n"
 
 
 def plot(cfg: Dict[str, Any], one: Dict[str, Any], dk: Dict[str, Any], path: str) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     size = cfg["rows"] * cfg["cols"] * 4 / MiB
     limit = cfg["worker_limit"] / MiB
     nw = cfg["workers"]
     c_one, c_gen, c_dask = "#1f77b4", "#c7c7c7", ["#ff7f0e", "#ffbb78"]
     # rows, top to bottom: (label, side, step)
-    rows = [("one machine: generate logits", "one", "generate"),
-            ("+ loss", "one", "loss"),
-            ("+ loss and gradient (in place)", "one", "grad"),
-            ("+ loss and gradient (new array)", "one", "grad_new"),
-            ("Dask: generate logits (block sums)", "dask", "generate"),
-            ("+ loss", "dask", "loss"),
-            ("+ loss and gradient (block norms)", "dask", "grad")]
+    rows = [
+        ("one machine: generate logits", "one", "generate"),
+        ("+ loss", "one", "loss"),
+        ("+ loss and gradient (in place)", "one", "grad"),
+        ("+ loss and gradient (new array)", "one", "grad_new"),
+        ("Dask: generate logits (block sums)", "dask", "generate"),
+        ("+ loss", "dask", "loss"),
+        ("+ loss and gradient (block norms)", "dask", "grad"),
+    ]
     y = np.arange(len(rows), dtype=float)
     y[4:] += 0.6  # a gap between the two sides
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 5.2), sharey=True)
@@ -289,11 +325,16 @@ def plot(cfg: Dict[str, Any], one: Dict[str, Any], dk: Dict[str, Any], path: str
     ax_t.set_xlabel("wall time (s); Dask: median of the repeats")
     ax_t.set_title("time", fontsize=10)
     from matplotlib.patches import Patch
-    ax_t.legend(handles=[Patch(color=c_gen, label="one machine: generate (1 thread)"),
-                         Patch(color=c_one, label="one machine: fastxent kernel (2 threads)"),
-                         Patch(color=c_dask[0], label=f"Dask, {nw} workers x 1 thread: "
-                                                      f"whole graph")],
-                fontsize=7.5, loc="lower right")
+
+    ax_t.legend(
+        handles=[
+            Patch(color=c_gen, label="one machine: generate (1 thread)"),
+            Patch(color=c_one, label="one machine: fastxent kernel (2 threads)"),
+            Patch(color=c_dask[0], label=f"Dask, {nw} workers x 1 thread: whole graph"),
+        ],
+        fontsize=7.5,
+        loc="lower right",
+    )
     h = 0.7 / nw
     mmax = max(size, limit)
     for yi, (_, side, step) in zip(y, rows):
@@ -306,68 +347,96 @@ def plot(cfg: Dict[str, Any], one: Dict[str, Any], dk: Dict[str, Any], path: str
             for i in range(nw):
                 v = dk[step]["peak"][i] / MiB
                 ax_m.barh(yi - 0.35 + h * (i + 0.5), v, h, color=c_dask[i % 2])
-            ax_m.text(1.03 * max(size, limit), yi, ", ".join(
-                f"worker {i + 1}: {dk[step]['peak'][i] / MiB:.0f}" for i in range(nw)),
-                va="center", fontsize=8)
+            ax_m.text(
+                1.03 * max(size, limit),
+                yi,
+                ", ".join(f"worker {i + 1}: {dk[step]['peak'][i] / MiB:.0f}" for i in range(nw)),
+                va="center",
+                fontsize=8,
+            )
     gap = (y[3] + y[4]) / 2
     ax_m.axvline(limit, color="k", ls="--", lw=1)
-    ax_m.text(limit, gap - 0.25, f" worker memory_limit {limit:.0f} MiB", fontsize=8,
-              va="center")
+    ax_m.text(limit, gap - 0.25, f" worker memory_limit {limit:.0f} MiB", fontsize=8, va="center")
     ax_m.axvline(size, color=c_one, ls=":", lw=1.2)
-    ax_m.text(size, gap + 0.25, f" logits {size:.0f} MiB", fontsize=8, va="center",
-              color=c_one)
+    ax_m.text(size, gap + 0.25, f" logits {size:.0f} MiB", fontsize=8, va="center", color=c_one)
     ax_m.set_xlim(0, 1.2 * mmax)
     ax_m.set_xlabel("peak resident memory of each process (MiB, VmHWM)")
     ax_m.set_title("peak memory per process", fontsize=10)
-    fig.suptitle(f"fastxent.dask: {cfg['rows']} x {cfg['cols']} float32 logits ({size:.0f} MiB), "
-                 f"one process vs {nw} Dask workers limited to {limit:.0f} MiB each",
-                 fontsize=10)
+    fig.suptitle(
+        f"fastxent.dask: {cfg['rows']} x {cfg['cols']} float32 logits ({size:.0f} MiB), "
+        f"one process vs {nw} Dask workers limited to {limit:.0f} MiB each",
+        fontsize=10,
+    )
     if "touch_s_per_gib" in one:
-        fig.text(0.5, 0.01, f"Fresh memory costs {one['touch_s_per_gib']:.1f} s/GiB on the first "
-                 f"write on this machine (page faults; {one['write_s_per_gib']:.2f} s/GiB "
-                 f"after): the one-machine array and new gradient pay it, as does every new "
-                 f"block a Dask task returns. Details: docs/dask-run.txt", ha="center",
-                 fontsize=7.5, color="#444444")
+        fig.text(
+            0.5,
+            0.01,
+            f"Fresh memory costs {one['touch_s_per_gib']:.1f} s/GiB on the first "
+            f"write on this machine (page faults; {one['write_s_per_gib']:.2f} s/GiB "
+            f"after): the one-machine array and new gradient pay it, as does every new "
+            f"block a Dask task returns. Details: docs/dask-run.txt",
+            ha="center",
+            fontsize=7.5,
+            color="#444444",
+        )
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m fastxent.dask_bench", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m fastxent.dask_bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--rows", type=int, default=16384)
     ap.add_argument("--cols", type=int, default=32768)
     ap.add_argument("--chunks", default="1024,4096", metavar="R,C")
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--worker-limit", default="512", metavar="MIB",
-                    help="memory_limit per worker in MiB (default 512)")
+    ap.add_argument(
+        "--worker-limit",
+        default="512",
+        metavar="MIB",
+        help="memory_limit per worker in MiB (default 512)",
+    )
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--plot", metavar="FILE.png")
     ap.add_argument("--out", metavar="FILE.txt", help="also write the report there")
     ap.add_argument("--json", metavar="FILE.json", help="also save the raw results there")
-    ap.add_argument("--from-json", metavar="FILE.json",
-                    help="report and plot saved results instead of running")
+    ap.add_argument(
+        "--from-json", metavar="FILE.json", help="report and plot saved results instead of running"
+    )
     ap.add_argument("--one-machine-child", metavar="JSON", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.one_machine_child:
         print(json.dumps(_one_machine_child(json.loads(args.one_machine_child))))
         return 0
-    cfg = dict(rows=args.rows, cols=args.cols, workers=args.workers, repeats=args.repeats,
-               chunks=[int(v) for v in args.chunks.split(",")], seed=args.seed,
-               worker_limit=int(float(args.worker_limit) * MiB), load_start=_load(),
-               command=" ".join(["python -m fastxent.dask_bench", *(
-                   argv if argv is not None else sys.argv[1:])]))
+    cfg = dict(
+        rows=args.rows,
+        cols=args.cols,
+        workers=args.workers,
+        repeats=args.repeats,
+        chunks=[int(v) for v in args.chunks.split(",")],
+        seed=args.seed,
+        worker_limit=int(float(args.worker_limit) * MiB),
+        load_start=_load(),
+        command=" ".join(
+            ["python -m fastxent.dask_bench", *(argv if argv is not None else sys.argv[1:])]
+        ),
+    )
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
+
     if args.from_json:
         with open(args.from_json) as f:
             saved = json.load(f)
         cfg, one, dk, info = saved["cfg"], saved["one"], saved["dask"], saved["info"]
     else:
         from .bench import format_info, system_info
+
         info = format_info(system_info())  # before the cluster's workers are spawned
         log("one machine ...")
         one = run_one_machine(cfg)

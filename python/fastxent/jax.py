@@ -47,8 +47,12 @@ import jax.numpy as jnp
 
 from . import _api, _jax_ffi
 
-__all__ = ["cross_entropy", "linear_cross_entropy", "softmax_cross_entropy",
-           "softmax_cross_entropy_with_integer_labels"]
+__all__ = [
+    "cross_entropy",
+    "linear_cross_entropy",
+    "softmax_cross_entropy",
+    "softmax_cross_entropy_with_integer_labels",
+]
 
 _Options = Tuple[Tuple[str, Any], ...]  # sorted (name, value) pairs: hashable, a cache key
 
@@ -61,8 +65,10 @@ def _compute_dtype(dtype: Any) -> np.dtype:
     """float64 stays float64; float32, float16 and bfloat16 compute in float32."""
     dt = np.dtype(dtype)
     if not jnp.issubdtype(dt, jnp.floating):
-        raise TypeError(f"logits must be a floating-point array (float32, float64, float16 or "
-                        f"bfloat16), got {dt}")
+        raise TypeError(
+            f"logits must be a floating-point array (float32, float64, float16 or "
+            f"bfloat16), got {dt}"
+        )
     return np.dtype(np.float64) if dt == np.float64 else np.dtype(np.float32)
 
 
@@ -74,35 +80,53 @@ def _static(v: Any, name: str) -> Any:
         except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
             a = None
         if a is None or a.ndim != 0:
-            raise TypeError(f"{name} must be a static Python scalar (options are compiled "
-                            f"into the call), got {type(v).__name__}")
+            raise TypeError(
+                f"{name} must be a static Python scalar (options are compiled "
+                f"into the call), got {type(v).__name__}"
+            )
         return a.item()
     try:
         hash(v)
     except TypeError:
-        raise TypeError(f"{name} must be a static (hashable) value, got "
-                        f"{type(v).__name__}") from None
+        raise TypeError(
+            f"{name} must be a static (hashable) value, got {type(v).__name__}"
+        ) from None
     return v
 
 
-def _validate(shape: Tuple[int, ...], cdt: np.dtype, probs: bool, axis: int,
-              opts: _Options, weight: Any, sample_weight: Any) -> None:
+def _validate(
+    shape: Tuple[int, ...],
+    cdt: np.dtype,
+    probs: bool,
+    axis: int,
+    opts: _Options,
+    weight: Any,
+    sample_weight: Any,
+) -> None:
     """Runs fastxent once on a single-row stand-in at trace time, so that a bad option or
     shape raises its ordinary fastxent exception here, not later inside the callback."""
     kw = dict(opts)
     kw.pop("axis", None)  # the stand-in has its class axis last
     C = shape[axis]
-    t_shape = shape[:axis] + shape[axis + 1:]
+    t_shape = shape[:axis] + shape[axis + 1 :]
     if weight is not None and tuple(np.shape(weight)) != (C,):
-        raise ValueError(f"weight has shape {tuple(np.shape(weight))}, expected {(C,)} "
-                         f"(one per class)")
+        raise ValueError(
+            f"weight has shape {tuple(np.shape(weight))}, expected {(C,)} (one per class)"
+        )
     if sample_weight is not None and tuple(np.shape(sample_weight)) != t_shape:
-        raise ValueError(f"sample_weight has shape {tuple(np.shape(sample_weight))}, expected "
-                         f"{t_shape} (one per row)")
+        raise ValueError(
+            f"sample_weight has shape {tuple(np.shape(sample_weight))}, expected "
+            f"{t_shape} (one per row)"
+        )
     z = np.zeros((1, C), cdt)
     t = np.full((1, C), 1.0 / max(C, 1), cdt) if probs else np.zeros(1, np.int64)
-    _api.cross_entropy(z, t, weight=None if weight is None else np.ones(C, cdt),
-                       sample_weight=None if sample_weight is None else np.ones(1, cdt), **kw)
+    _api.cross_entropy(
+        z,
+        t,
+        weight=None if weight is None else np.ones(C, cdt),
+        sample_weight=None if sample_weight is None else np.ones(1, cdt),
+        **kw,
+    )
 
 
 def _host(opts: _Options, want_grad: bool):
@@ -129,15 +153,16 @@ def _make(opts: _Options, axis: int):
     reduction = dict(opts)["reduction"]
 
     def shapes(x):
-        rows = x.shape[:axis] + x.shape[axis + 1:]
+        rows = x.shape[:axis] + x.shape[axis + 1 :]
         return jax.ShapeDtypeStruct(rows if reduction == "none" else (), x.dtype)
 
     @jax.custom_vjp
     def ce(x, t, w, sw):
         # "sequential": under vmap each batch element is its own call (a batched call would
         # mix the batch into the rows, and the mean's denominator with it).
-        return jax.pure_callback(_host(opts, False), shapes(x), x, t, w, sw,
-                                 vmap_method="sequential")
+        return jax.pure_callback(
+            _host(opts, False), shapes(x), x, t, w, sw, vmap_method="sequential"
+        )
 
     def fwd(x, t, w, sw):
         for name, a in (("target", t), ("weight", w), ("sample_weight", sw)):
@@ -145,12 +170,19 @@ def _make(opts: _Options, axis: int):
                 raise TypeError(
                     f"fastxent.jax.cross_entropy differentiates with respect to the logits "
                     f"only; {name} is being differentiated (wrap it in jax.lax.stop_gradient "
-                    f"if it is a constant)")
+                    f"if it is a constant)"
+                )
         xv = x.value
         out = (shapes(xv), jax.ShapeDtypeStruct(xv.shape, xv.dtype))
         loss, grad = jax.pure_callback(
-            _host(opts, True), out, xv, t.value, None if w is None else w.value,
-            None if sw is None else sw.value, vmap_method="sequential")
+            _host(opts, True),
+            out,
+            xv,
+            t.value,
+            None if w is None else w.value,
+            None if sw is None else sw.value,
+            vmap_method="sequential",
+        )
         return loss, grad
 
     def bwd(grad, ct):
@@ -166,8 +198,9 @@ def _make(opts: _Options, axis: int):
     return ce
 
 
-def cross_entropy(logits: Any, target: Any, *, weight: Any = None, sample_weight: Any = None,
-                  **options: Any) -> jax.Array:
+def cross_entropy(
+    logits: Any, target: Any, *, weight: Any = None, sample_weight: Any = None, **options: Any
+) -> jax.Array:
     x = jnp.asarray(logits)
     cdt = _compute_dtype(x.dtype)
     if x.ndim == 0:
@@ -185,8 +218,9 @@ def cross_entropy(logits: Any, target: Any, *, weight: Any = None, sample_weight
     options.setdefault("reduction", "mean")
     ffi = _jax_ffi.enabled()
     # Through the FFI, label_smoothing and normalizer may be traced values (custom-call operands).
-    traced = {k: options.pop(k) for k in _TRACEABLE
-              if ffi and isinstance(options.get(k), jax.core.Tracer)}
+    traced = {
+        k: options.pop(k) for k in _TRACEABLE if ffi and isinstance(options.get(k), jax.core.Tracer)
+    }
     opts: _Options = tuple(sorted((k, _static(v, k)) for k, v in options.items()))
     # The kernel is called with the class axis given as `axis`: fastxent reads any axis in
     # place, so the callback passes it on unchanged.
@@ -197,23 +231,26 @@ def cross_entropy(logits: Any, target: Any, *, weight: Any = None, sample_weight
     if probs:
         t = t.astype(x.dtype if ffi else cdt)  # the custom call reads the logits' dtype
     elif not jnp.issubdtype(t.dtype, jnp.integer):
-        raise TypeError(f"target must hold integer class indices or float class probabilities "
-                        f"(the logits' shape), got dtype {t.dtype}")
+        raise TypeError(
+            f"target must hold integer class indices or float class probabilities "
+            f"(the logits' shape), got dtype {t.dtype}"
+        )
     w = None if weight is None else jnp.asarray(weight).astype(cdt)
     sw = None if sample_weight is None else jnp.asarray(sample_weight).astype(cdt)
     stand_ins = tuple((k, _STAND_IN[k]) for k in traced)  # checked at run time instead
     _validate(x.shape, cdt, bool(probs), axis, opts_k + stand_ins, w, sw)
     if not probs:
-        t_shape = x.shape[:axis] + x.shape[axis + 1:]
+        t_shape = x.shape[:axis] + x.shape[axis + 1 :]
         if t.shape != t_shape:
-            raise ValueError(f"target has shape {t.shape}, expected {t_shape} (the logits' "
-                             f"shape without the class axis)")
+            raise ValueError(
+                f"target has shape {t.shape}, expected {t_shape} (the logits' "
+                f"shape without the class axis)"
+            )
     if ffi:
         kw = dict(opts)
         eps = traced.get("label_smoothing", kw.pop("label_smoothing", 0.0))
         norm = traced.get("normalizer", kw.pop("normalizer", None))
-        return _jax_ffi.cross_entropy(x, t, w, sw, bool(probs), axis, kw, eps,
-                                      norm).astype(x.dtype)
+        return _jax_ffi.cross_entropy(x, t, w, sw, bool(probs), axis, kw, eps, norm).astype(x.dtype)
     loss = _make(opts_k, axis)(x.astype(cdt), t, w, sw)
     return loss.astype(x.dtype)
 
@@ -308,5 +345,7 @@ cross_entropy.__doc__ = """Softmax cross-entropy of a batch of logits, different
 
 # optax-shaped drop-ins (after cross_entropy: the module imports it back).
 from ._jax_dropins import (  # noqa: E402
-    softmax_cross_entropy, softmax_cross_entropy_with_integer_labels)
+    softmax_cross_entropy,
+    softmax_cross_entropy_with_integer_labels,
+)
 from ._jax_linear import linear_cross_entropy  # noqa: E402

@@ -45,10 +45,20 @@ from ._torch_fast import is_compiling, kept_buffer_bytes, lean_call, release_buf
 from ._torch_nodata import validate_options
 from ._torch_vocab import vocab_parallel_cross_entropy
 
-__all__ = ["cross_entropy", "CrossEntropyLoss", "binary_cross_entropy_with_logits",
-           "BCEWithLogitsLoss", "vocab_parallel_cross_entropy", "release_buffers",
-           "kept_buffer_bytes", "linear_cross_entropy", "LinearCrossEntropyLoss",
-           "vocab_parallel_linear_cross_entropy", "patch_causal_lm", "unpatch_causal_lm"]
+__all__ = [
+    "cross_entropy",
+    "CrossEntropyLoss",
+    "binary_cross_entropy_with_logits",
+    "BCEWithLogitsLoss",
+    "vocab_parallel_cross_entropy",
+    "release_buffers",
+    "kept_buffer_bytes",
+    "linear_cross_entropy",
+    "LinearCrossEntropyLoss",
+    "vocab_parallel_linear_cross_entropy",
+    "patch_causal_lm",
+    "unpatch_causal_lm",
+]
 
 _DOC_OPTIONS = """
     ``**fastxent_options`` (keyword-only) are those of :func:`fastxent.cross_entropy`:
@@ -98,24 +108,40 @@ _DOC_DIFF = """
 """
 
 
-def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None,
-                  size_average: Optional[bool] = None, ignore_index: int = -100,
-                  reduce: Optional[bool] = None, reduction: str = "mean",
-                  label_smoothing: float = 0.0, *, inplace: bool = False,
-                  **fastxent_options: Any) -> Tensor:
+def cross_entropy(
+    input: Tensor,
+    target: Tensor,
+    weight: Optional[Tensor] = None,
+    size_average: Optional[bool] = None,
+    ignore_index: int = -100,
+    reduce: Optional[bool] = None,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    *,
+    inplace: bool = False,
+    **fastxent_options: Any,
+) -> Tensor:
     if size_average is not None or reduce is not None:
         # PyTorch's own translation of the deprecated arguments, with its warning.
         reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
-    if (weight is None and not fastxent_options and ignore_index == -100
-            and label_smoothing == 0.0 and inplace is False and not is_compiling()):
+    if (
+        weight is None
+        and not fastxent_options
+        and ignore_index == -100
+        and label_smoothing == 0.0
+        and inplace is False
+        and not is_compiling()
+    ):
         res = lean_call(input, target, reduction)
         if res is not None:
             return res
-    return general_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing,
-                          inplace, fastxent_options)
+    return general_cross_entropy(
+        input, target, weight, ignore_index, reduction, label_smoothing, inplace, fastxent_options
+    )
 
 
-cross_entropy.__doc__ = """Cross-entropy loss with the signature and semantics of
+cross_entropy.__doc__ = (
+    """Cross-entropy loss with the signature and semantics of
     ``torch.nn.functional.cross_entropy``, computed by fastxent's fused CPU kernel.
 
     For logits ``z`` (class dimension 1 of ``input``, or 0 for an unbatched ``(C,)`` input),
@@ -155,7 +181,9 @@ cross_entropy.__doc__ = """Cross-entropy loss with the signature and semantics o
         Class-index rows equal to it count for nothing (default -100).
     reduction : {"mean", "sum", "none"}
     label_smoothing : float in [0, 1]
-""" + _DOC_OPTIONS + """
+"""
+    + _DOC_OPTIONS
+    + """
     The positional order is ``F.cross_entropy``'s; ``inplace`` and fastxent's options are
     keyword-only.
 
@@ -179,7 +207,9 @@ cross_entropy.__doc__ = """Cross-entropy loss with the signature and semantics o
     -------
     Tensor of the input's dtype: a scalar for ``"mean"`` / ``"sum"``, the target's (rows')
     shape for ``"none"``.
-""" + _DOC_DIFF + """
+"""
+    + _DOC_DIFF
+    + """
     Raises
     ------
     ValueError
@@ -207,20 +237,30 @@ cross_entropy.__doc__ = """Cross-entropy loss with the signature and semantics o
     ...     z, torch.tensor([0, 1]), label_smoothing=0.1))
     True
 """
+)
 
 
 class CrossEntropyLoss(nn.Module):
-    def __init__(self, weight: Optional[Tensor] = None, size_average: Optional[bool] = None,
-                 ignore_index: int = -100, reduce: Optional[bool] = None,
-                 reduction: str = "mean", label_smoothing: float = 0.0, *,
-                 inplace: bool = False, **fastxent_options: Any) -> None:
+    def __init__(
+        self,
+        weight: Optional[Tensor] = None,
+        size_average: Optional[bool] = None,
+        ignore_index: int = -100,
+        reduce: Optional[bool] = None,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        *,
+        inplace: bool = False,
+        **fastxent_options: Any,
+    ) -> None:
         super().__init__()
         if size_average is not None or reduce is not None:
             reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
         # Every option is checked here, not at the first forward.
         validate_options(fastxent_options, "CrossEntropyLoss")
-        common_options(reduction, ignore_index, label_smoothing,
-                       fastxent_options.get("num_threads"))
+        common_options(
+            reduction, ignore_index, label_smoothing, fastxent_options.get("num_threads")
+        )
         if not isinstance(inplace, bool):
             raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
         if weight is not None and not isinstance(weight, Tensor):
@@ -236,12 +276,22 @@ class CrossEntropyLoss(nn.Module):
         opts = self.fastxent_options
         if fastxent_options:
             opts = {**opts, **fastxent_options}
-        return general_cross_entropy(input, target, self.weight, self.ignore_index, self.reduction,
-                              self.label_smoothing, self.inplace, opts)
+        return general_cross_entropy(
+            input,
+            target,
+            self.weight,
+            self.ignore_index,
+            self.reduction,
+            self.label_smoothing,
+            self.inplace,
+            opts,
+        )
 
     def extra_repr(self) -> str:
-        s = (f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
-             f"label_smoothing={self.label_smoothing}")
+        s = (
+            f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
+            f"label_smoothing={self.label_smoothing}"
+        )
         if self.inplace:
             s += ", inplace=True"
         for k, v in self.fastxent_options.items():

@@ -96,9 +96,7 @@ struct Isa {
   const fastxent::KernelTable* table;
 };
 
-const char* f32_variant(const std::string& isa) {
-  return isa == "avx512" ? "lut16-p3" : "rr2-p6";
-}
+const char* f32_variant(const std::string& isa) { return isa == "avx512" ? "lut16-p3" : "rr2-p6"; }
 
 // e = exp(x) for x[0 .. n) through the plain block pass (x[0] = 0 makes the block max 0).
 template <class T>
@@ -173,12 +171,15 @@ void test_f32(const std::vector<Isa>& isas, int64_t stride) {
   }
   for (size_t i = 0; i < ni; ++i) {
     const Worst& w = worst[i];
-    std::printf("  exp f32 %-8s [%s]: max %.3f ULP at x = %.9g over %llu floats of [%.9g, -0]"
-                " (stride %lld), hash %016llx\n", f32_variant(isas[i].name), isas[i].name.c_str(),
-                w.ulp, w.at, (unsigned long long)w.count, double(xc::kF32Lo), (long long)stride,
-                (unsigned long long)w.hash);
-    CHECK(w.ulp <= 2.0 && w.bad_max == 0, "[%s] exp f32 error %.3f ULP > 2 (or %llu blocks "
-          "with a max other than 0)", isas[i].name.c_str(), w.ulp, (unsigned long long)w.bad_max);
+    std::printf(
+        "  exp f32 %-8s [%s]: max %.3f ULP at x = %.9g over %llu floats of [%.9g, -0]"
+        " (stride %lld), hash %016llx\n",
+        f32_variant(isas[i].name), isas[i].name.c_str(), w.ulp, w.at, (unsigned long long)w.count,
+        double(xc::kF32Lo), (long long)stride, (unsigned long long)w.hash);
+    CHECK(w.ulp <= 2.0 && w.bad_max == 0,
+          "[%s] exp f32 error %.3f ULP > 2 (or %llu blocks "
+          "with a max other than 0)",
+          isas[i].name.c_str(), w.ulp, (unsigned long long)w.bad_max);
     CHECK(w.flush_bad == 0, "[%s] %llu floats below kF32Lo (or +0) not flushed to +0 (or 1)",
           isas[i].name.c_str(), (unsigned long long)w.flush_bad);
     CHECK(stride > 1 || w.count == uint64_t(in_range), "[%s] %llu of %lld floats checked",
@@ -234,11 +235,15 @@ void test_f64(const std::vector<Isa>& isas, int64_t stride) {
   }
   for (size_t i = 0; i < ni; ++i) {
     const Worst& w = worst[i];
-    std::printf("  exp f64 taylor13 [%s]: max %.3f ULP at x = %.17g over %llu sampled doubles"
-                " of [%.17g, -0], hash %016llx\n", isas[i].name.c_str(), w.ulp, w.at,
-                (unsigned long long)w.count, xc::kF64Lo, (unsigned long long)w.hash);
-    CHECK(w.ulp <= 2.0 && w.bad_max == 0, "[%s] exp f64 error %.3f ULP > 2 (or %llu blocks "
-          "with a max other than 0)", isas[i].name.c_str(), w.ulp, (unsigned long long)w.bad_max);
+    std::printf(
+        "  exp f64 taylor13 [%s]: max %.3f ULP at x = %.17g over %llu sampled doubles"
+        " of [%.17g, -0], hash %016llx\n",
+        isas[i].name.c_str(), w.ulp, w.at, (unsigned long long)w.count, xc::kF64Lo,
+        (unsigned long long)w.hash);
+    CHECK(w.ulp <= 2.0 && w.bad_max == 0,
+          "[%s] exp f64 error %.3f ULP > 2 (or %llu blocks "
+          "with a max other than 0)",
+          isas[i].name.c_str(), w.ulp, (unsigned long long)w.bad_max);
   }
 }
 

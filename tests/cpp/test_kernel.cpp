@@ -17,7 +17,6 @@
 
 namespace {
 
-
 template <class T>
 double ulp_of(double ref) {
   const T r = T(ref);
@@ -133,9 +132,10 @@ void test_softcap(const fastxent::KernelTable& table, T alpha, T cap, double bou
       w_z = std::max(w_z, double(std::fabs(std::log(L(e[size_t(i)])) + L(st.m) - zp) / L(cap)) / u);
     }
   }
-  std::printf("  softcap<%s> [%s] alpha %g cap %g: rho %.2f u rel, tanh %.2f u, 1 - tanh^2 "
-              "%.2f u, z' %.2f u cap\n", sizeof(T) == 4 ? "f32" : "f64", table.name,
-              double(alpha), double(cap), w_rho, w_t, w_d, w_z);
+  std::printf(
+      "  softcap<%s> [%s] alpha %g cap %g: rho %.2f u rel, tanh %.2f u, 1 - tanh^2 "
+      "%.2f u, z' %.2f u cap\n",
+      sizeof(T) == 4 ? "f32" : "f64", table.name, double(alpha), double(cap), w_rho, w_t, w_d, w_z);
   CHECK(w_rho <= bound_rho && w_t <= bound_t && w_d <= bound_d && w_z <= bound_z,
         "%s softcap errors over their bounds", table.name);
 }
@@ -163,12 +163,14 @@ double reference(const std::vector<T>& z, int64_t N, int64_t C, const std::vecto
     const double lse = m + std::log(sum);
     const double wy = w ? double((*w)[y[n]]) : 1.0;
     double l = (1 - eps) * wy * (lse - double(r[y[n]]));
-    for (int64_t c = 0; c < C; ++c) l += eps / double(C) * (w ? double((*w)[c]) : 1.0) * (lse - double(r[c]));
+    for (int64_t c = 0; c < C; ++c)
+      l += eps / double(C) * (w ? double((*w)[c]) : 1.0) * (lse - double(r[c]));
     rows[n] = l;
     total += l;
     const double Q = (1 - eps) * wy + eps / double(C) * W;
     for (int64_t c = 0; c < C; ++c) {
-      const double q = (c == y[n] ? (1 - eps) * wy : 0.0) + eps / double(C) * (w ? double((*w)[c]) : 1.0);
+      const double q =
+          (c == y[n] ? (1 - eps) * wy : 0.0) + eps / double(C) * (w ? double((*w)[c]) : 1.0);
       g[size_t(n * C + c)] = s * (Q * std::exp(double(r[c]) - lse) - q);
     }
   }
@@ -196,9 +198,8 @@ void test_against_reference(const char* isa, std::mt19937_64& rng) {
       std::vector<double> gref, rref;
       const double lref = reference(z, N, C, y, wp, o, gref, rref);
       std::vector<T> g(size_t(N * C), T(-7)), rows(static_cast<size_t>(N));
-      const double l = fastxent::cross_entropy<T>(z.data(), N, C, C, y.data(),
-                                                  wp ? wp->data() : nullptr, o, g.data(),
-                                                  rows.data());
+      const double l = fastxent::cross_entropy<T>(
+          z.data(), N, C, C, y.data(), wp ? wp->data() : nullptr, o, g.data(), rows.data());
       double gmax = 0.0, gerr = 0.0;
       for (size_t i = 0; i < g.size(); ++i) {
         gmax = std::max(gmax, std::fabs(gref[i]));
@@ -213,16 +214,15 @@ void test_against_reference(const char* isa, std::mt19937_64& rng) {
                 double(rows[n]), rref[n]);
         CHECK(rows[3] == T(0), "ignored row loss");
       } else {
-        CHECK(std::fabs(l - lref) <= tol * (1.0 + std::fabs(lref)), "[%s] C=%lld red=%d: %.12g vs %.12g",
-              isa, (long long)C, red, l, lref);
+        CHECK(std::fabs(l - lref) <= tol * (1.0 + std::fabs(lref)),
+              "[%s] C=%lld red=%d: %.12g vs %.12g", isa, (long long)C, red, l, lref);
       }
       for (int64_t c = 0; c < C; ++c) CHECK(g[size_t(3 * C + c)] == T(0), "ignored row gradient");
 
       // In place gives the same bits as out of place.
       std::vector<T> zi = z, rows2(static_cast<size_t>(N));
-      const double l2 = fastxent::cross_entropy<T>(zi.data(), N, C, C, y.data(),
-                                                   wp ? wp->data() : nullptr, o, zi.data(),
-                                                   rows2.data());
+      const double l2 = fastxent::cross_entropy<T>(
+          zi.data(), N, C, C, y.data(), wp ? wp->data() : nullptr, o, zi.data(), rows2.data());
       CHECK(std::memcmp(zi.data(), g.data(), sizeof(T) * g.size()) == 0 && l2 == l,
             "[%s] in place differs from out of place (C=%lld)", isa, (long long)C);
     }
@@ -277,12 +277,12 @@ void test_threads_deterministic() {
   std::vector<float> g1(z.size()), g2(z.size());
   fastxent::Options o;
   o.num_threads = 1;
-  const double l1 = fastxent::cross_entropy<float>(z.data(), N, C, C, y.data(), nullptr, o,
-                                                   g1.data(), nullptr);
+  const double l1 =
+      fastxent::cross_entropy<float>(z.data(), N, C, C, y.data(), nullptr, o, g1.data(), nullptr);
   for (int t : {2, 3, 4, 8}) {
     o.num_threads = t;
-    const double l2 = fastxent::cross_entropy<float>(z.data(), N, C, C, y.data(), nullptr, o,
-                                                     g2.data(), nullptr);
+    const double l2 =
+        fastxent::cross_entropy<float>(z.data(), N, C, C, y.data(), nullptr, o, g2.data(), nullptr);
     CHECK(l1 == l2 && std::memcmp(g1.data(), g2.data(), sizeof(float) * g1.size()) == 0,
           "results differ between 1 and %d threads", t);
   }
@@ -329,8 +329,8 @@ void test_half_conversions() {
         const bool nan_a = is_nan16(a[i]), nan_b = is_nan16(b[i]);
         diff += (nan_a || nan_b) ? nan_a != nan_b : a[i] != b[i];
       }
-      CHECK(diff == 0, "[%s] kind %d: %d roundings differ from the scalar build", isa.c_str(),
-            kind, diff);
+      CHECK(diff == 0, "[%s] kind %d: %d roundings differ from the scalar build", isa.c_str(), kind,
+            diff);
     }
   }
   // Spot values of the scalar rounding.

@@ -86,11 +86,10 @@ void run(const char* isa, std::mt19937_64& rng) {
   const char* tn = sizeof(T) == 4 ? "f32" : "f64";
   const double u = sizeof(T) == 4 ? std::ldexp(1.0, -24) : 0.0;
   const int64_t N = 10, C = 5000;
-  const std::vector<Shards> shardings = {
-      {{0, 5000}},
-      {{0, 1}, {1, 2049}, {2049, 4097}, {4097, 5000}},
-      {{0, 2047}, {2047, 2049}, {2049, 4999}, {4999, 5000}},
-      {{0, 2500}, {2500, 2501}, {2501, 5000}}};
+  const std::vector<Shards> shardings = {{{0, 5000}},
+                                         {{0, 1}, {1, 2049}, {2049, 4097}, {4097, 5000}},
+                                         {{0, 2047}, {2047, 2049}, {2049, 4999}, {4999, 5000}},
+                                         {{0, 2500}, {2500, 2501}, {2501, 5000}}};
   std::vector<Case> cases;
   {
     fastxent::Options o;
@@ -166,11 +165,9 @@ void run(const char* isa, std::mt19937_64& rng) {
         const int64_t cs_ = s.second - s.first;
         std::vector<T> gs(static_cast<size_t>(N * cs_));
         fastxent::shard_grad<T>(shard_in(pr, cs, s.first, s.second), fwd.data(),
-                                cs.sample_weights ? pr.sw.data() : nullptr, opt, 1.0,
-                                gs.data());
+                                cs.sample_weights ? pr.sw.data() : nullptr, opt, 1.0, gs.data());
         for (int64_t n = 0; n < N; ++n)
-          std::copy(gs.begin() + n * cs_, gs.begin() + (n + 1) * cs_,
-                    g.begin() + n * C + s.first);
+          std::copy(gs.begin() + n * cs_, gs.begin() + (n + 1) * cs_, g.begin() + n * C + s.first);
       }
       double el = 0, eg = 0, gmax = 0;
       if (opt.reduction == fastxent::Reduction::None) {
@@ -199,8 +196,8 @@ void run(const char* isa, std::mt19937_64& rng) {
       }
     }
   }
-  std::printf("  [%s %s] worst loss error %.3g of the bound, gradient %.3g\n", isa, tn,
-              worst_l, worst_g);
+  std::printf("  [%s %s] worst loss error %.3g of the bound, gradient %.3g\n", isa, tn, worst_l,
+              worst_g);
 }
 
 template <class E, class F>

@@ -18,7 +18,6 @@
 
 namespace {
 
-
 using LD = long double;
 
 template <class T>
@@ -78,8 +77,8 @@ void test_elements(const fastxent::KernelTable& table, std::mt19937_64& rng) {
     // (1 + p) times it may come out 0 (an absolute error, never more).
     const LD tiny = 8 * LD(std::numeric_limits<T>::min());
     if (ref < tiny) {
-      CHECK(std::fabs(LD(loss[i]) - ref) < tiny, "%s: x=%g y=%g: loss %g", table.name,
-            double(X), double(Y), double(loss[i]));
+      CHECK(std::fabs(LD(loss[i]) - ref) < tiny, "%s: x=%g y=%g: loss %g", table.name, double(X),
+            double(Y), double(loss[i]));
     } else {
       wl = std::fmax(wl, ulps<T>(loss[i], ref));
     }
@@ -87,8 +86,8 @@ void test_elements(const fastxent::KernelTable& table, std::mt19937_64& rng) {
       CHECK(std::fabs(LD(g[i]) - gref) < tiny, "%s: x=%g: grad %g", table.name, double(X),
             double(g[i]));
     } else {
-      wg = std::fmax(wg, std::fabs(LD(g[i]) - gref) / gscale /
-                             (std::numeric_limits<T>::epsilon() / 2));
+      wg = std::fmax(wg,
+                     std::fabs(LD(g[i]) - gref) / gscale / (std::numeric_limits<T>::epsilon() / 2));
     }
   }
   std::printf("  elements<%s> [%s]: loss max %.2Lf ULP, gradient max %.2Lf u (of its scale)\n",

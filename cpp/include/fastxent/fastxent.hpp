@@ -25,14 +25,14 @@ enum class Reduction : int { None = 0, Sum = 1, Mean = 2 };
 
 struct Options {
   Reduction reduction = Reduction::Mean;
-  int64_t ignore_index = -100;    // class targets only
-  double label_smoothing = 0.0;   // eps in [0, 1]
-  double z_loss = 0.0;            // lambda >= 0: adds lambda * lse^2 per counted row
-  double softcap = 0.0;           // s > 0: z' = s * tanh(alpha * z / s); 0: off
-  double logit_scale = 1.0;       // alpha > 0: z' = alpha * z (inside the softcap)
-  bool has_normalizer = false;    // "mean" divides by `normalizer` instead of D
-  double normalizer = 0.0;        // >= 0
-  int num_threads = 0;            // 0: the OpenMP default (omp_get_max_threads); > 0 caps
+  int64_t ignore_index = -100;   // class targets only
+  double label_smoothing = 0.0;  // eps in [0, 1]
+  double z_loss = 0.0;           // lambda >= 0: adds lambda * lse^2 per counted row
+  double softcap = 0.0;          // s > 0: z' = s * tanh(alpha * z / s); 0: off
+  double logit_scale = 1.0;      // alpha > 0: z' = alpha * z (inside the softcap)
+  bool has_normalizer = false;   // "mean" divides by `normalizer` instead of D
+  double normalizer = 0.0;       // >= 0
+  int num_threads = 0;           // 0: the OpenMP default (omp_get_max_threads); > 0 caps
 };
 
 // The arrays of one call. With inner == 1, row n of the logits starts at logits + n * row_stride
@@ -58,7 +58,8 @@ struct Inputs {
 
 // Computes the loss and, when grad is not null, its gradient. With z' the transformed logits
 // (softcap * tanh(alpha z / softcap), or alpha z) and lse = logsumexp(z'), for class targets
-//   row_n = s_n [(1 - eps) w[y_n] (lse - z'[y_n]) + (eps / C) sum_c w_c (lse - z'_c) + lambda lse^2]
+//   row_n = s_n [(1 - eps) w[y_n] (lse - z'[y_n]) + (eps / C) sum_c w_c (lse - z'_c) + lambda
+//   lse^2]
 // for counted rows (target != ignore_index), 0 for the others, and for probability targets
 //   row_n = s_n [sum_c w_c q_nc (lse - z'_c) + lambda lse^2],  q = p (1 - eps) + eps / C.
 // "sum" adds the rows; "mean" divides by D = normalizer if given, else sum over counted rows of
@@ -85,8 +86,7 @@ double cross_entropy(const T* logits, int64_t rows, int64_t classes, int64_t row
   return cross_entropy<T>(in, options, grad, row_losses);
 }
 
-extern template double cross_entropy<float>(const Inputs<float>&, const Options&, float*,
-                                            float*);
+extern template double cross_entropy<float>(const Inputs<float>&, const Options&, float*, float*);
 extern template double cross_entropy<double>(const Inputs<double>&, const Options&, double*,
                                              double*);
 

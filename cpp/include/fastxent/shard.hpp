@@ -97,7 +97,7 @@ extern template void shard_stats<float>(const ShardInputs<float>&, const Options
 extern template void shard_stats<double>(const ShardInputs<double>&, const Options&, double*);
 extern template void shard_grad<float>(const ShardInputs<float>&, const double*, const float*,
                                        const Options&, double, float*);
-extern template void shard_grad<double>(const ShardInputs<double>&, const double*,
-                                        const double*, const Options&, double, double*);
+extern template void shard_grad<double>(const ShardInputs<double>&, const double*, const double*,
+                                        const Options&, double, double*);
 
 }  // namespace fastxent

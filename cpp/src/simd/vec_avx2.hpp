@@ -48,7 +48,8 @@ struct VF {
   static void store_bf16(uint16_t* p, R v) {
     const __m256i x = _mm256_castps_si256(v);
     const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(x, 16), _mm256_set1_epi32(1));
-    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(x, _mm256_set1_epi32(0x7fff)), lsb), 16);
+    __m256i r = _mm256_srli_epi32(
+        _mm256_add_epi32(_mm256_add_epi32(x, _mm256_set1_epi32(0x7fff)), lsb), 16);
     const __m256i qnan = _mm256_or_si256(_mm256_srli_epi32(x, 16), _mm256_set1_epi32(0x40));
     r = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(r), _mm256_castsi256_ps(qnan),
                                              _mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
@@ -58,13 +59,14 @@ struct VF {
   static R load(const T* p) { return _mm256_loadu_ps(p); }
   static R load_partial(const T* p, int64_t n, T fill) {
     __m256i m = detail::mask32(n);
-    return _mm256_blendv_ps(_mm256_set1_ps(fill), _mm256_maskload_ps(p, m),
-                            _mm256_castsi256_ps(m));
+    return _mm256_blendv_ps(_mm256_set1_ps(fill), _mm256_maskload_ps(p, m), _mm256_castsi256_ps(m));
   }
   static void store(T* p, R v) { _mm256_storeu_ps(p, v); }
   static void store_partial(T* p, R v, int64_t n) { _mm256_maskstore_ps(p, detail::mask32(n), v); }
   static void stream(T* p, R v) { _mm256_stream_ps(p, v); }
-  static R keep_first(R v, int64_t n) { return _mm256_and_ps(v, _mm256_castsi256_ps(detail::mask32(n))); }
+  static R keep_first(R v, int64_t n) {
+    return _mm256_and_ps(v, _mm256_castsi256_ps(detail::mask32(n)));
+  }
   static R set1(T v) { return _mm256_set1_ps(v); }
   static R add(R a, R b) { return _mm256_add_ps(a, b); }
   static R sub(R a, R b) { return _mm256_sub_ps(a, b); }
@@ -113,13 +115,14 @@ struct VD {
   static R load(const T* p) { return _mm256_loadu_pd(p); }
   static R load_partial(const T* p, int64_t n, T fill) {
     __m256i m = detail::mask64(n);
-    return _mm256_blendv_pd(_mm256_set1_pd(fill), _mm256_maskload_pd(p, m),
-                            _mm256_castsi256_pd(m));
+    return _mm256_blendv_pd(_mm256_set1_pd(fill), _mm256_maskload_pd(p, m), _mm256_castsi256_pd(m));
   }
   static void store(T* p, R v) { _mm256_storeu_pd(p, v); }
   static void store_partial(T* p, R v, int64_t n) { _mm256_maskstore_pd(p, detail::mask64(n), v); }
   static void stream(T* p, R v) { _mm256_stream_pd(p, v); }
-  static R keep_first(R v, int64_t n) { return _mm256_and_pd(v, _mm256_castsi256_pd(detail::mask64(n))); }
+  static R keep_first(R v, int64_t n) {
+    return _mm256_and_pd(v, _mm256_castsi256_pd(detail::mask64(n)));
+  }
   static R set1(T v) { return _mm256_set1_pd(v); }
   static R add(R a, R b) { return _mm256_add_pd(a, b); }
   static R sub(R a, R b) { return _mm256_sub_pd(a, b); }

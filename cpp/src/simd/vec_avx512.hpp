@@ -62,7 +62,8 @@ struct VD {
     return _mm512_maskz_scalef_pd(_mm512_cmp_pd_mask(x, lo, _CMP_NLT_UQ), p, n);
   }
   static R fmadd_unless_zero(R u, R x, R acc) {
-    return _mm512_mask3_fmadd_pd(u, x, acc, _mm512_cmp_pd_mask(u, _mm512_setzero_pd(), _CMP_NEQ_UQ));
+    return _mm512_mask3_fmadd_pd(u, x, acc,
+                                 _mm512_cmp_pd_mask(u, _mm512_setzero_pd(), _CMP_NEQ_UQ));
   }
   static R recip12(R d) { return _mm512_div_pd(_mm512_set1_pd(1.0), d); }
   static R neg_abs(R a) { return _mm512_or_pd(a, _mm512_set1_pd(-0.0)); }
@@ -90,7 +91,8 @@ struct VF {
     return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   }
   static void store_f16(uint16_t* p, R v) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
+                        _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
   }
   static R load_bf16(const uint16_t* p) {
     __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
@@ -99,7 +101,8 @@ struct VF {
   static void store_bf16(uint16_t* p, R v) {
     const __m512i x = _mm512_castps_si512(v);
     const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(x, 16), _mm512_set1_epi32(1));
-    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(x, _mm512_set1_epi32(0x7fff)), lsb), 16);
+    __m512i r = _mm512_srli_epi32(
+        _mm512_add_epi32(_mm512_add_epi32(x, _mm512_set1_epi32(0x7fff)), lsb), 16);
     const __m512i qnan = _mm512_or_si512(_mm512_srli_epi32(x, 16), _mm512_set1_epi32(0x40));
     r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), qnan);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
@@ -151,17 +154,17 @@ struct VF {
   static R exp2_sixteenths(R t) {
     namespace xc = exp_coeffs;
     const R tab = _mm512_setr_ps(
-        xc::kExp2Sixteenths_0, xc::kExp2Sixteenths_1, xc::kExp2Sixteenths_2,
-        xc::kExp2Sixteenths_3, xc::kExp2Sixteenths_4, xc::kExp2Sixteenths_5,
-        xc::kExp2Sixteenths_6, xc::kExp2Sixteenths_7, xc::kExp2Sixteenths_8,
-        xc::kExp2Sixteenths_9, xc::kExp2Sixteenths_10, xc::kExp2Sixteenths_11,
-        xc::kExp2Sixteenths_12, xc::kExp2Sixteenths_13, xc::kExp2Sixteenths_14,
-        xc::kExp2Sixteenths_15);
+        xc::kExp2Sixteenths_0, xc::kExp2Sixteenths_1, xc::kExp2Sixteenths_2, xc::kExp2Sixteenths_3,
+        xc::kExp2Sixteenths_4, xc::kExp2Sixteenths_5, xc::kExp2Sixteenths_6, xc::kExp2Sixteenths_7,
+        xc::kExp2Sixteenths_8, xc::kExp2Sixteenths_9, xc::kExp2Sixteenths_10,
+        xc::kExp2Sixteenths_11, xc::kExp2Sixteenths_12, xc::kExp2Sixteenths_13,
+        xc::kExp2Sixteenths_14, xc::kExp2Sixteenths_15);
     return _mm512_permutexvar_ps(_mm512_castps_si512(t), tab);
   }
   // acc + u * x in one rounding, but acc itself where u == 0 (0 * inf adds nothing).
   static R fmadd_unless_zero(R u, R x, R acc) {
-    return _mm512_mask3_fmadd_ps(u, x, acc, _mm512_cmp_ps_mask(u, _mm512_setzero_ps(), _CMP_NEQ_UQ));
+    return _mm512_mask3_fmadd_ps(u, x, acc,
+                                 _mm512_cmp_ps_mask(u, _mm512_setzero_ps(), _CMP_NEQ_UQ));
   }
   // 1 / d for d in [1, 2]: the 14-bit estimate and one Newton step (relative error < 2^-23).
   static R recip12(R d) {
@@ -185,7 +188,6 @@ struct VF {
     return _mm_cvtss_f32(h);
   }
 };
-
 
 }  // namespace FASTXENT_ISA_NS
 }  // namespace fastxent

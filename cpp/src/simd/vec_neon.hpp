@@ -36,7 +36,9 @@ struct VF {
   static void store_f16(uint16_t* p, R v) { vst1_u16(p, vreinterpret_u16_f16(vcvt_f16_f32(v))); }
   // bfloat16 is the top half of a float: shift in; out, round to nearest even in the integer
   // bits (NaN forced quiet so rounding cannot carry it into inf).
-  static R load_bf16(const uint16_t* p) { return vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(p), 16)); }
+  static R load_bf16(const uint16_t* p) {
+    return vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(p), 16));
+  }
   static void store_bf16(uint16_t* p, R v) {
     const uint32x4_t x = vreinterpretq_u32_f32(v);
     const uint32x4_t lsb = vandq_u32(vshrq_n_u32(x, 16), vdupq_n_u32(1));
@@ -73,9 +75,7 @@ struct VF {
   static R min(R a, R b) { return vbslq_f32(vcltq_f32(a, b), a, b); }
   static R abs(R a) { return vabsq_f32(a); }
   static R div(R a, R b) { return vdivq_f32(a, b); }
-  static R copysign(R mag, R sgn) {
-    return vbslq_f32(vdupq_n_u32(0x80000000u), sgn, mag);
-  }
+  static R copysign(R mag, R sgn) { return vbslq_f32(vdupq_n_u32(0x80000000u), sgn, mag); }
   static R select_eq(R a, R b, R x, R y) { return vbslq_f32(vceqq_f32(a, b), x, y); }
   static R zero_if_less(R x, R lo, R v) {
     return vreinterpretq_f32_u32(vbicq_u32(vreinterpretq_u32_f32(v), vcltq_f32(x, lo)));
@@ -131,9 +131,7 @@ struct VD {
   static R min(R a, R b) { return vbslq_f64(vcltq_f64(a, b), a, b); }
   static R abs(R a) { return vabsq_f64(a); }
   static R div(R a, R b) { return vdivq_f64(a, b); }
-  static R copysign(R mag, R sgn) {
-    return vbslq_f64(vdupq_n_u64(0x8000000000000000u), sgn, mag);
-  }
+  static R copysign(R mag, R sgn) { return vbslq_f64(vdupq_n_u64(0x8000000000000000u), sgn, mag); }
   static R select_eq(R a, R b, R x, R y) { return vbslq_f64(vceqq_f64(a, b), x, y); }
   static R zero_if_less(R x, R lo, R v) {
     return vreinterpretq_f64_u64(vbicq_u64(vreinterpretq_u64_f64(v), vcltq_f64(x, lo)));

@@ -10,8 +10,8 @@ int main() {
   const std::vector<int64_t> y = {0, 1};
   std::vector<float> g(z.size());
   fastxent::Options opt;  // mean, like PyTorch's F.cross_entropy
-  const double loss = fastxent::cross_entropy<float>(z.data(), 2, 3, 3, y.data(), nullptr, opt,
-                                                     g.data(), nullptr);
+  const double loss =
+      fastxent::cross_entropy<float>(z.data(), 2, 3, 3, y.data(), nullptr, opt, g.data(), nullptr);
   double ref = 0.0;
   for (int n = 0; n < 2; ++n) {
     double s = 0.0;
