@@ -197,15 +197,19 @@ def loss_error(got, ref) -> float:
     return float(np.max(np.abs(g - r) / np.maximum(np.abs(r), 1.0)))
 
 
-def grad_error(got, ref) -> float:
+def grad_error(got, ref, terms=None) -> float:
     """max |got - ref| / max |ref|: every entry of a row's gradient is a * e_c - b * w_c with
     the same a, so its error is relative to the size of the row's largest entries, not to the
-    (possibly tiny) entry itself."""
+    (possibly tiny) entry itself. ``terms``: a gradient whose entries show the size of those
+    terms where ``ref`` is a cancellation of them (label smoothing: see
+    check_against_reference); the scale is then the larger of the two."""
     g = np.asarray(got, dtype=np.float64)
     r = np.asarray(ref, dtype=np.float64)
     if r.size == 0:
         return 0.0
     scale = float(np.max(np.abs(r)))
+    if terms is not None:
+        scale = max(scale, float(np.max(np.abs(np.asarray(terms, dtype=np.float64)))))
     err = float(np.max(np.abs(g - r)))
     return err / scale if scale > 0 else err
 
