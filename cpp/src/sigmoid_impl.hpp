@@ -27,9 +27,7 @@
 #include "kernel_impl.hpp"
 #include "sigmoid_table.hpp"
 
-#ifndef FASTXENT_ISA_NS
-#error "define FASTXENT_ISA_NS (the ISA namespace) before including this header"
-#endif
+#include "isa_ns.hpp"
 
 namespace fastxent {
 namespace FASTXENT_ISA_NS {

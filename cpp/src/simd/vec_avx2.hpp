@@ -6,9 +6,7 @@
 
 #include <cstdint>
 
-#ifndef FASTXENT_ISA_NS
-#error "define FASTXENT_ISA_NS (the ISA namespace) before including this header"
-#endif
+#include "isa_ns.hpp"
 
 namespace fastxent {
 namespace FASTXENT_ISA_NS {
