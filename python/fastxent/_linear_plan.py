@@ -1,0 +1,207 @@
+"""The plan of the fused linear + cross-entropy (fastxent._linear): the argument checks
+shared by the NumPy, PyTorch and JAX front ends (:func:`make_plan`, :func:`shape_checks`,
+:func:`class_targets`, :func:`check_options`: everything, every class index included, is
+checked before the first byte of an out= buffer is written), the global "mean" denominator
+and the rows per logits tile (:func:`tile_rows`). Re-exported by fastxent._linear, whose
+tile loop runs the plan.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from typing import Any, NamedTuple, Optional, Tuple
+
+import numpy as np
+
+from ._api import cross_entropy
+
+# Bytes of the reused logits tile (and at most 1/6 of the whole logits, so that the memory
+# beyond inputs and gradients stays under 1/4 of the logits); the tile has at least
+# _MIN_ROWS rows so that the matmuls keep the BLAS efficient. Larger tiles read the weight
+# fewer times (once per tile per matmul).
+TILE_BYTES = 64 << 20
+_MIN_ROWS = 16
+
+_OPTION_NAMES = (
+    "weight",
+    "ignore_index",
+    "label_smoothing",
+    "sample_weight",
+    "z_loss",
+    "softcap",
+    "logit_scale",
+    "normalizer",
+    "num_threads",
+)
+
+
+def _is_half(dt: np.dtype) -> bool:
+    return dt == np.float16 or (dt.itemsize == 2 and dt.name == "bfloat16")
+
+
+class _Plan(NamedTuple):
+    lead: Tuple[int, ...]  # hidden.shape[:-1]: the rows' shape
+    n: int  # rows
+    h: int  # hidden size
+    v: int  # vocabulary (classes)
+    cdt: np.dtype  # dtype of the losses and kernel weights
+    target: Optional[np.ndarray]  # (n,) int64 class indices, or None
+    probs: Any  # (n, v) probability targets (any array fastxent reads)
+    sample_weight: Optional[np.ndarray]  # (n,) in cdt, or None
+    kw: dict  # fastxent keywords shared by every tile
+    reduction: str
+    denominator: float  # D of "mean" (1.0 otherwise)
+    tile: int
+
+
+def tile_rows(n: int, v: int, itemsize: int, tile: Optional[int] = None) -> int:
+    """Rows per logits tile: `tile` when given, else TILE_BYTES (at most 1/6 of the
+    logits, at least _MIN_ROWS rows) divided by a row's bytes."""
+    if tile is not None:
+        try:
+            t = operator.index(tile)
+        except TypeError:
+            raise TypeError("tile_rows must be None or a positive integer") from None
+        if t < 1:
+            raise ValueError(f"tile_rows must be >= 1, got {tile}")
+        return max(1, min(t, n))
+    row = max(1, v * itemsize)
+    budget = min(TILE_BYTES, max(row, n * row // 6))
+    return max(1, min(n, max(_MIN_ROWS, budget // row)))
+
+
+def shape_checks(
+    hshape: Tuple[int, ...],
+    hdt: np.dtype,
+    wshape: Tuple[int, ...],
+    wdt: np.dtype,
+    bshape: Optional[Tuple[int, ...]],
+    bdt: Optional[np.dtype],
+) -> None:
+    if hdt not in (np.float32, np.float64) and not _is_half(hdt):
+        raise TypeError(f"hidden must be float32, float64, float16 or bfloat16, got {hdt}")
+    if len(hshape) == 0:
+        raise ValueError("hidden must have at least one dimension (the hidden axis)")
+    if len(wshape) != 2:
+        raise ValueError(f"linear_weight must have shape (V, H), got {wshape}")
+    if wdt != hdt:
+        raise TypeError(f"linear_weight has dtype {wdt}, expected {hdt} (hidden's dtype)")
+    if wshape[1] != hshape[-1]:
+        raise ValueError(
+            f"linear_weight has shape {wshape}, expected (V, {hshape[-1]}) "
+            f"(hidden's last axis is H = {hshape[-1]})"
+        )
+    if wshape[0] == 0:
+        raise ValueError("linear_weight has no rows (V = 0 classes)")
+    if bshape is not None:
+        if bdt != hdt:
+            raise TypeError(f"linear_bias has dtype {bdt}, expected {hdt} (hidden's dtype)")
+        if bshape != (wshape[0],):
+            raise ValueError(f"linear_bias has shape {bshape}, expected ({wshape[0]},)")
+
+
+def class_targets(t: np.ndarray, lead: Tuple[int, ...], v: int, ii: int) -> np.ndarray:
+    if t.dtype.kind not in "iu":
+        raise TypeError(
+            f"target must hold integer class indices (shape {lead}) or float "
+            f"class probabilities (shape {lead + (v,)}), got dtype {t.dtype}"
+        )
+    if t.shape != lead:
+        raise ValueError(
+            f"target has shape {t.shape}, expected {lead} (hidden's shape without its last axis)"
+        )
+    flat = t.reshape(-1)
+    big = t.dtype == np.uint64 and flat.size and int(flat.max()) > np.iinfo(np.int64).max
+    ti = flat.astype(object) if big else flat.astype(np.int64, copy=False)
+    bad = np.flatnonzero((ti != ii) & ((ti < 0) | (ti >= v)))
+    if bad.size:
+        i = int(bad[0])
+        raise IndexError(
+            f"target[{i}] (flattened) = {flat[i]} is out of range: class "
+            f"indices must be in [0, {v}) or equal ignore_index ({ii})"
+        )
+    return np.ascontiguousarray(ti, dtype=np.int64)
+
+
+def check_options(
+    v: int, cdt: np.dtype, target_is_probs: bool, reduction: Any, kw: dict, has_sample_weight: bool
+) -> None:
+    """fastxent checks every option (and the class weights' shape) on an empty stand-in;
+    kw holds the keywords of _OPTION_NAMES but sample_weight."""
+    stand_in = np.zeros((0, v), cdt)
+    cross_entropy(
+        stand_in,
+        stand_in if target_is_probs else np.zeros(0, np.int64),
+        reduction=reduction,
+        sample_weight=np.zeros(0, cdt) if has_sample_weight else None,
+        **kw,
+    )
+
+
+def make_plan(
+    hshape: Tuple[int, ...],
+    hdt: np.dtype,
+    wshape: Tuple[int, ...],
+    wdt: np.dtype,
+    bshape: Optional[Tuple[int, ...]],
+    bdt: Optional[np.dtype],
+    target: Any,
+    target_shape: Tuple[int, ...],
+    target_is_probs: bool,
+    reduction: Any,
+    options: dict,
+    tile: Optional[int],
+    tile_itemsize: int,
+) -> _Plan:
+    """Checks everything and returns the plan. `target` is a NumPy array of class indices,
+    or (probabilities) any array fastxent accepts as a target, of shape `target_shape`."""
+    shape_checks(hshape, hdt, wshape, wdt, bshape, bdt)
+    lead, h, v = tuple(hshape[:-1]), hshape[-1], wshape[0]
+    n = math.prod(lead)
+    cdt = np.dtype(np.float64) if hdt == np.float64 else np.dtype(np.float32)
+    kw = {k: options[k] for k in _OPTION_NAMES}
+    ii = kw["ignore_index"]
+    sw = kw.pop("sample_weight")
+    if sw is not None:
+        sw = np.asarray(sw)
+        if sw.dtype.kind not in "fiu" and not _is_half(sw.dtype):
+            raise TypeError(f"sample_weight must be numeric, got dtype {sw.dtype}")
+        if sw.shape != lead:
+            raise ValueError(f"sample_weight has shape {sw.shape}, expected {lead} (one per row)")
+        sw = np.ascontiguousarray(sw, dtype=cdt).reshape(-1)
+    if target_is_probs:
+        if tuple(target_shape) != lead + (v,):
+            raise ValueError(
+                f"probability target has shape {tuple(target_shape)}, expected {lead + (v,)}"
+            )
+    check_options(v, cdt, target_is_probs, reduction, kw, sw is not None)
+    tgt = None if target_is_probs else class_targets(np.asarray(target), lead, v, ii)
+    if kw["weight"] is not None:
+        kw["weight"] = np.ascontiguousarray(np.asarray(kw["weight"]), dtype=cdt)
+    d = 1.0
+    if reduction == "mean":
+        if kw["normalizer"] is not None:
+            d = float(kw["normalizer"])
+        elif tgt is not None:
+            counted = tgt != ii
+            per_row = np.ones(n) if sw is None else sw.astype(np.float64)
+            if kw["weight"] is not None:
+                per_row = per_row * kw["weight"].astype(np.float64)[np.where(counted, tgt, 0)]
+            d = float(np.sum(per_row, where=counted))
+        else:
+            d = float(n) if sw is None else float(np.sum(sw, dtype=np.float64))
+    return _Plan(
+        lead,
+        n,
+        h,
+        v,
+        cdt,
+        tgt,
+        target if target_is_probs else None,
+        sw,
+        kw,
+        reduction,
+        d,
+        tile_rows(max(n, 1), v, tile_itemsize, tile),
+    )
