@@ -6,6 +6,7 @@
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
+#include <optional>
 #include <stdexcept>
 
 #include "bindings.hpp"
@@ -13,6 +14,9 @@
 namespace fastxent_py {
 
 namespace {
+
+// Logits below this many elements are computed holding the GIL.
+constexpr int64_t kReleaseGil = 1 << 14;
 
 // The small-call fast path: every check of the common call (2-D C-contiguous native
 // float32/float64 logits, C > 0, int64 targets of N elements, no options, out= absent or
@@ -61,7 +65,10 @@ py::object fast_call(const py::array& x, const py::array& t, int reduction, bool
   T* rl = reduction == 0 ? rows.mutable_data() : nullptr;
   double total;
   try {
-    py::gil_scoped_release release;
+    // The GIL is released only for a call long enough to be worth it (its release and
+    // re-acquisition cost about as much as the kernel on a few hundred logits).
+    std::optional<py::gil_scoped_release> release;
+    if (N * C >= kReleaseGil) release.emplace();
     total = fastxent::cross_entropy<T>(in, opt, g, rl);
   } catch (const std::out_of_range&) {
     return py::none();  // a bad class index: the general path raises the detailed error
@@ -99,7 +106,10 @@ bool fast_raw(std::uintptr_t x, int64_t N, int64_t C, std::uintptr_t t, int redu
   T* rl = reduction == 0 ? reinterpret_cast<T*>(loss) : nullptr;
   double total;
   try {
-    py::gil_scoped_release release;
+    // The GIL is released only for a call long enough to be worth it (its release and
+    // re-acquisition cost about as much as the kernel on a few hundred logits).
+    std::optional<py::gil_scoped_release> release;
+    if (N * C >= kReleaseGil) release.emplace();
     total = fastxent::cross_entropy<T>(in, opt, g, rl);
   } catch (const std::out_of_range&) {
     return false;

@@ -57,8 +57,8 @@ void run_problem(const Problem<T>& p, int nt, double* losses);
 
 // The reduction over rows, in row order: independent of the thread count.
 template <class T>
-double reduce(const Options& opt, const Prepared& pr, const std::vector<double>& losses,
-              int64_t rows, T* row_losses);
+double reduce(const Options& opt, const Prepared& pr, const double* losses, int64_t rows,
+              T* row_losses);
 
 // One row, start to finish, on the calling thread (streamed rows up to kPipelineRowBytes go
 // through stream_rows instead). st: nb entries; scratch: C entries for 16-bit or streamed

@@ -138,15 +138,15 @@ void run_problem(const Problem<T>& p, int nt, double* losses) {
 }
 
 template <class T>
-double reduce(const Options& opt, const Prepared& pr, const std::vector<double>& losses,
-              int64_t rows, T* row_losses) {
+double reduce(const Options& opt, const Prepared& pr, const double* losses, int64_t rows,
+              T* row_losses) {
   if (opt.reduction == Reduction::None) {
-    for (int64_t n = 0; n < rows; ++n) row_losses[n] = T(losses[size_t(n)]);
+    for (int64_t n = 0; n < rows; ++n) row_losses[n] = T(losses[n]);
     return 0.0;
   }
   // One chain in row order, as prepare's D (an ignored row's 0 then changes no bit).
   double total = 0.0;
-  for (double l : losses) total += l;
+  for (int64_t n = 0; n < rows; ++n) total += losses[n];
   if (opt.reduction == Reduction::Mean) return pr.D == 0.0 ? 0.0 : total / pr.D;
   return total;
 }
@@ -161,10 +161,8 @@ template Problem<double> make_problem<double>(const Inputs<double>&, const Optio
                                               const Prepared&);
 template void run_problem<float>(const Problem<float>&, int, double*);
 template void run_problem<double>(const Problem<double>&, int, double*);
-template double reduce<float>(const Options&, const Prepared&, const std::vector<double>&, int64_t,
-                              float*);
-template double reduce<double>(const Options&, const Prepared&, const std::vector<double>&, int64_t,
-                               double*);
+template double reduce<float>(const Options&, const Prepared&, const double*, int64_t, float*);
+template double reduce<double>(const Options&, const Prepared&, const double*, int64_t, double*);
 
 }  // namespace detail
 
@@ -246,8 +244,12 @@ double cross_entropy(const Inputs<T>& in, const Options& opt, T* grad, T* row_lo
   const Prepared pr = prepare(opt, in.rows, in.classes, in.inner, in.target, in.probs != nullptr,
                               in.weight, in.sample_weight);
   const Problem<T> p = make_problem(in, opt, grad, pr);
-  std::vector<double> losses(static_cast<size_t>(in.rows));  // O(N), never N x C
-  run_problem(p, thread_count(opt, in.rows * in.classes), losses.data());
+  // The row losses, O(N), never N x C: on the stack for a small call (no heap allocation).
+  constexpr int64_t kStackRows = 256;
+  double small[kStackRows];
+  std::vector<double> heap(in.rows > kStackRows ? static_cast<size_t>(in.rows) : 0);
+  double* losses = in.rows > kStackRows ? heap.data() : small;
+  run_problem(p, thread_count(opt, in.rows * in.classes), losses);
   return reduce(opt, pr, losses, in.rows, row_losses);
 }
 

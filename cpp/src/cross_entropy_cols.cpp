@@ -43,17 +43,18 @@ void cross_entropy_cols(const Problem<T>& problem, int nt, double* losses) {
 
   auto run = [&](int64_t begin, int64_t end) {
     const Problem<T>& p = problem;
-    // Per-lane scratch in few allocations, sized by the widest tile (short rows call this
-    // once per tile of rows, often of a few rows only).
+    // Per-lane scratch on the stack (about 40 KB at most: a tile has at most kTile lanes),
+    // so that a small call (short rows come here once per tile of rows, often of a few rows
+    // only) makes no heap allocation. Every lane's entry is written before it is read.
     const int64_t lanes = std::min(kTile, inner);
-    std::vector<double> dbuf(6 * size_t(lanes));
-    double *m = dbuf.data(), *s = m + lanes, *wd = s + lanes, *us = wd + lanes, *zy = us + lanes,
+    double dbuf[6 * kTile];
+    double *m = dbuf, *s = m + lanes, *wd = s + lanes, *us = wd + lanes, *zy = us + lanes,
            *dz = zy + lanes;
-    std::vector<T> tvals(6 * size_t(lanes));
-    T *a = tvals.data(), *b = a + lanes, *keep = b + lanes, *ycls = keep + lanes,
-      *zraw = ycls + lanes, *tv = zraw + lanes;
-    std::vector<RowResult> rr(static_cast<size_t>(lanes));
-    std::vector<unsigned char> cnt(static_cast<size_t>(lanes));  // p.counted per lane
+    T tvals[6 * kTile];
+    T *a = tvals, *b = a + lanes, *keep = b + lanes, *ycls = keep + lanes, *zraw = ycls + lanes,
+      *tv = zraw + lanes;
+    RowResult rr[kTile];
+    unsigned char cnt[kTile];  // p.counted per lane
     std::vector<T> tbuf(p.cap > 0.0 && p.grad ? size_t(C * kTile) : 0);
     std::vector<T> etile(stream ? size_t(C * kTile) : 0);
     std::vector<int64_t> late;  // lanes written after the SIMD pass (see below)
@@ -70,12 +71,12 @@ void cross_entropy_cols(const Problem<T>& problem, int nt, double* losses) {
       // 2^digits classes; past that (never in practice) the logits are read here and the
       // target entries written after.
       const bool capture = !p.probs && C < (int64_t(1) << std::numeric_limits<T>::digits);
-      for (int64_t j = 0; j < L; ++j) cnt[size_t(j)] = p.counted(n0 + j);
+      for (int64_t j = 0; j < L; ++j) cnt[j] = p.counted(n0 + j);
       if (capture) {
-        for (int64_t j = 0; j < L; ++j) ycls[j] = cnt[size_t(j)] ? T(p.in.target[n0 + j]) : T(-1);
+        for (int64_t j = 0; j < L; ++j) ycls[j] = cnt[j] ? T(p.in.target[n0 + j]) : T(-1);
       } else {
         for (int64_t j = 0; j < L; ++j)
-          if (cnt[size_t(j)]) zy[j] = target_logit(p, n0 + j, &dz[j]);  // before in place
+          if (cnt[j]) zy[j] = target_logit(p, n0 + j, &dz[j]);  // before in place
       }
       T* g = p.grad ? p.grad + base : nullptr;
       T* e = etile.empty() ? g : etile.data();
@@ -107,10 +108,10 @@ void cross_entropy_cols(const Problem<T>& problem, int nt, double* losses) {
       p.fns->col_stats(ci);
       if (capture)
         for (int64_t j = 0; j < L; ++j)
-          if (cnt[size_t(j)]) zy[j] = transform(p, double(zraw[j]), &dz[j]);
+          if (cnt[j]) zy[j] = transform(p, double(zraw[j]), &dz[j]);
       for (int64_t j = 0; j < L; ++j) {
         const int64_t n = n0 + j;
-        if (!cnt[size_t(j)]) {
+        if (!cnt[j]) {
           losses[n] = 0.0;
           a[j] = b[j] = keep[j] = T(0);
           continue;
@@ -128,7 +129,7 @@ void cross_entropy_cols(const Problem<T>& problem, int nt, double* losses) {
       // the target entries. The other lanes' target entries go into the SIMD pass (tv).
       late.clear();
       for (int64_t j = 0; j < L; ++j) {
-        if (!cnt[size_t(j)]) {
+        if (!cnt[j]) {
           if (capture) ycls[j] = T(-1);  // the SIMD pass writes 0 there
           continue;
         }
@@ -222,10 +223,14 @@ void short_rows(const Problem<T>& p, int nt, double* losses) {
   const int64_t tiles = (rows + kRows - 1) / kRows;
   auto run = [&](int64_t begin, int64_t end) {
     const size_t tile = size_t(C * std::min(kRows, rows));
-    std::vector<T> buf(tile * (1 + (p.grad ? 1 : 0) + (p.probs ? 1 : 0)));
-    T* zt = buf.data();
+    const size_t need = tile * (1 + (p.grad ? 1 : 0) + (p.probs ? 1 : 0));
+    // A small call's tiles on the stack (no heap allocation), larger ones on the heap.
+    constexpr size_t kStack = 2048;
+    T small[kStack];
+    std::vector<T> heap(need > kStack ? need : 0);
+    T* zt = need > kStack ? heap.data() : small;
     T* gt = p.grad ? zt + tile : nullptr;
-    T* pt = p.probs ? buf.data() + buf.size() - tile : nullptr;
+    T* pt = p.probs ? zt + need - tile : nullptr;
     for (int64_t it = begin; it < end; ++it) {
       const int64_t r0 = it * kRows, L = std::min(kRows, rows - r0);
       // (L x C) rows -> (C x L) tile: element (r, c) at c * L + r.

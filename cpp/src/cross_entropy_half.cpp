@@ -70,7 +70,7 @@ double cross_entropy_half(const HalfInputs& in, const Options& opt, uint16_t* gr
       }
     };
     parallel_chunks(team, rows, run_rows);
-    return reduce(opt, pr, losses, rows, row_losses);
+    return reduce(opt, pr, losses.data(), rows, row_losses);
   }
   // The column layout, short rows, or few rows over many classes: fixed chunks through the
   // float32 path.
@@ -124,7 +124,7 @@ double cross_entropy_half(const HalfInputs& in, const Options& opt, uint16_t* gr
       convert([&](uint16_t* h, float* f, int64_t) { table.f32_to_half(f, h, slice, storage); }, s0,
               count, slice, grad, zf.data());
   }
-  return reduce(opt, pr, losses, rows, row_losses);
+  return reduce(opt, pr, losses.data(), rows, row_losses);
 }
 
 }  // namespace fastxent
