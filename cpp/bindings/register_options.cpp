@@ -12,8 +12,13 @@ namespace fastxent_py {
 void register_options(py::module_& m) {
   using fastxent::Options;
   // The plain `type` metaclass (no static properties here): stubtest then sees the class the
-  // stub declares, not pybind11's own metaclass.
+  // stub declares, not pybind11's own metaclass. Module-local: pybind11's type registry is
+  // shared by every extension built with the same pybind11 internals, so a second copy of
+  // this module in one process (two fastxent builds side by side, as
+  // tools/bench_side_by_side.py loads them) would otherwise fail with "generic_type: type
+  // "Options" is already registered!".
   py::class_<Options>(m, "Options", py::metaclass(reinterpret_cast<PyObject*>(&PyType_Type)),
+                      py::module_local(),
                       "The scalar options of one call (fastxent::Options): reduction 0=none "
                       "1=sum 2=mean, softcap 0 = off, normalizer None = the default "
                       "denominator, num_threads 0 = OpenMP's default.")
