@@ -33,6 +33,33 @@ bool overlaps(const py::array& a, const py::array& b) {
   return a0 < b0 + b.nbytes() && b0 < a0 + a.nbytes();
 }
 
+// The call without options on N x C contiguous logits and their N int64 targets, into g (or
+// no gradient) and rl (N row losses for reduction 0): false for a class index out of range
+// (the caller then takes the general path, which names the row), else the kernel's total.
+template <class T>
+bool run_plain(const T* x, int64_t N, int64_t C, const int64_t* t, int reduction, int num_threads,
+               T* g, T* rl, double* total) {
+  fastxent::Options opt;
+  opt.reduction = static_cast<fastxent::Reduction>(reduction);
+  opt.num_threads = num_threads;
+  fastxent::Inputs<T> in;
+  in.logits = x;
+  in.rows = N;
+  in.classes = C;
+  in.row_stride = C;
+  in.target = t;
+  try {
+    // The GIL is released only for a call long enough to be worth it (its release and
+    // re-acquisition cost about as much as the kernel on a few hundred logits).
+    std::optional<py::gil_scoped_release> release;
+    if (N * C >= kReleaseGil) release.emplace();
+    *total = fastxent::cross_entropy<T>(in, opt, g, rl);
+  } catch (const std::out_of_range&) {
+    return false;
+  }
+  return true;
+}
+
 template <class T>
 py::object fast_call(const py::array& x, const py::array& t, int reduction, bool want_grad,
                      const py::object& out, int num_threads) {
@@ -52,27 +79,12 @@ py::object fast_call(const py::array& x, const py::array& t, int reduction, bool
   }
   py::array_t<T> rows;
   if (reduction == 0) rows = py::array_t<T>(N);
-  fastxent::Options opt;
-  opt.reduction = static_cast<fastxent::Reduction>(reduction);
-  opt.num_threads = num_threads;
-  fastxent::Inputs<T> in;
-  in.logits = static_cast<const T*>(x.data());
-  in.rows = N;
-  in.classes = C;
-  in.row_stride = C;
-  in.target = static_cast<const int64_t*>(t.data());
   T* g = want_grad ? static_cast<T*>(grad.mutable_data()) : nullptr;
   T* rl = reduction == 0 ? rows.mutable_data() : nullptr;
   double total;
-  try {
-    // The GIL is released only for a call long enough to be worth it (its release and
-    // re-acquisition cost about as much as the kernel on a few hundred logits).
-    std::optional<py::gil_scoped_release> release;
-    if (N * C >= kReleaseGil) release.emplace();
-    total = fastxent::cross_entropy<T>(in, opt, g, rl);
-  } catch (const std::out_of_range&) {
+  if (!run_plain<T>(static_cast<const T*>(x.data()), N, C, static_cast<const int64_t*>(t.data()),
+                    reduction, num_threads, g, rl, &total))
     return py::none();  // a bad class index: the general path raises the detailed error
-  }
   py::object loss;
   if (reduction == 0) {
     loss = rows;
@@ -94,26 +106,11 @@ py::object fast_call(const py::array& x, const py::array& t, int reduction, bool
 template <class T>
 bool fast_raw(std::uintptr_t x, int64_t N, int64_t C, std::uintptr_t t, int reduction,
               std::uintptr_t grad, std::uintptr_t loss) {
-  fastxent::Options opt;
-  opt.reduction = static_cast<fastxent::Reduction>(reduction);
-  fastxent::Inputs<T> in;
-  in.logits = reinterpret_cast<const T*>(x);
-  in.rows = N;
-  in.classes = C;
-  in.row_stride = C;
-  in.target = reinterpret_cast<const int64_t*>(t);
-  T* g = grad ? reinterpret_cast<T*>(grad) : nullptr;
-  T* rl = reduction == 0 ? reinterpret_cast<T*>(loss) : nullptr;
   double total;
-  try {
-    // The GIL is released only for a call long enough to be worth it (its release and
-    // re-acquisition cost about as much as the kernel on a few hundred logits).
-    std::optional<py::gil_scoped_release> release;
-    if (N * C >= kReleaseGil) release.emplace();
-    total = fastxent::cross_entropy<T>(in, opt, g, rl);
-  } catch (const std::out_of_range&) {
+  if (!run_plain<T>(reinterpret_cast<const T*>(x), N, C, reinterpret_cast<const int64_t*>(t),
+                    reduction, 0, grad ? reinterpret_cast<T*>(grad) : nullptr,
+                    reduction == 0 ? reinterpret_cast<T*>(loss) : nullptr, &total))
     return false;
-  }
   if (reduction != 0) *reinterpret_cast<T*>(loss) = T(total);
   return true;
 }
