@@ -41,7 +41,7 @@ def real(v: Any, name: str, lo: float, lo_open: bool) -> float:
         raise TypeError(f"{name} must be a real number, got {type(v).__name__}") from None
     if not math.isfinite(f) or f < lo or (lo_open and f == lo):
         raise ValueError(f"{name} must be finite and {'>' if lo_open else '>='} {lo:g}, got {v!r}")
-    return f
+    return f + 0.0  # -0.0 as 0.0: equal options are then equal bit for bit (see core)
 
 
 def index(v: Any, name: str) -> int:
@@ -83,7 +83,7 @@ def common_options(
         raise TypeError("ignore_index must be an integer") from None
     if not -(2**63) <= ii < 2**63:
         raise ValueError("ignore_index must fit in int64")
-    eps = float(label_smoothing)
+    eps = float(label_smoothing) + 0.0  # -0.0 as 0.0 (see LossOptions.core)
     if not 0.0 <= eps <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
     return red, ii, eps, threads(num_threads)
@@ -130,10 +130,21 @@ class LossOptions(NamedTuple):
         )
 
     def core(self) -> Any:
-        """These values as a ``_core.Options`` (one positional constructor call, about a
-        microsecond: no cache needed, and none to get wrong, e.g. 0.0 and -0.0 being equal
-        keys)."""
-        return _core.Options(*self)
+        """These values as a ``_core.Options``, from a small cache keyed by the options
+        themselves (building one costs about 0.7 us, a lookup 0.1 us; a training loop calls
+        with the same options every step). Equal keys are the same options bit for bit: the
+        fields are converted ints and floats, no NaN passes validation, and validation turns
+        -0.0 into 0.0 (the one pair of equal floats that differ). The cached objects are
+        never modified."""
+        opt = _CORE_CACHE.get(self)
+        if opt is None:
+            if len(_CORE_CACHE) >= 64:
+                _CORE_CACHE.clear()
+            opt = _CORE_CACHE[self] = _core.Options(*self)
+        return opt
+
+
+_CORE_CACHE: "dict[LossOptions, Any]" = {}
 
 
 # ---------------------------------------------------------------------------- arrays
