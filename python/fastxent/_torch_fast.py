@@ -14,7 +14,6 @@ from torch import Tensor
 from . import _api, _core
 from ._torch_common import (
     ML_BF16,
-    all_ones,
     direct_logits,
     first_order,
     is_wrapped,
@@ -134,7 +133,6 @@ def fused(
 
 
 _LEAN_RED = {"none": 0, "sum": 1, "mean": 2}
-_RED_NAME = {v: k for k, v in _LEAN_RED.items()}
 _LEAN_DTYPES = (torch.float32, torch.float64)
 _ITEMSIZE = {torch.float32: 4, torch.float64: 8}
 _SCALAR = {dt: torch.empty((), dtype=dt) for dt in _LEAN_DTYPES}  # templates for empty_like
@@ -197,7 +195,7 @@ def lean_call(input: Tensor, target: Tensor, reduction: Any) -> Optional[Tensor]
     try:
         # autograd.Function.apply's C part directly: its Python part only binds default
         # arguments (there are none) and unwraps functorch tensors (ruled out above).
-        return _lean_apply(input, target, red)
+        return _lean_apply(input, target, reduction, red)
     except _BadTarget:
         return None
 
@@ -213,35 +211,28 @@ class _LeanCrossEntropy(torch.autograd.Function):
     order (create_graph=True) through reference_grads."""
 
     @staticmethod
-    def forward(ctx, input: Tensor, target: Tensor, red: int) -> Tensor:
+    def forward(ctx, input: Tensor, target: Tensor, reduction: str, red: int) -> Tensor:
         loss, grad = _lean_kernel(input, target, red)
         ctx.save_for_backward(input, target)  # read (version-checked) by second order only
         ctx.grad = grad
         ctx.red = red
+        ctx.kw = _LEAN_KW[reduction]
+        ctx.inplace = False
+        ctx.class_dim = 1 if red == 0 else None
         return loss
 
     @staticmethod
     def backward(ctx, go: Tensor):
-        grad = ctx.grad
         if torch.is_grad_enabled():  # create_graph=True: differentiable, by the formula
             input, target = ctx.saved_tensors
-            kw = _LEAN_KW[_RED_NAME[ctx.red]]
-            gz, _ = reference_grads(input, target, kw, go, (True, False), True)
-            return gz, None, None
-        if grad is not None and ctx.red != 0 and all_ones(go):
-            # The common case, first_order's first branch without its bookkeeping: the
-            # gradient handed out itself (no longer fastxent's; recomputed if needed again).
-            ctx.grad = None
-            return grad, None, None
-        ctx.inplace = False
-        ctx.class_dim = 1 if ctx.red == 0 else None
-        return first_order(ctx, go, lambda: _lean_recompute(ctx)), None, None
+            gz, _ = reference_grads(input, target, ctx.kw, go, (True, False), True)
+            return gz, None, None, None
 
+        def recompute() -> Tensor:
+            input, target = ctx.saved_tensors
+            return _lean_kernel(input, target, ctx.red)[1]
 
-def _lean_recompute(ctx: Any) -> Tensor:
-    """The lean path's gradient computed again (a second backward through the same graph)."""
-    input, target = ctx.saved_tensors
-    return _lean_kernel(input, target, ctx.red)[1]
+        return first_order(ctx, go, recompute), None, None, None
 
 
 def _lean_loss(input: Tensor, target: Tensor, red: int) -> Tensor:
