@@ -73,3 +73,27 @@ def test_mypy_accepts_typical_use(tmp_path):
         cwd=tmp_path,
     )
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_mypy_checks_the_loss_keywords(tmp_path):
+    """The keywords are written once (fastxent._keywords, ``**kw: Unpack[...]``), and a type
+    checker still sees each by name and type: a misspelt keyword and a wrong type are errors."""
+    user = tmp_path / "user.py"
+    user.write_text(
+        textwrap.dedent("""
+        import numpy as np
+        import fastxent as fx
+        z = np.zeros((4, 10), np.float32)
+        y = np.zeros(4, np.int64)
+        fx.cross_entropy(z, y, zloss=1e-4)
+        fx.shard_stats(z, y, offset=0, num_classes=10, label_smoothing="0.1")
+    """)
+    )
+    res = _run(
+        ["mypy", "--no-incremental", "--cache-dir", str(tmp_path / "cache"), str(user)],
+        cwd=tmp_path,
+    )
+    out = res.stdout + res.stderr
+    assert res.returncode == 1, out
+    assert 'Unexpected keyword argument "zloss"' in out, out
+    assert '"label_smoothing"' in out and "incompatible type" in out, out

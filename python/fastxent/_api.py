@@ -6,11 +6,12 @@ call leaves ``out=`` and the logits exactly as they were.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Union
 
 import numpy as np
 
 from . import _core
+from ._keywords import ARRAY, ArrayKeywords
 from ._options import (
     FLOAT_DTYPES,
     REDUCTIONS,
@@ -25,6 +26,9 @@ from ._options import (
     rows_view,
 )
 from ._options import to_numpy as _to_numpy  # (tests read arrays through fastxent._api)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from typing_extensions import Unpack
 
 __all__ = ["cross_entropy", "cross_entropy_with_grad"]
 
@@ -202,32 +206,18 @@ _DOC_RAISES = """
 """
 
 
-def _no_options(
-    axis: Any,
-    weight: Any,
-    ignore_index: Any,
-    label_smoothing: Any,
-    sample_weight: Any,
-    z_loss: Any,
-    softcap: Any,
-    logit_scale: Any,
-    normalizer: Any,
-    num_threads: Any,
-) -> bool:
-    """Every keyword at its default but a plain positive num_threads (the condition of the
-    fast path)."""
-    return (
-        axis == -1
-        and weight is None
-        and ignore_index == -100
-        and label_smoothing == 0.0
-        and sample_weight is None
-        and z_loss == 0.0
-        and softcap is None
-        and logit_scale == 1.0
-        and normalizer is None
-        and (num_threads is None or (type(num_threads) is int and 0 < num_threads < 2**31))
-    )
+_FAST_KEYWORDS = frozenset(("reduction", "num_threads"))
+
+
+def _fast_ok(kw: Mapping[str, Any]) -> bool:
+    """No keyword but reduction and a plain positive num_threads (the condition of the fast
+    path; the defaults of the others are the fast path's)."""
+    if not kw:
+        return True
+    if not _FAST_KEYWORDS.issuperset(kw):
+        return False
+    nt = kw.get("num_threads")
+    return nt is None or (type(nt) is int and 0 < nt < 2**31)
 
 
 def _fast(
@@ -250,56 +240,13 @@ def _fast(
     return _core.fast_call(logits, target, red, want_grad, out, num_threads or 0)
 
 
-def cross_entropy(
-    logits: Any,
-    target: Any,
-    *,
-    axis: int = -1,
-    reduction: str = "mean",
-    weight: Any = None,
-    ignore_index: int = -100,
-    label_smoothing: float = 0.0,
-    sample_weight: Any = None,
-    z_loss: float = 0.0,
-    softcap: Optional[float] = None,
-    logit_scale: float = 1.0,
-    normalizer: Optional[float] = None,
-    num_threads: Optional[int] = None,
-):
-    if _no_options(
-        axis,
-        weight,
-        ignore_index,
-        label_smoothing,
-        sample_weight,
-        z_loss,
-        softcap,
-        logit_scale,
-        normalizer,
-        num_threads,
-    ):
-        res = _fast(logits, target, reduction, None, False, num_threads)
+@ARRAY
+def cross_entropy(logits: Any, target: Any, **kw: Unpack[ArrayKeywords]):
+    if _fast_ok(kw):
+        res = _fast(logits, target, kw.get("reduction", "mean"), None, False, kw.get("num_threads"))
         if res is not None:
             return res
-    return _run(
-        logits,
-        target,
-        dict(
-            axis=axis,
-            reduction=reduction,
-            weight=weight,
-            ignore_index=ignore_index,
-            label_smoothing=label_smoothing,
-            sample_weight=sample_weight,
-            z_loss=z_loss,
-            softcap=softcap,
-            logit_scale=logit_scale,
-            normalizer=normalizer,
-            num_threads=num_threads,
-        ),
-        False,
-        None,
-    )
+    return _run(logits, target, ARRAY.bind("cross_entropy", kw), False, None)
 
 
 cross_entropy.__doc__ = (
@@ -327,57 +274,15 @@ cross_entropy.__doc__ = (
 )
 
 
+@ARRAY
 def cross_entropy_with_grad(
-    logits: Any,
-    target: Any,
-    *,
-    axis: int = -1,
-    reduction: str = "mean",
-    weight: Any = None,
-    ignore_index: int = -100,
-    label_smoothing: float = 0.0,
-    sample_weight: Any = None,
-    z_loss: float = 0.0,
-    softcap: Optional[float] = None,
-    logit_scale: float = 1.0,
-    normalizer: Optional[float] = None,
-    num_threads: Optional[int] = None,
-    out: Optional[np.ndarray] = None,
+    logits: Any, target: Any, *, out: Optional[np.ndarray] = None, **kw: Unpack[ArrayKeywords]
 ):
-    if _no_options(
-        axis,
-        weight,
-        ignore_index,
-        label_smoothing,
-        sample_weight,
-        z_loss,
-        softcap,
-        logit_scale,
-        normalizer,
-        num_threads,
-    ):
-        res = _fast(logits, target, reduction, out, True, num_threads)
+    if _fast_ok(kw):
+        res = _fast(logits, target, kw.get("reduction", "mean"), out, True, kw.get("num_threads"))
         if res is not None:
             return res
-    return _run(
-        logits,
-        target,
-        dict(
-            axis=axis,
-            reduction=reduction,
-            weight=weight,
-            ignore_index=ignore_index,
-            label_smoothing=label_smoothing,
-            sample_weight=sample_weight,
-            z_loss=z_loss,
-            softcap=softcap,
-            logit_scale=logit_scale,
-            normalizer=normalizer,
-            num_threads=num_threads,
-        ),
-        True,
-        out,
-    )
+    return _run(logits, target, ARRAY.bind("cross_entropy_with_grad", kw), True, out)
 
 
 cross_entropy_with_grad.__doc__ = (

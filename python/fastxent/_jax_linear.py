@@ -28,19 +28,9 @@ import numpy as np
 
 from . import _linear
 from ._api import cross_entropy, cross_entropy_with_grad
+from ._keywords import LOSS
 
 __all__ = ["linear_cross_entropy"]
-
-_STATIC = (
-    "reduction",
-    "ignore_index",
-    "label_smoothing",
-    "z_loss",
-    "softcap",
-    "logit_scale",
-    "normalizer",
-    "num_threads",
-)
 
 
 def _host(opts: Tuple[Tuple[str, Any], ...], red: str, want_grad: bool, cdt: Any):
@@ -204,22 +194,9 @@ def linear_cross_entropy(
     w = jnp.asarray(linear_weight)
     b = None if linear_bias is None else jnp.asarray(linear_bias)
     t = jnp.asarray(target)
-    unknown = set(options) - set(_STATIC)
-    if unknown:
-        raise TypeError(f"unknown options {sorted(unknown)}")
-    kw = {
-        "weight": None,
-        "ignore_index": -100,
-        "label_smoothing": 0.0,
-        "sample_weight": None,
-        "z_loss": 0.0,
-        "softcap": None,
-        "logit_scale": 1.0,
-        "normalizer": None,
-        "num_threads": None,
-    }
-    kw.update({k: v for k, v in options.items() if k != "reduction"})
-    red = options.get("reduction", "mean")
+    # weight and sample_weight are this function's own (traced) arguments: never in options.
+    kw = LOSS.bind("linear_cross_entropy", options)
+    red = kw.pop("reduction")
     hdt, wdt = np.dtype(h.dtype), np.dtype(w.dtype)
     _linear.shape_checks(
         tuple(h.shape),

@@ -30,11 +30,12 @@ Invariants of the tile loop:
 
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Optional, Tuple
 
 import numpy as np
 
 from ._api import cross_entropy, cross_entropy_with_grad
+from ._keywords import LOSS, LossKeywords
 from ._linear_plan import (  # noqa: F401 (re-exported: fastxent._linear's names)
     _MIN_ROWS,
     _OPTION_NAMES,
@@ -53,6 +54,9 @@ __all__ = ["linear_cross_entropy", "linear_cross_entropy_with_grad"]
 # Bytes of the vocabulary chunks through which grad_weight is accumulated where the BLAS
 # cannot add into it (NumPy's matmul, 16-bit PyTorch): small enough to stay in cache.
 CHUNK_BYTES = 1 << 20
+
+if TYPE_CHECKING:  # pragma: no cover
+    from typing_extensions import Unpack
 
 
 def _tile_kw(
@@ -283,23 +287,15 @@ def _numpy_call(
     return (loss,) + outs if want_grad else loss
 
 
+@LOSS
 def linear_cross_entropy(
     hidden: Any,
     linear_weight: Any,
     target: Any,
     *,
     linear_bias: Any = None,
-    reduction: str = "mean",
-    weight: Any = None,
-    ignore_index: int = -100,
-    label_smoothing: float = 0.0,
-    sample_weight: Any = None,
-    z_loss: float = 0.0,
-    softcap: Optional[float] = None,
-    logit_scale: float = 1.0,
-    normalizer: Optional[float] = None,
-    num_threads: Optional[int] = None,
     tile_rows: Optional[int] = None,  # noqa: F811 (shadows the re-exported function)
+    **kw: Unpack[LossKeywords],
 ):
     """The loss of ``fx.cross_entropy(hidden @ linear_weight.T + linear_bias, target, ...)``,
     computed in tiles of rows: the N x V logits never exist.
@@ -311,40 +307,23 @@ def linear_cross_entropy(
     (default: a 64 MiB tile, at most 1/6 of the logits). float16/bfloat16 inputs are
     multiplied in float32 (float32 copies of the weight: NumPy has no 16-bit BLAS), the loss
     is float32. Returns what fx.cross_entropy returns."""
-    opts = dict(
-        weight=weight,
-        ignore_index=ignore_index,
-        label_smoothing=label_smoothing,
-        sample_weight=sample_weight,
-        z_loss=z_loss,
-        softcap=softcap,
-        logit_scale=logit_scale,
-        normalizer=normalizer,
-        num_threads=num_threads,
-    )
+    opts = LOSS.bind("linear_cross_entropy", kw)
+    reduction = opts.pop("reduction")
     return _numpy_call(
         hidden, linear_weight, target, linear_bias, reduction, opts, tile_rows, False, None
     )
 
 
+@LOSS
 def linear_cross_entropy_with_grad(
     hidden: Any,
     linear_weight: Any,
     target: Any,
     *,
     linear_bias: Any = None,
-    reduction: str = "mean",
-    weight: Any = None,
-    ignore_index: int = -100,
-    label_smoothing: float = 0.0,
-    sample_weight: Any = None,
-    z_loss: float = 0.0,
-    softcap: Optional[float] = None,
-    logit_scale: float = 1.0,
-    normalizer: Optional[float] = None,
-    num_threads: Optional[int] = None,
     tile_rows: Optional[int] = None,  # noqa: F811 (shadows the re-exported function)
     out: Any = None,
+    **kw: Unpack[LossKeywords],
 ):
     """``(loss, grad_hidden, grad_weight, grad_bias)`` of :func:`linear_cross_entropy`
     (grad_bias is None without linear_bias; "none" gives the gradients of the sum of the
@@ -354,17 +333,8 @@ def linear_cross_entropy_with_grad(
     out: optional ``(grad_hidden, grad_weight, grad_bias)`` buffers (each None or an array of
     its input's shape and dtype, C-contiguous, writable, overlapping no input). On any error
     nothing is written. 16-bit gradients are accumulated in float32 and rounded once."""
-    opts = dict(
-        weight=weight,
-        ignore_index=ignore_index,
-        label_smoothing=label_smoothing,
-        sample_weight=sample_weight,
-        z_loss=z_loss,
-        softcap=softcap,
-        logit_scale=logit_scale,
-        normalizer=normalizer,
-        num_threads=num_threads,
-    )
+    opts = LOSS.bind("linear_cross_entropy_with_grad", kw)
+    reduction = opts.pop("reduction")
     return _numpy_call(
         hidden, linear_weight, target, linear_bias, reduction, opts, tile_rows, True, out
     )

@@ -5,7 +5,8 @@ This module owns:
 
 * :class:`LossOptions`, the frozen, validated form of the scalar loss keywords, and its
   conversion to the compiled ``_core.Options`` (one object handed whole to every kernel entry
-  point). A new scalar option is one field and one validation line here, plus its field in
+  point). A new scalar option is one field and one validation line here, its default and
+  type in _keywords (which the public signatures are built from), plus its field in
   the C++ ``fastxent::Options`` and its constructor argument and ``def_readwrite`` line in
   cpp/bindings/register_options.cpp.
 * The array helpers: zero-copy conversion of array-likes (DLPack, buffer protocol), the

@@ -22,11 +22,12 @@ them as: M = max over shards of ``max``; then the sum over shards of
 
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple, Union
 
 import numpy as np
 
 from . import _core
+from ._keywords import LOSS, SHARD, LossKeywords, ShardKeywords
 from ._options import (
     LossOptions,
     as_target,
@@ -53,20 +54,13 @@ __all__ = [
 STAT_FIELDS: Tuple[str, ...] = ("max", "sumexp", "q", "qz", "wy", "count", "columns")
 assert len(STAT_FIELDS) == _core.STAT_FIELDS
 
+if TYPE_CHECKING:  # pragma: no cover
+    from typing_extensions import Unpack
 
-def _shard_args(
-    logits: Any,
-    target: Any,
-    offset: Any,
-    num_classes: Any,
-    weight: Any,
-    ignore_index: Any,
-    label_smoothing: Any,
-    softcap: Any,
-    logit_scale: Any,
-    num_threads: Any,
-    reduction: Any = "mean",
-):
+
+def _shard_args(logits: Any, target: Any, offset: Any, num_classes: Any, o: Dict[str, Any]):
+    """The checked arguments of a shard function; o: its bound keywords (SHARD's or LOSS's:
+    "mean" without a reduction)."""
     x = to_numpy(logits, "logits")
     if x.dtype not in (np.float32, np.float64):
         raise TypeError(
@@ -88,12 +82,12 @@ def _shard_args(
     # The checks in LossOptions.from_keywords's order; z_loss and normalizer act on merged
     # statistics (shard_grad adds them).
     opts = LossOptions.from_keywords(
-        reduction,
-        ignore_index,
-        label_smoothing,
-        softcap=softcap,
-        logit_scale=logit_scale,
-        num_threads=num_threads,
+        o.get("reduction", "mean"),
+        o["ignore_index"],
+        o["label_smoothing"],
+        softcap=o["softcap"],
+        logit_scale=o["logit_scale"],
+        num_threads=o["num_threads"],
     )
     ii = opts.ignore_index
     rows_shape = x.shape[:-1]
@@ -110,7 +104,7 @@ def _shard_args(
         probs = rows_view(tgt if tgt.dtype == x.dtype else tgt.astype(x.dtype))
     else:
         t = as_target(tgt, rows_shape, C, ii)
-    w = as_vector(weight, x.dtype, (Cs,), "weight", "the shard's classes")
+    w = as_vector(o["weight"], x.dtype, (Cs,), "weight", "the shard's classes")
     return dict(
         x=x,
         view=rows_view(x),
@@ -135,18 +129,9 @@ def _call(fn, a, *args):
         raise
 
 
+@SHARD
 def shard_stats(
-    logits: Any,
-    target: Any,
-    *,
-    offset: int,
-    num_classes: int,
-    weight: Any = None,
-    ignore_index: int = -100,
-    label_smoothing: float = 0.0,
-    softcap: Optional[float] = None,
-    logit_scale: float = 1.0,
-    num_threads: Optional[int] = None,
+    logits: Any, target: Any, *, offset: int, num_classes: int, **kw: Unpack[ShardKeywords]
 ) -> np.ndarray:
     """Per-row statistics of one vocabulary shard, in one SIMD pass over its logits.
 
@@ -170,18 +155,8 @@ def shard_stats(
     -------
     float64 array of shape ``logits.shape[:-1] + (7,)``; fields :data:`STAT_FIELDS`.
     """
-    a = _shard_args(
-        logits,
-        target,
-        offset,
-        num_classes,
-        weight,
-        ignore_index,
-        label_smoothing,
-        softcap,
-        logit_scale,
-        num_threads,
-    )
+    o = SHARD.bind("shard_stats", kw)
+    a = _shard_args(logits, target, offset, num_classes, o)
     out = np.empty((a["view"].shape[0], len(STAT_FIELDS)), np.float64)
     _call(
         _core.shard_stats,
@@ -271,6 +246,7 @@ def loss_from_stats(
     return rl.reshape(rows_shape) if rl is not None else np.float64(total)
 
 
+@LOSS
 def shard_grad(
     logits: Any,
     target: Any,
@@ -278,18 +254,9 @@ def shard_grad(
     *,
     offset: int,
     num_classes: int,
-    weight: Any = None,
-    ignore_index: int = -100,
-    label_smoothing: float = 0.0,
-    softcap: Optional[float] = None,
-    logit_scale: float = 1.0,
-    z_loss: float = 0.0,
-    reduction: str = "mean",
-    sample_weight: Any = None,
-    normalizer: Optional[float] = None,
     scale: float = 1.0,
-    num_threads: Optional[int] = None,
     out: Any = None,
+    **kw: Unpack[LossKeywords],
 ) -> np.ndarray:
     """The gradient of one shard's logits, from the merged statistics of the same rows: one
     local pass, no communication. The options must be those given to :func:`shard_stats`,
@@ -298,22 +265,11 @@ def shard_grad(
     denominator as ``normalizer`` when ``stats`` holds only some of the rows). ``scale``
     multiplies the whole gradient (an upstream gradient). ``out=logits`` overwrites the shard
     in place. Returns the gradient (the logits' shape and dtype)."""
-    a = _shard_args(
-        logits,
-        target,
-        offset,
-        num_classes,
-        weight,
-        ignore_index,
-        label_smoothing,
-        softcap,
-        logit_scale,
-        num_threads,
-        reduction,
-    )
+    o = LOSS.bind("shard_grad", kw)
+    a = _shard_args(logits, target, offset, num_classes, o)
     x = a["x"]
-    lam = real(z_loss, "z_loss", 0.0, False)
-    norm = None if normalizer is None else real(normalizer, "normalizer", 0.0, False)
+    lam = real(o["z_loss"], "z_loss", 0.0, False)
+    norm = None if o["normalizer"] is None else real(o["normalizer"], "normalizer", 0.0, False)
     try:
         sc = float(scale)
     except (TypeError, ValueError):
@@ -327,7 +283,7 @@ def shard_grad(
             f"(one row of statistics per row of logits)"
         )
     st2 = np.ascontiguousarray(st, dtype=np.float64).reshape(-1, len(STAT_FIELDS))
-    sw = as_vector(sample_weight, x.dtype, a["rows_shape"], "sample_weight", "one per row")
+    sw = as_vector(o["sample_weight"], x.dtype, a["rows_shape"], "sample_weight", "one per row")
     if out is None:
         grad = np.empty(x.shape, x.dtype)
     else:

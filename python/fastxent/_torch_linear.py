@@ -21,17 +21,21 @@ Invariants:
 
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Optional, Tuple
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from . import _linear
+from ._keywords import EXTRA, ExtraKeywords
 
 __all__ = ["linear_cross_entropy", "LinearCrossEntropyLoss"]
 
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from typing_extensions import Unpack
 
 
 def _np(t: Tensor) -> np.ndarray:
@@ -233,6 +237,7 @@ def _plan_for(
     return plan
 
 
+@EXTRA
 def linear_cross_entropy(
     input: Tensor,
     linear_weight: Tensor,
@@ -244,13 +249,8 @@ def linear_cross_entropy(
     ignore_index: Optional[int] = -100,
     label_smoothing: float = 0.0,
     options: Any = None,
-    sample_weight: Any = None,
-    z_loss: float = 0.0,
-    softcap: Optional[float] = None,
-    logit_scale: float = 1.0,
-    normalizer: Optional[float] = None,
-    num_threads: Optional[int] = None,
     tile_rows: Optional[int] = None,
+    **kw: Unpack[ExtraKeywords],
 ) -> Tensor:
     """PyTorch 2.13's ``F.linear_cross_entropy(input, linear_weight, target, ...)`` (the
     loss of ``F.cross_entropy(F.linear(input, linear_weight, linear_bias), target, ...)``),
@@ -267,12 +267,7 @@ def linear_cross_entropy(
         weight=weight,
         ignore_index=-100 if ignore_index is None else ignore_index,
         label_smoothing=label_smoothing,
-        sample_weight=sample_weight,
-        z_loss=z_loss,
-        softcap=softcap,
-        logit_scale=logit_scale,
-        normalizer=normalizer,
-        num_threads=num_threads,
+        **EXTRA.bind("linear_cross_entropy", kw),
     )
     plan = _plan_for(input, linear_weight, target, linear_bias, reduction, opts, tile_rows)
     grads = torch.is_grad_enabled() and any(

@@ -20,16 +20,20 @@ Invariants:
 
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Optional, Tuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from . import _linear
+from ._keywords import EXTRA, ExtraKeywords
 from ._shard import loss_from_stats, shard_grad, shard_stats, stats_denominator
 
 __all__ = ["vocab_parallel_linear_cross_entropy"]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from typing_extensions import Unpack
 
 
 def _logits32(x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tuple[Tensor, np.ndarray]:
@@ -105,6 +109,7 @@ class _VPLinear(torch.autograd.Function):
         return (gh.reshape(input.shape), gw, None if gb is None else gb.to(b.dtype), None)
 
 
+@EXTRA
 def vocab_parallel_linear_cross_entropy(
     input: Tensor,
     linear_weight: Tensor,
@@ -118,13 +123,8 @@ def vocab_parallel_linear_cross_entropy(
     ignore_index: int = -100,
     label_smoothing: float = 0.0,
     reduction: str = "mean",
-    sample_weight: Any = None,
-    z_loss: float = 0.0,
-    softcap: Optional[float] = None,
-    logit_scale: float = 1.0,
-    normalizer: Optional[float] = None,
-    num_threads: Optional[int] = None,
     tile_rows: Optional[int] = None,
+    **kw: Unpack[ExtraKeywords],
 ) -> Tensor:
     """:func:`fastxent.torch.linear_cross_entropy` with the weight's rows (the vocabulary)
     split across the ranks of ``group``: ``linear_weight`` is this rank's (V_r, H) slice,
@@ -135,6 +135,8 @@ def vocab_parallel_linear_cross_entropy(
     every rank; backward gives each rank its weight (and bias) slice's gradient and the full
     gradient of ``input`` (summed over the ranks by one all-reduce). Other keywords as
     :func:`fastxent.torch.linear_cross_entropy`; probability targets are not supported."""
+    extra = EXTRA.bind("vocab_parallel_linear_cross_entropy", kw)
+    sample_weight = extra["sample_weight"]
     from . import _torch_vocab as vocab  # the layout and the statistics' all-reduce
 
     dist = vocab.torch_dist()
@@ -160,12 +162,8 @@ def vocab_parallel_linear_cross_entropy(
         "weight": cw,
         "ignore_index": ignore_index,
         "label_smoothing": label_smoothing,
+        **extra,
         "sample_weight": sample_weight,
-        "z_loss": z_loss,
-        "softcap": softcap,
-        "logit_scale": logit_scale,
-        "normalizer": normalizer,
-        "num_threads": num_threads,
     }
     # The shapes, dtypes and options are checked as for the one-process function, on this
     # rank's slice; class indices are checked against the whole vocabulary.
@@ -198,17 +196,17 @@ def vocab_parallel_linear_cross_entropy(
         "all_reduce": vocab.all_reduce_stats,
         "reduction": reduction,
         "sw": plan.sample_weight,
-        "z_loss": z_loss,
-        "normalizer": normalizer,
+        "z_loss": extra["z_loss"],
+        "normalizer": extra["normalizer"],
         "stat_kw": {
             "offset": off,
             "num_classes": V,
             "weight": None if cw is None else cw.astype(cdt),
             "ignore_index": ignore_index,
             "label_smoothing": label_smoothing,
-            "softcap": softcap,
-            "logit_scale": logit_scale,
-            "num_threads": num_threads,
+            "softcap": extra["softcap"],
+            "logit_scale": extra["logit_scale"],
+            "num_threads": extra["num_threads"],
         },
     }
     if torch.is_grad_enabled() and any(

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from . import _api
+from ._keywords import EXTRA
 from ._options import common_options, real
 from ._torch_common import (
     COMPUTE_DTYPE,
@@ -23,7 +24,7 @@ from ._torch_common import (
 )
 from ._torch_fast import fused
 
-_FUNC_OPTIONS = ("sample_weight", "z_loss", "softcap", "logit_scale", "normalizer", "num_threads")
+_FUNC_OPTIONS = tuple(EXTRA.defaults)  # fastxent's keywords beyond PyTorch's
 
 
 def validate_options(options: Dict[str, Any], caller: str) -> Dict[str, Any]:

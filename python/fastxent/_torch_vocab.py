@@ -3,13 +3,14 @@ fastxent.torch): Megatron-LM's vocab-parallel layout over a torch.distributed gr
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional, Tuple
+from typing import TYPE_CHECKING, Any, NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from . import _shard
+from ._keywords import EXTRA, ExtraKeywords
 from ._options import index
 from ._torch_common import (
     all_ones,
@@ -26,6 +27,9 @@ from ._torch_common import (
 # --------------------------------------------------------------------------------------------
 
 _NSTAT = len(_shard.STAT_FIELDS)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from typing_extensions import Unpack
 
 
 def torch_dist() -> Any:
@@ -224,6 +228,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         return (grad, None) + (None,) * (len(ctx.saved_tensors) - 1)
 
 
+@EXTRA
 def vocab_parallel_cross_entropy(
     local_logits: Tensor,
     target: Tensor,
@@ -235,13 +240,10 @@ def vocab_parallel_cross_entropy(
     ignore_index: int = -100,
     label_smoothing: float = 0.0,
     reduction: str = "mean",
-    sample_weight: Optional[Tensor] = None,
-    z_loss: float = 0.0,
-    softcap: Optional[float] = None,
-    logit_scale: float = 1.0,
-    normalizer: Optional[float] = None,
-    num_threads: Optional[int] = None,
+    **kw: Unpack[ExtraKeywords],
 ) -> Tensor:
+    extra = EXTRA.bind("vocab_parallel_cross_entropy", kw)
+    sample_weight = extra["sample_weight"]
     cdt = compute_dtype(local_logits, target, "local_logits")
     refuse_func_transforms(local_logits, target, weight, sample_weight)
     if local_logits.ndim == 0:
@@ -284,11 +286,11 @@ def vocab_parallel_cross_entropy(
         label_smoothing=label_smoothing,
         reduction=reduction,
         sample_weight=sw,
-        z_loss=z_loss,
-        softcap=softcap,
-        logit_scale=logit_scale,
-        normalizer=normalizer,
-        num_threads=num_threads,
+        z_loss=extra["z_loss"],
+        softcap=extra["softcap"],
+        logit_scale=extra["logit_scale"],
+        normalizer=extra["normalizer"],
+        num_threads=extra["num_threads"],
     )
     if not (local_logits.requires_grad and torch.is_grad_enabled()):
         loss, _ = _vp_stats_loss(numpy_of(local_logits, cdt), a)

@@ -40,7 +40,7 @@ arguments (``_prepare``); the block tasks and the graph that wires them live in
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Tuple
 
 import numpy as np
 
@@ -59,6 +59,7 @@ from ._dask_graph import (  # noqa: F401 (the tasks and helpers are re-exported)
     _merge_keep,
     _target_block,
 )
+from ._keywords import LOSS, LossKeywords
 from ._options import (
     FLOAT_DTYPES,
     as_target,
@@ -72,6 +73,7 @@ from ._options import (
 
 if TYPE_CHECKING:  # pragma: no cover
     import dask.array
+    from typing_extensions import Unpack
 
 __all__ = ["cross_entropy", "cross_entropy_with_grad"]
 
@@ -249,38 +251,9 @@ _DOC_RAISES = """
 """
 
 
-def cross_entropy(
-    x: Any,
-    target: Any,
-    *,
-    reduction: str = "mean",
-    weight: Any = None,
-    ignore_index: int = -100,
-    label_smoothing: float = 0.0,
-    sample_weight: Any = None,
-    z_loss: float = 0.0,
-    softcap: Optional[float] = None,
-    logit_scale: float = 1.0,
-    normalizer: Optional[float] = None,
-    num_threads: Optional[int] = None,
-) -> "dask.array.Array":
-    p = _prepare(
-        x,
-        target,
-        dict(
-            reduction=reduction,
-            weight=weight,
-            ignore_index=ignore_index,
-            label_smoothing=label_smoothing,
-            sample_weight=sample_weight,
-            z_loss=z_loss,
-            softcap=softcap,
-            logit_scale=logit_scale,
-            normalizer=normalizer,
-            num_threads=num_threads,
-        ),
-        "cross_entropy",
-    )
+@LOSS
+def cross_entropy(x: Any, target: Any, **kw: Unpack[LossKeywords]) -> "dask.array.Array":
+    p = _prepare(x, target, LOSS.bind("cross_entropy", kw), "cross_entropy")
     merged, _, _, D = _graph(p)
     return _loss(p, merged, D)
 
@@ -301,38 +274,11 @@ cross_entropy.__doc__ = (
 )
 
 
+@LOSS
 def cross_entropy_with_grad(
-    x: Any,
-    target: Any,
-    *,
-    reduction: str = "mean",
-    weight: Any = None,
-    ignore_index: int = -100,
-    label_smoothing: float = 0.0,
-    sample_weight: Any = None,
-    z_loss: float = 0.0,
-    softcap: Optional[float] = None,
-    logit_scale: float = 1.0,
-    normalizer: Optional[float] = None,
-    num_threads: Optional[int] = None,
+    x: Any, target: Any, **kw: Unpack[LossKeywords]
 ) -> Tuple["dask.array.Array", "dask.array.Array"]:
-    p = _prepare(
-        x,
-        target,
-        dict(
-            reduction=reduction,
-            weight=weight,
-            ignore_index=ignore_index,
-            label_smoothing=label_smoothing,
-            sample_weight=sample_weight,
-            z_loss=z_loss,
-            softcap=softcap,
-            logit_scale=logit_scale,
-            normalizer=normalizer,
-            num_threads=num_threads,
-        ),
-        "cross_entropy_with_grad",
-    )
+    p = _prepare(x, target, LOSS.bind("cross_entropy_with_grad", kw), "cross_entropy_with_grad")
     merged, cols, w_d, D = _graph(p)
     return _loss(p, merged, D), _grad(p, merged, cols, w_d, D)
 

@@ -30,7 +30,7 @@ Requires the optional extra: ``pip install fastxent[torch]``.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Dict, Optional, cast
 
 try:
     import torch
@@ -38,12 +38,16 @@ except ImportError as _e:  # pragma: no cover - exercised without torch installe
     raise ImportError("fastxent.torch needs PyTorch: pip install 'fastxent[torch]'") from _e
 from torch import Tensor, nn
 
+from ._keywords import EXTRA, ExtraKeywords
 from ._options import common_options
 from ._torch_autograd import general_cross_entropy
 from ._torch_bce import BCEWithLogitsLoss, binary_cross_entropy_with_logits
 from ._torch_fast import is_compiling, kept_buffer_bytes, lean_call, release_buffers
 from ._torch_nodata import validate_options
 from ._torch_vocab import vocab_parallel_cross_entropy
+
+if TYPE_CHECKING:  # pragma: no cover
+    from typing_extensions import Unpack
 
 __all__ = [
     "cross_entropy",
@@ -108,6 +112,7 @@ _DOC_DIFF = """
 """
 
 
+@EXTRA
 def cross_entropy(
     input: Tensor,
     target: Tensor,
@@ -119,7 +124,7 @@ def cross_entropy(
     label_smoothing: float = 0.0,
     *,
     inplace: bool = False,
-    **fastxent_options: Any,
+    **fastxent_options: Unpack[ExtraKeywords],
 ) -> Tensor:
     if size_average is not None or reduce is not None:
         # PyTorch's own translation of the deprecated arguments, with its warning.
@@ -135,8 +140,10 @@ def cross_entropy(
         res = lean_call(input, target, reduction)
         if res is not None:
             return res
+    # **fastxent_options is a plain dict at run time (the TypedDict is for type checkers).
+    opts = cast(Dict[str, Any], fastxent_options)
     return general_cross_entropy(
-        input, target, weight, ignore_index, reduction, label_smoothing, inplace, fastxent_options
+        input, target, weight, ignore_index, reduction, label_smoothing, inplace, opts
     )
 
 
