@@ -28,6 +28,8 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 
+from . import _jax_reference
+
 _FLAG_PROBS, _FLAG_WEIGHT, _FLAG_SWEIGHT = 1, 2, 4
 _FLAG_EPS_OPERAND, _FLAG_NORMALIZER, _FLAG_NORM_OPERAND = 8, 16, 32
 _REDUCTIONS = {"none": 0, "sum": 1, "mean": 2}
@@ -120,18 +122,69 @@ def _call(want_grad: bool, attrs: Tuple[Tuple[str, Any], ...], x, t, w, sw, sc):
     )
 
 
+def _reference(attrs: Tuple[Tuple[str, Any], ...]):
+    """The loss of one custom call's attributes as a function of its operands (x, t, w, sw,
+    sc), in jax.numpy ops (_jax_reference): what derivatives beyond the kernel's go through."""
+    a = dict(attrs)
+    f = int(a["flags"])
+    static = dict(
+        probs=bool(f & _FLAG_PROBS),
+        axis=int(a["axis"]),
+        reduction=int(a["reduction"]),
+        ignore_index=int(a["ignore_index"]),
+        z_loss=float(a["z_loss"]),
+        softcap=float(a["softcap"]),
+        logit_scale=float(a["logit_scale"]),
+    )
+
+    def loss(x, t, w, sw, sc):
+        eps = sc[0] if f & _FLAG_EPS_OPERAND else float(a["eps"])
+        if f & _FLAG_NORM_OPERAND:
+            norm = sc[1]
+        else:
+            norm = float(a["normalizer"]) if f & _FLAG_NORMALIZER else None
+        return _jax_reference.reference_loss(x, t, w, sw, eps, norm, **static)
+
+    return loss
+
+
+def _zero(tangent: Any) -> bool:
+    return tangent is None or isinstance(tangent, jax.custom_derivatives.SymbolicZero)
+
+
 @functools.lru_cache(maxsize=256)
 def _make(attrs: Tuple[Tuple[str, Any], ...]):
     """The custom_jvp function for one set of attributes (cached: a stable callee for jit).
 
-    The tangent rule runs the fused kernel (loss and gradient g in one call) and returns the
-    tangent <g, dx> (per row for "none"): linear in dx, so JAX transposes it for reverse mode
-    into g * cotangent (XLA drops the product when the cotangent is the constant 1 of
-    value_and_grad), and forward mode (jax.jvp, jax.jacfwd) works as well. Second order is
-    not available: g itself comes from the custom call, which has no derivative rule."""
+    First order with respect to the logits is the kernel's: the tangent rule runs the fused
+    kernel (loss and gradient g in one call) and returns <g, dx> (per row for "none"), linear
+    in dx, so JAX transposes it for reverse mode into g * cotangent (XLA drops the product
+    when the cotangent is the constant 1 of value_and_grad), and forward mode (jax.jvp,
+    jax.jacfwd) works as well. Every other derivative goes through the reference formula
+    (_reference): the derivative of g itself (g comes from ``loss_and_grad``, a custom_jvp
+    whose tangent is the reference's Hessian-vector product: second and higher order), and
+    the tangents of probability targets, weights, sample weights and traced scalars."""
     a = dict(attrs)
     axis = int(a["axis"])
     none = int(a["reduction"]) == 0
+    ref = _reference(attrs)
+
+    def ref_grad(x, t, w, sw, sc):
+        """The reference's gradient with respect to the logits (of the sum of the rows for
+        "none", as the kernel's), in the logits' dtype."""
+        g = jax.grad(lambda x: jnp.sum(ref(x, t, w, sw, sc)))(x)
+        return g.astype(x.dtype)
+
+    @jax.custom_jvp
+    def loss_and_grad(x, t, w, sw, sc):
+        return tuple(_call(True, attrs, x, t, w, sw, sc))
+
+    def loss_and_grad_jvp(primals, tangents):
+        out = loss_and_grad(*primals)
+        _, tan = jax.jvp(lambda *p: (ref(*p), ref_grad(*p)), primals, tangents)
+        return out, (tan[0].astype(out[0].dtype), tan[1].astype(out[1].dtype))
+
+    loss_and_grad.defjvp(loss_and_grad_jvp)
 
     @jax.custom_jvp
     def ce(x, t, w, sw, sc):
@@ -139,24 +192,31 @@ def _make(attrs: Tuple[Tuple[str, Any], ...]):
 
     def jvp(primals, tangents):
         x, t, w, sw, sc = primals
-        for name, v in zip(
-            ("target", "weight", "sample_weight", "label_smoothing or normalizer"), tangents[1:]
-        ):
-            if v is not None and not isinstance(v, jax.custom_derivatives.SymbolicZero):
-                raise TypeError(
-                    f"fastxent.jax.cross_entropy differentiates with respect to the logits "
-                    f"only; {name} is being differentiated (wrap it in jax.lax.stop_gradient "
-                    f"if it is a constant)"
-                )
-        dx = tangents[0]
-        if isinstance(dx, jax.custom_derivatives.SymbolicZero):
-            loss = _call(False, attrs, x, t, w, sw, sc)[0]
-            return loss, jnp.zeros_like(loss)
-        loss, grad = _call(True, attrs, x, t, w, sw, sc)
-        # Row n's loss depends on row n's logits only, and g is the gradient of the sum of
-        # the rows ("none") or of the reduced loss: <g, dx> row by row is the exact tangent.
-        prod = (grad * dx.astype(grad.dtype)).astype(loss.dtype)
-        return loss, jnp.sum(prod, axis=axis) if none else jnp.sum(prod)
+        dx, others = tangents[0], tangents[1:]
+        moving = [i for i, d in enumerate(others, 1) if not _zero(d)]
+        if _zero(dx):
+            loss = ce(*primals)
+            tan = jnp.zeros_like(loss)
+        else:
+            loss, grad = loss_and_grad(*primals)
+            # Row n's loss depends on row n's logits only, and g is the gradient of the sum of
+            # the rows ("none") or of the reduced loss: <g, dx> row by row is the exact tangent.
+            prod = (grad * dx.astype(grad.dtype)).astype(loss.dtype)
+            tan = jnp.sum(prod, axis=axis) if none else jnp.sum(prod)
+        if moving:
+            # Probability targets, weights, sample weights, traced scalars: the reference's
+            # tangent with respect to them (the logits held fixed).
+            def of_others(*vals):
+                p = list(primals)
+                for i, v in zip(moving, vals):
+                    p[i] = v
+                return ref(*p)
+
+            _, t_others = jax.jvp(
+                of_others, tuple(primals[i] for i in moving), tuple(tangents[i] for i in moving)
+            )
+            tan = tan + t_others.astype(loss.dtype)
+        return loss, tan
 
     ce.defjvp(jvp, symbolic_zeros=True)
     return ce

@@ -15,7 +15,12 @@ from one pass over memory, and gives the tangent ``<g, dz>`` (per row for
 ``jax.value_and_grad``, ``jax.vjp``: g times the cotangent, a product XLA drops when the
 cotangent is the constant 1 of ``value_and_grad``), and forward mode (``jax.jvp``,
 ``jax.jacfwd``) uses it directly. Evaluated without differentiation, only the loss is
-computed (the forward-only kernel, nothing of the logits' size written).
+computed (the forward-only kernel, nothing of the logits' size written). Every other
+derivative goes through the same loss written in jax.numpy ops
+(:mod:`fastxent._jax_reference`, materialising): the derivative of g (second and higher
+order: ``jax.hessian``, Hessian-vector products, ``jax.grad`` of a gradient penalty) and the
+derivatives with respect to probability targets, class and sample weights and traced
+``label_smoothing`` / ``normalizer``.
 
 The wheel carries the FFI handlers when it was built with jaxlib's FFI headers (jaxlib is a
 build requirement on the platforms it has wheels for). Where they are absent, where the
@@ -285,11 +290,11 @@ cross_entropy.__doc__ = """Softmax cross-entropy of a batch of logits, different
     target : array
         Class indices (any integer dtype) of the logits' shape without the class axis, in
         ``[0, C)`` or equal to ``ignore_index``; or class probabilities, a float array of
-        the logits' shape. Not differentiable.
+        the logits' shape (differentiable through the FFI).
     weight : array of shape (C,), optional
-        Class weights (a traced operand; not differentiable).
+        Class weights (a traced operand; differentiable through the FFI).
     sample_weight : array of the rows' shape, optional
-        Per-row weights (a traced operand; not differentiable).
+        Per-row weights (a traced operand; differentiable through the FFI).
     **options
         Keyword options of :func:`fastxent.cross_entropy`, compiled into the call (Python
         scalars): ``axis`` (default -1; any axis, read in place), ``reduction`` ("mean",
@@ -297,7 +302,7 @@ cross_entropy.__doc__ = """Softmax cross-entropy of a batch of logits, different
         ``logit_scale``, ``normalizer``, ``num_threads``. Through the FFI,
         ``label_smoothing`` and ``normalizer`` may also be traced scalars (a schedule, a
         ``mask.sum()``, a ``psum`` of token counts): they are then operands of the call,
-        checked when it runs, and not differentiated.
+        checked when it runs, and differentiable.
 
     Returns
     -------
@@ -307,8 +312,9 @@ cross_entropy.__doc__ = """Softmax cross-entropy of a batch of logits, different
     ------
     TypeError, ValueError
         at trace time: the errors of :func:`fastxent.cross_entropy` for bad options and
-        shapes; a traced (non-static) option; differentiating with respect to ``target``,
-        ``weight`` or ``sample_weight`` (TypeError).
+        shapes; a traced (non-static) option; with the pure_callback fallback,
+        differentiating with respect to ``target``, ``weight`` or ``sample_weight``
+        (TypeError).
     JaxRuntimeError
         at run time, for a class index outside ``[0, C)`` that is not ``ignore_index``: the
         first line of the message names it (``INVALID_ARGUMENT: target[1, 4] = 9 is out of
@@ -326,10 +332,9 @@ cross_entropy.__doc__ = """Softmax cross-entropy of a batch of logits, different
     fastxent itself, the "mean" denominator combined across shards; with sharding left to
     XLA (auto mesh axes) the custom call is not partitioned and XLA gathers the rows.
     Problems below 2**21 elements run on XLA's calling thread unless ``num_threads`` is
-    given. Forward mode (``jax.jvp``, ``jax.jacfwd``) and reverse mode both work through the
-    FFI; second order (``jax.hessian``) does not: the gradient comes from the custom call,
-    which has no derivative rule. The pure_callback fallback is a ``custom_vjp`` function:
-    reverse mode only.
+    given. Through the FFI, forward and reverse mode of any order work: first order from the
+    kernel, beyond it through the reference formula. The pure_callback fallback is a
+    ``custom_vjp`` function: reverse mode, first order, with respect to the logits only.
 
     Example
     -------

@@ -1,0 +1,80 @@
+"""fastxent's loss in jax.numpy ops: what the derivatives beyond the kernel's differentiate.
+
+The XLA custom call gives the loss and its gradient with respect to the logits in one pass.
+Everything else is differentiated through :func:`reference_loss`, the same formula as
+:func:`fastxent.cross_entropy` written in differentiable JAX ops without a data-dependent
+branch: the derivative of the gradient (Hessians, Hessian-vector products, gradient
+penalties, ``jax.grad`` of ``jax.grad``), and the derivatives with respect to probability
+targets, class and sample weights, and traced label smoothing or normalizer. It materialises
+(rows, C) arrays, at XLA's speed: those derivatives are rare, and exact.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+import jax
+import jax.numpy as jnp
+
+_HALF = (np.dtype(jnp.bfloat16), np.dtype(jnp.float16))
+
+
+def reference_loss(
+    x: Any,
+    t: Any,
+    w: Any,
+    sw: Any,
+    eps: Any,
+    normalizer: Any,
+    *,
+    probs: bool,
+    axis: int,
+    reduction: int,
+    ignore_index: int,
+    z_loss: float,
+    softcap: float,
+    logit_scale: float,
+) -> jax.Array:
+    """The loss of fastxent.cross_entropy: reduction 0 none / 1 sum / 2 mean, softcap 0 off,
+    normalizer None for the default denominator; w, sw None when absent. 16-bit logits are
+    computed in float32, as the kernel does. For "none", the rows' losses."""
+    z = jnp.moveaxis(x, axis, -1)
+    rows_shape, C = z.shape[:-1], z.shape[-1]
+    z = z.reshape(-1, C)
+    if np.dtype(z.dtype) in _HALF:
+        z = z.astype(jnp.float32)
+    dt = z.dtype
+    N = z.shape[0]
+    wv = jnp.ones((C,), dt) if w is None else jnp.asarray(w).astype(dt).reshape(C)
+    s = jnp.ones((N,), dt) if sw is None else jnp.asarray(sw).astype(dt).reshape(N)
+    if probs:
+        q = jnp.moveaxis(t, axis, -1).reshape(-1, C).astype(dt)
+        u = wv * (q * (1.0 - eps) + eps / C)
+        counted = jnp.ones((N,), bool)
+        den = s
+    else:
+        y = t.reshape(-1).astype(jnp.int32 if C < 2**31 else jnp.int64)
+        counted = y != ignore_index
+        yc = jnp.where(counted, y, 0)
+        # An ignored row's logits reach nothing, not even as 0 * NaN in a derivative: they are
+        # replaced before any operation on them.
+        z = jnp.where(counted[:, None], z, 0.0)
+        onehot = (jnp.arange(C)[None, :] == yc[:, None]).astype(dt)
+        wy = wv[yc]
+        u = (eps / C) * wv[None, :] + (1.0 - eps) * onehot * wy[:, None]
+        den = jnp.where(counted, s * wy, 0.0)
+    zp = softcap * jnp.tanh(logit_scale * z / softcap) if softcap > 0 else logit_scale * z
+    lse = jax.nn.logsumexp(zp, axis=1)
+    # 0 * inf := 0 (a class with no target weight at a -inf logit costs nothing).
+    terms = jnp.where(u == 0, 0.0, u * (lse[:, None] - zp))
+    row = jnp.where(counted, s * (terms.sum(axis=1) + z_loss * lse * lse), 0.0)
+    if reduction == 0:
+        return row.reshape(rows_shape)
+    total = row.sum()
+    if reduction == 1:
+        return total
+    D = den.sum() if normalizer is None else jnp.asarray(normalizer, dt)
+    # "mean" with D = 0 (no row counts) is identically 0, and so is every derivative.
+    return jnp.where(D == 0, 0.0, total / jnp.where(D == 0, 1.0, D))
