@@ -26,6 +26,29 @@ def _x64():
     )
 
 
+def _grid(test):
+    """The cases of both comparisons: dtype, ``where`` (none, a mask of the examples or of the
+    classes) and the layout (class axis last, or 1)."""
+    for mark in (
+        pytest.mark.parametrize("shape,axis", [((7, 5), -1), ((3, 5, 4), 1)], ids=["2d", "axis1"]),
+        pytest.mark.parametrize("where", [None, "rows", "classes"]),
+        pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"]),
+    ):
+        test = mark(test)
+    return test
+
+
+def _cotangent_and_where(rng, dtype, where, shape, rows):
+    """A random cotangent of the per-example losses, and optax's ``where`` for the case."""
+    ct = jnp.asarray(rng.uniform(-2, 2, rows).astype(dtype))
+    w = None
+    if where == "rows":
+        w = jnp.asarray(rng.random(rows) < 0.7)
+    elif where == "classes":
+        w = jnp.asarray(rng.random(shape) < 0.8)
+    return ct, w
+
+
 def _compare(ours, theirs, z, ct, dtype):
     l1, vjp1 = jax.vjp(ours, z)
     l2, vjp2 = jax.vjp(theirs, z)
@@ -34,21 +57,15 @@ def _compare(ours, theirs, z, ct, dtype):
     assert grad_error(vjp1(ct)[0], vjp2(ct)[0]) <= TOL[dtype]
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
-@pytest.mark.parametrize("where", [None, "rows", "classes"])
-@pytest.mark.parametrize("shape,axis", [((7, 5), -1), ((3, 5, 4), 1)], ids=["2d", "axis1"])
+@_grid
 def test_integer_labels(rng, dtype, where, shape, axis):
     with _x64():
         C = shape[axis]
         rows = tuple(n for i, n in enumerate(shape) if i != axis % len(shape))
         z = jnp.asarray(rng.standard_normal(shape).astype(dtype))
         y = jnp.asarray(rng.integers(0, C, rows))
-        ct = jnp.asarray(rng.uniform(-2, 2, rows).astype(dtype))
-        w = None
-        if where == "rows":
-            w = jnp.asarray(rng.random(rows) < 0.7)
-        elif where == "classes":
-            w = jnp.asarray(rng.random(shape) < 0.8)
+        ct, w = _cotangent_and_where(rng, dtype, where, shape, rows)
+        if where == "classes":
             w = w | jax.nn.one_hot(y, C, axis=axis, dtype=bool)  # optax needs the label kept
         _compare(
             lambda z: fxj.softmax_cross_entropy_with_integer_labels(z, y, axis, w),
@@ -59,21 +76,14 @@ def test_integer_labels(rng, dtype, where, shape, axis):
         )
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
-@pytest.mark.parametrize("where", [None, "rows", "classes"])
-@pytest.mark.parametrize("shape,axis", [((7, 5), -1), ((3, 5, 4), 1)], ids=["2d", "axis1"])
+@_grid
 def test_probability_labels(rng, dtype, where, shape, axis):
     with _x64():
         rows = tuple(n for i, n in enumerate(shape) if i != axis % len(shape))
         z = jnp.asarray(rng.standard_normal(shape).astype(dtype))
         p = rng.random(shape)
         p = jnp.asarray((p / p.sum(axis=axis, keepdims=True)).astype(dtype))
-        ct = jnp.asarray(rng.uniform(-2, 2, rows).astype(dtype))
-        w = None
-        if where == "rows":
-            w = jnp.asarray(rng.random(rows) < 0.7)
-        elif where == "classes":
-            w = jnp.asarray(rng.random(shape) < 0.8)
+        ct, w = _cotangent_and_where(rng, dtype, where, shape, rows)
         _compare(
             lambda z: fxj.softmax_cross_entropy(z, p, axis, w),
             lambda z: optax.softmax_cross_entropy(z, p, axis, w),

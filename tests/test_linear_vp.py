@@ -6,17 +6,13 @@ the whole vocabulary, sample weights, z_loss, softcap), float64 and bfloat16."""
 
 from __future__ import annotations
 
-import multiprocessing
-import os
-import pickle
-import socket
-import traceback
-
 import pytest
 
 torch = pytest.importorskip("torch")
 if not (torch.distributed.is_available() and torch.distributed.is_gloo_available()):
     pytest.skip("torch.distributed with the gloo backend is not available", allow_module_level=True)
+
+from gloo_ranks import run_ranks  # noqa: E402
 
 SPLIT = (7, 12)
 CASES = [
@@ -38,7 +34,7 @@ CASES = [
 ]
 
 
-def _errors(rank):
+def _errors(rank, dist):
     import fastxent.torch as fxt
 
     out = []
@@ -89,49 +85,8 @@ def _errors(rank):
     return out
 
 
-def _worker(rank, port, outdir):
-    import datetime
-
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    try:
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-        dist.init_process_group(
-            "gloo",
-            init_method=f"tcp://127.0.0.1:{port}",
-            rank=rank,
-            world_size=2,
-            timeout=datetime.timedelta(seconds=60),
-        )
-        res = _errors(rank)
-        dist.destroy_process_group()
-    except BaseException:
-        with open(os.path.join(outdir, f"rank{rank}.err"), "w") as f:
-            f.write(traceback.format_exc())
-        raise
-    with open(os.path.join(outdir, f"rank{rank}.pkl"), "wb") as f:
-        pickle.dump(res, f)
-
-
 def test_matches_one_process(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = multiprocessing.get_context("spawn")
-    procs = [
-        ctx.Process(target=_worker, args=(r, port, str(tmp_path)), daemon=True) for r in range(2)
-    ]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(240)
-        if p.is_alive():
-            p.kill()
-    for r in range(2):
-        err = tmp_path / f"rank{r}.err"
-        assert not err.exists(), err.read_text()
-        res = pickle.loads((tmp_path / f"rank{r}.pkl").read_bytes())
+    for r, res in enumerate(run_ranks(_errors, (), tmp_path)):
         for (dt_name, errs), case in zip(res, CASES):
             tol = 1e-12 if dt_name == "float64" else 2e-2
             assert max(errs) <= tol, (r, case, errs)

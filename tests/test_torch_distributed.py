@@ -19,12 +19,6 @@ its precision (bfloat16 u = 2**-8, float16 u = 2**-11), checked at 4 u.
 
 from __future__ import annotations
 
-import multiprocessing
-import os
-import pickle
-import socket
-import traceback
-
 import numpy as np
 import pytest
 
@@ -36,6 +30,7 @@ if not (torch.distributed.is_available() and torch.distributed.is_gloo_available
 
 import fastxent as fx  # noqa: E402
 import fastxent.torch as fxt  # noqa: E402
+from gloo_ranks import run_ranks  # noqa: E402
 from reference import U32, grad_error, loss_error  # noqa: E402
 
 C = 11
@@ -345,85 +340,16 @@ def _count_collectives(dist):
     return calls
 
 
-def _loopback_ifname():
-    try:
-        names = [n for _, n in socket.if_nameindex()]
-    except (OSError, AttributeError):
-        return None
-    return next((n for n in ("lo", "lo0") if n in names), None)
-
-
-def _worker(rank, world, port, cases, outdir):
-    import datetime
-
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    results = {}
-    try:
-        ifname = _loopback_ifname()
-        if ifname and "GLOO_SOCKET_IFNAME" not in os.environ:
-            os.environ["GLOO_SOCKET_IFNAME"] = ifname  # stay on the loopback device
-        dist.init_process_group(
-            "gloo",
-            init_method=f"tcp://127.0.0.1:{port}",
-            rank=rank,
-            world_size=world,
-            timeout=datetime.timedelta(seconds=60),
-        )
-        for case in cases:
-            results[case["name"]] = _run_case(case, rank, dist)
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    except BaseException:
-        with open(os.path.join(outdir, f"rank{rank}.err"), "w") as f:
-            f.write(traceback.format_exc())
-        raise
-    with open(os.path.join(outdir, f"rank{rank}.pkl"), "wb") as f:
-        pickle.dump(results, f)
-
-
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _run_cases(rank, dist, cases):
+    return {case["name"]: _run_case(case, rank, dist) for case in cases}
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     """Runs every case on 2 spawned ranks; returns (cases by name, [rank 0, rank 1] results)."""
-    outdir = str(tmp_path_factory.mktemp("vocab_parallel"))
+    outdir = tmp_path_factory.mktemp("vocab_parallel")
     cases = make_cases()
-    ctx = multiprocessing.get_context("spawn")
-    port = _free_port()
-    procs = [
-        ctx.Process(target=_worker, args=(r, 2, port, cases, outdir), daemon=True) for r in range(2)
-    ]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(WORKER_TIMEOUT_S)
-    hung = [r for r, p in enumerate(procs) if p.is_alive()]
-    for p in procs:
-        if p.is_alive():
-            p.terminate()
-            p.join(10)
-    errors = ""
-    for r in range(2):
-        path = os.path.join(outdir, f"rank{r}.err")
-        if os.path.exists(path):
-            with open(path) as f:
-                errors += f"--- rank {r} ---\n{f.read()}"
-    if hung:
-        pytest.fail(
-            f"ranks {hung} still running after {WORKER_TIMEOUT_S} s (a hung collective?)\n{errors}"
-        )
-    codes = [p.exitcode for p in procs]
-    assert codes == [0, 0] and not errors, f"worker exit codes {codes}\n{errors}"
-    out = []
-    for r in range(2):
-        with open(os.path.join(outdir, f"rank{r}.pkl"), "rb") as f:
-            out.append(pickle.load(f))
+    out = run_ranks(_run_cases, (cases,), outdir, timeout_s=WORKER_TIMEOUT_S)
     return {c["name"]: c for c in cases}, out
 
 

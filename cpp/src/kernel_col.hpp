@@ -168,24 +168,13 @@ struct Col {
       }
     }
   }
-  template <bool HAS_W, bool HAS_P, bool CAP>
-  static void affine_t(const ColAffineIn<T>& in) {
-    if (in.ycls) affine_impl<HAS_W, HAS_P, CAP, true>(in);
-    else affine_impl<HAS_W, HAS_P, CAP, false>(in);
-  }
-  template <bool HAS_W, bool HAS_P>
-  static void affine_c(const ColAffineIn<T>& in) {
-    if (in.t) affine_t<HAS_W, HAS_P, true>(in);
-    else affine_t<HAS_W, HAS_P, false>(in);
-  }
   static void affine(const ColAffineIn<T>& in) {
-    if (in.w) {
-      if (in.p) affine_c<true, true>(in);
-      else affine_c<true, false>(in);
-    } else {
-      if (in.p) affine_c<false, true>(in);
-      else affine_c<false, false>(in);
-    }
+    with_flags(
+        [&](auto w, auto p, auto cap, auto tgt) {
+          affine_impl<decltype(w)::value, decltype(p)::value, decltype(cap)::value,
+                      decltype(tgt)::value>(in);
+        },
+        in.w != nullptr, in.p != nullptr, in.t != nullptr, in.ycls != nullptr);
   }
 };
 

@@ -96,20 +96,12 @@ inline void Row<V>::affine_s(const AffineIn<T>& in) {
   else affine_impl<HAS_W, HAS_P, CAP, false, Storage::Native>(in);
 }
 template <class V>
-template <bool HAS_W, bool HAS_P>
-inline void Row<V>::affine_c(const AffineIn<T>& in) {
-  if (in.t) affine_s<HAS_W, HAS_P, true>(in);
-  else affine_s<HAS_W, HAS_P, false>(in);
-}
-template <class V>
 inline void Row<V>::affine(const AffineIn<T>& in) {
-  if (in.w) {
-    if (in.p) affine_c<true, true>(in);
-    else affine_c<true, false>(in);
-  } else {
-    if (in.p) affine_c<false, true>(in);
-    else affine_c<false, false>(in);
-  }
+  with_flags(
+      [&](auto w, auto p, auto cap) {
+        affine_s<decltype(w)::value, decltype(p)::value, decltype(cap)::value>(in);
+      },
+      in.w != nullptr, in.p != nullptr, in.t != nullptr);
 }
 
 }  // namespace FASTXENT_ISA_NS

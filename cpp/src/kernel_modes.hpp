@@ -8,6 +8,7 @@
 
 #include <array>
 #include <cstddef>
+#include <type_traits>
 #include <utility>
 
 #include "isa_ns.hpp"
@@ -15,6 +16,20 @@
 
 namespace fastxent {
 namespace FASTXENT_ISA_NS {
+
+// Runtime flags into template arguments, for a pass whose instantiations are every
+// combination of a few flags: with_flags(f, a, b, ...) calls f(std::bool_constant<a>{},
+// std::bool_constant<b>{}, ...) through a tree of branches, one per flag (a's first), and
+// returns what f returns. f reads the values as decltype(x)::value.
+template <bool... Done, class F>
+inline decltype(auto) with_flags(F&& f) {
+  return f(std::bool_constant<Done>{}...);
+}
+template <bool... Done, class F, class... Rest>
+inline decltype(auto) with_flags(F&& f, bool flag, Rest... rest) {
+  if (flag) return with_flags<Done..., true>(f, rest...);
+  return with_flags<Done..., false>(f, rest...);
+}
 
 // The table of Owner::entry<I>() for every index I of a mode.
 template <class Fn, class Owner, int... I>

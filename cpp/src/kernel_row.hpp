@@ -158,8 +158,6 @@ struct Row {
   static void affine_impl(const AffineIn<T>& in);
   template <bool HAS_W, bool HAS_P, bool CAP>
   static void affine_s(const AffineIn<T>& in);
-  template <bool HAS_W, bool HAS_P>
-  static void affine_c(const AffineIn<T>& in);
   static void affine(const AffineIn<T>& in);
 
   // The softmax backward (kernel_softmax_bwd.hpp).

@@ -46,6 +46,18 @@ class Contestant:
     number: int = 1  # calls per timing (more than 1 for calls of a few microseconds)
 
 
+def _torch_peer(torch: Any, F: Any, x: np.ndarray, target: Any) -> Callable[[], Any]:
+    """PyTorch's F.cross_entropy forward and backward on a fresh leaf tensor over x (zero
+    copy) against target (a tensor): the call returns the gradient."""
+
+    def call():
+        xt = torch.from_numpy(x).requires_grad_()
+        F.cross_entropy(xt, target).backward()
+        return xt.grad
+
+    return call
+
+
 @functools.lru_cache(maxsize=None)
 def _jax_fn(jax: Any, jnp: Any) -> Any:
     def loss_fn(x, t):
@@ -100,13 +112,7 @@ def _contestants(
     if isinstance(mods.get("torch"), tuple):
         torch, F = mods["torch"]
         tt = bufs.setdefault("torch_t", torch.from_numpy(t))
-
-        def torch_call():
-            xt = torch.from_numpy(x).requires_grad_()
-            F.cross_entropy(xt, tt).backward()
-            return xt.grad
-
-        cs.append(Contestant("torch", torch_call, kind="peer"))
+        cs.append(Contestant("torch", _torch_peer(torch, F, x, tt), kind="peer"))
     if isinstance(mods.get("jax"), tuple):
         jax, jnp = mods["jax"]
         f = _jax_fn(jax, jnp)
@@ -180,13 +186,7 @@ def _variant_cases(
     ]
     if torch_ok:
         pt = torch.from_numpy(p)
-
-        def torch_probs():
-            xt = torch.from_numpy(x).requires_grad_()
-            F.cross_entropy(xt, pt).backward()
-            return xt.grad
-
-        cs.append(Contestant("torch probs", torch_probs, kind="peer"))
+        cs.append(Contestant("torch probs", _torch_peer(torch, F, x, pt), kind="peer"))
     cases.append((f"{n}x{c} float32, probability targets", cs))
 
     try:
@@ -230,12 +230,6 @@ def _variant_cases(
     ]
     if torch_ok:
         ts = torch.from_numpy(tseg)
-
-        def torch_seg():
-            xt = torch.from_numpy(seg).requires_grad_()
-            F.cross_entropy(xt, ts).backward()
-            return xt.grad
-
-        cs.append(Contestant("torch (N,C,H,W)", torch_seg, kind="peer"))
+        cs.append(Contestant("torch (N,C,H,W)", _torch_peer(torch, F, seg, ts), kind="peer"))
     cases.append(("8x21x512x512 float32, class axis 1 (segmentation)", cs))
     return cases

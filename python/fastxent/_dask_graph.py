@@ -196,18 +196,29 @@ def _denominator(p: Dict[str, Any]) -> Any:
     if p["probs"] and p["sw"] is None:
         return float(p["N"])
     w_all = None if p["w"] is None else da.from_array(p["w"], chunks=-1)
-    parts = da.blockwise(
+    return _sum_of_chunks(
+        da,
         _fastxent_denominator,
-        "i",
         *((None, None) if p["probs"] else (p["tgt"], "i")),
         *((p["sw"], "i") if p["sw"] is not None else (None, None)),
         *((w_all, "c") if w_all is not None else (None, None)),
+        ignore_index=p["ii"],
+        num_classes=p["C"],
+    )
+
+
+def _sum_of_chunks(da: Any, fn: Any, *args: Any, **kw: Any) -> Any:
+    """The sum of fn's float64 partials, one per row chunk: blockwise fn over "i" with the
+    arguments args (array, index) and the keywords kw, each chunk's inputs concatenated."""
+    parts = da.blockwise(
+        fn,
+        "i",
+        *args,
         adjust_chunks={"i": 1},
         dtype=np.float64,
         meta=np.empty((0,), np.float64),
         concatenate=True,
-        ignore_index=p["ii"],
-        num_classes=p["C"],
+        **kw,
     )
     return parts.sum()
 
@@ -231,20 +242,7 @@ def _loss(p: Dict[str, Any], merged: Any, D: Any) -> Any:
             concatenate=True,
             **kw,
         )
-    parts = da.blockwise(
-        _fastxent_loss,
-        "i",
-        merged,
-        "ik",
-        *swargs,
-        *dargs,
-        adjust_chunks={"i": 1},
-        dtype=np.float64,
-        meta=np.empty((0,), np.float64),
-        concatenate=True,
-        **kw,
-    )
-    return parts.sum().astype(p["cdt"])
+    return _sum_of_chunks(da, _fastxent_loss, merged, "ik", *swargs, *dargs, **kw).astype(p["cdt"])
 
 
 def _grad(p: Dict[str, Any], merged: Any, cols: Any, w_d: Any, D: Any) -> Any:

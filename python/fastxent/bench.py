@@ -129,6 +129,16 @@ def _peer_modules(peers: Sequence[str]) -> Dict[str, Any]:
     return mods
 
 
+def torch_modules(emit: Callable[[str], None], *extra: str) -> Optional[Tuple[Any, ...]]:
+    """(torch, *extra) imported (a name in extra may be relative to this package, as
+    ".torch"), or None after emit says the section is skipped: PyTorch is optional."""
+    try:
+        return tuple(importlib.import_module(m, __package__) for m in ("torch",) + extra)
+    except ImportError:
+        emit("  skipped: PyTorch is not installed (pip install 'fastxent[torch]')")
+        return None
+
+
 # ----------------------------------------------------------------------------- measuring
 # Calls shorter than this are timed in loops of several calls (as timeit does): a single
 # call of a few microseconds is mostly timer and cold-cache noise.

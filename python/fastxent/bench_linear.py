@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .bench import Contestant, fmt_time, measure
+from .bench import Contestant, fmt_time, measure, torch_modules
 
 # (N tokens, H hidden, V vocabulary): the shapes; --quick uses QUICK.
 SHAPES: List[Tuple[int, int, int]] = [
@@ -161,11 +161,10 @@ def run_linear(
     import warnings
 
     emit = log or (lambda s: None)
-    try:
-        import torch
-    except ImportError:
-        emit("  skipped: PyTorch is not installed (pip install 'fastxent[torch]')")
+    mods = torch_modules(emit)
+    if mods is None:
         return []
+    (torch,) = mods
     nt = max(threads)
     old = torch.get_num_threads()
     torch.set_num_threads(nt)

@@ -19,7 +19,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from .bench import Contestant, all_threads, fmt_time, measure
+from .bench import Contestant, all_threads, fmt_time, measure, torch_modules
 
 # (title, rows N, vocabulary V, hidden H, dtype name, whole step)
 CASES = [
@@ -86,14 +86,10 @@ def run_training(
 ) -> List[Dict[str, Any]]:
     """Times the cases above at each thread count; returns one row per contestant."""
     emit = log or (lambda s: None)
-    try:
-        import torch
-        import torch.nn.functional as F
-
-        from . import torch as fxt
-    except ImportError:
-        emit("  skipped: PyTorch is not installed (pip install 'fastxent[torch]')")
+    mods = torch_modules(emit, "torch.nn.functional", ".torch")
+    if mods is None:
         return []
+    torch, F, fxt = mods
     try:  # fastxent's default path uses all OpenMP threads: a cap needs threadpoolctl
         from threadpoolctl import threadpool_limits
     except ImportError:
