@@ -8,6 +8,7 @@
 // reads or writes across the class axis's plane stride), and a large out= is streamed out
 // with non-temporal stores.
 #include <algorithm>
+#include <new>
 #include <vector>
 
 #if defined(_OPENMP)
@@ -53,7 +54,14 @@ void cross_entropy_cols(const Problem<T>& problem, int nt, double* losses) {
     T tvals[6 * kTile];
     T *a = tvals, *b = a + lanes, *keep = b + lanes, *ycls = keep + lanes, *zraw = ycls + lanes,
       *tv = zraw + lanes;
-    RowResult rr[kTile];
+    // The lanes' results, left uninitialised (RowResult's default member initialisers would
+    // write all kTile of them, 14 KB, on every call); a counted lane's is constructed before
+    // it is read, and only counted lanes' are read.
+    union RowSlot {
+      RowSlot() {}
+      RowResult r;
+    } slots[kTile];
+    auto rr = [&slots](int64_t j) -> RowResult& { return slots[j].r; };
     unsigned char cnt[kTile];  // p.counted per lane
     std::vector<T> tbuf(p.cap > 0.0 && p.grad ? size_t(C * kTile) : 0);
     std::vector<T> etile(stream ? size_t(C * kTile) : 0);
@@ -117,10 +125,10 @@ void cross_entropy_cols(const Problem<T>& problem, int nt, double* losses) {
           continue;
         }
         const BlockStat st{m[j], s[j], wd[j], us[j]};
-        rr[j] = finish_row(p, &st, n, zy[j]);
-        losses[n] = rr[j].loss;
-        a[j] = T(rr[j].a);
-        b[j] = T(rr[j].b);
+        const RowResult& r = *new (&slots[j].r) RowResult(finish_row(p, &st, n, zy[j]));
+        losses[n] = r.loss;
+        a[j] = T(r.a);
+        b[j] = T(r.b);
         keep[j] = T(1);
       }
       if (!g) continue;
@@ -133,7 +141,7 @@ void cross_entropy_cols(const Problem<T>& problem, int nt, double* losses) {
           if (capture) ycls[j] = T(-1);  // the SIMD pass writes 0 there
           continue;
         }
-        const RowResult& r = rr[j];
+        const RowResult& r = rr(j);
         // NaN rows (one quiet NaN, as write_grad_block), rows of all -inf, the double path,
         // and the target entries when they are not picked up in the SIMD pass.
         if (std::isnan(r.a) || r.M == -kInf || needs_double(p, r, r.a) || (!capture && !p.probs)) {
@@ -147,10 +155,10 @@ void cross_entropy_cols(const Problem<T>& problem, int nt, double* losses) {
       slow_g.resize(late.size() * size_t(C));
       for (size_t k = 0; k < late.size(); ++k) {
         const int64_t j = late[k];
-        if (std::isnan(rr[j].a) || rr[j].M == -kInf || !needs_double(p, rr[j], rr[j].a)) continue;
+        if (std::isnan(rr(j).a) || rr(j).M == -kInf || !needs_double(p, rr(j), rr(j).a)) continue;
         for (int64_t c = 0; c < C; ++c)
           slow_g[k * size_t(C) + size_t(c)] = T(grad_entry(
-              p, rr[j], 1.0 / rr[j].S, double(e[c * eld + j]),
+              p, rr(j), 1.0 / rr(j).S, double(e[c * eld + j]),
               ci.t ? ci.t + c * kTile + j : nullptr, p.in.weight ? double(p.in.weight[c]) : 1.0,
               ci.p ? ci.p + c * inner + j : nullptr));
       }
@@ -179,7 +187,7 @@ void cross_entropy_cols(const Problem<T>& problem, int nt, double* losses) {
       if (ca.stream) p.fence();
       for (size_t k = 0; k < late.size(); ++k) {
         const int64_t j = late[k], n = n0 + j;
-        const RowResult& r = rr[j];
+        const RowResult& r = rr(j);
         if (std::isnan(r.a)) {
           for (int64_t c = 0; c < C; ++c) g[c * inner + j] = T(kNaN);
           continue;
