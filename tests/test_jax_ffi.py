@@ -278,3 +278,25 @@ def test_forward_mode_scan_and_checkpoint(rng):
     g_ckpt = jax.grad(jax.checkpoint(lambda z: fxj.cross_entropy(z, y)))(2 * z)
     _, g2 = fastxent.cross_entropy_with_grad(np.asarray(2 * z), np.asarray(y))
     assert np.array_equal(np.asarray(g_scan[1]), g2) and np.array_equal(np.asarray(g_ckpt), g2)
+
+
+def test_gradient_takes_the_logits_buffer_and_never_corrupts_an_input(rng):
+    """The gradient output aliases the logits operand (the kernel runs in place): where the
+    logits are an intermediate (a head's matmul output) XLA needs no fresh N x C buffer for
+    it; a jit parameter that is not donated is copied first and stays intact."""
+    z = jnp.asarray(rng.standard_normal((8, 5)).astype(np.float32))
+    z0 = np.array(z)
+    y = jnp.asarray(rng.integers(0, 5, 8))
+    head = jax.jit(jax.grad(lambda z: fxj.cross_entropy(z * 2.0, y)))
+    call = [ln for ln in head.lower(z).compile().as_text().splitlines() if "fastxent_ce_grad" in ln]
+    assert call and "output_to_operand_aliasing={{1}: (0, {})}" in call[0], call
+    g = jax.jit(jax.grad(lambda z: fxj.cross_entropy(z, y)))(z)
+    assert np.array_equal(np.asarray(z), z0)  # the parameter is untouched
+    _, g_np = fastxent.cross_entropy_with_grad(z0, np.asarray(y))
+    assert np.array_equal(np.asarray(g), g_np)
+    assert np.array_equal(
+        np.asarray(head(z)), 2 * fastxent.cross_entropy_with_grad(2 * z0, np.asarray(y))[1]
+    )
+    # Donated, the parameter's buffer itself may be reused.
+    donated = jax.jit(jax.grad(lambda z: fxj.cross_entropy(z, y)), donate_argnums=0)
+    assert np.array_equal(np.asarray(donated(jnp.asarray(z0))), g_np)

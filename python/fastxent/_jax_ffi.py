@@ -108,8 +108,16 @@ def _call(want_grad: bool, attrs: Tuple[Tuple[str, Any], ...], x, t, w, sw, sc):
     if want_grad:
         outs.append(_result(x.shape, x.dtype, x))
     empty = jnp.zeros((0,), cdt)
+    # The gradient may take the logits' buffer (the kernel runs in place): where the logits
+    # are an intermediate of the jitted computation (a head's matmul output) XLA then needs no
+    # fresh N x C buffer for the gradient; where they are still needed (a jit parameter that
+    # is not donated, or used again) XLA copies them first.
+    aliases = {0: 1} if want_grad else {}
     f = jax.ffi.ffi_call(
-        "fastxent_ce_grad" if want_grad else "fastxent_ce", tuple(outs), vmap_method="broadcast_all"
+        "fastxent_ce_grad" if want_grad else "fastxent_ce",
+        tuple(outs),
+        vmap_method="broadcast_all",
+        input_output_aliases=aliases,
     )
     return f(
         x,
