@@ -1,4 +1,4 @@
-"""The validated options object handed to the kernel (fastxent._options.LossOptions.core):
+"""The validated options object handed to the kernel (fastxent._keywords.LossOptions.core):
 built once per distinct set of options and reused, which is only right if equal options are
 the same options bit for bit; validation therefore turns -0.0 into 0.0."""
 
@@ -7,7 +7,7 @@ import math
 import numpy as np
 
 import fastxent as fx
-from fastxent import _options
+from fastxent import _keywords, _options
 
 
 def test_equal_options_share_one_core_object():
@@ -38,7 +38,7 @@ def test_negative_zero_smoothing_gives_the_bits_of_zero(rng):
     for name in ("label_smoothing", "z_loss", "normalizer"):
         res = []
         for v in (-0.0, 0.0):
-            _options._CORE_CACHE.clear()
+            _keywords._CORE_CACHE.clear()
             loss, g = fx.cross_entropy_with_grad(z, t, sample_weight=sw, **{name: v})
             res.append((np.asarray(loss).tobytes(), g.tobytes()))
         assert res[0] == res[1], name

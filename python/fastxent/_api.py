@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Optional, Union
 import numpy as np
 
 from . import _core
-from ._keywords import ARRAY, ArrayKeywords
+from ._keywords import ARRAY, ArrayKeywords, keyword_docs
 from ._options import (
     FLOAT_DTYPES,
     REDUCTIONS,
@@ -159,30 +159,8 @@ _DOC_PARAMS = """
     target : array_like
         Class indices of any integer dtype, shape ``logits.shape[:-1]``, in ``[0, C)`` or
         equal to ``ignore_index``; or class probabilities, a float array of the logits' shape.
-    axis : int
-        The class axis (default -1). Any axis works: PyTorch's (N, C, d1, ..., dk) layout with
-        ``axis=1`` is read in place (vectorised across the inner positions, no transposed
-        copy); the target then has the logits' shape without that axis.
-    reduction : {"mean", "sum", "none"}
-    weight : array_like, shape (C,), optional
-        Class weights.
-    ignore_index : int
-        Rows whose class target equals it count for nothing (default -100; class targets only).
-    label_smoothing : float in [0, 1]
-    sample_weight : array_like, shape ``logits.shape[:-1]``, optional
-        Per-row weights, combined with class weights and smoothing.
-    z_loss : float >= 0
-        Adds ``z_loss * lse**2`` per counted row (PaLM's auxiliary loss).
-    softcap : float > 0, optional
-        Logits pass through ``softcap * tanh(z / softcap)`` before the softmax (Gemma 2).
-    logit_scale : float > 0
-        Logits are multiplied by it first (inverse temperature).
-    normalizer : float >= 0, optional
-        The denominator of "mean" (e.g. the global token count across accumulation steps).
-    num_threads : int, optional
-        Caps the OpenMP threads of this call (default: OpenMP's, i.e. OMP_NUM_THREADS or a
-        threadpoolctl limit). Results are bitwise identical for every thread count.
-"""
+""" + keyword_docs(ARRAY)
+
 
 _DOC_DIFF = """
     Differences from PyTorch (deliberate): when no row counts (all ignored, zero rows, or

@@ -1,17 +1,8 @@
-"""The keyword validation and array helpers shared by every front end (fastxent's NumPy
-functions, the shard, sigmoid and companion functions, fastxent.dask, .torch and .jax).
-
-This module owns:
-
-* :class:`LossOptions`, the frozen, validated form of the scalar loss keywords, and its
-  conversion to the compiled ``_core.Options`` (one object handed whole to every kernel entry
-  point). A new scalar option is one field and one validation line here, its default and
-  type in _keywords (which the public signatures are built from), plus its field in
-  the C++ ``fastxent::Options`` and its constructor argument and ``def_readwrite`` line in
-  cpp/bindings/register_options.cpp.
-* The array helpers: zero-copy conversion of array-likes (DLPack, buffer protocol), the
-  (rows, C) and (outer, C, inner) views the kernel reads, target / weight / ``out=`` checks,
-  and the error naming a bad class index.
+"""The array helpers shared by every front end (fastxent's NumPy functions, the shard, sigmoid
+and companion functions, fastxent.dask, .torch and .jax): zero-copy conversion of array-likes
+(DLPack, buffer protocol), the (rows, C) and (outer, C, inner) views the kernel reads, target /
+weight / ``out=`` checks, and the error naming a bad class index. The scalar options
+(LossOptions and its validators) live in _keywords and are re-exported here.
 
 Every check raises before the kernel writes a byte. The error messages are part of the tested
 behaviour: change them only together with the tests.
@@ -19,133 +10,22 @@ behaviour: change them only together with the tests.
 
 from __future__ import annotations
 
-import math
 import operator
-from typing import Any, NamedTuple, Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import numpy as np
 
-from . import _core
+from ._keywords import (  # noqa: F401 (re-exported: the scalar options live in _keywords)
+    REDUCTIONS,
+    LossOptions,
+    common_options,
+    index,
+    real,
+    reduction_code,
+    threads,
+)
 
-REDUCTIONS = {"none": 0, "sum": 1, "mean": 2}
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-
-
-# ---------------------------------------------------------------------------- scalar options
-
-
-def real(v: Any, name: str, lo: float, lo_open: bool) -> float:
-    """v as a finite float >= lo (> lo when lo_open); TypeError / ValueError naming it."""
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a real number, got {type(v).__name__}") from None
-    if not math.isfinite(f) or f < lo or (lo_open and f == lo):
-        raise ValueError(f"{name} must be finite and {'>' if lo_open else '>='} {lo:g}, got {v!r}")
-    return f + 0.0  # -0.0 as 0.0: equal options are then equal bit for bit (see core)
-
-
-def index(v: Any, name: str) -> int:
-    """v as a Python int (operator.index); TypeError naming it."""
-    try:
-        return operator.index(v)
-    except TypeError:
-        raise TypeError(f"{name} must be an integer, got {type(v).__name__}") from None
-
-
-def reduction_code(reduction: Any) -> int:
-    """0 for "none", 1 for "sum", 2 for "mean"."""
-    if not isinstance(reduction, str) or reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    return REDUCTIONS[reduction]
-
-
-def threads(num_threads: Any) -> int:
-    """num_threads (None or >= 1) as the kernel's count, 0 meaning OpenMP's default."""
-    if num_threads is None:
-        return 0
-    try:
-        nt = operator.index(num_threads)
-    except TypeError:
-        raise TypeError("num_threads must be None or a positive integer") from None
-    if nt < 1:
-        raise ValueError(f"num_threads must be None or >= 1, got {num_threads}")
-    return nt
-
-
-def common_options(
-    reduction: Any, ignore_index: Any, label_smoothing: Any, num_threads: Any
-) -> Tuple[int, int, float, int]:
-    """(reduction code, ignore_index, label_smoothing, thread count), checked in that order."""
-    red = reduction_code(reduction)
-    try:
-        ii = operator.index(ignore_index)
-    except TypeError:
-        raise TypeError("ignore_index must be an integer") from None
-    if not -(2**63) <= ii < 2**63:
-        raise ValueError("ignore_index must fit in int64")
-    eps = float(label_smoothing) + 0.0  # -0.0 as 0.0 (see LossOptions.core)
-    if not 0.0 <= eps <= 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
-    return red, ii, eps, threads(num_threads)
-
-
-class LossOptions(NamedTuple):
-    """The validated scalar options of one call, field for field those of ``_core.Options``
-    (the C++ ``fastxent::Options``): reduction 0 none / 1 sum / 2 mean, softcap 0 = off,
-    normalizer None = the default denominator, num_threads 0 = OpenMP's default. Immutable
-    (a NamedTuple: cheap to build per call, and a cache key)."""
-
-    reduction: int = 2
-    ignore_index: int = -100
-    label_smoothing: float = 0.0
-    z_loss: float = 0.0
-    softcap: float = 0.0
-    logit_scale: float = 1.0
-    normalizer: Optional[float] = None
-    num_threads: int = 0
-
-    @classmethod
-    def from_keywords(
-        cls,
-        reduction: Any = "mean",
-        ignore_index: Any = -100,
-        label_smoothing: Any = 0.0,
-        z_loss: Any = 0.0,
-        softcap: Any = None,
-        logit_scale: Any = 1.0,
-        normalizer: Any = None,
-        num_threads: Any = None,
-    ) -> "LossOptions":
-        """The public keywords, checked in this order (the first bad one raises)."""
-        red, ii, eps, nt = common_options(reduction, ignore_index, label_smoothing, num_threads)
-        return cls(
-            red,
-            ii,
-            eps,
-            real(z_loss, "z_loss", 0.0, False),
-            0.0 if softcap is None else real(softcap, "softcap", 0.0, True),
-            real(logit_scale, "logit_scale", 0.0, True),
-            None if normalizer is None else real(normalizer, "normalizer", 0.0, False),
-            nt,
-        )
-
-    def core(self) -> Any:
-        """These values as a ``_core.Options``, from a small cache keyed by the options
-        themselves (building one costs about 0.7 us, a lookup 0.1 us; a training loop calls
-        with the same options every step). Equal keys are the same options bit for bit: the
-        fields are converted ints and floats, no NaN passes validation, and validation turns
-        -0.0 into 0.0 (the one pair of equal floats that differ). The cached objects are
-        never modified."""
-        opt = _CORE_CACHE.get(self)
-        if opt is None:
-            if len(_CORE_CACHE) >= 64:
-                _CORE_CACHE.clear()
-            opt = _CORE_CACHE[self] = _core.Options(*self)
-        return opt
-
-
-_CORE_CACHE: "dict[LossOptions, Any]" = {}
 
 
 # ---------------------------------------------------------------------------- arrays
