@@ -179,3 +179,41 @@ def test_integer_targets_are_not_differentiable(rng):
     y = jnp.asarray([0, 1, 2])
     with pytest.raises(TypeError):
         jax.grad(lambda y: fxj.cross_entropy(z, y))(y)
+
+
+def test_zero_target_weights_still_have_a_derivative(rng):
+    """Where a soft label, a class weight or the smoothing is 0, the loss is still linear in
+    it with slope lse - z' (only 0 * inf is taken as 0): one-hot labels, a zero class weight
+    and label_smoothing = 0 against forward differences of the kernel's loss (linear in each,
+    so exact up to rounding) and optax's label gradient."""
+    z = rng.standard_normal((3, 5))
+    y = np.array([1, 2, 4])
+    onehot = np.eye(5)[[0, 2, 4]]
+    d = rng.standard_normal(onehot.shape)
+    got = float(jnp.vdot(jax.grad(lambda p: fxj.cross_entropy(z, p))(onehot), d))
+    fd = (_kernel_sum(z, onehot + H * d, {}) - _kernel_sum(z, onehot, {})) / H
+    assert abs(got - fd) <= FD_TOL
+    optax = pytest.importorskip("optax")
+    g_optax = jax.grad(lambda p: optax.softmax_cross_entropy(z, p).mean())(onehot)
+    np.testing.assert_allclose(
+        jax.grad(lambda p: fxj.cross_entropy(z, p))(onehot), g_optax, atol=1e-15
+    )
+    w = np.array([1.0, 0.0, 1.0, 1.0, 1.0])
+    gw = jax.grad(lambda w: fxj.cross_entropy(z, y, weight=w, reduction="sum"))(w)
+    e1 = np.eye(5)[1]
+    fd_w = (
+        _kernel_sum(z, y, dict(weight=w + H * e1, reduction="sum"))
+        - _kernel_sum(z, y, dict(weight=w, reduction="sum"))
+    ) / H
+    assert abs(float(gw[1]) - fd_w) <= FD_TOL and abs(fd_w) > 0.1
+    geps = jax.grad(lambda e: fxj.cross_entropy(z, y, label_smoothing=e))(0.0)
+    fd_eps = (_kernel_sum(z, y, dict(label_smoothing=H)) - _kernel_sum(z, y, {})) / H
+    assert abs(float(geps) - fd_eps) <= FD_TOL
+
+
+def test_an_ignore_index_outside_the_targets_type_matches_nothing(rng):
+    z = jnp.asarray(rng.standard_normal((3, 4)))
+    y = jnp.asarray(np.array([0, 1, 3], np.int32))
+    f = lambda z: fxj.cross_entropy(z, y, ignore_index=2**40)  # noqa: E731
+    h = jax.hessian(f)(z)
+    np.testing.assert_allclose(h, jax.hessian(lambda z: fxj.cross_entropy(z, y))(z), atol=1e-15)

@@ -235,3 +235,12 @@ def test_a_group_keyword_declared_by_the_function_itself_is_refused():
 
     with pytest.raises(AssertionError, match="z_loss"):
         _keywords.LOSS(f)
+
+
+def test_annotations_evaluate_at_run_time():
+    """typing.get_type_hints (typeguard, Sphinx) resolves the **kw annotations."""
+    import typing
+
+    for fn, _, _, _ in NUMPY_FUNCTIONS:
+        hints = typing.get_type_hints(fn)
+        assert "kw" in hints, fn.__name__

@@ -6,12 +6,12 @@ call leaves ``out=`` and the logits exactly as they were.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Mapping, Optional, Union
+from typing import Any, Mapping, Optional, Union
 
 import numpy as np
 
 from . import _core
-from ._keywords import ARRAY, ArrayKeywords, keyword_docs
+from ._keywords import ARRAY, ArrayKeywords, Unpack, keyword_docs
 from ._options import (
     FLOAT_DTYPES,
     REDUCTIONS,
@@ -26,9 +26,6 @@ from ._options import (
     rows_view,
 )
 from ._options import to_numpy as _to_numpy  # (tests read arrays through fastxent._api)
-
-if TYPE_CHECKING:  # pragma: no cover
-    from typing_extensions import Unpack
 
 __all__ = ["cross_entropy", "cross_entropy_with_grad"]
 

@@ -55,8 +55,11 @@ def reference_loss(
         counted = jnp.ones((N,), bool)
         den = s
     else:
-        y = t.reshape(-1).astype(jnp.int32 if C < 2**31 else jnp.int64)
-        counted = y != ignore_index
+        y = t.reshape(-1)
+        lim = np.iinfo(np.dtype(y.dtype))
+        # An ignore_index outside the targets' integer type matches no target.
+        fits = lim.min <= ignore_index <= lim.max
+        counted = y != ignore_index if fits else jnp.ones((N,), bool)
         yc = jnp.where(counted, y, 0)
         # An ignored row's logits reach nothing, not even as 0 * NaN in a derivative: they are
         # replaced before any operation on them.
@@ -67,8 +70,12 @@ def reference_loss(
         den = jnp.where(counted, s * wy, 0.0)
     zp = softcap * jnp.tanh(logit_scale * z / softcap) if softcap > 0 else logit_scale * z
     lse = jax.nn.logsumexp(zp, axis=1)
-    # 0 * inf := 0 (a class with no target weight at a -inf logit costs nothing).
-    terms = jnp.where(u == 0, 0.0, u * (lse[:, None] - zp))
+    # 0 * inf := 0: a class with no target weight at a -inf logit costs nothing, and its
+    # derivative with respect to that weight is taken as 0 (the loss is +inf on one side of
+    # u = 0 there). Only that case is masked: where u is 0 and the logit finite, the
+    # derivative with respect to u (a soft label, a class weight, the smoothing) is lse - z'.
+    d = lse[:, None] - zp
+    terms = u * jnp.where((u == 0) & jnp.isinf(d), 0.0, d)
     row = jnp.where(counted, s * (terms.sum(axis=1) + z_loss * lse * lse), 0.0)
     if reduction == 0:
         return row.reshape(rows_shape)

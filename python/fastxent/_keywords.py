@@ -38,6 +38,7 @@ from typing import (
     List,
     Mapping,
     NamedTuple,
+    TYPE_CHECKING,
     Optional,
     Tuple,
     TypedDict,
@@ -45,6 +46,25 @@ from typing import (
 )
 
 from . import _core
+
+# Unpack, for the front ends' ``**kw: Unpack[...]`` annotations, importable at run time too
+# (typing.get_type_hints, typeguard, Sphinx evaluate them).
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+else:
+    try:
+        from typing import Unpack  # Python 3.11+
+    except ImportError:  # pragma: no cover - Python 3.9 and 3.10
+        try:
+            from typing_extensions import Unpack
+        except ImportError:
+
+            class Unpack:
+                """A stand-in without typing_extensions: Unpack[X] evaluates to X."""
+
+                def __class_getitem__(cls, item: Any) -> Any:
+                    return item
+
 
 __all__ = [
     "DEFAULTS",

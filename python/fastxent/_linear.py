@@ -30,12 +30,12 @@ Invariants of the tile loop:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import numpy as np
 
 from ._api import cross_entropy, cross_entropy_with_grad
-from ._keywords import LOSS, LossKeywords
+from ._keywords import LOSS, LossKeywords, Unpack
 from ._linear_plan import (  # noqa: F401 (re-exported: fastxent._linear's names)
     _MIN_ROWS,
     _OPTION_NAMES,
@@ -54,9 +54,6 @@ __all__ = ["linear_cross_entropy", "linear_cross_entropy_with_grad"]
 # Bytes of the vocabulary chunks through which grad_weight is accumulated where the BLAS
 # cannot add into it (NumPy's matmul, 16-bit PyTorch): small enough to stay in cache.
 CHUNK_BYTES = 1 << 20
-
-if TYPE_CHECKING:  # pragma: no cover
-    from typing_extensions import Unpack
 
 
 def _tile_kw(

@@ -22,12 +22,12 @@ them as: M = max over shards of ``max``; then the sum over shards of
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import numpy as np
 
 from . import _core
-from ._keywords import LOSS, SHARD, LossKeywords, ShardKeywords
+from ._keywords import LOSS, SHARD, LossKeywords, ShardKeywords, Unpack
 from ._options import (
     LossOptions,
     as_target,
@@ -53,9 +53,6 @@ __all__ = [
 #: The fields of the last axis of shard statistics, in order.
 STAT_FIELDS: Tuple[str, ...] = ("max", "sumexp", "q", "qz", "wy", "count", "columns")
 assert len(STAT_FIELDS) == _core.STAT_FIELDS
-
-if TYPE_CHECKING:  # pragma: no cover
-    from typing_extensions import Unpack
 
 
 def _shard_args(logits: Any, target: Any, offset: Any, num_classes: Any, o: Dict[str, Any]):

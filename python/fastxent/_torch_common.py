@@ -245,7 +245,6 @@ def reference_loss(z: Tensor, target: Tensor, kw: Dict[str, Any]) -> Tensor:
         return v.to(dt).reshape(shape)
 
     cap, alpha = kw.get("softcap"), float(kw.get("logit_scale", 1.0))
-    zp = cap * torch.tanh(alpha * zz / cap) if cap is not None else alpha * zz
     w = vec(kw["weight"], (C,))
     s = vec(kw.get("sample_weight"), (N,))
     eps = float(kw["label_smoothing"])
@@ -258,14 +257,21 @@ def reference_loss(z: Tensor, target: Tensor, kw: Dict[str, Any]) -> Tensor:
         y = target.reshape(-1).to(torch.int64)
         counted = y != kw["ignore_index"]
         yc = torch.where(counted, y, 0)
-        zp = torch.where(counted[:, None], zp, 0.0)  # an ignored row's logits reach nothing
+        # An ignored row's logits reach nothing, not even as 0 * NaN in a derivative: they are
+        # replaced before any operation on them.
+        zz = torch.where(counted[:, None], zz, 0.0)
         onehot = (torch.arange(C)[None, :] == yc[:, None]).to(dt)
         wy = w[yc]  # (indexing also refuses a class index out of range, under vmap too)
         u = (eps / C) * w.expand(N, C) + (1.0 - eps) * onehot * wy[:, None]
         den = torch.where(counted, s * wy, 0.0)
+    zp = cap * torch.tanh(alpha * zz / cap) if cap is not None else alpha * zz
     lse = torch.logsumexp(zp, dim=1)
-    # 0 * inf := 0 (a class with no target weight at a -inf logit costs nothing).
-    terms = torch.where(u == 0, 0.0, u * (lse[:, None] - zp))
+    # 0 * inf := 0: a class with no target weight at a -inf logit costs nothing, and its
+    # derivative with respect to that weight is taken as 0 (the loss is +inf on one side of
+    # u = 0 there). Only that case is masked: where u is 0 and the logit finite, the
+    # derivative with respect to u (a soft label, a class weight, the smoothing) is lse - z'.
+    d = lse[:, None] - zp
+    terms = u * torch.where((u == 0) & torch.isinf(d), 0.0, d)
     row = torch.where(
         counted, s * (terms.sum(dim=1) + float(kw.get("z_loss", 0.0)) * lse * lse), 0.0
     )

@@ -21,21 +21,18 @@ Invariants:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from . import _linear
-from ._keywords import EXTRA, ExtraKeywords
+from ._keywords import EXTRA, ExtraKeywords, Unpack
 
 __all__ = ["linear_cross_entropy", "LinearCrossEntropyLoss"]
 
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-
-if TYPE_CHECKING:  # pragma: no cover
-    from typing_extensions import Unpack
 
 
 def _np(t: Tensor) -> np.ndarray:

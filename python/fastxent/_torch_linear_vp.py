@@ -20,20 +20,17 @@ Invariants:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from . import _linear
-from ._keywords import EXTRA, ExtraKeywords
+from ._keywords import EXTRA, ExtraKeywords, Unpack
 from ._shard import loss_from_stats, shard_grad, shard_stats, stats_denominator
 
 __all__ = ["vocab_parallel_linear_cross_entropy"]
-
-if TYPE_CHECKING:  # pragma: no cover
-    from typing_extensions import Unpack
 
 
 def _logits32(x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tuple[Tensor, np.ndarray]:

@@ -3,14 +3,14 @@ fastxent.torch): Megatron-LM's vocab-parallel layout over a torch.distributed gr
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, NamedTuple, Optional, Tuple
+from typing import Any, NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from . import _shard
-from ._keywords import EXTRA, ExtraKeywords
+from ._keywords import EXTRA, ExtraKeywords, Unpack
 from ._options import index
 from ._torch_common import (
     all_ones,
@@ -27,9 +27,6 @@ from ._torch_common import (
 # --------------------------------------------------------------------------------------------
 
 _NSTAT = len(_shard.STAT_FIELDS)
-
-if TYPE_CHECKING:  # pragma: no cover
-    from typing_extensions import Unpack
 
 
 def torch_dist() -> Any:

@@ -59,7 +59,7 @@ from ._dask_graph import (  # noqa: F401 (the tasks and helpers are re-exported)
     _merge_keep,
     _target_block,
 )
-from ._keywords import LOSS, LossKeywords
+from ._keywords import LOSS, LossKeywords, Unpack
 from ._options import (
     FLOAT_DTYPES,
     as_target,
@@ -73,7 +73,6 @@ from ._options import (
 
 if TYPE_CHECKING:  # pragma: no cover
     import dask.array
-    from typing_extensions import Unpack
 
 __all__ = ["cross_entropy", "cross_entropy_with_grad"]
 

@@ -30,7 +30,7 @@ Requires the optional extra: ``pip install fastxent[torch]``.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Dict, Optional, cast
+from typing import Any, Dict, Optional, cast
 
 try:
     import torch
@@ -38,16 +38,13 @@ except ImportError as _e:  # pragma: no cover - exercised without torch installe
     raise ImportError("fastxent.torch needs PyTorch: pip install 'fastxent[torch]'") from _e
 from torch import Tensor, nn
 
-from ._keywords import EXTRA, ExtraKeywords
+from ._keywords import EXTRA, ExtraKeywords, Unpack
 from ._options import common_options
 from ._torch_autograd import general_cross_entropy
 from ._torch_bce import BCEWithLogitsLoss, binary_cross_entropy_with_logits
 from ._torch_fast import is_compiling, kept_buffer_bytes, lean_call, release_buffers
 from ._torch_nodata import validate_options
 from ._torch_vocab import vocab_parallel_cross_entropy
-
-if TYPE_CHECKING:  # pragma: no cover
-    from typing_extensions import Unpack
 
 __all__ = [
     "cross_entropy",
