@@ -244,3 +244,26 @@ def test_annotations_evaluate_at_run_time():
     for fn, _, _, _ in NUMPY_FUNCTIONS:
         hints = typing.get_type_hints(fn)
         assert "kw" in hints, fn.__name__
+
+
+def test_defaults_spelled_out_take_the_fast_path(monkeypatch):
+    """fx.cross_entropy(z, y, ignore_index=-100) is the plain call: the small-call fast path
+    takes it, as it takes the call without keywords; any other value takes the general path."""
+    from fastxent import _api
+
+    z = np.linspace(-1, 1, 40, dtype=np.float32).reshape(4, 10)
+    y = np.array([0, 9, 3, 3])
+    want = fx.cross_entropy_with_grad(z, y)
+    spelled = dict(axis=-1, ignore_index=-100, label_smoothing=0.0, softcap=None, weight=None)
+    calls = []
+    run = _api._run
+    monkeypatch.setattr(_api, "_run", lambda *a: calls.append(a) or run(*a))
+    got = fx.cross_entropy_with_grad(z, y, **spelled)
+    assert not calls
+    assert got[0] == want[0] and np.array_equal(got[1], want[1])
+    for other in (dict(ignore_index=-1), dict(label_smoothing=np.float64(0.0)), dict(axis=0)):
+        zz = z.T.copy() if "axis" in other else z
+        got = fx.cross_entropy_with_grad(zz, y, **other)
+        g_want = want[1].T if "axis" in other else want[1]
+        assert got[0] == want[0] and np.array_equal(got[1], g_want)
+    assert len(calls) == 3

@@ -11,7 +11,7 @@ from typing import Any, Mapping, Optional, Union
 import numpy as np
 
 from . import _core
-from ._keywords import ARRAY, ArrayKeywords, Unpack, keyword_docs
+from ._keywords import ARRAY, DEFAULTS, ArrayKeywords, Unpack, keyword_docs
 from ._options import (
     FLOAT_DTYPES,
     REDUCTIONS,
@@ -185,12 +185,22 @@ _FAST_KEYWORDS = frozenset(("reduction", "num_threads"))
 
 
 def _fast_ok(kw: Mapping[str, Any]) -> bool:
-    """No keyword but reduction and a plain positive num_threads (the condition of the fast
-    path; the defaults of the others are the fast path's)."""
+    """Every keyword but reduction at its default (spelled out or not: ignore_index=-100 is
+    common) and num_threads None or a plain positive int: the condition of the fast path."""
     if not kw:
         return True
     if not _FAST_KEYWORDS.issuperset(kw):
-        return False
+        for k, v in kw.items():
+            if k in _FAST_KEYWORDS:
+                continue
+            if k not in DEFAULTS:
+                return False  # the general path raises
+            d = DEFAULTS[k]
+            if d is None:
+                if v is not None:
+                    return False
+            elif not (type(v) in (int, float) and v == d):
+                return False
     nt = kw.get("num_threads")
     return nt is None or (type(nt) is int and 0 < nt < 2**31)
 
