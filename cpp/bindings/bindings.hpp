@@ -21,6 +21,7 @@ void register_rows(py::module_& m);        // register_rows.cpp: cross_entropy(_
 void register_fast(py::module_& m);        // register_fast.cpp: fast_call(_raw)
 void register_companions(py::module_& m);  // register_companions.cpp: softmax & co.
 void register_sigmoid(py::module_& m);     // register_sigmoid.cpp
+void register_distill(py::module_& m);     // register_distill.cpp
 void register_shard(py::module_& m);       // register_shard.cpp
 void register_system(py::module_& m);      // register_system.cpp: ISAs, threads, build
 #if defined(FASTXENT_XLA_FFI)

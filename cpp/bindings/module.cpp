@@ -15,6 +15,7 @@ PYBIND11_MODULE(_core, m) {
   fastxent_py::register_fast(m);
   fastxent_py::register_companions(m);
   fastxent_py::register_sigmoid(m);
+  fastxent_py::register_distill(m);
   fastxent_py::register_shard(m);
   fastxent_py::register_system(m);
 #if defined(FASTXENT_XLA_FFI)

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <limits>
 
+#include "distill_table.hpp"
 #include "isa_list.hpp"
 #include "sigmoid_table.hpp"
 
@@ -203,6 +204,8 @@ struct KernelTable {
   void (*fence)();  // orders non-temporal stores before later stores
   SigmoidFns<float> sig_f32;
   SigmoidFns<double> sig_f64;
+  DistillFns<float> dist_f32;
+  DistillFns<double> dist_f64;
   // Float16 / BFloat16 storage <-> float32, n elements (storage is never Native).
   void (*half_to_f32)(const uint16_t* src, float* dst, int64_t n, Storage storage);
   void (*f32_to_half)(const float* src, uint16_t* dst, int64_t n, Storage storage);
@@ -219,6 +222,17 @@ inline const SigmoidFns<float>& sigmoid_fns<float>(const KernelTable& t) {
 template <>
 inline const SigmoidFns<double>& sigmoid_fns<double>(const KernelTable& t) {
   return t.sig_f64;
+}
+
+template <class T>
+inline const DistillFns<T>& distill_fns(const KernelTable& t);
+template <>
+inline const DistillFns<float>& distill_fns<float>(const KernelTable& t) {
+  return t.dist_f32;
+}
+template <>
+inline const DistillFns<double>& distill_fns<double>(const KernelTable& t) {
+  return t.dist_f64;
 }
 
 template <class T>

@@ -3,6 +3,7 @@
 // (name = FASTXENT_ISA_NS, an entry of isa_list.hpp).
 #pragma once
 
+#include "distill_impl.hpp"
 #include "half_impl.hpp"
 #include "kernel_contract.hpp"
 #include "kernel_impl.hpp"
@@ -22,6 +23,8 @@ inline KernelTable make_table(const char* name) {
           &V_fence,
           Sigmoid<VF>::fns(),
           Sigmoid<VD>::fns(),
+          Distill<VF>::fns(),
+          Distill<VD>::fns(),
           &Half<VF>::to_f32,
           &Half<VF>::from_f32,
           prefers_streaming_stores<VF>()};

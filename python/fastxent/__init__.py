@@ -15,6 +15,12 @@ from typing import List
 from . import _core
 from ._api import cross_entropy, cross_entropy_with_grad
 from ._linear import linear_cross_entropy, linear_cross_entropy_with_grad
+from ._distill import (
+    jsd_with_logits,
+    jsd_with_logits_with_grad,
+    kl_div_with_logits,
+    kl_div_with_logits_with_grad,
+)
 from ._companions import log_softmax, logsumexp, softmax, softmax_backward, softmax_jacobian
 from ._shard import (
     STAT_FIELDS,
@@ -40,6 +46,10 @@ __all__ = [
     "softmax_jacobian",
     "sigmoid_cross_entropy",
     "sigmoid_cross_entropy_with_grad",
+    "kl_div_with_logits",
+    "kl_div_with_logits_with_grad",
+    "jsd_with_logits",
+    "jsd_with_logits_with_grad",
     "STAT_FIELDS",
     "shard_stats",
     "merge_stats",

@@ -91,6 +91,20 @@ def sigmoid_cross_entropy(
     grad: object,
     losses: object,
 ) -> float: ...
+def distill(
+    student: numpy.ndarray,
+    teacher: numpy.ndarray,
+    divergence: _Int,
+    beta: float,
+    temperature: float,
+    reduction: _Int,
+    row_weight: object,
+    num_threads: _Int,
+    half: _Int,
+    grad_student: object,
+    grad_teacher: object,
+    row_losses: object,
+) -> float: ...
 def shard_stats(
     logits: numpy.ndarray,
     target: object,

@@ -1,0 +1,205 @@
+// Distillation kernels (KL and generalised JSD between softmax(alpha s) and softmax(alpha t)),
+// written once over the vector traits (see kernel_impl.hpp); the interface and the formulas
+// are in distill_table.hpp, the row driver in distill.cpp.
+//
+// Precision: exp through vexp (kernel_exp.hpp), log1p through vlog1p01 (sigmoid_impl.hpp);
+// sums in vectors of the storage type over 16 vectors, then double; chunks (kChunk) merged in
+// double. The per-element log-probabilities lx = x - lse_x are formed in the storage type
+// (lse rounded once), so lx <= 0 exactly where x <= max and vexp stays in its domain.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#include "distill_table.hpp"
+#include "kernel_impl.hpp"
+#include "sigmoid_impl.hpp"  // vlog1p01
+
+#include "isa_ns.hpp"
+
+namespace fastxent {
+namespace FASTXENT_ISA_NS {
+
+template <class V>
+struct Distill {
+  using T = typename V::T;
+  using R = typename V::R;
+  static constexpr int64_t W = V::W;
+  // Elements of each operand per chunk of the statistics pass: the max loop reads the chunk,
+  // the sum loop reads it again from L1 (2 x 8 KiB).
+  static constexpr int64_t kChunk = int64_t(8192 / sizeof(T));
+  static constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+
+  static R loadn(const T* p, int64_t len) {
+    return len >= W ? V::load(p) : V::load_partial(p, len, kNegInf);
+  }
+  static void storen(T* p, R v, int64_t len) {
+    if (len >= W) V::store(p, v);
+    else V::store_partial(p, v, len);
+  }
+  // e * d, but 0 where e == 0 (e >= 0 comes from vexp, which flushes to +0): a zero
+  // probability times an infinite log-ratio counts 0. NaN in e stays NaN.
+  static R mul0(R e, R d) {
+    return V::zero_if_less(e, V::set1(std::numeric_limits<T>::denorm_min()), V::mul(e, d));
+  }
+  // log(exp(u) + exp(v)) for u, v <= 0 or -inf (NaN where both are -inf; callers mask it).
+  static R logaddexp(R u, R v) {
+    const R d = V::sub(V::set1(T(0)), V::abs(V::sub(u, v)));
+    return V::add(V::max(u, v), vlog1p01<V>(vexp<V>(d)));
+  }
+
+  // Accumulates vectors in the storage type and moves them into double every 16 additions.
+  template <int K>
+  struct Acc {
+    R v[K];
+    double d[K] = {};
+    int pending = 0;
+    Acc() {
+      for (int k = 0; k < K; ++k) v[k] = V::set1(T(0));
+    }
+    void flush() {
+      for (int k = 0; k < K; ++k) {
+        d[k] += V::hsum(v[k]);
+        v[k] = V::set1(T(0));
+      }
+      pending = 0;
+    }
+    void tick() {
+      if (++pending == 16) flush();
+    }
+  };
+
+  // (M, S, A) += (m, s, a) for the same quantity taken with shift m.
+  static void merge(double& M, double& S, double& A, double m, double s, double a) {
+    if (s == 0.0 && a == 0.0 && m == -std::numeric_limits<double>::infinity()) return;
+    if (m > M) {
+      const double f = std::exp(M - m);
+      S = S * f + s;
+      A = A * f + a;
+      M = m;
+    } else {
+      const double f = std::exp(m - M);
+      S += s * f;
+      A += a * f;
+    }
+  }
+
+  static void stats(const T* s, const T* t, int64_t n, T alpha, double* out) {
+    const R a = V::set1(alpha);
+    const double ninf = -std::numeric_limits<double>::infinity();
+    double Mx = ninf, Sx = 0, Ax = 0, My = ninf, Sy = 0, Ay = 0;
+    for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
+      const int64_t len = n - c0 < kChunk ? n - c0 : kChunk;
+      const T* sc = s + c0;
+      const T* tc = t + c0;
+      R vx = V::set1(kNegInf), vy = V::set1(kNegInf);
+      for (int64_t i = 0; i < len; i += W) {
+        const int64_t l = len - i < W ? len - i : W;
+        vx = V::max(vx, V::mul(a, loadn(sc + i, l)));
+        vy = V::max(vy, V::mul(a, loadn(tc + i, l)));
+      }
+      const T mx = V::hmax(vx), my = V::hmax(vy);
+      // An all -inf chunk shifts by 0 (its exps are then 0, not NaN).
+      const R shx = V::set1(mx == kNegInf ? T(0) : mx), shy = V::set1(my == kNegInf ? T(0) : my);
+      Acc<4> acc;  // S_x, A_x, S_y, A_y
+      for (int64_t i = 0; i < len; i += W) {
+        const int64_t l = len - i < W ? len - i : W;
+        const R x = V::mul(a, loadn(sc + i, l)), y = V::mul(a, loadn(tc + i, l));
+        const R ex = vexp<V>(V::sub(x, shx)), ey = vexp<V>(V::sub(y, shy));
+        const R d = V::sub(x, y);
+        acc.v[0] = V::add(acc.v[0], ex);
+        acc.v[1] = V::add(acc.v[1], mul0(ex, d));
+        acc.v[2] = V::add(acc.v[2], ey);
+        acc.v[3] = V::sub(acc.v[3], mul0(ey, d));
+        acc.tick();
+      }
+      acc.flush();
+      merge(Mx, Sx, Ax, double(mx), acc.d[0], acc.d[1]);
+      merge(My, Sy, Ay, double(my), acc.d[2], acc.d[3]);
+    }
+    out[0] = Mx;
+    out[1] = Sx;
+    out[2] = Ax;
+    out[3] = My;
+    out[4] = Sy;
+    out[5] = Ay;
+  }
+
+  struct Logs {
+    R x, y, lx, ly, ex, ey;
+  };
+  static Logs logs(const DistillRow<T>& r, R a, R lsx, R lsy, int64_t i, int64_t l) {
+    Logs g;
+    g.x = V::mul(a, loadn(r.s + i, l));
+    g.y = V::mul(a, loadn(r.t + i, l));
+    g.lx = V::sub(g.x, lsx);
+    g.ly = V::sub(g.y, lsy);
+    g.ex = vexp<V>(g.lx);
+    g.ey = vexp<V>(g.ly);
+    return g;
+  }
+
+  static void jsd_sums(const DistillRow<T>& r, double* out) {
+    const R a = V::set1(r.alpha), lsx = V::set1(r.lse_x), lsy = V::set1(r.lse_y);
+    const R lb = V::set1(r.log_beta), l1b = V::set1(r.log_1mbeta);
+    Acc<2> acc;  // K_s, K_t
+    for (int64_t i = 0; i < r.n; i += W) {
+      const int64_t l = r.n - i < W ? r.n - i : W;
+      const Logs g = logs(r, a, lsx, lsy, i, l);
+      const R lm = logaddexp(V::add(g.ly, lb), V::add(g.lx, l1b));
+      acc.v[0] = V::add(acc.v[0], mul0(g.ex, V::sub(g.lx, lm)));
+      acc.v[1] = V::add(acc.v[1], mul0(g.ey, V::sub(g.ly, lm)));
+      acc.tick();
+    }
+    acc.flush();
+    out[0] = acc.d[0];
+    out[1] = acc.d[1];
+  }
+
+  template <DistillMode M, bool GS, bool GT>
+  static void grad_impl(const DistillRow<T>& r) {
+    const R a = V::set1(r.alpha), lsx = V::set1(r.lse_x), lsy = V::set1(r.lse_y);
+    const R lb = V::set1(r.log_beta), l1b = V::set1(r.log_1mbeta);
+    const R cs = V::set1(r.cs), ct = V::set1(r.ct), ks = V::set1(r.k_s), kt = V::set1(r.k_t);
+    (void)lb, (void)l1b, (void)ks, (void)kt;  // each mode reads some of them
+    for (int64_t i = 0; i < r.n; i += W) {
+      const int64_t l = r.n - i < W ? r.n - i : W;
+      const Logs g = logs(r, a, lsx, lsy, i, l);  // read before anything is stored (in place)
+      R gs, gt;
+      if constexpr (M == DistillMode::ForwardKL) {
+        gs = V::mul(cs, V::sub(g.ex, g.ey));
+        gt = V::mul(ct, mul0(g.ey, V::sub(V::sub(g.ly, g.lx), kt)));
+      } else if constexpr (M == DistillMode::ReverseKL) {
+        gs = V::mul(cs, mul0(g.ex, V::sub(V::sub(g.lx, g.ly), ks)));
+        gt = V::mul(ct, V::sub(g.ey, g.ex));
+      } else {
+        const R lm = logaddexp(V::add(g.ly, lb), V::add(g.lx, l1b));
+        gs = V::mul(cs, mul0(g.ex, V::sub(V::sub(g.lx, lm), ks)));
+        gt = V::mul(ct, mul0(g.ey, V::sub(V::sub(g.ly, lm), kt)));
+      }
+      if constexpr (GS) storen(r.gs + i, gs, l);
+      if constexpr (GT) storen(r.gt + i, gt, l);
+    }
+  }
+
+  template <DistillMode M>
+  static void grad_mode(const DistillRow<T>& r) {
+    if (r.gs && r.gt) grad_impl<M, true, true>(r);
+    else if (r.gs) grad_impl<M, true, false>(r);
+    else if (r.gt) grad_impl<M, false, true>(r);
+  }
+
+  static void grad(const DistillRow<T>& r) {
+    switch (r.mode) {
+      case DistillMode::ForwardKL: return grad_mode<DistillMode::ForwardKL>(r);
+      case DistillMode::ReverseKL: return grad_mode<DistillMode::ReverseKL>(r);
+      case DistillMode::Jsd: return grad_mode<DistillMode::Jsd>(r);
+    }
+  }
+
+  static DistillFns<T> fns() { return {&Distill::stats, &Distill::jsd_sums, &Distill::grad}; }
+};
+
+}  // namespace FASTXENT_ISA_NS
+}  // namespace fastxent
