@@ -135,6 +135,32 @@ def test_training_loop_section_rows():
     assert any("torch / fastxent" in ln for ln in lines)
 
 
+def test_distill_section_rows():
+    """The distillation section times the floor and fastxent's KL / JSD at every shape and
+    thread count (quick shape here), and the peers it is given."""
+    from fastxent import bench_distill
+
+    lines = []
+    rows = bench_distill.run_distill((1,), repeats=2, quick=True, log=lines.append, peers=())
+    names = {r["contestant"] for r in rows}
+    assert "add a+b->c (floor, 1 thread)" in names
+    assert {"fastxent KL fwd+grad out=", "fastxent JSD fwd+grad out=", "fastxent KL loss only"} <= (
+        names
+    )
+    for r in rows:
+        assert r["median_s"] > 0 and r["threads"] == 1 and r["vs_floor"] > 0
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return
+    rows = bench_distill.run_distill(
+        (1,), repeats=2, quick=True, log=lines.append, peers=("torch",)
+    )
+    names = {r["contestant"] for r in rows}
+    assert {"add a+b->c (floor)", "torch F.kl_div fwd+bwd", "torch JSD (ops) fwd+bwd"} <= names
+    assert any("torch F.kl_div fwd+bwd / fastxent KL fwd+grad out=" in ln for ln in lines)
+
+
 def test_training_loop_section_without_torch():
     code = (
         "import sys; sys.modules['torch'] = None\n"

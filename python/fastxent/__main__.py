@@ -94,6 +94,13 @@ def _add_bench(sub: "argparse._SubParsersAction") -> None:
             "issue's shapes; --quick: a small shape)",
             "the linear section",
         ),
+        (
+            "distill",
+            "also time the distillation losses (KL and JSD, loss and student gradient) "
+            "against the read-two-write-one memory floor, PyTorch's F.kl_div and jax.jit; "
+            "on by default in a full run (--quick: a small shape)",
+            "the distillation section",
+        ),
     )
     for name, on_help, what in sections:  # --NAME / --no-NAME, None when neither is given
         p.add_argument(f"--{name}", dest=name, action="store_true", default=None, help=on_help)
@@ -176,6 +183,23 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             budget_s=args.budget,
             quick=args.quick,
             log=lambda s: print(s, flush=True),
+        )
+    distill = args.distill if args.distill is not None else not args.shapes
+    if distill and args.dtype == "float32":
+        from . import bench_distill
+
+        print(
+            "\n== distillation losses from logits (student gradient), against the floor "
+            "and the peers",
+            flush=True,
+        )
+        bench_distill.run_distill(
+            threads,
+            repeats=repeats,
+            budget_s=args.budget,
+            quick=args.quick,
+            log=lambda s: print(s, flush=True),
+            peers=peers,
         )
     if args.plot:
         try:
