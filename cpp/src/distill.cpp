@@ -2,12 +2,16 @@
 // (each row on one thread), the per-row finish in double and the ordered reduction. Baseline
 // flags only; the element passes are in distill_impl.hpp behind the active KernelTable.
 //
-// Passes per row: statistics (both lse's, and the sums that give the KL divergences), for
-// JSD one more pass for KL(p || m) and KL(q || m), then the gradient pass when a gradient is
-// asked for. A row is at most a few hundred KiB per operand, so the passes after the first
-// read it from cache. 16-bit rows are converted to float in per-thread row buffers (no
-// rows x classes temporary). Determinism: every row is computed by one thread with the same
-// operations; the row losses are added in row order.
+// Passes per row: statistics (both lse's, the sums that give the KL divergences, and the
+// shifted exps of both rows stored for the later passes: the student's in the student
+// gradient's buffer when it is a separate one, the rest in per-thread scratch rows); for JSD
+// one more pass for KL(p || m) and KL(q || m) (storing lx - lm); then the gradient pass, which
+// needs no exp or log. So every element costs two exps (the least that gives both lse's), the
+// JSD one division and a log1p more. The passes after the first read the row from cache (a
+// few hundred KiB). 16-bit rows are converted to float in per-thread row buffers. No
+// rows x classes temporary. Determinism: every row is computed by one thread with the same
+// operations whatever is asked for (in place or not, with or without the teacher's
+// gradient); the row losses are added in row order.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -23,6 +27,8 @@
 namespace fastxent {
 
 namespace {
+
+constexpr double kInf = std::numeric_limits<double>::infinity();
 
 bool overlap(const void* a, int64_t na, const void* b, int64_t nb) {
   const auto pa = reinterpret_cast<uintptr_t>(a), pb = reinterpret_cast<uintptr_t>(b);
@@ -110,8 +116,14 @@ double distill(const DistillInputs<S>& in, const DistillOptions& opt, S* gs, S* 
   const Storage storage =
       in.half == HalfKind::BFloat16 ? Storage::BFloat16 : Storage::Float16;  // kHalf only
 
+  const int64_t chunks = (C + kDistillChunk<T> - 1) / kDistillChunk<T>;
   auto body = [&](int64_t b0, int64_t b1) {
-    std::vector<T> buf;  // 16-bit rows: student, teacher, grad_student, grad_teacher
+    // Per thread: 16-bit rows as float (student, teacher, grad_student, grad_teacher); rows
+    // of scratch for exp(y - g), lx - lm (JSD) and exp(x - h) where no student gradient buffer
+    // of our own can hold it (loss only, in place); the chunk shifts and factors.
+    std::vector<T> buf, scratch(size_t(mode == DistillMode::Jsd ? 3 : 2) * size_t(C));
+    std::vector<T> shift(2 * static_cast<size_t>(chunks)), fx(static_cast<size_t>(chunks)),
+        fy(static_cast<size_t>(chunks));
     if constexpr (kHalf) buf.resize(size_t(4 * C));
     for (int64_t n = b0; n < b1; ++n) {
       const double r = in.row_weight ? in.row_weight[n] : 1.0;
@@ -139,11 +151,28 @@ double distill(const DistillInputs<S>& in, const DistillOptions& opt, S* gs, S* 
         row.gs = gsr;
         row.gt = gtr;
       }
+      T* ex = row.gs && row.gs != row.s ? row.gs : scratch.data();
+      T* ey = scratch.data() + C;
+      row.ex = ex;
+      row.ey = ey;
+      row.fx = fx.data();
+      row.fy = fy.data();
+      row.dm = mode == DistillMode::Jsd ? scratch.data() + 2 * C : nullptr;
       row.n = C;
       row.alpha = T(1.0 / tau);
       double st[6];
-      fns.stats(row.s, row.t, C, row.alpha, st);
+      fns.stats(row.s, row.t, C, row.alpha, st, ex, ey, shift.data());
       const double lse_x = st[0] + std::log(st[1]), lse_y = st[3] + std::log(st[4]);
+      // An all -inf chunk's exps are 0 (factor 0), unless the whole row is -inf: its
+      // softmax is then NaN, as PyTorch's (factor NaN).
+      auto factor = [](double h, double lse) {
+        if (h == -kInf) return lse == -kInf ? T(std::numeric_limits<double>::quiet_NaN()) : T(0);
+        return T(std::exp(h - lse));
+      };
+      for (size_t k = 0; k < size_t(chunks); ++k) {
+        fx[k] = factor(double(shift[2 * k]), lse_x);
+        fy[k] = factor(double(shift[2 * k + 1]), lse_y);
+      }
       row.lse_x = T(lse_x);
       row.lse_y = T(lse_y);
       row.mode = mode;
@@ -155,6 +184,8 @@ double distill(const DistillInputs<S>& in, const DistillOptions& opt, S* gs, S* 
       } else {
         row.log_beta = T(std::log(beta));
         row.log_1mbeta = T(std::log1p(-beta));
+        row.beta = T(beta);
+        row.one_m_beta = T(1.0 - beta);
         double k[2];
         fns.jsd_sums(row, k);
         ks = k[0];

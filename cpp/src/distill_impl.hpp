@@ -26,9 +26,7 @@ struct Distill {
   using T = typename V::T;
   using R = typename V::R;
   static constexpr int64_t W = V::W;
-  // Elements of each operand per chunk of the statistics pass: the max loop reads the chunk,
-  // the sum loop reads it again from L1 (2 x 8 KiB).
-  static constexpr int64_t kChunk = int64_t(8192 / sizeof(T));
+  static constexpr int64_t kChunk = kDistillChunk<T>;
   static constexpr T kNegInf = -std::numeric_limits<T>::infinity();
 
   static R loadn(const T* p, int64_t len) {
@@ -43,12 +41,6 @@ struct Distill {
   static R mul0(R e, R d) {
     return V::zero_if_less(e, V::set1(std::numeric_limits<T>::denorm_min()), V::mul(e, d));
   }
-  // log(exp(u) + exp(v)) for u, v <= 0 or -inf (NaN where both are -inf; callers mask it).
-  static R logaddexp(R u, R v) {
-    const R d = V::sub(V::set1(T(0)), V::abs(V::sub(u, v)));
-    return V::add(V::max(u, v), vlog1p01<V>(vexp<V>(d)));
-  }
-
   // Accumulates vectors in the storage type and moves them into double every 16 additions.
   template <int K>
   struct Acc {
@@ -85,11 +77,12 @@ struct Distill {
     }
   }
 
-  static void stats(const T* s, const T* t, int64_t n, T alpha, double* out) {
+  static void stats(const T* s, const T* t, int64_t n, T alpha, double* out, T* ex, T* ey_out,
+                    T* shift) {
     const R a = V::set1(alpha);
     const double ninf = -std::numeric_limits<double>::infinity();
     double Mx = ninf, Sx = 0, Ax = 0, My = ninf, Sy = 0, Ay = 0;
-    for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
+    for (int64_t c0 = 0, k = 0; c0 < n; c0 += kChunk, ++k) {
       const int64_t len = n - c0 < kChunk ? n - c0 : kChunk;
       const T* sc = s + c0;
       const T* tc = t + c0;
@@ -100,16 +93,20 @@ struct Distill {
         vy = V::max(vy, V::mul(a, loadn(tc + i, l)));
       }
       const T mx = V::hmax(vx), my = V::hmax(vy);
+      shift[2 * k] = mx;
+      shift[2 * k + 1] = my;
       // An all -inf chunk shifts by 0 (its exps are then 0, not NaN).
       const R shx = V::set1(mx == kNegInf ? T(0) : mx), shy = V::set1(my == kNegInf ? T(0) : my);
       Acc<4> acc;  // S_x, A_x, S_y, A_y
       for (int64_t i = 0; i < len; i += W) {
         const int64_t l = len - i < W ? len - i : W;
         const R x = V::mul(a, loadn(sc + i, l)), y = V::mul(a, loadn(tc + i, l));
-        const R ex = vexp<V>(V::sub(x, shx)), ey = vexp<V>(V::sub(y, shy));
+        const R e = vexp<V>(V::sub(x, shx)), ey = vexp<V>(V::sub(y, shy));
         const R d = V::sub(x, y);
-        acc.v[0] = V::add(acc.v[0], ex);
-        acc.v[1] = V::add(acc.v[1], mul0(ex, d));
+        storen(ex + c0 + i, e, l);
+        storen(ey_out + c0 + i, ey, l);
+        acc.v[0] = V::add(acc.v[0], e);
+        acc.v[1] = V::add(acc.v[1], mul0(e, d));
         acc.v[2] = V::add(acc.v[2], ey);
         acc.v[3] = V::sub(acc.v[3], mul0(ey, d));
         acc.tick();
@@ -126,32 +123,53 @@ struct Distill {
     out[5] = Ay;
   }
 
+  // What every later pass needs at one vector: the log-probabilities, and p and q from the
+  // stored exps and their chunk's factors.
   struct Logs {
-    R x, y, lx, ly, ex, ey;
+    R lx, ly, p, q;
   };
-  static Logs logs(const DistillRow<T>& r, R a, R lsx, R lsy, int64_t i, int64_t l) {
+  static Logs logs(const DistillRow<T>& r, R a, R lsx, R lsy, R fx, R fy, int64_t i, int64_t l) {
     Logs g;
-    g.x = V::mul(a, loadn(r.s + i, l));
-    g.y = V::mul(a, loadn(r.t + i, l));
-    g.lx = V::sub(g.x, lsx);
-    g.ly = V::sub(g.y, lsy);
-    g.ex = vexp<V>(g.lx);
-    g.ey = vexp<V>(g.ly);
+    g.lx = V::sub(V::mul(a, loadn(r.s + i, l)), lsx);
+    g.ly = V::sub(V::mul(a, loadn(r.t + i, l)), lsy);
+    g.p = V::mul(loadn0(r.ex + i, l), fx);
+    g.q = V::mul(loadn0(r.ey + i, l), fy);
     return g;
+  }
+  static R loadn0(const T* p, int64_t len) {
+    return len >= W ? V::load(p) : V::load_partial(p, len, T(0));
+  }
+  // log m, m = beta q + (1 - beta) p: the larger term's log (exact from ly or lx) plus
+  // log1p(smaller / larger). NaN where p = q = 0 (callers mask it).
+  static R log_mix(const Logs& g, R b, R b1, R lb, R l1b) {
+    const R u = V::mul(b, g.q), v = V::mul(b1, g.p);
+    const R hi = V::max(u, v), lo = V::min(u, v);
+    return V::add(V::max(V::add(g.ly, lb), V::add(g.lx, l1b)), vlog1p01<V>(V::div(lo, hi)));
+  }
+
+  // Runs body(fx, fy, i, l) over the row, vector by vector, with i's chunk's factors.
+  template <class F>
+  static void over_chunks(const DistillRow<T>& r, F&& body) {
+    for (int64_t c0 = 0, k = 0; c0 < r.n; c0 += kChunk, ++k) {
+      const R fx = V::set1(r.fx[k]), fy = V::set1(r.fy[k]);
+      const int64_t end = r.n - c0 < kChunk ? r.n : c0 + kChunk;
+      for (int64_t i = c0; i < end; i += W) body(fx, fy, i, end - i < W ? end - i : W);
+    }
   }
 
   static void jsd_sums(const DistillRow<T>& r, double* out) {
     const R a = V::set1(r.alpha), lsx = V::set1(r.lse_x), lsy = V::set1(r.lse_y);
     const R lb = V::set1(r.log_beta), l1b = V::set1(r.log_1mbeta);
+    const R b = V::set1(r.beta), b1 = V::set1(r.one_m_beta);
     Acc<2> acc;  // K_s, K_t
-    for (int64_t i = 0; i < r.n; i += W) {
-      const int64_t l = r.n - i < W ? r.n - i : W;
-      const Logs g = logs(r, a, lsx, lsy, i, l);
-      const R lm = logaddexp(V::add(g.ly, lb), V::add(g.lx, l1b));
-      acc.v[0] = V::add(acc.v[0], mul0(g.ex, V::sub(g.lx, lm)));
-      acc.v[1] = V::add(acc.v[1], mul0(g.ey, V::sub(g.ly, lm)));
+    over_chunks(r, [&](R fx, R fy, int64_t i, int64_t l) {
+      const Logs g = logs(r, a, lsx, lsy, fx, fy, i, l);
+      const R dm = V::sub(g.lx, log_mix(g, b, b1, lb, l1b));
+      storen(r.dm + i, dm, l);
+      acc.v[0] = V::add(acc.v[0], mul0(g.p, dm));
+      acc.v[1] = V::add(acc.v[1], mul0(g.q, V::add(V::sub(dm, g.lx), g.ly)));  // ly - lm
       acc.tick();
-    }
+    });
     acc.flush();
     out[0] = acc.d[0];
     out[1] = acc.d[1];
@@ -161,26 +179,26 @@ struct Distill {
   static void grad_impl(const DistillRow<T>& r) {
     const R a = V::set1(r.alpha), lsx = V::set1(r.lse_x), lsy = V::set1(r.lse_y);
     const R lb = V::set1(r.log_beta), l1b = V::set1(r.log_1mbeta);
+    const R b = V::set1(r.beta), b1 = V::set1(r.one_m_beta);
     const R cs = V::set1(r.cs), ct = V::set1(r.ct), ks = V::set1(r.k_s), kt = V::set1(r.k_t);
-    (void)lb, (void)l1b, (void)ks, (void)kt;  // each mode reads some of them
-    for (int64_t i = 0; i < r.n; i += W) {
-      const int64_t l = r.n - i < W ? r.n - i : W;
-      const Logs g = logs(r, a, lsx, lsy, i, l);  // read before anything is stored (in place)
+    (void)lb, (void)l1b, (void)b, (void)b1, (void)ks, (void)kt;  // each mode reads some
+    over_chunks(r, [&](R fx, R fy, int64_t i, int64_t l) {
+      const Logs g = logs(r, a, lsx, lsy, fx, fy, i, l);  // read before anything is stored
       R gs, gt;
       if constexpr (M == DistillMode::ForwardKL) {
-        gs = V::mul(cs, V::sub(g.ex, g.ey));
-        gt = V::mul(ct, mul0(g.ey, V::sub(V::sub(g.ly, g.lx), kt)));
+        gs = V::mul(cs, V::sub(g.p, g.q));
+        gt = V::mul(ct, mul0(g.q, V::sub(V::sub(g.ly, g.lx), kt)));
       } else if constexpr (M == DistillMode::ReverseKL) {
-        gs = V::mul(cs, mul0(g.ex, V::sub(V::sub(g.lx, g.ly), ks)));
-        gt = V::mul(ct, V::sub(g.ey, g.ex));
+        gs = V::mul(cs, mul0(g.p, V::sub(V::sub(g.lx, g.ly), ks)));
+        gt = V::mul(ct, V::sub(g.q, g.p));
       } else {
-        const R lm = logaddexp(V::add(g.ly, lb), V::add(g.lx, l1b));
-        gs = V::mul(cs, mul0(g.ex, V::sub(V::sub(g.lx, lm), ks)));
-        gt = V::mul(ct, mul0(g.ey, V::sub(V::sub(g.ly, lm), kt)));
+        const R dm = loadn0(r.dm + i, l);  // lx - lm, from jsd_sums; ly - lm = dm - lx + ly
+        gs = V::mul(cs, mul0(g.p, V::sub(dm, ks)));
+        gt = V::mul(ct, mul0(g.q, V::sub(V::add(V::sub(dm, g.lx), g.ly), kt)));
       }
       if constexpr (GS) storen(r.gs + i, gs, l);
       if constexpr (GT) storen(r.gt + i, gt, l);
-    }
+    });
   }
 
   template <DistillMode M>

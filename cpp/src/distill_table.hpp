@@ -26,6 +26,11 @@ namespace fastxent {
 // rule subtracts). Every p (...) or q (...) term is 0 where p (or q) is 0.
 enum class DistillMode : int { ForwardKL = 0, ReverseKL = 1, Jsd = 2 };
 
+// Classes per chunk of the statistics pass (each operand's chunk is 8 KiB: the max loop reads
+// it, the sum loop reads it again from L1). Chunk k holds classes [k kDistillChunk, ...).
+template <class T>
+constexpr int64_t kDistillChunk = int64_t(8192 / sizeof(T));
+
 template <class T>
 struct DistillRow {
   const T* s;  // student logits (n)
@@ -34,6 +39,12 @@ struct DistillRow {
   T alpha;                 // 1 / temperature
   T lse_x, lse_y;          // log-sum-exp of x = alpha s and y = alpha t (from stats)
   T log_beta, log_1mbeta;  // JSD: log(beta), log(1 - beta)
+  T beta, one_m_beta;      // JSD: beta, 1 - beta
+  const T* ex;             // exp(x - h_k) from stats (n values); may equal gs
+  const T* ey;             // exp(y - g_k) from stats (n values)
+  const T* fx;             // per chunk k: exp(h_k - lse_x), 0 for an all -inf chunk
+  const T* fy;             // per chunk k: exp(g_k - lse_y), likewise
+  T* dm;                   // JSD: lx - lm, written by jsd_sums, read by grad (n values)
   DistillMode mode;
   T* gs;  // student gradient (n) or null; may equal s
   T* gt;  // teacher gradient (n) or null; may equal t
@@ -42,10 +53,12 @@ struct DistillRow {
 
 template <class T>
 struct DistillFns {
-  // out = {m_x, S_x, A_x, m_y, S_y, A_y} for one row (see the top). A row of n = 0 gives
+  // out = {m_x, S_x, A_x, m_y, S_y, A_y} for one row (see the top); ex and ey (n values
+  // each, overlapping neither s nor t) get exp(x - h_k) and exp(y - g_k), shift[2k] = h_k and
+  // shift[2k + 1] = g_k, -inf for an all -inf chunk (whose exps are 0). A row of n = 0 gives
   // m = -inf, S = A = 0.
-  void (*stats)(const T* s, const T* t, int64_t n, T alpha, double* out);
-  // out = {K_s, K_t} (JSD), reading s, t, n, alpha, lse_x, lse_y, log_beta, log_1mbeta.
+  void (*stats)(const T* s, const T* t, int64_t n, T alpha, double* out, T* ex, T* ey, T* shift);
+  // out = {K_s, K_t} (JSD), reading everything but the gradient fields.
   void (*jsd_sums)(const DistillRow<T>& r, double* out);
   // Writes gs and / or gt (whichever is not null) for r.mode.
   void (*grad)(const DistillRow<T>& r);
