@@ -161,7 +161,7 @@ double distill(const DistillInputs<S>& in, const DistillOptions& opt, S* gs, S* 
       row.n = C;
       row.alpha = T(1.0 / tau);
       double st[6];
-      fns.stats(row.s, row.t, C, row.alpha, st, ex, ey, shift.data());
+      fns.stats(row.s, row.t, C, row.alpha, mode, st, ex, ey, shift.data());
       const double lse_x = st[0] + std::log(st[1]), lse_y = st[3] + std::log(st[4]);
       // An all -inf chunk's exps are 0 (factor 0), unless the whole row is -inf: its
       // softmax is then NaN, as PyTorch's (factor NaN).

@@ -77,8 +77,10 @@ struct Distill {
     }
   }
 
-  static void stats(const T* s, const T* t, int64_t n, T alpha, double* out, T* ex, T* ey_out,
-                    T* shift) {
+  // AX / AY: whether A_x / A_y are needed (the reverse / forward KL; JSD needs neither).
+  template <bool AX, bool AY>
+  static void stats_impl(const T* s, const T* t, int64_t n, T alpha, double* out, T* ex, T* ey_out,
+                         T* shift) {
     const R a = V::set1(alpha);
     const double ninf = -std::numeric_limits<double>::infinity();
     double Mx = ninf, Sx = 0, Ax = 0, My = ninf, Sy = 0, Ay = 0;
@@ -106,9 +108,9 @@ struct Distill {
         storen(ex + c0 + i, e, l);
         storen(ey_out + c0 + i, ey, l);
         acc.v[0] = V::add(acc.v[0], e);
-        acc.v[1] = V::add(acc.v[1], mul0(e, d));
+        if constexpr (AX) acc.v[1] = V::add(acc.v[1], mul0(e, d));
         acc.v[2] = V::add(acc.v[2], ey);
-        acc.v[3] = V::sub(acc.v[3], mul0(ey, d));
+        if constexpr (AY) acc.v[3] = V::sub(acc.v[3], mul0(ey, d));
         acc.tick();
       }
       acc.flush();
@@ -121,6 +123,14 @@ struct Distill {
     out[3] = My;
     out[4] = Sy;
     out[5] = Ay;
+  }
+  static void stats(const T* s, const T* t, int64_t n, T alpha, DistillMode mode, double* out,
+                    T* ex, T* ey, T* shift) {
+    if (mode == DistillMode::ForwardKL)
+      return stats_impl<false, true>(s, t, n, alpha, out, ex, ey, shift);
+    if (mode == DistillMode::ReverseKL)
+      return stats_impl<true, false>(s, t, n, alpha, out, ex, ey, shift);
+    stats_impl<false, false>(s, t, n, alpha, out, ex, ey, shift);
   }
 
   // What every later pass needs at one vector: the log-probabilities, and p and q from the

@@ -57,7 +57,10 @@ struct DistillFns {
   // each, overlapping neither s nor t) get exp(x - h_k) and exp(y - g_k), shift[2k] = h_k and
   // shift[2k + 1] = g_k, -inf for an all -inf chunk (whose exps are 0). A row of n = 0 gives
   // m = -inf, S = A = 0.
-  void (*stats)(const T* s, const T* t, int64_t n, T alpha, double* out, T* ex, T* ey, T* shift);
+  // Only the A that `mode` needs is computed (A_y for ForwardKL, A_x for ReverseKL); the
+  // other, and both for Jsd, come out 0.
+  void (*stats)(const T* s, const T* t, int64_t n, T alpha, DistillMode mode, double* out, T* ex,
+                T* ey, T* shift);
   // out = {K_s, K_t} (JSD), reading everything but the gradient fields.
   void (*jsd_sums)(const DistillRow<T>& r, double* out);
   // Writes gs and / or gt (whichever is not null) for r.mode.
