@@ -226,7 +226,7 @@ def test_matches_optax(rng, direction, reduction):
 @pytest.mark.parametrize("kb", [KINDS[0], KINDS[1], KINDS[3]], ids=["fwd", "rev", "jsd0.3"])
 def test_bitwise_equal_to_numpy_api(rng, isa, kb):
     kind, beta = kb
-    for dtype in (np.float32, _bf16()):
+    for dtype in (np.float32, np.float16, _bf16()):
         s, t, kw, _ = _case(rng, dtype, OPTION_SETS[3])
         kw = dict(kw, reduction="mean", temperature=1.3)
         if kind == "jsd":
