@@ -26,7 +26,8 @@ if(NOT FASTXENT_JAX_FFI STREQUAL "OFF")
     message(STATUS "fastxent: XLA FFI handlers for fastxent.jax, headers of jaxlib ${_jaxlib_ver}")
     # Compiled into _core: one copy of the kernel and of its ISA choice (fastxent.set_isa,
     # FASTXENT_ISA) for the NumPy, PyTorch and JAX paths alike.
-    target_sources(_core PRIVATE cpp/ffi/register.cpp cpp/ffi/xla_handlers.cpp)
+    target_sources(_core PRIVATE cpp/ffi/register.cpp cpp/ffi/xla_handlers.cpp
+                                 cpp/ffi/distill_handlers.cpp)
     target_include_directories(_core SYSTEM PRIVATE "${_jaxlib_inc}")
     target_compile_definitions(_core PRIVATE FASTXENT_XLA_FFI
                                FASTXENT_JAXLIB_VERSION="${_jaxlib_ver}")

@@ -8,6 +8,8 @@
 
 XLA_FFI_DECLARE_HANDLER_SYMBOL(FastxentCe);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(FastxentCeGrad);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(FastxentDistill);  // distill_handlers.cpp
+XLA_FFI_DECLARE_HANDLER_SYMBOL(FastxentDistillGrad);
 
 namespace py = pybind11;
 
@@ -22,6 +24,8 @@ void register_xla_ffi(py::module_& core) {
         py::dict d;
         d["fastxent_ce"] = py::capsule(reinterpret_cast<void*>(&FastxentCe));
         d["fastxent_ce_grad"] = py::capsule(reinterpret_cast<void*>(&FastxentCeGrad));
+        d["fastxent_distill"] = py::capsule(reinterpret_cast<void*>(&FastxentDistill));
+        d["fastxent_distill_grad"] = py::capsule(reinterpret_cast<void*>(&FastxentDistillGrad));
         return d;
       },
       "Target name -> PyCapsule of the handler.");

@@ -33,6 +33,10 @@ element).
 optax-shaped drop-ins (per-example losses, ``axis``, ``where``); unlike optax, a label of -100
 is ignored and any other label outside ``[0, C)`` raises.
 
+:func:`kl_div_with_logits` and :func:`jsd_with_logits` are the distillation losses of
+:func:`fastxent.kl_div_with_logits` / :func:`fastxent.jsd_with_logits` (student and teacher
+logits, both differentiable), as custom calls in the same way (:mod:`fastxent._jax_distill`).
+
 Requires the optional extra: ``pip install fastxent[jax]``.
 """
 
@@ -54,6 +58,8 @@ from . import _api, _jax_ffi
 
 __all__ = [
     "cross_entropy",
+    "jsd_with_logits",
+    "kl_div_with_logits",
     "linear_cross_entropy",
     "softmax_cross_entropy",
     "softmax_cross_entropy_with_integer_labels",
@@ -354,3 +360,6 @@ from ._jax_dropins import (  # noqa: E402
     softmax_cross_entropy_with_integer_labels,
 )
 from ._jax_linear import linear_cross_entropy  # noqa: E402
+
+# Distillation losses (fastxent.kl_div_with_logits / jsd_with_logits as XLA custom calls).
+from ._jax_distill import jsd_with_logits, kl_div_with_logits  # noqa: E402

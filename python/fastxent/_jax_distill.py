@@ -1,0 +1,414 @@
+"""fastxent.jax's distillation losses: :func:`kl_div_with_logits` and :func:`jsd_with_logits`.
+
+The kernel (``fastxent/distill.hpp``) runs as an XLA custom call (``fastxent_distill`` for the
+loss, ``fastxent_distill_grad`` for the loss and the gradients in one pass; handlers in
+``cpp/ffi/distill_handlers.cpp``) on XLA's own buffers. Operands: student and teacher logits
+(their own dtype, 16-bit included), and the per-row weights computed here in jax.numpy ops
+from ``labels`` / ``ignore_index``, ``mask`` and ``sample_weight`` (N values: float64 when
+JAX's x64 mode is on, else float32, widened to double in C++; an empty operand when none of
+them is given). The static options (direction / beta, temperature, reduction, num_threads)
+are attributes.
+
+Derivatives, as fastxent.jax.cross_entropy's: a ``jax.custom_jvp`` whose tangent rule runs the
+fused kernel (loss, the student's gradient and, only when the teacher's tangent is not a
+symbolic zero, the teacher's: one call) and returns ``<g_s, ds> + <g_t, dt>`` (per row for
+"none"). JAX transposes it for reverse mode (``value_and_grad`` is one kernel call) and forward
+mode uses it directly. The derivative of the gradients (second and higher order) and the
+tangent of a differentiated ``sample_weight`` go through the same loss in jax.numpy ops
+(:func:`reference_loss`, materialising).
+
+Without the FFI (:func:`fastxent._jax_ffi.enabled` false) the kernel runs through
+``jax.pure_callback`` (the NumPy API, host copies) in a ``jax.custom_vjp``: reverse mode, first
+order, with respect to both logits; forward mode, second order and differentiating
+``sample_weight`` raise.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import operator
+from typing import Any, Tuple
+
+import numpy as np
+
+import jax
+import jax.numpy as jnp
+
+from . import _distill, _jax_ffi
+from ._keywords import reduction_code, threads
+
+__all__ = ["kl_div_with_logits", "jsd_with_logits", "reference_loss"]
+
+_Attrs = Tuple[Tuple[str, Any], ...]
+_FLOATS = (
+    np.dtype(np.float32),
+    np.dtype(np.float64),
+    np.dtype(np.float16),
+    np.dtype(jnp.bfloat16),
+)
+_HALF = (np.dtype(np.float16), np.dtype(jnp.bfloat16))
+
+
+def _compute_dtype(dt: Any) -> np.dtype:
+    dt = np.dtype(dt)
+    return np.dtype(np.float32) if dt in _HALF else dt
+
+
+def _static_real(v: Any, name: str) -> float:
+    if isinstance(v, jax.core.Tracer):
+        raise TypeError(
+            f"{name} must be a static Python number (it is compiled into the call), got a "
+            f"traced value"
+        )
+    if isinstance(v, (jax.Array, np.ndarray)) and np.ndim(v) == 0:
+        v = np.asarray(v).item()
+    return _distill._real(v, name)
+
+
+def _x64() -> bool:
+    return jax.dtypes.canonicalize_dtype(np.float64) == np.float64
+
+
+def _row_weight(rows: Tuple[int, ...], labels: Any, ignore_index: Any, mask: Any, sw: Any):
+    """The flat per-row weights (float64 with x64, else float32), or None: the NumPy layer's
+    _distill._row_weight in jax.numpy ops (traceable; sample_weight's range is checked by the
+    kernel when the call runs)."""
+    wdt = jnp.float64 if _x64() else jnp.float32
+    w = None
+    if sw is not None:
+        a = jnp.asarray(sw)
+        if not (jnp.issubdtype(a.dtype, jnp.floating) or jnp.issubdtype(a.dtype, jnp.integer)):
+            raise TypeError(f"sample_weight must be numeric, got dtype {a.dtype}")
+        if a.shape != rows:
+            raise ValueError(f"sample_weight has shape {a.shape}, expected {rows} (one per row)")
+        w = a.astype(wdt).reshape(-1)
+    if labels is not None:
+        lab = jnp.asarray(labels)
+        if not jnp.issubdtype(lab.dtype, jnp.integer):
+            raise TypeError(f"labels must be integers, got dtype {lab.dtype}")
+        if lab.shape != rows:
+            raise ValueError(f"labels has shape {lab.shape}, expected {rows} (one per row)")
+        try:
+            ii = operator.index(ignore_index)
+        except TypeError:
+            raise TypeError("ignore_index must be an integer") from None
+        lim = np.iinfo(np.dtype(lab.dtype))
+        # An ignore_index outside the labels' integer type matches no label.
+        keep = (lab != ii) if lim.min <= ii <= lim.max else jnp.ones(rows, bool)
+        keep = keep.reshape(-1).astype(wdt)
+        w = keep if w is None else w * keep
+    if mask is not None:
+        m = jnp.asarray(mask)
+        if m.dtype != jnp.bool_:
+            raise TypeError(f"mask must be boolean (True: the row counts), got dtype {m.dtype}")
+        if m.shape != rows:
+            raise ValueError(f"mask has shape {m.shape}, expected {rows} (one per row)")
+        keep = m.reshape(-1).astype(wdt)
+        w = keep if w is None else w * keep
+    return w
+
+
+def reference_loss(
+    s: Any, t: Any, w: Any, *, divergence: int, beta: float, temperature: float, reduction: int
+) -> jax.Array:
+    """The loss of fastxent.kl_div_with_logits / jsd_with_logits in jax.numpy ops (divergence
+    0 forward KL, 1 reverse KL, 2 JSD; reduction 0 none / 1 sum / 2 mean; w: flat row weights,
+    or an empty array for none). 16-bit logits compute in float32. A row of weight 0 costs 0
+    and reaches nothing (its logits are replaced before any operation, so not even a NaN in
+    them shows in a derivative); "mean" over a total weight of 0 is NaN with zero derivatives,
+    as the kernel's."""
+    rows_shape, C = s.shape[:-1], s.shape[-1]
+    dt = _compute_dtype(s.dtype)
+    s2 = s.reshape(-1, C).astype(dt)
+    t2 = t.reshape(-1, C).astype(dt)
+    N = s2.shape[0]
+    r = jnp.ones((N,), dt) if w is None or w.size == 0 else w.reshape(N).astype(dt)
+    keep = r != 0
+    s2 = jnp.where(keep[:, None], s2, 0.0)
+    t2 = jnp.where(keep[:, None], t2, 0.0)
+    ls = jax.nn.log_softmax(s2 / temperature, axis=-1)
+    lt = jax.nn.log_softmax(t2 / temperature, axis=-1)
+    p, q = jnp.exp(ls), jnp.exp(lt)
+
+    def kl(a, la, lb):
+        # 0 * (anything, inf included) := 0, also in the derivatives (double where).
+        z = a == 0
+        return jnp.sum(jnp.where(z, 0.0, a * jnp.where(z, 0.0, la - lb)), axis=-1)
+
+    if divergence == 0 or (divergence == 2 and beta == 0.0):
+        D = kl(q, lt, ls)
+    elif divergence == 1 or (divergence == 2 and beta == 1.0):
+        D = kl(p, ls, lt)
+    else:
+        lm = jnp.logaddexp(math.log(beta) + lt, math.log1p(-beta) + ls)
+        D = beta * kl(q, lt, lm) + (1.0 - beta) * kl(p, ls, lm)
+    row = jnp.where(keep, r * (temperature * temperature) * D, 0.0)
+    if reduction == 0:
+        return row.reshape(rows_shape)
+    total = row.sum()
+    if reduction == 1:
+        return total
+    den = r.sum()
+    return jnp.where(den == 0, jnp.nan, total / jnp.where(den == 0, 1.0, den)).astype(dt)
+
+
+def _reference(attrs: _Attrs):
+    a = dict(attrs)
+    kw = dict(
+        divergence=int(a["divergence"]),
+        beta=float(a["beta"]),
+        temperature=float(a["temperature"]),
+        reduction=int(a["reduction"]),
+    )
+    return lambda s, t, w: reference_loss(s, t, w, **kw)
+
+
+def _call(attrs: _Attrs, grad: bool, want_s: bool, want_t: bool, s, t, w):
+    """The custom call: (loss,) or (loss, grad_student, grad_teacher); a gradient not wanted
+    is a 0-element result the kernel does not write. The wanted gradients may take the logits'
+    buffers (the kernel's in-place mode): XLA copies the logits first where they are still
+    needed."""
+    a = dict(attrs)
+    cdt = _compute_dtype(s.dtype)
+    loss_shape = s.shape[:-1] if int(a["reduction"]) == 0 else ()
+    outs = [_jax_ffi._result(loss_shape, cdt, s)]
+    aliases = {}
+    if grad:
+        outs.append(_jax_ffi._result(s.shape if want_s else (0,), s.dtype, s))
+        outs.append(_jax_ffi._result(t.shape if want_t else (0,), t.dtype, t))
+        if want_s:
+            aliases[0] = 1
+        if want_t:
+            aliases[1] = 2
+    f = jax.ffi.ffi_call(
+        "fastxent_distill_grad" if grad else "fastxent_distill",
+        tuple(outs),
+        vmap_method="broadcast_all",
+        input_output_aliases=aliases,
+    )
+    return f(s, t, w, core_ndim=np.int64(s.ndim), **a)
+
+
+def _zero(tangent: Any) -> bool:
+    return tangent is None or isinstance(tangent, jax.custom_derivatives.SymbolicZero)
+
+
+@functools.lru_cache(maxsize=256)
+def _loss_and_grad(attrs: _Attrs, want_s: bool, want_t: bool):
+    """(loss, grad_student, grad_teacher) from one kernel call, a custom_jvp whose tangent is
+    the reference's (second and higher order)."""
+    ref = _reference(attrs)
+
+    def ref_all(s, t, w):
+        g = jax.grad(lambda s, t: jnp.sum(ref(s, t, w)), argnums=(0, 1))(s, t)
+        return (
+            ref(s, t, w),
+            g[0].astype(s.dtype) if want_s else jnp.zeros((0,), s.dtype),
+            g[1].astype(t.dtype) if want_t else jnp.zeros((0,), t.dtype),
+        )
+
+    @jax.custom_jvp
+    def f(s, t, w):
+        return tuple(_call(attrs, True, want_s, want_t, s, t, w))
+
+    def f_jvp(primals, tangents):
+        out = f(*primals)
+        _, tan = jax.jvp(ref_all, primals, tangents)
+        return out, tuple(d.astype(o.dtype) for d, o in zip(tan, out))
+
+    f.defjvp(f_jvp)
+    return f
+
+
+@functools.lru_cache(maxsize=256)
+def _make(attrs: _Attrs):
+    """The custom_jvp loss for one set of attributes (cached: a stable callee for jit)."""
+    none = int(dict(attrs)["reduction"]) == 0
+    ref = _reference(attrs)
+
+    @jax.custom_jvp
+    def loss(s, t, w):
+        return _call(attrs, False, False, False, s, t, w)[0]
+
+    def jvp(primals, tangents):
+        ds, dt, dw = tangents
+        want_s, want_t = not _zero(ds), not _zero(dt)
+        if not (want_s or want_t):
+            out = loss(*primals)
+            tan = jnp.zeros_like(out)
+        else:
+            out, gs, gt = _loss_and_grad(attrs, want_s, want_t)(*primals)
+            tan = jnp.zeros_like(out)
+            # Row n's loss depends on row n's logits only and the kernel's gradients are those
+            # of the sum of the rows ("none") or of the reduced loss: <g, d> row by row is the
+            # exact tangent.
+            for g, d in ((gs, ds), (gt, dt)):
+                if not _zero(d):
+                    prod = (g * d.astype(g.dtype)).astype(out.dtype)
+                    tan = tan + (jnp.sum(prod, axis=-1) if none else jnp.sum(prod))
+        if not _zero(dw):  # a differentiated sample_weight: the reference's tangent
+            s, t, w = primals
+            _, tw = jax.jvp(lambda w: ref(s, t, w), (w,), (dw,))
+            tan = tan + tw.astype(out.dtype)
+        return out, tan
+
+    loss.defjvp(jvp, symbolic_zeros=True)
+    return loss
+
+
+@functools.lru_cache(maxsize=256)
+def _fallback(kw: Tuple[Tuple[str, Any], ...]):
+    """The pure_callback path (no FFI): the NumPy API on host copies, in a custom_vjp."""
+    k = dict(kw)
+    name = k.pop("fn")
+    none = k["reduction"] == "none"
+    fn = getattr(_distill, name)
+    fn_grad = getattr(_distill, name + "_with_grad")
+
+    def host(grad):
+        def call(s, t, w):
+            s, t, w = np.asarray(s), np.asarray(t), np.asarray(w)
+            sw = None if w.size == 0 else w
+            if not grad:
+                return np.asarray(fn(s, t, sample_weight=sw, **k), _compute_dtype(s.dtype))
+            loss, gs, gt = fn_grad(s, t, sample_weight=sw, teacher_grad=True, **k)
+            return np.asarray(loss, _compute_dtype(s.dtype)), gs, gt
+
+        return call
+
+    def shapes(s):
+        return jax.ShapeDtypeStruct(s.shape[:-1] if none else (), _compute_dtype(s.dtype))
+
+    @jax.custom_vjp
+    def loss(s, t, w):
+        return jax.pure_callback(host(False), shapes(s), s, t, w, vmap_method="sequential")
+
+    def fwd(s, t, w):
+        if w.perturbed:
+            raise TypeError(
+                "fastxent.jax distillation losses without the XLA FFI differentiate with "
+                "respect to the logits only; sample_weight is being differentiated"
+            )
+        sv, tv = s.value, t.value
+        out = (shapes(sv), jax.ShapeDtypeStruct(sv.shape, sv.dtype))
+        out = out + (jax.ShapeDtypeStruct(tv.shape, tv.dtype),)
+        out, gs, gt = jax.pure_callback(host(True), out, sv, tv, w.value, vmap_method="sequential")
+        return out, (gs, gt)
+
+    def bwd(res, ct):
+        gs, gt = res
+        if isinstance(ct, jax.custom_derivatives.SymbolicZero):
+            return None, None, None
+        if none:
+            ct = ct[..., None]
+        return gs * ct.astype(gs.dtype), gt * ct.astype(gt.dtype), None
+
+    loss.defvjp(fwd, bwd, symbolic_zeros=True)
+    return loss
+
+
+def _loss(student: Any, teacher: Any, divergence: int, beta: float, kw: dict, fn: str):
+    s = jnp.asarray(student)
+    t = jnp.asarray(teacher)
+    for name, x in (("student", s), ("teacher", t)):
+        if np.dtype(x.dtype) not in _FLOATS:
+            raise TypeError(f"{name} must be float32, float64, float16 or bfloat16, got {x.dtype}")
+        if x.ndim == 0:
+            raise ValueError(f"{name} must have at least one dimension (the class axis)")
+    if t.dtype != s.dtype:
+        raise TypeError(f"teacher has dtype {t.dtype}, expected the student's {s.dtype}")
+    if t.shape != s.shape:
+        raise ValueError(f"teacher has shape {t.shape}, expected the student's {s.shape}")
+    if s.shape[-1] == 0:
+        raise ValueError("the class axis has no classes (C = 0)")
+    tau = _static_real(kw["temperature"], "temperature")
+    if not (tau > 0 and math.isfinite(tau)):
+        raise ValueError(f"temperature must be finite and > 0, got {kw['temperature']!r}")
+    red = reduction_code(kw["reduction"])
+    nt = threads(kw["num_threads"])
+    rows = s.shape[:-1]
+    w = _row_weight(rows, kw["labels"], kw["ignore_index"], kw["mask"], kw["sample_weight"])
+    if w is None:
+        w = jnp.zeros((0,), jnp.float64 if _x64() else jnp.float32)
+    if _jax_ffi.enabled():
+        attrs = (
+            ("divergence", np.int64(divergence)),
+            ("reduction", np.int64(red)),
+            ("num_threads", np.int64(nt)),
+            ("beta", np.float64(beta)),
+            ("temperature", np.float64(tau)),
+        )
+        return _make(attrs)(s, t, w)
+    fkw = [("fn", fn), ("temperature", tau), ("reduction", kw["reduction"])]
+    fkw.append(("num_threads", kw["num_threads"]))
+    if fn == "jsd_with_logits":
+        fkw.append(("beta", beta))
+    else:
+        fkw.append(("direction", "forward" if divergence == 0 else "reverse"))
+    return _fallback(tuple(fkw))(s, t, w)
+
+
+def kl_div_with_logits(
+    student: Any, teacher: Any, *, direction: str = "forward", **options: Any
+) -> jax.Array:
+    return _loss(
+        student,
+        teacher,
+        _distill._direction(direction),
+        0.5,
+        _distill._kw(options, "kl_div_with_logits"),
+        "kl_div_with_logits",
+    )
+
+
+def jsd_with_logits(student: Any, teacher: Any, *, beta: float = 0.5, **options: Any) -> jax.Array:
+    b = _static_real(beta, "beta")
+    return _loss(
+        student,
+        teacher,
+        2,
+        _distill._beta(b),
+        _distill._kw(options, "jsd_with_logits"),
+        "jsd_with_logits",
+    )
+
+
+_JAX_NOTES = """
+    JAX specifics: jit-compatible and differentiable with respect to both ``student`` and
+    ``teacher`` (and ``sample_weight``). Under ``jax.jit`` the kernel runs as an XLA custom
+    call on XLA's buffers; ``jax.value_and_grad`` is one kernel call for the loss and the
+    gradients (the teacher's only when it is differentiated), the gradients possibly taking
+    the logits' buffers. Forward mode (``jax.jvp``) works the same way; second and higher
+    order (``jax.hessian``, ``jax.grad`` of ``jax.grad``) and the derivative with respect to
+    ``sample_weight`` go through the same loss in jax.numpy ops (materialising). The options
+    (``direction``, ``beta``, ``temperature``, ``reduction``, ``ignore_index``,
+    ``num_threads``) are static Python values; ``labels``, ``mask`` and ``sample_weight`` may
+    be traced, a negative or non-finite ``sample_weight`` then raising when the call runs
+    (``JaxRuntimeError``). The loss is float32 for 16-bit logits, else the logits' dtype
+    (float64 needs JAX's x64 mode). Under ``jax.vmap`` each batch element is its own problem
+    (its own "mean" denominator), one custom call for the batch.
+
+    Without the XLA FFI (a build without jaxlib's headers, ``FASTXENT_JAX_FFI=0``) the NumPy
+    API runs through ``jax.pure_callback``: reverse mode, first order, with respect to the
+    logits only; forward mode and second order raise.
+"""
+
+
+def _doc(numpy_doc: str) -> str:
+    return (
+        numpy_doc.replace("student, teacher : array_like", "student, teacher : jax.Array")
+        .replace(
+            "NumPy arrays, or CPU\n        tensors through DLPack (PyTorch, JAX), read without "
+            "a copy.",
+            "Anything\n        jnp.asarray takes.",
+        )
+        .replace("labels : array_like", "labels : jax.Array")
+        .replace("mask : array_like", "mask : jax.Array")
+        .replace("sample_weight : array_like", "sample_weight : jax.Array")
+        + _JAX_NOTES
+    )
+
+
+kl_div_with_logits.__doc__ = _doc(_distill.kl_div_with_logits.__doc__ or "")
+jsd_with_logits.__doc__ = _doc(_distill.jsd_with_logits.__doc__ or "")
