@@ -300,3 +300,19 @@ def test_gradient_takes_the_logits_buffer_and_never_corrupts_an_input(rng):
     # Donated, the parameter's buffer itself may be reused.
     donated = jax.jit(jax.grad(lambda z: fxj.cross_entropy(z, y)), donate_argnums=0)
     assert np.array_equal(np.asarray(donated(jnp.asarray(z0))), g_np)
+
+
+def test_zero_weight_at_minus_inf_under_daz(isa):
+    """A probability target of 0 on a -inf logit counts 0 (0 * inf := 0) inside jax.jit too,
+    where XLA's threads read denormals as zero (DAZ): the kernel's test was |u| < denorm_min,
+    false for u = 0 under DAZ, and the loss came out NaN on the scalar and AVX2 builds."""
+    z = np.array([[0.0, -np.inf, 1.0, 2.0, 0.5]] * 3, np.float32)
+    q = np.array([[0.5, 0.0, 0.25, 0.25, 0.0]] * 3, np.float32)
+    want = fastxent.cross_entropy(z, q)
+    assert np.isfinite(want)
+    got = jax.jit(fxj.cross_entropy)(jnp.asarray(z), jnp.asarray(q))
+    assert float(got) == float(want)
+    loss, g = jax.jit(jax.value_and_grad(fxj.cross_entropy))(jnp.asarray(z), jnp.asarray(q))
+    _, g_np = fastxent.cross_entropy_with_grad(z, q)
+    assert float(loss) == float(want)
+    np.testing.assert_array_equal(np.asarray(g), g_np)

@@ -36,13 +36,12 @@ struct Distill {
     if (len >= W) V::store(p, v);
     else V::store_partial(p, v, len);
   }
-  // e * d, but 0 where e == 0 (e >= 0 comes from vexp, which flushes to +0): a zero
-  // probability times an infinite log-ratio counts 0. NaN in e stays NaN. The threshold is the
-  // smallest normal number, not denorm_min: vexp's results are 0 or normal, so it is the same
-  // test, and it stays one where denormals are treated as zero (DAZ, as on XLA's CPU threads,
-  // where e < denorm_min is false for e = 0 and 0 * inf gave NaN).
+  // e * d, but 0 where e == 0: a zero probability times an infinite log-ratio counts 0. NaN
+  // in e stays NaN. Tested as e == 0, not e < denorm_min: under DAZ (denormals read as zero,
+  // as on XLA's CPU threads) 0 < denorm_min is false, and 0 * inf gave NaN.
   static R mul0(R e, R d) {
-    return V::zero_if_less(e, V::set1(std::numeric_limits<T>::min()), V::mul(e, d));
+    const R zero = V::set1(T(0));
+    return V::select_eq(e, zero, zero, V::mul(e, d));
   }
   // Accumulates vectors in the storage type and moves them into double every 16 additions.
   template <int K>

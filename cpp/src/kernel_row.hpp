@@ -97,8 +97,10 @@ struct Row {
     } else if constexpr (fused<V>()) {
       return V::fmadd_unless_zero(u, x, acc);
     } else {
-      return V::add(acc, V::zero_if_less(V::abs(u), V::set1(std::numeric_limits<T>::denorm_min()),
-                                         V::mul(u, x)));
+      // u == 0, not |u| < denorm_min: the same test, except under DAZ (denormals read as
+      // zero, as on XLA's CPU threads), where 0 < denorm_min is false and 0 * inf gave NaN.
+      const R zero = V::set1(T(0));
+      return V::add(acc, V::select_eq(u, zero, zero, V::mul(u, x)));
     }
   }
 

@@ -82,7 +82,8 @@ struct Sigmoid {
   }
   // a * v, but 0 where a == 0 (so 0 * inf = 0). NaN in a stays NaN.
   static R mul0(R a, R v) {
-    return V::zero_if_less(V::abs(a), V::set1(std::numeric_limits<T>::denorm_min()), V::mul(a, v));
+    const R zero = V::set1(T(0));  // a == 0, not |a| < denorm_min (false for 0 under DAZ)
+    return V::select_eq(a, zero, zero, V::mul(a, v));
   }
 
   template <bool HP, bool HW, bool LOSS, bool GRAD>
