@@ -518,9 +518,11 @@ _COMMON_DOC = """
     Notes
     -----
     A row of weight 0 (ignored, masked or weighted 0) has loss 0 and gradient exactly 0
-    whatever its logits hold. "mean" over no counted row is NaN (as ``F.kl_div``'s "batchmean"
-    of an empty batch) with a zero gradient. A zero probability times an infinite log-ratio
-    counts 0 (``-inf`` logits are fine where the other distribution is 0 too).
+    whatever its logits hold. "mean" over no counted row is NaN (0 / 0) with a zero gradient
+    (fastxent.kl_div_with_logits' rule; fastxent.torch.cross_entropy gives 0.0 there). A zero
+    probability times an infinite log-ratio counts 0 (``-inf`` logits are fine where the other
+    distribution is 0 too), in values and first derivatives; in the second-order and
+    ``torch.func`` paths infinite logits may give NaN, as in PyTorch.
 
     Derivatives: first order with respect to ``student`` and ``teacher`` from the fused
     kernel; forward mode (``torch.autograd.forward_ad``) as ``<gradient, tangent>``; second
