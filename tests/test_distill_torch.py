@@ -440,3 +440,24 @@ def test_numpy_row_weights_accepted():
     m = np.array([True, False, True])
     a = fxt.kl_div_with_logits(s, t, mask=m, reduction="none")
     assert float(a[1]) == 0.0 and float(a[0]) > 0
+
+
+def test_teacher_only_gradient():
+    """A detached student and a teacher that requires grad: the teacher's gradient alone."""
+    s, t, _ = inputs((4, 3, 6), torch.float64, seed=8)
+    t.requires_grad_(True)
+    fxt.jsd_with_logits(s, t, beta=0.7, reduction="sum").backward()
+    t2 = t.detach().requires_grad_(True)
+    torch_reference(s, t2, "jsd", 0.7, reduction="sum").backward()
+    assert s.grad is None
+    assert max_rel(t.grad, t2.grad) < 2e-14  # as test_matches_pytorch's float64 gradients
+
+
+def test_docstring_examples():
+    import doctest
+
+    from fastxent import _torch_distill
+
+    assert doctest.testmod(_torch_distill, verbose=False).failed == 0
+    for name in ("kl_div_with_logits", "jsd_with_logits", "KLDivWithLogitsLoss"):
+        assert name in fxt.__all__ and getattr(fxt, name) is getattr(_torch_distill, name)
