@@ -105,7 +105,13 @@ def reference_loss(student: Tensor, teacher: Tensor, spec: _Spec) -> Tensor:
     elif div == 1:
         D = _kl(ls, lt)
     else:
-        lm = torch.logaddexp(lt + math.log(beta), ls + math.log1p(-beta))
+        # A class that both give probability 0 has m = 0 too and costs nothing; its log m is
+        # taken at 0 so that no -inf - -inf reaches logaddexp's derivative.
+        both = torch.isneginf(lt) & torch.isneginf(ls)
+        lm = torch.logaddexp(
+            torch.where(both, 0.0, lt) + math.log(beta),
+            torch.where(both, 0.0, ls) + math.log1p(-beta),
+        )
         D = beta * _kl(lt, lm) + (1.0 - beta) * _kl(ls, lm)
     rows = (T * T) * D
     if w is not None:
@@ -521,8 +527,7 @@ _COMMON_DOC = """
     whatever its logits hold. "mean" over no counted row is NaN (0 / 0) with a zero gradient
     (fastxent.kl_div_with_logits' rule; fastxent.torch.cross_entropy gives 0.0 there). A zero
     probability times an infinite log-ratio counts 0 (``-inf`` logits are fine where the other
-    distribution is 0 too), in values and first derivatives; in the second-order and
-    ``torch.func`` paths infinite logits may give NaN, as in PyTorch.
+    distribution is 0 too), in the second-order and ``torch.func`` paths as well.
 
     Derivatives: first order with respect to ``student`` and ``teacher`` from the fused
     kernel; forward mode (``torch.autograd.forward_ad``) as ``<gradient, tangent>``; second
