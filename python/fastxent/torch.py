@@ -23,7 +23,8 @@ This module holds the public names; the implementation is in private modules, by
 ops), ``_torch_fast`` (the gradient buffer pool, the fused call, the lean path of a plain call),
 ``_torch_autograd`` (the autograd Function and the dispatch of a call with options),
 ``_torch_nodata`` (checks without tensor values, torch.func, the custom op for torch.compile),
-``_torch_bce`` (sigmoid cross-entropy) and ``_torch_vocab`` (vocab-parallel).
+``_torch_bce`` (sigmoid cross-entropy), ``_torch_distill`` (distillation losses: KL, JSD)
+and ``_torch_vocab`` (vocab-parallel).
 
 Requires the optional extra: ``pip install fastxent[torch]``.
 """
@@ -42,6 +43,12 @@ from ._keywords import EXTRA, ExtraKeywords, Unpack
 from ._options import common_options
 from ._torch_autograd import general_cross_entropy
 from ._torch_bce import BCEWithLogitsLoss, binary_cross_entropy_with_logits
+from ._torch_distill import (
+    JSDWithLogitsLoss,
+    KLDivWithLogitsLoss,
+    jsd_with_logits,
+    kl_div_with_logits,
+)
 from ._torch_fast import is_compiling, kept_buffer_bytes, lean_call, release_buffers
 from ._torch_nodata import validate_options
 from ._torch_vocab import vocab_parallel_cross_entropy
@@ -51,6 +58,10 @@ __all__ = [
     "CrossEntropyLoss",
     "binary_cross_entropy_with_logits",
     "BCEWithLogitsLoss",
+    "kl_div_with_logits",
+    "KLDivWithLogitsLoss",
+    "jsd_with_logits",
+    "JSDWithLogitsLoss",
     "vocab_parallel_cross_entropy",
     "release_buffers",
     "kept_buffer_bytes",
