@@ -106,7 +106,8 @@ double distill(const DistillInputs<S>& in, const DistillOptions& opt, S* gs, S* 
     den = 0.0;
     for (int64_t n = 0; n < N; ++n) den += in.row_weight[n];
   }
-  // "mean" over a total weight of 0: the loss is 0/0 (NaN, as PyTorch's), the gradient 0.
+  // "mean" over a total weight of 0: loss 0 and gradient 0, as fastxent's cross-entropy (an
+  // empty batch contributes nothing; PyTorch would give 0/0 = NaN).
   const double g = mean ? (den > 0.0 ? 1.0 / den : 0.0) : 1.0;
   DistillMode mode = DistillMode(int(opt.divergence));
   if (mode == DistillMode::Jsd && opt.beta == 0.0) mode = DistillMode::ForwardKL;
@@ -221,7 +222,7 @@ double distill(const DistillInputs<S>& in, const DistillOptions& opt, S* gs, S* 
     total += part[size_t(n)];  // row order: independent of the thread count
   }
   if (opt.reduction == Reduction::None) return 0.0;
-  return mean ? total / den : total;
+  return mean ? (den > 0.0 ? total / den : 0.0) : total;
 }
 
 template double distill<float>(const DistillInputs<float>&, const DistillOptions&, float*, float*,

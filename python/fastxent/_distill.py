@@ -194,8 +194,8 @@ _PARAMS = """
     sample_weight : array_like, shape ``student.shape[:-1]``, optional
         Per-row weights (finite, >= 0); "mean" then divides by their sum over counted rows.
         A row of weight 0 (ignored, masked or weighted 0) gets a loss of 0 and a gradient of
-        exactly 0, whatever its logits hold; "mean" over no counted row is NaN with a zero
-        gradient (as PyTorch's mean over nothing).
+        exactly 0, whatever its logits hold; "mean" over no counted row is 0 with a zero
+        gradient (as fastxent's cross-entropy; PyTorch's mean over nothing is NaN).
     num_threads : int, optional
         Caps the OpenMP threads of this call. Results are bitwise identical for every count.
 """

@@ -116,7 +116,7 @@ def reference_loss(
     0 forward KL, 1 reverse KL, 2 JSD; reduction 0 none / 1 sum / 2 mean; w: flat row weights,
     or an empty array for none). 16-bit logits compute in float32. A row of weight 0 costs 0
     and reaches nothing (its logits are replaced before any operation, so not even a NaN in
-    them shows in a derivative); "mean" over a total weight of 0 is NaN with zero derivatives,
+    them shows in a derivative); "mean" over a total weight of 0 is 0 with zero derivatives,
     as the kernel's."""
     rows_shape, C = s.shape[:-1], s.shape[-1]
     dt = _compute_dtype(s.dtype)
@@ -150,7 +150,7 @@ def reference_loss(
     if reduction == 1:
         return total
     den = r.sum()
-    return jnp.where(den == 0, jnp.nan, total / jnp.where(den == 0, 1.0, den)).astype(dt)
+    return jnp.where(den == 0, 0.0, total / jnp.where(den == 0, 1.0, den)).astype(dt)
 
 
 def _reference(attrs: _Attrs):

@@ -123,8 +123,8 @@ def reference_loss(student: Tensor, teacher: Tensor, spec: _Spec) -> Tensor:
     if red == "sum":
         return total
     den = torch.tensor(float(rows.numel()), dtype=dt) if w is None else w.sum()
-    # "mean" over no counted row: NaN, with a zero derivative (the kernel's rule).
-    return torch.where(den == 0, math.nan, total / torch.where(den == 0, 1.0, den))
+    # "mean" over no counted row: 0, with a zero derivative (the kernel's rule).
+    return torch.where(den == 0, 0.0, total / torch.where(den == 0, 1.0, den))
 
 
 def _check_nodata(student: Any, teacher: Any, spec: _Spec) -> None:
@@ -524,8 +524,8 @@ _COMMON_DOC = """
     Notes
     -----
     A row of weight 0 (ignored, masked or weighted 0) has loss 0 and gradient exactly 0
-    whatever its logits hold. "mean" over no counted row is NaN (0 / 0) with a zero gradient
-    (fastxent.kl_div_with_logits' rule; fastxent.torch.cross_entropy gives 0.0 there). A zero
+    whatever its logits hold. "mean" over no counted row is 0 with a zero gradient (as
+    fastxent.torch.cross_entropy; PyTorch's F.kl_div gives NaN there). A zero
     probability times an infinite log-ratio counts 0 (``-inf`` logits are fine where the other
     distribution is 0 too), in the second-order and ``torch.func`` paths as well.
 

@@ -11,7 +11,8 @@
 //              generalised JSD defines its end points)
 //   row loss   l_n = r_n tau^2 D_n (the tau^2 keeps gradient magnitudes independent of tau).
 // "sum" adds the row losses, "mean" divides the sum by sum_n r_n (the number of rows without
-// row weights: PyTorch's "batchmean"), "none" returns 0 and writes them (row_losses).
+// row weights: PyTorch's "batchmean"; 0 with a zero gradient when that sum is 0, as for the
+// cross-entropy), "none" returns 0 and writes them (row_losses).
 // Gradients (of the reduced loss; for "none", of the sum of the row losses), g = 1 / sum r for
 // "mean", else 1:
 //   ForwardKL  dL/ds = g r tau (p - q);            dL/dt = g r tau q (log q - log p - D)
