@@ -111,7 +111,13 @@ inline BlockStat Row<V>::block_impl(const BlockIn<T>& in_ref, T mt) {
         if constexpr (softcap(TR)) storen(in.t + j, t, len);
       }
       as = V::add(as, y);
-      if constexpr (ENT) ah = add_weighted<TR>(ah, y, x);
+      if constexpr (ENT) {
+        // y x, 0 where y is: x = -inf only where y = 0, and x is clamped to the lowest
+        // finite T first (two operations, where add_weighted's guard takes five on AVX2);
+        // x is finite with a softcap, and a NaN x comes with a NaN y.
+        if constexpr (softcap(TR)) ah = V::fmadd(y, x, ah);
+        else ah = V::fmadd(y, V::max(x, V::set1(std::numeric_limits<T>::lowest())), ah);
+      }
       if constexpr (WD == TargetSums::Smoothed) {
         if constexpr (HAS_W) {
           aw = add_weighted<TR>(aw, loadn(in.w + j, len), x);

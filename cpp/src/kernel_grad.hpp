@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <limits>
 
 #include "isa_ns.hpp"
 #include "kernel_row.hpp"
@@ -45,8 +46,10 @@ struct Row<V>::GradK {
         x = V::sub(V::copysign(V::fmsub(loadn(in.t + i, len), vcap2, vcap), z), vshift);
         r = V::fmadd(V::mul(vc, e), x, r);  // x is finite
       } else {
-        x = V::fmsub(z, valpha, vshift);
-        r = add_weighted<Transform::Identity>(r, V::mul(vc, e), x);  // 0 where c e is 0
+        // x = -inf only at a -inf logit, where e = 0: clamped to the lowest finite T, the
+        // term is then 0 (as in the block pass).
+        x = V::max(V::fmsub(z, valpha, vshift), V::set1(std::numeric_limits<T>::lowest()));
+        r = V::fmadd(V::mul(vc, e), x, r);
       }
     }
     if constexpr (CAP) {
