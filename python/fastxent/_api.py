@@ -127,7 +127,7 @@ def _run(logits: Any, target: Any, kw: dict, want_grad: bool, out: Any):
     view = rows_or_cols(xv)
     rows = view.shape[0] if last else view.shape[0] * view.shape[2]
     row_losses = np.empty(rows, cdt) if opts.reduction == 0 else None
-    outs = {}
+    outs: "dict[str, np.ndarray]" = {}
     if names is not None:
         for n in ("lse", "entropy", "target_logprob"):
             if n in names:
@@ -165,7 +165,9 @@ def _row_stats(
     names: tuple, outs: dict, t: Optional[np.ndarray], ii: int, shape: tuple
 ) -> RowStats:
     """The RowStats of the names asked for, from the kernel's per-row arrays."""
-    fields = {n: outs[n].reshape(shape) for n in ("lse", "entropy", "target_logprob") if n in outs}
+    fields: "dict[str, Any]" = {
+        n: outs[n].reshape(shape) for n in ("lse", "entropy", "target_logprob") if n in outs
+    }
     if "argmax" in names:
         fields["argmax"] = outs["argmax"].reshape(shape)
     if "accuracy" in names:
