@@ -231,6 +231,8 @@ _DOC_RAISES = """
     IndexError
         a class target outside [0, C) that is not ignore_index (the message names row and
         value).
+    NotImplementedError
+        ``outputs`` or ``entropy_coef`` with 16-bit logits or a class axis other than the last.
 """
 
 
@@ -297,7 +299,8 @@ cross_entropy.__doc__ = (
     Returns
     -------
     A NumPy scalar of the logits' dtype for "mean"/"sum" (rows accumulated in float64), or an
-    array of shape ``logits.shape[:-1]`` for "none".
+    array of shape ``logits.shape[:-1]`` for "none". With ``outputs=``: ``(loss, stats)``,
+    ``stats`` a :class:`fastxent.RowStats`.
 """
     + _DOC_DIFF
     + _DOC_RAISES
@@ -348,7 +351,9 @@ cross_entropy_with_grad.__doc__ = (
     Returns
     -------
     (loss, grad): the loss as in :func:`cross_entropy`; grad has the logits' shape and dtype
-    and is C-contiguous (it is ``out`` when given).
+    and is C-contiguous (it is ``out`` when given). With ``outputs=``: ``(loss, grad, stats)``,
+    ``stats`` a :class:`fastxent.RowStats`; with ``entropy_coef`` the loss and gradient are those
+    of ``CE - entropy_coef * reduce(s_n * entropy_n)``.
 """
     + _DOC_DIFF
     + _DOC_RAISES
