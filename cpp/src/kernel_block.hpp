@@ -111,13 +111,9 @@ inline BlockStat Row<V>::block_impl(const BlockIn<T>& in_ref, T mt) {
         if constexpr (softcap(TR)) storen(in.t + j, t, len);
       }
       as = V::add(as, y);
-      if constexpr (ENT) {
-        // y x, 0 where y is: x = -inf only where y = 0, and x is clamped to the lowest
-        // finite T first (two operations, where add_weighted's guard takes five on AVX2);
-        // x is finite with a softcap, and a NaN x comes with a NaN y.
-        if constexpr (softcap(TR)) ah = V::fmadd(y, x, ah);
-        else ah = V::fmadd(y, V::max(x, V::set1(std::numeric_limits<T>::lowest())), ah);
-      }
+      // y x: one operation. x = -inf (a -inf logit, where y = 0) makes it NaN: such a block
+      // is summed again by ent_redo below (x is finite with a softcap).
+      if constexpr (ENT) ah = V::fmadd(y, x, ah);
       if constexpr (WD == TargetSums::Smoothed) {
         if constexpr (HAS_W) {
           aw = add_weighted<TR>(aw, loadn(in.w + j, len), x);
@@ -186,13 +182,44 @@ inline BlockStat Row<V>::block_impl(const BlockIn<T>& in_ref, T mt) {
     if constexpr (ENT) ez += V::hsum(V::add(h0, h1));
   }
   BlockStat st{double(mt), sum, wd, usum};
-  if constexpr (ENT) st.ez = ez;
+  if constexpr (ENT) {
+    // A NaN entropy sum with a number for sum e: the block holds -inf logits (0 * -inf).
+    if constexpr (!softcap(TR)) {
+      if (ez != ez && sum == sum) ez = ent_redo<TR, HK>(in, mt);
+    }
+    st.ez = ez;
+  }
   if constexpr (NEXT) {
     for (; nx + W <= in.nnext; nx += W) mx0 = V::max(mx0, V::load(in.znext + nx));
     if (nx < in.nnext) mx1 = V::max(mx1, V::load_partial(in.znext + nx, in.nnext - nx, ninf));
     st.znext_max = double(V::hmax(V::max(mx0, mx1)));
   }
   return st;
+}
+
+// The entropy sum sum e (z' - mt) of a block holding -inf logits, each counting 0 (x clamped to
+// the lowest finite T, so that 0 * x = 0): the rare second pass of block_impl's ENT sum.
+template <class V>
+template <Transform TR, Storage HK>
+inline double Row<V>::ent_redo(const BlockIn<T>& in, T mt) {
+  const R vm = V::set1(mt), lo = V::set1(std::numeric_limits<T>::lowest());
+  const Xf xf(in.alpha, in.cap);
+  double ez = 0.0;
+  for (int64_t c0 = 0; c0 < in.n; c0 += 16 * W) {
+    const int64_t c1 = c0 + 16 * W < in.n ? c0 + 16 * W : in.n;
+    R h = V::set1(T(0));
+    for (int64_t i = c0; i < c1; i += W) {
+      const int64_t len = c1 - i < W ? c1 - i : W;
+      R t;
+      R x = V::sub(transform<TR>(loadz<HK>(in, i, len, T(0)), xf, &t), vm);
+      if (len < W) x = V::keep_first(x, len);
+      R y = vexp<V, false>(x);
+      if (len < W) y = V::keep_first(y, len);
+      h = V::fmadd(y, V::max(x, lo), h);
+    }
+    ez += V::hsum(h);
+  }
+  return ez;
 }
 
 // A block whose max is -inf: every entry is -inf, or NaN hides among -inf entries. Rare;

@@ -142,6 +142,8 @@ struct Row {
   template <bool STORE, Transform TR, TargetSums WD, bool HAS_W, Storage HK, bool SIDE = false,
             bool NEXT = false, bool ENT = false>
   static BlockStat block_impl(const BlockIn<T>& in_ref, T mt);
+  template <Transform TR, Storage HK>
+  static double ent_redo(const BlockIn<T>& in, T mt);
   template <Storage HK>
   static BlockStat degenerate(const BlockIn<T>& in);
   static BlockStat block(const BlockIn<T>& in);
