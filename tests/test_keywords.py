@@ -16,6 +16,7 @@ DEFAULTS = _keywords.DEFAULTS  # checked against the kernel's own defaults below
 ARRAY = ["axis", "reduction", "weight", "ignore_index", "label_smoothing", "sample_weight"]
 ARRAY += ["z_loss", "softcap", "logit_scale", "normalizer", "num_threads"]
 LOSS = ARRAY[1:]
+STATS = ARRAY + ["entropy_coef", "outputs"]  # fastxent.cross_entropy(_with_grad) alone
 SHARD = ["weight", "ignore_index", "label_smoothing", "softcap", "logit_scale", "num_threads"]
 EXTRA = ["sample_weight", "z_loss", "softcap", "logit_scale", "normalizer", "num_threads"]
 
@@ -38,8 +39,8 @@ def _expected(own_first, group, own_last):
 
 
 NUMPY_FUNCTIONS = [
-    (fx.cross_entropy, [], ARRAY, []),
-    (fx.cross_entropy_with_grad, [], ARRAY, [("out", None)]),
+    (fx.cross_entropy, [], STATS, []),
+    (fx.cross_entropy_with_grad, [], STATS, [("out", None)]),
     (
         fx.linear_cross_entropy,
         [("linear_bias", None)],
@@ -78,7 +79,7 @@ def test_signature_lists_the_group_with_its_defaults(fn, first, group, last):
 def test_the_public_defaults_are_the_kernels():
     """Each scalar keyword's default validates to the field's default of LossOptions (the
     C++ Options' defaults): a call without options is a call with every default."""
-    assert list(DEFAULTS) == ARRAY
+    assert list(DEFAULTS) == STATS
     scalars = {k: DEFAULTS[k] for k in LossOptions._fields}
     assert LossOptions.from_keywords(**scalars) == LossOptions()
     assert (DEFAULTS["axis"], DEFAULTS["weight"], DEFAULTS["sample_weight"]) == (-1, None, None)
@@ -86,6 +87,7 @@ def test_the_public_defaults_are_the_kernels():
 
 def test_the_groups():
     assert list(_keywords.ARRAY.defaults) == ARRAY
+    assert list(_keywords.STATS.defaults) == STATS
     assert list(_keywords.LOSS.defaults) == LOSS
     assert list(_keywords.SHARD.defaults) == SHARD
     assert list(_keywords.EXTRA.defaults) == EXTRA

@@ -25,7 +25,7 @@ void register_options(py::module_& m) {
       .def(py::init<>())
       .def(py::init([](int reduction, int64_t ignore_index, double label_smoothing, double z_loss,
                        double softcap, double logit_scale, const py::object& normalizer,
-                       int num_threads) {
+                       int num_threads, double entropy_coef) {
              Options o;
              o.reduction = static_cast<fastxent::Reduction>(reduction);
              o.ignore_index = ignore_index;
@@ -36,11 +36,12 @@ void register_options(py::module_& m) {
              o.has_normalizer = !normalizer.is_none();
              o.normalizer = o.has_normalizer ? normalizer.cast<double>() : 0.0;
              o.num_threads = num_threads;
+             o.entropy_coef = entropy_coef;
              return o;
            }),
            py::arg("reduction"), py::arg("ignore_index"), py::arg("label_smoothing"),
            py::arg("z_loss"), py::arg("softcap"), py::arg("logit_scale"), py::arg("normalizer"),
-           py::arg("num_threads"))
+           py::arg("num_threads"), py::arg("entropy_coef") = 0.0)
       .def_property(
           "reduction", [](const Options& o) { return static_cast<int>(o.reduction); },
           [](Options& o, int r) { o.reduction = static_cast<fastxent::Reduction>(r); })
@@ -58,7 +59,8 @@ void register_options(py::module_& m) {
             o.has_normalizer = !v.is_none();
             o.normalizer = o.has_normalizer ? v.cast<double>() : 0.0;
           })
-      .def_readwrite("num_threads", &Options::num_threads);
+      .def_readwrite("num_threads", &Options::num_threads)
+      .def_readwrite("entropy_coef", &Options::entropy_coef);
 }
 
 }  // namespace fastxent_py

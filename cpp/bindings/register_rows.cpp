@@ -69,18 +69,36 @@ S* fill_inputs(In& in, const py::array& logits, const py::object& target, const 
   return static_cast<S*>(ga.mutable_data());
 }
 
+// A per-row output: None, or a writable C-contiguous 1-D array of `rows` elements of S.
+template <class S>
+S* row_output(const py::object& a, py::ssize_t rows, const char* what) {
+  if (a.is_none()) return nullptr;
+  py::array arr = py::reinterpret_borrow<py::array>(a);
+  if (!is_dtype<S>(arr) || arr.ndim() != 1 || arr.shape(0) != rows || !c_contiguous(arr) ||
+      !arr.writeable())
+    throw std::invalid_argument(std::string(what) +
+                                ": expected a writable contiguous 1-D array of one value per row");
+  return static_cast<S*>(arr.mutable_data());
+}
+
 template <class T>
 double run(const py::array& logits, const py::object& target, const py::object& probs,
            const py::object& weight, const py::object& sample_weight, fastxent::Options opt,
-           const py::object& grad, const py::object& row_losses) {
+           const py::object& grad, const py::object& row_losses, const py::object& lse,
+           const py::object& entropy, const py::object& argmax, const py::object& target_logprob) {
   fastxent::Inputs<T> in;
   T* g = fill_inputs<T, T>(in, logits, target, probs, weight, sample_weight, grad);
   T* rl = checked_output<T>(row_losses, in.rows, 1, 1, "row_losses");
+  fastxent::RowOutputs<T> outs;
+  outs.lse = row_output<T>(lse, in.rows, "lse");
+  outs.entropy = row_output<T>(entropy, in.rows, "entropy");
+  outs.argmax = row_output<int64_t>(argmax, in.rows, "argmax");
+  outs.target_logprob = row_output<T>(target_logprob, in.rows, "target_logprob");
   // Safe without the GIL: the arrays are kept alive by the caller's references for the whole
   // call, and the kernel touches no Python object.
   py::gil_scoped_release release;
   // Rounded to T here: a float32 loss beyond the float range is inf, quietly, as "none" rows.
-  return double(T(fastxent::cross_entropy<T>(in, opt, g, rl)));
+  return double(T(fastxent::cross_entropy<T>(in, opt, g, rl, &outs)));
 }
 
 // float16 / bfloat16 logits arrive as uint16 views; weights as float32.
@@ -104,22 +122,26 @@ void register_rows(py::module_& m) {
       "cross_entropy",
       [](const py::array& logits, const py::object& target, const py::object& probs,
          const py::object& weight, const py::object& sample_weight,
-         const fastxent::Options& options, const py::object& grad,
-         const py::object& row_losses) -> double {
+         const fastxent::Options& options, const py::object& grad, const py::object& row_losses,
+         const py::object& lse, const py::object& entropy, const py::object& argmax,
+         const py::object& target_logprob) -> double {
         if (is_dtype<float>(logits))
-          return run<float>(logits, target, probs, weight, sample_weight, options, grad,
-                            row_losses);
+          return run<float>(logits, target, probs, weight, sample_weight, options, grad, row_losses,
+                            lse, entropy, argmax, target_logprob);
         if (is_dtype<double>(logits))
           return run<double>(logits, target, probs, weight, sample_weight, options, grad,
-                             row_losses);
+                             row_losses, lse, entropy, argmax, target_logprob);
         throw py::type_error("logits: expected float32 or float64");
       },
       py::arg("logits"), py::arg("target"), py::arg("probs"), py::arg("weight"),
       py::arg("sample_weight"), py::arg("options"), py::arg("grad"), py::arg("row_losses"),
+      py::arg("lse") = py::none(), py::arg("entropy") = py::none(), py::arg("argmax") = py::none(),
+      py::arg("target_logprob") = py::none(),
       "Low-level kernel call on a 2-D logits view (rows, C) with a contiguous class axis, or a "
       "C-contiguous (outer, C, inner) array (class axis not last): "
       "int64 class targets or a (rows, C) probability target, and an Options. Returns the "
-      "reduced loss (0 for none).");
+      "reduced loss (0 for none). lse, entropy, target_logprob (the logits' dtype) and argmax "
+      "(int64): optional per-row outputs (row layout only).");
 
   m.def("cross_entropy_half", &run_half, py::arg("logits"), py::arg("kind"), py::arg("target"),
         py::arg("probs"), py::arg("weight"), py::arg("sample_weight"), py::arg("options"),

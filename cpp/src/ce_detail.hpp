@@ -46,6 +46,9 @@ void check_class(int64_t n, int64_t y, int64_t classes, int64_t ignore_index);
 // Throws std::invalid_argument unless v is finite and >= 0 (> 0 when `positive`).
 void check_finite(double v, const char* what, bool positive);
 
+// Throws std::invalid_argument for Options::entropy_coef != 0 at an entry point without it.
+void reject_entropy_coef(const Options& opt, const char* where);
+
 // Every check of a call, before anything is written. Pointer types vary (half storage), so
 // this takes what it needs as plain facts.
 void check_call(const Options& opt, int64_t rows, int64_t classes, int64_t inner,
@@ -89,6 +92,13 @@ struct Problem {
   bool stream;             // non-temporal gradient stores through a scratch row
   bool recompute = false;  // two-pass gradient: statistics first, then exp again per block
   bool probs;              // probability targets
+  // Per-row outputs and the entropy term (cross_entropy with RowOutputs or entropy_coef; the
+  // row path only: no streaming, no recompute, no short rows, no split rows).
+  bool extras = false;     // any of the below
+  bool ent = false;        // the entropy sums (entropy output or beta > 0)
+  bool e_scratch = false;  // e goes to the scratch row (in place, where z is read after)
+  double beta = 0.0;       // entropy_coef
+  RowOutputs<T> outs{};
   const RowFns<T>* fns;
   void (*fence)();
   // float <-> 16-bit conversions of the active ISA (see KernelTable).
@@ -167,6 +177,7 @@ inline BlockIn<T> block_in(const Problem<T>& p, const RowPtrs<T>& rp, int64_t k,
   b.q0 = T(p.eps / double(p.C_total));
   b.sums =
       p.probs ? TargetSums::Probabilities : (p.eps > 0.0 ? TargetSums::Smoothed : TargetSums::None);
+  b.entropy = p.ent;
   return b;
 }
 

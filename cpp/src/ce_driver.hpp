@@ -74,6 +74,10 @@ template <class T>
 void stream_rows(const Problem<T>& p, int64_t begin, int64_t end, double* losses,
                  std::vector<Pending<T>>* pending);
 
+// The per-row outputs alone of rows begin .. end (see ce_rows.cpp).
+template <class T>
+void outputs_only(const Problem<T>& p, int64_t begin, int64_t end);
+
 // Fewer rows than threads: (row, block) pairs shared out (see ce_rows.cpp).
 template <class T>
 void split_classes(const Problem<T>& p, int64_t rows, int nt, double* losses);

@@ -22,6 +22,9 @@ struct RowResult {
   // a's numerator s (Q + z-loss term) alpha and denominator S = sum exp(z' - M), for the
   // double path (write_grad_block), which takes an (e / S) where a itself would be subnormal.
   double an = 0.0, S = 1.0;
+  // With p.ent: log S and ebar = sum_c p_c (z'_c - M) (the entropy is log S - ebar); with
+  // beta > 0, ec = beta s alpha / S, the factor of the entropy term's e (z' - M - ebar).
+  double logS = 0.0, ebar = 0.0, ec = 0.0;
 };
 
 // r.a e in double; as r.an (e / r.S) where r.a is subnormal or 0 (extreme row scales with
@@ -58,7 +61,7 @@ inline RowResult finish_row(const Problem<T>& p, const BlockStat* st, int64_t n,
     r.a = r.an = r.s * Q / C * p.alpha;
     return r;
   }
-  double S = 0.0, WD = 0.0;
+  double S = 0.0, WD = 0.0, E = 0.0;
   const bool want_wd = p.probs || p.eps > 0.0;
   for (int64_t k = 0; k < p.nb; ++k) {
     const double bw = p.probs ? st[k].usum : (p.block_w ? p.block_w[k] : double(p.block_len(k)));
@@ -68,6 +71,8 @@ inline RowResult finish_row(const Problem<T>& p, const BlockStat* st, int64_t n,
     }
     S += st[k].s * rescale(st[k].m, r.M);
     if (want_wd) WD += st[k].wd + (st[k].m - r.M) * bw;
+    // sum e (z' - M) = sum e (z' - m) + (m - M) sum e, each rescaled by exp(m - M).
+    if (p.ent) E += (st[k].ez + (st[k].m - r.M) * st[k].s) * rescale(st[k].m, r.M);
   }
   const double log_sum = std::log(S);
   double loss = 0.0;
@@ -83,6 +88,14 @@ inline RowResult finish_row(const Problem<T>& p, const BlockStat* st, int64_t n,
     const double lse = r.M + log_sum;
     loss += p.lambda * lse * lse;
     za = 2.0 * p.lambda * lse;
+  }
+  if (p.ent) {
+    r.logS = log_sum;
+    r.ebar = E / S;
+    if (p.beta > 0.0) {
+      loss -= p.beta * (log_sum - r.ebar);
+      r.ec = p.beta * r.s * p.alpha / S;
+    }
   }
   r.loss = sn * loss;
   r.an = r.s * (Q + za) * p.alpha;
@@ -114,10 +127,15 @@ inline bool needs_double(const Problem<T>& p, const RowResult& r, double fa) {
 // for factors that do not fit T.
 template <class T>
 inline double grad_entry(const Problem<T>& p, const RowResult& r, double c, double e, const T* t,
-                         double w, const T* prob) {
+                         double w, const T* prob, const T* z = nullptr) {
   double u = w;
   if (prob) u *= (1.0 - p.eps) * double(*prob) + p.eps / double(p.C_total);
   double v = r.an * (c * e) - r.b * u;
+  if (z && e != 0.0) {
+    // The entropy term beta s alpha p (z' - zbar), p = c e, z' - zbar = (z' - M) - ebar.
+    double dz;
+    v += r.ec * r.S * (c * e) * ((transform(p, double(*z), &dz) - r.M) - r.ebar);
+  }
   if (t) v *= 4.0 * double(*t) * (1.0 - double(*t));
   return v;
 }
@@ -130,7 +148,7 @@ template <class T>
 inline bool grad_block_affine(const Problem<T>& p, const BlockStat& st, const RowResult& r,
                               const T* prob, const T* e, const T* t, T* g, int64_t k, bool stream,
                               AffineIn<T>* out, uint16_t* gh = nullptr,
-                              Storage storage = Storage::Native) {
+                              Storage storage = Storage::Native, const T* z = nullptr) {
   const int64_t off = k * kBlock<T>, len = p.block_len(k);
   AffineIn<T>& a = *out;
   a.e = e + off;
@@ -163,18 +181,37 @@ inline bool grad_block_affine(const Problem<T>& p, const BlockStat& st, const Ro
     }
     return false;
   } else {
-    const double fa = st.m == -kInf ? 0.0 : r.a * rescale(st.m, r.M);
-    if (needs_double(p, r, fa)) {
+    double fa = st.m == -kInf ? 0.0 : r.a * rescale(st.m, r.M);
+    // The entropy term (z: the row's logits, beta > 0): a gains ck (m - M - ebar) and the
+    // pass adds ck e (z' - m) (see AffineIn::z).
+    const bool ent = z && r.ec != 0.0 && st.m != -kInf;
+    double ck = 0.0;
+    if (ent) {
+      ck = r.ec * rescale(st.m, r.M);
+      fa += ck * ((st.m - r.M) - r.ebar);
+    }
+    const double tiny = double(std::numeric_limits<T>::min());
+    const double huge = double(std::numeric_limits<T>::max()) / 8;
+    if (needs_double(p, r, fa) ||
+        (ent && (std::fabs(ck) > huge || (ck != 0.0 && std::fabs(ck) < tiny)))) {
       for (int64_t c = 0; c < len; ++c) {
         const double v =
             grad_entry(p, r, rescale(st.m, r.M) / r.S, double(a.e[c]), a.t ? a.t + c : nullptr,
-                       p.in.weight ? double(p.in.weight[off + c]) : 1.0, prob ? a.p + c : nullptr);
+                       p.in.weight ? double(p.in.weight[off + c]) : 1.0, prob ? a.p + c : nullptr,
+                       ent ? z + off + c : nullptr);
         if (gh) store_half(p, double(T(v)), gh + off + c, storage);
         else g[off + c] = T(v);
       }
       return false;
     }
     a.a = T(fa);
+    if (ent) {
+      a.z = z + off;
+      a.c = T(ck);
+      a.zshift = T(st.m);
+      a.alpha = T(p.alpha);
+      a.cap = T(p.cap);
+    }
   }
   return true;
 }
@@ -183,9 +220,10 @@ inline bool grad_block_affine(const Problem<T>& p, const BlockStat& st, const Ro
 template <class T>
 inline void write_grad_block(const Problem<T>& p, const BlockStat& st, const RowResult& r,
                              const T* prob, const T* e, const T* t, T* g, int64_t k, bool stream,
-                             uint16_t* gh = nullptr, Storage storage = Storage::Native) {
+                             uint16_t* gh = nullptr, Storage storage = Storage::Native,
+                             const T* z = nullptr) {
   AffineIn<T> a;
-  if (grad_block_affine(p, st, r, prob, e, t, g, k, stream, &a, gh, storage)) p.fns->affine(a);
+  if (grad_block_affine(p, st, r, prob, e, t, g, k, stream, &a, gh, storage, z)) p.fns->affine(a);
 }
 
 // The target entry a e_y - q_y cancels when softmax_y is near 1: redo it in double from the
@@ -196,7 +234,10 @@ inline T target_value(const Problem<T>& p, const RowResult& r, double zy_t, doub
   const double ey = r.M == -kInf ? 1.0 : std::exp(zy_t - r.M);
   // r.a and r.b carry alpha; the softcap's chain factor at y replaces it.
   const double scale = dzy / p.alpha;
-  return T(scale * (a_times(r, ey) - r.b * wy - r.s * (1.0 - p.eps) * wy * p.alpha));
+  // The entropy term beta s alpha p_y (z'_y - zbar) (0 where p_y is).
+  double v = a_times(r, ey) - r.b * wy - r.s * (1.0 - p.eps) * wy * p.alpha;
+  if (r.ec != 0.0 && r.M != -kInf && ey != 0.0) v += r.ec * ey * ((zy_t - r.M) - r.ebar);
+  return T(scale * v);
 }
 
 template <class T>
@@ -207,6 +248,93 @@ inline void fix_target(const Problem<T>& p, const RowResult& r, double zy_t, dou
   const T v = target_value(p, r, zy_t, dzy, y);
   if (gh) store_half(p, double(v), gh + y, storage);
   else g[y] = v;
+}
+
+// The first index of v in z[0 .. n) (n if none): chunks of 32 compared at once, then the
+// chunk that holds it element by element.
+template <class T>
+inline int64_t first_equal(const T* z, int64_t n, T v) {
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    int any = 0;
+    for (int j = 0; j < 32; ++j) any |= int(z[i + j] == v);
+    if (any) break;
+  }
+  for (; i < n; ++i)
+    if (z[i] == v) return i;
+  return n;
+}
+
+// The row's argmax (first index of the largest raw logit; the first NaN in a NaN row, as
+// torch.argmax), from the blocks' raw maxima where the block passes took them (one block
+// scanned), else (the softcap's fixed shift; +inf rows) a scan of the row.
+template <class T>
+inline int64_t row_argmax(const Problem<T>& p, const T* z, const BlockStat* st, bool nan_row) {
+  if (nan_row) {
+    for (int64_t i = 0; i < p.C; ++i)
+      if (z[i] != z[i]) return i;
+  } else {
+    bool have = true;
+    double M = -kInf;
+    for (int64_t k = 0; k < p.nb; ++k) {
+      if (std::isnan(st[k].zmax)) {
+        have = false;
+        break;
+      }
+      if (st[k].zmax > M) M = st[k].zmax;
+    }
+    for (int64_t k = 0; have && k < p.nb; ++k) {
+      if (st[k].zmax != M) continue;
+      const int64_t off = k * kBlock<T>, len = p.block_len(k);
+      const int64_t i = first_equal(z + off, len, T(M));
+      if (i < len) return off + i;
+      break;
+    }
+  }
+  int64_t best = 0;
+  for (int64_t i = 1; i < p.C; ++i)
+    if (z[i] > z[best]) best = i;
+  return best;
+}
+
+// The statistics of a row that does not count (ignored, or no row counts): log S and ebar
+// as finish_row has them (r.a NaN for a NaN row, r.M = -inf for a row of -inf).
+template <class T>
+inline RowResult stats_only(const Problem<T>& p, const BlockStat* st) {
+  RowResult r{0.0, -kInf, 0.0, 0.0, 0.0};
+  bool nan = false;
+  for (int64_t k = 0; k < p.nb; ++k) {
+    if (st[k].m > r.M) r.M = st[k].m;
+    nan |= std::isnan(st[k].m) || std::isnan(st[k].s);
+  }
+  if (nan) {
+    r.a = kNaN;
+    return r;
+  }
+  if (r.M == -kInf) return r;
+  double S = 0.0, E = 0.0;
+  for (int64_t k = 0; k < p.nb; ++k) {
+    if (st[k].m == -kInf) continue;
+    S += st[k].s * rescale(st[k].m, r.M);
+    if (p.ent) E += (st[k].ez + (st[k].m - r.M) * st[k].s) * rescale(st[k].m, r.M);
+  }
+  r.logS = std::log(S);
+  r.ebar = E / S;
+  return r;
+}
+
+// Row n's outputs (p.outs) from its merged statistics; z: its logits (for the argmax).
+template <class T>
+inline void write_row_outputs(const Problem<T>& p, int64_t n, const RowResult& r,
+                              const BlockStat* st, const T* z, double zy_t, bool counted) {
+  const RowOutputs<T>& o = p.outs;
+  const bool nan = std::isnan(r.a);
+  const bool degen = !nan && r.M == -kInf;
+  if (o.lse) o.lse[n] = T(nan ? kNaN : degen ? -kInf : r.M + r.logS);
+  if (o.entropy) o.entropy[n] = T(nan ? kNaN : degen ? std::log(double(p.C)) : r.logS - r.ebar);
+  if (o.target_logprob)
+    o.target_logprob[n] = T(!counted ? 0.0 : nan ? kNaN : degen ? -kInf : (zy_t - r.M) - r.logS);
+  if (o.argmax) o.argmax[n] = row_argmax(p, z, st, nan);
 }
 
 // The target logit through the transform (class targets; 0 for probability targets).

@@ -66,6 +66,17 @@ double compute_row(const Problem<T>& p, int64_t n, const RowPtrs<T>& rp, BlockSt
   T* g = rp.g;
   const bool want_grad = g || rp.gh;
   if (!p.counted(n)) {
+    if (p.extras) {
+      // The outputs of a row that does not count: its statistics alone (nothing stored), and
+      // before the zeros below (in place, they overwrite the logits).
+      for (int64_t k = 0; k < p.nb; ++k)
+        st[k] =
+            p.fns->block(block_in(p, rp, k, static_cast<T*>(nullptr), static_cast<T*>(nullptr)));
+      const bool has_y = !p.probs && p.in.target[n] != p.ignore_index;  // D = 0
+      double dzy;
+      const double zy_t = has_y ? target_logit(p, n, &dzy, rp.z) : 0.0;
+      write_row_outputs(p, n, stats_only(p, st), st, rp.z, zy_t, has_y);
+    }
     if (g) std::memset(static_cast<void*>(g), 0, sizeof(T) * size_t(p.C));
     if (rp.gh) std::memset(static_cast<void*>(rp.gh), 0, sizeof(uint16_t) * size_t(p.C));
     return 0.0;
@@ -76,12 +87,13 @@ double compute_row(const Problem<T>& p, int64_t n, const RowPtrs<T>& rp, BlockSt
       rp.zh ? target_logit(p, n, &dzy, static_cast<const T*>(nullptr), rp.zh, rp.storage)
             : target_logit(p, n, &dzy, rp.z);
   // 16-bit rows keep e in the float scratch row; the gradient is rounded out of it.
-  T* e = want_grad && !p.recompute ? ((p.stream || rp.gh) ? scratch : g) : nullptr;
+  T* e = want_grad && !p.recompute ? ((p.stream || rp.gh || p.e_scratch) ? scratch : g) : nullptr;
   for (int64_t k = 0; k < p.nb; ++k) {
     const BlockIn<T> b = block_in(p, rp, k, e, tbuf);
     st[k] = carry ? chained_block(p, b, k, next_row, carry) : p.fns->block(b);
   }
   const RowResult r = finish_row(p, st, n, zy_t);
+  if (p.extras) write_row_outputs(p, n, r, st, rp.z, zy_t, true);  // before in place writes
   if (rp.gh) {
     for (int64_t k = 0; k < p.nb; ++k)
       write_grad_block(p, st[k], r, rp.prob, e, tbuf, static_cast<T*>(nullptr), k, false, rp.gh,
@@ -98,8 +110,10 @@ double compute_row(const Problem<T>& p, int64_t n, const RowPtrs<T>& rp, BlockSt
     }
     if (!p.probs) fix_target(p, r, zy_t, dzy, g, p.in.target[n]);
   } else if (g) {
+    const T* zent = p.beta > 0.0 ? rp.z : nullptr;  // the entropy term reads the logits
     for (int64_t k = 0; k < p.nb; ++k)
-      write_grad_block(p, st[k], r, rp.prob, e, tbuf, g, k, p.stream);
+      write_grad_block(p, st[k], r, rp.prob, e, tbuf, g, k, p.stream, nullptr, Storage::Native,
+                       zent);
     if (!p.probs) {
       const int64_t y = p.in.target[n];
       // A plain store into a line still in flight from non-temporal stores needs a fence
@@ -253,6 +267,25 @@ void split_classes(const Problem<T>& p, int64_t rows, int nt, double* losses) {
                    p.in.target[n]);
 }
 
+// The per-row outputs alone (p.outs) of rows begin .. end: block passes that store nothing,
+// before a path without them (short rows) computes the loss and gradient, which then keep the
+// bits of the call without outputs (in place, before the gradient overwrites the logits).
+template <class T>
+void outputs_only(const Problem<T>& p, int64_t begin, int64_t end) {
+  std::vector<BlockStat> st(static_cast<size_t>(p.nb));
+  for (int64_t n = begin; n < end; ++n) {
+    const RowPtrs<T> rp = row_ptrs(p, n);
+    for (int64_t k = 0; k < p.nb; ++k)
+      st[size_t(k)] =
+          p.fns->block(block_in(p, rp, k, static_cast<T*>(nullptr), static_cast<T*>(nullptr)));
+    // target_logprob for every row with a class target (a zero weight or D = 0 included).
+    const bool has_y = !p.probs && p.in.target[n] != p.ignore_index;
+    double dzy;
+    const double zy_t = has_y ? target_logit(p, n, &dzy, rp.z) : 0.0;
+    write_row_outputs(p, n, stats_only(p, st.data()), st.data(), rp.z, zy_t, has_y);
+  }
+}
+
 template double compute_row<float>(const Problem<float>&, int64_t, const RowPtrs<float>&,
                                    BlockStat*, float*, float*, std::vector<Pending<float>>*,
                                    const float*, MaxCarry<float>*);
@@ -263,6 +296,8 @@ template void stream_rows<float>(const Problem<float>&, int64_t, int64_t, double
                                  std::vector<Pending<float>>*);
 template void stream_rows<double>(const Problem<double>&, int64_t, int64_t, double*,
                                   std::vector<Pending<double>>*);
+template void outputs_only<float>(const Problem<float>&, int64_t, int64_t);
+template void outputs_only<double>(const Problem<double>&, int64_t, int64_t);
 template void split_classes<float>(const Problem<float>&, int64_t, int, double*);
 template void split_classes<double>(const Problem<double>&, int64_t, int, double*);
 

@@ -106,11 +106,16 @@ void run_problem(const Problem<T>& p, int nt, double* losses) {
     cross_entropy_cols(p, nt, losses);
     return;
   }
-  if (p.C <= short_row_classes() && rows > 1) {
+  // With outputs (and no entropy term) short rows keep their path, the outputs from a pass
+  // of their own first; the entropy term takes the row kernel.
+  if (p.C <= short_row_classes() && rows > 1 && p.beta == 0.0) {
+    if (p.extras)
+      parallel_chunks(int(std::min<int64_t>(nt, rows)), rows,
+                      [&](int64_t b, int64_t e) { outputs_only(p, b, e); });
     short_rows(p, nt, losses);
     return;
   }
-  if (nt > 1 && rows < nt && p.nb > 1) {
+  if (nt > 1 && rows < nt && p.nb > 1 && !p.extras) {
     split_classes(p, rows, nt, losses);
     return;
   }
@@ -123,7 +128,7 @@ void run_problem(const Problem<T>& p, int nt, double* losses) {
       BlockStat local[4];
       std::vector<BlockStat> heap(p.nb > 4 ? static_cast<size_t>(p.nb) : 0);
       BlockStat* st = p.nb > 4 ? heap.data() : local;
-      std::vector<T> scratch(p.stream ? static_cast<size_t>(p.C) : 0);
+      std::vector<T> scratch(p.stream || p.e_scratch ? static_cast<size_t>(p.C) : 0);
       std::vector<T> tbuf(p.cap > 0.0 && p.grad ? static_cast<size_t>(p.C) : 0);
       MaxCarry<T> carry;
       for (int64_t n = begin; n < end; ++n)
@@ -183,6 +188,12 @@ void detail::check_finite(double v, const char* what, bool positive) {
         std::to_string(v));
 }
 
+void detail::reject_entropy_coef(const Options& opt, const char* where) {
+  if (opt.entropy_coef != 0.0)
+    throw std::invalid_argument(std::string("entropy_coef is not implemented for ") + where +
+                                " (only float32 / float64 logits with the class axis last)");
+}
+
 void detail::check_call(const Options& opt, int64_t rows, int64_t classes, int64_t inner,
                         int64_t row_stride, bool have_logits, bool have_target, bool have_probs,
                         int64_t probs_row_stride, bool have_row_losses, bool in_place) {
@@ -200,6 +211,7 @@ void detail::check_call(const Options& opt, int64_t rows, int64_t classes, int64
     throw std::invalid_argument("label_smoothing must be in [0, 1], got " +
                                 std::to_string(opt.label_smoothing));
   check_finite(opt.z_loss, "z_loss", false);
+  check_finite(opt.entropy_coef, "entropy_coef", false);
   check_finite(opt.softcap, "softcap", false);
   check_finite(opt.logit_scale, "logit_scale", true);
   if (opt.has_normalizer) check_finite(opt.normalizer, "normalizer", false);
@@ -237,13 +249,38 @@ int64_t detail::stream_threshold() {
 
 template <class T>
 double cross_entropy(const Inputs<T>& in, const Options& opt, T* grad, T* row_losses) {
+  return cross_entropy<T>(in, opt, grad, row_losses, nullptr);
+}
+
+template <class T>
+double cross_entropy(const Inputs<T>& in, const Options& opt, T* grad, T* row_losses,
+                     const RowOutputs<T>* outs) {
   check_call(opt, in.rows, in.classes, in.inner, in.row_stride, in.logits != nullptr,
              in.target != nullptr, in.probs != nullptr, in.probs_row_stride, row_losses != nullptr,
              grad != nullptr && grad == in.logits);
   check_cap_in<T>(opt.softcap, sizeof(T) == 4 ? "float32" : "float64");
+  const RowOutputs<T> o = outs ? *outs : RowOutputs<T>{};
+  const bool any_out = o.lse || o.entropy || o.argmax || o.target_logprob;
+  const bool extras = any_out || opt.entropy_coef > 0.0;
+  if (extras && in.inner > 1)
+    throw std::invalid_argument(
+        "per-row outputs and entropy_coef are not implemented for a class axis that is not the "
+        "last (inner > 1)");
+  if (o.target_logprob && in.probs)
+    throw std::invalid_argument("target_logprob needs class targets");
   const Prepared pr = prepare(opt, in.rows, in.classes, in.inner, in.target, in.probs != nullptr,
                               in.weight, in.sample_weight);
-  const Problem<T> p = make_problem(in, opt, grad, pr);
+  Problem<T> p = make_problem(in, opt, grad, pr);
+  if (extras) {
+    // The row path one row at a time (see Problem::extras); the same bits as without.
+    p.extras = true;
+    p.outs = o;
+    p.beta = opt.entropy_coef;
+    p.ent = o.entropy || p.beta > 0.0;
+    p.stream = false;
+    p.recompute = false;
+    p.e_scratch = grad != nullptr && grad == in.logits && (o.argmax || p.beta > 0.0);
+  }
   // The row losses, O(N), never N x C: on the stack for a small call (no heap allocation).
   constexpr int64_t kStackRows = 256;
   double small[kStackRows];
@@ -264,5 +301,9 @@ int64_t block_classes(int itemsize) {
 
 template double cross_entropy<float>(const Inputs<float>&, const Options&, float*, float*);
 template double cross_entropy<double>(const Inputs<double>&, const Options&, double*, double*);
+template double cross_entropy<float>(const Inputs<float>&, const Options&, float*, float*,
+                                     const RowOutputs<float>*);
+template double cross_entropy<double>(const Inputs<double>&, const Options&, double*, double*,
+                                      const RowOutputs<double>*);
 
 }  // namespace fastxent

@@ -28,6 +28,7 @@ double cross_entropy_half(const HalfInputs& in, const Options& opt, uint16_t* gr
              in.target != nullptr, in.probs != nullptr, in.probs_row_stride, row_losses != nullptr,
              grad != nullptr && grad == in.logits);
   check_cap_in<float>(opt.softcap, "float32 (the math of 16-bit logits)");
+  reject_entropy_coef(opt, "16-bit logits");
   const Prepared pr = prepare(opt, in.rows, in.classes, in.inner, in.target, in.probs != nullptr,
                               in.weight, in.sample_weight);
   const KernelTable& table = active_table();

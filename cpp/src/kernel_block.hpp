@@ -45,8 +45,11 @@ inline void Row<V>::side_piece(const AffineIn<T>& side, int64_t lo, int64_t hi) 
 //   NEXT: also the max of in.znext (see BlockIn), two vectors after each two vectors of
 //   this block; prefetching then runs two blocks ahead (the lines of the next block must
 //   be in L2 by the time this block's loop loads them).
+//   ENT: also ez = sum e (z' - mt) (the entropy's sum; exactly 0 where e is 0, even at a -inf
+//   logit).
 template <class V>
-template <bool STORE, Transform TR, TargetSums WD, bool HAS_W, Storage HK, bool SIDE, bool NEXT>
+template <bool STORE, Transform TR, TargetSums WD, bool HAS_W, Storage HK, bool SIDE, bool NEXT,
+          bool ENT>
 inline BlockStat Row<V>::block_impl(const BlockIn<T>& in_ref, T mt) {
   // A local copy: the stores through e and t cannot alias it, so its pointers stay in
   // registers instead of being reloaded after every store.
@@ -56,6 +59,7 @@ inline BlockStat Row<V>::block_impl(const BlockIn<T>& in_ref, T mt) {
   const Xf xf(in.alpha, in.cap);
   const R vq1 = V::set1(in.q1), vq0 = V::set1(in.q0);
   double sum = 0.0, wd = 0.0, usum = 0.0;
+  [[maybe_unused]] double ez = 0.0;
   // Chunks of kChunk elements: two float accumulators of W lanes each take 16 additions
   // per lane at most before the chunk's total moves into a double, so the float
   // accumulation error stays below 16 u of the chunk's sum whatever the block length.
@@ -93,9 +97,9 @@ inline BlockStat Row<V>::block_impl(const BlockIn<T>& in_ref, T mt) {
   for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
     const int64_t c1 = c0 + kChunk < n ? c0 + kChunk : n;
     // Two sets of accumulators (sum of e, of w z', of u), kept in registers (in_register).
-    R s0 = V::set1(T(0)), s1 = s0, w0 = s0, w1 = s0, u0 = s0, u1 = s0;
+    R s0 = V::set1(T(0)), s1 = s0, w0 = s0, w1 = s0, u0 = s0, u1 = s0, h0 = s0, h1 = s0;
     int64_t i = c0;
-    auto step = [&](int64_t j, int64_t len, R& as, R& aw, R& au) {
+    auto step = [&](int64_t j, int64_t len, R& as, R& aw, R& au, [[maybe_unused]] R& ah) {
       R t;
       R x = transform<TR>(loadz<HK>(in, j, len, T(0)), xf, &t);
       if constexpr (TR != Transform::SoftcapFixedShift) x = V::sub(x, vm);
@@ -107,6 +111,9 @@ inline BlockStat Row<V>::block_impl(const BlockIn<T>& in_ref, T mt) {
         if constexpr (softcap(TR)) storen(in.t + j, t, len);
       }
       as = V::add(as, y);
+      // y x: one operation. x = -inf (a -inf logit, where y = 0) makes it NaN: such a block
+      // is summed again by ent_redo below (x is finite with a softcap).
+      if constexpr (ENT) ah = V::fmadd(y, x, ah);
       if constexpr (WD == TargetSums::Smoothed) {
         if constexpr (HAS_W) {
           aw = add_weighted<TR>(aw, loadn(in.w + j, len), x);
@@ -139,10 +146,14 @@ inline BlockStat Row<V>::block_impl(const BlockIn<T>& in_ref, T mt) {
           sdone += 2 * W;
         }
       }
-      step(i, W, s0, w0, u0);
-      step(i + W, W, s1, w1, u1);
+      step(i, W, s0, w0, u0, h0);
+      step(i + W, W, s1, w1, u1, h1);
       in_register(s0);
       in_register(s1);
+      if constexpr (ENT) {
+        in_register(h0);
+        in_register(h1);
+      }
       if constexpr (WD != TargetSums::None) {
         in_register(w0);
         in_register(w1);
@@ -159,7 +170,7 @@ inline BlockStat Row<V>::block_impl(const BlockIn<T>& in_ref, T mt) {
         }
       }
     }
-    for (; i < c1; i += W) step(i, c1 - i, s0, w0, u0);
+    for (; i < c1; i += W) step(i, c1 - i, s0, w0, u0, h0);
     // The side's tail, half-way through the block (long blocks; before the block's
     // stores reach it).
     if constexpr (SIDE) {
@@ -168,14 +179,47 @@ inline BlockStat Row<V>::block_impl(const BlockIn<T>& in_ref, T mt) {
     sum += V::hsum(V::add(s0, s1));
     if constexpr (WD != TargetSums::None) wd += V::hsum(V::add(w0, w1));
     if constexpr (WD == TargetSums::Probabilities) usum += V::hsum(V::add(u0, u1));
+    if constexpr (ENT) ez += V::hsum(V::add(h0, h1));
   }
   BlockStat st{double(mt), sum, wd, usum};
+  if constexpr (ENT) {
+    // A NaN entropy sum with a number for sum e: the block holds -inf logits (0 * -inf).
+    if constexpr (!softcap(TR)) {
+      if (ez != ez && sum == sum) ez = ent_redo<TR, HK>(in, mt);
+    }
+    st.ez = ez;
+  }
   if constexpr (NEXT) {
     for (; nx + W <= in.nnext; nx += W) mx0 = V::max(mx0, V::load(in.znext + nx));
     if (nx < in.nnext) mx1 = V::max(mx1, V::load_partial(in.znext + nx, in.nnext - nx, ninf));
     st.znext_max = double(V::hmax(V::max(mx0, mx1)));
   }
   return st;
+}
+
+// The entropy sum sum e (z' - mt) of a block holding -inf logits, each counting 0 (x clamped to
+// the lowest finite T, so that 0 * x = 0): the rare second pass of block_impl's ENT sum.
+template <class V>
+template <Transform TR, Storage HK>
+inline double Row<V>::ent_redo(const BlockIn<T>& in, T mt) {
+  const R vm = V::set1(mt), lo = V::set1(std::numeric_limits<T>::lowest());
+  const Xf xf(in.alpha, in.cap);
+  double ez = 0.0;
+  for (int64_t c0 = 0; c0 < in.n; c0 += 16 * W) {
+    const int64_t c1 = c0 + 16 * W < in.n ? c0 + 16 * W : in.n;
+    R h = V::set1(T(0));
+    for (int64_t i = c0; i < c1; i += W) {
+      const int64_t len = c1 - i < W ? c1 - i : W;
+      R t;
+      R x = V::sub(transform<TR>(loadz<HK>(in, i, len, T(0)), xf, &t), vm);
+      if (len < W) x = V::keep_first(x, len);
+      R y = vexp<V, false>(x);
+      if (len < W) y = V::keep_first(y, len);
+      h = V::fmadd(y, V::max(x, lo), h);
+    }
+    ez += V::hsum(h);
+  }
+  return ez;
 }
 
 // A block whose max is -inf: every entry is -inf, or NaN hides among -inf entries. Rare;
@@ -198,8 +242,10 @@ inline BlockStat Row<V>::degenerate(const BlockIn<T>& in) {
     usum += u;
     if (in.e) in.e[i] = z != z ? z : T(0);
   }
-  return {-std::numeric_limits<double>::infinity(),
-          nan ? std::numeric_limits<double>::quiet_NaN() : 0.0, wz, usum};
+  BlockStat st{-std::numeric_limits<double>::infinity(),
+               nan ? std::numeric_limits<double>::quiet_NaN() : 0.0, wz, usum};
+  st.zmax = -std::numeric_limits<double>::infinity();
+  return st;
 }
 
 template <class V>
@@ -231,13 +277,18 @@ inline BlockStat Row<V>::block_for(const BlockIn<T>& in) {
   R t;
   const R vm = V::set1(m);
   const Xf xf(in.alpha, in.cap);
+  BlockStat st;
   switch (mode.tr) {
     case Transform::Softcap:
-      return run_block(mode, in, V::hmax(transform<Transform::Softcap>(vm, xf, &t)));
+      st = run_block(mode, in, V::hmax(transform<Transform::Softcap>(vm, xf, &t)));
+      break;
     case Transform::Scale:
-      return run_block(mode, in, V::hmax(transform<Transform::Scale>(vm, xf, &t)));
-    default: return run_block(mode, in, m);
+      st = run_block(mode, in, V::hmax(transform<Transform::Scale>(vm, xf, &t)));
+      break;
+    default: st = run_block(mode, in, m);
   }
+  st.zmax = double(m);
+  return st;
 }
 
 template <class V>
@@ -245,7 +296,7 @@ template <int I>
 constexpr typename Row<V>::BlockFn Row<V>::entry() {
   constexpr BlockMode m = BlockMode::at(I);
   if constexpr (m.reachable(sizeof(T) == 4)) {
-    return &block_impl<m.store, m.tr, m.sums, m.has_w, m.storage, m.side, m.next>;
+    return &block_impl<m.store, m.tr, m.sums, m.has_w, m.storage, m.side, m.next, m.ent>;
   } else {
     return nullptr;
   }
@@ -257,8 +308,9 @@ inline BlockStat Row<V>::run_block(BlockMode m, const BlockIn<T>& in, T mt) {
   m.sums = in.sums;
   // The side inside the loop only where exponentials are stored from T storage (the streamed
   // rows); anywhere else it is written first, as in degenerate.
+  m.ent = in.entropy && m.storage == Storage::Native;
   if (in.side) {
-    if (m.store && m.storage == Storage::Native) m.side = true;
+    if (m.store && m.storage == Storage::Native && !m.ent && !in.side->z) m.side = true;
     else affine(*in.side);
   }
   // The next block's max only from T storage and where blocks take a max.

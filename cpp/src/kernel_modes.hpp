@@ -56,16 +56,18 @@ struct BlockMode {
   Storage storage = Storage::Native;   // how the logits are read
   bool side = false;                   // another row's gradient block is written alongside
   bool next = false;                   // the next block's max is taken alongside
+  bool ent = false;                    // the entropy sum sum e (z' - m') (BlockIn::entropy)
 
-  static constexpr int kCount = 2 * 4 * 3 * 2 * 3 * 2 * 2;
+  static constexpr int kCount = 2 * 4 * 3 * 2 * 3 * 2 * 2 * 2;
   static constexpr auto indices() { return std::make_integer_sequence<int, kCount>(); }
   constexpr int index() const {
     const int i = ((int(store) * 4 + int(tr)) * 3 + int(sums)) * 2 + int(has_w);
-    return ((i * 3 + int(storage)) * 2 + int(side)) * 2 + int(next);
+    return (((i * 3 + int(storage)) * 2 + int(side)) * 2 + int(next)) * 2 + int(ent);
   }
   static constexpr BlockMode at(int i) {
     BlockMode m;
     Digits d{i};
+    m.ent = d.take(2) != 0;
     m.next = d.take(2) != 0, m.side = d.take(2) != 0, m.storage = Storage(d.take(3));
     m.has_w = d.take(2) != 0, m.sums = TargetSums(d.take(3)), m.tr = Transform(d.take(4));
     m.store = d.take(2) != 0;
@@ -77,6 +79,8 @@ struct BlockMode {
     if (side && !(store && storage == Storage::Native)) return false;  // the streamed rows
     if (next && (storage != Storage::Native || tr == Transform::SoftcapFixedShift)) return false;
     if (sums == TargetSums::None && has_w && !side) return false;  // no sum reads weights
+    // The entropy sum: T storage, rows one at a time (no streamed side).
+    if (ent && (storage != Storage::Native || side)) return false;
     return true;
   }
 };

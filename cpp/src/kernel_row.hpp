@@ -82,7 +82,7 @@ struct Row {
   }
 
   // Gradient entries i .. i + len of an AffineIn (see AffineIn; defined in kernel_grad.hpp).
-  template <bool HAS_W, bool HAS_P, bool CAP>
+  template <bool HAS_W, bool HAS_P, bool CAP, bool ENT = false>
   struct GradK;
 
   // u * x, but exactly 0 where u == 0: a class with no weight (or no probability) contributes
@@ -142,8 +142,10 @@ struct Row {
   // The block pass (kernel_block.hpp).
   static void side_piece(const AffineIn<T>& side, int64_t lo, int64_t hi);
   template <bool STORE, Transform TR, TargetSums WD, bool HAS_W, Storage HK, bool SIDE = false,
-            bool NEXT = false>
+            bool NEXT = false, bool ENT = false>
   static BlockStat block_impl(const BlockIn<T>& in_ref, T mt);
+  template <Transform TR, Storage HK>
+  static double ent_redo(const BlockIn<T>& in, T mt);
   template <Storage HK>
   static BlockStat degenerate(const BlockIn<T>& in);
   static BlockStat block(const BlockIn<T>& in);
@@ -156,9 +158,9 @@ struct Row {
   static BlockStat run_block(BlockMode m, const BlockIn<T>& in, T mt);
 
   // The gradient pass (kernel_grad.hpp).
-  template <bool HAS_W, bool HAS_P, bool CAP, bool STREAM, Storage HK>
+  template <bool HAS_W, bool HAS_P, bool CAP, bool STREAM, Storage HK, bool ENT = false>
   static void affine_impl(const AffineIn<T>& in);
-  template <bool HAS_W, bool HAS_P, bool CAP>
+  template <bool HAS_W, bool HAS_P, bool CAP, bool ENT = false>
   static void affine_s(const AffineIn<T>& in);
   static void affine(const AffineIn<T>& in);
 

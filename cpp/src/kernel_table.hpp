@@ -92,6 +92,12 @@ struct AffineIn {
   // `storage` (Float16 or BFloat16) and stored at gh instead of g.
   uint16_t* gh = nullptr;
   Storage storage = Storage::Native;
+  // The entropy term (entropy_coef > 0, T storage only): when z is set, g gains
+  // d * c * e * x with x = z' - zshift recomputed from the logits z (through alpha, and with a
+  // softcap from rho at t and the sign of z), c carrying the chain factor like a (so g =
+  // d (a e + c e x - b u)). Where c e is 0 the term is exactly 0 (even at x = -inf).
+  const T* z = nullptr;
+  T c = 0, zshift = 0, alpha = 1, cap = 0;
 };
 
 // What one block pass reads and writes. z' is the transformed logit: cap * tanh(alpha z / cap)
@@ -128,6 +134,8 @@ struct BlockIn {
   // has_zmax: zmax is this block's raw max (taken by the previous block's pass).
   bool has_zmax = false;
   T zmax = 0;
+  // Also the entropy sum BlockStat::ez = sum e (z' - m') (T storage only).
+  bool entropy = false;
 };
 
 // Statistics of one block: m = max z' (m'), s = sum exp(z' - m), wd and usum as asked.
@@ -139,6 +147,11 @@ struct BlockStat {
   double usum;
   // The raw max of BlockIn::znext; NaN where it was not taken (or is NaN).
   double znext_max = std::numeric_limits<double>::quiet_NaN();
+  // sum e (z' - m) (BlockIn::entropy; 0 otherwise and for a block with m = -inf).
+  double ez = 0.0;
+  // This block's raw max (of z, before the transform) where the pass took it (-inf for a
+  // block of -inf); NaN where it did not (the softcap's fixed shift takes no max).
+  double zmax = std::numeric_limits<double>::quiet_NaN();
 };
 
 // Column tiles, for a class axis that is not the last: the (outer, C, inner) layout. Lane i

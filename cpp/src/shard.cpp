@@ -25,6 +25,7 @@ void check_shard(const ShardInputs<T>& in, const Options& opt, bool in_place) {
   check_call(opt, in.rows, in.classes, 1, in.row_stride, in.logits != nullptr, in.target != nullptr,
              in.probs != nullptr, in.probs_row_stride, true, in_place);
   check_cap_in<T>(opt.softcap, sizeof(T) == 4 ? "float32" : "float64");
+  reject_entropy_coef(opt, "shards");
   if (in.offset < 0) throw std::invalid_argument("offset must be >= 0");
   if (in.num_classes < in.classes || in.offset > in.num_classes - in.classes)
     throw std::invalid_argument(
@@ -219,6 +220,7 @@ double stats_loss(const double* stats, int64_t rows, const double* sample_weight
       opt.reduction != Reduction::Mean)
     throw std::invalid_argument("unknown reduction");
   check_finite(opt.z_loss, "z_loss", false);
+  reject_entropy_coef(opt, "shards");
   if (opt.has_normalizer) check_finite(opt.normalizer, "normalizer", false);
   if (opt.reduction == Reduction::None && rows > 0 && !row_losses)
     throw std::invalid_argument("reduction 'none' needs a row_losses output");

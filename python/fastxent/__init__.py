@@ -13,7 +13,7 @@ import os as _os
 from typing import List
 
 from . import _core
-from ._api import cross_entropy, cross_entropy_with_grad
+from ._api import RowStats, cross_entropy, cross_entropy_with_grad
 from ._linear import linear_cross_entropy, linear_cross_entropy_with_grad
 from ._distill import (
     jsd_with_logits,
@@ -37,6 +37,7 @@ __version__: str = _core.__version__
 __all__ = [
     "cross_entropy",
     "cross_entropy_with_grad",
+    "RowStats",
     "linear_cross_entropy",
     "linear_cross_entropy_with_grad",
     "softmax",

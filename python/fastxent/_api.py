@@ -6,12 +6,12 @@ call leaves ``out=`` and the logits exactly as they were.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Mapping, NamedTuple, Optional, Union
 
 import numpy as np
 
 from . import _core
-from ._keywords import ARRAY, DEFAULTS, ArrayKeywords, Unpack, keyword_docs
+from ._keywords import STATS, DEFAULTS, RowStatsKeywords, Unpack, keyword_docs, output_names
 from ._options import (
     FLOAT_DTYPES,
     REDUCTIONS,
@@ -27,7 +27,20 @@ from ._options import (
 )
 from ._options import to_numpy as _to_numpy  # (tests read arrays through fastxent._api)
 
-__all__ = ["cross_entropy", "cross_entropy_with_grad"]
+__all__ = ["cross_entropy", "cross_entropy_with_grad", "RowStats"]
+
+
+class RowStats(NamedTuple):
+    """The per-row outputs asked for with ``outputs=`` (the others None): lse, entropy and
+    target_logprob in the logits' dtype and argmax int64, each of the target's shape
+    (``logits.shape`` without the class axis); accuracy a float. See
+    :func:`fastxent.cross_entropy`."""
+
+    lse: Optional[np.ndarray] = None
+    entropy: Optional[np.ndarray] = None
+    argmax: Optional[np.ndarray] = None
+    target_logprob: Optional[np.ndarray] = None
+    accuracy: Optional[float] = None
 
 
 def _as_logits(logits: Any) -> np.ndarray:
@@ -51,7 +64,10 @@ def _run(logits: Any, target: Any, kw: dict, want_grad: bool, out: Any):
         kw["logit_scale"],
         kw["normalizer"],
         kw["num_threads"],
+        kw["entropy_coef"],
     )
+    names = None if kw["outputs"] is None else output_names(kw["outputs"])
+    extras = names is not None or opts.entropy_coef > 0.0
     ii = opts.ignore_index
     C = x.shape[ax]
     if C == 0:
@@ -69,6 +85,12 @@ def _run(logits: Any, target: Any, kw: dict, want_grad: bool, out: Any):
 
     half = half_kind(x.dtype)
     cdt = np.dtype(np.float32) if half is not None else x.dtype  # compute / weight dtype
+    if extras and (half is not None or not last):
+        raise NotImplementedError(
+            "outputs= and entropy_coef are implemented for float32 / float64 logits with the "
+            "class axis last (axis=-1) only"
+            + (f", not {x.dtype}" if half is not None else f", not axis={kw['axis']}")
+        )
     tgt = _to_numpy(target, "target")
     probs = None
     t = None
@@ -89,6 +111,10 @@ def _run(logits: Any, target: Any, kw: dict, want_grad: bool, out: Any):
         probs = rows_or_cols(pr)
     else:
         t = as_target(tgt, t_shape, C, ii, -1 if ax == x.ndim - 1 else ax)
+    if names is not None and probs is not None:
+        bad = [n for n in ("target_logprob", "accuracy") if n in names]
+        if bad:
+            raise ValueError(f"outputs {bad} need class-index targets, not probabilities")
     w = as_vector(kw["weight"], cdt, (C,), "weight", "one per class")
     sw = as_vector(kw["sample_weight"], cdt, t_shape, "sample_weight", "one per row")
     grad = None
@@ -101,6 +127,13 @@ def _run(logits: Any, target: Any, kw: dict, want_grad: bool, out: Any):
     view = rows_or_cols(xv)
     rows = view.shape[0] if last else view.shape[0] * view.shape[2]
     row_losses = np.empty(rows, cdt) if opts.reduction == 0 else None
+    outs: "dict[str, np.ndarray]" = {}
+    if names is not None:
+        for n in ("lse", "entropy", "target_logprob"):
+            if n in names:
+                outs[n] = np.empty(rows, cdt)
+        if "argmax" in names or "accuracy" in names:
+            outs["argmax"] = np.empty(rows, np.int64)
     g2 = None
     if grad is not None:
         g2 = (grad if half is None else grad.view(np.uint16)).reshape(view.shape)
@@ -110,7 +143,7 @@ def _run(logits: Any, target: Any, kw: dict, want_grad: bool, out: Any):
             # "sum" and "mean" are 0 (no row counts: the D = 0 rule), "none" is empty.
             total = 0.0
         elif half is None:
-            total = _core.cross_entropy(view, t, probs, w, sw, opts.core(), g2, row_losses)
+            total = _core.cross_entropy(view, t, probs, w, sw, opts.core(), g2, row_losses, **outs)
         else:
             total = _core.cross_entropy_half(
                 view, half, t, probs, w, sw, opts.core(), g2, row_losses
@@ -122,7 +155,27 @@ def _run(logits: Any, target: Any, kw: dict, want_grad: bool, out: Any):
         loss: Union[np.ndarray, np.floating] = row_losses.reshape(t_shape)
     else:
         loss = cdt.type(total)
-    return (loss, grad) if want_grad else loss
+    if names is None:
+        return (loss, grad) if want_grad else loss
+    stats = _row_stats(names, outs, t, ii, t_shape)
+    return (loss, grad, stats) if want_grad else (loss, stats)
+
+
+def _row_stats(
+    names: tuple, outs: dict, t: Optional[np.ndarray], ii: int, shape: tuple
+) -> RowStats:
+    """The RowStats of the names asked for, from the kernel's per-row arrays."""
+    fields: "dict[str, Any]" = {
+        n: outs[n].reshape(shape) for n in ("lse", "entropy", "target_logprob") if n in outs
+    }
+    if "argmax" in names:
+        fields["argmax"] = outs["argmax"].reshape(shape)
+    if "accuracy" in names:
+        am = outs["argmax"]
+        counted = t != ii
+        nc = int(np.count_nonzero(counted))
+        fields["accuracy"] = float(np.count_nonzero((am == t) & counted)) / nc if nc else 0.0
+    return RowStats(**fields)
 
 
 _DOC_FORMULA = """
@@ -156,7 +209,7 @@ _DOC_PARAMS = """
     target : array_like
         Class indices of any integer dtype, shape ``logits.shape[:-1]``, in ``[0, C)`` or
         equal to ``ignore_index``; or class probabilities, a float array of the logits' shape.
-""" + keyword_docs(ARRAY)
+""" + keyword_docs(STATS)
 
 
 _DOC_DIFF = """
@@ -178,6 +231,8 @@ _DOC_RAISES = """
     IndexError
         a class target outside [0, C) that is not ignore_index (the message names row and
         value).
+    NotImplementedError
+        ``outputs`` or ``entropy_coef`` with 16-bit logits or a class axis other than the last.
 """
 
 
@@ -225,13 +280,13 @@ def _fast(
     return _core.fast_call(logits, target, red, want_grad, out, num_threads or 0)
 
 
-@ARRAY
-def cross_entropy(logits: Any, target: Any, **kw: Unpack[ArrayKeywords]):
+@STATS
+def cross_entropy(logits: Any, target: Any, **kw: Unpack[RowStatsKeywords]):
     if _fast_ok(kw):
         res = _fast(logits, target, kw.get("reduction", "mean"), None, False, kw.get("num_threads"))
         if res is not None:
             return res
-    return _run(logits, target, ARRAY.bind("cross_entropy", kw), False, None)
+    return _run(logits, target, STATS.bind("cross_entropy", kw), False, None)
 
 
 cross_entropy.__doc__ = (
@@ -244,7 +299,8 @@ cross_entropy.__doc__ = (
     Returns
     -------
     A NumPy scalar of the logits' dtype for "mean"/"sum" (rows accumulated in float64), or an
-    array of shape ``logits.shape[:-1]`` for "none".
+    array of shape ``logits.shape[:-1]`` for "none". With ``outputs=``: ``(loss, stats)``,
+    ``stats`` a :class:`fastxent.RowStats`.
 """
     + _DOC_DIFF
     + _DOC_RAISES
@@ -259,15 +315,15 @@ cross_entropy.__doc__ = (
 )
 
 
-@ARRAY
+@STATS
 def cross_entropy_with_grad(
-    logits: Any, target: Any, *, out: Optional[np.ndarray] = None, **kw: Unpack[ArrayKeywords]
+    logits: Any, target: Any, *, out: Optional[np.ndarray] = None, **kw: Unpack[RowStatsKeywords]
 ):
     if _fast_ok(kw):
         res = _fast(logits, target, kw.get("reduction", "mean"), out, True, kw.get("num_threads"))
         if res is not None:
             return res
-    return _run(logits, target, ARRAY.bind("cross_entropy_with_grad", kw), True, out)
+    return _run(logits, target, STATS.bind("cross_entropy_with_grad", kw), True, out)
 
 
 cross_entropy_with_grad.__doc__ = (
@@ -295,7 +351,9 @@ cross_entropy_with_grad.__doc__ = (
     Returns
     -------
     (loss, grad): the loss as in :func:`cross_entropy`; grad has the logits' shape and dtype
-    and is C-contiguous (it is ``out`` when given).
+    and is C-contiguous (it is ``out`` when given). With ``outputs=``: ``(loss, grad, stats)``,
+    ``stats`` a :class:`fastxent.RowStats`; with ``entropy_coef`` the loss and gradient are those
+    of ``CE - entropy_coef * reduce(s_n * entropy_n)``.
 """
     + _DOC_DIFF
     + _DOC_RAISES

@@ -20,6 +20,7 @@ class Options:
     logit_scale: float
     normalizer: Optional[float]
     num_threads: int
+    entropy_coef: float
     @overload
     def __init__(self) -> None: ...
     @overload
@@ -33,6 +34,7 @@ class Options:
         logit_scale: _Float,
         normalizer: object,
         num_threads: _Int,
+        entropy_coef: _Float = ...,
     ) -> None: ...
 
 def active_isa() -> str: ...
@@ -54,6 +56,10 @@ def cross_entropy(
     options: Options,
     grad: object,
     row_losses: object,
+    lse: object = ...,
+    entropy: object = ...,
+    argmax: object = ...,
+    target_logprob: object = ...,
 ) -> float: ...
 def fast_call(
     logits: object, target: object, reduction: _Int, want_grad: bool, out: object, num_threads: _Int

@@ -73,10 +73,13 @@ __all__ = [
     "ExtraKeywords",
     "LossKeywords",
     "ArrayKeywords",
+    "RowStatsKeywords",
+    "OUTPUT_NAMES",
     "SHARD",
     "EXTRA",
     "LOSS",
     "ARRAY",
+    "STATS",
 ]
 
 # Every loss keyword with its default, in the order signatures list them.
@@ -92,7 +95,12 @@ DEFAULTS: Dict[str, Any] = {
     "logit_scale": 1.0,
     "normalizer": None,
     "num_threads": None,
+    "entropy_coef": 0.0,
+    "outputs": None,
 }
+
+# The per-row outputs ``outputs=`` may ask for (fastxent.cross_entropy(_with_grad)).
+OUTPUT_NAMES: Tuple[str, ...] = ("lse", "entropy", "argmax", "target_logprob", "accuracy")
 
 
 class _Transform(TypedDict, total=False):
@@ -131,6 +139,14 @@ class ArrayKeywords(LossKeywords, total=False):
     """:func:`fastxent.cross_entropy`'s keywords: every option and the class axis."""
 
     axis: int
+
+
+class RowStatsKeywords(ArrayKeywords, total=False):
+    """:func:`fastxent.cross_entropy(_with_grad)`'s keywords: ArrayKeywords and the per-row
+    outputs of the same pass, with the entropy bonus (NumPy, float32 / float64 only)."""
+
+    entropy_coef: float
+    outputs: Optional[Tuple[str, ...]]
 
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -212,6 +228,24 @@ DOCS: Dict[str, str] = {
         Caps the OpenMP threads of this call (default: OpenMP's, i.e. OMP_NUM_THREADS or a
         threadpoolctl limit). Results are bitwise identical for every thread count.
 """,
+    "entropy_coef": """    entropy_coef : float >= 0
+        beta: the loss becomes ``CE - beta * reduce(s_n * entropy_n)`` over counted rows
+        (``s_n`` the sample weight; the same reduction and denominator ``D`` as the loss),
+        with its exact gradient (an entropy bonus). float32 / float64 logits, class axis last.
+""",
+    "outputs": """    outputs : tuple of str, optional
+        Per-row statistics from the same pass, any of "lse", "entropy", "argmax",
+        "target_logprob", "accuracy"; the call then returns ``(loss, stats)`` (or
+        ``(loss, grad, stats)``), ``stats`` a :class:`fastxent.RowStats` holding the requested
+        fields (the others None): ``lse = logsumexp(z')``, ``entropy = lse - sum_c p_c z'_c``
+        (``p = softmax(z')``), ``argmax`` (int64, the first index of the largest logit; a row
+        holding NaN gives its first NaN's index, as torch.argmax) and ``target_logprob =
+        z'[y] - lse`` (0 for ignored rows) have the target's shape, every row computed,
+        ignored ones included; ``accuracy`` is the fraction of counted rows (unweighted)
+        whose argmax is the target, a float (0.0 when no row counts). A row of all -inf has
+        lse -inf, target_logprob -inf, entropy log C, argmax 0. float32 / float64 logits,
+        class axis last (``axis=-1``); target_logprob and accuracy need class targets.
+""",
 }
 
 
@@ -224,6 +258,7 @@ SHARD = Keywords(ShardKeywords)
 EXTRA = Keywords(ExtraKeywords)
 LOSS = Keywords(LossKeywords)
 ARRAY = Keywords(ArrayKeywords)
+STATS = Keywords(RowStatsKeywords)
 
 
 # ---------------------------------------------------------------------------- validation
@@ -301,6 +336,7 @@ class LossOptions(NamedTuple):
     logit_scale: float = 1.0
     normalizer: Optional[float] = None
     num_threads: int = 0
+    entropy_coef: float = 0.0
 
     @classmethod
     def from_keywords(
@@ -313,6 +349,7 @@ class LossOptions(NamedTuple):
         logit_scale: Any = 1.0,
         normalizer: Any = None,
         num_threads: Any = None,
+        entropy_coef: Any = 0.0,
     ) -> "LossOptions":
         """The public keywords, checked in this order (the first bad one raises)."""
         red, ii, eps, nt = common_options(reduction, ignore_index, label_smoothing, num_threads)
@@ -325,6 +362,7 @@ class LossOptions(NamedTuple):
             real(logit_scale, "logit_scale", 0.0, True),
             None if normalizer is None else real(normalizer, "normalizer", 0.0, False),
             nt,
+            real(entropy_coef, "entropy_coef", 0.0, False),
         )
 
     def core(self) -> Any:
@@ -343,3 +381,18 @@ class LossOptions(NamedTuple):
 
 
 _CORE_CACHE: "dict[LossOptions, Any]" = {}
+
+
+def output_names(outputs: Any) -> Tuple[str, ...]:
+    """outputs= checked: a tuple (or list) of distinct names from OUTPUT_NAMES, in the
+    order given. TypeError / ValueError naming the bad one."""
+    if isinstance(outputs, str) or not isinstance(outputs, (tuple, list)):
+        raise TypeError(
+            f"outputs must be a tuple of names from {OUTPUT_NAMES}, got {type(outputs).__name__}"
+        )
+    for name in outputs:
+        if not isinstance(name, str) or name not in OUTPUT_NAMES:
+            raise ValueError(f"outputs: unknown output {name!r}; choose from {OUTPUT_NAMES}")
+    if len(set(outputs)) != len(outputs):
+        raise ValueError(f"outputs: a name is repeated in {tuple(outputs)!r}")
+    return tuple(outputs)

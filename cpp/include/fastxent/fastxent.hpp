@@ -33,6 +33,10 @@ struct Options {
   bool has_normalizer = false;   // "mean" divides by `normalizer` instead of D
   double normalizer = 0.0;       // >= 0
   int num_threads = 0;           // 0: the OpenMP default (omp_get_max_threads); > 0 caps
+  // beta >= 0: the loss becomes CE - beta * (entropy of softmax(z') per counted row, weighted
+  // by the sample weight, reduced like the loss), with its gradient. Row layout with float32 /
+  // float64 logits only (cross_entropy with inner == 1); the other entry points refuse it.
+  double entropy_coef = 0.0;
 };
 
 // The arrays of one call. With inner == 1, row n of the logits starts at logits + n * row_stride
@@ -56,6 +60,24 @@ struct Inputs {
   const T* sample_weight = nullptr;  // rows per-row weights, or null
 };
 
+// Per-row statistics from the same pass (each output optional: null = not computed), rows
+// values each in row order. With z' the transformed logits of row n:
+//   lse[n] = logsumexp(z'_n); entropy[n] = lse[n] - sum_c softmax(z'_n)_c z'_nc;
+//   argmax[n] = the first index of the largest logit (PyTorch's rule; the transform is
+//     increasing, so it is the argmax of z' but for roundings of z' that make distinct logits
+//     equal); in a row holding NaN, the first NaN's index (PyTorch's torch.argmax);
+//   target_logprob[n] = z'_n[y_n] - lse[n] (class targets; 0 for an ignored row).
+// Computed for every row, ignored ones included (target_logprob aside). A row of all -inf:
+// lse = -inf, target_logprob = -inf, entropy = log C (the limit of equal logits, as its
+// gradient), argmax 0. A NaN row gives NaN (argmax: as above).
+template <class T>
+struct RowOutputs {
+  T* lse = nullptr;
+  T* entropy = nullptr;
+  int64_t* argmax = nullptr;
+  T* target_logprob = nullptr;
+};
+
 // Computes the loss and, when grad is not null, its gradient. With z' the transformed logits
 // (softcap * tanh(alpha z / softcap), or alpha z) and lse = logsumexp(z'), for class targets
 //   row_n = s_n [(1 - eps) w[y_n] (lse - z'[y_n]) + (eps / C) sum_c w_c (lse - z'_c) + lambda
@@ -70,6 +92,13 @@ struct Inputs {
 // "none". Every check happens before anything is written.
 template <class T>
 double cross_entropy(const Inputs<T>& in, const Options& options, T* grad, T* row_losses);
+
+// The same with per-row outputs (see RowOutputs; outputs may be null). Per-row outputs and
+// Options::entropy_coef need the row layout (inner == 1); the loss and gradient are those of
+// the call without outputs bit for bit (with entropy_coef = 0).
+template <class T>
+double cross_entropy(const Inputs<T>& in, const Options& options, T* grad, T* row_losses,
+                     const RowOutputs<T>* outputs);
 
 // Shorthand for class targets.
 template <class T>
@@ -89,6 +118,10 @@ double cross_entropy(const T* logits, int64_t rows, int64_t classes, int64_t row
 extern template double cross_entropy<float>(const Inputs<float>&, const Options&, float*, float*);
 extern template double cross_entropy<double>(const Inputs<double>&, const Options&, double*,
                                              double*);
+extern template double cross_entropy<float>(const Inputs<float>&, const Options&, float*, float*,
+                                            const RowOutputs<float>*);
+extern template double cross_entropy<double>(const Inputs<double>&, const Options&, double*,
+                                             double*, const RowOutputs<double>*);
 
 // 16-bit floating-point logits (float32 math inside; loss and row losses in float32).
 enum class HalfKind : int { Float16 = 0, BFloat16 = 1 };
