@@ -482,3 +482,18 @@ def test_infinite_logits_second_order(kind, beta):
         assert max_rel(a, b) < 1e-14  # measured 7.2e-16
     (hv,) = torch.autograd.grad((g[0] * torch.ones_like(s)).sum(), s)
     assert torch.all(torch.isfinite(hv))
+
+
+def test_narrow_label_dtype_ignore_index():
+    """uint8 labels: ignore_index=-100 matches no label (it is not wrapped to 156) in the
+    kernel path and in the PyTorch-ops reference (second order, torch.func, torch.compile)."""
+    s, t, _ = inputs((2, 5), torch.float64)
+    labels = torch.tensor([156, 3], dtype=torch.uint8)
+    eager = fxt.kl_div_with_logits(s, t, labels=labels, reduction="none")
+    assert torch.all(eager > 0)
+    # torch.func runs the PyTorch-ops reference (values cannot be read there)
+    ref = torch.func.grad(lambda a: fxt.kl_div_with_logits(a, t, labels=labels))(s)
+    s2 = s.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(fxt.kl_div_with_logits(s2, t, labels=labels), s2)
+    torch.testing.assert_close(ref, g)
+    assert torch.all(g[0].abs() > 0)  # the row labelled 156 counts

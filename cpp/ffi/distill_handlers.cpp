@@ -122,15 +122,12 @@ ffi::Error dispatch(const Attrs& A, const ffi::AnyBuffer& s, const ffi::AnyBuffe
       (want_gt && (gt->element_type() != xt || gt->element_count() != s.element_count())))
     return ffi::Error::InvalidArgument("fastxent_distill: operand or result types do not match");
   if (C == 0) return ffi::Error::InvalidArgument("fastxent_distill: the class axis has no classes");
-  if (batch * rows == 0) {  // nothing to read; "sum" is 0, "mean" over no row NaN (0 / 0)
+  if (batch * rows == 0) {  // nothing to read: "sum" and "mean" are 0, as the kernel's
     if (!none) {
-      const double v = A.reduction == static_cast<int64_t>(fastxent::Reduction::Mean)
-                           ? std::numeric_limits<double>::quiet_NaN()
-                           : 0.0;
       if (ct == ffi::DataType::F64)
-        for (size_t i = 0; i < n_loss; ++i) loss->typed_data<double>()[i] = v;
+        for (size_t i = 0; i < n_loss; ++i) loss->typed_data<double>()[i] = 0.0;
       else
-        for (size_t i = 0; i < n_loss; ++i) loss->typed_data<float>()[i] = float(v);
+        for (size_t i = 0; i < n_loss; ++i) loss->typed_data<float>()[i] = 0.0f;
     }
     return ffi::Error::Success();
   }

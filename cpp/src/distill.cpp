@@ -158,41 +158,36 @@ double distill(const DistillInputs<S>& in, const DistillOptions& opt, S* gs, S* 
       row.ey = ey;
       row.fx = fx.data();
       row.fy = fy.data();
-      row.dm = mode == DistillMode::Jsd ? scratch.data() + 2 * C : nullptr;
+      row.lm = mode == DistillMode::Jsd ? scratch.data() + 2 * C : nullptr;
       row.n = C;
       row.alpha = T(1.0 / tau);
-      double st[6];
-      fns.stats(row.s, row.t, C, row.alpha, mode, st, ex, ey, shift.data());
-      const double lse_x = st[0] + std::log(st[1]), lse_y = st[3] + std::log(st[4]);
-      // An all -inf chunk's exps are 0 (factor 0), unless the whole row is -inf: its
-      // softmax is then NaN, as PyTorch's (factor NaN).
-      auto factor = [](double h, double lse) {
-        if (h == -kInf) return lse == -kInf ? T(std::numeric_limits<double>::quiet_NaN()) : T(0);
-        return T(std::exp(h - lse));
+      row.mode = mode;
+      double st[4];
+      fns.stats(row.s, row.t, C, row.alpha, st, ex, ey, shift.data());
+      // Chunk factors exp(h - M) / S: an all -inf chunk's exps are 0 (factor 0), unless the
+      // whole row is -inf (M = -inf): its softmax is then NaN, as PyTorch's (factor NaN).
+      auto factor = [](double h, double M, double sum) {
+        if (M == -kInf) return T(std::numeric_limits<double>::quiet_NaN());
+        return h == -kInf ? T(0) : T(std::exp(h - M) / sum);
       };
       for (size_t k = 0; k < size_t(chunks); ++k) {
-        fx[k] = factor(double(shift[2 * k]), lse_x);
-        fy[k] = factor(double(shift[2 * k + 1]), lse_y);
+        fx[k] = factor(double(shift[2 * k]), st[0], st[1]);
+        fy[k] = factor(double(shift[2 * k + 1]), st[2], st[3]);
       }
-      row.lse_x = T(lse_x);
-      row.lse_y = T(lse_y);
-      row.mode = mode;
-      double D, ks = 0.0, kt = 0.0;
-      if (mode == DistillMode::ForwardKL) {
-        D = st[5] / st[4] - (lse_y - lse_x);
-      } else if (mode == DistillMode::ReverseKL) {
-        D = st[2] / st[1] - (lse_x - lse_y);
-      } else {
+      row.max_x = T(st[0]);  // exactly: the maxima are values of T
+      row.max_y = T(st[2]);
+      row.logs_x = T(std::log(st[1]));
+      row.logs_y = T(std::log(st[3]));
+      if (mode == DistillMode::Jsd) {
         row.log_beta = T(std::log(beta));
         row.log_1mbeta = T(std::log1p(-beta));
         row.beta = T(beta);
         row.one_m_beta = T(1.0 - beta);
-        double k[2];
-        fns.jsd_sums(row, k);
-        ks = k[0];
-        kt = k[1];
-        D = beta * kt + (1.0 - beta) * ks;
       }
+      double k[2];
+      fns.sums(row, k);
+      const double ks = k[0], kt = k[1];
+      const double D = mode == DistillMode::Jsd ? beta * kt + (1.0 - beta) * ks : k[0];
       part[size_t(n)] = r * tau * tau * D;
       if (row.gs || row.gt) {
         const double c = g * r * tau;

@@ -2,10 +2,10 @@
 // written once over the vector traits (see kernel_impl.hpp); the interface and the formulas
 // are in distill_table.hpp, the row driver in distill.cpp.
 //
-// Precision: exp through vexp (kernel_exp.hpp), log1p through vlog1p01 (sigmoid_impl.hpp);
-// sums in vectors of the storage type over 16 vectors, then double; chunks (kChunk) merged in
-// double. The per-element log-probabilities lx = x - lse_x are formed in the storage type
-// (lse rounded once), so lx <= 0 exactly where x <= max and vexp stays in its domain.
+// Precision: exp through vexp (kernel_exp.hpp; it only sees v - max <= 0), log1p through
+// vlog1p01 (sigmoid_impl.hpp); sums in vectors of the storage type over 16 vectors, then
+// double; chunks (kChunk) merged in double. Log-probabilities are (v - M) - log S per element,
+// so a constant shift of the logits changes nothing but the rounding of v - M.
 #pragma once
 
 #include <cmath>
@@ -64,28 +64,22 @@ struct Distill {
     }
   };
 
-  // (M, S, A) += (m, s, a) for the same quantity taken with shift m.
-  static void merge(double& M, double& S, double& A, double m, double s, double a) {
-    if (s == 0.0 && a == 0.0 && m == -std::numeric_limits<double>::infinity()) return;
+  // (M, S) += (m, s): the same sum taken with shift m.
+  static void merge(double& M, double& S, double m, double s) {
+    if (s == 0.0 && m == -std::numeric_limits<double>::infinity()) return;
     if (m > M) {
-      const double f = std::exp(M - m);
-      S = S * f + s;
-      A = A * f + a;
+      S = S * std::exp(M - m) + s;
       M = m;
     } else {
-      const double f = std::exp(m - M);
-      S += s * f;
-      A += a * f;
+      S += s * std::exp(m - M);
     }
   }
 
-  // AX / AY: whether A_x / A_y are needed (the reverse / forward KL; JSD needs neither).
-  template <bool AX, bool AY>
-  static void stats_impl(const T* s, const T* t, int64_t n, T alpha, double* out, T* ex, T* ey_out,
-                         T* shift) {
+  static void stats(const T* s, const T* t, int64_t n, T alpha, double* out, T* ex, T* ey_out,
+                    T* shift) {
     const R a = V::set1(alpha);
     const double ninf = -std::numeric_limits<double>::infinity();
-    double Mx = ninf, Sx = 0, Ax = 0, My = ninf, Sy = 0, Ay = 0;
+    double Mx = ninf, Sx = 0, My = ninf, Sy = 0;
     for (int64_t c0 = 0, k = 0; c0 < n; c0 += kChunk, ++k) {
       const int64_t len = n - c0 < kChunk ? n - c0 : kChunk;
       const T* sc = s + c0;
@@ -101,49 +95,43 @@ struct Distill {
       shift[2 * k + 1] = my;
       // An all -inf chunk shifts by 0 (its exps are then 0, not NaN).
       const R shx = V::set1(mx == kNegInf ? T(0) : mx), shy = V::set1(my == kNegInf ? T(0) : my);
-      Acc<4> acc;  // S_x, A_x, S_y, A_y
+      Acc<2> acc;  // S_x, S_y
       for (int64_t i = 0; i < len; i += W) {
         const int64_t l = len - i < W ? len - i : W;
         const R x = V::mul(a, loadn(sc + i, l)), y = V::mul(a, loadn(tc + i, l));
         const R e = vexp<V>(V::sub(x, shx)), ey = vexp<V>(V::sub(y, shy));
-        const R d = V::sub(x, y);
         storen(ex + c0 + i, e, l);
         storen(ey_out + c0 + i, ey, l);
         acc.v[0] = V::add(acc.v[0], e);
-        if constexpr (AX) acc.v[1] = V::add(acc.v[1], mul0(e, d));
-        acc.v[2] = V::add(acc.v[2], ey);
-        if constexpr (AY) acc.v[3] = V::sub(acc.v[3], mul0(ey, d));
+        acc.v[1] = V::add(acc.v[1], ey);
         acc.tick();
       }
       acc.flush();
-      merge(Mx, Sx, Ax, double(mx), acc.d[0], acc.d[1]);
-      merge(My, Sy, Ay, double(my), acc.d[2], acc.d[3]);
+      merge(Mx, Sx, double(mx), acc.d[0]);
+      merge(My, Sy, double(my), acc.d[1]);
     }
     out[0] = Mx;
     out[1] = Sx;
-    out[2] = Ax;
-    out[3] = My;
-    out[4] = Sy;
-    out[5] = Ay;
-  }
-  static void stats(const T* s, const T* t, int64_t n, T alpha, DistillMode mode, double* out,
-                    T* ex, T* ey, T* shift) {
-    if (mode == DistillMode::ForwardKL)
-      return stats_impl<false, true>(s, t, n, alpha, out, ex, ey, shift);
-    if (mode == DistillMode::ReverseKL)
-      return stats_impl<true, false>(s, t, n, alpha, out, ex, ey, shift);
-    stats_impl<false, false>(s, t, n, alpha, out, ex, ey, shift);
+    out[2] = My;
+    out[3] = Sy;
   }
 
-  // What every later pass needs at one vector: the log-probabilities, and p and q from the
+  // What the later passes need at one vector: the log-probabilities, and p and q from the
   // stored exps and their chunk's factors.
   struct Logs {
     R lx, ly, p, q;
   };
-  static Logs logs(const DistillRow<T>& r, R a, R lsx, R lsy, R fx, R fy, int64_t i, int64_t l) {
+  struct Consts {
+    R a, mx, my, lsx, lsy;
+  };
+  static Consts consts(const DistillRow<T>& r) {
+    return {V::set1(r.alpha), V::set1(r.max_x), V::set1(r.max_y), V::set1(r.logs_x),
+            V::set1(r.logs_y)};
+  }
+  static Logs logs(const DistillRow<T>& r, const Consts& k, R fx, R fy, int64_t i, int64_t l) {
     Logs g;
-    g.lx = V::sub(V::mul(a, loadn(r.s + i, l)), lsx);
-    g.ly = V::sub(V::mul(a, loadn(r.t + i, l)), lsy);
+    g.lx = V::sub(V::sub(V::mul(k.a, loadn(r.s + i, l)), k.mx), k.lsx);
+    g.ly = V::sub(V::sub(V::mul(k.a, loadn(r.t + i, l)), k.my), k.lsy);
     g.p = V::mul(loadn0(r.ex + i, l), fx);
     g.q = V::mul(loadn0(r.ey + i, l), fy);
     return g;
@@ -151,12 +139,14 @@ struct Distill {
   static R loadn0(const T* p, int64_t len) {
     return len >= W ? V::load(p) : V::load_partial(p, len, T(0));
   }
-  // log m, m = beta q + (1 - beta) p: the larger term's log (exact from ly or lx) plus
-  // log1p(smaller / larger). NaN where p = q = 0 (callers mask it).
+  // log m, m = beta q + (1 - beta) p: the larger term's log (from ly or lx) plus
+  // log1p(smaller / larger); the ratio is 0 where both terms round to 0 (p or q too small for
+  // the product), not 0 / 0. NaN only where lx and ly are both -inf (p = q = 0: masked).
   static R log_mix(const Logs& g, R b, R b1, R lb, R l1b) {
     const R u = V::mul(b, g.q), v = V::mul(b1, g.p);
-    const R hi = V::max(u, v), lo = V::min(u, v);
-    return V::add(V::max(V::add(g.ly, lb), V::add(g.lx, l1b)), vlog1p01<V>(V::div(lo, hi)));
+    const R hi = V::max(u, v), lo = V::min(u, v), zero = V::set1(T(0));
+    const R ratio = V::select_eq(hi, zero, zero, V::div(lo, hi));
+    return V::add(V::max(V::add(g.ly, lb), V::add(g.lx, l1b)), vlog1p01<V>(ratio));
   }
 
   // Runs body(fx, fy, i, l) over the row, vector by vector, with i's chunk's factors.
@@ -169,17 +159,23 @@ struct Distill {
     }
   }
 
-  static void jsd_sums(const DistillRow<T>& r, double* out) {
-    const R a = V::set1(r.alpha), lsx = V::set1(r.lse_x), lsy = V::set1(r.lse_y);
+  static void sums(const DistillRow<T>& r, double* out) {
+    const Consts k = consts(r);
     const R lb = V::set1(r.log_beta), l1b = V::set1(r.log_1mbeta);
     const R b = V::set1(r.beta), b1 = V::set1(r.one_m_beta);
-    Acc<2> acc;  // K_s, K_t
+    Acc<2> acc;
     over_chunks(r, [&](R fx, R fy, int64_t i, int64_t l) {
-      const Logs g = logs(r, a, lsx, lsy, fx, fy, i, l);
-      const R dm = V::sub(g.lx, log_mix(g, b, b1, lb, l1b));
-      storen(r.dm + i, dm, l);
-      acc.v[0] = V::add(acc.v[0], mul0(g.p, dm));
-      acc.v[1] = V::add(acc.v[1], mul0(g.q, V::add(V::sub(dm, g.lx), g.ly)));  // ly - lm
+      const Logs g = logs(r, k, fx, fy, i, l);
+      if (r.mode == DistillMode::ForwardKL) {
+        acc.v[0] = V::add(acc.v[0], mul0(g.q, V::sub(g.ly, g.lx)));
+      } else if (r.mode == DistillMode::ReverseKL) {
+        acc.v[0] = V::add(acc.v[0], mul0(g.p, V::sub(g.lx, g.ly)));
+      } else {
+        const R lm = log_mix(g, b, b1, lb, l1b);
+        storen(r.lm + i, lm, l);
+        acc.v[0] = V::add(acc.v[0], mul0(g.p, V::sub(g.lx, lm)));
+        acc.v[1] = V::add(acc.v[1], mul0(g.q, V::sub(g.ly, lm)));
+      }
       acc.tick();
     });
     acc.flush();
@@ -189,13 +185,11 @@ struct Distill {
 
   template <DistillMode M, bool GS, bool GT>
   static void grad_impl(const DistillRow<T>& r) {
-    const R a = V::set1(r.alpha), lsx = V::set1(r.lse_x), lsy = V::set1(r.lse_y);
-    const R lb = V::set1(r.log_beta), l1b = V::set1(r.log_1mbeta);
-    const R b = V::set1(r.beta), b1 = V::set1(r.one_m_beta);
+    const Consts k = consts(r);
     const R cs = V::set1(r.cs), ct = V::set1(r.ct), ks = V::set1(r.k_s), kt = V::set1(r.k_t);
-    (void)lb, (void)l1b, (void)b, (void)b1, (void)ks, (void)kt;  // each mode reads some
+    (void)ks, (void)kt;  // each mode reads some
     over_chunks(r, [&](R fx, R fy, int64_t i, int64_t l) {
-      const Logs g = logs(r, a, lsx, lsy, fx, fy, i, l);  // read before anything is stored
+      const Logs g = logs(r, k, fx, fy, i, l);  // read before anything is stored
       R gs, gt;
       if constexpr (M == DistillMode::ForwardKL) {
         gs = V::mul(cs, V::sub(g.p, g.q));
@@ -204,9 +198,9 @@ struct Distill {
         gs = V::mul(cs, mul0(g.p, V::sub(V::sub(g.lx, g.ly), ks)));
         gt = V::mul(ct, V::sub(g.q, g.p));
       } else {
-        const R dm = loadn0(r.dm + i, l);  // lx - lm, from jsd_sums; ly - lm = dm - lx + ly
-        gs = V::mul(cs, mul0(g.p, V::sub(dm, ks)));
-        gt = V::mul(ct, mul0(g.q, V::sub(V::add(V::sub(dm, g.lx), g.ly), kt)));
+        const R lm = loadn0(r.lm + i, l);  // from sums
+        gs = V::mul(cs, mul0(g.p, V::sub(V::sub(g.lx, lm), ks)));
+        gt = V::mul(ct, mul0(g.q, V::sub(V::sub(g.ly, lm), kt)));
       }
       if constexpr (GS) storen(r.gs + i, gs, l);
       if constexpr (GT) storen(r.gt + i, gt, l);
@@ -228,7 +222,7 @@ struct Distill {
     }
   }
 
-  static DistillFns<T> fns() { return {&Distill::stats, &Distill::jsd_sums, &Distill::grad}; }
+  static DistillFns<T> fns() { return {&Distill::stats, &Distill::sums, &Distill::grad}; }
 };
 
 }  // namespace FASTXENT_ISA_NS

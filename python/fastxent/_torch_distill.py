@@ -59,7 +59,9 @@ def _row_weight(student: Tensor, kw: Dict[str, Any], dt: torch.dtype) -> Optiona
     if kw["sample_weight"] is not None:
         w = t(kw["sample_weight"]).to(dt)
     if kw["labels"] is not None:
-        keep = (t(kw["labels"]) != operator.index(kw["ignore_index"])).to(dt)
+        # compared in int64: an ignore_index outside a narrow label dtype (-100 for uint8)
+        # matches nothing, as in the kernel's NumPy comparison (not its wrapped value)
+        keep = (t(kw["labels"]).to(torch.int64) != operator.index(kw["ignore_index"])).to(dt)
         w = keep if w is None else w * keep
     if kw["mask"] is not None:
         keep = t(kw["mask"]).to(dt)
