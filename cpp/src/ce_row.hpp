@@ -72,7 +72,9 @@ inline RowResult finish_row(const Problem<T>& p, const BlockStat* st, int64_t n,
     S += st[k].s * rescale(st[k].m, r.M);
     if (want_wd) WD += st[k].wd + (st[k].m - r.M) * bw;
     // sum e (z' - M) = sum e (z' - m) + (m - M) sum e, each rescaled by exp(m - M).
-    if (p.ent) E += (st[k].ez + (st[k].m - r.M) * st[k].s) * rescale(st[k].m, r.M);
+    // (skipped where the rescale is 0: (m - M) s may overflow to -inf there, times 0)
+    if (p.ent && rescale(st[k].m, r.M) != 0.0)
+      E += (st[k].ez + (st[k].m - r.M) * st[k].s) * rescale(st[k].m, r.M);
   }
   const double log_sum = std::log(S);
   double loss = 0.0;
@@ -188,7 +190,7 @@ inline bool grad_block_affine(const Problem<T>& p, const BlockStat& st, const Ro
     double ck = 0.0;
     if (ent) {
       ck = r.ec * rescale(st.m, r.M);
-      fa += ck * ((st.m - r.M) - r.ebar);
+      if (ck != 0.0) fa += ck * ((st.m - r.M) - r.ebar);  // m - M may be -inf where ck is 0
     }
     const double tiny = double(std::numeric_limits<T>::min());
     const double huge = double(std::numeric_limits<T>::max()) / 8;
@@ -316,7 +318,9 @@ inline RowResult stats_only(const Problem<T>& p, const BlockStat* st) {
   for (int64_t k = 0; k < p.nb; ++k) {
     if (st[k].m == -kInf) continue;
     S += st[k].s * rescale(st[k].m, r.M);
-    if (p.ent) E += (st[k].ez + (st[k].m - r.M) * st[k].s) * rescale(st[k].m, r.M);
+    // (skipped where the rescale is 0: (m - M) s may overflow to -inf there, times 0)
+    if (p.ent && rescale(st[k].m, r.M) != 0.0)
+      E += (st[k].ez + (st[k].m - r.M) * st[k].s) * rescale(st[k].m, r.M);
   }
   r.logS = std::log(S);
   r.ebar = E / S;

@@ -279,7 +279,9 @@ double cross_entropy(const Inputs<T>& in, const Options& opt, T* grad, T* row_lo
     p.ent = o.entropy || p.beta > 0.0;
     p.stream = false;
     p.recompute = false;
-    p.e_scratch = grad != nullptr && grad == in.logits && (o.argmax || p.beta > 0.0);
+    // In place, the block pass's e would overwrite the logits that the argmax scan, the
+    // entropy gradient and the entropy's redo of a block holding -inf read again.
+    p.e_scratch = grad != nullptr && grad == in.logits && (o.argmax || p.ent);
   }
   // The row losses, O(N), never N x C: on the stack for a small call (no heap allocation).
   constexpr int64_t kStackRows = 256;

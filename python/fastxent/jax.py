@@ -67,7 +67,7 @@ __all__ = [
 
 _Options = Tuple[Tuple[str, Any], ...]  # sorted (name, value) pairs: hashable, a cache key
 
-_RESERVED = ("out",)
+_RESERVED = ("out", "outputs", "entropy_coef")  # the NumPy API's, not this front end's
 _TRACEABLE = ("label_smoothing", "normalizer")  # may be traced values through the FFI
 _STAND_IN = {"label_smoothing": 0.0, "normalizer": 1.0}  # for the trace-time check
 

@@ -150,6 +150,9 @@ def cross_entropy(
             return res
     # **fastxent_options is a plain dict at run time (the TypedDict is for type checkers).
     opts = cast(Dict[str, Any], fastxent_options)
+    for k in ("outputs", "entropy_coef"):  # the NumPy API's, not (yet) this front end's
+        if k in opts:
+            raise TypeError(f"cross_entropy() got an unexpected keyword argument {k!r}")
     return general_cross_entropy(
         input, target, weight, ignore_index, reduction, label_smoothing, inplace, opts
     )
