@@ -141,3 +141,43 @@ def test_jit_none():
     )
     np.testing.assert_allclose(np.asarray(gx), ref[1], rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(np.asarray(gw), ref[2], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("wrt", ["target", "weight", "sample_weight", "normalizer"])
+def test_differentiating_a_non_differentiable_input_raises(wrt):
+    # The target's, class weights', sample weights' and normalizer's gradients are not
+    # computed: asking for one must raise, never return zeros (it did before).
+    rng, x, w, _, _ = _problem(2)
+    x, w = jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32)
+    n, v = x.shape[0], w.shape[0]
+    p = jnp.asarray(rng.uniform(0.1, 1, (n, v)), jnp.float32)
+    p = p / p.sum(1, keepdims=True)
+    y = jnp.asarray(rng.integers(0, v, n))
+    cw = jnp.asarray(rng.uniform(0.5, 1.5, v), jnp.float32)
+    sw = jnp.asarray(rng.uniform(0.5, 1.5, n), jnp.float32)
+
+    def loss(a):
+        if wrt == "target":
+            return fxj.linear_cross_entropy(x, w, a)
+        if wrt == "weight":
+            return fxj.linear_cross_entropy(x, w, y, weight=a)
+        if wrt == "sample_weight":
+            return fxj.linear_cross_entropy(x, w, y, sample_weight=a)
+        return fxj.linear_cross_entropy(x, w, y, reduction="sum", normalizer=a)
+
+    arg = {"target": p, "weight": cw, "sample_weight": sw, "normalizer": jnp.float32(7.0)}[wrt]
+    with pytest.raises(TypeError, match=wrt):
+        jax.grad(loss)(arg)
+    loss(arg)  # the forward alone is fine
+    # Differentiating the hidden states with that input held constant still works.
+    g = jax.grad(
+        lambda h: {
+            "target": lambda: fxj.linear_cross_entropy(h, w, p),
+            "weight": lambda: fxj.linear_cross_entropy(h, w, y, weight=cw),
+            "sample_weight": lambda: fxj.linear_cross_entropy(h, w, y, sample_weight=sw),
+            "normalizer": lambda: fxj.linear_cross_entropy(
+                h, w, y, reduction="sum", normalizer=jnp.float32(7.0)
+            ),
+        }[wrt]()
+    )(x)
+    assert g.shape == x.shape and bool(jnp.all(jnp.isfinite(g))) and bool(jnp.any(g != 0))

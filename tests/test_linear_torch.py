@@ -224,3 +224,23 @@ def test_errors(case):
         args[0], err = x.numpy(), TypeError
     with pytest.raises(err):
         fxt.linear_cross_entropy(*args, linear_bias=b)
+
+
+def test_inputs_not_differentiated_refuse_requires_grad():
+    # The target's gradient is not computed: a target that requires grad must raise, never
+    # come back with grad None as if it had no influence on the loss.
+    x, w, b, _, _ = _problem(6, 3, 4, torch.float32, {})
+    p = torch.softmax(torch.randn(6, 4), -1).requires_grad_()
+    xg = x.clone().requires_grad_()
+    with pytest.raises(RuntimeError, match="probability target"):
+        fxt.linear_cross_entropy(xg, w, p, linear_bias=b)
+    y = torch.tensor([0, 1, 2, 3, 0, 1])
+    for name, a in (("weight", torch.rand(4)), ("sample_weight", torch.rand(6))):
+        with pytest.raises(RuntimeError, match=name):
+            fxt.linear_cross_entropy(xg, w, y, linear_bias=b, **{name: a.requires_grad_()})
+    with torch.no_grad():  # no graph: nothing to differentiate, the loss is computed
+        ref = fxt.linear_cross_entropy(x, w, p.detach(), linear_bias=b)
+        torch.testing.assert_close(fxt.linear_cross_entropy(x, w, p, linear_bias=b), ref)
+    loss = fxt.linear_cross_entropy(xg, w, p.detach(), linear_bias=b)
+    loss.backward()
+    assert xg.grad is not None

@@ -137,7 +137,23 @@ def _make(opts: Tuple[Tuple[str, Any], ...], tile: int, has_bias: bool):
     def f(h, w, b, t, cw, sw, d):
         return loss_of(h, w, b, t, cw, sw, d)
 
-    def fwd(h, w, b, t, cw, sw, d):
+    def fwd(*args):
+        # symbolic_zeros: each argument says whether it is being differentiated. The
+        # gradients of the target, class weights, sample weights and normalizer are not
+        # computed; asking for one raises rather than returning zeros.
+        for name, a in (
+            ("target", args[3]),
+            ("weight", args[4]),
+            ("sample_weight", args[5]),
+            ("normalizer", args[6]),
+        ):
+            if a is not None and a.perturbed:
+                raise TypeError(
+                    f"fastxent.jax.linear_cross_entropy differentiates with respect to "
+                    f"hidden, linear_weight and linear_bias only; {name} is being "
+                    f"differentiated (wrap it in jax.lax.stop_gradient if it is a constant)"
+                )
+        h, w, b, t, cw, sw, d = (None if a is None else a.value for a in args)
         if red == "none":
             return loss_of(h, w, b, t, cw, sw, d), (h, w, b, t, cw, sw, d, None)
         h2 = h.reshape(-1, h.shape[-1])
@@ -148,6 +164,8 @@ def _make(opts: Tuple[Tuple[str, Any], ...], tile: int, has_bias: bool):
 
     def bwd(res, ct):
         h, w, b, t, cw, sw, d, grads = res
+        if isinstance(ct, jax.custom_derivatives.SymbolicZero):
+            return None, None, None, None, None, None, None
         if grads is None:  # "none": the rows weighted by the cotangent, recomputed
             s = ct.reshape(-1).astype(d.dtype)
             s = s if sw is None else s * sw
@@ -169,7 +187,7 @@ def _make(opts: Tuple[Tuple[str, Any], ...], tile: int, has_bias: bool):
             gh, gw, gb = (None if g is None else (g * c).astype(g.dtype) for g in grads)
         return (gh.reshape(h.shape), gw, gb if has_bias else None, None, None, None, None)
 
-    f.defvjp(fwd, bwd)
+    f.defvjp(fwd, bwd, symbolic_zeros=True)
     return f
 
 
@@ -188,8 +206,9 @@ def linear_cross_entropy(
     target, ...)`` (see :func:`fastxent.linear_cross_entropy`), differentiable with respect
     to hidden, linear_weight and linear_bias, usable under ``jax.jit`` and ``jax.grad``.
     Options are static (as in fastxent.jax.cross_entropy); weight and sample_weight are
-    traced, not differentiated. Class indices are checked when the kernel runs (an
-    out-of-range one is a runtime error)."""
+    traced, not differentiated: differentiating with respect to them, to a probability
+    target or to a traced normalizer raises TypeError. Class indices are checked when the
+    kernel runs (an out-of-range one is a runtime error)."""
     h = jnp.asarray(hidden)
     w = jnp.asarray(linear_weight)
     b = None if linear_bias is None else jnp.asarray(linear_bias)

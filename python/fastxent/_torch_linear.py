@@ -267,6 +267,20 @@ def linear_cross_entropy(
         **EXTRA.bind("linear_cross_entropy", kw),
     )
     plan = _plan_for(input, linear_weight, target, linear_bias, reduction, opts, tile_rows)
+    # The gradients of a probability target, class weights and sample weights are not
+    # computed: a tensor among them that requires grad raises rather than getting None
+    # back (a silently missing derivative).
+    for name, v in (
+        ("a probability target", target if target.is_floating_point() else None),
+        ("weight", weight),
+        ("sample_weight", kw.get("sample_weight")),
+        ("normalizer", kw.get("normalizer")),
+    ):
+        if isinstance(v, Tensor) and v.requires_grad and torch.is_grad_enabled():
+            raise RuntimeError(
+                f"linear_cross_entropy does not differentiate with respect to {name}; this "
+                f"input cannot have requires_grad=True (detach it)"
+            )
     grads = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (input, linear_weight, linear_bias)
     )
