@@ -209,11 +209,27 @@ def _prob_errors(rank, dist):
         inplace = "no error"
     except RuntimeError as e:
         inplace = str(e)
-    return out, _max_rel(a, bref), inplace
+    # Targets made under inference_mode work (nothing of theirs is saved for backward), and
+    # class indices changed in place after the forward do not change the gradient (copied).
+    y = torch.tensor([0, v - 1, 2, 1, 0])
+    with torch.inference_mode():
+        pi, yi = p[:, lo:hi].clone(), y.clone()
+    same = []
+    for ref_t, t in ((p[:, lo:hi].clone(), pi), (y, yi), (y, y.clone())):
+        grads = []
+        for tt in (ref_t, t):
+            wl = w[lo:hi].clone().requires_grad_()
+            loss = fxt.vocab_parallel_linear_cross_entropy(x, wl, tt, tile_rows=2)
+            if tt is t and not t.is_floating_point() and not t.is_inference():
+                t.fill_(1)  # after the forward: the backward must still use the old labels
+            loss.backward()
+            grads.append(wl.grad)
+        same.append(bool(torch.equal(grads[0], grads[1])))
+    return out, _max_rel(a, bref), inplace, same
 
 
 def test_probability_targets_match_one_process(tmp_path):
-    for r, (res, no_grad_err, inplace) in enumerate(run_ranks(_prob_errors, (), tmp_path)):
+    for r, (res, no_grad_err, inplace, same) in enumerate(run_ranks(_prob_errors, (), tmp_path)):
         for (dt_name, errs), case in zip(res, PROB_CASES):
             tol = {"float64": 1e-12, "float32": 2e-6, "bfloat16": 2e-2}[dt_name]
             assert max(errs) <= tol, (r, case, errs)
@@ -221,7 +237,8 @@ def test_probability_targets_match_one_process(tmp_path):
             9 if set(c[1]) <= _TORCH_OPTIONS and c[2] != "bfloat16" else 5 for c in PROB_CASES
         ]
         assert no_grad_err <= 1e-12
-        assert "modified by an inplace operation" in inplace, inplace
+        assert "modified in place" in inplace, inplace
+        assert same == [True, True, True], same
 
 
 def _args(target, **kw):
@@ -266,6 +283,19 @@ def _args(target, **kw):
             {},
             RuntimeError,
             "does not differentiate with respect to a probability target",
+        ),
+        # inputs that are not differentiated: requiring grad raises (it was grad None)
+        (
+            torch.tensor([0, 1, 2, 3, 0]),
+            {"weight": torch.rand(4, dtype=torch.float64, requires_grad=True)},
+            RuntimeError,
+            "does not differentiate with respect to weight",
+        ),
+        (
+            torch.tensor([0, 1, 2, 3, 0]),
+            {"sample_weight": torch.rand(5, dtype=torch.float64, requires_grad=True)},
+            RuntimeError,
+            "does not differentiate with respect to sample_weight",
         ),
     ],
 )

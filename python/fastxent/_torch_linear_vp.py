@@ -16,8 +16,12 @@ Invariants:
   ``grad_hidden[tile] = G_r @ W_r``, ``grad_W_r += G_r.T @ hidden[tile]``, ``grad_b_r +=
   G_r.sum(0)``; grad_hidden is summed over the ranks (one all-reduce SUM of N x H, the
   backward of the hidden states' copy to every rank). No logits are exchanged.
-- Targets: checked (dtype, shape: class indices input.shape[:-1], probabilities
-  input.shape[:-1] + (V_r,)) before any collective. Probabilities are read per row tile,
+- Targets: dtype and shape checked (class indices input.shape[:-1], probabilities
+  input.shape[:-1] + (V_r,)) before any collective; the other options (sample_weight,
+  class weights, label_smoothing, reduction, class index range) after the one all_gather
+  of the slice sizes (skipped when offset and num_classes are given), since they need the
+  whole vocabulary's size. An argument bad on one rank only raises on that rank while the
+  others wait in a collective, as in any torch.distributed program. Probabilities are read per row tile,
   the tile's rows converted to the input's dtype as the one-process function does (16-bit:
   then to float32 for the kernel); a copy of one tile's rows at most, never of N x V_r.
 - 16-bit: Z_r is computed in the input dtype and converted to float32 per tile for the
@@ -66,8 +70,14 @@ class _VPLinear(torch.autograd.Function):
             normalizer=a["normalizer"],
             num_classes=a["stat_kw"]["num_classes"],
         )
-        # The target too: an in-place change before backward fails loudly (version counter).
-        ctx.save_for_backward(input, w, b, target)
+        # Backward reads a probability target again: an in-place change before backward fails
+        # loudly (its version counter is compared; not saved for backward, so that targets
+        # made under inference_mode work). Class indices were copied by the plan.
+        ctx.save_for_backward(input, w, b)
+        ctx.target = target
+        ctx.target_version = (
+            None if a["probs"] is None or target.is_inference() else target._version
+        )
         ctx.a, ctx.merged = a, merged
         out = torch.from_numpy(np.asarray(loss, np.float64))
         return (out.reshape(a["lead"]) if a["reduction"] == "none" else out).to(input.dtype)
@@ -75,7 +85,12 @@ class _VPLinear(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, go: Tensor) -> Tuple[Optional[Tensor], ...]:
-        input, w, b, _ = ctx.saved_tensors
+        input, w, b = ctx.saved_tensors
+        if ctx.target_version is not None and ctx.target._version != ctx.target_version:
+            raise RuntimeError(
+                "vocab_parallel_linear_cross_entropy: the probability target was modified in "
+                "place between the forward and the backward (the backward reads it again)"
+            )
         a, merged = ctx.a, ctx.merged
         n, h = a["n"], input.shape[-1]
         h2 = input.reshape(n, h)
@@ -174,6 +189,18 @@ def vocab_parallel_linear_cross_entropy(
     lead = tuple(input.shape[:-1])
     v_local = int(linear_weight.shape[0])
     probs = _target_kind(target, lead, v_local, ignore_index)
+    # Class weights, sample weights and a normalizer are not differentiated: one that
+    # requires grad raises (it would otherwise get grad None, a silently missing derivative).
+    for name, v in (
+        ("weight", weight),
+        ("sample_weight", sample_weight),
+        ("normalizer", extra.get("normalizer")),
+    ):
+        if isinstance(v, Tensor) and v.requires_grad and torch.is_grad_enabled():
+            raise RuntimeError(
+                f"vocab_parallel_linear_cross_entropy does not differentiate with respect to "
+                f"{name}; this input cannot have requires_grad=True (detach it)"
+            )
     dist = vocab.torch_dist()
     off, V = vocab.vp_layout(v_local, group, offset, num_classes)
     cw = (
@@ -211,7 +238,9 @@ def vocab_parallel_linear_cross_entropy(
         tile_rows,
         4,
     )
-    tgt = None if probs else _linear.class_targets(target.detach().numpy(), lead, V, ignore_index)
+    tgt = None
+    if not probs:  # a copy (N integers): the backward never sees a later in-place change
+        tgt = np.array(_linear.class_targets(target.detach().numpy(), lead, V, ignore_index))
     pt = None
     if probs:  # rows of the probabilities, sliced per tile (_tile_target)
         pt = target.detach()
