@@ -21,9 +21,10 @@ Invariants:
   class weights, label_smoothing, reduction, class index range) after the one all_gather
   of the slice sizes (skipped when offset and num_classes are given), since they need the
   whole vocabulary's size. An argument bad on one rank only raises on that rank while the
-  others wait in a collective, as in any torch.distributed program. Probabilities are read per row tile,
-  the tile's rows converted to the input's dtype as the one-process function does (16-bit:
-  then to float32 for the kernel); a copy of one tile's rows at most, never of N x V_r.
+  others wait in a collective, as in any torch.distributed program. Probabilities are read
+  per row tile, the tile's rows converted to the input's dtype as the one-process function
+  does (16-bit: then to float32 for the kernel); a copy of one tile's rows at most, never of
+  N x V_r.
 - 16-bit: Z_r is computed in the input dtype and converted to float32 per tile for the
   kernel; G_r is rounded once to the input dtype for the gradient matmuls.
 """
