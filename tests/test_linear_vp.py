@@ -2,7 +2,10 @@
 weight's rows split 7 + 12 of V = 19): loss, grad_input, each rank's weight and bias slice
 against the one-process fastxent.torch.linear_cross_entropy on the full weight, for every
 reduction and the options (class weights given in full, ignore_index, label smoothing over
-the whole vocabulary, sample weights, z_loss, softcap), float64 and bfloat16."""
+the whole vocabulary, sample weights, z_loss, softcap), float64 and bfloat16. Probability
+targets (each rank holding its columns of them) likewise, for float64, float32 and bfloat16,
+and against F.linear + F.cross_entropy where PyTorch has the options; their argument errors
+are raised before any collective, so those tests run in this process."""
 
 from __future__ import annotations
 
@@ -90,3 +93,234 @@ def test_matches_one_process(tmp_path):
         for (dt_name, errs), case in zip(res, CASES):
             tol = 1e-12 if dt_name == "float64" else 2e-2
             assert max(errs) <= tol, (r, case, errs)
+
+
+# Probability targets: each rank holds its columns [lo, hi) of the (..., V) probabilities.
+# "perm": a (2, 7, V) target that cannot be viewed as (14, V) rows (gathered per tile).
+PROB_CASES = [
+    ("mean", {}, "float64"),
+    ("sum", {"weight": True, "label_smoothing": 0.1}, "float64"),
+    ("none", {"z_loss": 1e-3, "sample_weight": True}, "float64"),
+    (
+        "mean",
+        {"weight": True, "label_smoothing": 0.2, "sample_weight": True, "softcap": 5.0},
+        "float64",
+    ),
+    ("none", {"weight": True, "perm": True}, "float64"),
+    ("mean", {"logit_scale": 0.5, "normalizer": 7.0, "z_loss": 1e-2}, "float32"),
+    ("sum", {"label_smoothing": 0.1, "perm": True}, "float32"),
+    ("none", {"weight": True, "sample_weight": True}, "float32"),
+    ("mean", {"weight": True, "label_smoothing": 0.1}, "float32"),
+    ("mean", {"label_smoothing": 0.1}, "bfloat16"),
+]
+# The options F.cross_entropy has: those cases are checked against F.linear + F.cross_entropy.
+_TORCH_OPTIONS = {"weight", "label_smoothing", "perm"}
+
+
+def _max_rel(p, q):
+    p, q = p.detach().double(), q.detach().double()
+    return float((p - q).abs().max() / max(1.0, float(q.abs().max())))
+
+
+def _prob_errors(rank, dist):
+    import torch.nn.functional as F
+
+    import fastxent.torch as fxt
+
+    out = []
+    v = sum(SPLIT)
+    lo = 0 if rank == 0 else SPLIT[0]
+    hi = lo + SPLIT[rank]
+    for i, (red, opt, dt_name) in enumerate(PROB_CASES):
+        dt = getattr(torch, dt_name)
+        g = torch.Generator().manual_seed(100 + i)
+        lead = (2, 7) if opt.get("perm") else (13,)  # 13, 14 rows: not a multiple of 4
+        x = torch.randn(*lead, 6, generator=g, dtype=torch.float64).to(dt)
+        w = torch.randn(v, 6, generator=g, dtype=torch.float64).to(dt)
+        b = (0.1 * torch.randn(v, generator=g, dtype=torch.float64)).to(dt)
+        pdt = torch.float32 if dt == torch.bfloat16 else dt
+        if opt.get("perm"):
+            p = torch.randn(7, 2, v, generator=g, dtype=torch.float64)
+            p = torch.softmax(2 * p, -1).transpose(0, 1).to(pdt)
+        else:
+            p = torch.randn(*lead, v, generator=g, dtype=torch.float64)
+            p = torch.softmax(2 * p, -1).to(pdt)
+        if not opt.get("perm"):
+            p.view(-1)[::5] = 0.0  # some zero probabilities
+        kw = {k: val for k, val in opt.items() if k not in ("weight", "sample_weight", "perm")}
+        if opt.get("weight"):
+            kw["weight"] = torch.rand(v, generator=g, dtype=torch.float64) + 0.5
+        if opt.get("sample_weight"):
+            kw["sample_weight"] = torch.rand(lead, generator=g, dtype=torch.float64)
+        up = torch.randn(lead if red == "none" else (), generator=g, dtype=torch.float64).to(dt)
+        pl = p[..., lo:hi]
+        if opt.get("perm"):  # not viewable as (14, V_r) rows
+            assert pl.reshape(-1, hi - lo).data_ptr() != pl.data_ptr()
+        xl, wl, bl = (a.clone().requires_grad_() for a in (x, w[lo:hi], b[lo:hi]))
+        loss = fxt.vocab_parallel_linear_cross_entropy(
+            xl, wl, pl, linear_bias=bl, reduction=red, tile_rows=4, **kw
+        )
+        loss.backward(up)
+        xr, wr, br = (a.clone().requires_grad_() for a in (x, w, b))
+        ref = fxt.linear_cross_entropy(xr, wr, p, linear_bias=br, reduction=red, **kw)
+        ref.backward(up)
+        errs = [
+            _max_rel(loss, ref),
+            _max_rel(xl.grad, xr.grad),
+            _max_rel(wl.grad, wr.grad[lo:hi]),
+            _max_rel(bl.grad, br.grad[lo:hi]),
+        ]
+        if set(opt) <= _TORCH_OPTIONS and dt != torch.bfloat16:
+            xt, wt, bt = (a.clone().requires_grad_() for a in (x, w, b))
+            z = F.linear(xt, wt, bt).reshape(-1, v)
+            tw = kw.get("weight")
+            tk = {**kw, "weight": None if tw is None else tw.to(dt)}
+            ft = F.cross_entropy(z, p.reshape(-1, v), reduction=red, **tk)
+            ft.reshape(up.shape).backward(up)
+            errs += [
+                _max_rel(loss, ft.reshape(up.shape)),
+                _max_rel(xl.grad, xt.grad),
+                _max_rel(wl.grad, wt.grad[lo:hi]),
+                _max_rel(bl.grad, bt.grad[lo:hi]),
+            ]
+        # No gradient wanted: the same loss without the autograd Function.
+        with torch.no_grad():
+            nl = fxt.vocab_parallel_linear_cross_entropy(
+                x, w[lo:hi], pl, linear_bias=b[lo:hi], reduction=red, tile_rows=4, **kw
+            )
+        errs.append(_max_rel(nl, loss))
+        out.append((dt_name, errs))
+    # A target that requires grad is fine where no gradient is taken (no_grad) ...
+    g = torch.Generator().manual_seed(7)  # the same on every rank
+    x = torch.randn(5, 6, generator=g, dtype=torch.float64)
+    w = torch.randn(v, 6, generator=g, dtype=torch.float64)
+    p = torch.softmax(torch.randn(5, v, generator=g, dtype=torch.float64), -1)
+    pl = p[:, lo:hi].clone().requires_grad_()
+    with torch.no_grad():
+        a = fxt.vocab_parallel_linear_cross_entropy(x, w[lo:hi], pl)
+    bref = fxt.linear_cross_entropy(x, w, p)
+    # ... and an in-place change of the target between forward and backward is an error.
+    wl = w[lo:hi].clone().requires_grad_()
+    pl = p[:, lo:hi].clone()
+    loss = fxt.vocab_parallel_linear_cross_entropy(x, wl, pl, tile_rows=2)
+    pl.mul_(0.5)
+    try:
+        loss.backward()
+        inplace = "no error"
+    except RuntimeError as e:
+        inplace = str(e)
+    # Targets made under inference_mode work (nothing of theirs is saved for backward), and
+    # class indices changed in place after the forward do not change the gradient (copied).
+    y = torch.tensor([0, v - 1, 2, 1, 0])
+    with torch.inference_mode():
+        pi, yi = p[:, lo:hi].clone(), y.clone()
+    same = []
+    for ref_t, t in ((p[:, lo:hi].clone(), pi), (y, yi), (y, y.clone())):
+        grads = []
+        for tt in (ref_t, t):
+            wl = w[lo:hi].clone().requires_grad_()
+            loss = fxt.vocab_parallel_linear_cross_entropy(x, wl, tt, tile_rows=2)
+            if tt is t and not t.is_floating_point() and not t.is_inference():
+                t.fill_(1)  # after the forward: the backward must still use the old labels
+            loss.backward()
+            grads.append(wl.grad)
+        same.append(bool(torch.equal(grads[0], grads[1])))
+    return out, _max_rel(a, bref), inplace, same
+
+
+def test_probability_targets_match_one_process(tmp_path):
+    for r, (res, no_grad_err, inplace, same) in enumerate(run_ranks(_prob_errors, (), tmp_path)):
+        for (dt_name, errs), case in zip(res, PROB_CASES):
+            tol = {"float64": 1e-12, "float32": 2e-6, "bfloat16": 2e-2}[dt_name]
+            assert max(errs) <= tol, (r, case, errs)
+        assert [len(e) for _, e in res] == [
+            9 if set(c[1]) <= _TORCH_OPTIONS and c[2] != "bfloat16" else 5 for c in PROB_CASES
+        ]
+        assert no_grad_err <= 1e-12
+        assert "modified in place" in inplace, inplace
+        assert same == [True, True, True], same
+
+
+def _args(target, **kw):
+    h = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    return (h, w, target), kw
+
+
+@pytest.mark.parametrize(
+    "target, kw, exc, match",
+    [
+        # probabilities of the wrong shape: rows, or not this rank's 4 columns
+        (
+            torch.rand(6, 4, dtype=torch.float64),
+            {},
+            ValueError,
+            r"shape \(6, 4\), expected \(5, 4\)",
+        ),
+        (
+            torch.rand(5, 7, dtype=torch.float64),
+            {},
+            ValueError,
+            r"shape \(5, 7\), expected \(5, 4\)",
+        ),
+        # float class indices, integer probabilities
+        (torch.tensor([0.0, 1, 2, 3, 0]), {}, ValueError, "must be an integer tensor"),
+        (torch.zeros(5, 4, dtype=torch.int64), {}, ValueError, "must be a float tensor"),
+        (torch.zeros(5, 4, dtype=torch.int64), {}, ValueError, r"expected \(5,\)"),
+        (torch.zeros(5, dtype=torch.bool), {}, TypeError, "got dtype torch.bool"),
+        (torch.zeros(5, 4, dtype=torch.complex64), {}, TypeError, "class probabilities"),
+        ("not a tensor", {}, TypeError, "target must be a torch.Tensor"),
+        # what probability targets exclude, as the one-process function and
+        # vocab_parallel_cross_entropy
+        (
+            torch.rand(5, 4, dtype=torch.float64),
+            {"ignore_index": 2},
+            ValueError,
+            "ignore_index applies to class-index targets only",
+        ),
+        (
+            torch.rand(5, 4, dtype=torch.float64, requires_grad=True),
+            {},
+            RuntimeError,
+            "does not differentiate with respect to a probability target",
+        ),
+        # inputs that are not differentiated: requiring grad raises (it was grad None)
+        (
+            torch.tensor([0, 1, 2, 3, 0]),
+            {"weight": torch.rand(4, dtype=torch.float64, requires_grad=True)},
+            RuntimeError,
+            "does not differentiate with respect to weight",
+        ),
+        (
+            torch.tensor([0, 1, 2, 3, 0]),
+            {"sample_weight": torch.rand(5, dtype=torch.float64, requires_grad=True)},
+            RuntimeError,
+            "does not differentiate with respect to sample_weight",
+        ),
+    ],
+)
+def test_target_errors_before_any_collective(target, kw, exc, match):
+    # No process group is initialized here: these are raised before torch.distributed is
+    # used at all, on the rank that got the bad argument.
+    (h, w, t), kw = _args(target, **kw)
+    with pytest.raises(exc, match=match):
+        fxt_vp(h, w, t, offset=0, num_classes=4, **kw)
+    assert h.grad is None and w.grad is None
+
+
+def test_input_checks_before_any_collective():
+    p = torch.rand(5, 4, dtype=torch.float64)
+    with pytest.raises(TypeError, match="linear_weight has dtype float32, expected float64"):
+        fxt_vp(torch.randn(5, 3, dtype=torch.float64), torch.randn(4, 3), p)
+    with pytest.raises(ValueError, match=r"expected \(V, 3\)"):
+        fxt_vp(torch.randn(5, 3, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64), p)
+    with pytest.raises(TypeError, match="hidden must be float32"):
+        fxt_vp(torch.ones(5, 3, dtype=torch.int64), torch.ones(4, 3, dtype=torch.int64), p)
+
+
+def fxt_vp(*a, **kw):
+    import fastxent.torch as fxt
+
+    if torch.distributed.is_initialized():
+        pytest.skip("a process group is initialized in this process")
+    return fxt.vocab_parallel_linear_cross_entropy(*a, **kw)

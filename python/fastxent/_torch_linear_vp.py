@@ -1,8 +1,10 @@
 """Vocabulary-parallel fused linear + cross-entropy for torch.distributed:
 :func:`vocab_parallel_linear_cross_entropy`. Each rank holds rows ``[offset, offset + V_r)``
 of the output projection (Megatron's vocab-parallel head) and the same hidden states and
-targets; the result is that of :func:`fastxent.torch.linear_cross_entropy` with the full
-weight, without any rank ever holding logits of more than one tile of its own slice.
+class-index targets, or its columns ``[offset, offset + V_r)`` of probability targets (as
+:func:`fastxent.torch.vocab_parallel_cross_entropy`); the result is that of
+:func:`fastxent.torch.linear_cross_entropy` with the full weight, without any rank ever
+holding logits of more than one tile of its own slice.
 
 Invariants:
 - Forward: per row tile, ``Z_r = hidden[tile] @ W_r.T (+ b_r)`` and fastxent's shard
@@ -14,6 +16,15 @@ Invariants:
   ``grad_hidden[tile] = G_r @ W_r``, ``grad_W_r += G_r.T @ hidden[tile]``, ``grad_b_r +=
   G_r.sum(0)``; grad_hidden is summed over the ranks (one all-reduce SUM of N x H, the
   backward of the hidden states' copy to every rank). No logits are exchanged.
+- Targets: dtype and shape checked (class indices input.shape[:-1], probabilities
+  input.shape[:-1] + (V_r,)) before any collective; the other options (sample_weight,
+  class weights, label_smoothing, reduction, class index range) after the one all_gather
+  of the slice sizes (skipped when offset and num_classes are given), since they need the
+  whole vocabulary's size. An argument bad on one rank only raises on that rank while the
+  others wait in a collective, as in any torch.distributed program. Probabilities are read
+  per row tile, the tile's rows converted to the input's dtype as the one-process function
+  does (16-bit: then to float32 for the kernel); a copy of one tile's rows at most, never of
+  N x V_r.
 - 16-bit: Z_r is computed in the input dtype and converted to float32 per tile for the
   kernel; G_r is rounded once to the input dtype for the gradient matmuls.
 """
@@ -41,14 +52,16 @@ def _logits32(x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tuple[Tensor, np.nda
 
 class _VPLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, input: Tensor, w: Tensor, b: Optional[Tensor], a: dict) -> Tensor:
+    def forward(
+        ctx: Any, input: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor, a: dict
+    ) -> Tensor:
         n, h = a["n"], input.shape[-1]
         h2 = input.reshape(n, h)
         stats = np.empty((n, 7), np.float64)
         for r0 in range(0, n, a["tile"]):
             r1 = min(n, r0 + a["tile"])
             _, z = _logits32(h2[r0:r1], w, b)
-            stats[r0:r1] = shard_stats(z, a["t"][r0:r1], **a["stat_kw"])
+            stats[r0:r1] = shard_stats(z, _tile_target(a, r0, r1), **a["stat_kw"])
         merged = a["all_reduce"](stats, a["group"]) if n else stats
         loss = loss_from_stats(
             merged,
@@ -58,7 +71,14 @@ class _VPLinear(torch.autograd.Function):
             normalizer=a["normalizer"],
             num_classes=a["stat_kw"]["num_classes"],
         )
+        # Backward reads a probability target again: an in-place change before backward fails
+        # loudly (its version counter is compared; not saved for backward, so that targets
+        # made under inference_mode work). Class indices were copied by the plan.
         ctx.save_for_backward(input, w, b)
+        ctx.target = target
+        ctx.target_version = (
+            None if a["probs"] is None or target.is_inference() else target._version
+        )
         ctx.a, ctx.merged = a, merged
         out = torch.from_numpy(np.asarray(loss, np.float64))
         return (out.reshape(a["lead"]) if a["reduction"] == "none" else out).to(input.dtype)
@@ -67,6 +87,11 @@ class _VPLinear(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, go: Tensor) -> Tuple[Optional[Tensor], ...]:
         input, w, b = ctx.saved_tensors
+        if ctx.target_version is not None and ctx.target._version != ctx.target_version:
+            raise RuntimeError(
+                "vocab_parallel_linear_cross_entropy: the probability target was modified in "
+                "place between the forward and the backward (the backward reads it again)"
+            )
         a, merged = ctx.a, ctx.merged
         n, h = a["n"], input.shape[-1]
         h2 = input.reshape(n, h)
@@ -87,7 +112,7 @@ class _VPLinear(torch.autograd.Function):
             zf, zn = _logits32(x, w, b)
             shard_grad(
                 zn,
-                a["t"][r0:r1],
+                _tile_target(a, r0, r1),
                 merged[r0:r1],
                 **a["stat_kw"],
                 z_loss=a["z_loss"],
@@ -103,7 +128,7 @@ class _VPLinear(torch.autograd.Function):
             if gb is not None:
                 gb += zf.sum(0)
         a["dist"].all_reduce(gh, op=a["dist"].ReduceOp.SUM, group=a["group"])
-        return (gh.reshape(input.shape), gw, None if gb is None else gb.to(b.dtype), None)
+        return (gh.reshape(input.shape), gw, None if gb is None else gb.to(b.dtype), None, None)
 
 
 @EXTRA
@@ -127,22 +152,57 @@ def vocab_parallel_linear_cross_entropy(
     split across the ranks of ``group``: ``linear_weight`` is this rank's (V_r, H) slice,
     rows ``[offset, offset + V_r)`` of the full (V, H) weight (by default the slices are in
     rank order, sizes gathered once), ``linear_bias`` its (V_r,) slice, ``weight`` (class
-    weights) this rank's slice or the full vector. ``input`` (..., H) and ``target`` (class
-    indices of shape input.shape[:-1]) are the same on every rank. The loss is the same on
-    every rank; backward gives each rank its weight (and bias) slice's gradient and the full
-    gradient of ``input`` (summed over the ranks by one all-reduce). Other keywords as
-    :func:`fastxent.torch.linear_cross_entropy`; probability targets are not supported."""
+    weights) this rank's slice or the full vector. ``input`` (..., H) is the same on every
+    rank; ``target`` is either class indices of shape input.shape[:-1] (an integer tensor,
+    the same on every rank) or probabilities: a float tensor of shape input.shape[:-1] +
+    (V_r,), this rank's columns ``[offset, offset + V_r)`` of the full (..., V) probability
+    target (the convention of :func:`fastxent.torch.vocab_parallel_cross_entropy`), read one
+    row tile at a time in the input's dtype, as the one-process function does. The loss is
+    the same on every rank; backward gives each rank its weight (and bias) slice's gradient
+    and the full gradient of ``input`` (summed over the ranks by one all-reduce). Other
+    keywords as :func:`fastxent.torch.linear_cross_entropy`; with probability targets
+    ``ignore_index`` is refused (ValueError, as there) and the target is not differentiated:
+    one that requires grad is refused (RuntimeError; detach it). The arguments' shapes and
+    dtypes, the target's included, are checked before any collective."""
     extra = EXTRA.bind("vocab_parallel_linear_cross_entropy", kw)
     sample_weight = extra["sample_weight"]
     from . import _torch_vocab as vocab  # the layout and the statistics' all-reduce
 
-    dist = vocab.torch_dist()
-    for name, t in (("input", input), ("linear_weight", linear_weight), ("target", target)):
-        if not isinstance(t, Tensor):
+    lb = linear_bias
+    for name, t in (
+        ("input", input),
+        ("linear_weight", linear_weight),
+        ("target", target),
+        ("linear_bias", lb),
+    ):
+        if t is not None and not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if target.is_floating_point():
-        raise TypeError("vocab_parallel_linear_cross_entropy takes class indices only")
-    v_local = int(linear_weight.shape[0]) if linear_weight.ndim == 2 else 0
+    # The tensors' shapes and dtypes and the target are checked before the first collective
+    # (the layout's all_gather): such a bad argument raises before any rank waits on it.
+    _linear.shape_checks(
+        tuple(input.shape),
+        _np_dt(input.dtype),
+        tuple(linear_weight.shape),
+        _np_dt(linear_weight.dtype),
+        None if lb is None else tuple(lb.shape),
+        None if lb is None else _np_dt(lb.dtype),
+    )
+    lead = tuple(input.shape[:-1])
+    v_local = int(linear_weight.shape[0])
+    probs = _target_kind(target, lead, v_local, ignore_index)
+    # Class weights, sample weights and a normalizer are not differentiated: one that
+    # requires grad raises (it would otherwise get grad None, a silently missing derivative).
+    for name, v in (
+        ("weight", weight),
+        ("sample_weight", sample_weight),
+        ("normalizer", extra.get("normalizer")),
+    ):
+        if isinstance(v, Tensor) and v.requires_grad and torch.is_grad_enabled():
+            raise RuntimeError(
+                f"vocab_parallel_linear_cross_entropy does not differentiate with respect to "
+                f"{name}; this input cannot have requires_grad=True (detach it)"
+            )
+    dist = vocab.torch_dist()
     off, V = vocab.vp_layout(v_local, group, offset, num_classes)
     cw = (
         None
@@ -164,8 +224,6 @@ def vocab_parallel_linear_cross_entropy(
     }
     # The shapes, dtypes and options are checked as for the one-process function, on this
     # rank's slice; class indices are checked against the whole vocabulary.
-    lb = linear_bias
-    lead = tuple(input.shape[:-1])
     plan = _linear.make_plan(
         tuple(input.shape),
         _np_dt(input.dtype),
@@ -173,21 +231,33 @@ def vocab_parallel_linear_cross_entropy(
         _np_dt(linear_weight.dtype),
         None if lb is None else tuple(lb.shape),
         None if lb is None else _np_dt(lb.dtype),
-        np.full(lead, ignore_index, np.int64),
-        lead,
-        False,
+        None if probs else np.full(lead, ignore_index, np.int64),
+        tuple(target.shape),
+        probs,
         reduction,
         opts,
         tile_rows,
         4,
     )
-    tgt = _linear.class_targets(target.detach().numpy(), plan.lead, V, ignore_index)
+    tgt = None
+    if not probs:  # a copy (N integers): the backward never sees a later in-place change
+        tgt = np.array(_linear.class_targets(target.detach().numpy(), lead, V, ignore_index))
+    pt = None
+    if probs:  # rows of the probabilities, sliced per tile (_tile_target)
+        pt = target.detach()
+        if pt.ndim != 2:
+            try:
+                pt = pt.view(plan.n, v_local)
+            except RuntimeError:  # not viewable as rows: gathered per tile instead
+                pass
     cdt = np.float64 if input.dtype == torch.float64 else np.float32
     a = {
         "n": plan.n,
         "lead": plan.lead,
         "tile": plan.tile,
         "t": tgt,
+        "probs": pt,
+        "dtype": input.dtype,
         "group": group,
         "dist": dist,
         "all_reduce": vocab.all_reduce_stats,
@@ -209,9 +279,64 @@ def vocab_parallel_linear_cross_entropy(
     if torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (input, linear_weight, lb)
     ):
-        return _VPLinear.apply(input, linear_weight, lb, a)
+        return _VPLinear.apply(input, linear_weight, lb, target, a)
     with torch.no_grad():
-        return _VPLinear.forward(_NoCtx(), input, linear_weight, lb, a)
+        return _VPLinear.forward(_NoCtx(), input, linear_weight, lb, target, a)
+
+
+def _target_kind(target: Tensor, lead: Tuple[int, ...], v_local: int, ignore_index: int) -> bool:
+    """True for probability targets, False for class indices; checks the target's dtype and
+    shape (class indices: lead; probabilities: lead + (V_r,), this rank's columns) and what
+    probability targets exclude, before anything is computed or exchanged."""
+    shape, pshape = tuple(target.shape), lead + (v_local,)
+    if target.is_floating_point():
+        if shape != pshape:
+            raise ValueError(
+                f"probability target has shape {shape}, expected {pshape} (input.shape[:-1] + "
+                f"(V_r,): this rank's columns of the probabilities)"
+                + (" (class indices must be an integer tensor)" if shape == lead else "")
+            )
+        if ignore_index != -100:
+            raise ValueError(
+                "ignore_index applies to class-index targets only; probability "
+                "targets weight rows with sample_weight instead"
+            )
+        if target.requires_grad and torch.is_grad_enabled():
+            raise RuntimeError(
+                "vocab_parallel_linear_cross_entropy does not differentiate with respect to "
+                "a probability target; this input cannot have requires_grad=True (detach it)"
+            )
+        return True
+    if target.is_complex() or target.dtype == torch.bool:
+        raise TypeError(
+            f"target must hold integer class indices (shape {lead}) or float class "
+            f"probabilities (shape {pshape}), got dtype {target.dtype}"
+        )
+    if shape != lead:
+        raise ValueError(
+            f"target has shape {shape}, expected {lead} (class indices: input.shape[:-1])"
+            + (" (probability targets must be a float tensor)" if shape == pshape else "")
+        )
+    return False
+
+
+def _tile_target(a: dict, r0: int, r1: int) -> np.ndarray:
+    """The target of rows [r0, r1) for the kernel: class indices, or the probabilities in the
+    input's dtype (the one-process function's conversion), 16-bit ones in float32 (the
+    tile's logits are float32 there); a copy of the tile's rows at most."""
+    p = a["probs"]
+    if p is None:
+        return a["t"][r0:r1]
+    if p.ndim == 2:
+        rows = p[r0:r1]
+    else:  # a target not viewable as (N, V_r): this tile's rows gathered
+        idx = np.unravel_index(np.arange(r0, r1), a["lead"])
+        rows = p[tuple(torch.from_numpy(i) for i in idx)]
+    if rows.dtype != a["dtype"]:
+        rows = rows.to(a["dtype"])
+    if rows.dtype in (torch.float16, torch.bfloat16):
+        rows = rows.float()
+    return rows.resolve_neg().numpy()
 
 
 class _NoCtx:
