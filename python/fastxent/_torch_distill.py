@@ -14,7 +14,6 @@ import torch
 from torch import Tensor, nn
 
 from . import _distill
-from ._options import reduction_code, threads
 from ._torch_common import (
     all_ones,
     autocast_loss_dtype,
@@ -129,46 +128,29 @@ def reference_loss(student: Tensor, teacher: Tensor, spec: _Spec) -> Tensor:
     return torch.where(den == 0, 0.0, total / torch.where(den == 0, 1.0, den))
 
 
+def _torch_logits(v: Tensor, name: str) -> Tensor:
+    return _distill.check_logits(v, name, v.dtype in _FLOATS)
+
+
+def _torch_rows(v: Any, name: str) -> Tuple[Tensor, str]:
+    a = v if isinstance(v, Tensor) else torch.as_tensor(np.asarray(v))
+    if a.dtype == torch.bool:
+        return a, "b"
+    return a, "f" if a.is_floating_point() else "c" if a.is_complex() else "i"
+
+
+def _check_row_arrays(
+    rows: Tuple[int, ...], labels: Any, ignore_index: Any, mask: Any, sample_weight: Any
+) -> None:
+    _distill.check_row_arrays(rows, labels, ignore_index, mask, sample_weight, _torch_rows)
+
+
 def _check_nodata(student: Any, teacher: Any, spec: _Spec) -> None:
     """The NumPy layer's checks that need no tensor values (dtypes, shapes, options), for the
     paths that cannot read them (torch.func transforms, torch.compile, fake tensors)."""
-    s, t, kw = student, teacher, spec.kw
-    if s.dtype not in _FLOATS:
-        raise TypeError(f"student must be float32, float64, float16 or bfloat16, got {s.dtype}")
-    if t.dtype != s.dtype:
-        raise TypeError(f"teacher has dtype {t.dtype}, expected the student's {s.dtype}")
-    if s.ndim == 0:
-        raise ValueError("student must have at least one dimension (the class axis)")
-    if tuple(t.shape) != tuple(s.shape):
-        raise ValueError(
-            f"teacher has shape {tuple(t.shape)}, expected the student's {tuple(s.shape)}"
-        )
-    if s.shape[-1] == 0:
-        raise ValueError("the class axis has no classes (C = 0)")
-    tau = _distill._real(kw["temperature"], "temperature")
-    if not (tau > 0 and math.isfinite(tau)):
-        raise ValueError(f"temperature must be finite and > 0, got {kw['temperature']!r}")
-    reduction_code(kw["reduction"])
-    threads(kw["num_threads"])
-    rows = tuple(s.shape[:-1])
-    for name in ("sample_weight", "labels", "mask"):
-        v = kw[name]
-        if v is None:
-            continue
-        v = v if isinstance(v, Tensor) else torch.as_tensor(np.asarray(v))
-        if name == "sample_weight" and (v.is_complex() or v.dtype == torch.bool):
-            raise TypeError(f"sample_weight must be numeric, got dtype {v.dtype}")
-        if name == "labels" and (v.is_floating_point() or v.is_complex() or v.dtype == torch.bool):
-            raise TypeError(f"labels must be integers, got dtype {v.dtype}")
-        if name == "mask" and v.dtype != torch.bool:
-            raise TypeError(f"mask must be boolean (True: the row counts), got dtype {v.dtype}")
-        if tuple(v.shape) != rows:
-            raise ValueError(f"{name} has shape {tuple(v.shape)}, expected {rows} (one per row)")
-    if kw["labels"] is not None:
-        try:
-            operator.index(kw["ignore_index"])
-        except TypeError:
-            raise TypeError("ignore_index must be an integer") from None
+    _distill.check_distill_args(
+        student, teacher, spec.kw, as_logits=_torch_logits, row_weight=_check_row_arrays
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -649,16 +631,8 @@ class _DistillLoss(nn.Module):
 
 
 def _check_module_options(spec: _Spec) -> None:
-    kw = spec.kw
-    tau = _distill._real(kw["temperature"], "temperature")
-    if not (tau > 0 and math.isfinite(tau)):
-        raise ValueError(f"temperature must be finite and > 0, got {kw['temperature']!r}")
-    reduction_code(kw["reduction"])
-    threads(kw["num_threads"])
-    try:
-        operator.index(kw["ignore_index"])
-    except TypeError:
-        raise TypeError("ignore_index must be an integer") from None
+    _distill.check_options(spec.kw)
+    _distill._ignore_index(spec.kw["ignore_index"])
 
 
 class KLDivWithLogitsLoss(_DistillLoss):
