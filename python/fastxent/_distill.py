@@ -27,6 +27,10 @@ __all__ = [
 
 _DIRECTIONS = {"forward": 0, "reverse": 1}
 
+# The temperatures accepted: T**2 (the loss's factor) and 1 / T (the logits' scale, float32
+# included) stay finite, with room, across this range.
+TEMPERATURE_RANGE = (1e-30, 1e30)
+
 # What a row array may hold, as NumPy dtype kinds ('f' for every floating type, 16-bit
 # included), and the TypeError otherwise.
 _ROW_KINDS = {
@@ -64,6 +68,11 @@ def _temperature(temperature: Any, real: ScalarReader = _real) -> float:
     tau = real(temperature, "temperature")
     if not (tau > 0 and math.isfinite(tau)):
         raise ValueError(f"temperature must be finite and > 0, got {temperature!r}")
+    if not (TEMPERATURE_RANGE[0] <= tau <= TEMPERATURE_RANGE[1]):
+        raise ValueError(
+            "temperature must be in [1e-30, 1e30] (T**2 and 1/T must stay finite), "
+            f"got {temperature!r}"
+        )
     return tau
 
 
@@ -291,9 +300,10 @@ _PARAMS = """
         Logits (float32, float64, float16 or bfloat16; 16-bit rows are computed in float32),
         classes on the last axis; every leading position is a row. NumPy arrays, or CPU
         tensors through DLPack (PyTorch, JAX), read without a copy.
-    temperature : float > 0
+    temperature : float in [1e-30, 1e30]
         Both distributions are softmax(logits / temperature); the row loss is multiplied by
         ``temperature**2`` (Hinton et al.), so gradient magnitudes do not shrink with it.
+        Outside the range ``temperature**2`` or ``1 / temperature`` would overflow.
     reduction : {"mean", "sum", "none"}
         "mean" divides the sum of the row losses by the number of counted rows (the sum of
         the row weights): PyTorch's ``reduction="batchmean"`` for ``F.kl_div``, and Liger-Kernel's
@@ -338,9 +348,9 @@ _EDGES = """
         for logits that are not floating point, mismatched dtypes, labels that are not integers,
         a mask that is not boolean, or a non-numeric temperature / beta.
     ValueError
-        for mismatched shapes, C = 0, a temperature that is not finite and > 0, beta outside
-        [0, 1], an unknown direction or reduction, bad row arrays, and bad ``out=``. On any
-        error nothing is written.
+        for mismatched shapes, C = 0, a temperature outside [1e-30, 1e30] (NaN, inf and
+        <= 0 included), beta outside [0, 1], an unknown direction or reduction, bad row
+        arrays, and bad ``out=``. On any error nothing is written.
 """
 
 
