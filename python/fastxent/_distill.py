@@ -434,10 +434,10 @@ _KL_DOC = """KL divergence between the teacher's and the student's softmax, from
         direction="forward":  loss_n = T**2 * sum_c q_c (log q_c - log p_c)   # KL(q || p)
         direction="reverse":  loss_n = T**2 * sum_c p_c (log p_c - log q_c)   # KL(p || q)
 
-    times the row weight. "forward" is ``F.kl_div(F.log_softmax(student / T),
-    F.log_softmax(teacher / T), log_target=True, reduction="batchmean") * T**2``. The logits
-    are read once each for the loss; no rows x C temporary is made (16-bit rows go through
-    per-thread row buffers).
+    times the row weight. For a 2-D (N, C) input with no row weighted, "forward" is
+    ``F.kl_div(F.log_softmax(student / T, dim=-1), F.log_softmax(teacher / T, dim=-1),
+    log_target=True, reduction="batchmean") * T**2``. The logits are read once each for the
+    loss; no rows x C temporary is made (16-bit rows go through per-thread row buffers).
 
     Gradients (before the reduction's scale and the row weight)::
 
