@@ -230,19 +230,27 @@ def _run(
     teacher_grad: bool,
     out: Any,
     teacher_out: Any,
+    student_grad: bool = True,
 ):
+    """The public functions' call: the loss, or with want_grad (loss, grad_student) /
+    (loss, grad_student, grad_teacher). student_grad=False (fastxent.torch's, with
+    teacher_grad=True and no out=) has the kernel skip the student's gradient: None in its
+    place."""
     s, t, tau, red, nt, rows, rw = check_distill_args(student, teacher, kw)
     hk = half_kind(s.dtype)
     gs = gt = None
     if want_grad:
-        gs = np.empty(s.shape, s.dtype) if out is None else check_out(out, s, [("teacher", t)])
+        if student_grad:
+            gs = np.empty(s.shape, s.dtype) if out is None else check_out(out, s, [("teacher", t)])
+        elif out is not None or not teacher_grad:
+            raise ValueError("student_grad=False goes with teacher_grad=True and no out=")
         if teacher_grad:
             gt = (
                 np.empty(t.shape, t.dtype)
                 if teacher_out is None
                 else check_out(teacher_out, t, [("student", s)])
             )
-            if gs is gt or np.shares_memory(gs, gt):
+            if gs is not None and (gs is gt or np.shares_memory(gs, gt)):
                 raise ValueError("out and teacher_out overlap")
             if gt is not t and np.shares_memory(gt, s):
                 raise ValueError("teacher_out overlaps the student logits")

@@ -167,16 +167,19 @@ def _tensor(a: Optional[np.ndarray]) -> Optional[Tensor]:
 
 
 def _kernel(
-    student: Tensor, teacher: Tensor, spec: _Spec, want_grad: bool, teacher_grad: bool
+    student: Tensor, teacher: Tensor, spec: _Spec, want_s: bool, want_t: bool
 ) -> Tuple[Any, Optional[Tensor], Optional[Tensor]]:
     """(loss as NumPy, student gradient, teacher gradient) from fastxent's NumPy layer, which
-    checks everything before writing and reads the tensors through DLPack without a copy."""
+    checks everything before writing and reads the tensors through DLPack without a copy.
+    The kernel computes only the gradients asked for (None for the others): either, both or
+    neither (the loss alone)."""
+    want = want_s or want_t
     res = _distill._run(
-        student, teacher, spec.divergence, spec.beta, spec.kw, want_grad, teacher_grad, None, None
+        student, teacher, spec.divergence, spec.beta, spec.kw, want, want_t, None, None, want_s
     )
-    if not want_grad:
+    if not want:
         return res, None, None
-    if teacher_grad:
+    if want_t:
         loss, gs, gt = res
         return loss, _tensor(gs), _tensor(gt)
     loss, gs = res
@@ -217,7 +220,8 @@ def _scaled(ctx: Any, name: str, go: Tensor) -> Tensor:
     g = getattr(ctx, name)
     if g is None:
         student, teacher = ctx.saved_tensors
-        _, ctx.gs, ctx.gt = _kernel(student, teacher, ctx.spec, True, ctx.teacher_grad)
+        want_s, want_t = ctx.want_s or name == "gs", ctx.want_t or name == "gt"
+        _, ctx.gs, ctx.gt = _kernel(student, teacher, ctx.spec, want_s, want_t)
         g = getattr(ctx, name)
     if ctx.spec.kw["reduction"] == "none":
         go = go.unsqueeze(-1)  # the gradient is that of the sum of the rows; rows are separate
@@ -228,18 +232,20 @@ def _scaled(ctx: Any, name: str, go: Tensor) -> Tensor:
 
 
 class _FusedDistill(torch.autograd.Function):
-    """Forward: loss and gradient(s) from one call of the fused kernel. Backward: the
-    gradients times grad_output; under create_graph=True, the vector-Jacobian product of
-    reference_loss (differentiable). jvp: <gradient, tangent> (per row for "none")."""
+    """Forward: loss and the gradient(s) autograd needs (the student's, the teacher's or
+    both) from one call of the fused kernel. Backward: the gradients times grad_output;
+    under create_graph=True, the vector-Jacobian product of reference_loss
+    (differentiable). jvp: <gradient, tangent> (per row for "none")."""
 
     @staticmethod
     def forward(
-        ctx, student: Tensor, teacher: Tensor, spec: _Spec, teacher_grad: bool, fwd: bool
+        ctx, student: Tensor, teacher: Tensor, spec: _Spec, want_s: bool, want_t: bool, fwd: bool
     ) -> Tensor:
-        loss, ctx.gs, ctx.gt = _kernel(student, teacher, spec, True, teacher_grad)
-        ctx.spec, ctx.teacher_grad = spec, teacher_grad
+        loss, ctx.gs, ctx.gt = _kernel(student, teacher, spec, want_s, want_t)
+        ctx.spec, ctx.want_s, ctx.want_t = spec, want_s, want_t
+        ctx.rows = tuple(student.shape[:-1])
         ctx.save_for_backward(student, teacher)
-        if fwd:  # forward mode: jvp may need the teacher's gradient after all (see there)
+        if fwd:  # forward mode: jvp may need a gradient not computed here after all (see there)
             ctx.fwd = (student.detach(), teacher.detach())
         ctx.loss_dtype = autocast_loss_dtype(student)
         return loss_tensor(loss, ctx.loss_dtype)
@@ -250,10 +256,10 @@ class _FusedDistill(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: differentiable gradients
             student, teacher = ctx.saved_tensors
             gs, gt = _reference_vjp(student, teacher, ctx.spec, grad_output, need)
-            return gs, gt, None, None, None
+            return gs, gt, None, None, None, None
         gs = _scaled(ctx, "gs", grad_output) if need[0] else None
         gt = _scaled(ctx, "gt", grad_output) if need[1] else None
-        return gs, gt, None, None, None
+        return gs, gt, None, None, None, None
 
     @staticmethod
     def jvp(ctx, s_t: Optional[Tensor], t_t: Optional[Tensor], *_: Any) -> Tensor:
@@ -261,8 +267,8 @@ class _FusedDistill(torch.autograd.Function):
         out: Optional[Tensor] = None
         for g, tan, name in ((ctx.gs, s_t, "gs"), (ctx.gt, t_t, "gt")):
             # A tensor without a tangent of its own gets a zero one (an efficient zero tensor,
-            # or materialised): skipped. Any other tangent of the teacher gets the teacher's
-            # gradient, computed now if the forward pass did not.
+            # or materialised): skipped. Any other tangent gets its tensor's gradient,
+            # computed now if the forward pass did not.
             if tan is None or tan._is_zerotensor():
                 continue
             if g is None:
@@ -274,7 +280,7 @@ class _FusedDistill(torch.autograd.Function):
             e = e.sum(-1) if none else e.sum()
             out = e if out is None else out + e
         if out is None:  # every tangent is zero
-            shape = tuple(ctx.gs.shape[:-1]) if none else ()
+            shape = ctx.rows if none else ()
             out = torch.zeros(shape, dtype=ctx.loss_dtype)
         return out.to(ctx.loss_dtype)
 
@@ -294,7 +300,7 @@ def _op_distill(
     temperature: float,
     reduction: str,
     num_threads: Optional[int],
-    want_grad: bool,
+    student_grad: bool,
     teacher_grad: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """(loss, student gradient, teacher gradient) by the fused kernel; a gradient not asked
@@ -308,7 +314,7 @@ def _op_distill(
         num_threads=num_threads,
     )
     spec = _Spec(divergence, beta, kw)
-    loss, gs, gt = _kernel(student, teacher, spec, want_grad, want_grad and teacher_grad)
+    loss, gs, gt = _kernel(student, teacher, spec, student_grad, teacher_grad)
     empty = student.new_empty((0,))
     return (
         loss_tensor(loss, student.dtype),
@@ -318,10 +324,10 @@ def _op_distill(
 
 
 @_op_distill.register_fake
-def _(student, teacher, row_weight, divergence, beta, temperature, reduction, nt, wg, tg):
+def _(student, teacher, row_weight, divergence, beta, temperature, reduction, nt, sg, tg):
     loss = student.new_empty(tuple(student.shape[:-1]) if reduction == "none" else ())
-    gs = student.new_empty(student.shape) if wg else student.new_empty((0,))
-    gt = student.new_empty(student.shape) if (wg and tg) else student.new_empty((0,))
+    gs = student.new_empty(student.shape) if sg else student.new_empty((0,))
+    gt = student.new_empty(student.shape) if tg else student.new_empty((0,))
     return loss, gs, gt
 
 
@@ -354,8 +360,8 @@ def _op_loss(student: Tensor, teacher: Tensor, spec: _Spec) -> Tensor:
     _check_nodata(student, teacher, spec)
     kw = spec.kw
     grad_mode = torch.is_grad_enabled()
+    want_s = student.requires_grad and grad_mode
     want_t = teacher.requires_grad and grad_mode
-    want = (student.requires_grad and grad_mode) or want_t
     rw = _row_weight(student, kw, torch.float64)
     nt = kw["num_threads"]
     loss, _, _ = _op_distill(
@@ -367,7 +373,7 @@ def _op_loss(student: Tensor, teacher: Tensor, spec: _Spec) -> Tensor:
         float(kw["temperature"]),
         kw["reduction"],
         None if nt is None else operator.index(nt),
-        want,
+        want_s,
         want_t,
     )
     return loss.to(autocast_loss_dtype(student))
@@ -409,7 +415,7 @@ def _distill_loss(student: Any, teacher: Any, spec: _Spec) -> Tensor:
         loss, _, _ = _kernel(student, teacher, spec, False, False)
         return loss_tensor(loss, autocast_loss_dtype(student))
     fwd = has_tangent(student) or has_tangent(teacher)
-    return _FusedDistill.apply(student, teacher, spec, t_want, fwd)
+    return _FusedDistill.apply(student, teacher, spec, s_want, t_want, fwd)
 
 
 def _spec_kw(
@@ -469,10 +475,11 @@ def jsd_with_logits(
 _COMMON_DOC = """
     The loss and its gradient(s) come out of one call of fastxent's fused CPU kernel
     (:func:`fastxent.{np_name}_with_grad`, reading the tensors in place) whenever a gradient
-    is wanted: with respect to ``student`` when it requires grad, and with respect to
-    ``teacher`` only when the teacher requires grad too (the usual detached teacher costs no
-    teacher gradient). Backward multiplies the saved gradient(s) by ``grad_output`` (per row
-    for "none"). Without a gradient only the loss is computed.
+    is wanted, and only the gradients autograd needs: with respect to ``student`` when it
+    requires grad, with respect to ``teacher`` when it does (the usual detached teacher costs
+    no teacher gradient, a detached student no student gradient). Backward multiplies the
+    saved gradient(s) by ``grad_output`` (per row for "none"). Without a gradient only the
+    loss is computed.
 
     Parameters
     ----------
