@@ -357,6 +357,10 @@ BAD_CALLS = [
     (dict(temperature=float("nan")), ValueError, "temperature"),
     (dict(temperature="2"), TypeError, "temperature"),
     (dict(temperature=True), TypeError, "temperature"),
+    (dict(temperature=1.01e30), ValueError, r"temperature must be in \[1e-30, 1e30\]"),
+    (dict(temperature=1e200), ValueError, r"temperature must be in \[1e-30, 1e30\]"),
+    (dict(temperature=0.99e-30), ValueError, r"temperature must be in \[1e-30, 1e30\]"),
+    (dict(temperature=1e-40), ValueError, r"temperature must be in \[1e-30, 1e30\]"),
     (dict(reduction="batchmean"), ValueError, "reduction"),
     (dict(labels=np.zeros(3)), TypeError, "labels"),
     (dict(labels=np.zeros(2, int)), ValueError, "labels"),
@@ -386,6 +390,20 @@ def test_bad_arguments_touch_nothing(kind, kw, exc, match):
     assert_bitwise_equal(s, s0)
     assert_bitwise_equal(t, t0)
     assert np.all(out == 7.0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_temperature_range_ends_accepted(rng, kind, dtype):
+    # The ends of [1e-30, 1e30] are accepted (T**2 = 1e60 and 1 / T = 1e30 are finite in
+    # double and float), with finite results. Not the JSD at T = 1e30: the rounding error of
+    # its divergence (the mixture's log-probabilities), times T**2, reaches -inf in float32
+    # (a precision limit of huge temperatures, not an overflow of T**2 or 1 / T).
+    s = (3 * rng.standard_normal((4, 7))).astype(dtype)
+    t = (3 * rng.standard_normal((4, 7))).astype(dtype)
+    for T in (1e-30,) if kind == "jsd" else (1e-30, 1e30):
+        loss, gs, gt = call(kind, s, t, True, temperature=T, teacher_grad=True)
+        assert np.isfinite(loss) and np.all(np.isfinite(gs)) and np.all(np.isfinite(gt))
 
 
 def test_bad_logits_and_outputs():

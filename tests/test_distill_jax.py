@@ -437,6 +437,9 @@ def test_errors(rng):
             kl(s, t, temperature=bad)
     with pytest.raises(TypeError, match="temperature"):
         kl(s, t, temperature="2")
+    for bad in (1e-31, 1e31):
+        with pytest.raises(ValueError, match=r"temperature must be in \[1e-30, 1e30\]"):
+            jsd(s, t, temperature=bad)
     with pytest.raises(TypeError, match="static"):
         jax.jit(lambda s, t, T: kl(s, t, temperature=T))(s, t, 2.0)
     for bad in (-0.1, 1.5, float("nan")):

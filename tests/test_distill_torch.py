@@ -398,6 +398,9 @@ def test_errors():
             fxt.kl_div_with_logits(s, t, temperature=bad)
     with pytest.raises(TypeError, match="temperature"):
         fxt.kl_div_with_logits(s, t, temperature="2")
+    for bad in (1e-31, 1e31):
+        with pytest.raises(ValueError, match=r"temperature must be in \[1e-30, 1e30\]"):
+            fxt.jsd_with_logits(s, t, temperature=bad)
     for bad in (-0.1, 1.5, float("nan")):
         with pytest.raises(ValueError, match="beta"):
             fxt.jsd_with_logits(s, t, beta=bad)
@@ -420,6 +423,10 @@ def test_errors():
         torch.func.grad(lambda a: fxt.kl_div_with_logits(a, t[:, :4]))(s)
     with pytest.raises(ValueError, match="temperature"):
         torch.func.grad(lambda a: fxt.kl_div_with_logits(a, t, temperature=-1.0))(s)
+    with pytest.raises(ValueError, match=r"temperature must be in \[1e-30, 1e30\]"):
+        torch.func.grad(lambda a: fxt.kl_div_with_logits(a, t, temperature=1e31))(s)
+    with pytest.raises(ValueError, match=r"temperature must be in \[1e-30, 1e30\]"):
+        fxt.JSDWithLogitsLoss(temperature=1e-31)
 
 
 def test_no_buffer_written_on_error():
@@ -450,6 +457,53 @@ def test_teacher_only_gradient():
     torch_reference(s, t2, "jsd", 0.7, reduction="sum").backward()
     assert s.grad is None
     assert max_rel(t.grad, t2.grad) < 2e-14  # as test_matches_pytorch's float64 gradients
+
+
+@pytest.mark.parametrize("kind,beta", [("forward", None), ("reverse", None), ("jsd", 0.3)])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_only_the_needed_gradients(monkeypatch, kind, beta, reduction):
+    """The kernel is asked for the gradients autograd needs and no other (student only,
+    teacher only, both, neither under no_grad), and the loss and gradients are bitwise those
+    of one NumPy call computing both."""
+    asked = []
+    distill = _distill._core.distill
+
+    def spy(*args):
+        asked.append((args[9] is not None, args[10] is not None))  # grad_student, grad_teacher
+        return distill(*args)
+
+    s0, t0, _ = inputs((3, 4, 6), torch.float64, seed=5)
+    np_kw = dict(beta=beta) if kind == "jsd" else dict(direction=kind)
+    np_fn = (
+        _distill.jsd_with_logits_with_grad
+        if kind == "jsd"
+        else _distill.kl_div_with_logits_with_grad
+    )
+    want_loss, want_gs, want_gt = np_fn(
+        s0.numpy(), t0.numpy(), teacher_grad=True, reduction=reduction, temperature=1.5, **np_kw
+    )
+    monkeypatch.setattr(_distill._core, "distill", spy)
+    for s_req, t_req, grad_mode in [
+        (True, False, True),
+        (False, True, True),
+        (True, True, True),
+        (True, True, False),
+    ]:
+        asked.clear()
+        s = s0.clone().requires_grad_(s_req)
+        t = t0.clone().requires_grad_(t_req)
+        with torch.set_grad_enabled(grad_mode):
+            loss = call(kind, beta, s, t, reduction=reduction, temperature=1.5)
+        assert asked == [(s_req and grad_mode, t_req and grad_mode)]
+        assert torch.equal(loss.detach(), torch.from_numpy(np.asarray(want_loss)))
+        if grad_mode:
+            loss.sum().backward()
+        assert asked == [(s_req and grad_mode, t_req and grad_mode)]  # backward: no new call
+        for x, req, want in ((s, s_req, want_gs), (t, t_req, want_gt)):
+            if req and grad_mode:
+                assert torch.equal(x.grad, torch.from_numpy(want))
+            else:
+                assert x.grad is None
 
 
 def test_docstring_examples():

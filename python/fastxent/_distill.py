@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import Any, Optional, Tuple
+from typing import Any, Callable, NamedTuple, Optional, Tuple
 
 import numpy as np
 
@@ -27,10 +27,28 @@ __all__ = [
 
 _DIRECTIONS = {"forward": 0, "reverse": 1}
 
+# The temperatures accepted: T**2 (the loss's factor) and 1 / T (the logits' scale, float32
+# included) stay finite, with room, across this range.
+TEMPERATURE_RANGE = (1e-30, 1e30)
+
+# What a row array may hold, as NumPy dtype kinds ('f' for every floating type, 16-bit
+# included), and the TypeError otherwise.
+_ROW_KINDS = {
+    "sample_weight": ("fiu", "sample_weight must be numeric, got dtype {}"),
+    "labels": ("iu", "labels must be integers, got dtype {}"),
+    "mask": ("b", "mask must be boolean (True: the row counts), got dtype {}"),
+}
+
 
 def _as_logits(v: Any, name: str) -> np.ndarray:
     x = to_numpy(v, name)
-    if x.dtype not in FLOAT_DTYPES and half_kind(x.dtype) is None:
+    return check_logits(x, name, x.dtype in FLOAT_DTYPES or half_kind(x.dtype) is not None)
+
+
+def check_logits(x: Any, name: str, floating: bool) -> Any:
+    """x itself when it can be logits (floating: whether its dtype is float32, float64,
+    float16 or bfloat16 in the front end's terms, with at least one dimension)."""
+    if not floating:
         raise TypeError(f"{name} must be float32, float64, float16 or bfloat16, got {x.dtype}")
     if x.ndim == 0:
         raise ValueError(f"{name} must have at least one dimension (the class axis)")
@@ -43,42 +61,163 @@ def _real(v: Any, name: str) -> float:
     return float(v)
 
 
+ScalarReader = Callable[[Any, str], float]
+
+
+def _temperature(temperature: Any, real: ScalarReader = _real) -> float:
+    tau = real(temperature, "temperature")
+    if not (tau > 0 and math.isfinite(tau)):
+        raise ValueError(f"temperature must be finite and > 0, got {temperature!r}")
+    if not (TEMPERATURE_RANGE[0] <= tau <= TEMPERATURE_RANGE[1]):
+        raise ValueError(
+            "temperature must be in [1e-30, 1e30] (T**2 and 1/T must stay finite), "
+            f"got {temperature!r}"
+        )
+    return tau
+
+
+def _direction(direction: Any) -> int:
+    if not isinstance(direction, str) or direction not in _DIRECTIONS:
+        raise ValueError(f"direction must be 'forward' or 'reverse', got {direction!r}")
+    return _DIRECTIONS[direction]
+
+
+def _beta(beta: Any, real: ScalarReader = _real) -> float:
+    b = real(beta, "beta")
+    if not (0.0 <= b <= 1.0):
+        raise ValueError(f"beta must be in [0, 1], got {beta!r}")
+    return b
+
+
+def _ignore_index(ignore_index: Any) -> int:
+    try:
+        return operator.index(ignore_index)
+    except TypeError:
+        raise TypeError("ignore_index must be an integer") from None
+
+
+class Options(NamedTuple):
+    """The scalar options of one call, checked: temperature, the kernel's reduction code and
+    thread count."""
+
+    temperature: float
+    reduction: int
+    num_threads: int
+
+
+def check_options(kw: dict, real: ScalarReader = _real) -> Options:
+    """temperature, reduction and num_threads of kw (real: how a scalar is read, e.g. JAX's
+    refusal of a traced value)."""
+    return Options(
+        _temperature(kw["temperature"], real),
+        reduction_code(kw["reduction"]),
+        threads(kw["num_threads"]),
+    )
+
+
+class RowArrays(NamedTuple):
+    """The row arrays of one call, checked (None where not given); ignore_index is an int
+    when labels are given."""
+
+    sample_weight: Any
+    labels: Any
+    ignore_index: Any
+    mask: Any
+
+
+def check_row_arrays(
+    rows: Tuple[int, ...],
+    labels: Any,
+    ignore_index: Any,
+    mask: Any,
+    sample_weight: Any,
+    convert: Callable[[Any, str], Tuple[Any, str]],
+) -> RowArrays:
+    """Dtypes and shapes of sample_weight, labels and mask (one value per row), and
+    ignore_index with labels. convert(v, name) gives the front end's array and its dtype's
+    kind as a NumPy kind character ('f' for any floating type, 16-bit included)."""
+    got = {"sample_weight": sample_weight, "labels": labels, "mask": mask}
+    for name, v in got.items():
+        if v is None:
+            continue
+        a, kind = convert(v, name)
+        ok, msg = _ROW_KINDS[name]
+        if kind not in ok:
+            raise TypeError(msg.format(a.dtype))
+        if tuple(a.shape) != rows:
+            raise ValueError(f"{name} has shape {tuple(a.shape)}, expected {rows} (one per row)")
+        got[name] = a
+    ii = _ignore_index(ignore_index) if labels is not None else ignore_index
+    return RowArrays(got["sample_weight"], got["labels"], ii, got["mask"])
+
+
+def _numpy_rows(v: Any, name: str) -> Tuple[np.ndarray, str]:
+    a = to_numpy(v, name)
+    return a, "f" if half_kind(a.dtype) is not None else a.dtype.kind
+
+
 def _row_weight(
     rows: Tuple[int, ...], labels: Any, ignore_index: Any, mask: Any, sample_weight: Any
 ) -> Optional[np.ndarray]:
     """The per-row weights (float64, flat) from labels / ignore_index, mask and sample_weight,
     or None when none of them is given."""
+    r = check_row_arrays(rows, labels, ignore_index, mask, sample_weight, _numpy_rows)
     w: Optional[np.ndarray] = None
-    if sample_weight is not None:
-        sw = to_numpy(sample_weight, "sample_weight")
-        if sw.dtype.kind not in "fiu" and half_kind(sw.dtype) is None:
-            raise TypeError(f"sample_weight must be numeric, got dtype {sw.dtype}")
-        if sw.shape != rows:
-            raise ValueError(f"sample_weight has shape {sw.shape}, expected {rows} (one per row)")
-        w = np.array(sw, dtype=np.float64).reshape(-1)
+    if r.sample_weight is not None:
+        w = np.array(r.sample_weight, dtype=np.float64).reshape(-1)
         if not np.all(np.isfinite(w)) or np.any(w < 0):
             raise ValueError("sample_weight must be finite and >= 0")
-    if labels is not None:
-        lab = to_numpy(labels, "labels")
-        if lab.dtype.kind not in "iu":
-            raise TypeError(f"labels must be integers, got dtype {lab.dtype}")
-        if lab.shape != rows:
-            raise ValueError(f"labels has shape {lab.shape}, expected {rows} (one per row)")
-        try:
-            ii = operator.index(ignore_index)
-        except TypeError:
-            raise TypeError("ignore_index must be an integer") from None
-        keep = (lab != ii).reshape(-1)
+    if r.labels is not None:
+        keep = (r.labels != r.ignore_index).reshape(-1)
         w = keep.astype(np.float64) if w is None else w * keep
-    if mask is not None:
-        m = to_numpy(mask, "mask")
-        if m.dtype != np.bool_:
-            raise TypeError(f"mask must be boolean (True: the row counts), got dtype {m.dtype}")
-        if m.shape != rows:
-            raise ValueError(f"mask has shape {m.shape}, expected {rows} (one per row)")
-        keep = m.reshape(-1)
+    if r.mask is not None:
+        keep = r.mask.reshape(-1)
         w = keep.astype(np.float64) if w is None else w * keep
     return w
+
+
+class DistillArgs(NamedTuple):
+    """One call's arguments, checked: the logits (as the front end's arrays), the scalar
+    options, the rows' shape and the front end's row weights (None for none)."""
+
+    student: Any
+    teacher: Any
+    temperature: float
+    reduction: int
+    num_threads: int
+    rows: Tuple[int, ...]
+    row_weight: Any
+
+
+def check_distill_args(
+    student: Any,
+    teacher: Any,
+    kw: dict,
+    *,
+    as_logits: Callable[[Any, str], Any] = _as_logits,
+    real: ScalarReader = _real,
+    row_weight: Callable[..., Any] = _row_weight,
+) -> DistillArgs:
+    """Every check of a distillation call but direction / beta (the public functions') and
+    out= (the NumPy _with_grad form's), in one order for every front end. kw: the keywords
+    of _COMMON. The front end says how to read logits (as_logits(v, name): its array, checked
+    with check_logits), scalars (real(v, name), as _real) and the row arrays
+    (row_weight(rows, labels, ignore_index, mask, sample_weight), as _row_weight: checked
+    with check_row_arrays)."""
+    s = as_logits(student, "student")
+    t = as_logits(teacher, "teacher")
+    if t.dtype != s.dtype:
+        raise TypeError(f"teacher has dtype {t.dtype}, expected the student's {s.dtype}")
+    if tuple(t.shape) != tuple(s.shape):
+        raise ValueError(
+            f"teacher has shape {tuple(t.shape)}, expected the student's {tuple(s.shape)}"
+        )
+    if s.shape[-1] == 0:
+        raise ValueError("the class axis has no classes (C = 0)")
+    opt = check_options(kw, real)
+    rows = tuple(s.shape[:-1])
+    rw = row_weight(rows, kw["labels"], kw["ignore_index"], kw["mask"], kw["sample_weight"])
+    return DistillArgs(s, t, *opt, rows, rw)
 
 
 def _run(
@@ -91,34 +230,27 @@ def _run(
     teacher_grad: bool,
     out: Any,
     teacher_out: Any,
+    student_grad: bool = True,
 ):
-    s = _as_logits(student, "student")
-    t = _as_logits(teacher, "teacher")
-    if t.dtype != s.dtype:
-        raise TypeError(f"teacher has dtype {t.dtype}, expected the student's {s.dtype}")
-    if t.shape != s.shape:
-        raise ValueError(f"teacher has shape {t.shape}, expected the student's {s.shape}")
-    C = s.shape[-1]
-    if C == 0:
-        raise ValueError("the class axis has no classes (C = 0)")
-    tau = _real(kw["temperature"], "temperature")
-    if not (tau > 0 and math.isfinite(tau)):
-        raise ValueError(f"temperature must be finite and > 0, got {kw['temperature']!r}")
-    red = reduction_code(kw["reduction"])
-    nt = threads(kw["num_threads"])
-    rows = s.shape[:-1]
-    rw = _row_weight(rows, kw["labels"], kw["ignore_index"], kw["mask"], kw["sample_weight"])
+    """The public functions' call: the loss, or with want_grad (loss, grad_student) /
+    (loss, grad_student, grad_teacher). student_grad=False (fastxent.torch's, with
+    teacher_grad=True and no out=) has the kernel skip the student's gradient: None in its
+    place."""
+    s, t, tau, red, nt, rows, rw = check_distill_args(student, teacher, kw)
     hk = half_kind(s.dtype)
     gs = gt = None
     if want_grad:
-        gs = np.empty(s.shape, s.dtype) if out is None else check_out(out, s, [("teacher", t)])
+        if student_grad:
+            gs = np.empty(s.shape, s.dtype) if out is None else check_out(out, s, [("teacher", t)])
+        elif out is not None or not teacher_grad:
+            raise ValueError("student_grad=False goes with teacher_grad=True and no out=")
         if teacher_grad:
             gt = (
                 np.empty(t.shape, t.dtype)
                 if teacher_out is None
                 else check_out(teacher_out, t, [("student", s)])
             )
-            if gs is gt or np.shares_memory(gs, gt):
+            if gs is not None and (gs is gt or np.shares_memory(gs, gt)):
                 raise ValueError("out and teacher_out overlap")
             if gt is not t and np.shares_memory(gt, s):
                 raise ValueError("teacher_out overlaps the student logits")
@@ -176,9 +308,10 @@ _PARAMS = """
         Logits (float32, float64, float16 or bfloat16; 16-bit rows are computed in float32),
         classes on the last axis; every leading position is a row. NumPy arrays, or CPU
         tensors through DLPack (PyTorch, JAX), read without a copy.
-    temperature : float > 0
+    temperature : float in [1e-30, 1e30]
         Both distributions are softmax(logits / temperature); the row loss is multiplied by
         ``temperature**2`` (Hinton et al.), so gradient magnitudes do not shrink with it.
+        Outside the range ``temperature**2`` or ``1 / temperature`` would overflow.
     reduction : {"mean", "sum", "none"}
         "mean" divides the sum of the row losses by the number of counted rows (the sum of
         the row weights): PyTorch's ``reduction="batchmean"`` for ``F.kl_div``, and Liger-Kernel's
@@ -223,9 +356,9 @@ _EDGES = """
         for logits that are not floating point, mismatched dtypes, labels that are not integers,
         a mask that is not boolean, or a non-numeric temperature / beta.
     ValueError
-        for mismatched shapes, C = 0, a temperature that is not finite and > 0, beta outside
-        [0, 1], an unknown direction or reduction, bad row arrays, and bad ``out=``. On any
-        error nothing is written.
+        for mismatched shapes, C = 0, a temperature outside [1e-30, 1e30] (NaN, inf and
+        <= 0 included), beta outside [0, 1], an unknown direction or reduction, bad row
+        arrays, and bad ``out=``. On any error nothing is written.
 """
 
 
@@ -234,19 +367,6 @@ def _kw(kw: dict, name: str) -> dict:
     if unknown:
         raise TypeError(f"{name}() got an unexpected keyword argument {sorted(unknown)[0]!r}")
     return {**_COMMON, **kw}
-
-
-def _direction(direction: Any) -> int:
-    if not isinstance(direction, str) or direction not in _DIRECTIONS:
-        raise ValueError(f"direction must be 'forward' or 'reverse', got {direction!r}")
-    return _DIRECTIONS[direction]
-
-
-def _beta(beta: Any) -> float:
-    b = _real(beta, "beta")
-    if not (0.0 <= b <= 1.0):
-        raise ValueError(f"beta must be in [0, 1], got {beta!r}")
-    return b
 
 
 def kl_div_with_logits(student: Any, teacher: Any, *, direction: str = "forward", **kw: Any):
@@ -322,10 +442,10 @@ _KL_DOC = """KL divergence between the teacher's and the student's softmax, from
         direction="forward":  loss_n = T**2 * sum_c q_c (log q_c - log p_c)   # KL(q || p)
         direction="reverse":  loss_n = T**2 * sum_c p_c (log p_c - log q_c)   # KL(p || q)
 
-    times the row weight. "forward" is ``F.kl_div(F.log_softmax(student / T),
-    F.log_softmax(teacher / T), log_target=True, reduction="batchmean") * T**2``. The logits
-    are read once each for the loss; no rows x C temporary is made (16-bit rows go through
-    per-thread row buffers).
+    times the row weight. For a 2-D (N, C) input with no row weighted, "forward" is
+    ``F.kl_div(F.log_softmax(student / T, dim=-1), F.log_softmax(teacher / T, dim=-1),
+    log_target=True, reduction="batchmean") * T**2``. The logits are read once each for the
+    loss; no rows x C temporary is made (16-bit rows go through per-thread row buffers).
 
     Gradients (before the reduction's scale and the row weight)::
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import functools
 import math
-import operator
 from typing import Any, Tuple
 
 import numpy as np
@@ -36,7 +35,6 @@ import jax
 import jax.numpy as jnp
 
 from . import _distill, _jax_ffi
-from ._keywords import reduction_code, threads
 
 __all__ = ["kl_div_with_logits", "jsd_with_logits", "reference_loss"]
 
@@ -70,43 +68,33 @@ def _x64() -> bool:
     return jax.dtypes.canonicalize_dtype(np.float64) == np.float64
 
 
+def _jax_rows(v: Any, name: str) -> Tuple[jax.Array, str]:
+    a = jnp.asarray(v)
+    return a, "f" if jnp.issubdtype(a.dtype, jnp.floating) else np.dtype(a.dtype).kind
+
+
 def _row_weight(rows: Tuple[int, ...], labels: Any, ignore_index: Any, mask: Any, sw: Any):
     """The flat per-row weights (float64 with x64, else float32), or None: the NumPy layer's
     _distill._row_weight in jax.numpy ops (traceable; sample_weight's range is checked by the
     kernel when the call runs)."""
+    r = _distill.check_row_arrays(rows, labels, ignore_index, mask, sw, _jax_rows)
     wdt = jnp.float64 if _x64() else jnp.float32
-    w = None
-    if sw is not None:
-        a = jnp.asarray(sw)
-        if not (jnp.issubdtype(a.dtype, jnp.floating) or jnp.issubdtype(a.dtype, jnp.integer)):
-            raise TypeError(f"sample_weight must be numeric, got dtype {a.dtype}")
-        if a.shape != rows:
-            raise ValueError(f"sample_weight has shape {a.shape}, expected {rows} (one per row)")
-        w = a.astype(wdt).reshape(-1)
-    if labels is not None:
-        lab = jnp.asarray(labels)
-        if not jnp.issubdtype(lab.dtype, jnp.integer):
-            raise TypeError(f"labels must be integers, got dtype {lab.dtype}")
-        if lab.shape != rows:
-            raise ValueError(f"labels has shape {lab.shape}, expected {rows} (one per row)")
-        try:
-            ii = operator.index(ignore_index)
-        except TypeError:
-            raise TypeError("ignore_index must be an integer") from None
-        lim = np.iinfo(np.dtype(lab.dtype))
+    w = None if r.sample_weight is None else r.sample_weight.astype(wdt).reshape(-1)
+    if r.labels is not None:
+        ii, lim = r.ignore_index, np.iinfo(np.dtype(r.labels.dtype))
         # An ignore_index outside the labels' integer type matches no label.
-        keep = (lab != ii) if lim.min <= ii <= lim.max else jnp.ones(rows, bool)
+        keep = (r.labels != ii) if lim.min <= ii <= lim.max else jnp.ones(rows, bool)
         keep = keep.reshape(-1).astype(wdt)
         w = keep if w is None else w * keep
-    if mask is not None:
-        m = jnp.asarray(mask)
-        if m.dtype != jnp.bool_:
-            raise TypeError(f"mask must be boolean (True: the row counts), got dtype {m.dtype}")
-        if m.shape != rows:
-            raise ValueError(f"mask has shape {m.shape}, expected {rows} (one per row)")
-        keep = m.reshape(-1).astype(wdt)
+    if r.mask is not None:
+        keep = r.mask.reshape(-1).astype(wdt)
         w = keep if w is None else w * keep
     return w
+
+
+def _jax_logits(v: Any, name: str) -> jax.Array:
+    x = jnp.asarray(v)
+    return _distill.check_logits(x, name, np.dtype(x.dtype) in _FLOATS)
 
 
 def reference_loss(
@@ -309,26 +297,9 @@ def _fallback(kw: Tuple[Tuple[str, Any], ...]):
 
 
 def _loss(student: Any, teacher: Any, divergence: int, beta: float, kw: dict, fn: str):
-    s = jnp.asarray(student)
-    t = jnp.asarray(teacher)
-    for name, x in (("student", s), ("teacher", t)):
-        if np.dtype(x.dtype) not in _FLOATS:
-            raise TypeError(f"{name} must be float32, float64, float16 or bfloat16, got {x.dtype}")
-        if x.ndim == 0:
-            raise ValueError(f"{name} must have at least one dimension (the class axis)")
-    if t.dtype != s.dtype:
-        raise TypeError(f"teacher has dtype {t.dtype}, expected the student's {s.dtype}")
-    if t.shape != s.shape:
-        raise ValueError(f"teacher has shape {t.shape}, expected the student's {s.shape}")
-    if s.shape[-1] == 0:
-        raise ValueError("the class axis has no classes (C = 0)")
-    tau = _static_real(kw["temperature"], "temperature")
-    if not (tau > 0 and math.isfinite(tau)):
-        raise ValueError(f"temperature must be finite and > 0, got {kw['temperature']!r}")
-    red = reduction_code(kw["reduction"])
-    nt = threads(kw["num_threads"])
-    rows = s.shape[:-1]
-    w = _row_weight(rows, kw["labels"], kw["ignore_index"], kw["mask"], kw["sample_weight"])
+    s, t, tau, red, nt, _, w = _distill.check_distill_args(
+        student, teacher, kw, as_logits=_jax_logits, real=_static_real, row_weight=_row_weight
+    )
     if w is None:
         w = jnp.zeros((0,), jnp.float64 if _x64() else jnp.float32)
     if _jax_ffi.enabled():
@@ -363,12 +334,11 @@ def kl_div_with_logits(
 
 
 def jsd_with_logits(student: Any, teacher: Any, *, beta: float = 0.5, **options: Any) -> jax.Array:
-    b = _static_real(beta, "beta")
     return _loss(
         student,
         teacher,
         2,
-        _distill._beta(b),
+        _distill._beta(beta, _static_real),
         _distill._kw(options, "jsd_with_logits"),
         "jsd_with_logits",
     )

@@ -14,7 +14,6 @@ import torch
 from torch import Tensor, nn
 
 from . import _distill
-from ._options import reduction_code, threads
 from ._torch_common import (
     all_ones,
     autocast_loss_dtype,
@@ -129,46 +128,29 @@ def reference_loss(student: Tensor, teacher: Tensor, spec: _Spec) -> Tensor:
     return torch.where(den == 0, 0.0, total / torch.where(den == 0, 1.0, den))
 
 
+def _torch_logits(v: Tensor, name: str) -> Tensor:
+    return _distill.check_logits(v, name, v.dtype in _FLOATS)
+
+
+def _torch_rows(v: Any, name: str) -> Tuple[Tensor, str]:
+    a = v if isinstance(v, Tensor) else torch.as_tensor(np.asarray(v))
+    if a.dtype == torch.bool:
+        return a, "b"
+    return a, "f" if a.is_floating_point() else "c" if a.is_complex() else "i"
+
+
+def _check_row_arrays(
+    rows: Tuple[int, ...], labels: Any, ignore_index: Any, mask: Any, sample_weight: Any
+) -> None:
+    _distill.check_row_arrays(rows, labels, ignore_index, mask, sample_weight, _torch_rows)
+
+
 def _check_nodata(student: Any, teacher: Any, spec: _Spec) -> None:
     """The NumPy layer's checks that need no tensor values (dtypes, shapes, options), for the
     paths that cannot read them (torch.func transforms, torch.compile, fake tensors)."""
-    s, t, kw = student, teacher, spec.kw
-    if s.dtype not in _FLOATS:
-        raise TypeError(f"student must be float32, float64, float16 or bfloat16, got {s.dtype}")
-    if t.dtype != s.dtype:
-        raise TypeError(f"teacher has dtype {t.dtype}, expected the student's {s.dtype}")
-    if s.ndim == 0:
-        raise ValueError("student must have at least one dimension (the class axis)")
-    if tuple(t.shape) != tuple(s.shape):
-        raise ValueError(
-            f"teacher has shape {tuple(t.shape)}, expected the student's {tuple(s.shape)}"
-        )
-    if s.shape[-1] == 0:
-        raise ValueError("the class axis has no classes (C = 0)")
-    tau = _distill._real(kw["temperature"], "temperature")
-    if not (tau > 0 and math.isfinite(tau)):
-        raise ValueError(f"temperature must be finite and > 0, got {kw['temperature']!r}")
-    reduction_code(kw["reduction"])
-    threads(kw["num_threads"])
-    rows = tuple(s.shape[:-1])
-    for name in ("sample_weight", "labels", "mask"):
-        v = kw[name]
-        if v is None:
-            continue
-        v = v if isinstance(v, Tensor) else torch.as_tensor(np.asarray(v))
-        if name == "sample_weight" and (v.is_complex() or v.dtype == torch.bool):
-            raise TypeError(f"sample_weight must be numeric, got dtype {v.dtype}")
-        if name == "labels" and (v.is_floating_point() or v.is_complex() or v.dtype == torch.bool):
-            raise TypeError(f"labels must be integers, got dtype {v.dtype}")
-        if name == "mask" and v.dtype != torch.bool:
-            raise TypeError(f"mask must be boolean (True: the row counts), got dtype {v.dtype}")
-        if tuple(v.shape) != rows:
-            raise ValueError(f"{name} has shape {tuple(v.shape)}, expected {rows} (one per row)")
-    if kw["labels"] is not None:
-        try:
-            operator.index(kw["ignore_index"])
-        except TypeError:
-            raise TypeError("ignore_index must be an integer") from None
+    _distill.check_distill_args(
+        student, teacher, spec.kw, as_logits=_torch_logits, row_weight=_check_row_arrays
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -185,16 +167,19 @@ def _tensor(a: Optional[np.ndarray]) -> Optional[Tensor]:
 
 
 def _kernel(
-    student: Tensor, teacher: Tensor, spec: _Spec, want_grad: bool, teacher_grad: bool
+    student: Tensor, teacher: Tensor, spec: _Spec, want_s: bool, want_t: bool
 ) -> Tuple[Any, Optional[Tensor], Optional[Tensor]]:
     """(loss as NumPy, student gradient, teacher gradient) from fastxent's NumPy layer, which
-    checks everything before writing and reads the tensors through DLPack without a copy."""
+    checks everything before writing and reads the tensors through DLPack without a copy.
+    The kernel computes only the gradients asked for (None for the others): either, both or
+    neither (the loss alone)."""
+    want = want_s or want_t
     res = _distill._run(
-        student, teacher, spec.divergence, spec.beta, spec.kw, want_grad, teacher_grad, None, None
+        student, teacher, spec.divergence, spec.beta, spec.kw, want, want_t, None, None, want_s
     )
-    if not want_grad:
+    if not want:
         return res, None, None
-    if teacher_grad:
+    if want_t:
         loss, gs, gt = res
         return loss, _tensor(gs), _tensor(gt)
     loss, gs = res
@@ -235,7 +220,8 @@ def _scaled(ctx: Any, name: str, go: Tensor) -> Tensor:
     g = getattr(ctx, name)
     if g is None:
         student, teacher = ctx.saved_tensors
-        _, ctx.gs, ctx.gt = _kernel(student, teacher, ctx.spec, True, ctx.teacher_grad)
+        want_s, want_t = ctx.want_s or name == "gs", ctx.want_t or name == "gt"
+        _, ctx.gs, ctx.gt = _kernel(student, teacher, ctx.spec, want_s, want_t)
         g = getattr(ctx, name)
     if ctx.spec.kw["reduction"] == "none":
         go = go.unsqueeze(-1)  # the gradient is that of the sum of the rows; rows are separate
@@ -246,18 +232,20 @@ def _scaled(ctx: Any, name: str, go: Tensor) -> Tensor:
 
 
 class _FusedDistill(torch.autograd.Function):
-    """Forward: loss and gradient(s) from one call of the fused kernel. Backward: the
-    gradients times grad_output; under create_graph=True, the vector-Jacobian product of
-    reference_loss (differentiable). jvp: <gradient, tangent> (per row for "none")."""
+    """Forward: loss and the gradient(s) autograd needs (the student's, the teacher's or
+    both) from one call of the fused kernel. Backward: the gradients times grad_output;
+    under create_graph=True, the vector-Jacobian product of reference_loss
+    (differentiable). jvp: <gradient, tangent> (per row for "none")."""
 
     @staticmethod
     def forward(
-        ctx, student: Tensor, teacher: Tensor, spec: _Spec, teacher_grad: bool, fwd: bool
+        ctx, student: Tensor, teacher: Tensor, spec: _Spec, want_s: bool, want_t: bool, fwd: bool
     ) -> Tensor:
-        loss, ctx.gs, ctx.gt = _kernel(student, teacher, spec, True, teacher_grad)
-        ctx.spec, ctx.teacher_grad = spec, teacher_grad
+        loss, ctx.gs, ctx.gt = _kernel(student, teacher, spec, want_s, want_t)
+        ctx.spec, ctx.want_s, ctx.want_t = spec, want_s, want_t
+        ctx.rows = tuple(student.shape[:-1])
         ctx.save_for_backward(student, teacher)
-        if fwd:  # forward mode: jvp may need the teacher's gradient after all (see there)
+        if fwd:  # forward mode: jvp may need a gradient not computed here after all (see there)
             ctx.fwd = (student.detach(), teacher.detach())
         ctx.loss_dtype = autocast_loss_dtype(student)
         return loss_tensor(loss, ctx.loss_dtype)
@@ -268,10 +256,10 @@ class _FusedDistill(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: differentiable gradients
             student, teacher = ctx.saved_tensors
             gs, gt = _reference_vjp(student, teacher, ctx.spec, grad_output, need)
-            return gs, gt, None, None, None
+            return gs, gt, None, None, None, None
         gs = _scaled(ctx, "gs", grad_output) if need[0] else None
         gt = _scaled(ctx, "gt", grad_output) if need[1] else None
-        return gs, gt, None, None, None
+        return gs, gt, None, None, None, None
 
     @staticmethod
     def jvp(ctx, s_t: Optional[Tensor], t_t: Optional[Tensor], *_: Any) -> Tensor:
@@ -279,8 +267,8 @@ class _FusedDistill(torch.autograd.Function):
         out: Optional[Tensor] = None
         for g, tan, name in ((ctx.gs, s_t, "gs"), (ctx.gt, t_t, "gt")):
             # A tensor without a tangent of its own gets a zero one (an efficient zero tensor,
-            # or materialised): skipped. Any other tangent of the teacher gets the teacher's
-            # gradient, computed now if the forward pass did not.
+            # or materialised): skipped. Any other tangent gets its tensor's gradient,
+            # computed now if the forward pass did not.
             if tan is None or tan._is_zerotensor():
                 continue
             if g is None:
@@ -292,7 +280,7 @@ class _FusedDistill(torch.autograd.Function):
             e = e.sum(-1) if none else e.sum()
             out = e if out is None else out + e
         if out is None:  # every tangent is zero
-            shape = tuple(ctx.gs.shape[:-1]) if none else ()
+            shape = ctx.rows if none else ()
             out = torch.zeros(shape, dtype=ctx.loss_dtype)
         return out.to(ctx.loss_dtype)
 
@@ -312,7 +300,7 @@ def _op_distill(
     temperature: float,
     reduction: str,
     num_threads: Optional[int],
-    want_grad: bool,
+    student_grad: bool,
     teacher_grad: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """(loss, student gradient, teacher gradient) by the fused kernel; a gradient not asked
@@ -326,7 +314,7 @@ def _op_distill(
         num_threads=num_threads,
     )
     spec = _Spec(divergence, beta, kw)
-    loss, gs, gt = _kernel(student, teacher, spec, want_grad, want_grad and teacher_grad)
+    loss, gs, gt = _kernel(student, teacher, spec, student_grad, teacher_grad)
     empty = student.new_empty((0,))
     return (
         loss_tensor(loss, student.dtype),
@@ -336,10 +324,10 @@ def _op_distill(
 
 
 @_op_distill.register_fake
-def _(student, teacher, row_weight, divergence, beta, temperature, reduction, nt, wg, tg):
+def _(student, teacher, row_weight, divergence, beta, temperature, reduction, nt, sg, tg):
     loss = student.new_empty(tuple(student.shape[:-1]) if reduction == "none" else ())
-    gs = student.new_empty(student.shape) if wg else student.new_empty((0,))
-    gt = student.new_empty(student.shape) if (wg and tg) else student.new_empty((0,))
+    gs = student.new_empty(student.shape) if sg else student.new_empty((0,))
+    gt = student.new_empty(student.shape) if tg else student.new_empty((0,))
     return loss, gs, gt
 
 
@@ -372,8 +360,8 @@ def _op_loss(student: Tensor, teacher: Tensor, spec: _Spec) -> Tensor:
     _check_nodata(student, teacher, spec)
     kw = spec.kw
     grad_mode = torch.is_grad_enabled()
+    want_s = student.requires_grad and grad_mode
     want_t = teacher.requires_grad and grad_mode
-    want = (student.requires_grad and grad_mode) or want_t
     rw = _row_weight(student, kw, torch.float64)
     nt = kw["num_threads"]
     loss, _, _ = _op_distill(
@@ -385,7 +373,7 @@ def _op_loss(student: Tensor, teacher: Tensor, spec: _Spec) -> Tensor:
         float(kw["temperature"]),
         kw["reduction"],
         None if nt is None else operator.index(nt),
-        want,
+        want_s,
         want_t,
     )
     return loss.to(autocast_loss_dtype(student))
@@ -427,7 +415,7 @@ def _distill_loss(student: Any, teacher: Any, spec: _Spec) -> Tensor:
         loss, _, _ = _kernel(student, teacher, spec, False, False)
         return loss_tensor(loss, autocast_loss_dtype(student))
     fwd = has_tangent(student) or has_tangent(teacher)
-    return _FusedDistill.apply(student, teacher, spec, t_want, fwd)
+    return _FusedDistill.apply(student, teacher, spec, s_want, t_want, fwd)
 
 
 def _spec_kw(
@@ -487,10 +475,11 @@ def jsd_with_logits(
 _COMMON_DOC = """
     The loss and its gradient(s) come out of one call of fastxent's fused CPU kernel
     (:func:`fastxent.{np_name}_with_grad`, reading the tensors in place) whenever a gradient
-    is wanted: with respect to ``student`` when it requires grad, and with respect to
-    ``teacher`` only when the teacher requires grad too (the usual detached teacher costs no
-    teacher gradient). Backward multiplies the saved gradient(s) by ``grad_output`` (per row
-    for "none"). Without a gradient only the loss is computed.
+    is wanted, and only the gradients autograd needs: with respect to ``student`` when it
+    requires grad, with respect to ``teacher`` when it does (the usual detached teacher costs
+    no teacher gradient, a detached student no student gradient). Backward multiplies the
+    saved gradient(s) by ``grad_output`` (per row for "none"). Without a gradient only the
+    loss is computed.
 
     Parameters
     ----------
@@ -498,7 +487,7 @@ _COMMON_DOC = """
         Logits, classes on the last dimension; every leading position is a row. float32,
         float64, float16 or bfloat16 (16-bit rows computed in float32, gradients rounded once
         to the input's dtype).
-    {extra}    temperature : float > 0
+    {extra}    temperature : float in [1e-30, 1e30]
         Both distributions are ``softmax(logits / temperature)``; each row loss is multiplied by
         ``temperature**2``.
     reduction : {{"mean", "sum", "none"}}
@@ -549,9 +538,9 @@ _COMMON_DOC = """
         floating point; mismatched dtypes; labels not integer, mask not boolean; a
         non-numeric temperature{beta_t}.
     ValueError
-        mismatched shapes; C = 0; a temperature that is not finite and > 0{beta_v}; an
-        unknown reduction; row tensors of the wrong shape; a negative or non-finite
-        sample_weight. Nothing is computed or written before these checks.
+        mismatched shapes; C = 0; a temperature outside [1e-30, 1e30] (NaN, inf and <= 0
+        included){beta_v}; an unknown reduction; row tensors of the wrong shape; a negative
+        or non-finite sample_weight. Nothing is computed or written before these checks.
     RuntimeError
         a ``sample_weight`` that requires grad.
 """
@@ -649,16 +638,8 @@ class _DistillLoss(nn.Module):
 
 
 def _check_module_options(spec: _Spec) -> None:
-    kw = spec.kw
-    tau = _distill._real(kw["temperature"], "temperature")
-    if not (tau > 0 and math.isfinite(tau)):
-        raise ValueError(f"temperature must be finite and > 0, got {kw['temperature']!r}")
-    reduction_code(kw["reduction"])
-    threads(kw["num_threads"])
-    try:
-        operator.index(kw["ignore_index"])
-    except TypeError:
-        raise TypeError("ignore_index must be an integer") from None
+    _distill.check_options(spec.kw)
+    _distill._ignore_index(spec.kw["ignore_index"])
 
 
 class KLDivWithLogitsLoss(_DistillLoss):
