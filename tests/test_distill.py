@@ -357,10 +357,10 @@ BAD_CALLS = [
     (dict(temperature=float("nan")), ValueError, "temperature"),
     (dict(temperature="2"), TypeError, "temperature"),
     (dict(temperature=True), TypeError, "temperature"),
-    (dict(temperature=1.01e30), ValueError, r"temperature must be in \[1e-30, 1e30\]"),
-    (dict(temperature=1e200), ValueError, r"temperature must be in \[1e-30, 1e30\]"),
-    (dict(temperature=0.99e-30), ValueError, r"temperature must be in \[1e-30, 1e30\]"),
-    (dict(temperature=1e-40), ValueError, r"temperature must be in \[1e-30, 1e30\]"),
+    (dict(temperature=100.5), ValueError, r"temperature must be in \[1e-30, 100\]"),
+    (dict(temperature=1e200), ValueError, r"temperature must be in \[1e-30, 100\]"),
+    (dict(temperature=0.99e-30), ValueError, r"temperature must be in \[1e-30, 100\]"),
+    (dict(temperature=1e-40), ValueError, r"temperature must be in \[1e-30, 100\]"),
     (dict(reduction="batchmean"), ValueError, "reduction"),
     (dict(labels=np.zeros(3)), TypeError, "labels"),
     (dict(labels=np.zeros(2, int)), ValueError, "labels"),
@@ -395,15 +395,20 @@ def test_bad_arguments_touch_nothing(kind, kw, exc, match):
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_temperature_range_ends_accepted(rng, kind, dtype):
-    # The ends of [1e-30, 1e30] are accepted (T**2 = 1e60 and 1 / T = 1e30 are finite in
-    # double and float), with finite results. Not the JSD at T = 1e30: the rounding error of
-    # its divergence (the mixture's log-probabilities), times T**2, reaches -inf in float32
-    # (a precision limit of huge temperatures, not an overflow of T**2 or 1 / T).
+    # The ends of [1e-30, 100] are accepted with finite results, and at T = 100 the float32
+    # loss is still within 3e-3 of float64's (measured up to 1.4e-3 at 8 x 32000 over 7
+    # seeds: the rounding of the log-probabilities times T**2; above 100 it grows as T**2,
+    # hence the bound).
     s = (3 * rng.standard_normal((4, 7))).astype(dtype)
     t = (3 * rng.standard_normal((4, 7))).astype(dtype)
-    for T in (1e-30,) if kind == "jsd" else (1e-30, 1e30):
+    for T in (1e-30, 100.0):
         loss, gs, gt = call(kind, s, t, True, temperature=T, teacher_grad=True)
         assert np.isfinite(loss) and np.all(np.isfinite(gs)) and np.all(np.isfinite(gt))
+    s = rng.standard_normal((8, 32000))
+    t = rng.standard_normal((8, 32000))
+    want = call(kind, s, t, False, temperature=100.0, reduction="sum")
+    got = call(kind, s.astype(dtype), t.astype(dtype), False, temperature=100.0, reduction="sum")
+    assert abs(float(got) / float(want) - 1) < 3e-3
 
 
 def test_bad_logits_and_outputs():

@@ -399,7 +399,7 @@ def test_errors():
     with pytest.raises(TypeError, match="temperature"):
         fxt.kl_div_with_logits(s, t, temperature="2")
     for bad in (1e-31, 1e31):
-        with pytest.raises(ValueError, match=r"temperature must be in \[1e-30, 1e30\]"):
+        with pytest.raises(ValueError, match=r"temperature must be in \[1e-30, 100\]"):
             fxt.jsd_with_logits(s, t, temperature=bad)
     for bad in (-0.1, 1.5, float("nan")):
         with pytest.raises(ValueError, match="beta"):
@@ -423,9 +423,9 @@ def test_errors():
         torch.func.grad(lambda a: fxt.kl_div_with_logits(a, t[:, :4]))(s)
     with pytest.raises(ValueError, match="temperature"):
         torch.func.grad(lambda a: fxt.kl_div_with_logits(a, t, temperature=-1.0))(s)
-    with pytest.raises(ValueError, match=r"temperature must be in \[1e-30, 1e30\]"):
+    with pytest.raises(ValueError, match=r"temperature must be in \[1e-30, 100\]"):
         torch.func.grad(lambda a: fxt.kl_div_with_logits(a, t, temperature=1e31))(s)
-    with pytest.raises(ValueError, match=r"temperature must be in \[1e-30, 1e30\]"):
+    with pytest.raises(ValueError, match=r"temperature must be in \[1e-30, 100\]"):
         fxt.JSDWithLogitsLoss(temperature=1e-31)
 
 

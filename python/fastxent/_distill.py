@@ -27,9 +27,13 @@ __all__ = [
 
 _DIRECTIONS = {"forward": 0, "reverse": 1}
 
-# The temperatures accepted: T**2 (the loss's factor) and 1 / T (the logits' scale, float32
-# included) stay finite, with room, across this range.
-TEMPERATURE_RANGE = (1e-30, 1e30)
+# The temperatures accepted. Below, 1 / T (the logits' scale, float32 included) stays finite.
+# Above, the loss is T**2 times a divergence that shrinks as 1 / T**2, so the rounding of the
+# log-probabilities (about eps * log C per row) is multiplied by T**2. Measured in float32 at
+# 8 x 32000 (6 seeds), against float64: relative error of the loss up to 1.3e-4 at T = 30,
+# 1.2e-3 at T = 100, 7% at 1000, a negative loss at 1e4 (float64: 2e-6 at 1e5). 100 keeps
+# float32 within a few 1e-3.
+TEMPERATURE_RANGE = (1e-30, 100.0)
 
 # What a row array may hold, as NumPy dtype kinds ('f' for every floating type, 16-bit
 # included), and the TypeError otherwise.
@@ -70,7 +74,8 @@ def _temperature(temperature: Any, real: ScalarReader = _real) -> float:
         raise ValueError(f"temperature must be finite and > 0, got {temperature!r}")
     if not (TEMPERATURE_RANGE[0] <= tau <= TEMPERATURE_RANGE[1]):
         raise ValueError(
-            "temperature must be in [1e-30, 1e30] (T**2 and 1/T must stay finite), "
+            "temperature must be in [1e-30, 100] (the loss is T**2 times a divergence that "
+            "shrinks as 1/T**2: above 100, float32 rounding would dominate it), "
             f"got {temperature!r}"
         )
     return tau
@@ -308,7 +313,7 @@ _PARAMS = """
         Logits (float32, float64, float16 or bfloat16; 16-bit rows are computed in float32),
         classes on the last axis; every leading position is a row. NumPy arrays, or CPU
         tensors through DLPack (PyTorch, JAX), read without a copy.
-    temperature : float in [1e-30, 1e30]
+    temperature : float in [1e-30, 100]
         Both distributions are softmax(logits / temperature); the row loss is multiplied by
         ``temperature**2`` (Hinton et al.), so gradient magnitudes do not shrink with it.
         Outside the range ``temperature**2`` or ``1 / temperature`` would overflow.
@@ -356,7 +361,7 @@ _EDGES = """
         for logits that are not floating point, mismatched dtypes, labels that are not integers,
         a mask that is not boolean, or a non-numeric temperature / beta.
     ValueError
-        for mismatched shapes, C = 0, a temperature outside [1e-30, 1e30] (NaN, inf and
+        for mismatched shapes, C = 0, a temperature outside [1e-30, 100] (NaN, inf and
         <= 0 included), beta outside [0, 1], an unknown direction or reduction, bad row
         arrays, and bad ``out=``. On any error nothing is written.
 """

@@ -487,7 +487,7 @@ _COMMON_DOC = """
         Logits, classes on the last dimension; every leading position is a row. float32,
         float64, float16 or bfloat16 (16-bit rows computed in float32, gradients rounded once
         to the input's dtype).
-    {extra}    temperature : float in [1e-30, 1e30]
+    {extra}    temperature : float in [1e-30, 100]
         Both distributions are ``softmax(logits / temperature)``; each row loss is multiplied by
         ``temperature**2``.
     reduction : {{"mean", "sum", "none"}}
@@ -538,7 +538,7 @@ _COMMON_DOC = """
         floating point; mismatched dtypes; labels not integer, mask not boolean; a
         non-numeric temperature{beta_t}.
     ValueError
-        mismatched shapes; C = 0; a temperature outside [1e-30, 1e30] (NaN, inf and <= 0
+        mismatched shapes; C = 0; a temperature outside [1e-30, 100] (NaN, inf and <= 0
         included){beta_v}; an unknown reduction; row tensors of the wrong shape; a negative
         or non-finite sample_weight. Nothing is computed or written before these checks.
     RuntimeError
