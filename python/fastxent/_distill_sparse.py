@@ -154,6 +154,11 @@ def _run(
             f"row {r}'s teacher has no mass (every log-probability is -inf): with "
             "residual='renormalize' its distribution is undefined"
         )
+    if divergence == 1 and residual == "renormalize" and k < C:
+        raise ValueError(
+            "direction='reverse' with residual='renormalize' and k < C is infinite (the "
+            "teacher is 0 outside its top k, the student is not): use residual='uniform'"
+        )
     hk = half_kind(s.dtype)
     gs: Optional[np.ndarray] = None
     if want_grad:
@@ -412,8 +417,10 @@ _DOC = """{what} a sparse (top-k) teacher given by its class indices and log-pro
     TypeError, ValueError
         For bad logits or options (as the dense functions), and for teacher arrays of the
         wrong shape or dtype, indices out of range or repeated in a row, NaN or positive
-        log-probabilities, a row whose probabilities sum to more than 1, and a counted row
-        with no mass under "renormalize". Everything is checked before anything is written.
+        log-probabilities, a row whose probabilities sum to more than 1, a counted row
+        with no mass under "renormalize", and (KL) direction="reverse" with "renormalize"
+        and k < C, which is infinite (the teacher is 0 where the student is not).
+        Everything is checked before anything is written.
 """
 
 _KL_EXTRA = """    direction : {"forward", "reverse"}
