@@ -1,0 +1,141 @@
+"""fastxent.torch's distillation from a sparse (top-k) teacher (private; public through
+fastxent.torch): kl_div_with_topk_teacher and jsd_with_topk_teacher, differentiable with
+respect to the student's logits, around fastxent.kl_div_with_topk_teacher_with_grad /
+jsd_with_topk_teacher_with_grad (see fastxent._distill_sparse for the teacher's definition).
+
+The teacher's indices and log-probabilities are data: a teacher_logprobs that requires grad is
+refused (no gradient flows to it, and a silent None would hide that). The gradient is first
+order only (no create_graph / double backward, no forward mode, no torch.func or
+torch.compile tracing): the kernel's gradient is not itself differentiable.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from . import _distill, _distill_sparse
+from ._torch_common import autocast_loss_dtype, check_cpu, loss_tensor
+from ._torch_distill import _tensor
+
+__all__ = ["kl_div_with_topk_teacher", "jsd_with_topk_teacher"]
+
+
+class _TopkDistill(torch.autograd.Function):
+    """Forward: the loss and (when the student requires grad) its gradient from one call of
+    the NumPy layer. Backward: that gradient times grad_output."""
+
+    @staticmethod
+    def forward(
+        ctx, student: Tensor, indices: Tensor, logprobs: Tensor, kw: Dict[str, Any]
+    ) -> Tensor:
+        want = bool(ctx.needs_input_grad[0])
+        res = _distill_sparse._run(student, indices, logprobs, **kw, want_grad=want, out=None)
+        if want:
+            loss, gs = res
+            ctx.gs = _tensor(gs)
+        else:
+            loss, ctx.gs = res, None
+        ctx.none = kw["reduction"] == "none"
+        return loss_tensor(loss, autocast_loss_dtype(student))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output: Tensor):
+        g = ctx.gs
+        go = grad_output.unsqueeze(-1) if ctx.none else grad_output
+        return g * go.to(g.dtype), None, None, None
+
+
+def _options(
+    residual: Any,
+    temperature: Any,
+    reduction: Any,
+    labels: Any,
+    ignore_index: Any,
+    mask: Any,
+    sample_weight: Any,
+    num_threads: Any,
+) -> Dict[str, Any]:
+    return dict(
+        residual=residual,
+        temperature=temperature,
+        reduction=reduction,
+        labels=labels,
+        ignore_index=ignore_index,
+        mask=mask,
+        sample_weight=sample_weight,
+        num_threads=num_threads,
+    )
+
+
+def _apply(
+    student: Tensor, teacher_indices: Any, teacher_logprobs: Any, kw: Dict[str, Any]
+) -> Tensor:
+    if not isinstance(student, Tensor):
+        raise TypeError(f"student must be a torch.Tensor, got {type(student).__name__}")
+    check_cpu(student, "student")
+    for name, v in (("teacher_indices", teacher_indices), ("teacher_logprobs", teacher_logprobs)):
+        if isinstance(v, Tensor):
+            check_cpu(v, name)
+            if v.requires_grad:
+                raise ValueError(
+                    f"{name} requires grad, but the top-k teacher is data: no gradient flows "
+                    f"to it (detach it, e.g. {name}.detach())"
+                )
+    return _TopkDistill.apply(student, teacher_indices, teacher_logprobs, kw)
+
+
+def kl_div_with_topk_teacher(
+    student: Tensor,
+    teacher_indices: Tensor,
+    teacher_logprobs: Tensor,
+    *,
+    residual: str = "renormalize",
+    direction: str = "forward",
+    temperature: float = 1.0,
+    reduction: str = "mean",
+    labels: Optional[Tensor] = None,
+    ignore_index: int = -100,
+    mask: Optional[Tensor] = None,
+    sample_weight: Optional[Tensor] = None,
+    num_threads: Optional[int] = None,
+) -> Tensor:
+    """KL divergence between a sparse (top-k) teacher and the student's softmax, differentiable
+    with respect to the student: :func:`fastxent.kl_div_with_topk_teacher` on tensors. With a
+    dense teacher ``lt`` (its log-probabilities, built as that function describes), "forward" is
+    ``F.kl_div(F.log_softmax(student / T, -1), F.log_softmax(lt / T, -1), log_target=True,
+    reduction="batchmean") * T**2``. teacher_indices / teacher_logprobs are data: one that
+    requires grad is a ValueError. First-order gradients only."""
+    kw: Dict[str, Any] = dict(divergence=_distill._direction(direction), beta=0.5)
+    kw.update(_options(residual, temperature, reduction, labels, ignore_index, mask,
+                       sample_weight, num_threads))  # fmt: skip
+    return _apply(student, teacher_indices, teacher_logprobs, kw)
+
+
+def jsd_with_topk_teacher(
+    student: Tensor,
+    teacher_indices: Tensor,
+    teacher_logprobs: Tensor,
+    *,
+    residual: str = "renormalize",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    reduction: str = "mean",
+    labels: Optional[Tensor] = None,
+    ignore_index: int = -100,
+    mask: Optional[Tensor] = None,
+    sample_weight: Optional[Tensor] = None,
+    num_threads: Optional[int] = None,
+) -> Tensor:
+    """Generalised JSD between a sparse (top-k) teacher and the student's softmax,
+    differentiable with respect to the student: :func:`fastxent.jsd_with_topk_teacher` on
+    tensors. teacher_indices / teacher_logprobs are data: one that requires grad is a
+    ValueError. First-order gradients only."""
+    kw: Dict[str, Any] = dict(divergence=2, beta=_distill._beta(beta))
+    kw.update(_options(residual, temperature, reduction, labels, ignore_index, mask,
+                       sample_weight, num_threads))  # fmt: skip
+    return _apply(student, teacher_indices, teacher_logprobs, kw)
