@@ -142,6 +142,30 @@ def test_reverse_renormalize_refused():
     np.testing.assert_allclose(g, rg, atol=1e-15)
 
 
+def test_jsd_beta_one_is_reverse():
+    """beta=1 is the reverse KL: refused where that is (renormalize, k < C), equal to it
+    elsewhere."""
+    rng = np.random.default_rng(13)
+    s = rng.standard_normal((3, 7))
+    idx, lp = teacher(rng, (3,), 7, 2)
+    out = np.full_like(s, 2.0)
+    with pytest.raises(ValueError, match="beta=1 .*infinite"):
+        fx.jsd_with_topk_teacher_with_grad(s, idx, lp, beta=1.0, out=out)
+    assert (out == 2.0).all()
+    with pytest.raises(ValueError, match="infinite"):
+        fx.jsd_with_topk_teacher(s, idx, lp, beta=1.0, reduction="none")
+    a = fx.jsd_with_topk_teacher_with_grad(s, idx, lp, beta=1.0, residual="uniform")
+    b = fx.kl_div_with_topk_teacher_with_grad(s, idx, lp, direction="reverse", residual="uniform")
+    np.testing.assert_allclose(a[0], b[0], rtol=1e-13)
+    np.testing.assert_allclose(a[1], b[1], atol=1e-15)
+    # k = C: the renormalised teacher is the full one, finite
+    idx, lp = teacher(rng, (3,), 7, 7)
+    loss, g = fx.jsd_with_topk_teacher_with_grad(s, idx, lp, beta=1.0)
+    rl, rg = reference(s, dense_teacher(idx, lp, 7, "renormalize"), "reverse")
+    np.testing.assert_allclose(loss, rl, rtol=1e-13)
+    np.testing.assert_allclose(g, rg, atol=1e-15)
+
+
 @pytest.mark.parametrize("residual,kind,beta", CASES)
 def test_matches_dense_kernel(residual, kind, beta):
     """Bitwise the dense kernel's gradient on the explicit dense teacher (float32 tile)."""

@@ -154,9 +154,12 @@ def _run(
             f"row {r}'s teacher has no mass (every log-probability is -inf): with "
             "residual='renormalize' its distribution is undefined"
         )
-    if divergence == 1 and residual == "renormalize" and k < C:
+    # reverse KL: direction="reverse", or the JSD at beta = 1 (its end point, the same divergence)
+    reverse = divergence == 1 or (divergence == 2 and beta == 1.0)
+    what = "direction='reverse'" if divergence == 1 else "beta=1 (the reverse KL)"
+    if reverse and residual == "renormalize" and k < C:
         raise ValueError(
-            "direction='reverse' with residual='renormalize' and k < C is infinite (the "
+            f"{what} with residual='renormalize' and k < C is infinite (the "
             "teacher is 0 outside its top k, the student is not): use residual='uniform'"
         )
     hk = half_kind(s.dtype)
@@ -418,8 +421,9 @@ _DOC = """{what} a sparse (top-k) teacher given by its class indices and log-pro
         For bad logits or options (as the dense functions), and for teacher arrays of the
         wrong shape or dtype, indices out of range or repeated in a row, NaN or positive
         log-probabilities, a row whose probabilities sum to more than 1, a counted row
-        with no mass under "renormalize", and (KL) direction="reverse" with "renormalize"
-        and k < C, which is infinite (the teacher is 0 where the student is not).
+        with no mass under "renormalize", and the reverse KL (direction="reverse", or the
+        JSD at beta=1, the same divergence) with "renormalize" and k < C, which is infinite
+        (the teacher is 0 where the student is not).
         Everything is checked before anything is written.
 """
 
