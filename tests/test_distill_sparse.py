@@ -296,6 +296,17 @@ def test_no_counted_row_and_massless_ignored_row():
     loss = fx.kl_div_with_topk_teacher(s, idx, lp, residual="uniform", reduction="none")
     rl, _ = reference(s, dense_teacher(idx, lp, C, "uniform"), "forward", reduction="none")
     np.testing.assert_allclose(loss, rl, rtol=1e-13)
+    # ... but with k = C there is no other class: no teacher at all, refused as "renormalize"
+    idx = np.tile(np.arange(C), (N, 1))
+    lp = np.full((N, C), np.log(1 / C))
+    lp[1] = -np.inf
+    out = np.full_like(s, 2.0)
+    for kind, beta in KINDS:
+        with pytest.raises(ValueError, match="row 1's teacher has no mass.*k = C"):
+            call(kind, beta, s, idx, lp, residual="uniform", out=out)
+        assert (out == 2.0).all()
+    loss = fx.kl_div_with_topk_teacher(s, idx, lp, residual="uniform", mask=mask)
+    assert np.isfinite(loss)
 
 
 def test_empty_rows():

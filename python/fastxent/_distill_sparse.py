@@ -148,11 +148,14 @@ def _run(
     idx, lg, mass = _check_teacher(rows, C, teacher_indices, teacher_logprobs)
     n_rows, k = idx.shape
     counted = np.ones(n_rows, bool) if rw is None else rw > 0
-    if residual == "renormalize" and np.any(counted & (mass == 0)):
+    # no mass at all: renormalising divides by 0, and with k = C nothing is left to spread
+    # (both residuals are then the same teacher)
+    if (residual == "renormalize" or k == C) and np.any(counted & (mass == 0)):
         r = int(np.argmax(counted & (mass == 0)))
+        why = "residual='renormalize'" if residual == "renormalize" else "k = C (no other class)"
         raise ValueError(
             f"row {r}'s teacher has no mass (every log-probability is -inf): with "
-            "residual='renormalize' its distribution is undefined"
+            f"{why} its distribution is undefined"
         )
     # reverse KL: direction="reverse", or the JSD at beta = 1 (its end point, the same divergence)
     reverse = divergence == 1 or (divergence == 2 and beta == 1.0)
@@ -406,7 +409,8 @@ _DOC = """{what} a sparse (top-k) teacher given by its class indices and log-pro
     teacher_logprobs : array_like, shape (..., k)
         Their log-probabilities (float; -inf is a probability of 0): no NaN, each <= 0 and
         per row ``sum(exp(l)) <= 1``, up to rounding (1e-5, or 4 ulp of 16-bit). m may be
-        below 1; under "renormalize" a counted row needs m > 0.
+        below 1; under "renormalize", and under "uniform" when k = C, a counted row needs
+        m > 0.
     residual : {{"renormalize", "uniform"}}
         What becomes of the mass 1 - m outside the top k (see above). Both are the same when
         k = C or m = 1.
@@ -421,7 +425,7 @@ _DOC = """{what} a sparse (top-k) teacher given by its class indices and log-pro
         For bad logits or options (as the dense functions), and for teacher arrays of the
         wrong shape or dtype, indices out of range or repeated in a row, NaN or positive
         log-probabilities, a row whose probabilities sum to more than 1, a counted row
-        with no mass under "renormalize", and the reverse KL (direction="reverse", or the
+        with no mass under "renormalize" (or with k = C), and the reverse KL (direction="reverse", or the
         JSD at beta=1, the same divergence) with "renormalize" and k < C, which is infinite
         (the teacher is 0 where the student is not).
         Everything is checked before anything is written.
