@@ -276,6 +276,39 @@ def test_mass_one_uniform_is_renormalize():
     np.testing.assert_allclose(a[1], b[1], atol=1e-15)
 
 
+def test_uniform_full_mass_reverse_refused():
+    """residual="uniform" at a row of mass 1 (exactly, or above by rounding) gives the others 0:
+    the reverse KL (and the JSD at beta = 1) is infinite and refused, naming the row; the
+    forward KL and the JSD at beta < 1 are finite and accept it."""
+    rng = np.random.default_rng(14)
+    C = 6
+    idx = np.array([[0, 1], [2, 3]])
+    for row0, dt in (([0.5, 0.5], np.float64), ([0.5, 0.5000001], np.float32)):
+        lp = np.log(np.array([row0, [0.25, 0.70]], dt))
+        s = rng.standard_normal((2, C)).astype(dt)
+        out = np.full_like(s, 2.0)
+        with pytest.raises(ValueError, match="infinite at row 0.*sum to"):
+            fx.kl_div_with_topk_teacher_with_grad(
+                s, idx, lp, residual="uniform", direction="reverse", out=out
+            )
+        with pytest.raises(ValueError, match="beta=1.*infinite at row 0"):
+            fx.jsd_with_topk_teacher_with_grad(s, idx, lp, residual="uniform", beta=1.0, out=out)
+        assert (out == 2.0).all()
+        # a row that does not count is not refused
+        mask = np.array([False, True])
+        loss, g = fx.kl_div_with_topk_teacher_with_grad(
+            s, idx, lp, residual="uniform", direction="reverse", mask=mask
+        )
+        assert np.isfinite(loss) and np.isfinite(g).all()
+        lt = dense_teacher(idx, lp, C, "uniform")
+        for kind, beta in (("forward", None), ("jsd", 0.5), ("jsd", 0.0)):
+            loss, g = call(kind, beta, s, idx, lp, residual="uniform", reduction="none")
+            rl, rg = reference(s, lt, kind if beta != 0.0 else "forward", beta, reduction="none")
+            assert np.isfinite(loss).all() and np.isfinite(g).all()
+            np.testing.assert_allclose(loss, rl, rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(g, rg, atol=1e-6)
+
+
 def test_no_counted_row_and_massless_ignored_row():
     rng = np.random.default_rng(7)
     C, k, N = 8, 2, 3

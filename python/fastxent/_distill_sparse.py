@@ -163,7 +163,27 @@ def _run(
     if reverse and residual == "renormalize" and k < C:
         raise ValueError(
             f"{what} with residual='renormalize' and k < C is infinite (the "
-            "teacher is 0 outside its top k, the student is not): use residual='uniform'"
+            "teacher is 0 outside its top k, the student is not): residual='uniform' is "
+            "finite where a row's top-k mass m is below 1 (it gives the other classes "
+            "(1 - m) / (C - k) each; a row with m = 1 stays infinite and is refused there too)"
+        )
+    # the teacher's fill per row: -inf (renormalize, or nothing missing), log((1 - m) / (C - k))
+    if residual == "uniform" and C > k:
+        with np.errstate(divide="ignore"):
+            fill = np.log(np.maximum(1.0 - mass, 0.0) / (C - k))
+    else:
+        fill = np.full(n_rows, -np.inf)
+    # "uniform" with m = 1 (or above by rounding): the other C - k classes get probability 0,
+    # where the student's is not: the reverse KL is infinite (the forward KL and the JSD at
+    # beta < 1 are finite, the teacher's zeros cost nothing there)
+    zero = counted & np.isneginf(fill)
+    if reverse and residual == "uniform" and k < C and zero.any():
+        r = int(np.argmax(zero))
+        raise ValueError(
+            f"{what} with residual='uniform' is infinite at row {r}: its top-k probabilities "
+            f"sum to {float(mass[r])!r} (1 up to rounding), which leaves the other C - k "
+            "classes probability 0 where the student's is not (the forward KL and the JSD at "
+            "beta < 1 are finite there; or keep m below 1)"
         )
     hk = half_kind(s.dtype)
     gs: Optional[np.ndarray] = None
@@ -191,12 +211,6 @@ def _run(
     if red == 2:
         den = float(w.sum())
         w = w / den if den > 0 else np.zeros(n_rows, np.float64)
-    # the teacher's fill per row: -inf (renormalize, or nothing missing), log((1 - m) / (C - k))
-    if residual == "uniform" and C > k:
-        with np.errstate(divide="ignore"):
-            fill = np.log(np.maximum(1.0 - mass, 0.0) / (C - k))
-    else:
-        fill = np.full(n_rows, -np.inf)
 
     cdt = np.dtype(np.float32) if hk is not None else s.dtype  # the kernel's dtype here
     sv = rows_view(s)
@@ -413,7 +427,7 @@ _DOC = """{what} a sparse (top-k) teacher given by its class indices and log-pro
         m > 0.
     residual : {{"renormalize", "uniform"}}
         What becomes of the mass 1 - m outside the top k (see above). Both are the same when
-        k = C or m = 1.
+        k = C or m = 1 (m above 1 by rounding counts as 1: nothing is left for the others).
 {extra}    temperature, reduction, labels, ignore_index, mask, sample_weight, num_threads
         As in :func:`fastxent.kl_div_with_logits` ("mean" is PyTorch's "batchmean": the sum
         over the sum of the row weights; the loss is times ``T**2``). Results are bitwise
@@ -425,9 +439,12 @@ _DOC = """{what} a sparse (top-k) teacher given by its class indices and log-pro
         For bad logits or options (as the dense functions), and for teacher arrays of the
         wrong shape or dtype, indices out of range or repeated in a row, NaN or positive
         log-probabilities, a row whose probabilities sum to more than 1, a counted row
-        with no mass under "renormalize" (or with k = C), and the reverse KL (direction="reverse", or the
-        JSD at beta=1, the same divergence) with "renormalize" and k < C, which is infinite
-        (the teacher is 0 where the student is not).
+        with no mass under "renormalize" (or with k = C), and the reverse KL
+        (direction="reverse", or the JSD at beta=1, the same divergence) where it is
+        infinite: with "renormalize" and k < C (the teacher is 0 outside its top k, the
+        student is not), and with "uniform" and k < C at a counted row of mass m = 1 (or
+        above by rounding), whose C - k other classes get probability 0 (the forward KL and
+        the JSD at beta < 1 stay finite and accept it).
         Everything is checked before anything is written.
 """
 
