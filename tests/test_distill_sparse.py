@@ -578,6 +578,17 @@ def test_torch_errors(torch_mods):
         fxt.kl_div_with_topk_teacher(s, idx, lp.clone().requires_grad_())
     with pytest.raises(ValueError, match="out of range"):
         fxt.kl_div_with_topk_teacher(s, idx + C, lp)
+    # a sample_weight that requires grad would silently get none: refused, as the dense wrapper
+    sw = torch.rand(N, requires_grad=True)
+    for f in (fxt.kl_div_with_topk_teacher, fxt.jsd_with_topk_teacher):
+        with pytest.raises(RuntimeError, match="sample_weight.*requires_grad=True"):
+            f(s, idx, lp, sample_weight=sw)
+    with torch.no_grad():
+        fxt.kl_div_with_topk_teacher(s, idx, lp, sample_weight=sw)  # nothing to differentiate
+    fxt.kl_div_with_topk_teacher(s, idx, lp, sample_weight=sw.detach()).backward()
+    # a float mask is refused (mask is boolean), so it cannot carry a gradient either
+    with pytest.raises(TypeError, match="mask must be boolean"):
+        fxt.kl_div_with_topk_teacher(s, idx, lp, mask=torch.ones(N, requires_grad=True))
     # first order only: a double backward is refused, not silently wrong
     loss = fxt.kl_div_with_topk_teacher(s, idx, lp)
     (gs,) = torch.autograd.grad(loss, s, create_graph=True)

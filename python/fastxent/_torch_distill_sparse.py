@@ -86,6 +86,12 @@ def _apply(
                     f"{name} requires grad, but the top-k teacher is data: no gradient flows "
                     f"to it (detach it, e.g. {name}.detach())"
                 )
+    sw = kw["sample_weight"]
+    if isinstance(sw, Tensor) and sw.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError(
+            "fastxent.torch does not differentiate with respect to sample_weight; this input "
+            "cannot have requires_grad=True (detach it)"
+        )
     return _TopkDistill.apply(student, teacher_indices, teacher_logprobs, kw)
 
 
@@ -109,7 +115,8 @@ def kl_div_with_topk_teacher(
     dense teacher ``lt`` (its log-probabilities, built as that function describes), "forward" is
     ``F.kl_div(F.log_softmax(student / T, -1), F.log_softmax(lt / T, -1), log_target=True,
     reduction="batchmean") * T**2``. teacher_indices / teacher_logprobs are data: one that
-    requires grad is a ValueError. First-order gradients only."""
+    requires grad is a ValueError; so is (RuntimeError) a sample_weight that requires grad (no
+    gradient flows to it either). First-order gradients only."""
     kw: Dict[str, Any] = dict(divergence=_distill._direction(direction), beta=0.5)
     kw.update(_options(residual, temperature, reduction, labels, ignore_index, mask,
                        sample_weight, num_threads))  # fmt: skip
@@ -134,7 +141,8 @@ def jsd_with_topk_teacher(
     """Generalised JSD between a sparse (top-k) teacher and the student's softmax,
     differentiable with respect to the student: :func:`fastxent.jsd_with_topk_teacher` on
     tensors. teacher_indices / teacher_logprobs are data: one that requires grad is a
-    ValueError. First-order gradients only."""
+    ValueError; so is (RuntimeError) a sample_weight that requires grad. First-order gradients
+    only."""
     kw: Dict[str, Any] = dict(divergence=2, beta=_distill._beta(beta))
     kw.update(_options(residual, temperature, reduction, labels, ignore_index, mask,
                        sample_weight, num_threads))  # fmt: skip
