@@ -589,15 +589,105 @@ def test_torch_errors(torch_mods):
     # a float mask is refused (mask is boolean), so it cannot carry a gradient either
     with pytest.raises(TypeError, match="mask must be boolean"):
         fxt.kl_div_with_topk_teacher(s, idx, lp, mask=torch.ones(N, requires_grad=True))
-    # first order only: a double backward is refused, not silently wrong
     loss = fxt.kl_div_with_topk_teacher(s, idx, lp)
-    (gs,) = torch.autograd.grad(loss, s, create_graph=True)
-    with pytest.raises(RuntimeError):
-        torch.autograd.grad(gs.sum(), s)
     # no gradient asked for: the loss alone
     with torch.no_grad():
         l0 = fxt.kl_div_with_topk_teacher(s, idx, lp)
     torch.testing.assert_close(l0, loss.detach())
+
+
+SECOND = [
+    ("renormalize", "forward", None, "mean", 1.0),
+    ("renormalize", "jsd", 0.3, "sum", 2.0),
+    ("uniform", "forward", None, "none", 2.0),
+    ("uniform", "reverse", None, "mean", 1.0),
+    ("uniform", "jsd", 1.0, "none", 1.0),
+]
+
+
+@pytest.mark.parametrize("residual,kind,beta,reduction,T", SECOND)
+def test_torch_second_order(torch_mods, residual, kind, beta, reduction, T):
+    """create_graph=True (hvp, jvp, hessian, gradient penalties) gives the true second-order
+    terms: those of the dense wrapper on the dense teacher logits (F.kl_div for "forward"),
+    not the zeros of a constant gradient."""
+    torch, F, fxt = torch_mods
+    g = torch.Generator().manual_seed(3)
+    N, C, k = 4, 9, 3
+    dt = torch.float64
+    s = torch.randn(N, C, generator=g, dtype=dt)
+    v = torch.randn(N, C, generator=g, dtype=dt)
+    lp, idx = torch.log_softmax(2 * torch.randn(N, C, generator=g, dtype=dt), -1).topk(k)
+    lt = torch.from_numpy(dense_teacher(idx.numpy(), lp.numpy(), C, residual))
+    labels = torch.tensor([0, -100, 2, 3])
+    sw = torch.rand(N, generator=g, dtype=dt)
+    kw = dict(residual=residual, temperature=T, reduction=reduction, labels=labels)
+    kw["sample_weight"] = sw
+    dkw = {key: val for key, val in kw.items() if key != "residual"}
+    go = (
+        torch.randn(N, generator=g, dtype=dt)
+        if reduction == "none"
+        else torch.tensor(1.7, dtype=dt)
+    )
+
+    if kind == "jsd":
+
+        def f(x):
+            return (fxt.jsd_with_topk_teacher(x, idx, lp, beta=beta, **kw) * go).sum()
+
+        def fr(x):
+            return (fxt.jsd_with_logits(x, lt, beta=beta, **dkw) * go).sum()
+    else:
+
+        def f(x):
+            return (fxt.kl_div_with_topk_teacher(x, idx, lp, direction=kind, **kw) * go).sum()
+
+        def fr(x):
+            return (fxt.kl_div_with_logits(x, lt, direction=kind, **dkw) * go).sum()
+
+    for a, b in (
+        (torch.autograd.functional.hvp(f, s, v)[1], torch.autograd.functional.hvp(fr, s, v)[1]),
+        (torch.autograd.functional.jvp(f, s, v)[1], torch.autograd.functional.jvp(fr, s, v)[1]),
+        (torch.autograd.functional.hessian(f, s), torch.autograd.functional.hessian(fr, s)),
+    ):
+        assert b.abs().sum() > 1e-3  # a real second-order term, not the zeros of the bug
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    # a gradient penalty L + |g|^2
+    pen = []
+    for fn in (f, fr):
+        x = s.clone().requires_grad_()
+        L = fn(x)
+        (gx,) = torch.autograd.grad(L, x, create_graph=True)
+        assert gx.requires_grad
+        pen.append(torch.autograd.grad(L + (gx**2).sum(), x)[0])
+    torch.testing.assert_close(pen[0], pen[1], rtol=1e-10, atol=1e-12)
+    if kind == "forward" and reduction == "mean" and T == 1.0:
+        # and against PyTorch's own KL on the dense teacher (-inf made very negative)
+        w = sw * (labels != -100)
+
+        def fk(x):
+            ls = F.log_softmax(x, -1)
+            lq = F.log_softmax(torch.where(torch.isinf(lt), -1e30, lt), -1)
+            rows = F.kl_div(ls, lq, log_target=True, reduction="none").sum(-1)
+            return (rows * w).sum() / w.sum() * go
+
+        hv = torch.autograd.functional.hvp(fk, s, v)[1]
+        torch.testing.assert_close(torch.autograd.functional.hvp(f, s, v)[1], hv)
+
+
+def test_torch_second_order_16bit(torch_mods):
+    torch, F, fxt = torch_mods
+    g = torch.Generator().manual_seed(4)
+    N, C, k = 3, 8, 2
+    s32 = torch.randn(N, C, generator=g).to(torch.bfloat16).float()
+    lp, idx = torch.log_softmax(torch.randn(N, C, generator=g), -1).topk(k)
+    out = []
+    for x in (s32.to(torch.bfloat16).requires_grad_(), s32.clone().requires_grad_()):
+        L = fxt.kl_div_with_topk_teacher(x, idx, lp, residual="uniform")
+        (gx,) = torch.autograd.grad(L, x, create_graph=True)
+        (h,) = torch.autograd.grad((gx.float() ** 2).sum(), x)
+        assert h.dtype == x.dtype and h.abs().sum() > 0
+        out.append(h.float())
+    torch.testing.assert_close(out[0], out[1], rtol=2e-2, atol=1e-3)
 
 
 def test_torch_bfloat16(torch_mods):

@@ -113,6 +113,27 @@ def _check_teacher(
     return ix, lg, mass
 
 
+def _fill(residual: str, mass: np.ndarray, C: int, k: int) -> np.ndarray:
+    """The teacher's logit per row outside its top k (float64): -inf (renormalize, or
+    nothing missing), else log((1 - m) / (C - k))."""
+    if residual == "uniform" and C > k:
+        with np.errstate(divide="ignore"):
+            return np.log(np.maximum(1.0 - mass, 0.0) / (C - k))
+    return np.full(mass.shape, -np.inf)
+
+
+def dense_teacher(
+    rows: Tuple[int, ...], C: int, teacher_indices: Any, teacher_logprobs: Any, residual: str
+) -> np.ndarray:
+    """The teacher's logits ``log t`` as a dense float64 array of shape rows + (C,): exactly
+    what _run fills its tiles with (cast to the kernel's dtype there). Materialises rows x C:
+    for the torch wrapper's second-order path only."""
+    idx, lg, mass = _check_teacher(rows, C, teacher_indices, teacher_logprobs)
+    t = np.repeat(_fill(residual, mass, C, idx.shape[1])[:, None], C, axis=1)
+    np.put_along_axis(t, idx, lg, axis=1)
+    return t.reshape(rows + (C,))
+
+
 def _run(
     student: Any,
     teacher_indices: Any,
@@ -167,12 +188,7 @@ def _run(
             "finite where a row's top-k mass m is below 1 (it gives the other classes "
             "(1 - m) / (C - k) each; a row with m = 1 stays infinite and is refused there too)"
         )
-    # the teacher's fill per row: -inf (renormalize, or nothing missing), log((1 - m) / (C - k))
-    if residual == "uniform" and C > k:
-        with np.errstate(divide="ignore"):
-            fill = np.log(np.maximum(1.0 - mass, 0.0) / (C - k))
-    else:
-        fill = np.full(n_rows, -np.inf)
+    fill = _fill(residual, mass, C, k)
     # "uniform" with m = 1 (or above by rounding): the other C - k classes get probability 0,
     # where the student's is not: the reverse KL is infinite (the forward KL and the JSD at
     # beta < 1 are finite, the teacher's zeros cost nothing there)

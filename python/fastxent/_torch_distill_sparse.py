@@ -4,9 +4,13 @@ respect to the student's logits, around fastxent.kl_div_with_topk_teacher_with_g
 jsd_with_topk_teacher_with_grad (see fastxent._distill_sparse for the teacher's definition).
 
 The teacher's indices and log-probabilities are data: a teacher_logprobs that requires grad is
-refused (no gradient flows to it, and a silent None would hide that). The gradient is first
-order only (no create_graph / double backward, no forward mode, no torch.func or
-torch.compile tracing): the kernel's gradient is not itself differentiable.
+refused (no gradient flows to it, and a silent None would hide that). First-order gradients
+come from the kernel; second order (create_graph=True: double backward, Hessian-vector
+products, torch.autograd.functional.hvp / jvp / hessian, gradient penalties) differentiates
+the dense wrappers' loss in PyTorch ops (fastxent._torch_distill.reference_loss) on the dense
+teacher logits, built exactly as the kernel's tiles are (rows x C, at PyTorch's speed), as
+fastxent.torch.kl_div_with_logits does. No forward mode (forward_ad) and no torch.func
+transforms (an error, not a silent result).
 """
 
 from __future__ import annotations
@@ -15,39 +19,63 @@ from typing import Any, Dict, Optional
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from . import _distill, _distill_sparse
 from ._torch_common import autocast_loss_dtype, check_cpu, loss_tensor
-from ._torch_distill import _tensor
+from ._torch_distill import _reference_vjp, _Spec, _tensor
 
 __all__ = ["kl_div_with_topk_teacher", "jsd_with_topk_teacher"]
 
 
 class _TopkDistill(torch.autograd.Function):
     """Forward: the loss and (when the student requires grad) its gradient from one call of
-    the NumPy layer. Backward: that gradient times grad_output."""
+    the NumPy layer. Backward: that gradient times grad_output; under create_graph=True
+    (double backward, Hessian-vector products, gradient penalties), the vector-Jacobian
+    product of the dense wrappers' loss in PyTorch ops on the dense teacher logits (built
+    exactly as the tiles are: differentiable, materialising rows x C)."""
 
     @staticmethod
-    def forward(
-        ctx, student: Tensor, indices: Tensor, logprobs: Tensor, kw: Dict[str, Any]
-    ) -> Tensor:
+    def forward(ctx, student: Tensor, indices: Any, logprobs: Any, kw: Dict[str, Any]) -> Tensor:
         want = bool(ctx.needs_input_grad[0])
         res = _distill_sparse._run(student, indices, logprobs, **kw, want_grad=want, out=None)
         if want:
             loss, gs = res
             ctx.gs = _tensor(gs)
+            ctx.save_for_backward(student)  # for the second-order path
+            ctx.teacher, ctx.kw = (indices, logprobs), kw
         else:
             loss, ctx.gs = res, None
         ctx.none = kw["reduction"] == "none"
         return loss_tensor(loss, autocast_loss_dtype(student))
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_output: Tensor):
+        if torch.is_grad_enabled():  # create_graph=True: a differentiable gradient
+            (student,) = ctx.saved_tensors
+            kw = ctx.kw
+            cdt = torch.float32 if student.dtype in (torch.float16, torch.bfloat16) else None
+            lt = _distill_sparse.dense_teacher(
+                tuple(student.shape[:-1]), student.shape[-1], *ctx.teacher, kw["residual"]
+            )
+            lt = torch.from_numpy(lt).to(cdt or student.dtype)
+            dense_kw = {k: kw[k] for k in _DENSE_KEYS}
+            spec = _Spec(kw["divergence"], kw["beta"], dense_kw)
+            gs, _ = _reference_vjp(student, lt, spec, grad_output, (True, False))
+            return gs, None, None, None
         g = ctx.gs
         go = grad_output.unsqueeze(-1) if ctx.none else grad_output
         return g * go.to(g.dtype), None, None, None
+
+
+_DENSE_KEYS = (
+    "temperature",
+    "reduction",
+    "labels",
+    "ignore_index",
+    "mask",
+    "sample_weight",
+    "num_threads",
+)
 
 
 def _options(
@@ -116,7 +144,9 @@ def kl_div_with_topk_teacher(
     ``F.kl_div(F.log_softmax(student / T, -1), F.log_softmax(lt / T, -1), log_target=True,
     reduction="batchmean") * T**2``. teacher_indices / teacher_logprobs are data: one that
     requires grad is a ValueError; so is (RuntimeError) a sample_weight that requires grad (no
-    gradient flows to it either). First-order gradients only."""
+    gradient flows to it either). First-order gradients from the kernel; second order
+    (create_graph=True: Hessian-vector products, gradient penalties) through the loss in
+    PyTorch ops on the dense teacher (rows x C), as :func:`kl_div_with_logits`."""
     kw: Dict[str, Any] = dict(divergence=_distill._direction(direction), beta=0.5)
     kw.update(_options(residual, temperature, reduction, labels, ignore_index, mask,
                        sample_weight, num_threads))  # fmt: skip
@@ -142,7 +172,8 @@ def jsd_with_topk_teacher(
     differentiable with respect to the student: :func:`fastxent.jsd_with_topk_teacher` on
     tensors. teacher_indices / teacher_logprobs are data: one that requires grad is a
     ValueError; so is (RuntimeError) a sample_weight that requires grad. First-order gradients
-    only."""
+    from the kernel; second order (create_graph=True) through the loss in PyTorch ops on the
+    dense teacher (rows x C), as :func:`jsd_with_logits`."""
     kw: Dict[str, Any] = dict(divergence=2, beta=_distill._beta(beta))
     kw.update(_options(residual, temperature, reduction, labels, ignore_index, mask,
                        sample_weight, num_threads))  # fmt: skip
