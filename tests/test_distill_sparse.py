@@ -690,6 +690,44 @@ def test_torch_second_order_16bit(torch_mods):
     torch.testing.assert_close(out[0], out[1], rtol=2e-2, atol=1e-3)
 
 
+# Dynamo, resuming after a graph break, looks at .grad of the non-leaf tensors it carries over
+# and hides PyTorch's warning through warnings.showwarning, which this suite's
+# filterwarnings = error bypasses (a PyTorch internal, silent outside -W error).
+@pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf")
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_torch_compile_graph_break(torch_mods, backend):
+    """torch.compile runs the call eagerly (a graph break) around the compiled rest: the same
+    loss and gradient as eager, not a dynamo error from the NumPy layer."""
+    torch, F, fxt = torch_mods
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(5)
+    N, C, k = 4, 10, 3
+    s = torch.randn(N, C, generator=g, dtype=torch.float64)
+    lp, idx = torch.log_softmax(torch.randn(N, C, generator=g, dtype=torch.float64), -1).topk(k)
+    sw = torch.rand(N, generator=g, dtype=torch.float64)
+
+    def fn(x):
+        y = 2.0 * x + 1.0  # compiled around the call
+        a = fxt.kl_div_with_topk_teacher(y, idx, lp, residual="uniform", sample_weight=sw)
+        b = fxt.jsd_with_topk_teacher(y, idx, lp, beta=0.3, reduction="none")
+        return a + (b * b).sum()
+
+    res = []
+    for f in (fn, torch.compile(fn, backend=backend)):
+        x = s.clone().requires_grad_()
+        L = f(x)
+        L.backward()
+        res.append((L.detach(), x.grad))
+    torch.testing.assert_close(res[1][0], res[0][0], rtol=1e-13, atol=0)
+    torch.testing.assert_close(res[1][1], res[0][1], rtol=1e-13, atol=1e-15)
+    # errors still surface as themselves
+    with pytest.raises(ValueError, match="out of range"):
+        torch.compile(lambda x: fxt.kl_div_with_topk_teacher(x, idx + C, lp), backend=backend)(s)
+    # fullgraph=True cannot break the graph: refused, naming the reason
+    with pytest.raises(torch._dynamo.exc.Unsupported, match="fastxent top-k teacher"):
+        torch.compile(fn, backend=backend, fullgraph=True)(s)
+
+
 def test_torch_bfloat16(torch_mods):
     torch, F, fxt = torch_mods
     N, C, k = 5, 16, 4

@@ -10,7 +10,8 @@ products, torch.autograd.functional.hvp / jvp / hessian, gradient penalties) dif
 the dense wrappers' loss in PyTorch ops (fastxent._torch_distill.reference_loss) on the dense
 teacher logits, built exactly as the kernel's tiles are (rows x C, at PyTorch's speed), as
 fastxent.torch.kl_div_with_logits does. No forward mode (forward_ad) and no torch.func
-transforms (an error, not a silent result).
+transforms (an error, not a silent result). Under torch.compile the call is a graph break
+(torch.compiler.disable: run eagerly, the rest compiled; fullgraph=True refuses it).
 """
 
 from __future__ import annotations
@@ -100,6 +101,9 @@ def _options(
     )
 
 
+# torch.compile cannot trace the NumPy layer (DLPack, NumPy checks): a graph break, so compiled
+# code runs this call eagerly around the rest of the graph (fullgraph=True is refused).
+@torch.compiler.disable(reason="fastxent top-k teacher: runs eagerly (NumPy layer)")
 def _apply(
     student: Tensor, teacher_indices: Any, teacher_logprobs: Any, kw: Dict[str, Any]
 ) -> Tensor:
