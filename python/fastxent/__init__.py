@@ -21,6 +21,12 @@ from ._distill import (
     kl_div_with_logits,
     kl_div_with_logits_with_grad,
 )
+from ._distill_sparse import (
+    jsd_with_topk_teacher,
+    jsd_with_topk_teacher_with_grad,
+    kl_div_with_topk_teacher,
+    kl_div_with_topk_teacher_with_grad,
+)
 from ._companions import log_softmax, logsumexp, softmax, softmax_backward, softmax_jacobian
 from ._shard import (
     STAT_FIELDS,
@@ -51,6 +57,10 @@ __all__ = [
     "kl_div_with_logits_with_grad",
     "jsd_with_logits",
     "jsd_with_logits_with_grad",
+    "kl_div_with_topk_teacher",
+    "kl_div_with_topk_teacher_with_grad",
+    "jsd_with_topk_teacher",
+    "jsd_with_topk_teacher_with_grad",
     "STAT_FIELDS",
     "shard_stats",
     "merge_stats",

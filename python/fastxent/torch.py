@@ -23,7 +23,8 @@ This module holds the public names; the implementation is in private modules, by
 ops), ``_torch_fast`` (the gradient buffer pool, the fused call, the lean path of a plain call),
 ``_torch_autograd`` (the autograd Function and the dispatch of a call with options),
 ``_torch_nodata`` (checks without tensor values, torch.func, the custom op for torch.compile),
-``_torch_bce`` (sigmoid cross-entropy), ``_torch_distill`` (distillation losses: KL, JSD)
+``_torch_bce`` (sigmoid cross-entropy), ``_torch_distill`` (distillation losses: KL, JSD),
+``_torch_distill_sparse`` (the same from a sparse top-k teacher)
 and ``_torch_vocab`` (vocab-parallel).
 
 Requires the optional extra: ``pip install fastxent[torch]``.
@@ -49,6 +50,7 @@ from ._torch_distill import (
     jsd_with_logits,
     kl_div_with_logits,
 )
+from ._torch_distill_sparse import jsd_with_topk_teacher, kl_div_with_topk_teacher
 from ._torch_fast import is_compiling, kept_buffer_bytes, lean_call, release_buffers
 from ._torch_nodata import validate_options
 from ._torch_vocab import vocab_parallel_cross_entropy
@@ -62,6 +64,8 @@ __all__ = [
     "KLDivWithLogitsLoss",
     "jsd_with_logits",
     "JSDWithLogitsLoss",
+    "kl_div_with_topk_teacher",
+    "jsd_with_topk_teacher",
     "vocab_parallel_cross_entropy",
     "release_buffers",
     "kept_buffer_bytes",
