@@ -449,6 +449,7 @@ def _errors(N, C, k):
         (dict(direction="sideways"), ValueError, "direction"),
         (dict(temperature=0.0), ValueError, "temperature"),
         (dict(temperature="1"), TypeError, "temperature"),
+        (dict(temperature=150.0), ValueError, r"temperature must be in \[1e-30, 100\]"),
         (dict(reduction="batchmean"), ValueError, "reduction"),
         (dict(labels=np.zeros(N - 1, np.int64)), ValueError, "labels has shape"),
         (dict(mask=np.ones(N, np.int8)), TypeError, "mask must be boolean"),

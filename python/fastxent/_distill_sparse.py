@@ -30,14 +30,13 @@ tile and running the two-distribution kernel over it.
 
 from __future__ import annotations
 
-import math
 import operator
 from typing import Any, Optional, Tuple
 
 import numpy as np
 
 from . import _core
-from ._distill import _as_logits, _beta, _direction, _real, _row_weight
+from ._distill import _as_logits, _beta, _direction, _row_weight, _temperature
 from ._options import check_out, half_kind, reduction_code, rows_view, threads, to_numpy
 
 __all__ = [
@@ -159,9 +158,7 @@ def _run(
         raise ValueError("the class axis has no classes (C = 0)")
     if not isinstance(residual, str) or residual not in RESIDUALS:
         raise ValueError(f"residual must be 'renormalize' or 'uniform', got {residual!r}")
-    tau = _real(temperature, "temperature")
-    if not (tau > 0 and math.isfinite(tau)):
-        raise ValueError(f"temperature must be finite and > 0, got {temperature!r}")
+    tau = _temperature(temperature)  # the dense losses' check and range
     red = reduction_code(reduction)
     nt = threads(num_threads)
     rows = s.shape[:-1]
