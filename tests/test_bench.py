@@ -147,6 +147,7 @@ def test_distill_section_rows():
     assert {"fastxent KL fwd+grad out=", "fastxent JSD fwd+grad out=", "fastxent KL loss only"} <= (
         names
     )
+    assert "fastxent top-64 KL fwd+grad out=" in names
     for r in rows:
         assert r["median_s"] > 0 and r["threads"] == 1 and r["vs_floor"] > 0
     try:
@@ -159,6 +160,10 @@ def test_distill_section_rows():
     names = {r["contestant"] for r in rows}
     assert {"add a+b->c (floor)", "torch F.kl_div fwd+bwd", "torch JSD (ops) fwd+bwd"} <= names
     assert any("torch F.kl_div fwd+bwd / fastxent KL fwd+grad out=" in ln for ln in lines)
+    assert "torch top-64 KL (scatter) fwd+bwd" in names
+    assert any(
+        "torch top-64 KL (scatter) fwd+bwd / fastxent top-64 KL fwd+grad out=" in ln for ln in lines
+    )
 
 
 def test_training_loop_section_without_torch():

@@ -33,6 +33,7 @@ SHAPES: Tuple[Tuple[int, int], ...] = ((4096, 32000), (1024, 128256))
 QUICK_SHAPES: Tuple[Tuple[int, int], ...] = ((256, 5000),)
 T = 2.0  # the temperature of every case
 BETA = 0.5
+TOPK = 64  # the sparse teacher's k
 
 
 def _optional(name: str) -> Any:
@@ -81,9 +82,41 @@ def _contestants(N: int, C: int, nt: int, peers: Sequence[str]) -> List[Contesta
             floor="read",
         ),
     ]
+    # The sparse (top-k) teacher: the teacher's K largest log-probabilities per row
+    # (renormalised), as offline distillation stores them.
+    k = min(TOPK, C)
+    idx = np.argpartition(-t, k - 1, axis=-1)[:, :k]
+    tk = np.take_along_axis(t, idx, -1).astype(np.float64)
+    lse = np.log(np.exp(t - t.max(-1, keepdims=True)).sum(-1, dtype=np.float64))
+    lp = (tk - t.max(-1, keepdims=True) - lse[:, None]).astype(np.float32)
+    cs.append(
+        Contestant(
+            f"fastxent top-{k} KL fwd+grad out=",
+            lambda: fx.kl_div_with_topk_teacher_with_grad(
+                s, idx, lp, temperature=T, out=g, num_threads=nt
+            ),
+        )
+    )
     if torch is not None:
         F = torch.nn.functional
         ts, tt = torch.from_numpy(s), torch.from_numpy(t)
+        ti, tl = torch.from_numpy(idx), torch.from_numpy(lp)
+
+        def torch_topk_kl():
+            # The dense teacher built by scatter (-1e30 off the top k: F.kl_div's log_target
+            # gives NaN at -inf), then F.kl_div as above.
+            x = ts.detach().requires_grad_()
+            dense = torch.full_like(ts, -1e30).scatter_(-1, ti, tl)
+            loss = F.kl_div(
+                F.log_softmax(x / T, -1),
+                F.log_softmax(dense / T, -1),
+                log_target=True,
+                reduction="batchmean",
+            ) * (T * T)
+            loss.backward()
+            return x.grad
+
+        cs.append(Contestant(f"torch top-{k} KL (scatter) fwd+bwd", torch_topk_kl, kind="peer"))
 
         def torch_kl():
             x = ts.detach().requires_grad_()
@@ -196,6 +229,11 @@ def run_distill(
                     ("torch F.kl_div fwd+bwd", "fastxent.torch KL fwd+bwd"),
                     ("jax.jit KL (log_softmax) v&g", "fastxent.jax KL v&g"),
                     ("jax.jit KL (log_softmax) v&g", "fastxent KL fwd+grad out="),
+                    (
+                        f"torch top-{TOPK} KL (scatter) fwd+bwd",
+                        f"fastxent top-{TOPK} KL fwd+grad out=",
+                    ),
+                    (f"fastxent top-{TOPK} KL fwd+grad out=", "fastxent KL fwd+grad out="),
                 )
                 for a, b in pairs:
                     if a in med and b in med:
