@@ -29,6 +29,8 @@ from torch import Tensor
 from . import _linear
 from ._keywords import EXTRA, ExtraKeywords, Unpack
 from ._shard import loss_from_stats, shard_grad, shard_stats, stats_denominator
+from ._torch_common import refuse_derivative, refuse_func_transforms, refuse_option_derivatives
+from ._torch_linear import no_second_order, refuse_forward_mode
 
 __all__ = ["vocab_parallel_linear_cross_entropy"]
 
@@ -64,8 +66,13 @@ class _VPLinear(torch.autograd.Function):
         return (out.reshape(a["lead"]) if a["reduction"] == "none" else out).to(input.dtype)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx: Any, go: Tensor) -> Tuple[Optional[Tensor], ...]:
+        no_second_order("vocab_parallel_linear_cross_entropy")
+        with torch.no_grad():
+            return _VPLinear._backward(ctx, go)
+
+    @staticmethod
+    def _backward(ctx: Any, go: Tensor) -> Tuple[Optional[Tensor], ...]:
         input, w, b = ctx.saved_tensors
         a, merged = ctx.a, ctx.merged
         n, h = a["n"], input.shape[-1]
@@ -142,6 +149,14 @@ def vocab_parallel_linear_cross_entropy(
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if target.is_floating_point():
         raise TypeError("vocab_parallel_linear_cross_entropy takes class indices only")
+    fn = "vocab_parallel_linear_cross_entropy"
+    refuse_func_transforms(input, linear_weight, target, linear_bias, weight, sample_weight)
+    # Class weights, sample weights and scalar options are read as constants: a derivative
+    # asked of them raises rather than coming back None (or a tangent of 0).
+    refuse_derivative(weight, "weight", fn)
+    refuse_derivative(sample_weight, "sample_weight", fn)
+    refuse_option_derivatives(dict(extra, label_smoothing=label_smoothing), fn)
+    refuse_forward_mode(fn, input, linear_weight, linear_bias)
     v_local = int(linear_weight.shape[0]) if linear_weight.ndim == 2 else 0
     off, V = vocab.vp_layout(v_local, group, offset, num_classes)
     cw = (
