@@ -551,3 +551,23 @@ def test_narrow_label_dtype_ignore_index():
     (g,) = torch.autograd.grad(fxt.kl_div_with_logits(s2, t, labels=labels), s2)
     torch.testing.assert_close(ref, g)
     assert torch.all(g[0].abs() > 0)  # the row labelled 156 counts
+
+
+# forward_ad's first use scripts a helper: torch.jit.script, deprecated in torch 2.13.
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_sample_weight_tangent_raises():
+    """A forward-mode tangent of sample_weight was dropped (tangent None, the derivative
+    silently 0); it raises, as a sample_weight that requires grad does."""
+    import torch.autograd.forward_ad as fwAD
+
+    g = torch.Generator().manual_seed(3)
+    s = torch.randn(4, 5, generator=g, dtype=torch.float64)
+    t = torch.randn(4, 5, generator=g, dtype=torch.float64)
+    sw = torch.rand(4, generator=g, dtype=torch.float64) + 0.5
+    for fn in (fxt.kl_div_with_logits, fxt.jsd_with_logits):
+        for tangent_student in (False, True):
+            with fwAD.dual_level():
+                ss = fwAD.make_dual(s, torch.ones_like(s)) if tangent_student else s
+                d = fwAD.make_dual(sw, torch.ones_like(sw))
+                with pytest.raises(RuntimeError, match="sample_weight.*forward-mode tangent"):
+                    fn(ss, t, sample_weight=d)

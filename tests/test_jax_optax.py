@@ -115,3 +115,30 @@ def test_bench_jax_smoke():
     assert [r["kind"] for r in rows] == ["value_and_grad", "forward"]
     assert all(r["fastxent_s"] > 0 and r["optax_s"] > 0 and r["rounds"] >= 5 for r in rows)
     assert "XLA FFI" in lines[0] or "pure_callback" in lines[0]
+
+
+def test_softmax_cross_entropy_label_gradient():
+    """The labels' gradient was silently 0 (stop_gradient): it is optax's through the FFI,
+    and a TypeError naming the target on the pure_callback fallback."""
+    from fastxent import _jax_ffi
+
+    k1, k2 = jax.random.split(jax.random.PRNGKey(0))
+    z = jax.random.normal(k1, (4, 6))
+    p = jax.nn.softmax(jax.random.normal(k2, (4, 6)))
+    rows = jnp.array([True, False, True, True])
+    for where in (None, rows):
+
+        def f(p, fn, where=where):
+            return fn(z, p, where=where).sum()
+
+        if _jax_ffi.enabled():
+            got = jax.grad(f)(p, fxj.softmax_cross_entropy)
+            want = jax.grad(f)(p, optax.softmax_cross_entropy)
+            keep = rows if where is not None else jnp.ones(4, bool)
+            # A row left out: loss 0 whatever the labels, so gradient 0 (optax: NaN there).
+            np.testing.assert_allclose(got[keep], want[keep], rtol=1e-5, atol=1e-6)
+            assert not jnp.any(got[~keep])
+            assert float(jnp.abs(got).max()) > 0.1
+        else:
+            with pytest.raises(TypeError, match="target"):
+                jax.grad(f)(p, fxj.softmax_cross_entropy)

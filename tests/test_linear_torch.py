@@ -244,3 +244,47 @@ def test_inputs_not_differentiated_refuse_requires_grad():
     loss = fxt.linear_cross_entropy(xg, w, p.detach(), linear_bias=b)
     loss.backward()
     assert xg.grad is not None
+
+
+# forward_ad's first use scripts a helper: torch.jit.script, deprecated in torch 2.13.
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_no_silent_second_order_or_forward_mode():
+    """create_graph=True gave a constant gradient (a gradient penalty's term silently 0);
+    forward-mode tangents of a probability target, class weights and sample weights were
+    dropped (tangent None); torch.func failed deep in the kernel. Each raises now."""
+    import torch.autograd.forward_ad as fwAD
+
+    g = torch.Generator().manual_seed(5)
+    n, h, v = 4, 3, 5
+    x = torch.randn(n, h, generator=g, dtype=torch.float64)
+    w = torch.randn(v, h, generator=g, dtype=torch.float64)
+    t = torch.randint(0, v, (n,), generator=g)
+    p = torch.softmax(torch.randn(n, v, generator=g, dtype=torch.float64), -1)
+    cw = torch.rand(v, generator=g, dtype=torch.float64) + 0.5
+    sw = torch.rand(n, generator=g, dtype=torch.float64) + 0.5
+    xx = x.clone().requires_grad_()
+    with pytest.raises(RuntimeError, match="no second-order derivative"):
+        torch.autograd.grad(fxt.linear_cross_entropy(xx, w, t), xx, create_graph=True)
+
+    def tangent(f, a, requires_grad=False):
+        with fwAD.dual_level():
+            d = fwAD.make_dual(a.clone().requires_grad_(requires_grad), torch.ones_like(a))
+            return fwAD.unpack_dual(f(d)).tangent
+
+    with pytest.raises(RuntimeError, match="no forward-mode derivative"):
+        tangent(lambda a: fxt.linear_cross_entropy(a, w, t), x)
+    with pytest.raises(RuntimeError, match="no forward-mode derivative"):
+        tangent(lambda a: fxt.linear_cross_entropy(a, w, t), x, True)
+    for name, f, a in (
+        ("a probability target", lambda a: fxt.linear_cross_entropy(x, w, a), p),
+        ("weight", lambda a: fxt.linear_cross_entropy(x, w, t, weight=a), cw),
+        ("sample_weight", lambda a: fxt.linear_cross_entropy(x, w, t, sample_weight=a), sw),
+    ):
+        with pytest.raises(RuntimeError, match=f"respect to {name}.*forward-mode tangent"):
+            tangent(f, a)
+    for k in ("label_smoothing", "z_loss", "logit_scale"):
+        s = torch.tensor(0.1 if k != "logit_scale" else 2.0, dtype=torch.float64)
+        with pytest.raises(RuntimeError, match=f"respect to {k}"):
+            fxt.linear_cross_entropy(x.clone().requires_grad_(), w, t, **{k: s.requires_grad_()})
+    with pytest.raises(RuntimeError, match="torch.func"):
+        torch.func.grad(lambda a: fxt.linear_cross_entropy(a, w, t))(x)

@@ -324,3 +324,85 @@ def fxt_vp(*a, **kw):
     if torch.distributed.is_initialized():
         pytest.skip("a process group is initialized in this process")
     return fxt.vocab_parallel_linear_cross_entropy(*a, **kw)
+
+
+def _refusals(rank, dist):
+    """Each derivative the vocab-parallel losses do not compute, asked for: the message it
+    raises, or what came back instead (a silently missing or constant derivative)."""
+    import torch.autograd.forward_ad as fwAD
+
+    import fastxent.torch as fxt
+
+    g = torch.Generator().manual_seed(rank)
+    n, h, v = 4, 3, SPLIT[rank]
+    x = torch.randn(n, h, generator=g, dtype=torch.float64)
+    w = torch.randn(v, h, generator=g, dtype=torch.float64)
+    t = torch.randint(0, sum(SPLIT), (n,), generator=g)
+    cw = torch.rand(v, generator=g, dtype=torch.float64) + 0.5
+    sw = torch.rand(n, generator=g, dtype=torch.float64) + 0.5
+    vplin, vp = fxt.vocab_parallel_linear_cross_entropy, fxt.vocab_parallel_cross_entropy
+
+    def penalty(f):  # a gradient penalty: create_graph=True, then a second backward
+        xx = x.clone().requires_grad_()
+        (gx,) = torch.autograd.grad(f(xx), xx, create_graph=True)
+        ((gx**2).sum() + xx.sum()).backward()
+        return xx.grad
+
+    def tangent(f, a, requires_grad=False):
+        with fwAD.dual_level():
+            d = fwAD.make_dual(a.clone().requires_grad_(requires_grad), torch.ones_like(a))
+            return fwAD.unpack_dual(f(d)).tangent
+
+    def grad_of(f, a):
+        a = a.clone().requires_grad_()
+        f(a).backward()
+        return a.grad
+
+    cases = {
+        "vplin penalty": lambda: penalty(lambda xx: vplin(xx, w, t)),
+        "vplin weight grad": lambda: grad_of(
+            lambda c: vplin(x.clone().requires_grad_(), w, t, weight=c), cw
+        ),
+        "vplin sample_weight grad": lambda: grad_of(
+            lambda s: vplin(x.clone().requires_grad_(), w, t, sample_weight=s), sw
+        ),
+        "vplin input tangent": lambda: tangent(lambda xx: vplin(xx, w, t), x),
+        "vplin input tangent rg": lambda: tangent(lambda xx: vplin(xx, w, t), x, True),
+        "vplin weight tangent": lambda: tangent(lambda c: vplin(x, w, t, weight=c), cw),
+        "vplin func.grad": lambda: torch.func.grad(lambda xx: vplin(xx, w, t))(x),
+        "vp logits tangent": lambda: tangent(lambda z: vp(z, t), x @ w.t()),
+        "vp weight tangent": lambda: tangent(lambda c: vp(x @ w.t(), t, weight=c), cw),
+        "vp sample_weight tangent": lambda: tangent(
+            lambda s: vp(x @ w.t(), t, sample_weight=s), sw
+        ),
+    }
+    out = {}
+    for name, f in cases.items():
+        try:
+            r = f()
+            out[name] = f"no error: {r}"
+        except Exception as e:  # noqa: BLE001 - the message is what is checked
+            out[name] = f"{type(e).__name__}: {e}"
+    return out
+
+
+def test_missing_derivatives_raise(tmp_path):
+    """No silently wrong derivative: a create_graph=True backward gave a constant gradient
+    (a gradient penalty's term silently 0); class / sample weights that require grad were
+    detached (grad None); forward-mode tangents of the logits, hidden states and weights
+    were dropped (tangent None). Each raises RuntimeError naming what is missing."""
+    expect = {
+        "vplin penalty": "no second-order derivative",
+        "vplin weight grad": "does not differentiate with respect to weight",
+        "vplin sample_weight grad": "does not differentiate with respect to sample_weight",
+        "vplin input tangent": "no forward-mode derivative",
+        "vplin input tangent rg": "no forward-mode derivative",
+        "vplin weight tangent": "forward-mode tangent",
+        "vplin func.grad": "torch.func",
+        "vp logits tangent": "no forward-mode derivative",
+        "vp weight tangent": "forward-mode tangent",
+        "vp sample_weight tangent": "forward-mode tangent",
+    }
+    for r, res in enumerate(run_ranks(_refusals, (), tmp_path)):
+        for name, needle in expect.items():
+            assert needle in res[name], (r, name, res[name])

@@ -666,3 +666,37 @@ def test_autocast_dtypes_of_bce_and_the_tangent():
             out = fxt.cross_entropy(d, torch.tensor([0, 1, 2, 0]))
             p, tangent = fwAD.unpack_dual(out)
             assert p.dtype == tangent.dtype == torch.float32
+
+
+# forward_ad's first use scripts a helper: torch.jit.script, deprecated in torch 2.13.
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_weight_tangents_and_tensor_options_raise():
+    """Forward mode dropped the tangent of weight / sample_weight (tangent None alone; with a
+    logits tangent, <g, dz> without the weight's part: a wrong number), and options given as
+    tensors that require grad (normalizer, label_smoothing, z_loss, softcap, logit_scale)
+    were read as numbers (grad None). Each raises RuntimeError naming the input now."""
+    import torch.autograd.forward_ad as fwAD
+
+    g = torch.Generator().manual_seed(11)
+    z = torch.randn(4, 5, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 5, (4,), generator=g)
+    w = torch.rand(5, generator=g, dtype=torch.float64) + 0.5
+    sw = torch.rand(4, generator=g, dtype=torch.float64) + 0.5
+    for name, kw in (("weight", {"weight": w}), ("sample_weight", {"sample_weight": sw})):
+        for with_z in (False, True):
+            with fwAD.dual_level():
+                zz = fwAD.make_dual(z, torch.ones_like(z)) if with_z else z
+                (v,) = kw.values()
+                d = {name: fwAD.make_dual(v, torch.randn(v.shape, generator=g, dtype=v.dtype))}
+                with pytest.raises(RuntimeError, match=f"respect to {name}.*forward-mode"):
+                    fxt.cross_entropy(zz, y, **d)
+    for k, val in (
+        ("normalizer", 3.0),
+        ("label_smoothing", 0.1),
+        ("z_loss", 0.01),
+        ("softcap", 5.0),
+        ("logit_scale", 2.0),
+    ):
+        s = torch.tensor(val, dtype=torch.float64, requires_grad=True)
+        with pytest.raises(RuntimeError, match=f"respect to {k}"):
+            fxt.cross_entropy(z.clone().requires_grad_(), y, **{k: s})

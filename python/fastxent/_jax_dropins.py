@@ -1,6 +1,7 @@
 """optax-shaped drop-ins of fastxent.jax (re-exported there): the signatures and per-example
 outputs of ``optax.softmax_cross_entropy_with_integer_labels`` and
 ``optax.softmax_cross_entropy``, computed by :func:`fastxent.jax.cross_entropy`.
+Derivatives are those of :func:`fastxent.jax.cross_entropy` (the labels included).
 
 ``where`` of the examples' shape (one flag per row) excludes rows: their loss and gradient
 are 0, as optax's. A ``where`` of the logits' shape masks single classes, which the kernel
@@ -76,8 +77,9 @@ def softmax_cross_entropy_with_integer_labels(
 def softmax_cross_entropy(logits: Any, labels: Any, axis: Any = -1, where: Any = None) -> jax.Array:
     """Per-example softmax cross-entropy with probability (e.g. one-hot) labels of the
     logits' shape, as ``optax.softmax_cross_entropy(logits, labels, axis, where)``: the
-    examples' shape, the logits' dtype, differentiable with respect to the logits (not the
-    labels). ``where`` as in :func:`softmax_cross_entropy_with_integer_labels`."""
+    examples' shape, the logits' dtype, differentiable with respect to the logits and, through
+    the XLA FFI, the labels (the pure_callback fallback raises TypeError for the labels).
+    ``where`` as in :func:`softmax_cross_entropy_with_integer_labels`."""
     z = jnp.asarray(logits)
     a = _axis(axis, z.ndim)
     p = jnp.asarray(labels)
@@ -87,7 +89,10 @@ def softmax_cross_entropy(logits: Any, labels: Any, axis: Any = -1, where: Any =
     if cls is not None:
         logp = _masked_log_softmax_parts(z, cls, a)
         return (-jnp.sum(p * logp, axis=a, where=cls)).astype(z.dtype)
-    p = jax.lax.stop_gradient(p.astype(z.dtype))
+    # Not stop_gradient: the labels' gradient is fastxent.jax.cross_entropy's (a probability
+    # target is differentiable through the FFI; the pure_callback fallback raises TypeError),
+    # never a silent 0.
+    p = p.astype(z.dtype)
     sw = (
         None
         if rows is None

@@ -107,13 +107,38 @@ def as_array(v: Any, name: str, dtype: torch.dtype) -> Any:
     else goes to fastxent as it is (it validates and converts)."""
     if isinstance(v, Tensor):
         check_cpu(v, name)
-        if v.requires_grad and torch.is_grad_enabled():
-            raise RuntimeError(
-                f"fastxent.torch does not differentiate with respect to {name}; this input "
-                f"cannot have requires_grad=True (detach it)"
-            )
+        refuse_derivative(v, name)
         return numpy_of(v, dtype if v.is_floating_point() else None)
     return v
+
+
+def refuse_derivative(v: Any, name: str, caller: str = "fastxent.torch") -> None:
+    """A tensor argument whose derivative is not computed: one that requires grad (reverse
+    mode) or carries a forward-mode tangent (torch.autograd.forward_ad) raises RuntimeError
+    instead of getting a gradient of None or a tangent of 0 back."""
+    if not isinstance(v, Tensor):
+        return
+    if v.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError(
+            f"{caller} does not differentiate with respect to {name}; this input "
+            f"cannot have requires_grad=True (detach it)"
+        )
+    if has_tangent(v):
+        raise RuntimeError(
+            f"{caller} does not differentiate with respect to {name}; this input "
+            f"cannot carry a forward-mode tangent (torch.autograd.forward_ad): pass its primal"
+        )
+
+
+# Options that may arrive as 0-d tensors and are read as Python numbers (constants).
+SCALAR_OPTIONS = ("label_smoothing", "normalizer", "z_loss", "softcap", "logit_scale")
+
+
+def refuse_option_derivatives(options: Dict[str, Any], caller: str = "fastxent.torch") -> None:
+    """Scalar options given as tensors are read as numbers: a derivative with respect to
+    them would be silently missing, so one that is asked for raises."""
+    for k in SCALAR_OPTIONS:
+        refuse_derivative(options.get(k), k, caller)
 
 
 def compute_dtype(logits: Tensor, target: Tensor, name: str) -> torch.dtype:
@@ -136,12 +161,8 @@ def target_array(target: Tensor, cdt: torch.dtype, differentiable: bool = False)
     cross_entropy differentiates with respect to probability targets (`differentiable`);
     elsewhere one that requires grad is refused."""
     if target.is_floating_point():
-        if not differentiable and target.requires_grad and torch.is_grad_enabled():
-            raise RuntimeError(
-                "vocab_parallel_cross_entropy does not differentiate with "
-                "respect to a probability target; this input cannot have "
-                "requires_grad=True (detach it)"
-            )
+        if not differentiable:
+            refuse_derivative(target, "a probability target", "vocab_parallel_cross_entropy")
         if differentiable and target.dtype in (torch.float16, torch.bfloat16):
             v = kernel_view(target)  # 16-bit probabilities for 16-bit logits: read as they are
             if v is not None:
@@ -178,6 +199,7 @@ def prepare(
                 f"PyTorch's: 1, or 0 for an input of shape (C,))"
             )
     tgt = target_array(target, cdt, differentiable=True)
+    refuse_option_derivatives(dict(options, label_smoothing=label_smoothing))
     kw = dict(options)
     kw["sample_weight"] = as_array(kw.get("sample_weight"), "sample_weight", cdt)
     kw.update(

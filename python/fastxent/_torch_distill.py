@@ -408,6 +408,11 @@ def _distill_loss(student: Any, teacher: Any, spec: _Spec) -> Tensor:
         # the loss in PyTorch ops, which every transform composes with.
         _check_nodata(student, teacher, spec)
         return reference_loss(student, teacher, spec).to(autocast_loss_dtype(student))
+    if has_tangent(sw):
+        raise RuntimeError(
+            "fastxent.torch does not differentiate with respect to sample_weight; this input "
+            "cannot carry a forward-mode tangent (torch.autograd.forward_ad): pass its primal"
+        )
     grad_mode = torch.is_grad_enabled()
     s_want = (student.requires_grad and grad_mode) or has_tangent(student)
     t_want = (teacher.requires_grad and grad_mode) or has_tangent(teacher)

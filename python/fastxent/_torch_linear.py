@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from . import _linear
 from ._keywords import EXTRA, ExtraKeywords, Unpack
+from ._torch_common import has_tangent, refuse_derivative, refuse_func_transforms
 
 __all__ = ["linear_cross_entropy", "LinearCrossEntropyLoss"]
 
@@ -132,6 +133,27 @@ def _loss_tensor(loss: Any, plan: Any, dtype: torch.dtype) -> Tensor:
     return torch.tensor(loss, dtype=torch.float64).to(dtype)
 
 
+def no_second_order(fn: str) -> None:
+    """Called at the start of a backward whose gradients are computed outside the autograd
+    graph: under create_graph=True they would be constants, every derivative of them (a
+    Hessian, a gradient penalty) silently 0. Refused instead."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"{fn} has no second-order derivative (backward with create_graph=True: Hessians, "
+            f"gradient penalties); its gradients are computed outside the autograd graph. Use "
+            f"fastxent.torch.cross_entropy on the logits for those"
+        )
+
+
+def refuse_forward_mode(fn: str, *ts: Optional[Tensor]) -> None:
+    """No forward mode (torch.autograd.forward_ad): a tangent would be dropped silently."""
+    if any(has_tangent(t) for t in ts):
+        raise RuntimeError(
+            f"{fn} has no forward-mode derivative (torch.autograd.forward_ad): use reverse "
+            f"mode (backward / torch.autograd.grad)"
+        )
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, input: Tensor, lw: Tensor, lb: Optional[Tensor], plan: Any) -> Tensor:
@@ -155,8 +177,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return _loss_tensor(loss, plan, input.dtype)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx: Any, go: Tensor) -> Tuple[Optional[Tensor], ...]:
+        no_second_order("linear_cross_entropy")
+        with torch.no_grad():
+            return _LinearCrossEntropy._backward(ctx, go)
+
+    @staticmethod
+    def _backward(ctx: Any, go: Tensor) -> Tuple[Optional[Tensor], ...]:
         plan, want = ctx.plan, ctx.want
         grads, ctx.grads = ctx.grads, None
         if grads is None:  # "none", or a second backward of a retained graph
@@ -266,21 +293,24 @@ def linear_cross_entropy(
         label_smoothing=label_smoothing,
         **EXTRA.bind("linear_cross_entropy", kw),
     )
-    plan = _plan_for(input, linear_weight, target, linear_bias, reduction, opts, tile_rows)
-    # The gradients of a probability target, class weights and sample weights are not
-    # computed: a tensor among them that requires grad raises rather than getting None
-    # back (a silently missing derivative).
+    refuse_func_transforms(input, linear_weight, target, linear_bias, weight)
+    # The gradients of a probability target, class weights, sample weights and scalar options
+    # are not computed: a tensor among them that requires grad (or carries a forward-mode
+    # tangent) raises rather than getting None (or a tangent of 0) back. Checked before the
+    # plan reads the options as numbers.
     for name, v in (
-        ("a probability target", target if target.is_floating_point() else None),
+        ("a probability target", target if isinstance(target, Tensor) else None),
         ("weight", weight),
         ("sample_weight", kw.get("sample_weight")),
+        ("label_smoothing", label_smoothing),
         ("normalizer", kw.get("normalizer")),
+        ("z_loss", kw.get("z_loss")),
+        ("softcap", kw.get("softcap")),
+        ("logit_scale", kw.get("logit_scale")),
     ):
-        if isinstance(v, Tensor) and v.requires_grad and torch.is_grad_enabled():
-            raise RuntimeError(
-                f"linear_cross_entropy does not differentiate with respect to {name}; this "
-                f"input cannot have requires_grad=True (detach it)"
-            )
+        refuse_derivative(v, name, "linear_cross_entropy")
+    refuse_forward_mode("linear_cross_entropy", input, linear_weight, linear_bias)
+    plan = _plan_for(input, linear_weight, target, linear_bias, reduction, opts, tile_rows)
     grads = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (input, linear_weight, linear_bias)
     )

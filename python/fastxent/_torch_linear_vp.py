@@ -40,6 +40,8 @@ from torch import Tensor
 from . import _linear
 from ._keywords import EXTRA, ExtraKeywords, Unpack
 from ._shard import loss_from_stats, shard_grad, shard_stats, stats_denominator
+from ._torch_common import refuse_derivative, refuse_func_transforms, refuse_option_derivatives
+from ._torch_linear import no_second_order, refuse_forward_mode
 
 __all__ = ["vocab_parallel_linear_cross_entropy"]
 
@@ -84,8 +86,13 @@ class _VPLinear(torch.autograd.Function):
         return (out.reshape(a["lead"]) if a["reduction"] == "none" else out).to(input.dtype)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx: Any, go: Tensor) -> Tuple[Optional[Tensor], ...]:
+        no_second_order("vocab_parallel_linear_cross_entropy")
+        with torch.no_grad():
+            return _VPLinear._backward(ctx, go)
+
+    @staticmethod
+    def _backward(ctx: Any, go: Tensor) -> Tuple[Optional[Tensor], ...]:
         input, w, b = ctx.saved_tensors
         if ctx.target_version is not None and ctx.target._version != ctx.target_version:
             raise RuntimeError(
@@ -177,6 +184,8 @@ def vocab_parallel_linear_cross_entropy(
     ):
         if t is not None and not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    fn = "vocab_parallel_linear_cross_entropy"
+    refuse_func_transforms(input, linear_weight, target, linear_bias, weight, sample_weight)
     # The tensors' shapes and dtypes and the target are checked before the first collective
     # (the layout's all_gather): such a bad argument raises before any rank waits on it.
     _linear.shape_checks(
@@ -190,18 +199,14 @@ def vocab_parallel_linear_cross_entropy(
     lead = tuple(input.shape[:-1])
     v_local = int(linear_weight.shape[0])
     probs = _target_kind(target, lead, v_local, ignore_index)
-    # Class weights, sample weights and a normalizer are not differentiated: one that
-    # requires grad raises (it would otherwise get grad None, a silently missing derivative).
-    for name, v in (
-        ("weight", weight),
-        ("sample_weight", sample_weight),
-        ("normalizer", extra.get("normalizer")),
-    ):
-        if isinstance(v, Tensor) and v.requires_grad and torch.is_grad_enabled():
-            raise RuntimeError(
-                f"vocab_parallel_linear_cross_entropy does not differentiate with respect to "
-                f"{name}; this input cannot have requires_grad=True (detach it)"
-            )
+    # Class weights, sample weights and scalar options are read as constants: a derivative
+    # asked of them raises rather than coming back None (or a tangent of 0).
+    refuse_derivative(weight, "weight", fn)
+    refuse_derivative(sample_weight, "sample_weight", fn)
+    refuse_option_derivatives(dict(extra, label_smoothing=label_smoothing), fn)
+    refuse_forward_mode(fn, input, linear_weight, linear_bias)
+    if probs:
+        refuse_derivative(target, "a probability target", fn)
     dist = vocab.torch_dist()
     off, V = vocab.vp_layout(v_local, group, offset, num_classes)
     cw = (

@@ -16,9 +16,11 @@ from ._torch_common import (
     all_ones,
     as_array,
     compute_dtype,
+    has_tangent,
     loss_tensor,
     numpy_of,
     refuse_func_transforms,
+    refuse_option_derivatives,
     target_array,
 )
 
@@ -289,6 +291,16 @@ def vocab_parallel_cross_entropy(
         normalizer=extra["normalizer"],
         num_threads=extra["num_threads"],
     )
+    # No forward mode: a tangent would be dropped (the no-grad path) or meet the Function's
+    # missing jvp; scalar options given as tensors are read as numbers.
+    refuse_option_derivatives(
+        dict(extra, label_smoothing=label_smoothing), "vocab_parallel_cross_entropy"
+    )
+    if has_tangent(local_logits):
+        raise RuntimeError(
+            "vocab_parallel_cross_entropy has no forward-mode derivative "
+            "(torch.autograd.forward_ad): use reverse mode (backward / torch.autograd.grad)"
+        )
     if not (local_logits.requires_grad and torch.is_grad_enabled()):
         loss, _ = _vp_stats_loss(numpy_of(local_logits, cdt), a)
         return loss_tensor(loss, local_logits.dtype)
