@@ -26,7 +26,7 @@ first matmul.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
@@ -80,13 +80,13 @@ def _array(v: Any, name: str) -> np.ndarray:
     return a
 
 
-def check_inputs(hs: Any, ws: Any, ht: Any, wt: Any, bs: Any, bt: Any) -> Tuple[np.ndarray, ...]:
+def check_inputs(hs: Any, ws: Any, ht: Any, wt: Any, bs: Any, bt: Any) -> Tuple[Any, ...]:
     """The six arrays as NumPy arrays (biases None when not given), checked: dtypes (all that
     of student_hidden), shapes (equal leading shapes, weights (V, H_s) / (V, H_t), the same V,
     biases (V,))."""
     s_h = _array(hs, "student_hidden")
     dt = s_h.dtype
-    arrs = {"student_hidden": s_h}
+    arrs: Dict[str, Any] = {"student_hidden": s_h}
     for name, v in (
         ("student_weight", ws),
         ("teacher_hidden", ht),

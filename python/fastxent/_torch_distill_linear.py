@@ -17,7 +17,7 @@ with torch.mm as its matmuls (the N x V logits never exist).
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -53,8 +53,13 @@ def _np(t: Any) -> Any:
     return t
 
 
+def _want(ctx: Any) -> Tuple[bool, bool, bool]:
+    n = ctx.needs_input_grad
+    return bool(n[0]), bool(n[1]), bool(n[2])
+
+
 def _grads(ctx: Any, arrays: tuple, row_scale: Optional[np.ndarray]) -> tuple:
-    want = tuple(bool(x) for x in ctx.needs_input_grad[:3])
+    want = _want(ctx)
     _, gh, gw, gb = _distill_linear.run(
         arrays, ctx.divergence, ctx.beta, **ctx.kw, want=want, ops=TorchOps, row_scale=row_scale
     )
@@ -65,7 +70,7 @@ class _LinearDistill(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hs, ws, bs, ht, wt, bt, divergence, beta, kw):  # type: ignore[override]
         arrays = tuple(_np(x) for x in (hs, ws, ht, wt, bs, bt))
-        want = tuple(bool(x) for x in ctx.needs_input_grad[:3])
+        want = _want(ctx)
         ctx.divergence, ctx.beta, ctx.kw, ctx.dtype = divergence, beta, kw, hs.dtype
         ctx.none = reduction_code(kw["reduction"]) == 0
         if ctx.none or not any(want):
