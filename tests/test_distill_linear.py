@@ -1,17 +1,12 @@
 """fx.linear_kl_div / linear_jsd (and _with_grad) and fastxent.torch.linear_kl_div /
 linear_jsd: distillation from hidden states and head weights, on row tiles, against a float64
 reference that materialises the logits (fx.kl_div_with_logits_with_grad, and PyTorch's
-F.kl_div with autograd)."""
+F.kl_div with autograd, in test_distill_linear_torch.py). This file needs no PyTorch."""
 
 import numpy as np
 import pytest
 
 import fastxent as fx
-
-torch = pytest.importorskip("torch")
-import fastxent.torch as fxt  # noqa: E402
-
-F = torch.nn.functional
 
 N, V, HS, HT = 11, 37, 6, 9
 
@@ -206,106 +201,3 @@ def test_errors_before_anything(case, grad):
 def test_jsd_beta_checked():
     with pytest.raises(ValueError, match="beta"):
         _call(_inputs(), True, True, beta=1.5)
-
-
-# --- fastxent.torch
-
-
-def _torch_reference(zs, zt, direction, temperature, reduction):
-    ls = F.log_softmax(zs / temperature, -1)
-    lt = F.log_softmax(zt / temperature, -1)
-    inp, tgt = (ls, lt) if direction == "forward" else (lt, ls)
-    if reduction == "mean":  # batchmean over the rows (leading axes flattened)
-        inp, tgt = inp.reshape(-1, V), tgt.reshape(-1, V)
-        return F.kl_div(inp, tgt, log_target=True, reduction="batchmean") * temperature**2
-    rows = F.kl_div(inp, tgt, log_target=True, reduction="none").sum(-1) * temperature**2
-    return rows.sum() if reduction == "sum" else rows
-
-
-def _tensors(bias=True, lead=(N,)):
-    return [None if x is None else torch.from_numpy(x) for x in _inputs(lead=lead, bias=bias)]
-
-
-@pytest.mark.parametrize("direction", ["forward", "reverse"])
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("bias", [True, False])
-def test_torch_matches_f_kl_div(direction, reduction, bias):
-    hs, ws, ht, wt, bs, bt = _tensors(bias, lead=(3, 4))
-    leaves = [x.requires_grad_() for x in (hs, ws, bs) if x is not None]
-    up = torch.linspace(0.5, 1.5, 12).reshape(3, 4) if reduction == "none" else 1.7
-    got = fxt.linear_kl_div(hs, ws, ht, wt, student_bias=bs, teacher_bias=bt, tile_rows=5,
-                            direction=direction, temperature=2.0, reduction=reduction)  # fmt: skip
-    g_got = torch.autograd.grad((got * up).sum(), leaves)
-    zs = F.linear(hs, ws, bs)
-    zt = F.linear(ht, wt, bt)
-    want = _torch_reference(zs, zt, direction, 2.0, reduction)
-    g_want = torch.autograd.grad((want * up).sum(), leaves)
-    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-13)
-    for g, w in zip(g_got, g_want):
-        torch.testing.assert_close(g, w, rtol=1e-11, atol=1e-13)
-
-
-@pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_torch_jsd_matches_dense(reduction):
-    hs, ws, ht, wt, bs, bt = _tensors()
-    leaves = [x.requires_grad_() for x in (hs, ws, bs)]
-    mask = torch.arange(N) % 4 != 1
-    kw = dict(beta=0.3, temperature=1.5, reduction=reduction, mask=mask)
-    got = fxt.linear_jsd(hs, ws, ht, wt, student_bias=bs, teacher_bias=bt, tile_rows=3, **kw)
-    want = fxt.jsd_with_logits(F.linear(hs, ws, bs), F.linear(ht, wt, bt), **kw)
-    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-13)
-    for g, w in zip(torch.autograd.grad(got.sum(), leaves),
-                    torch.autograd.grad(want.sum(), leaves)):  # fmt: skip
-        torch.testing.assert_close(g, w, rtol=1e-11, atol=1e-13)
-
-
-def test_torch_only_what_requires_grad():
-    hs, ws, ht, wt, bs, bt = _tensors()
-    ws.requires_grad_()
-    loss = fxt.linear_kl_div(hs, ws, ht, wt, student_bias=bs, teacher_bias=bt)
-    (gw,) = torch.autograd.grad(loss, [ws])
-    np.testing.assert_allclose(gw.numpy(), _reference(*_inputs())[2], rtol=1e-12, atol=1e-13)
-    with torch.no_grad():
-        assert not fxt.linear_kl_div(hs, ws, ht, wt).requires_grad
-
-
-@pytest.mark.parametrize("which", [2, 3, 5])
-def test_torch_teacher_requires_grad_refused(which):
-    ts = _tensors()
-    ts[0].requires_grad_()
-    ts[which].requires_grad_()
-    hs, ws, ht, wt, bs, bt = ts
-    with pytest.raises(RuntimeError, match="frozen"):
-        fxt.linear_kl_div(hs, ws, ht, wt, student_bias=bs, teacher_bias=bt)
-    with pytest.raises(RuntimeError, match="frozen"):
-        fxt.linear_jsd(hs, ws, ht, wt, student_bias=bs, teacher_bias=bt)
-
-
-@pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_torch_double_backward_refused(reduction):
-    hs, ws, ht, wt, bs, bt = _tensors()
-    hs.requires_grad_()
-    loss = fxt.linear_kl_div(hs, ws, ht, wt, reduction=reduction).sum()
-    with pytest.raises(RuntimeError, match="first-order"):
-        torch.autograd.grad(loss, [hs], create_graph=True)
-
-
-def test_torch_errors():
-    hs, ws, ht, wt, bs, bt = _tensors()
-    with pytest.raises(ValueError, match="vocabulary"):
-        fxt.linear_kl_div(hs, ws, ht, wt[:-1])
-    with pytest.raises(TypeError, match="dtype"):
-        fxt.linear_kl_div(hs, ws, ht.float(), wt)
-    with pytest.raises(NotImplementedError, match="16-bit"):
-        fxt.linear_kl_div(hs.bfloat16(), ws.bfloat16(), ht.bfloat16(), wt.bfloat16())
-    with pytest.raises(TypeError, match="torch.Tensor"):
-        fxt.linear_kl_div(hs.numpy(), ws, ht, wt)
-
-
-def test_torch_float32_grads_dtype():
-    hs, ws, ht, wt, bs, bt = (None if x is None else x.float() for x in _tensors())
-    hs.requires_grad_()
-    ws.requires_grad_()
-    loss = fxt.linear_jsd(hs, ws, ht, wt, tile_rows=4)
-    gh, gw = torch.autograd.grad(loss, [hs, ws])
-    assert loss.dtype == gh.dtype == gw.dtype == torch.float32

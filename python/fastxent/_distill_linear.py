@@ -155,7 +155,7 @@ def run(
 ):
     """The tile loop. arrays: (hs, Ws, ht, Wt, bs, bt) as given; want: which of grad_hs,
     grad_Ws, grad_bs to compute (grad_bs only with bs). row_scale (float64, one per row)
-    multiplies the row weights (the torch wrapper's backward of "none"). Returns
+    multiplies the rows of the gradient (the torch wrapper's backward of "none"). Returns
     (loss, grad_hs, grad_Ws, grad_bs), None for a gradient not wanted."""
     # --- every check before anything is computed
     hs, ws, ht, wt, bs, bt = check_inputs(*arrays)
@@ -175,9 +175,10 @@ def run(
     if red == 2:
         den = float(w.sum())
         w = w / den if den > 0 else np.zeros(n, np.float64)
-    if row_scale is not None:
-        w = w * np.asarray(row_scale, np.float64).reshape(n)
     w = np.ascontiguousarray(w, np.float64)
+    # The upstream gradient of "none" scales the rows of G after the kernel (it may be
+    # negative or NaN, which row weights may not be).
+    rs = None if row_scale is None else np.asarray(row_scale, np.float64).reshape(n, 1)
 
     h2s = hs.reshape(n, hs.shape[-1])
     h2t = ht.reshape(n, ht.shape[-1])
@@ -203,6 +204,8 @@ def run(
             _core.distill(zs, zt, divergence, beta, tau, 0, w[a:b], nt, -1, g, None, losses[a:b])
             if not grad:
                 continue
+            if rs is not None:
+                np.multiply(zs, rs[a:b], out=zs, casting="unsafe")
             if gh is not None:
                 ops.mm(zs, ws, gh[a:b])
             if gw is not None:

@@ -53,6 +53,12 @@ def _np(t: Any) -> Any:
     return t
 
 
+def _version(t: Any) -> Optional[int]:
+    if not isinstance(t, Tensor) or t.is_inference():
+        return None
+    return int(t._version)
+
+
 def _want(ctx: Any) -> Tuple[bool, bool, bool]:
     n = ctx.needs_input_grad
     return bool(n[0]), bool(n[1]), bool(n[2])
@@ -79,9 +85,17 @@ class _LinearDistill(torch.autograd.Function):
             )
             ctx.grads = None
             if ctx.none and any(want):
-                ctx.save_for_backward(*(x for x in (hs, ws, bs, ht, wt, bt)
-                                        if isinstance(x, Tensor)))  # fmt: skip
-                ctx.has_bias = (bs is not None, bt is not None)
+                # Kept on ctx, not saved for backward (tensors made under inference_mode, the
+                # usual frozen teacher, cannot be saved); an in-place change before backward
+                # is caught by the version counters. The row arrays are copied.
+                ctx.inputs = (hs, ws, bs, ht, wt, bt)
+                ctx.versions = tuple(_version(x) for x in ctx.inputs)
+                ctx.kw = {
+                    k: (v.clone() if isinstance(v, Tensor) else np.array(v))
+                    if k in ("labels", "mask", "sample_weight") and v is not None
+                    else v
+                    for k, v in kw.items()
+                }
         else:
             loss, gh, gw, gb = _distill_linear.run(
                 arrays, divergence, beta, **kw, want=want, ops=TorchOps
@@ -99,11 +113,12 @@ class _LinearDistill(torch.autograd.Function):
             )
         tail = (None,) * 6
         if ctx.none:
-            saved = list(ctx.saved_tensors)
-            hs, ws = saved.pop(0), saved.pop(0)
-            bs = saved.pop(0) if ctx.has_bias[0] else None
-            ht, wt = saved.pop(0), saved.pop(0)
-            bt = saved.pop(0) if ctx.has_bias[1] else None
+            if tuple(_version(x) for x in ctx.inputs) != ctx.versions:
+                raise RuntimeError(
+                    "fastxent.torch.linear_kl_div / linear_jsd: an input was modified in place "
+                    "between the forward and the backward (reduction='none' reads them again)"
+                )
+            hs, ws, bs, ht, wt, bt = ctx.inputs
             arrays = tuple(_np(x) for x in (hs, ws, ht, wt, bs, bt))
             scale = grad_output.detach().to(torch.float64).contiguous().numpy().reshape(-1)
             return _grads(ctx, arrays, scale) + tail
@@ -146,6 +161,15 @@ def _apply(
                 )
     # every check of the NumPy layer before autograd records anything
     _distill_linear.check_inputs(*(_np(t) for t in (hs, ws, ht, wt, bs, bt)))
+    if not (
+        torch.is_grad_enabled() and any(t.requires_grad for t in (hs, ws, bs) if t is not None)
+    ):
+        # No graph: the loss alone (no gradient matmuls, no V x H gradient).
+        arrays = tuple(_np(x) for x in (hs, ws, ht, wt, bs, bt))
+        loss, *_ = _distill_linear.run(
+            arrays, divergence, beta, **kw, want=(False, False, False), ops=TorchOps
+        )
+        return torch.from_numpy(np.asarray(loss)).to(hs.dtype)
     return _LinearDistill.apply(hs, ws, bs, ht, wt, bt, divergence, beta, kw)
 
 
