@@ -27,6 +27,12 @@ from ._distill_sparse import (
     kl_div_with_topk_teacher,
     kl_div_with_topk_teacher_with_grad,
 )
+from ._distill_linear import (
+    linear_jsd,
+    linear_jsd_with_grad,
+    linear_kl_div,
+    linear_kl_div_with_grad,
+)
 from ._companions import log_softmax, logsumexp, softmax, softmax_backward, softmax_jacobian
 from ._shard import (
     STAT_FIELDS,
@@ -46,6 +52,10 @@ __all__ = [
     "RowStats",
     "linear_cross_entropy",
     "linear_cross_entropy_with_grad",
+    "linear_kl_div",
+    "linear_kl_div_with_grad",
+    "linear_jsd",
+    "linear_jsd_with_grad",
     "softmax",
     "log_softmax",
     "logsumexp",

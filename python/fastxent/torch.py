@@ -24,8 +24,8 @@ ops), ``_torch_fast`` (the gradient buffer pool, the fused call, the lean path o
 ``_torch_autograd`` (the autograd Function and the dispatch of a call with options),
 ``_torch_nodata`` (checks without tensor values, torch.func, the custom op for torch.compile),
 ``_torch_bce`` (sigmoid cross-entropy), ``_torch_distill`` (distillation losses: KL, JSD),
-``_torch_distill_sparse`` (the same from a sparse top-k teacher)
-and ``_torch_vocab`` (vocab-parallel).
+``_torch_distill_sparse`` (the same from a sparse top-k teacher), ``_torch_distill_linear``
+(the same from hidden states and head weights) and ``_torch_vocab`` (vocab-parallel).
 
 Requires the optional extra: ``pip install fastxent[torch]``.
 """
@@ -51,6 +51,7 @@ from ._torch_distill import (
     kl_div_with_logits,
 )
 from ._torch_distill_sparse import jsd_with_topk_teacher, kl_div_with_topk_teacher
+from ._torch_distill_linear import linear_jsd, linear_kl_div
 from ._torch_fast import is_compiling, kept_buffer_bytes, lean_call, release_buffers
 from ._torch_nodata import validate_options
 from ._torch_vocab import vocab_parallel_cross_entropy
@@ -66,6 +67,8 @@ __all__ = [
     "JSDWithLogitsLoss",
     "kl_div_with_topk_teacher",
     "jsd_with_topk_teacher",
+    "linear_kl_div",
+    "linear_jsd",
     "vocab_parallel_cross_entropy",
     "release_buffers",
     "kept_buffer_bytes",

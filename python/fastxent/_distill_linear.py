@@ -1,0 +1,367 @@
+"""Distillation losses from hidden states and head weights: the losses of
+:func:`fastxent.kl_div_with_logits` / :func:`fastxent.jsd_with_logits` between the student's
+logits ``hs @ Ws.T + bs`` and the teacher's ``ht @ Wt.T + bt``, with the student's gradients
+with respect to hs, Ws and bs, without ever holding the N x V logits.
+
+The tiling is fastxent._linear's (the same row-tile size helper): per tile of rows,
+
+- ``Zs = hs[tile] @ Ws.T (+ bs)`` and ``Zt = ht[tile] @ Wt.T (+ bt)`` into two reused tile
+  buffers (the backend's matmul: NumPy's BLAS here, torch.mm in fastxent.torch);
+- the dense distillation kernel (``_core.distill``, the one under kl_div_with_logits) turns
+  ``Zs`` in place into the tile's student gradient G, with reduction "none" and row weights
+  pre-divided by the whole batch's "mean" denominator (as fastxent._distill_sparse does), its
+  float64 row losses written into their slots;
+- ``grad_hs[tile] = G @ Ws``, ``grad_Ws += G.T @ hs[tile]``, ``grad_bs += G.sum(0)``.
+
+The loss is the float64 sum of the row losses in row order: independent of the tile size and
+of the thread count. The kernel's gradient is bitwise independent of its thread count; the
+weight and bias gradients are summed across tiles (their rounding depends on the tile size
+and on the BLAS).
+
+The teacher's head is taken as frozen: no gradient flows to ht, Wt or bt (the torch wrapper
+refuses teacher tensors that require grad). float32 and float64 only: 16-bit inputs are a
+NotImplementedError (NumPy has no 16-bit BLAS; not done). Everything is checked before the
+first matmul.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Tuple
+
+import numpy as np
+
+from . import _core
+from ._distill import _beta, _direction, _row_weight, _temperature
+from ._linear_plan import tile_rows as _tile_rows
+from ._options import half_kind, reduction_code, threads, to_numpy
+
+__all__ = [
+    "linear_kl_div",
+    "linear_kl_div_with_grad",
+    "linear_jsd",
+    "linear_jsd_with_grad",
+]
+
+# Bytes of the vocabulary chunks through which grad_weight is accumulated (NumPy's matmul
+# cannot add into its output): as fastxent._linear.
+CHUNK_BYTES = 1 << 20
+
+
+class NumpyOps:
+    """The matmuls of the tile loop on NumPy arrays (NumPy's BLAS)."""
+
+    @staticmethod
+    def mm(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
+        """out = a @ b."""
+        np.matmul(a, b, out=out)
+
+    @staticmethod
+    def mm_add(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
+        """out += a @ b, through vocabulary chunks (no V x H temporary)."""
+        v, h = out.shape
+        chunk = max(1, CHUNK_BYTES // max(1, h * out.itemsize))
+        tmp = np.empty((min(chunk, v), h), out.dtype)
+        for v0 in range(0, v, chunk):
+            v1 = min(v, v0 + chunk)
+            t = tmp[: v1 - v0]
+            np.matmul(a[v0:v1], b, out=t)
+            np.add(out[v0:v1], t, out=out[v0:v1])
+
+
+def _array(v: Any, name: str) -> np.ndarray:
+    a = to_numpy(v, name)
+    if half_kind(a.dtype) is not None:
+        raise NotImplementedError(
+            f"{name} is {a.dtype}: the linear distillation losses take float32 or float64 "
+            "(16-bit inputs are not implemented; cast to float32)"
+        )
+    if a.dtype not in (np.float32, np.float64):
+        raise TypeError(f"{name} must be float32 or float64, got {a.dtype}")
+    return a
+
+
+def check_inputs(hs: Any, ws: Any, ht: Any, wt: Any, bs: Any, bt: Any) -> Tuple[Any, ...]:
+    """The six arrays as NumPy arrays (biases None when not given), checked: dtypes (all that
+    of student_hidden), shapes (equal leading shapes, weights (V, H_s) / (V, H_t), the same V,
+    biases (V,))."""
+    s_h = _array(hs, "student_hidden")
+    dt = s_h.dtype
+    arrs: Dict[str, Any] = {"student_hidden": s_h}
+    for name, v in (
+        ("student_weight", ws),
+        ("teacher_hidden", ht),
+        ("teacher_weight", wt),
+        ("student_bias", bs),
+        ("teacher_bias", bt),
+    ):
+        if v is None:
+            if name.endswith("bias"):
+                arrs[name] = None
+                continue
+            raise TypeError(f"{name} is required")
+        a = _array(v, name)
+        if a.dtype != dt:
+            raise TypeError(f"{name} has dtype {a.dtype}, expected {dt} (student_hidden's dtype)")
+        arrs[name] = a
+    s_h, s_w, t_h, t_w = (arrs[k] for k in ("student_hidden", "student_weight",
+                                              "teacher_hidden", "teacher_weight"))  # fmt: skip
+    for name, h in (("student_hidden", s_h), ("teacher_hidden", t_h)):
+        if h.ndim == 0:
+            raise ValueError(f"{name} must have at least one dimension (the hidden axis)")
+    if s_h.shape[:-1] != t_h.shape[:-1]:
+        raise ValueError(
+            f"student_hidden has shape {s_h.shape} and teacher_hidden {t_h.shape}: their "
+            "leading shapes (the rows) must be equal"
+        )
+    for name, w, h, hn in (
+        ("student_weight", s_w, s_h, "student_hidden"),
+        ("teacher_weight", t_w, t_h, "teacher_hidden"),
+    ):
+        if w.ndim != 2 or w.shape[1] != h.shape[-1]:
+            raise ValueError(
+                f"{name} has shape {w.shape}, expected (V, {h.shape[-1]}) "
+                f"({hn}'s last axis is {h.shape[-1]})"
+            )
+    v = s_w.shape[0]
+    if t_w.shape[0] != v:
+        raise ValueError(
+            f"student_weight has V = {v} rows and teacher_weight {t_w.shape[0]}: the "
+            "student and the teacher must share the vocabulary"
+        )
+    if v == 0:
+        raise ValueError("the weights have no rows (V = 0 classes)")
+    for name in ("student_bias", "teacher_bias"):
+        b = arrs[name]
+        if b is not None and b.shape != (v,):
+            raise ValueError(f"{name} has shape {b.shape}, expected ({v},)")
+    return s_h, s_w, t_h, t_w, arrs["student_bias"], arrs["teacher_bias"]
+
+
+def run(
+    arrays: Tuple[Any, ...],
+    divergence: int,
+    beta: float,
+    temperature: Any,
+    reduction: Any,
+    labels: Any,
+    ignore_index: Any,
+    mask: Any,
+    sample_weight: Any,
+    num_threads: Any,
+    tile_rows: Any,
+    want: Tuple[bool, bool, bool],
+    ops: Any = NumpyOps,
+    row_scale: Optional[np.ndarray] = None,
+):
+    """The tile loop. arrays: (hs, Ws, ht, Wt, bs, bt) as given; want: which of grad_hs,
+    grad_Ws, grad_bs to compute (grad_bs only with bs). row_scale (float64, one per row)
+    multiplies the rows of the gradient (the torch wrapper's backward of "none"). Returns
+    (loss, grad_hs, grad_Ws, grad_bs), None for a gradient not wanted."""
+    # --- every check before anything is computed
+    hs, ws, ht, wt, bs, bt = check_inputs(*arrays)
+    tau = _temperature(temperature)
+    red = reduction_code(reduction)
+    nt = threads(num_threads)
+    lead = hs.shape[:-1]
+    rw = _row_weight(lead, labels, ignore_index, mask, sample_weight)
+    v = ws.shape[0]
+    n = int(np.prod(lead, dtype=np.int64))
+    dt = hs.dtype
+    tile = _tile_rows(max(n, 1), v, 2 * dt.itemsize, tile_rows)
+    want = (want[0], want[1], want[2] and bs is not None)
+
+    # --- row weights: "mean" is "none" with the weights divided by the denominator
+    w = np.ones(n, np.float64) if rw is None else rw
+    if red == 2:
+        den = float(w.sum())
+        w = w / den if den > 0 else np.zeros(n, np.float64)
+    w = np.ascontiguousarray(w, np.float64)
+    # The upstream gradient of "none" scales the rows of G after the kernel (it may be
+    # negative or NaN, which row weights may not be).
+    rs = None if row_scale is None else np.asarray(row_scale, np.float64).reshape(n, 1)
+
+    h2s = hs.reshape(n, hs.shape[-1])
+    h2t = ht.reshape(n, ht.shape[-1])
+    gh = np.zeros(h2s.shape, dt) if want[0] else None
+    gw = np.zeros(ws.shape, dt) if want[1] else None
+    gb = np.zeros(v, dt) if want[2] else None
+    losses = np.zeros(n, np.float64)
+    grad = any(want)
+    if n:
+        zs_buf = np.empty((tile, v), dt)
+        zt_buf = np.empty((tile, v), dt)
+        first = True
+        for a in range(0, n, tile):
+            b = min(a + tile, n)
+            zs, zt = zs_buf[: b - a], zt_buf[: b - a]
+            ops.mm(h2s[a:b], ws.T, zs)
+            if bs is not None:
+                np.add(zs, bs, out=zs)
+            ops.mm(h2t[a:b], wt.T, zt)
+            if bt is not None:
+                np.add(zt, bt, out=zt)
+            g = zs.reshape(-1) if grad else None
+            _core.distill(zs, zt, divergence, beta, tau, 0, w[a:b], nt, -1, g, None, losses[a:b])
+            if not grad:
+                continue
+            if rs is not None:
+                np.multiply(zs, rs[a:b], out=zs, casting="unsafe")
+            if gh is not None:
+                ops.mm(zs, ws, gh[a:b])
+            if gw is not None:
+                if first:
+                    ops.mm(zs.T, h2s[a:b], gw)
+                else:
+                    ops.mm_add(zs.T, h2s[a:b], gw)
+            if gb is not None:
+                gb += zs.sum(axis=0)
+            first = False
+    if red == 0:
+        loss: Any = losses.astype(dt).reshape(lead)
+    else:
+        loss = dt.type(losses.sum())
+    return loss, (None if gh is None else gh.reshape(hs.shape)), gw, gb
+
+
+_DOC_COMMON = """
+    student_hidden (..., H_s) and teacher_hidden (..., H_t) share their leading shape (the
+    rows); student_weight (V, H_s) and teacher_weight (V, H_t) share V (as ``nn.Linear``);
+    biases (V,). All float32 or all float64 (16-bit: NotImplementedError). temperature,
+    reduction ("mean" divides by the sum of the row weights), labels / ignore_index, mask,
+    sample_weight and num_threads mean what they mean in :func:`fastxent.kl_div_with_logits`.
+    tile_rows overrides the rows per tile (default: fastxent.linear_cross_entropy's size for
+    two tile buffers). The teacher's head is frozen: no teacher gradient."""
+
+
+def _call(
+    args: Tuple[Any, ...],
+    divergence: int,
+    beta: float,
+    kw: dict,
+    want_grad: bool,
+):
+    w = (want_grad, want_grad, want_grad)
+    loss, gh, gw, gb = run(args, divergence, beta, **kw, want=w)
+    return (loss, gh, gw, gb) if want_grad else loss
+
+
+def linear_kl_div(
+    student_hidden: Any,
+    student_weight: Any,
+    teacher_hidden: Any,
+    teacher_weight: Any,
+    *,
+    student_bias: Any = None,
+    teacher_bias: Any = None,
+    direction: str = "forward",
+    temperature: float = 1.0,
+    reduction: str = "mean",
+    labels: Any = None,
+    ignore_index: int = -100,
+    mask: Any = None,
+    sample_weight: Any = None,
+    num_threads: Optional[int] = None,
+    tile_rows: Optional[int] = None,
+):
+    """:func:`fastxent.kl_div_with_logits` of the student's logits
+    ``student_hidden @ student_weight.T + student_bias`` and the teacher's
+    ``teacher_hidden @ teacher_weight.T + teacher_bias``, computed in row tiles: the N x V
+    logits never exist."""
+    args = (student_hidden, student_weight, teacher_hidden, teacher_weight,
+            student_bias, teacher_bias)  # fmt: skip
+    kw = dict(temperature=temperature, reduction=reduction, labels=labels,
+              ignore_index=ignore_index, mask=mask, sample_weight=sample_weight,
+              num_threads=num_threads, tile_rows=tile_rows)  # fmt: skip
+    return _call(args, _direction(direction), 0.5, kw, False)
+
+
+def linear_kl_div_with_grad(
+    student_hidden: Any,
+    student_weight: Any,
+    teacher_hidden: Any,
+    teacher_weight: Any,
+    *,
+    student_bias: Any = None,
+    teacher_bias: Any = None,
+    direction: str = "forward",
+    temperature: float = 1.0,
+    reduction: str = "mean",
+    labels: Any = None,
+    ignore_index: int = -100,
+    mask: Any = None,
+    sample_weight: Any = None,
+    num_threads: Optional[int] = None,
+    tile_rows: Optional[int] = None,
+):
+    """``(loss, grad_student_hidden, grad_student_weight, grad_student_bias)`` of
+    :func:`linear_kl_div` (grad_student_bias None without student_bias; "none" gives the
+    gradients of the sum of the row losses). No teacher gradients: the teacher's head is
+    taken as frozen."""
+    args = (student_hidden, student_weight, teacher_hidden, teacher_weight,
+            student_bias, teacher_bias)  # fmt: skip
+    kw = dict(temperature=temperature, reduction=reduction, labels=labels,
+              ignore_index=ignore_index, mask=mask, sample_weight=sample_weight,
+              num_threads=num_threads, tile_rows=tile_rows)  # fmt: skip
+    return _call(args, _direction(direction), 0.5, kw, True)
+
+
+def linear_jsd(
+    student_hidden: Any,
+    student_weight: Any,
+    teacher_hidden: Any,
+    teacher_weight: Any,
+    *,
+    student_bias: Any = None,
+    teacher_bias: Any = None,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    reduction: str = "mean",
+    labels: Any = None,
+    ignore_index: int = -100,
+    mask: Any = None,
+    sample_weight: Any = None,
+    num_threads: Optional[int] = None,
+    tile_rows: Optional[int] = None,
+):
+    """:func:`fastxent.jsd_with_logits` (generalised JSD, beta in [0, 1]) of the student's and
+    the teacher's logits from their hidden states and heads, in row tiles (see
+    :func:`linear_kl_div`)."""
+    args = (student_hidden, student_weight, teacher_hidden, teacher_weight,
+            student_bias, teacher_bias)  # fmt: skip
+    kw = dict(temperature=temperature, reduction=reduction, labels=labels,
+              ignore_index=ignore_index, mask=mask, sample_weight=sample_weight,
+              num_threads=num_threads, tile_rows=tile_rows)  # fmt: skip
+    return _call(args, 2, _beta(beta), kw, False)
+
+
+def linear_jsd_with_grad(
+    student_hidden: Any,
+    student_weight: Any,
+    teacher_hidden: Any,
+    teacher_weight: Any,
+    *,
+    student_bias: Any = None,
+    teacher_bias: Any = None,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    reduction: str = "mean",
+    labels: Any = None,
+    ignore_index: int = -100,
+    mask: Any = None,
+    sample_weight: Any = None,
+    num_threads: Optional[int] = None,
+    tile_rows: Optional[int] = None,
+):
+    """``(loss, grad_student_hidden, grad_student_weight, grad_student_bias)`` of
+    :func:`linear_jsd`. No teacher gradients (frozen teacher head)."""
+    args = (student_hidden, student_weight, teacher_hidden, teacher_weight,
+            student_bias, teacher_bias)  # fmt: skip
+    kw = dict(temperature=temperature, reduction=reduction, labels=labels,
+              ignore_index=ignore_index, mask=mask, sample_weight=sample_weight,
+              num_threads=num_threads, tile_rows=tile_rows)  # fmt: skip
+    return _call(args, 2, _beta(beta), kw, True)
+
+
+for _f in (linear_kl_div, linear_kl_div_with_grad, linear_jsd, linear_jsd_with_grad):
+    _f.__doc__ = (_f.__doc__ or "") + "\n" + _DOC_COMMON
+del _f

@@ -1,0 +1,237 @@
+"""fastxent.torch's distillation losses from hidden states and head weights (private; public
+through fastxent.torch): linear_kl_div and linear_jsd, differentiable with respect to the
+student's hidden states, head weight and bias, around fastxent._distill_linear's tile loop
+with torch.mm as its matmuls (the N x V logits never exist).
+
+- The teacher's head is frozen: a teacher tensor (hidden, weight, bias) that requires grad is
+  a RuntimeError while gradients are recorded (no gradient flows to it; a silent None would
+  hide that; detach it).
+- "mean" / "sum": the forward computes the loss and the student's gradients in one sweep; the
+  backward scales them by the upstream scalar. "none": the forward computes the row losses
+  only; the backward reruns the tiles with the row weights multiplied by the upstream
+  gradient (exact per-row upstream gradients).
+- First order only: a backward under create_graph=True (double backward, Hessian-vector
+  products, gradient penalties) is a RuntimeError, never silent zeros.
+- float32 / float64 CPU tensors (16-bit: NotImplementedError, as the NumPy layer).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from . import _distill, _distill_linear
+from ._options import reduction_code
+from ._torch_common import check_cpu
+
+__all__ = ["linear_kl_div", "linear_jsd"]
+
+
+class TorchOps:
+    """The tile loop's matmuls by torch.mm on tensors over the NumPy arrays' memory."""
+
+    @staticmethod
+    def mm(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
+        torch.mm(torch.from_numpy(a), torch.from_numpy(b), out=torch.from_numpy(out))
+
+    @staticmethod
+    def mm_add(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
+        torch.from_numpy(out).addmm_(torch.from_numpy(a), torch.from_numpy(b))
+
+
+def _np(t: Any) -> Any:
+    if isinstance(t, Tensor):
+        if t.dtype in (torch.float16, torch.bfloat16):
+            raise NotImplementedError(
+                f"a {t.dtype} tensor: the linear distillation losses take float32 or float64 "
+                "(16-bit inputs are not implemented; cast to float32)"
+            )
+        return t.detach().resolve_neg().resolve_conj().numpy()
+    return t
+
+
+def _version(t: Any) -> Optional[int]:
+    if not isinstance(t, Tensor) or t.is_inference():
+        return None
+    return int(t._version)
+
+
+def _want(ctx: Any) -> Tuple[bool, bool, bool]:
+    n = ctx.needs_input_grad
+    return bool(n[0]), bool(n[1]), bool(n[2])
+
+
+def _grads(ctx: Any, arrays: tuple, row_scale: Optional[np.ndarray]) -> tuple:
+    want = _want(ctx)
+    _, gh, gw, gb = _distill_linear.run(
+        arrays, ctx.divergence, ctx.beta, **ctx.kw, want=want, ops=TorchOps, row_scale=row_scale
+    )
+    return tuple(None if g is None else torch.from_numpy(g) for g in (gh, gw, gb))
+
+
+class _LinearDistill(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hs, ws, bs, ht, wt, bt, divergence, beta, kw):  # type: ignore[override]
+        arrays = tuple(_np(x) for x in (hs, ws, ht, wt, bs, bt))
+        want = _want(ctx)
+        ctx.divergence, ctx.beta, ctx.kw, ctx.dtype = divergence, beta, kw, hs.dtype
+        ctx.none = reduction_code(kw["reduction"]) == 0
+        if ctx.none or not any(want):
+            loss, *_ = _distill_linear.run(
+                arrays, divergence, beta, **kw, want=(False, False, False), ops=TorchOps
+            )
+            ctx.grads = None
+            if ctx.none and any(want):
+                # Kept on ctx, not saved for backward (tensors made under inference_mode, the
+                # usual frozen teacher, cannot be saved); an in-place change before backward
+                # is caught by the version counters. The row arrays are copied.
+                ctx.inputs = (hs, ws, bs, ht, wt, bt)
+                ctx.versions = tuple(_version(x) for x in ctx.inputs)
+                ctx.kw = {
+                    k: (v.clone() if isinstance(v, Tensor) else np.array(v))
+                    if k in ("labels", "mask", "sample_weight") and v is not None
+                    else v
+                    for k, v in kw.items()
+                }
+        else:
+            loss, gh, gw, gb = _distill_linear.run(
+                arrays, divergence, beta, **kw, want=want, ops=TorchOps
+            )
+            ctx.grads = tuple(None if g is None else torch.from_numpy(g) for g in (gh, gw, gb))
+        return torch.from_numpy(np.asarray(loss)).to(hs.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output):  # type: ignore[override]
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "fastxent.torch.linear_kl_div / linear_jsd have first-order gradients only: "
+                "backward with create_graph=True (double backward, Hessian-vector products, "
+                "gradient penalties) is not supported"
+            )
+        tail = (None,) * 6
+        if ctx.none:
+            if tuple(_version(x) for x in ctx.inputs) != ctx.versions:
+                raise RuntimeError(
+                    "fastxent.torch.linear_kl_div / linear_jsd: an input was modified in place "
+                    "between the forward and the backward (reduction='none' reads them again)"
+                )
+            hs, ws, bs, ht, wt, bt = ctx.inputs
+            arrays = tuple(_np(x) for x in (hs, ws, ht, wt, bs, bt))
+            scale = grad_output.detach().to(torch.float64).contiguous().numpy().reshape(-1)
+            return _grads(ctx, arrays, scale) + tail
+        go = grad_output.to(ctx.dtype)
+        return tuple(None if g is None else g * go for g in ctx.grads) + tail
+
+
+def _apply(
+    hs: Tensor,
+    ws: Tensor,
+    ht: Tensor,
+    wt: Tensor,
+    bs: Optional[Tensor],
+    bt: Optional[Tensor],
+    divergence: int,
+    beta: float,
+    kw: Dict[str, Any],
+) -> Tensor:
+    named = (("student_hidden", hs), ("student_weight", ws), ("teacher_hidden", ht),
+             ("teacher_weight", wt), ("student_bias", bs), ("teacher_bias", bt))  # fmt: skip
+    for name, t in named:
+        if t is None and name.endswith("bias"):
+            continue
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        check_cpu(t, name)
+    if torch.is_grad_enabled():
+        for name, t in named[2:]:
+            if name.startswith("teacher") and t is not None and t.requires_grad:
+                raise RuntimeError(
+                    f"{name} requires grad, but the teacher's head is frozen: no gradient "
+                    f"flows to it (detach it, e.g. {name}.detach())"
+                )
+        for name in ("sample_weight",):
+            v = kw[name]
+            if isinstance(v, Tensor) and v.requires_grad:
+                raise RuntimeError(
+                    f"fastxent.torch does not differentiate with respect to {name}; this "
+                    "input cannot have requires_grad=True (detach it)"
+                )
+    # every check of the NumPy layer before autograd records anything
+    _distill_linear.check_inputs(*(_np(t) for t in (hs, ws, ht, wt, bs, bt)))
+    if not (
+        torch.is_grad_enabled() and any(t.requires_grad for t in (hs, ws, bs) if t is not None)
+    ):
+        # No graph: the loss alone (no gradient matmuls, no V x H gradient).
+        arrays = tuple(_np(x) for x in (hs, ws, ht, wt, bs, bt))
+        loss, *_ = _distill_linear.run(
+            arrays, divergence, beta, **kw, want=(False, False, False), ops=TorchOps
+        )
+        return torch.from_numpy(np.asarray(loss)).to(hs.dtype)
+    return _LinearDistill.apply(hs, ws, bs, ht, wt, bt, divergence, beta, kw)
+
+
+def _kw(temperature, reduction, labels, ignore_index, mask, sample_weight, num_threads,
+        tile_rows) -> Dict[str, Any]:  # fmt: skip
+    return dict(temperature=temperature, reduction=reduction, labels=labels,
+                ignore_index=ignore_index, mask=mask, sample_weight=sample_weight,
+                num_threads=num_threads, tile_rows=tile_rows)  # fmt: skip
+
+
+def linear_kl_div(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher_hidden: Tensor,
+    teacher_weight: Tensor,
+    *,
+    student_bias: Optional[Tensor] = None,
+    teacher_bias: Optional[Tensor] = None,
+    direction: str = "forward",
+    temperature: float = 1.0,
+    reduction: str = "mean",
+    labels: Optional[Tensor] = None,
+    ignore_index: int = -100,
+    mask: Optional[Tensor] = None,
+    sample_weight: Optional[Tensor] = None,
+    num_threads: Optional[int] = None,
+    tile_rows: Optional[int] = None,
+) -> Tensor:
+    """:func:`fastxent.torch.kl_div_with_logits` of ``F.linear(student_hidden, student_weight,
+    student_bias)`` and ``F.linear(teacher_hidden, teacher_weight, teacher_bias)`` without the
+    N x V logits (:func:`fastxent.linear_kl_div` with torch.mm per tile). Differentiable with
+    respect to the student's hidden states, weight and bias; the teacher's head is frozen (a
+    teacher tensor that requires grad is a RuntimeError). First order only (create_graph=True
+    is a RuntimeError in backward)."""
+    kw = _kw(temperature, reduction, labels, ignore_index, mask, sample_weight, num_threads,
+             tile_rows)  # fmt: skip
+    return _apply(student_hidden, student_weight, teacher_hidden, teacher_weight,
+                  student_bias, teacher_bias, _distill._direction(direction), 0.5, kw)  # fmt: skip
+
+
+def linear_jsd(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher_hidden: Tensor,
+    teacher_weight: Tensor,
+    *,
+    student_bias: Optional[Tensor] = None,
+    teacher_bias: Optional[Tensor] = None,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    reduction: str = "mean",
+    labels: Optional[Tensor] = None,
+    ignore_index: int = -100,
+    mask: Optional[Tensor] = None,
+    sample_weight: Optional[Tensor] = None,
+    num_threads: Optional[int] = None,
+    tile_rows: Optional[int] = None,
+) -> Tensor:
+    """:func:`fastxent.torch.jsd_with_logits` (generalised JSD) of the student's and the
+    teacher's logits from their hidden states and heads, without the N x V logits (see
+    :func:`linear_kl_div`: same gradients, frozen teacher, first order only)."""
+    kw = _kw(temperature, reduction, labels, ignore_index, mask, sample_weight, num_threads,
+             tile_rows)  # fmt: skip
+    return _apply(student_hidden, student_weight, teacher_hidden, teacher_weight,
+                  student_bias, teacher_bias, 2, _distill._beta(beta), kw)  # fmt: skip
