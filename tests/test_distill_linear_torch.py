@@ -182,3 +182,12 @@ def test_torch_no_grad_forward_is_loss_only(monkeypatch):
     assert wants == [(False, False, False)]
     want = fx.linear_kl_div(hs.numpy(), ws.detach().numpy(), ht.numpy(), wt.numpy())
     assert float(got) == pytest.approx(float(want), rel=1e-14)
+
+
+def test_torch_func_transforms_raise_clearly():
+    # torch.func hands the wrapper tensors without storage: a clear error, never a number.
+    hs, ws, ht, wt, _, _ = _tensors(bias=False)
+    with pytest.raises(RuntimeError, match="torch.func"):
+        torch.func.grad(lambda h: fxt.linear_kl_div(h, ws, ht, wt))(hs)
+    with pytest.raises(RuntimeError, match="torch.func"):
+        torch.func.vmap(lambda h: fxt.linear_kl_div(h, ws, ht, wt))(hs[None].expand(2, -1, -1))

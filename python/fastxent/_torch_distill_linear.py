@@ -25,7 +25,7 @@ from torch import Tensor
 
 from . import _distill, _distill_linear
 from ._options import reduction_code
-from ._torch_common import check_cpu
+from ._torch_common import check_cpu, refuse_func_transforms
 
 __all__ = ["linear_kl_div", "linear_jsd"]
 
@@ -145,6 +145,7 @@ def _apply(
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         check_cpu(t, name)
+    refuse_func_transforms(hs, ws, ht, wt, bs, bt)  # tensors without storage: a clear error
     if torch.is_grad_enabled():
         for name, t in named[2:]:
             if name.startswith("teacher") and t is not None and t.requires_grad:
