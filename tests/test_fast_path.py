@@ -103,3 +103,40 @@ def test_fast_num_threads(nt):
     b = fx.cross_entropy_with_grad(x, t)
     np.testing.assert_array_equal(a[1], b[1])
     assert a[0] == b[0]
+
+
+class _Sub(np.ndarray):
+    pass
+
+
+def test_fast_declines_ndarray_subclasses_and_the_general_path_takes_them():
+    # Exactly numpy.ndarray: a subclass (here a trivial one, and a memmap-like view) goes to
+    # the general path, which returns plain arrays; the public functions give the same bits.
+    x, t = _data()
+    g = np.empty_like(x)
+    xs, ts, gs = x.view(_Sub), t.view(_Sub), g.view(_Sub)
+    for args in ((xs, t, None), (x, ts, None), (x, t, gs), ([[1.0, 2.0]], np.array([0]), None)):
+        assert _core.fast_call(args[0], args[1], 2, True, args[2], 0) is None
+    ref_loss, ref_g = fx.cross_entropy_with_grad(x, t)
+    loss, grad = fx.cross_entropy_with_grad(xs, ts)
+    assert type(grad) is np.ndarray
+    np.testing.assert_array_equal(grad, ref_g)
+    assert loss == ref_loss
+    loss, grad = fx.cross_entropy_with_grad(x, t, out=gs)
+    np.testing.assert_array_equal(np.asarray(grad), ref_g)
+    assert fx.cross_entropy(xs, t) == fx.cross_entropy(x, t)
+
+
+def test_public_fast_path_keywords_at_their_defaults():
+    # The no-keyword call and the spelled-out defaults give the same bits as the general path
+    # (a strided view of the same values).
+    x, t = _data()
+    wide = np.zeros((x.shape[0], x.shape[1] + 1), np.float32)
+    wide[:, :-1] = x
+    ref = fx.cross_entropy_with_grad(wide[:, :-1], t)
+    for kw in ({}, {"reduction": "mean"}, {"ignore_index": -100}, {"num_threads": 1}):
+        loss, g = fx.cross_entropy_with_grad(x, t, **kw)
+        np.testing.assert_array_equal(g, ref[1])
+        assert loss == ref[0]
+    with pytest.raises(ValueError, match="reduction"):
+        fx.cross_entropy(x, t, reduction="avg")

@@ -18,13 +18,19 @@ namespace {
 // Logits below this many elements are computed holding the GIL.
 constexpr int64_t kReleaseGil = 1 << 14;
 
-// The small-call fast path: every check of the common call (2-D C-contiguous native
+// The small-call fast path: every check of the common call (exact ndarrays: 2-D C-contiguous native
 // float32/float64 logits, C > 0, int64 targets of N elements, no options, out= absent or
 // logits itself or a separate C-contiguous writable array) done here in C++, with None
 // returned whenever the general Python path is needed (which also produces every error
 // message, including that of a bad class index).
 bool native_c2(const py::array& a) {
   return c_contiguous(a) && a.dtype().byteorder() != '>' && a.dtype().byteorder() != '!';
+}
+
+// Exactly numpy.ndarray: a subclass (np.matrix, a memmap, a masked array) takes the general
+// path, which converts it and returns plain arrays.
+bool exact_ndarray(const py::handle& h) {
+  return Py_TYPE(h.ptr()) == py::detail::npy_api::get().PyArray_Type_;
 }
 
 bool overlaps(const py::array& a, const py::array& b) {
@@ -69,7 +75,7 @@ py::object fast_call(const py::array& x, const py::array& t, int reduction, bool
     if (out.is_none()) {
       grad = py::array_t<T>({N, C});
     } else {
-      if (!py::isinstance<py::array>(out)) return py::none();
+      if (!exact_ndarray(out)) return py::none();
       py::array o = py::reinterpret_borrow<py::array>(out);
       if (!is_dtype<T>(o) || o.ndim() != 2 || o.shape(0) != N || o.shape(1) != C || !native_c2(o) ||
           !o.writeable() || overlaps(o, t) || (o.ptr() != x.ptr() && overlaps(o, x)))
@@ -122,8 +128,7 @@ void register_fast(py::module_& m) {
       "fast_call",
       [](const py::object& logits, const py::object& target, int reduction, bool want_grad,
          const py::object& out, int num_threads) -> py::object {
-        if (!py::isinstance<py::array>(logits) || !py::isinstance<py::array>(target))
-          return py::none();
+        if (!exact_ndarray(logits) || !exact_ndarray(target)) return py::none();
         py::array x = py::reinterpret_borrow<py::array>(logits);
         py::array t = py::reinterpret_borrow<py::array>(target);
         if (x.ndim() != 2 || x.shape(1) == 0 || !native_c2(x) || t.ndim() != 1 ||

@@ -260,32 +260,31 @@ def _fast_ok(kw: Mapping[str, Any]) -> bool:
     return nt is None or (type(nt) is int and 0 < nt < 2**31)
 
 
-def _fast(
-    logits: Any, target: Any, reduction: Any, out: Any, want_grad: bool, num_threads: Optional[int]
-):
-    """The common small call without options, in about a microsecond of overhead: plain
-    ndarrays (C-contiguous 2-D float32/float64 logits, int64 targets), out= absent, the
-    logits, or a separate array. The checks are in _core.fast_call, which returns None when
-    the call needs the general path (which also produces every error message)."""
-    if (
-        type(logits) is not np.ndarray
-        or type(target) is not np.ndarray
-        or type(reduction) is not str
-        or (out is not None and type(out) is not np.ndarray)
-    ):
+_MEAN = REDUCTIONS["mean"]
+
+
+def _fast(kw: Mapping[str, Any], logits: Any, target: Any, out: Any, want_grad: bool) -> Any:
+    """The common small call in about a microsecond of overhead: no keyword but reduction and
+    num_threads away from its default (:func:`_fast_ok`). Every other check is in
+    _core.fast_call (exact ndarrays, C-contiguous 2-D float32/float64 logits, int64 targets,
+    out= absent, the logits, or a separate array), which returns None when the call needs
+    the general path (which also produces every error message)."""
+    if not kw:
+        return _core.fast_call(logits, target, _MEAN, want_grad, out, 0)
+    if not _fast_ok(kw):
         return None
-    red = REDUCTIONS.get(reduction)
+    reduction = kw.get("reduction", "mean")
+    red = REDUCTIONS.get(reduction) if type(reduction) is str else None
     if red is None:
         return None
-    return _core.fast_call(logits, target, red, want_grad, out, num_threads or 0)
+    return _core.fast_call(logits, target, red, want_grad, out, kw.get("num_threads") or 0)
 
 
 @STATS
 def cross_entropy(logits: Any, target: Any, **kw: Unpack[RowStatsKeywords]):
-    if _fast_ok(kw):
-        res = _fast(logits, target, kw.get("reduction", "mean"), None, False, kw.get("num_threads"))
-        if res is not None:
-            return res
+    res = _fast(kw, logits, target, None, False)
+    if res is not None:
+        return res
     return _run(logits, target, STATS.bind("cross_entropy", kw), False, None)
 
 
@@ -319,10 +318,9 @@ cross_entropy.__doc__ = (
 def cross_entropy_with_grad(
     logits: Any, target: Any, *, out: Optional[np.ndarray] = None, **kw: Unpack[RowStatsKeywords]
 ):
-    if _fast_ok(kw):
-        res = _fast(logits, target, kw.get("reduction", "mean"), out, True, kw.get("num_threads"))
-        if res is not None:
-            return res
+    res = _fast(kw, logits, target, out, True)
+    if res is not None:
+        return res
     return _run(logits, target, STATS.bind("cross_entropy_with_grad", kw), True, out)
 
 
