@@ -96,8 +96,16 @@ struct Distill {
       // An all -inf chunk shifts by 0 (its exps are then 0, not NaN).
       const R shx = V::set1(mx == kNegInf ? T(0) : mx), shy = V::set1(my == kNegInf ? T(0) : my);
       Acc<2> acc;  // S_x, S_y
+      // The next chunk's lines are requested while this one's exps run: the max loop above
+      // would otherwise wait on memory with the exp units idle, and the exp loop run with
+      // the memory idle (hardware prefetchers run only a few lines ahead of the demand).
+      const int64_t ahead = n - (c0 + len) < kChunk ? n - (c0 + len) : kChunk;
       for (int64_t i = 0; i < len; i += W) {
         const int64_t l = len - i < W ? len - i : W;
+        if (i < ahead && (i * int64_t(sizeof(T))) % 64 < W * int64_t(sizeof(T))) {
+          FASTXENT_PREFETCH(sc + kChunk + i);
+          FASTXENT_PREFETCH(tc + kChunk + i);
+        }
         const R x = V::mul(a, loadn(sc + i, l)), y = V::mul(a, loadn(tc + i, l));
         const R e = vexp<V>(V::sub(x, shx)), ey = vexp<V>(V::sub(y, shy));
         storen(ex + c0 + i, e, l);
