@@ -184,13 +184,28 @@ double distill(const DistillInputs<S>& in, const DistillOptions& opt, S* gs, S* 
         row.beta = T(beta);
         row.one_m_beta = T(1.0 - beta);
       }
+      const double c = g * r * tau;
+      // The student's gradient of the forward KL (the teacher's of the reverse) needs not the
+      // divergence: one pass for both.
+      const bool fused = (mode == DistillMode::ForwardKL && row.gs && !row.gt) ||
+                         (mode == DistillMode::ReverseKL && row.gt && !row.gs);
+      if (fused) {
+        row.cs = row.ct = T(c);
+        double D;
+        fns.grad_sums(row, &D);
+        part[size_t(n)] = r * tau * tau * D;
+        if constexpr (kHalf) {
+          if (gsr) table.f32_to_half(row.gs, gsr, C, storage);
+          if (gtr) table.f32_to_half(row.gt, gtr, C, storage);
+        }
+        continue;
+      }
       double k[2];
       fns.sums(row, k);
       const double ks = k[0], kt = k[1];
       const double D = mode == DistillMode::Jsd ? beta * kt + (1.0 - beta) * ks : k[0];
       part[size_t(n)] = r * tau * tau * D;
       if (row.gs || row.gt) {
-        const double c = g * r * tau;
         if (mode == DistillMode::Jsd) {
           row.cs = T(c * (1.0 - beta));
           row.ct = T(c * beta);

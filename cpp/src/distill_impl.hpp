@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <stdexcept>
 
 #include "distill_table.hpp"
 #include "kernel_impl.hpp"
@@ -191,13 +192,25 @@ struct Distill {
     out[1] = acc.d[1];
   }
 
-  template <DistillMode M, bool GS, bool GT>
-  static void grad_impl(const DistillRow<T>& r) {
+  // The gradient pass; with SUM (ForwardKL without the teacher's gradient, ReverseKL
+  // without the student's: the gradients that do not need the divergence) it also takes the
+  // divergence, with exactly the operations and order of sums (so the same bits), into
+  // *kl, saving sums' pass over the row.
+  template <DistillMode M, bool GS, bool GT, bool SUM = false>
+  static void grad_impl(const DistillRow<T>& r, double* kl = nullptr) {
     const Consts k = consts(r);
     const R cs = V::set1(r.cs), ct = V::set1(r.ct), ks = V::set1(r.k_s), kt = V::set1(r.k_t);
     (void)ks, (void)kt;  // each mode reads some
+    Acc<1> acc;
     over_chunks(r, [&](R fx, R fy, int64_t i, int64_t l) {
       const Logs g = logs(r, k, fx, fy, i, l);  // read before anything is stored
+      if constexpr (SUM) {
+        static_assert(M != DistillMode::Jsd, "JSD's sums store lm for the gradient pass");
+        if constexpr (M == DistillMode::ForwardKL)
+          acc.v[0] = V::add(acc.v[0], mul0(g.q, V::sub(g.ly, g.lx)));
+        else acc.v[0] = V::add(acc.v[0], mul0(g.p, V::sub(g.lx, g.ly)));
+        acc.tick();
+      }
       R gs, gt;
       if constexpr (M == DistillMode::ForwardKL) {
         gs = V::mul(cs, V::sub(g.p, g.q));
@@ -213,6 +226,18 @@ struct Distill {
       if constexpr (GS) storen(r.gs + i, gs, l);
       if constexpr (GT) storen(r.gt + i, gt, l);
     });
+    if constexpr (SUM) {
+      acc.flush();
+      *kl = acc.d[0];
+    }
+  }
+
+  static void grad_sums(const DistillRow<T>& r, double* kl) {
+    if (r.mode == DistillMode::ForwardKL && r.gs && !r.gt)
+      grad_impl<DistillMode::ForwardKL, true, false, true>(r, kl);
+    else if (r.mode == DistillMode::ReverseKL && r.gt && !r.gs)
+      grad_impl<DistillMode::ReverseKL, false, true, true>(r, kl);
+    else throw std::logic_error("grad_sums: a gradient that needs the divergence first");
   }
 
   template <DistillMode M>
@@ -230,7 +255,9 @@ struct Distill {
     }
   }
 
-  static DistillFns<T> fns() { return {&Distill::stats, &Distill::sums, &Distill::grad}; }
+  static DistillFns<T> fns() {
+    return {&Distill::stats, &Distill::sums, &Distill::grad, &Distill::grad_sums};
+  }
 };
 
 }  // namespace FASTXENT_ISA_NS

@@ -68,6 +68,10 @@ struct DistillFns {
   void (*sums)(const DistillRow<T>& r, double* out);
   // Writes gs and / or gt (whichever is not null) for r.mode.
   void (*grad)(const DistillRow<T>& r);
+  // sums and grad in one pass, for the gradients that do not need the divergence (ForwardKL
+  // with gs alone, ReverseKL with gt alone; r.cs / r.ct set, r.k_s / r.k_t unused): *out
+  // gets sums' out[0], the same bits.
+  void (*grad_sums)(const DistillRow<T>& r, double* out);
 };
 
 }  // namespace fastxent
