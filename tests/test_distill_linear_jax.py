@@ -6,12 +6,19 @@ call and the pure_callback fallback), vmap, the refusals (teacher and sample_wei
 derivatives, forward mode, second order) and the NumPy version's argument errors.
 
 Tolerances: float64 against the NumPy version and the reference, rtol 1e-12 / atol 1e-13 (as
-tests/test_distill_linear.py). float32 against the float64 reference: the loss is a float32
-sum of tiles of float32 matmul logits; measured worst over the cases here 1.3e-7 (loss,
-loss_error) and 6.0e-7 (gradients, grad_error); bounds 2e-6 / 1e-5.
+tests/test_distill_linear.py). float32 against the float64 reference (test_float32): the loss
+is a float32 sum of tiles of float32 matmul logits; measured worst over those cases 2.9e-7
+(loss, loss_error) and 4.6e-7 (gradients, grad_error); bounds 2e-6 / 1e-5.
+
+The pure_callback fallback is tested in float32 only: under the jax.enable_x64 context manager
+a callback that XLA runs on another of its threads sees x64 off, and JAX's own wrapper then
+turns the float64 operands and result into float32 (a JaxRuntimeError, depending on which
+thread runs it: it made test_vmap[fallback] fail 1 run in 3 here).
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import numpy as np
 import pytest
@@ -278,10 +285,6 @@ def test_fallback_pure_callback(monkeypatch):
         kw = dict(beta=0.3, reduction=reduction, tile_rows=TILE, **rkw)
         got = _value_and_grads(args, True, **kw)
         _close(got, _numpy(args, True, **kw), rtol=1e-5, atol=1e-6)
-    with _x64():
-        a64 = _inputs()
-        kw = dict(direction="reverse", reduction="sum", tile_rows=TILE)
-        _close(_value_and_grads(a64, False, **kw), _numpy(a64, False, **kw))
 
 
 @pytest.mark.parametrize("ffi", [True, False], ids=["ffi", "fallback"])
@@ -291,21 +294,25 @@ def test_vmap(ffi, monkeypatch):
         monkeypatch.setattr(_jax_ffi, "_state", False)
     elif not _jax_ffi.enabled():
         pytest.skip("the XLA FFI path is off")
-    args = _inputs(lead=(3, 4))
+    # float64 through the FFI, float32 through the fallback (see the module docstring)
+    dt = np.float64 if ffi else np.float32
+    args = _inputs(dt, lead=(3, 4))
     rkw, _ = _row_kw("mask,sw", lead=(3, 4))
-    with _x64():
+    tol = dict(rtol=1e-12, atol=1e-13) if ffi else dict(rtol=1e-5, atol=1e-6)
+    with _x64() if ffi else contextlib.nullcontext():
         hs, ws, ht, wt, bs, bt = (jnp.asarray(a) for a in args)
 
         def f(h, t, m, sw):
             return fxj.linear_kl_div(h, ws, t, wt, student_bias=bs, teacher_bias=bt,
                                      mask=m, sample_weight=sw, tile_rows=3)  # fmt: skip
 
-        m, sw = jnp.asarray(rkw["mask"]), jnp.asarray(rkw["sample_weight"])
+        m, sw = jnp.asarray(rkw["mask"]), jnp.asarray(rkw["sample_weight"], dt)
         loss, gh = jax.jit(jax.vmap(jax.value_and_grad(f)))(hs, ht, m, sw)
+        assert loss.dtype == dt
         for i in range(3):
             want = _numpy((args[0][i], args[1], args[2][i], args[3], args[4], args[5]), False,
                           mask=rkw["mask"][i], sample_weight=rkw["sample_weight"][i])  # fmt: skip
-            _close((loss[i], gh[i]), want[:2])
+            _close((loss[i], gh[i]), want[:2], **tol)
 
 
 @pytest.mark.parametrize("ffi", [True, False], ids=["ffi", "fallback"])
