@@ -26,7 +26,7 @@ first matmul.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import numpy as np
 
@@ -68,9 +68,10 @@ class NumpyOps:
             np.add(out[v0:v1], t, out=out[v0:v1])
 
 
-def _array(v: Any, name: str) -> np.ndarray:
-    a = to_numpy(v, name)
-    if half_kind(a.dtype) is not None:
+def check_dtype(a: Any, name: str) -> Any:
+    """a itself when its dtype is float32 or float64 (a: any array with a NumPy dtype, the
+    front end's own); 16-bit is a NotImplementedError, anything else a TypeError."""
+    if half_kind(np.dtype(a.dtype)) is not None:
         raise NotImplementedError(
             f"{name} is {a.dtype}: the linear distillation losses take float32 or float64 "
             "(16-bit inputs are not implemented; cast to float32)"
@@ -80,11 +81,24 @@ def _array(v: Any, name: str) -> np.ndarray:
     return a
 
 
-def check_inputs(hs: Any, ws: Any, ht: Any, wt: Any, bs: Any, bt: Any) -> Tuple[Any, ...]:
-    """The six arrays as NumPy arrays (biases None when not given), checked: dtypes (all that
-    of student_hidden), shapes (equal leading shapes, weights (V, H_s) / (V, H_t), the same V,
-    biases (V,))."""
-    s_h = _array(hs, "student_hidden")
+def _array(v: Any, name: str) -> np.ndarray:
+    return check_dtype(to_numpy(v, name), name)
+
+
+def check_inputs(
+    hs: Any,
+    ws: Any,
+    ht: Any,
+    wt: Any,
+    bs: Any,
+    bt: Any,
+    as_array: Callable[[Any, str], Any] = _array,
+) -> Tuple[Any, ...]:
+    """The six arrays as the front end's arrays (biases None when not given), checked: dtypes
+    (all that of student_hidden), shapes (equal leading shapes, weights (V, H_s) / (V, H_t),
+    the same V, biases (V,)). as_array(v, name): the front end's array, its dtype checked by
+    check_dtype (default: NumPy arrays over v's memory)."""
+    s_h = as_array(hs, "student_hidden")
     dt = s_h.dtype
     arrs: Dict[str, Any] = {"student_hidden": s_h}
     for name, v in (
@@ -99,7 +113,7 @@ def check_inputs(hs: Any, ws: Any, ht: Any, wt: Any, bs: Any, bt: Any) -> Tuple[
                 arrs[name] = None
                 continue
             raise TypeError(f"{name} is required")
-        a = _array(v, name)
+        a = as_array(v, name)
         if a.dtype != dt:
             raise TypeError(f"{name} has dtype {a.dtype}, expected {dt} (student_hidden's dtype)")
         arrs[name] = a
@@ -231,6 +245,14 @@ _DOC_COMMON = """
     sample_weight and num_threads mean what they mean in :func:`fastxent.kl_div_with_logits`.
     tile_rows overrides the rows per tile (default: fastxent.linear_cross_entropy's size for
     two tile buffers). The teacher's head is frozen: no teacher gradient."""
+
+
+def call_kw(temperature, reduction, labels, ignore_index, mask, sample_weight, num_threads,
+            tile_rows) -> Dict[str, Any]:  # fmt: skip
+    """The keywords of run() from the public functions' (every front end's)."""
+    return dict(temperature=temperature, reduction=reduction, labels=labels,
+                ignore_index=ignore_index, mask=mask, sample_weight=sample_weight,
+                num_threads=num_threads, tile_rows=tile_rows)  # fmt: skip
 
 
 def _call(

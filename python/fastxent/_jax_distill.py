@@ -245,32 +245,66 @@ def _make(attrs: _Attrs):
     return loss
 
 
+_REDUCTION_NAMES = ("none", "sum", "mean")
+
+
+def _host(attrs: _Attrs, grad: bool, teacher_grad: bool):
+    """The NumPy API on host copies of (student, teacher, flat row weights or an empty
+    array), for the custom call's attributes: the loss in the compute dtype, with grad
+    (loss, grad_student) or (loss, grad_student, grad_teacher)."""
+    a = dict(attrs)
+    div, beta = int(a["divergence"]), float(a["beta"])
+    nt = int(a["num_threads"])
+    kw = dict(
+        _distill._COMMON,
+        temperature=float(a["temperature"]),
+        reduction=_REDUCTION_NAMES[int(a["reduction"])],
+        num_threads=None if nt == 0 else nt,
+    )
+
+    def call(s, t, w):
+        s, t, w = np.asarray(s), np.asarray(t), np.asarray(w)
+        k = dict(kw, sample_weight=None if w.size == 0 else w)
+        out = _distill._run(s, t, div, beta, k, grad, teacher_grad, None, None)
+        if not grad:
+            return np.asarray(out, _compute_dtype(s.dtype))
+        return (np.asarray(out[0], _compute_dtype(s.dtype)),) + tuple(out[1:])
+
+    return call
+
+
+def _loss_shape(attrs: _Attrs, s: Any) -> jax.ShapeDtypeStruct:
+    none = int(dict(attrs)["reduction"]) == 0
+    return jax.ShapeDtypeStruct(s.shape[:-1] if none else (), _compute_dtype(s.dtype))
+
+
+def kernel(attrs: _Attrs, grad: bool, ffi: bool, s: Any, t: Any, w: Any):
+    """The kernel on one block of logits, under no differentiation rule (for front ends with
+    their own: fastxent._jax_distill_linear): the loss, with grad (loss, grad_student). ffi
+    (the caller's _jax_ffi.enabled()): the custom call, else the NumPy API through
+    ``jax.pure_callback`` (one call per element under vmap). w: flat row weights, or an
+    empty array."""
+    if ffi:
+        out = _call(attrs, grad, True, False, s, t, w)
+        return out[0] if not grad else (out[0], out[1])
+    return _callback(attrs, grad, s, t, w)
+
+
+def _callback(attrs: _Attrs, grad: bool, s: Any, t: Any, w: Any):
+    shapes: Any = _loss_shape(attrs, s)
+    if grad:
+        shapes = (shapes, jax.ShapeDtypeStruct(s.shape, s.dtype))
+    return jax.pure_callback(_host(attrs, grad, False), shapes, s, t, w, vmap_method="sequential")
+
+
 @functools.lru_cache(maxsize=256)
-def _fallback(kw: Tuple[Tuple[str, Any], ...]):
+def _fallback(attrs: _Attrs):
     """The pure_callback path (no FFI): the NumPy API on host copies, in a custom_vjp."""
-    k = dict(kw)
-    name = k.pop("fn")
-    none = k["reduction"] == "none"
-    fn = getattr(_distill, name)
-    fn_grad = getattr(_distill, name + "_with_grad")
-
-    def host(grad):
-        def call(s, t, w):
-            s, t, w = np.asarray(s), np.asarray(t), np.asarray(w)
-            sw = None if w.size == 0 else w
-            if not grad:
-                return np.asarray(fn(s, t, sample_weight=sw, **k), _compute_dtype(s.dtype))
-            loss, gs, gt = fn_grad(s, t, sample_weight=sw, teacher_grad=True, **k)
-            return np.asarray(loss, _compute_dtype(s.dtype)), gs, gt
-
-        return call
-
-    def shapes(s):
-        return jax.ShapeDtypeStruct(s.shape[:-1] if none else (), _compute_dtype(s.dtype))
+    none = int(dict(attrs)["reduction"]) == 0
 
     @jax.custom_vjp
     def loss(s, t, w):
-        return jax.pure_callback(host(False), shapes(s), s, t, w, vmap_method="sequential")
+        return _callback(attrs, False, s, t, w)
 
     def fwd(s, t, w):
         if w.perturbed:
@@ -279,9 +313,11 @@ def _fallback(kw: Tuple[Tuple[str, Any], ...]):
                 "respect to the logits only; sample_weight is being differentiated"
             )
         sv, tv = s.value, t.value
-        out = (shapes(sv), jax.ShapeDtypeStruct(sv.shape, sv.dtype))
+        out = (_loss_shape(attrs, sv), jax.ShapeDtypeStruct(sv.shape, sv.dtype))
         out = out + (jax.ShapeDtypeStruct(tv.shape, tv.dtype),)
-        out, gs, gt = jax.pure_callback(host(True), out, sv, tv, w.value, vmap_method="sequential")
+        out, gs, gt = jax.pure_callback(
+            _host(attrs, True, True), out, sv, tv, w.value, vmap_method="sequential"
+        )
         return out, (gs, gt)
 
     def bwd(res, ct):
@@ -296,28 +332,27 @@ def _fallback(kw: Tuple[Tuple[str, Any], ...]):
     return loss
 
 
-def _loss(student: Any, teacher: Any, divergence: int, beta: float, kw: dict, fn: str):
+def attributes(divergence: int, beta: float, temperature: float, reduction: int, nt: int):
+    """The custom call's attributes (a hashable tuple, also the fallback's options)."""
+    return (
+        ("divergence", np.int64(divergence)),
+        ("reduction", np.int64(reduction)),
+        ("num_threads", np.int64(nt)),
+        ("beta", np.float64(beta)),
+        ("temperature", np.float64(temperature)),
+    )
+
+
+def _loss(student: Any, teacher: Any, divergence: int, beta: float, kw: dict):
     s, t, tau, red, nt, _, w = _distill.check_distill_args(
         student, teacher, kw, as_logits=_jax_logits, real=_static_real, row_weight=_row_weight
     )
     if w is None:
         w = jnp.zeros((0,), jnp.float64 if _x64() else jnp.float32)
+    attrs = attributes(divergence, beta, tau, red, nt)
     if _jax_ffi.enabled():
-        attrs = (
-            ("divergence", np.int64(divergence)),
-            ("reduction", np.int64(red)),
-            ("num_threads", np.int64(nt)),
-            ("beta", np.float64(beta)),
-            ("temperature", np.float64(tau)),
-        )
         return _make(attrs)(s, t, w)
-    fkw = [("fn", fn), ("temperature", tau), ("reduction", kw["reduction"])]
-    fkw.append(("num_threads", kw["num_threads"]))
-    if fn == "jsd_with_logits":
-        fkw.append(("beta", beta))
-    else:
-        fkw.append(("direction", "forward" if divergence == 0 else "reverse"))
-    return _fallback(tuple(fkw))(s, t, w)
+    return _fallback(attrs)(s, t, w)
 
 
 def kl_div_with_logits(
@@ -329,7 +364,6 @@ def kl_div_with_logits(
         _distill._direction(direction),
         0.5,
         _distill._kw(options, "kl_div_with_logits"),
-        "kl_div_with_logits",
     )
 
 
@@ -340,7 +374,6 @@ def jsd_with_logits(student: Any, teacher: Any, *, beta: float = 0.5, **options:
         2,
         _distill._beta(beta, _static_real),
         _distill._kw(options, "jsd_with_logits"),
-        "jsd_with_logits",
     )
 
 

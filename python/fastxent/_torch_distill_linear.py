@@ -174,13 +174,6 @@ def _apply(
     return _LinearDistill.apply(hs, ws, bs, ht, wt, bt, divergence, beta, kw)
 
 
-def _kw(temperature, reduction, labels, ignore_index, mask, sample_weight, num_threads,
-        tile_rows) -> Dict[str, Any]:  # fmt: skip
-    return dict(temperature=temperature, reduction=reduction, labels=labels,
-                ignore_index=ignore_index, mask=mask, sample_weight=sample_weight,
-                num_threads=num_threads, tile_rows=tile_rows)  # fmt: skip
-
-
 def linear_kl_div(
     student_hidden: Tensor,
     student_weight: Tensor,
@@ -205,8 +198,8 @@ def linear_kl_div(
     respect to the student's hidden states, weight and bias; the teacher's head is frozen (a
     teacher tensor that requires grad is a RuntimeError). First order only (create_graph=True
     is a RuntimeError in backward)."""
-    kw = _kw(temperature, reduction, labels, ignore_index, mask, sample_weight, num_threads,
-             tile_rows)  # fmt: skip
+    kw = _distill_linear.call_kw(temperature, reduction, labels, ignore_index, mask,
+                                 sample_weight, num_threads, tile_rows)  # fmt: skip
     return _apply(student_hidden, student_weight, teacher_hidden, teacher_weight,
                   student_bias, teacher_bias, _distill._direction(direction), 0.5, kw)  # fmt: skip
 
@@ -232,7 +225,7 @@ def linear_jsd(
     """:func:`fastxent.torch.jsd_with_logits` (generalised JSD) of the student's and the
     teacher's logits from their hidden states and heads, without the N x V logits (see
     :func:`linear_kl_div`: same gradients, frozen teacher, first order only)."""
-    kw = _kw(temperature, reduction, labels, ignore_index, mask, sample_weight, num_threads,
-             tile_rows)  # fmt: skip
+    kw = _distill_linear.call_kw(temperature, reduction, labels, ignore_index, mask,
+                                 sample_weight, num_threads, tile_rows)  # fmt: skip
     return _apply(student_hidden, student_weight, teacher_hidden, teacher_weight,
                   student_bias, teacher_bias, 2, _distill._beta(beta), kw)  # fmt: skip

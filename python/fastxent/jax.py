@@ -36,6 +36,11 @@ is ignored and any other label outside ``[0, C)`` raises.
 :func:`kl_div_with_logits` and :func:`jsd_with_logits` are the distillation losses of
 :func:`fastxent.kl_div_with_logits` / :func:`fastxent.jsd_with_logits` (student and teacher
 logits, both differentiable), as custom calls in the same way (:mod:`fastxent._jax_distill`).
+:func:`linear_kl_div` and :func:`linear_jsd` are the same losses from hidden states and head
+weights (:func:`fastxent.linear_kl_div` / :func:`fastxent.linear_jsd`): per row tile the
+logits by ``jnp.dot`` and the same kernel, the N x V logits never held; differentiable with
+respect to the student's hidden states, head weight and bias, the teacher's head frozen
+(:mod:`fastxent._jax_distill_linear`).
 
 Requires the optional extra: ``pip install fastxent[jax]``.
 """
@@ -61,6 +66,8 @@ __all__ = [
     "jsd_with_logits",
     "kl_div_with_logits",
     "linear_cross_entropy",
+    "linear_jsd",
+    "linear_kl_div",
     "softmax_cross_entropy",
     "softmax_cross_entropy_with_integer_labels",
 ]
@@ -363,3 +370,6 @@ from ._jax_linear import linear_cross_entropy  # noqa: E402
 
 # Distillation losses (fastxent.kl_div_with_logits / jsd_with_logits as XLA custom calls).
 from ._jax_distill import jsd_with_logits, kl_div_with_logits  # noqa: E402
+
+# Distillation losses from hidden states and head weights, in row tiles (no N x V logits).
+from ._jax_distill_linear import linear_jsd, linear_kl_div  # noqa: E402
