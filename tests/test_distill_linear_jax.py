@@ -253,6 +253,47 @@ def test_empty_mean_and_no_rows():
         assert none.shape == (0,)
 
 
+def test_mean_with_huge_float32_weights():
+    """float32 row weights whose sum overflows float32 (six times 1e38): "mean" is still the
+    weighted mean, as NumPy's (it was a silent 0 loss with zero gradients: the sum was inf),
+    under jit too; a non-finite or negative weight still raises when the call runs."""
+    hs, ws, ht, wt, bs, bt = (None if a is None else a.astype(np.float32) for a in _inputs())
+    sw = np.full(N, 1e38, np.float32)
+    sw[1] = 3e37
+    want = fx.linear_kl_div(hs, ws, ht, wt, sample_weight=sw)
+    same = fx.linear_kl_div(hs, ws, ht, wt, sample_weight=sw / np.float32(1e38))
+    np.testing.assert_allclose(want, same, rtol=1e-6)
+
+    def f(hs, sw):
+        return fxj.linear_kl_div(hs, ws, ht, wt, sample_weight=sw)
+
+    got, g = jax.jit(jax.value_and_grad(f))(hs, sw)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    _, gh = fx.linear_kl_div_with_grad(hs, ws, ht, wt, sample_weight=sw)[:2]
+    np.testing.assert_allclose(g, gh, rtol=1e-4, atol=1e-7)
+    assert np.abs(np.asarray(g)).max() > 0
+    for bad in (np.inf, np.nan, -1.0):
+        sw2 = sw.copy()
+        sw2[2] = bad
+        with pytest.raises(Exception, match="row weights must be finite and >= 0"):
+            jax.jit(f)(hs, sw2).block_until_ready()
+
+
+def test_zero_width_hidden():
+    """A hidden size of 0 (the student's logits are its bias): as NumPy's, not
+    ZeroDivisionError from reshape(-1, 0)."""
+    hs, ws, ht, wt, bs, bt = _inputs()
+    hs0, ws0 = np.zeros((N, 0)), np.zeros((V, 0))
+    with _x64():
+        want = fx.linear_kl_div_with_grad(hs0, ws0, ht, wt, student_bias=bs, teacher_bias=bt)
+        got = fxj.linear_kl_div(hs0, ws0, ht, wt, student_bias=bs, teacher_bias=bt)
+        gb = jax.grad(
+            lambda b: fxj.linear_kl_div(hs0, ws0, ht, wt, student_bias=b, teacher_bias=bt)
+        )(bs)
+    np.testing.assert_allclose(got, want[0], rtol=1e-12)
+    np.testing.assert_allclose(gb, want[-1], rtol=1e-12, atol=1e-15)
+
+
 @needs_ffi
 def test_hlo_custom_call_and_no_n_by_v_array():
     """Under jit the kernel is the distillation custom call, and no array of the (N, V)

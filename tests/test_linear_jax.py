@@ -181,3 +181,17 @@ def test_differentiating_a_non_differentiable_input_raises(wrt):
         }[wrt]()
     )(x)
     assert g.shape == x.shape and bool(jnp.all(jnp.isfinite(g))) and bool(jnp.any(g != 0))
+
+
+def test_zero_width_hidden():
+    """A hidden size of 0 (the logits are the bias): as NumPy's, not ZeroDivisionError from
+    reshape(-1, 0); the bias gradient under jit."""
+    rng = np.random.default_rng(3)
+    h, w = np.zeros((6, 0)), np.zeros((9, 0))
+    b, y = rng.standard_normal(9), rng.integers(0, 9, 6)
+    with _x64():
+        want = fx.linear_cross_entropy_with_grad(h, w, y, linear_bias=b)
+        got = fxj.linear_cross_entropy(h, w, y, linear_bias=b)
+        gb = jax.jit(jax.grad(lambda b: fxj.linear_cross_entropy(h, w, y, linear_bias=b)))(b)
+    np.testing.assert_allclose(got, want[0], rtol=1e-12)
+    np.testing.assert_allclose(gb, want[-1], rtol=1e-12, atol=1e-15)

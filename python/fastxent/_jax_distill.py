@@ -92,6 +92,22 @@ def _row_weight(rows: Tuple[int, ...], labels: Any, ignore_index: Any, mask: Any
     return w
 
 
+def mean_weights(w: jax.Array) -> jax.Array:
+    """Row weights w (N,) divided by their sum: "mean" as "sum" over these weights. Scaled
+    by a power of two first, so that the largest is in [0.5, 1): the float32 sum of large
+    weights (1e38 six times) cannot overflow to inf (and w / inf make a silent 0 loss), and
+    no reciprocal of a large sum flushes to zero (XLA turns w / max(w) into w * (1 / max),
+    and 1 / 1e38 is a float32 denormal, which XLA's CPU threads read as 0). A total of 0
+    (every weight 0) leaves them; a negative or non-finite (traced) weight reaches the
+    kernel as such (an infinite one through inf / inf = NaN; a negative one unscaled, which
+    could have flushed to -0), which raises."""
+    if w.shape[0] == 0:
+        return w
+    w = jnp.where(w < 0, w, jnp.ldexp(w, -jnp.frexp(jnp.max(jnp.abs(w)))[1]))
+    den = w.sum()
+    return jnp.where(den > 0, w / jnp.where(den > 0, den, 1), w)
+
+
 def _jax_logits(v: Any, name: str) -> jax.Array:
     x = jnp.asarray(v)
     return _distill.check_logits(x, name, np.dtype(x.dtype) in _FLOATS)

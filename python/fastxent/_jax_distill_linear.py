@@ -32,6 +32,7 @@ Invariants:
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Optional, Tuple
 
 import jax
@@ -149,7 +150,8 @@ def _make(attrs, tile: int, lead: Tuple[int, ...], ffi: bool):
     none = int(dict(attrs)["reduction"]) == 0
 
     def flat(h):
-        return h.reshape(-1, h.shape[-1])
+        # (not reshape(-1, H): -1 is undefined for a hidden size of 0)
+        return h.reshape(math.prod(h.shape[:-1]), h.shape[-1])
 
     def run(want, hs, ws, bs, ht, wt, bt, w, scale=None):
         return _sweep(attrs, ffi, tile, want, flat(hs), ws, bs, flat(ht), wt, bt, w, scale)
@@ -219,10 +221,7 @@ def _apply(arrays: Tuple[Any, ...], divergence: int, beta: float, kw: dict) -> j
     wdt = jnp.float64 if _jax_distill._x64() else jnp.float32
     if red == 2:
         w = jnp.ones((n,), wdt) if rw is None else rw
-        den = w.sum()
-        # den == 0: every weight is 0 already (the kernel then gives 0 and zero gradients).
-        # A negative or non-finite (traced) weight reaches the kernel as it is: its error.
-        w = jnp.where(den > 0, w / jnp.where(den > 0, den, 1), w).astype(wdt)
+        w = _jax_distill.mean_weights(w).astype(wdt)
     else:
         w = jnp.zeros((0,), wdt) if rw is None else rw
     attrs = _jax_distill.attributes(divergence, beta, tau, 0 if red == 0 else 1, nt)

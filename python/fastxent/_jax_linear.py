@@ -20,6 +20,7 @@ Invariants:
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Optional, Tuple
 
 import jax
@@ -124,12 +125,17 @@ def _sweep(opts, red: str, tile: int, want_grad: bool, h2, w_lin, b, t, cw, sw, 
     return loss, gh, gw.astype(dt), None if b is None else gb.astype(dt)
 
 
+def _rows(h: jax.Array) -> jax.Array:
+    """(..., H) as (rows, H); not reshape(-1, H): -1 is undefined for H = 0."""
+    return h.reshape(math.prod(h.shape[:-1]), h.shape[-1])
+
+
 @functools.lru_cache(maxsize=128)
 def _make(opts: Tuple[Tuple[str, Any], ...], tile: int, has_bias: bool):
     red = dict(opts)["reduction"]
 
     def loss_of(h, w, b, t, cw, sw, d):
-        h2 = h.reshape(-1, h.shape[-1])
+        h2 = _rows(h)
         loss = _sweep(opts, red, tile, False, h2, w, b if has_bias else None, t, cw, sw, d)[0]
         return loss.reshape(h.shape[:-1]) if red == "none" else loss
 
@@ -156,7 +162,7 @@ def _make(opts: Tuple[Tuple[str, Any], ...], tile: int, has_bias: bool):
         h, w, b, t, cw, sw, d = (None if a is None else a.value for a in args)
         if red == "none":
             return loss_of(h, w, b, t, cw, sw, d), (h, w, b, t, cw, sw, d, None)
-        h2 = h.reshape(-1, h.shape[-1])
+        h2 = _rows(h)
         loss, gh, gw, gb = _sweep(
             opts, red, tile, True, h2, w, b if has_bias else None, t, cw, sw, d
         )
@@ -174,7 +180,7 @@ def _make(opts: Tuple[Tuple[str, Any], ...], tile: int, has_bias: bool):
                 "sum",
                 tile,
                 True,
-                h.reshape(-1, h.shape[-1]),
+                _rows(h),
                 w,
                 b if has_bias else None,
                 t,
