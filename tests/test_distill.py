@@ -372,6 +372,9 @@ BAD_CALLS = [
     (dict(sample_weight=np.ones((3, 1))), ValueError, "sample_weight"),
     (dict(sample_weight=np.array(["a", "b", "c"])), TypeError, "sample_weight"),
     (dict(num_threads=0), ValueError, "num_threads"),
+    # beyond the kernel's C int: the library's error, not pybind11's argument TypeError
+    (dict(num_threads=2**31), ValueError, "num_threads must be at most 2147483647"),
+    (dict(num_threads=2**40), ValueError, "num_threads must be at most 2147483647"),
     (dict(bogus=1), TypeError, "bogus"),
 ]
 

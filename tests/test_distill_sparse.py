@@ -455,6 +455,7 @@ def _errors(N, C, k):
         (dict(mask=np.ones(N, np.int8)), TypeError, "mask must be boolean"),
         (dict(sample_weight=-np.ones(N)), ValueError, "sample_weight"),
         (dict(num_threads=0), ValueError, "num_threads"),
+        (dict(num_threads=2**40), ValueError, "num_threads must be at most 2147483647"),
         (dict(student=s.astype(np.int32)), TypeError, "student must be"),
         (dict(student=s[:, :0], teacher_indices=idx[:, :0]), ValueError, "C = 0"),
         (dict(teacher_indices=np.tile(np.arange(C + 1), (N, 1)),

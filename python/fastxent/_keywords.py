@@ -292,8 +292,15 @@ def reduction_code(reduction: Any) -> int:
     return REDUCTIONS[reduction]
 
 
+# The largest num_threads: the kernel's count is a C int (fastxent::Options::num_threads, the
+# bindings' and the XLA handlers' int), and OpenMP caps a team at its own thread limit anyway.
+MAX_THREADS = 2**31 - 1
+
+
 def threads(num_threads: Any) -> int:
-    """num_threads (None or >= 1) as the kernel's count, 0 meaning OpenMP's default."""
+    """num_threads (None or in [1, MAX_THREADS]) as the kernel's count, 0 meaning OpenMP's
+    default. Every front end's check (NumPy, shard, sigmoid, companion, distillation and
+    linear functions; fastxent.torch and fastxent.jax through them)."""
     if num_threads is None:
         return 0
     try:
@@ -302,6 +309,11 @@ def threads(num_threads: Any) -> int:
         raise TypeError("num_threads must be None or a positive integer") from None
     if nt < 1:
         raise ValueError(f"num_threads must be None or >= 1, got {num_threads}")
+    if nt > MAX_THREADS:
+        raise ValueError(
+            f"num_threads must be at most {MAX_THREADS} (the kernel's count is a C int), "
+            f"got {num_threads}"
+        )
     return nt
 
 
