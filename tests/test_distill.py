@@ -376,6 +376,12 @@ BAD_CALLS = [
     (dict(num_threads=2**31), ValueError, "num_threads must be at most 2147483647"),
     (dict(num_threads=2**40), ValueError, "num_threads must be at most 2147483647"),
     (dict(bogus=1), TypeError, "bogus"),
+    # teacher_grad is a bool: not read by its truth value ("no" would be True)
+    (dict(teacher_grad="yes"), TypeError, "teacher_grad must be a bool"),
+    (dict(teacher_grad="no"), TypeError, "teacher_grad must be a bool"),
+    (dict(teacher_grad=1), TypeError, "teacher_grad must be a bool"),
+    (dict(teacher_grad=None), TypeError, "teacher_grad must be a bool"),
+    (dict(teacher_grad=np.array([True])), TypeError, "teacher_grad must be a bool"),
 ]
 
 
@@ -393,6 +399,19 @@ def test_bad_arguments_touch_nothing(kind, kw, exc, match):
     assert_bitwise_equal(s, s0)
     assert_bitwise_equal(t, t0)
     assert np.all(out == 7.0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_teacher_grad_numpy_bool(kind):
+    # numpy.bool_ is a bool: the same results as Python's True / False
+    s = np.arange(12, dtype=np.float32).reshape(3, 4)
+    t = s[::-1].copy()
+    for v in (True, False):
+        want = call(kind, s, t, True, teacher_grad=v)
+        got = call(kind, s, t, True, teacher_grad=np.bool_(v))
+        assert len(got) == len(want) == (3 if v else 2)
+        for a, b in zip(got, want):
+            assert_bitwise_equal(a, b)
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -15,7 +15,8 @@ from typing import Any, Callable, NamedTuple, Optional, Tuple
 import numpy as np
 
 from . import _core
-from ._options import FLOAT_DTYPES, check_out, half_kind, reduction_code, rows_view, threads
+from ._options import FLOAT_DTYPES, check_out, flag, half_kind, reduction_code, rows_view
+from ._options import threads
 from ._options import to_numpy
 
 __all__ = [
@@ -339,7 +340,8 @@ _PARAMS = """
 """
 
 _GRAD_PARAMS = """    teacher_grad : bool
-        Also return the gradient with respect to the teacher's logits (default False).
+        Also return the gradient with respect to the teacher's logits (default False). A bool
+        or numpy.bool_ (anything else is a TypeError, not read by its truth value).
     out, teacher_out : ndarray, optional
         Where to write the student's / teacher's gradient: the logits' shape and dtype,
         C-contiguous, writable. ``out=student`` (``teacher_out=teacher``) is the in-place mode.
@@ -359,7 +361,8 @@ _EDGES = """
     ------
     TypeError
         for logits that are not floating point, mismatched dtypes, labels that are not integers,
-        a mask that is not boolean, or a non-numeric temperature / beta.
+        a mask that is not boolean, a non-numeric temperature / beta, or a teacher_grad that
+        is not a bool (or numpy.bool_).
     ValueError
         for mismatched shapes, C = 0, a temperature outside [1e-30, 100] (NaN, inf and
         <= 0 included), beta outside [0, 1], an unknown direction or reduction, bad row
@@ -405,7 +408,7 @@ def kl_div_with_logits_with_grad(
         0.5,
         _kw(kw, "kl_div_with_logits_with_grad"),
         True,
-        bool(teacher_grad),
+        flag(teacher_grad, "teacher_grad"),
         out,
         teacher_out,
     )
@@ -434,7 +437,7 @@ def jsd_with_logits_with_grad(
         _beta(beta),
         _kw(kw, "jsd_with_logits_with_grad"),
         True,
-        bool(teacher_grad),
+        flag(teacher_grad, "teacher_grad"),
         out,
         teacher_out,
     )

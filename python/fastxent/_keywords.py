@@ -16,7 +16,8 @@ functions), fastxent.dask, and fastxent.torch's extras beside PyTorch's own keyw
   unexpected keyword argument).
 * :class:`LossOptions`, the frozen, validated form of the scalar keywords, field for field
   the compiled ``_core.Options`` (the C++ ``fastxent::Options``) handed whole to every kernel
-  entry point, and the validators (``real``, ``index``, ``reduction_code``, ``threads``).
+  entry point, and the validators (``real``, ``index``, ``flag``, ``reduction_code``,
+  ``threads``).
 
 A new scalar option is therefore, in Python, this module alone (its default, type, doc, its
 LossOptions field and validation line); every function that takes its group then takes,
@@ -44,6 +45,8 @@ from typing import (
     TypedDict,
     TypeVar,
 )
+
+import numpy as np
 
 from . import _core
 
@@ -283,6 +286,14 @@ def index(v: Any, name: str) -> int:
         return operator.index(v)
     except TypeError:
         raise TypeError(f"{name} must be an integer, got {type(v).__name__}") from None
+
+
+def flag(v: Any, name: str) -> bool:
+    """v as a Python bool: a bool or a numpy.bool_ only, TypeError naming it otherwise (a
+    string such as "no", an integer, None or an array would be read by its truth value)."""
+    if isinstance(v, (bool, np.bool_)):
+        return bool(v)
+    raise TypeError(f"{name} must be a bool (True or False), got {type(v).__name__}: {v!r}")
 
 
 def reduction_code(reduction: Any) -> int:

@@ -19,6 +19,7 @@ from ._keywords import (  # noqa: F401 (re-exported: the scalar options live in 
     REDUCTIONS,
     LossOptions,
     common_options,
+    flag,
     index,
     real,
     reduction_code,
