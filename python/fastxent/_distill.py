@@ -247,14 +247,18 @@ def _run(
     gs = gt = None
     if want_grad:
         if student_grad:
-            gs = np.empty(s.shape, s.dtype) if out is None else check_out(out, s, [("teacher", t)])
+            gs = (
+                np.empty(s.shape, s.dtype)
+                if out is None
+                else check_out(out, s, [("teacher", t)], "out", "student")
+            )
         elif out is not None or not teacher_grad:
             raise ValueError("student_grad=False goes with teacher_grad=True and no out=")
         if teacher_grad:
             gt = (
                 np.empty(t.shape, t.dtype)
                 if teacher_out is None
-                else check_out(teacher_out, t, [("student", s)])
+                else check_out(teacher_out, t, [("student", s)], "teacher_out", "teacher")
             )
             if gs is not None and (gs is gt or np.shares_memory(gs, gt)):
                 raise ValueError("out and teacher_out overlap")
