@@ -162,6 +162,13 @@ def _numpy_rows(v: Any, name: str) -> Tuple[np.ndarray, str]:
     return a, "f" if half_kind(a.dtype) is not None else a.dtype.kind
 
 
+def check_sample_weight(w: np.ndarray) -> None:
+    """sample_weight's values (any shape): finite and >= 0, else ValueError. The NumPy
+    layer's check, and fastxent.torch's under torch.func (where the kernel is not called)."""
+    if not np.all(np.isfinite(w)) or np.any(w < 0):
+        raise ValueError("sample_weight must be finite and >= 0")
+
+
 def _row_weight(
     rows: Tuple[int, ...], labels: Any, ignore_index: Any, mask: Any, sample_weight: Any
 ) -> Optional[np.ndarray]:
@@ -171,8 +178,7 @@ def _row_weight(
     w: Optional[np.ndarray] = None
     if r.sample_weight is not None:
         w = np.array(r.sample_weight, dtype=np.float64).reshape(-1)
-        if not np.all(np.isfinite(w)) or np.any(w < 0):
-            raise ValueError("sample_weight must be finite and >= 0")
+        check_sample_weight(w)
     if r.labels is not None:
         keep = (r.labels != r.ignore_index).reshape(-1)
         w = keep.astype(np.float64) if w is None else w * keep

@@ -224,6 +224,17 @@ def under_func_transform(*ts: Any) -> bool:
     return any(isinstance(t, Tensor) and is_wrapped(t) for t in ts)
 
 
+def values_under_func(t: Tensor, dtype: Optional[torch.dtype] = None) -> np.ndarray:
+    """t's values as a NumPy array (numpy_of), also inside torch.func transforms, whose
+    tensors have no storage: read from the plain tensor under every wrapper (a vmapped tensor:
+    its whole batch) with functorch's dispatch off, so that no operation here is lifted into
+    the transform. For checks of values only (nothing is connected to the transform)."""
+    with torch._C._DisableFuncTorch():
+        while is_wrapped(t):
+            t = torch._C._functorch.get_unwrapped(t)
+        return numpy_of(t, dtype)
+
+
 def refuse_func_transforms(*ts: Any) -> None:
     """torch.func transforms (grad, vmap, jacrev, jvp, ...) hand the wrapper tensors without
     storage, which the kernel cannot read: say so, and what works instead."""
