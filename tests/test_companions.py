@@ -425,6 +425,9 @@ def test_bad_num_threads():
     for nt in (0, -1, 1.5, "2"):
         with pytest.raises((ValueError, TypeError)):
             fx.softmax(np.zeros((2, 3)), num_threads=nt)
+    for f in (fx.softmax, fx.log_softmax, fx.logsumexp):
+        with pytest.raises(ValueError, match="num_threads must be at most 2147483647"):
+            f(np.zeros((2, 3)), num_threads=2**40)
 
 
 def test_docstring_examples():

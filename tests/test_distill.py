@@ -372,7 +372,16 @@ BAD_CALLS = [
     (dict(sample_weight=np.ones((3, 1))), ValueError, "sample_weight"),
     (dict(sample_weight=np.array(["a", "b", "c"])), TypeError, "sample_weight"),
     (dict(num_threads=0), ValueError, "num_threads"),
+    # beyond the kernel's C int: the library's error, not pybind11's argument TypeError
+    (dict(num_threads=2**31), ValueError, "num_threads must be at most 2147483647"),
+    (dict(num_threads=2**40), ValueError, "num_threads must be at most 2147483647"),
     (dict(bogus=1), TypeError, "bogus"),
+    # teacher_grad is a bool: not read by its truth value ("no" would be True)
+    (dict(teacher_grad="yes"), TypeError, "teacher_grad must be a bool"),
+    (dict(teacher_grad="no"), TypeError, "teacher_grad must be a bool"),
+    (dict(teacher_grad=1), TypeError, "teacher_grad must be a bool"),
+    (dict(teacher_grad=None), TypeError, "teacher_grad must be a bool"),
+    (dict(teacher_grad=np.array([True])), TypeError, "teacher_grad must be a bool"),
 ]
 
 
@@ -390,6 +399,19 @@ def test_bad_arguments_touch_nothing(kind, kw, exc, match):
     assert_bitwise_equal(s, s0)
     assert_bitwise_equal(t, t0)
     assert np.all(out == 7.0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_teacher_grad_numpy_bool(kind):
+    # numpy.bool_ is a bool: the same results as Python's True / False
+    s = np.arange(12, dtype=np.float32).reshape(3, 4)
+    t = s[::-1].copy()
+    for v in (True, False):
+        want = call(kind, s, t, True, teacher_grad=v)
+        got = call(kind, s, t, True, teacher_grad=np.bool_(v))
+        assert len(got) == len(want) == (3 if v else 2)
+        for a, b in zip(got, want):
+            assert_bitwise_equal(a, b)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -431,11 +453,11 @@ def test_bad_logits_and_outputs():
             ValueError,
             "shape",
         ),
-        (lambda: fx.kl_div_with_logits_with_grad(s, t, out=t), ValueError, "overlap"),
+        (lambda: fx.kl_div_with_logits_with_grad(s, t, out=t), ValueError, "^out overlaps"),
         (
             lambda: fx.kl_div_with_logits_with_grad(s, t, teacher_grad=True, teacher_out=s),
             ValueError,
-            "overlap",
+            "^teacher_out overlaps student",
         ),
         (
             lambda: fx.kl_div_with_logits_with_grad(s, t, teacher_out=np.zeros_like(t)),
@@ -464,6 +486,56 @@ def test_bad_logits_and_outputs():
         np.testing.assert_array_equal(s, before[0])
         np.testing.assert_array_equal(t, before[1])
         np.testing.assert_array_equal(shared, before[2])
+
+
+def _bad_buffers(s0, t0):
+    """(argument, buffer, the error's text after the argument's name) for every way an output
+    buffer can be wrong, for the student s0[:12] and the teacher t0[:12] as (3, 4) float32."""
+    s, t = s0[:12].reshape(3, 4), t0[:12].reshape(3, 4)
+    ro = np.zeros_like(s)
+    ro.flags.writeable = False
+    return [
+        ("out", np.zeros(s.shape), r"has dtype float64, expected float32 \(the student's"),
+        ("teacher_out", np.zeros(t.shape), r"has dtype float64, expected float32 \(the teacher's"),
+        ("out", np.zeros((4, 3), s.dtype), "has shape"),
+        ("teacher_out", np.zeros((4, 3), t.dtype), "has shape"),
+        ("out", np.zeros((4, 3), s.dtype).T, "must be C-contiguous"),
+        ("teacher_out", np.zeros((4, 3), t.dtype).T, "must be C-contiguous"),
+        ("out", ro, "is read-only"),
+        ("teacher_out", ro, "is read-only"),
+        ("out", [[0.0] * 4] * 3, "must be a NumPy array"),
+        ("teacher_out", [[0.0] * 4] * 3, "must be a NumPy array"),
+        ("out", t, "overlaps teacher"),
+        ("teacher_out", s, "overlaps student"),
+        # part of the array it holds the gradient of (not the in-place mode)
+        (
+            "out",
+            s0[1:].reshape(3, 4),
+            "overlaps the student without being the same array: pass out=student",
+        ),
+        (
+            "teacher_out",
+            t0[1:].reshape(3, 4),
+            "overlaps the teacher without being the same array: pass teacher_out=teacher",
+        ),
+    ]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("case", range(14))
+def test_output_errors_name_their_argument(kind, case):
+    # Each of out= and teacher_out= is named in its own errors (teacher_out's said "out").
+    s0 = np.arange(13, dtype=np.float32)
+    t0 = s0[::-1].copy()
+    cases = _bad_buffers(s0, t0)
+    assert len(cases) == 14
+    name, buf, msg = cases[case]
+    before = (s0.copy(), t0.copy())
+    with pytest.raises((ValueError, TypeError), match="^" + name + " " + msg):
+        call(kind, s0[:12].reshape(3, 4), t0[:12].reshape(3, 4), True, teacher_grad=True,
+             **{name: buf})  # fmt: skip
+    assert_bitwise_equal(s0, before[0])
+    assert_bitwise_equal(t0, before[1])
 
 
 def test_core_refuses_bad_layouts():

@@ -463,6 +463,11 @@ def test_errors(rng):
         kl(s, t, sample_weight=jnp.ones((3, 1)))
     with pytest.raises(TypeError, match="num_threads"):
         kl(s, t, num_threads=1.5)
+    # beyond the handlers' C int: refused (2**32 + 1 used to wrap to 1 thread, 2**40 to 0,
+    # OpenMP's default, silently)
+    for nt in (2**31, 2**32 + 1, 2**40):
+        with pytest.raises(ValueError, match="num_threads must be at most 2147483647"):
+            kl(s, t, num_threads=nt)
     if _jax_ffi.enabled():
         # A negative (traced) sample weight is caught by the kernel when the call runs.
         with pytest.raises(Exception, match="row weights must be finite and >= 0"):

@@ -184,6 +184,8 @@ def _bad_cases():
         ((hs, ws, ht, wt, bs, bt), {"labels": np.ones(N)}, TypeError, "labels"),
         ((hs, ws, ht, wt, bs, bt), {"sample_weight": -np.ones(N)}, ValueError, "sample_w"),
         ((hs, ws, ht, wt, bs, bt), {"tile_rows": 0}, ValueError, "tile_rows"),
+        ((hs, ws, ht, wt, bs, bt), {"num_threads": 0}, ValueError, "num_threads"),
+        ((hs, ws, ht, wt, bs, bt), {"num_threads": 2**40}, ValueError, "at most 2147483647"),
     ]
 
 

@@ -163,6 +163,81 @@ def test_torch_none_inference_mode_teacher_and_in_place_row_arrays():
         loss.sum().backward()
 
 
+@pytest.mark.parametrize("fn", ["kl", "jsd"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_torch_mean_sum_backward_scales_in_place(fn, reduction):
+    # "mean" / "sum": the backward hands out the forward's gradients scaled in place (it made
+    # a second copy of each, `g * go`, and kept the first until the graph was freed). Against
+    # the dense loss with autograd: an upstream 1, a non-unit upstream gradient, gradients
+    # accumulated into existing .grad, two backwards with retain_graph=True (the second
+    # computes them again), a batch of upstream gradients, an input changed in place.
+    hs, ws, ht, wt, bs, bt = _tensors()
+    kw = dict(reduction=reduction, temperature=1.5)
+    if fn == "jsd":
+        kw["beta"] = 0.3
+    lin0 = fxt.linear_jsd if fn == "jsd" else fxt.linear_kl_div
+
+    def lin(*args, **k):
+        return lin0(*args, tile_rows=5, **k)
+
+    dense = fxt.jsd_with_logits if fn == "jsd" else fxt.kl_div_with_logits
+
+    def leaves():
+        return [x.detach().clone().requires_grad_() for x in (hs, ws, bs)]
+
+    def want(up):
+        a = leaves()
+        loss = dense(F.linear(a[0], a[1], a[2]), F.linear(ht, wt, bt), **kw)
+        return torch.autograd.grad(loss, a, torch.tensor(up, dtype=loss.dtype))
+
+    def close(got, exp):
+        for g, w in zip(got, exp):
+            torch.testing.assert_close(g, w, rtol=1e-11, atol=1e-13)
+
+    for up in (1.0, -2.5):
+        a = leaves()
+        loss = lin(a[0], a[1], ht, wt, student_bias=a[2], teacher_bias=bt, **kw)
+        saved = [g.data_ptr() for g in loss.grad_fn.grads]
+        loss.backward(torch.tensor(up, dtype=loss.dtype))
+        close([x.grad for x in a], want(up))
+        # no copy: the weight's .grad is the forward's gradient itself, and nothing is kept
+        assert a[1].grad.data_ptr() == saved[1]
+        assert loss.grad_fn.grads is None
+        # accumulated into the existing .grad
+        lin(a[0], a[1], ht, wt, student_bias=a[2], teacher_bias=bt, **kw).backward(
+            torch.tensor(up, dtype=loss.dtype)
+        )
+        close([x.grad for x in a], [2 * w for w in want(up)])
+    # retain_graph=True and backward twice: each backward gets the right gradients
+    for ups in ((1.0, 1.0), (3.0, 3.0), (3.0, 1.0), (1.0, -0.5), (2.0, 0.25)):
+        a = leaves()
+        loss = lin(a[0], a[1], ht, wt, student_bias=a[2], teacher_bias=bt, **kw)
+        for i, up in enumerate(ups):
+            go = torch.tensor(up, dtype=loss.dtype)
+            close(torch.autograd.grad(loss, a, go, retain_graph=i == 0), want(up))
+    a = leaves()
+    loss = lin(a[0], a[1], ht, wt, student_bias=a[2], teacher_bias=bt, **kw)
+    loss.backward(retain_graph=True)
+    loss.backward(torch.tensor(-2.0, dtype=loss.dtype))
+    close([x.grad for x in a], [w1 + w2 for w1, w2 in zip(want(1.0), want(-2.0))])
+    # a batch of upstream gradients, twice (the saved gradients are not scaled in place)
+    a = leaves()
+    loss = lin(a[0], a[1], ht, wt, student_bias=a[2], teacher_bias=bt, **kw)
+    ups = torch.tensor([1.0, -2.0, 0.5], dtype=loss.dtype)
+    for retain in (True, False):
+        got = torch.autograd.grad(loss, a, ups, retain_graph=retain, is_grads_batched=True)
+        for j, up in enumerate(ups.tolist()):
+            close([g[j] for g in got], want(up))
+    # the second backward reads the inputs again: one changed in place since is refused
+    a = leaves()
+    t = ht.clone()
+    loss = lin(a[0], a[1], t, wt, student_bias=a[2], teacher_bias=bt, **kw)
+    loss.backward(retain_graph=True)
+    t.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified in place"):
+        loss.backward()
+
+
 def test_torch_no_grad_forward_is_loss_only(monkeypatch):
     # Under no_grad (evaluation) no gradient is computed even though the head requires grad.
     from fastxent import _distill_linear

@@ -455,6 +455,7 @@ def _errors(N, C, k):
         (dict(mask=np.ones(N, np.int8)), TypeError, "mask must be boolean"),
         (dict(sample_weight=-np.ones(N)), ValueError, "sample_weight"),
         (dict(num_threads=0), ValueError, "num_threads"),
+        (dict(num_threads=2**40), ValueError, "num_threads must be at most 2147483647"),
         (dict(student=s.astype(np.int32)), TypeError, "student must be"),
         (dict(student=s[:, :0], teacher_indices=idx[:, :0]), ValueError, "C = 0"),
         (dict(teacher_indices=np.tile(np.arange(C + 1), (N, 1)),
@@ -590,6 +591,18 @@ def test_torch_errors(torch_mods):
     # a float mask is refused (mask is boolean), so it cannot carry a gradient either
     with pytest.raises(TypeError, match="mask must be boolean"):
         fxt.kl_div_with_topk_teacher(s, idx, lp, mask=torch.ones(N, requires_grad=True))
+    # torch.func: the library's clear refusal (it was PyTorch's "it must override the
+    # setup_context staticmethod"), also with a negative sample_weight
+    for f in (fxt.kl_div_with_topk_teacher, fxt.jsd_with_topk_teacher):
+        for run in (
+            lambda f=f: torch.func.grad(lambda a: f(a, idx, lp))(s.detach()),
+            lambda f=f: torch.func.vmap(lambda a: f(a, idx, lp, sample_weight=-torch.ones(N)))(
+                s.detach()[None]
+            ),
+            lambda f=f: torch.func.vmap(lambda w: f(s, idx, lp, sample_weight=w))(torch.ones(2, N)),
+        ):
+            with pytest.raises(RuntimeError, match="does not support torch.func transforms"):
+                run()
     loss = fxt.kl_div_with_topk_teacher(s, idx, lp)
     # no gradient asked for: the loss alone
     with torch.no_grad():

@@ -429,6 +429,43 @@ def test_errors():
         fxt.JSDWithLogitsLoss(temperature=1e-31)
 
 
+@JIT_WARNING
+@pytest.mark.parametrize("kind", ["forward", "reverse", "jsd"])
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf")])
+def test_torch_func_refuses_bad_sample_weight(kind, bad):
+    """Under torch.func (the loss in PyTorch ops, no kernel) a negative or non-finite
+    sample_weight is the kernel path's ValueError too: it was accepted silently (a negative
+    weight gave a loss and gradients, NaN gave NaN). Every transform, a vmapped
+    sample_weight with one bad row in its batch, and a NumPy sample_weight."""
+    s, t, _ = inputs((3, 5), torch.float64)
+    w = torch.tensor([1.0, bad, 2.0], dtype=torch.float64)
+    msg = "sample_weight must be finite and >= 0"
+    with pytest.raises(ValueError, match=msg):
+        call(kind, 0.5, s, t, sample_weight=w)  # the kernel's path
+    f = lambda a: call(kind, 0.5, a, t, sample_weight=w)  # noqa: E731
+    wn = w.numpy()
+    for run in (
+        lambda: torch.func.grad(f)(s),
+        lambda: torch.func.vmap(f)(s[None]),
+        lambda: torch.func.jacrev(f)(s),
+        lambda: torch.func.jvp(f, (s,), (s,)),
+        lambda: torch.func.hessian(f)(s),
+        lambda: torch.func.vmap(torch.func.grad(f))(s[None]),
+        lambda: torch.func.grad(lambda a: call(kind, 0.5, a, t, sample_weight=wn))(s),
+    ):
+        with pytest.raises(ValueError, match=msg):
+            run()
+    ok = torch.tensor([1.0, 0.0, 2.0], dtype=torch.float64)
+    batch = torch.stack([ok, w])
+    with pytest.raises(ValueError, match=msg):
+        torch.func.vmap(lambda v: call(kind, 0.5, s, t, sample_weight=v))(batch)
+    # valid weights still go through, equal to the kernel's gradient
+    g = torch.func.grad(lambda a: call(kind, 0.5, a, t, sample_weight=ok))(s)
+    a = s.clone().requires_grad_(True)
+    call(kind, 0.5, a, t, sample_weight=ok).backward()
+    torch.testing.assert_close(g, a.grad)
+
+
 def test_no_buffer_written_on_error():
     """A failed call leaves the tensors as they were (the checks come first)."""
     s, t, _ = inputs((3, 5), torch.float32)

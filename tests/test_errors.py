@@ -152,6 +152,15 @@ def test_bad_num_threads(nt):
     _call_all_ways(z, y, ValueError, match="num_threads", num_threads=nt)
 
 
+@pytest.mark.parametrize("nt", [2**31, 2**40, 2**64])
+def test_num_threads_beyond_a_c_int(nt):
+    # The kernel's count is a C int: above it, the library's ValueError (it was pybind11's
+    # TypeError listing the constructor's signatures); 2**31 - 1 itself is accepted.
+    z, y = _base()
+    _call_all_ways(z, y, ValueError, match="num_threads must be at most 2147483647", num_threads=nt)
+    fx.cross_entropy(z, y, num_threads=2**31 - 1)
+
+
 def test_ignore_index_outside_int64():
     z, y = _base()
     for ii in (2**63, -(2**63) - 1):

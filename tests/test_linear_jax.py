@@ -143,6 +143,29 @@ def test_jit_none():
     np.testing.assert_allclose(np.asarray(gw), ref[2], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "name,value",
+    [("label_smoothing", 0.1), ("normalizer", 3.0), ("z_loss", 1e-3), ("softcap", 4.0),
+     ("logit_scale", 1.5), ("ignore_index", -100)],
+)  # fmt: skip
+def test_traced_option_is_a_clear_error(name, value):
+    # Every option is static here (a traced label_smoothing, which fastxent.jax.cross_entropy
+    # takes through its custom call, raised JAX's ConcretizationTypeError from float()). A
+    # concrete JAX or NumPy scalar is read as its Python number (a JAX one was unhashable).
+    _, x, w, _, t = _problem(4)
+    x, w = jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32)
+    msg = f"{name} must be a static Python number .* got a traced value"
+    with pytest.raises(TypeError, match=msg):
+        jax.jit(lambda o: fxj.linear_cross_entropy(x, w, t, **{name: o}))(value)
+    with pytest.raises(TypeError, match=msg):
+        jax.vmap(lambda o: fxj.linear_cross_entropy(x, w, t, **{name: o}))(jnp.asarray([value]))
+    want = fxj.linear_cross_entropy(x, w, t, **{name: value})
+    static = jax.jit(lambda o: fxj.linear_cross_entropy(x, w, t, **{name: o}), static_argnums=0)
+    assert float(static(value)) == float(want)
+    for concrete in (jnp.asarray(value), np.asarray(value)[()]):
+        assert float(fxj.linear_cross_entropy(x, w, t, **{name: concrete})) == float(want)
+
+
 @pytest.mark.parametrize("wrt", ["target", "weight", "sample_weight", "normalizer"])
 def test_differentiating_a_non_differentiable_input_raises(wrt):
     # The target's, class weights', sample weights' and normalizer's gradients are not

@@ -425,6 +425,44 @@ def test_torch_func_checks_arguments_before_computing():
         )
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script:DeprecationWarning")  # torch.func.jvp's
+@pytest.mark.parametrize(
+    "name,value", [("normalizer", 4.0), ("label_smoothing", 0.1), ("z_loss", 0.05),
+                   ("softcap", 3.0), ("logit_scale", 1.5)]
+)  # fmt: skip
+def test_torch_func_scalar_option_tensors(name, value):
+    """A scalar option given as a tensor is a constant: under torch.func it may be a tensor
+    from outside the transform (the same gradient as a float), but one the transform
+    differentiates or maps over is a RuntimeError saying so and what is supported. It was
+    'Cannot access data pointer of Tensor that doesn't have storage', a vmap .item() error,
+    or, with grad over the input and normalizer together, a silent 0 for normalizer."""
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(4, 5, dtype=D64, generator=gen)
+    t = torch.tensor([0, 2, 4, 1])
+    v = torch.tensor(value, dtype=D64)
+    want = torch.func.grad(lambda z: fxt.cross_entropy(z, t, **{name: value}))(x)
+    got = torch.func.grad(lambda z: fxt.cross_entropy(z, t, **{name: v}))(x)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    msg = f"reads {name} as a constant number: it cannot be a tensor that a torch.func transform"
+
+    def f(z, o):
+        return fxt.cross_entropy(z, t, **{name: o})
+
+    runs = [
+        lambda: torch.func.grad(lambda o: f(x, o))(v),  # with respect to the option alone
+        lambda: torch.func.grad(f, argnums=(0, 1))(x, v),  # and the input
+        lambda: torch.func.jacrev(f, argnums=1)(x, v),
+        lambda: torch.func.jvp(lambda o: f(x, o), (v,), (torch.ones_like(v),)),
+        lambda: torch.func.vmap(lambda o: f(x, o))(v.repeat(2)),  # over the option
+        lambda: torch.func.vmap(f)(x[None], v[None]),
+    ]
+    if name != "label_smoothing":  # the module's per-call options (label_smoothing is its own)
+        runs.append(lambda: torch.func.grad(lambda o: fxt.CrossEntropyLoss()(x, t, **{name: o}))(v))
+    for run in runs:
+        with pytest.raises(RuntimeError, match=msg):
+            run()
+
+
 # --- the sigmoid loss: binary_cross_entropy_with_logits ---------------------------------------
 
 

@@ -8,7 +8,7 @@ from typing import Any, Optional
 import numpy as np
 
 from . import _core
-from ._options import check_axis, half_kind, rows_view, to_numpy
+from ._options import check_axis, half_kind, rows_view, threads, to_numpy
 
 __all__ = ["softmax", "log_softmax", "logsumexp", "softmax_backward", "softmax_jacobian"]
 
@@ -29,17 +29,9 @@ def _prepare(x: Any, axis: Any, name: str):
     return a, ax, half, work
 
 
-def _threads(num_threads: Optional[int]) -> int:
-    if num_threads is None:
-        return 0
-    if not isinstance(num_threads, (int, np.integer)) or num_threads < 1:
-        raise ValueError(f"num_threads must be None or >= 1, got {num_threads!r}")
-    return int(num_threads)
-
-
 def _rowwise(x: Any, axis: Any, which: int, name: str, num_threads: Optional[int]):
     a, ax, half, work = _prepare(x, axis, name)
-    nt = _threads(num_threads)
+    nt = threads(num_threads)
     C = work.shape[-1]
     view = rows_view(work)
     if which == 2:
@@ -109,7 +101,7 @@ def softmax_backward(
     if p.shape != g.shape:
         raise ValueError(f"probs has shape {p.shape} but grad has {g.shape}")
     a, ax, half, work = _prepare(p, axis, "softmax_backward")
-    nt = _threads(num_threads)
+    nt = threads(num_threads)
     gw = np.moveaxis(g, ax, -1)
     gw = np.ascontiguousarray(gw, dtype=work.dtype)
     pw = np.ascontiguousarray(work)

@@ -15,7 +15,8 @@ from typing import Any, Callable, NamedTuple, Optional, Tuple
 import numpy as np
 
 from . import _core
-from ._options import FLOAT_DTYPES, check_out, half_kind, reduction_code, rows_view, threads
+from ._options import FLOAT_DTYPES, check_out, flag, half_kind, reduction_code, rows_view
+from ._options import threads
 from ._options import to_numpy
 
 __all__ = [
@@ -161,6 +162,13 @@ def _numpy_rows(v: Any, name: str) -> Tuple[np.ndarray, str]:
     return a, "f" if half_kind(a.dtype) is not None else a.dtype.kind
 
 
+def check_sample_weight(w: np.ndarray) -> None:
+    """sample_weight's values (any shape): finite and >= 0, else ValueError. The NumPy
+    layer's check, and fastxent.torch's under torch.func (where the kernel is not called)."""
+    if not np.all(np.isfinite(w)) or np.any(w < 0):
+        raise ValueError("sample_weight must be finite and >= 0")
+
+
 def _row_weight(
     rows: Tuple[int, ...], labels: Any, ignore_index: Any, mask: Any, sample_weight: Any
 ) -> Optional[np.ndarray]:
@@ -170,8 +178,7 @@ def _row_weight(
     w: Optional[np.ndarray] = None
     if r.sample_weight is not None:
         w = np.array(r.sample_weight, dtype=np.float64).reshape(-1)
-        if not np.all(np.isfinite(w)) or np.any(w < 0):
-            raise ValueError("sample_weight must be finite and >= 0")
+        check_sample_weight(w)
     if r.labels is not None:
         keep = (r.labels != r.ignore_index).reshape(-1)
         w = keep.astype(np.float64) if w is None else w * keep
@@ -246,14 +253,18 @@ def _run(
     gs = gt = None
     if want_grad:
         if student_grad:
-            gs = np.empty(s.shape, s.dtype) if out is None else check_out(out, s, [("teacher", t)])
+            gs = (
+                np.empty(s.shape, s.dtype)
+                if out is None
+                else check_out(out, s, [("teacher", t)], "out", "student")
+            )
         elif out is not None or not teacher_grad:
             raise ValueError("student_grad=False goes with teacher_grad=True and no out=")
         if teacher_grad:
             gt = (
                 np.empty(t.shape, t.dtype)
                 if teacher_out is None
-                else check_out(teacher_out, t, [("student", s)])
+                else check_out(teacher_out, t, [("student", s)], "teacher_out", "teacher")
             )
             if gs is not None and (gs is gt or np.shares_memory(gs, gt)):
                 raise ValueError("out and teacher_out overlap")
@@ -339,7 +350,8 @@ _PARAMS = """
 """
 
 _GRAD_PARAMS = """    teacher_grad : bool
-        Also return the gradient with respect to the teacher's logits (default False).
+        Also return the gradient with respect to the teacher's logits (default False). A bool
+        or numpy.bool_ (anything else is a TypeError, not read by its truth value).
     out, teacher_out : ndarray, optional
         Where to write the student's / teacher's gradient: the logits' shape and dtype,
         C-contiguous, writable. ``out=student`` (``teacher_out=teacher``) is the in-place mode.
@@ -359,7 +371,8 @@ _EDGES = """
     ------
     TypeError
         for logits that are not floating point, mismatched dtypes, labels that are not integers,
-        a mask that is not boolean, or a non-numeric temperature / beta.
+        a mask that is not boolean, a non-numeric temperature / beta, or a teacher_grad that
+        is not a bool (or numpy.bool_).
     ValueError
         for mismatched shapes, C = 0, a temperature outside [1e-30, 100] (NaN, inf and
         <= 0 included), beta outside [0, 1], an unknown direction or reduction, bad row
@@ -405,7 +418,7 @@ def kl_div_with_logits_with_grad(
         0.5,
         _kw(kw, "kl_div_with_logits_with_grad"),
         True,
-        bool(teacher_grad),
+        flag(teacher_grad, "teacher_grad"),
         out,
         teacher_out,
     )
@@ -434,7 +447,7 @@ def jsd_with_logits_with_grad(
         _beta(beta),
         _kw(kw, "jsd_with_logits_with_grad"),
         True,
-        bool(teacher_grad),
+        flag(teacher_grad, "teacher_grad"),
         out,
         teacher_out,
     )

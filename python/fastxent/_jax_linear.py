@@ -211,10 +211,14 @@ def linear_cross_entropy(
     """The loss of ``fastxent.jax.cross_entropy(hidden @ linear_weight.T + linear_bias,
     target, ...)`` (see :func:`fastxent.linear_cross_entropy`), differentiable with respect
     to hidden, linear_weight and linear_bias, usable under ``jax.jit`` and ``jax.grad``.
-    Options are static (as in fastxent.jax.cross_entropy); weight and sample_weight are
-    traced, not differentiated: differentiating with respect to them, to a probability
-    target or to a traced normalizer raises TypeError. Class indices are checked when the
-    kernel runs (an out-of-range one is a runtime error)."""
+    Options are static Python numbers, all of them (a traced label_smoothing or normalizer,
+    which fastxent.jax.cross_entropy takes through its custom call, is a TypeError here, as
+    any traced option); weight and sample_weight are traced, not differentiated:
+    differentiating with respect to them or to a probability target raises TypeError. Class
+    indices are checked when the kernel runs (an out-of-range one is a runtime error)."""
+    from .jax import _static  # (here: fastxent.jax imports this module)
+
+    options = {k: _static(v, k) for k, v in options.items()}
     h = jnp.asarray(hidden)
     w = jnp.asarray(linear_weight)
     b = None if linear_bias is None else jnp.asarray(linear_bias)

@@ -16,7 +16,8 @@ functions), fastxent.dask, and fastxent.torch's extras beside PyTorch's own keyw
   unexpected keyword argument).
 * :class:`LossOptions`, the frozen, validated form of the scalar keywords, field for field
   the compiled ``_core.Options`` (the C++ ``fastxent::Options``) handed whole to every kernel
-  entry point, and the validators (``real``, ``index``, ``reduction_code``, ``threads``).
+  entry point, and the validators (``real``, ``index``, ``flag``, ``reduction_code``,
+  ``threads``).
 
 A new scalar option is therefore, in Python, this module alone (its default, type, doc, its
 LossOptions field and validation line); every function that takes its group then takes,
@@ -44,6 +45,8 @@ from typing import (
     TypedDict,
     TypeVar,
 )
+
+import numpy as np
 
 from . import _core
 
@@ -285,6 +288,14 @@ def index(v: Any, name: str) -> int:
         raise TypeError(f"{name} must be an integer, got {type(v).__name__}") from None
 
 
+def flag(v: Any, name: str) -> bool:
+    """v as a Python bool: a bool or a numpy.bool_ only, TypeError naming it otherwise (a
+    string such as "no", an integer, None or an array would be read by its truth value)."""
+    if isinstance(v, (bool, np.bool_)):
+        return bool(v)
+    raise TypeError(f"{name} must be a bool (True or False), got {type(v).__name__}: {v!r}")
+
+
 def reduction_code(reduction: Any) -> int:
     """0 for "none", 1 for "sum", 2 for "mean"."""
     if not isinstance(reduction, str) or reduction not in REDUCTIONS:
@@ -292,8 +303,15 @@ def reduction_code(reduction: Any) -> int:
     return REDUCTIONS[reduction]
 
 
+# The largest num_threads: the kernel's count is a C int (fastxent::Options::num_threads, the
+# bindings' and the XLA handlers' int), and OpenMP caps a team at its own thread limit anyway.
+MAX_THREADS = 2**31 - 1
+
+
 def threads(num_threads: Any) -> int:
-    """num_threads (None or >= 1) as the kernel's count, 0 meaning OpenMP's default."""
+    """num_threads (None or in [1, MAX_THREADS]) as the kernel's count, 0 meaning OpenMP's
+    default. Every front end's check (NumPy, shard, sigmoid, companion, distillation and
+    linear functions; fastxent.torch and fastxent.jax through them)."""
     if num_threads is None:
         return 0
     try:
@@ -302,6 +320,11 @@ def threads(num_threads: Any) -> int:
         raise TypeError("num_threads must be None or a positive integer") from None
     if nt < 1:
         raise ValueError(f"num_threads must be None or >= 1, got {num_threads}")
+    if nt > MAX_THREADS:
+        raise ValueError(
+            f"num_threads must be at most {MAX_THREADS} (the kernel's count is a C int), "
+            f"got {num_threads}"
+        )
     return nt
 
 

@@ -19,6 +19,7 @@ from ._keywords import (  # noqa: F401 (re-exported: the scalar options live in 
     REDUCTIONS,
     LossOptions,
     common_options,
+    flag,
     index,
     real,
     reduction_code,
@@ -162,32 +163,38 @@ def as_vector(
     return np.ascontiguousarray(w, dtype=dtype).reshape(-1)
 
 
-def check_out(out: Any, x: np.ndarray, inputs: Any = ()) -> np.ndarray:
-    """out= as a NumPy array over its memory, checked against the logits x: dtype, shape,
-    C-contiguous, writable, not partly overlapping x (x itself is the in-place mode), and
-    not overlapping any of the (name, array) pairs in inputs."""
+def check_out(
+    out: Any, x: np.ndarray, inputs: Any = (), name: str = "out", x_name: str = "logits"
+) -> np.ndarray:
+    """An output buffer (the argument `name`: out=, or e.g. teacher_out=) as a NumPy array over
+    its memory, checked against the array x it holds the gradient of (the argument `x_name`):
+    dtype, shape, C-contiguous, writable, not partly overlapping x (x itself is the in-place
+    mode), and not overlapping any of the (name, array) pairs in inputs. Every message names
+    `name`."""
+    of = "the logits" if x_name == "logits" else f"the {x_name}"
+    whose = of + ("'" if of.endswith("s") else "'s")
     if not isinstance(out, np.ndarray):
         if not hasattr(out, "__dlpack__"):
             raise TypeError(
-                f"out must be a NumPy array or a CPU DLPack array, got {type(out).__name__}"
+                f"{name} must be a NumPy array or a CPU DLPack array, got {type(out).__name__}"
             )
-        out = to_numpy(out, "out")
+        out = to_numpy(out, name)
     if out.dtype != x.dtype:
-        raise ValueError(f"out has dtype {out.dtype}, expected {x.dtype} (the logits' dtype)")
+        raise ValueError(f"{name} has dtype {out.dtype}, expected {x.dtype} ({whose} dtype)")
     if out.shape != x.shape:
-        raise ValueError(f"out has shape {out.shape}, expected {x.shape} (the logits' shape)")
+        raise ValueError(f"{name} has shape {out.shape}, expected {x.shape} ({whose} shape)")
     if not out.flags.c_contiguous:
-        raise ValueError("out must be C-contiguous")
+        raise ValueError(f"{name} must be C-contiguous")
     if not out.flags.writeable:
-        raise ValueError("out is read-only")
+        raise ValueError(f"{name} is read-only")
     if out is not x and np.may_share_memory(out, x):
         same = out.ctypes.data == x.ctypes.data and out.strides == x.strides
         if not same:
             raise ValueError(
-                "out overlaps the logits without being the same array: "
-                "pass out=logits itself for the in-place mode"
+                f"{name} overlaps {of} without being the same array: "
+                f"pass {name}={x_name} itself for the in-place mode"
             )
-    for name, arr in inputs:
+    for other, arr in inputs:
         if isinstance(arr, np.ndarray) and np.may_share_memory(out, arr):
-            raise ValueError(f"out overlaps {name}")
+            raise ValueError(f"{name} overlaps {other}")
     return out

@@ -136,9 +136,30 @@ SCALAR_OPTIONS = ("label_smoothing", "normalizer", "z_loss", "softcap", "logit_s
 
 def refuse_option_derivatives(options: Dict[str, Any], caller: str = "fastxent.torch") -> None:
     """Scalar options given as tensors are read as numbers: a derivative with respect to
-    them would be silently missing, so one that is asked for raises."""
+    them would be silently missing, so one that is asked for raises (requires_grad, a
+    forward-mode tangent, or a torch.func transform's tensor: refuse_func_options)."""
+    refuse_func_options(options, caller)
     for k in SCALAR_OPTIONS:
         refuse_derivative(options.get(k), k, caller)
+
+
+def refuse_func_options(options: Dict[str, Any], caller: str = "fastxent.torch") -> None:
+    """A scalar option that is a torch.func transform's tensor (differentiated by grad /
+    jacrev / jvp / hessian, or mapped over by vmap) raises RuntimeError saying what is
+    supported: options are read as constant numbers, so its derivative would be silently 0
+    (grad with respect to both the input and normalizer gave 0 for normalizer) and a vmapped
+    one cannot be read at all (the transforms' tensors have no storage)."""
+    for k in SCALAR_OPTIONS:
+        v = options.get(k)
+        if isinstance(v, Tensor) and is_wrapped(v):
+            raise RuntimeError(
+                f"{caller} reads {k} as a constant number: it cannot be a tensor that a "
+                "torch.func transform differentiates or maps over (grad, jacrev, jvp or "
+                f"hessian with respect to {k}, vmap over it). Pass a Python float, or a "
+                "tensor made outside the transform (a constant there). Under torch.func the "
+                "loss is differentiable, and vmap-able, with respect to the input (logits) and "
+                "a probability target"
+            )
 
 
 def compute_dtype(logits: Tensor, target: Tensor, name: str) -> torch.dtype:
@@ -188,6 +209,8 @@ def prepare(
     """Checks the PyTorch-side contract and returns (compute dtype, NumPy target, fastxent
     keywords); the logits are converted by the caller (in place or not)."""
     cdt = compute_dtype(input, target, "input")
+    # before any tensor is read: inside a torch.func transform, reading one fails unclearly
+    refuse_option_derivatives(dict(options, label_smoothing=label_smoothing))
     if input.ndim == 0:
         raise ValueError(
             "input must have shape (C,), (N, C) or (N, C, d1, ..., dk); got a 0-dimensional tensor"
@@ -199,7 +222,6 @@ def prepare(
                 f"PyTorch's: 1, or 0 for an input of shape (C,))"
             )
     tgt = target_array(target, cdt, differentiable=True)
-    refuse_option_derivatives(dict(options, label_smoothing=label_smoothing))
     kw = dict(options)
     kw["sample_weight"] = as_array(kw.get("sample_weight"), "sample_weight", cdt)
     kw.update(
@@ -222,6 +244,17 @@ is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 def under_func_transform(*ts: Any) -> bool:
     """Whether any of ts is a tensor wrapped by a torch.func transform (no storage)."""
     return any(isinstance(t, Tensor) and is_wrapped(t) for t in ts)
+
+
+def values_under_func(t: Tensor, dtype: Optional[torch.dtype] = None) -> np.ndarray:
+    """t's values as a NumPy array (numpy_of), also inside torch.func transforms, whose
+    tensors have no storage: read from the plain tensor under every wrapper (a vmapped tensor:
+    its whole batch) with functorch's dispatch off, so that no operation here is lifted into
+    the transform. For checks of values only (nothing is connected to the transform)."""
+    with torch._C._DisableFuncTorch():
+        while is_wrapped(t):
+            t = torch._C._functorch.get_unwrapped(t)
+        return numpy_of(t, dtype)
 
 
 def refuse_func_transforms(*ts: Any) -> None:

@@ -22,6 +22,7 @@ from ._torch_common import (
     loss_tensor,
     tensor_of,
     under_func_transform,
+    values_under_func,
 )
 from ._torch_fast import is_compiling
 from ._torch_nodata import is_fake
@@ -151,6 +152,20 @@ def _check_nodata(student: Any, teacher: Any, spec: _Spec) -> None:
     _distill.check_distill_args(
         student, teacher, spec.kw, as_logits=_torch_logits, row_weight=_check_row_arrays
     )
+
+
+def _check_func_values(spec: _Spec) -> None:
+    """Under torch.func (the reference loss, no kernel): the NumPy layer's check of the
+    sample_weight values (finite, >= 0), read under the transforms' wrappers (a vmapped
+    sample_weight: every row of its batch), after _check_nodata (dtype and shape)."""
+    sw = spec.kw["sample_weight"]
+    if sw is None:
+        return
+    if isinstance(sw, Tensor):
+        w = values_under_func(sw, torch.float64)
+    else:
+        w = np.asarray(sw, np.float64)
+    _distill.check_sample_weight(w)
 
 
 # --------------------------------------------------------------------------------------------
@@ -407,6 +422,7 @@ def _distill_loss(student: Any, teacher: Any, spec: _Spec) -> Tensor:
         # torch.func (grad, vmap, jvp, jacrev, hessian) hands over tensors without storage:
         # the loss in PyTorch ops, which every transform composes with.
         _check_nodata(student, teacher, spec)
+        _check_func_values(spec)
         return reference_loss(student, teacher, spec).to(autocast_loss_dtype(student))
     if has_tangent(sw):
         raise RuntimeError(

@@ -7,9 +7,13 @@ with torch.mm as its matmuls (the N x V logits never exist).
   a RuntimeError while gradients are recorded (no gradient flows to it; a silent None would
   hide that; detach it).
 - "mean" / "sum": the forward computes the loss and the student's gradients in one sweep; the
-  backward scales them by the upstream scalar. "none": the forward computes the row losses
-  only; the backward reruns the tiles with the row weights multiplied by the upstream
-  gradient (exact per-row upstream gradients).
+  backward hands them out, scaled in place by the upstream scalar (no second copy of the
+  V x H weight gradient; none at all for an upstream 1), and keeps no reference to them. A
+  later backward through the same graph (retain_graph=True) computes them again from the
+  inputs (refused if one was modified in place since the forward); a batch of upstream
+  gradients (is_grads_batched=True) scales them out of place. "none": the forward computes
+  the row losses only; the backward reruns the tiles with the row weights multiplied by the
+  upstream gradient (exact per-row upstream gradients).
 - First order only: a backward under create_graph=True (double backward, Hessian-vector
   products, gradient penalties) is a RuntimeError, never silent zeros.
 - float32 / float64 CPU tensors (16-bit: NotImplementedError, as the NumPy layer).
@@ -64,6 +68,31 @@ def _want(ctx: Any) -> Tuple[bool, bool, bool]:
     return bool(n[0]), bool(n[1]), bool(n[2])
 
 
+def _keep_inputs(ctx: Any, inputs: tuple, kw: Dict[str, Any]) -> None:
+    """What a backward that recomputes needs: the inputs kept on ctx, not saved for backward
+    (tensors made under inference_mode, the usual frozen teacher, cannot be saved), their
+    version counters (an in-place change is caught) and copies of the row arrays."""
+    ctx.inputs = inputs
+    ctx.versions = tuple(_version(x) for x in inputs)
+    ctx.kw = {
+        k: (v.clone() if isinstance(v, Tensor) else np.array(v))
+        if k in ("labels", "mask", "sample_weight") and v is not None
+        else v
+        for k, v in kw.items()
+    }
+
+
+def _inputs_again(ctx: Any) -> tuple:
+    """The kept inputs as the tile loop's arrays, refused if one changed in place."""
+    if tuple(_version(x) for x in ctx.inputs) != ctx.versions:
+        raise RuntimeError(
+            "fastxent.torch.linear_kl_div / linear_jsd: an input was modified in place "
+            "between the forward and the backward (this backward reads them again)"
+        )
+    hs, ws, bs, ht, wt, bt = ctx.inputs
+    return tuple(_np(x) for x in (hs, ws, ht, wt, bs, bt))
+
+
 def _grads(ctx: Any, arrays: tuple, row_scale: Optional[np.ndarray]) -> tuple:
     want = _want(ctx)
     _, gh, gw, gb = _distill_linear.run(
@@ -85,22 +114,13 @@ class _LinearDistill(torch.autograd.Function):
             )
             ctx.grads = None
             if ctx.none and any(want):
-                # Kept on ctx, not saved for backward (tensors made under inference_mode, the
-                # usual frozen teacher, cannot be saved); an in-place change before backward
-                # is caught by the version counters. The row arrays are copied.
-                ctx.inputs = (hs, ws, bs, ht, wt, bt)
-                ctx.versions = tuple(_version(x) for x in ctx.inputs)
-                ctx.kw = {
-                    k: (v.clone() if isinstance(v, Tensor) else np.array(v))
-                    if k in ("labels", "mask", "sample_weight") and v is not None
-                    else v
-                    for k, v in kw.items()
-                }
+                _keep_inputs(ctx, (hs, ws, bs, ht, wt, bt), kw)  # every backward reruns
         else:
             loss, gh, gw, gb = _distill_linear.run(
                 arrays, divergence, beta, **kw, want=want, ops=TorchOps
             )
             ctx.grads = tuple(None if g is None else torch.from_numpy(g) for g in (gh, gw, gb))
+            _keep_inputs(ctx, (hs, ws, bs, ht, wt, bt), kw)  # for a second backward
         return torch.from_numpy(np.asarray(loss)).to(hs.dtype)
 
     @staticmethod
@@ -113,17 +133,29 @@ class _LinearDistill(torch.autograd.Function):
             )
         tail = (None,) * 6
         if ctx.none:
-            if tuple(_version(x) for x in ctx.inputs) != ctx.versions:
-                raise RuntimeError(
-                    "fastxent.torch.linear_kl_div / linear_jsd: an input was modified in place "
-                    "between the forward and the backward (reduction='none' reads them again)"
-                )
-            hs, ws, bs, ht, wt, bt = ctx.inputs
-            arrays = tuple(_np(x) for x in (hs, ws, ht, wt, bs, bt))
             scale = grad_output.detach().to(torch.float64).contiguous().numpy().reshape(-1)
-            return _grads(ctx, arrays, scale) + tail
+            return _grads(ctx, _inputs_again(ctx), scale) + tail
+        grads = ctx.grads
+        if grads is None:  # handed out by an earlier backward (retain_graph=True)
+            grads = _grads(ctx, _inputs_again(ctx), None)
         go = grad_output.to(ctx.dtype)
-        return tuple(None if g is None else g * go for g in ctx.grads) + tail
+        try:
+            one = go.item() == 1
+        except RuntimeError:
+            # A batch of upstream gradients (autograd.grad(is_grads_batched=True): vmap over
+            # this backward, values not readable): one product per entry, out of place, the
+            # saved gradients kept as they are for the next entries and backwards.
+            ctx.grads = grads
+            return tuple(None if g is None else g * go for g in grads) + tail
+        # Handed out: no reference kept (autograd may keep one as a .grad, without a copy,
+        # and the user change it), so they are scaled in place, each once: three distinct
+        # arrays, none of them an input's memory.
+        ctx.grads = None
+        if not one:
+            for g in grads:
+                if g is not None:
+                    g.mul_(go)
+        return tuple(grads) + tail
 
 
 def _apply(

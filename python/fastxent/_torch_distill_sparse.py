@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from . import _distill, _distill_sparse
-from ._torch_common import autocast_loss_dtype, check_cpu, loss_tensor
+from ._torch_common import autocast_loss_dtype, check_cpu, loss_tensor, refuse_func_transforms
 from ._torch_distill import _reference_vjp, _Spec, _tensor
 
 __all__ = ["kl_div_with_topk_teacher", "jsd_with_topk_teacher"]
@@ -119,6 +119,8 @@ def _apply(
                     f"to it (detach it, e.g. {name}.detach())"
                 )
     sw = kw["sample_weight"]
+    # tensors without storage: the library's error (PyTorch's was about setup_context)
+    refuse_func_transforms(student, teacher_indices, teacher_logprobs, kw["labels"], kw["mask"], sw)
     if isinstance(sw, Tensor) and sw.requires_grad and torch.is_grad_enabled():
         raise RuntimeError(
             "fastxent.torch does not differentiate with respect to sample_weight; this input "

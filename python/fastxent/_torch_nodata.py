@@ -21,6 +21,7 @@ from ._torch_common import (
     prepare,
     reference_grads,
     reference_loss,
+    refuse_func_options,
 )
 from ._torch_fast import fused
 
@@ -124,6 +125,7 @@ def func_transform_loss(
     loss is reference_loss, in PyTorch ops that every transform composes with; the same
     checks as the kernel's path, except those that need the values (a class index out of
     range raises PyTorch's indexing error rather than fastxent's IndexError naming the row)."""
+    refuse_func_options(dict(options, label_smoothing=label_smoothing), "fastxent.torch")
     kw = checked_options(input, target, weight, ignore_index, reduction, label_smoothing, options)
     return reference_loss(input, target, kw).to(input.dtype)
 

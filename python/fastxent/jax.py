@@ -91,7 +91,16 @@ def _compute_dtype(dtype: Any) -> np.dtype:
 
 
 def _static(v: Any, name: str) -> Any:
-    """Options are static: Python / NumPy scalars, hashable, known at trace time."""
+    """Options are static: Python / NumPy scalars, hashable, known at trace time (concrete
+    0-d arrays as their Python scalar). A traced value is a TypeError saying so: the options
+    of every function here (cross_entropy's but the FFI's traced label_smoothing and
+    normalizer, linear_cross_entropy's) are compiled into the call."""
+    if isinstance(v, jax.core.Tracer):
+        raise TypeError(
+            f"{name} must be a static Python number (options are compiled into the call), "
+            f"got a traced value ({type(v).__name__}): pass a Python number, closed over or "
+            "through jax.jit's static_argnums / static_argnames, not a traced argument"
+        )
     if isinstance(v, (jax.Array, np.ndarray, np.generic)):
         try:
             a = np.asarray(v)

@@ -123,7 +123,11 @@ _DOC_DIFF = """
     (``grad``, ``vmap``, ``jvp``, ``jacrev``, ``hessian``) through the same formula in PyTorch
     ops (materialising, at PyTorch's speed); forward mode (``torch.autograd.forward_ad``) as
     ``<gradient, tangent>`` per row. After ``inplace=True`` a second-order or target
-    derivative raises RuntimeError (the logits are gone).
+    derivative raises RuntimeError (the logits are gone). The scalar options
+    (``label_smoothing``, ``z_loss``, ``softcap``, ``logit_scale``, ``normalizer``) are
+    constants: a tensor given for one is read as a number, so one that requires grad, carries
+    a forward-mode tangent, or is differentiated or mapped over by a ``torch.func`` transform
+    (``grad`` with respect to ``normalizer``, ``vmap`` over it) raises RuntimeError.
 """
 
 
@@ -148,6 +152,7 @@ def cross_entropy(
         weight is None
         and not fastxent_options
         and ignore_index == -100
+        and not isinstance(label_smoothing, Tensor)  # (== on a vmapped one cannot be read)
         and label_smoothing == 0.0
         and inplace is False
         and not is_compiling()
@@ -248,7 +253,8 @@ cross_entropy.__doc__ = (
     IndexError
         a class index outside ``[0, C)`` that is not ``ignore_index``.
     RuntimeError
-        ``weight`` or ``sample_weight`` that requires grad; a second backward through an
+        ``weight`` or ``sample_weight`` that requires grad; a scalar option that is a tensor
+        requiring grad or a ``torch.func`` transform's (see above); a second backward through an
         ``inplace=True`` call that scaled the gradient in place; a second-order or target
         derivative after ``inplace=True``, or after the logits were changed in place.
 
