@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Tuple
+from typing import Any, Callable, Tuple
 
 import numpy as np
 
@@ -245,12 +245,51 @@ def _make(attrs: _Attrs):
     return loss
 
 
+def loss_shape(s: Any, none: bool) -> jax.ShapeDtypeStruct:
+    """The loss of student logits s: the rows ("none") or a scalar, in the compute dtype."""
+    return jax.ShapeDtypeStruct(s.shape[:-1] if none else (), _compute_dtype(s.dtype))
+
+
+def callback_vjp(host: Callable[[bool], Callable], none: bool, n_diff: int, data: Tuple[str, ...],
+                 refusal: str):  # fmt: skip
+    """A custom_vjp loss f(*diff, *data) around jax.pure_callback (the no-FFI paths): the
+    first n_diff arguments are differentiated (logits: their gradients come from the host
+    with the loss), the others (named in data, None allowed) are not: differentiating one
+    raises refusal.format(name). host(False)(*args) gives the loss, host(True)(*args) the
+    loss and the n_diff gradients (of the reduced loss; "none": of the sum of the rows)."""
+
+    @jax.custom_vjp
+    def loss(*args):
+        shape = loss_shape(args[0], none)
+        return jax.pure_callback(host(False), shape, *args, vmap_method="sequential")
+
+    def fwd(*args):
+        for name, a in zip(data, args[n_diff:]):
+            if a is not None and a.perturbed:
+                raise TypeError(refusal.format(name))
+        vals = [None if a is None else a.value for a in args]
+        out = (loss_shape(vals[0], none),) + tuple(
+            jax.ShapeDtypeStruct(v.shape, v.dtype) for v in vals[:n_diff]
+        )
+        out = jax.pure_callback(host(True), out, *vals, vmap_method="sequential")
+        return out[0], tuple(out[1:])
+
+    def bwd(grads, ct):
+        if isinstance(ct, jax.custom_derivatives.SymbolicZero):
+            return (None,) * (n_diff + len(data))
+        if none:
+            ct = ct[..., None]
+        return tuple(g * ct.astype(g.dtype) for g in grads) + (None,) * len(data)
+
+    loss.defvjp(fwd, bwd, symbolic_zeros=True)
+    return loss
+
+
 @functools.lru_cache(maxsize=256)
 def _fallback(kw: Tuple[Tuple[str, Any], ...]):
     """The pure_callback path (no FFI): the NumPy API on host copies, in a custom_vjp."""
     k = dict(kw)
     name = k.pop("fn")
-    none = k["reduction"] == "none"
     fn = getattr(_distill, name)
     fn_grad = getattr(_distill, name + "_with_grad")
 
@@ -265,35 +304,25 @@ def _fallback(kw: Tuple[Tuple[str, Any], ...]):
 
         return call
 
-    def shapes(s):
-        return jax.ShapeDtypeStruct(s.shape[:-1] if none else (), _compute_dtype(s.dtype))
+    return callback_vjp(
+        host,
+        k["reduction"] == "none",
+        2,
+        ("sample_weight",),
+        "fastxent.jax distillation losses without the XLA FFI differentiate with respect to "
+        "the logits only; {} is being differentiated",
+    )
 
-    @jax.custom_vjp
-    def loss(s, t, w):
-        return jax.pure_callback(host(False), shapes(s), s, t, w, vmap_method="sequential")
 
-    def fwd(s, t, w):
-        if w.perturbed:
-            raise TypeError(
-                "fastxent.jax distillation losses without the XLA FFI differentiate with "
-                "respect to the logits only; sample_weight is being differentiated"
-            )
-        sv, tv = s.value, t.value
-        out = (shapes(sv), jax.ShapeDtypeStruct(sv.shape, sv.dtype))
-        out = out + (jax.ShapeDtypeStruct(tv.shape, tv.dtype),)
-        out, gs, gt = jax.pure_callback(host(True), out, sv, tv, w.value, vmap_method="sequential")
-        return out, (gs, gt)
-
-    def bwd(res, ct):
-        gs, gt = res
-        if isinstance(ct, jax.custom_derivatives.SymbolicZero):
-            return None, None, None
-        if none:
-            ct = ct[..., None]
-        return gs * ct.astype(gs.dtype), gt * ct.astype(gt.dtype), None
-
-    loss.defvjp(fwd, bwd, symbolic_zeros=True)
-    return loss
+def make_attrs(divergence: int, reduction: int, num_threads: int, beta: float, temperature: float):
+    """The custom call's static attributes (the key of _make)."""
+    return (
+        ("divergence", np.int64(divergence)),
+        ("reduction", np.int64(reduction)),
+        ("num_threads", np.int64(num_threads)),
+        ("beta", np.float64(beta)),
+        ("temperature", np.float64(temperature)),
+    )
 
 
 def _loss(student: Any, teacher: Any, divergence: int, beta: float, kw: dict, fn: str):
@@ -303,14 +332,7 @@ def _loss(student: Any, teacher: Any, divergence: int, beta: float, kw: dict, fn
     if w is None:
         w = jnp.zeros((0,), jnp.float64 if _x64() else jnp.float32)
     if _jax_ffi.enabled():
-        attrs = (
-            ("divergence", np.int64(divergence)),
-            ("reduction", np.int64(red)),
-            ("num_threads", np.int64(nt)),
-            ("beta", np.float64(beta)),
-            ("temperature", np.float64(tau)),
-        )
-        return _make(attrs)(s, t, w)
+        return _make(make_attrs(divergence, red, nt, beta, tau))(s, t, w)
     fkw = [("fn", fn), ("temperature", tau), ("reduction", kw["reduction"])]
     fkw.append(("num_threads", kw["num_threads"]))
     if fn == "jsd_with_logits":
