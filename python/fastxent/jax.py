@@ -37,6 +37,11 @@ is ignored and any other label outside ``[0, C)`` raises.
 :func:`fastxent.kl_div_with_logits` / :func:`fastxent.jsd_with_logits` (student and teacher
 logits, both differentiable), as custom calls in the same way (:mod:`fastxent._jax_distill`).
 
+:func:`kl_div_with_topk_teacher` and :func:`jsd_with_topk_teacher` are those of a sparse
+(top-k) teacher, given by its class indices and log-probabilities per row: the dense custom
+call over row tiles (:mod:`fastxent._jax_distill_sparse`), differentiable with respect to the
+student.
+
 Requires the optional extra: ``pip install fastxent[jax]``.
 """
 
@@ -59,7 +64,9 @@ from . import _api, _jax_ffi
 __all__ = [
     "cross_entropy",
     "jsd_with_logits",
+    "jsd_with_topk_teacher",
     "kl_div_with_logits",
+    "kl_div_with_topk_teacher",
     "linear_cross_entropy",
     "softmax_cross_entropy",
     "softmax_cross_entropy_with_integer_labels",
@@ -363,3 +370,6 @@ from ._jax_linear import linear_cross_entropy  # noqa: E402
 
 # Distillation losses (fastxent.kl_div_with_logits / jsd_with_logits as XLA custom calls).
 from ._jax_distill import jsd_with_logits, kl_div_with_logits  # noqa: E402
+
+# Distillation from a sparse (top-k) teacher (fastxent.kl_div_with_topk_teacher / jsd_...).
+from ._jax_distill_sparse import jsd_with_topk_teacher, kl_div_with_topk_teacher  # noqa: E402
