@@ -53,10 +53,68 @@ RESIDUALS = ("renormalize", "uniform")
 _TILE_BYTES = 8 << 20
 
 
+def check_residual(residual: Any) -> None:
+    if not isinstance(residual, str) or residual not in RESIDUALS:
+        raise ValueError(f"residual must be 'renormalize' or 'uniform', got {residual!r}")
+
+
 def _tolerance(dt: np.dtype) -> float:
     """How far above 0 a log-probability (and above 1 the mass m) may be, as rounding."""
     eps = 2.0**-7 if half_kind(dt) == 1 else float(np.finfo(dt).eps)
     return max(1e-5, 4.0 * eps)
+
+
+def check_teacher_static(rows: Tuple[int, ...], C: int, idx: Any, lp: Any) -> int:
+    """k, after the checks that need only the teacher arrays' dtypes and shapes (idx, lp: any
+    arrays with .dtype / .shape / .ndim, JAX tracers included)."""
+    if np.dtype(idx.dtype).kind not in "iu":
+        raise TypeError(f"teacher_indices must be integers, got dtype {idx.dtype}")
+    if np.dtype(lp.dtype).kind != "f" and half_kind(lp.dtype) is None:
+        raise TypeError(
+            f"teacher_logprobs must be float32, float64, float16 or bfloat16, got {lp.dtype}"
+        )
+    if idx.ndim != len(rows) + 1 or tuple(idx.shape[:-1]) != rows:
+        raise ValueError(
+            f"teacher_indices has shape {tuple(idx.shape)}, expected {rows + ('k',)} "
+            "(the student's rows, then k)"
+        )
+    if tuple(lp.shape) != tuple(idx.shape):
+        raise ValueError(
+            f"teacher_logprobs has shape {tuple(lp.shape)}, expected teacher_indices' "
+            f"{tuple(idx.shape)}"
+        )
+    k = int(idx.shape[-1])
+    if k == 0:
+        raise ValueError("the teacher has k = 0 classes per row (k must be >= 1)")
+    if k > C:
+        raise ValueError(f"the teacher has k = {k} classes per row, more than the C = {C}")
+    return k
+
+
+def check_teacher_values(C: int, ix: np.ndarray, lg: np.ndarray, tol: float) -> np.ndarray:
+    """The mass m per row of the (N, k) int64 indices ix and float64 log-probabilities lg,
+    after the checks of their values: range, duplicates, NaN, log-probabilities <= tol and
+    m <= 1 + tol."""
+    n, k = ix.shape
+    if n and (int(ix.min()) < 0 or int(ix.max()) >= C):
+        raise ValueError(f"teacher_indices out of range: every index must be in [0, {C})")
+    if k > 1 and n:
+        srt = np.sort(ix, axis=1)
+        dup = np.any(srt[:, 1:] == srt[:, :-1], axis=1)
+        if dup.any():
+            r = int(np.argmax(dup))
+            raise ValueError(f"teacher_indices: row {r} holds an index twice")
+    if np.isnan(lg).any():
+        raise ValueError("teacher_logprobs holds NaN")
+    if n and float(lg.max()) > tol:
+        raise ValueError(
+            f"teacher_logprobs must be log-probabilities (<= 0), got {float(lg.max())!r}"
+        )
+    mass = np.exp(lg).sum(axis=1)
+    if n and float(mass.max()) > 1.0 + tol:
+        r = int(np.argmax(mass))
+        raise ValueError(f"teacher_logprobs: row {r}'s probabilities sum to {float(mass[r])!r} > 1")
+    return mass
 
 
 def _check_teacher(
@@ -67,49 +125,64 @@ def _check_teacher(
     Only N x k temporaries."""
     idx = to_numpy(teacher_indices, "teacher_indices")
     lp = to_numpy(teacher_logprobs, "teacher_logprobs")
-    if idx.dtype.kind not in "iu":
-        raise TypeError(f"teacher_indices must be integers, got dtype {idx.dtype}")
-    if lp.dtype.kind != "f" and half_kind(lp.dtype) is None:
-        raise TypeError(
-            f"teacher_logprobs must be float32, float64, float16 or bfloat16, got {lp.dtype}"
-        )
-    if idx.ndim != len(rows) + 1 or idx.shape[:-1] != rows:
-        raise ValueError(
-            f"teacher_indices has shape {idx.shape}, expected {rows + ('k',)} "
-            "(the student's rows, then k)"
-        )
-    if lp.shape != idx.shape:
-        raise ValueError(
-            f"teacher_logprobs has shape {lp.shape}, expected teacher_indices' {idx.shape}"
-        )
-    k = idx.shape[-1]
-    if k == 0:
-        raise ValueError("the teacher has k = 0 classes per row (k must be >= 1)")
-    if k > C:
-        raise ValueError(f"the teacher has k = {k} classes per row, more than the C = {C}")
+    k = check_teacher_static(rows, C, idx, lp)
     n = int(np.prod(rows, dtype=np.int64))
     ix = np.array(idx, dtype=np.int64).reshape(n, k)
-    if n and (int(ix.min()) < 0 or int(ix.max()) >= C):
-        raise ValueError(f"teacher_indices out of range: every index must be in [0, {C})")
-    if k > 1 and n:
-        srt = np.sort(ix, axis=1)
-        dup = np.any(srt[:, 1:] == srt[:, :-1], axis=1)
-        if dup.any():
-            r = int(np.argmax(dup))
-            raise ValueError(f"teacher_indices: row {r} holds an index twice")
     lg = np.array(lp, dtype=np.float64).reshape(n, k)
-    if np.isnan(lg).any():
-        raise ValueError("teacher_logprobs holds NaN")
-    tol = _tolerance(lp.dtype)
-    if n and float(lg.max()) > tol:
+    return ix, lg, check_teacher_values(C, ix, lg, _tolerance(lp.dtype))
+
+
+def check_massless(residual: str, k: int, C: int, mass: np.ndarray, counted: np.ndarray) -> None:
+    """A counted row without mass has no teacher under "renormalize", or with k = C."""
+    # no mass at all: renormalising divides by 0, and with k = C nothing is left to spread
+    # (both residuals are then the same teacher)
+    if (residual == "renormalize" or k == C) and np.any(counted & (mass == 0)):
+        r = int(np.argmax(counted & (mass == 0)))
+        why = "residual='renormalize'" if residual == "renormalize" else "k = C (no other class)"
         raise ValueError(
-            f"teacher_logprobs must be log-probabilities (<= 0), got {float(lg.max())!r}"
+            f"row {r}'s teacher has no mass (every log-probability is -inf): with "
+            f"{why} its distribution is undefined"
         )
-    mass = np.exp(lg).sum(axis=1)
-    if n and float(mass.max()) > 1.0 + tol:
-        r = int(np.argmax(mass))
-        raise ValueError(f"teacher_logprobs: row {r}'s probabilities sum to {float(mass[r])!r} > 1")
-    return ix, lg, mass
+
+
+def reverse_what(divergence: int, beta: float) -> Optional[str]:
+    """How the call names the reverse KL when it computes it (direction="reverse", or the JSD
+    at beta = 1: its end point, the same divergence), else None."""
+    if divergence == 1:
+        return "direction='reverse'"
+    if divergence == 2 and beta == 1.0:
+        return "beta=1 (the reverse KL)"
+    return None
+
+
+def check_reverse_renormalize(what: Optional[str], residual: str, k: int, C: int) -> None:
+    """The reverse KL against a renormalised teacher with k < C is infinite (static)."""
+    if what is not None and residual == "renormalize" and k < C:
+        raise ValueError(
+            f"{what} with residual='renormalize' and k < C is infinite (the "
+            "teacher is 0 outside its top k, the student is not): residual='uniform' is "
+            "finite where a row's top-k mass m is below 1 (it gives the other classes "
+            "(1 - m) / (C - k) each; a row with m = 1 stays infinite and is refused there too)"
+        )
+
+
+def check_reverse_uniform(
+    what: Optional[str], residual: str, k: int, C: int, mass: np.ndarray, fill: np.ndarray,
+    counted: np.ndarray,
+) -> None:  # fmt: skip
+    """The reverse KL against a "uniform" teacher is infinite at a counted row of mass 1."""
+    # "uniform" with m = 1 (or above by rounding): the other C - k classes get probability 0,
+    # where the student's is not: the reverse KL is infinite (the forward KL and the JSD at
+    # beta < 1 are finite, the teacher's zeros cost nothing there)
+    zero = counted & np.isneginf(fill)
+    if what is not None and residual == "uniform" and k < C and zero.any():
+        r = int(np.argmax(zero))
+        raise ValueError(
+            f"{what} with residual='uniform' is infinite at row {r}: its top-k probabilities "
+            f"sum to {float(mass[r])!r} (1 up to rounding), which leaves the other C - k "
+            "classes probability 0 where the student's is not (the forward KL and the JSD at "
+            "beta < 1 are finite there; or keep m below 1)"
+        )
 
 
 def _fill(residual: str, mass: np.ndarray, C: int, k: int) -> np.ndarray:
@@ -156,8 +229,7 @@ def _run(
     C = s.shape[-1]
     if C == 0:
         raise ValueError("the class axis has no classes (C = 0)")
-    if not isinstance(residual, str) or residual not in RESIDUALS:
-        raise ValueError(f"residual must be 'renormalize' or 'uniform', got {residual!r}")
+    check_residual(residual)
     tau = _temperature(temperature)  # the dense losses' check and range
     red = reduction_code(reduction)
     nt = threads(num_threads)
@@ -166,38 +238,11 @@ def _run(
     idx, lg, mass = _check_teacher(rows, C, teacher_indices, teacher_logprobs)
     n_rows, k = idx.shape
     counted = np.ones(n_rows, bool) if rw is None else rw > 0
-    # no mass at all: renormalising divides by 0, and with k = C nothing is left to spread
-    # (both residuals are then the same teacher)
-    if (residual == "renormalize" or k == C) and np.any(counted & (mass == 0)):
-        r = int(np.argmax(counted & (mass == 0)))
-        why = "residual='renormalize'" if residual == "renormalize" else "k = C (no other class)"
-        raise ValueError(
-            f"row {r}'s teacher has no mass (every log-probability is -inf): with "
-            f"{why} its distribution is undefined"
-        )
-    # reverse KL: direction="reverse", or the JSD at beta = 1 (its end point, the same divergence)
-    reverse = divergence == 1 or (divergence == 2 and beta == 1.0)
-    what = "direction='reverse'" if divergence == 1 else "beta=1 (the reverse KL)"
-    if reverse and residual == "renormalize" and k < C:
-        raise ValueError(
-            f"{what} with residual='renormalize' and k < C is infinite (the "
-            "teacher is 0 outside its top k, the student is not): residual='uniform' is "
-            "finite where a row's top-k mass m is below 1 (it gives the other classes "
-            "(1 - m) / (C - k) each; a row with m = 1 stays infinite and is refused there too)"
-        )
+    check_massless(residual, k, C, mass, counted)
+    what = reverse_what(divergence, beta)
+    check_reverse_renormalize(what, residual, k, C)
     fill = _fill(residual, mass, C, k)
-    # "uniform" with m = 1 (or above by rounding): the other C - k classes get probability 0,
-    # where the student's is not: the reverse KL is infinite (the forward KL and the JSD at
-    # beta < 1 are finite, the teacher's zeros cost nothing there)
-    zero = counted & np.isneginf(fill)
-    if reverse and residual == "uniform" and k < C and zero.any():
-        r = int(np.argmax(zero))
-        raise ValueError(
-            f"{what} with residual='uniform' is infinite at row {r}: its top-k probabilities "
-            f"sum to {float(mass[r])!r} (1 up to rounding), which leaves the other C - k "
-            "classes probability 0 where the student's is not (the forward KL and the JSD at "
-            "beta < 1 are finite there; or keep m below 1)"
-        )
+    check_reverse_uniform(what, residual, k, C, mass, fill, counted)
     hk = half_kind(s.dtype)
     gs: Optional[np.ndarray] = None
     if want_grad:

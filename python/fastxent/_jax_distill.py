@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Tuple
+from typing import Any, Callable, Tuple
 
 import numpy as np
 
@@ -311,6 +311,46 @@ def _callback(attrs: _Attrs, grad: bool, s: Any, t: Any, w: Any):
     if grad:
         shapes = (shapes, jax.ShapeDtypeStruct(s.shape, s.dtype))
     return jax.pure_callback(_host(attrs, grad, False), shapes, s, t, w, vmap_method="sequential")
+
+
+def loss_shape(s: Any, none: bool) -> jax.ShapeDtypeStruct:
+    """The loss of student logits s: the rows ("none") or a scalar, in the compute dtype."""
+    return jax.ShapeDtypeStruct(s.shape[:-1] if none else (), _compute_dtype(s.dtype))
+
+
+def callback_vjp(host: Callable[[bool], Callable], none: bool, n_diff: int, data: Tuple[str, ...],
+                 refusal: str):  # fmt: skip
+    """A custom_vjp loss f(*diff, *data) around jax.pure_callback (the no-FFI paths): the
+    first n_diff arguments are differentiated (logits: their gradients come from the host
+    with the loss), the others (named in data, None allowed) are not: differentiating one
+    raises refusal.format(name). host(False)(*args) gives the loss, host(True)(*args) the
+    loss and the n_diff gradients (of the reduced loss; "none": of the sum of the rows)."""
+
+    @jax.custom_vjp
+    def loss(*args):
+        shape = loss_shape(args[0], none)
+        return jax.pure_callback(host(False), shape, *args, vmap_method="sequential")
+
+    def fwd(*args):
+        for name, a in zip(data, args[n_diff:]):
+            if a is not None and a.perturbed:
+                raise TypeError(refusal.format(name))
+        vals = [None if a is None else a.value for a in args]
+        out = (loss_shape(vals[0], none),) + tuple(
+            jax.ShapeDtypeStruct(v.shape, v.dtype) for v in vals[:n_diff]
+        )
+        out = jax.pure_callback(host(True), out, *vals, vmap_method="sequential")
+        return out[0], tuple(out[1:])
+
+    def bwd(grads, ct):
+        if isinstance(ct, jax.custom_derivatives.SymbolicZero):
+            return (None,) * (n_diff + len(data))
+        if none:
+            ct = ct[..., None]
+        return tuple(g * ct.astype(g.dtype) for g in grads) + (None,) * len(data)
+
+    loss.defvjp(fwd, bwd, symbolic_zeros=True)
+    return loss
 
 
 @functools.lru_cache(maxsize=256)

@@ -42,6 +42,11 @@ logits by ``jnp.dot`` and the same kernel, the N x V logits never held; differen
 respect to the student's hidden states, head weight and bias, the teacher's head frozen
 (:mod:`fastxent._jax_distill_linear`).
 
+:func:`kl_div_with_topk_teacher` and :func:`jsd_with_topk_teacher` are those of a sparse
+(top-k) teacher, given by its class indices and log-probabilities per row: the dense custom
+call over row tiles (:mod:`fastxent._jax_distill_sparse`), differentiable with respect to the
+student.
+
 Requires the optional extra: ``pip install fastxent[jax]``.
 """
 
@@ -64,7 +69,9 @@ from . import _api, _jax_ffi
 __all__ = [
     "cross_entropy",
     "jsd_with_logits",
+    "jsd_with_topk_teacher",
     "kl_div_with_logits",
+    "kl_div_with_topk_teacher",
     "linear_cross_entropy",
     "linear_jsd",
     "linear_kl_div",
@@ -382,3 +389,6 @@ from ._jax_distill import jsd_with_logits, kl_div_with_logits  # noqa: E402
 
 # Distillation losses from hidden states and head weights, in row tiles (no N x V logits).
 from ._jax_distill_linear import linear_jsd, linear_kl_div  # noqa: E402
+
+# Distillation from a sparse (top-k) teacher (fastxent.kl_div_with_topk_teacher / jsd_...).
+from ._jax_distill_sparse import jsd_with_topk_teacher, kl_div_with_topk_teacher  # noqa: E402
