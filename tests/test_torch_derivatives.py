@@ -461,6 +461,19 @@ def test_torch_func_scalar_option_tensors(name, value):
     for run in runs:
         with pytest.raises(RuntimeError, match=msg):
             run()
+    # Constants made inside the transform are wrapped tensors too, but neither differentiated
+    # nor mapped over: the float's gradient (they were refused, a regression found in review).
+    inside = [
+        lambda: torch.func.grad(lambda z: f(z, torch.tensor(value, dtype=D64)))(x),
+        lambda: torch.func.grad(lambda z: f(z, (t >= 0).sum().to(D64) * 0 + value))(x),
+        lambda: torch.func.jacrev(lambda z: f(z, z.detach().sum() * 0 + value))(x),
+        lambda: torch.func.vmap(lambda z: f(z, torch.tensor(value, dtype=D64)))(x[None])[0],
+    ]
+    for run in inside[:3]:
+        torch.testing.assert_close(run(), want, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(
+        inside[3](), fxt.cross_entropy(x, t, **{name: value}), rtol=1e-12, atol=1e-15
+    )
 
 
 # --- the sigmoid loss: binary_cross_entropy_with_logits ---------------------------------------

@@ -143,6 +143,22 @@ def refuse_option_derivatives(options: Dict[str, Any], caller: str = "fastxent.t
         refuse_derivative(options.get(k), k, caller)
 
 
+def transformed(v: Tensor) -> bool:
+    """Whether a torch.func transform differentiates or maps over v: batched at some level,
+    tracked for a gradient at some level (grad / jacrev, nested ones included), or carrying
+    a forward tangent (jvp). A constant made inside the transform (torch.tensor(5.0), a
+    count of the targets, a detached value) is wrapped too, but none of these."""
+    t = v
+    with torch._C._DisableFuncTorch():
+        while is_wrapped(t):
+            if torch._C._functorch.is_batchedtensor(t):
+                return True
+            if torch._C._functorch.is_gradtrackingtensor(t) and t.requires_grad:
+                return True
+            t = torch._C._functorch.get_unwrapped(t)
+    return v.requires_grad or has_tangent(v)
+
+
 def refuse_func_options(options: Dict[str, Any], caller: str = "fastxent.torch") -> None:
     """A scalar option that is a torch.func transform's tensor (differentiated by grad /
     jacrev / jvp / hessian, or mapped over by vmap) raises RuntimeError saying what is
@@ -151,7 +167,7 @@ def refuse_func_options(options: Dict[str, Any], caller: str = "fastxent.torch")
     one cannot be read at all (the transforms' tensors have no storage)."""
     for k in SCALAR_OPTIONS:
         v = options.get(k)
-        if isinstance(v, Tensor) and is_wrapped(v):
+        if isinstance(v, Tensor) and is_wrapped(v) and transformed(v):
             raise RuntimeError(
                 f"{caller} reads {k} as a constant number: it cannot be a tensor that a "
                 "torch.func transform differentiates or maps over (grad, jacrev, jvp or "
