@@ -528,3 +528,17 @@ def option_tolerance(dtype, z, kw) -> float:
         elif alpha != 1.0:
             base += 4 * U32 * zmax
     return base * (1.0 + 2.0 * lam * lse_max)
+
+
+def check_weight_derivative(f, g, w, h: float = 1e-7, rtol: float = 1e-5) -> None:
+    """g (the derivative of the float64 scalar f at the row weights w, from autodiff) against
+    forward differences, each weight moved up by h (a weight of 0 cannot move down: negative
+    weights are refused); the loss is linear or a ratio of linear functions of the weights,
+    so the difference's error is O(h)."""
+    w = np.asarray(w, np.float64)
+    f0 = float(f(w))
+    for j in range(w.size):
+        e = np.zeros_like(w)
+        e.reshape(-1)[j] = h
+        fd = (float(f(w + e)) - f0) / h
+        assert abs(float(np.asarray(g).reshape(-1)[j]) - fd) <= rtol * max(1.0, abs(fd)), (j, g, fd)

@@ -27,7 +27,7 @@ import jax.numpy as jnp  # noqa: E402
 import fastxent  # noqa: E402
 import fastxent.jax as fxj  # noqa: E402
 from fastxent import _jax_ffi  # noqa: E402
-from reference import grad_error, loss_error  # noqa: E402
+from reference import check_weight_derivative, grad_error, loss_error  # noqa: E402
 
 needs_ffi = pytest.mark.skipif(
     not _jax_ffi.enabled(), reason="the XLA FFI path is off (not built, or FASTXENT_JAX_FFI=0)"
@@ -310,6 +310,36 @@ def test_second_order_and_forward_mode(rng, kb, reduction):
 
 
 @needs_ffi
+@needs_ffi
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+@pytest.mark.parametrize("kb", KINDS, ids=KIND_IDS)
+def test_sample_weight_derivative_at_zero(rng, kb, reduction):
+    """d / d sample_weight at a weight of exactly 0 is the row's loss (the reference blanked
+    the row: 0 for "sum", -L/den for "mean"), against finite differences; a masked row beside
+    it 0. A weight-0 row whose divergence is infinite (reverse KL, a teacher logit -inf): the
+    loss and the logits' gradient finite, that weight's derivative inf (not 0)."""
+    kind, beta = kb
+    N, C = 5, 6
+    s, t = rng.standard_normal((N, C)) * 2, rng.standard_normal((N, C)) * 2
+    sw = np.array([1.0, 0.0, 1.0, 1.0, 0.5])
+    mask = np.array([True, True, True, False, True])
+    with _x64():
+
+        def f(s, t, w):
+            return _fn(kind, beta, dict(reduction=reduction, mask=mask, sample_weight=w))(s, t)
+
+        g = np.asarray(jax.grad(lambda w: f(s, t, w))(jnp.asarray(sw)))
+        check_weight_derivative(lambda w: f(s, t, w), g, sw)
+        assert g[1] != 0 and g[3] == 0
+        if kind == "reverse":
+            t[1, 2] = -np.inf
+            loss, (gs, gw) = jax.value_and_grad(lambda s, w: f(s, t, w), argnums=(0, 1))(
+                jnp.asarray(s), jnp.asarray(sw)
+            )
+            assert np.isfinite(loss) and np.all(np.isfinite(gs))
+            assert np.isposinf(gw[1]) and np.all(np.isfinite(np.delete(np.asarray(gw), 1)))
+
+
 def test_vmap_is_one_call(rng):
     s = jnp.asarray(rng.standard_normal((3, 5, 7)).astype(np.float32))
     t = jnp.asarray(rng.standard_normal((3, 5, 7)).astype(np.float32))

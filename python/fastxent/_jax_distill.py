@@ -103,7 +103,11 @@ def mean_weights(w: jax.Array) -> jax.Array:
     could have flushed to -0), which raises."""
     if w.shape[0] == 0:
         return w
-    w = jnp.where(w < 0, w, jnp.ldexp(w, -jnp.frexp(jnp.max(jnp.abs(w)))[1]))
+    # times 2**-e in two normal factors (2**-127 alone is a float32 denormal), not
+    # jnp.ldexp(w, -e), whose derivative at w = 0 is 1, not 2**-e
+    e = jax.lax.stop_gradient(jnp.frexp(jnp.max(jnp.abs(w)))[1])
+    one = jnp.ones((), w.dtype)
+    w = jnp.where(w < 0, w, w * jnp.ldexp(one, -(e // 2)) * jnp.ldexp(one, e // 2 - e))
     den = w.sum()
     return jnp.where(den > 0, w / jnp.where(den > 0, den, 1), w)
 
@@ -113,41 +117,78 @@ def _jax_logits(v: Any, name: str) -> jax.Array:
     return _distill.check_logits(x, name, np.dtype(x.dtype) in _FLOATS)
 
 
+@jax.custom_jvp
+def _weighted(r: jax.Array, D: jax.Array, cut: jax.Array) -> jax.Array:
+    """r * D row by row, where a row of weight 0 costs 0 (also with an infinite or NaN D),
+    its derivative with respect to r being D (inf / NaN included). cut (bool, data): the rows
+    of weight 0 whose D is not finite, which pass no tangent of D (no 0 * inf)."""
+    return jnp.where(r == 0, 0.0, r * D)
+
+
+def _weighted_jvp(primals, tangents):
+    r, D, cut = primals
+    dr, dD, _ = tangents
+    return _weighted(r, D, cut), dr * D + jnp.where(cut, 0.0, r * dD)
+
+
+_weighted.defjvp(_weighted_jvp)
+
+
 def reference_loss(
-    s: Any, t: Any, w: Any, *, divergence: int, beta: float, temperature: float, reduction: int
+    s: Any,
+    t: Any,
+    w: Any,
+    keep: Any = None,
+    *,
+    divergence: int,
+    beta: float,
+    temperature: float,
+    reduction: int,
 ) -> jax.Array:
     """The loss of fastxent.kl_div_with_logits / jsd_with_logits in jax.numpy ops (divergence
     0 forward KL, 1 reverse KL, 2 JSD; reduction 0 none / 1 sum / 2 mean; w: flat row weights,
-    or an empty array for none). 16-bit logits compute in float32. A row of weight 0 costs 0
-    and reaches nothing (its logits are replaced before any operation, so not even a NaN in
-    them shows in a derivative); "mean" over a total weight of 0 is 0 with zero derivatives,
-    as the kernel's."""
+    or an empty array for none; keep: flat, 0 for the rows that labels / ignore_index / mask
+    exclude, or None or an empty array). 16-bit logits compute in float32. An excluded row
+    costs 0 and reaches nothing (its logits are replaced before any operation, so not even a
+    NaN in them shows in a derivative). Any other row of weight 0 costs 0 too, with zero
+    derivatives with respect to the logits, but its derivative with respect to the weight
+    is its divergence on the real logits (inf or NaN where that is); its logits reach no
+    derivative with respect to the logits where that divergence is not finite. "mean" over
+    a total weight of 0 is 0 with zero derivatives, as the kernel's."""
     rows_shape, C = s.shape[:-1], s.shape[-1]
     dt = _compute_dtype(s.dtype)
     s2 = s.reshape(-1, C).astype(dt)
     t2 = t.reshape(-1, C).astype(dt)
     N = s2.shape[0]
     r = jnp.ones((N,), dt) if w is None or w.size == 0 else w.reshape(N).astype(dt)
-    keep = r != 0
-    s2 = jnp.where(keep[:, None], s2, 0.0)
-    t2 = jnp.where(keep[:, None], t2, 0.0)
-    ls = jax.nn.log_softmax(s2 / temperature, axis=-1)
-    lt = jax.nn.log_softmax(t2 / temperature, axis=-1)
-    p, q = jnp.exp(ls), jnp.exp(lt)
+    if keep is not None and keep.size:
+        out = jax.lax.stop_gradient(keep.reshape(N)) == 0
+        s2 = jnp.where(out[:, None], 0.0, s2)
+        t2 = jnp.where(out[:, None], 0.0, t2)
 
-    def kl(a, la, lb):
-        # 0 * (anything, inf included) := 0, also in the derivatives (double where).
-        z = a == 0
-        return jnp.sum(jnp.where(z, 0.0, a * jnp.where(z, 0.0, la - lb)), axis=-1)
+    def divergence_rows(s2, t2):
+        ls = jax.nn.log_softmax(s2 / temperature, axis=-1)
+        lt = jax.nn.log_softmax(t2 / temperature, axis=-1)
+        p, q = jnp.exp(ls), jnp.exp(lt)
 
-    if divergence == 0 or (divergence == 2 and beta == 0.0):
-        D = kl(q, lt, ls)
-    elif divergence == 1 or (divergence == 2 and beta == 1.0):
-        D = kl(p, ls, lt)
-    else:
+        def kl(a, la, lb):
+            # 0 * (anything, inf included) := 0, also in the derivatives (double where).
+            z = a == 0
+            return jnp.sum(jnp.where(z, 0.0, a * jnp.where(z, 0.0, la - lb)), axis=-1)
+
+        if divergence == 0 or (divergence == 2 and beta == 0.0):
+            return kl(q, lt, ls)
+        if divergence == 1 or (divergence == 2 and beta == 1.0):
+            return kl(p, ls, lt)
         lm = jnp.logaddexp(math.log(beta) + lt, math.log1p(-beta) + ls)
-        D = beta * kl(q, lt, lm) + (1.0 - beta) * kl(p, ls, lm)
-    row = jnp.where(keep, r * (temperature * temperature) * D, 0.0)
+        return beta * kl(q, lt, lm) + (1.0 - beta) * kl(p, ls, lm)
+
+    # a row of weight 0 whose divergence is not finite: its logits as constants (no 0 * inf
+    # in the logits' derivatives)
+    sg = jax.lax.stop_gradient
+    cut = (sg(r) == 0) & ~jnp.isfinite(divergence_rows(sg(s2), sg(t2)))
+    D = divergence_rows(jnp.where(cut[:, None], sg(s2), s2), jnp.where(cut[:, None], sg(t2), t2))
+    row = _weighted(r, (temperature * temperature) * D, cut)
     if reduction == 0:
         return row.reshape(rows_shape)
     total = row.sum()
@@ -165,7 +206,7 @@ def _reference(attrs: _Attrs):
         temperature=float(a["temperature"]),
         reduction=int(a["reduction"]),
     )
-    return lambda s, t, w: reference_loss(s, t, w, **kw)
+    return lambda s, t, w, keep=None: reference_loss(s, t, w, keep, **kw)
 
 
 def _call(attrs: _Attrs, grad: bool, want_s: bool, want_t: bool, s, t, w):
@@ -204,16 +245,16 @@ def _loss_and_grad(attrs: _Attrs, want_s: bool, want_t: bool):
     the reference's (second and higher order)."""
     ref = _reference(attrs)
 
-    def ref_all(s, t, w):
-        g = jax.grad(lambda s, t: jnp.sum(ref(s, t, w)), argnums=(0, 1))(s, t)
+    def ref_all(s, t, w, keep):
+        g = jax.grad(lambda s, t: jnp.sum(ref(s, t, w, keep)), argnums=(0, 1))(s, t)
         return (
-            ref(s, t, w),
+            ref(s, t, w, keep),
             g[0].astype(s.dtype) if want_s else jnp.zeros((0,), s.dtype),
             g[1].astype(t.dtype) if want_t else jnp.zeros((0,), t.dtype),
         )
 
     @jax.custom_jvp
-    def f(s, t, w):
+    def f(s, t, w, keep):
         return tuple(_call(attrs, True, want_s, want_t, s, t, w))
 
     def f_jvp(primals, tangents):
@@ -232,11 +273,11 @@ def _make(attrs: _Attrs):
     ref = _reference(attrs)
 
     @jax.custom_jvp
-    def loss(s, t, w):
+    def loss(s, t, w, keep):
         return _call(attrs, False, False, False, s, t, w)[0]
 
     def jvp(primals, tangents):
-        ds, dt, dw = tangents
+        ds, dt, dw, _ = tangents
         want_s, want_t = not _zero(ds), not _zero(dt)
         if not (want_s or want_t):
             out = loss(*primals)
@@ -252,8 +293,8 @@ def _make(attrs: _Attrs):
                     prod = (g * d.astype(g.dtype)).astype(out.dtype)
                     tan = tan + (jnp.sum(prod, axis=-1) if none else jnp.sum(prod))
         if not _zero(dw):  # a differentiated sample_weight: the reference's tangent
-            s, t, w = primals
-            _, tw = jax.jvp(lambda w: ref(s, t, w), (w,), (dw,))
+            s, t, w, keep = primals
+            _, tw = jax.jvp(lambda w: ref(s, t, w, keep), (w,), (dw,))
             tan = tan + tw.astype(out.dtype)
         return out, tan
 
@@ -407,7 +448,10 @@ def _loss(student: Any, teacher: Any, divergence: int, beta: float, kw: dict):
         w = jnp.zeros((0,), jnp.float64 if _x64() else jnp.float32)
     attrs = attributes(divergence, beta, tau, red, nt)
     if _jax_ffi.enabled():
-        return _make(attrs)(s, t, w)
+        # the rows that labels / mask exclude (for the reference: sample_weight's derivative)
+        keep = _row_weight(s.shape[:-1], kw["labels"], kw["ignore_index"], kw["mask"], None)
+        keep = jnp.zeros((0,), w.dtype) if keep is None else jax.lax.stop_gradient(keep)
+        return _make(attrs)(s, t, w, keep)
     return _fallback(attrs)(s, t, w)
 
 
