@@ -8,8 +8,8 @@ arrays, with the NumPy API's messages.
 
 Tolerances (loss_error / grad_error of tests/reference.py), measured over the 48 FFI cases of
 test_matches_numpy_and_reference (tiles of 4 rows, T = 2.5):
-* against the NumPy API (the same kernel on the same tiles; the loss differs by the tiles'
-  sums rounded to the loss dtype, the gradient by the "mean" weights' division in the
+* against the NumPy API (the same kernel on the same tiles; the loss differs by the rows'
+  losses rounded to the loss dtype, the gradient by the "mean" weights' division in the
   weights' dtype): float32 loss 1.1e-7, gradient 1.4e-7, bounds 1e-6 / 1e-6; float64
   2.1e-16 / 2.8e-16, bounds 3e-15 / 3e-15.
 * against the float64 jax.numpy reference: float32 6.4e-7 / 7.1e-7 (the NumPy API's own
@@ -20,6 +20,7 @@ test_matches_numpy_and_reference (tiles of 4 rows, T = 2.5):
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import numpy as np
 import pytest
@@ -30,7 +31,7 @@ import jax.numpy as jnp  # noqa: E402
 import fastxent as fx  # noqa: E402
 import fastxent.jax as fxj  # noqa: E402
 from fastxent import _distill_sparse, _jax_ffi  # noqa: E402
-from reference import grad_error, loss_error  # noqa: E402
+from reference import check_weight_derivative, grad_error, loss_error  # noqa: E402
 from test_distill_sparse import _errors, teacher  # noqa: E402
 
 needs_ffi = pytest.mark.skipif(
@@ -277,7 +278,7 @@ def test_tiles_automatic_and_leading_axes(rng, path, monkeypatch):
 @needs_ffi
 def test_ffi_graph(rng):
     """Through the FFI: the dense custom call inside a scan over the tiles, the host check a
-    callback only for traced teacher arrays; no N x C teacher (its tiles only)."""
+    callback only for traced teacher arrays (test_no_n_by_c_temporary: the memory)."""
     N, C, k = 10, 6, 2
     s = jnp.asarray(rng.standard_normal((N, C)).astype(np.float32))
     idx, lp = teacher(rng, (N,), C, k)
@@ -294,6 +295,76 @@ def test_ffi_graph(rng):
     # the loss alone: the forward-only call
     hlo = jax.jit(lambda s: fxj.kl_div_with_topk_teacher(s, idx, lp)).lower(s).compile().as_text()
     assert 'custom_call_target="fastxent_distill"' in hlo and "distill_grad" not in hlo
+
+
+@needs_ffi
+@pytest.mark.parametrize("N", [10240, 10000])
+def test_no_n_by_c_temporary(N):
+    """XLA's temporaries, compiled only: the teacher's tiles, never an N x C array (no teacher,
+    no copy of the student), also where N is not a multiple of the tile (512 rows at C =
+    4096: a slice of the student before the scan over the full tiles was materialised, 1.13
+    N x C; now ~0.1, the tiles')."""
+    C, k = 4096, 8
+    s = jax.ShapeDtypeStruct((N, C), jnp.float32)
+    idx = jax.ShapeDtypeStruct((N, k), jnp.int32)
+    lp = jax.ShapeDtypeStruct((N, k), jnp.float32)
+    for red in ("sum", "mean", "none"):
+
+        def f(s, i, l, red=red):
+            return jnp.sum(fxj.kl_div_with_topk_teacher(s, i, l, reduction=red))
+
+        for g in (f, jax.value_and_grad(f)):
+            temp = jax.jit(g).lower(s, idx, lp).compile().memory_analysis().temp_size_in_bytes
+            assert temp < 0.5 * N * C * 4, (red, temp / (N * C * 4))
+
+
+@needs_ffi
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_any_thread_count_same_loss(rng, reduction):
+    """The loss bitwise the same for any num_threads (the rows' losses reduced once; the tile
+    a function of C only: it was at least the thread count, and the tiles' float32 sums
+    differed: 2498.40112 against 2498.40137 at 100 threads)."""
+    N, C, k = 200, 65536, 4
+    s = jnp.asarray((rng.standard_normal((N, C)) * 3).astype(np.float32))
+    idx, lp = teacher(rng, (N,), C, k)
+    i, l = jnp.asarray(idx), jnp.asarray(lp.astype(np.float32))
+    out = [
+        np.asarray(
+            fxj.kl_div_with_topk_teacher(
+                s, i, l, residual="uniform", reduction=reduction, num_threads=nt
+            )
+        )
+        for nt in (1, 2, 3, 64, 100)
+    ]
+    for o in out[1:]:
+        assert o.tobytes() == out[0].tobytes(), (out[0], o)
+
+
+@needs_ffi
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+@pytest.mark.parametrize("kind", ["forward", "reverse", "jsd"])
+def test_sample_weight_derivative_at_zero(rng, kind, reduction):
+    """d / d sample_weight at a weight of exactly 0 is the row's loss (was 0 for "sum", -L/den
+    for "mean": the reference blanked the row) against finite differences, also for a
+    masked row beside it (0) and with tiles of 2 rows."""
+    N, C, k = 5, 7, 3
+    s = rng.standard_normal((N, C))
+    idx, lp = teacher(rng, (N,), C, k)
+    sw = np.array([1.0, 0.0, 1.0, 1.0, 0.5])
+    mask = np.array([True, True, True, False, True])
+    with _x64():
+        f = functools.partial(
+            fxj.jsd_with_topk_teacher if kind == "jsd" else fxj.kl_div_with_topk_teacher,
+            residual="uniform",
+            reduction=reduction,
+            mask=mask,
+            _tile_rows=2,
+            **({} if kind == "jsd" else dict(direction=kind)),
+        )
+        args = (jnp.asarray(s), jnp.asarray(idx), jnp.asarray(lp))
+        g = np.asarray(jax.grad(lambda w: f(*args, sample_weight=w))(jnp.asarray(sw)))
+        check_weight_derivative(lambda w: f(*args, sample_weight=w), g, sw)
+        assert g[1] != 0 and g[3] == 0
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)

@@ -12,12 +12,15 @@ Through the XLA FFI (:func:`fastxent._jax_ffi.enabled`):
   small ``jax.pure_callback`` whose result (those fills) every teacher tile is built from, so
   XLA cannot drop it: a bad value raises when the computation runs (``JaxRuntimeError``
   carrying the same message).
-* The rows go in tiles (``lax.scan`` over the full tiles, then the remainder; a tile of the
-  NumPy layer's 2**21 teacher logits): each tile's dense teacher logits (the fill, with the
-  k log-probabilities scattered in, in the compute dtype) and its student rows (16-bit:
+* The rows go in tiles (``lax.scan`` over ceil(N / tile) tiles read with dynamic_slice, the
+  last one's start clamped to N - tile; a tile of the NumPy layer's 2**21 teacher logits, a
+  function of C only): each tile's dense teacher logits (the fill, with the k
+  log-probabilities scattered in, in the compute dtype) and its student rows (16-bit:
   upcast to float32) go through the dense losses' custom call (:mod:`fastxent._jax_distill`'s
-  ``_call``: reduction "sum" per tile, or "none"), "mean" as "sum" with the row weights
-  divided by the whole batch's denominator (as the NumPy layer). No N x C teacher.
+  ``_call``, reduction "none"); the rows' losses and gradients are written back with
+  dynamic_update_slice, and "sum" / "mean" add the rows' losses once at the end (float64
+  under x64), "mean" with the row weights divided by the whole batch's denominator (as the
+  NumPy layer). No N x C teacher and no copy of the student.
 * Derivatives: a custom_jvp around the whole sweep (see :func:`_sweep`): first order from
   the kernel's gradients (forward and reverse mode), second and higher order and
   ``sample_weight`` through the dense losses' jax.numpy reference, per tile. The teacher is
@@ -38,7 +41,7 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 
-from . import _core, _distill, _distill_sparse, _jax_distill, _jax_ffi
+from . import _distill, _distill_sparse, _jax_distill, _jax_ffi
 
 __all__ = ["kl_div_with_topk_teacher", "jsd_with_topk_teacher"]
 
@@ -91,43 +94,41 @@ def _concrete(*xs: Any) -> bool:
     return not any(isinstance(x, jax.core.Tracer) for x in xs)
 
 
-def _tile_rows(n: int, C: int, nt: int, tile_rows: Optional[int]) -> int:
+def _tile_rows(n: int, C: int, tile_rows: Optional[int]) -> int:
     """Rows per tile: ~2**21 teacher logits (the NumPy layer's 8 MiB of float32; float64
     tiles take 16 MiB, so that they stay at the custom call's threading threshold of 2**21
-    elements), at least the thread count's rows; or the private _tile_rows."""
+    elements), a function of C only (never of the thread count: the loss does not depend on
+    it); or the private _tile_rows."""
     if tile_rows is not None:
         if int(tile_rows) < 1:
             raise ValueError("_tile_rows must be >= 1")
         return min(int(tile_rows), max(n, 1))
-    nthr = nt if nt > 0 else max(1, int(_core.default_num_threads()))
-    return min(max(1, _distill_sparse._TILE_BYTES // (C * 4), nthr), max(n, 1))
+    return min(max(1, _distill_sparse._TILE_BYTES // (C * 4)), max(n, 1))
 
 
-def _tiles(piece, tile: int, none: bool, args):
-    """piece(*rows of args) -> (loss, *per-row outputs) over tiles of `tile` rows (lax.scan
-    over the full tiles, then the remainder): the loss summed (or its rows concatenated for
-    "none"), the other outputs concatenated."""
+def _tiles(piece, tile: int, args):
+    """piece(*rows of args) -> per-row outputs, over tiles of `tile` rows: a lax.scan over
+    ceil(n / tile) tiles, each read with dynamic_slice from the unreshaped arrays (no copy of
+    the student: a slice or reshape of it before the scan would be materialised), the last
+    tile's start clamped to n - tile (its first rows repeat rows of the tile before, which
+    compute the same values again: rows are independent), each output written back with
+    dynamic_update_slice into a carried (n, ...) buffer (in place)."""
     n = args[0].shape[0]
-    full = (n // tile) * tile
-    parts = []
-    if full:
-
-        def split(a):
-            return a[:full].reshape((full // tile, tile) + a.shape[1:])
-
-        _, ys = jax.lax.scan(lambda c, xs: (c, piece(*xs)), None, tuple(map(split, args)))
-        parts.append(
-            tuple(
-                y.sum() if i == 0 and not none else y.reshape((full,) + y.shape[2:])
-                for i, y in enumerate(ys)
-            )
-        )
-    if n > full:
-        parts.append(piece(*(a[full:] for a in args)))
-    return tuple(
-        functools.reduce(jnp.add, p) if i == 0 and not none else jnp.concatenate(p)
-        for i, p in enumerate(zip(*parts))
+    if n <= tile:
+        return tuple(piece(*args))
+    count = -(-n // tile)
+    shapes = jax.eval_shape(
+        piece, *(jax.ShapeDtypeStruct((tile,) + a.shape[1:], a.dtype) for a in args)
     )
+    init = tuple(jnp.zeros((n,) + o.shape[1:], o.dtype) for o in shapes)
+
+    def body(outs, i):
+        at = jnp.minimum(i * tile, n - tile)
+        ys = piece(*(jax.lax.dynamic_slice_in_dim(a, at, tile) for a in args))
+        outs = tuple(jax.lax.dynamic_update_slice_in_dim(o, y, at, 0) for o, y in zip(outs, ys))
+        return outs, None
+
+    return jax.lax.scan(body, init, jnp.arange(count))[0]
 
 
 def _teacher_tile(C: int, i_t, l_t, f_t):
@@ -140,35 +141,35 @@ def _teacher_tile(C: int, i_t, l_t, f_t):
 @functools.lru_cache(maxsize=256)
 def _sweep(attrs: Any, tile: int, cdt: np.dtype):
     """sweep(student (n, C), indices (n, k), log-probabilities (n, k) and fills (n,) in cdt,
-    row weights (n,)): the loss summed over the tiles (the rows for "none"), each tile one
-    dense custom call (_jax_distill._call). A custom_jvp whose tangent is <g, ds> (per row for
-    "none"), g from one sweep of the loss-and-gradient custom call (sweep_grad), plus the row
-    weights' tangent through the dense reference (_jax_distill._reference) per tile.
+    row weights (n,)): the rows' losses (n,) (attrs: reduction "none"; the caller reduces
+    them once, in a fixed order), each tile one dense custom call (_jax_distill._call). A
+    custom_jvp whose tangent is <g, ds> per row, g from one sweep of the loss-and-gradient
+    custom call (sweep_grad), plus the row weights' tangent through the dense reference
+    (_jax_distill._reference) per tile.
 
     sweep_grad is itself a custom_jvp whose tangent is that of the reference's loss and
     gradient, per tile (second and higher order). Both custom_jvps wrap whole scans, whose
     bodies hold bare custom calls or jax.numpy ops only: a custom_jvp inside a scan body is
     inlined by the scan's partial evaluation (reverse mode), and second order would then meet
     a bare custom call."""
-    none = int(dict(attrs)["reduction"]) == 0
     ref = _jax_distill._reference(attrs)
 
     def tile_inputs(s_t, i_t, l_t, f_t):
         return s_t.astype(cdt), _teacher_tile(s_t.shape[1], i_t, l_t, f_t)
 
     def run(piece, *args):
-        return _tiles(piece, tile, none, args)
+        return _tiles(piece, tile, args)
 
-    def ref_tiles(s2, idx2, lpc, fill, w):
-        def piece(s_t, i_t, l_t, f_t, w_t):
+    def ref_tiles(s2, idx2, lpc, fill, w, keep):
+        def piece(s_t, i_t, l_t, f_t, w_t, k_t):
             st, t = tile_inputs(s_t, i_t, l_t, f_t)
-            g = jax.grad(lambda x: jnp.sum(ref(x, t, w_t)))(st)
-            return ref(st, t, w_t), g.astype(cdt)
+            g = jax.grad(lambda x: jnp.sum(ref(x, t, w_t, k_t)))(st)
+            return ref(st, t, w_t, k_t), g.astype(cdt)
 
-        return run(piece, s2, idx2, lpc, fill, w)
+        return run(piece, s2, idx2, lpc, fill, w, keep)
 
     @jax.custom_jvp
-    def sweep_grad(s2, idx2, lpc, fill, w):
+    def sweep_grad(s2, idx2, lpc, fill, w, keep):
         def piece(s_t, i_t, l_t, f_t, w_t):
             return tuple(
                 _jax_distill._call(attrs, True, True, False, *tile_inputs(s_t, i_t, l_t, f_t), w_t)[
@@ -179,17 +180,17 @@ def _sweep(attrs: Any, tile: int, cdt: np.dtype):
         return run(piece, s2, idx2, lpc, fill, w)
 
     def sweep_grad_jvp(primals, tangents):
-        s2, idx2, lpc, fill, w = primals
+        s2, idx2, lpc, fill, w, keep = primals
         out = sweep_grad(*primals)
         _, tan = jax.jvp(
-            lambda s, w: ref_tiles(s, idx2, lpc, fill, w), (s2, w), (tangents[0], tangents[4])
+            lambda s, w: ref_tiles(s, idx2, lpc, fill, w, keep), (s2, w), (tangents[0], tangents[4])
         )
         return out, tuple(d.astype(o.dtype) for d, o in zip(tan, out))
 
     sweep_grad.defjvp(sweep_grad_jvp)
 
     @jax.custom_jvp
-    def sweep(s2, idx2, lpc, fill, w):
+    def sweep(s2, idx2, lpc, fill, w, keep):
         def piece(s_t, i_t, l_t, f_t, w_t):
             return (
                 _jax_distill._call(
@@ -200,7 +201,7 @@ def _sweep(attrs: Any, tile: int, cdt: np.dtype):
         return run(piece, s2, idx2, lpc, fill, w)[0]
 
     def jvp(primals, tangents):
-        s2, idx2, lpc, fill, w = primals
+        s2, idx2, lpc, fill, w, keep = primals
         ds, dw = tangents[0], tangents[4]
         if _jax_distill._zero(ds):
             out = sweep(*primals)
@@ -208,16 +209,15 @@ def _sweep(attrs: Any, tile: int, cdt: np.dtype):
         else:
             out, g = sweep_grad(*primals)
             # row n's loss depends on row n's logits only; g is the gradient of the sum of
-            # the rows ("none") or of the reduced loss
-            prod = (g * ds.astype(g.dtype)).astype(out.dtype)
-            tan = jnp.sum(prod, axis=-1) if none else jnp.sum(prod)
+            # the rows
+            tan = jnp.sum((g * ds.astype(g.dtype)).astype(out.dtype), axis=-1)
         if not _jax_distill._zero(dw):  # a differentiated sample_weight: the reference's
 
-            def piece_ref(s_t, i_t, l_t, f_t, w_t, dw_t):
+            def piece_ref(s_t, i_t, l_t, f_t, w_t, dw_t, k_t):
                 a = tile_inputs(s_t, i_t, l_t, f_t)
-                return (jax.jvp(lambda w: ref(*a, w), (w_t,), (dw_t,))[1],)
+                return (jax.jvp(lambda w: ref(*a, w, k_t), (w_t,), (dw_t,))[1],)
 
-            tan = tan + run(piece_ref, s2, idx2, lpc, fill, w, dw)[0].astype(out.dtype)
+            tan = tan + run(piece_ref, s2, idx2, lpc, fill, w, dw, keep)[0].astype(out.dtype)
         return out, tan
 
     sweep.defjvp(jvp, symbolic_zeros=True)
@@ -287,7 +287,7 @@ def _loss(
     lp = _data(lp)
     cdt = _jax_distill._compute_dtype(s.dtype)
     n = int(np.prod(rows, dtype=np.int64))
-    tile = _tile_rows(n, C, nt, tile_rows)
+    tile = _tile_rows(n, C, tile_rows)
     sw_flat = None if sw is None else jnp.asarray(sw).reshape(-1)
     idx2, lp2 = idx.reshape(n, k), lp.reshape(n, k)
     fill = None
@@ -320,14 +320,22 @@ def _loss(
         fill = jax.pure_callback(
             host, jax.ShapeDtypeStruct((n,), cdt), idx2, lp2, wd, swd, vmap_method="sequential"
         )
+    # the rows that labels / mask exclude (for the reference: sample_weight's derivative)
+    w_dt = jnp.float64 if _jax_distill._x64() else jnp.float32
+    keep = _jax_distill._row_weight(rows, labels, kw["ignore_index"], mask, None)
+    keep = jnp.ones((n,), w_dt) if keep is None else jax.lax.stop_gradient(keep)
     # "mean": "sum" over the tiles with the row weights divided by the whole batch's total
     if w is None:
-        w = jnp.ones((n,), jnp.float64 if _jax_distill._x64() else jnp.float32)
+        w = jnp.ones((n,), w_dt)
     if red == 2:
         w = _jax_distill.mean_weights(w)
-    attrs = _jax_distill.attributes(divergence, beta, tau, 0 if red == 0 else 1, nt)
-    out = _sweep(attrs, tile, cdt)(s.reshape(n, C), idx2, lp2.astype(cdt), fill, w)
-    return out.reshape(rows) if red == 0 else out
+    # the rows' losses (reduction "none" per tile), reduced once at the end in a fixed order
+    # (float64 where available): the same for any thread count and tile
+    attrs = _jax_distill.attributes(divergence, beta, tau, 0, nt)
+    out = _sweep(attrs, tile, cdt)(s.reshape(n, C), idx2, lp2.astype(cdt), fill, w, keep)
+    if red == 0:
+        return out.reshape(rows)
+    return out.astype(jnp.float64 if _jax_distill._x64() else cdt).sum().astype(cdt)
 
 
 def kl_div_with_topk_teacher(
@@ -392,8 +400,8 @@ _JAX_NOTES = """
     ``JaxRuntimeError`` with the same message. The rows go in tiles of ~2**21 teacher
     logits (``lax.scan``), each through the dense losses' XLA custom call: no N x C teacher.
     The loss is float32 for 16-bit students, else the student's dtype (float64 needs JAX's
-    x64 mode); it matches the NumPy function to rounding (the tiles' sums are rounded to
-    the loss dtype). Under ``jax.vmap`` each batch element is its own problem.
+    x64 mode); it matches the NumPy function to rounding (the rows' losses are rounded to
+    the loss dtype, then added once, in float64 under x64). Under ``jax.vmap`` each batch element is its own problem.
 
     Without the XLA FFI (``FASTXENT_JAX_FFI=0``, or a build without it) the NumPy function
     runs through ``jax.pure_callback`` (host copies): reverse mode, first order, with
