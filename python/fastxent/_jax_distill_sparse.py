@@ -401,7 +401,8 @@ _JAX_NOTES = """
     logits (``lax.scan``), each through the dense losses' XLA custom call: no N x C teacher.
     The loss is float32 for 16-bit students, else the student's dtype (float64 needs JAX's
     x64 mode); it matches the NumPy function to rounding (the rows' losses are rounded to
-    the loss dtype, then added once, in float64 under x64). Under ``jax.vmap`` each batch element is its own problem.
+    the loss dtype, then added once, in float64 under x64). Under ``jax.vmap`` each batch
+    element is its own problem.
 
     Without the XLA FFI (``FASTXENT_JAX_FFI=0``, or a build without it) the NumPy function
     runs through ``jax.pure_callback`` (host copies): reverse mode, first order, with
