@@ -152,6 +152,15 @@ def test_bad_num_threads(nt):
     _call_all_ways(z, y, ValueError, match="num_threads", num_threads=nt)
 
 
+@pytest.mark.parametrize("nt", [True, False, np.True_, 2.0, "2"], ids=repr)
+def test_num_threads_not_an_integer(nt):
+    # A bool is an int to operator.index (True was read as 1 thread): refused like a float.
+    z, y = _base()
+    _call_all_ways(
+        z, y, TypeError, match="num_threads must be None or a positive integer", num_threads=nt
+    )
+
+
 @pytest.mark.parametrize("nt", [2**31, 2**40, 2**64])
 def test_num_threads_beyond_a_c_int(nt):
     # The kernel's count is a C int: above it, the library's ValueError (it was pybind11's

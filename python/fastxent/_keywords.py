@@ -314,6 +314,8 @@ def threads(num_threads: Any) -> int:
     linear functions; fastxent.torch and fastxent.jax through them)."""
     if num_threads is None:
         return 0
+    if isinstance(num_threads, (bool, np.bool_)):  # operator.index(True) is 1
+        raise TypeError(f"num_threads must be None or a positive integer, got {num_threads!r}")
     try:
         nt = operator.index(num_threads)
     except TypeError:
