@@ -145,6 +145,31 @@ def test_module_weight_is_a_buffer():
         fxt.CrossEntropyLoss(reduction="avg")
 
 
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(label_smoothing=0.5),
+        dict(reduction="sum"),
+        dict(ignore_index=0),
+        dict(weight=torch.ones(4)),
+        dict(inplace=True),
+        dict(reduce=False),
+    ],
+    ids=lambda d: next(iter(d)),
+)
+def test_module_forward_refuses_constructor_arguments(kw):
+    # They were silently ignored per call: crit(x, y, label_smoothing=0.5) gave the loss
+    # without smoothing.
+    x, y = torch.randn(3, 4, requires_grad=True), torch.tensor([0, 1, 2])
+    with pytest.raises(TypeError, match=f"forward\\(\\) got {next(iter(kw))}.*constructor"):
+        fxt.CrossEntropyLoss()(x, y, **kw)
+    assert x.grad is None
+    sw = torch.tensor([1.0, 0.0, 2.0], dtype=torch.float64)
+    l1 = fxt.CrossEntropyLoss(reduction="sum")(x.double(), y, sample_weight=sw)
+    l2 = (F.cross_entropy(x.double(), y, reduction="none") * sw).sum()
+    assert abs(l1.item() - l2.item()) <= 1e-12 * abs(l2.item())
+
+
 def test_noncontiguous_input(rng):
     x = _t(rng.standard_normal((6, 9)))
     xt = x.t()  # (9, 6), a transposed view: rows are strided

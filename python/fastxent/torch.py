@@ -271,6 +271,11 @@ cross_entropy.__doc__ = (
 )
 
 
+_MODULE_ARGS = frozenset(
+    ("weight", "size_average", "ignore_index", "reduce", "reduction", "label_smoothing", "inplace")
+)
+
+
 class CrossEntropyLoss(nn.Module):
     def __init__(
         self,
@@ -306,6 +311,15 @@ class CrossEntropyLoss(nn.Module):
     def forward(self, input: Tensor, target: Tensor, **fastxent_options: Any) -> Tensor:
         opts = self.fastxent_options
         if fastxent_options:
+            fixed = _MODULE_ARGS.intersection(fastxent_options)
+            if fixed:
+                # They went into the options dict and were silently ignored (the module's own
+                # value used): a per-call label_smoothing=0.5 gave the unsmoothed loss.
+                raise TypeError(
+                    f"CrossEntropyLoss.forward() got {', '.join(sorted(fixed))}: "
+                    f"{', '.join(sorted(_MODULE_ARGS))} are set in the constructor; forward "
+                    "takes fastxent's per-batch options (sample_weight, normalizer, ...)"
+                )
             opts = {**opts, **fastxent_options}
         return general_cross_entropy(
             input,
@@ -341,7 +355,8 @@ CrossEntropyLoss.__doc__ = """``torch.nn.CrossEntropyLoss`` computed by fastxent
     keyword-only ``inplace`` and the ``**fastxent_options`` of :func:`cross_entropy`
     (``z_loss``, ``softcap``, ``logit_scale``, ``normalizer``, ``num_threads``).
     ``forward(input, target, **fastxent_options)`` takes per-batch options (``sample_weight``,
-    a per-call ``normalizer``), which override the constructor's.
+    a per-call ``normalizer``), which override the constructor's; the constructor's own
+    arguments (``weight``, ``reduction``, ``label_smoothing``, ...) raise TypeError there.
 
     The formula, the gradient (computed in the forward pass, scaled in backward), the
     ``inplace`` hazard, the half-precision handling and the errors are those of
