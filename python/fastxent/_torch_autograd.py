@@ -5,7 +5,7 @@ kernel, the torch.func fallback and the custom op."""
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -23,8 +23,10 @@ from ._torch_common import (
     prepare,
     reference_grads,
     reference_loss,
+    reference_stats,
     under_func_transform,
 )
+from ._keywords import output_names
 from ._torch_fast import fused, is_compiling
 from ._torch_nodata import func_transform_loss, is_fake, op_loss
 
@@ -198,3 +200,196 @@ def general_cross_entropy(
     # weight and sample_weight tensors ride along for autograd's version check only.
     extras = tuple(v for v in (weight, options.get("sample_weight")) if isinstance(v, Tensor))
     return _FusedCrossEntropy.apply(input, target, tgt, cdt, kw, inplace, fwd, *extras)
+
+
+# --- outputs= and entropy_coef: the per-row statistics of the same kernel pass --------------
+
+_FLOAT_STATS = ("lse", "entropy", "target_logprob")  # differentiable; argmax, accuracy are not
+
+
+def _stats_vjp(z: Tensor, target: Tensor, kw: Dict[str, Any], grads: Dict[str, Tensor]) -> Tensor:
+    """sum_k <grads[k], d stat_k / d z> for the float statistics, by autograd through
+    reference_stats over tiles of rows (at most 2^20 elements each: no (rows, C) temporary)."""
+    C = z.shape[-1]
+    z2, t1 = z.detach().reshape(-1, C), target.detach()
+    t1 = t1.reshape(-1, C) if t1.is_floating_point() else t1.reshape(-1)
+    g1 = {k: g.reshape(-1) for k, g in grads.items()}
+    out = torch.empty_like(z2)
+    tile = max(1, (1 << 20) // max(C, 1))
+    for a in range(0, z2.shape[0], tile):
+        with torch.enable_grad():
+            zt = z2[a : a + tile].clone().requires_grad_(True)
+            st = reference_stats(zt, t1[a : a + tile], kw)
+            total = zt.new_zeros(())
+            for k, g in g1.items():
+                total = total + (st[k] * g[a : a + tile].to(zt.dtype)).sum()
+            (gz,) = torch.autograd.grad(total, zt)
+        out[a : a + tile] = gz
+    return out.reshape(z.shape)
+
+
+class _StatsCrossEntropy(torch.autograd.Function):
+    """cross_entropy with outputs=: the loss and the float statistics (lse, entropy,
+    target_logprob) from one kernel call. Backward: the fused gradient times the loss's
+    grad_output, plus the statistics' vector-Jacobian product through reference_stats (tiles
+    of rows); under create_graph=True, or for a probability target's gradient, everything
+    through reference_loss and reference_stats. No forward mode."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        input: Tensor,
+        target: Tensor,
+        tgt: np.ndarray,
+        cdt: torch.dtype,
+        kw: Dict[str, Any],
+        names: Tuple[str, ...],
+        side: Dict[str, Any],
+        *extras: Tensor,
+    ):
+        ctx.set_materialize_grads(False)
+        x = direct_logits(input, tgt)
+        if x is None:
+            x = numpy_of(input, cdt)
+        loss, grad, st = _api.cross_entropy_with_grad(x, tgt, outputs=names, **kw)
+        ctx.grad = torch.from_numpy(grad)
+        ctx.save_for_backward(input, target, *extras)
+        ctx.tgt, ctx.cdt, ctx.kw = tgt, cdt, kw
+        ctx.inplace, ctx.scaled_in_place = False, False
+        ctx.n_extras = len(extras)
+        ctx.class_dim = 1 if (kw["reduction"] == "none" and input.ndim > 1) else None
+        ctx.loss_dtype = autocast_loss_dtype(input)
+        ctx.float_names = tuple(n for n in _FLOAT_STATS if n in names)
+        side["stats"] = st
+        rows = tuple(target.shape) if not target.is_floating_point() else tuple(input.shape[:-1])
+        outs = [torch.from_numpy(np.asarray(getattr(st, n))).reshape(rows) for n in ctx.float_names]
+        return (loss_tensor(loss, ctx.loss_dtype), *outs)
+
+    @staticmethod
+    def backward(ctx, grad_loss: Optional[Tensor], *grad_stats: Optional[Tensor]):
+        create_graph = torch.is_grad_enabled()
+        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        rest = (None,) * (5 + ctx.n_extras)
+        gs = {n: g for n, g in zip(ctx.float_names, grad_stats) if g is not None}
+        input, target = ctx.saved_tensors[:2]
+        if create_graph or need[1]:
+            with torch.enable_grad():
+                zr = input if create_graph else input.detach().requires_grad_(need[0])
+                tr = target if (create_graph and target.requires_grad) else target.detach()
+                if need[1] and not tr.requires_grad:
+                    tr = tr.detach().requires_grad_(True)
+                total = None
+                if grad_loss is not None:
+                    total = (reference_loss(zr, tr, ctx.kw) * grad_loss).sum()
+                if gs:
+                    st = reference_stats(zr, tr, ctx.kw)
+                    for n, g in gs.items():
+                        term = (st[n] * g.reshape(-1).to(st[n].dtype)).sum()
+                        total = term if total is None else total + term
+                wrt = [x for x, n in zip((zr, tr), need) if n]
+                if total is None or not total.requires_grad:
+                    got: Tuple[Optional[Tensor], ...] = (None,) * len(wrt)
+                else:
+                    got = torch.autograd.grad(
+                        total, wrt, create_graph=create_graph, allow_unused=True
+                    )
+            it = iter(got)
+            res = [next(it) if n else None for n in need]
+            res = [
+                (torch.zeros_like(x) if (n and r is None) else r)
+                for x, n, r in zip((input, target), need, res)
+            ]
+            return (res[0], res[1]) + rest
+        gz: Optional[Tensor] = None
+        if need[0] and grad_loss is not None:
+
+            def recompute() -> Tensor:
+                x = direct_logits(input, ctx.tgt)
+                if x is None:
+                    x = numpy_of(input, ctx.cdt)
+                return torch.from_numpy(_api.cross_entropy_with_grad(x, ctx.tgt, **ctx.kw)[1])
+
+            gz = first_order(ctx, grad_loss, recompute)
+        if need[0] and gs:
+            gv = _stats_vjp(input, target, ctx.kw, gs).to(input.dtype)
+            gz = gv if gz is None else gz + gv
+        return (gz, None) + rest
+
+    @staticmethod
+    def jvp(ctx, *_: Any) -> Any:
+        raise NotImplementedError(
+            "fastxent.torch.cross_entropy(outputs=...): forward-mode derivatives (jvp, "
+            "forward_ad) are not implemented for the per-row outputs; entropy_coef alone "
+            "supports them"
+        )
+
+
+def stats_cross_entropy(
+    input: Tensor,
+    target: Tensor,
+    weight: Any,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    inplace: bool,
+    options: Dict[str, Any],
+) -> Any:
+    """cross_entropy with outputs= (and/or entropy_coef): (loss, RowStats of tensors), or the
+    loss alone for entropy_coef without outputs (the fused path, whose reference loss carries
+    the entropy term for the derivatives beyond the first)."""
+    opts = dict(options)
+    names = opts.pop("outputs", None)
+    if (
+        is_compiling()
+        or is_fake(input)
+        or under_func_transform(input, target, weight, opts.get("sample_weight"))
+    ):
+        raise NotImplementedError(
+            "fastxent.torch.cross_entropy: outputs= and entropy_coef run eagerly only, not "
+            "under torch.compile, torch.func transforms or with fake / meta tensors (yet)"
+        )
+    if inplace is not False:
+        raise NotImplementedError(
+            "fastxent.torch.cross_entropy: inplace=True is not implemented with outputs= or "
+            "entropy_coef (their derivatives read the logits)"
+        )
+    if names is None:
+        return general_cross_entropy(
+            input, target, weight, ignore_index, reduction, label_smoothing, False, opts
+        )
+    names = output_names(names)
+    cdt, tgt, kw = prepare(input, target, weight, ignore_index, reduction, label_smoothing, opts)
+    if input.dtype not in (torch.float32, torch.float64) or input.ndim > 2:
+        raise NotImplementedError(
+            "fastxent.torch.cross_entropy: outputs= is implemented for float32 / float64 "
+            f"input of shape (C,) or (N, C), not {input.dtype} of shape {tuple(input.shape)}"
+        )
+    grad_mode = torch.is_grad_enabled()
+    t_diff = target.is_floating_point() and target.requires_grad and grad_mode
+    if has_tangent(input) or has_tangent(target):
+        _StatsCrossEntropy.jvp(None)  # raises: no forward mode for the statistics
+    if not ((input.requires_grad and grad_mode) or t_diff):
+        loss, st = _api.cross_entropy(logits_array(input, tgt, cdt), tgt, outputs=names, **kw)
+        rows = tuple(target.shape) if not target.is_floating_point() else tuple(input.shape[:-1])
+        floats = [
+            torch.from_numpy(np.asarray(getattr(st, n))).reshape(rows)
+            for n in _FLOAT_STATS
+            if n in names
+        ]
+        return _row_stats(loss_tensor(loss, autocast_loss_dtype(input)), floats, st, names, rows)
+    extras = tuple(v for v in (weight, opts.get("sample_weight")) if isinstance(v, Tensor))
+    side: Dict[str, Any] = {}
+    res = _StatsCrossEntropy.apply(input, target, tgt, cdt, kw, names, side, *extras)
+    rows = tuple(res[1].shape) if len(res) > 1 else ()
+    if len(res) == 1:
+        rows = tuple(target.shape) if not target.is_floating_point() else tuple(input.shape[:-1])
+    return _row_stats(res[0], list(res[1:]), side["stats"], names, rows)
+
+
+def _row_stats(loss: Tensor, floats: List[Tensor], st: Any, names: Tuple[str, ...], rows):
+    fields: Dict[str, Any] = dict(zip([n for n in _FLOAT_STATS if n in names], floats))
+    if "argmax" in names:
+        fields["argmax"] = torch.from_numpy(np.asarray(st.argmax)).reshape(rows)
+    if "accuracy" in names:
+        fields["accuracy"] = float(st.accuracy)
+    return loss, _api.RowStats(**fields)

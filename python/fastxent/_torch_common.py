@@ -343,9 +343,11 @@ def reference_loss(z: Tensor, target: Tensor, kw: Dict[str, Any]) -> Tensor:
     # derivative with respect to u (a soft label, a class weight, the smoothing) is lse - z'.
     d = lse[:, None] - zp
     terms = u * torch.where((u == 0) & torch.isinf(d), 0.0, d)
-    row = torch.where(
-        counted, s * (terms.sum(dim=1) + float(kw.get("z_loss", 0.0)) * lse * lse), 0.0
-    )
+    extra = float(kw.get("z_loss", 0.0)) * lse * lse
+    beta = float(kw.get("entropy_coef") or 0.0)
+    if beta != 0.0:  # the entropy bonus: - beta * s_n * H_n on counted rows
+        extra = extra - beta * row_entropy(zp, lse)
+    row = torch.where(counted, s * (terms.sum(dim=1) + extra), 0.0)
     red = kw["reduction"]
     if red == "none":
         return row.reshape(rshape)
@@ -356,6 +358,38 @@ def reference_loss(z: Tensor, target: Tensor, kw: Dict[str, Any]) -> Tensor:
     D = den.sum() if norm is None else torch.tensor(float(norm), dtype=dt)
     # "mean" with D = 0 (no row counts) is identically 0, and so is every derivative.
     return torch.where(D == 0, 0.0, total / torch.where(D == 0, 1.0, D))
+
+
+def row_entropy(zp: Tensor, lse: Tensor) -> Tensor:
+    """H_n = lse_n - sum_c p_nc z'_nc for (rows, C) transformed logits, in differentiable ops;
+    a class of probability 0 (a -inf logit) contributes 0, value and derivative."""
+    p = torch.exp(zp - lse[:, None])
+    live = p > 0
+    return lse - torch.where(live, p * torch.where(live, zp, 0.0), 0.0).sum(dim=1)
+
+
+def reference_stats(z: Tensor, target: Tensor, kw: Dict[str, Any]) -> Dict[str, Tensor]:
+    """The differentiable per-row outputs of outputs= (lse, entropy, target_logprob; see
+    fastxent.cross_entropy) of logits whose class axis is the last, as (rows,) tensors: what
+    the derivatives of the kernel's statistics differentiate. target_logprob only for class
+    targets (0 on ignored rows, whose logits reach nothing)."""
+    C = z.shape[-1]
+    zz = z.reshape(-1, C)
+    cap, alpha = kw.get("softcap"), float(kw.get("logit_scale", 1.0))
+    out: Dict[str, Tensor] = {}
+    zp = cap * torch.tanh(alpha * zz / cap) if cap is not None else alpha * zz
+    lse = torch.logsumexp(zp, dim=1)
+    out["lse"] = lse
+    out["entropy"] = row_entropy(zp, lse)
+    if not target.is_floating_point():
+        y = target.reshape(-1).to(torch.int64)
+        counted = y != kw["ignore_index"]
+        yc = torch.where(counted, y, 0)
+        zc = torch.where(counted[:, None], zz, 0.0)
+        zpc = cap * torch.tanh(alpha * zc / cap) if cap is not None else alpha * zc
+        picked = zpc.gather(1, yc[:, None])[:, 0] - torch.logsumexp(zpc, dim=1)
+        out["target_logprob"] = torch.where(counted, picked, 0.0)
+    return out
 
 
 def reference_grads(

@@ -40,9 +40,9 @@ except ImportError as _e:  # pragma: no cover - exercised without torch installe
     raise ImportError("fastxent.torch needs PyTorch: pip install 'fastxent[torch]'") from _e
 from torch import Tensor, nn
 
-from ._keywords import EXTRA, ExtraKeywords, Unpack
+from ._keywords import EXTRA, ExtraKeywords, Unpack, output_names, real
 from ._options import common_options
-from ._torch_autograd import general_cross_entropy
+from ._torch_autograd import general_cross_entropy, stats_cross_entropy
 from ._torch_bce import BCEWithLogitsLoss, binary_cross_entropy_with_logits
 from ._torch_distill import (
     JSDWithLogitsLoss,
@@ -162,9 +162,10 @@ def cross_entropy(
             return res
     # **fastxent_options is a plain dict at run time (the TypedDict is for type checkers).
     opts = cast(Dict[str, Any], fastxent_options)
-    for k in ("outputs", "entropy_coef"):  # the NumPy API's, not (yet) this front end's
-        if k in opts:
-            raise TypeError(f"cross_entropy() got an unexpected keyword argument {k!r}")
+    if "outputs" in opts or "entropy_coef" in opts:
+        return stats_cross_entropy(
+            input, target, weight, ignore_index, reduction, label_smoothing, inplace, opts
+        )
     return general_cross_entropy(
         input, target, weight, ignore_index, reduction, label_smoothing, inplace, opts
     )
@@ -216,6 +217,19 @@ cross_entropy.__doc__ = (
     + """
     The positional order is ``F.cross_entropy``'s; ``inplace`` and fastxent's options are
     keyword-only.
+
+    Per-row outputs and the entropy bonus, as in :func:`fastxent.cross_entropy`:
+    ``entropy_coef=beta`` (>= 0) makes the loss ``CE - beta * reduce(s_n * entropy_n)`` over
+    counted rows, its exact gradient fused into the kernel's (second order and forward mode
+    through the reference, as for every option). ``outputs=`` (names from "lse", "entropy",
+    "argmax", "target_logprob", "accuracy") returns ``(loss, stats)``, ``stats`` a
+    :class:`fastxent.RowStats` of tensors of the rows' shape (argmax int64, accuracy a
+    float), from the same kernel call. lse, entropy and target_logprob are differentiable:
+    their vector-Jacobian product is taken through their formula in PyTorch ops over tiles of
+    at most 2^20 logits (create_graph=True and a probability target's gradient: through the
+    reference loss and statistics). float32 / float64 input of shape (C,) or (N, C), eager
+    only: under ``torch.compile``, ``torch.func`` transforms, fake or meta tensors, with
+    ``inplace=True`` or a forward-mode tangent (outputs only), NotImplementedError.
 
     Memory: the default (``inplace=False``) path writes the gradient into a buffer it keeps
     between calls (at most two, of 1 MiB or more each), handed out again only once no tensor
@@ -271,6 +285,7 @@ cross_entropy.__doc__ = (
 )
 
 
+_STATS_ARGS = ("outputs", "entropy_coef")  # the loss's per-row outputs and entropy bonus
 _MODULE_ARGS = frozenset(
     ("weight", "size_average", "ignore_index", "reduce", "reduction", "label_smoothing", "inplace")
 )
@@ -293,7 +308,15 @@ class CrossEntropyLoss(nn.Module):
         if size_average is not None or reduce is not None:
             reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
         # Every option is checked here, not at the first forward.
-        validate_options(fastxent_options, "CrossEntropyLoss")
+        stats_opts = {k: fastxent_options[k] for k in _STATS_ARGS if k in fastxent_options}
+        if "outputs" in stats_opts:
+            output_names(stats_opts["outputs"])
+        if "entropy_coef" in stats_opts:
+            real(stats_opts["entropy_coef"], "entropy_coef", 0.0, False)
+        validate_options(
+            {k: v for k, v in fastxent_options.items() if k not in _STATS_ARGS},
+            "CrossEntropyLoss",
+        )
         common_options(
             reduction, ignore_index, label_smoothing, fastxent_options.get("num_threads")
         )
@@ -321,6 +344,17 @@ class CrossEntropyLoss(nn.Module):
                     "takes fastxent's per-batch options (sample_weight, normalizer, ...)"
                 )
             opts = {**opts, **fastxent_options}
+        if "outputs" in opts or "entropy_coef" in opts:
+            return stats_cross_entropy(
+                input,
+                target,
+                self.weight,
+                self.ignore_index,
+                self.reduction,
+                self.label_smoothing,
+                self.inplace,
+                opts,
+            )
         return general_cross_entropy(
             input,
             target,
@@ -353,7 +387,8 @@ CrossEntropyLoss.__doc__ = """``torch.nn.CrossEntropyLoss`` computed by fastxent
     ``size_average``, ``ignore_index``, ``reduce``, ``reduction``, ``label_smoothing`` (the
     deprecated ``size_average`` and ``reduce`` translated with PyTorch's warning), then
     keyword-only ``inplace`` and the ``**fastxent_options`` of :func:`cross_entropy`
-    (``z_loss``, ``softcap``, ``logit_scale``, ``normalizer``, ``num_threads``).
+    (``z_loss``, ``softcap``, ``logit_scale``, ``normalizer``, ``num_threads``,
+    ``entropy_coef``, ``outputs``: with ``outputs`` the module returns ``(loss, stats)``).
     ``forward(input, target, **fastxent_options)`` takes per-batch options (``sample_weight``,
     a per-call ``normalizer``), which override the constructor's; the constructor's own
     arguments (``weight``, ``reduction``, ``label_smoothing``, ...) raise TypeError there.
