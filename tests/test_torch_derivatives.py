@@ -402,6 +402,24 @@ def test_torch_func_per_sample_gradients_and_probability_targets():
         )
 
 
+@pytest.mark.parametrize(
+    "kw", [{}, {"label_smoothing": 0.1}, {"weight": "w"}, {"z_loss": 1e-3}], ids=str
+)
+def test_constant_logits_inside_torch_func(kw):
+    # Logits that are a constant of the transformed function (plain tensors, not wrapped):
+    # reading them through functorch's dispatch failed ("Cannot access data pointer of Tensor
+    # that doesn't have storage"); the loss is a constant there.
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(4, 5, generator=g), torch.tensor([0, 1, 2, 3])
+    if kw.get("weight") == "w":
+        kw = {"weight": torch.rand(5, generator=g)}
+    ref = fxt.cross_entropy(x, y, **kw)  # outside any transform
+    got = torch.func.grad(lambda s: fxt.cross_entropy(x, y, **kw) * s)(torch.tensor(2.0))
+    assert got.item() == ref.item()
+    out = torch.func.vmap(lambda s: fxt.cross_entropy(x, y, **kw) * s)(torch.arange(3.0))
+    assert torch.equal(out, ref * torch.arange(3.0))
+
+
 def test_torch_func_checks_arguments_before_computing():
     t = torch.tensor([0, 2, 4, 1])
     with pytest.raises(ValueError, match="target has shape"):

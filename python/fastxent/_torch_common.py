@@ -52,6 +52,25 @@ def _readable(t: Tensor) -> Tensor:
     return t
 
 
+_functorch_active = torch._C._are_functorch_transforms_active
+
+
+def _plain(read: Callable[..., Any]) -> Callable[..., Any]:
+    """`read` with functorch's dispatch off inside a torch.func transform: a plain tensor there
+    (a constant of the transformed function) is read as it is, where through functorch even
+    its detach() returns a tensor without storage. Wrapped tensors are routed elsewhere."""
+
+    def wrapper(*args: Any) -> Any:
+        if _functorch_active():
+            with torch._C._DisableFuncTorch():
+                return read(*args)
+        return read(*args)
+
+    wrapper.__doc__ = read.__doc__
+    return wrapper
+
+
+@_plain
 def numpy_of(t: Tensor, dtype: Optional[torch.dtype] = None) -> np.ndarray:
     """A NumPy view of a CPU tensor (zero-copy when it already has `dtype`)."""
     t = _readable(t)
@@ -60,6 +79,7 @@ def numpy_of(t: Tensor, dtype: Optional[torch.dtype] = None) -> np.ndarray:
     return t.numpy()
 
 
+@_plain
 def kernel_view(t: Tensor) -> Optional[np.ndarray]:
     """A zero-copy NumPy view of a CPU tensor in a dtype the kernel reads natively (float32,
     float64, float16, and bfloat16 through ml_dtypes), or None (bfloat16 without ml_dtypes)."""
