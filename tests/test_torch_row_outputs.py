@@ -245,3 +245,71 @@ def test_module_takes_entropy_coef_and_outputs():
         fxt.CrossEntropyLoss(outputs=("lse", "bogus"))
     with pytest.raises(TypeError, match="unexpected keyword argument 'entropy_coeff'"):
         fxt.CrossEntropyLoss(entropy_coeff=0.1)
+
+
+@pytest.mark.parametrize("C", [5, 1 << 15])  # one tile of rows; several (2^20 / C = 32 rows)
+def test_batched_upstream_grads(C):
+    # autograd.grad(..., is_grads_batched=True): was all zeros through the reference branch
+    # (create_graph, probability targets) and a vmap error through the statistics' tiles.
+    g = torch.Generator().manual_seed(9)
+    N = 3 if C == 5 else 40
+    z = torch.randn(N, C, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, C, (N,), generator=g)
+    E = torch.randn(2, N, generator=g, dtype=torch.float64)
+    _, s_ref = _ref(z, y, reduction="none")
+    for n in FLOATS:
+        for create_graph in (False, True):
+            _, st = fxt.cross_entropy(z, y, reduction="none", outputs=(n,))
+            (J,) = torch.autograd.grad(
+                getattr(st, n), z, E, is_grads_batched=True, create_graph=create_graph
+            )
+            (J_ref,) = torch.autograd.grad(s_ref[n], z, E, is_grads_batched=True, retain_graph=True)
+            assert _close(J, J_ref), (n, create_graph)
+    if C == 5:  # a probability target's gradient goes through the reference
+        q = torch.softmax(torch.randn(N, C, generator=g, dtype=torch.float64), -1)
+        q.requires_grad_(True)
+        lo, _ = fxt.cross_entropy(z, q, reduction="none", outputs=("lse",))
+        Jz, Jq = torch.autograd.grad(lo, (z, q), E, is_grads_batched=True)
+        l0 = F.cross_entropy(z, q, reduction="none")
+        Jz0, Jq0 = torch.autograd.grad(l0, (z, q), E, is_grads_batched=True)
+        assert _close(Jz, Jz0) and _close(Jq, Jq0)
+
+
+def test_entropy_coef_tensor_requiring_grad_is_refused():
+    z, y = _case(10)
+    beta = torch.tensor(0.3, requires_grad=True)
+    with pytest.raises(RuntimeError, match="entropy_coef"):
+        fxt.cross_entropy(z, y, entropy_coef=beta)
+    with pytest.raises(RuntimeError, match="entropy_coef"):
+        fxt.cross_entropy(z, y, entropy_coef=beta, outputs=("lse",))
+    # a plain tensor (no derivative) is a number
+    assert _close(
+        fxt.cross_entropy(z, y, entropy_coef=torch.tensor(0.3, dtype=torch.float64)),
+        _ref(z, y, beta=0.3)[0],
+    )
+
+
+def test_all_minus_inf_row_statistics_have_finite_gradients():
+    z = torch.tensor([[0.0, 1.0, 2.0], [float("-inf")] * 3], dtype=torch.float64)
+    z.requires_grad_(True)
+    y = torch.tensor([0, -100])
+    loss, st = fxt.cross_entropy(z, y, outputs=("lse", "entropy", "target_logprob"))
+    assert st.entropy[1].item() == pytest.approx(np.log(3.0), rel=1e-15)
+    w = torch.tensor([1.0, 0.0], dtype=torch.float64)
+    total = loss + (st.entropy * w).sum() + (st.lse * w).sum()
+    (g,) = torch.autograd.grad(total, z, retain_graph=True)
+    assert torch.isfinite(g).all() and torch.equal(g[1], torch.zeros(3, dtype=torch.float64))
+    # no finite logit: the statistics' derivative there is 0 (documented)
+    (g,) = torch.autograd.grad(st.entropy[1] + st.lse[1], z)
+    assert torch.equal(g, torch.zeros_like(g))
+
+
+def test_idle_keywords_are_the_plain_call():
+    # outputs=None and entropy_coef=0.0 (a configuration's defaults) take every path the plain
+    # call takes, torch.func included
+    z, y = _case(11)
+    for kw in (dict(outputs=None), dict(entropy_coef=0.0), dict(outputs=None, entropy_coef=0)):
+        g = torch.func.grad(lambda x, kw=kw: fxt.cross_entropy(x, y, **kw))(z.detach())
+        assert _close(g, torch.autograd.grad(F.cross_entropy(z, y), z)[0])
+    with pytest.raises(TypeError, match="inplace must be a bool"):
+        fxt.cross_entropy(z, y, outputs=("lse",), inplace=0)

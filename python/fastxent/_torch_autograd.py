@@ -26,6 +26,7 @@ from ._torch_common import (
     reference_stats,
     under_func_transform,
 )
+from ._torch_common import is_wrapped
 from ._keywords import output_names
 from ._torch_fast import fused, is_compiling
 from ._torch_nodata import func_transform_loss, is_fake, op_loss
@@ -209,23 +210,41 @@ _FLOAT_STATS = ("lse", "entropy", "target_logprob")  # differentiable; argmax, a
 
 def _stats_vjp(z: Tensor, target: Tensor, kw: Dict[str, Any], grads: Dict[str, Tensor]) -> Tensor:
     """sum_k <grads[k], d stat_k / d z> for the float statistics, by autograd through
-    reference_stats over tiles of rows (at most 2^20 elements each: no (rows, C) temporary)."""
+    reference_stats over tiles of rows (at most 2^20 elements each: no (rows, C) temporary
+    beyond the result). The upstream grads go in as grad_outputs, so that batched ones
+    (autograd.grad(..., is_grads_batched=True)) give batched results."""
     C = z.shape[-1]
     z2, t1 = z.detach().reshape(-1, C), target.detach()
     t1 = t1.reshape(-1, C) if t1.is_floating_point() else t1.reshape(-1)
     g1 = {k: g.reshape(-1) for k, g in grads.items()}
-    out = torch.empty_like(z2)
+    out: Optional[Tensor] = None
+    parts: List[Tensor] = []
     tile = max(1, (1 << 20) // max(C, 1))
     for a in range(0, z2.shape[0], tile):
         with torch.enable_grad():
             zt = z2[a : a + tile].clone().requires_grad_(True)
             st = reference_stats(zt, t1[a : a + tile], kw)
-            total = zt.new_zeros(())
-            for k, g in g1.items():
-                total = total + (st[k] * g[a : a + tile].to(zt.dtype)).sum()
-            (gz,) = torch.autograd.grad(total, zt)
-        out[a : a + tile] = gz
-    return out.reshape(z.shape)
+            names = list(g1)
+            (gz,) = torch.autograd.grad(
+                [st[k] for k in names],
+                zt,
+                [g1[k][a : a + tile].to(zt.dtype) for k in names],
+            )
+        if a == 0 and not _batched(gz) and tile < z2.shape[0]:
+            out = torch.empty_like(z2)
+        if out is None:
+            parts.append(gz)  # batched upstream grads (is_grads_batched=True), or one tile
+        else:
+            out[a : a + tile] = gz
+    res = out if out is not None else (parts[0] if len(parts) == 1 else torch.cat(parts))
+    return res.reshape(z.shape)
+
+
+def _batched(t: Tensor) -> bool:
+    """A batched tensor (autograd.grad(..., is_grads_batched=True) runs backward under the
+    legacy vmap, whose tensors carry the Batched dispatch key; torch.func's carry
+    FuncTorchBatched): it cannot be copied into a plain one."""
+    return "Batched" in str(torch._C._dispatch_keys(t)) or bool(is_wrapped(t))
 
 
 class _StatsCrossEntropy(torch.autograd.Function):
@@ -248,11 +267,8 @@ class _StatsCrossEntropy(torch.autograd.Function):
         *extras: Tensor,
     ):
         ctx.set_materialize_grads(False)
-        x = direct_logits(input, tgt)
-        if x is None:
-            x = numpy_of(input, cdt)
-        loss, grad, st = _api.cross_entropy_with_grad(x, tgt, outputs=names, **kw)
-        ctx.grad = torch.from_numpy(grad)
+        loss, grad, st = fused(input, tgt, cdt, kw, names)
+        ctx.grad = grad
         ctx.save_for_backward(input, target, *extras)
         ctx.tgt, ctx.cdt, ctx.kw = tgt, cdt, kw
         ctx.inplace, ctx.scaled_in_place = False, False
@@ -278,20 +294,30 @@ class _StatsCrossEntropy(torch.autograd.Function):
                 tr = target if (create_graph and target.requires_grad) else target.detach()
                 if need[1] and not tr.requires_grad:
                     tr = tr.detach().requires_grad_(True)
-                total = None
+                # grad_outputs, not a product summed here: batched upstream grads
+                # (is_grads_batched=True) must stay batched
+                outs: List[Tensor] = []
+                gos: List[Tensor] = []
                 if grad_loss is not None:
-                    total = (reference_loss(zr, tr, ctx.kw) * grad_loss).sum()
+                    ref = reference_loss(zr, tr, ctx.kw)
+                    outs.append(ref)
+                    gos.append(grad_loss.to(ref.dtype))
                 if gs:
                     st = reference_stats(zr, tr, ctx.kw)
                     for n, g in gs.items():
-                        term = (st[n] * g.reshape(-1).to(st[n].dtype)).sum()
-                        total = term if total is None else total + term
+                        outs.append(st[n])
+                        gos.append(g.reshape(st[n].shape).to(st[n].dtype))
+                keep = [i for i, o in enumerate(outs) if o.requires_grad]
                 wrt = [x for x, n in zip((zr, tr), need) if n]
-                if total is None or not total.requires_grad:
+                if not keep:  # constant (no row counts): every derivative is 0
                     got: Tuple[Optional[Tensor], ...] = (None,) * len(wrt)
                 else:
                     got = torch.autograd.grad(
-                        total, wrt, create_graph=create_graph, allow_unused=True
+                        [outs[i] for i in keep],
+                        wrt,
+                        [gos[i] for i in keep],
+                        create_graph=create_graph,
+                        allow_unused=True,
                     )
             it = iter(got)
             res = [next(it) if n else None for n in need]
@@ -304,15 +330,20 @@ class _StatsCrossEntropy(torch.autograd.Function):
         if need[0] and grad_loss is not None:
 
             def recompute() -> Tensor:
-                x = direct_logits(input, ctx.tgt)
-                if x is None:
-                    x = numpy_of(input, ctx.cdt)
-                return torch.from_numpy(_api.cross_entropy_with_grad(x, ctx.tgt, **ctx.kw)[1])
+                return fused(input, ctx.tgt, ctx.cdt, ctx.kw)[1]
 
             gz = first_order(ctx, grad_loss, recompute)
+        # The fused gradient is not kept past its backward (a statistic kept for logging holds
+        # this node): a second backward through a retained graph computes it again.
+        ctx.grad = None
         if need[0] and gs:
             gv = _stats_vjp(input, target, ctx.kw, gs).to(input.dtype)
-            gz = gv if gz is None else gz + gv
+            if gz is None:
+                gz = gv
+            elif _batched(gv) or _batched(gz):
+                gz = gz + gv
+            else:
+                gz = gv.add_(gz)  # gv is this call's own
         return (gz, None) + rest
 
     @staticmethod
@@ -348,7 +379,9 @@ def stats_cross_entropy(
             "fastxent.torch.cross_entropy: outputs= and entropy_coef run eagerly only, not "
             "under torch.compile, torch.func transforms or with fake / meta tensors (yet)"
         )
-    if inplace is not False:
+    if not isinstance(inplace, bool):
+        raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
+    if inplace:
         raise NotImplementedError(
             "fastxent.torch.cross_entropy: inplace=True is not implemented with outputs= or "
             "entropy_coef (their derivatives read the logits)"
@@ -393,3 +426,16 @@ def _row_stats(loss: Tensor, floats: List[Tensor], st: Any, names: Tuple[str, ..
     if "accuracy" in names:
         fields["accuracy"] = float(st.accuracy)
     return loss, _api.RowStats(**fields)
+
+
+def without_idle_stats(opts: Dict[str, Any]) -> Dict[str, Any]:
+    """opts without outputs=None and a plain-number entropy_coef of 0 (the plain call, with
+    every path open to it); a tensor entropy_coef stays (it may carry a derivative)."""
+    out = dict(opts)
+    if "outputs" in out and out["outputs"] is None:
+        del out["outputs"]
+    ec = out.get("entropy_coef")
+    if isinstance(ec, (int, float, np.floating, np.integer)) and not isinstance(ec, bool):
+        if ec == 0:
+            del out["entropy_coef"]
+    return out

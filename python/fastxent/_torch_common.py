@@ -151,7 +151,14 @@ def refuse_derivative(v: Any, name: str, caller: str = "fastxent.torch") -> None
 
 
 # Options that may arrive as 0-d tensors and are read as Python numbers (constants).
-SCALAR_OPTIONS = ("label_smoothing", "normalizer", "z_loss", "softcap", "logit_scale")
+SCALAR_OPTIONS = (
+    "label_smoothing",
+    "normalizer",
+    "z_loss",
+    "softcap",
+    "logit_scale",
+    "entropy_coef",
+)
 
 
 def refuse_option_derivatives(options: Dict[str, Any], caller: str = "fastxent.torch") -> None:
@@ -395,6 +402,9 @@ def reference_stats(z: Tensor, target: Tensor, kw: Dict[str, Any]) -> Dict[str, 
     targets (0 on ignored rows, whose logits reach nothing)."""
     C = z.shape[-1]
     zz = z.reshape(-1, C)
+    # A row of all -inf (values: the kernel's limits, e.g. entropy log C) has derivative 0,
+    # not the NaN of -inf - (-inf), which a zero upstream weight would not cancel.
+    zz = torch.where((zz == float("-inf")).all(dim=1, keepdim=True), 0.0, zz)
     cap, alpha = kw.get("softcap"), float(kw.get("logit_scale", 1.0))
     out: Dict[str, Tensor] = {}
     zp = cap * torch.tanh(alpha * zz / cap) if cap is not None else alpha * zz

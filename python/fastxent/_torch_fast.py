@@ -117,19 +117,26 @@ def kept_buffer_bytes() -> int:
 
 
 def fused(
-    input: Tensor, tgt: np.ndarray, cdt: torch.dtype, kw: Dict[str, Any]
-) -> Tuple[Any, Tensor]:
-    """(loss, gradient) by the kernel, the gradient in a kept buffer when it is large."""
+    input: Tensor,
+    tgt: np.ndarray,
+    cdt: torch.dtype,
+    kw: Dict[str, Any],
+    outputs: Optional[Tuple[str, ...]] = None,
+) -> Any:
+    """(loss, gradient) by the kernel, the gradient in a kept buffer when it is large; with
+    `outputs` (the per-row statistics' names), (loss, gradient, RowStats)."""
+    if outputs is not None:
+        kw = dict(kw, outputs=outputs)
     x = direct_logits(input, tgt)
     if x is None:  # bfloat16 without ml_dtypes, or probabilities of another dtype: float32
-        loss, g = _api.cross_entropy_with_grad(numpy_of(input, cdt), tgt, **kw)
-        return loss, torch.from_numpy(g).to(input.dtype)
+        res = _api.cross_entropy_with_grad(numpy_of(input, cdt), tgt, **kw)
+        return (res[0], torch.from_numpy(res[1]).to(input.dtype)) + tuple(res[2:])
     taken = POOL.take(tuple(input.shape), input.dtype)
     if taken is None:
-        loss, g = _api.cross_entropy_with_grad(x, tgt, **kw)
-        return loss, tensor_of(g, input.dtype)
-    loss, _ = _api.cross_entropy_with_grad(x, tgt, out=taken[0], **kw)
-    return loss, taken[1]
+        res = _api.cross_entropy_with_grad(x, tgt, **kw)
+        return (res[0], tensor_of(res[1], input.dtype)) + tuple(res[2:])
+    res = _api.cross_entropy_with_grad(x, tgt, out=taken[0], **kw)
+    return (res[0], taken[1]) + tuple(res[2:])
 
 
 _LEAN_RED = {"none": 0, "sum": 1, "mean": 2}

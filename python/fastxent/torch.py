@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from ._keywords import EXTRA, ExtraKeywords, Unpack, output_names, real
 from ._options import common_options
-from ._torch_autograd import general_cross_entropy, stats_cross_entropy
+from ._torch_autograd import general_cross_entropy, stats_cross_entropy, without_idle_stats
 from ._torch_bce import BCEWithLogitsLoss, binary_cross_entropy_with_logits
 from ._torch_distill import (
     JSDWithLogitsLoss,
@@ -163,9 +163,13 @@ def cross_entropy(
     # **fastxent_options is a plain dict at run time (the TypedDict is for type checkers).
     opts = cast(Dict[str, Any], fastxent_options)
     if "outputs" in opts or "entropy_coef" in opts:
-        return stats_cross_entropy(
-            input, target, weight, ignore_index, reduction, label_smoothing, inplace, opts
-        )
+        opts = without_idle_stats(opts)
+        if "outputs" in opts or "entropy_coef" in opts:
+            opts = without_idle_stats(opts)
+        if "outputs" in opts or "entropy_coef" in opts:
+            return stats_cross_entropy(
+                input, target, weight, ignore_index, reduction, label_smoothing, inplace, opts
+            )
     return general_cross_entropy(
         input, target, weight, ignore_index, reduction, label_smoothing, inplace, opts
     )
@@ -228,8 +232,12 @@ cross_entropy.__doc__ = (
     their vector-Jacobian product is taken through their formula in PyTorch ops over tiles of
     at most 2^20 logits (create_graph=True and a probability target's gradient: through the
     reference loss and statistics). float32 / float64 input of shape (C,) or (N, C), eager
-    only: under ``torch.compile``, ``torch.func`` transforms, fake or meta tensors, with
-    ``inplace=True`` or a forward-mode tangent (outputs only), NotImplementedError.
+    only: ``torch.compile`` runs the call eagerly (a graph break; ``fullgraph=True`` fails),
+    and ``torch.func`` transforms, fake or meta tensors, ``inplace=True`` and a forward-mode
+    tangent (outputs only) raise NotImplementedError. ``outputs=None`` and a float
+    ``entropy_coef=0.0`` are the plain call. A statistic kept for logging holds its graph
+    node: ``.detach()`` it, or the logits it was computed from stay referenced. The
+    statistics of a row of all -inf have derivative 0.
 
     Memory: the default (``inplace=False``) path writes the gradient into a buffer it keeps
     between calls (at most two, of 1 MiB or more each), handed out again only once no tensor
