@@ -313,3 +313,6 @@ def test_idle_keywords_are_the_plain_call():
         assert _close(g, torch.autograd.grad(F.cross_entropy(z, y), z)[0])
     with pytest.raises(TypeError, match="inplace must be a bool"):
         fxt.cross_entropy(z, y, outputs=("lse",), inplace=0)
+    crit = fxt.CrossEntropyLoss(entropy_coef=0.0, outputs=None)
+    g = torch.func.grad(lambda x: crit(x, y))(z.detach())
+    assert _close(g, torch.autograd.grad(F.cross_entropy(z, y), z)[0])

@@ -32,7 +32,7 @@ Requires the optional extra: ``pip install fastxent[torch]``.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, cast
+from typing import Any, Callable, Dict, Optional, Tuple, cast
 
 try:
     import torch
@@ -162,17 +162,19 @@ def cross_entropy(
             return res
     # **fastxent_options is a plain dict at run time (the TypedDict is for type checkers).
     opts = cast(Dict[str, Any], fastxent_options)
+    opts, run = _route(opts)
+    return run(input, target, weight, ignore_index, reduction, label_smoothing, inplace, opts)
+
+
+def _route(opts: Dict[str, Any]) -> Tuple[Dict[str, Any], Callable[..., Any]]:
+    """The options and the path of a cross_entropy call: the statistics' path for outputs= or
+    a non-zero entropy_coef, else the general one (outputs=None and a plain entropy_coef of 0
+    dropped: the plain call)."""
     if "outputs" in opts or "entropy_coef" in opts:
         opts = without_idle_stats(opts)
         if "outputs" in opts or "entropy_coef" in opts:
-            opts = without_idle_stats(opts)
-        if "outputs" in opts or "entropy_coef" in opts:
-            return stats_cross_entropy(
-                input, target, weight, ignore_index, reduction, label_smoothing, inplace, opts
-            )
-    return general_cross_entropy(
-        input, target, weight, ignore_index, reduction, label_smoothing, inplace, opts
-    )
+            return opts, stats_cross_entropy
+    return opts, general_cross_entropy
 
 
 cross_entropy.__doc__ = (
@@ -317,7 +319,7 @@ class CrossEntropyLoss(nn.Module):
             reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
         # Every option is checked here, not at the first forward.
         stats_opts = {k: fastxent_options[k] for k in _STATS_ARGS if k in fastxent_options}
-        if "outputs" in stats_opts:
+        if stats_opts.get("outputs") is not None:
             output_names(stats_opts["outputs"])
         if "entropy_coef" in stats_opts:
             real(stats_opts["entropy_coef"], "entropy_coef", 0.0, False)
@@ -352,18 +354,8 @@ class CrossEntropyLoss(nn.Module):
                     "takes fastxent's per-batch options (sample_weight, normalizer, ...)"
                 )
             opts = {**opts, **fastxent_options}
-        if "outputs" in opts or "entropy_coef" in opts:
-            return stats_cross_entropy(
-                input,
-                target,
-                self.weight,
-                self.ignore_index,
-                self.reduction,
-                self.label_smoothing,
-                self.inplace,
-                opts,
-            )
-        return general_cross_entropy(
+        opts, run = _route(opts)
+        return run(
             input,
             target,
             self.weight,
