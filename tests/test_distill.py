@@ -16,6 +16,14 @@ import fastxent as fx
 # to grad_terms) 2.3e-8 float32, 9.7e-17 float64. Bounds ~10x.
 LOSS_TOL = {np.dtype(np.float32): 1e-5, np.dtype(np.float64): 3e-14}
 GRAD_TOL = {np.dtype(np.float32): 3e-7, np.dtype(np.float64): 1e-15}
+# test_long_rows_cross_chunks's rows (40000 logits of scale 4 with a spike of 25 or 30): the
+# log-probabilities reach about -80, and the gradients carry their absolute rounding error
+# (about eps * 80, times the probability). Measured worst over 150 seeds of that test's inputs,
+# scalar / AVX2 / AVX-512 (a Zen 4, 2026-12-07), gradient (grad_error as above): float64
+# 3.65e-15 (scalar, forward KL's teacher gradient; AVX-512 1.39e-15, AVX2 1.85e-15), where
+# GRAD_TOL's 1e-15 had passed only for the seed the fixture happens to draw; float32 1.02e-7
+# (under GRAD_TOL). Loss: float64 7.5e-15, float32 3.1e-7 (under LOSS_TOL). Bound ~8x.
+LONG_GRAD_TOL = {np.dtype(np.float32): 3e-7, np.dtype(np.float64): 3e-14}
 
 
 def _log_softmax(z):
@@ -138,8 +146,8 @@ def test_long_rows_cross_chunks(isa, rng, kind):
         dt = np.dtype(dtype)
         ts, tt = reference(s, t, kind, terms=True)
         assert loss_error(loss, rl) < LOSS_TOL[dt]
-        assert grad_error(gs, rgs, ts) < GRAD_TOL[dt]
-        assert grad_error(gt, rgt, tt) < GRAD_TOL[dt]
+        assert grad_error(gs, rgs, ts) < LONG_GRAD_TOL[dt]
+        assert grad_error(gt, rgt, tt) < LONG_GRAD_TOL[dt]
 
 
 @pytest.mark.parametrize("kind", KINDS)
