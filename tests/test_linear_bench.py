@@ -33,3 +33,36 @@ def test_peak_rss_child():
     pytest.importorskip("torch")
     peak = bench_linear._peak_rss("fastxent fwd", (32, 4, 100), "float32", 1)
     assert peak is None or peak >= 0
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--linear", "--linear-dtypes", "float8"], "--linear-dtypes: expected some of"),
+        (["--linear", "--linear-dtypes", ","], "--linear-dtypes: expected some of"),
+        (["--linear", "--linear-shapes", "4096x32000"], "bad linear shape"),
+        (["--linear-shapes", "8x2x3"], "need --linear"),
+        (["--linear-plot", "x.png"], "need --linear"),
+    ],
+)
+def test_linear_flags_refused(argv, message, capsys):
+    assert cli.main(["bench", "--quick", "--peers", "", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_linear_section_from_the_command_line_with_its_plot(tmp_path, capsys):
+    pytest.importorskip("torch")
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "linear.png"
+    argv = ["bench", "--shapes", "8x10", "--threads", "1", "--repeats", "1", "--peers", "torch"]
+    argv += ["--linear", "--linear-shapes", "40x8x300,24x4x130", "--linear-dtypes", "float32"]
+    assert cli.main([*argv, "--linear-plot", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "N=40 H=8 V=300 float32" in out and "N=24 H=4 V=130 float32" in out
+    assert "bfloat16" not in out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_plot_linear_refuses_no_rows(tmp_path):
+    with pytest.raises(RuntimeError, match="no linear results"):
+        bench_linear.plot_linear([], str(tmp_path / "x.png"))

@@ -102,6 +102,24 @@ def _add_bench(sub: "argparse._SubParsersAction") -> None:
             "the distillation section",
         ),
     )
+    p.add_argument(
+        "--linear-shapes",
+        metavar="NxHxV,...",
+        help="the linear section's shapes (default: 4096x1024x32000,2048x2048x128256,"
+        "16384x512x32000)",
+    )
+    p.add_argument(
+        "--linear-dtypes",
+        default="float32,bfloat16",
+        metavar="D,...",
+        help="the linear section's dtypes among float32,bfloat16,float16,float64 "
+        "(default: float32,bfloat16)",
+    )
+    p.add_argument(
+        "--linear-plot",
+        metavar="FILE.png",
+        help="save a chart of the linear section (time over the matmuls, peak RSS)",
+    )
     for name, on_help, what in sections:  # --NAME / --no-NAME, None when neither is given
         p.add_argument(f"--{name}", dest=name, action="store_true", default=None, help=on_help)
         p.add_argument(f"--no-{name}", dest=name, action="store_false", help=f"skip {what}")
@@ -118,6 +136,21 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             else (bench.QUICK_SHAPES if args.quick else bench.DEFAULT_SHAPES)
         )
         threads = bench.parse_threads(args.threads)
+        linear_shapes = None
+        linear_dtypes = tuple(d.strip() for d in args.linear_dtypes.split(",") if d.strip())
+        if args.linear:
+            from . import bench_linear
+
+            if args.linear_shapes:
+                linear_shapes = bench_linear.parse_shapes(args.linear_shapes)
+            bad = sorted(set(linear_dtypes) - set(bench_linear.DTYPES)) or not linear_dtypes
+            if bad:
+                raise ValueError(
+                    f"--linear-dtypes: expected some of {', '.join(bench_linear.DTYPES)}, "
+                    f"got {args.linear_dtypes!r}"
+                )
+        elif args.linear_shapes or args.linear_plot:
+            raise ValueError("--linear-shapes and --linear-plot need --linear")
     except ValueError as e:
         print(f"fastxent bench: error: {e}", file=sys.stderr)
         return 2
@@ -177,13 +210,22 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         print(
             "\n== fused linear + cross-entropy, forward + backward to input and weight", flush=True
         )
-        bench_linear.run_linear(
+        linear_rows = bench_linear.run_linear(
             threads,
             repeats=repeats,
             budget_s=args.budget,
             quick=args.quick,
+            shapes=linear_shapes,
+            dtypes=linear_dtypes,
             log=lambda s: print(s, flush=True),
         )
+        if args.linear_plot:
+            try:
+                bench_linear.plot_linear(linear_rows, args.linear_plot)
+            except RuntimeError as e:
+                print(f"fastxent bench: error: {e}", file=sys.stderr)
+                return 1
+            print(f"\nlinear plot saved to {args.linear_plot}", flush=True)
     distill = args.distill if args.distill is not None else not args.shapes
     if distill and args.dtype == "float32":
         from . import bench_distill

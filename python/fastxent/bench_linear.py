@@ -31,6 +31,7 @@ SHAPES: List[Tuple[int, int, int]] = [
     (16384, 512, 32000),
 ]
 QUICK: List[Tuple[int, int, int]] = [(512, 128, 4000)]
+DTYPES = ("float32", "bfloat16", "float16", "float64")
 NAMES = (
     "one matmul X.W^T",
     "three matmuls",
@@ -211,6 +212,71 @@ def run_linear(
     finally:
         torch.set_num_threads(old)
     return results
+
+
+def plot_linear(results: List[Dict[str, Any]], path: str) -> None:
+    """The section's chart: per dtype (rows), time over the matmuls alone for forward +
+    backward (against the three matmuls) and for the forward (against the one), and peak
+    memory beyond the inputs; one group of bars per shape."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as e:
+        raise RuntimeError("the linear plot needs matplotlib: pip install matplotlib") from e
+    if not results:
+        raise RuntimeError("no linear results to plot (is PyTorch installed?)")
+    dtypes = list(dict.fromkeys(r["dtype"] for r in results))
+    shapes = list(dict.fromkeys(r["shape"] for r in results))
+    peers = ("fastxent", "torch reference", "torch chunked")
+    fig = Figure(figsize=(13.0, 3.3 * len(dtypes) + 0.8), layout="constrained")
+    FigureCanvasAgg(fig)
+    width = 0.8 / len(peers)
+    panels = (
+        ("fwd+bwd", "median_s", "forward + backward / three matmuls"),
+        ("fwd", "median_s", "forward only / one matmul"),
+        ("fwd+bwd", "peak_rss_bytes", "forward + backward: peak RSS beyond inputs, MiB"),
+    )
+    for i, dt in enumerate(dtypes):
+        for j, (kind, key, title) in enumerate(panels):
+            ax = fig.add_subplot(len(dtypes), len(panels), i * len(panels) + j + 1)
+            for k, peer in enumerate(peers):
+                ys = []
+                for s in shapes:
+                    row = {
+                        r["contestant"]: r for r in results if r["dtype"] == dt and r["shape"] == s
+                    }
+                    r = row.get(f"{peer} {kind}")
+                    if r is None or r[key] is None:
+                        ys.append(np.nan)
+                    elif key == "median_s":
+                        ys.append(r["vs_matmuls"])
+                    else:
+                        ys.append(r[key] / 2**20)
+                xs = [m + (k - (len(peers) - 1) / 2) * width for m in range(len(shapes))]
+                ax.bar(xs, ys, width, label=peer)
+            if key == "median_s":
+                ax.axhline(1.0, color="k", lw=0.8, ls="--")
+                ax.axhline(1.1, color="tab:red", lw=0.8, ls=":")
+            else:
+                ax.set_yscale("log")
+                for m, s in enumerate(shapes):  # the logits' size, for scale
+                    n, _, v = s
+                    size = n * v * (2 if dt in ("bfloat16", "float16") else 4) / 2**20
+                    ax.plot([m - 0.4, m + 0.4], [size, size], color="k", lw=0.8, ls="--")
+            ax.set_xticks(range(len(shapes)))
+            ax.set_xticklabels([f"{n}x{h}x{v}" for n, h, v in shapes], fontsize=8)
+            ax.set_title(f"{dt}: {title}", fontsize=9)
+            ax.grid(axis="y", which="both", alpha=0.3)
+    handles, labels = fig.axes[0].get_legend_handles_labels()
+    labels = [
+        f"{x} (dashed: matmuls alone / logits' size; dotted: 1.10x)" if i == 0 else x
+        for i, x in enumerate(labels)
+    ]
+    try:
+        fig.legend(handles, labels, loc="outside lower center", ncol=3, fontsize=8)
+    except ValueError:  # matplotlib < 3.7 has no "outside"
+        fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
 
 
 if __name__ == "__main__" and len(sys.argv) == 6 and sys.argv[1] == "rss":
