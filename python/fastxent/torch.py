@@ -201,8 +201,8 @@ cross_entropy.__doc__ = (
     Parameters
     ----------
     input : Tensor, shape (C,), (N, C) or (N, C, d1, ..., dk), on the CPU
-        float32 and float64 are read in place (zero-copy); float16 and bfloat16 are computed
-        via a float32 copy, and the loss and gradient cast back to the input's dtype. The
+        float32 and float64 are read in place (zero-copy), and so are float16 and bfloat16
+        (see Mixed precision below for the one exception). The
         class dimension 1 of a (N, C, d1, ..., dk) input is read in place by fastxent's
         ``axis=1`` support (no transposed copy); a non-contiguous input is copied first.
     target : Tensor
