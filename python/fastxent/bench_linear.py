@@ -221,7 +221,7 @@ def _itemsize(dtype: str) -> int:
 def plot_linear(results: List[Dict[str, Any]], path: str) -> None:
     """The section's chart: per dtype (rows), time over the matmuls alone for forward +
     backward (against the three matmuls) and for the forward (against the one), and peak
-    memory beyond the inputs; one group of bars per shape."""
+    memory beyond the inputs and gradients; one group of bars per shape."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
