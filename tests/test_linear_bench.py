@@ -66,3 +66,19 @@ def test_linear_section_from_the_command_line_with_its_plot(tmp_path, capsys):
 def test_plot_linear_refuses_no_rows(tmp_path):
     with pytest.raises(RuntimeError, match="no linear results"):
         bench_linear.plot_linear([], str(tmp_path / "x.png"))
+
+
+def test_default_tile_rows():
+    from fastxent._linear_plan import tile_rows
+
+    # a multiple of 32 rows (the byte budget's 682 at 4096 x 32000 bfloat16 was a slow GEMM)
+    assert tile_rows(4096, 32000, 2) == 672
+    assert tile_rows(4096, 32000, 4) == 512
+    # long rows: past 64 MiB towards 512 rows, within 1/6 of the logits
+    assert tile_rows(2048, 128256, 4) == 320
+    assert tile_rows(8192, 256000, 4) == 512
+    for n, v, size in [(2048, 128256, 4), (2048, 128256, 2), (700, 900000, 4)]:
+        t = tile_rows(n, v, size)
+        assert t % 32 == 0 and t * v * size <= n * v * size // 6
+    # small inputs: at least 16 rows, at most n
+    assert tile_rows(100, 50, 4) == 16 and tile_rows(10, 50, 4) == 10
