@@ -255,6 +255,17 @@ def make_weight(rng: np.random.Generator, C: int, dtype) -> np.ndarray:
 Weight = Optional[np.ndarray]
 
 
+def option_kwargs(case: dict, rng: np.random.Generator, N: int, C: int, dtype) -> dict:
+    """The keywords of a test case, its "w" / "s" placeholders drawn as class weights (C) and
+    sample weights (N) in [0.2, 2)."""
+    kw = dict(case)
+    if kw.get("weight") == "w":
+        kw["weight"] = rng.uniform(0.2, 2.0, C).astype(dtype)
+    if kw.get("sample_weight") == "s":
+        kw["sample_weight"] = rng.uniform(0.2, 2.0, N).astype(dtype)
+    return kw
+
+
 def default_isa() -> str:
     """The ISA `import fastxent` selected: FASTXENT_ISA when the suite runs under it (the
     same normalisation as fastxent/__init__.py), else "auto" (the best)."""

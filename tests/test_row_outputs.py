@@ -9,7 +9,12 @@ import numpy as np
 import pytest
 
 import fastxent as fx
-from reference import assert_bitwise_equal, central_difference_grad, transform_ref
+from reference import (
+    assert_bitwise_equal,
+    central_difference_grad,
+    option_kwargs,
+    transform_ref,
+)
 
 ALL = ("lse", "entropy", "argmax", "target_logprob", "accuracy")
 
@@ -138,15 +143,6 @@ OPTION_CASES = [
 ]
 
 
-def _kw(case, rng, N, C, dtype):
-    kw = dict(case)
-    if kw.get("weight") == "w":
-        kw["weight"] = rng.uniform(0.2, 2.0, C).astype(dtype)
-    if kw.get("sample_weight") == "s":
-        kw["sample_weight"] = rng.uniform(0.2, 2.0, N).astype(dtype)
-    return kw
-
-
 def _check_stats(st, z, y, kw, dtype):
     lse, ent, am, tlp = ref_rows(z, y, kw.get("softcap"), kw.get("logit_scale", 1.0))
     tol = TOL[dtype]
@@ -171,7 +167,7 @@ def test_outputs_match_reference_and_leave_loss_and_grad_bitwise(isa, rng, dtype
     z, y = _case(rng, N, C, dtype)
     if C >= 100:
         y[0] = int(np.argmax(z[0]))  # one row right, for the accuracy
-    kw = _kw(OPTION_CASES[case], rng, N, C, dtype)
+    kw = option_kwargs(OPTION_CASES[case], rng, N, C, dtype)
     loss0 = fx.cross_entropy(z, y, **kw)
     loss1, st1 = fx.cross_entropy(z, y, outputs=ALL, **kw)
     assert_bitwise_equal(loss1, loss0, "loss with outputs")
@@ -242,7 +238,7 @@ BETA_CASES = [
 def test_entropy_coef_gradient_by_central_differences(isa, rng, case):
     N, C, beta = 4, 9, 0.37
     z, y = _case(rng, N, C, np.float64, scale=1.5)
-    kw = _kw(BETA_CASES[case], rng, N, C, np.float64)
+    kw = option_kwargs(BETA_CASES[case], rng, N, C, np.float64)
     loss, g = fx.cross_entropy_with_grad(z, y, entropy_coef=beta, **kw)
     f = lambda zz: ref_loss(zz, y, beta=beta, **kw)  # noqa: E731
     assert abs(loss - f(z)) < 1e-14 * max(1.0, abs(f(z)))

@@ -69,6 +69,15 @@ double compute_row(const Problem<T>& p, int64_t n, const RowPtrs<T>& rp, BlockSt
                    T* tbuf, std::vector<Pending<T>>* pending = nullptr, const T* next_row = nullptr,
                    MaxCarry<T>* carry = nullptr);
 
+// Whether rows begin .. end go through one_block_rows: rows of one block, logits in T storage,
+// exponentials stored into the gradient row or nowhere, no per-row outputs or entropy sums.
+template <class T>
+bool takes_one_block_rows(const Problem<T>& p);
+
+// Rows of one block begin .. end (takes_one_block_rows), in groups (see ce_rows.cpp).
+template <class T>
+void one_block_rows(const Problem<T>& p, int64_t begin, int64_t end, double* losses);
+
 // Streamed rows (p.stream) begin .. end, software-pipelined (see ce_rows.cpp).
 template <class T>
 void stream_rows(const Problem<T>& p, int64_t begin, int64_t end, double* losses,

@@ -9,6 +9,7 @@
 // (stream_rows, BlockIn::side). Forward only writes nothing N x C. Determinism: blocks sit at
 // fixed positions and merge in block order, rows are summed in row order, so no result
 // depends on the thread count or on how the work was split.
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -208,6 +209,58 @@ void stream_rows(const Problem<T>& p, int64_t begin, int64_t end, double* losses
   }
 }
 
+template <class T>
+bool takes_one_block_rows(const Problem<T>& p) {
+  // The softcap's rho goes to one scratch row, which a group would overwrite before the
+  // gradient reads it.
+  return p.nb == 1 && !p.stream && !p.recompute && !p.e_scratch && !p.extras && !p.ent &&
+         !(p.cap > 0.0 && p.grad);
+}
+
+// Rows of one block (takes_one_block_rows), in groups: the group's block passes in one kernel
+// call (Row::block_rows: each takes the next row's max on the way, as compute_row's chained
+// passes), then each row's merge, gradient block (from the exponentials stored in it) and
+// target entry. The same passes, formula and order of operations as compute_row, so the same
+// bits; ignored rows take a block pass too (its results unused, its exponentials zeroed). A
+// group's gradient rows fit in L1 (16 KiB) while they are rewritten.
+template <class T>
+void one_block_rows(const Problem<T>& p, int64_t begin, int64_t end, double* losses) {
+  constexpr int64_t kMaxGroup = 32;
+  const int64_t row_bytes = p.C * int64_t(sizeof(T));
+  const int64_t group =
+      p.grad ? std::max<int64_t>(1, std::min<int64_t>(kMaxGroup, 16384 / row_bytes)) : kMaxGroup;
+  // In place, the passes overwrite the logits: the target logits are read first (the group's
+  // rows are then still ahead of the prefetches); otherwise after (from cache).
+  const bool in_place = p.grad != nullptr && p.grad == p.in.logits;
+  BlockStat st[kMaxGroup];
+  double zy[kMaxGroup] = {}, dz[kMaxGroup] = {};
+  for (int64_t n0 = begin; n0 < end; n0 += group) {
+    const int64_t cnt = std::min(group, end - n0);
+    const RowPtrs<T> rp0 = row_ptrs(p, n0);
+    if (in_place)
+      for (int64_t i = 0; i < cnt; ++i)
+        if (p.counted(n0 + i)) zy[i] = target_logit(p, n0 + i, &dz[i], row_ptrs(p, n0 + i).z);
+    p.fns->block_rows(block_in(p, rp0, 0, rp0.g, static_cast<T*>(nullptr)), cnt, p.in.row_stride,
+                      p.C, p.probs ? p.in.probs_row_stride : 0, st);
+    for (int64_t i = 0; i < cnt; ++i) {
+      const int64_t n = n0 + i;
+      const RowPtrs<T> rp = row_ptrs(p, n);
+      if (!in_place && p.counted(n)) zy[i] = target_logit(p, n, &dz[i], rp.z);
+      if (!p.counted(n)) {
+        if (rp.g) std::memset(static_cast<void*>(rp.g), 0, sizeof(T) * size_t(p.C));
+        losses[n] = 0.0;
+        continue;
+      }
+      const RowResult r = finish_row(p, &st[i], n, zy[i]);
+      if (rp.g) {
+        write_grad_block(p, st[i], r, rp.prob, rp.g, static_cast<T*>(nullptr), rp.g, 0, false);
+        if (!p.probs) fix_target(p, r, zy[i], dz[i], rp.g, p.in.target[n]);
+      }
+      losses[n] = r.loss;
+    }
+  }
+}
+
 // Fewer rows than threads (e.g. 8 x 256k): the (row, block) pairs are shared out instead of
 // rows. Phase 1 computes block statistics and stores e into the gradient rows; the merge
 // per row is serial and cheap; phase 2 rewrites each block. Block positions are fixed, so
@@ -298,6 +351,10 @@ template void stream_rows<double>(const Problem<double>&, int64_t, int64_t, doub
                                   std::vector<Pending<double>>*);
 template void outputs_only<float>(const Problem<float>&, int64_t, int64_t);
 template void outputs_only<double>(const Problem<double>&, int64_t, int64_t);
+template bool takes_one_block_rows<float>(const Problem<float>&);
+template bool takes_one_block_rows<double>(const Problem<double>&);
+template void one_block_rows<float>(const Problem<float>&, int64_t, int64_t, double*);
+template void one_block_rows<double>(const Problem<double>&, int64_t, int64_t, double*);
 template void split_classes<float>(const Problem<float>&, int64_t, int, double*);
 template void split_classes<double>(const Problem<double>&, int64_t, int, double*);
 

@@ -124,6 +124,8 @@ void run_problem(const Problem<T>& p, int nt, double* losses) {
     std::vector<Pending<T>> pending;
     if (p.stream && p.C * int64_t(sizeof(T)) <= kPipelineRowBytes) {
       stream_rows(p, begin, end, losses, &pending);
+    } else if (takes_one_block_rows(p)) {
+      one_block_rows(p, begin, end, losses);
     } else {
       BlockStat local[4];
       std::vector<BlockStat> heap(p.nb > 4 ? static_cast<size_t>(p.nb) : 0);

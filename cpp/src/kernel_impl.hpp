@@ -32,7 +32,8 @@ namespace FASTXENT_ISA_NS {
 
 template <class V>
 RowFns<typename V::T> Row<V>::fns() {
-  return {&Row::block, &Row::affine, &Col<V>::stats, &Col<V>::affine, &Row::dot, &Row::mul_sub};
+  return {&Row::block,     &Row::block_rows, &Row::affine, &Col<V>::stats,
+          &Col<V>::affine, &Row::dot,        &Row::mul_sub};
 }
 
 }  // namespace FASTXENT_ISA_NS

@@ -149,6 +149,8 @@ struct Row {
   template <Storage HK>
   static BlockStat degenerate(const BlockIn<T>& in);
   static BlockStat block(const BlockIn<T>& in);
+  static void block_rows(const BlockIn<T>& in, int64_t rows, int64_t zs, int64_t es, int64_t ps,
+                         BlockStat* out);
   template <Storage HK>
   static BlockStat block_for(const BlockIn<T>& in);
   // block_impl's instantiations, one per reachable BlockMode (kernel_modes.hpp).

@@ -201,6 +201,10 @@ struct ColAffineIn {
 template <class T>
 struct RowFns {
   BlockStat (*block)(const BlockIn<T>& in);
+  // Rows of one block each (see Row::block_rows): `rows` block passes, row r's at in.z + r zs
+  // (its e at in.e + r es, its probabilities at in.p + r ps), into out[0 .. rows).
+  void (*block_rows)(const BlockIn<T>& in, int64_t rows, int64_t zs, int64_t es, int64_t ps,
+                     BlockStat* out);
   void (*affine)(const AffineIn<T>& in);
   void (*col_stats)(const ColIn<T>& in);
   void (*col_affine)(const ColAffineIn<T>& in);
