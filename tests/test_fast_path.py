@@ -140,3 +140,31 @@ def test_public_fast_path_keywords_at_their_defaults():
         assert loss == ref[0]
     with pytest.raises(ValueError, match="reduction"):
         fx.cross_entropy(x, t, reduction="avg")
+
+
+def test_one_keyword_fast_branch_matches_the_general_path_and_its_errors():
+    # One keyword, num_threads or reduction, is checked in _api._fast itself: the same bits as
+    # the general path (a strided view), and every value it does not take goes on to the
+    # general path's checks and messages.
+    x, t = _data()
+    wide = np.zeros((x.shape[0], x.shape[1] + 1), np.float32)
+    wide[:, :-1] = x
+    view = wide[:, :-1]
+    for kw in ({"num_threads": 1}, {"num_threads": 3}, {"reduction": "sum"}, {"reduction": "none"}):
+        want_l, want_g = fx.cross_entropy_with_grad(view, t, **kw)
+        for out in (None, np.empty_like(x)):
+            loss, g = fx.cross_entropy_with_grad(x, t, out=out, **kw)
+            np.testing.assert_array_equal(g, want_g)
+            np.testing.assert_array_equal(loss, want_l)
+            assert type(loss) is type(want_l)
+        np.testing.assert_array_equal(fx.cross_entropy(x, t, **kw), fx.cross_entropy(view, t, **kw))
+    for nt in (0, -1, 2**31):
+        with pytest.raises(ValueError, match="num_threads"):
+            fx.cross_entropy_with_grad(x, t, num_threads=nt)
+    with pytest.raises(TypeError, match="num_threads"):
+        fx.cross_entropy(x, t, num_threads=2.0)
+    for red in ("avg", ["mean"], None):
+        with pytest.raises((ValueError, TypeError), match="reduction"):
+            fx.cross_entropy(x, t, reduction=red)
+    # num_threads=None (the default spelled out) is not an int: it goes on to _fast_ok.
+    assert fx.cross_entropy(x, t, num_threads=None) == fx.cross_entropy(view, t)

@@ -271,6 +271,17 @@ def _fast(kw: Mapping[str, Any], logits: Any, target: Any, out: Any, want_grad: 
     the general path (which also produces every error message)."""
     if not kw:
         return _core.fast_call(logits, target, _MEAN, want_grad, out, 0)
+    if len(kw) == 1:
+        # One keyword, the commonest ones checked here (a quarter of a microsecond less than
+        # _fast_ok and the lookups below, on a call of two or three).
+        nt = kw.get("num_threads")
+        if type(nt) is int:
+            if 0 < nt < 2**31:
+                return _core.fast_call(logits, target, _MEAN, want_grad, out, nt)
+            return None
+        reduction = kw.get("reduction")
+        if type(reduction) is str and reduction in REDUCTIONS:
+            return _core.fast_call(logits, target, REDUCTIONS[reduction], want_grad, out, 0)
     if not _fast_ok(kw):
         return None
     reduction = kw.get("reduction", "mean")
