@@ -82,3 +82,46 @@ def test_default_tile_rows():
         assert t % 32 == 0 and t * v * size <= n * v * size // 6
     # small inputs: at least 16 rows, at most n
     assert tile_rows(100, 50, 4) == 16 and tile_rows(10, 50, 4) == 10
+    # a forward pass alone: within 2/9 of the logits (448 rows there instead of 320); shapes
+    # whose 64 MiB tile holds 512 rows or more are unchanged
+    assert tile_rows(2048, 128256, 4, forward_only=True) == 448
+    for n, v, size in [(2048, 128256, 4), (2048, 128256, 2), (700, 900000, 4)]:
+        t = tile_rows(n, v, size, forward_only=True)
+        assert t % 32 == 0 and t >= tile_rows(n, v, size)
+        assert t * v * size <= n * v * size * 2 // 9
+    assert tile_rows(4096, 32000, 4, forward_only=True) == tile_rows(4096, 32000, 4) == 512
+    assert tile_rows(4096, 32000, 4, 100, forward_only=True) == 100
+
+
+def test_forward_only_calls_plan_the_forward_tile(monkeypatch):
+    # The loss alone (NumPy's linear_cross_entropy, PyTorch's without a gradient) plans its
+    # tile as a forward pass; the calls with gradients keep the 1/6 bound.
+    import numpy as np
+
+    import fastxent as fx
+    from fastxent import _linear_plan
+
+    seen = []
+    real = _linear_plan.tile_rows
+
+    def spy(n, v, itemsize, tile=None, forward_only=False):
+        seen.append(forward_only)
+        return real(n, v, itemsize, tile, forward_only)
+
+    monkeypatch.setattr(_linear_plan, "tile_rows", spy)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((40, 8)).astype(np.float32)
+    w = rng.standard_normal((30, 8)).astype(np.float32)
+    y = rng.integers(0, 30, 40)
+    loss = fx.linear_cross_entropy(x, w, y)
+    loss2 = fx.linear_cross_entropy_with_grad(x, w, y)[0]
+    assert seen == [True, False] and loss == loss2
+    torch = pytest.importorskip("torch")
+    from fastxent import torch as fxt
+
+    seen.clear()
+    xt, wt, yt = torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(y)
+    with torch.no_grad():
+        a = fxt.linear_cross_entropy(xt, wt, yt)
+    b = fxt.linear_cross_entropy(xt, wt.clone().requires_grad_(), yt)
+    assert seen == [True, False] and float(a) == float(b.detach())

@@ -254,6 +254,7 @@ def _numpy_call(
         options,
         tile,
         cdt.itemsize,
+        forward_only=not want_grad,
     )
     h2 = h.reshape(plan.n, plan.h)
     if probs:

@@ -213,6 +213,7 @@ def _plan_for(
     reduction: Any,
     opts: dict,
     tile_rows: Any,
+    forward_only: bool = False,
 ) -> Any:
     for name, t in (
         ("input", input),
@@ -255,6 +256,7 @@ def _plan_for(
         opts,
         tile_rows,
         input.element_size(),
+        forward_only=forward_only,
     )
     if probs:
         plan = plan._replace(probs=tgt.reshape(plan.n, plan.v))
@@ -310,9 +312,12 @@ def linear_cross_entropy(
     ):
         refuse_derivative(v, name, "linear_cross_entropy")
     refuse_forward_mode("linear_cross_entropy", input, linear_weight, linear_bias)
-    plan = _plan_for(input, linear_weight, target, linear_bias, reduction, opts, tile_rows)
+    # (Not a tensor: _plan_for raises.)
     grads = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (input, linear_weight, linear_bias)
+        isinstance(t, Tensor) and t.requires_grad for t in (input, linear_weight, linear_bias)
+    )
+    plan = _plan_for(
+        input, linear_weight, target, linear_bias, reduction, opts, tile_rows, not grads
     )
     if grads:
         return _LinearCrossEntropy.apply(input, linear_weight, linear_bias, plan)
