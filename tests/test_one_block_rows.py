@@ -3,8 +3,9 @@ streamed go through the grouped driver (one_block_rows: a group's block passes i
 call, then each row's merge and gradient). It must give the bits of the one-row-at-a-time
 driver (compute_row, which the per-row outputs still take), for the forward pass, out= and
 in place, at group boundaries (32 rows forward; 16 KiB of gradient rows with a gradient), with
-ignored, all -inf, NaN and +inf rows anywhere in a group, strided logits and probabilities,
-every option and every thread count."""
+ignored, all -inf, NaN and +inf rows in a group, strided logits and probabilities, every
+option, and 1-3 threads (calls from 32768 elements on, here 67 x 1000 and 37 x 900, split
+their rows between threads out of step with the groups)."""
 
 from __future__ import annotations
 
@@ -33,13 +34,15 @@ def _inputs(rng, N, C, dtype, stride):
     z = wide[:, :C]  # row stride C + stride (stride 0: contiguous)
     y = rng.integers(0, C, N)
     for n in range(0, N, 4):
-        y[n] = -100  # ignored rows at the groups' starts (every group size divides 4 or is 1)
+        y[n] = -100  # every 4th row ignored: runs of counted rows between them
     if N > 3:
         y[N - 1] = -100
         z[2] = -np.inf  # all -inf: the uniform limit
         z[3, 5] = np.nan
     if N > 6:
         z[6, 1] = np.inf
+    if N > 13:
+        y[9:14] = -100  # a run of ignored rows across a group boundary
     return z, y
 
 
@@ -112,3 +115,19 @@ def test_grouped_rows_against_float64(isa, rng):
     # float32 rounding of entries of size up to 1/D: a few ulps of the largest.
     assert np.max(np.abs(g - grad)) <= 4 * np.finfo(np.float32).eps / counted.sum()
     assert float(fx.cross_entropy(z, y)) == float(loss)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_grouped_rows_all_ignored(isa, rng, dtype):
+    N, C = 45, 600
+    z = (rng.standard_normal((N, C)) * 2).astype(dtype)
+    y = np.full(N, -100)
+    for red in ("mean", "sum", "none"):
+        want_l, want_g, _ = fx.cross_entropy_with_grad(z, y, reduction=red, outputs=("lse",))
+        loss, g = fx.cross_entropy_with_grad(z, y, reduction=red)
+        assert_bitwise_equal(loss, want_l, red)
+        assert_bitwise_equal(g, want_g, red)
+        assert not np.any(g) and not np.any(loss)
+        x = z.copy()
+        fx.cross_entropy_with_grad(x, y, reduction=red, out=x)
+        assert not np.any(x)

@@ -69,7 +69,7 @@ double compute_row(const Problem<T>& p, int64_t n, const RowPtrs<T>& rp, BlockSt
                    T* tbuf, std::vector<Pending<T>>* pending = nullptr, const T* next_row = nullptr,
                    MaxCarry<T>* carry = nullptr);
 
-// Whether rows begin .. end go through one_block_rows: rows of one block, logits in T storage,
+// Whether the problem's rows go through one_block_rows: rows of one block, logits in T storage,
 // exponentials stored into the gradient row or nowhere, no per-row outputs or entropy sums.
 template <class T>
 bool takes_one_block_rows(const Problem<T>& p);

@@ -1,5 +1,6 @@
-// The rows of the row layout: one row start to finish (compute_row), the streamed rows' software
-// pipeline (stream_rows) and rows split by blocks across threads (split_classes).
+// The rows of the row layout: one row start to finish (compute_row), rows of one block in groups
+// (one_block_rows), the streamed rows' software pipeline (stream_rows) and rows split by blocks
+// across threads (split_classes).
 //
 // Memory traffic per row: the block pass reads z from memory (prefetching two blocks ahead),
 // takes the max of the block after it on the way (chained_block: no max pass of its own), and
@@ -137,8 +138,8 @@ double compute_row(const Problem<T>& p, int64_t n, const RowPtrs<T>& rp, BlockSt
 // in L1 instead of fetching it from L2 for ownership). Reading, the exp and the output stream
 // then overlap, instead of a whole row's read-and-exp phase alternating with a whole row's
 // write phase (one scratch row serves both rows; the line a block's gradient shares with the
-// next block is fetched for writing ahead of its plain stores, see Row::block_impl). Rows with
-// plain stores stay one row at a time: pipelining them measured slower (docs/design.md).
+// next block is fetched for writing ahead of its plain stores, see Row::block_impl). Longer rows
+// with plain stores stay one row at a time: pipelining them measured slower (docs/design.md).
 // The results are those of compute_row bit for bit: the same block passes and the same
 // gradient formula, only in another order.
 // Target entries are collected in `pending` and written after the caller's fence. An ignored
@@ -217,31 +218,40 @@ bool takes_one_block_rows(const Problem<T>& p) {
          !(p.cap > 0.0 && p.grad);
 }
 
-// Rows of one block (takes_one_block_rows), in groups: the group's block passes in one kernel
-// call (Row::block_rows: each takes the next row's max on the way, as compute_row's chained
-// passes), then each row's merge, gradient block (from the exponentials stored in it) and
-// target entry. The same passes, formula and order of operations as compute_row, so the same
-// bits; ignored rows take a block pass too (its results unused, its exponentials zeroed). A
-// group's gradient rows fit in L1 (16 KiB) while they are rewritten.
+// Rows of one block (takes_one_block_rows), in groups: the block passes of each run of counted
+// rows of a group in one kernel call (Row::block_rows: each takes the next row's max on the
+// way, as compute_row's chained passes), then each row's merge, gradient block (from the
+// exponentials stored in it) and target entry. The same passes, formula and order of
+// operations as compute_row, so the same bits; ignored rows take no pass (zeroed, as there).
+// A group's gradient rows fit in L1 (16 KiB) while they are rewritten.
 template <class T>
 void one_block_rows(const Problem<T>& p, int64_t begin, int64_t end, double* losses) {
   constexpr int64_t kMaxGroup = 32;
   const int64_t row_bytes = p.C * int64_t(sizeof(T));
   const int64_t group =
       p.grad ? std::max<int64_t>(1, std::min<int64_t>(kMaxGroup, 16384 / row_bytes)) : kMaxGroup;
-  // In place, the passes overwrite the logits: the target logits are read first (the group's
-  // rows are then still ahead of the prefetches); otherwise after (from cache).
+  // In place, the passes overwrite the logits: the target logits are read before them;
+  // otherwise after them, from cache.
   const bool in_place = p.grad != nullptr && p.grad == p.in.logits;
   BlockStat st[kMaxGroup];
   double zy[kMaxGroup] = {}, dz[kMaxGroup] = {};
   for (int64_t n0 = begin; n0 < end; n0 += group) {
     const int64_t cnt = std::min(group, end - n0);
-    const RowPtrs<T> rp0 = row_ptrs(p, n0);
     if (in_place)
       for (int64_t i = 0; i < cnt; ++i)
         if (p.counted(n0 + i)) zy[i] = target_logit(p, n0 + i, &dz[i], row_ptrs(p, n0 + i).z);
-    p.fns->block_rows(block_in(p, rp0, 0, rp0.g, static_cast<T*>(nullptr)), cnt, p.in.row_stride,
-                      p.C, p.probs ? p.in.probs_row_stride : 0, st);
+    for (int64_t a = 0; a < cnt;) {
+      if (!p.counted(n0 + a)) {
+        ++a;
+        continue;
+      }
+      int64_t b = a + 1;
+      while (b < cnt && p.counted(n0 + b)) ++b;
+      const RowPtrs<T> rpa = row_ptrs(p, n0 + a);
+      p.fns->block_rows(block_in(p, rpa, 0, rpa.g, static_cast<T*>(nullptr)), b - a,
+                        p.in.row_stride, p.C, p.probs ? p.in.probs_row_stride : 0, st + a);
+      a = b;
+    }
     for (int64_t i = 0; i < cnt; ++i) {
       const int64_t n = n0 + i;
       const RowPtrs<T> rp = row_ptrs(p, n);

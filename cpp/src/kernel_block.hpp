@@ -264,8 +264,8 @@ inline BlockStat Row<V>::block(const BlockIn<T>& in) {
 // row r's block pass at in.z + r zs (e at in.e + r es, probabilities at in.p + r ps), each
 // taking the next row's max on the way and the next row using it, as the driver's chained
 // passes (chained_block) do one call at a time: the same passes, so the same results bit for
-// bit, without a call, a copy of the block's description and a dispatch per row (a quarter of
-// the time of rows of 1000 floats in cache).
+// bit, without a call, a copy of the block's description and a dispatch per row (256 x 1000
+// float32 in cache, forward, 1 thread: 69 -> 63 us on a Zen 4).
 template <class V>
 inline void Row<V>::block_rows(const BlockIn<T>& in, int64_t rows, int64_t zs, int64_t es,
                                int64_t ps, BlockStat* out) {
