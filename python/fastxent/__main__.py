@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable, List, Optional
+from typing import Any, Callable, List, Optional
 
 
 def _add_info(sub: "argparse._SubParsersAction") -> None:
@@ -219,13 +219,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             dtypes=linear_dtypes,
             log=lambda s: print(s, flush=True),
         )
-        if args.linear_plot:
-            try:
-                bench_linear.plot_linear(linear_rows, args.linear_plot)
-            except RuntimeError as e:
-                print(f"fastxent bench: error: {e}", file=sys.stderr)
-                return 1
-            print(f"\nlinear plot saved to {args.linear_plot}", flush=True)
+        if args.linear_plot and not _save_plot(
+            bench_linear.plot_linear, linear_rows, args.linear_plot, "linear plot"
+        ):
+            return 1
     distill = args.distill if args.distill is not None else not args.shapes
     if distill and args.dtype == "float32":
         from . import bench_distill
@@ -243,14 +240,21 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             log=lambda s: print(s, flush=True),
             peers=peers,
         )
-    if args.plot:
-        try:
-            bench.plot(results, args.plot)
-        except RuntimeError as e:
-            print(f"fastxent bench: error: {e}", file=sys.stderr)
-            return 1
-        print(f"\nplot saved to {args.plot}")
+    if args.plot and not _save_plot(bench.plot, results, args.plot, "plot"):
+        return 1
     return 0
+
+
+def _save_plot(draw: Callable[[Any, str], None], rows: Any, path: str, what: str) -> bool:
+    """draw(rows, path), saying where it went; False (the error on stderr) when it cannot
+    (matplotlib missing, no rows)."""
+    try:
+        draw(rows, path)
+    except RuntimeError as e:
+        print(f"fastxent bench: error: {e}", file=sys.stderr)
+        return False
+    print(f"\n{what} saved to {path}", flush=True)
+    return True
 
 
 def _add_demo(sub: "argparse._SubParsersAction") -> None:
