@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import math
 import os
+import subprocess
+import sys
 from typing import Optional, Tuple, Union
 
 import numpy as np
@@ -218,6 +220,16 @@ def bits(a) -> bytes:
     """The exact bytes of an array or NumPy scalar, with its dtype and shape."""
     arr = np.asarray(a)
     return repr((arr.dtype.str, arr.shape)).encode() + np.ascontiguousarray(arr).tobytes()
+
+
+def run_ok(script: str, timeout: float = 300) -> None:
+    """Runs a Python script in a fresh interpreter that sees this test run's modules (for
+    settings fixed at start-up, such as XLA_FLAGS); it must exit 0 and print "ok"."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    r = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=timeout, env=env
+    )
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
 
 
 def assert_bitwise_equal(a, b, what: str = "") -> None:

@@ -11,9 +11,6 @@ skip (tests/test_jax.py covers fastxent.jax either way).
 from __future__ import annotations
 
 import functools
-import os
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -25,6 +22,7 @@ import jax.numpy as jnp  # noqa: E402
 import fastxent  # noqa: E402
 import fastxent.jax as fxj  # noqa: E402
 from fastxent import _jax_ffi  # noqa: E402
+from reference import run_ok  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     not _jax_ffi.enabled(), reason="the XLA FFI path is off (not built, or FASTXENT_JAX_FFI=0)"
@@ -192,11 +190,7 @@ def test_two_threads_do_not_hang():
         assert len(out) == 40 and len(set(out)) == 1, out
         print("ok")
     """)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-    r = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env
-    )
-    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
+    run_ok(script)
 
 
 def test_shard_map_and_named_sharding_on_two_host_devices():
@@ -250,11 +244,7 @@ def test_shard_map_and_named_sharding_on_two_host_devices():
         assert rows.sharding.spec == P("d"), rows.sharding
         print("ok")
     """)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-    r = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env
-    )
-    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
+    run_ok(script)
 
 
 def test_forward_mode_scan_and_checkpoint(rng):

@@ -104,15 +104,22 @@ double run(const py::array& logits, const py::object& target, const py::object& 
 // float16 / bfloat16 logits arrive as uint16 views; weights as float32.
 double run_half(const py::array& logits, int kind, const py::object& target,
                 const py::object& probs, const py::object& weight, const py::object& sample_weight,
-                fastxent::Options opt, const py::object& grad, const py::object& row_losses) {
+                fastxent::Options opt, const py::object& grad, const py::object& row_losses,
+                const py::object& lse, const py::object& entropy, const py::object& argmax,
+                const py::object& target_logprob) {
   fastxent::HalfInputs in;
   if (kind != 0 && kind != 1) throw std::invalid_argument("kind: 0 (float16) or 1 (bfloat16)");
   in.kind = static_cast<fastxent::HalfKind>(kind);
   uint16_t* g =
       fill_inputs<uint16_t, float>(in, logits, target, probs, weight, sample_weight, grad);
   float* rl = checked_output<float>(row_losses, in.rows, 1, 1, "row_losses");
+  fastxent::RowOutputs<float> outs;
+  outs.lse = row_output<float>(lse, in.rows, "lse");
+  outs.entropy = row_output<float>(entropy, in.rows, "entropy");
+  outs.argmax = row_output<int64_t>(argmax, in.rows, "argmax");
+  outs.target_logprob = row_output<float>(target_logprob, in.rows, "target_logprob");
   py::gil_scoped_release release;  // as in run(): no Python object is touched
-  return double(float(fastxent::cross_entropy_half(in, opt, g, rl)));
+  return double(float(fastxent::cross_entropy_half(in, opt, g, rl, &outs)));
 }
 
 }  // namespace
@@ -145,9 +152,11 @@ void register_rows(py::module_& m) {
 
   m.def("cross_entropy_half", &run_half, py::arg("logits"), py::arg("kind"), py::arg("target"),
         py::arg("probs"), py::arg("weight"), py::arg("sample_weight"), py::arg("options"),
-        py::arg("grad"), py::arg("row_losses"),
+        py::arg("grad"), py::arg("row_losses"), py::arg("lse") = py::none(),
+        py::arg("entropy") = py::none(), py::arg("argmax") = py::none(),
+        py::arg("target_logprob") = py::none(),
         "As cross_entropy, for float16 (kind 0) / bfloat16 (kind 1) logits passed as uint16 "
-        "views; float32 weights, float32 row losses, float32 loss.");
+        "views; float32 weights, float32 row losses, float32 loss and per-row outputs.");
 }
 
 }  // namespace fastxent_py

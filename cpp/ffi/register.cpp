@@ -8,6 +8,7 @@
 
 XLA_FFI_DECLARE_HANDLER_SYMBOL(FastxentCe);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(FastxentCeGrad);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(FastxentCeStats);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(FastxentDistill);  // distill_handlers.cpp
 XLA_FFI_DECLARE_HANDLER_SYMBOL(FastxentDistillGrad);
 
@@ -24,6 +25,7 @@ void register_xla_ffi(py::module_& core) {
         py::dict d;
         d["fastxent_ce"] = py::capsule(reinterpret_cast<void*>(&FastxentCe));
         d["fastxent_ce_grad"] = py::capsule(reinterpret_cast<void*>(&FastxentCeGrad));
+        d["fastxent_ce_stats"] = py::capsule(reinterpret_cast<void*>(&FastxentCeStats));
         d["fastxent_distill"] = py::capsule(reinterpret_cast<void*>(&FastxentDistill));
         d["fastxent_distill_grad"] = py::capsule(reinterpret_cast<void*>(&FastxentDistillGrad));
         return d;

@@ -11,11 +11,16 @@
 //            with FLAG_PROBS, probabilities of the logits' type and dims
 //   weight   compute type (F32 for 16-bit logits), batch... + [C], or 0 elements when absent
 //   sweight  compute type, batch... + rows, or 0 elements when absent
-//   scalars  F32 | F64, batch... + [2]: label smoothing, normalizer (read where the flags say)
+//   scalars  F32 | F64, batch... + [3]: label smoothing, normalizer, entropy_coef (read where
+//            the flags say)
 // Results: loss (compute type; batch... for "mean"/"sum", batch... + rows for "none") and, for
-// fastxent_ce_grad, the gradient (the logits' type and dims). Leading batch dims (from
-// jax.vmap, vmap_method="broadcast_all") are independent problems, computed one after another.
-// An operand whose element count lacks the batch factor is shared by every batch element.
+// fastxent_ce_grad, the gradient (the logits' type and dims). fastxent_ce_stats (the class
+// axis last) returns the loss, the gradient and the per-row outputs lse, entropy (compute
+// type), argmax (S32 | S64) and target_logprob (compute type), each of
+// batch... + rows elements, or 0 elements when not asked for (the gradient too: forward only).
+// Leading batch dims (from jax.vmap, vmap_method="broadcast_all") are independent problems,
+// computed one after another. An operand whose element count lacks the batch factor is shared by
+// every batch element.
 #include <cstdint>
 #include <cstring>
 #include <stdexcept>
@@ -37,6 +42,7 @@ enum Flags : int64_t {
   FLAG_EPS_OPERAND = 8,    // label smoothing read from scalars[0]
   FLAG_NORMALIZER = 16,    // "mean" divides by a normalizer ...
   FLAG_NORM_OPERAND = 32,  // ... read from scalars[1] (else the `normalizer` attribute)
+  FLAG_BETA_OPERAND = 64,  // entropy_coef read from scalars[2] (else its attribute)
 };
 
 namespace {
@@ -104,9 +110,11 @@ ffi::ErrorOr<const int64_t*> targets_of(const ffi::AnyBuffer& t, int64_t b, cons
   return static_cast<const int64_t*>(tmp.data());
 }
 
+constexpr int64_t kScalars = 3;
+
 double scalar_at(const ffi::AnyBuffer& s, int64_t b, int64_t batch, int64_t k) {
-  if (s.element_type() == ffi::DataType::F64) return at<const double>(s, b, batch, 2)[k];
-  return at<const float>(s, b, batch, 2)[k];
+  if (s.element_type() == ffi::DataType::F64) return at<const double>(s, b, batch, kScalars)[k];
+  return at<const float>(s, b, batch, kScalars)[k];
 }
 
 // The message of fastxent's IndexError, naming the first bad target by its full index.
@@ -132,12 +140,48 @@ constexpr int64_t kXlaSerialElements = int64_t(1) << 21;
 
 struct Attrs {
   int64_t core_ndim, axis, reduction, ignore_index, flags, num_threads;
-  double eps, normalizer, z_loss, softcap, logit_scale;
+  double eps, normalizer, z_loss, softcap, logit_scale, entropy_coef;
 };
 
 struct Operands {
   ffi::AnyBuffer x, t, w, sw, sc;
 };
+
+// The per-row results of fastxent_ce_stats (null: not asked for).
+template <class T>
+struct StatPtrs {
+  T* lse = nullptr;
+  T* entropy = nullptr;
+  T* target_logprob = nullptr;
+  void* argmax = nullptr;  // int64_t, or int32_t with argmax32
+  bool argmax32 = false;
+  bool any() const { return lse || entropy || target_logprob || argmax; }
+};
+
+// The kernel call `fn(outputs)` for batch element b (of `rows` rows), with its per-row outputs
+// where asked for (null otherwise; an S32 argmax through `am64`, narrowed after the call).
+template <class T, class Fn>
+double with_outputs(int64_t rows, int64_t b, const StatPtrs<T>& sp, std::vector<int64_t>& am64,
+                    Fn fn) {
+  if (!sp.any()) return fn(static_cast<const fastxent::RowOutputs<T>*>(nullptr));
+  const int64_t off = b * rows;
+  fastxent::RowOutputs<T> ro;
+  if (sp.lse) ro.lse = sp.lse + off;
+  if (sp.entropy) ro.entropy = sp.entropy + off;
+  if (sp.target_logprob) ro.target_logprob = sp.target_logprob + off;
+  if (sp.argmax && sp.argmax32) {
+    am64.resize(static_cast<size_t>(rows));
+    ro.argmax = am64.data();
+  } else if (sp.argmax) {
+    ro.argmax = static_cast<int64_t*>(sp.argmax) + off;
+  }
+  const double r = fn(&ro);
+  if (sp.argmax && sp.argmax32) {
+    int32_t* d = static_cast<int32_t*>(sp.argmax) + off;
+    for (int64_t i = 0; i < rows; ++i) d[i] = static_cast<int32_t>(am64[i]);
+  }
+  return r;
+}
 
 // Runs every batch element through `call` (the float kernel or the 16-bit one). In: the
 // fastxent input struct, S: logits storage, W: weight type, Lo: loss type.
@@ -156,6 +200,7 @@ ffi::Error run_all(const Attrs& A, const Layout& L, const Operands& op, In proto
   // save at that size (they can lose whole scheduler time slices). Results do not depend on it.
   if (opt.num_threads == 0 && L.rows * L.classes < kXlaSerialElements) opt.num_threads = 1;
   opt.has_normalizer = (A.flags & FLAG_NORMALIZER) != 0;
+  opt.entropy_coef = A.entropy_coef;
   const bool none = opt.reduction == fastxent::Reduction::None;
   const int64_t per = L.rows * L.classes;
   std::vector<int64_t> tmp;
@@ -178,6 +223,7 @@ ffi::Error run_all(const Attrs& A, const Layout& L, const Operands& op, In proto
     if (A.flags & FLAG_SWEIGHT) in.sample_weight = at<const W>(op.sw, b, L.batch, L.rows);
     opt.label_smoothing = (A.flags & FLAG_EPS_OPERAND) ? scalar_at(op.sc, b, L.batch, 0) : A.eps;
     opt.normalizer = (A.flags & FLAG_NORM_OPERAND) ? scalar_at(op.sc, b, L.batch, 1) : A.normalizer;
+    if (A.flags & FLAG_BETA_OPERAND) opt.entropy_coef = scalar_at(op.sc, b, L.batch, 2);
     Lo* rl = none ? loss + b * L.rows : nullptr;
     S* g = grad ? grad + b * per : nullptr;
     if (L.rows == 0) {  // nothing to read or write; "sum" and "mean" are 0 (the D = 0 rule)
@@ -185,7 +231,7 @@ ffi::Error run_all(const Attrs& A, const Layout& L, const Operands& op, In proto
       continue;
     }
     try {
-      const double total = call(in, opt, g, rl);
+      const double total = call(in, opt, g, rl, b);
       if (!none) loss[b] = Lo(total);  // rounded once, as fastxent.cross_entropy does
     } catch (const std::out_of_range& e) {
       return ffi::Error::InvalidArgument(in.target ? bad_target(in.target, b, L, opt.ignore_index)
@@ -201,8 +247,46 @@ ffi::Error run_all(const Attrs& A, const Layout& L, const Operands& op, In proto
 
 bool is_half(ffi::DataType t) { return t == ffi::DataType::F16 || t == ffi::DataType::BF16; }
 
-ffi::Error dispatch(const Attrs& A, const Operands& op, ffi::AnyBuffer* loss,
-                    ffi::AnyBuffer* grad) {
+// The per-row results of fastxent_ce_stats (lse, entropy, argmax, target_logprob), each null or
+// of 0 elements when not asked for.
+struct StatResults {
+  ffi::AnyBuffer *lse = nullptr, *entropy = nullptr, *argmax = nullptr, *target_logprob = nullptr;
+};
+
+ffi::ErrorOr<bool> stat_ok(const ffi::AnyBuffer* r, ffi::DataType want, int64_t n) {
+  if (r == nullptr || r->element_count() == 0) return false;
+  if (r->element_type() != want || static_cast<int64_t>(r->element_count()) != n)
+    return ffi::Unexpected(
+        ffi::Error::InvalidArgument("fastxent_ce_stats: a per-row result has the wrong type"));
+  return true;
+}
+
+template <class T>
+ffi::ErrorOr<StatPtrs<T>> stat_ptrs(const StatResults& st, ffi::DataType ct, int64_t n,
+                                    int64_t classes) {
+  StatPtrs<T> sp;
+  ffi::AnyBuffer* const fl[3] = {st.lse, st.entropy, st.target_logprob};
+  T** dst[3] = {&sp.lse, &sp.entropy, &sp.target_logprob};
+  for (int k = 0; k < 3; ++k) {
+    auto ok = stat_ok(fl[k], ct, n);
+    if (ok.has_error()) return ffi::Unexpected(ok.error());
+    if (ok.value()) *dst[k] = static_cast<T*>(fl[k]->untyped_data());
+  }
+  if (st.argmax && st.argmax->element_count() != 0) {
+    const ffi::DataType at = st.argmax->element_type();
+    sp.argmax32 = at == ffi::DataType::S32;
+    if (sp.argmax32 && classes > INT32_MAX)
+      return ffi::Unexpected(ffi::Error::InvalidArgument(
+          "fastxent_ce_stats: more classes than an int32 argmax holds (enable x64)"));
+    auto ok = stat_ok(st.argmax, sp.argmax32 ? ffi::DataType::S32 : ffi::DataType::S64, n);
+    if (ok.has_error()) return ffi::Unexpected(ok.error());
+    sp.argmax = st.argmax->untyped_data();
+  }
+  return sp;
+}
+
+ffi::Error dispatch(const Attrs& A, const Operands& op, ffi::AnyBuffer* loss, ffi::AnyBuffer* grad,
+                    const StatResults& st = {}) {
   auto lay = layout_of(op.x, A.core_ndim, A.axis);
   if (lay.has_error()) return lay.error();
   const Layout& L = lay.value();
@@ -218,29 +302,45 @@ ffi::Error dispatch(const Attrs& A, const Operands& op, ffi::AnyBuffer* loss,
       bad_w || bad_sw || bad_p ||
       (grad && (grad->element_type() != xt || grad->element_count() != op.x.element_count())))
     return ffi::Error::InvalidArgument("fastxent_ce: operand or result types do not match");
+  std::vector<int64_t> am64;
   switch (xt) {
-    case ffi::DataType::F32:
+    case ffi::DataType::F32: {
+      auto sp = stat_ptrs<float>(st, ct, L.batch * L.rows, L.classes);
+      if (sp.has_error()) return sp.error();
       return run_all<fastxent::Inputs<float>, float, float, float>(
           A, L, op, {}, loss->typed_data<float>(), grad ? grad->typed_data<float>() : nullptr,
-          [](auto& in, auto& o, float* g, float* rl) {
-            return fastxent::cross_entropy<float>(in, o, g, rl);
+          [&](auto& in, auto& o, float* g, float* rl, int64_t b) {
+            return with_outputs<float>(in.rows, b, sp.value(), am64, [&](const auto* ro) {
+              return fastxent::cross_entropy<float>(in, o, g, rl, ro);
+            });
           });
-    case ffi::DataType::F64:
+    }
+    case ffi::DataType::F64: {
+      auto sp = stat_ptrs<double>(st, ct, L.batch * L.rows, L.classes);
+      if (sp.has_error()) return sp.error();
       return run_all<fastxent::Inputs<double>, double, double, double>(
           A, L, op, {}, loss->typed_data<double>(), grad ? grad->typed_data<double>() : nullptr,
-          [](auto& in, auto& o, double* g, double* rl) {
-            return fastxent::cross_entropy<double>(in, o, g, rl);
+          [&](auto& in, auto& o, double* g, double* rl, int64_t b) {
+            return with_outputs<double>(in.rows, b, sp.value(), am64, [&](const auto* ro) {
+              return fastxent::cross_entropy<double>(in, o, g, rl, ro);
+            });
           });
+    }
     case ffi::DataType::F16:
     case ffi::DataType::BF16: {
+      // float32 statistics (the compute type), as the loss.
+      auto sp = stat_ptrs<float>(st, ct, L.batch * L.rows, L.classes);
+      if (sp.has_error()) return sp.error();
       fastxent::HalfInputs proto;
       proto.kind =
           xt == ffi::DataType::F16 ? fastxent::HalfKind::Float16 : fastxent::HalfKind::BFloat16;
       uint16_t* g = grad ? static_cast<uint16_t*>(grad->untyped_data()) : nullptr;
       return run_all<fastxent::HalfInputs, uint16_t, float, float>(
           A, L, op, proto, loss->typed_data<float>(), g,
-          [](auto& in, auto& o, uint16_t* g2, float* rl) {
-            return fastxent::cross_entropy_half(in, o, g2, rl);
+          [&](auto& in, auto& o, uint16_t* g2, float* rl, int64_t b) {
+            return with_outputs<float>(in.rows, b, sp.value(), am64, [&](const auto* ro) {
+              return fastxent::cross_entropy_half(in, o, g2, rl, ro);
+            });
           });
     }
     default:
@@ -250,18 +350,18 @@ ffi::Error dispatch(const Attrs& A, const Operands& op, ffi::AnyBuffer* loss,
 
 Attrs attrs(int64_t core_ndim, int64_t axis, int64_t reduction, int64_t ignore_index, int64_t flags,
             int64_t num_threads, double eps, double normalizer, double z_loss, double softcap,
-            double logit_scale) {
-  return Attrs{core_ndim, axis,       reduction, ignore_index, flags,      num_threads,
-               eps,       normalizer, z_loss,    softcap,      logit_scale};
+            double logit_scale, double entropy_coef) {
+  return Attrs{core_ndim, axis,       reduction, ignore_index, flags,       num_threads,
+               eps,       normalizer, z_loss,    softcap,      logit_scale, entropy_coef};
 }
 
 ffi::Error ce_impl(ffi::AnyBuffer x, ffi::AnyBuffer t, ffi::AnyBuffer w, ffi::AnyBuffer sw,
                    ffi::AnyBuffer sc, ffi::Result<ffi::AnyBuffer> loss, int64_t core_ndim,
                    int64_t axis, int64_t reduction, int64_t ignore_index, int64_t flags,
                    int64_t num_threads, double eps, double normalizer, double z_loss,
-                   double softcap, double logit_scale) {
+                   double softcap, double logit_scale, double entropy_coef) {
   return dispatch(attrs(core_ndim, axis, reduction, ignore_index, flags, num_threads, eps,
-                        normalizer, z_loss, softcap, logit_scale),
+                        normalizer, z_loss, softcap, logit_scale, entropy_coef),
                   Operands{x, t, w, sw, sc}, &*loss, nullptr);
 }
 
@@ -270,10 +370,26 @@ ffi::Error ce_grad_impl(ffi::AnyBuffer x, ffi::AnyBuffer t, ffi::AnyBuffer w, ff
                         ffi::Result<ffi::AnyBuffer> grad, int64_t core_ndim, int64_t axis,
                         int64_t reduction, int64_t ignore_index, int64_t flags, int64_t num_threads,
                         double eps, double normalizer, double z_loss, double softcap,
-                        double logit_scale) {
+                        double logit_scale, double entropy_coef) {
   return dispatch(attrs(core_ndim, axis, reduction, ignore_index, flags, num_threads, eps,
-                        normalizer, z_loss, softcap, logit_scale),
+                        normalizer, z_loss, softcap, logit_scale, entropy_coef),
                   Operands{x, t, w, sw, sc}, &*loss, &*grad);
+}
+
+// The gradient result has 0 elements for a forward pass (only the loss and the statistics).
+ffi::Error ce_stats_impl(ffi::AnyBuffer x, ffi::AnyBuffer t, ffi::AnyBuffer w, ffi::AnyBuffer sw,
+                         ffi::AnyBuffer sc, ffi::Result<ffi::AnyBuffer> loss,
+                         ffi::Result<ffi::AnyBuffer> grad, ffi::Result<ffi::AnyBuffer> lse,
+                         ffi::Result<ffi::AnyBuffer> entropy, ffi::Result<ffi::AnyBuffer> argmax,
+                         ffi::Result<ffi::AnyBuffer> target_logprob, int64_t core_ndim,
+                         int64_t axis, int64_t reduction, int64_t ignore_index, int64_t flags,
+                         int64_t num_threads, double eps, double normalizer, double z_loss,
+                         double softcap, double logit_scale, double entropy_coef) {
+  const bool want_grad = grad->element_count() != 0;
+  return dispatch(attrs(core_ndim, axis, reduction, ignore_index, flags, num_threads, eps,
+                        normalizer, z_loss, softcap, logit_scale, entropy_coef),
+                  Operands{x, t, w, sw, sc}, &*loss, want_grad ? &*grad : nullptr,
+                  StatResults{&*lse, &*entropy, &*argmax, &*target_logprob});
 }
 
 template <class B>
@@ -289,7 +405,8 @@ auto with_attrs(B&& b) {
       .template Attr<double>("normalizer")
       .template Attr<double>("z_loss")
       .template Attr<double>("softcap")
-      .template Attr<double>("logit_scale");
+      .template Attr<double>("logit_scale")
+      .template Attr<double>("entropy_coef");
 }
 
 auto operands() {
@@ -310,3 +427,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     FastxentCeGrad, fastxent_ffi::ce_grad_impl,
     fastxent_ffi::with_attrs(fastxent_ffi::operands().Ret<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FastxentCeStats, fastxent_ffi::ce_stats_impl,
+                              fastxent_ffi::with_attrs(fastxent_ffi::operands()
+                                                           .Ret<ffi::AnyBuffer>()
+                                                           .Ret<ffi::AnyBuffer>()
+                                                           .Ret<ffi::AnyBuffer>()
+                                                           .Ret<ffi::AnyBuffer>()
+                                                           .Ret<ffi::AnyBuffer>()
+                                                           .Ret<ffi::AnyBuffer>()));

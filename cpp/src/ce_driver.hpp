@@ -51,6 +51,17 @@ int thread_count(const Options& opt, int64_t work);
 // The short-row threshold: kShortRowClasses, or FASTXENT_SHORT_ROWS=N (0: never), read once.
 int64_t short_row_classes();
 
+// Whether a call asks for per-row outputs or the entropy term; throws std::invalid_argument
+// where they are not implemented (the column layout; target_logprob of probability targets).
+template <class T>
+bool wants_extras(const RowOutputs<T>& o, const Options& opt, int64_t inner, bool probs);
+
+// Sets up p for the per-row outputs `o` (row n of p writing entry n) and the entropy term:
+// the row path one row at a time (see Problem::extras), the same bits as without. in_place:
+// the gradient overwrites the logits.
+template <class T>
+void enable_extras(Problem<T>& p, const RowOutputs<T>& o, const Options& opt, bool in_place);
+
 // Every row's loss (double) into losses, and the gradient when p.grad is set.
 template <class T>
 void run_problem(const Problem<T>& p, int nt, double* losses);

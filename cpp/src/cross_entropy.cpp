@@ -262,29 +262,11 @@ double cross_entropy(const Inputs<T>& in, const Options& opt, T* grad, T* row_lo
              grad != nullptr && grad == in.logits);
   check_cap_in<T>(opt.softcap, sizeof(T) == 4 ? "float32" : "float64");
   const RowOutputs<T> o = outs ? *outs : RowOutputs<T>{};
-  const bool any_out = o.lse || o.entropy || o.argmax || o.target_logprob;
-  const bool extras = any_out || opt.entropy_coef > 0.0;
-  if (extras && in.inner > 1)
-    throw std::invalid_argument(
-        "per-row outputs and entropy_coef are not implemented for a class axis that is not the "
-        "last (inner > 1)");
-  if (o.target_logprob && in.probs)
-    throw std::invalid_argument("target_logprob needs class targets");
+  const bool extras = wants_extras(o, opt, in.inner, in.probs != nullptr);
   const Prepared pr = prepare(opt, in.rows, in.classes, in.inner, in.target, in.probs != nullptr,
                               in.weight, in.sample_weight);
   Problem<T> p = make_problem(in, opt, grad, pr);
-  if (extras) {
-    // The row path one row at a time (see Problem::extras); the same bits as without.
-    p.extras = true;
-    p.outs = o;
-    p.beta = opt.entropy_coef;
-    p.ent = o.entropy || p.beta > 0.0;
-    p.stream = false;
-    p.recompute = false;
-    // In place, the block pass's e would overwrite the logits that the argmax scan, the
-    // entropy gradient and the entropy's redo of a block holding -inf read again.
-    p.e_scratch = grad != nullptr && grad == in.logits && (o.argmax || p.ent);
-  }
+  if (extras) enable_extras(p, o, opt, grad != nullptr && grad == in.logits);
   // The row losses, O(N), never N x C: on the stack for a small call (no heap allocation).
   constexpr int64_t kStackRows = 256;
   double small[kStackRows];
@@ -293,6 +275,39 @@ double cross_entropy(const Inputs<T>& in, const Options& opt, T* grad, T* row_lo
   run_problem(p, thread_count(opt, in.rows * in.classes), losses);
   return reduce(opt, pr, losses, in.rows, row_losses);
 }
+
+template <class T>
+bool detail::wants_extras(const RowOutputs<T>& o, const Options& opt, int64_t inner, bool probs) {
+  const bool extras = o.lse || o.entropy || o.argmax || o.target_logprob || opt.entropy_coef > 0.0;
+  if (extras && inner > 1)
+    throw std::invalid_argument(
+        "per-row outputs and entropy_coef are not implemented for a class axis that is not the "
+        "last (inner > 1)");
+  if (o.target_logprob && probs) throw std::invalid_argument("target_logprob needs class targets");
+  return extras;
+}
+
+template <class T>
+void detail::enable_extras(Problem<T>& p, const RowOutputs<T>& o, const Options& opt,
+                           bool in_place) {
+  p.extras = true;
+  p.outs = o;
+  p.beta = opt.entropy_coef;
+  p.ent = o.entropy || p.beta > 0.0;
+  p.stream = false;
+  p.recompute = false;
+  // In place, the block pass's e would overwrite the logits that the argmax scan, the
+  // entropy gradient and the entropy's redo of a block holding -inf read again.
+  p.e_scratch = in_place && p.grad != nullptr && (o.argmax || p.ent);
+}
+
+template bool detail::wants_extras<float>(const RowOutputs<float>&, const Options&, int64_t, bool);
+template bool detail::wants_extras<double>(const RowOutputs<double>&, const Options&, int64_t,
+                                           bool);
+template void detail::enable_extras<float>(Problem<float>&, const RowOutputs<float>&,
+                                           const Options&, bool);
+template void detail::enable_extras<double>(Problem<double>&, const RowOutputs<double>&,
+                                            const Options&, bool);
 
 int64_t stream_bytes() { return stream_threshold(); }
 

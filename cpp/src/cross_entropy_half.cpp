@@ -24,11 +24,17 @@ using namespace detail;
 
 double cross_entropy_half(const HalfInputs& in, const Options& opt, uint16_t* grad,
                           float* row_losses) {
+  return cross_entropy_half(in, opt, grad, row_losses, nullptr);
+}
+
+double cross_entropy_half(const HalfInputs& in, const Options& opt, uint16_t* grad,
+                          float* row_losses, const RowOutputs<float>* outs) {
   check_call(opt, in.rows, in.classes, in.inner, in.row_stride, in.logits != nullptr,
              in.target != nullptr, in.probs != nullptr, in.probs_row_stride, row_losses != nullptr,
              grad != nullptr && grad == in.logits);
   check_cap_in<float>(opt.softcap, "float32 (the math of 16-bit logits)");
-  reject_entropy_coef(opt, "16-bit logits");
+  const RowOutputs<float> o = outs ? *outs : RowOutputs<float>{};
+  const bool extras = wants_extras(o, opt, in.inner, in.probs != nullptr);
   const Prepared pr = prepare(opt, in.rows, in.classes, in.inner, in.target, in.probs != nullptr,
                               in.weight, in.sample_weight);
   const KernelTable& table = active_table();
@@ -36,8 +42,9 @@ double cross_entropy_half(const HalfInputs& in, const Options& opt, uint16_t* gr
   const Storage storage = in.kind == HalfKind::Float16 ? Storage::Float16 : Storage::BFloat16;
   const int64_t C = in.classes, rows = in.rows;
   // (Short rows take the chunked float32 path below, so that they run through the same
-  // short-row kernel as float32 logits: the same bits, rounded once.)
-  if (in.inner == 1 && !(C <= short_row_classes() && rows > 1) &&
+  // short-row kernel as float32 logits: the same bits, rounded once; so do per-row outputs and
+  // the entropy term, which the float32 row path computes.)
+  if (in.inner == 1 && !extras && !(C <= short_row_classes() && rows > 1) &&
       !(thread_count(opt, rows * C) > 1 && rows < thread_count(opt, rows * C) && pr.nb > 1)) {
     // Rows: one parallel region; each thread converts a row into its own float32 buffer, runs
     // the float32 row through the kernel in place there, and rounds the gradient out once.
@@ -73,8 +80,8 @@ double cross_entropy_half(const HalfInputs& in, const Options& opt, uint16_t* gr
     parallel_chunks(team, rows, run_rows);
     return reduce(opt, pr, losses.data(), rows, row_losses);
   }
-  // The column layout, short rows, or few rows over many classes: fixed chunks through the
-  // float32 path.
+  // The column layout, short rows, few rows over many classes, or per-row outputs: fixed
+  // chunks through the float32 path.
   // Chunks of whole rows (whole (C, inner) slices in the column layout) of about kHalfChunk
   // elements: fixed, so the work split never depends on the thread count.
   const int64_t slice = in.inner > 1 ? C * in.inner : C;
@@ -119,7 +126,16 @@ double cross_entropy_half(const HalfInputs& in, const Options& opt, uint16_t* gr
     ci.weight = in.weight;
     ci.sample_weight = in.sample_weight ? in.sample_weight + r0 : nullptr;
     // The gradient overwrites the float chunk in place, then is rounded once to 16 bits.
-    const Problem<float> p = make_problem(ci, opt, grad ? zf.data() : nullptr, pr);
+    Problem<float> p = make_problem(ci, opt, grad ? zf.data() : nullptr, pr);
+    if (extras) {
+      // Row n of the chunk is row r0 + n of the call.
+      RowOutputs<float> oc;
+      oc.lse = o.lse ? o.lse + r0 : nullptr;
+      oc.entropy = o.entropy ? o.entropy + r0 : nullptr;
+      oc.argmax = o.argmax ? o.argmax + r0 : nullptr;
+      oc.target_logprob = o.target_logprob ? o.target_logprob + r0 : nullptr;
+      enable_extras(p, oc, opt, true);
+    }
     run_problem(p, nt, losses.data() + r0);
     if (grad)
       convert([&](uint16_t* h, float* f, int64_t) { table.f32_to_half(f, h, slice, storage); }, s0,

@@ -32,7 +32,8 @@ __all__ = ["cross_entropy", "cross_entropy_with_grad", "RowStats"]
 
 class RowStats(NamedTuple):
     """The per-row outputs asked for with ``outputs=`` (the others None): lse, entropy and
-    target_logprob in the logits' dtype and argmax int64, each of the target's shape
+    target_logprob in the logits' dtype (float32 for 16-bit logits, as the loss) and argmax
+    int64, each of the target's shape
     (``logits.shape`` without the class axis); accuracy a float. See
     :func:`fastxent.cross_entropy`."""
 
@@ -85,11 +86,10 @@ def _run(logits: Any, target: Any, kw: dict, want_grad: bool, out: Any):
 
     half = half_kind(x.dtype)
     cdt = np.dtype(np.float32) if half is not None else x.dtype  # compute / weight dtype
-    if extras and (half is not None or not last):
+    if extras and not last:
         raise NotImplementedError(
-            "outputs= and entropy_coef are implemented for float32 / float64 logits with the "
-            "class axis last (axis=-1) only"
-            + (f", not {x.dtype}" if half is not None else f", not axis={kw['axis']}")
+            "outputs= and entropy_coef are implemented with the class axis last (axis=-1) "
+            f"only, not axis={kw['axis']}"
         )
     tgt = _to_numpy(target, "target")
     probs = None
@@ -146,7 +146,7 @@ def _run(logits: Any, target: Any, kw: dict, want_grad: bool, out: Any):
             total = _core.cross_entropy(view, t, probs, w, sw, opts.core(), g2, row_losses, **outs)
         else:
             total = _core.cross_entropy_half(
-                view, half, t, probs, w, sw, opts.core(), g2, row_losses
+                view, half, t, probs, w, sw, opts.core(), g2, row_losses, **outs
             )
     except IndexError:
         raise_bad_target(np.asarray(target), C, ii)
@@ -232,7 +232,7 @@ _DOC_RAISES = """
         a class target outside [0, C) that is not ignore_index (the message names row and
         value).
     NotImplementedError
-        ``outputs`` or ``entropy_coef`` with 16-bit logits or a class axis other than the last.
+        ``outputs`` or ``entropy_coef`` with a class axis other than the last.
 """
 
 

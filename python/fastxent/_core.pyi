@@ -84,6 +84,10 @@ def cross_entropy_half(
     options: Options,
     grad: object,
     row_losses: object,
+    lse: object = ...,
+    entropy: object = ...,
+    argmax: object = ...,
+    target_logprob: object = ...,
 ) -> float: ...
 def sigmoid_cross_entropy(
     logits: numpy.ndarray,

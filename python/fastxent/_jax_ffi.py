@@ -9,11 +9,13 @@ fastxent.jax keeps its ``jax.pure_callback`` path.
 
 Operands of the custom call: logits (their own dtype, float16/bfloat16 included), target
 (class indices of any integer dtype, or probabilities in the logits' dtype), weight and
-sample_weight (the compute dtype: float32 for 16-bit logits; empty when absent), and two
-scalars (label smoothing, normalizer) read only when given as traced values; static options
-are attributes. Under ``jax.vmap`` the batch dims lead every operand
-(``vmap_method="broadcast_all"``) and the handler runs each batch element as its own problem:
-one custom call for the whole batch.
+sample_weight (the compute dtype: float32 for 16-bit logits; empty when absent), and three
+scalars (label smoothing, normalizer, entropy_coef) read only when given as traced values;
+static options are attributes. ``fastxent_ce_stats`` also returns the per-row outputs of
+``outputs=`` (lse, entropy, argmax, target_logprob; 0 elements where not asked for) and
+computes the gradient only when its result has the logits' shape. Under ``jax.vmap`` the
+batch dims lead every operand (``vmap_method="broadcast_all"``) and the handler runs each
+batch element as its own problem: one custom call for the whole batch.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from . import _jax_reference
 
 _FLAG_PROBS, _FLAG_WEIGHT, _FLAG_SWEIGHT = 1, 2, 4
 _FLAG_EPS_OPERAND, _FLAG_NORMALIZER, _FLAG_NORM_OPERAND = 8, 16, 32
+_FLAG_BETA_OPERAND = 64
+_FLOAT_STATS = ("lse", "entropy", "target_logprob")  # differentiable; argmax is not
 _REDUCTIONS = {"none": 0, "sum": 1, "mean": 2}
 _HALF = (np.dtype(jnp.bfloat16), np.dtype(jnp.float16))
 
@@ -130,6 +134,43 @@ def _call(want_grad: bool, attrs: Tuple[Tuple[str, Any], ...], x, t, w, sw, sc):
     )
 
 
+def _call_stats(want_grad: bool, attrs, want: Tuple[str, ...], x, t, w, sw, sc) -> Dict[str, Any]:
+    """One fastxent_ce_stats call: {"loss", "grad" (with want_grad), and the names in `want`
+    (of lse, entropy, target_logprob, argmax)}. argmax is int64 under x64, else int32."""
+    a = dict(attrs)
+    cdt = compute_dtype(x.dtype)
+    axis = int(a["axis"])
+    rows = x.shape[:axis] + x.shape[axis + 1 :]
+    loss_shape = rows if int(a["reduction"]) == 0 else ()
+    am_dt = jax.dtypes.canonicalize_dtype(np.int64)
+    outs = [
+        _result(loss_shape, cdt, x),
+        _result(x.shape if want_grad else (0,), x.dtype, x),
+        _result(rows if "lse" in want else (0,), cdt, x),
+        _result(rows if "entropy" in want else (0,), cdt, x),
+        _result(rows if "argmax" in want else (0,), am_dt, x),
+        _result(rows if "target_logprob" in want else (0,), cdt, x),
+    ]
+    empty = jnp.zeros((0,), cdt)
+    f = jax.ffi.ffi_call(
+        "fastxent_ce_stats",
+        tuple(outs),
+        vmap_method="broadcast_all",
+        input_output_aliases={0: 1} if want_grad else {},
+    )
+    res = f(
+        x,
+        t,
+        empty if w is None else w,
+        empty if sw is None else sw,
+        sc,
+        core_ndim=np.int64(x.ndim),
+        **a,
+    )
+    names = ("loss", "grad", "lse", "entropy", "argmax", "target_logprob")
+    return {n: r for n, r in zip(names, res) if n in ("loss", "grad") or n in want}
+
+
 def _reference(attrs: Tuple[Tuple[str, Any], ...]):
     """The loss of one custom call's attributes as a function of its operands (x, t, w, sw,
     sc), in jax.numpy ops (_jax_reference): what derivatives beyond the kernel's go through."""
@@ -151,7 +192,8 @@ def _reference(attrs: Tuple[Tuple[str, Any], ...]):
             norm = sc[1]
         else:
             norm = float(a["normalizer"]) if f & _FLAG_NORMALIZER else None
-        return _jax_reference.reference_loss(x, t, w, sw, eps, norm, **static)
+        beta = sc[2] if f & _FLAG_BETA_OPERAND else float(a["entropy_coef"])
+        return _jax_reference.reference_loss(x, t, w, sw, eps, norm, entropy_coef=beta, **static)
 
     return loss
 
@@ -214,34 +256,141 @@ def _make(attrs: Tuple[Tuple[str, Any], ...]):
         if moving:
             # Probability targets, weights, sample weights, traced scalars: the reference's
             # tangent with respect to them (the logits held fixed).
-            def of_others(*vals):
-                p = list(primals)
-                for i, v in zip(moving, vals):
-                    p[i] = v
-                return ref(*p)
-
-            _, t_others = jax.jvp(
-                of_others, tuple(primals[i] for i in moving), tuple(tangents[i] for i in moving)
-            )
-            tan = tan + t_others.astype(loss.dtype)
+            tan = tan + _tangent_of_others(ref, primals, tangents, moving).astype(loss.dtype)
         return loss, tan
 
     ce.defjvp(jvp, symbolic_zeros=True)
     return ce
 
 
+def _tangent_of_others(ref, primals, tangents, moving):
+    """The reference loss's tangent with respect to the operands in `moving` (probability
+    targets, weights, sample weights, traced scalars), the logits held fixed."""
+
+    def of_others(*vals):
+        p = list(primals)
+        for i, v in zip(moving, vals):
+            p[i] = v
+        return ref(*p)
+
+    return jax.jvp(
+        of_others, tuple(primals[i] for i in moving), tuple(tangents[i] for i in moving)
+    )[1]
+
+
+@functools.lru_cache(maxsize=256)
+def _make_stats(attrs: Tuple[Tuple[str, Any], ...], want: Tuple[str, ...]):
+    """The custom_jvp function of one set of attributes with per-row outputs: (x, t, w, sw,
+    sc) -> (loss, the float statistics of `want` in _FLOAT_STATS order, argmax if wanted),
+    from one fastxent_ce_stats call (cached: a stable callee for jit).
+
+    The loss's derivatives are those of _make (first order from the kernel's gradient, which
+    the same call returns, beyond it the reference). The float statistics depend on the
+    logits only: their tangent is the reference's (_jax_reference.reference_stats), a
+    (rows, C) computation that exists only where a statistic is differentiated (under jit,
+    XLA drops it when the statistic's cotangent is zero, as for statistics kept for
+    logging). argmax is piecewise constant: its tangent is float0 zeros."""
+    a = dict(attrs)
+    f = int(a["flags"])
+    axis = int(a["axis"])
+    none = int(a["reduction"]) == 0
+    ref = _reference(attrs)
+    floats = tuple(n for n in _FLOAT_STATS if n in want)
+    static = dict(
+        probs=bool(f & _FLAG_PROBS),
+        ignore_index=int(a["ignore_index"]),
+        softcap=float(a["softcap"]),
+        logit_scale=float(a["logit_scale"]),
+    )
+
+    def ref_floats(x, t):
+        z = jnp.moveaxis(x, axis, -1)
+        st = _jax_reference.reference_stats(z, t, **static)
+        return tuple(st[n] for n in floats)
+
+    def ref_grad(x, t, w, sw, sc):
+        g = jax.grad(lambda x: jnp.sum(ref(x, t, w, sw, sc)))(x)
+        return g.astype(x.dtype)
+
+    def pack(res: Dict[str, Any]) -> Tuple[Any, ...]:
+        am = (res["argmax"],) if "argmax" in want else ()
+        return (res["loss"],) + tuple(res[n] for n in floats) + am
+
+    def float0(out: Tuple[Any, ...]) -> Tuple[Any, ...]:
+        if "argmax" not in want:
+            return ()
+        # A symbolic zero: it carries the primal's type, manual (shard_map) axes included.
+        aval = jax.typeof(out[-1]) if hasattr(jax, "typeof") else None
+        if aval is not None and hasattr(aval, "to_tangent_aval"):
+            return (jax.custom_derivatives.SymbolicZero(aval.to_tangent_aval()),)
+        return (np.zeros(out[-1].shape, jax.dtypes.float0),)
+
+    @jax.custom_jvp
+    def with_grad(x, t, w, sw, sc):
+        res = _call_stats(True, attrs, want, x, t, w, sw, sc)
+        return (res["grad"],) + pack(res)
+
+    def with_grad_jvp(primals, tangents):
+        out = with_grad(*primals)
+        _, tan = jax.jvp(
+            lambda *p: (ref_grad(*p), ref(*p)) + ref_floats(p[0], p[1]), primals, tangents
+        )
+        tan = tuple(d.astype(o.dtype) for d, o in zip(tan, out))
+        return out, tan + float0(out)
+
+    with_grad.defjvp(with_grad_jvp)
+
+    @jax.custom_jvp
+    def ce(x, t, w, sw, sc):
+        return pack(_call_stats(False, attrs, want, x, t, w, sw, sc))
+
+    def jvp(primals, tangents):
+        x, t = primals[0], primals[1]
+        dx, others = tangents[0], tangents[1:]
+        moving = [i for i, d in enumerate(others, 1) if not _zero(d)]
+        if _zero(dx):
+            out = ce(*primals)
+            tan = jnp.zeros_like(out[0])
+            tan_f = tuple(jnp.zeros_like(o) for o in out[1 : 1 + len(floats)])
+        else:
+            grad, *rest = with_grad(*primals)
+            out = tuple(rest)
+            prod = (grad * dx.astype(grad.dtype)).astype(out[0].dtype)
+            tan = jnp.sum(prod, axis=axis) if none else jnp.sum(prod)
+            _, tan_f = jax.jvp(lambda x: ref_floats(x, t), (x,), (dx,))
+            tan_f = tuple(d.astype(o.dtype) for d, o in zip(tan_f, out[1:]))
+        if moving:
+            tan = tan + _tangent_of_others(ref, primals, tangents, moving).astype(out[0].dtype)
+        return out, (tan,) + tan_f + float0(out)
+
+    ce.defjvp(jvp, symbolic_zeros=True)
+    return ce
+
+
 def cross_entropy(
-    x, t, w, sw, probs: bool, axis: int, opts: dict, eps: Any, normalizer: Any
-) -> jax.Array:
+    x,
+    t,
+    w,
+    sw,
+    probs: bool,
+    axis: int,
+    opts: dict,
+    eps: Any,
+    normalizer: Any,
+    beta: Any = 0.0,
+    want: Tuple[str, ...] = (),
+) -> Any:
     """The loss (in the compute dtype) through the custom call. `opts`: static options
-    (reduction, ignore_index, z_loss, softcap, logit_scale, num_threads); `eps` and
-    `normalizer`: Python numbers (attributes) or traced scalars (operands); normalizer None:
-    absent. Logits whose rows are sharded over explicit mesh axes (the class axis whole) are
+    (reduction, ignore_index, z_loss, softcap, logit_scale, num_threads); `eps`,
+    `normalizer` and `beta` (entropy_coef): Python numbers (attributes) or traced scalars
+    (operands); normalizer None: absent. With per-row outputs (`want`, names of
+    _FLOAT_STATS and "argmax"): (loss, float statistics in _FLOAT_STATS order, argmax if
+    wanted). Logits whose rows are sharded over explicit mesh axes (the class axis whole) are
     computed shard by shard (_sharded)."""
     rows = _row_sharding(x, axis)
     if rows is not None:
-        return _sharded(rows, x, t, w, sw, probs, axis, opts, eps, normalizer)
-    return _single(x, t, w, sw, probs, axis, opts, eps, normalizer)
+        return _sharded(rows, x, t, w, sw, probs, axis, opts, eps, normalizer, beta, want)
+    return _single(x, t, w, sw, probs, axis, opts, eps, normalizer, beta, want)
 
 
 def _row_sharding(x, axis: int):
@@ -267,10 +416,11 @@ def _denominator(t, w, sw, probs: bool, opts: dict, C: int, cdt: Any):
     return jnp.sum(jnp.where(t != opts.get("ignore_index", -100), d, 0))
 
 
-def _sharded(rows, x, t, w, sw, probs, axis, opts, eps, normalizer):
+def _sharded(rows, x, t, w, sw, probs, axis, opts, eps, normalizer, beta, want):
     """Row-sharded logits under jit: a shard_map whose shards each run the custom call on
     their rows; "sum" and "mean" combine with psum, "mean" dividing every shard by the global
-    denominator (a traced normalizer); the gradient keeps the logits' sharding."""
+    denominator (a traced normalizer); the gradient and the per-row outputs keep the rows'
+    sharding."""
     P = jax.sharding.PartitionSpec
     mesh, spec = rows
     names = tuple(n for s in spec if s is not None for n in (s if isinstance(s, tuple) else (s,)))
@@ -283,6 +433,7 @@ def _sharded(rows, x, t, w, sw, probs, axis, opts, eps, normalizer):
         ("sw", sw, row_spec),
         ("eps", eps, P()),
         ("norm", normalizer, P()),
+        ("beta", beta, P()),
     ):
         if isinstance(v, jax.Array):
             args[k], specs[k] = v, sp
@@ -297,19 +448,41 @@ def _sharded(rows, x, t, w, sw, probs, axis, opts, eps, normalizer):
         if reduction == "mean" and norm is None:
             d = _denominator(a["t"], a.get("w"), a.get("sw"), probs, opts, x.shape[axis], cdt)
             norm = jax.lax.psum(d, names)
-        loss = _single(
-            a["x"], a["t"], a.get("w"), a.get("sw"), probs, axis, opts, a.get("eps", eps), norm
+        res = _single(
+            a["x"],
+            a["t"],
+            a.get("w"),
+            a.get("sw"),
+            probs,
+            axis,
+            opts,
+            a.get("eps", eps),
+            norm,
+            a.get("beta", beta),
+            want,
         )
-        return loss if reduction == "none" else jax.lax.psum(loss, names)
+        loss, stats = (res[0], tuple(res[1:])) if want else (res, ())
+        loss = loss if reduction == "none" else jax.lax.psum(loss, names)
+        return (loss,) + stats if want else loss
 
-    return jax.shard_map(
-        local, mesh=mesh, in_specs=(specs,), out_specs=row_spec if reduction == "none" else P()
-    )(args)
+    loss_spec = row_spec if reduction == "none" else P()
+    out_specs = (loss_spec,) + (row_spec,) * len(want) if want else loss_spec
+    return jax.shard_map(local, mesh=mesh, in_specs=(specs,), out_specs=out_specs)(args)
 
 
 def _single(
-    x, t, w, sw, probs: bool, axis: int, opts: dict, eps: Any, normalizer: Any
-) -> jax.Array:
+    x,
+    t,
+    w,
+    sw,
+    probs: bool,
+    axis: int,
+    opts: dict,
+    eps: Any,
+    normalizer: Any,
+    beta: Any = 0.0,
+    want: Tuple[str, ...] = (),
+) -> Any:
     cdt = compute_dtype(x.dtype)
     flags = (
         (_FLAG_PROBS if probs else 0)
@@ -319,11 +492,14 @@ def _single(
     )
     traced_eps = isinstance(eps, jax.Array)
     traced_norm = isinstance(normalizer, jax.Array)
+    traced_beta = isinstance(beta, jax.Array)
     flags |= (_FLAG_EPS_OPERAND if traced_eps else 0) | (_FLAG_NORM_OPERAND if traced_norm else 0)
+    flags |= _FLAG_BETA_OPERAND if traced_beta else 0
     sc = jnp.stack(
         [
             jnp.asarray(eps if traced_eps else 0.0, cdt).reshape(()),
             jnp.asarray(normalizer if traced_norm else 0.0, cdt).reshape(()),
+            jnp.asarray(beta if traced_beta else 0.0, cdt).reshape(()),
         ]
     )
     softcap = opts.get("softcap")
@@ -339,9 +515,12 @@ def _single(
         ("z_loss", np.float64(opts.get("z_loss", 0.0))),
         ("softcap", np.float64(0.0 if softcap is None else softcap)),
         ("logit_scale", np.float64(opts.get("logit_scale", 1.0))),
+        ("entropy_coef", np.float64(0.0 if traced_beta else beta)),
     )
     if probs:
         t = t.astype(x.dtype)
     w = None if w is None else w.astype(cdt)
     sw = None if sw is None else sw.astype(cdt)
+    if want:
+        return _make_stats(attrs, want)(x, t, w, sw, sc)
     return _make(attrs)(x, t, w, sw, sc)

@@ -5,8 +5,9 @@ Everything else is differentiated through :func:`reference_loss`, the same formu
 :func:`fastxent.cross_entropy` written in differentiable JAX ops without a data-dependent
 branch: the derivative of the gradient (Hessians, Hessian-vector products, gradient
 penalties, ``jax.grad`` of ``jax.grad``), and the derivatives with respect to probability
-targets, class and sample weights, and traced label smoothing or normalizer. It materialises
-(rows, C) arrays, at XLA's speed: those derivatives are rare, and exact.
+targets, class and sample weights, and traced label smoothing, normalizer or entropy_coef;
+and, through :func:`reference_stats`, those of the per-row outputs (``outputs=``). It
+materialises (rows, C) arrays, at XLA's speed: those derivatives are rare, and exact.
 """
 
 from __future__ import annotations
@@ -36,10 +37,12 @@ def reference_loss(
     z_loss: float,
     softcap: float,
     logit_scale: float,
+    entropy_coef: Any = 0.0,
 ) -> jax.Array:
     """The loss of fastxent.cross_entropy: reduction 0 none / 1 sum / 2 mean, softcap 0 off,
-    normalizer None for the default denominator; w, sw None when absent. 16-bit logits are
-    computed in float32, as the kernel does. For "none", the rows' losses."""
+    normalizer None for the default denominator; w, sw None when absent; entropy_coef beta
+    subtracts beta * s_n * entropy_n on counted rows (a Python 0.0: no term). 16-bit logits
+    are computed in float32, as the kernel does. For "none", the rows' losses."""
     z = jnp.moveaxis(x, axis, -1)
     rows_shape, C = z.shape[:-1], z.shape[-1]
     z = z.reshape(-1, C)
@@ -76,7 +79,10 @@ def reference_loss(
     # derivative with respect to u (a soft label, a class weight, the smoothing) is lse - z'.
     d = lse[:, None] - zp
     terms = u * jnp.where((u == 0) & jnp.isinf(d), 0.0, d)
-    row = jnp.where(counted, s * (terms.sum(axis=1) + z_loss * lse * lse), 0.0)
+    extra = z_loss * lse * lse
+    if not (isinstance(entropy_coef, (int, float)) and entropy_coef == 0):
+        extra = extra - entropy_coef * row_entropy(zp, lse)
+    row = jnp.where(counted, s * (terms.sum(axis=1) + extra), 0.0)
     if reduction == 0:
         return row.reshape(rows_shape)
     total = row.sum()
@@ -85,3 +91,50 @@ def reference_loss(
     D = den.sum() if normalizer is None else jnp.asarray(normalizer, dt)
     # "mean" with D = 0 (no row counts) is identically 0, and so is every derivative.
     return jnp.where(D == 0, 0.0, total / jnp.where(D == 0, 1.0, D))
+
+
+def row_entropy(zp: Any, lse: Any) -> jax.Array:
+    """H_n = lse_n - sum_c p_nc z'_nc of (rows, C) transformed logits; a class of probability
+    0 (a -inf logit) contributes 0, value and derivative."""
+    p = jnp.exp(zp - lse[:, None])
+    live = p > 0
+    return lse - jnp.where(live, p * jnp.where(live, zp, 0.0), 0.0).sum(axis=1)
+
+
+def reference_stats(
+    x: Any,
+    t: Any,
+    *,
+    probs: bool,
+    ignore_index: int,
+    softcap: float,
+    logit_scale: float,
+) -> "dict[str, jax.Array]":
+    """The float per-row outputs of ``outputs=`` (lse, entropy, and target_logprob for class
+    targets: 0 on ignored rows, whose logits reach nothing), of logits whose class axis is the
+    last, each of the rows' shape: what the derivatives of the kernel's statistics
+    differentiate."""
+    rows_shape, C = x.shape[:-1], x.shape[-1]
+    z = x.reshape(-1, C)
+    if np.dtype(z.dtype) in _HALF:
+        z = z.astype(jnp.float32)  # computed in float32, as the kernel does
+    # A row of all -inf (values: the kernel's limits, e.g. entropy log C) has derivative 0,
+    # not the NaN of -inf - (-inf), which a zero cotangent would not cancel.
+    z = jnp.where(jnp.all(z == -jnp.inf, axis=1, keepdims=True), 0.0, z)
+
+    def transform(v: Any) -> Any:
+        return softcap * jnp.tanh(logit_scale * v / softcap) if softcap > 0 else logit_scale * v
+
+    zp = transform(z)
+    lse = jax.nn.logsumexp(zp, axis=1)
+    out = {"lse": lse, "entropy": row_entropy(zp, lse)}
+    if not probs:
+        y = t.reshape(-1)
+        lim = np.iinfo(np.dtype(y.dtype))
+        fits = lim.min <= ignore_index <= lim.max
+        counted = y != ignore_index if fits else jnp.ones(y.shape, bool)
+        yc = jnp.where(counted, y, 0)
+        zc = transform(jnp.where(counted[:, None], z, 0.0))
+        picked = jnp.take_along_axis(zc, yc[:, None], axis=1)[:, 0] - jax.nn.logsumexp(zc, axis=1)
+        out["target_logprob"] = jnp.where(counted, picked, 0.0)
+    return {k: v.reshape(rows_shape) for k, v in out.items()}

@@ -146,7 +146,7 @@ class ArrayKeywords(LossKeywords, total=False):
 
 class RowStatsKeywords(ArrayKeywords, total=False):
     """:func:`fastxent.cross_entropy(_with_grad)`'s keywords: ArrayKeywords and the per-row
-    outputs of the same pass, with the entropy bonus (NumPy, float32 / float64 only)."""
+    outputs of the same pass, with the entropy bonus (the class axis last)."""
 
     entropy_coef: float
     outputs: Optional[Tuple[str, ...]]
@@ -234,7 +234,7 @@ DOCS: Dict[str, str] = {
     "entropy_coef": """    entropy_coef : float >= 0
         beta: the loss becomes ``CE - beta * reduce(s_n * entropy_n)`` over counted rows
         (``s_n`` the sample weight; the same reduction and denominator ``D`` as the loss),
-        with its exact gradient (an entropy bonus). float32 / float64 logits, class axis last.
+        with its exact gradient (an entropy bonus). Class axis last.
 """,
     "outputs": """    outputs : tuple of str, optional
         Per-row statistics from the same pass, any of "lse", "entropy", "argmax",
@@ -246,8 +246,9 @@ DOCS: Dict[str, str] = {
         z'[y] - lse`` (0 for ignored rows) have the target's shape, every row computed,
         ignored ones included; ``accuracy`` is the fraction of counted rows (unweighted)
         whose argmax is the target, a float (0.0 when no row counts). A row of all -inf has
-        lse -inf, target_logprob -inf, entropy log C, argmax 0. float32 / float64 logits,
-        class axis last (``axis=-1``); target_logprob and accuracy need class targets.
+        lse -inf, target_logprob -inf, entropy log C, argmax 0. Class axis last
+        (``axis=-1``); target_logprob and accuracy need class targets. 16-bit logits give
+        float32 statistics (their compute dtype, as the loss).
 """,
 }
 

@@ -65,6 +65,7 @@ except ImportError as _e:  # pragma: no cover - exercised without jax installed
 import jax.numpy as jnp
 
 from . import _api, _jax_ffi
+from ._keywords import output_names
 
 __all__ = [
     "cross_entropy",
@@ -81,9 +82,9 @@ __all__ = [
 
 _Options = Tuple[Tuple[str, Any], ...]  # sorted (name, value) pairs: hashable, a cache key
 
-_RESERVED = ("out", "outputs", "entropy_coef")  # the NumPy API's, not this front end's
-_TRACEABLE = ("label_smoothing", "normalizer")  # may be traced values through the FFI
-_STAND_IN = {"label_smoothing": 0.0, "normalizer": 1.0}  # for the trace-time check
+_RESERVED = ("out",)  # the NumPy API's, not this front end's
+_TRACEABLE = ("label_smoothing", "normalizer", "entropy_coef")  # may be traced through the FFI
+_STAND_IN = {"label_smoothing": 0.0, "normalizer": 1.0, "entropy_coef": 0.0}  # trace-time check
 
 
 def _compute_dtype(dtype: Any) -> np.dtype:
@@ -250,12 +251,19 @@ def cross_entropy(
         raise ValueError(f"axis {axis} is out of bounds for logits with {x.ndim} dimensions")
     axis %= x.ndim
     options.setdefault("reduction", "mean")
+    names = options.pop("outputs", None)
+    names = None if names is None else output_names(names)
+    if options.get("entropy_coef", 0.0) is None:
+        raise TypeError("entropy_coef must be a real number >= 0, got None")
     ffi = _jax_ffi.enabled()
     # Through the FFI, label_smoothing and normalizer may be traced values (custom-call operands).
     traced = {
         k: options.pop(k) for k in _TRACEABLE if ffi and isinstance(options.get(k), jax.core.Tracer)
     }
     opts: _Options = tuple(sorted((k, _static(v, k)) for k, v in options.items()))
+    extras = names is not None or "entropy_coef" in traced or dict(opts).get("entropy_coef", 0)
+    if extras:
+        _check_extras(x, axis, ffi)
     # The kernel is called with the class axis given as `axis`: fastxent reads any axis in
     # place, so the callback passes it on unchanged.
     opts_k = opts + (("axis", axis),)
@@ -272,7 +280,8 @@ def cross_entropy(
     w = None if weight is None else jnp.asarray(weight).astype(cdt)
     sw = None if sample_weight is None else jnp.asarray(sample_weight).astype(cdt)
     stand_ins = tuple((k, _STAND_IN[k]) for k in traced)  # checked at run time instead
-    _validate(x.shape, cdt, bool(probs), axis, opts_k + stand_ins, w, sw)
+    out_kw = () if names is None else (("outputs", names),)
+    _validate(x.shape, cdt, bool(probs), axis, opts_k + stand_ins + out_kw, w, sw)
     if not probs:
         t_shape = x.shape[:axis] + x.shape[axis + 1 :]
         if t.shape != t_shape:
@@ -284,9 +293,57 @@ def cross_entropy(
         kw = dict(opts)
         eps = traced.get("label_smoothing", kw.pop("label_smoothing", 0.0))
         norm = traced.get("normalizer", kw.pop("normalizer", None))
-        return _jax_ffi.cross_entropy(x, t, w, sw, bool(probs), axis, kw, eps, norm).astype(x.dtype)
+        beta = traced.get("entropy_coef", kw.pop("entropy_coef", 0.0))
+        if names is None:
+            return _jax_ffi.cross_entropy(
+                x, t, w, sw, bool(probs), axis, kw, eps, norm, beta
+            ).astype(x.dtype)
+        want = tuple(n for n in _jax_ffi._FLOAT_STATS if n in names)
+        want += ("argmax",) if ("argmax" in names or "accuracy" in names) else ()
+        res = _jax_ffi.cross_entropy(x, t, w, sw, bool(probs), axis, kw, eps, norm, beta, want)
+        return res[0].astype(x.dtype), _row_stats(names, want, res[1:], t, kw, cdt)
     loss = _make(opts_k, axis)(x.astype(cdt), t, w, sw)
     return loss.astype(x.dtype)
+
+
+def _check_extras(x: jax.Array, axis: int, ffi: bool) -> None:
+    """outputs= and entropy_coef: the XLA FFI path, the class axis last (or followed by
+    length-1 axes only), as fastxent.cross_entropy's."""
+    if not ffi:
+        raise NotImplementedError(
+            "fastxent.jax.cross_entropy: outputs= and entropy_coef need the XLA FFI custom "
+            "call (fastxent built with jaxlib's FFI headers, FASTXENT_JAX_FFI not 0); the "
+            "pure_callback fallback does not implement them"
+        )
+    if any(d != 1 for d in x.shape[axis + 1 :]):
+        raise NotImplementedError(
+            "outputs= and entropy_coef are implemented with the class axis last (axis=-1) "
+            f"only, not axis={axis}"
+        )
+
+
+def _row_stats(
+    names: Tuple[str, ...],
+    want: Tuple[str, ...],
+    res: Tuple[Any, ...],
+    t: Any,
+    kw: dict,
+    cdt: np.dtype,
+) -> _api.RowStats:
+    """The RowStats of the names asked for, from the custom call's per-row results (in
+    `want` order); accuracy from argmax and the class targets, a 0-d array of the compute
+    dtype (0 when no row counts)."""
+    got = dict(zip(want, res))
+    fields = {n: got[n] for n in names if n != "accuracy"}
+    if "accuracy" in names:
+        am = got["argmax"]
+        ii = int(kw.get("ignore_index", -100))
+        lim = np.iinfo(np.dtype(t.dtype))
+        counted = (t != ii) if lim.min <= ii <= lim.max else jnp.ones(t.shape, bool)
+        n = jnp.sum(counted)
+        hits = jnp.sum(counted & (am == t))
+        fields["accuracy"] = jnp.where(n > 0, hits / jnp.maximum(n, 1), 0).astype(cdt)
+    return _api.RowStats(**fields)
 
 
 cross_entropy.__doc__ = """Softmax cross-entropy of a batch of logits, differentiable with
@@ -328,14 +385,26 @@ cross_entropy.__doc__ = """Softmax cross-entropy of a batch of logits, different
         Keyword options of :func:`fastxent.cross_entropy`, compiled into the call (Python
         scalars): ``axis`` (default -1; any axis, read in place), ``reduction`` ("mean",
         "sum", "none"), ``ignore_index``, ``label_smoothing``, ``z_loss``, ``softcap``,
-        ``logit_scale``, ``normalizer``, ``num_threads``. Through the FFI,
-        ``label_smoothing`` and ``normalizer`` may also be traced scalars (a schedule, a
-        ``mask.sum()``, a ``psum`` of token counts): they are then operands of the call,
-        checked when it runs, and differentiable.
+        ``logit_scale``, ``normalizer``, ``num_threads``, ``entropy_coef``, ``outputs``.
+        Through the FFI, ``label_smoothing``, ``normalizer`` and ``entropy_coef`` may also
+        be traced scalars (a schedule, a ``mask.sum()``, a ``psum`` of token counts): they
+        are then operands of the call, checked when it runs, and differentiable.
+        ``outputs`` (names from "lse", "entropy", "argmax", "target_logprob", "accuracy")
+        and ``entropy_coef`` are those of :func:`fastxent.cross_entropy` (the class axis
+        last; through the FFI only).
 
     Returns
     -------
-    A scalar of the logits' dtype for "mean" / "sum", or the rows' shape for "none".
+    A scalar of the logits' dtype for "mean" / "sum", or the rows' shape for "none". With
+    ``outputs``: ``(loss, fastxent.RowStats)``, the statistics asked for as arrays of the
+    rows' shape (lse, entropy, target_logprob in the compute dtype: float32 for 16-bit
+    logits, else the logits' dtype; argmax int32, or int64
+    under x64; accuracy a 0-d array, 0 when no row counts), the others None. They come from
+    the same custom call as the loss (``fastxent_ce_stats``); lse, entropy and
+    target_logprob are differentiable with respect to the logits (forward and reverse mode,
+    any order) through their formula in jax.numpy (materialising (rows, C) arrays where a
+    statistic is differentiated; under ``jit`` nothing of that size is computed for
+    statistics that are only returned, such as ``value_and_grad(..., has_aux=True)``'s aux).
 
     Raises
     ------
@@ -344,6 +413,9 @@ cross_entropy.__doc__ = """Softmax cross-entropy of a batch of logits, different
         shapes; a traced (non-static) option; with the pure_callback fallback,
         differentiating with respect to ``target``, ``weight`` or ``sample_weight``
         (TypeError).
+    NotImplementedError
+        ``outputs`` or ``entropy_coef`` with a class axis other than the last, or with the
+        pure_callback fallback.
     JaxRuntimeError
         at run time, for a class index outside ``[0, C)`` that is not ``ignore_index``: the
         first line of the message names it (``INVALID_ARGUMENT: target[1, 4] = 9 is out of

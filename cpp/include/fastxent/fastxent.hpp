@@ -146,6 +146,13 @@ struct HalfInputs {
 double cross_entropy_half(const HalfInputs& in, const Options& options, uint16_t* grad,
                           float* row_losses);
 
+// The same with per-row outputs in float32 (see RowOutputs) and Options::entropy_coef (row
+// layout only): the values of the float32 call on the logits converted to float32, the loss
+// and gradient those of the call without outputs bit for bit. Such calls take the chunked
+// float32 path (one more pass over each chunk, in cache).
+double cross_entropy_half(const HalfInputs& in, const Options& options, uint16_t* grad,
+                          float* row_losses, const RowOutputs<float>* outputs);
+
 // Companions from the same derivation, on `rows` rows of `classes` contiguous values
 // (row n at x + n * row_stride; outputs C-contiguous, may alias x for softmax/log_softmax):
 //   softmax:      out = exp(x - lse)              (a row of all -inf gives NaN, as PyTorch)
