@@ -200,6 +200,15 @@ def test_statistics_derivatives_reverse_forward_and_second_order(rng, cap):
         hvp = jax.jvp(jax.grad(ours), (z,), (dz,))[1]
         hvp_ref = jax.jvp(jax.grad(ref), (z,), (dz,))[1]
         assert np.abs(np.asarray(hvp - hvp_ref)).max() <= 1e-12
+
+        # Reverse over reverse with argmax asked for too (its tangent is a symbolic zero).
+        def ours_all(z):
+            loss, st = fxj.cross_entropy(z, y, outputs=ALL, entropy_coef=0.4, **extra)
+            return loss + sum(jnp.sum(cot[n] * getattr(st, n)) for n in FLOATS)
+
+        gg = jax.grad(lambda z: jnp.sum(jax.grad(ours_all)(z) ** 2))(z)
+        gg_ref = jax.grad(lambda z: jnp.sum(jax.grad(ref)(z) ** 2))(z)
+        assert np.abs(np.asarray(gg - gg_ref)).max() <= 1e-11
         # Only the loss differentiated, statistics carried along: the kernel's gradient.
         g_loss = jax.grad(lambda z: fxj.cross_entropy(z, y, outputs=ALL, entropy_coef=0.4)[0])(z)
         _, g_np = fastxent.cross_entropy_with_grad(np.asarray(z), np.asarray(y), entropy_coef=0.4)
@@ -316,6 +325,12 @@ def test_sharded_rows_return_sharded_statistics():
         assert np.array_equal(np.asarray(st.argmax), st_ref.argmax)
         assert abs(float(st.accuracy) - st_ref.accuracy) <= 1e-7
         assert "all-gather" not in f.lower(zs, ys).compile().as_text()
+        # Reverse over reverse with argmax asked for, sharded as unsharded.
+        def sq(z, y):
+            return jnp.sum(jax.grad(lambda z: fxj.cross_entropy(z, y, outputs=names)[0])(z) ** 2)
+        gg = jax.jit(jax.grad(sq))(zs, ys)
+        gg1 = jax.grad(sq)(jnp.asarray(z), jnp.asarray(y))
+        assert np.abs(np.asarray(gg) - np.asarray(gg1)).max() <= 1e-6
         print("ok")
     """)
     run_ok(script)
@@ -335,6 +350,13 @@ def test_errors():
         fxj.cross_entropy(z, y, outputs="lse")
     with pytest.raises(ValueError, match="entropy_coef"):
         fxj.cross_entropy(z, y, entropy_coef=-1.0)
+    with pytest.raises(ValueError, match="entropy_coef"):  # the value first, as NumPy's
+        fxj.cross_entropy(z.T, y, axis=0, entropy_coef=float("nan"))
+    # outputs=(): the loss and an empty RowStats, as NumPy's.
+    for red in ("mean", "none"):
+        loss, st = fxj.cross_entropy(z + jnp.arange(6.0), y, outputs=(), reduction=red)
+        assert st == fastxent.RowStats()
+        assert_bitwise_equal(loss, fxj.cross_entropy(z + jnp.arange(6.0), y, reduction=red))
     with pytest.raises(TypeError, match="entropy_coef"):
         fxj.cross_entropy(z, y, entropy_coef=None)
     with pytest.raises(TypeError, match="'out'"):
@@ -353,3 +375,5 @@ def test_pure_callback_fallback_refuses(monkeypatch):
         with pytest.raises(NotImplementedError, match="XLA FFI"):
             fxj.cross_entropy(z, y, **kw)
     assert float(fxj.cross_entropy(z, y, entropy_coef=0.0)) == pytest.approx(np.log(6))
+    with pytest.raises(NotImplementedError, match="XLA FFI"):
+        jax.jit(lambda b: fxj.cross_entropy(z, y, entropy_coef=b))(0.5)

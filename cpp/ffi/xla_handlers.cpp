@@ -296,6 +296,9 @@ ffi::Error dispatch(const Attrs& A, const Operands& op, ffi::AnyBuffer* loss, ff
   const int64_t n_loss = none ? L.batch * L.rows : L.batch;
   const bool bad_w = (A.flags & FLAG_WEIGHT) && op.w.element_type() != ct;
   const bool bad_sw = (A.flags & FLAG_SWEIGHT) && op.sw.element_type() != ct;
+  const int64_t n_sc = static_cast<int64_t>(op.sc.element_count());
+  if (n_sc != kScalars && n_sc != L.batch * kScalars)
+    return ffi::Error::InvalidArgument("fastxent_ce: the scalars operand needs 3 values");
   const bool bad_p = (A.flags & FLAG_PROBS) &&
                      (op.t.element_type() != xt || op.t.element_count() != op.x.element_count());
   if (loss->element_type() != ct || static_cast<int64_t>(loss->element_count()) != n_loss ||

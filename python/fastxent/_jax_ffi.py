@@ -332,13 +332,23 @@ def _make_stats(attrs: Tuple[Tuple[str, Any], ...], want: Tuple[str, ...]):
 
     def with_grad_jvp(primals, tangents):
         out = with_grad(*primals)
+        # Symbolic zeros (they carry manual shard_map axes, which argmax's tangent needs)
+        # stay out of jax.jvp: only the operands that move are its inputs.
+        moving = [i for i, d in enumerate(tangents) if not _zero(d)]
+
+        def of_moving(*vals):
+            p = list(primals)
+            for i, v in zip(moving, vals):
+                p[i] = v
+            return (ref_grad(*p), ref(*p)) + ref_floats(p[0], p[1])
+
         _, tan = jax.jvp(
-            lambda *p: (ref_grad(*p), ref(*p)) + ref_floats(p[0], p[1]), primals, tangents
+            of_moving, tuple(primals[i] for i in moving), tuple(tangents[i] for i in moving)
         )
         tan = tuple(d.astype(o.dtype) for d, o in zip(tan, out))
         return out, tan + float0(out)
 
-    with_grad.defjvp(with_grad_jvp)
+    with_grad.defjvp(with_grad_jvp, symbolic_zeros=True)
 
     @jax.custom_jvp
     def ce(x, t, w, sw, sc):

@@ -256,14 +256,14 @@ def cross_entropy(
     if options.get("entropy_coef", 0.0) is None:
         raise TypeError("entropy_coef must be a real number >= 0, got None")
     ffi = _jax_ffi.enabled()
-    # Through the FFI, label_smoothing and normalizer may be traced values (custom-call operands).
+    if not ffi and isinstance(options.get("entropy_coef"), jax.core.Tracer):
+        _check_extras(x, axis, ffi)  # raises: the fallback has no entropy term
+    # Through the FFI, label_smoothing, normalizer and entropy_coef may be traced values
+    # (custom-call operands).
     traced = {
         k: options.pop(k) for k in _TRACEABLE if ffi and isinstance(options.get(k), jax.core.Tracer)
     }
     opts: _Options = tuple(sorted((k, _static(v, k)) for k, v in options.items()))
-    extras = names is not None or "entropy_coef" in traced or dict(opts).get("entropy_coef", 0)
-    if extras:
-        _check_extras(x, axis, ffi)
     # The kernel is called with the class axis given as `axis`: fastxent reads any axis in
     # place, so the callback passes it on unchanged.
     opts_k = opts + (("axis", axis),)
@@ -282,6 +282,9 @@ def cross_entropy(
     stand_ins = tuple((k, _STAND_IN[k]) for k in traced)  # checked at run time instead
     out_kw = () if names is None else (("outputs", names),)
     _validate(x.shape, cdt, bool(probs), axis, opts_k + stand_ins + out_kw, w, sw)
+    # (after _validate: a bad entropy_coef is its ValueError wherever it is given)
+    if names is not None or "entropy_coef" in traced or dict(opts).get("entropy_coef", 0) > 0:
+        _check_extras(x, axis, ffi)
     if not probs:
         t_shape = x.shape[:axis] + x.shape[axis + 1 :]
         if t.shape != t_shape:
@@ -300,6 +303,9 @@ def cross_entropy(
             ).astype(x.dtype)
         want = tuple(n for n in _jax_ffi._FLOAT_STATS if n in names)
         want += ("argmax",) if ("argmax" in names or "accuracy" in names) else ()
+        if not want:  # outputs=(): the plain loss and an empty RowStats, as NumPy's
+            loss = _jax_ffi.cross_entropy(x, t, w, sw, bool(probs), axis, kw, eps, norm, beta)
+            return loss.astype(x.dtype), _api.RowStats()
         res = _jax_ffi.cross_entropy(x, t, w, sw, bool(probs), axis, kw, eps, norm, beta, want)
         return res[0].astype(x.dtype), _row_stats(names, want, res[1:], t, kw, cdt)
     loss = _make(opts_k, axis)(x.astype(cdt), t, w, sw)
