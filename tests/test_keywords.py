@@ -16,7 +16,8 @@ DEFAULTS = _keywords.DEFAULTS  # checked against the kernel's own defaults below
 ARRAY = ["axis", "reduction", "weight", "ignore_index", "label_smoothing", "sample_weight"]
 ARRAY += ["z_loss", "softcap", "logit_scale", "normalizer", "num_threads"]
 LOSS = ARRAY[1:]
-STATS = ARRAY + ["entropy_coef", "outputs"]  # fastxent.cross_entropy(_with_grad) alone
+STATS = ARRAY + ["entropy_coef", "outputs"]  # fastxent.cross_entropy(_with_grad)
+LINEAR = LOSS + ["entropy_coef", "outputs"]  # the fused linear functions
 SHARD = ["weight", "ignore_index", "label_smoothing", "softcap", "logit_scale", "num_threads"]
 EXTRA = ["sample_weight", "z_loss", "softcap", "logit_scale", "normalizer", "num_threads"]
 
@@ -44,13 +45,13 @@ NUMPY_FUNCTIONS = [
     (
         fx.linear_cross_entropy,
         [("linear_bias", None)],
-        LOSS,
+        LINEAR,
         [("tile_rows", None)],
     ),
     (
         fx.linear_cross_entropy_with_grad,
         [("linear_bias", None)],
-        LOSS,
+        LINEAR,
         [("tile_rows", None), ("out", None)],
     ),
     (

@@ -28,14 +28,26 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _linear
-from ._api import cross_entropy, cross_entropy_with_grad
-from ._keywords import LOSS
+from ._api import RowStats, cross_entropy, cross_entropy_with_grad
+from ._keywords import LINEAR, output_names
 
 __all__ = ["linear_cross_entropy"]
 
 
-def _host(opts: Tuple[Tuple[str, Any], ...], red: str, want_grad: bool, cdt: Any):
+def _host(
+    opts: Tuple[Tuple[str, Any], ...],
+    red: str,
+    want_grad: bool,
+    cdt: Any,
+    names: Tuple[str, ...] = (),
+    am_dt: Any = np.int64,
+):
     kw = dict(opts, reduction=red)
+    if names:
+        kw["outputs"] = names
+
+    def stats(st: Any) -> Tuple[np.ndarray, ...]:
+        return tuple(np.asarray(getattr(st, n), am_dt if n == "argmax" else cdt) for n in names)
 
     def call(z, t, w, sw, d):
         z = np.asarray(z)
@@ -47,21 +59,28 @@ def _host(opts: Tuple[Tuple[str, Any], ...], red: str, want_grad: bool, cdt: Any
         if red == "mean":
             k["normalizer"] = float(d)
         if want_grad:
-            loss, g = cross_entropy_with_grad(z, np.asarray(t), **k)
-            return np.asarray(loss, cdt), g.astype(cdt, copy=False)
-        return np.asarray(cross_entropy(z, np.asarray(t), **k), cdt)
+            loss, g, *st = cross_entropy_with_grad(z, np.asarray(t), **k)
+            return (np.asarray(loss, cdt), g.astype(cdt, copy=False)) + (
+                stats(st[0]) if names else ()
+            )
+        res = cross_entropy(z, np.asarray(t), **k)
+        if names:
+            return (np.asarray(res[0], cdt),) + stats(res[1])
+        return np.asarray(res, cdt)
 
     return call
 
 
-def _sweep(opts, red: str, tile: int, want_grad: bool, h2, w_lin, b, t, cw, sw, d):
-    """The tile loop: (loss, grad_hidden (n, h), grad_weight, grad_bias) (grads None when
-    not wanted); loss summed over tiles, or the (n,) rows for "none"."""
+def _sweep(opts, red: str, tile: int, want_grad: bool, h2, w_lin, b, t, cw, sw, d, names=()):
+    """The tile loop: (loss, grad_hidden (n, h), grad_weight, grad_bias, stats) (grads
+    None when not wanted); loss summed over tiles, or the (n,) rows for "none"; stats: the
+    (n,) per-row outputs of `names` (kernel statistics), a tuple in that order."""
     n, hdim = h2.shape
     v = w_lin.shape[0]
     dt = h2.dtype
     cdt = jnp.float64 if dt == jnp.float64 else jnp.float32
-    host = _host(opts, red, want_grad, np.dtype(cdt))
+    am_dt = jax.dtypes.canonicalize_dtype(np.int64)
+    host = _host(opts, red, want_grad, np.dtype(cdt), names, am_dt)
 
     def step(carry, xs):
         h_t, t_t, sw_t = xs
@@ -70,14 +89,15 @@ def _sweep(opts, red: str, tile: int, want_grad: bool, h2, w_lin, b, t, cw, sw, 
             z = z + b.astype(cdt)
         m = h_t.shape[0]
         lshape = jax.ShapeDtypeStruct((m,) if red == "none" else (), cdt)
+        sshapes = tuple(jax.ShapeDtypeStruct((m,), am_dt if k == "argmax" else cdt) for k in names)
         if not want_grad:
-            return carry, (
-                jax.pure_callback(host, lshape, z, t_t, cw, sw_t, d, vmap_method="sequential"),
-                None,
+            res = jax.pure_callback(
+                host, (lshape,) + sshapes, z, t_t, cw, sw_t, d, vmap_method="sequential"
             )
-        loss, g = jax.pure_callback(
+            return carry, (res[0], None, tuple(res[1:]))
+        loss, g, *st = jax.pure_callback(
             host,
-            (lshape, jax.ShapeDtypeStruct(z.shape, cdt)),
+            (lshape, jax.ShapeDtypeStruct(z.shape, cdt)) + sshapes,
             z,
             t_t,
             cw,
@@ -90,7 +110,7 @@ def _sweep(opts, red: str, tile: int, want_grad: bool, h2, w_lin, b, t, cw, sw, 
         gh = jnp.dot(g16, w_lin, preferred_element_type=cdt).astype(dt)
         gw = gw + jnp.dot(g16.T, h_t, preferred_element_type=cdt)
         gb = gb + g.sum(0)
-        return (gw, gb), (loss, gh)
+        return (gw, gb), (loss, gh, tuple(st))
 
     carry: Any = (jnp.zeros((v, hdim), cdt), jnp.zeros((v,), cdt)) if want_grad else None
     full = (n // tile) * tile
@@ -100,11 +120,12 @@ def _sweep(opts, red: str, tile: int, want_grad: bool, h2, w_lin, b, t, cw, sw, 
         def tiles(a):
             return None if a is None else a[:full].reshape((full // tile, tile) + a.shape[1:])
 
-        carry, (ls, ghs) = jax.lax.scan(step, carry, (tiles(h2), tiles(t), tiles(sw)))
+        carry, (ls, ghs, sts) = jax.lax.scan(step, carry, (tiles(h2), tiles(t), tiles(sw)))
         outs.append(
             (
                 ls.reshape(-1) if red == "none" else ls.sum(),
                 None if ghs is None else ghs.reshape(full, hdim),
+                tuple(s.reshape(-1) for s in sts),
             )
         )
     if n > full or not full:
@@ -112,17 +133,18 @@ def _sweep(opts, red: str, tile: int, want_grad: bool, h2, w_lin, b, t, cw, sw, 
         def rest(a):
             return None if a is None else a[full:]
 
-        carry, (lr, ghr) = step(carry, (rest(h2), rest(t), rest(sw)))
-        outs.append((lr, ghr))
+        carry, (lr, ghr, str_) = step(carry, (rest(h2), rest(t), rest(sw)))
+        outs.append((lr, ghr, str_))
     if red == "none":
         loss = jnp.concatenate([o[0] for o in outs])
     else:
         loss = sum(o[0] for o in outs)
+    stats = tuple(jnp.concatenate([o[2][i] for o in outs]) for i in range(len(names)))
     if not want_grad:
-        return loss, None, None, None
+        return loss, None, None, None, stats
     gh = jnp.concatenate([o[1] for o in outs]) if len(outs) > 1 else outs[0][1]
     gw, gb = carry
-    return loss, gh, gw.astype(dt), None if b is None else gb.astype(dt)
+    return loss, gh, gw.astype(dt), None if b is None else gb.astype(dt), stats
 
 
 def _rows(h: jax.Array) -> jax.Array:
@@ -131,13 +153,24 @@ def _rows(h: jax.Array) -> jax.Array:
 
 
 @functools.lru_cache(maxsize=128)
-def _make(opts: Tuple[Tuple[str, Any], ...], tile: int, has_bias: bool):
+def _make(
+    opts: Tuple[Tuple[str, Any], ...], tile: int, has_bias: bool, names: Tuple[str, ...] = ()
+):
+    """The custom_vjp function: the loss, or with `names` (kernel statistics) (loss,
+    *statistics of the rows' shape), which are not differentiable (a cotangent on one raises
+    NotImplementedError when the backward is traced)."""
     red = dict(opts)["reduction"]
+
+    def pack(h, loss, stats):
+        loss = loss.reshape(h.shape[:-1]) if red == "none" else loss
+        if not names:
+            return loss
+        return (loss,) + tuple(s.reshape(h.shape[:-1]) for s in stats)
 
     def loss_of(h, w, b, t, cw, sw, d):
         h2 = _rows(h)
-        loss = _sweep(opts, red, tile, False, h2, w, b if has_bias else None, t, cw, sw, d)[0]
-        return loss.reshape(h.shape[:-1]) if red == "none" else loss
+        res = _sweep(opts, red, tile, False, h2, w, b if has_bias else None, t, cw, sw, d, names)
+        return pack(h, res[0], res[4])
 
     @jax.custom_vjp
     def f(h, w, b, t, cw, sw, d):
@@ -163,19 +196,28 @@ def _make(opts: Tuple[Tuple[str, Any], ...], tile: int, has_bias: bool):
         if red == "none":
             return loss_of(h, w, b, t, cw, sw, d), (h, w, b, t, cw, sw, d, None)
         h2 = _rows(h)
-        loss, gh, gw, gb = _sweep(
-            opts, red, tile, True, h2, w, b if has_bias else None, t, cw, sw, d
+        loss, gh, gw, gb, stats = _sweep(
+            opts, red, tile, True, h2, w, b if has_bias else None, t, cw, sw, d, names
         )
-        return loss, (h, w, b, t, cw, sw, d, (gh, gw, gb))
+        return pack(h, loss, stats), (h, w, b, t, cw, sw, d, (gh, gw, gb))
 
     def bwd(res, ct):
         h, w, b, t, cw, sw, d, grads = res
+        if names:
+            ct, stat_cts = ct[0], ct[1:]
+            for k, c in zip(names, stat_cts):
+                if k != "argmax" and not isinstance(c, jax.custom_derivatives.SymbolicZero):
+                    raise NotImplementedError(
+                        f"fastxent.jax.linear_cross_entropy: the per-row output {k!r} is not "
+                        "differentiable here; use entropy_coef for an entropy bonus, or "
+                        "fastxent.jax.cross_entropy(outputs=...) on the logits"
+                    )
         if isinstance(ct, jax.custom_derivatives.SymbolicZero):
             return None, None, None, None, None, None, None
         if grads is None:  # "none": the rows weighted by the cotangent, recomputed
             s = ct.reshape(-1).astype(d.dtype)
             s = s if sw is None else s * sw
-            _, gh, gw, gb = _sweep(
+            _, gh, gw, gb, _ = _sweep(
                 opts,
                 "sum",
                 tile,
@@ -215,7 +257,13 @@ def linear_cross_entropy(
     which fastxent.jax.cross_entropy takes through its custom call, is a TypeError here, as
     any traced option); weight and sample_weight are traced, not differentiated:
     differentiating with respect to them or to a probability target raises TypeError. Class
-    indices are checked when the kernel runs (an out-of-range one is a runtime error)."""
+    indices are checked when the kernel runs (an out-of-range one is a runtime error).
+
+    ``entropy_coef`` and ``outputs`` are those of :func:`fastxent.linear_cross_entropy`: the
+    entropy term is in the loss and every gradient; with ``outputs`` the function returns
+    ``(loss, fastxent.RowStats)`` of arrays (argmax int32, or int64 under x64; accuracy a
+    0-d array), which are not differentiable here (a cotangent on lse, entropy or
+    target_logprob raises NotImplementedError)."""
     from .jax import _static  # (here: fastxent.jax imports this module)
 
     options = {k: _static(v, k) for k, v in options.items()}
@@ -224,8 +272,10 @@ def linear_cross_entropy(
     b = None if linear_bias is None else jnp.asarray(linear_bias)
     t = jnp.asarray(target)
     # weight and sample_weight are this function's own (traced) arguments: never in options.
-    kw = LOSS.bind("linear_cross_entropy", options)
+    kw = LINEAR.bind("linear_cross_entropy", options)
     red = kw.pop("reduction")
+    outputs = kw.pop("outputs")
+    names = None if outputs is None else output_names(outputs)
     hdt, wdt = np.dtype(h.dtype), np.dtype(w.dtype)
     _linear.shape_checks(
         tuple(h.shape),
@@ -256,6 +306,7 @@ def linear_cross_entropy(
         red,
         dict(opts_kw, weight=None if weight is None else np.ones(np.shape(weight), cdt)),
         sample_weight is not None,
+        names,
     )
     cw = None if weight is None else jnp.asarray(weight).astype(cdt)
     sw = None if sample_weight is None else jnp.asarray(sample_weight).astype(cdt).reshape(-1)
@@ -273,6 +324,20 @@ def linear_cross_entropy(
         d = jnp.where(counted, per, 0).sum()
     tile = _linear.tile_rows(max(n, 1), v, cdt.itemsize, tile_rows)
     opts = tuple(sorted((k, val) for k, val in opts_kw.items() if k != "normalizer"))
-    f = _make(opts + (("reduction", red),), tile, b is not None)
-    loss = f(h, w, b, t, cw, sw, d)
-    return loss.astype(h.dtype)
+    if names is None:
+        f = _make(opts + (("reduction", red),), tile, b is not None)
+        return f(h, w, b, t, cw, sw, d).astype(h.dtype)
+    want = tuple(k for k in ("lse", "entropy", "argmax", "target_logprob") if k in names)
+    want += ("argmax",) if "accuracy" in names and "argmax" not in want else ()
+    f = _make(opts + (("reduction", red),), tile, b is not None, want)
+    loss, *stats = f(h, w, b, t, cw, sw, d)
+    got = dict(zip(want, stats))
+    fields = {k: got[k] for k in names if k != "accuracy"}
+    if "accuracy" in names:
+        tt = t.reshape(lead)
+        lim = np.iinfo(np.dtype(tt.dtype))
+        counted = (tt != ii) if lim.min <= ii <= lim.max else jnp.ones(tt.shape, bool)
+        nc = jnp.sum(counted)
+        hits = jnp.sum(counted & (got["argmax"] == tt))
+        fields["accuracy"] = jnp.where(nc > 0, hits / jnp.maximum(nc, 1), 0).astype(cdt)
+    return loss.astype(h.dtype), RowStats(**fields)

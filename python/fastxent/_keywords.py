@@ -138,6 +138,22 @@ class LossKeywords(ShardKeywords, ExtraKeywords, total=False):
     reduction: str
 
 
+class TorchLinearKeywords(ExtraKeywords, total=False):
+    """fastxent.torch.linear_cross_entropy's extra keywords: ExtraKeywords, the per-row
+    outputs and the entropy bonus."""
+
+    entropy_coef: float
+    outputs: Optional[Tuple[str, ...]]
+
+
+class LinearKeywords(LossKeywords, total=False):
+    """The fused linear functions' keywords (NumPy): every option of a loss, the per-row
+    outputs and the entropy bonus."""
+
+    entropy_coef: float
+    outputs: Optional[Tuple[str, ...]]
+
+
 class ArrayKeywords(LossKeywords, total=False):
     """:func:`fastxent.cross_entropy`'s keywords: every option and the class axis."""
 
@@ -261,6 +277,8 @@ def keyword_docs(group: "Keywords") -> str:
 SHARD = Keywords(ShardKeywords)
 EXTRA = Keywords(ExtraKeywords)
 LOSS = Keywords(LossKeywords)
+LINEAR = Keywords(LinearKeywords)
+TORCH_LINEAR = Keywords(TorchLinearKeywords)
 ARRAY = Keywords(ArrayKeywords)
 STATS = Keywords(RowStatsKeywords)
 

@@ -30,12 +30,12 @@ Invariants of the tile loop:
 
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
-from ._api import cross_entropy, cross_entropy_with_grad
-from ._keywords import LOSS, LossKeywords, Unpack
+from ._api import RowStats, cross_entropy, cross_entropy_with_grad
+from ._keywords import LINEAR, LinearKeywords, Unpack
 from ._linear_plan import (  # noqa: F401 (re-exported: fastxent._linear's names)
     _MIN_ROWS,
     _OPTION_NAMES,
@@ -67,30 +67,68 @@ def _tile_kw(
     return kw
 
 
+_KERNEL_STATS = ("lse", "entropy", "argmax", "target_logprob")
+
+
+def new_stats(plan: _Plan) -> Optional[Dict[str, np.ndarray]]:
+    """The (n,) arrays that run_tiles fills with the kernel's per-row outputs for the plan's
+    outputs= (argmax for accuracy too), or None without outputs=."""
+    if plan.outputs is None:
+        return None
+    names = set(plan.outputs) | ({"argmax"} if "accuracy" in plan.outputs else set())
+    return {
+        n: np.empty(plan.n, np.int64 if n == "argmax" else plan.cdt)
+        for n in _KERNEL_STATS
+        if n in names
+    }
+
+
+def row_stats(plan: _Plan, stats: Dict[str, np.ndarray]) -> RowStats:
+    """The RowStats of the plan's outputs= (each of the rows' shape), accuracy over the
+    counted rows (fastxent.cross_entropy's definition)."""
+    assert plan.outputs is not None
+    fields: Dict[str, Any] = {
+        n: stats[n].reshape(plan.lead) for n in _KERNEL_STATS if n in plan.outputs
+    }
+    if "accuracy" in plan.outputs:
+        t = plan.target
+        counted = t != plan.kw["ignore_index"]
+        nc = int(np.count_nonzero(counted))
+        hits = int(np.count_nonzero((stats["argmax"] == t) & counted))
+        fields["accuracy"] = hits / nc if nc else 0.0
+    return RowStats(**fields)
+
+
 def run_tiles(
     plan: _Plan,
     be: Any,
     want: Tuple[bool, bool, bool],
     reduction: Optional[str] = None,
     sample_weight: Optional[np.ndarray] = None,
+    stats: Optional[Dict[str, np.ndarray]] = None,
 ) -> Any:
     """The tile loop. `be` (a backend) owns the arrays and the matmuls; `want` says which of
     grad_hidden, grad_weight, grad_bias to compute (none: the loss alone, no gradient
     matmuls). Returns the loss: a float (float64 sum of the tiles' losses) for "sum" and
     "mean", the (n,) row losses for "none". `reduction` and `sample_weight` override the
-    plan's (PyTorch's backward of "none" scales the rows by the upstream gradient)."""
+    plan's (PyTorch's backward of "none" scales the rows by the upstream gradient). `stats`
+    (new_stats): filled with each tile's per-row outputs, from the same kernel call."""
     red = plan.reduction if reduction is None else reduction
     sw = plan.sample_weight if sample_weight is None else sample_weight
     grad = any(want)
     total = 0.0
     rows = np.empty(plan.n, plan.cdt) if red == "none" else None
+    names = None if stats is None else tuple(stats)
     for r0 in range(0, plan.n, plan.tile):
         r1 = min(plan.n, r0 + plan.tile)
         z = be.logits(r0, r1)
         tgt = plan.probs[r0:r1] if plan.target is None else plan.target[r0:r1]
         kw = _tile_kw(plan, r0, r1, red, sw)
+        if names is not None:
+            kw["outputs"] = names
         if grad:
-            loss, _ = cross_entropy_with_grad(z, tgt, out=z, **kw)
+            res = cross_entropy_with_grad(z, tgt, out=z, **kw)
+            loss = res[0]
             if want[0]:
                 be.grad_hidden(z, r0, r1)
             if want[1]:
@@ -98,7 +136,12 @@ def run_tiles(
             if want[2]:
                 be.grad_bias(z, r0)
         else:
-            loss = cross_entropy(z, tgt, **kw)
+            res = cross_entropy(z, tgt, **kw)
+            loss = res if names is None else res[0]
+        if stats is not None:
+            st = res[-1]
+            for n in stats:
+                stats[n][r0:r1] = getattr(st, n)
         if rows is not None:
             rows[r0:r1] = loss
         else:
@@ -280,12 +323,16 @@ def _numpy_call(
                 if o is not None:
                     o[...] = 0
     views = (None if outs[0] is None else outs[0].reshape(plan.n, plan.h),) + outs[1:]
-    loss = run_tiles(plan, _NumpyBackend(plan, h2, w, b, views), want)
+    stats = new_stats(plan)
+    loss = run_tiles(plan, _NumpyBackend(plan, h2, w, b, views), want, stats=stats)
     loss = loss.reshape(plan.lead) if reduction == "none" else plan.cdt.type(loss)
-    return (loss,) + outs if want_grad else loss
+    res = (loss,) + outs if want_grad else (loss,)
+    if stats is not None:
+        res += (row_stats(plan, stats),)
+    return res if len(res) > 1 else loss
 
 
-@LOSS
+@LINEAR
 def linear_cross_entropy(
     hidden: Any,
     linear_weight: Any,
@@ -293,7 +340,7 @@ def linear_cross_entropy(
     *,
     linear_bias: Any = None,
     tile_rows: Optional[int] = None,  # noqa: F811 (shadows the re-exported function)
-    **kw: Unpack[LossKeywords],
+    **kw: Unpack[LinearKeywords],
 ):
     """The loss of ``fx.cross_entropy(hidden @ linear_weight.T + linear_bias, target, ...)``,
     computed in tiles of rows: the N x V logits never exist.
@@ -304,15 +351,17 @@ def linear_cross_entropy(
     "mean" divides by the whole batch's denominator. tile_rows overrides the rows per tile
     (default: a 64 MiB tile, at most 1/6 of the logits). float16/bfloat16 inputs are
     multiplied in float32 (float32 copies of the weight: NumPy has no 16-bit BLAS), the loss
-    is float32. Returns what fx.cross_entropy returns."""
-    opts = LOSS.bind("linear_cross_entropy", kw)
+    is float32. Returns what fx.cross_entropy returns: with ``outputs=``, ``(loss, stats)``
+    (the per-row statistics of each tile's kernel call; float32 for 16-bit inputs), and
+    ``entropy_coef`` adds its entropy term, as there."""
+    opts = LINEAR.bind("linear_cross_entropy", kw)
     reduction = opts.pop("reduction")
     return _numpy_call(
         hidden, linear_weight, target, linear_bias, reduction, opts, tile_rows, False, None
     )
 
 
-@LOSS
+@LINEAR
 def linear_cross_entropy_with_grad(
     hidden: Any,
     linear_weight: Any,
@@ -321,7 +370,7 @@ def linear_cross_entropy_with_grad(
     linear_bias: Any = None,
     tile_rows: Optional[int] = None,  # noqa: F811 (shadows the re-exported function)
     out: Any = None,
-    **kw: Unpack[LossKeywords],
+    **kw: Unpack[LinearKeywords],
 ):
     """``(loss, grad_hidden, grad_weight, grad_bias)`` of :func:`linear_cross_entropy`
     (grad_bias is None without linear_bias; "none" gives the gradients of the sum of the
@@ -330,8 +379,10 @@ def linear_cross_entropy_with_grad(
 
     out: optional ``(grad_hidden, grad_weight, grad_bias)`` buffers (each None or an array of
     its input's shape and dtype, C-contiguous, writable, overlapping no input). On any error
-    nothing is written. 16-bit gradients are accumulated in float32 and rounded once."""
-    opts = LOSS.bind("linear_cross_entropy_with_grad", kw)
+    nothing is written. 16-bit gradients are accumulated in float32 and rounded once. With
+    ``outputs=``: ``(loss, grad_hidden, grad_weight, grad_bias, stats)``; ``entropy_coef``'s
+    term is in the loss and every gradient."""
+    opts = LINEAR.bind("linear_cross_entropy_with_grad", kw)
     reduction = opts.pop("reduction")
     return _numpy_call(
         hidden, linear_weight, target, linear_bias, reduction, opts, tile_rows, True, out

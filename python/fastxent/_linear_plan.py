@@ -70,6 +70,7 @@ class _Plan(NamedTuple):
     reduction: str
     denominator: float  # D of "mean" (1.0 otherwise)
     tile: int
+    outputs: Optional[Tuple[str, ...]] = None  # outputs= (checked names), or None
 
 
 def tile_rows(
@@ -151,16 +152,24 @@ def class_targets(t: np.ndarray, lead: Tuple[int, ...], v: int, ii: int) -> np.n
 
 
 def check_options(
-    v: int, cdt: np.dtype, target_is_probs: bool, reduction: Any, kw: dict, has_sample_weight: bool
+    v: int,
+    cdt: np.dtype,
+    target_is_probs: bool,
+    reduction: Any,
+    kw: dict,
+    has_sample_weight: bool,
+    outputs: Any = None,
 ) -> None:
     """fastxent checks every option (and the class weights' shape) on an empty stand-in;
-    kw holds the keywords of _OPTION_NAMES but sample_weight."""
+    kw holds the keywords of _OPTION_NAMES but sample_weight (and entropy_coef where given);
+    outputs, the outputs= names (None: none)."""
     stand_in = np.zeros((0, v), cdt)
     cross_entropy(
         stand_in,
         stand_in if target_is_probs else np.zeros(0, np.int64),
         reduction=reduction,
         sample_weight=np.zeros(0, cdt) if has_sample_weight else None,
+        **({} if outputs is None else {"outputs": outputs}),
         **kw,
     )
 
@@ -189,6 +198,11 @@ def make_plan(
     n = math.prod(lead)
     cdt = np.dtype(np.float64) if hdt == np.float64 else np.dtype(np.float32)
     kw = {k: options[k] for k in _OPTION_NAMES}
+    # entropy_coef (the front ends that take it): passed to every tile unless a plain 0.
+    ec = options.get("entropy_coef", 0.0)
+    if not (type(ec) in (int, float) and ec == 0):
+        kw["entropy_coef"] = ec
+    outputs = options.get("outputs")
     ii = kw["ignore_index"]
     sw = kw.pop("sample_weight")
     if sw is not None:
@@ -203,7 +217,9 @@ def make_plan(
             raise ValueError(
                 f"probability target has shape {tuple(target_shape)}, expected {lead + (v,)}"
             )
-    check_options(v, cdt, target_is_probs, reduction, kw, sw is not None)
+    check_options(v, cdt, target_is_probs, reduction, kw, sw is not None, outputs)
+    if outputs is not None:
+        outputs = tuple(outputs)
     tgt = None if target_is_probs else class_targets(np.asarray(target), lead, v, ii)
     if kw["weight"] is not None:
         kw["weight"] = np.ascontiguousarray(np.asarray(kw["weight"]), dtype=cdt)
@@ -232,4 +248,5 @@ def make_plan(
         reduction,
         d,
         tile_rows(max(n, 1), v, tile_itemsize, tile, forward_only),
+        outputs,
     )

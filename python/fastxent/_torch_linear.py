@@ -21,14 +21,14 @@ Invariants:
 
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from . import _linear
-from ._keywords import EXTRA, ExtraKeywords, Unpack
+from . import _api, _linear
+from ._keywords import TORCH_LINEAR, TorchLinearKeywords, Unpack
 from ._torch_common import has_tangent, refuse_derivative, refuse_func_transforms
 
 __all__ = ["linear_cross_entropy", "LinearCrossEntropyLoss"]
@@ -114,8 +114,10 @@ def _sweep(
     want: Tuple[bool, bool, bool],
     reduction: Optional[str] = None,
     sample_weight: Optional[np.ndarray] = None,
+    stats: Optional[Dict[str, np.ndarray]] = None,
 ) -> Tuple[Any, Tuple[Any, ...]]:
-    """Runs the tile loop; returns (loss, (grad_hidden (n, h), grad_weight, grad_bias))."""
+    """Runs the tile loop; returns (loss, (grad_hidden (n, h), grad_weight, grad_bias));
+    `stats` as in run_tiles."""
     new = torch.empty if plan.n else torch.zeros  # every tile writes what it covers
     outs = (
         new(plan.n, plan.h, dtype=h2.dtype) if want[0] else None,
@@ -123,7 +125,7 @@ def _sweep(
         new(plan.v, dtype=w.dtype) if want[2] else None,
     )
     be = _TorchBackend(plan, h2, w, b, outs)
-    loss = _linear.run_tiles(plan, be, want, reduction, sample_weight)
+    loss = _linear.run_tiles(plan, be, want, reduction, sample_weight, stats)
     return loss, outs
 
 
@@ -154,9 +156,35 @@ def refuse_forward_mode(fn: str, *ts: Optional[Tensor]) -> None:
         )
 
 
+_FLOAT_STATS = ("lse", "entropy", "target_logprob")
+
+
+def _stat_tensors(plan: Any, stats: Optional[Dict[str, np.ndarray]]) -> Tuple[Tensor, ...]:
+    """The float statistics of outputs= as tensors of the rows' shape (_FLOAT_STATS order)."""
+    if stats is None:
+        return ()
+    return tuple(torch.from_numpy(stats[n]).reshape(plan.lead) for n in _FLOAT_STATS if n in stats)
+
+
+def _row_stats(plan: Any, stats: Dict[str, np.ndarray], floats: Tuple[Tensor, ...]) -> Any:
+    """fastxent.RowStats of tensors: the float statistics given (autograd outputs, or plain
+    tensors), argmax an int64 tensor, accuracy a float."""
+    st = _linear.row_stats(plan, stats)
+    fields: Dict[str, Any] = dict(zip([n for n in _FLOAT_STATS if n in stats], floats))
+    fields = {n: fields[n] for n in _FLOAT_STATS if n in plan.outputs}
+    if "argmax" in plan.outputs:
+        fields["argmax"] = torch.from_numpy(st.argmax)
+    if "accuracy" in plan.outputs:
+        fields["accuracy"] = st.accuracy
+    return _api.RowStats(**fields)
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, input: Tensor, lw: Tensor, lb: Optional[Tensor], plan: Any) -> Tensor:
+    def forward(  # type: ignore[override]
+        ctx: Any, input: Tensor, lw: Tensor, lb: Optional[Tensor], plan: Any, side: Dict[str, Any]
+    ) -> Any:
+        ctx.set_materialize_grads(False)
         h2 = input.reshape(plan.n, plan.h)
         want = (
             ctx.needs_input_grad[0],
@@ -165,22 +193,31 @@ class _LinearCrossEntropy(torch.autograd.Function):
         )
         ctx.plan, ctx.want, ctx.shape = plan, want, input.shape
         ctx.save_for_backward(input, lw, lb)
+        stats = _linear.new_stats(plan)
         if plan.reduction == "none":
-            loss, ctx.grads = (
-                _linear.run_tiles(
-                    plan, _TorchBackend(plan, h2, lw, lb, (None, None, None)), (False, False, False)
-                ),
-                None,
-            )
+            be = _TorchBackend(plan, h2, lw, lb, (None, None, None))
+            loss = _linear.run_tiles(plan, be, (False, False, False), stats=stats)
+            ctx.grads = None
         else:
-            loss, ctx.grads = _sweep(plan, h2, lw, lb, want)
-        return _loss_tensor(loss, plan, input.dtype)
+            loss, ctx.grads = _sweep(plan, h2, lw, lb, want, stats=stats)
+        side["stats"] = stats
+        out = _loss_tensor(loss, plan, input.dtype)
+        floats = _stat_tensors(plan, stats)
+        return (out,) + floats if stats is not None else out
 
     @staticmethod
-    def backward(ctx: Any, go: Tensor) -> Tuple[Optional[Tensor], ...]:
+    def backward(ctx: Any, go: Optional[Tensor], *stat_grads: Optional[Tensor]):
+        if any(g is not None for g in stat_grads):
+            raise NotImplementedError(
+                "fastxent.torch.linear_cross_entropy: the per-row outputs (lse, entropy, "
+                "target_logprob) are not differentiable here; use entropy_coef for an entropy "
+                "bonus, or fastxent.torch.cross_entropy(outputs=...) on the logits"
+            )
         no_second_order("linear_cross_entropy")
+        if go is None:
+            return (None,) * 5
         with torch.no_grad():
-            return _LinearCrossEntropy._backward(ctx, go)
+            return _LinearCrossEntropy._backward(ctx, go) + (None,)
 
     @staticmethod
     def _backward(ctx: Any, go: Tensor) -> Tuple[Optional[Tensor], ...]:
@@ -263,7 +300,7 @@ def _plan_for(
     return plan
 
 
-@EXTRA
+@TORCH_LINEAR
 def linear_cross_entropy(
     input: Tensor,
     linear_weight: Tensor,
@@ -276,8 +313,8 @@ def linear_cross_entropy(
     label_smoothing: float = 0.0,
     options: Any = None,
     tile_rows: Optional[int] = None,
-    **kw: Unpack[ExtraKeywords],
-) -> Tensor:
+    **kw: Unpack[TorchLinearKeywords],
+) -> Any:
     """PyTorch 2.13's ``F.linear_cross_entropy(input, linear_weight, target, ...)`` (the
     loss of ``F.cross_entropy(F.linear(input, linear_weight, linear_bias), target, ...)``),
     differentiable with respect to input, linear_weight and linear_bias, computed in tiles
@@ -288,12 +325,18 @@ def linear_cross_entropy(
     LinearCrossEntropyOptions) is accepted and ignored: the tiling is always on.
     fastxent's extra keywords (sample_weight, z_loss, softcap, logit_scale, normalizer,
     num_threads) mean what they mean in :func:`fastxent.cross_entropy`; tile_rows overrides
-    the rows per tile. When every row is ignored, "mean" is 0 (PyTorch: NaN)."""
+    the rows per tile. When every row is ignored, "mean" is 0 (PyTorch: NaN).
+
+    ``entropy_coef`` and ``outputs`` are those of :func:`fastxent.cross_entropy`, from each
+    tile's kernel call: the entropy term is in the loss and every gradient; with
+    ``outputs`` the call returns ``(loss, fastxent.RowStats)`` of tensors (argmax int64,
+    accuracy a float; float32 for 16-bit input), which are not differentiable here
+    (backward through one raises NotImplementedError)."""
     opts = dict(
         weight=weight,
         ignore_index=-100 if ignore_index is None else ignore_index,
         label_smoothing=label_smoothing,
-        **EXTRA.bind("linear_cross_entropy", kw),
+        **TORCH_LINEAR.bind("linear_cross_entropy", kw),
     )
     refuse_func_transforms(input, linear_weight, target, linear_bias, weight)
     # The gradients of a probability target, class weights, sample weights and scalar options
@@ -309,8 +352,11 @@ def linear_cross_entropy(
         ("z_loss", kw.get("z_loss")),
         ("softcap", kw.get("softcap")),
         ("logit_scale", kw.get("logit_scale")),
+        ("entropy_coef", kw.get("entropy_coef")),
     ):
         refuse_derivative(v, name, "linear_cross_entropy")
+    if isinstance(opts["entropy_coef"], Tensor):
+        opts["entropy_coef"] = float(opts["entropy_coef"])
     refuse_forward_mode("linear_cross_entropy", input, linear_weight, linear_bias)
     # (Not a tensor: _plan_for raises.)
     grads = torch.is_grad_enabled() and any(
@@ -320,11 +366,21 @@ def linear_cross_entropy(
         input, linear_weight, target, linear_bias, reduction, opts, tile_rows, not grads
     )
     if grads:
-        return _LinearCrossEntropy.apply(input, linear_weight, linear_bias, plan)
+        side: Dict[str, Any] = {}
+        res = _LinearCrossEntropy.apply(input, linear_weight, linear_bias, plan, side)
+        if plan.outputs is None:
+            return res
+        return res[0], _row_stats(plan, side["stats"], tuple(res[1:]))
     with torch.no_grad():
         h2 = input.reshape(plan.n, plan.h)
         be = _TorchBackend(plan, h2, linear_weight, linear_bias, (None, None, None))
-        return _loss_tensor(_linear.run_tiles(plan, be, (False, False, False)), plan, input.dtype)
+        stats = _linear.new_stats(plan)
+        loss = _loss_tensor(
+            _linear.run_tiles(plan, be, (False, False, False), stats=stats), plan, input.dtype
+        )
+    if stats is None:
+        return loss
+    return loss, _row_stats(plan, stats, _stat_tensors(plan, stats))
 
 
 class LinearCrossEntropyLoss(nn.Module):
