@@ -293,7 +293,11 @@ def _fast(kw: Mapping[str, Any], logits: Any, target: Any, out: Any, want_grad: 
 
 @STATS
 def cross_entropy(logits: Any, target: Any, **kw: Unpack[RowStatsKeywords]):
-    res = _fast(kw, logits, target, None, False)
+    res = (
+        _core.fast_call(logits, target, _MEAN, False, None, 0)
+        if not kw
+        else _fast(kw, logits, target, None, False)
+    )
     if res is not None:
         return res
     return _run(logits, target, STATS.bind("cross_entropy", kw), False, None)
@@ -329,7 +333,13 @@ cross_entropy.__doc__ = (
 def cross_entropy_with_grad(
     logits: Any, target: Any, *, out: Optional[np.ndarray] = None, **kw: Unpack[RowStatsKeywords]
 ):
-    res = _fast(kw, logits, target, out, True)
+    # The commonest call (no keyword) without the frame of _fast: a tenth of a microsecond of
+    # a call of about two and a half at 32 x 10.
+    res = (
+        _core.fast_call(logits, target, _MEAN, True, out, 0)
+        if not kw
+        else _fast(kw, logits, target, out, True)
+    )
     if res is not None:
         return res
     return _run(logits, target, STATS.bind("cross_entropy_with_grad", kw), True, out)
