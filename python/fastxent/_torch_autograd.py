@@ -215,6 +215,8 @@ def _stats_vjp(z: Tensor, target: Tensor, kw: Dict[str, Any], grads: Dict[str, T
     (autograd.grad(..., is_grads_batched=True)) give batched results."""
     C = z.shape[-1]
     z2, t1 = z.detach().reshape(-1, C), target.detach()
+    if z2.dtype in (torch.float16, torch.bfloat16):
+        z2 = z2.float()  # float32 for 16-bit logits, rounded once by the caller
     t1 = t1.reshape(-1, C) if t1.is_floating_point() else t1.reshape(-1)
     g1 = {k: g.reshape(-1) for k, g in grads.items()}
     out: Optional[Tensor] = None
@@ -223,12 +225,12 @@ def _stats_vjp(z: Tensor, target: Tensor, kw: Dict[str, Any], grads: Dict[str, T
     for a in range(0, z2.shape[0], tile):
         with torch.enable_grad():
             zt = z2[a : a + tile].clone().requires_grad_(True)
-            st = reference_stats(zt, t1[a : a + tile], kw)
+            st = reference_stats(zt, t1[a : a + tile], kw)  # (float32 for 16-bit logits)
             names = list(g1)
             (gz,) = torch.autograd.grad(
                 [st[k] for k in names],
                 zt,
-                [g1[k][a : a + tile].to(zt.dtype) for k in names],
+                [g1[k][a : a + tile].to(st[k].dtype) for k in names],
             )
         if a == 0 and not _batched(gz) and tile < z2.shape[0]:
             out = torch.empty_like(z2)
@@ -337,13 +339,14 @@ class _StatsCrossEntropy(torch.autograd.Function):
         # this node): a second backward through a retained graph computes it again.
         ctx.grad = None
         if need[0] and gs:
-            gv = _stats_vjp(input, target, ctx.kw, gs).to(input.dtype)
+            # (float32 for 16-bit logits: summed with the fused gradient, then rounded once)
+            gv = _stats_vjp(input, target, ctx.kw, gs)
             if gz is None:
-                gz = gv
+                gz = gv.to(input.dtype)
             elif _batched(gv) or _batched(gz):
-                gz = gz + gv
+                gz = (gz.to(gv.dtype) + gv).to(input.dtype)
             else:
-                gz = gv.add_(gz)  # gv is this call's own
+                gz = gv.add_(gz.to(gv.dtype)).to(input.dtype)  # gv is this call's own
         return (gz, None) + rest
 
     @staticmethod
@@ -392,10 +395,10 @@ def stats_cross_entropy(
         )
     names = output_names(names)
     cdt, tgt, kw = prepare(input, target, weight, ignore_index, reduction, label_smoothing, opts)
-    if input.dtype not in (torch.float32, torch.float64) or input.ndim > 2:
+    if input.ndim > 2:
         raise NotImplementedError(
-            "fastxent.torch.cross_entropy: outputs= is implemented for float32 / float64 "
-            f"input of shape (C,) or (N, C), not {input.dtype} of shape {tuple(input.shape)}"
+            "fastxent.torch.cross_entropy: outputs= is implemented for input of shape (C,) or "
+            f"(N, C), not {tuple(input.shape)}"
         )
     grad_mode = torch.is_grad_enabled()
     t_diff = target.is_floating_point() and target.requires_grad and grad_mode

@@ -402,6 +402,8 @@ def reference_stats(z: Tensor, target: Tensor, kw: Dict[str, Any]) -> Dict[str, 
     targets (0 on ignored rows, whose logits reach nothing)."""
     C = z.shape[-1]
     zz = z.reshape(-1, C)
+    if zz.dtype in (torch.float16, torch.bfloat16):
+        zz = zz.float()  # the kernel computes 16-bit logits in float32
     # A row of all -inf (values: the kernel's limits, e.g. entropy log C) has derivative 0,
     # not the NaN of -inf - (-inf), which a zero upstream weight would not cancel.
     zz = torch.where((zz == float("-inf")).all(dim=1, keepdim=True), 0.0, zz)

@@ -233,7 +233,8 @@ cross_entropy.__doc__ = (
     float), from the same kernel call. lse, entropy and target_logprob are differentiable:
     their vector-Jacobian product is taken through their formula in PyTorch ops over tiles of
     at most 2^20 logits (create_graph=True and a probability target's gradient: through the
-    reference loss and statistics). float32 / float64 input of shape (C,) or (N, C), eager
+    reference loss and statistics). Input of shape (C,) or (N, C) (16-bit logits: float32
+    statistics, their gradient summed with the fused one in float32 and rounded once), eager
     only: ``torch.compile`` runs the call eagerly (a graph break; ``fullgraph=True`` fails),
     and ``torch.func`` transforms, fake or meta tensors, ``inplace=True`` and a forward-mode
     tangent (outputs only) raise NotImplementedError. ``outputs=None`` and a float
