@@ -242,6 +242,17 @@ def test_shard_map_and_named_sharding_on_two_host_devices():
             assert "all-gather" not in f.lower(zs, ys).compile().as_text()
         rows = jax.jit(lambda z, y: fxj.cross_entropy(z, y, reduction="none"))(zs, ys)
         assert rows.sharding.spec == P("d"), rows.sharding
+        # Eager calls (no jit) with a NumPy target: computed shard by shard as under jit
+        # (before, resharding the target needed a mesh context); eager differentiation of
+        # explicitly sharded arrays needs jax.set_mesh, as JAX's own ops do.
+        l_ref = fastxent.cross_entropy(z, y)
+        assert abs(float(fxj.cross_entropy(zs, y)) - l_ref) <= 1e-6 * abs(l_ref)
+        rows = fxj.cross_entropy(zs, y, reduction="none")
+        assert rows.sharding.spec == P("d"), rows.sharding
+        with jax.set_mesh(mesh):
+            l, g = jax.value_and_grad(lambda z: fxj.cross_entropy(z, y))(zs)
+        _, g_ref = fastxent.cross_entropy_with_grad(z, y)
+        assert np.abs(np.asarray(g) - g_ref).max() <= 1e-7 and g.sharding.spec == P("d", None)
         print("ok")
     """)
     run_ok(script)

@@ -427,6 +427,54 @@ def _denominator(t, w, sw, probs: bool, opts: dict, C: int, cdt: Any):
 
 
 def _sharded(rows, x, t, w, sw, probs, axis, opts, eps, normalizer, beta, want):
+    """Row-sharded logits: _sharded_in_mesh under a jit of its own (cached per static
+    configuration), so that an eager call (jax.grad without jit, or no transformation) traces
+    its operands with their shardings, as a call under the user's jit does; a NumPy target or
+    weight is then placed on the mesh like any jit argument. `rows`: checked by the caller,
+    recomputed from the traced logits."""
+    del rows
+    dyn = {"x": x, "t": t}
+    static = {}
+    for k, v in (("w", w), ("sw", sw), ("eps", eps), ("norm", normalizer), ("beta", beta)):
+        if isinstance(v, (jax.Array, np.ndarray)):
+            dyn[k] = v
+        else:
+            static[k] = v  # None or a Python number
+    f = _sharded_jit(
+        bool(probs), axis, tuple(sorted(opts.items())), tuple(sorted(static.items())), want
+    )
+    return f(dyn)
+
+
+@functools.lru_cache(maxsize=64)
+def _sharded_jit(probs: bool, axis: int, opts_key, static_key, want: Tuple[str, ...]):
+    opts, static = dict(opts_key), dict(static_key)
+
+    def f(dyn):
+        x = dyn["x"]
+
+        def get(k):
+            return dyn[k] if k in dyn else static.get(k)
+
+        return _sharded_in_mesh(
+            _row_sharding(x, axis),
+            x,
+            dyn["t"],
+            get("w"),
+            get("sw"),
+            probs,
+            axis,
+            opts,
+            get("eps"),
+            get("norm"),
+            get("beta"),
+            want,
+        )
+
+    return jax.jit(f)
+
+
+def _sharded_in_mesh(rows, x, t, w, sw, probs, axis, opts, eps, normalizer, beta, want):
     """Row-sharded logits under jit: a shard_map whose shards each run the custom call on
     their rows; "sum" and "mean" combine with psum, "mean" dividing every shard by the global
     denominator (a traced normalizer); the gradient and the per-row outputs keep the rows'

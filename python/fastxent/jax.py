@@ -434,9 +434,10 @@ cross_entropy.__doc__ = """Softmax cross-entropy of a batch of logits, different
     is one call, each batch element its own problem (its own "mean" denominator). Under
     ``jax.shard_map`` each shard computes its own rows and the gradient keeps the logits'
     sharding (combine the shards' "sum" losses with ``psum``, or pass the global count as a
-    traced ``normalizer``). Under plain ``jit``, logits whose rows are sharded over explicit
-    mesh axes (``NamedSharding``, the class axis whole) are computed the same way by
-    fastxent itself, the "mean" denominator combined across shards; with sharding left to
+    traced ``normalizer``). Under plain ``jit`` or in an eager call, logits whose rows are
+    sharded over explicit mesh axes (``NamedSharding``, the class axis whole) are computed
+    the same way by fastxent itself (eager differentiation of such arrays needs
+    ``jax.set_mesh``, as for JAX's own ops), the "mean" denominator combined across shards; with sharding left to
     XLA (auto mesh axes) the custom call is not partitioned and XLA gathers the rows.
     Problems below 2**21 elements run on XLA's calling thread unless ``num_threads`` is
     given. Through the FFI, forward and reverse mode of any order work: first order from the
