@@ -437,8 +437,9 @@ cross_entropy.__doc__ = """Softmax cross-entropy of a batch of logits, different
     traced ``normalizer``). Under plain ``jit`` or in an eager call, logits whose rows are
     sharded over explicit mesh axes (``NamedSharding``, the class axis whole) are computed
     the same way by fastxent itself (eager differentiation of such arrays needs
-    ``jax.set_mesh``, as for JAX's own ops), the "mean" denominator combined across shards; with sharding left to
-    XLA (auto mesh axes) the custom call is not partitioned and XLA gathers the rows.
+    ``jax.set_mesh``, as for JAX's own ops), the "mean" denominator combined across
+    shards; with sharding left to XLA (auto mesh axes) the custom call is not partitioned
+    and XLA gathers the rows.
     Problems below 2**21 elements run on XLA's calling thread unless ``num_threads`` is
     given. Through the FFI, forward and reverse mode of any order work: first order from the
     kernel, beyond it through the reference formula. The pure_callback fallback is a
