@@ -249,6 +249,13 @@ def test_shard_map_and_named_sharding_on_two_host_devices():
         assert abs(float(fxj.cross_entropy(zs, y)) - l_ref) <= 1e-6 * abs(l_ref)
         rows = fxj.cross_entropy(zs, y, reduction="none")
         assert rows.sharding.spec == P("d"), rows.sharding
+        # A uint8 target cannot hold ignore_index -100: class 156 (-100 wrapped) counts.
+        zw = rng.standard_normal((8, 300)).astype(np.float32)
+        t8 = np.array([156, 1, 2, 3, 200, 5, 6, 156], np.uint8)
+        zws = jax.device_put(zw, NamedSharding(mesh, P("d")))
+        l8 = jax.jit(lambda z: fxj.cross_entropy(z, t8))(zws)
+        l_ref = fastxent.cross_entropy(zw, t8.astype(np.int64))
+        assert abs(float(l8) - l_ref) <= 1e-6 * abs(l_ref), (float(l8), l_ref)
         with jax.set_mesh(mesh):
             l, g = jax.value_and_grad(lambda z: fxj.cross_entropy(z, y))(zs)
         _, g_ref = fastxent.cross_entropy_with_grad(z, y)

@@ -171,5 +171,18 @@ def test_jax(rng):
         assert st.argmax.dtype == jnp.int32
     with pytest.raises(NotImplementedError, match="not differentiable here"):
         jax.grad(lambda h: fxj.linear_cross_entropy(h, w, y, outputs=("lse",))[1].lse.sum())(h)
+    # outputs=() and a list of names, as NumPy's.
+    for red in ("none", "mean"):
+        loss, st = fxj.linear_cross_entropy(h, w, y, reduction=red, outputs=())
+        assert st == fx.RowStats()
+        assert_bitwise_equal(loss, fxj.linear_cross_entropy(h, w, y, reduction=red))
+    _, st = fxj.linear_cross_entropy(h, w, y, outputs=["lse"])
+    assert st.lse.shape == y.shape
+    # A uint8 target cannot hold ignore_index -100: nothing is ignored, and class 156 (which
+    # -100 wraps to as a uint8) counts in the "mean" denominator.
+    t8 = np.array([156, 1, 2, 3, 200], np.uint8)
+    l8 = fxj.linear_cross_entropy(h[:5], w, t8)
+    l64 = fx.linear_cross_entropy(h[:5], w, t8.astype(np.int64))
+    assert float(l8) == pytest.approx(float(l64), rel=1e-5)
     with pytest.raises(ValueError, match="entropy_coef"):
         fxj.linear_cross_entropy(h, w, y, entropy_coef=-1.0)

@@ -423,7 +423,8 @@ def _denominator(t, w, sw, probs: bool, opts: dict, C: int, cdt: Any):
         return jnp.sum(sw) if sw is not None else jnp.asarray(t.size // max(C, 1), cdt)
     d = jnp.ones(t.shape, cdt) if w is None else jnp.take(w, jnp.clip(t, 0, C - 1))
     d = d if sw is None else d * sw
-    return jnp.sum(jnp.where(t != opts.get("ignore_index", -100), d, 0))
+    keep = _jax_reference.counted(t, int(opts.get("ignore_index", -100)))
+    return jnp.sum(jnp.where(keep, d, 0))
 
 
 def _sharded(rows, x, t, w, sw, probs, axis, opts, eps, normalizer, beta, want):

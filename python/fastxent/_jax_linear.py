@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _linear
+from . import _jax_reference, _linear
 from ._api import RowStats, cross_entropy, cross_entropy_with_grad
 from ._keywords import LINEAR, output_names
 
@@ -266,6 +266,7 @@ def linear_cross_entropy(
     target_logprob raises NotImplementedError)."""
     from .jax import _static  # (here: fastxent.jax imports this module)
 
+    outputs = options.pop("outputs", None)  # a tuple or list of names, checked below
     options = {k: _static(v, k) for k, v in options.items()}
     h = jnp.asarray(hidden)
     w = jnp.asarray(linear_weight)
@@ -274,7 +275,7 @@ def linear_cross_entropy(
     # weight and sample_weight are this function's own (traced) arguments: never in options.
     kw = LINEAR.bind("linear_cross_entropy", options)
     red = kw.pop("reduction")
-    outputs = kw.pop("outputs")
+    kw.pop("outputs")
     names = None if outputs is None else output_names(outputs)
     hdt, wdt = np.dtype(h.dtype), np.dtype(w.dtype)
     _linear.shape_checks(
@@ -317,7 +318,7 @@ def linear_cross_entropy(
     elif probs:
         d = jnp.asarray(n, cdt) if sw is None else sw.sum()
     else:
-        counted = t != ii
+        counted = _jax_reference.counted(t, ii)
         per = jnp.ones(n, cdt) if sw is None else sw
         if cw is not None:
             per = per * cw[jnp.where(counted, t, 0)]
@@ -329,15 +330,17 @@ def linear_cross_entropy(
         return f(h, w, b, t, cw, sw, d).astype(h.dtype)
     want = tuple(k for k in ("lse", "entropy", "argmax", "target_logprob") if k in names)
     want += ("argmax",) if "accuracy" in names and "argmax" not in want else ()
+    if not want:  # outputs=(): the plain loss and an empty RowStats, as NumPy's
+        f = _make(opts + (("reduction", red),), tile, b is not None)
+        return f(h, w, b, t, cw, sw, d).astype(h.dtype), RowStats()
     f = _make(opts + (("reduction", red),), tile, b is not None, want)
     loss, *stats = f(h, w, b, t, cw, sw, d)
     got = dict(zip(want, stats))
     fields = {k: got[k] for k in names if k != "accuracy"}
     if "accuracy" in names:
         tt = t.reshape(lead)
-        lim = np.iinfo(np.dtype(tt.dtype))
-        counted = (tt != ii) if lim.min <= ii <= lim.max else jnp.ones(tt.shape, bool)
-        nc = jnp.sum(counted)
-        hits = jnp.sum(counted & (got["argmax"] == tt))
+        keep = _jax_reference.counted(tt, ii)
+        nc = jnp.sum(keep)
+        hits = jnp.sum(keep & (got["argmax"] == tt))
         fields["accuracy"] = jnp.where(nc > 0, hits / jnp.maximum(nc, 1), 0).astype(cdt)
     return loss.astype(h.dtype), RowStats(**fields)

@@ -93,6 +93,16 @@ def reference_loss(
     return jnp.where(D == 0, 0.0, total / jnp.where(D == 0, 1.0, D))
 
 
+def counted(t: Any, ignore_index: int) -> jax.Array:
+    """Class targets that count: those other than ignore_index. An ignore_index outside
+    the targets' integer type matches no target (comparing would wrap it into the type's
+    range: -100 as a uint8 is 156, a real class)."""
+    lim = np.iinfo(np.dtype(t.dtype))
+    if lim.min <= ignore_index <= lim.max:
+        return t != ignore_index
+    return jnp.ones(t.shape, bool)
+
+
 def row_entropy(zp: Any, lse: Any) -> jax.Array:
     """H_n = lse_n - sum_c p_nc z'_nc of (rows, C) transformed logits; a class of probability
     0 (a -inf logit) contributes 0, value and derivative."""
@@ -130,11 +140,9 @@ def reference_stats(
     out = {"lse": lse, "entropy": row_entropy(zp, lse)}
     if not probs:
         y = t.reshape(-1)
-        lim = np.iinfo(np.dtype(y.dtype))
-        fits = lim.min <= ignore_index <= lim.max
-        counted = y != ignore_index if fits else jnp.ones(y.shape, bool)
-        yc = jnp.where(counted, y, 0)
-        zc = transform(jnp.where(counted[:, None], z, 0.0))
+        keep = counted(y, ignore_index)
+        yc = jnp.where(keep, y, 0)
+        zc = transform(jnp.where(keep[:, None], z, 0.0))
         picked = jnp.take_along_axis(zc, yc[:, None], axis=1)[:, 0] - jax.nn.logsumexp(zc, axis=1)
-        out["target_logprob"] = jnp.where(counted, picked, 0.0)
+        out["target_logprob"] = jnp.where(keep, picked, 0.0)
     return {k: v.reshape(rows_shape) for k, v in out.items()}

@@ -215,8 +215,8 @@ def _stats_vjp(z: Tensor, target: Tensor, kw: Dict[str, Any], grads: Dict[str, T
     (autograd.grad(..., is_grads_batched=True)) give batched results."""
     C = z.shape[-1]
     z2, t1 = z.detach().reshape(-1, C), target.detach()
-    if z2.dtype in (torch.float16, torch.bfloat16):
-        z2 = z2.float()  # float32 for 16-bit logits, rounded once by the caller
+    # float32 for 16-bit logits (rounded once by the caller), converted tile by tile
+    f32 = z2.dtype in (torch.float16, torch.bfloat16)
     t1 = t1.reshape(-1, C) if t1.is_floating_point() else t1.reshape(-1)
     g1 = {k: g.reshape(-1) for k, g in grads.items()}
     out: Optional[Tensor] = None
@@ -224,7 +224,9 @@ def _stats_vjp(z: Tensor, target: Tensor, kw: Dict[str, Any], grads: Dict[str, T
     tile = max(1, (1 << 20) // max(C, 1))
     for a in range(0, z2.shape[0], tile):
         with torch.enable_grad():
-            zt = z2[a : a + tile].clone().requires_grad_(True)
+            zt = (z2[a : a + tile].float() if f32 else z2[a : a + tile].clone()).requires_grad_(
+                True
+            )
             st = reference_stats(zt, t1[a : a + tile], kw)  # (float32 for 16-bit logits)
             names = list(g1)
             (gz,) = torch.autograd.grad(
@@ -233,7 +235,7 @@ def _stats_vjp(z: Tensor, target: Tensor, kw: Dict[str, Any], grads: Dict[str, T
                 [g1[k][a : a + tile].to(st[k].dtype) for k in names],
             )
         if a == 0 and not _batched(gz) and tile < z2.shape[0]:
-            out = torch.empty_like(z2)
+            out = torch.empty(z2.shape, dtype=gz.dtype)
         if out is None:
             parts.append(gz)  # batched upstream grads (is_grads_batched=True), or one tile
         else:

@@ -64,7 +64,7 @@ except ImportError as _e:  # pragma: no cover - exercised without jax installed
     raise ImportError("fastxent.jax needs JAX: pip install 'fastxent[jax]'") from _e
 import jax.numpy as jnp
 
-from . import _api, _jax_ffi
+from . import _api, _jax_ffi, _jax_reference
 from ._keywords import output_names
 
 __all__ = [
@@ -343,11 +343,9 @@ def _row_stats(
     fields = {n: got[n] for n in names if n != "accuracy"}
     if "accuracy" in names:
         am = got["argmax"]
-        ii = int(kw.get("ignore_index", -100))
-        lim = np.iinfo(np.dtype(t.dtype))
-        counted = (t != ii) if lim.min <= ii <= lim.max else jnp.ones(t.shape, bool)
-        n = jnp.sum(counted)
-        hits = jnp.sum(counted & (am == t))
+        keep = _jax_reference.counted(t, int(kw.get("ignore_index", -100)))
+        n = jnp.sum(keep)
+        hits = jnp.sum(keep & (am == t))
         fields["accuracy"] = jnp.where(n > 0, hits / jnp.maximum(n, 1), 0).astype(cdt)
     return _api.RowStats(**fields)
 
