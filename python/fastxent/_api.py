@@ -11,7 +11,15 @@ from typing import Any, Mapping, NamedTuple, Optional, Union
 import numpy as np
 
 from . import _core
-from ._keywords import STATS, DEFAULTS, RowStatsKeywords, Unpack, keyword_docs, output_names
+from ._keywords import (
+    DEFAULTS,
+    STATS,
+    RowStatsKeywords,
+    Unpack,
+    kernel_outputs,
+    keyword_docs,
+    output_names,
+)
 from ._options import (
     FLOAT_DTYPES,
     REDUCTIONS,
@@ -129,11 +137,8 @@ def _run(logits: Any, target: Any, kw: dict, want_grad: bool, out: Any):
     row_losses = np.empty(rows, cdt) if opts.reduction == 0 else None
     outs: "dict[str, np.ndarray]" = {}
     if names is not None:
-        for n in ("lse", "entropy", "target_logprob"):
-            if n in names:
-                outs[n] = np.empty(rows, cdt)
-        if "argmax" in names or "accuracy" in names:
-            outs["argmax"] = np.empty(rows, np.int64)
+        for n in kernel_outputs(names):
+            outs[n] = np.empty(rows, np.int64 if n == "argmax" else cdt)
     g2 = None
     if grad is not None:
         g2 = (grad if half is None else grad.view(np.uint16)).reshape(view.shape)

@@ -31,11 +31,12 @@ import jax
 import jax.numpy as jnp
 
 from . import _jax_reference
+from ._keywords import FLOAT_OUTPUTS
 
 _FLAG_PROBS, _FLAG_WEIGHT, _FLAG_SWEIGHT = 1, 2, 4
 _FLAG_EPS_OPERAND, _FLAG_NORMALIZER, _FLAG_NORM_OPERAND = 8, 16, 32
 _FLAG_BETA_OPERAND = 64
-_FLOAT_STATS = ("lse", "entropy", "target_logprob")  # differentiable; argmax is not
+_FLOAT_STATS = FLOAT_OUTPUTS  # differentiable; argmax is not
 _REDUCTIONS = {"none": 0, "sum": 1, "mean": 2}
 _HALF = (np.dtype(jnp.bfloat16), np.dtype(jnp.float16))
 
@@ -263,15 +264,16 @@ def _make(attrs: Tuple[Tuple[str, Any], ...]):
     return ce
 
 
-def _tangent_of_others(ref, primals, tangents, moving):
-    """The reference loss's tangent with respect to the operands in `moving` (probability
-    targets, weights, sample weights, traced scalars), the logits held fixed."""
+def _tangent_of_others(fn, primals, tangents, moving):
+    """The tangent of fn(*primals) with respect to the operands in `moving` alone (the others
+    held fixed): for the reference loss, its tangent in the probability targets, weights,
+    sample weights and traced scalars; symbolic zeros stay out of jax.jvp."""
 
     def of_others(*vals):
         p = list(primals)
         for i, v in zip(moving, vals):
             p[i] = v
-        return ref(*p)
+        return fn(*p)
 
     return jax.jvp(
         of_others, tuple(primals[i] for i in moving), tuple(tangents[i] for i in moving)
@@ -335,15 +337,11 @@ def _make_stats(attrs: Tuple[Tuple[str, Any], ...], want: Tuple[str, ...]):
         # Symbolic zeros (they carry manual shard_map axes, which argmax's tangent needs)
         # stay out of jax.jvp: only the operands that move are its inputs.
         moving = [i for i, d in enumerate(tangents) if not _zero(d)]
-
-        def of_moving(*vals):
-            p = list(primals)
-            for i, v in zip(moving, vals):
-                p[i] = v
-            return (ref_grad(*p), ref(*p)) + ref_floats(p[0], p[1])
-
-        _, tan = jax.jvp(
-            of_moving, tuple(primals[i] for i in moving), tuple(tangents[i] for i in moving)
+        tan = _tangent_of_others(
+            lambda *p: (ref_grad(*p), ref(*p)) + ref_floats(p[0], p[1]),
+            primals,
+            tangents,
+            moving,
         )
         tan = tuple(d.astype(o.dtype) for d, o in zip(tan, out))
         return out, tan + float0(out)
@@ -423,7 +421,7 @@ def _denominator(t, w, sw, probs: bool, opts: dict, C: int, cdt: Any):
         return jnp.sum(sw) if sw is not None else jnp.asarray(t.size // max(C, 1), cdt)
     d = jnp.ones(t.shape, cdt) if w is None else jnp.take(w, jnp.clip(t, 0, C - 1))
     d = d if sw is None else d * sw
-    keep = _jax_reference.counted(t, int(opts.get("ignore_index", -100)))
+    keep = _jax_reference.counted_rows(t, int(opts.get("ignore_index", -100)))
     return jnp.sum(jnp.where(keep, d, 0))
 
 

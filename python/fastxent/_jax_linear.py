@@ -29,7 +29,7 @@ import numpy as np
 
 from . import _jax_reference, _linear
 from ._api import RowStats, cross_entropy, cross_entropy_with_grad
-from ._keywords import LINEAR, output_names
+from ._keywords import LINEAR, kernel_outputs, output_names
 
 __all__ = ["linear_cross_entropy"]
 
@@ -318,7 +318,7 @@ def linear_cross_entropy(
     elif probs:
         d = jnp.asarray(n, cdt) if sw is None else sw.sum()
     else:
-        counted = _jax_reference.counted(t, ii)
+        counted = _jax_reference.counted_rows(t, ii)
         per = jnp.ones(n, cdt) if sw is None else sw
         if cw is not None:
             per = per * cw[jnp.where(counted, t, 0)]
@@ -328,8 +328,7 @@ def linear_cross_entropy(
     if names is None:
         f = _make(opts + (("reduction", red),), tile, b is not None)
         return f(h, w, b, t, cw, sw, d).astype(h.dtype)
-    want = tuple(k for k in ("lse", "entropy", "argmax", "target_logprob") if k in names)
-    want += ("argmax",) if "accuracy" in names and "argmax" not in want else ()
+    want = kernel_outputs(names)
     if not want:  # outputs=(): the plain loss and an empty RowStats, as NumPy's
         f = _make(opts + (("reduction", red),), tile, b is not None)
         return f(h, w, b, t, cw, sw, d).astype(h.dtype), RowStats()
@@ -338,9 +337,5 @@ def linear_cross_entropy(
     got = dict(zip(want, stats))
     fields = {k: got[k] for k in names if k != "accuracy"}
     if "accuracy" in names:
-        tt = t.reshape(lead)
-        keep = _jax_reference.counted(tt, ii)
-        nc = jnp.sum(keep)
-        hits = jnp.sum(keep & (got["argmax"] == tt))
-        fields["accuracy"] = jnp.where(nc > 0, hits / jnp.maximum(nc, 1), 0).astype(cdt)
+        fields["accuracy"] = _jax_reference.accuracy(got["argmax"], t.reshape(lead), ii, cdt)
     return loss.astype(h.dtype), RowStats(**fields)

@@ -59,10 +59,7 @@ def reference_loss(
         den = s
     else:
         y = t.reshape(-1)
-        lim = np.iinfo(np.dtype(y.dtype))
-        # An ignore_index outside the targets' integer type matches no target.
-        fits = lim.min <= ignore_index <= lim.max
-        counted = y != ignore_index if fits else jnp.ones((N,), bool)
+        counted = counted_rows(y, ignore_index)
         yc = jnp.where(counted, y, 0)
         # An ignored row's logits reach nothing, not even as 0 * NaN in a derivative: they are
         # replaced before any operation on them.
@@ -93,7 +90,7 @@ def reference_loss(
     return jnp.where(D == 0, 0.0, total / jnp.where(D == 0, 1.0, D))
 
 
-def counted(t: Any, ignore_index: int) -> jax.Array:
+def counted_rows(t: Any, ignore_index: int) -> jax.Array:
     """Class targets that count: those other than ignore_index. An ignore_index outside
     the targets' integer type matches no target (comparing would wrap it into the type's
     range: -100 as a uint8 is 156, a real class)."""
@@ -101,6 +98,15 @@ def counted(t: Any, ignore_index: int) -> jax.Array:
     if lim.min <= ignore_index <= lim.max:
         return t != ignore_index
     return jnp.ones(t.shape, bool)
+
+
+def accuracy(argmax: Any, t: Any, ignore_index: int, dtype: Any) -> jax.Array:
+    """The fraction of counted rows whose argmax is the class target (0 when no row counts),
+    a 0-d array of `dtype`: outputs=("accuracy",) of the JAX front ends."""
+    keep = counted_rows(t, ignore_index)
+    n = jnp.sum(keep)
+    hits = jnp.sum(keep & (argmax == t))
+    return jnp.where(n > 0, hits / jnp.maximum(n, 1), 0).astype(dtype)
 
 
 def row_entropy(zp: Any, lse: Any) -> jax.Array:
@@ -140,7 +146,7 @@ def reference_stats(
     out = {"lse": lse, "entropy": row_entropy(zp, lse)}
     if not probs:
         y = t.reshape(-1)
-        keep = counted(y, ignore_index)
+        keep = counted_rows(y, ignore_index)
         yc = jnp.where(keep, y, 0)
         zc = transform(jnp.where(keep[:, None], z, 0.0))
         picked = jnp.take_along_axis(zc, yc[:, None], axis=1)[:, 0] - jax.nn.logsumexp(zc, axis=1)

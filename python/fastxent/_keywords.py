@@ -104,6 +104,15 @@ DEFAULTS: Dict[str, Any] = {
 
 # The per-row outputs ``outputs=`` may ask for (fastxent.cross_entropy(_with_grad)).
 OUTPUT_NAMES: Tuple[str, ...] = ("lse", "entropy", "argmax", "target_logprob", "accuracy")
+# Those of them that are per-row floats (differentiable where a front end differentiates them).
+FLOAT_OUTPUTS: Tuple[str, ...] = ("lse", "entropy", "target_logprob")
+
+
+def kernel_outputs(names: Tuple[str, ...]) -> Tuple[str, ...]:
+    """The kernel's per-row outputs that checked outputs= `names` need: the float ones asked
+    for in FLOAT_OUTPUTS order, then argmax if argmax or accuracy is asked for."""
+    floats = tuple(n for n in FLOAT_OUTPUTS if n in names)
+    return floats + (("argmax",) if "argmax" in names or "accuracy" in names else ())
 
 
 class _Transform(TypedDict, total=False):

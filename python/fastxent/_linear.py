@@ -34,8 +34,8 @@ from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
-from ._api import RowStats, cross_entropy, cross_entropy_with_grad
-from ._keywords import LINEAR, LinearKeywords, Unpack
+from ._api import RowStats, _row_stats, cross_entropy, cross_entropy_with_grad
+from ._keywords import LINEAR, LinearKeywords, Unpack, kernel_outputs
 from ._linear_plan import (  # noqa: F401 (re-exported: fastxent._linear's names)
     _MIN_ROWS,
     _OPTION_NAMES,
@@ -67,36 +67,22 @@ def _tile_kw(
     return kw
 
 
-_KERNEL_STATS = ("lse", "entropy", "argmax", "target_logprob")
-
-
 def new_stats(plan: _Plan) -> Optional[Dict[str, np.ndarray]]:
     """The (n,) arrays that run_tiles fills with the kernel's per-row outputs for the plan's
     outputs= (argmax for accuracy too), or None without outputs=."""
     if plan.outputs is None:
         return None
-    names = set(plan.outputs) | ({"argmax"} if "accuracy" in plan.outputs else set())
     return {
         n: np.empty(plan.n, np.int64 if n == "argmax" else plan.cdt)
-        for n in _KERNEL_STATS
-        if n in names
+        for n in kernel_outputs(plan.outputs)
     }
 
 
 def row_stats(plan: _Plan, stats: Dict[str, np.ndarray]) -> RowStats:
-    """The RowStats of the plan's outputs= (each of the rows' shape), accuracy over the
-    counted rows (fastxent.cross_entropy's definition)."""
+    """The RowStats of the plan's outputs= (each of the rows' shape), as fastxent.cross_entropy
+    builds them (accuracy over the counted rows)."""
     assert plan.outputs is not None
-    fields: Dict[str, Any] = {
-        n: stats[n].reshape(plan.lead) for n in _KERNEL_STATS if n in plan.outputs
-    }
-    if "accuracy" in plan.outputs:
-        t = plan.target
-        counted = t != plan.kw["ignore_index"]
-        nc = int(np.count_nonzero(counted))
-        hits = int(np.count_nonzero((stats["argmax"] == t) & counted))
-        fields["accuracy"] = hits / nc if nc else 0.0
-    return RowStats(**fields)
+    return _row_stats(plan.outputs, stats, plan.target, plan.kw["ignore_index"], plan.lead)
 
 
 def run_tiles(

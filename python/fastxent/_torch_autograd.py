@@ -27,7 +27,7 @@ from ._torch_common import (
     under_func_transform,
 )
 from ._torch_common import is_wrapped
-from ._keywords import output_names
+from ._keywords import FLOAT_OUTPUTS, output_names
 from ._torch_fast import fused, is_compiling
 from ._torch_nodata import func_transform_loss, is_fake, op_loss
 
@@ -205,7 +205,7 @@ def general_cross_entropy(
 
 # --- outputs= and entropy_coef: the per-row statistics of the same kernel pass --------------
 
-_FLOAT_STATS = ("lse", "entropy", "target_logprob")  # differentiable; argmax, accuracy are not
+_FLOAT_STATS = FLOAT_OUTPUTS  # differentiable; argmax, accuracy are not
 
 
 def _stats_vjp(z: Tensor, target: Tensor, kw: Dict[str, Any], grads: Dict[str, Tensor]) -> Tensor:

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _api, _linear
-from ._keywords import TORCH_LINEAR, TorchLinearKeywords, Unpack
+from ._keywords import FLOAT_OUTPUTS, TORCH_LINEAR, TorchLinearKeywords, Unpack
 from ._torch_common import has_tangent, refuse_derivative, refuse_func_transforms
 
 __all__ = ["linear_cross_entropy", "LinearCrossEntropyLoss"]
@@ -156,7 +156,7 @@ def refuse_forward_mode(fn: str, *ts: Optional[Tensor]) -> None:
         )
 
 
-_FLOAT_STATS = ("lse", "entropy", "target_logprob")
+_FLOAT_STATS = FLOAT_OUTPUTS
 
 
 def _stat_tensors(plan: Any, stats: Optional[Dict[str, np.ndarray]]) -> Tuple[Tensor, ...]:

@@ -65,7 +65,7 @@ except ImportError as _e:  # pragma: no cover - exercised without jax installed
 import jax.numpy as jnp
 
 from . import _api, _jax_ffi, _jax_reference
-from ._keywords import output_names
+from ._keywords import kernel_outputs, output_names
 
 __all__ = [
     "cross_entropy",
@@ -301,8 +301,7 @@ def cross_entropy(
             return _jax_ffi.cross_entropy(
                 x, t, w, sw, bool(probs), axis, kw, eps, norm, beta
             ).astype(x.dtype)
-        want = tuple(n for n in _jax_ffi._FLOAT_STATS if n in names)
-        want += ("argmax",) if ("argmax" in names or "accuracy" in names) else ()
+        want = kernel_outputs(names)
         if not want:  # outputs=(): the plain loss and an empty RowStats, as NumPy's
             loss = _jax_ffi.cross_entropy(x, t, w, sw, bool(probs), axis, kw, eps, norm, beta)
             return loss.astype(x.dtype), _api.RowStats()
@@ -342,11 +341,8 @@ def _row_stats(
     got = dict(zip(want, res))
     fields = {n: got[n] for n in names if n != "accuracy"}
     if "accuracy" in names:
-        am = got["argmax"]
-        keep = _jax_reference.counted(t, int(kw.get("ignore_index", -100)))
-        n = jnp.sum(keep)
-        hits = jnp.sum(keep & (am == t))
-        fields["accuracy"] = jnp.where(n > 0, hits / jnp.maximum(n, 1), 0).astype(cdt)
+        ii = int(kw.get("ignore_index", -100))
+        fields["accuracy"] = _jax_reference.accuracy(got["argmax"], t, ii, cdt)
     return _api.RowStats(**fields)
 
 
