@@ -56,7 +56,11 @@ NUMPY_FUNCTIONS = [
     ),
     (
         fx.shard_stats,
-        [("offset", inspect.Parameter.empty), ("num_classes", inspect.Parameter.empty)],
+        [
+            ("offset", inspect.Parameter.empty),
+            ("num_classes", inspect.Parameter.empty),
+            ("outputs", None),
+        ],
         SHARD,
         [],
     ),

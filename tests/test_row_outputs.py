@@ -493,12 +493,13 @@ def test_16_bit_logits_other_axes_refuse():
 def test_other_front_ends_do_not_take_the_keywords():
     z = np.zeros((4, 6), np.float32)
     y = np.zeros(4, np.int64)
-    with pytest.raises(TypeError, match="unexpected keyword argument 'outputs'"):
-        fx.shard_stats(z, y, offset=0, num_classes=6, outputs=("lse",))
+    with pytest.raises(TypeError, match="unexpected keyword argument 'entropy_coef'"):
+        fx.shard_stats(z, y, offset=0, num_classes=6, entropy_coef=0.1)
     with pytest.raises(TypeError, match="unexpected keyword argument 'entropy_coef'"):
         fx.shard_grad(z, y, np.zeros((4, 7)), offset=0, num_classes=6, entropy_coef=0.1)
     # fastxent.torch and fastxent.jax take them (tests/test_torch_row_outputs.py,
-    # tests/test_jax_row_outputs.py), and the fused linear functions (tests/test_linear_stats.py).
+    # tests/test_jax_row_outputs.py), and the fused linear functions (tests/test_linear_stats.py);
+    # shard_stats takes outputs= (tests/test_shard_outputs.py).
 
 
 def test_in_place_entropy_with_minus_inf_logits(isa):

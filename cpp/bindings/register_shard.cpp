@@ -16,16 +16,17 @@ namespace fastxent_py {
 
 namespace {
 
-// A (rows, kStatFields) C-contiguous float64 array.
-double* stats_array(const py::object& o, py::ssize_t rows, bool writable, const char* what) {
+// A (rows, fields) C-contiguous float64 array (fields: kStatFields, or kOutFields for output
+// statistics).
+double* stats_array(const py::object& o, py::ssize_t rows, bool writable, const char* what,
+                    int fields = fastxent::kStatFields) {
   py::array a = py::reinterpret_borrow<py::array>(o);
-  if (!is_dtype<double>(a) || a.ndim() != 2 || a.shape(0) != rows ||
-      a.shape(1) != fastxent::kStatFields || !c_contiguous(a))
+  if (!is_dtype<double>(a) || a.ndim() != 2 || a.shape(0) != rows || a.shape(1) != fields ||
+      !c_contiguous(a))
     throw std::invalid_argument(std::string(what) +
                                 ": expected a C-contiguous float64 array "
                                 "of shape (" +
-                                std::to_string(rows) + ", " +
-                                std::to_string(fastxent::kStatFields) + ")");
+                                std::to_string(rows) + ", " + std::to_string(fields) + ")");
   if (writable && !a.writeable()) throw std::invalid_argument(std::string(what) + ": read-only");
   return static_cast<double*>(const_cast<void*>(a.data()));
 }
@@ -53,12 +54,14 @@ fastxent::ShardInputs<T> shard_inputs(const py::array& logits, const py::object&
 template <class T>
 void stats_impl(const py::array& logits, const py::object& target, const py::object& probs,
                 const py::object& weight, int64_t offset, int64_t num_classes,
-                const fastxent::Options& opt, const py::object& out) {
+                const fastxent::Options& opt, const py::object& out, const py::object& outs) {
   const fastxent::ShardInputs<T> in =
       shard_inputs<T>(logits, target, probs, weight, offset, num_classes);
   double* st = stats_array(out, in.rows, true, "out");
+  double* os =
+      outs.is_none() ? nullptr : stats_array(outs, in.rows, true, "outs", fastxent::kOutFields);
   py::gil_scoped_release release;
-  fastxent::shard_stats<T>(in, opt, st);
+  fastxent::shard_stats<T>(in, opt, st, os);
 }
 
 template <class T>
@@ -75,37 +78,53 @@ void grad_impl(const py::array& logits, const py::object& target, const py::obje
   fastxent::shard_grad<T>(in, st, sw, opt, scale, g);
 }
 
+// out = a (+) b through merge, for (rows, fields) arrays.
+void merge_impl(const py::object& a, const py::object& b, const py::object& out, int fields,
+                void (*merge)(const double*, const double*, int64_t, double*)) {
+  const py::array aa = py::reinterpret_borrow<py::array>(a);
+  const py::ssize_t rows = aa.ndim() == 2 ? aa.shape(0) : -1;
+  const double* pa = stats_array(a, rows, false, "a", fields);
+  const double* pb = stats_array(b, rows, false, "b", fields);
+  double* po = stats_array(out, rows, true, "out", fields);
+  py::gil_scoped_release release;
+  merge(pa, pb, rows, po);
+}
+
 }  // namespace
 
 void register_shard(py::module_& m) {
   m.attr("STAT_FIELDS") = py::int_(fastxent::kStatFields);
+  m.attr("OUT_FIELDS") = py::int_(fastxent::kOutFields);
   m.def(
       "shard_stats",
       [](const py::array& logits, const py::object& target, const py::object& probs,
          const py::object& weight, int64_t offset, int64_t num_classes,
-         const fastxent::Options& options, const py::object& out) {
+         const fastxent::Options& options, const py::object& out, const py::object& outs) {
         const fastxent::Options opt = options;  // a copy: read without the GIL
         if (is_dtype<float>(logits))
-          return stats_impl<float>(logits, target, probs, weight, offset, num_classes, opt, out);
+          return stats_impl<float>(logits, target, probs, weight, offset, num_classes, opt, out,
+                                   outs);
         if (is_dtype<double>(logits))
-          return stats_impl<double>(logits, target, probs, weight, offset, num_classes, opt, out);
+          return stats_impl<double>(logits, target, probs, weight, offset, num_classes, opt, out,
+                                    outs);
         throw py::type_error("logits: expected float32 or float64");
       },
       py::arg("logits"), py::arg("target"), py::arg("probs"), py::arg("weight"), py::arg("offset"),
-      py::arg("num_classes"), py::arg("options"), py::arg("out"),
-      "Per-row statistics of one vocabulary shard into out (rows, STAT_FIELDS) float64 "
-      "(Options: ignore_index, label_smoothing, softcap, logit_scale, num_threads).");
+      py::arg("num_classes"), py::arg("options"), py::arg("out"), py::arg("outs") = py::none(),
+      "Per-row statistics of one vocabulary shard into out (rows, STAT_FIELDS) float64 and, "
+      "unless outs is None, output statistics into outs (rows, OUT_FIELDS) (Options: "
+      "ignore_index, label_smoothing, softcap, logit_scale, num_threads).");
+  m.def(
+      "merge_output_stats",
+      [](const py::object& a, const py::object& b, const py::object& out) {
+        merge_impl(a, b, out, fastxent::kOutFields, &fastxent::merge_output_stats);
+      },
+      py::arg("a"), py::arg("b"), py::arg("out"),
+      "out = a (+) b for output statistics, row by row (out may alias).");
   m.def(
       "merge_stats",
       [](const py::object& a, const py::object& b, const py::object& out) {
-        const py::ssize_t rows = py::reinterpret_borrow<py::array>(a).ndim() == 2
-                                     ? py::reinterpret_borrow<py::array>(a).shape(0)
-                                     : -1;
-        const double* pa = stats_array(a, rows, false, "a");
-        const double* pb = stats_array(b, rows, false, "b");
-        double* po = stats_array(out, rows, true, "out");
-        py::gil_scoped_release release;
-        fastxent::merge_stats(pa, pb, rows, po);
+        merge_impl(a, b, out, fastxent::kStatFields, &fastxent::merge_stats);
       },
       py::arg("a"), py::arg("b"), py::arg("out"), "out = a (+) b, row by row (out may alias).");
   m.def(

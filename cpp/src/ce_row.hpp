@@ -25,6 +25,8 @@ struct RowResult {
   // With p.ent: log S and ebar = sum_c p_c (z'_c - M) (the entropy is log S - ebar); with
   // beta > 0, ec = beta s alpha / S, the factor of the entropy term's e (z' - M - ebar).
   double logS = 0.0, ebar = 0.0, ec = 0.0;
+  // stats_only with p.ent: the sum e (z' - M) itself (ebar = E / S).
+  double E = 0.0;
 };
 
 // r.a e in double; as r.an (e / r.S) where r.a is subnormal or 0 (extreme row scales with
@@ -300,7 +302,7 @@ inline int64_t row_argmax(const Problem<T>& p, const T* z, const BlockStat* st, 
 }
 
 // The statistics of a row that does not count (ignored, or no row counts): log S and ebar
-// as finish_row has them (r.a NaN for a NaN row, r.M = -inf for a row of -inf).
+// as finish_row has them, and S and E (r.a NaN for a NaN row, r.M = -inf for a row of -inf).
 template <class T>
 inline RowResult stats_only(const Problem<T>& p, const BlockStat* st) {
   RowResult r{0.0, -kInf, 0.0, 0.0, 0.0};
@@ -322,6 +324,8 @@ inline RowResult stats_only(const Problem<T>& p, const BlockStat* st) {
     if (p.ent && rescale(st[k].m, r.M) != 0.0)
       E += (st[k].ez + (st[k].m - r.M) * st[k].s) * rescale(st[k].m, r.M);
   }
+  r.S = S;
+  r.E = E;
   r.logS = std::log(S);
   r.ebar = E / S;
   return r;

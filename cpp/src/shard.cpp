@@ -99,13 +99,40 @@ void check_merged(const double* stats, int64_t rows, int64_t num_classes) {
   }
 }
 
+// Row n's output statistics (kOutFields at o) from its blocks' statistics.
+template <class T>
+void output_row(const Problem<T>& p, const ShardInputs<T>& in, int64_t n, const RowPtrs<T>& rp,
+                const BlockStat* st, double* o) {
+  const RowResult r = stats_only(p, st);
+  const bool nan = std::isnan(r.a), degen = !nan && r.M == -kInf;
+  o[kOutMax] = nan ? kNaN : r.M;
+  o[kOutSumExp] = nan ? kNaN : degen ? 0.0 : r.S;
+  o[kOutH] = nan ? kNaN : degen ? 0.0 : r.E;
+  const int64_t i = row_argmax(p, rp.z, st, nan);
+  const double v = double(rp.z[i]);
+  o[kOutNaN] = std::isnan(v) ? 1.0 : 0.0;
+  o[kOutArgVal] = v;
+  o[kOutArgIdx] = double(in.offset + i);
+  int64_t y;
+  double dz;
+  o[kOutZy] =
+      !p.probs && owns_target(p, in.offset, n, &y) ? transform(p, double(rp.z[y]), &dz) : 0.0;
+  o[kOutColumns] = double(in.classes);
+}
+
 }  // namespace
 
 template <class T>
 void shard_stats(const ShardInputs<T>& in, const Options& opt, double* stats) {
+  shard_stats(in, opt, stats, nullptr);
+}
+
+template <class T>
+void shard_stats(const ShardInputs<T>& in, const Options& opt, double* stats, double* outs) {
   check_shard(in, opt, false);
   if (in.rows > 0 && stats == nullptr) throw std::invalid_argument("stats must not be null");
-  const Problem<T> p = shard_problem(in, opt, static_cast<T*>(nullptr));
+  Problem<T> p = shard_problem(in, opt, static_cast<T*>(nullptr));
+  p.ent = outs != nullptr;  // the entropy sums (the other sums are the same bits)
   const bool smooth = !p.probs && p.eps > 0.0;
   // Class-weight sums per block (for sum u z' = wd + m' * sum u), and of the shard.
   std::vector<double> bw(static_cast<size_t>(p.nb), 0.0);
@@ -125,7 +152,8 @@ void shard_stats(const ShardInputs<T>& in, const Options& opt, double* stats) {
       double* out = stats + n * kStatFields;
       std::fill(out, out + kStatFields, 0.0);
       out[kStatColumns] = double(in.classes);
-      if (!p.probs && p.in.target[n] == p.ignore_index) {
+      const bool ignored = !p.probs && p.in.target[n] == p.ignore_index;
+      if (ignored && !outs) {
         out[kStatMax] = -kInf;
         continue;
       }
@@ -137,6 +165,11 @@ void shard_stats(const ShardInputs<T>& in, const Options& opt, double* stats) {
             p.fns->block(block_in(p, rp, k, static_cast<T*>(nullptr), static_cast<T*>(nullptr)));
         M = std::max(M, st[size_t(k)].m);
         nan |= std::isnan(st[size_t(k)].m) || std::isnan(st[size_t(k)].s);
+      }
+      if (outs) output_row(p, in, n, rp, st.data(), outs + n * kOutFields);
+      if (ignored) {
+        out[kStatMax] = -kInf;
+        continue;
       }
       double S = 0.0, U = 0.0, UZ = 0.0;  // sum exp(z' - M), sum u, sum u z'
       for (int64_t k = 0; k < p.nb; ++k) {
@@ -200,6 +233,51 @@ void merge_stats(const double* a, const double* b, int64_t rows, double* out) {
       if (std::isnan(r[f])) r[f] = kNaN;
     }
     std::memcpy(out + n * kStatFields, r, sizeof r);
+  }
+}
+
+void merge_output_stats(const double* a, const double* b, int64_t rows, double* out) {
+  for (int64_t n = 0; n < rows; ++n) {
+    const double* x = a + n * kOutFields;
+    const double* y = b + n * kOutFields;
+    double r[kOutFields];
+    const auto nan_side = [](const double* s) {
+      return std::isnan(s[kOutMax]) || std::isnan(s[kOutSumExp]);
+    };
+    if (nan_side(x) || nan_side(y)) {
+      r[kOutMax] = r[kOutSumExp] = r[kOutH] = kNaN;
+    } else {
+      const double mx = x[kOutMax], my = y[kOutMax];
+      const double M = mx == my ? (std::signbit(mx) ? my : mx) : std::max(mx, my);
+      double S = 0.0, H = 0.0;
+      for (const double* s : {x, y}) {
+        // As the blocks of one row (stats_only): a side of -inf, or one whose rescale is 0
+        // ((m - M) S may overflow there, times 0), adds nothing.
+        if (s[kOutMax] == -kInf) continue;
+        const double f = rescale(s[kOutMax], M);
+        S += s[kOutSumExp] * f;
+        if (f != 0.0) H += (s[kOutH] + (s[kOutMax] - M) * s[kOutSumExp]) * f;
+      }
+      r[kOutMax] = M;
+      r[kOutSumExp] = S;
+      r[kOutH] = H;
+    }
+    // The argmax: a NaN row's first NaN; else the larger value, then the smaller index (both
+    // the value and the index from one side, so -0.0 and +0.0 keep the first one's sign).
+    const bool take_y =
+        x[kOutNaN] != y[kOutNaN]
+            ? y[kOutNaN] > x[kOutNaN]
+            : (x[kOutNaN] == 0.0 && x[kOutArgVal] != y[kOutArgVal] ? y[kOutArgVal] > x[kOutArgVal]
+                                                                   : y[kOutArgIdx] < x[kOutArgIdx]);
+    const double* w = take_y ? y : x;
+    r[kOutNaN] = w[kOutNaN];
+    r[kOutArgVal] = w[kOutArgVal];
+    r[kOutArgIdx] = w[kOutArgIdx];
+    for (int f : {int(kOutZy), int(kOutColumns)}) {
+      r[f] = x[f] + y[f];
+      if (std::isnan(r[f])) r[f] = kNaN;
+    }
+    std::memcpy(out + n * kOutFields, r, sizeof r);
   }
 }
 
@@ -324,6 +402,8 @@ void shard_grad(const ShardInputs<T>& in, const double* stats, const T* sample_w
 
 template void shard_stats<float>(const ShardInputs<float>&, const Options&, double*);
 template void shard_stats<double>(const ShardInputs<double>&, const Options&, double*);
+template void shard_stats<float>(const ShardInputs<float>&, const Options&, double*, double*);
+template void shard_stats<double>(const ShardInputs<double>&, const Options&, double*, double*);
 template void shard_grad<float>(const ShardInputs<float>&, const double*, const float*,
                                 const Options&, double, float*);
 template void shard_grad<double>(const ShardInputs<double>&, const double*, const double*,

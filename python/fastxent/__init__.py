@@ -35,9 +35,12 @@ from ._distill_linear import (
 )
 from ._companions import log_softmax, logsumexp, softmax, softmax_backward, softmax_jacobian
 from ._shard import (
+    OUTPUT_STAT_FIELDS,
     STAT_FIELDS,
     loss_from_stats,
+    merge_output_stats,
     merge_stats,
+    outputs_from_stats,
     shard_grad,
     shard_stats,
     stats_denominator,
@@ -77,6 +80,9 @@ __all__ = [
     "loss_from_stats",
     "shard_grad",
     "stats_denominator",
+    "OUTPUT_STAT_FIELDS",
+    "merge_output_stats",
+    "outputs_from_stats",
     "available_isas",
     "active_isa",
     "__version__",

@@ -10,6 +10,7 @@ _Float = Union[SupportsFloat, SupportsIndex]
 __version__: str
 build_info: dict[str, Any]
 STAT_FIELDS: int
+OUT_FIELDS: int
 
 class Options:
     reduction: int
@@ -124,8 +125,10 @@ def shard_stats(
     num_classes: _Int,
     options: Options,
     out: object,
+    outs: object = None,
 ) -> None: ...
 def merge_stats(a: object, b: object, out: object) -> None: ...
+def merge_output_stats(a: object, b: object, out: object) -> None: ...
 def stats_loss(
     stats: object, sample_weight: object, options: Options, num_classes: _Int, row_losses: object
 ) -> float: ...

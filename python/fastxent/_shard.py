@@ -22,12 +22,13 @@ them as: M = max over shards of ``max``; then the sum over shards of
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from . import _core
-from ._keywords import LOSS, SHARD, LossKeywords, ShardKeywords, Unpack
+from ._api import RowStats, _row_stats
+from ._keywords import LOSS, SHARD, LossKeywords, ShardKeywords, Unpack, output_names
 from ._options import (
     LossOptions,
     as_target,
@@ -48,11 +49,27 @@ __all__ = [
     "loss_from_stats",
     "shard_grad",
     "stats_denominator",
+    "OUTPUT_STAT_FIELDS",
+    "merge_output_stats",
+    "outputs_from_stats",
 ]
 
 #: The fields of the last axis of shard statistics, in order.
 STAT_FIELDS: Tuple[str, ...] = ("max", "sumexp", "q", "qz", "wy", "count", "columns")
 assert len(STAT_FIELDS) == _core.STAT_FIELDS
+
+#: The fields of the last axis of output statistics (``shard_stats(..., outputs=...)``).
+OUTPUT_STAT_FIELDS: Tuple[str, ...] = (
+    "max",
+    "sumexp",
+    "h",
+    "nan",
+    "argval",
+    "argidx",
+    "zy",
+    "columns",
+)
+assert len(OUTPUT_STAT_FIELDS) == _core.OUT_FIELDS
 
 
 def _shard_args(logits: Any, target: Any, offset: Any, num_classes: Any, o: Dict[str, Any]):
@@ -128,8 +145,14 @@ def _call(fn, a, *args):
 
 @SHARD
 def shard_stats(
-    logits: Any, target: Any, *, offset: int, num_classes: int, **kw: Unpack[ShardKeywords]
-) -> np.ndarray:
+    logits: Any,
+    target: Any,
+    *,
+    offset: int,
+    num_classes: int,
+    outputs: Optional[Sequence[str]] = None,
+    **kw: Unpack[ShardKeywords],
+) -> Any:
     """Per-row statistics of one vocabulary shard, in one SIMD pass over its logits.
 
     Parameters
@@ -147,14 +170,28 @@ def shard_stats(
     ignore_index, label_smoothing, softcap, logit_scale, num_threads
         As :func:`fastxent.cross_entropy` (the other options, z_loss, sample_weight,
         reduction and normalizer, act on merged statistics).
+    outputs : tuple of names, optional
+        Per-row outputs of the whole row, as :func:`fastxent.cross_entropy`'s ``outputs=``
+        (``"lse"``, ``"entropy"``, ``"argmax"``, ``"target_logprob"``, ``"accuracy"``):
+        also return this shard's output statistics, from the same pass. Merge them with
+        :func:`merge_output_stats` and finish with :func:`outputs_from_stats`.
 
     Returns
     -------
-    float64 array of shape ``logits.shape[:-1] + (7,)``; fields :data:`STAT_FIELDS`.
+    float64 array of shape ``logits.shape[:-1] + (7,)``; fields :data:`STAT_FIELDS`. With
+    ``outputs``: ``(stats, output_stats)``, the second of shape ``logits.shape[:-1] + (8,)``,
+    fields :data:`OUTPUT_STAT_FIELDS` (computed for every row, ignored ones too).
     """
     o = SHARD.bind("shard_stats", kw)
+    names = None if outputs is None else output_names(outputs)
     a = _shard_args(logits, target, offset, num_classes, o)
-    out = np.empty((a["view"].shape[0], len(STAT_FIELDS)), np.float64)
+    if names is not None and a["probs"] is not None:
+        bad = [n for n in names if n in ("target_logprob", "accuracy")]
+        if bad:
+            raise ValueError(f"outputs {bad} need class-index targets, not probabilities")
+    rows = a["view"].shape[0]
+    out = np.empty((rows, len(STAT_FIELDS)), np.float64)
+    outs = None if names is None else np.empty((rows, len(OUTPUT_STAT_FIELDS)), np.float64)
     _call(
         _core.shard_stats,
         a,
@@ -166,8 +203,115 @@ def shard_stats(
         a["C"],
         a["opts"].core(),
         out,
+        outs,
     )
-    return out.reshape(a["rows_shape"] + (len(STAT_FIELDS),))
+    st = out.reshape(a["rows_shape"] + (len(STAT_FIELDS),))
+    if outs is None:
+        return st
+    return st, outs.reshape(a["rows_shape"] + (len(OUTPUT_STAT_FIELDS),))
+
+
+def _as_output_stats(s: Any, name: str) -> np.ndarray:
+    a = to_numpy(s, name)
+    if a.ndim == 0 or a.shape[-1] != len(OUTPUT_STAT_FIELDS):
+        raise ValueError(
+            f"{name} must have shape (..., {len(OUTPUT_STAT_FIELDS)}) (output statistics of "
+            f"shard_stats(..., outputs=...)), got {a.shape}"
+        )
+    if a.dtype != np.float64:
+        raise TypeError(f"{name} must be a float64 array of output statistics, got {a.dtype}")
+    return a
+
+
+def merge_output_stats(*stats: Any) -> np.ndarray:
+    """Merges the output statistics of shards of the same rows (any number, any order): the
+    exponential sums as :func:`merge_stats`, the argmax by the larger value then the smaller
+    index (a NaN row: its first NaN's index), the target logit and the column counts added.
+    Commutative bit for bit; associative up to rounding of the sums (the argmax exactly).
+    Returns a new float64 array."""
+    if not stats:
+        raise TypeError("merge_output_stats needs at least one array of output statistics")
+    arrs = [_as_output_stats(s, f"stats[{i}]") for i, s in enumerate(stats)]
+    return _merge(arrs, _core.merge_output_stats)
+
+
+def _merge(arrs: List[np.ndarray], merge: Callable[[Any, Any, Any], None]) -> np.ndarray:
+    """The checked arrays of statistics (one width) merged left to right by merge."""
+    shape = arrs[0].shape
+    for i, s in enumerate(arrs[1:], 1):
+        if s.shape != shape:
+            raise ValueError(f"stats[{i}] has shape {s.shape}, expected {shape} (the same rows)")
+    flat = [np.ascontiguousarray(s).reshape(-1, shape[-1]) for s in arrs]
+    out = flat[0].copy()
+    for s in flat[1:]:
+        merge(out, s, out)
+    return out.reshape(shape)
+
+
+def outputs_from_stats(
+    stats: Any,
+    target: Any = None,
+    *,
+    outputs: Sequence[str] = ("lse", "entropy", "argmax", "target_logprob", "accuracy"),
+    num_classes: Optional[int] = None,
+    ignore_index: int = -100,
+    dtype: Any = np.float64,
+) -> RowStats:
+    """The per-row outputs of whole rows from merged output statistics (no logits needed), as
+    :func:`fastxent.cross_entropy`'s ``outputs=`` returns them: ``lse = max + log(sumexp)``,
+    ``entropy = log(sumexp) - h / sumexp``, ``target_logprob = (zy - max) - log(sumexp)``
+    (0 for an ignored row), the argmax (int64) and the accuracy over counted rows. A row of
+    all -inf gives lse -inf, entropy log C, target_logprob -inf and argmax 0; a NaN row NaN.
+
+    ``target`` (the class targets, global indices) is needed for target_logprob and
+    accuracy. Given ``num_classes``, checks that every row's statistics cover exactly that
+    many columns (every shard merged once). ``dtype``: float64 (default) or float32, the
+    type of lse, entropy and target_logprob (the one-machine call returns the logits')."""
+    names = output_names(outputs)
+    ii = index(ignore_index, "ignore_index")
+    st = _as_output_stats(stats, "stats")
+    rows_shape = st.shape[:-1]
+    f = {n: st[..., i] for i, n in enumerate(OUTPUT_STAT_FIELDS)}
+    if num_classes is not None:
+        C = index(num_classes, "num_classes")
+        if C < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        bad = np.flatnonzero(f["columns"].reshape(-1) != C)
+        if bad.size:
+            raise ValueError(
+                f"output statistics of row {int(bad[0])} cover {f['columns'].reshape(-1)[bad[0]]}"
+                f" columns, not num_classes = {C}: merge those of every shard, once each"
+            )
+    dt = np.dtype(dtype)
+    if dt not in (np.float32, np.float64):
+        raise TypeError(f"dtype must be float32 or float64, got {dt}")
+    t = None
+    if "target_logprob" in names or "accuracy" in names:
+        if target is None:
+            raise ValueError("outputs target_logprob and accuracy need the class targets")
+        C_t = int(np.max(f["columns"], initial=0)) if num_classes is None else C
+        tg = to_numpy(target, "target")
+        t = as_target(tg, rows_shape, C_t, ii)
+        if np.any((t != ii) & ((t < 0) | (t >= C_t))):
+            raise_bad_target(tg, C_t, ii)
+    M, S, H = f["max"], f["sumexp"], f["h"]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        nan = np.isnan(M) | np.isnan(S)
+        degen = ~nan & (M == -np.inf)
+        logS = np.log(np.where(degen, 1.0, S))
+        outs: Dict[str, np.ndarray] = {}
+        if "lse" in names:
+            outs["lse"] = np.where(nan, np.nan, np.where(degen, -np.inf, M + logS))
+        if "entropy" in names:
+            ent = logS - H / np.where(degen, 1.0, S)
+            outs["entropy"] = np.where(nan, np.nan, np.where(degen, np.log(f["columns"]), ent))
+        if "target_logprob" in names:
+            tl = np.where(nan, np.nan, np.where(degen, -np.inf, (f["zy"] - M) - logS))
+            outs["target_logprob"] = np.where(t.reshape(rows_shape) == ii, 0.0, tl)
+    outs = {n: v.astype(dt).reshape(-1) for n, v in outs.items()}
+    if "argmax" in names or "accuracy" in names:
+        outs["argmax"] = f["argidx"].reshape(-1).astype(np.int64)
+    return _row_stats(names, outs, t, ii, rows_shape)
 
 
 def _as_stats(s: Any, name: str) -> np.ndarray:
@@ -189,15 +333,7 @@ def merge_stats(*stats: Any) -> np.ndarray:
     if not stats:
         raise TypeError("merge_stats needs at least one array of statistics")
     arrs = [_as_stats(s, f"stats[{i}]") for i, s in enumerate(stats)]
-    shape = arrs[0].shape
-    for i, s in enumerate(arrs[1:], 1):
-        if s.shape != shape:
-            raise ValueError(f"stats[{i}] has shape {s.shape}, expected {shape} (the same rows)")
-    flat = [np.ascontiguousarray(s, dtype=np.float64).reshape(-1, len(STAT_FIELDS)) for s in arrs]
-    out = flat[0].copy()
-    for s in flat[1:]:
-        _core.merge_stats(out, s, out)
-    return out.reshape(shape)
+    return _merge(arrs, _core.merge_stats)
 
 
 def _merged(stats: Any) -> Tuple[np.ndarray, Tuple[int, ...]]:

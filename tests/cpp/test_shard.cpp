@@ -289,6 +289,80 @@ void test_errors() {
   CHECK(!untouched(), "shard_grad did not write");
 }
 
+// Output statistics (shard_stats' fourth argument, merge_output_stats): the whole row's lse
+// and argmax as the one-machine RowOutputs, the argmax merge rules, and no write on error.
+void test_output_stats() {
+  const int64_t N = 4, C = 10;
+  constexpr int OF = fastxent::kOutFields;
+  const float inf = std::numeric_limits<float>::infinity();
+  std::vector<float> x = {
+      1,    3,    0,    3,    3,    0,    0,    0,    0,    0,  // tie across shards: index 1
+      0,    0,    0,    0,    0,    0,    7,    0,    0,    0,  // the max in the second shard
+      0,    0,    0,    0,    0,    0,    0,    0,    0,    0,  // a NaN at 6 (below): index 6
+      -inf, -inf, -inf, -inf, -inf, -inf, -inf, -inf, -inf, -inf};
+  x[size_t(2 * C + 6)] = std::numeric_limits<float>::quiet_NaN();
+  std::vector<int64_t> y = {1, 6, -100, 2};
+  fastxent::Options opt;
+  fastxent::ShardInputs<float> in[2];
+  for (int k = 0; k < 2; ++k) {
+    in[k].logits = x.data() + 4 * k;
+    in[k].rows = N;
+    in[k].classes = k == 0 ? 4 : 6;
+    in[k].row_stride = C;
+    in[k].offset = 4 * k;
+    in[k].num_classes = C;
+    in[k].target = y.data();
+  }
+  std::vector<double> s(size_t(N * NF)), o0(size_t(N * OF)), o1(size_t(N * OF));
+  std::vector<double> ab(size_t(N * OF)), ba(size_t(N * OF));
+  fastxent::shard_stats<float>(in[0], opt, s.data(), o0.data());
+  fastxent::shard_stats<float>(in[1], opt, s.data(), o1.data());
+  fastxent::merge_output_stats(o0.data(), o1.data(), N, ab.data());
+  fastxent::merge_output_stats(o1.data(), o0.data(), N, ba.data());
+  CHECK(std::memcmp(ab.data(), ba.data(), sizeof(double) * ab.size()) == 0,
+        "merge_output_stats must be commutative bit for bit");
+  fastxent::Inputs<float> full;
+  full.logits = x.data();
+  full.rows = N;
+  full.classes = C;
+  full.row_stride = C;
+  full.target = y.data();
+  std::vector<float> lse(static_cast<size_t>(N));
+  std::vector<int64_t> am(static_cast<size_t>(N));
+  fastxent::RowOutputs<float> ro;
+  ro.lse = lse.data();
+  ro.argmax = am.data();
+  fastxent::Options none;
+  none.reduction = fastxent::Reduction::Sum;
+  fastxent::cross_entropy<float>(full, none, nullptr, nullptr, &ro);
+  const int64_t want[N] = {1, 6, 6, 0};
+  for (int64_t n = 0; n < N; ++n) {
+    const double* r = ab.data() + n * OF;
+    CHECK(r[fastxent::kOutArgIdx] == double(am[size_t(n)]) && am[size_t(n)] == want[n],
+          "row %lld: merged argmax %g, one machine %lld", static_cast<long long>(n),
+          r[fastxent::kOutArgIdx], static_cast<long long>(am[size_t(n)]));
+    CHECK(r[fastxent::kOutColumns] == double(C), "row %lld: columns", static_cast<long long>(n));
+    const double l = r[fastxent::kOutMax] + std::log(r[fastxent::kOutSumExp]);
+    CHECK((std::isnan(l) && std::isnan(lse[size_t(n)])) || l == double(lse[size_t(n)]) ||
+              std::fabs(float(l) - lse[size_t(n)]) <= 1e-6f * std::fabs(lse[size_t(n)]),
+          "row %lld: merged lse %g, one machine %g", static_cast<long long>(n), l,
+          double(lse[size_t(n)]));
+  }
+  CHECK(ab[size_t(2 * OF + fastxent::kOutNaN)] == 1.0, "the NaN row must be flagged");
+  CHECK(ab[size_t(0 * OF + fastxent::kOutZy)] == 3.0, "row 0: z'_y from the owning shard");
+  // A bad call writes neither result.
+  std::vector<double> keep(size_t(N * NF), -7.0), okeep(size_t(N * OF), -7.0);
+  std::vector<int64_t> ybad = {0, 10, -100, 0};
+  fastxent::ShardInputs<float> bad = in[0];
+  bad.target = ybad.data();
+  CHECK(throws<std::out_of_range>(
+            [&] { fastxent::shard_stats<float>(bad, opt, keep.data(), okeep.data()); }),
+        "a target >= num_classes must throw std::out_of_range");
+  CHECK(std::all_of(keep.begin(), keep.end(), [](double v) { return v == -7.0; }) &&
+            std::all_of(okeep.begin(), okeep.end(), [](double v) { return v == -7.0; }),
+        "shard_stats wrote on error");
+}
+
 }  // namespace
 
 int main() {
@@ -301,6 +375,7 @@ int main() {
   }
   fastxent::set_isa("auto");
   test_errors();
+  test_output_stats();
   std::printf("%d checks, %d failures\n", g_checks, g_failures);
   return g_failures == 0 ? 0 : 1;
 }

@@ -45,6 +45,29 @@ enum StatField : int {
 };
 constexpr int kStatFields = 7;
 
+// Per-row outputs across shards (RowOutputs' lse, entropy, argmax and target_logprob of the
+// whole row), from shard_stats' optional second result: kOutFields doubles per row, taken for
+// every row (ignored ones too), merged by merge_output_stats. Fields of one row:
+//   kOutMax      reference point m, as kStatMax (but also for ignored rows)
+//   kOutSumExp   sum_c exp(z'_c - m)             (NaN with m where the row holds NaN or +inf)
+//   kOutH        sum_c exp(z'_c - m) (z'_c - m)  (entropy = log S - H / S)
+//   kOutNaN      1 where the row holds a NaN logit, else 0
+//   kOutArgVal   the largest raw logit (NaN in a NaN row; -inf in a row of -inf)
+//   kOutArgIdx   the global index of its first occurrence (of the first NaN in a NaN row)
+//   kOutZy       z'_y in the shard that owns the row's class target, else 0
+//   kOutColumns  the number of columns covered; merged: num_classes
+enum OutField : int {
+  kOutMax = 0,
+  kOutSumExp = 1,
+  kOutH = 2,
+  kOutNaN = 3,
+  kOutArgVal = 4,
+  kOutArgIdx = 5,
+  kOutZy = 6,
+  kOutColumns = 7,
+};
+constexpr int kOutFields = 8;
+
 // One shard of a (rows, num_classes) problem: row n of the shard's logits starts at
 // logits + n * row_stride and holds `classes` values. Exactly one of target (global class
 // indices, or ignore_index) and probs (the shard's columns of the probability targets) is
@@ -68,6 +91,17 @@ struct ShardInputs {
 // arguments or a target outside [0, num_classes) that is not ignore_index.
 template <class T>
 void shard_stats(const ShardInputs<T>& in, const Options& options, double* stats);
+
+// The same, also writing rows * kOutFields doubles of output statistics to out_stats (when not
+// null) from the same pass; stats are those of the call without them, bit for bit.
+template <class T>
+void shard_stats(const ShardInputs<T>& in, const Options& options, double* stats,
+                 double* out_stats);
+
+// out = a (+) b for output statistics (kOutFields per row); out may alias a or b.
+// Commutative bit for bit; associative up to rounding of the sums (the argmax exactly): the
+// larger maximum, then the smaller index; NaN rows take the first NaN's index.
+void merge_output_stats(const double* a, const double* b, int64_t rows, double* out);
 
 // out = a (+) b for `rows` rows; out may alias a or b. Commutative bit for bit; associative up
 // to rounding. A row all -inf in one operand takes the other's max and sum.
@@ -95,6 +129,10 @@ void shard_grad(const ShardInputs<T>& in, const double* stats, const T* sample_w
 
 extern template void shard_stats<float>(const ShardInputs<float>&, const Options&, double*);
 extern template void shard_stats<double>(const ShardInputs<double>&, const Options&, double*);
+extern template void shard_stats<float>(const ShardInputs<float>&, const Options&, double*,
+                                        double*);
+extern template void shard_stats<double>(const ShardInputs<double>&, const Options&, double*,
+                                         double*);
 extern template void shard_grad<float>(const ShardInputs<float>&, const double*, const float*,
                                        const Options&, double, float*);
 extern template void shard_grad<double>(const ShardInputs<double>&, const double*, const double*,
