@@ -215,6 +215,27 @@ def test_statistics_derivatives_reverse_forward_and_second_order(rng, cap):
         assert_bitwise_equal(g_loss, g_np)
 
 
+def test_statistics_gradients_of_huge_logits_do_not_cancel():
+    # p = (1, 0, 0, 0): see tests/test_torch_row_outputs.py (the entropy written as
+    # lse - sum p z' lost the lse's derivative to terms of size 3e38).
+    z = jnp.asarray([[3e38, -2.5, 6.0, 1.5]], jnp.float32)
+    y = jnp.asarray([3])
+
+    def total(z):
+        loss, st = fxj.cross_entropy(
+            z, y, reduction="none", outputs=("lse", "entropy", "target_logprob")
+        )
+        return (
+            loss.sum()
+            + 0.75 * st.lse.sum()
+            + 0.5 * st.entropy.sum()
+            - 0.25 * st.target_logprob.sum()
+        )
+
+    g = np.asarray(jax.grad(total)(z))
+    np.testing.assert_array_equal(g, [[2.0, 0.0, 0.0, -1.25]])
+
+
 def test_entropy_coef_traced_and_its_derivative(rng):
     z = rng.standard_normal((8, 5)).astype(np.float32)
     y = np.where(rng.random(8) < 0.3, -100, rng.integers(0, 5, 8))

@@ -302,6 +302,24 @@ def test_all_minus_inf_row_statistics_have_finite_gradients():
     assert torch.equal(g, torch.zeros_like(g))
 
 
+@pytest.mark.parametrize("dt", [torch.float64, torch.float32])
+def test_statistics_gradients_of_huge_logits_do_not_cancel(dt):
+    # p = (1, 0, 0, 0): d lse = (1, 0, 0, 0), d entropy = 0, d target_logprob (y = 3) =
+    # (-1, 0, 0, 1). Written as lse - sum p z', the entropy's derivative passed through terms
+    # of size 3e38 and rounded the other statistics' away (the lse part was lost).
+    z = torch.tensor([[3e38, -2.5, 6.0, 1.5]], dtype=dt, requires_grad=True)
+    y = torch.tensor([3])
+    loss, st = fxt.cross_entropy(
+        z, y, reduction="none", outputs=("lse", "entropy", "target_logprob")
+    )
+    total = (
+        loss.sum() + 0.75 * st.lse.sum() + 0.5 * st.entropy.sum() - 0.25 * st.target_logprob.sum()
+    )
+    (g,) = torch.autograd.grad(total, z)
+    want = torch.tensor([[1.0 + 0.75 + 0.25, 0.0, 0.0, -1.0 - 0.25]], dtype=dt)
+    assert torch.equal(g, want), g
+
+
 def test_idle_keywords_are_the_plain_call():
     # outputs=None and entropy_coef=0.0 (a configuration's defaults) take every path the plain
     # call takes, torch.func included

@@ -110,11 +110,15 @@ def accuracy(argmax: Any, t: Any, ignore_index: int, dtype: Any) -> jax.Array:
 
 
 def row_entropy(zp: Any, lse: Any) -> jax.Array:
-    """H_n = lse_n - sum_c p_nc z'_nc of (rows, C) transformed logits; a class of probability
-    0 (a -inf logit) contributes 0, value and derivative."""
-    p = jnp.exp(zp - lse[:, None])
+    """H_n = -sum_c p_nc (z'_nc - lse_n) of (rows, C) transformed logits (= lse_n - sum_c p_nc
+    z'_nc, written relative to lse so that no derivative passes through a term of the size
+    of the logits: with logits near 1e38, lse - sum p z' cancelled the other statistics'
+    derivatives away); a class of probability 0 (a -inf logit) contributes 0, value and
+    derivative."""
+    d = zp - lse[:, None]
+    p = jnp.exp(d)
     live = p > 0
-    return lse - jnp.where(live, p * jnp.where(live, zp, 0.0), 0.0).sum(axis=1)
+    return -jnp.where(live, p * jnp.where(live, d, 0.0), 0.0).sum(axis=1)
 
 
 def reference_stats(

@@ -388,11 +388,15 @@ def reference_loss(z: Tensor, target: Tensor, kw: Dict[str, Any]) -> Tensor:
 
 
 def row_entropy(zp: Tensor, lse: Tensor) -> Tensor:
-    """H_n = lse_n - sum_c p_nc z'_nc for (rows, C) transformed logits, in differentiable ops;
-    a class of probability 0 (a -inf logit) contributes 0, value and derivative."""
-    p = torch.exp(zp - lse[:, None])
+    """H_n = -sum_c p_nc (z'_nc - lse_n) (= lse_n - sum_c p_nc z'_nc) for (rows, C)
+    transformed logits, in differentiable ops, relative to lse so that no derivative passes
+    through a term of the size of the logits (with logits near 1e38, lse - sum p z' cancelled
+    the other statistics' derivatives away); a class of probability 0 (a -inf logit)
+    contributes 0, value and derivative."""
+    d = zp - lse[:, None]
+    p = torch.exp(d)
     live = p > 0
-    return lse - torch.where(live, p * torch.where(live, zp, 0.0), 0.0).sum(dim=1)
+    return -torch.where(live, p * torch.where(live, d, 0.0), 0.0).sum(dim=1)
 
 
 def reference_stats(z: Tensor, target: Tensor, kw: Dict[str, Any]) -> Dict[str, Tensor]:
