@@ -3,14 +3,15 @@ fastxent.torch): Megatron-LM's vocab-parallel layout over a torch.distributed gr
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from . import _shard
-from ._keywords import EXTRA, ExtraKeywords, Unpack
+from ._api import RowStats
+from ._keywords import EXTRA, FLOAT_OUTPUTS, ExtraKeywords, Unpack, output_names
 from ._options import index
 from ._torch_common import (
     all_ones,
@@ -104,6 +105,73 @@ def all_reduce_stats(st: np.ndarray, group: Any) -> np.ndarray:
     return out.numpy()
 
 
+_NOUT = len(_shard.OUTPUT_STAT_FIELDS)
+_O = {name: i for i, name in enumerate(_shard.OUTPUT_STAT_FIELDS)}
+
+
+def all_reduce_with_outputs(
+    st: np.ndarray, ost: np.ndarray, group: Any
+) -> Tuple[np.ndarray, np.ndarray]:
+    """all_reduce_stats for the loss statistics (rows, 7) and the output statistics (rows, 8)
+    together, in three all-reduces: MAX of the row maxima of both, the NaN flags and the
+    largest logits; SUM of the rest, both sets of exponential sums rescaled to their global
+    max first; MIN of the argmax index over the ranks holding the winning value (the first
+    NaN's rank in a NaN row). The result is merge_output_stats' for any rank order: the
+    argmax merges exactly, the sums up to rounding."""
+    dist = torch_dist()
+    s, o = torch.from_numpy(st), torch.from_numpy(ost)
+    ninf = torch.tensor(-np.inf, dtype=torch.float64)
+    mx, se = s[:, 0], s[:, 1]
+    nan = torch.isnan(mx) | torch.isnan(se)
+    om, os_, oh = o[:, _O["max"]], o[:, _O["sumexp"]], o[:, _O["h"]]
+    onan = torch.isnan(om) | torch.isnan(os_)
+    lnan = o[:, _O["nan"]] > 0  # this rank's slice holds a NaN logit
+    hi = torch.stack(
+        [
+            torch.where(nan, ninf, mx),
+            torch.where(onan, ninf, om),
+            o[:, _O["nan"]],
+            torch.where(lnan, ninf, o[:, _O["argval"]]),
+        ],
+        dim=1,
+    )
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=group)
+    m, M, gnan, gval = hi[:, 0], hi[:, 1], hi[:, 2] > 0, hi[:, 3]
+    factor = torch.where(mx == m, torch.ones_like(mx), torch.exp(mx - m))
+    f = torch.where(om == M, torch.ones_like(om), torch.exp(om - M))
+    dead = onan | (om == -np.inf)
+    packed = torch.empty((s.shape[0], _NSTAT + 5), dtype=torch.float64)
+    packed[:, 0] = torch.where(nan | (mx == -np.inf), torch.zeros_like(se), se * factor)
+    packed[:, 1 : _NSTAT - 1] = s[:, 2:]
+    packed[:, _NSTAT - 1] = nan.to(torch.float64)
+    packed[:, _NSTAT] = torch.where(dead, torch.zeros_like(os_), os_ * f)
+    # (as merge_output_stats: a rank whose rescale is 0 adds nothing, (m - M) S may be -inf)
+    live = ~dead & (f != 0)
+    packed[:, _NSTAT + 1] = torch.where(live, (oh + (om - M) * os_) * f, torch.zeros_like(oh))
+    packed[:, _NSTAT + 2] = onan.to(torch.float64)
+    packed[:, _NSTAT + 3] = o[:, _O["zy"]]
+    packed[:, _NSTAT + 4] = o[:, _O["columns"]]
+    dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
+    mine = torch.where(gnan, lnan, ~lnan & (o[:, _O["argval"]] == gval))
+    idx = torch.where(mine, o[:, _O["argidx"]], torch.full_like(om, np.inf))
+    dist.all_reduce(idx, op=dist.ReduceOp.MIN, group=group)
+    out = torch.empty(s.shape, dtype=torch.float64)
+    out[:, 0] = m
+    out[:, 1:] = packed[:, : _NSTAT - 1]
+    out[packed[:, _NSTAT - 1] > 0, :2] = np.nan
+    oo = torch.empty(o.shape, dtype=torch.float64)
+    oo[:, _O["max"]] = M
+    oo[:, _O["sumexp"]] = packed[:, _NSTAT]
+    oo[:, _O["h"]] = packed[:, _NSTAT + 1]
+    oo[packed[:, _NSTAT + 2] > 0, : _O["h"] + 1] = np.nan
+    oo[:, _O["nan"]] = gnan.to(torch.float64)
+    oo[:, _O["argval"]] = torch.where(gnan, torch.full_like(gval, np.nan), gval)
+    oo[:, _O["argidx"]] = idx
+    oo[:, _O["zy"]] = packed[:, _NSTAT + 3]
+    oo[:, _O["columns"]] = packed[:, _NSTAT + 4]
+    return out.numpy(), oo.numpy()
+
+
 class _VPArgs(NamedTuple):
     """The checked arguments of one vocab_parallel_cross_entropy call (NumPy views)."""
 
@@ -124,8 +192,11 @@ class _VPArgs(NamedTuple):
     num_threads: Optional[int]
 
 
-def _vp_stats_loss(x: np.ndarray, a: _VPArgs) -> Tuple[Any, np.ndarray]:
-    st = _shard.shard_stats(
+def _vp_stats_loss(
+    x: np.ndarray, a: _VPArgs, names: Optional[Tuple[str, ...]] = None
+) -> Tuple[Any, np.ndarray, Optional[np.ndarray]]:
+    """(loss, merged statistics, merged output statistics or None without names)."""
+    res = _shard.shard_stats(
         x,
         a.tgt,
         offset=a.offset,
@@ -136,9 +207,16 @@ def _vp_stats_loss(x: np.ndarray, a: _VPArgs) -> Tuple[Any, np.ndarray]:
         softcap=a.softcap,
         logit_scale=a.logit_scale,
         num_threads=a.num_threads,
+        outputs=names,
     )
+    st, ost = (res, None) if names is None else res
     rows_shape = st.shape[:-1]
-    merged = all_reduce_stats(st.reshape(-1, _NSTAT), a.group).reshape(st.shape)
+    mo = None
+    if ost is None:
+        merged = all_reduce_stats(st.reshape(-1, _NSTAT), a.group).reshape(st.shape)
+    else:
+        m2, mo = all_reduce_with_outputs(st.reshape(-1, _NSTAT), ost.reshape(-1, _NOUT), a.group)
+        merged = m2.reshape(st.shape)
     loss = _shard.loss_from_stats(
         merged,
         reduction=a.reduction,
@@ -149,7 +227,7 @@ def _vp_stats_loss(x: np.ndarray, a: _VPArgs) -> Tuple[Any, np.ndarray]:
     )
     if a.reduction == "none":
         loss = np.asarray(loss).reshape(rows_shape)
-    return loss, merged
+    return loss, merged, mo
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
@@ -158,7 +236,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input: Tensor, a: _VPArgs, *saved: Tensor) -> Tensor:
-        loss, merged = _vp_stats_loss(numpy_of(input, a.cdt), a)
+        loss, merged, _ = _vp_stats_loss(numpy_of(input, a.cdt), a)
         # The logits (and any tensor whose NumPy view backward reads) are saved so that an
         # in-place change before backward fails loudly (version counter) instead of giving a
         # wrong gradient. A 16-bit shard is converted to float32 again in backward rather than
@@ -227,6 +305,144 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         return (grad, None) + (None,) * (len(ctx.saved_tensors) - 1)
 
 
+_FLOATS = FLOAT_OUTPUTS  # differentiable with respect to local_logits; argmax, accuracy not
+
+
+def _stats_vjp_local(x: Tensor, a: _VPArgs, mo: np.ndarray, grads: Dict[str, Tensor]) -> Tensor:
+    """sum_k <grads[k], d stat_k / d local_logits> for the float statistics of whole rows,
+    from this rank's logits and the merged output statistics, without communication: with
+    p = exp(z' - lse) (this rank's columns of the row's softmax) and zbar = lse - entropy,
+    d lse / dz'_c = p_c, d entropy / dz'_c = -p_c (z'_c - zbar) (0 where p_c = 0),
+    d target_logprob / dz'_c = [c == y] - p_c (counted rows), times dz'/dz. Rows of all -inf
+    and ignored rows' target_logprob have derivative 0 (the values are limits / constants),
+    as fastxent.torch.cross_entropy's. float64 over tiles of rows (no (rows, C) temporary
+    beyond the result)."""
+    C_loc = x.shape[-1]
+    z2 = x.detach().reshape(-1, C_loc)
+    rows = z2.shape[0]
+    mo_t = torch.from_numpy(mo.reshape(rows, _NOUT))
+    M, S, H = mo_t[:, _O["max"]], mo_t[:, _O["sumexp"]], mo_t[:, _O["h"]]
+    lse = M + torch.log(S)
+    zbar = M + H / S  # sum_c p_c z'_c
+    g = {k: v.reshape(-1).to(torch.float64) for k, v in grads.items()}
+    y = None
+    if "target_logprob" in g:
+        y = torch.from_numpy(np.asarray(a.tgt).reshape(-1)) - a.offset
+        counted = torch.from_numpy(np.asarray(a.tgt).reshape(-1) != a.ignore_index)
+        g["target_logprob"] = torch.where(counted, g["target_logprob"], 0.0)
+    dead = M == -np.inf  # a row of all -inf
+    cap, alpha = a.softcap, float(a.logit_scale)
+    out = torch.empty(z2.shape, dtype=torch.float64)
+    tile = max(1, (1 << 20) // C_loc)
+    for r0 in range(0, rows, tile):
+        r1 = min(rows, r0 + tile)
+        z = z2[r0:r1].to(torch.float64)
+        if cap is not None:
+            th = torch.tanh(alpha * z / cap)
+            zp, dz = cap * th, alpha * (1.0 - th * th)
+        else:
+            zp, dz = alpha * z, None
+        p = torch.exp(zp - lse[r0:r1, None])
+        live = p > 0
+        coef = torch.zeros(r1 - r0, dtype=torch.float64)
+        if "lse" in g:
+            coef = coef + g["lse"][r0:r1]
+        if "target_logprob" in g:
+            coef = coef - g["target_logprob"][r0:r1]
+        gz = p * coef[:, None]
+        if "entropy" in g:
+            dev = torch.where(live, zp - zbar[r0:r1, None], 0.0)
+            gz = gz - g["entropy"][r0:r1, None] * torch.where(live, p * dev, 0.0)
+        if y is not None:
+            yt = y[r0:r1]
+            mine = (yt >= 0) & (yt < C_loc)
+            idx = torch.nonzero(mine)[:, 0]
+            gz[idx, yt[idx]] += g["target_logprob"][r0:r1][idx]
+        if dz is not None:
+            gz = gz * dz
+        out[r0:r1] = torch.where(dead[r0:r1, None], 0.0, gz)
+    return out.reshape(x.shape)
+
+
+class _VocabParallelStats(torch.autograd.Function):
+    """vocab_parallel_cross_entropy with outputs=: the loss and the float statistics of whole
+    rows (three collectives in forward). Backward: the loss's gradient as
+    _VocabParallelCrossEntropy's, plus the statistics' (_stats_vjp_local), both local: no
+    communication. No second order, no forward mode."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx, input: Tensor, a: _VPArgs, names: Tuple[str, ...], side: Dict[str, Any], *saved
+    ):
+        ctx.set_materialize_grads(False)
+        loss, merged, mo = _vp_stats_loss(numpy_of(input, a.cdt), a, names)
+        ctx.save_for_backward(input, *saved)
+        ctx.a, ctx.merged, ctx.mo = a, merged, mo
+        ctx.float_names = tuple(n for n in _FLOATS if n in names)
+        st = _row_stats_of(mo, a, names, input.shape[:-1])
+        side["stats"] = st
+        outs = [torch.from_numpy(np.asarray(getattr(st, n))) for n in ctx.float_names]
+        return (loss_tensor(loss, input.dtype), *outs)
+
+    @staticmethod
+    def backward(ctx, grad_loss: Optional[Tensor], *grad_stats: Optional[Tensor]):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "vocab_parallel_cross_entropy(outputs=...) has no second-order derivative "
+                "(backward with create_graph=True); its gradients are computed outside the "
+                "autograd graph"
+            )
+        input = ctx.saved_tensors[0]
+        rest = (None, None, None) + (None,) * (len(ctx.saved_tensors) - 1)
+        gz: Optional[Tensor] = None
+        with torch.no_grad():
+            if grad_loss is not None:
+                gz = _VocabParallelCrossEntropy._backward(ctx, grad_loss)[0]
+            gs = {n: g for n, g in zip(ctx.float_names, grad_stats) if g is not None}
+            if gs:
+                gv = _stats_vjp_local(input, ctx.a, ctx.mo, gs)
+                gz = (gv if gz is None else gv + gz.to(torch.float64)).to(input.dtype)
+        return (gz,) + rest
+
+    @staticmethod
+    def jvp(ctx, *_: Any) -> Any:
+        raise NotImplementedError(
+            "vocab_parallel_cross_entropy(outputs=...) has no forward-mode derivative"
+        )
+
+
+def _row_stats_of(mo: np.ndarray, a: _VPArgs, names: Tuple[str, ...], rows: Any):
+    """The RowStats (NumPy) of merged output statistics, floats in the compute dtype."""
+    return _shard.outputs_from_stats(
+        mo.reshape(tuple(rows) + (_NOUT,)),
+        None if a.tgt.dtype.kind == "f" else a.tgt,
+        outputs=names,
+        num_classes=a.num_classes,
+        ignore_index=a.ignore_index,
+        dtype=np.float64 if a.cdt == torch.float64 else np.float32,
+    )
+
+
+def _vp_with_outputs(x: Tensor, a: _VPArgs, names: Tuple[str, ...], saved: List[Tensor]):
+    """(loss, RowStats of tensors): lse, entropy and target_logprob differentiable with
+    respect to x where it requires grad."""
+    if x.requires_grad and torch.is_grad_enabled():
+        side: Dict[str, Any] = {}
+        res = _VocabParallelStats.apply(x, a, names, side, *saved)
+        loss, floats, st = res[0], list(res[1:]), side["stats"]
+    else:
+        lv, _, mo = _vp_stats_loss(numpy_of(x, a.cdt), a, names)
+        st = _row_stats_of(mo, a, names, x.shape[:-1])
+        loss = loss_tensor(lv, x.dtype)
+        floats = [torch.from_numpy(np.asarray(getattr(st, n))) for n in _FLOATS if n in names]
+    fields: Dict[str, Any] = dict(zip([n for n in _FLOATS if n in names], floats))
+    if "argmax" in names:
+        fields["argmax"] = torch.from_numpy(np.asarray(st.argmax))
+    if "accuracy" in names:
+        fields["accuracy"] = float(st.accuracy)
+    return loss, RowStats(**fields)
+
+
 @EXTRA
 def vocab_parallel_cross_entropy(
     local_logits: Tensor,
@@ -239,9 +455,11 @@ def vocab_parallel_cross_entropy(
     ignore_index: int = -100,
     label_smoothing: float = 0.0,
     reduction: str = "mean",
+    outputs: Optional[Sequence[str]] = None,
     **kw: Unpack[ExtraKeywords],
-) -> Tensor:
+) -> Any:
     extra = EXTRA.bind("vocab_parallel_cross_entropy", kw)
+    names = None if outputs is None else output_names(outputs)
     sample_weight = extra["sample_weight"]
     cdt = compute_dtype(local_logits, target, "local_logits")
     refuse_func_transforms(local_logits, target, weight, sample_weight)
@@ -301,10 +519,16 @@ def vocab_parallel_cross_entropy(
             "vocab_parallel_cross_entropy has no forward-mode derivative "
             "(torch.autograd.forward_ad): use reverse mode (backward / torch.autograd.grad)"
         )
-    if not (local_logits.requires_grad and torch.is_grad_enabled()):
-        loss, _ = _vp_stats_loss(numpy_of(local_logits, cdt), a)
-        return loss_tensor(loss, local_logits.dtype)
     saved = [t for t in (target, weight, sample_weight) if isinstance(t, Tensor)]
+    if names is not None:
+        if tgt.dtype.kind == "f":
+            bad = [n for n in names if n in ("target_logprob", "accuracy")]
+            if bad:  # (also raised by shard_stats; here before any collective)
+                raise ValueError(f"outputs {bad} need class-index targets, not probabilities")
+        return _vp_with_outputs(local_logits, a, names, saved)
+    if not (local_logits.requires_grad and torch.is_grad_enabled()):
+        loss, _, _ = _vp_stats_loss(numpy_of(local_logits, cdt), a)
+        return loss_tensor(loss, local_logits.dtype)
     return _VocabParallelCrossEntropy.apply(local_logits, a, *saved)
 
 
@@ -357,13 +581,25 @@ vocab_parallel_cross_entropy.__doc__ = """Cross-entropy over a vocabulary split 
     z_loss, softcap, logit_scale, normalizer, num_threads
         fastxent's options, as :func:`cross_entropy` (``num_threads`` caps this rank's
         OpenMP threads).
+    outputs : tuple of names, keyword-only, optional
+        Per-row outputs of the whole rows, as :func:`cross_entropy`'s ``outputs=``
+        (``"lse"``, ``"entropy"``, ``"argmax"``, ``"target_logprob"``, ``"accuracy"``;
+        the last two need class targets), from the same pass over the slice
+        (:func:`fastxent.shard_stats` with ``outputs``) and one more collective (an
+        ``all_reduce`` MIN of the argmax index; the row maxima, NaN flags and sums ride in the
+        loss's two). The same on every rank. lse, entropy and target_logprob (the rows'
+        shape, float64 for float64 logits, else float32) are differentiable with respect to
+        ``local_logits``: backward computes their derivative from this rank's slice and the
+        merged statistics, with no communication. argmax (global class indices, int64) and
+        accuracy (a float) are not differentiable.
 
     Returns
     -------
     Tensor of ``local_logits``' dtype, the same on every rank: a scalar, or the rows' shape
-    for ``"none"``. Differentiable with respect to ``local_logits`` only (as
-    :func:`cross_entropy`); call ``backward`` on every rank (no collective runs in it, so ranks
-    may also backpropagate at different times).
+    for ``"none"``; with ``outputs``, ``(loss, RowStats)`` (the fields not asked for None).
+    Differentiable with respect to ``local_logits`` only (as :func:`cross_entropy`); call
+    ``backward`` on every rank (no collective runs in it, so ranks may also backpropagate at
+    different times).
 
     Raises
     ------
