@@ -389,3 +389,85 @@ def test_dask_bench_report_and_plot(tmp_path):
     assert "rel. diff 0.0e+00" in text and "workers restarted: False" in text
     dask_bench.plot(cfg, one, dk, str(tmp_path / "dask.png"))
     assert (tmp_path / "dask.png").stat().st_size > 10_000
+
+
+# ------------------------------------------------------------------------------------------
+# outputs=: per-row outputs of whole rows (issue #23), merged with the statistics.
+# Tolerance: tests/test_row_outputs.py's against the float64 reference (4e-6 float32, 1e-13
+# float64), which both the one-machine call and the sharded one meet (tests/test_shard_outputs.py);
+# argmax and accuracy exactly.
+
+ALL_OUTPUTS = ("lse", "entropy", "argmax", "target_logprob", "accuracy")
+OUT_TOL = {np.dtype(np.float32): 4e-6, np.dtype(np.float64): 1e-13}
+
+
+def _check_outputs(st, ref, dtype):
+    for name in ("lse", "entropy", "target_logprob"):
+        a, b = getattr(st, name), getattr(ref, name)
+        if b is None:
+            assert a is None, name
+            continue
+        assert a.dtype == b.dtype == dtype and a.shape == b.shape, name
+        np.testing.assert_array_equal(np.isnan(a), np.isnan(b), err_msg=name)
+        fin = np.isfinite(b)
+        np.testing.assert_array_equal(a[~fin], b[~fin], err_msg=name)
+        a64, b64 = a[fin].astype(np.float64), b[fin].astype(np.float64)
+        err = np.max(np.abs(a64 - b64) / np.maximum(1.0, np.abs(b64)), initial=0.0)
+        assert err <= OUT_TOL[np.dtype(dtype)], (name, err)
+    if ref.argmax is not None:
+        assert st.argmax.dtype == np.int64
+        np.testing.assert_array_equal(st.argmax, ref.argmax)
+    if ref.accuracy is not None:
+        assert float(st.accuracy) == ref.accuracy
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("case", ["plain", "weight-smoothing-ignore", "softcap-scale"])
+def test_outputs_match_one_machine(rng, case, dtype):
+    x, t, kw, dkw = _make(rng, case, dtype, True)
+    x[3, :] = -np.inf
+    x[4, 7] = np.nan
+    x[5, 2] = x[5, 20] = 9.0  # equal maxima in two column chunks
+    xd = da.from_array(x, chunks=CHUNKINGS["both-uneven"])
+    td = da.from_array(t, chunks=5)
+    loss, grad, st = fxd.cross_entropy_with_grad(xd, td, outputs=ALL_OUTPUTS, **dkw)
+    loss2, st2 = fxd.cross_entropy(xd, td, outputs=("entropy", "accuracy"), **dkw)
+    plain_loss, plain_grad = fxd.cross_entropy_with_grad(xd, td, **dkw)
+    got = dask.compute(loss, grad, st, loss2, st2, plain_loss, plain_grad, scheduler="sync")
+    loss, grad, st, loss2, st2, plain_loss, plain_grad = got
+    _, ref = fx.cross_entropy(x, t, outputs=ALL_OUTPUTS, **kw)
+    _check_outputs(st, ref, dtype)
+    assert st2.lse is None and st2.argmax is None
+    _check_outputs(st2, fx.RowStats(entropy=ref.entropy, accuracy=ref.accuracy), dtype)
+    # The loss and gradient are those of the call without outputs=, bit for bit.
+    assert np.asarray(loss).tobytes() == np.asarray(plain_loss).tobytes()
+    assert np.asarray(loss2).tobytes() == np.asarray(plain_loss).tobytes()
+    assert grad.tobytes() == plain_grad.tobytes()
+
+
+def test_outputs_on_the_cluster_and_probability_targets(client, rng):
+    x = (3.0 * rng.standard_normal((N, C))).astype(np.float32)
+    p = rng.dirichlet(np.ones(C), N).astype(np.float32)
+    xd = da.from_array(x, chunks=CHUNKINGS["both-uneven"])
+    names = ("lse", "entropy", "argmax")
+    loss, st = fxd.cross_entropy(xd, p, outputs=names)
+    (st,) = _compute(client, st)
+    _, ref = fx.cross_entropy(x, p, outputs=names)
+    _check_outputs(st, ref, np.float32)
+    for bad in ("target_logprob", "accuracy"):
+        with pytest.raises(ValueError, match="class-index targets"):
+            fxd.cross_entropy(xd, p, outputs=(bad,))
+
+
+def test_outputs_errors(rng):
+    xd = da.from_array(np.zeros((4, 6), np.float32), chunks=(2, 3))
+    y = np.zeros(4, np.int64)
+    with pytest.raises(ValueError, match="unknown output"):
+        fxd.cross_entropy(xd, y, outputs=("nope",))
+    with pytest.raises(TypeError, match="tuple of names"):
+        fxd.cross_entropy_with_grad(xd, y, outputs="lse")
+    # every row ignored: accuracy 0 (no counted row), as the one-machine call
+    yi = np.full(4, -100)
+    _, st = fxd.cross_entropy(xd, yi, outputs=("accuracy", "target_logprob"))
+    acc, tl = dask.compute(st.accuracy, st.target_logprob, scheduler="sync")
+    assert float(acc) == 0.0 and not np.any(tl)

@@ -12,10 +12,11 @@ from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
-from . import _shard
+from . import _api, _shard
 from ._options import half_kind, raise_bad_target
 
 _STATS = len(_shard.STAT_FIELDS)
+_OUTS = len(_shard.OUTPUT_STAT_FIELDS)
 
 
 # ----------------------------------------------------------------------------- block tasks
@@ -39,12 +40,21 @@ def _fastxent_shard_stats(
     *,
     probs: bool,
     opts: Dict[str, Any],
+    outputs: Optional[Tuple[str, ...]] = None,
 ) -> np.ndarray:
-    """(rows, 1, 7) statistics of one logits block (axis 1: its column block)."""
+    """(rows, 1, 7) statistics of one logits block (axis 1: its column block); with outputs,
+    (rows, 1, 15): the output statistics after them, from the same pass."""
     x = _compute_block(xb)
     st = _shard.shard_stats(
-        x, _target_block(tb, probs, x.dtype), offset=int(cols[0]), weight=wb, **opts
+        x,
+        _target_block(tb, probs, x.dtype),
+        offset=int(cols[0]),
+        weight=wb,
+        outputs=outputs,
+        **opts,
     )
+    if outputs is not None:
+        st = np.concatenate(st, axis=-1)
     return st[:, None, :]
 
 
@@ -53,9 +63,43 @@ def _merge_keep(a: np.ndarray, axis: Any = None, keepdims: bool = True) -> np.nd
 
 
 def _fastxent_merge_stats(a: np.ndarray, axis: Any = None, keepdims: bool = True) -> np.ndarray:
-    """Merges statistics (rows, k, 7) of k column blocks of the same rows."""
-    m = _shard.merge_stats(*[a[:, j] for j in range(a.shape[1])])
+    """Merges statistics (rows, k, 7) of k column blocks of the same rows; (rows, k, 15):
+    the loss statistics and the output statistics after them, each by its own merge."""
+    m = _shard.merge_stats(*[a[:, j, :_STATS] for j in range(a.shape[1])])
+    if a.shape[-1] > _STATS:
+        mo = _shard.merge_output_stats(*[a[:, j, _STATS:] for j in range(a.shape[1])])
+        m = np.concatenate([m, mo], axis=-1)
     return m[:, None, :] if keepdims else m
+
+
+def _fastxent_output(
+    mb: np.ndarray,
+    tb: Optional[np.ndarray],
+    *,
+    field: str,
+    num_classes: int,
+    ignore_index: int,
+    out_dtype: np.dtype,
+) -> np.ndarray:
+    """One per-row output (lse, entropy, target_logprob, argmax) of a row chunk from its
+    merged statistics (rows, 15); "accuracy": [hits, counted rows] of the chunk."""
+    ost = np.ascontiguousarray(mb[:, _STATS:])
+    if field == "accuracy":
+        st = _shard.outputs_from_stats(
+            ost, tb, outputs=("argmax",), num_classes=num_classes, ignore_index=ignore_index
+        )
+        counted = np.asarray(tb) != ignore_index
+        hits = np.count_nonzero(counted & (st.argmax == np.asarray(tb)))
+        return np.array([float(hits), float(np.count_nonzero(counted))])
+    st = _shard.outputs_from_stats(
+        ost,
+        tb,
+        outputs=(field,),
+        num_classes=num_classes,
+        ignore_index=ignore_index,
+        dtype=out_dtype if field != "argmax" else np.float64,
+    )
+    return np.asarray(getattr(st, field))
 
 
 def _fastxent_denominator(
@@ -146,7 +190,8 @@ def _fastxent_shard_grad(
 # ----------------------------------------------------------------------------- graph
 def _graph(p: Dict[str, Any]) -> Tuple[Any, Any, Any, Any]:
     """(merged statistics (N, 7) chunked like the rows, column-offset array, weight blocks,
-    mean denominator or None)."""
+    mean denominator or None); with p["outputs"], (N, 15): the merged output statistics
+    after the loss's (the loss and the gradient read the first 7)."""
     da = p["da"]
     x = p["x"]
     rchunks, cchunks = x.chunks
@@ -164,12 +209,13 @@ def _graph(p: Dict[str, Any]) -> Tuple[Any, Any, Any, Any]:
         cols,
         "j",
         *((w_d, "j") if w_d is not None else (None, None)),
-        new_axes={"k": _STATS},
+        new_axes={"k": _STATS + (0 if p["outputs"] is None else _OUTS)},
         adjust_chunks={"j": 1},
         dtype=np.float64,
         meta=np.empty((0, 0, 0), np.float64),
         probs=p["probs"],
         opts=p["shard_opts"],
+        outputs=p["outputs"],
     )
     merged = da.reduction(
         stats,
@@ -243,6 +289,46 @@ def _loss(p: Dict[str, Any], merged: Any, D: Any) -> Any:
             **kw,
         )
     return _sum_of_chunks(da, _fastxent_loss, merged, "ik", *swargs, *dargs, **kw).astype(p["cdt"])
+
+
+def _outputs(p: Dict[str, Any], merged: Any) -> Any:
+    """The RowStats of lazy Dask arrays (rows chunked like x's) of p["outputs"]; accuracy a
+    0-d Dask array (counted rows summed over the row chunks)."""
+    da = p["da"]
+    names = p["outputs"]
+    targs = (None, None) if p["probs"] else (p["tgt"], "i")
+    kw = dict(num_classes=p["C"], ignore_index=p["ii"], out_dtype=p["cdt"])
+    fields: Dict[str, Any] = {}
+    for name in names:
+        if name == "accuracy":
+            parts = da.blockwise(
+                _fastxent_output,
+                "i",
+                merged,
+                "ik",
+                *targs,
+                adjust_chunks={"i": 2},
+                dtype=np.float64,
+                meta=np.empty((0,), np.float64),
+                concatenate=True,
+                **dict(kw, field=name),
+            )
+            hits, counted = parts.reshape((-1, 2)).sum(axis=0)
+            fields[name] = da.where(counted > 0, hits / da.maximum(counted, 1.0), 0.0)
+            continue
+        dt = np.dtype(np.int64) if name == "argmax" else p["cdt"]
+        fields[name] = da.blockwise(
+            _fastxent_output,
+            "i",
+            merged,
+            "ik",
+            *targs,
+            dtype=dt,
+            meta=np.empty((0,), dt),
+            concatenate=True,
+            **dict(kw, field=name),
+        )
+    return _api.RowStats(**fields)
 
 
 def _grad(p: Dict[str, Any], merged: Any, cols: Any, w_d: Any, D: Any) -> Any:

@@ -40,7 +40,7 @@ arguments (``_prepare``); the block tasks and the graph that wires them live in
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Dict, Tuple
+from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 
@@ -57,9 +57,10 @@ from ._dask_graph import (  # noqa: F401 (the tasks and helpers are re-exported)
     _graph,
     _loss,
     _merge_keep,
+    _outputs,
     _target_block,
 )
-from ._keywords import LOSS, LossKeywords, Unpack
+from ._keywords import LOSS, LossKeywords, Unpack, output_names
 from ._options import (
     FLOAT_DTYPES,
     as_target,
@@ -70,9 +71,6 @@ from ._options import (
     real,
     to_numpy,
 )
-
-if TYPE_CHECKING:  # pragma: no cover
-    import dask.array
 
 __all__ = ["cross_entropy", "cross_entropy_with_grad"]
 
@@ -95,8 +93,11 @@ def _dask_or_numpy(da: Any, v: Any, name: str) -> Any:
     return v if isinstance(v, da.Array) else to_numpy(v, name)
 
 
-def _prepare(x: Any, target: Any, opts: Dict[str, Any], fn: str) -> Dict[str, Any]:
+def _prepare(
+    x: Any, target: Any, opts: Dict[str, Any], fn: str, outputs: Any = None
+) -> Dict[str, Any]:
     """Checks every argument before building a graph; returns the aligned pieces."""
+    names = None if outputs is None else output_names(outputs)
     da = _import_dask()
     if not isinstance(x, da.Array):
         raise TypeError(
@@ -147,6 +148,9 @@ def _prepare(x: Any, target: Any, opts: Dict[str, Any], fn: str) -> Dict[str, An
                 "ignore_index applies to class-index targets only; probability "
                 "targets weight rows with sample_weight instead"
             )
+        bad = [n for n in names or () if n in ("target_logprob", "accuracy")]
+        if bad:
+            raise ValueError(f"outputs {bad} need class-index targets, not probabilities")
         tgt_d = (
             tgt.rechunk(x.chunks)
             if isinstance(tgt, da.Array)
@@ -215,6 +219,7 @@ def _prepare(x: Any, target: Any, opts: Dict[str, Any], fn: str) -> Dict[str, An
         z_loss=z_loss,
         norm=norm,
         shard_opts=shard_opts,
+        outputs=names,
     )
 
 
@@ -235,6 +240,14 @@ _DOC_PARAMS = """
     num_threads
         As :func:`fastxent.cross_entropy` (``num_threads`` per task; Dask's workers set
         OMP_NUM_THREADS=1, which the kernel follows by default).
+    outputs : tuple of names, optional
+        Per-row outputs of the whole rows, as :func:`fastxent.cross_entropy`'s ``outputs=``
+        (``"lse"``, ``"entropy"``, ``"argmax"``, ``"target_logprob"``, ``"accuracy"``; the
+        last two need class targets): from the same pass over each block
+        (:func:`fastxent.shard_stats` with ``outputs``), merged with the statistics
+        (:func:`fastxent.merge_output_stats`). Adds a :class:`fastxent.RowStats` of lazy Dask
+        arrays to the result: the rows' outputs chunked like x's rows (floats in x's compute
+        dtype, argmax int64), accuracy a 0-d array.
 """
 
 _DOC_RAISES = """
@@ -250,11 +263,19 @@ _DOC_RAISES = """
 """
 
 
+def _loss_stats(p: Dict[str, Any], merged: Any) -> Any:
+    """The loss's statistics of the merged ones (the first 7 fields with outputs=)."""
+    return merged if p["outputs"] is None else merged[:, :_STATS]
+
+
 @LOSS
-def cross_entropy(x: Any, target: Any, **kw: Unpack[LossKeywords]) -> "dask.array.Array":
-    p = _prepare(x, target, LOSS.bind("cross_entropy", kw), "cross_entropy")
+def cross_entropy(
+    x: Any, target: Any, *, outputs: Optional[Sequence[str]] = None, **kw: Unpack[LossKeywords]
+) -> Any:
+    p = _prepare(x, target, LOSS.bind("cross_entropy", kw), "cross_entropy", outputs)
     merged, _, _, D = _graph(p)
-    return _loss(p, merged, D)
+    loss = _loss(p, _loss_stats(p, merged), D)
+    return loss if p["outputs"] is None else (loss, _outputs(p, merged))
 
 
 cross_entropy.__doc__ = (
@@ -267,7 +288,7 @@ cross_entropy.__doc__ = (
     Returns
     -------
     A 0-d Dask array (the loss, in x's compute dtype) for "mean"/"sum", or a Dask array (N,)
-    of row losses chunked like x's rows for "none".
+    of row losses chunked like x's rows for "none"; with ``outputs``, ``(loss, RowStats)``.
 """
     + _DOC_RAISES
 )
@@ -275,11 +296,15 @@ cross_entropy.__doc__ = (
 
 @LOSS
 def cross_entropy_with_grad(
-    x: Any, target: Any, **kw: Unpack[LossKeywords]
-) -> Tuple["dask.array.Array", "dask.array.Array"]:
-    p = _prepare(x, target, LOSS.bind("cross_entropy_with_grad", kw), "cross_entropy_with_grad")
+    x: Any, target: Any, *, outputs: Optional[Sequence[str]] = None, **kw: Unpack[LossKeywords]
+) -> Any:
+    p = _prepare(
+        x, target, LOSS.bind("cross_entropy_with_grad", kw), "cross_entropy_with_grad", outputs
+    )
     merged, cols, w_d, D = _graph(p)
-    return _loss(p, merged, D), _grad(p, merged, cols, w_d, D)
+    st = _loss_stats(p, merged)
+    res = (_loss(p, st, D), _grad(p, st, cols, w_d, D))
+    return res if p["outputs"] is None else res + (_outputs(p, merged),)
 
 
 cross_entropy_with_grad.__doc__ = (
@@ -293,7 +318,7 @@ cross_entropy_with_grad.__doc__ = (
     + """
     Returns
     -------
-    (loss, grad): lazy Dask arrays.
+    (loss, grad): lazy Dask arrays; with ``outputs``, ``(loss, grad, RowStats)``.
 """
     + _DOC_RAISES
 )
