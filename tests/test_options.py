@@ -624,6 +624,48 @@ def test_logit_scale_is_a_scaling_of_the_logits(isa, rng):
             np.testing.assert_allclose(g1, a * g2, rtol=0, atol=1e-15 * a)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_logit_scale_overflowing_a_finite_logit_acts_as_minus_inf(isa, dtype):
+    """A finite logit that logit_scale takes beyond the dtype's range (alpha z = -inf in the
+    dtype) is a -inf logit, in a one-block row, a long row (a block of them alone shifted by
+    -inf gave NaN), the class axis 1 layout and shards; its raw value stays the argmax's."""
+    big = -3e38 if dtype == np.float32 else -1.7e308
+    B = fx._core.block_classes(np.dtype(dtype).itemsize)
+    y = None
+    for C in (3, B + 7, 3 * B):
+        z = np.full((3, C), -np.inf, dtype)
+        z[:, 0] = big
+        z[:2, C - 1] = 100.0
+        z[2, C - 1] = big  # row 2: every logit overflows (an all -inf row)
+        y = np.array([C - 1, 0, 0])
+        loss, g, st = fx.cross_entropy_with_grad(
+            z, y, logit_scale=2.0, reduction="none", outputs=("lse", "argmax", "entropy")
+        )
+        np.testing.assert_array_equal(loss, [0.0, np.inf, np.inf])
+        np.testing.assert_array_equal(st.lse, [200.0, 200.0, -np.inf])
+        np.testing.assert_array_equal(st.argmax, [C - 1, C - 1, 0])
+        assert np.all(np.isfinite(g)) and np.all(np.isfinite(st.entropy))
+        # row 2: the uniform limit of an all -inf row, times the scale
+        np.testing.assert_allclose(g[2], 2.0 * (1.0 / C - (np.arange(C) == 0)), rtol=1e-6)
+        l1 = fx.cross_entropy(
+            np.ascontiguousarray(z.T)[None], y[None], logit_scale=2.0, axis=1, reduction="none"
+        )
+        np.testing.assert_array_equal(l1[0], loss)
+        st0, ost0 = fx.shard_stats(
+            z[:, :1], y, offset=0, num_classes=C, logit_scale=2.0, outputs=("lse",)
+        )
+        st1, ost1 = fx.shard_stats(
+            z[:, 1:], y, offset=1, num_classes=C, logit_scale=2.0, outputs=("lse",)
+        )
+        ls = fx.loss_from_stats(fx.merge_stats(st0, st1), reduction="none", num_classes=C)
+        # (float64 loss statistics: 6e38 for row 1 in float32, which rounds to inf)
+        with np.errstate(over="ignore"):
+            np.testing.assert_array_equal(ls.astype(dtype), loss)
+        o = fx.outputs_from_stats(fx.merge_output_stats(ost0, ost1), y, num_classes=C)
+        np.testing.assert_array_equal(o.lse, st.lse)
+        np.testing.assert_array_equal(o.argmax, st.argmax)
+
+
 def test_huge_softcap_is_no_softcap(isa, rng):
     """softcap -> inf is the identity: with softcap = 1e6 and |z| < 10, z' = z (1 - O(1e-11))
     and the chain factor is 1 - O(1e-10)."""

@@ -223,8 +223,9 @@ inline double Row<V>::ent_redo(const BlockIn<T>& in, T mt) {
   return ez;
 }
 
-// A block whose max is -inf: every entry is -inf, or NaN hides among -inf entries. Rare;
-// scalar. wd is the raw sum u z' here (the caller cannot shift by a -inf max).
+// A block whose transformed max is -inf: every entry is -inf (or finite but taken to -inf by
+// the scale), or NaN hides among -inf entries. Rare; scalar. wd is the raw sum u z' here
+// (the caller cannot shift by a -inf max).
 template <class V>
 template <Storage HK>
 inline BlockStat Row<V>::degenerate(const BlockIn<T>& in) {
@@ -239,7 +240,8 @@ inline BlockStat Row<V>::degenerate(const BlockIn<T>& in) {
     if (in.p) u *= double(in.q1) * double(in.p[i]) + double(in.q0);
     // z' of -inf is -inf (also through the softcap: cap * tanh(-inf) = -cap, but a -inf
     // logit means "masked", so it stays masked).
-    if (u != 0.0) wz += u * double(z);  // no weight: no contribution, even at -inf
+    // (z' = alpha z in T: -inf also where the scale overflows a finite z)
+    if (u != 0.0) wz += u * double(T(in.alpha * z));  // no weight: no contribution, even at -inf
     usum += u;
     if (in.e) in.e[i] = z != z ? z : T(0);
   }
@@ -306,9 +308,19 @@ inline BlockStat Row<V>::block_for(const BlockIn<T>& in) {
     case Transform::Softcap:
       st = run_block(mode, in, V::hmax(transform<Transform::Softcap>(vm, xf, &t)));
       break;
-    case Transform::Scale:
-      st = run_block(mode, in, V::hmax(transform<Transform::Scale>(vm, xf, &t)));
+    case Transform::Scale: {
+      const T mt = V::hmax(transform<Transform::Scale>(vm, xf, &t));
+      // A finite max that the scale takes to -inf (|alpha z| beyond T's range): every z' of
+      // the block is -inf, the block is degenerate (shifting by -inf would give NaN), but
+      // its raw max stays the argmax's.
+      if (mt == -std::numeric_limits<T>::infinity()) {
+        st = degenerate<HK>(in);
+        st.zmax = double(m);
+        return st;
+      }
+      st = run_block(mode, in, mt);
       break;
+    }
     default: st = run_block(mode, in, m);
   }
   st.zmax = double(m);

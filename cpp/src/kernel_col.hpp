@@ -51,16 +51,18 @@ struct Col {
     R tm;
     // SoftcapFixedShift: the fixed shift 0 (see kFixedShift).
     R mt = TR == Transform::SoftcapFixedShift ? m : Rw::template transform<TR>(m, xf, &tm);
-    // Lanes whose max is -inf (all -inf) use 0 as their shift: their e come out 0, not NaN.
+    // Lanes whose transformed max is -inf (all -inf, or finite logits the scale takes beyond
+    // T's range) use 0 as their shift: their e come out 0, not NaN.
     const R lowest = V::set1(std::numeric_limits<T>::lowest());
-    const R shift = softcap(TR) ? mt : V::zero_if_less(m, lowest, mt);
+    const R shift = softcap(TR) ? mt : V::zero_if_less(mt, lowest, mt);
     {
       T tmpm[W], tmpt[W];
       V::store(tmpm, m);
       V::store(tmpt, mt);
       for (int64_t j = 0; j < len; ++j) {
-        in.m[i0 + j] = tmpm[j] == ninf && !softcap(TR) ? -std::numeric_limits<double>::infinity()
-                                                       : double(tmpt[j]);
+        in.m[i0 + j] = (tmpm[j] == ninf || tmpt[j] == ninf) && !softcap(TR)
+                           ? -std::numeric_limits<double>::infinity()
+                           : double(tmpt[j]);
         in.s[i0 + j] = 0.0;
         in.wd[i0 + j] = 0.0;
         in.usum[i0 + j] = 0.0;
