@@ -171,6 +171,26 @@ def test_merge_is_bitwise_commutative_and_associative_up_to_rounding(isa, rng):
     assert one is not a
 
 
+def test_signed_zero_maxima_and_huge_float64_rows():
+    # Shard maxima -0.0 and +0.0: the merge takes +0.0 whichever side it is on (bitwise
+    # commutative), as merge_stats.
+    z = np.array([[-0.0, -5.0, 0.0, -7.0]])
+    y = np.array([0])
+    _, a = fx.shard_stats(z[:, :2], y, offset=0, num_classes=4, outputs=ALL)
+    _, b = fx.shard_stats(z[:, 2:], y, offset=2, num_classes=4, outputs=ALL)
+    ab, ba = fx.merge_output_stats(a, b), fx.merge_output_stats(b, a)
+    assert_bitwise_equal(ab, ba)
+    assert not np.signbit(ab[0, F["max"]]) and ab[0, F["argidx"]] == 0.0
+    # A side whose rescale underflows to 0 adds nothing to h ((m - M) S is -inf there): the
+    # entropy of (1.7e308, -1.7e308, 0, 5) is 0, not NaN.
+    z = np.array([[1.7e308, -1.7e308, 0.0, 5.0]])
+    _, one = fx.cross_entropy(z, y, outputs=ALL)
+    for cut in (1, 2, 3):
+        _, _, m = sharded(z, y, [0, cut, 4])
+        st = fx.outputs_from_stats(m, y, num_classes=4)
+        assert st.entropy[0] == one.entropy[0] == 0.0 and st.lse[0] == one.lse[0]
+
+
 def test_thread_counts_give_the_same_bits(rng):
     C = 4000
     z = (rng.standard_normal((31, C)) * 3.0).astype(np.float32)
@@ -297,6 +317,12 @@ def test_errors():
         fx.outputs_from_stats(m, np.array([1, 2, 3]))
     with pytest.raises(TypeError):
         fx.outputs_from_stats(m, y, ignore_index=1.5)
+    # Not output statistics: an argmax index that is no class index.
+    for bad in (np.nan, 2.5, 6.0, -1.0):
+        mm = m.copy()
+        mm[0, F["argidx"]] = bad
+        with pytest.raises(ValueError, match="argmax index"):
+            fx.outputs_from_stats(mm, y, outputs=("argmax",))
     # A merge of one shard twice is caught by the column count.
     twice = fx.merge_output_stats(m, m)
     with pytest.raises(ValueError, match="cover 12.0 columns"):

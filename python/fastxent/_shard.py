@@ -264,8 +264,12 @@ def outputs_from_stats(
     all -inf gives lse -inf, entropy log C, target_logprob -inf and argmax 0; a NaN row NaN.
 
     ``target`` (the class targets, global indices) is needed for target_logprob and
-    accuracy. Given ``num_classes``, checks that every row's statistics cover exactly that
-    many columns (every shard merged once). ``dtype``: float64 (default) or float32, the
+    accuracy, with the ``ignore_index`` the shards were given (a row whose target equals it
+    counts nowhere). Given ``num_classes``, checks that every row's statistics cover exactly
+    that many columns (every shard merged once). Merged across processes without
+    merge_output_stats (an all-reduce), the argmax needs its own rule: the largest
+    ``argval`` (a row holding NaN, ``nan`` = 1, wins), then the smallest ``argidx``, as
+    fastxent.torch.vocab_parallel_cross_entropy does. ``dtype``: float64 (default) or float32, the
     type of lse, entropy and target_logprob (the one-machine call returns the logits')."""
     names = output_names(outputs)
     ii = index(ignore_index, "ignore_index")
@@ -285,6 +289,16 @@ def outputs_from_stats(
     dt = np.dtype(dtype)
     if dt not in (np.float32, np.float64):
         raise TypeError(f"dtype must be float32 or float64, got {dt}")
+    if "argmax" in names or "accuracy" in names:
+        idx = f["argidx"]
+        with np.errstate(invalid="ignore"):
+            bad = np.flatnonzero(~((idx >= 0) & (idx < f["columns"]) & (idx == np.floor(idx))))
+        if bad.size:
+            raise ValueError(
+                f"output statistics of row {int(bad[0])} hold the argmax index "
+                f"{idx.reshape(-1)[bad[0]]}, not a class index in [0, columns): merge the "
+                f"output statistics of shard_stats of every shard, once each"
+            )
     t = None
     if "target_logprob" in names or "accuracy" in names:
         if target is None:
