@@ -236,6 +236,22 @@ def test_statistics_gradients_of_huge_logits_do_not_cancel():
     np.testing.assert_array_equal(g, [[2.0, 0.0, 0.0, -1.25]])
 
 
+def test_rows_the_scale_overflows_have_zero_statistics_derivatives():
+    # see tests/test_torch_row_outputs.py: the kernel's all -inf row, derivative 0, not NaN
+    z = jnp.asarray([[-3e38, -3e38, -jnp.inf, -3e38], [0.0, 1.0, 2.0, 3.0]], jnp.float32)
+    y = jnp.asarray([0, 1])
+
+    def stats(z):
+        _, st = fxj.cross_entropy(
+            z, y, reduction="none", logit_scale=2.0, outputs=("lse", "entropy")
+        )
+        return st.lse.sum() + st.entropy.sum()
+
+    g = np.asarray(jax.grad(stats)(z))
+    np.testing.assert_array_equal(g[0], np.zeros(4))
+    assert np.all(np.isfinite(g))
+
+
 def test_entropy_coef_traced_and_its_derivative(rng):
     z = rng.standard_normal((8, 5)).astype(np.float32)
     y = np.where(rng.random(8) < 0.3, -100, rng.integers(0, 5, 8))

@@ -320,6 +320,29 @@ def test_statistics_gradients_of_huge_logits_do_not_cancel(dt):
     assert torch.equal(g, want), g
 
 
+def test_rows_the_scale_overflows_have_zero_statistics_derivatives():
+    # Finite logits that logit_scale takes to -inf: the kernel's all -inf row (entropy log C),
+    # whose statistics have derivative 0, not NaN.
+    z = torch.tensor([[-3e38, -3e38, float("-inf"), -3e38], [0.0, 1.0, 2.0, 3.0]])
+    z.requires_grad_(True)
+    loss, st = fxt.cross_entropy(
+        z, torch.tensor([0, 1]), reduction="none", logit_scale=2.0, outputs=("lse", "entropy")
+    )
+    assert st.lse[0].item() == float("-inf") and st.entropy[0].item() == pytest.approx(np.log(4))
+    (g,) = torch.autograd.grad(st.lse.sum() + st.entropy.sum(), z)
+    assert torch.equal(g[0], torch.zeros(4)) and torch.isfinite(g).all()
+
+
+@pytest.mark.parametrize("dt", [torch.float32, torch.bfloat16])
+def test_no_rows_backward(dt):
+    z = torch.zeros(0, 5, dtype=dt, requires_grad=True)
+    loss, st = fxt.cross_entropy(
+        z, torch.zeros(0, dtype=torch.int64), outputs=("lse", "entropy"), reduction="sum"
+    )
+    (loss + st.lse.sum() + st.entropy.sum()).backward()
+    assert z.grad.shape == (0, 5) and z.grad.dtype == dt
+
+
 def test_idle_keywords_are_the_plain_call():
     # outputs=None and entropy_coef=0.0 (a configuration's defaults) take every path the plain
     # call takes, torch.func included

@@ -32,10 +32,21 @@ SPLIT = (4, 7)
 N = 12
 ALL = ("lse", "entropy", "argmax", "target_logprob", "accuracy")
 FLOATS = ("lse", "entropy", "target_logprob")
-TOL = {"float64": 1e-12, "float32": 64 * U32}
+TOL = {"float64": 1e-12, "float32": 64 * U32, "bfloat16": 4 * 2.0**-8}
 
 
-def _case(name, rng, *, dtype="float64", names=ALL, kw=None, edit=None, probs=False, grad=True):
+def _case(
+    name,
+    rng,
+    *,
+    dtype="float64",
+    names=ALL,
+    kw=None,
+    edit=None,
+    probs=False,
+    grad=True,
+    rows=(N,),
+):
     x = rng.standard_normal((N, C)) * 3.0
     y = rng.integers(0, C, N)
     y[1] = -100
@@ -43,14 +54,18 @@ def _case(name, rng, *, dtype="float64", names=ALL, kw=None, edit=None, probs=Fa
         edit(x, y)
     if probs:
         y = rng.dirichlet(np.ones(C), N)
+    kw = dict(kw or {})
+    if kw.get("sample_weight") == "s":
+        kw["sample_weight"] = rng.uniform(0.2, 2.0, N).reshape(rows)
     return dict(
         name=name,
         dtype=dtype,
         names=names,
-        kw=kw or {},
-        x=x,
-        y=y,
-        coefs=rng.standard_normal((3, N)),
+        kw=kw,
+        x=x.reshape(rows + (C,)),
+        y=y.reshape(rows + y.shape[1:]),
+        # the statistics' upstream weights, then the loss's (for "none")
+        coefs=rng.standard_normal((4,) + rows),
         grad=grad,
     )
 
@@ -76,6 +91,14 @@ def make_cases():
         _case("plain", rng),
         _case("options", rng, kw=dict(label_smoothing=0.1, weight="w", reduction="sum")),
         _case("softcap", rng, kw=dict(softcap=3.0, logit_scale=1.7)),
+        _case("logit_scale", rng, kw=dict(logit_scale=2.0, label_smoothing=0.1)),
+        _case(
+            "none_sample_weight_batch_dims",
+            rng,
+            kw=dict(reduction="none", sample_weight="s", logit_scale=0.5),
+            rows=(3, 4),
+        ),
+        _case("bfloat16", rng, dtype="bfloat16", kw=dict(logit_scale=1.5)),
         _case("ignore_index_3", rng, kw=dict(ignore_index=3), edit=_ignore_3),
         _case("special", rng, kw=dict(reduction="none"), edit=_special),
         _case("float32", rng, dtype="float32", kw=dict(label_smoothing=0.2)),
@@ -85,20 +108,26 @@ def make_cases():
     ]
 
 
-def _torch_kw(case, lo=0, hi=C):
+def _torch_kw(case, lo=0, hi=C, flat=False):
     kw = dict(case["kw"])
+    dt = getattr(torch, case["dtype"])
     if kw.get("weight") == "w":
-        kw["weight"] = torch.linspace(0.5, 1.5, C, dtype=getattr(torch, case["dtype"]))[lo:hi]
+        kw["weight"] = torch.linspace(0.5, 1.5, C, dtype=dt)[lo:hi]
+    if kw.get("sample_weight") is not None:
+        sw = torch.from_numpy(kw["sample_weight"]).to(dt)
+        kw["sample_weight"] = sw.reshape(-1) if flat else sw
     return kw
 
 
-def _objective(loss, st, case):
-    """loss summed, plus the float statistics asked for weighted by the case's coefficients."""
-    tot = loss.sum()
+def _objective(loss, st, case, flat=False):
+    """The loss (weighted by the case's last coefficients for "none") plus the float statistics
+    asked for, weighted by its first ones. flat: the rows flattened (the one-machine call)."""
+    co = case["coefs"].reshape(4, -1) if flat else case["coefs"]
+    tot = loss.sum() if loss.ndim == 0 else (torch.from_numpy(co[3]).to(loss.dtype) * loss).sum()
     for k, name in enumerate(FLOATS):
         v = getattr(st, name)
         if v is not None:
-            tot = tot + (torch.from_numpy(case["coefs"][k]).to(v.dtype) * v).sum()
+            tot = tot + (torch.from_numpy(co[k]).to(v.dtype) * v).sum()
     return tot
 
 
@@ -106,10 +135,10 @@ def _rank_case(case, rank, dist):
     off = sum(SPLIT[:rank])
     cs = SPLIT[rank]
     dt = getattr(torch, case["dtype"])
-    local = torch.from_numpy(np.ascontiguousarray(case["x"][:, off : off + cs])).to(dt)
+    local = torch.from_numpy(np.ascontiguousarray(case["x"][..., off : off + cs])).to(dt)
     y = case["y"]
     if y.dtype.kind == "f":
-        target = torch.from_numpy(np.ascontiguousarray(y[:, off : off + cs])).to(dt)
+        target = torch.from_numpy(np.ascontiguousarray(y[..., off : off + cs])).to(dt)
     else:
         target = torch.from_numpy(y)
     local.requires_grad_(case["grad"])
@@ -162,13 +191,20 @@ def _one_machine(case):
     """(loss, RowStats, gradient of the objective) of fastxent.torch.cross_entropy on the full
     logits."""
     dt = getattr(torch, case["dtype"])
-    z = torch.from_numpy(case["x"].copy()).to(dt).requires_grad_(True)
-    y = torch.from_numpy(case["y"])
+    z = torch.from_numpy(case["x"].reshape(-1, C).copy()).to(dt).requires_grad_(True)
+    y = case["y"]
+    y = torch.from_numpy(y.reshape(-1, C) if y.dtype.kind == "f" else y.reshape(-1))
     if y.is_floating_point():
         y = y.to(dt)
-    loss, st = fxt.cross_entropy(z, y, outputs=case["names"], **_torch_kw(case))
-    _objective(loss, st, case).backward()
-    return loss.detach().double().numpy(), st, z.grad.double().numpy()
+    loss, st = fxt.cross_entropy(z, y, outputs=case["names"], **_torch_kw(case, flat=True))
+    _objective(loss, st, case, flat=True).backward()
+    rows = case["x"].shape[:-1]
+    loss = loss.detach().double().numpy()
+    return (
+        loss.reshape(rows) if loss.ndim else loss,
+        st,
+        z.grad.double().numpy().reshape(case["x"].shape),
+    )
 
 
 def _close(got, ref, tol, what):
@@ -193,11 +229,11 @@ def test_matches_the_one_machine_call(results, name):
             assert (res[r][n] is None) == (ref is None), n
             if ref is not None:
                 assert res[r][n].tobytes() == res[0][n].tobytes()  # the same on every rank
-                _close(res[r][n], ref.detach().double().numpy(), tol, n)
+                _close(res[r][n], ref.detach().double().numpy().reshape(res[r][n].shape), tol, n)
                 assert res[r]["dtypes"][n] == str(ref.dtype)
                 assert res[r][n + "_requires_grad"] == case["grad"]
         if st.argmax is not None:
-            np.testing.assert_array_equal(res[r]["argmax"], st.argmax.numpy())
+            np.testing.assert_array_equal(res[r]["argmax"].reshape(-1), st.argmax.numpy())
         assert res[r]["accuracy"] == st.accuracy
         # forward: the loss's two all-reduces and one for the argmax, plus the layout's gather
         assert res[r]["fwd"] == {"all_gather": 1, "all_reduce": 3}, res[r]["fwd"]

@@ -139,8 +139,10 @@ def reference_stats(
     if np.dtype(z.dtype) in _HALF:
         z = z.astype(jnp.float32)  # computed in float32, as the kernel does
     # A row of all -inf (values: the kernel's limits, e.g. entropy log C) has derivative 0,
-    # not the NaN of -inf - (-inf), which a zero cotangent would not cancel.
-    z = jnp.where(jnp.all(z == -jnp.inf, axis=1, keepdims=True), 0.0, z)
+    # not the NaN of -inf - (-inf), which a zero cotangent would not cancel; without a
+    # softcap, also a row of finite logits that the scale takes to -inf (as the kernel).
+    zs = jax.lax.stop_gradient(z if softcap > 0 else logit_scale * z)
+    z = jnp.where(jnp.all(zs == -jnp.inf, axis=1, keepdims=True), 0.0, z)
 
     def transform(v: Any) -> Any:
         return softcap * jnp.tanh(logit_scale * v / softcap) if softcap > 0 else logit_scale * v

@@ -322,7 +322,8 @@ def outputs_from_stats(
         if "target_logprob" in names:
             tl = np.where(nan, np.nan, np.where(degen, -np.inf, (f["zy"] - M) - logS))
             outs["target_logprob"] = np.where(t.reshape(rows_shape) == ii, 0.0, tl)
-    outs = {n: v.astype(dt).reshape(-1) for n, v in outs.items()}
+    with np.errstate(over="ignore"):  # float32: beyond its range is +-inf, as the kernel's
+        outs = {n: v.astype(dt).reshape(-1) for n, v in outs.items()}
     if "argmax" in names or "accuracy" in names:
         outs["argmax"] = f["argidx"].reshape(-1).astype(np.int64)
     return _row_stats(names, outs, t, ii, rows_shape)

@@ -214,6 +214,9 @@ def _stats_vjp(z: Tensor, target: Tensor, kw: Dict[str, Any], grads: Dict[str, T
     beyond the result). The upstream grads go in as grad_outputs, so that batched ones
     (autograd.grad(..., is_grads_batched=True)) give batched results."""
     C = z.shape[-1]
+    if z.numel() == 0:  # no rows: nothing to differentiate (and no tile to concatenate)
+        half = z.dtype in (torch.float16, torch.bfloat16)
+        return torch.zeros(z.shape, dtype=torch.float32 if half else z.dtype)
     z2, t1 = z.detach().reshape(-1, C), target.detach()
     # float32 for 16-bit logits (rounded once by the caller), converted tile by tile
     f32 = z2.dtype in (torch.float16, torch.bfloat16)

@@ -408,10 +408,13 @@ def reference_stats(z: Tensor, target: Tensor, kw: Dict[str, Any]) -> Dict[str, 
     zz = z.reshape(-1, C)
     if zz.dtype in (torch.float16, torch.bfloat16):
         zz = zz.float()  # the kernel computes 16-bit logits in float32
-    # A row of all -inf (values: the kernel's limits, e.g. entropy log C) has derivative 0,
-    # not the NaN of -inf - (-inf), which a zero upstream weight would not cancel.
-    zz = torch.where((zz == float("-inf")).all(dim=1, keepdim=True), 0.0, zz)
     cap, alpha = kw.get("softcap"), float(kw.get("logit_scale", 1.0))
+    # A row of all -inf (values: the kernel's limits, e.g. entropy log C) has derivative 0,
+    # not the NaN of -inf - (-inf), which a zero upstream weight would not cancel; without a
+    # softcap, also a row of finite logits that the scale takes to -inf (as the kernel).
+    with torch.no_grad():
+        dead = ((zz if cap is not None else alpha * zz) == float("-inf")).all(dim=1, keepdim=True)
+    zz = torch.where(dead, 0.0, zz)
     out: Dict[str, Tensor] = {}
     zp = cap * torch.tanh(alpha * zz / cap) if cap is not None else alpha * zz
     lse = torch.logsumexp(zp, dim=1)

@@ -261,7 +261,9 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
             return _VocabParallelCrossEntropy._backward(ctx, grad_output)
 
     @staticmethod
-    def _backward(ctx, grad_output: Tensor):
+    def _backward(ctx, grad_output: Tensor, cast: bool = True):
+        """(the gradient of the logits, None, ...); cast=False: in the compute dtype (float32
+        for 16-bit logits), to be summed with another before one rounding."""
         input = ctx.saved_tensors[0]
         a, merged = ctx.a, ctx.merged
         x = numpy_of(input, a.cdt)
@@ -298,7 +300,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
             num_threads=a.num_threads,
         )
         grad = torch.from_numpy(g)
-        if grad.dtype != input.dtype:
+        if cast and grad.dtype != input.dtype:
             grad = grad.to(input.dtype)
         if post is not None:
             grad = grad * post
@@ -341,7 +343,7 @@ def _stats_vjp_local(x: Tensor, a: _VPArgs, mo: np.ndarray, grads: Dict[str, Ten
             th = torch.tanh(alpha * z / cap)
             zp, dz = cap * th, alpha * (1.0 - th * th)
         else:
-            zp, dz = alpha * z, None
+            zp, dz = alpha * z, (alpha if alpha != 1.0 else None)
         p = torch.exp(zp - lse[r0:r1, None])
         live = p > 0
         coef = torch.zeros(r1 - r0, dtype=torch.float64)
@@ -397,11 +399,13 @@ class _VocabParallelStats(torch.autograd.Function):
         gz: Optional[Tensor] = None
         with torch.no_grad():
             if grad_loss is not None:
-                gz = _VocabParallelCrossEntropy._backward(ctx, grad_loss)[0]
+                gz = _VocabParallelCrossEntropy._backward(ctx, grad_loss, cast=False)[0]
             gs = {n: g for n, g in zip(ctx.float_names, grad_stats) if g is not None}
             if gs:
                 gv = _stats_vjp_local(input, ctx.a, ctx.mo, gs)
-                gz = (gv if gz is None else gv + gz.to(torch.float64)).to(input.dtype)
+                gz = gv if gz is None else gv + gz.to(torch.float64)
+            if gz is not None:
+                gz = gz.to(input.dtype)  # one rounding (16-bit logits: of the float32 sum)
         return (gz,) + rest
 
     @staticmethod
