@@ -84,25 +84,7 @@ def all_reduce_stats(st: np.ndarray, group: Any) -> np.ndarray:
     to the global max first (Megatron's scheme). NaN does not rely on the backend: a rank's NaN
     max (some logit NaN) enters the MAX as -inf and a NaN flag rides in the SUM, so a row with
     a NaN on any rank gets a NaN max and sum on every rank, as on one machine."""
-    dist = torch_dist()
-    s = torch.from_numpy(st)
-    mx, se = s[:, 0], s[:, 1]
-    nan = torch.isnan(mx) | torch.isnan(se)
-    m = torch.where(nan, torch.full_like(mx, -np.inf), mx)
-    dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
-    # exp(max_r - M): exactly 1 at the max (also for M = +inf), 0 for a rank whose row is all
-    # -inf (nothing to add) or NaN (flagged instead).
-    factor = torch.where(mx == m, torch.ones_like(mx), torch.exp(mx - m))
-    packed = torch.empty(s.shape, dtype=torch.float64)
-    packed[:, 0] = torch.where(nan | (mx == -np.inf), torch.zeros_like(se), se * factor)
-    packed[:, 1 : _NSTAT - 1] = s[:, 2:]
-    packed[:, _NSTAT - 1] = nan.to(torch.float64)
-    dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
-    out = torch.empty(s.shape, dtype=torch.float64)
-    out[:, 0] = m
-    out[:, 1:] = packed[:, : _NSTAT - 1]
-    out[packed[:, _NSTAT - 1] > 0, :2] = np.nan
-    return out.numpy()
+    return _all_reduce(st, None, group)[0]
 
 
 _NOUT = len(_shard.OUTPUT_STAT_FIELDS)
@@ -113,52 +95,73 @@ def all_reduce_with_outputs(
     st: np.ndarray, ost: np.ndarray, group: Any
 ) -> Tuple[np.ndarray, np.ndarray]:
     """all_reduce_stats for the loss statistics (rows, 7) and the output statistics (rows, 8)
-    together, in three all-reduces: MAX of the row maxima of both, the NaN flags and the
-    largest logits; SUM of the rest, both sets of exponential sums rescaled to their global
-    max first; MIN of the argmax index over the ranks holding the winning value (the first
-    NaN's rank in a NaN row). The result is merge_output_stats' for any rank order: the
-    argmax merges exactly, the sums up to rounding."""
+    together, in three all-reduces: the MAX and the SUM widened (the output statistics' max,
+    NaN flag and largest logit in the first, their exponential sums rescaled to their own
+    global max in the second), and a MIN of the argmax index over the ranks holding the
+    winning value (a row holding NaN: those whose slice holds one). The result is
+    merge_output_stats' for any rank order: the argmax merges exactly, the sums up to
+    rounding."""
+    out, oo = _all_reduce(st, ost, group)
+    assert oo is not None
+    return out, oo
+
+
+def _rescaled(m: Tensor, s: Tensor, dead: Tensor, M: Tensor) -> Tensor:
+    """Each rank's sum s taken with shift m, rescaled to the global max M: exp(m - M) is exactly
+    1 at the max (also for M = +inf); a dead rank (a row all -inf, or NaN: flagged instead) adds
+    0."""
+    factor = torch.where(m == M, torch.ones_like(m), torch.exp(m - M))
+    return torch.where(dead, torch.zeros_like(s), s * factor)
+
+
+def _all_reduce(
+    st: np.ndarray, ost: Optional[np.ndarray], group: Any
+) -> Tuple[np.ndarray, Optional[np.ndarray]]:
     dist = torch_dist()
-    s, o = torch.from_numpy(st), torch.from_numpy(ost)
+    s = torch.from_numpy(st)
     ninf = torch.tensor(-np.inf, dtype=torch.float64)
     mx, se = s[:, 0], s[:, 1]
     nan = torch.isnan(mx) | torch.isnan(se)
-    om, os_, oh = o[:, _O["max"]], o[:, _O["sumexp"]], o[:, _O["h"]]
-    onan = torch.isnan(om) | torch.isnan(os_)
-    lnan = o[:, _O["nan"]] > 0  # this rank's slice holds a NaN logit
-    hi = torch.stack(
-        [
-            torch.where(nan, ninf, mx),
+    hi_cols = [torch.where(nan, ninf, mx)]
+    if ost is not None:
+        o = torch.from_numpy(ost)
+        om, os_, oh = o[:, _O["max"]], o[:, _O["sumexp"]], o[:, _O["h"]]
+        onan = torch.isnan(om) | torch.isnan(os_)
+        lnan = o[:, _O["nan"]] > 0  # this rank's slice holds a NaN logit
+        hi_cols += [
             torch.where(onan, ninf, om),
             o[:, _O["nan"]],
             torch.where(lnan, ninf, o[:, _O["argval"]]),
-        ],
-        dim=1,
-    )
+        ]
+    hi = torch.stack(hi_cols, dim=1)
     dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=group)
-    m, M, gnan, gval = hi[:, 0], hi[:, 1], hi[:, 2] > 0, hi[:, 3]
-    factor = torch.where(mx == m, torch.ones_like(mx), torch.exp(mx - m))
-    f = torch.where(om == M, torch.ones_like(om), torch.exp(om - M))
-    dead = onan | (om == -np.inf)
-    packed = torch.empty((s.shape[0], _NSTAT + 5), dtype=torch.float64)
-    packed[:, 0] = torch.where(nan | (mx == -np.inf), torch.zeros_like(se), se * factor)
+    m = hi[:, 0]
+    packed = torch.empty((s.shape[0], _NSTAT + (0 if ost is None else 5)), dtype=torch.float64)
+    packed[:, 0] = _rescaled(mx, se, nan | (mx == -np.inf), m)
     packed[:, 1 : _NSTAT - 1] = s[:, 2:]
     packed[:, _NSTAT - 1] = nan.to(torch.float64)
-    packed[:, _NSTAT] = torch.where(dead, torch.zeros_like(os_), os_ * f)
-    # (as merge_output_stats: a rank whose rescale is 0 adds nothing, (m - M) S may be -inf)
-    live = ~dead & (f != 0)
-    packed[:, _NSTAT + 1] = torch.where(live, (oh + (om - M) * os_) * f, torch.zeros_like(oh))
-    packed[:, _NSTAT + 2] = onan.to(torch.float64)
-    packed[:, _NSTAT + 3] = o[:, _O["zy"]]
-    packed[:, _NSTAT + 4] = o[:, _O["columns"]]
+    if ost is not None:
+        M, gnan, gval = hi[:, 1], hi[:, 2] > 0, hi[:, 3]
+        dead = onan | (om == -np.inf)
+        packed[:, _NSTAT] = _rescaled(om, os_, dead, M)
+        # (as merge_output_stats: a rank whose rescale is 0 adds nothing to h, where
+        # (m - M) S may be -inf)
+        f = torch.where(om == M, torch.ones_like(om), torch.exp(om - M))
+        live = ~dead & (f != 0)
+        packed[:, _NSTAT + 1] = torch.where(live, (oh + (om - M) * os_) * f, torch.zeros_like(oh))
+        packed[:, _NSTAT + 2] = onan.to(torch.float64)
+        packed[:, _NSTAT + 3] = o[:, _O["zy"]]
+        packed[:, _NSTAT + 4] = o[:, _O["columns"]]
     dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
-    mine = torch.where(gnan, lnan, ~lnan & (o[:, _O["argval"]] == gval))
-    idx = torch.where(mine, o[:, _O["argidx"]], torch.full_like(om, np.inf))
-    dist.all_reduce(idx, op=dist.ReduceOp.MIN, group=group)
     out = torch.empty(s.shape, dtype=torch.float64)
     out[:, 0] = m
     out[:, 1:] = packed[:, : _NSTAT - 1]
     out[packed[:, _NSTAT - 1] > 0, :2] = np.nan
+    if ost is None:
+        return out.numpy(), None
+    mine = torch.where(gnan, lnan, ~lnan & (o[:, _O["argval"]] == gval))
+    idx = torch.where(mine, o[:, _O["argidx"]], torch.full_like(om, np.inf))
+    dist.all_reduce(idx, op=dist.ReduceOp.MIN, group=group)
     oo = torch.empty(o.shape, dtype=torch.float64)
     oo[:, _O["max"]] = M
     oo[:, _O["sumexp"]] = packed[:, _NSTAT]
