@@ -18,6 +18,11 @@ of the "mean" denominator, from the shard owning its target), ``count`` (1 in th
 counts the row), ``columns`` (how many columns the statistics cover). An all-reduce merges
 them as: M = max over shards of ``max``; then the sum over shards of
 ``sumexp * exp(max - M)`` and of the five other fields (Megatron's scheme).
+
+Per-row outputs of whole rows (``outputs=`` of :func:`fastxent.cross_entropy`) come from the
+same pass: ``shard_stats(..., outputs=names)`` also returns output statistics (rows_shape +
+(8,), fields :data:`OUTPUT_STAT_FIELDS`), merged by :func:`merge_output_stats` and finished by
+:func:`outputs_from_stats` (lse, entropy, argmax, target_logprob, accuracy).
 """
 
 from __future__ import annotations
