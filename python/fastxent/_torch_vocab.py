@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from . import _shard
-from ._api import RowStats
+from ._torch_autograd import _row_stats
 from ._keywords import EXTRA, FLOAT_OUTPUTS, ExtraKeywords, Unpack, output_names
 from ._options import index
 from ._torch_common import (
@@ -442,12 +442,7 @@ def _vp_with_outputs(x: Tensor, a: _VPArgs, names: Tuple[str, ...], saved: List[
         st = _row_stats_of(mo, a, names, x.shape[:-1])
         loss = loss_tensor(lv, x.dtype)
         floats = [torch.from_numpy(np.asarray(getattr(st, n))) for n in _FLOATS if n in names]
-    fields: Dict[str, Any] = dict(zip([n for n in _FLOATS if n in names], floats))
-    if "argmax" in names:
-        fields["argmax"] = torch.from_numpy(np.asarray(st.argmax))
-    if "accuracy" in names:
-        fields["accuracy"] = float(st.accuracy)
-    return loss, RowStats(**fields)
+    return _row_stats(loss, floats, st, names, tuple(x.shape[:-1]))
 
 
 @EXTRA
