@@ -4,6 +4,9 @@
 (``fastxent.available_isas()``), forcing it with ``fastxent._core.set_isa`` for the duration
 of the test and restoring the default afterwards. Every numerical test takes it, so the
 scalar fallback is held to the same contract as the SIMD kernels.
+
+``vocab_tiles``: shrinks the fused linear planner's tile so that a forward pass alone at test
+sizes takes tiles of the vocabulary, and records each call that does.
 """
 
 from __future__ import annotations
@@ -49,6 +52,27 @@ def rng(request):
     """A generator seeded from the test's id: deterministic, different per test case."""
     seed = sum(ord(ch) * (i + 1) for i, ch in enumerate(request.node.nodeid)) % (2**32)
     return np.random.default_rng(seed)
+
+
+@pytest.fixture
+def vocab_tiles(monkeypatch):
+    """Shrinks the planner's tile so that a forward pass alone at these small sizes takes
+    tiles of the vocabulary (5 classes each for float32 and 37 rows, see tile_cols); returns
+    the list of the plans' cols, one per call that ran tiles of the vocabulary."""
+    from fastxent import _linear, _linear_plan
+
+    monkeypatch.setattr(_linear_plan, "TILE_BYTES", 740)
+    monkeypatch.setattr(_linear_plan, "_MIN_COLS", 3)
+    monkeypatch.setattr(_linear_plan, "_ROUND_COLS", 1)
+    calls = []
+    real = _linear.run_vocab_tiles
+
+    def spy(plan, be, stats=None):
+        calls.append(plan.cols)
+        return real(plan, be, stats)
+
+    monkeypatch.setattr(_linear, "run_vocab_tiles", spy)
+    return calls
 
 
 def pytest_report_header(config):

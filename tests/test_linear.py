@@ -244,3 +244,142 @@ def test_no_n_by_v_allocation():
         tracemalloc.stop()
     logits_bytes = n * v * 4
     assert peak <= logits_bytes // 4, (peak, logits_bytes)
+
+
+# --- A forward pass alone in tiles of the vocabulary (fastxent._linear.run_vocab_tiles) ---
+
+
+@pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-12), (np.float32, 2e-6)])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("opt", OPTIONS, ids=lambda o: "-".join(o) or "plain")
+def test_vocab_tiles_against_reference(vocab_tiles, dtype, tol, reduction, opt):
+    """Every option and reduction, bias or not, V (91) not a multiple of the tile's columns:
+    the loss against float64, and against the same forward pass in tiles of rows."""
+    rng = np.random.default_rng(len(opt) + 70)
+    for bias in (True, False):
+        x, w, b, t, kw = _problem(rng, 37, 9, 91, dtype, opt, bias=bias)
+        ref = reference(x, w, b, t, reduction, **kw)[0]
+        got = fx.linear_cross_entropy(x, w, t, linear_bias=b, reduction=reduction, **kw)
+        _close(got, ref, tol)
+        assert np.asarray(got).dtype == dtype
+        assert np.shape(got) == (() if reduction != "none" else (37,))
+        rows = fx.linear_cross_entropy(
+            x, w, t, linear_bias=b, reduction=reduction, tile_rows=8, **kw
+        )
+        _close(got, np.asarray(rows, np.float64), tol)
+    cols = 5 if dtype == np.float32 else 3
+    assert vocab_tiles == [cols, cols]  # the two calls without tile_rows
+
+
+def test_vocab_tiles_outputs(vocab_tiles):
+    """outputs= from the merged statistics: the row kernel's, to rounding; argmax exact."""
+    rng = np.random.default_rng(71)
+    x, w, b, t, kw = _problem(rng, 37, 9, 91, np.float32, {"label_smoothing": 0.1})
+    x[3] *= 40.0  # a peaked row
+    names = ("lse", "entropy", "argmax", "target_logprob", "accuracy")
+    loss, st = fx.linear_cross_entropy(x, w, t, linear_bias=b, outputs=names, **kw)
+    loss_r, st_r = fx.linear_cross_entropy(x, w, t, linear_bias=b, outputs=names, tile_rows=8, **kw)
+    assert vocab_tiles == [5]
+    _close(loss, np.float64(loss_r), 2e-6)
+    for n in ("lse", "entropy", "target_logprob"):
+        a, r = getattr(st, n), getattr(st_r, n)
+        assert a.dtype == np.float32 and a.shape == (37,)
+        np.testing.assert_allclose(a, r, rtol=2e-6, atol=2e-6)
+    np.testing.assert_array_equal(st.argmax, st_r.argmax)
+    assert st.accuracy == st_r.accuracy
+    z = x.astype(np.float64) @ w.astype(np.float64).T + b
+    np.testing.assert_array_equal(st.argmax, z.argmax(1))
+
+
+def test_vocab_tiles_edge_rows(vocab_tiles):
+    """All rows ignored ("mean": 0 as in tiles of rows), non-finite hidden states, leading
+    axes."""
+    rng = np.random.default_rng(72)
+    x, w, b, t, _ = _problem(rng, 37, 9, 91, np.float32, {})
+    ignored = np.full(37, -100)
+    for red in ("mean", "sum"):
+        assert fx.linear_cross_entropy(x, w, ignored, reduction=red) == fx.linear_cross_entropy(
+            x, w, ignored, reduction=red, tile_rows=8
+        )
+    none = fx.linear_cross_entropy(x, w, ignored, reduction="none")
+    assert none.shape == (37,) and not none.any()
+    bad = x.copy()
+    bad[5, 0] = np.nan
+    rows = fx.linear_cross_entropy(bad, w, t, linear_bias=b, reduction="none")
+    rows_r = fx.linear_cross_entropy(bad, w, t, linear_bias=b, reduction="none", tile_rows=8)
+    np.testing.assert_array_equal(np.isnan(rows), np.isnan(rows_r))
+    assert np.isnan(rows[5]) and np.isnan(fx.linear_cross_entropy(bad, w, t, linear_bias=b))
+    cube = fx.linear_cross_entropy(
+        x.reshape(37, 1, 9), w, t.reshape(37, 1), linear_bias=b, reduction="none"
+    )
+    flat = fx.linear_cross_entropy(x, w, t, linear_bias=b, reduction="none")
+    assert cube.shape == (37, 1)
+    np.testing.assert_array_equal(cube.reshape(-1), flat)
+    assert len(vocab_tiles) == 7
+
+
+def test_vocab_tiles_only_for_a_default_float_forward(vocab_tiles):
+    """Tiles of rows for: gradients, an explicit tile_rows, 16-bit inputs, entropy_coef,
+    at least as many rows as classes."""
+    import ml_dtypes
+
+    rng = np.random.default_rng(73)
+    x, w, b, t, _ = _problem(rng, 37, 9, 91, np.float32, {})
+    fx.linear_cross_entropy_with_grad(x, w, t, linear_bias=b)
+    fx.linear_cross_entropy(x, w, t, linear_bias=b, tile_rows=8)
+    fx.linear_cross_entropy(x.astype(ml_dtypes.bfloat16), w.astype(ml_dtypes.bfloat16), t)
+    fx.linear_cross_entropy(x, w, t, entropy_coef=0.1)
+    x2, w2, _, t2, _ = _problem(rng, 37, 9, 30, np.float32, {})
+    fx.linear_cross_entropy(x2, w2, t2)
+    assert vocab_tiles == []
+    fx.linear_cross_entropy(x, w, t)
+    assert vocab_tiles == [5]
+
+
+def test_tile_cols_rule():
+    from fastxent._linear_plan import _MIN_COLS, _ROUND_COLS, tile_cols
+
+    # The issue's shapes (float32, the forward tile of rows there): 64 MiB tiles.
+    assert tile_cols(2048, 128256, 4, 448) == 8192
+    assert tile_cols(4096, 32000, 4, 512) == 4096
+    assert tile_cols(16384, 32000, 4, 512) == 1024
+    assert tile_cols(2048, 128256, 8, 224) == 4096
+    assert tile_cols(100, 128256, 4, 100) == 0  # one tile of rows holds them all
+    assert tile_cols(32000, 32000, 4, 512) == 0  # as many rows as classes
+    assert tile_cols(1000, 2000, 4, 500) == 0  # _MIN_COLS would exceed 2/9 of the classes
+    assert tile_cols(4000, 6000, 4, 500) == 1280  # 2/9 of the classes (TILE_BYTES: 4194)
+    for n in (33, 1000, 5000, 20000, 70000):
+        for v in (1000, 32000, 128256, 256000):
+            for size in (4, 8):
+                c = tile_cols(n, v, size, 16)
+                if c:
+                    assert c >= _MIN_COLS and c % _ROUND_COLS == 0
+                    assert 9 * c <= 2 * v
+
+
+def test_vocab_tiles_memory(monkeypatch):
+    """The forward pass in tiles of the vocabulary holds one tile (here 1 MiB, 512 classes of
+    512 rows) beyond the inputs: far below 1/4 of the 16 MiB logits."""
+    from fastxent import _linear_plan
+
+    monkeypatch.setattr(_linear_plan, "TILE_BYTES", 1 << 20)
+    rng = np.random.default_rng(74)
+    n, h, v = 512, 16, 8192
+    x = rng.standard_normal((n, h), dtype=np.float32)
+    w = rng.standard_normal((v, h), dtype=np.float32) * 0.1
+    t = rng.integers(0, v, n)
+    assert _linear_plan.make_plan(
+        x.shape, x.dtype, w.shape, w.dtype, None, None, t, t.shape, False, "mean",
+        dict(weight=None, ignore_index=-100, label_smoothing=0.0, sample_weight=None,
+             z_loss=0.0, softcap=None, logit_scale=1.0, normalizer=None, num_threads=None),
+        None, 4, forward_only=True,
+    ).cols == 512  # fmt: skip
+    fx.linear_cross_entropy(x[:64], w, t[:64])  # warm-up (imports, caches)
+    tracemalloc.start()
+    try:
+        loss = fx.linear_cross_entropy(x, w, t)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    _close(loss, reference(x, w, None, t, "mean")[0], 2e-6)
+    assert peak <= (n * v * 4) // 8, peak

@@ -288,3 +288,41 @@ def test_no_silent_second_order_or_forward_mode():
             fxt.linear_cross_entropy(x.clone().requires_grad_(), w, t, **{k: s.requires_grad_()})
     with pytest.raises(RuntimeError, match="torch.func"):
         torch.func.grad(lambda a: fxt.linear_cross_entropy(a, w, t))(x)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-6)])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("opt", TORCH_OPTIONS, ids=lambda o: "-".join(o) or "plain")
+def test_vocab_tiles_forward(vocab_tiles, dtype, tol, reduction, opt):
+    """A forward pass alone (no_grad, or no input requiring grad) in tiles of the vocabulary
+    (torch.mm / addmm per slice of the weight): against float64 PyTorch, bias or not."""
+    x, w, b, t, kw = _problem(37, 9, 91, dtype, opt, seed=3)
+    ref_kw = {k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    tt = t.double() if t.is_floating_point() else t
+    for bias in (b, None):
+        z = F.linear(x.double(), w.double(), None if bias is None else bias.double())
+        ref = F.cross_entropy(z, tt, reduction=reduction, **ref_kw)
+        with torch.no_grad():
+            loss = fxt.linear_cross_entropy(x, w, t, linear_bias=bias, reduction=reduction, **kw)
+        assert loss.dtype == dtype and loss.shape == ref.shape
+        assert _err(loss, ref) <= tol
+        again = fxt.linear_cross_entropy(x, w, t, linear_bias=bias, reduction=reduction, **kw)
+        assert torch.equal(again, loss)
+    cols = 5 if dtype == torch.float32 else 3
+    assert vocab_tiles == [cols] * 4
+
+
+def test_vocab_tiles_only_without_gradients_and_outputs(vocab_tiles):
+    x, w, b, t, _ = _problem(37, 9, 91, torch.float32, {}, seed=4)
+    names = ("lse", "entropy", "argmax", "accuracy")
+    loss_r, st_r = fxt.linear_cross_entropy(x, w, t, linear_bias=b, outputs=names, tile_rows=8)
+    assert vocab_tiles == []
+    fxt.linear_cross_entropy(x.requires_grad_(), w, t, linear_bias=b).backward()
+    assert vocab_tiles == []
+    with torch.no_grad():
+        loss, st = fxt.linear_cross_entropy(x, w, t, linear_bias=b, outputs=names)
+    assert vocab_tiles == [5]
+    torch.testing.assert_close(loss, loss_r, rtol=2e-6, atol=2e-6)
+    torch.testing.assert_close(st.lse, st_r.lse, rtol=2e-6, atol=2e-6)
+    torch.testing.assert_close(st.entropy, st_r.entropy, rtol=2e-6, atol=2e-6)
+    assert torch.equal(st.argmax, st_r.argmax) and st.accuracy == st_r.accuracy

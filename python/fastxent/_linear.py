@@ -20,12 +20,19 @@ Invariants of the tile loop:
   ``normalizer``), so that the tiles add up to the batch's loss and gradient; then
   ``grad_hidden[tile] = G @ W``, ``grad_weight += G.T @ hidden[tile]``,
   ``grad_bias += G.sum(0)``, always in this order.
+- A forward pass alone (no gradient) at the default tile, float32 or float64, with fewer
+  rows than classes, takes tiles of the vocabulary instead (``plan.cols`` > 0,
+  :func:`run_vocab_tiles`): every row times ``cols`` classes, ``Z = hidden @ W[v0:v1].T``,
+  the slice's shard statistics (fastxent.shard_stats), merged in float64 slice after slice;
+  each product then packs the hidden states again, not the weight. Its loss is the row-tiled
+  pass's to rounding, not bit for bit (float64 merge of per-slice sums), as shards are.
 - The BLAS and fastxent's OpenMP kernel run one after the other, never at the same time.
 - Everything (shapes, dtypes, options, every class index, out= buffers) is checked before
   the first byte of an out= buffer is written.
 - Bit stability: the kernel's part is independent of its thread count; the matmuls are the
   BLAS's (their rounding may depend on its thread count), and the tile size decides how
-  the weight and bias gradients and the loss are summed across tiles (float32 round-off).
+  the weight and bias gradients and the loss are summed across tiles (float32 round-off);
+  in tiles of the vocabulary, the columns per tile decide how the row statistics merge.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
+from . import _core
 from ._api import RowStats, _row_stats, cross_entropy, cross_entropy_with_grad
 from ._keywords import LINEAR, LinearKeywords, Unpack, kernel_outputs
 from ._linear_plan import (  # noqa: F401 (re-exported: fastxent._linear's names)
@@ -46,8 +54,11 @@ from ._linear_plan import (  # noqa: F401 (re-exported: fastxent._linear's names
     class_targets,
     make_plan,
     shape_checks,
+    tile_cols,
     tile_rows,
+    tile_shape,
 )
+from ._shard import loss_from_stats, outputs_from_stats, shard_stats
 
 __all__ = ["linear_cross_entropy", "linear_cross_entropy_with_grad"]
 
@@ -99,9 +110,11 @@ def run_tiles(
     "mean", the (n,) row losses for "none". `reduction` and `sample_weight` override the
     plan's (PyTorch's backward of "none" scales the rows by the upstream gradient). `stats`
     (new_stats): filled with each tile's per-row outputs, from the same kernel call."""
+    grad = any(want)
+    if plan.cols and not grad and reduction is None and sample_weight is None:
+        return run_vocab_tiles(plan, be, stats)
     red = plan.reduction if reduction is None else reduction
     sw = plan.sample_weight if sample_weight is None else sample_weight
-    grad = any(want)
     total = 0.0
     rows = np.empty(plan.n, plan.cdt) if red == "none" else None
     names = None if stats is None else tuple(stats)
@@ -137,6 +150,56 @@ def run_tiles(
     return rows if rows is not None else total
 
 
+def run_vocab_tiles(plan: _Plan, be: Any, stats: Optional[Dict[str, np.ndarray]] = None) -> Any:
+    """A forward pass alone in tiles of the vocabulary (plan.cols > 0): per tile of every row
+    and classes [v0, v1), ``Z = hidden @ W[v0:v1].T (+ bias[v0:v1])`` by the backend's
+    ``logits_cols``, then the tile's shard statistics (fastxent.shard_stats, one SIMD pass),
+    merged in float64 in increasing v0; the loss (and outputs=) from the merged statistics.
+    Returns what run_tiles returns."""
+    kw = plan.kw
+    names = None if stats is None else tuple(stats)
+    shard_kw = {k: kw[k] for k in ("ignore_index", "label_smoothing", "softcap", "logit_scale")}
+    shard_kw["num_threads"] = kw["num_threads"]
+    merged: Any = None
+    out_merged: Any = None
+    for v0 in range(0, plan.v, plan.cols):
+        v1 = min(plan.v, v0 + plan.cols)
+        z = be.logits_cols(v0, v1)
+        tgt = plan.target if plan.target is not None else plan.probs[:, v0:v1]
+        w = None if kw["weight"] is None else kw["weight"][v0:v1]
+        res = shard_stats(
+            z, tgt, offset=v0, num_classes=plan.v, weight=w, outputs=names, **shard_kw
+        )
+        st, ost = res if names is not None else (res, None)
+        if merged is None:
+            merged, out_merged = st, ost
+        else:
+            _core.merge_stats(merged, st, merged)
+            if ost is not None:
+                _core.merge_output_stats(out_merged, ost, out_merged)
+    loss = loss_from_stats(
+        merged,
+        reduction=plan.reduction,
+        sample_weight=plan.sample_weight,
+        z_loss=kw["z_loss"],
+        normalizer=plan.denominator if plan.reduction == "mean" else None,
+    )
+    if stats is not None:
+        rs = outputs_from_stats(
+            out_merged,
+            plan.target,
+            outputs=names,
+            num_classes=plan.v,
+            ignore_index=kw["ignore_index"],
+            dtype=plan.cdt,
+        )
+        for n in stats:
+            stats[n][:] = np.asarray(getattr(rs, n)).reshape(-1)
+    if plan.reduction == "none":
+        return np.asarray(loss, dtype=plan.cdt).reshape(-1)
+    return float(loss)
+
+
 class _NumpyBackend:
     """NumPy's matmul (its BLAS) for each tile. 16-bit inputs are multiplied in float32
     (NumPy has no 16-bit BLAS): float32 copies of the weight and of its gradient, each
@@ -154,7 +217,7 @@ class _NumpyBackend:
         self.h2 = h2
         self.w = w.astype(np.float32) if self.half else w
         self.b = None if b is None else (b.astype(np.float32) if self.half else b)
-        self.buf = np.empty((plan.tile, plan.v), plan.cdt)
+        self.buf = np.empty(int(np.prod(tile_shape(plan))), plan.cdt)
         # Set when the loop calls for them (None otherwise: never read then).
         self.gh: Any = outs[0]
         self.gw: Any = outs[1]
@@ -174,10 +237,17 @@ class _NumpyBackend:
         return x.astype(np.float32) if self.half else x
 
     def logits(self, r0: int, r1: int) -> np.ndarray:
-        z = self.buf[: r1 - r0]
+        z = self.buf[: (r1 - r0) * self.plan.v].reshape(r1 - r0, self.plan.v)
         np.matmul(self._x(r0, r1), self.w.T, out=z)
         if self.b is not None:
             np.add(z, self.b, out=z)
+        return z
+
+    def logits_cols(self, v0: int, v1: int) -> np.ndarray:
+        z = self.buf[: self.plan.n * (v1 - v0)].reshape(self.plan.n, v1 - v0)
+        np.matmul(self.h2, self.w[v0:v1].T, out=z)
+        if self.b is not None:
+            np.add(z, self.b[v0:v1], out=z)
         return z
 
     def grad_hidden(self, g: np.ndarray, r0: int, r1: int) -> None:
@@ -335,11 +405,14 @@ def linear_cross_entropy(
     target class indices of shape hidden.shape[:-1], or probabilities of shape (..., V).
     Every keyword of :func:`fastxent.cross_entropy` (but axis) means what it means there;
     "mean" divides by the whole batch's denominator. tile_rows overrides the rows per tile
-    (default: a 64 MiB tile, at most 1/6 of the logits). float16/bfloat16 inputs are
-    multiplied in float32 (float32 copies of the weight: NumPy has no 16-bit BLAS), the loss
-    is float32. Returns what fx.cross_entropy returns: with ``outputs=``, ``(loss, stats)``
-    (the per-row statistics of each tile's kernel call; float32 for 16-bit inputs), and
-    ``entropy_coef`` adds its entropy term, as there."""
+    (default: a 64 MiB tile, at most 2/9 of the logits; float32 / float64 with fewer rows
+    than classes and no entropy_coef: tiles of every row and a slice of the classes,
+    whose statistics merge as vocabulary shards do, see fastxent.shard_stats; the loss
+    then matches linear_cross_entropy_with_grad's to rounding, not bit for bit).
+    float16/bfloat16 inputs are multiplied in float32 (float32 copies of the weight: NumPy
+    has no 16-bit BLAS), the loss is float32. Returns what fx.cross_entropy returns: with
+    ``outputs=``, ``(loss, stats)`` (the per-row statistics of each tile's kernel call;
+    float32 for 16-bit inputs), and ``entropy_coef`` adds its entropy term, as there."""
     opts = LINEAR.bind("linear_cross_entropy", kw)
     reduction = opts.pop("reduction")
     return _numpy_call(

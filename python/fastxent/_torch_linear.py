@@ -63,7 +63,8 @@ class _TorchBackend:
     ):
         self.plan, self.h2, self.w, self.b = plan, h2, w, b
         self.half = h2.dtype in (torch.float16, torch.bfloat16)
-        self.buf = torch.empty(plan.tile, plan.v, dtype=h2.dtype)
+        rows, cols = _linear.tile_shape(plan)
+        self.buf = torch.empty(rows * cols, dtype=h2.dtype)
         self.buf_np = _np(self.buf)
         self.gh: Any = outs[0]  # None where not wanted (then never read)
         self.gw: Any = outs[1]
@@ -73,13 +74,24 @@ class _TorchBackend:
         self.z: Tensor = self.buf
 
     def logits(self, r0: int, r1: int) -> np.ndarray:
-        self.z = z = self.buf[: r1 - r0]
+        k, v = r1 - r0, self.plan.v
+        self.z = z = self.buf[: k * v].view(k, v)
         x = self.h2[r0:r1]
         if self.b is None:
             torch.mm(x, self.w.t(), out=z)
         else:
             torch.addmm(self.b, x, self.w.t(), out=z)
-        return self.buf_np[: r1 - r0]
+        return self.buf_np[: k * v].reshape(k, v)
+
+    def logits_cols(self, v0: int, v1: int) -> np.ndarray:
+        n, c = self.plan.n, v1 - v0
+        z = self.buf[: n * c].view(n, c)
+        w = self.w[v0:v1].t()
+        if self.b is None:
+            torch.mm(self.h2, w, out=z)
+        else:
+            torch.addmm(self.b[v0:v1], self.h2, w, out=z)
+        return self.buf_np[: n * c].reshape(n, c)
 
     def grad_hidden(self, _g: Any, r0: int, r1: int) -> None:
         torch.mm(self.z, self.w, out=self.gh[r0:r1])
@@ -325,7 +337,10 @@ def linear_cross_entropy(
     LinearCrossEntropyOptions) is accepted and ignored: the tiling is always on.
     fastxent's extra keywords (sample_weight, z_loss, softcap, logit_scale, normalizer,
     num_threads) mean what they mean in :func:`fastxent.cross_entropy`; tile_rows overrides
-    the rows per tile. When every row is ignored, "mean" is 0 (PyTorch: NaN).
+    the rows per tile. Without it, a forward pass alone (no gradient wanted) in float32 or
+    float64 with fewer rows than classes takes tiles of the vocabulary instead (each slice of
+    the weight packed once; see :func:`fastxent.linear_cross_entropy`). When every row is
+    ignored, "mean" is 0 (PyTorch: NaN).
 
     ``entropy_coef`` and ``outputs`` are those of :func:`fastxent.cross_entropy`, from each
     tile's kernel call: the entropy term is in the loss and every gradient; with
