@@ -184,6 +184,45 @@ def test_outputs_match_reference_and_leave_loss_and_grad_bitwise(isa, rng, dtype
     assert np.max(np.abs(np.asarray(loss1, np.float64) - ref) / scale) < 1e3 * TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, "bfloat16"])
+@pytest.mark.parametrize("C", [7, 100, 5000])
+@pytest.mark.parametrize("case", [0, 3, 5])
+def test_every_subset_of_outputs_gives_the_values_of_all(isa, rng, dtype, C, case):
+    """Each output does not depend on which others are asked for: every subset of names, by
+    the forward and the fused kernel, gives the bits of outputs=ALL (which the test above
+    checks against float64). Regression: lse and target_logprob asked for without entropy
+    once came out as the row max (log S was only kept for the entropy) on rows longer than
+    the short-row path's."""
+    import itertools
+
+    import ml_dtypes
+
+    N = 6
+    z, y = _case(rng, N, C, np.float32)
+    kw = option_kwargs(OPTION_CASES[case], rng, N, C, np.float32)
+    if dtype == "bfloat16":
+        z = z.astype(ml_dtypes.bfloat16)
+    else:
+        z = z.astype(dtype)
+        kw = {k: (v.astype(dtype) if isinstance(v, np.ndarray) else v) for k, v in kw.items()}
+    _, full = fx.cross_entropy(z, y, outputs=ALL, **kw)
+    for k in range(1, len(ALL)):
+        for names in itertools.combinations(ALL, k):
+            for grad in (False, True):
+                res = (fx.cross_entropy_with_grad if grad else fx.cross_entropy)(
+                    z, y, outputs=names, **kw
+                )
+                st = res[-1]
+                for f in ALL:
+                    got = getattr(st, f)
+                    if f not in names:
+                        assert got is None, (names, f)
+                        continue
+                    assert_bitwise_equal(
+                        np.asarray(got), np.asarray(getattr(full, f)), f"{f} of {names}"
+                    )
+
+
 def test_only_requested_fields_and_shapes():
     z = np.random.default_rng(0).standard_normal((2, 3, 11)).astype(np.float32)
     y = np.zeros((2, 3), np.int64)

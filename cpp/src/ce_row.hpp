@@ -93,8 +93,8 @@ inline RowResult finish_row(const Problem<T>& p, const BlockStat* st, int64_t n,
     loss += p.lambda * lse * lse;
     za = 2.0 * p.lambda * lse;
   }
+  r.logS = log_sum;  // lse and target_logprob need it with or without the entropy
   if (p.ent) {
-    r.logS = log_sum;
     r.ebar = E / S;
     if (p.beta > 0.0) {
       loss -= p.beta * (log_sum - r.ebar);
