@@ -383,3 +383,36 @@ def test_vocab_tiles_memory(monkeypatch):
         tracemalloc.stop()
     _close(loss, reference(x, w, None, t, "mean")[0], 2e-6)
     assert peak <= (n * v * 4) // 8, peak
+
+
+def test_vocab_tiles_16_bit_probabilities_and_refusals(vocab_tiles):
+    """bfloat16 / float16 probability targets of float32 hidden states (read as float32 per
+    slice); a negative "mean" denominator refused before any tile, on both paths; a plan in
+    tiles of the vocabulary refuses to run with gradients."""
+    import ml_dtypes
+
+    from fastxent import _linear
+
+    rng = np.random.default_rng(75)
+    x, w, b, t, _ = _problem(rng, 37, 9, 91, np.float32, {"probs": True})
+    for half in (ml_dtypes.bfloat16, np.float16):
+        p16 = t.astype(half)
+        got = fx.linear_cross_entropy(x, w, p16, linear_bias=b)
+        rows = fx.linear_cross_entropy(x, w, p16, linear_bias=b, tile_rows=8)
+        _close(got, np.float64(rows), 2e-6)
+        _close(got, reference(x, w, b, p16.astype(np.float64), "mean")[0], 2e-6)
+    assert vocab_tiles == [5, 5]
+    tc = rng.integers(0, 91, 37)
+    for tr in (None, 8):
+        with pytest.raises(ValueError, match='"mean" denominator'):
+            fx.linear_cross_entropy(x, w, tc, weight=-np.ones(91), tile_rows=tr)
+    assert vocab_tiles == [5, 5]
+    plan = _linear.make_plan(
+        x.shape, x.dtype, w.shape, w.dtype, None, None, tc, tc.shape, False, "sum",
+        dict(weight=None, ignore_index=-100, label_smoothing=0.0, sample_weight=None,
+             z_loss=0.0, softcap=None, logit_scale=1.0, normalizer=None, num_threads=None),
+        None, 4, forward_only=True,
+    )  # fmt: skip
+    assert plan.cols == 5
+    with pytest.raises(RuntimeError, match="forward pass alone"):
+        _linear.run_tiles(plan, None, (True, False, False))

@@ -109,9 +109,12 @@ def run_tiles(
     matmuls). Returns the loss: a float (float64 sum of the tiles' losses) for "sum" and
     "mean", the (n,) row losses for "none". `reduction` and `sample_weight` override the
     plan's (PyTorch's backward of "none" scales the rows by the upstream gradient). `stats`
-    (new_stats): filled with each tile's per-row outputs, from the same kernel call."""
+    (new_stats): filled with each tile's per-row outputs, from the same kernel call (in
+    tiles of the vocabulary: from the merged statistics)."""
     grad = any(want)
-    if plan.cols and not grad and reduction is None and sample_weight is None:
+    if plan.cols:  # the backend's buffer is a tile of the vocabulary
+        if grad or reduction is not None or sample_weight is not None:
+            raise RuntimeError("a plan in tiles of the vocabulary is for a forward pass alone")
         return run_vocab_tiles(plan, be, stats)
     red = plan.reduction if reduction is None else reduction
     sw = plan.sample_weight if sample_weight is None else sample_weight
@@ -165,7 +168,11 @@ def run_vocab_tiles(plan: _Plan, be: Any, stats: Optional[Dict[str, np.ndarray]]
     for v0 in range(0, plan.v, plan.cols):
         v1 = min(plan.v, v0 + plan.cols)
         z = be.logits_cols(v0, v1)
-        tgt = plan.target if plan.target is not None else plan.probs[:, v0:v1]
+        tgt = plan.target
+        if tgt is None:  # this slice's probabilities (16-bit ones as the logits' dtype)
+            tgt = plan.probs[:, v0:v1]
+            if _is_half(tgt.dtype):
+                tgt = tgt.astype(plan.cdt)
         w = None if kw["weight"] is None else kw["weight"][v0:v1]
         res = shard_stats(
             z, tgt, offset=v0, num_classes=plan.v, weight=w, outputs=names, **shard_kw
@@ -405,14 +412,22 @@ def linear_cross_entropy(
     target class indices of shape hidden.shape[:-1], or probabilities of shape (..., V).
     Every keyword of :func:`fastxent.cross_entropy` (but axis) means what it means there;
     "mean" divides by the whole batch's denominator. tile_rows overrides the rows per tile
-    (default: a 64 MiB tile, at most 2/9 of the logits; float32 / float64 with fewer rows
-    than classes and no entropy_coef: tiles of every row and a slice of the classes,
-    whose statistics merge as vocabulary shards do, see fastxent.shard_stats; the loss
-    then matches linear_cross_entropy_with_grad's to rounding, not bit for bit).
+    (default: a 64 MiB tile, at most 2/9 of the logits).
+
+    Tiles of the vocabulary: without tile_rows, float32 / float64 inputs, no entropy_coef,
+    fewer rows than classes, more rows than one tile of rows holds and at least 512 classes
+    in 2/9 of the vocabulary (fastxent._linear_plan.tile_cols), the tiles are every row
+    times a slice of the classes instead: each slice of the weight is multiplied once, the
+    slices' statistics merge as vocabulary shards do (see fastxent.shard_stats), and loss
+    and outputs come from the merged statistics. They match linear_cross_entropy_with_grad's
+    to rounding, not bit for bit (with label smoothing, class weights or probability
+    targets, the loss's error is a few ulps of Q * max|z|, as for merged shard statistics).
+
     float16/bfloat16 inputs are multiplied in float32 (float32 copies of the weight: NumPy
     has no 16-bit BLAS), the loss is float32. Returns what fx.cross_entropy returns: with
-    ``outputs=``, ``(loss, stats)`` (the per-row statistics of each tile's kernel call;
-    float32 for 16-bit inputs), and ``entropy_coef`` adds its entropy term, as there."""
+    ``outputs=``, ``(loss, stats)`` (per-row statistics of each tile's kernel call, or of the
+    merged statistics; float32 for 16-bit inputs), and ``entropy_coef`` adds its entropy
+    term, as there."""
     opts = LINEAR.bind("linear_cross_entropy", kw)
     reduction = opts.pop("reduction")
     return _numpy_call(

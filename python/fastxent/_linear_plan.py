@@ -277,6 +277,12 @@ def make_plan(
             d = float(np.sum(per_row, where=counted))
         else:
             d = float(n) if sw is None else float(np.sum(sw, dtype=np.float64))
+        if not (math.isfinite(d) and d >= 0.0):  # before any tile (each tile would refuse it)
+            raise ValueError(
+                f'the "mean" denominator of this batch (the counted rows\' sample weights times '
+                f"their class weights) is {d}, but it must be finite and >= 0: pass normalizer= "
+                f'or use reduction="sum"'
+            )
     return _Plan(
         lead,
         n,

@@ -338,12 +338,15 @@ def linear_cross_entropy(
     fastxent's extra keywords (sample_weight, z_loss, softcap, logit_scale, normalizer,
     num_threads) mean what they mean in :func:`fastxent.cross_entropy`; tile_rows overrides
     the rows per tile. Without it, a forward pass alone (no gradient wanted) in float32 or
-    float64 with fewer rows than classes takes tiles of the vocabulary instead (each slice of
-    the weight packed once; see :func:`fastxent.linear_cross_entropy`). When every row is
-    ignored, "mean" is 0 (PyTorch: NaN).
+    float64, without entropy_coef, with fewer rows than classes and more than one tile of
+    rows, takes tiles of the vocabulary instead (each slice of the weight multiplied once,
+    loss and outputs from merged statistics; the conditions and rounding are in
+    :func:`fastxent.linear_cross_entropy`). When every row is ignored, "mean" is 0
+    (PyTorch: NaN).
 
     ``entropy_coef`` and ``outputs`` are those of :func:`fastxent.cross_entropy`, from each
-    tile's kernel call: the entropy term is in the loss and every gradient; with
+    tile's kernel call (or the merged statistics): the entropy term is in the loss and every
+    gradient; with
     ``outputs`` the call returns ``(loss, fastxent.RowStats)`` of tensors (argmax int64,
     accuracy a float; float32 for 16-bit input), which are not differentiable here
     (backward through one raises NotImplementedError)."""
