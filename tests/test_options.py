@@ -1186,3 +1186,42 @@ def test_bitwise_deterministic(isa, dtype, shape, axis, opts, probs, rng):
         assert g is zi
         assert_bitwise_equal(l, ref_l, f"{red} in-place loss")
         assert_bitwise_equal(zi, ref_g, f"{red} in-place grad")
+
+
+@pytest.mark.parametrize("C", [10, 300, 5000])
+@pytest.mark.parametrize("kind", ["rows", "columns", "bfloat16", "in place", "shard"])
+def test_weight_of_an_untargeted_class_does_not_matter_without_smoothing(isa, C, kind):
+    """With class targets and no label smoothing, a class no row targets has no say in the
+    loss or the gradient, even an infinite or NaN weight (PyTorch's F.cross_entropy: finite
+    there). Regression: its weight entered every row's soft-target sum as 0 * inf = NaN (NaN
+    gradient column, NaN lse), and the gradient's u = w term as 0 * inf at that class."""
+    import ml_dtypes
+
+    rng = np.random.default_rng(C)
+    z = rng.standard_normal((6, C)).astype(np.float32)
+    t = np.array([0, 2, 3, -100, 4, 2])
+    for red in ("mean", "sum", "none"):
+        res = []
+        for w1 in (7.0, np.inf, np.nan):
+            w = np.linspace(0.5, 2.0, C).astype(np.float32)
+            w[1] = w1
+            kw = dict(weight=w, reduction=red)
+            if kind == "rows":
+                out = fx.cross_entropy_with_grad(z, t, outputs=("lse", "target_logprob"), **kw)
+                out = out[:2] + (out[2].lse, out[2].target_logprob)
+            elif kind == "columns":
+                zc = np.ascontiguousarray(z.T)[None]  # (1, C, 6), class axis 1
+                out = fx.cross_entropy_with_grad(zc, t[None], axis=1, **kw)
+            elif kind == "bfloat16":
+                out = fx.cross_entropy_with_grad(z.astype(ml_dtypes.bfloat16), t, **kw)
+            elif kind == "in place":
+                zz = z.copy()
+                out = fx.cross_entropy_with_grad(zz, t, out=zz, **kw)
+            else:
+                st = fx.shard_stats(z, t, offset=0, num_classes=C, weight=w)
+                out = (fx.loss_from_stats(st, reduction=red), fx.shard_grad(z, t, st, **kw,
+                       offset=0, num_classes=C))  # fmt: skip
+            res.append(out)
+        for other in res[1:]:
+            for a, b in zip(res[0], other):
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -107,6 +107,10 @@ struct Problem {
 
   int64_t block_len(int64_t k) const { return k + 1 < nb ? kBlock<T> : C - k * kBlock<T>; }
   bool counted(int64_t n) const { return !zero_all && (probs || in.target[n] != ignore_index); }
+  // The class weights as the gradient's u = w (q1 p + q0) and the smoothing sums read them:
+  // none with class targets and no smoothing, where u only enters as b u with b = 0 (an
+  // infinite weight of a class no row targets would make 0 * inf = NaN there).
+  const T* u_weight() const { return probs || eps > 0.0 ? in.weight : nullptr; }
 };
 
 // Points p at the kernels of the active ISA.
@@ -171,7 +175,7 @@ inline BlockIn<T> block_in(const Problem<T>& p, const RowPtrs<T>& rp, int64_t k,
   b.n = p.block_len(k);
   b.alpha = T(p.alpha);
   b.cap = T(p.cap);
-  b.w = p.in.weight ? p.in.weight + off : nullptr;
+  b.w = p.u_weight() ? p.u_weight() + off : nullptr;
   b.p = rp.prob ? rp.prob + off : nullptr;
   b.q1 = T(1.0 - p.eps);
   b.q0 = T(p.eps / double(p.C_total));

@@ -50,7 +50,9 @@ inline RowResult finish_row(const Problem<T>& p, const BlockStat* st, int64_t n,
     U += st[k].usum;
   }
   const double C = double(p.C_total);
-  const double Q = p.probs ? U : (1.0 - p.eps) * wy + p.eps / C * p.W;  // sum of the soft target
+  // The sum of the soft target (without smoothing the class weights' sum W is not in it: an
+  // infinite weight of a class no row targets would make 0 * inf = NaN of every row).
+  const double Q = p.probs ? U : (1.0 - p.eps) * wy + (p.eps > 0.0 ? p.eps / C * p.W : 0.0);
   r.b = r.s * (p.probs ? 1.0 : p.eps / C) * p.alpha;
   if (nan) {
     r.loss = r.a = kNaN;
@@ -161,7 +163,7 @@ inline bool grad_block_affine(const Problem<T>& p, const BlockStat& st, const Ro
   a.storage = storage;
   a.n = len;
   a.b = T(r.b);
-  a.w = p.in.weight ? p.in.weight + off : nullptr;
+  a.w = p.u_weight() ? p.u_weight() + off : nullptr;
   a.p = prob ? prob + off : nullptr;
   a.q1 = T(1.0 - p.eps);
   a.q0 = T(p.eps / double(p.C_total));
@@ -178,7 +180,7 @@ inline bool grad_block_affine(const Problem<T>& p, const BlockStat& st, const Ro
   } else if (r.M == -kInf) {
     // Degenerate row: e holds zeros but the uniform limit needs e = 1: g = a - b u.
     for (int64_t c = 0; c < len; ++c) {
-      double u = p.in.weight ? double(p.in.weight[off + c]) : 1.0;
+      double u = p.u_weight() ? double(p.u_weight()[off + c]) : 1.0;
       if (p.probs) u *= (1.0 - p.eps) * double(a.p[c]) + p.eps / double(p.C_total);
       if (gh) store_half(p, double(T(r.a - r.b * u)), gh + off + c, storage);
       else g[off + c] = T(r.a - r.b * u);
@@ -201,7 +203,7 @@ inline bool grad_block_affine(const Problem<T>& p, const BlockStat& st, const Ro
       for (int64_t c = 0; c < len; ++c) {
         const double v =
             grad_entry(p, r, rescale(st.m, r.M) / r.S, double(a.e[c]), a.t ? a.t + c : nullptr,
-                       p.in.weight ? double(p.in.weight[off + c]) : 1.0, prob ? a.p + c : nullptr,
+                       p.u_weight() ? double(p.u_weight()[off + c]) : 1.0, prob ? a.p + c : nullptr,
                        ent ? z + off + c : nullptr);
         if (gh) store_half(p, double(T(v)), gh + off + c, storage);
         else g[off + c] = T(v);

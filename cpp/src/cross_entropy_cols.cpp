@@ -101,7 +101,7 @@ void cross_entropy_cols(const Problem<T>& problem, int nt, double* losses) {
       ci.tld = kTile;
       ci.alpha = T(p.alpha);
       ci.cap = T(p.cap);
-      ci.w = p.in.weight;
+      ci.w = p.u_weight();
       ci.p = p.probs ? p.in.probs + base : nullptr;
       ci.q1 = T(1.0 - p.eps);
       ci.q0 = T(p.eps / double(C));
@@ -159,7 +159,7 @@ void cross_entropy_cols(const Problem<T>& problem, int nt, double* losses) {
         for (int64_t c = 0; c < C; ++c)
           slow_g[k * size_t(C) + size_t(c)] = T(grad_entry(
               p, rr(j), 1.0 / rr(j).S, double(e[c * eld + j]),
-              ci.t ? ci.t + c * kTile + j : nullptr, p.in.weight ? double(p.in.weight[c]) : 1.0,
+              ci.t ? ci.t + c * kTile + j : nullptr, p.u_weight() ? double(p.u_weight()[c]) : 1.0,
               ci.p ? ci.p + c * inner + j : nullptr));
       }
       ColAffineIn<T> ca;
@@ -172,7 +172,7 @@ void cross_entropy_cols(const Problem<T>& problem, int nt, double* losses) {
       ca.a = a;
       ca.b = b;
       ca.keep = keep;
-      ca.w = p.in.weight;
+      ca.w = p.u_weight();
       ca.p = ci.p;
       ca.q1 = ci.q1;
       ca.q0 = ci.q0;
@@ -195,7 +195,7 @@ void cross_entropy_cols(const Problem<T>& problem, int nt, double* losses) {
         if (r.M == -kInf) {
           // Every class -inf: the uniform limit g = a - b u (e is 0 there).
           for (int64_t c = 0; c < C; ++c) {
-            double u = p.in.weight ? double(p.in.weight[c]) : 1.0;
+            double u = p.u_weight() ? double(p.u_weight()[c]) : 1.0;
             if (p.probs) u *= (1.0 - p.eps) * double(ci.p[c * inner + j]) + p.eps / double(C);
             g[c * inner + j] = T(r.a - r.b * u);
           }
