@@ -66,7 +66,12 @@ def reference_loss(
         z = jnp.where(counted[:, None], z, 0.0)
         onehot = (jnp.arange(C)[None, :] == yc[:, None]).astype(dt)
         wy = wv[yc]
-        u = (eps / C) * wv[None, :] + (1.0 - eps) * onehot * wy[:, None]
+        u = (1.0 - eps) * onehot * wy[:, None]
+        # Without smoothing (a Python 0) the class weights are not in u: 0 * inf would be NaN.
+        # A traced label_smoothing keeps the term: its derivative at 0 is sum w (lse - z') / C
+        # (infinite with an infinite weight, where NaN is then the honest answer).
+        if not (isinstance(eps, (int, float)) and eps == 0):
+            u = u + (eps / C) * wv[None, :]
         den = jnp.where(counted, s * wy, 0.0)
     zp = softcap * jnp.tanh(logit_scale * z / softcap) if softcap > 0 else logit_scale * z
     lse = jax.nn.logsumexp(zp, axis=1)

@@ -360,7 +360,9 @@ def reference_loss(z: Tensor, target: Tensor, kw: Dict[str, Any]) -> Tensor:
         zz = torch.where(counted[:, None], zz, 0.0)
         onehot = (torch.arange(C)[None, :] == yc[:, None]).to(dt)
         wy = w[yc]  # (indexing also refuses a class index out of range, under vmap too)
-        u = (eps / C) * w.expand(N, C) + (1.0 - eps) * onehot * wy[:, None]
+        u = (1.0 - eps) * onehot * wy[:, None]
+        if eps > 0.0:  # (without smoothing the class weights are not in u: 0 * inf = NaN)
+            u = u + (eps / C) * w.expand(N, C)
         den = torch.where(counted, s * wy, 0.0)
     zp = cap * torch.tanh(alpha * zz / cap) if cap is not None else alpha * zz
     lse = torch.logsumexp(zp, dim=1)
