@@ -98,6 +98,32 @@ def test_threshold_is_read_from_the_environment():
     assert differ, "FASTXENT_SHORT_ROWS=0 gave identical bits everywhere"
 
 
+def test_threshold_above_one_block_keeps_the_row_kernel():
+    """FASTXENT_SHORT_ROWS above a block (4096 float32 / 2048 float64 classes) must not send
+    rows of several blocks to the column kernel, whose lanes hold one block's statistics each:
+    they read past them (a loss off by 0.09 with smoothing). Such rows keep the row kernel."""
+    code = textwrap.dedent("""
+        import numpy as np, fastxent as fx
+        rng = np.random.default_rng(0)
+        worst = 0.0
+        for dt, C in ((np.float32, 5000), (np.float64, 3000)):
+            x = rng.standard_normal((8, C)).astype(dt)
+            t = rng.integers(0, C, 8)
+            loss = fx.cross_entropy(x, t, reduction="none", label_smoothing=0.1)
+            z = x.astype(np.float64)
+            lp = z - z.max(1, keepdims=True)
+            lp -= np.log(np.exp(lp).sum(1, keepdims=True))
+            ref = -(0.9 * lp[np.arange(8), t] + 0.1 * lp.mean(1))
+            worst = max(worst, float(np.abs((loss - ref) / ref).max()))
+        print(worst)
+    """)
+    env = dict(os.environ, FASTXENT_SHORT_ROWS="10000")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr.decode()
+    # float32 row losses of about 9 (log 5000): 24 u relative is 1.4e-6.
+    assert float(res.stdout) <= 24 * U32, res.stdout
+
+
 # The suite's bounds (test_cross_entropy.py's docstring derives them): 24 u for float32, 1e-12
 # for float64, on loss_error's and grad_error's scales.
 TOL = {np.dtype(np.float32): 24 * U32, np.dtype(np.float64): 1e-12}

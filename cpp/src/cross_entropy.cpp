@@ -108,7 +108,9 @@ void run_problem(const Problem<T>& p, int nt, double* losses) {
   }
   // With outputs (and no entropy term) short rows keep their path, the outputs from a pass
   // of their own first; the entropy term takes the row kernel.
-  if (p.C <= short_row_classes() && rows > 1 && p.beta == 0.0) {
+  // Short rows must be one block (kBlock<T> classes): the column kernel's lane statistics
+  // are one BlockStat per row (FASTXENT_SHORT_ROWS above it read past them).
+  if (p.C <= std::min(short_row_classes(), kBlock<T>) && rows > 1 && p.beta == 0.0) {
     if (p.extras)
       parallel_chunks(int(std::min<int64_t>(nt, rows)), rows,
                       [&](int64_t b, int64_t e) { outputs_only(p, b, e); });
