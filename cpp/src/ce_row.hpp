@@ -27,6 +27,12 @@ struct RowResult {
   double logS = 0.0, ebar = 0.0, ec = 0.0;
   // stats_only with p.ent: the sum e (z' - M) itself (ebar = E / S).
   double E = 0.0;
+  // Every field set, by a constructor rather than an aggregate's initialisers: GCC cleared an
+  // aggregate's 88 bytes with a rep stos first (its generic tuning for that size), a few
+  // percent of a 32 x 10 call, whose column path builds one RowResult per row.
+  explicit RowResult(double loss_ = 0.0, double M_ = 0.0, double a_ = 0.0, double b_ = 0.0,
+                     double s_ = 0.0)
+      : loss(loss_), M(M_), a(a_), b(b_), s(s_) {}
 };
 
 // r.a e in double; as r.an (e / r.S) where r.a is subnormal or 0 (extreme row scales with
@@ -36,8 +42,11 @@ inline double a_times(const RowResult& r, double e) {
 }
 
 // Merges a row's block statistics in block order (independent of who computed them).
+// log_s: log(st[0].s) where the caller computed it (rows of one block, p.nb == 1: the column
+// path's, vectorised across rows), or null.
 template <class T>
-inline RowResult finish_row(const Problem<T>& p, const BlockStat* st, int64_t n, double zy_t) {
+inline RowResult finish_row(const Problem<T>& p, const BlockStat* st, int64_t n, double zy_t,
+                            const double* log_s = nullptr) {
   const double sn = p.in.sample_weight ? double(p.in.sample_weight[n]) : 1.0;
   RowResult r{0.0, -kInf, 0.0, 0.0, p.s * sn};
   double wy = 1.0;
@@ -80,7 +89,8 @@ inline RowResult finish_row(const Problem<T>& p, const BlockStat* st, int64_t n,
     if (p.ent && rescale(st[k].m, r.M) != 0.0)
       E += (st[k].ez + (st[k].m - r.M) * st[k].s) * rescale(st[k].m, r.M);
   }
-  const double log_sum = std::log(S);
+  // With one block S is st[0].s itself (its rescale is exactly 1).
+  const double log_sum = log_s ? *log_s : std::log(S);
   double loss = 0.0;
   if (p.probs) {
     loss = U * log_sum - WD;
@@ -233,11 +243,13 @@ inline void write_grad_block(const Problem<T>& p, const BlockStat& st, const Row
 }
 
 // The target entry a e_y - q_y cancels when softmax_y is near 1: redo it in double from the
-// saved logit, rounding once (class targets only).
+// saved logit, rounding once (class targets only). ey: exp(zy_t - r.M) where the caller
+// computed it (the column path, across rows), or null.
 template <class T>
-inline T target_value(const Problem<T>& p, const RowResult& r, double zy_t, double dzy, int64_t y) {
+inline T target_value(const Problem<T>& p, const RowResult& r, double zy_t, double dzy, int64_t y,
+                      const double* ey_pre = nullptr) {
   const double wy = p.in.weight ? double(p.in.weight[y]) : 1.0;
-  const double ey = r.M == -kInf ? 1.0 : std::exp(zy_t - r.M);
+  const double ey = r.M == -kInf ? 1.0 : ey_pre ? *ey_pre : std::exp(zy_t - r.M);
   // r.a and r.b carry alpha; the softcap's chain factor at y replaces it.
   const double scale = dzy / p.alpha;
   // The entropy term beta s alpha p_y (z'_y - zbar) (0 where p_y is).

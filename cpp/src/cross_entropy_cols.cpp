@@ -44,13 +44,13 @@ void cross_entropy_cols(const Problem<T>& problem, int nt, double* losses) {
 
   auto run = [&](int64_t begin, int64_t end) {
     const Problem<T>& p = problem;
-    // Per-lane scratch on the stack (about 40 KB at most: a tile has at most kTile lanes),
+    // Per-lane scratch on the stack (about 60 KB at most: a tile has at most kTile lanes),
     // so that a small call (short rows come here once per tile of rows, often of a few rows
     // only) makes no heap allocation. Every lane's entry is written before it is read.
     const int64_t lanes = std::min(kTile, inner);
-    double dbuf[6 * kTile];
+    double dbuf[9 * kTile];
     double *m = dbuf, *s = m + lanes, *wd = s + lanes, *us = wd + lanes, *zy = us + lanes,
-           *dz = zy + lanes;
+           *dz = zy + lanes, *logs = dz + lanes, *xd = logs + lanes, *ey = xd + lanes;
     T tvals[6 * kTile];
     T *a = tvals, *b = a + lanes, *keep = b + lanes, *ycls = keep + lanes, *zraw = ycls + lanes,
       *tv = zraw + lanes;
@@ -117,6 +117,13 @@ void cross_entropy_cols(const Problem<T>& problem, int nt, double* losses) {
       if (capture)
         for (int64_t j = 0; j < L; ++j)
           if (cnt[j]) zy[j] = transform(p, double(zraw[j]), &dz[j]);
+      // Each row's log(sum exp) and its target's exponential exp(zy - m), across the tile's
+      // rows in vectors (one libm call per row each was a quarter of a 32 x 10 call).
+      p.fns->row_log(s, logs, L);
+      if (capture && g) {
+        for (int64_t j = 0; j < L; ++j) xd[j] = cnt[j] ? zy[j] - m[j] : 0.0;
+        p.fns->row_exp(xd, ey, L);
+      }
       for (int64_t j = 0; j < L; ++j) {
         const int64_t n = n0 + j;
         if (!cnt[j]) {
@@ -125,7 +132,7 @@ void cross_entropy_cols(const Problem<T>& problem, int nt, double* losses) {
           continue;
         }
         const BlockStat st{m[j], s[j], wd[j], us[j]};
-        const RowResult& r = *new (&slots[j].r) RowResult(finish_row(p, &st, n, zy[j]));
+        const RowResult& r = *new (&slots[j].r) RowResult(finish_row(p, &st, n, zy[j], &logs[j]));
         losses[n] = r.loss;
         a[j] = T(r.a);
         b[j] = T(r.b);
@@ -149,7 +156,7 @@ void cross_entropy_cols(const Problem<T>& problem, int nt, double* losses) {
           if (capture) ycls[j] = T(-1);
           continue;
         }
-        if (capture) tv[j] = target_value(p, r, zy[j], dz[j], p.in.target[n0 + j]);
+        if (capture) tv[j] = target_value(p, r, zy[j], dz[j], p.in.target[n0 + j], &ey[j]);
       }
       // The slow lanes' gradients from e before the SIMD pass overwrites it (in place).
       slow_g.resize(late.size() * size_t(C));
@@ -204,7 +211,7 @@ void cross_entropy_cols(const Problem<T>& problem, int nt, double* losses) {
         }
         if (!p.probs) {
           const int64_t y = p.in.target[n];
-          g[y * inner + j] = target_value(p, r, zy[j], dz[j], y);
+          g[y * inner + j] = target_value(p, r, zy[j], dz[j], y, capture ? &ey[j] : nullptr);
         }
       }
     }
@@ -220,6 +227,47 @@ void cross_entropy_cols(const Problem<T>& problem, int nt, double* losses) {
 // above (one row per SIMD lane: its max, exp and sums vectorised across rows), and the
 // gradient tile transposed back. Scratch is O(threads x C x 240), never N x C; tiles are
 // fixed by row index, so the bits do not depend on the threads.
+namespace {
+// The short-row transposes, with the class count a template parameter (CC > 0) for the
+// commonest counts: a row's loop is then unrolled (the run-time count's loop overhead was
+// most of the transposes' time at 32 x 10).
+template <int CC, class T>
+void transpose_rows_n(const T* src, int64_t ld, int64_t C, int64_t L, T* dst) {
+  const int64_t n = CC > 0 ? CC : C;
+  for (int64_t r = 0; r < L; ++r)
+    for (int64_t c = 0; c < n; ++c) dst[c * L + r] = src[r * ld + c];
+}
+template <int CC, class T>
+void transpose_tile_n(const T* src, int64_t C, int64_t L, T* dst) {
+  const int64_t n = CC > 0 ? CC : C;
+  for (int64_t r = 0; r < L; ++r)
+    for (int64_t c = 0; c < n; ++c) dst[r * n + c] = src[c * L + r];
+}
+// Calls F<CC>(args...) with CC = C where C is one of the unrolled counts, else F<0>.
+#define FASTXENT_SHORT_CASES(F, ...)    \
+  switch (C) {                          \
+    case 2: return F<2>(__VA_ARGS__);   \
+    case 3: return F<3>(__VA_ARGS__);   \
+    case 4: return F<4>(__VA_ARGS__);   \
+    case 5: return F<5>(__VA_ARGS__);   \
+    case 8: return F<8>(__VA_ARGS__);   \
+    case 10: return F<10>(__VA_ARGS__); \
+    case 16: return F<16>(__VA_ARGS__); \
+    default: return F<0>(__VA_ARGS__);  \
+  }
+// (L x C) rows at stride ld -> a (C x L) tile: element (r, c) at c * L + r.
+template <class T>
+void transpose_rows(const T* src, int64_t ld, int64_t C, int64_t L, T* dst) {
+  FASTXENT_SHORT_CASES(transpose_rows_n, src, ld, C, L, dst)
+}
+// A (C x L) tile -> (L x C) contiguous rows.
+template <class T>
+void transpose_tile(const T* src, int64_t C, int64_t L, T* dst) {
+  FASTXENT_SHORT_CASES(transpose_tile_n, src, C, L, dst)
+}
+#undef FASTXENT_SHORT_CASES
+}  // namespace
+
 template <class T>
 void short_rows(const Problem<T>& p, int nt, double* losses) {
   // 240 rows (15 vectors of 16 floats): a tile's leading dimension of 960 bytes, not a
@@ -242,14 +290,9 @@ void short_rows(const Problem<T>& p, int nt, double* losses) {
     for (int64_t it = begin; it < end; ++it) {
       const int64_t r0 = it * kRows, L = std::min(kRows, rows - r0);
       // (L x C) rows -> (C x L) tile: element (r, c) at c * L + r.
-      auto transpose_in = [&](const T* src, int64_t ld, T* dst) {
-        for (int64_t r = 0; r < L; ++r) {
-          const T* row = src + (r0 + r) * ld;
-          for (int64_t c = 0; c < C; ++c) dst[c * L + r] = row[c];
-        }
-      };
-      transpose_in(p.in.logits, p.in.row_stride, zt);
-      if (p.probs) transpose_in(p.in.probs, p.in.probs_row_stride, pt);
+      transpose_rows(p.in.logits + r0 * p.in.row_stride, p.in.row_stride, C, L, zt);
+      if (p.probs)
+        transpose_rows(p.in.probs + r0 * p.in.probs_row_stride, p.in.probs_row_stride, C, L, pt);
       Problem<T> q = p;
       q.in.logits = zt;
       q.in.rows = L;
@@ -263,11 +306,7 @@ void short_rows(const Problem<T>& p, int nt, double* losses) {
       q.stream = false;
       q.recompute = false;
       cross_entropy_cols(q, 1, losses + r0);
-      if (p.grad)
-        for (int64_t r = 0; r < L; ++r) {
-          T* row = p.grad + (r0 + r) * C;
-          for (int64_t c = 0; c < C; ++c) row[c] = gt[c * L + r];
-        }
+      if (p.grad) transpose_tile(gt, C, L, p.grad + r0 * C);
     }
   };
   const int team = rows * C >= kSerialGrain ? int(std::min<int64_t>(nt, tiles)) : 1;

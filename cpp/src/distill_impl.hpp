@@ -3,7 +3,7 @@
 // are in distill_table.hpp, the row driver in distill.cpp.
 //
 // Precision: exp through vexp (kernel_exp.hpp; it only sees v - max <= 0), log1p through
-// vlog1p01 (sigmoid_impl.hpp); sums in vectors of the storage type over 16 vectors, then
+// vlog1p01 (kernel_log.hpp); sums in vectors of the storage type over 16 vectors, then
 // double; chunks (kChunk) merged in double. Log-probabilities are (v - M) - log S per element,
 // so a constant shift of the logits changes nothing but the rounding of v - M.
 #pragma once
@@ -15,7 +15,8 @@
 
 #include "distill_table.hpp"
 #include "kernel_impl.hpp"
-#include "sigmoid_impl.hpp"  // vlog1p01
+#include "kernel_log.hpp"  // vlog1p01
+#include "sigmoid_impl.hpp"
 
 #include "isa_ns.hpp"
 

@@ -6,7 +6,8 @@
 //   The kernel's parts, one file each: kernel_caps.hpp (capability detectors, prefetch,
 //   in_register), kernel_exp.hpp (exp and the softcap's logistic), kernel_row.hpp (Row and its
 //   per-element helpers), kernel_block.hpp (the block pass), kernel_grad.hpp (the gradient
-//   pass), kernel_softmax_bwd.hpp (the softmax backward), kernel_col.hpp (the column kernel).
+//   pass), kernel_softmax_bwd.hpp (the softmax backward), kernel_col.hpp (the column kernel),
+//   kernel_log.hpp (log, and the per-row log and exp of the column path's finish).
 //   This file includes them all and gathers the row functions (Row<V>::fns).
 //
 // Precision policy
@@ -25,6 +26,7 @@
 #include "kernel_block.hpp"
 #include "kernel_col.hpp"
 #include "kernel_grad.hpp"
+#include "kernel_log.hpp"
 #include "kernel_softmax_bwd.hpp"
 
 namespace fastxent {
@@ -32,8 +34,8 @@ namespace FASTXENT_ISA_NS {
 
 template <class V>
 RowFns<typename V::T> Row<V>::fns() {
-  return {&Row::block,     &Row::block_rows, &Row::affine, &Col<V>::stats,
-          &Col<V>::affine, &Row::dot,        &Row::mul_sub};
+  return {&Row::block, &Row::block_rows, &Row::affine,      &Col<V>::stats,   &Col<V>::affine,
+          &Row::dot,   &Row::mul_sub,    &RowMath<VD>::log, &RowMath<VD>::exp};
 }
 
 }  // namespace FASTXENT_ISA_NS

@@ -212,6 +212,10 @@ struct RowFns {
   // elements), and out = p * (g - d).
   double (*dot)(const T* a, const T* b, int64_t n);
   void (*mul_sub)(const T* p, const T* g, T d, T* out, int64_t n);
+  // The per-row finish of the column and short-row paths, across rows, in double (the same
+  // functions for both T): out[i] = log(x[i]) and exp(x[i]), n values (kernel_log.hpp).
+  void (*row_log)(const double* x, double* out, int64_t n);
+  void (*row_exp)(const double* x, double* out, int64_t n);
 };
 
 struct KernelTable {

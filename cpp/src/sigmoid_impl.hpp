@@ -25,42 +25,13 @@
 #include <limits>
 
 #include "kernel_impl.hpp"
+#include "kernel_log.hpp"
 #include "sigmoid_table.hpp"
 
 #include "isa_ns.hpp"
 
 namespace fastxent {
 namespace FASTXENT_ISA_NS {
-
-// log1p(e) for e in [0, 1] (NaN propagates), as fdlibm's log but without its range reduction:
-// s = e / (2 + e) in [0, 1/3], log1p(e) = 2 atanh(s) = e - (e^2/2 - s (e^2/2 + R(s^2))), with
-// R(z) = z q(z), q a Chebyshev fit of (2 atanh(s)/s - 2)/z on z in [0, 1/9]: degree 4
-// (fit error 7e-9) for float, 9 (9e-17) for double. e itself is exact in the leading term, so
-// the relative error holds down to the smallest e.
-template <class V>
-inline typename V::R vlog1p01(typename V::R e) {
-  using T = typename V::T;
-  using R = typename V::R;
-  const R ns = V::div(e, V::sub(V::set1(T(-2)), e));  // -s, exactly
-  const R z = V::mul(ns, ns);
-  R q;
-  if constexpr (sizeof(T) == 4) {
-    constexpr float c[] = {0.23224329948425293f, 0.2170657515525818f, 0.285923570394516f,
-                           0.3999970555305481f, 0.6666666865348816f};
-    q = V::set1(c[0]);
-    for (int k = 1; k < 5; ++k) q = V::fmadd(q, z, V::set1(c[k]));
-  } else {
-    constexpr double c[] = {0.1616404561194353,  0.08800738486144674, 0.12001072809590713,
-                            0.13314144209654935, 0.15385570064958623, 0.18181789436132859,
-                            0.22222222717427864, 0.2857142856710876,  0.40000000000014585,
-                            0.6666666666666666};
-    q = V::set1(c[0]);
-    for (int k = 1; k < 10; ++k) q = V::fmadd(q, z, V::set1(c[k]));
-  }
-  const R hfsq = V::mul(V::mul(e, e), V::set1(T(0.5)));
-  const R inner = V::fmadd(ns, V::fmadd(q, z, hfsq), hfsq);  // e^2/2 - s (e^2/2 + R)
-  return V::sub(e, inner);
-}
 
 template <class V>
 struct Sigmoid {
