@@ -32,6 +32,28 @@ def test_fast_equals_general(dtype, reduction):
     assert type(fx.cross_entropy(x, t, reduction=reduction)) is type(loss)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fast_scalar_is_numpys_and_holds_no_reference(dtype):
+    """The fast path builds its scalar loss with NumPy's C API (PyArray_Scalar): exactly
+    numpy.float32 / float64, the general path's value, owned by the caller alone, and no
+    reference to the dtype gained or lost over many calls."""
+    import sys
+
+    x, t = _data(dtype)
+    wide = np.zeros((x.shape[0], x.shape[1] + 3), dtype)
+    wide[:, : x.shape[1]] = x
+    for red in ("sum", "mean"):
+        loss = _core.fast_call(x, t, RED[red], False, None, 0)
+        assert type(loss) is np.dtype(dtype).type
+        assert loss == fx.cross_entropy(wide[:, : x.shape[1]], t, reduction=red)
+        assert sys.getrefcount(loss) == 2  # loss and getrefcount's argument
+    d = np.dtype(dtype)
+    before = sys.getrefcount(d)
+    for _ in range(2000):
+        _core.fast_call(x, t, RED["mean"], True, None, 0)
+    assert sys.getrefcount(d) == before
+
+
 def test_fast_declines_what_it_cannot_check():
     x, t = _data()
     g = np.empty_like(x)
