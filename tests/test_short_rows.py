@@ -146,6 +146,21 @@ def test_short_rows_against_reference(isa, dtype, rng):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_every_class_count(dtype, rng):
+    """The transposes are instantiated per class count (1 to 32): every count against the
+    float64 reference, strided logits (a row stride other than C) and a tile and a half of
+    rows, loss and gradient."""
+    for C in range(1, 33):
+        wide = make_logits(rng, (361, C + 3), 3.0, dtype)
+        x = wide[:, 1 : 1 + C]
+        y = make_target(rng, (361,), C, ignore_frac=0.1)
+        loss, g = fx.cross_entropy_with_grad(x, y, reduction="none")
+        ref_loss, ref_g = cross_entropy_ref(np.ascontiguousarray(x), y, reduction="none")
+        assert loss_error(loss, ref_loss) <= TOL[np.dtype(dtype)], C
+        assert grad_error(g, ref_g) <= TOL[np.dtype(dtype)], C
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_short_rows_threads_in_place_and_strides(isa, dtype, rng):
     """Above the serial grain (4000 x 10 = 40k logits) tiles are shared among threads: the
     same bits for 1, 2 and 3 threads; in place equals out of place; a strided view equals

@@ -8,6 +8,8 @@
 // reads or writes across the class axis's plane stride), and a large out= is streamed out
 // with non-temporal stores.
 #include <algorithm>
+#include <array>
+#include <utility>
 #include <new>
 #include <vector>
 
@@ -221,16 +223,10 @@ void cross_entropy_cols(const Problem<T>& problem, int nt, double* losses) {
   parallel_chunks(int(std::min<int64_t>(nt, std::max<int64_t>(items, 1))), items, run);
 }
 
-// Short rows (the row layout with C <= kShortRowClasses): the row kernel's fixed cost per row
-// (its block pass, the merge and the gradient pass) would dwarf a few classes of work, so
-// tiles of 240 rows are transposed into a C x L scratch tile, run through the column kernel
-// above (one row per SIMD lane: its max, exp and sums vectorised across rows), and the
-// gradient tile transposed back. Scratch is O(threads x C x 240), never N x C; tiles are
-// fixed by row index, so the bits do not depend on the threads.
 namespace {
-// The short-row transposes, with the class count a template parameter (CC > 0) for the
-// commonest counts: a row's loop is then unrolled (the run-time count's loop overhead was
-// most of the transposes' time at 32 x 10).
+// The short-row transposes, with the class count a template parameter (CC > 0) for every
+// count up to kShortRowClasses: a row's loop is then unrolled (the run-time count's loop overhead
+// was most of the transposes' time at 32 x 10).
 template <int CC, class T>
 void transpose_rows_n(const T* src, int64_t ld, int64_t C, int64_t L, T* dst) {
   const int64_t n = CC > 0 ? CC : C;
@@ -243,31 +239,36 @@ void transpose_tile_n(const T* src, int64_t C, int64_t L, T* dst) {
   for (int64_t r = 0; r < L; ++r)
     for (int64_t c = 0; c < n; ++c) dst[r * n + c] = src[c * L + r];
 }
-// Calls F<CC>(args...) with CC = C where C is one of the unrolled counts, else F<0>.
-#define FASTXENT_SHORT_CASES(F, ...)    \
-  switch (C) {                          \
-    case 2: return F<2>(__VA_ARGS__);   \
-    case 3: return F<3>(__VA_ARGS__);   \
-    case 4: return F<4>(__VA_ARGS__);   \
-    case 5: return F<5>(__VA_ARGS__);   \
-    case 8: return F<8>(__VA_ARGS__);   \
-    case 10: return F<10>(__VA_ARGS__); \
-    case 16: return F<16>(__VA_ARGS__); \
-    default: return F<0>(__VA_ARGS__);  \
-  }
+// The instantiations for CC = 0 (any count) and 1 .. kShortRowClasses, indexed by C (above:
+// the run-time count, for FASTXENT_SHORT_ROWS past the default).
+template <class T, int... CC>
+constexpr auto transpose_tables(std::integer_sequence<int, CC...>) {
+  using In = void (*)(const T*, int64_t, int64_t, int64_t, T*);
+  using Out = void (*)(const T*, int64_t, int64_t, T*);
+  return std::make_pair(std::array<In, sizeof...(CC)>{&transpose_rows_n<CC, T>...},
+                        std::array<Out, sizeof...(CC)>{&transpose_tile_n<CC, T>...});
+}
+template <class T>
+constexpr auto kTransposes =
+    transpose_tables<T>(std::make_integer_sequence<int, int(kShortRowClasses) + 1>{});
 // (L x C) rows at stride ld -> a (C x L) tile: element (r, c) at c * L + r.
 template <class T>
 void transpose_rows(const T* src, int64_t ld, int64_t C, int64_t L, T* dst) {
-  FASTXENT_SHORT_CASES(transpose_rows_n, src, ld, C, L, dst)
+  kTransposes<T>.first[C <= kShortRowClasses ? size_t(C) : 0](src, ld, C, L, dst);
 }
 // A (C x L) tile -> (L x C) contiguous rows.
 template <class T>
 void transpose_tile(const T* src, int64_t C, int64_t L, T* dst) {
-  FASTXENT_SHORT_CASES(transpose_tile_n, src, C, L, dst)
+  kTransposes<T>.second[C <= kShortRowClasses ? size_t(C) : 0](src, C, L, dst);
 }
-#undef FASTXENT_SHORT_CASES
 }  // namespace
 
+// Short rows (the row layout with C <= kShortRowClasses): the row kernel's fixed cost per row
+// (its block pass, the merge and the gradient pass) would dwarf a few classes of work, so
+// tiles of 240 rows are transposed into a C x L scratch tile, run through the column kernel
+// above (one row per SIMD lane: its max, exp and sums vectorised across rows), and the
+// gradient tile transposed back. Scratch is O(threads x C x 240), never N x C; tiles are
+// fixed by row index, so the bits do not depend on the threads.
 template <class T>
 void short_rows(const Problem<T>& p, int nt, double* losses) {
   // 240 rows (15 vectors of 16 floats): a tile's leading dimension of 960 bytes, not a

@@ -271,7 +271,9 @@ DOCS: Dict[str, str] = {
         z'[y] - lse`` (0 for ignored rows) have the target's shape, every row computed,
         ignored ones included; ``accuracy`` is the fraction of counted rows (unweighted)
         whose argmax is the target, a float (0.0 when no row counts). A row of all -inf has
-        lse -inf, target_logprob -inf, entropy log C, argmax 0. Class axis last
+        lse -inf, target_logprob -inf, entropy log C, argmax 0 (with a softcap its logits
+        are all -softcap instead: a uniform row, lse = -softcap + log C, target_logprob
+        -log C). Class axis last
         (``axis=-1``); target_logprob and accuracy need class targets. 16-bit logits give
         float32 statistics (their compute dtype, as the loss).
 """,
