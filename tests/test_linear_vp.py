@@ -406,3 +406,106 @@ def test_missing_derivatives_raise(tmp_path):
     for r, res in enumerate(run_ranks(_refusals, (), tmp_path)):
         for name, needle in expect.items():
             assert needle in res[name], (r, name, res[name])
+
+
+# outputs=: the per-row outputs of whole rows, the same on every rank, against the
+# one-process function's; their gradient raises; bad names and probability targets with
+# target_logprob / accuracy raise before any collective.
+OUT_CASES = [
+    ("mean", {}, "float64", ("lse", "entropy", "argmax", "target_logprob", "accuracy")),
+    ("none", {"ignore_index": 3, "softcap": 5.0}, "float64", ("target_logprob", "argmax")),
+    ("sum", {"label_smoothing": 0.1, "logit_scale": 0.7}, "float32", ("entropy", "accuracy")),
+    ("mean", {}, "bfloat16", ("lse", "argmax")),
+]
+
+
+def _output_errors(rank, dist):
+    import fastxent.torch as fxt
+
+    out = []
+    for i, (red, opt, dt_name, names) in enumerate(OUT_CASES):
+        dt = getattr(torch, dt_name)
+        g = torch.Generator().manual_seed(100 + i)
+        n, h, v = 13, 6, sum(SPLIT)
+        x = torch.randn(2, n, h, generator=g, dtype=torch.float64).to(dt)  # lead (2, 13)
+        w = torch.randn(v, h, generator=g, dtype=torch.float64).to(dt)
+        t = torch.randint(0, v, (2, n), generator=g)
+        if "ignore_index" in opt:
+            t[:, ::3] = opt["ignore_index"]
+        lo = 0 if rank == 0 else SPLIT[0]
+        hi = lo + SPLIT[rank]
+        xl, wl = x.clone().requires_grad_(), w[lo:hi].clone().requires_grad_()
+        loss, st = fxt.vocab_parallel_linear_cross_entropy(
+            xl, wl, t, reduction=red, tile_rows=4, outputs=names, **opt
+        )
+        ref, rst = fxt.linear_cross_entropy(x, w, t, reduction=red, outputs=names, **opt)
+        errs = [float((loss.detach().double() - ref.double()).abs().max())]
+        same = True
+        for k in ("lse", "entropy", "target_logprob", "argmax", "accuracy"):
+            a, b = getattr(st, k), getattr(rst, k)
+            same &= (a is None) == (b is None) and (a is None) == (k not in names)
+            if a is None or b is None:
+                continue
+            if k == "argmax":
+                same &= a.dtype == torch.int64 and bool(torch.equal(a, b))
+            elif k == "accuracy":
+                errs.append(abs(a - b))
+            else:
+                same &= a.shape == b.shape == (2, n) and a.dtype == b.dtype
+                errs.append(float((a.detach().double() - b.double()).abs().max()))
+        # The loss backpropagates; a float output's gradient raises, never a silent zero.
+        loss.sum().backward()
+        floats = [k for k in ("lse", "entropy", "target_logprob") if k in names]
+        raised = []
+        for k in floats:
+            _, st2 = fxt.vocab_parallel_linear_cross_entropy(
+                xl, wl, t, reduction=red, tile_rows=4, outputs=names, **opt
+            )
+            try:
+                getattr(st2, k).sum().backward()
+                raised.append(False)
+            except NotImplementedError:
+                raised.append(True)
+        # Under no_grad: the same values.
+        with torch.no_grad():
+            l3, st3 = fxt.vocab_parallel_linear_cross_entropy(
+                x, w[lo:hi], t, reduction=red, tile_rows=4, outputs=names, **opt
+            )
+        same &= bool(torch.equal(l3, loss.detach()))
+        for k in names:
+            a3, a = getattr(st3, k), getattr(st, k)
+            same &= a3 == a if k == "accuracy" else bool(torch.equal(a3, a.detach()))
+        out.append((dt_name, errs, same, all(raised) and len(raised) == len(floats)))
+    return out
+
+
+def test_outputs_match_one_process(tmp_path):
+    for r, res in enumerate(run_ranks(_output_errors, (), tmp_path)):
+        for (dt_name, errs, same, raised), case in zip(res, OUT_CASES):
+            # float64: the merge's rounding (1e-12); float32 and bfloat16 (float32 statistics
+            # of bfloat16 logits, whose matmul differs between a slice and the whole weight):
+            # 2e-2 as the loss above.
+            tol = 1e-12 if dt_name == "float64" else 2e-2
+            assert max(errs) <= tol, (r, case, errs)
+            assert same, (r, case)
+            assert raised, (r, case)
+
+
+@pytest.mark.parametrize(
+    "outputs, probs, exc, match",
+    [
+        (("lse", "bogus"), False, ValueError, "unknown output"),
+        ("lse", False, TypeError, "tuple of names"),
+        (("target_logprob",), True, ValueError, "class-index targets"),
+        (("accuracy",), True, ValueError, "class-index targets"),
+    ],
+)
+def test_output_errors_before_any_collective(outputs, probs, exc, match):
+    import fastxent.torch as fxt
+
+    x = torch.randn(5, 4)
+    w = torch.randn(7, 4)
+    t = torch.rand(5, 7) if probs else torch.randint(0, 7, (5,))
+    # No process group is initialised here: a collective would raise RuntimeError instead.
+    with pytest.raises(exc, match=match):
+        fxt.vocab_parallel_linear_cross_entropy(x, w, t, outputs=outputs)

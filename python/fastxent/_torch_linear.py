@@ -171,6 +171,16 @@ def refuse_forward_mode(fn: str, *ts: Optional[Tensor]) -> None:
 _FLOAT_STATS = FLOAT_OUTPUTS
 
 
+def refuse_stat_grads(stat_grads: Tuple[Optional[Tensor], ...], fn: str, alternative: str) -> None:
+    """The fused linear functions' per-row outputs are not differentiable: a gradient reaching
+    one raises instead of being dropped."""
+    if any(g is not None for g in stat_grads):
+        raise NotImplementedError(
+            f"fastxent.torch.{fn}: the per-row outputs (lse, entropy, target_logprob) are not "
+            f"differentiable here; use {alternative}"
+        )
+
+
 def _stat_tensors(plan: Any, stats: Optional[Dict[str, np.ndarray]]) -> Tuple[Tensor, ...]:
     """The float statistics of outputs= as tensors of the rows' shape (_FLOAT_STATS order)."""
     if stats is None:
@@ -219,12 +229,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, go: Optional[Tensor], *stat_grads: Optional[Tensor]):
-        if any(g is not None for g in stat_grads):
-            raise NotImplementedError(
-                "fastxent.torch.linear_cross_entropy: the per-row outputs (lse, entropy, "
-                "target_logprob) are not differentiable here; use entropy_coef for an entropy "
-                "bonus, or fastxent.torch.cross_entropy(outputs=...) on the logits"
-            )
+        refuse_stat_grads(
+            stat_grads,
+            "linear_cross_entropy",
+            "entropy_coef for an entropy bonus, or fastxent.torch.cross_entropy(outputs=...) on "
+            "the logits",
+        )
         no_second_order("linear_cross_entropy")
         if go is None:
             return (None,) * 5

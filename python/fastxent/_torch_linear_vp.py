@@ -27,21 +27,32 @@ Invariants:
   N x V_r.
 - 16-bit: Z_r is computed in the input dtype and converted to float32 per tile for the
   kernel; G_r is rounded once to the input dtype for the gradient matmuls.
+- outputs=: each tile's output statistics come from the same shard_stats pass and merge in
+  the same collectives widened (fastxent.torch's all_reduce_with_outputs: three instead of
+  two); the float statistics are autograd outputs whose gradient raises
+  NotImplementedError (not differentiable here, as in the one-process function).
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from . import _linear
-from ._keywords import EXTRA, ExtraKeywords, Unpack
-from ._shard import loss_from_stats, shard_grad, shard_stats, stats_denominator
+from . import _api, _linear
+from ._keywords import EXTRA, FLOAT_OUTPUTS, ExtraKeywords, Unpack, output_names
+from ._shard import (
+    OUTPUT_STAT_FIELDS,
+    loss_from_stats,
+    outputs_from_stats,
+    shard_grad,
+    shard_stats,
+    stats_denominator,
+)
 from ._torch_common import refuse_derivative, refuse_func_transforms, refuse_option_derivatives
-from ._torch_linear import no_second_order, refuse_forward_mode
+from ._torch_linear import no_second_order, refuse_forward_mode, refuse_stat_grads
 
 __all__ = ["vocab_parallel_linear_cross_entropy"]
 
@@ -55,16 +66,32 @@ def _logits32(x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tuple[Tensor, np.nda
 class _VPLinear(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx: Any, input: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor, a: dict
-    ) -> Tensor:
+        ctx: Any,
+        input: Tensor,
+        w: Tensor,
+        b: Optional[Tensor],
+        target: Tensor,
+        a: dict,
+        side: Dict[str, Any],
+    ) -> Any:
+        ctx.set_materialize_grads(False)
         n, h = a["n"], input.shape[-1]
         h2 = input.reshape(n, h)
+        names = a["outputs"]
         stats = np.empty((n, 7), np.float64)
+        ost = None if names is None else np.empty((n, len(OUTPUT_STAT_FIELDS)), np.float64)
         for r0 in range(0, n, a["tile"]):
             r1 = min(n, r0 + a["tile"])
             _, z = _logits32(h2[r0:r1], w, b)
-            stats[r0:r1] = shard_stats(z, _tile_target(a, r0, r1), **a["stat_kw"])
-        merged = a["all_reduce"](stats, a["group"]) if n else stats
+            res = shard_stats(z, _tile_target(a, r0, r1), **a["stat_kw"], outputs=names)
+            if ost is None:
+                stats[r0:r1] = res
+            else:
+                stats[r0:r1], ost[r0:r1] = res
+        if ost is None:
+            merged = a["all_reduce"](stats, a["group"]) if n else stats
+        else:
+            merged, ost = a["all_reduce_outputs"](stats, ost, a["group"]) if n else (stats, ost)
         loss = loss_from_stats(
             merged,
             reduction=a["reduction"],
@@ -83,13 +110,34 @@ class _VPLinear(torch.autograd.Function):
         )
         ctx.a, ctx.merged = a, merged
         out = torch.from_numpy(np.asarray(loss, np.float64))
-        return (out.reshape(a["lead"]) if a["reduction"] == "none" else out).to(input.dtype)
+        out = (out.reshape(a["lead"]) if a["reduction"] == "none" else out).to(input.dtype)
+        if ost is None:
+            return out
+        st = outputs_from_stats(
+            ost.reshape(a["lead"] + (len(OUTPUT_STAT_FIELDS),)),
+            None if a["t"] is None else a["t"].reshape(a["lead"]),
+            outputs=names,
+            num_classes=a["stat_kw"]["num_classes"],
+            ignore_index=a["stat_kw"]["ignore_index"],
+            dtype=np.float64 if input.dtype == torch.float64 else np.float32,
+        )
+        side["stats"] = st
+        return (out,) + tuple(
+            torch.from_numpy(np.asarray(getattr(st, k))) for k in FLOAT_OUTPUTS if k in names
+        )
 
     @staticmethod
-    def backward(ctx: Any, go: Tensor) -> Tuple[Optional[Tensor], ...]:
+    def backward(ctx: Any, go: Optional[Tensor], *stat_grads: Optional[Tensor]):
+        refuse_stat_grads(
+            stat_grads,
+            "vocab_parallel_linear_cross_entropy",
+            "fastxent.torch.vocab_parallel_cross_entropy(outputs=...) on the logits",
+        )
         no_second_order("vocab_parallel_linear_cross_entropy")
+        if go is None:
+            return (None,) * 6
         with torch.no_grad():
-            return _VPLinear._backward(ctx, go)
+            return _VPLinear._backward(ctx, go) + (None,)
 
     @staticmethod
     def _backward(ctx: Any, go: Tensor) -> Tuple[Optional[Tensor], ...]:
@@ -152,9 +200,10 @@ def vocab_parallel_linear_cross_entropy(
     ignore_index: int = -100,
     label_smoothing: float = 0.0,
     reduction: str = "mean",
+    outputs: Optional[Sequence[str]] = None,
     tile_rows: Optional[int] = None,
     **kw: Unpack[ExtraKeywords],
-) -> Tensor:
+) -> Any:
     """:func:`fastxent.torch.linear_cross_entropy` with the weight's rows (the vocabulary)
     split across the ranks of ``group``: ``linear_weight`` is this rank's (V_r, H) slice,
     rows ``[offset, offset + V_r)`` of the full (V, H) weight (by default the slices are in
@@ -170,7 +219,14 @@ def vocab_parallel_linear_cross_entropy(
     keywords as :func:`fastxent.torch.linear_cross_entropy`; with probability targets
     ``ignore_index`` is refused (ValueError, as there) and the target is not differentiated:
     one that requires grad is refused (RuntimeError; detach it). The arguments' shapes and
-    dtypes, the target's included, are checked before any collective."""
+    dtypes, the target's included, are checked before any collective.
+
+    ``outputs`` (a tuple of names, as :func:`fastxent.torch.linear_cross_entropy`'s): the
+    call returns ``(loss, fastxent.RowStats)`` of the whole rows (all ranks' slices), the
+    same on every rank, from the forward's own statistics (their collectives widened, no
+    extra pass); float32 for 16-bit input. They are not differentiable here: a backward
+    through lse, entropy or target_logprob raises NotImplementedError. target_logprob and
+    accuracy need class-index targets (ValueError before any collective)."""
     extra = EXTRA.bind("vocab_parallel_linear_cross_entropy", kw)
     sample_weight = extra["sample_weight"]
     from . import _torch_vocab as vocab  # the layout and the statistics' all-reduce
@@ -199,6 +255,11 @@ def vocab_parallel_linear_cross_entropy(
     lead = tuple(input.shape[:-1])
     v_local = int(linear_weight.shape[0])
     probs = _target_kind(target, lead, v_local, ignore_index)
+    names = None if outputs is None else output_names(outputs)
+    if names is not None and probs:
+        bad = [k for k in names if k in ("target_logprob", "accuracy")]
+        if bad:
+            raise ValueError(f"outputs {bad} need class-index targets, not probabilities")
     # Class weights, sample weights and scalar options are read as constants: a derivative
     # asked of them raises rather than coming back None (or a tangent of 0).
     refuse_derivative(weight, "weight", fn)
@@ -266,6 +327,8 @@ def vocab_parallel_linear_cross_entropy(
         "group": group,
         "dist": dist,
         "all_reduce": vocab.all_reduce_stats,
+        "all_reduce_outputs": vocab.all_reduce_with_outputs,
+        "outputs": names,
         "reduction": reduction,
         "sw": plan.sample_weight,
         "z_loss": extra["z_loss"],
@@ -281,12 +344,28 @@ def vocab_parallel_linear_cross_entropy(
             "num_threads": extra["num_threads"],
         },
     }
+    side: Dict[str, Any] = {}
     if torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (input, linear_weight, lb)
     ):
-        return _VPLinear.apply(input, linear_weight, lb, target, a)
-    with torch.no_grad():
-        return _VPLinear.forward(_NoCtx(), input, linear_weight, lb, target, a)
+        res = _VPLinear.apply(input, linear_weight, lb, target, a, side)
+    else:
+        with torch.no_grad():
+            res = _VPLinear.forward(_NoCtx(), input, linear_weight, lb, target, a, side)
+    if names is None:
+        return res
+    return res[0], _row_stats(side["stats"], tuple(res[1:]), names)
+
+
+def _row_stats(st: Any, floats: Tuple[Tensor, ...], names: Tuple[str, ...]) -> Any:
+    """fastxent.RowStats of tensors: the float statistics (autograd outputs, or plain
+    tensors), argmax an int64 tensor, accuracy a float."""
+    fields: Dict[str, Any] = dict(zip([k for k in FLOAT_OUTPUTS if k in names], floats))
+    if "argmax" in names:
+        fields["argmax"] = torch.from_numpy(np.asarray(st.argmax))
+    if "accuracy" in names:
+        fields["accuracy"] = st.accuracy
+    return _api.RowStats(**fields)
 
 
 def _target_kind(target: Tensor, lead: Tuple[int, ...], v_local: int, ignore_index: int) -> bool:
@@ -346,6 +425,9 @@ def _tile_target(a: dict, r0: int, r1: int) -> np.ndarray:
 
 class _NoCtx:
     def save_for_backward(self, *a: Any) -> None:
+        pass
+
+    def set_materialize_grads(self, value: bool) -> None:
         pass
 
 
