@@ -28,8 +28,8 @@ Invariants:
 - 16-bit: Z_r is computed in the input dtype and converted to float32 per tile for the
   kernel; G_r is rounded once to the input dtype for the gradient matmuls.
 - outputs=: each tile's output statistics come from the same shard_stats pass and merge in
-  the same collectives widened (fastxent.torch's all_reduce_with_outputs: three instead of
-  two); the float statistics are autograd outputs whose gradient raises
+  the same collectives widened (_torch_vocab.all_reduce_with_outputs: three instead of
+  two); every rank must pass the same outputs (else the ranks' collectives differ); the float statistics are autograd outputs whose gradient raises
   NotImplementedError (not differentiable here, as in the one-process function).
 """
 
@@ -216,7 +216,8 @@ def vocab_parallel_linear_cross_entropy(
     row tile at a time in the input's dtype, as the one-process function does. The loss is
     the same on every rank; backward gives each rank its weight (and bias) slice's gradient
     and the full gradient of ``input`` (summed over the ranks by one all-reduce). Other
-    keywords as :func:`fastxent.torch.linear_cross_entropy`; with probability targets
+    keywords as :func:`fastxent.torch.linear_cross_entropy`, but for ``entropy_coef`` (not
+    taken here: TypeError); with probability targets
     ``ignore_index`` is refused (ValueError, as there) and the target is not differentiated:
     one that requires grad is refused (RuntimeError; detach it). The arguments' shapes and
     dtypes, the target's included, are checked before any collective.
@@ -224,7 +225,7 @@ def vocab_parallel_linear_cross_entropy(
     ``outputs`` (a tuple of names, as :func:`fastxent.torch.linear_cross_entropy`'s): the
     call returns ``(loss, fastxent.RowStats)`` of the whole rows (all ranks' slices), the
     same on every rank, from the forward's own statistics (their collectives widened, no
-    extra pass); float32 for 16-bit input. They are not differentiable here: a backward
+    extra pass; every rank must pass the same ``outputs``); float32 for 16-bit input. They are not differentiable here: a backward
     through lse, entropy or target_logprob raises NotImplementedError. target_logprob and
     accuracy need class-index targets (ValueError before any collective)."""
     extra = EXTRA.bind("vocab_parallel_linear_cross_entropy", kw)
