@@ -27,10 +27,11 @@ Invariants:
   N x V_r.
 - 16-bit: Z_r is computed in the input dtype and converted to float32 per tile for the
   kernel; G_r is rounded once to the input dtype for the gradient matmuls.
-- outputs=: each tile's output statistics come from the same shard_stats pass and merge in
-  the same collectives widened (_torch_vocab.all_reduce_with_outputs: three instead of
-  two); every rank must pass the same outputs (else the ranks' collectives differ); the float statistics are autograd outputs whose gradient raises
-  NotImplementedError (not differentiable here, as in the one-process function).
+- outputs=: each tile's output statistics come from the same shard_stats pass and merge in the
+  same collectives widened (_torch_vocab.all_reduce_with_outputs: three instead of two); every
+  rank must pass the same outputs (else the ranks' collectives differ); the float statistics
+  are autograd outputs whose gradient raises NotImplementedError (not differentiable here, as
+  in the one-process function).
 """
 
 from __future__ import annotations
@@ -222,12 +223,13 @@ def vocab_parallel_linear_cross_entropy(
     one that requires grad is refused (RuntimeError; detach it). The arguments' shapes and
     dtypes, the target's included, are checked before any collective.
 
-    ``outputs`` (a tuple of names, as :func:`fastxent.torch.linear_cross_entropy`'s): the
-    call returns ``(loss, fastxent.RowStats)`` of the whole rows (all ranks' slices), the
-    same on every rank, from the forward's own statistics (their collectives widened, no
-    extra pass; every rank must pass the same ``outputs``); float32 for 16-bit input. They are not differentiable here: a backward
-    through lse, entropy or target_logprob raises NotImplementedError. target_logprob and
-    accuracy need class-index targets (ValueError before any collective)."""
+    ``outputs`` (a tuple of names, as :func:`fastxent.torch.linear_cross_entropy`'s): the call
+    returns ``(loss, fastxent.RowStats)`` of the whole rows (all ranks' slices), the same on
+    every rank, from the forward's own statistics (their collectives widened, no extra pass;
+    every rank must pass the same ``outputs``); float32 for 16-bit input. They are not
+    differentiable here: a backward through lse, entropy or target_logprob raises
+    NotImplementedError. target_logprob and accuracy need class-index targets (ValueError before
+    any collective)."""
     extra = EXTRA.bind("vocab_parallel_linear_cross_entropy", kw)
     sample_weight = extra["sample_weight"]
     from . import _torch_vocab as vocab  # the layout and the statistics' all-reduce
