@@ -90,23 +90,28 @@ def test_default_tile_rows():
         assert t % 32 == 0 and t >= tile_rows(n, v, size)
         assert t * v * size <= n * v * size * 2 // 9
     assert tile_rows(4096, 32000, 4, forward_only=True) == tile_rows(4096, 32000, 4) == 512
+    # float32 / float64 inputs with gradients (the gradient tile is the logits tile): 2/9 too
+    assert tile_rows(2048, 128256, 4, one_tile=True) == 448
+    assert tile_rows(4096, 32000, 4, one_tile=True) == 512
     assert tile_rows(4096, 32000, 4, 100, forward_only=True) == 100
 
 
 def test_forward_only_calls_plan_the_forward_tile(monkeypatch):
     # The loss alone (NumPy's linear_cross_entropy, PyTorch's without a gradient) plans its
-    # tile as a forward pass; the calls with gradients keep the 1/6 bound.
+    # tile as a forward pass; the calls with gradients do not, and float32 / float64 inputs
+    # (here) plan one tile (the gradient tile is the logits tile), bfloat16 inputs do not.
     import numpy as np
 
     import fastxent as fx
     from fastxent import _linear_plan
 
-    seen = []
+    seen, ones = [], []
     real = _linear_plan.tile_rows
 
-    def spy(n, v, itemsize, tile=None, forward_only=False):
+    def spy(n, v, itemsize, tile=None, forward_only=False, one_tile=False):
         seen.append(forward_only)
-        return real(n, v, itemsize, tile, forward_only)
+        ones.append(one_tile)
+        return real(n, v, itemsize, tile, forward_only, one_tile)
 
     monkeypatch.setattr(_linear_plan, "tile_rows", spy)
     rng = np.random.default_rng(0)
@@ -115,7 +120,12 @@ def test_forward_only_calls_plan_the_forward_tile(monkeypatch):
     y = rng.integers(0, 30, 40)
     loss = fx.linear_cross_entropy(x, w, y)
     loss2 = fx.linear_cross_entropy_with_grad(x, w, y)[0]
-    assert seen == [True, False] and loss == loss2
+    assert seen == [True, False] and loss == loss2 and ones == [True, True]
+    import ml_dtypes
+
+    ones.clear()
+    fx.linear_cross_entropy_with_grad(x.astype(ml_dtypes.bfloat16), w.astype(ml_dtypes.bfloat16), y)
+    assert ones == [False]
     torch = pytest.importorskip("torch")
     from fastxent import torch as fxt
 

@@ -17,8 +17,9 @@ import numpy as np
 
 from ._api import cross_entropy
 
-# Bytes of the reused logits tile (and at most 1/6 of the whole logits, so that the memory
-# beyond inputs and gradients stays under 1/4 of the logits); the tile has at least
+# Bytes of the reused logits tile (and at most 1/6 of the whole logits, 2/9 where it is the
+# only tile (_FORWARD_SHARE), so that the memory beyond inputs and gradients stays under 1/4
+# of the logits); the tile has at least
 # _MIN_ROWS rows so that the matmuls keep the BLAS efficient. Larger tiles read the weight
 # fewer times (once per tile per matmul).
 TILE_BYTES = 64 << 20
@@ -39,6 +40,11 @@ _GROW_ROWS = 512
 # 448 rows instead of 320, fewer repacks of the weight (see _GROW_ROWS) while staying under
 # 1/4. Measured there (the forward pass, PyTorch 2.13 on a Zen 4, 2 threads, one process):
 # 320 rows 6.77 s, 448 rows 6.56 s, 512 rows 6.32 s, the whole product alone 5.72 s.
+# So does a forward and backward pass of float32 / float64 inputs, whose gradient tile is the
+# logits tile itself (overwritten in place, fed to both gradient matmuls: no second tile, as
+# 16-bit inputs have in their rounded copy). Measured there (fastxent.torch's forward and
+# backward, same machine, 3 interleaved rounds, medians, over the three matmuls alone):
+# 320 rows 1.12x, 448 rows 1.07x.
 _FORWARD_SHARE = (2, 9)
 # A forward pass alone over fewer rows than classes (float32 / float64 inputs, default tile)
 # takes tiles of the vocabulary instead: all the rows times a slice of the classes, each
@@ -110,10 +116,16 @@ def tile_cols(n: int, v: int, itemsize: int, rows: int) -> int:
 
 
 def tile_rows(
-    n: int, v: int, itemsize: int, tile: Optional[int] = None, forward_only: bool = False
+    n: int,
+    v: int,
+    itemsize: int,
+    tile: Optional[int] = None,
+    forward_only: bool = False,
+    one_tile: bool = False,
 ) -> int:
     """Rows per logits tile: `tile` when given, else TILE_BYTES (at most 1/6 of the
-    logits, 2/9 for a forward pass alone, at least _MIN_ROWS rows; up to _GROW_ROWS rows for
+    logits; 2/9 for a forward pass alone, or `one_tile`: float32 / float64 inputs, whose
+    gradient tile is the logits tile; at least _MIN_ROWS rows; up to _GROW_ROWS rows for
     long rows) divided by a row's bytes, rounded down to a multiple of _ROUND_ROWS."""
     if tile is not None:
         try:
@@ -126,7 +138,7 @@ def tile_rows(
     row = max(1, v * itemsize)
     # TILE_BYTES, or up to _GROW_ROWS rows where that holds fewer (long rows), at most 1/6
     # (forward only: 2/9) of the logits either way.
-    num, den = _FORWARD_SHARE if forward_only else (1, 6)
+    num, den = _FORWARD_SHARE if forward_only or one_tile else (1, 6)
     budget = min(max(TILE_BYTES, _GROW_ROWS * row), max(row, n * row * num // den))
     rows = budget // row
     if rows > _ROUND_ROWS:
@@ -259,7 +271,8 @@ def make_plan(
     tgt = None if target_is_probs else class_targets(np.asarray(target), lead, v, ii)
     if kw["weight"] is not None:
         kw["weight"] = np.ascontiguousarray(np.asarray(kw["weight"]), dtype=cdt)
-    tile_r = tile_rows(max(n, 1), v, tile_itemsize, tile, forward_only)
+    one_tile = hdt in (np.float32, np.float64)
+    tile_r = tile_rows(max(n, 1), v, tile_itemsize, tile, forward_only, one_tile)
     # Tiles of the vocabulary: a forward pass alone at the default tile, float32 / float64
     # (16-bit logits tiles are read in place by the kernel, which the shard statistics do
     # not take), and no entropy_coef (its entropy term comes from the row kernel).
