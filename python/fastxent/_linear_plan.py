@@ -19,8 +19,8 @@ from ._api import cross_entropy
 
 # Bytes of the reused logits tile (and at most 1/6 of the whole logits, 2/9 where it is the
 # only tile (_FORWARD_SHARE), so that the memory beyond inputs and gradients stays under 1/4
-# of the logits); the tile has at least
-# _MIN_ROWS rows so that the matmuls keep the BLAS efficient. Larger tiles read the weight
+# of the logits); the tile has at least _MIN_ROWS rows so that the matmuls keep the BLAS
+# efficient. Larger tiles read the weight
 # fewer times (once per tile per matmul).
 TILE_BYTES = 64 << 20
 _MIN_ROWS = 16
@@ -137,7 +137,7 @@ def tile_rows(
         return max(1, min(t, n))
     row = max(1, v * itemsize)
     # TILE_BYTES, or up to _GROW_ROWS rows where that holds fewer (long rows), at most 1/6
-    # (forward only: 2/9) of the logits either way.
+    # (forward only, or one tile: 2/9) of the logits either way.
     num, den = _FORWARD_SHARE if forward_only or one_tile else (1, 6)
     budget = min(max(TILE_BYTES, _GROW_ROWS * row), max(row, n * row * num // den))
     rows = budget // row

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import _api, _linear
+from . import _linear
 from ._keywords import EXTRA, FLOAT_OUTPUTS, ExtraKeywords, Unpack, output_names
 from ._shard import (
     OUTPUT_STAT_FIELDS,
@@ -52,6 +52,7 @@ from ._shard import (
     shard_stats,
     stats_denominator,
 )
+from ._torch_autograd import _row_stats
 from ._torch_common import refuse_derivative, refuse_func_transforms, refuse_option_derivatives
 from ._torch_linear import no_second_order, refuse_forward_mode, refuse_stat_grads
 
@@ -357,18 +358,7 @@ def vocab_parallel_linear_cross_entropy(
             res = _VPLinear.forward(_NoCtx(), input, linear_weight, lb, target, a, side)
     if names is None:
         return res
-    return res[0], _row_stats(side["stats"], tuple(res[1:]), names)
-
-
-def _row_stats(st: Any, floats: Tuple[Tensor, ...], names: Tuple[str, ...]) -> Any:
-    """fastxent.RowStats of tensors: the float statistics (autograd outputs, or plain
-    tensors), argmax an int64 tensor, accuracy a float."""
-    fields: Dict[str, Any] = dict(zip([k for k in FLOAT_OUTPUTS if k in names], floats))
-    if "argmax" in names:
-        fields["argmax"] = torch.from_numpy(np.asarray(st.argmax))
-    if "accuracy" in names:
-        fields["accuracy"] = st.accuracy
-    return _api.RowStats(**fields)
+    return _row_stats(res[0], list(res[1:]), side["stats"], names, a["lead"])
 
 
 def _target_kind(target: Tensor, lead: Tuple[int, ...], v_local: int, ignore_index: int) -> bool:
