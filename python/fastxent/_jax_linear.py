@@ -15,6 +15,9 @@ Invariants:
   cotangent.
 - 16-bit: G is rounded once to the input dtype for the gradient matmuls, which accumulate
   in float32; grad_weight and grad_bias are summed over tiles in float32, rounded once.
+- Cotangents on the float statistics of outputs=: their vector-Jacobian product (jax.vjp
+  of the reference formula on the tile's logits) joins each tile's G ("none": in the loss's
+  backward sweep; "mean" / "sum": a sweep of its own, added to the scaled gradients).
 """
 
 from __future__ import annotations
@@ -71,10 +74,55 @@ def _host(
     return call
 
 
-def _sweep(opts, red: str, tile: int, want_grad: bool, h2, w_lin, b, t, cw, sw, d, names=()):
+_FLOATS = ("lse", "entropy", "target_logprob")
+
+
+def _stats_vjp(opts, z, t_t, cts: dict) -> jax.Array:
+    """The vector-Jacobian product of the tile's float statistics (the reference formula,
+    in the logits' dtype: float32 for 16-bit inputs) with the cotangents `cts` (name ->
+    the tile's rows; absent ones 0)."""
+    o = dict(opts)
+    probs = jnp.issubdtype(t_t.dtype, jnp.floating)
+
+    def stats(zz):
+        return _jax_reference.reference_stats(
+            zz,
+            t_t,
+            probs=bool(probs),
+            ignore_index=o["ignore_index"],
+            softcap=float(o["softcap"] or 0.0),
+            logit_scale=float(o["logit_scale"]),
+        )
+
+    out, vjp = jax.vjp(stats, z)
+    (gz,) = vjp(
+        {k: cts[k].astype(v.dtype) if k in cts else jnp.zeros_like(v) for k, v in out.items()}
+    )
+    return gz
+
+
+def _sweep(
+    opts,
+    red: str,
+    tile: int,
+    want_grad: bool,
+    h2,
+    w_lin,
+    b,
+    t,
+    cw,
+    sw,
+    d,
+    names=(),
+    stat_ct: Optional[dict] = None,
+    loss_grad: bool = True,
+):
     """The tile loop: (loss, grad_hidden (n, h), grad_weight, grad_bias, stats) (grads
     None when not wanted); loss summed over tiles, or the (n,) rows for "none"; stats: the
-    (n,) per-row outputs of `names` (kernel statistics), a tuple in that order."""
+    (n,) per-row outputs of `names` (kernel statistics), a tuple in that order.
+    `stat_ct` (a backward through the float statistics: name -> (n,) cotangents): each
+    tile's gradient gets their vector-Jacobian product (_stats_vjp) before the gradient
+    matmuls; `loss_grad` False: that product alone (no kernel call, loss 0)."""
     n, hdim = h2.shape
     v = w_lin.shape[0]
     dt = h2.dtype
@@ -83,12 +131,15 @@ def _sweep(opts, red: str, tile: int, want_grad: bool, h2, w_lin, b, t, cw, sw, 
     host = _host(opts, red, want_grad, np.dtype(cdt), names, am_dt)
 
     def step(carry, xs):
-        h_t, t_t, sw_t = xs
+        h_t, t_t, sw_t, ct_t = xs
         z = jnp.dot(h_t, w_lin.T, preferred_element_type=cdt)
         if b is not None:
             z = z + b.astype(cdt)
         m = h_t.shape[0]
         lshape = jax.ShapeDtypeStruct((m,) if red == "none" else (), cdt)
+        if ct_t is not None and not loss_grad:  # the statistics' gradient alone
+            g = _stats_vjp(opts, z, t_t, ct_t)
+            return _grad_step(carry, g, h_t, jnp.zeros(lshape.shape, cdt), ())
         sshapes = tuple(jax.ShapeDtypeStruct((m,), am_dt if k == "argmax" else cdt) for k in names)
         if not want_grad:
             res = jax.pure_callback(
@@ -105,12 +156,17 @@ def _sweep(opts, red: str, tile: int, want_grad: bool, h2, w_lin, b, t, cw, sw, 
             d,
             vmap_method="sequential",
         )
+        if ct_t is not None:
+            g = g + _stats_vjp(opts, z, t_t, ct_t)
+        return _grad_step(carry, g, h_t, loss, tuple(st))
+
+    def _grad_step(carry, g, h_t, loss, st):
         gw, gb = carry
         g16 = g.astype(dt)
         gh = jnp.dot(g16, w_lin, preferred_element_type=cdt).astype(dt)
         gw = gw + jnp.dot(g16.T, h_t, preferred_element_type=cdt)
         gb = gb + g.sum(0)
-        return (gw, gb), (loss, gh, tuple(st))
+        return (gw, gb), (loss, gh, st)
 
     carry: Any = (jnp.zeros((v, hdim), cdt), jnp.zeros((v,), cdt)) if want_grad else None
     full = (n // tile) * tile
@@ -120,7 +176,9 @@ def _sweep(opts, red: str, tile: int, want_grad: bool, h2, w_lin, b, t, cw, sw, 
         def tiles(a):
             return None if a is None else a[:full].reshape((full // tile, tile) + a.shape[1:])
 
-        carry, (ls, ghs, sts) = jax.lax.scan(step, carry, (tiles(h2), tiles(t), tiles(sw)))
+        carry, (ls, ghs, sts) = jax.lax.scan(
+            step, carry, (tiles(h2), tiles(t), tiles(sw), _map(tiles, stat_ct))
+        )
         outs.append(
             (
                 ls.reshape(-1) if red == "none" else ls.sum(),
@@ -133,7 +191,7 @@ def _sweep(opts, red: str, tile: int, want_grad: bool, h2, w_lin, b, t, cw, sw, 
         def rest(a):
             return None if a is None else a[full:]
 
-        carry, (lr, ghr, str_) = step(carry, (rest(h2), rest(t), rest(sw)))
+        carry, (lr, ghr, str_) = step(carry, (rest(h2), rest(t), rest(sw), _map(rest, stat_ct)))
         outs.append((lr, ghr, str_))
     if red == "none":
         loss = jnp.concatenate([o[0] for o in outs])
@@ -147,6 +205,10 @@ def _sweep(opts, red: str, tile: int, want_grad: bool, h2, w_lin, b, t, cw, sw, 
     return loss, gh, gw.astype(dt), None if b is None else gb.astype(dt), stats
 
 
+def _map(f, cts: Optional[dict]) -> Optional[dict]:
+    return None if cts is None else {k: f(c) for k, c in cts.items()}
+
+
 def _rows(h: jax.Array) -> jax.Array:
     """(..., H) as (rows, H); not reshape(-1, H): -1 is undefined for H = 0."""
     return h.reshape(math.prod(h.shape[:-1]), h.shape[-1])
@@ -157,8 +219,8 @@ def _make(
     opts: Tuple[Tuple[str, Any], ...], tile: int, has_bias: bool, names: Tuple[str, ...] = ()
 ):
     """The custom_vjp function: the loss, or with `names` (kernel statistics) (loss,
-    *statistics of the rows' shape), which are not differentiable (a cotangent on one raises
-    NotImplementedError when the backward is traced)."""
+    *statistics of the rows' shape); cotangents on the float statistics are
+    differentiated through (see _sweep's stat_ct)."""
     red = dict(opts)["reduction"]
 
     def pack(h, loss, stats):
@@ -203,36 +265,35 @@ def _make(
 
     def bwd(res, ct):
         h, w, b, t, cw, sw, d, grads = res
+        sc = None
         if names:
             ct, stat_cts = ct[0], ct[1:]
-            for k, c in zip(names, stat_cts):
-                if k != "argmax" and not isinstance(c, jax.custom_derivatives.SymbolicZero):
-                    raise NotImplementedError(
-                        f"fastxent.jax.linear_cross_entropy: the per-row output {k!r} is not "
-                        "differentiable here; use entropy_coef for an entropy bonus, or "
-                        "fastxent.jax.cross_entropy(outputs=...) on the logits"
-                    )
-        if isinstance(ct, jax.custom_derivatives.SymbolicZero):
+            sc = {
+                k: c.reshape(-1)
+                for k, c in zip(names, stat_cts)
+                if k in _FLOATS and not isinstance(c, jax.custom_derivatives.SymbolicZero)
+            } or None
+        zero = isinstance(ct, jax.custom_derivatives.SymbolicZero)
+        if zero and sc is None:
             return None, None, None, None, None, None, None
-        if grads is None:  # "none": the rows weighted by the cotangent, recomputed
+        args = (_rows(h), w, b if has_bias else None, t, cw)
+        if zero:  # the statistics alone
+            _, gh, gw, gb, _ = _sweep(
+                opts, red, tile, True, *args, sw, d, stat_ct=sc, loss_grad=False
+            )
+        elif grads is None:  # "none": the rows weighted by the cotangent, recomputed
             s = ct.reshape(-1).astype(d.dtype)
             s = s if sw is None else s * sw
-            _, gh, gw, gb, _ = _sweep(
-                opts,
-                "sum",
-                tile,
-                True,
-                _rows(h),
-                w,
-                b if has_bias else None,
-                t,
-                cw,
-                s,
-                d,
-            )
+            _, gh, gw, gb, _ = _sweep(opts, "sum", tile, True, *args, s, d, stat_ct=sc)
         else:
             c = ct.astype(grads[0].dtype)
             gh, gw, gb = (None if g is None else (g * c).astype(g.dtype) for g in grads)
+            if sc is not None:  # plus the statistics' sweep
+                _, sh, sw_, sb, _ = _sweep(
+                    opts, red, tile, True, *args, sw, d, stat_ct=sc, loss_grad=False
+                )
+                gh, gw = gh + sh, gw + sw_
+                gb = None if gb is None else gb + sb
         return (gh.reshape(h.shape), gw, gb if has_bias else None, None, None, None, None)
 
     f.defvjp(fwd, bwd, symbolic_zeros=True)
@@ -262,8 +323,10 @@ def linear_cross_entropy(
     ``entropy_coef`` and ``outputs`` are those of :func:`fastxent.linear_cross_entropy`: the
     entropy term is in the loss and every gradient; with ``outputs`` the function returns
     ``(loss, fastxent.RowStats)`` of arrays (argmax int32, or int64 under x64; accuracy a
-    0-d array), which are not differentiable here (a cotangent on lse, entropy or
-    target_logprob raises NotImplementedError)."""
+    0-d array). lse, entropy and target_logprob are differentiable with respect to hidden,
+    linear_weight and linear_bias: the backward adds their vector-Jacobian product (the
+    reference formula, by jax.vjp on each recomputed tile of logits) to each tile's
+    gradient before the gradient matmuls; with "mean" / "sum" in a second sweep."""
     from .jax import _static  # (here: fastxent.jax imports this module)
 
     outputs = options.pop("outputs", None)  # a tuple or list of names, checked below

@@ -103,6 +103,8 @@ def run_tiles(
     reduction: Optional[str] = None,
     sample_weight: Optional[np.ndarray] = None,
     stats: Optional[Dict[str, np.ndarray]] = None,
+    stat_grads: Optional[Dict[str, np.ndarray]] = None,
+    loss_grad: bool = True,
 ) -> Any:
     """The tile loop. `be` (a backend) owns the arrays and the matmuls; `want` says which of
     grad_hidden, grad_weight, grad_bias to compute (none: the loss alone, no gradient
@@ -110,8 +112,16 @@ def run_tiles(
     "mean", the (n,) row losses for "none". `reduction` and `sample_weight` override the
     plan's (PyTorch's backward of "none" scales the rows by the upstream gradient). `stats`
     (new_stats): filled with each tile's per-row outputs, from the same kernel call (in
-    tiles of the vocabulary: from the merged statistics)."""
+    tiles of the vocabulary: from the merged statistics).
+
+    `stat_grads` (a backward through the float statistics of outputs=: name -> (n,) upstream
+    gradients): each tile's gradient gets their vector-Jacobian product, from the backend's
+    ``stats_vjp`` (computed on the logits before the kernel writes over them, in blocks of
+    rows of at most STAT_BLOCK elements) and ``add_rows``; `loss_grad` False: those products
+    alone, no loss gradient (the loss's upstream gradient is absent)."""
     grad = any(want)
+    if stat_grads is not None and (stats is not None or not grad):
+        raise RuntimeError("stat_grads is for a backward sweep (gradients, no outputs=)")
     if plan.cols:  # the backend's buffer is a tile of the vocabulary
         if grad or reduction is not None or sample_weight is not None:
             raise RuntimeError("a plan in tiles of the vocabulary is for a forward pass alone")
@@ -129,8 +139,12 @@ def run_tiles(
         if names is not None:
             kw["outputs"] = names
         if grad:
-            res = cross_entropy_with_grad(z, tgt, out=z, **kw)
-            loss = res[0]
+            if stat_grads is None:
+                res = cross_entropy_with_grad(z, tgt, out=z, **kw)
+                loss = res[0]
+            else:
+                loss = _stat_grad_tile(plan, be, z, tgt, r0, r1, red, sw, stat_grads, loss_grad)
+                res = (loss,)
             if want[0]:
                 be.grad_hidden(z, r0, r1)
             if want[1]:
@@ -151,6 +165,43 @@ def run_tiles(
     if grad:
         be.finish(want)
     return rows if rows is not None else total
+
+
+# Elements per block of rows of a tile whose gradient takes the statistics' vector-Jacobian
+# product: the product's temporaries (a few of the block's size) stay small beside the tile.
+STAT_BLOCK = 1 << 20
+
+
+def _stat_grad_tile(
+    plan: _Plan,
+    be: Any,
+    z: np.ndarray,
+    tgt: np.ndarray,
+    r0: int,
+    r1: int,
+    red: str,
+    sw: Optional[np.ndarray],
+    stat_grads: Dict[str, np.ndarray],
+    loss_grad: bool,
+) -> Any:
+    """The gradient of the tile of rows [r0, r1) written over its logits z: in blocks of
+    rows, the statistics' vector-Jacobian product from the logits, then the kernel's loss
+    gradient (if loss_grad) over the block's logits, then their sum. Returns the tile's loss
+    as the kernel does (the rows' losses for "none"; 0 without loss_grad)."""
+    parts = []
+    step = max(1, STAT_BLOCK // max(plan.v, 1))
+    for a in range(r0, r1, step):
+        b = min(r1, a + step)
+        i, j = a - r0, b - r0
+        extra = be.stats_vjp(i, j, a, stat_grads)
+        if loss_grad:
+            zb = z[i:j]
+            kw = _tile_kw(plan, a, b, red, sw)
+            parts.append(cross_entropy_with_grad(zb, tgt[i:j], out=zb, **kw)[0])
+        be.add_rows(extra, i, j, replace=not loss_grad)
+    if red == "none":
+        return np.concatenate(parts) if parts else np.zeros(r1 - r0, plan.cdt)
+    return float(sum(float(p) for p in parts))
 
 
 def run_vocab_tiles(plan: _Plan, be: Any, stats: Optional[Dict[str, np.ndarray]] = None) -> Any:

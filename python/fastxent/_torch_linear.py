@@ -10,6 +10,10 @@ Invariants:
 - "none": the forward computes the row losses only; the backward recomputes the tiles with
   the rows weighted by the upstream gradient (as sample weights), so per-token upstream
   gradients are exact.
+- Gradients reaching the float statistics of outputs= (lse, entropy, target_logprob): their
+  vector-Jacobian product is added to each recomputed tile's gradient (in blocks of rows)
+  before the gradient matmuls ("none": in the loss's backward sweep; "mean" / "sum": a sweep
+  of its own that adds into the loss's gradients).
 - No gradient wanted (no_grad, or no input requiring grad): the loss alone, no gradient
   matmuls.
 - 16-bit: logits tiles and matmuls in the input's dtype (PyTorch's 16-bit BLAS path,
@@ -60,8 +64,10 @@ class _TorchBackend:
         w: Tensor,
         b: Optional[Tensor],
         outs: Tuple[Optional[Tensor], ...],
+        accumulate: bool = False,
     ):
         self.plan, self.h2, self.w, self.b = plan, h2, w, b
+        self.accumulate = accumulate  # add to the gradients in outs (they hold values)
         self.half = h2.dtype in (torch.float16, torch.bfloat16)
         rows, cols = _linear.tile_shape(plan)
         self.buf = torch.empty(rows * cols, dtype=h2.dtype)
@@ -70,7 +76,7 @@ class _TorchBackend:
         self.gw: Any = outs[1]
         self.gb: Any = outs[2]
         self.acc_b: Any = torch.zeros(plan.v) if self.half and self.gb is not None else self.gb
-        self.first_w = self.first_b = True
+        self.first_w = self.first_b = not accumulate
         self.z: Tensor = self.buf
 
     def logits(self, r0: int, r1: int) -> np.ndarray:
@@ -93,7 +99,39 @@ class _TorchBackend:
             torch.addmm(self.b[v0:v1], self.h2, w, out=z)
         return self.buf_np[: n * c].reshape(n, c)
 
+    def stats_vjp(self, i: int, j: int, r: int, stat_grads: Dict[str, np.ndarray]) -> Tensor:
+        """The vector-Jacobian product of the float statistics of rows [i, j) of the current
+        tile (rows r... of the call), upstream gradients from stat_grads ((n,) each): by
+        autograd through reference_stats (float32 for 16-bit logits)."""
+        from ._torch_autograd import _stats_vjp
+
+        plan, k = self.plan, j - i
+        # (probability targets: no target_logprob; only the target's kind is read)
+        tgt = torch.empty(0) if plan.target is None else torch.from_numpy(plan.target[r : r + k])
+        kw = plan.kw
+        ref_kw = {
+            "softcap": kw["softcap"] or None,
+            "logit_scale": kw["logit_scale"],
+            "ignore_index": kw["ignore_index"],
+        }
+        grads = {n: torch.from_numpy(g[r : r + k]) for n, g in stat_grads.items()}
+        return _stats_vjp(self.z[i:j], tgt, ref_kw, grads)
+
+    def add_rows(self, extra: Tensor, i: int, j: int, replace: bool) -> None:
+        """Rows [i, j) of the tile's gradient plus extra (replace: extra alone), rounded once
+        to the tile's dtype."""
+        zt = self.z[i:j]
+        if replace:
+            zt.copy_(extra)
+        elif self.half:
+            zt.copy_(zt.float() + extra)
+        else:
+            zt.add_(extra)
+
     def grad_hidden(self, _g: Any, r0: int, r1: int) -> None:
+        if self.accumulate:
+            self.gh[r0:r1].addmm_(self.z, self.w)
+            return
         torch.mm(self.z, self.w, out=self.gh[r0:r1])
 
     def grad_weight(self, _g: Any, r0: int, r1: int) -> None:
@@ -115,7 +153,7 @@ class _TorchBackend:
 
     def finish(self, want: Tuple[bool, bool, bool]) -> None:
         if want[2] and self.acc_b is not self.gb:
-            self.gb.copy_(self.acc_b)
+            self.gb.copy_(self.gb.float() + self.acc_b if self.accumulate else self.acc_b)
 
 
 def _sweep(
@@ -127,17 +165,21 @@ def _sweep(
     reduction: Optional[str] = None,
     sample_weight: Optional[np.ndarray] = None,
     stats: Optional[Dict[str, np.ndarray]] = None,
+    stat_grads: Optional[Dict[str, np.ndarray]] = None,
+    loss_grad: bool = True,
+    into: Optional[Tuple[Any, ...]] = None,
 ) -> Tuple[Any, Tuple[Any, ...]]:
     """Runs the tile loop; returns (loss, (grad_hidden (n, h), grad_weight, grad_bias));
-    `stats` as in run_tiles."""
+    `stats`, `stat_grads` and `loss_grad` as in run_tiles; `into`: gradients (of a previous
+    sweep) to add this sweep's to, instead of new ones."""
     new = torch.empty if plan.n else torch.zeros  # every tile writes what it covers
-    outs = (
+    outs = into or (
         new(plan.n, plan.h, dtype=h2.dtype) if want[0] else None,
         new(w.shape, dtype=w.dtype) if want[1] else None,
         new(plan.v, dtype=w.dtype) if want[2] else None,
     )
-    be = _TorchBackend(plan, h2, w, b, outs)
-    loss = _linear.run_tiles(plan, be, want, reduction, sample_weight, stats)
+    be = _TorchBackend(plan, h2, w, b, outs, accumulate=into is not None)
+    loss = _linear.run_tiles(plan, be, want, reduction, sample_weight, stats, stat_grads, loss_grad)
     return loss, outs
 
 
@@ -172,8 +214,8 @@ _FLOAT_STATS = FLOAT_OUTPUTS
 
 
 def refuse_stat_grads(stat_grads: Tuple[Optional[Tensor], ...], fn: str, alternative: str) -> None:
-    """The fused linear functions' per-row outputs are not differentiable: a gradient reaching
-    one raises instead of being dropped."""
+    """Where a fused linear function's per-row outputs are not differentiable (the
+    vocab-parallel one): a gradient reaching one raises instead of being dropped."""
     if any(g is not None for g in stat_grads):
         raise NotImplementedError(
             f"fastxent.torch.{fn}: the per-row outputs (lse, entropy, target_logprob) are not "
@@ -216,6 +258,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         ctx.plan, ctx.want, ctx.shape = plan, want, input.shape
         ctx.save_for_backward(input, lw, lb)
         stats = _linear.new_stats(plan)
+        ctx.float_names = tuple(n for n in _FLOAT_STATS if stats is not None and n in stats)
         if plan.reduction == "none":
             be = _TorchBackend(plan, h2, lw, lb, (None, None, None))
             loss = _linear.run_tiles(plan, be, (False, False, False), stats=stats)
@@ -229,37 +272,46 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, go: Optional[Tensor], *stat_grads: Optional[Tensor]):
-        refuse_stat_grads(
-            stat_grads,
-            "linear_cross_entropy",
-            "entropy_coef for an entropy bonus, or fastxent.torch.cross_entropy(outputs=...) on "
-            "the logits",
-        )
         no_second_order("linear_cross_entropy")
-        if go is None:
+        sg = {
+            n: g.detach().reshape(-1).to(torch.float64).numpy()
+            for n, g in zip(ctx.float_names, stat_grads)
+            if g is not None
+        }
+        if go is None and not sg:
             return (None,) * 5
         with torch.no_grad():
-            return _LinearCrossEntropy._backward(ctx, go) + (None,)
+            return _LinearCrossEntropy._backward(ctx, go, sg or None) + (None,)
 
     @staticmethod
-    def _backward(ctx: Any, go: Tensor) -> Tuple[Optional[Tensor], ...]:
+    def _backward(
+        ctx: Any, go: Optional[Tensor], sg: Optional[Dict[str, np.ndarray]]
+    ) -> Tuple[Optional[Tensor], ...]:
+        """The gradients of the loss (upstream go) plus, with sg (the float statistics'
+        upstream gradients, (n,) each), those of the statistics: their vector-Jacobian
+        product is added to each tile's gradient before the gradient matmuls."""
         plan, want = ctx.plan, ctx.want
         grads, ctx.grads = ctx.grads, None
-        if grads is None:  # "none", or a second backward of a retained graph
-            input, lw, lb = ctx.saved_tensors
-            h2 = input.reshape(plan.n, plan.h)
-            if plan.reduction == "none":
-                s = go.detach().reshape(-1).to(torch.float64).numpy()
-                if plan.sample_weight is not None:
-                    s = s * plan.sample_weight
-                _, grads = _sweep(
-                    plan, h2, lw, lb, want, "sum", np.ascontiguousarray(s, dtype=plan.cdt)
-                )
-            else:
+        input, lw, lb = ctx.saved_tensors
+        h2 = input.reshape(plan.n, plan.h)
+        if go is None:  # the statistics alone
+            _, grads = _sweep(plan, h2, lw, lb, want, stat_grads=sg, loss_grad=False)
+        elif plan.reduction == "none":  # one sweep: rows weighted by go, plus the statistics
+            s = go.detach().reshape(-1).to(torch.float64).numpy()
+            if plan.sample_weight is not None:
+                s = s * plan.sample_weight
+            s = np.ascontiguousarray(s, dtype=plan.cdt)
+            _, grads = _sweep(plan, h2, lw, lb, want, "sum", s, stat_grads=sg)
+        else:
+            if grads is None:  # a second backward of a retained graph
                 _, grads = _sweep(plan, h2, lw, lb, want)
-        if plan.reduction != "none" and bool(go != 1):
-            scale = float(go)  # the gradients are this call's own: scaled in place
-            grads = tuple(None if g is None else g.mul_(scale) for g in grads)
+            if bool(go != 1):
+                scale = float(go)  # the gradients are this call's own: scaled in place
+                grads = tuple(None if g is None else g.mul_(scale) for g in grads)
+            if sg is not None:  # the statistics' sweep adds to them
+                _, grads = _sweep(
+                    plan, h2, lw, lb, want, stat_grads=sg, loss_grad=False, into=grads
+                )
         gh, gw, gb = grads
         return (None if gh is None else gh.reshape(ctx.shape), gw, gb, None)
 
@@ -358,8 +410,12 @@ def linear_cross_entropy(
     tile's kernel call (or the merged statistics): the entropy term is in the loss and every
     gradient; with
     ``outputs`` the call returns ``(loss, fastxent.RowStats)`` of tensors (argmax int64,
-    accuracy a float; float32 for 16-bit input), which are not differentiable here
-    (backward through one raises NotImplementedError)."""
+    accuracy a float; float32 for 16-bit input). lse, entropy and target_logprob are
+    differentiable with respect to input, linear_weight and linear_bias: the backward
+    recomputes each tile's logits and adds the statistics' vector-Jacobian product (their
+    formula in PyTorch ops, in blocks of at most 2^20 logits) to the tile's loss gradient
+    before the gradient matmuls; with "mean" / "sum" that is a second sweep (one more
+    logits matmul), with "none" the loss's own. No second order, no forward mode."""
     opts = dict(
         weight=weight,
         ignore_index=-100 if ignore_index is None else ignore_index,
