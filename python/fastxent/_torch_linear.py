@@ -213,16 +213,6 @@ def refuse_forward_mode(fn: str, *ts: Optional[Tensor]) -> None:
 _FLOAT_STATS = FLOAT_OUTPUTS
 
 
-def refuse_stat_grads(stat_grads: Tuple[Optional[Tensor], ...], fn: str, alternative: str) -> None:
-    """Where a fused linear function's per-row outputs are not differentiable (the
-    vocab-parallel one): a gradient reaching one raises instead of being dropped."""
-    if any(g is not None for g in stat_grads):
-        raise NotImplementedError(
-            f"fastxent.torch.{fn}: the per-row outputs (lse, entropy, target_logprob) are not "
-            f"differentiable here; use {alternative}"
-        )
-
-
 def _stat_tensors(plan: Any, stats: Optional[Dict[str, np.ndarray]]) -> Tuple[Tensor, ...]:
     """The float statistics of outputs= as tensors of the rows' shape (_FLOAT_STATS order)."""
     if stats is None:

@@ -29,13 +29,16 @@ Invariants:
   kernel; G_r is rounded once to the input dtype for the gradient matmuls.
 - outputs=: each tile's output statistics come from the same shard_stats pass and merge in the
   same collectives widened (_torch_vocab.all_reduce_with_outputs: three instead of two); every
-  rank must pass the same outputs (else the ranks' collectives differ); the float statistics
-  are autograd outputs whose gradient raises NotImplementedError (not differentiable here, as
-  in the one-process function).
+  rank must pass the same outputs (else the ranks' collectives differ). The float statistics
+  are differentiable: in the backward's tile loop, their vector-Jacobian product with
+  respect to the rank's logits (from the tile's logits and the merged statistics, as
+  fastxent.torch.vocab_parallel_cross_entropy's, no communication) joins the tile's
+  gradient before the matmuls; the hidden states' gradient is all-reduced as the loss's.
 """
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
@@ -54,7 +57,7 @@ from ._shard import (
 )
 from ._torch_autograd import _row_stats
 from ._torch_common import refuse_derivative, refuse_func_transforms, refuse_option_derivatives
-from ._torch_linear import no_second_order, refuse_forward_mode, refuse_stat_grads
+from ._torch_linear import no_second_order, refuse_forward_mode
 
 __all__ = ["vocab_parallel_linear_cross_entropy"]
 
@@ -110,7 +113,8 @@ class _VPLinear(torch.autograd.Function):
         ctx.target_version = (
             None if a["probs"] is None or target.is_inference() else target._version
         )
-        ctx.a, ctx.merged = a, merged
+        ctx.a, ctx.merged, ctx.ost = a, merged, ost
+        ctx.float_names = tuple(k for k in FLOAT_OUTPUTS if names is not None and k in names)
         out = torch.from_numpy(np.asarray(loss, np.float64))
         out = (out.reshape(a["lead"]) if a["reduction"] == "none" else out).to(input.dtype)
         if ost is None:
@@ -130,19 +134,25 @@ class _VPLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, go: Optional[Tensor], *stat_grads: Optional[Tensor]):
-        refuse_stat_grads(
-            stat_grads,
-            "vocab_parallel_linear_cross_entropy",
-            "fastxent.torch.vocab_parallel_cross_entropy(outputs=...) on the logits",
-        )
         no_second_order("vocab_parallel_linear_cross_entropy")
-        if go is None:
+        sg = {
+            k: g.detach().reshape(-1).to(torch.float64)
+            for k, g in zip(ctx.float_names, stat_grads)
+            if g is not None
+        }
+        if go is None and not sg:
             return (None,) * 6
         with torch.no_grad():
-            return _VPLinear._backward(ctx, go) + (None,)
+            return _VPLinear._backward(ctx, go, sg) + (None,)
 
     @staticmethod
-    def _backward(ctx: Any, go: Tensor) -> Tuple[Optional[Tensor], ...]:
+    def _backward(
+        ctx: Any, go: Optional[Tensor], sg: Dict[str, Tensor]
+    ) -> Tuple[Optional[Tensor], ...]:
+        """The gradients of the loss (upstream go; None: absent) plus those of the float
+        statistics (sg: name -> (n,) upstream gradients), whose vector-Jacobian product
+        (_torch_vocab._stats_vjp_local: this rank's columns, the merged statistics, no
+        communication) joins each tile's gradient in blocks of rows before the matmuls."""
         input, w, b = ctx.saved_tensors
         if ctx.target_version is not None and ctx.target._version != ctx.target_version:
             raise RuntimeError(
@@ -153,10 +163,10 @@ class _VPLinear(torch.autograd.Function):
         n, h = a["n"], input.shape[-1]
         h2 = input.reshape(n, h)
         red, sw, scale, norm = a["reduction"], a["sw"], 1.0, a["normalizer"]
-        if red == "none":
+        if go is not None and red == "none":
             g = go.detach().reshape(-1).to(torch.float64).numpy()
             sw = g if sw is None else np.asarray(sw, np.float64) * g
-        else:
+        elif go is not None:
             scale = float(go)
             if red == "mean" and norm is None and n:
                 norm = stats_denominator(merged, a["sw"])
@@ -167,18 +177,25 @@ class _VPLinear(torch.autograd.Function):
             r1 = min(n, r0 + a["tile"])
             x = h2[r0:r1]
             zf, zn = _logits32(x, w, b)
-            shard_grad(
-                zn,
-                _tile_target(a, r0, r1),
-                merged[r0:r1],
-                **a["stat_kw"],
-                z_loss=a["z_loss"],
-                reduction="sum" if red == "none" else red,
-                normalizer=norm,
-                sample_weight=None if sw is None else sw[r0:r1],
-                scale=scale,
-                out=zn,
-            )
+            if sg:  # the statistics' product, from the logits (before the kernel's gradient)
+                extra = _stats_product(a, ctx.ost, zf, r0, r1, sg)
+            if go is not None:
+                shard_grad(
+                    zn,
+                    _tile_target(a, r0, r1),
+                    merged[r0:r1],
+                    **a["stat_kw"],
+                    z_loss=a["z_loss"],
+                    reduction="sum" if red == "none" else red,
+                    normalizer=norm,
+                    sample_weight=None if sw is None else sw[r0:r1],
+                    scale=scale,
+                    out=zn,
+                )
+                if sg:
+                    zf += extra
+            else:
+                zf.copy_(extra)
             gt = zf.to(input.dtype)  # G_r, rounded once for 16-bit inputs
             torch.mm(gt, w, out=gh[r0:r1])
             gw.addmm_(gt.t(), x)
@@ -186,6 +203,34 @@ class _VPLinear(torch.autograd.Function):
                 gb += zf.sum(0)
         a["dist"].all_reduce(gh, op=a["dist"].ReduceOp.SUM, group=a["group"])
         return (gh.reshape(input.shape), gw, None if gb is None else gb.to(b.dtype), None, None)
+
+
+def _stats_product(
+    a: dict, ost: np.ndarray, zf: Tensor, r0: int, r1: int, sg: Dict[str, Tensor]
+) -> Tensor:
+    """The vector-Jacobian product of the float statistics of rows [r0, r1) with respect
+    to this rank's logits zf (the tile's), in the tile's dtype: _stats_vjp_local in blocks
+    of at most _linear.STAT_BLOCK logits (its float64 temporaries stay small)."""
+    from . import _torch_vocab as vocab
+
+    kw = a["stat_kw"]
+    args: Any = SimpleNamespace(
+        tgt=None if a["t"] is None else a["t"].reshape(-1),
+        offset=kw["offset"],
+        ignore_index=kw["ignore_index"],
+        softcap=kw["softcap"],
+        logit_scale=kw["logit_scale"],
+    )
+    out = torch.empty(zf.shape, dtype=zf.dtype)
+    step = max(1, _linear.STAT_BLOCK // max(zf.shape[1], 1))
+    for i in range(0, r1 - r0, step):
+        j = min(r1 - r0, i + step)
+        blk = args
+        if args.tgt is not None:
+            blk = SimpleNamespace(**dict(vars(args), tgt=args.tgt[r0 + i : r0 + j]))
+        grads = {k: g[r0 + i : r0 + j] for k, g in sg.items()}
+        out[i:j] = vocab._stats_vjp_local(zf[i:j], blk, ost[r0 + i : r0 + j], grads)
+    return out
 
 
 @EXTRA
@@ -227,10 +272,11 @@ def vocab_parallel_linear_cross_entropy(
     ``outputs`` (a tuple of names, as :func:`fastxent.torch.linear_cross_entropy`'s): the call
     returns ``(loss, fastxent.RowStats)`` of the whole rows (all ranks' slices), the same on
     every rank, from the forward's own statistics (their collectives widened, no extra pass;
-    every rank must pass the same ``outputs``); float32 for 16-bit input. They are not
-    differentiable here: a backward through lse, entropy or target_logprob raises
-    NotImplementedError. target_logprob and accuracy need class-index targets (ValueError before
-    any collective)."""
+    every rank must pass the same ``outputs``); float32 for 16-bit input. lse, entropy and
+    target_logprob are differentiable with respect to input, the weight slice and the bias
+    slice (in the backward's tile loop, without more communication than the loss's).
+    target_logprob and accuracy need class-index targets (ValueError before any
+    collective)."""
     extra = EXTRA.bind("vocab_parallel_linear_cross_entropy", kw)
     sample_weight = extra["sample_weight"]
     from . import _torch_vocab as vocab  # the layout and the statistics' all-reduce
