@@ -30,7 +30,17 @@ import fastxent as fx  # noqa: E402
 import fastxent.jax as fxj  # noqa: E402
 from fastxent import _jax_ffi  # noqa: E402
 from reference import grad_error, loss_error  # noqa: E402
-from test_distill_linear import HS, N, V, _inputs  # noqa: E402
+from test_distill_linear import (  # noqa: E402
+    HALF_CASES,
+    HALF_TOL,
+    HS,
+    N,
+    V,
+    _inputs,
+    half_kw,
+    reference_up,
+    rel_error,
+)
 
 TILE = 4  # N is not a multiple of it: two full tiles and a remainder
 
@@ -397,9 +407,9 @@ def _bad_cases():
         ((hs.astype(f32), ws, ht, wt, bs, bt), {}, TypeError, "dtype"),
         ((hs, ws, ht.astype(f32), wt, bs, bt), {}, TypeError, "teacher_hidden"),
         ((hs, ws, ht, wt, bs, bt.astype(f32)), {}, TypeError, "teacher_bias"),
-        ((hs.astype(jnp.int32), ws, ht, wt, bs, bt), {}, TypeError, "float32 or float64"),
-        ((hs.astype(jnp.bfloat16), ws, ht, wt, bs, bt), {}, NotImplementedError, "16-bit"),
-        ((hs.astype(jnp.float16), ws, ht, wt, bs, bt), {}, NotImplementedError, "16-bit"),
+        ((hs.astype(jnp.int32), ws, ht, wt, bs, bt), {}, TypeError, "float16 or bfloat16"),
+        ((hs.astype(jnp.bfloat16), ws, ht, wt, bs, bt), {}, TypeError, "student_weight has"),
+        ((hs.astype(jnp.float16), ws, ht, wt, bs, bt), {}, TypeError, "student_weight has"),
         ((hs[:-1], ws, ht, wt, bs, bt), {}, ValueError, "leading shapes"),
         ((hs, ws[:-1], ht, wt, bs[:-1], bt), {}, ValueError, "vocabulary"),
         ((hs, ws[:, :-1], ht, wt, bs, bt), {}, ValueError, "student_weight"),
@@ -468,3 +478,27 @@ def test_exported_and_documented():
         doc = f.__doc__
         assert "row tiles" in doc and "frozen" in doc and "jit-compatible" in doc
         assert "fastxent.jax.kl_div_with_logits" in doc and "16-bit" in doc
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("jsd, reduction", HALF_CASES)
+def test_jax_16bit(dtype, jsd, reduction):
+    """float16 / bfloat16 arrays under jit(value_and_grad) (float32 logits tiles and kernel,
+    G rounded once): the loss and gradients in the input dtype, against the float64 result
+    of the same rounded inputs, with per-row cotangents for "none"."""
+    dt = getattr(jnp, dtype)
+    hs, ws, ht, wt, bs, bt = (jnp.asarray(x.astype(np.float32)).astype(dt) for x in _inputs())
+    kw = half_kw(jsd, reduction)
+    up = np.linspace(-1.0, 2.0, N) if reduction == "none" else 1.7
+    fn = fxj.linear_jsd if jsd else fxj.linear_kl_div
+
+    def f(h, w, b):
+        loss = fn(h, w, ht, wt, student_bias=b, teacher_bias=bt, tile_rows=TILE, **kw)
+        return jnp.sum(loss.astype(jnp.float32) * jnp.asarray(up, jnp.float32)), loss
+
+    (_, loss), grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))(hs, ws, bs)
+    assert loss.dtype == dt and all(g.dtype == dt for g in grads)
+    args = [np.asarray(x.astype(jnp.float32), np.float64) for x in (hs, ws, ht, wt, bs, bt)]
+    want = reference_up(args, jsd, up, **kw)
+    for got, w in zip((loss,) + tuple(grads), want):
+        assert rel_error(np.asarray(got.astype(jnp.float32)), w) <= HALF_TOL["jax", dtype]

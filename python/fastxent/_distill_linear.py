@@ -19,9 +19,12 @@ weight and bias gradients are summed across tiles (their rounding depends on the
 and on the BLAS).
 
 The teacher's head is taken as frozen: no gradient flows to ht, Wt or bt (the torch wrapper
-refuses teacher tensors that require grad). float32 and float64 only: 16-bit inputs are a
-NotImplementedError (NumPy has no 16-bit BLAS; not done). Everything is checked before the
-first matmul.
+refuses teacher tensors that require grad). float32, float64, float16 and bfloat16: 16-bit
+inputs are multiplied in float32 by NumPy (float32 copies of the weights and biases; NumPy has
+no 16-bit BLAS), natively by a backend with a 16-bit matmul (PyTorch: 16-bit tiles, the
+kernel computing in float32 and rounding G once, grad_weight accumulated by the BLAS and
+rounded per tile, grad_bias summed in float32). The loss is float32 for 16-bit inputs.
+Everything is checked before the first matmul.
 """
 
 from __future__ import annotations
@@ -48,12 +51,26 @@ CHUNK_BYTES = 1 << 20
 
 
 class NumpyOps:
-    """The matmuls of the tile loop on NumPy arrays (NumPy's BLAS)."""
+    """The matmuls of the tile loop on NumPy arrays (NumPy's BLAS). No 16-bit matmul
+    (half = False): run() multiplies 16-bit inputs in float32."""
+
+    half = False
 
     @staticmethod
     def mm(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
         """out = a @ b."""
         np.matmul(a, b, out=out)
+
+    @staticmethod
+    def mm_bias(a: np.ndarray, b: np.ndarray, bias: np.ndarray, out: np.ndarray) -> None:
+        """out = a @ b + bias."""
+        np.matmul(a, b, out=out)
+        np.add(out, bias, out=out)
+
+    @staticmethod
+    def col_sum(g: np.ndarray, acc: np.ndarray) -> None:
+        """acc += g summed over its rows (acc: float32 for 16-bit g)."""
+        acc += g.sum(axis=0, dtype=acc.dtype)
 
     @staticmethod
     def mm_add(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
@@ -69,15 +86,10 @@ class NumpyOps:
 
 
 def check_dtype(a: Any, name: str) -> Any:
-    """a itself when its dtype is float32 or float64 (a: any array with a NumPy dtype, the
-    front end's own); 16-bit is a NotImplementedError, anything else a TypeError."""
-    if half_kind(np.dtype(a.dtype)) is not None:
-        raise NotImplementedError(
-            f"{name} is {a.dtype}: the linear distillation losses take float32 or float64 "
-            "(16-bit inputs are not implemented; cast to float32)"
-        )
-    if a.dtype not in (np.float32, np.float64):
-        raise TypeError(f"{name} must be float32 or float64, got {a.dtype}")
+    """a itself when its dtype is float32, float64, float16 or bfloat16 (a: any array with a
+    NumPy dtype, the front end's own); anything else a TypeError."""
+    if half_kind(np.dtype(a.dtype)) is None and a.dtype not in (np.float32, np.float64):
+        raise TypeError(f"{name} must be float32, float64, float16 or bfloat16, got {a.dtype}")
     return a
 
 
@@ -181,7 +193,17 @@ def run(
     v = ws.shape[0]
     n = int(np.prod(lead, dtype=np.int64))
     dt = hs.dtype
-    tile = _tile_rows(max(n, 1), v, 2 * dt.itemsize, tile_rows)
+    hk = half_kind(dt)
+    # The tiles' dtype: the inputs', or float32 for 16-bit inputs where the backend has no
+    # 16-bit matmul (NumPy: float32 copies of the weights and biases, each hidden tile
+    # converted; the gradients accumulated in float32 and rounded once at the end).
+    native = hk is None or bool(ops.half)
+    cdt = dt if native else np.dtype(np.float32)
+    if not native:
+        ws, wt = ws.astype(cdt), wt.astype(cdt)
+        bs = None if bs is None else bs.astype(cdt)
+        bt = None if bt is None else bt.astype(cdt)
+    tile = _tile_rows(max(n, 1), v, 2 * cdt.itemsize, tile_rows)
     want = (want[0], want[1], want[2] and bs is not None)
 
     # --- row weights: "mean" is "none" with the weights divided by the denominator
@@ -197,50 +219,70 @@ def run(
     h2s = hs.reshape(n, hs.shape[-1])
     h2t = ht.reshape(n, ht.shape[-1])
     gh = np.zeros(h2s.shape, dt) if want[0] else None
-    gw = np.zeros(ws.shape, dt) if want[1] else None
-    gb = np.zeros(v, dt) if want[2] else None
+    gw = np.zeros(ws.shape, cdt) if want[1] else None  # 16-bit natively: rounded per tile
+    gb = np.zeros(v, np.float32 if hk is not None else dt) if want[2] else None
+
+    def rows(x: np.ndarray) -> np.ndarray:
+        return x if native else x.astype(cdt)
+
+    def logits(x: np.ndarray, wm: np.ndarray, bias: Optional[np.ndarray], z: np.ndarray) -> None:
+        if bias is None:
+            ops.mm(rows(x), wm.T, z)
+        else:  # (one rounding of the 16-bit sum where the backend adds the bias in its matmul)
+            ops.mm_bias(rows(x), wm.T, bias, z)
+
+    # 16-bit tiles go to the kernel as their bits (uint16) with their kind (hk)
+    bits = (lambda z: z.view(np.uint16)) if (hk is not None and native) else (lambda z: z)
+    kind = hk if (hk is not None and native) else -1
     losses = np.zeros(n, np.float64)
     grad = any(want)
     if n:
-        zs_buf = np.empty((tile, v), dt)
-        zt_buf = np.empty((tile, v), dt)
+        zs_buf = np.empty((tile, v), cdt)
+        zt_buf = np.empty((tile, v), cdt)
         first = True
         for a in range(0, n, tile):
             b = min(a + tile, n)
             zs, zt = zs_buf[: b - a], zt_buf[: b - a]
-            ops.mm(h2s[a:b], ws.T, zs)
-            if bs is not None:
-                np.add(zs, bs, out=zs)
-            ops.mm(h2t[a:b], wt.T, zt)
-            if bt is not None:
-                np.add(zt, bt, out=zt)
-            g = zs.reshape(-1) if grad else None
-            _core.distill(zs, zt, divergence, beta, tau, 0, w[a:b], nt, -1, g, None, losses[a:b])
+            logits(h2s[a:b], ws, bs, zs)
+            logits(h2t[a:b], wt, bt, zt)
+            g = bits(zs).reshape(-1) if grad else None
+            _core.distill(
+                bits(zs), bits(zt), divergence, beta, tau, 0, w[a:b], nt, kind, g, None, losses[a:b]
+            )
             if not grad:
                 continue
             if rs is not None:
                 np.multiply(zs, rs[a:b], out=zs, casting="unsafe")
             if gh is not None:
-                ops.mm(zs, ws, gh[a:b])
+                if native:
+                    ops.mm(zs, ws, gh[a:b])
+                else:
+                    gh[a:b] = zs @ ws  # float32, rounded once to the 16-bit dtype
             if gw is not None:
                 if first:
-                    ops.mm(zs.T, h2s[a:b], gw)
+                    ops.mm(zs.T, rows(h2s[a:b]), gw)
                 else:
-                    ops.mm_add(zs.T, h2s[a:b], gw)
+                    ops.mm_add(zs.T, rows(h2s[a:b]), gw)
             if gb is not None:
-                gb += zs.sum(axis=0)
+                ops.col_sum(zs, gb)
             first = False
+    if gw is not None and gw.dtype != dt:
+        gw = gw.astype(dt)
+    if gb is not None and gb.dtype != dt:
+        gb = gb.astype(dt)
+    ldt = np.dtype(np.float32) if hk is not None else dt  # (as kl_div_with_logits)
     if red == 0:
-        loss: Any = losses.astype(dt).reshape(lead)
+        loss: Any = losses.astype(ldt).reshape(lead)
     else:
-        loss = dt.type(losses.sum())
+        loss = ldt.type(losses.sum())
     return loss, (None if gh is None else gh.reshape(hs.shape)), gw, gb
 
 
 _DOC_COMMON = """
     student_hidden (..., H_s) and teacher_hidden (..., H_t) share their leading shape (the
     rows); student_weight (V, H_s) and teacher_weight (V, H_t) share V (as ``nn.Linear``);
-    biases (V,). All float32 or all float64 (16-bit: NotImplementedError). temperature,
+    biases (V,). All of one dtype: float32, float64, float16 or bfloat16 (16-bit: see the
+    module's notes; the loss float32). temperature,
     reduction ("mean" divides by the sum of the row weights), labels / ignore_index, mask,
     sample_weight and num_threads mean what they mean in :func:`fastxent.kl_div_with_logits`.
     tile_rows overrides the rows per tile (default: fastxent.linear_cross_entropy's size for

@@ -25,7 +25,9 @@ Invariants:
   the TypeError of the tile kernel's tangent rule (reached only when the sweep itself is
   differentiated). Under ``jax.vmap`` each batch element is
   its own problem (its own "mean" denominator).
-- float32 and float64 only (16-bit: NotImplementedError, as the NumPy version); every check
+- float32, float64, float16 and bfloat16; 16-bit inputs: the logits tiles, the kernel and G
+  in float32 (``jnp.dot`` reads the 16-bit inputs, accumulates in float32), G rounded once
+  for the gradient matmuls, grad_Ws / grad_bs summed in float32 and rounded once. Every check
   is the NumPy version's, at trace time.
 """
 
@@ -82,35 +84,40 @@ def _sweep(
     the rows of G (the cotangent of "none"), or None."""
     n = hs.shape[0]
     dt = hs.dtype
+    # 16-bit inputs: logits tiles, kernel, G and the weight / bias sums in float32 (the
+    # matmuls read the 16-bit inputs and accumulate in float32), G rounded once to the
+    # input dtype for the gradient matmuls, the sums rounded once at the end
+    cdt = jnp.float32 if np.dtype(dt).itemsize == 2 else dt
     grad = any(want)
     none = int(dict(attrs)["reduction"]) == 0
     rows_w = w.shape[0] != 0
 
     def step(carry, xs):
         hs_t, ht_t, w_t, sc_t = xs
-        zs = jnp.dot(hs_t, ws.T, preferred_element_type=dt)
+        zs = jnp.dot(hs_t, ws.T, preferred_element_type=cdt)
         if bs is not None:
-            zs = zs + bs
-        zt = jnp.dot(ht_t, wt.T, preferred_element_type=dt)
+            zs = zs + bs.astype(cdt)
+        zt = jnp.dot(ht_t, wt.T, preferred_element_type=cdt)
         if bt is not None:
-            zt = zt + bt
+            zt = zt + bt.astype(cdt)
         wk = w_t if rows_w else w
         if not grad:
             return carry, (_kernel(attrs, False, ffi)(zs, zt, wk), None)
         loss, g = _kernel(attrs, True, ffi)(zs, zt, wk)
         if sc_t is not None:
-            g = g * sc_t.astype(dt)[:, None]
+            g = g * sc_t.astype(cdt)[:, None]
         gw, gb = carry
-        gh = jnp.dot(g, ws, preferred_element_type=dt) if want[0] else None
+        g16 = g.astype(dt)
+        gh = jnp.dot(g16, ws, preferred_element_type=cdt).astype(dt) if want[0] else None
         if want[1]:
-            gw = gw + jnp.dot(g.T, hs_t, preferred_element_type=dt)
+            gw = gw + jnp.dot(g16.T, hs_t, preferred_element_type=cdt)
         if want[2]:
             gb = gb + g.sum(0)
         return (gw, gb), (loss, gh)
 
     carry: Any = (
-        jnp.zeros(ws.shape, dt) if want[1] else None,
-        jnp.zeros(ws.shape[:1], dt) if want[2] else None,
+        jnp.zeros(ws.shape, cdt) if want[1] else None,
+        jnp.zeros(ws.shape[:1], cdt) if want[2] else None,
     )
     xs = (hs, ht, w if rows_w else None, scale)
     full = (n // tile) * tile
@@ -134,7 +141,8 @@ def _sweep(
     gh = None
     if want[0]:
         gh = jnp.concatenate([o[1] for o in outs]) if len(outs) > 1 else outs[0][1]
-    return loss, gh, carry[0], carry[1]
+    gw, gb = (None if c is None else c.astype(dt) for c in carry)
+    return loss, gh, gw, gb
 
 
 def _static(flags: Tuple[bool, ...]) -> Tuple[Any, ...]:

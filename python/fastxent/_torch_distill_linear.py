@@ -16,7 +16,8 @@ with torch.mm as its matmuls (the N x V logits never exist).
   upstream gradient (exact per-row upstream gradients).
 - First order only: a backward under create_graph=True (double backward, Hessian-vector
   products, gradient penalties) is a RuntimeError, never silent zeros.
-- float32 / float64 CPU tensors (16-bit: NotImplementedError, as the NumPy layer).
+- float32, float64, float16 and bfloat16 CPU tensors; 16-bit ones multiplied natively by
+  torch.mm (see fastxent._distill_linear), the loss in the input's dtype.
 """
 
 from __future__ import annotations
@@ -34,26 +35,44 @@ from ._torch_common import check_cpu, refuse_func_transforms
 __all__ = ["linear_kl_div", "linear_jsd"]
 
 
+def _t(a: np.ndarray) -> Tensor:
+    """A tensor over a NumPy array's memory (bfloat16: ml_dtypes' as torch.bfloat16)."""
+    if a.dtype.itemsize == 2 and a.dtype.name == "bfloat16":
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(a)
+
+
 class TorchOps:
-    """The tile loop's matmuls by torch.mm on tensors over the NumPy arrays' memory."""
+    """The tile loop's matmuls by torch.mm on tensors over the NumPy arrays' memory; 16-bit
+    ones natively (PyTorch's 16-bit matmul accumulates in float32 and rounds once)."""
+
+    half = True
 
     @staticmethod
     def mm(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
-        torch.mm(torch.from_numpy(a), torch.from_numpy(b), out=torch.from_numpy(out))
+        torch.mm(_t(a), _t(b), out=_t(out))
 
     @staticmethod
     def mm_add(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
-        torch.from_numpy(out).addmm_(torch.from_numpy(a), torch.from_numpy(b))
+        _t(out).addmm_(_t(a), _t(b))
+
+    @staticmethod
+    def mm_bias(a: np.ndarray, b: np.ndarray, bias: np.ndarray, out: np.ndarray) -> None:
+        torch.addmm(_t(bias), _t(a), _t(b), out=_t(out))
+
+    @staticmethod
+    def col_sum(g: np.ndarray, acc: np.ndarray) -> None:
+        _t(acc).add_(_t(g).sum(0, dtype=_t(acc).dtype))
 
 
 def _np(t: Any) -> Any:
     if isinstance(t, Tensor):
-        if t.dtype in (torch.float16, torch.bfloat16):
-            raise NotImplementedError(
-                f"a {t.dtype} tensor: the linear distillation losses take float32 or float64 "
-                "(16-bit inputs are not implemented; cast to float32)"
-            )
-        return t.detach().resolve_neg().resolve_conj().numpy()
+        t = t.detach().resolve_neg().resolve_conj()
+        if t.dtype == torch.bfloat16:
+            import ml_dtypes
+
+            return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        return t.numpy()
     return t
 
 
@@ -98,7 +117,7 @@ def _grads(ctx: Any, arrays: tuple, row_scale: Optional[np.ndarray]) -> tuple:
     _, gh, gw, gb = _distill_linear.run(
         arrays, ctx.divergence, ctx.beta, **ctx.kw, want=want, ops=TorchOps, row_scale=row_scale
     )
-    return tuple(None if g is None else torch.from_numpy(g) for g in (gh, gw, gb))
+    return tuple(None if g is None else _t(g) for g in (gh, gw, gb))
 
 
 class _LinearDistill(torch.autograd.Function):
@@ -119,7 +138,7 @@ class _LinearDistill(torch.autograd.Function):
             loss, gh, gw, gb = _distill_linear.run(
                 arrays, divergence, beta, **kw, want=want, ops=TorchOps
             )
-            ctx.grads = tuple(None if g is None else torch.from_numpy(g) for g in (gh, gw, gb))
+            ctx.grads = tuple(None if g is None else _t(g) for g in (gh, gw, gb))
             _keep_inputs(ctx, (hs, ws, bs, ht, wt, bt), kw)  # for a second backward
         return torch.from_numpy(np.asarray(loss)).to(hs.dtype)
 
