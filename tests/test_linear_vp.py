@@ -34,6 +34,16 @@ CASES = [
         "float64",
     ),
     ("mean", {"label_smoothing": 0.1}, "bfloat16"),
+    # the entropy bonus (entropies from the merged statistics, gradient through theirs)
+    ("none", {"ignore_index": 3, "entropy_coef": 0.3, "sample_weight": True}, "float64"),
+    (
+        "mean",
+        {"entropy_coef": 0.2, "weight": True, "ignore_index": 3, "softcap": 4.0},
+        "float64",
+    ),
+    ("sum", {"entropy_coef": 0.5, "logit_scale": 0.7, "z_loss": 1e-3}, "float64"),
+    ("mean", {"entropy_coef": 0.1, "normalizer": 5.0}, "float64"),
+    ("mean", {"entropy_coef": 0.2}, "bfloat16"),
 ]
 
 
@@ -112,6 +122,8 @@ PROB_CASES = [
     ("none", {"weight": True, "sample_weight": True}, "float32"),
     ("mean", {"weight": True, "label_smoothing": 0.1}, "float32"),
     ("mean", {"label_smoothing": 0.1}, "bfloat16"),
+    ("mean", {"entropy_coef": 0.25, "sample_weight": True}, "float64"),
+    ("none", {"entropy_coef": 0.1, "perm": True}, "float32"),
 ]
 # The options F.cross_entropy has: those cases are checked against F.linear + F.cross_entropy.
 _TORCH_OPTIONS = {"weight", "label_smoothing", "perm"}
@@ -297,6 +309,16 @@ def _args(target, **kw):
             RuntimeError,
             "does not differentiate with respect to sample_weight",
         ),
+        # the entropy bonus's coefficient: a finite number >= 0, not differentiated
+        (torch.tensor([0, 1, 2, 3, 0]), {"entropy_coef": -0.1}, ValueError, "entropy_coef"),
+        (torch.tensor([0, 1, 2, 3, 0]), {"entropy_coef": float("nan")}, ValueError, "finite"),
+        (torch.tensor([0, 1, 2, 3, 0]), {"entropy_coef": [0.1]}, TypeError, "entropy_coef"),
+        (
+            torch.tensor([0, 1, 2, 3, 0]),
+            {"entropy_coef": torch.tensor(0.1, requires_grad=True)},
+            RuntimeError,
+            "entropy_coef",
+        ),
     ],
 )
 def test_target_errors_before_any_collective(target, kw, exc, match):
@@ -420,6 +442,8 @@ OUT_CASES = [
     ("sum", {"label_smoothing": 0.1, "logit_scale": 0.7}, "float32", ("entropy", "accuracy")),
     ("mean", {"probs": True, "z_loss": 1e-3}, "float64", ("lse", "entropy", "argmax")),
     ("mean", {}, "bfloat16", ("lse", "entropy")),
+    # the entropy bonus with the entropy as an output: both gradients through it
+    ("none", {"entropy_coef": 0.2, "ignore_index": 3}, "float64", ("entropy", "lse")),
 ]
 
 

@@ -34,6 +34,10 @@ Invariants:
   respect to the rank's logits (from the tile's logits and the merged statistics, as
   fastxent.torch.vocab_parallel_cross_entropy's, no communication) joins the tile's
   gradient before the matmuls; the hidden states' gradient is all-reduced as the loss's.
+- entropy_coef: the entropies come from the same widened collectives (asked for internally
+  when outputs= does not); the loss gains -ec * reduce(s_n entropy_n) over counted rows (as
+  the one-process function), and the backward adds -ec * r_n * upstream to the entropies'
+  upstream gradients (r_n: the rows' weights of that sum).
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ import torch
 from torch import Tensor
 
 from . import _linear
-from ._keywords import EXTRA, FLOAT_OUTPUTS, ExtraKeywords, Unpack, output_names
+from ._keywords import EXTRA, FLOAT_OUTPUTS, ExtraKeywords, Unpack, output_names, real
 from ._shard import (
     OUTPUT_STAT_FIELDS,
     loss_from_stats,
@@ -83,12 +87,17 @@ class _VPLinear(torch.autograd.Function):
         n, h = a["n"], input.shape[-1]
         h2 = input.reshape(n, h)
         names = a["outputs"]
+        ec = a["entropy_coef"]
+        # the shards' output statistics: for outputs=, and for the entropy term's entropies
+        wide = names
+        if ec and "entropy" not in (names or ()):
+            wide = tuple(names or ()) + ("entropy",)
         stats = np.empty((n, 7), np.float64)
-        ost = None if names is None else np.empty((n, len(OUTPUT_STAT_FIELDS)), np.float64)
+        ost = None if wide is None else np.empty((n, len(OUTPUT_STAT_FIELDS)), np.float64)
         for r0 in range(0, n, a["tile"]):
             r1 = min(n, r0 + a["tile"])
             _, z = _logits32(h2[r0:r1], w, b)
-            res = shard_stats(z, _tile_target(a, r0, r1), **a["stat_kw"], outputs=names)
+            res = shard_stats(z, _tile_target(a, r0, r1), **a["stat_kw"], outputs=wide)
             if ost is None:
                 stats[r0:r1] = res
             else:
@@ -105,6 +114,9 @@ class _VPLinear(torch.autograd.Function):
             normalizer=a["normalizer"],
             num_classes=a["stat_kw"]["num_classes"],
         )
+        ctx.ent_rows = None
+        if ec and n:  # the entropy term: - ec * reduce(s_n entropy_n) over counted rows
+            loss, ctx.ent_rows = _entropy_term(a, merged, ost, loss)
         # Backward reads a probability target again: an in-place change before backward fails
         # loudly (its version counter is compared; not saved for backward, so that targets
         # made under inference_mode work). Class indices were copied by the plan.
@@ -117,7 +129,7 @@ class _VPLinear(torch.autograd.Function):
         ctx.float_names = tuple(k for k in FLOAT_OUTPUTS if names is not None and k in names)
         out = torch.from_numpy(np.asarray(loss, np.float64))
         out = (out.reshape(a["lead"]) if a["reduction"] == "none" else out).to(input.dtype)
-        if ost is None:
+        if names is None:
             return out
         st = outputs_from_stats(
             ost.reshape(a["lead"] + (len(OUTPUT_STAT_FIELDS),)),
@@ -140,6 +152,11 @@ class _VPLinear(torch.autograd.Function):
             for k, g in zip(ctx.float_names, stat_grads)
             if g is not None
         }
+        if go is not None and ctx.ent_rows is not None:
+            # the entropy term's gradient: its rows' coefficients times the upstream gradient
+            up = go.detach().reshape(-1).to(torch.float64)
+            ent = -ctx.a["entropy_coef"] * torch.from_numpy(ctx.ent_rows) * up
+            sg["entropy"] = ent + sg["entropy"] if "entropy" in sg else ent
         if go is None and not sg:
             return (None,) * 6
         with torch.no_grad():
@@ -205,6 +222,33 @@ class _VPLinear(torch.autograd.Function):
         return (gh.reshape(input.shape), gw, None if gb is None else gb.to(b.dtype), None, None)
 
 
+def _entropy_term(a: dict, merged: np.ndarray, ost: np.ndarray, loss: Any) -> Tuple[Any, Any]:
+    """(the loss with the entropy term, its rows' weights): as fastxent.linear_cross_entropy's
+    entropy_coef, CE - ec * reduce(s_n entropy_n) over counted rows (sample weights s_n, no
+    class weights; the loss's reduction and "mean" denominator D). The weights r_n (s_n / D,
+    s_n, 0 on ignored rows) make the term's derivative: d loss / d entropy_n = -ec * r_n (times
+    the upstream gradient)."""
+    n, ec = a["n"], a["entropy_coef"]
+    ent = outputs_from_stats(
+        ost,
+        outputs=("entropy",),
+        num_classes=a["stat_kw"]["num_classes"],
+        ignore_index=a["stat_kw"]["ignore_index"],
+    ).entropy
+    r = np.ones(n) if a["sw"] is None else np.asarray(a["sw"], np.float64).reshape(-1)
+    if a["t"] is not None:
+        r = np.where(a["t"].reshape(-1) != a["stat_kw"]["ignore_index"], r, 0.0)
+    red = a["reduction"]
+    if red == "mean":
+        d = a["normalizer"] if a["normalizer"] is not None else stats_denominator(merged, a["sw"])
+        r = r / d if d > 0 else np.zeros(n)
+    # (entropy of a row of all -inf: log C, finite; r_n = 0 leaves such a row's 0 * entropy)
+    term = np.where(r != 0, r * np.asarray(ent, np.float64), 0.0)
+    if red == "none":
+        return np.asarray(loss, np.float64) - ec * term, r
+    return np.float64(loss) - ec * float(term.sum()), r
+
+
 def _stats_product(
     a: dict, ost: np.ndarray, zf: Tensor, r0: int, r1: int, sg: Dict[str, Tensor]
 ) -> Tensor:
@@ -248,6 +292,7 @@ def vocab_parallel_linear_cross_entropy(
     label_smoothing: float = 0.0,
     reduction: str = "mean",
     outputs: Optional[Sequence[str]] = None,
+    entropy_coef: Any = 0.0,
     tile_rows: Optional[int] = None,
     **kw: Unpack[ExtraKeywords],
 ) -> Any:
@@ -263,9 +308,11 @@ def vocab_parallel_linear_cross_entropy(
     row tile at a time in the input's dtype, as the one-process function does. The loss is
     the same on every rank; backward gives each rank its weight (and bias) slice's gradient
     and the full gradient of ``input`` (summed over the ranks by one all-reduce). Other
-    keywords as :func:`fastxent.torch.linear_cross_entropy`, but for ``entropy_coef`` (not
-    taken here: TypeError); with probability targets
-    ``ignore_index`` is refused (ValueError, as there) and the target is not differentiated:
+    keywords as :func:`fastxent.torch.linear_cross_entropy`, ``entropy_coef`` included (the
+    entropy term from the merged statistics, its gradient through the entropies' derivative
+    in the backward's tile loop; every rank must pass the same value); with probability
+    targets ``ignore_index`` is refused (ValueError, as there) and the target is not
+    differentiated:
     one that requires grad is refused (RuntimeError; detach it). The arguments' shapes and
     dtypes, the target's included, are checked before any collective.
 
@@ -314,7 +361,10 @@ def vocab_parallel_linear_cross_entropy(
     # asked of them raises rather than coming back None (or a tangent of 0).
     refuse_derivative(weight, "weight", fn)
     refuse_derivative(sample_weight, "sample_weight", fn)
-    refuse_option_derivatives(dict(extra, label_smoothing=label_smoothing), fn)
+    refuse_option_derivatives(
+        dict(extra, label_smoothing=label_smoothing, entropy_coef=entropy_coef), fn
+    )
+    ec = real(entropy_coef, "entropy_coef", 0.0, False)
     refuse_forward_mode(fn, input, linear_weight, linear_bias)
     if probs:
         refuse_derivative(target, "a probability target", fn)
@@ -379,6 +429,7 @@ def vocab_parallel_linear_cross_entropy(
         "all_reduce": vocab.all_reduce_stats,
         "all_reduce_outputs": vocab.all_reduce_with_outputs,
         "outputs": names,
+        "entropy_coef": ec,
         "reduction": reduction,
         "sw": plan.sample_weight,
         "z_loss": extra["z_loss"],
