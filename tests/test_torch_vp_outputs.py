@@ -105,6 +105,28 @@ def make_cases():
         _case("some_outputs", rng, names=("entropy", "accuracy")),
         _case("probs", rng, names=("lse", "entropy", "argmax"), probs=True),
         _case("no_grad", rng, grad=False),
+        # the entropy bonus (entropies from the merged statistics; outputs or not)
+        _case(
+            "entropy_coef_none",
+            rng,
+            kw=dict(entropy_coef=0.3, reduction="none", sample_weight="s", softcap=4.0),
+        ),
+        _case(
+            "entropy_coef_mean",
+            rng,
+            names=("lse", "argmax"),
+            kw=dict(entropy_coef=0.2, ignore_index=3, weight="w", label_smoothing=0.1),
+            edit=_ignore_3,
+        ),
+        _case(
+            "entropy_coef_sum_probs",
+            rng,
+            names=("entropy",),
+            probs=True,
+            kw=dict(entropy_coef=0.5, reduction="sum"),
+        ),  # fmt: skip
+        _case("entropy_coef_special", rng, kw=dict(entropy_coef=0.1), edit=_special),
+        _case("entropy_coef_float32", rng, dtype="float32", kw=dict(entropy_coef=0.25)),
     ]
 
 
@@ -264,3 +286,39 @@ def test_bad_outputs_raise_before_any_collective():
         fxt.vocab_parallel_cross_entropy(x, y, outputs=("nope",))
     with pytest.raises(TypeError, match="tuple of names"):
         fxt.vocab_parallel_cross_entropy(x, y, outputs="lse")
+    for ec, exc in ((-0.1, ValueError), (float("inf"), ValueError), ([0.1], TypeError)):
+        with pytest.raises(exc, match="entropy_coef"):
+            fxt.vocab_parallel_cross_entropy(x, y, entropy_coef=ec)
+    with pytest.raises(RuntimeError, match="entropy_coef"):
+        fxt.vocab_parallel_cross_entropy(x, y, entropy_coef=torch.tensor(0.1, requires_grad=True))
+
+
+def _entropy_coef_alone(rank, dist):
+    """entropy_coef without outputs=: the loss alone (a tensor, not a pair) and its
+    gradient on this rank's slice."""
+    case = make_cases()[-1]  # entropy_coef_float32's logits, in float64 here
+    off, cs = sum(SPLIT[:rank]), SPLIT[rank]
+    local = torch.from_numpy(np.ascontiguousarray(case["x"][:, off : off + cs]))
+    local.requires_grad_(True)
+    out = {}
+    for red in ("mean", "none"):
+        loss = fxt.vocab_parallel_cross_entropy(
+            local, torch.from_numpy(case["y"]), entropy_coef=0.25, reduction=red
+        )
+        assert isinstance(loss, torch.Tensor)
+        (g,) = torch.autograd.grad(loss.sum(), local)
+        out[red] = (loss.detach().numpy(), g.numpy())
+    return out
+
+
+def test_entropy_coef_without_outputs(tmp_path):
+    case = make_cases()[-1]
+    res = run_ranks(_entropy_coef_alone, (), tmp_path)
+    for red in ("mean", "none"):
+        z = torch.from_numpy(case["x"].copy()).requires_grad_(True)
+        ref = fxt.cross_entropy(z, torch.from_numpy(case["y"]), entropy_coef=0.25, reduction=red)
+        (g,) = torch.autograd.grad(ref.sum(), z)
+        for r in range(2):
+            _close(res[r][red][0], ref.detach().numpy(), 1e-12, "loss")
+        full = np.concatenate([res[0][red][1], res[1][red][1]], axis=-1)
+        _close(full, g.numpy(), 1e-12, "gradient")

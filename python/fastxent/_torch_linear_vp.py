@@ -83,6 +83,8 @@ class _VPLinear(torch.autograd.Function):
         a: dict,
         side: Dict[str, Any],
     ) -> Any:
+        from . import _torch_vocab as vocab  # the entropy term's helpers
+
         ctx.set_materialize_grads(False)
         n, h = a["n"], input.shape[-1]
         h2 = input.reshape(n, h)
@@ -115,8 +117,13 @@ class _VPLinear(torch.autograd.Function):
             num_classes=a["stat_kw"]["num_classes"],
         )
         ctx.ent_rows = None
-        if ec and n:  # the entropy term: - ec * reduce(s_n entropy_n) over counted rows
-            loss, ctx.ent_rows = _entropy_term(a, merged, ost, loss)
+        if ec:  # the entropy term: - ec * reduce(s_n entropy_n) over counted rows
+            r = vocab.entropy_weights(
+                merged, a["t"], a["stat_kw"]["ignore_index"], a["sw"], a["reduction"],
+                a["normalizer"],
+            )  # fmt: skip
+            loss = vocab.entropy_term(loss, ost, r, ec, a["stat_kw"]["num_classes"])
+            ctx.ent_rows = r
         # Backward reads a probability target again: an in-place change before backward fails
         # loudly (its version counter is compared; not saved for backward, so that targets
         # made under inference_mode work). Class indices were copied by the plan.
@@ -220,33 +227,6 @@ class _VPLinear(torch.autograd.Function):
                 gb += zf.sum(0)
         a["dist"].all_reduce(gh, op=a["dist"].ReduceOp.SUM, group=a["group"])
         return (gh.reshape(input.shape), gw, None if gb is None else gb.to(b.dtype), None, None)
-
-
-def _entropy_term(a: dict, merged: np.ndarray, ost: np.ndarray, loss: Any) -> Tuple[Any, Any]:
-    """(the loss with the entropy term, its rows' weights): as fastxent.linear_cross_entropy's
-    entropy_coef, CE - ec * reduce(s_n entropy_n) over counted rows (sample weights s_n, no
-    class weights; the loss's reduction and "mean" denominator D). The weights r_n (s_n / D,
-    s_n, 0 on ignored rows) make the term's derivative: d loss / d entropy_n = -ec * r_n (times
-    the upstream gradient)."""
-    n, ec = a["n"], a["entropy_coef"]
-    ent = outputs_from_stats(
-        ost,
-        outputs=("entropy",),
-        num_classes=a["stat_kw"]["num_classes"],
-        ignore_index=a["stat_kw"]["ignore_index"],
-    ).entropy
-    r = np.ones(n) if a["sw"] is None else np.asarray(a["sw"], np.float64).reshape(-1)
-    if a["t"] is not None:
-        r = np.where(a["t"].reshape(-1) != a["stat_kw"]["ignore_index"], r, 0.0)
-    red = a["reduction"]
-    if red == "mean":
-        d = a["normalizer"] if a["normalizer"] is not None else stats_denominator(merged, a["sw"])
-        r = r / d if d > 0 else np.zeros(n)
-    # (entropy of a row of all -inf: log C, finite; r_n = 0 leaves such a row's 0 * entropy)
-    term = np.where(r != 0, r * np.asarray(ent, np.float64), 0.0)
-    if red == "none":
-        return np.asarray(loss, np.float64) - ec * term, r
-    return np.float64(loss) - ec * float(term.sum()), r
 
 
 def _stats_product(

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from . import _shard
 from ._torch_autograd import _row_stats
-from ._keywords import EXTRA, FLOAT_OUTPUTS, ExtraKeywords, Unpack, output_names
+from ._keywords import EXTRA, FLOAT_OUTPUTS, ExtraKeywords, Unpack, output_names, real
 from ._options import index
 from ._torch_common import (
     all_ones,
@@ -193,12 +193,56 @@ class _VPArgs(NamedTuple):
     logit_scale: float
     normalizer: Optional[float]
     num_threads: Optional[int]
+    entropy_coef: float = 0.0
+
+
+def entropy_weights(
+    merged: np.ndarray,
+    tgt: Optional[np.ndarray],
+    ignore_index: int,
+    sample_weight: Any,
+    reduction: str,
+    normalizer: Optional[float],
+) -> np.ndarray:
+    """The rows' weights r_n of the entropy bonus (fastxent.cross_entropy's entropy_coef:
+    CE - ec * reduce(s_n entropy_n) over counted rows, sample weights s_n, no class weights,
+    the loss's reduction and "mean" denominator D): r_n = s_n / D for "mean", s_n otherwise,
+    0 on ignored rows; d loss / d entropy_n = -ec * r_n (times the upstream gradient). tgt:
+    the class targets (None for probabilities: every row counts)."""
+    n = merged.reshape(-1, _NSTAT).shape[0]
+    r = np.ones(n) if sample_weight is None else np.asarray(sample_weight, np.float64)
+    r = r.reshape(-1)
+    if tgt is not None:
+        r = np.where(np.asarray(tgt).reshape(-1) != ignore_index, r, 0.0)
+    if reduction == "mean":
+        d = normalizer
+        if d is None:
+            d = _shard.stats_denominator(merged.reshape(-1, _NSTAT), sample_weight)
+        r = r / d if d > 0 else np.zeros(n)
+    return r
+
+
+def entropy_term(loss: Any, mo: np.ndarray, r: np.ndarray, ec: float, num_classes: int) -> Any:
+    """The loss with the entropy bonus: loss - ec * (r_n entropy_n) per row ("none": loss
+    holds the rows) or summed, the entropies from merged output statistics mo."""
+    ent = _shard.outputs_from_stats(
+        mo.reshape(-1, _NOUT), outputs=("entropy",), num_classes=num_classes
+    ).entropy
+    term = np.where(r != 0, r * np.asarray(ent, np.float64), 0.0)  # (all -inf: log C, finite)
+    if np.ndim(loss):
+        rows = np.asarray(loss, np.float64)
+        return rows - ec * term.reshape(rows.shape)
+    return np.float64(loss) - ec * float(term.sum())
 
 
 def _vp_stats_loss(
     x: np.ndarray, a: _VPArgs, names: Optional[Tuple[str, ...]] = None
 ) -> Tuple[Any, np.ndarray, Optional[np.ndarray]]:
-    """(loss, merged statistics, merged output statistics or None without names)."""
+    """(loss, merged statistics, merged output statistics or None without names); with
+    a.entropy_coef the output statistics always (the entropies asked for internally) and the
+    loss with the entropy bonus."""
+    if a.entropy_coef and "entropy" not in (names or ()):
+        names = tuple(names or ()) + ("entropy",)
     res = _shard.shard_stats(
         x,
         a.tgt,
@@ -230,7 +274,15 @@ def _vp_stats_loss(
     )
     if a.reduction == "none":
         loss = np.asarray(loss).reshape(rows_shape)
+    if a.entropy_coef and mo is not None:
+        r = _entropy_weights_of(a, merged)
+        loss = entropy_term(loss, mo, r, a.entropy_coef, a.num_classes)
     return loss, merged, mo
+
+
+def _entropy_weights_of(a: _VPArgs, merged: np.ndarray) -> np.ndarray:
+    tgt = None if a.tgt.dtype.kind == "f" else a.tgt
+    return entropy_weights(merged, tgt, a.ignore_index, a.sample_weight, a.reduction, a.normalizer)
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
@@ -404,6 +456,13 @@ class _VocabParallelStats(torch.autograd.Function):
             if grad_loss is not None:
                 gz = _VocabParallelCrossEntropy._backward(ctx, grad_loss, cast=False)[0]
             gs = {n: g for n, g in zip(ctx.float_names, grad_stats) if g is not None}
+            a = ctx.a
+            if a.entropy_coef and grad_loss is not None:
+                # the entropy bonus: d loss / d entropy_n = -ec * r_n, times the upstream
+                r = torch.from_numpy(_entropy_weights_of(a, ctx.merged))
+                go = grad_loss.detach().to(torch.float64).reshape(-1)
+                ent = -a.entropy_coef * r * go
+                gs["entropy"] = ent + gs["entropy"].reshape(-1) if "entropy" in gs else ent
             if gs:
                 gv = _stats_vjp_local(input, ctx.a, ctx.mo, gs)
                 gz = gv if gz is None else gv + gz.to(torch.float64)
@@ -458,9 +517,12 @@ def vocab_parallel_cross_entropy(
     label_smoothing: float = 0.0,
     reduction: str = "mean",
     outputs: Optional[Sequence[str]] = None,
+    entropy_coef: Any = 0.0,
     **kw: Unpack[ExtraKeywords],
 ) -> Any:
     extra = EXTRA.bind("vocab_parallel_cross_entropy", kw)
+    refuse_option_derivatives({"entropy_coef": entropy_coef}, "vocab_parallel_cross_entropy")
+    ec = real(entropy_coef, "entropy_coef", 0.0, False)
     names = None if outputs is None else output_names(outputs)
     sample_weight = extra["sample_weight"]
     cdt = compute_dtype(local_logits, target, "local_logits")
@@ -510,6 +572,7 @@ def vocab_parallel_cross_entropy(
         logit_scale=extra["logit_scale"],
         normalizer=extra["normalizer"],
         num_threads=extra["num_threads"],
+        entropy_coef=ec,
     )
     # No forward mode: a tangent would be dropped (the no-grad path) or meet the Function's
     # missing jvp; scalar options given as tensors are read as numbers.
@@ -528,6 +591,8 @@ def vocab_parallel_cross_entropy(
             if bad:  # (also raised by shard_stats; here before any collective)
                 raise ValueError(f"outputs {bad} need class-index targets, not probabilities")
         return _vp_with_outputs(local_logits, a, names, saved)
+    if a.entropy_coef:  # the statistics' path, with no outputs returned
+        return _vp_with_outputs(local_logits, a, (), saved)[0]
     if not (local_logits.requires_grad and torch.is_grad_enabled()):
         loss, _, _ = _vp_stats_loss(numpy_of(local_logits, cdt), a)
         return loss_tensor(loss, local_logits.dtype)
@@ -594,6 +659,12 @@ vocab_parallel_cross_entropy.__doc__ = """Cross-entropy over a vocabulary split 
         ``local_logits``: backward computes their derivative from this rank's slice and the
         merged statistics, with no communication. argmax (global class indices, int64) and
         accuracy (a float) are not differentiable.
+    entropy_coef : float >= 0, keyword-only
+        The entropy bonus of :func:`cross_entropy`: the loss becomes ``CE - entropy_coef *
+        reduce(s_n entropy_n)`` over counted rows (sample weights, no class weights; the
+        loss's reduction and denominator), the entropies from the same collectives as
+        ``outputs`` (asked for internally), the gradient through the entropies' derivative
+        (no more communication). Every rank must pass the same value.
 
     Returns
     -------
