@@ -449,6 +449,11 @@ OUT_CASES = [
 
 def _output_errors(rank, dist):
     import fastxent.torch as fxt
+    from fastxent import _linear
+
+    # The statistics' product in blocks of 2 or 3 rows inside the 4-row tiles (a block's
+    # rows of the merged statistics and targets must be its own).
+    _linear.STAT_BLOCK = 2 * max(SPLIT)
 
     out = []
     for i, (red, opt, dt_name, names) in enumerate(OUT_CASES):

@@ -227,9 +227,12 @@ def run(
 
     def logits(x: np.ndarray, wm: np.ndarray, bias: Optional[np.ndarray], z: np.ndarray) -> None:
         if bias is None:
-            ops.mm(rows(x), wm.T, z)
-        else:  # (one rounding of the 16-bit sum where the backend adds the bias in its matmul)
-            ops.mm_bias(rows(x), wm.T, bias, z)
+            ops.mm(x, wm.T, z)
+        elif hk is not None and native:  # 16-bit: one rounding of the product plus the bias
+            ops.mm_bias(x, wm.T, bias, z)
+        else:  # (float32 / float64: the rounding of every release before 16-bit support)
+            ops.mm(x, wm.T, z)
+            np.add(z, bias, out=z)
 
     # 16-bit tiles go to the kernel as their bits (uint16) with their kind (hk)
     bits = (lambda z: z.view(np.uint16)) if (hk is not None and native) else (lambda z: z)
@@ -243,8 +246,9 @@ def run(
         for a in range(0, n, tile):
             b = min(a + tile, n)
             zs, zt = zs_buf[: b - a], zt_buf[: b - a]
-            logits(h2s[a:b], ws, bs, zs)
-            logits(h2t[a:b], wt, bt, zt)
+            xs = rows(h2s[a:b])  # (16-bit in NumPy: converted once for both matmuls)
+            logits(xs, ws, bs, zs)
+            logits(rows(h2t[a:b]), wt, bt, zt)
             g = bits(zs).reshape(-1) if grad else None
             _core.distill(
                 bits(zs), bits(zt), divergence, beta, tau, 0, w[a:b], nt, kind, g, None, losses[a:b]
@@ -260,11 +264,13 @@ def run(
                     gh[a:b] = zs @ ws  # float32, rounded once to the 16-bit dtype
             if gw is not None:
                 if first:
-                    ops.mm(zs.T, rows(h2s[a:b]), gw)
+                    ops.mm(zs.T, xs, gw)
                 else:
-                    ops.mm_add(zs.T, rows(h2s[a:b]), gw)
-            if gb is not None:
-                ops.col_sum(zs, gb)
+                    ops.mm_add(zs.T, xs, gw)
+            if gb is not None and hk is not None:
+                ops.col_sum(zs, gb)  # 16-bit G summed in float32
+            elif gb is not None:
+                gb += zs.sum(axis=0)
             first = False
     if gw is not None and gw.dtype != dt:
         gw = gw.astype(dt)

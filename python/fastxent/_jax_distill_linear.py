@@ -6,7 +6,7 @@ Invariants:
 - The rows are taken in tiles (``lax.scan`` over the full tiles, then the remainder; the tile
   size is the NumPy version's, for two logits tiles); per tile ``Zs = hs[tile] @ Ws.T (+ bs)``
   and ``Zt = ht[tile] @ Wt.T (+ bt)`` by ``jnp.dot`` (accumulating in the inputs' dtype,
-  float32 or float64), the dense distillation kernel (:func:`fastxent._jax_distill.kernel`:
+  float32 or float64; float32 for 16-bit inputs), the dense distillation kernel (:func:`fastxent._jax_distill.kernel`:
   the XLA custom call when the FFI is enabled, the NumPy API through ``jax.pure_callback``
   otherwise) turns them into the tile's loss and student gradient G, then
   ``grad_hs[tile] = G @ Ws``, ``grad_Ws += G.T @ hs[tile]``, ``grad_bs += G.sum(0)``. No
@@ -223,7 +223,8 @@ def _apply(arrays: Tuple[Any, ...], divergence: int, beta: float, kw: dict) -> j
     )
     v = ws.shape[0]
     n = int(np.prod(lead, dtype=np.int64))
-    tile = _tile_rows(max(n, 1), v, 2 * np.dtype(hs.dtype).itemsize, kw["tile_rows"])
+    # (16-bit inputs: float32 tiles)
+    tile = _tile_rows(max(n, 1), v, 2 * max(4, np.dtype(hs.dtype).itemsize), kw["tile_rows"])
 
     # --- row weights: "mean" is "sum" with the weights divided by the whole batch's sum
     wdt = jnp.float64 if _jax_distill._x64() else jnp.float32
