@@ -6,11 +6,11 @@ Invariants:
 - The rows are taken in tiles (``lax.scan`` over the full tiles, then the remainder; the tile
   size is the NumPy version's, for two logits tiles); per tile ``Zs = hs[tile] @ Ws.T (+ bs)``
   and ``Zt = ht[tile] @ Wt.T (+ bt)`` by ``jnp.dot`` (accumulating in the inputs' dtype,
-  float32 or float64; float32 for 16-bit inputs), the dense distillation kernel (:func:`fastxent._jax_distill.kernel`:
-  the XLA custom call when the FFI is enabled, the NumPy API through ``jax.pure_callback``
-  otherwise) turns them into the tile's loss and student gradient G, then
-  ``grad_hs[tile] = G @ Ws``, ``grad_Ws += G.T @ hs[tile]``, ``grad_bs += G.sum(0)``. No
-  N x V array.
+  float32 or float64; float32 for 16-bit inputs), the dense distillation kernel
+  (:func:`fastxent._jax_distill.kernel`: the XLA custom call when the FFI is enabled, the
+  NumPy API through ``jax.pure_callback`` otherwise) turns them into the tile's loss and
+  student gradient G, then ``grad_hs[tile] = G @ Ws``, ``grad_Ws += G.T @ hs[tile]``,
+  ``grad_bs += G.sum(0)``. No N x V array.
 - "mean" is "sum" with the row weights (labels / ignore_index, mask, sample_weight; 1 for
   every row when none is given) divided by their sum over the whole batch, computed in JAX
   before the loop (as fastxent._distill_linear.run; a sum of 0 leaves the weights, all 0).
