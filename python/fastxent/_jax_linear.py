@@ -77,10 +77,34 @@ def _host(
 _FLOATS = ("lse", "entropy", "target_logprob")
 
 
-def _stats_vjp(opts, z, t_t, cts: dict) -> jax.Array:
-    """The vector-Jacobian product of the tile's float statistics (the reference formula,
-    in the logits' dtype: float32 for 16-bit inputs) with the cotangents `cts` (name ->
-    the tile's rows; absent ones 0)."""
+def _stats_vjp(opts, z, t_t, cts: dict, g: Optional[jax.Array] = None) -> jax.Array:
+    """g (the tile's loss gradient; None: zeros) plus the vector-Jacobian product of the
+    tile's float statistics (the reference formula, in the logits' dtype: float32 for 16-bit
+    inputs) with the cotangents `cts` (name -> the tile's rows; absent ones 0). In blocks of
+    rows of at most _linear.STAT_BLOCK logits, each added into g in place (a fori_loop whose
+    carry is g, then the remainder), so that the formula's temporaries stay small beside the
+    tile and no second tile-sized array is made."""
+    m, v = z.shape
+    step = max(1, _linear.STAT_BLOCK // max(v, 1))
+    if g is None:
+        g = jnp.zeros_like(z)
+    full = (m // step) * step
+
+    def add_block(g, i, k):  # rows [i, i + k) of g gain their block's product
+        zb = jax.lax.dynamic_slice_in_dim(z, i, k)
+        tb = jax.lax.dynamic_slice_in_dim(t_t, i, k)
+        cb = {n: jax.lax.dynamic_slice_in_dim(c, i, k) for n, c in cts.items()}
+        gb = jax.lax.dynamic_slice_in_dim(g, i, k) + _stats_vjp_block(opts, zb, tb, cb)
+        return jax.lax.dynamic_update_slice_in_dim(g, gb.astype(g.dtype), i, 0)
+
+    if full:
+        g = jax.lax.fori_loop(0, full // step, lambda j, g: add_block(g, j * step, step), g)
+    if m > full:
+        g = add_block(g, full, m - full)
+    return g
+
+
+def _stats_vjp_block(opts, z, t_t, cts: dict) -> jax.Array:
     o = dict(opts)
     probs = jnp.issubdtype(t_t.dtype, jnp.floating)
 
@@ -157,7 +181,7 @@ def _sweep(
             vmap_method="sequential",
         )
         if ct_t is not None:
-            g = g + _stats_vjp(opts, z, t_t, ct_t)
+            g = _stats_vjp(opts, z, t_t, ct_t, g)
         return _grad_step(carry, g, h_t, loss, tuple(st))
 
     def _grad_step(carry, g, h_t, loss, st):

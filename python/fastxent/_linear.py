@@ -13,7 +13,9 @@ Invariants of the tile loop:
 
 - Rows are taken in tiles of at most ``plan.tile`` rows, in increasing order; one reused
   buffer of tile x V logits is the only array with V columns besides the weight and its
-  gradient (16-bit NumPy also keeps float32 copies of those two, see below).
+  gradient (16-bit NumPy also keeps float32 copies of those two, see below), but for a
+  backward through the per-row statistics of outputs=, whose product takes temporaries of
+  blocks of at most STAT_BLOCK logits.
 - Per tile: ``Z = hidden[tile] @ W.T (+ bias)`` by the backend's BLAS; fastxent's in-place
   kernel (``cross_entropy_with_grad(Z, ..., out=Z)``) turns Z into the tile's loss and its
   gradient G, with "mean" divided by the whole batch's denominator D (passed as

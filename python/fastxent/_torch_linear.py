@@ -118,8 +118,8 @@ class _TorchBackend:
         return _stats_vjp(self.z[i:j], tgt, ref_kw, grads)
 
     def add_rows(self, extra: Tensor, i: int, j: int, replace: bool) -> None:
-        """Rows [i, j) of the tile's gradient plus extra (replace: extra alone), rounded once
-        to the tile's dtype."""
+        """Rows [i, j) of the tile's gradient plus extra (replace: extra alone), rounded to
+        the tile's dtype (16-bit: the kernel's gradient was rounded to it once already)."""
         zt = self.z[i:j]
         if replace:
             zt.copy_(extra)
