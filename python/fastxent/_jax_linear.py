@@ -32,7 +32,7 @@ import numpy as np
 
 from . import _jax_reference, _linear
 from ._api import RowStats, cross_entropy, cross_entropy_with_grad
-from ._keywords import LINEAR, kernel_outputs, output_names
+from ._keywords import FLOAT_OUTPUTS, LINEAR, kernel_outputs, output_names
 
 __all__ = ["linear_cross_entropy"]
 
@@ -72,9 +72,6 @@ def _host(
         return np.asarray(res, cdt)
 
     return call
-
-
-_FLOATS = ("lse", "entropy", "target_logprob")
 
 
 def _stats_vjp(opts, z, t_t, cts: dict, g: Optional[jax.Array] = None) -> jax.Array:
@@ -295,7 +292,7 @@ def _make(
             sc = {
                 k: c.reshape(-1)
                 for k, c in zip(names, stat_cts)
-                if k in _FLOATS and not isinstance(c, jax.custom_derivatives.SymbolicZero)
+                if k in FLOAT_OUTPUTS and not isinstance(c, jax.custom_derivatives.SymbolicZero)
             } or None
         zero = isinstance(ct, jax.custom_derivatives.SymbolicZero)
         if zero and sc is None:

@@ -42,7 +42,6 @@ Invariants:
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
@@ -238,22 +237,23 @@ def _stats_product(
     from . import _torch_vocab as vocab
 
     kw = a["stat_kw"]
-    args: Any = SimpleNamespace(
-        tgt=None if a["t"] is None else a["t"].reshape(-1),
-        offset=kw["offset"],
-        ignore_index=kw["ignore_index"],
-        softcap=kw["softcap"],
-        logit_scale=kw["logit_scale"],
-    )
+    tgt = None if a["t"] is None else a["t"].reshape(-1)
     out = torch.empty(zf.shape, dtype=zf.dtype)
     step = max(1, _linear.STAT_BLOCK // max(zf.shape[1], 1))
     for i in range(0, r1 - r0, step):
         j = min(r1 - r0, i + step)
-        blk = args
-        if args.tgt is not None:
-            blk = SimpleNamespace(**dict(vars(args), tgt=args.tgt[r0 + i : r0 + j]))
-        grads = {k: g[r0 + i : r0 + j] for k, g in sg.items()}
-        out[i:j] = vocab._stats_vjp_local(zf[i:j], blk, ost[r0 + i : r0 + j], grads)
+        rows = slice(r0 + i, r0 + j)
+        grads = {k: g[rows] for k, g in sg.items()}
+        out[i:j] = vocab._stats_vjp_local(
+            zf[i:j],
+            None if tgt is None else tgt[rows],
+            kw["offset"],
+            kw["ignore_index"],
+            kw["softcap"],
+            kw["logit_scale"],
+            ost[rows],
+            grads,
+        )
     return out
 
 

@@ -365,7 +365,16 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 _FLOATS = FLOAT_OUTPUTS  # differentiable with respect to local_logits; argmax, accuracy not
 
 
-def _stats_vjp_local(x: Tensor, a: _VPArgs, mo: np.ndarray, grads: Dict[str, Tensor]) -> Tensor:
+def _stats_vjp_local(
+    x: Tensor,
+    tgt: Any,
+    offset: int,
+    ignore_index: int,
+    softcap: Optional[float],
+    logit_scale: float,
+    mo: np.ndarray,
+    grads: Dict[str, Tensor],
+) -> Tensor:
     """sum_k <grads[k], d stat_k / d local_logits> for the float statistics of whole rows,
     from this rank's logits and the merged output statistics, without communication: with
     p = exp(z' - lse) (this rank's columns of the row's softmax) and zbar = lse - entropy,
@@ -373,7 +382,9 @@ def _stats_vjp_local(x: Tensor, a: _VPArgs, mo: np.ndarray, grads: Dict[str, Ten
     d target_logprob / dz'_c = [c == y] - p_c (counted rows), times dz'/dz. Rows of all -inf
     and ignored rows' target_logprob have derivative 0 (the values are limits / constants),
     as fastxent.torch.cross_entropy's. float64 over tiles of rows (no (rows, C) temporary
-    beyond the result)."""
+    beyond the result). tgt: the rows' class targets (global indices; read for
+    target_logprob only), offset: this rank's first class; softcap, logit_scale: the
+    call's."""
     C_loc = x.shape[-1]
     z2 = x.detach().reshape(-1, C_loc)
     rows = z2.shape[0]
@@ -384,11 +395,11 @@ def _stats_vjp_local(x: Tensor, a: _VPArgs, mo: np.ndarray, grads: Dict[str, Ten
     g = {k: v.reshape(-1).to(torch.float64) for k, v in grads.items()}
     y = None
     if "target_logprob" in g:
-        y = torch.from_numpy(np.asarray(a.tgt).reshape(-1)) - a.offset
-        counted = torch.from_numpy(np.asarray(a.tgt).reshape(-1) != a.ignore_index)
+        y = torch.from_numpy(np.asarray(tgt).reshape(-1)) - offset
+        counted = torch.from_numpy(np.asarray(tgt).reshape(-1) != ignore_index)
         g["target_logprob"] = torch.where(counted, g["target_logprob"], 0.0)
     dead = M == -np.inf  # a row of all -inf
-    cap, alpha = a.softcap, float(a.logit_scale)
+    cap, alpha = softcap, float(logit_scale)
     out = torch.empty(z2.shape, dtype=torch.float64)
     tile = max(1, (1 << 20) // C_loc)
     for r0 in range(0, rows, tile):
@@ -464,7 +475,9 @@ class _VocabParallelStats(torch.autograd.Function):
                 ent = -a.entropy_coef * r * go
                 gs["entropy"] = ent + gs["entropy"].reshape(-1) if "entropy" in gs else ent
             if gs:
-                gv = _stats_vjp_local(input, ctx.a, ctx.mo, gs)
+                gv = _stats_vjp_local(
+                    input, a.tgt, a.offset, a.ignore_index, a.softcap, a.logit_scale, ctx.mo, gs
+                )
                 gz = gv if gz is None else gv + gz.to(torch.float64)
             if gz is not None:
                 gz = gz.to(input.dtype)  # one rounding (16-bit logits: of the float32 sum)
